@@ -1,0 +1,1 @@
+//! Stateless public HTTP service for clients, relaying to Core; filled by the Core and Edge issue.

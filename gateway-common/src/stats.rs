@@ -1,0 +1,144 @@
+//! Per-CPU counters: one per outcome, each naming its verdict and reason.
+
+/// What the XDP program does with a frame.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// `XDP_ABORTED`: the program hit an internal error.
+    Aborted = 0,
+    /// `XDP_DROP`.
+    Drop = 1,
+    /// `XDP_PASS`: on to the kernel's stack, untouched.
+    Pass = 2,
+}
+
+impl Verdict {
+    /// The verdict's short name, as `tidectl` shows it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Aborted => "aborted",
+            Self::Drop => "drop",
+            Self::Pass => "pass",
+        }
+    }
+}
+
+/// Index into the `COUNTERS` map: one outcome of the shield.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// Not UDP to a service address and port (ARP, TCP, other ports...).
+    NotService = 0,
+    /// An IP fragment: there is no whole UDP header to check, so the kernel
+    /// reassembles it and WireGuard authenticates the result.
+    Fragment = 1,
+    /// Headers cut short or malformed before the UDP destination could be
+    /// read; the kernel's own checks drop such frames.
+    Unparsed = 2,
+    /// WireGuard handshake initiation (type 1) of the right length.
+    Initiation = 3,
+    /// WireGuard handshake response (type 2) of the right length.
+    Response = 4,
+    /// WireGuard cookie reply (type 3) of the right length.
+    CookieReply = 5,
+    /// WireGuard transport data (type 4) of a valid length.
+    Transport = 6,
+    /// The UDP length field claims more bytes than the frame holds, or fewer
+    /// than a UDP header.
+    Truncated = 7,
+    /// The first payload byte is not a WireGuard message type.
+    BadType = 8,
+    /// The payload length is wrong for its message type.
+    BadLength = 9,
+    /// One of the three reserved bytes after the type is not zero.
+    BadReserved = 10,
+    /// A map lookup that cannot fail failed.
+    Aborted = 11,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; 12] = [
+        Self::NotService,
+        Self::Fragment,
+        Self::Unparsed,
+        Self::Initiation,
+        Self::Response,
+        Self::CookieReply,
+        Self::Transport,
+        Self::Truncated,
+        Self::BadType,
+        Self::BadLength,
+        Self::BadReserved,
+        Self::Aborted,
+    ];
+
+    /// The verdict the program returns when it counts this outcome.
+    pub const fn verdict(self) -> Verdict {
+        match self {
+            Self::NotService
+            | Self::Fragment
+            | Self::Unparsed
+            | Self::Initiation
+            | Self::Response
+            | Self::CookieReply
+            | Self::Transport => Verdict::Pass,
+            Self::Truncated | Self::BadType | Self::BadLength | Self::BadReserved => Verdict::Drop,
+            Self::Aborted => Verdict::Aborted,
+        }
+    }
+
+    /// Whether this outcome is a well-formed WireGuard message to a service.
+    pub const fn is_wireguard(self) -> bool {
+        matches!(
+            self,
+            Self::Initiation | Self::Response | Self::CookieReply | Self::Transport
+        )
+    }
+
+    /// The counter's short name, as `tidectl` and the JSON output show it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NotService => "not-service",
+            Self::Fragment => "fragment",
+            Self::Unparsed => "unparsed",
+            Self::Initiation => "wg-initiation",
+            Self::Response => "wg-response",
+            Self::CookieReply => "wg-cookie-reply",
+            Self::Transport => "wg-transport",
+            Self::Truncated => "truncated",
+            Self::BadType => "bad-type",
+            Self::BadLength => "bad-length",
+            Self::BadReserved => "bad-reserved",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
+/// Packets and bytes seen for one counter on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    /// Frames counted.
+    pub packets: u64,
+    /// Their bytes, from the Ethernet header to the end of the frame.
+    pub bytes: u64,
+}
+
+const _: () = assert!(size_of::<CounterValue>() == 16);
+
+// SAFETY: `CounterValue` is `repr(C)`, `Copy`, and has no padding (size asserted above).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CounterValue {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_counter_at_its_index() {
+        for (index, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*counter as usize, index, "{counter:?}");
+        }
+    }
+}

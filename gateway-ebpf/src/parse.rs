@@ -1,0 +1,208 @@
+//! Bounds-checked header access and the walk from Ethernet to UDP.
+//!
+//! Header fields are byte arrays, so every header is byte-aligned and reading
+//! it from any offset in the frame is sound.
+
+use aya_ebpf::programs::XdpContext;
+use tidegate_common::{service::ServiceAddr, stats::Counter};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+const IPPROTO_UDP: u8 = 17;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTIONS: u8 = 60;
+
+/// VLAN tags looked through: one for 802.1Q, two for QinQ.
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers looked through before UDP; deeper chains pass
+/// uninspected as `Unparsed`.
+const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+/// Ethernet II header.
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type: [u8; 2],
+}
+
+/// 802.1Q / 802.1ad tag, after the outer EtherType.
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: [u8; 2],
+    pub ether_type: [u8; 2],
+}
+
+/// IPv4 header without options.
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: [u8; 2],
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+/// IPv6 fixed header.
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_class_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// The first two bytes shared by hop-by-hop, routing and destination options
+/// headers; the header is `(len + 1) * 8` bytes long.
+#[repr(C)]
+pub struct Ipv6ExtHdr {
+    pub next_header: u8,
+    pub len: u8,
+}
+
+/// UDP header.
+#[repr(C)]
+pub struct UdpHdr {
+    pub source: [u8; 2],
+    pub dest: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// Pointer to a `T` at `offset` in the frame, if the whole `T` lies inside it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // Compare pointers (not lengths): this is the form the verifier learns packet bounds from.
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Where a UDP datagram is going, and where its header sits in the frame.
+pub struct UdpDest {
+    /// Destination address; IPv4 mapped into IPv6.
+    pub addr: ServiceAddr,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// The UDP length field: header plus payload, as the sender claims.
+    pub udp_len: usize,
+    /// Offset of the UDP header from the start of the frame.
+    pub udp_off: usize,
+}
+
+/// Walks Ethernet, VLAN tags and IPv4/IPv6 to the UDP header. Anything that
+/// is not an unfragmented UDP datagram comes back as the counter it falls in.
+#[inline(always)]
+pub fn udp_dest(ctx: &XdpContext) -> Result<UdpDest, Counter> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::Unparsed)?;
+    // SAFETY: `ptr_at` checked the header lies inside the frame; it is byte-aligned.
+    let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    let mut off = size_of::<EthHdr>();
+
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let vlan: *const VlanHdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+        // SAFETY: checked by `ptr_at`.
+        ether_type = u16::from_be_bytes(unsafe { (*vlan).ether_type });
+        off += size_of::<VlanHdr>();
+    }
+
+    match ether_type {
+        ETH_P_IP => ipv4(ctx, off),
+        ETH_P_IPV6 => ipv6(ctx, off),
+        _ => Err(Counter::NotService),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, off: usize) -> Result<UdpDest, Counter> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+    // SAFETY: checked by `ptr_at`.
+    let (version_ihl, protocol, frag_off, daddr) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).protocol,
+            (*ip).frag_off,
+            (*ip).daddr,
+        )
+    };
+    let ihl = usize::from(version_ihl & 0x0f);
+    if version_ihl >> 4 != 4 || ihl < 5 {
+        return Err(Counter::Unparsed);
+    }
+    if protocol != IPPROTO_UDP {
+        return Err(Counter::NotService);
+    }
+    // More-fragments flag or a fragment offset: no whole UDP datagram here.
+    if u16::from_be_bytes(frag_off) & 0x3fff != 0 {
+        return Err(Counter::Fragment);
+    }
+    udp(ctx, off + ihl * 4, ServiceAddr::from_v4_octets(daddr))
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, off: usize) -> Result<UdpDest, Counter> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+    // SAFETY: checked by `ptr_at`.
+    let (version, mut next, daddr) = unsafe {
+        (
+            (*ip).version_class_flow[0] >> 4,
+            (*ip).next_header,
+            (*ip).daddr,
+        )
+    };
+    if version != 6 {
+        return Err(Counter::Unparsed);
+    }
+    let addr = ServiceAddr::from_octets(daddr);
+    let mut off = off + size_of::<Ipv6Hdr>();
+
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_UDP => return udp(ctx, off, addr),
+            IPV6_FRAGMENT => return Err(Counter::Fragment),
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
+                let ext: *const Ipv6ExtHdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+                // SAFETY: checked by `ptr_at`.
+                let (ext_next, ext_len) = unsafe { ((*ext).next_header, (*ext).len) };
+                next = ext_next;
+                off += (usize::from(ext_len) + 1) * 8;
+            }
+            _ => return Err(Counter::NotService),
+        }
+    }
+    match next {
+        IPPROTO_UDP => udp(ctx, off, addr),
+        _ => Err(Counter::Unparsed),
+    }
+}
+
+#[inline(always)]
+fn udp(ctx: &XdpContext, off: usize, addr: ServiceAddr) -> Result<UdpDest, Counter> {
+    let udp: *const UdpHdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+    // SAFETY: checked by `ptr_at`.
+    let (dest, len) = unsafe { ((*udp).dest, (*udp).len) };
+    Ok(UdpDest {
+        addr,
+        port: u16::from_be_bytes(dest),
+        udp_len: usize::from(u16::from_be_bytes(len)),
+        udp_off: off,
+    })
+}

@@ -1,0 +1,72 @@
+//! The local control socket: one JSON request per line from `tidectl`, one
+//! JSON response per line back. Root only.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+use crate::xdp::{AttachMode, CounterSnapshot};
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// What `tidectl` asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// The shield's counters.
+    Counters,
+}
+
+/// The daemon's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    Ok(Reply),
+    Error(String),
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply {
+    Counters(CountersReply),
+}
+
+/// The shield's counters and where it is attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersReply {
+    /// The interface the XDP program is attached to.
+    pub interface: String,
+    /// The mode it is attached in.
+    pub xdp_mode: AttachMode,
+    #[serde(flatten)]
+    pub snapshot: CounterSnapshot,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        assert_eq!(
+            serde_json::to_string(&Request::Counters).unwrap(),
+            r#"{"command":"counters"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::Error("no".into())).unwrap(),
+            r#"{"error":"no"}"#
+        );
+        let reply = Response::Ok(Reply::Counters(CountersReply {
+            interface: "eth0".into(),
+            xdp_mode: AttachMode::Driver,
+            snapshot: CounterSnapshot::default(),
+        }));
+        let json = serde_json::to_value(&reply).unwrap();
+        assert_eq!(json["ok"]["counters"]["interface"], "eth0");
+        assert_eq!(json["ok"]["counters"]["xdp_mode"], "driver");
+        assert_eq!(json["ok"]["counters"]["totals"]["drop"]["packets"], 0);
+    }
+}

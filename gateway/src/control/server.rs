@@ -1,0 +1,151 @@
+//! The daemon's side of the control socket.
+
+use std::{
+    io,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{MAX_REQUEST_BYTES, Reply, Request, Response};
+use crate::{datapath::DatapathHandle, xdp::error_chain};
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("another daemon is already listening on {path}")]
+    InUse { path: PathBuf },
+}
+
+/// A bound control socket; the socket file is removed on drop.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds `path` with mode 0600 in a directory created with mode 0700.
+    /// A stale socket left by a dead daemon is replaced; a live one is an error.
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+        let io_err = |op, source| ControlError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io_err("creating the directory of", e))?;
+        }
+        if path.exists() {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(ControlError::InUse {
+                        path: path.to_owned(),
+                    });
+                }
+                Err(_) => std::fs::remove_file(path)
+                    .map_err(|e| io_err("removing the stale socket", e))?,
+            }
+        }
+        let listener = UnixListener::bind(path).map_err(|e| io_err("binding", e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_err("restricting permissions of", e))?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Answers connections until `cancel` fires.
+    pub async fn serve(self, datapath: DatapathHandle, cancel: CancellationToken) {
+        loop {
+            let stream = tokio::select! {
+                () = cancel.cancelled() => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        warn!(%error, "control socket accept failed");
+                        continue;
+                    }
+                },
+            };
+            let datapath = datapath.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    result = connection(stream, datapath) => if let Err(error) = result {
+                        debug!(%error, "control connection ended with an error");
+                    },
+                }
+            });
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn connection(stream: UnixStream, datapath: DatapathHandle) -> io::Result<()> {
+    let peer_uid = stream.peer_cred()?.uid();
+    let (read, mut write) = stream.into_split();
+    let limit = MAX_REQUEST_BYTES as u64;
+    let mut lines = BufReader::new(read).take(limit);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        // A refused peer or an over-long line ends the connection after the answer.
+        let (response, close) = if peer_uid != 0 {
+            let message = "permission denied: the control socket is for root only";
+            (Response::Error(message.into()), true)
+        } else if !line.ends_with('\n') {
+            let message =
+                format!("request too long or unterminated: at most {limit} bytes, one per line");
+            (Response::Error(message), true)
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => (answer(request, &datapath).await, false),
+                Err(error) => (Response::Error(format!("bad request: {error}")), false),
+            }
+        };
+        let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+        if close {
+            return Ok(());
+        }
+        lines.set_limit(limit);
+    }
+}
+
+async fn answer(request: Request, datapath: &DatapathHandle) -> Response {
+    match request {
+        Request::Counters => match datapath.counters().await {
+            Ok(counters) => Response::Ok(Reply::Counters(counters)),
+            Err(error) => Response::Error(error_chain(&error)),
+        },
+    }
+}

@@ -1,0 +1,85 @@
+//! The task that owns the XDP program and its maps. Everything else sends it
+//! messages through a [`DatapathHandle`].
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::{
+    control::CountersReply,
+    xdp::{Datapath, XdpError, error_chain},
+};
+
+/// Why a request to the datapath task failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("the datapath task has stopped")]
+    Stopped,
+    #[error("the XDP program is not attached")]
+    NotAttached,
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
+}
+
+#[derive(Debug)]
+enum Command {
+    Counters {
+        reply: oneshot::Sender<Result<CountersReply, DatapathError>>,
+    },
+}
+
+/// A cheap, cloneable way to ask the datapath task.
+#[derive(Debug, Clone)]
+pub struct DatapathHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl DatapathHandle {
+    /// The shield's counters and where it is attached.
+    pub async fn counters(&self) -> Result<CountersReply, DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Counters { reply })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+}
+
+/// Starts owning `datapath`: returns the handle and the task's future, which
+/// serves requests until `cancel` fires and then detaches the program.
+pub fn spawn(
+    mut datapath: Datapath,
+    cancel: CancellationToken,
+) -> (DatapathHandle, impl Future<Output = Result<(), XdpError>>) {
+    let (tx, mut rx) = mpsc::channel(16);
+    let task = async move {
+        loop {
+            let command = tokio::select! {
+                () = cancel.cancelled() => break,
+                command = rx.recv() => match command {
+                    Some(command) => command,
+                    None => break,
+                },
+            };
+            match command {
+                Command::Counters { reply } => {
+                    let _ = reply.send(counters(&datapath));
+                }
+            }
+        }
+        datapath.detach().inspect_err(|e| {
+            error!(error = %error_chain(e), "detaching XDP failed");
+        })
+    };
+    (DatapathHandle { tx }, task)
+}
+
+fn counters(datapath: &Datapath) -> Result<CountersReply, DatapathError> {
+    let (interface, xdp_mode) = datapath.attached().ok_or(DatapathError::NotAttached)?;
+    Ok(CountersReply {
+        interface: interface.to_owned(),
+        xdp_mode,
+        snapshot: datapath.counters()?,
+    })
+}

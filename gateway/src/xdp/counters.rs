@@ -1,0 +1,89 @@
+//! Counter snapshots: per-CPU values summed, grouped by verdict.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tidegate_common::stats::{Counter, Verdict};
+
+/// Packets and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketCount {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl PacketCount {
+    fn add(&mut self, other: PacketCount) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
+}
+
+/// Totals per verdict, and the well-formed WireGuard messages passed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub pass: PacketCount,
+    pub drop: PacketCount,
+    pub aborted: PacketCount,
+    /// The four WireGuard message counters together: what the shield passed
+    /// to a service.
+    pub wireguard: PacketCount,
+}
+
+/// Every counter, summed over CPUs, keyed by [`Counter::name`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterSnapshot {
+    pub counters: BTreeMap<String, PacketCount>,
+    pub totals: Totals,
+}
+
+impl CounterSnapshot {
+    /// Builds a snapshot from one summed value per counter, in index order.
+    pub fn from_values(values: impl IntoIterator<Item = (Counter, PacketCount)>) -> Self {
+        let mut snapshot = Self::default();
+        for (counter, count) in values {
+            let total = match counter.verdict() {
+                Verdict::Pass => &mut snapshot.totals.pass,
+                Verdict::Drop => &mut snapshot.totals.drop,
+                Verdict::Aborted => &mut snapshot.totals.aborted,
+            };
+            total.add(count);
+            if counter.is_wireguard() {
+                snapshot.totals.wireguard.add(count);
+            }
+            snapshot.counters.insert(counter.name().to_owned(), count);
+        }
+        snapshot
+    }
+
+    /// The value of one counter (zero if absent).
+    pub fn get(&self, counter: Counter) -> PacketCount {
+        self.counters
+            .get(counter.name())
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_group_counters_by_verdict() {
+        let snapshot = CounterSnapshot::from_values(Counter::ALL.iter().map(|&c| {
+            (
+                c,
+                PacketCount {
+                    packets: 1,
+                    bytes: 100,
+                },
+            )
+        }));
+        assert_eq!(snapshot.totals.pass.packets, 7);
+        assert_eq!(snapshot.totals.drop.packets, 4);
+        assert_eq!(snapshot.totals.aborted.packets, 1);
+        assert_eq!(snapshot.totals.wireguard.packets, 4);
+        assert_eq!(snapshot.get(Counter::BadType).bytes, 100);
+    }
+}

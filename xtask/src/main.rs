@@ -1,0 +1,115 @@
+//! `cargo xtask`: every step from a fresh machine to a tested, running Tidegate.
+//!
+//! Each command installs what it needs first (the nightly toolchain's rust-src,
+//! bpf-linker, Debian packages) and announces every step it takes.
+
+mod bench;
+mod ebpf;
+mod run;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Tidegate build, test, lab and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the BPF build needs, then build the XDP object.
+    BuildEbpf,
+    /// Build the XDP object, then the user-space binaries.
+    Build {
+        /// Build user space with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Format check, clippy, unit tests, BPF packet tests and the namespace
+    /// integration tests. Needs root.
+    Test,
+    /// Run the lab: a Tidegate location in network namespaces on real
+    /// WireGuard, narrated step by step. Needs root.
+    Lab,
+    /// Benchmarks; figures go to docs/BENCHMARKS.md.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let ws = run::Workspace::locate()?;
+    match cli.command {
+        Command::BuildEbpf => {
+            setup::packages()?;
+            ebpf::build(&ws)?;
+        }
+        Command::Build { release } => {
+            let ebpf = ebpf::build(&ws)?;
+            run::build_user_space(&ws, &ebpf, release)?;
+        }
+        Command::Test => test(&ws)?,
+        Command::Lab => lab(&ws)?,
+        Command::Bench { which } => bench::run(&ws, which)?,
+    }
+    Ok(())
+}
+
+fn test(ws: &run::Workspace) -> Result<()> {
+    setup::require_root(
+        "`cargo xtask test` (the BPF packet tests load XDP programs and the integration tests build network namespaces)",
+    )?;
+    setup::packages()?;
+    let ebpf = ebpf::build(ws)?;
+
+    run::step("checking formatting (cargo fmt --all --check)");
+    run::cargo(ws, &ebpf)
+        .args(["fmt", "--all", "--check"])
+        .status_ok()?;
+
+    run::step("clippy on user space, warnings denied");
+    run::cargo(ws, &ebpf)
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .status_ok()?;
+
+    run::step("clippy on the BPF program, warnings denied");
+    ebpf::clippy(ws)?;
+
+    run::build_user_space(ws, &ebpf, false)?;
+
+    run::step("unit tests, BPF packet tests and namespace integration tests (cargo test)");
+    run::cargo(ws, &ebpf)
+        .arg("test")
+        .env("TIDEGATE_BIN_DIR", ws.profile_dir(false))
+        .status_ok()?;
+    run::step("all checks and tests passed");
+    Ok(())
+}
+
+fn lab(ws: &run::Workspace) -> Result<()> {
+    setup::require_root(
+        "`cargo xtask lab` (it builds network namespaces and attaches XDP programs)",
+    )?;
+    setup::packages()?;
+    let ebpf = ebpf::build(ws)?;
+    run::build_user_space(ws, &ebpf, true)?;
+    run::step("running the lab");
+    run::Cmd::new(ws.profile_dir(true).join("tidegate-lab"))
+        .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
+        .status_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

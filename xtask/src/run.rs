@@ -1,0 +1,161 @@
+//! Announced steps, commands that fail loudly, and where the workspace lives.
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::ebpf::EbpfObjects;
+
+/// Prints one step of a task, so a reader of the log sees what happens.
+pub fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+/// A command that is echoed before it runs and fails with its exit status.
+#[derive(Debug)]
+pub struct Cmd(Command);
+
+impl Cmd {
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        Self(Command::new(program))
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.0.arg(arg);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.0.args(args);
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.0.env(key, value);
+        self
+    }
+
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.0.env_remove(key);
+        self
+    }
+
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.0.current_dir(dir);
+        self
+    }
+
+    fn describe(&self) -> String {
+        let mut line = self.0.get_program().to_string_lossy().into_owned();
+        for arg in self.0.get_args() {
+            line.push(' ');
+            line.push_str(&arg.to_string_lossy());
+        }
+        line
+    }
+
+    /// Runs to completion with inherited output; an error unless it exits 0.
+    pub fn status_ok(mut self) -> Result<()> {
+        let line = self.describe();
+        eprintln!("  $ {line}");
+        let status = self
+            .0
+            .status()
+            .with_context(|| format!("could not start `{line}`"))?;
+        if !status.success() {
+            bail!("`{line}` failed ({status})");
+        }
+        Ok(())
+    }
+
+    /// Runs quietly and returns stdout; an error (with stderr) unless it exits 0.
+    pub fn output_ok(mut self) -> Result<String> {
+        let line = self.describe();
+        let out = self
+            .0
+            .output()
+            .with_context(|| format!("could not start `{line}`"))?;
+        if !out.status.success() {
+            bail!(
+                "`{line}` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed invalid UTF-8"))
+    }
+
+    /// Runs quietly; whether it exited 0. For probes, not for steps.
+    pub fn succeeds(mut self) -> bool {
+        self.0
+            .output()
+            .map(|out| out.status.success())
+            .unwrap_or(false)
+    }
+}
+
+/// The workspace root and its target directory, as cargo reports them.
+#[derive(Debug)]
+pub struct Workspace {
+    pub root: PathBuf,
+    pub target: PathBuf,
+}
+
+impl Workspace {
+    pub fn locate() -> Result<Self> {
+        let out = Cmd::new(cargo_bin())
+            .args(["metadata", "--no-deps", "--format-version", "1"])
+            .output_ok()?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&out).context("cargo metadata printed invalid JSON")?;
+        let path = |key: &str| {
+            meta[key]
+                .as_str()
+                .map(PathBuf::from)
+                .with_context(|| format!("cargo metadata has no `{key}`"))
+        };
+        Ok(Self {
+            root: path("workspace_root")?,
+            target: path("target_directory")?,
+        })
+    }
+
+    /// Where user-space binaries of a profile land.
+    pub fn profile_dir(&self, release: bool) -> PathBuf {
+        self.target.join(if release { "release" } else { "debug" })
+    }
+}
+
+/// The cargo that runs this xtask.
+pub fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// A stable-toolchain cargo command in the workspace, with the BPF objects
+/// that `tidegate-gateway`'s build script embeds.
+pub fn cargo(ws: &Workspace, ebpf: &EbpfObjects) -> Cmd {
+    Cmd::new(cargo_bin())
+        .current_dir(&ws.root)
+        .env(EbpfObjects::ENV, &ebpf.dir)
+}
+
+/// Builds every user-space binary (gateway, tidectl, lab).
+pub fn build_user_space(ws: &Workspace, ebpf: &EbpfObjects, release: bool) -> Result<()> {
+    step(&format!(
+        "building user space ({} profile)",
+        if release { "release" } else { "dev" }
+    ));
+    let mut cmd = cargo(ws, ebpf).args(["build", "--bins"]);
+    if release {
+        cmd = cmd.arg("--release");
+    }
+    cmd.status_ok()
+}

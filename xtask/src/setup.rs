@@ -1,0 +1,61 @@
+//! Installs what the build and the tests need, or says exactly what is missing.
+
+use anyhow::{Result, bail};
+
+use crate::run::{Cmd, step};
+
+/// Debian packages the tests and the lab run: `ip`, `ping`, `wg`, and
+/// userspace WireGuard for kernels without the module.
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "wireguard-tools",
+    "wireguard-go",
+];
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Fails with a clear message unless running as root.
+pub fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} needs root; run it as root, e.g. `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Cmd::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", package])
+        .output_ok()
+        .is_ok_and(|status| status.trim() == "installed")
+}
+
+/// Installs the Debian packages that are missing (as root), or fails naming them.
+pub fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        bail!(
+            "Debian packages missing: {list}. Install them as root: \
+             `apt-get install -y --no-install-recommends {list}`"
+        );
+    }
+    step(&format!("installing Debian packages: {list}"));
+    Cmd::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status_ok()?;
+    // Without --no-install-recommends, wireguard pulls in a kernel image.
+    Cmd::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status_ok()
+        .map_err(|e| e.context(format!("could not install the Debian packages {list}")))
+}
