@@ -6,14 +6,16 @@
 /// Name of the XDP program in the BPF object.
 pub const PROGRAM: &str = "tidegate";
 
-/// Per-port bitmask of the service address slots that listen on the port.
+/// Per-port masks of the service address slots that listen on the port.
 pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
 /// Entries in [`SERVICE_PORTS`]: one per UDP port.
 pub const SERVICE_PORTS_LEN: u32 = 1 << 16;
 
-/// Service addresses, indexed by slot.
-pub const SERVICE_ADDRS: &str = "SERVICE_ADDRS";
-/// Entries in [`SERVICE_ADDRS`]: one per bit of a port mask.
+/// IPv4 service addresses, indexed by slot.
+pub const SERVICE_V4: &str = "SERVICE_V4";
+/// IPv6 service addresses, indexed by slot.
+pub const SERVICE_V6: &str = "SERVICE_V6";
+/// Entries in [`SERVICE_V4`] and [`SERVICE_V6`]: one per bit of a mask.
 pub const SERVICE_ADDRS_LEN: u32 = crate::service::MAX_SERVICE_ADDRS;
 
 /// Per-CPU packet and byte counters, indexed by [`crate::stats::Counter`].
@@ -22,4 +24,4 @@ pub const COUNTERS: &str = "COUNTERS";
 pub const COUNTERS_LEN: u32 = crate::stats::Counter::ALL.len() as u32;
 
 /// Every map the object must define, for checks in user space.
-pub const ALL: [&str; 3] = [SERVICE_PORTS, SERVICE_ADDRS, COUNTERS];
+pub const ALL: [&str; 4] = [SERVICE_PORTS, SERVICE_V4, SERVICE_V6, COUNTERS];

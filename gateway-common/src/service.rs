@@ -1,31 +1,39 @@
 //! The set of (address, port) pairs the shield protects.
 //!
 //! Lookup is two array reads, which the kernel inlines: `SERVICE_PORTS[port]`
-//! gives a bitmask of address slots serving that port (zero for almost every
-//! port, so non-service traffic leaves after one read), and each set bit names
-//! a slot in `SERVICE_ADDRS` to compare with the destination address.
+//! gives, per address family, a bitmask of the address slots serving that
+//! port (zero for almost every port, so non-service traffic leaves after one
+//! read), and each set bit names a slot in `SERVICE_V4` or `SERVICE_V6` to
+//! compare with the destination address.
 
-/// Distinct service addresses the shield can hold: the bits of a port mask.
+/// Service addresses the shield holds per family: the bits of a mask.
 pub const MAX_SERVICE_ADDRS: u32 = u32::BITS;
 
-/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`),
-/// as it sits in memory in network byte order.
-pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
-/// A service address in `SERVICE_ADDRS`: IPv6, or IPv4 mapped into IPv6.
+/// A `SERVICE_PORTS` entry: which address slots serve this port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceAddr {
+pub struct PortMasks {
+    /// Bit `i` set: `SERVICE_V4[i]` serves this port.
+    pub v4: u32,
+    /// Bit `i` set: `SERVICE_V6[i]` serves this port.
+    pub v6: u32,
+}
+
+const _: () = assert!(size_of::<PortMasks>() == 8);
+
+/// An IPv6 service address in `SERVICE_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceAddrV6 {
     /// The 16 address bytes in network byte order, read as four words.
     pub addr_be: [u32; 4],
 }
 
-const _: () = assert!(size_of::<ServiceAddr>() == 16);
+const _: () = assert!(size_of::<ServiceAddrV6>() == 16);
 
-impl ServiceAddr {
-    /// The address whose 16 bytes, in network byte order, are `octets`.
-    pub const fn from_octets(octets: [u8; 16]) -> Self {
-        let o = octets;
+impl ServiceAddrV6 {
+    /// The address whose 16 bytes, in network byte order, are `o`.
+    pub const fn from_octets(o: [u8; 16]) -> Self {
         Self {
             addr_be: [
                 u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
@@ -35,40 +43,36 @@ impl ServiceAddr {
             ],
         }
     }
-
-    /// The IPv4 address `octets`, mapped into IPv6.
-    pub const fn from_v4_octets(octets: [u8; 4]) -> Self {
-        Self {
-            addr_be: [0, 0, V4_MAPPED_WORD, u32::from_ne_bytes(octets)],
-        }
-    }
-
-    /// The 16 address bytes in network byte order.
-    pub fn octets(&self) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        for (chunk, word) in out.chunks_exact_mut(4).zip(self.addr_be) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
-        }
-        out
-    }
 }
 
-// SAFETY: `ServiceAddr` is `repr(C)`, `Copy`, and has no padding (size asserted above).
+/// An IPv4 address as `SERVICE_V4` holds it: the four bytes in network order,
+/// read as one word (what a load from the IPv4 header gives).
+pub const fn v4_addr_be(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+// SAFETY: `repr(C)`, `Copy`, no padding (size asserted above).
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for ServiceAddr {}
+unsafe impl aya::Pod for PortMasks {}
+
+// SAFETY: `repr(C)`, `Copy`, no padding (size asserted above).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ServiceAddrV6 {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn v4_mapping_matches_the_ipv6_byte_layout() {
-        let mapped = ServiceAddr::from_v4_octets([198, 51, 100, 7]);
-        let mut octets = [0u8; 16];
-        octets[10] = 0xff;
-        octets[11] = 0xff;
-        octets[12..].copy_from_slice(&[198, 51, 100, 7]);
-        assert_eq!(mapped, ServiceAddr::from_octets(octets));
-        assert_eq!(mapped.octets(), octets);
+    fn words_hold_the_bytes_in_wire_order() {
+        let v6 = ServiceAddrV6::from_octets([
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+        ]);
+        assert_eq!(v6.addr_be[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(v6.addr_be[3].to_ne_bytes(), [0, 0, 0, 1]);
+        assert_eq!(
+            v4_addr_be([198, 51, 100, 7]).to_ne_bytes(),
+            [198, 51, 100, 7]
+        );
     }
 }

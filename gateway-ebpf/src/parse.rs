@@ -1,13 +1,14 @@
 //! Bounds-checked header access and the walk from Ethernet to UDP.
 //!
 //! Header fields are byte arrays, so every header is byte-aligned and reading
-//! it from any offset in the frame is sound.
+//! it from any offset in the frame is sound. The object is built with
+//! unaligned loads allowed, so multi-byte fields still load as one word.
 
 use aya_ebpf::programs::XdpContext;
-use tidegate_common::{service::ServiceAddr, stats::Counter};
+use tidegate_common::stats::Counter;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
@@ -93,10 +94,10 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-/// Where a UDP datagram is going, and where its header sits in the frame.
-pub struct UdpDest {
-    /// Destination address; IPv4 mapped into IPv6.
-    pub addr: ServiceAddr,
+/// A UDP header found in the frame, and the destination it names.
+pub struct Udp<A> {
+    /// Destination address as read from the IP header.
+    pub dst: A,
     /// Destination port, host byte order.
     pub port: u16,
     /// The UDP length field: header plus payload, as the sender claims.
@@ -105,15 +106,14 @@ pub struct UdpDest {
     pub udp_off: usize,
 }
 
-/// Walks Ethernet, VLAN tags and IPv4/IPv6 to the UDP header. Anything that
-/// is not an unfragmented UDP datagram comes back as the counter it falls in.
+/// Walks Ethernet and up to two VLAN tags: the EtherType of the payload and
+/// its offset.
 #[inline(always)]
-pub fn udp_dest(ctx: &XdpContext) -> Result<UdpDest, Counter> {
+pub fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::Unparsed)?;
     // SAFETY: `ptr_at` checked the header lies inside the frame; it is byte-aligned.
     let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
     let mut off = size_of::<EthHdr>();
-
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
@@ -123,16 +123,13 @@ pub fn udp_dest(ctx: &XdpContext) -> Result<UdpDest, Counter> {
         ether_type = u16::from_be_bytes(unsafe { (*vlan).ether_type });
         off += size_of::<VlanHdr>();
     }
-
-    match ether_type {
-        ETH_P_IP => ipv4(ctx, off),
-        ETH_P_IPV6 => ipv6(ctx, off),
-        _ => Err(Counter::NotService),
-    }
+    Ok((ether_type, off))
 }
 
+/// The UDP header of an unfragmented IPv4 datagram at `off`; the destination
+/// is the address word as it sits in the header (network byte order).
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize) -> Result<UdpDest, Counter> {
+pub fn ipv4_udp(ctx: &XdpContext, off: usize) -> Result<Udp<u32>, Counter> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
     // SAFETY: checked by `ptr_at`.
     let (version_ihl, protocol, frag_off, daddr) = unsafe {
@@ -154,29 +151,26 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<UdpDest, Counter> {
     if u16::from_be_bytes(frag_off) & 0x3fff != 0 {
         return Err(Counter::Fragment);
     }
-    udp(ctx, off + ihl * 4, ServiceAddr::from_v4_octets(daddr))
+    udp(ctx, off + ihl * 4, u32::from_ne_bytes(daddr))
 }
 
+/// The UDP header of an unfragmented IPv6 datagram at `off`, through up to
+/// four hop-by-hop, routing or destination-options headers; the destination
+/// is a pointer to the address in the frame.
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize) -> Result<UdpDest, Counter> {
+pub fn ipv6_udp(ctx: &XdpContext, off: usize) -> Result<Udp<*const [u32; 4]>, Counter> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
     // SAFETY: checked by `ptr_at`.
-    let (version, mut next, daddr) = unsafe {
-        (
-            (*ip).version_class_flow[0] >> 4,
-            (*ip).next_header,
-            (*ip).daddr,
-        )
-    };
+    let (version, mut next) = unsafe { ((*ip).version_class_flow[0] >> 4, (*ip).next_header) };
     if version != 6 {
         return Err(Counter::Unparsed);
     }
-    let addr = ServiceAddr::from_octets(daddr);
+    // SAFETY: a field of the checked header; only the pointer is computed here.
+    let dst = unsafe { &raw const (*ip).daddr }.cast::<[u32; 4]>();
     let mut off = off + size_of::<Ipv6Hdr>();
-
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
-            IPPROTO_UDP => return udp(ctx, off, addr),
+            IPPROTO_UDP => return udp(ctx, off, dst),
             IPV6_FRAGMENT => return Err(Counter::Fragment),
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
                 let ext: *const Ipv6ExtHdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
@@ -189,18 +183,18 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<UdpDest, Counter> {
         }
     }
     match next {
-        IPPROTO_UDP => udp(ctx, off, addr),
+        IPPROTO_UDP => udp(ctx, off, dst),
         _ => Err(Counter::Unparsed),
     }
 }
 
 #[inline(always)]
-fn udp(ctx: &XdpContext, off: usize, addr: ServiceAddr) -> Result<UdpDest, Counter> {
+fn udp<A>(ctx: &XdpContext, off: usize, dst: A) -> Result<Udp<A>, Counter> {
     let udp: *const UdpHdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
     // SAFETY: checked by `ptr_at`.
     let (dest, len) = unsafe { ((*udp).dest, (*udp).len) };
-    Ok(UdpDest {
-        addr,
+    Ok(Udp {
+        dst,
         port: u16::from_be_bytes(dest),
         udp_len: usize::from(u16::from_be_bytes(len)),
         udp_off: off,

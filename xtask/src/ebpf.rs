@@ -139,13 +139,18 @@ fn link_nightly_llvm(lib: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The flags aya's own build helper passes: the host architecture for
-/// `bpf_target_arch`, full debug info and BTF for the loader.
+/// The flags aya's own build helper passes (the host architecture for
+/// `bpf_target_arch`, full debug info, BTF for the loader), and one more:
+/// packet headers sit at any byte offset, and without it LLVM loads every
+/// multi-byte field a byte at a time. The verifier accepts unaligned packet
+/// loads on architectures with efficient unaligned access (x86-64, arm64),
+/// whose JITs emit plain loads for them.
 fn bpf_rustflags() -> String {
     [
         format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
         "-Cdebuginfo=2".into(),
         "-Clink-arg=--btf".into(),
+        "-Clink-arg=--cpu-features=+allows-misaligned-mem-access".into(),
     ]
     .join("\x1f")
 }

@@ -16,7 +16,7 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use tidegate_common::{
     maps,
-    service::ServiceAddr,
+    service::{PortMasks, ServiceAddrV6},
     stats::{Counter, CounterValue},
 };
 use tracing::{info, warn};
@@ -138,8 +138,9 @@ struct Attachment {
 /// The loaded XDP program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    service_ports: Array<MapData, u32>,
-    service_addrs: Array<MapData, ServiceAddr>,
+    service_ports: Array<MapData, PortMasks>,
+    service_v4: Array<MapData, u32>,
+    service_v6: Array<MapData, ServiceAddrV6>,
     counters: PerCpuArray<MapData, CounterValue>,
     services: ServiceTable,
     attachment: Option<Attachment>,
@@ -157,7 +158,8 @@ impl Datapath {
             })?;
         Ok(Self {
             service_ports: take_map(&mut ebpf, maps::SERVICE_PORTS)?,
-            service_addrs: take_map(&mut ebpf, maps::SERVICE_ADDRS)?,
+            service_v4: take_map(&mut ebpf, maps::SERVICE_V4)?,
+            service_v6: take_map(&mut ebpf, maps::SERVICE_V6)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             ebpf,
             services: ServiceTable::default(),
@@ -171,29 +173,40 @@ impl Datapath {
     /// and retired slots are cleared last, so no mask ever points at a slot
     /// that is not yet filled.
     pub fn install_services(&mut self, table: ServiceTable) -> Result<(), XdpError> {
-        let write = |source| XdpError::Map {
-            op: "writing",
-            name: maps::SERVICE_ADDRS,
-            source,
+        let write = |name| {
+            move |source| XdpError::Map {
+                op: "writing",
+                name,
+                source,
+            }
         };
-        for (slot, addr) in table.slots() {
-            self.service_addrs.set(slot, addr, 0).map_err(write)?;
+        for (slot, addr) in table.v4_slots() {
+            self.service_v4
+                .set(slot, addr, 0)
+                .map_err(write(maps::SERVICE_V4))?;
         }
-        let old_ports: Vec<u16> = self.services.port_masks().map(|(port, _)| port).collect();
-        let ports = table.port_masks().map(|(port, _)| port).chain(old_ports);
-        for port in ports {
+        for (slot, addr) in table.v6_slots() {
+            self.service_v6
+                .set(slot, addr, 0)
+                .map_err(write(maps::SERVICE_V6))?;
+        }
+        let old_ports: Vec<u16> = self.services.ports().collect();
+        for port in table.ports().chain(old_ports) {
             self.service_ports
-                .set(u32::from(port), table.port_mask(port), 0)
-                .map_err(|source| XdpError::Map {
-                    op: "writing",
-                    name: maps::SERVICE_PORTS,
-                    source,
-                })?;
+                .set(u32::from(port), table.port_masks(port), 0)
+                .map_err(write(maps::SERVICE_PORTS))?;
         }
-        for slot in table.slot_count()..self.services.slot_count() {
-            self.service_addrs
-                .set(slot, ServiceAddr::default(), 0)
-                .map_err(write)?;
+        let (v4_used, v6_used) = table.slot_counts();
+        let (v4_old, v6_old) = self.services.slot_counts();
+        for slot in v4_used..v4_old {
+            self.service_v4
+                .set(slot, 0, 0)
+                .map_err(write(maps::SERVICE_V4))?;
+        }
+        for slot in v6_used..v6_old {
+            self.service_v6
+                .set(slot, ServiceAddrV6::default(), 0)
+                .map_err(write(maps::SERVICE_V6))?;
         }
         self.services = table;
         Ok(())

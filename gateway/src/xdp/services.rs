@@ -2,10 +2,10 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use tidegate_common::service::{MAX_SERVICE_ADDRS, ServiceAddr};
+use tidegate_common::service::{MAX_SERVICE_ADDRS, PortMasks, ServiceAddrV6, v4_addr_be};
 
 /// Why a list of services cannot be installed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,19 +22,24 @@ pub enum ServiceError {
     /// The same (address, port) twice.
     #[error("service {service} is listed twice")]
     Duplicate { service: SocketAddr },
-    /// More distinct addresses than a port mask has bits.
-    #[error("{count} distinct service addresses; the shield holds at most {MAX_SERVICE_ADDRS}")]
-    TooManyAddresses { count: usize },
+    /// More distinct addresses of one family than a port mask has bits.
+    #[error(
+        "{count} distinct {family} service addresses; the shield holds at most {MAX_SERVICE_ADDRS}"
+    )]
+    TooManyAddresses { family: &'static str, count: usize },
 }
 
-/// A validated set of services, laid out for `SERVICE_ADDRS` and `SERVICE_PORTS`.
+/// A validated set of services, laid out for `SERVICE_V4`, `SERVICE_V6` and
+/// `SERVICE_PORTS`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceTable {
     services: Vec<SocketAddr>,
-    /// Distinct addresses; the index is the slot.
-    addrs: Vec<IpAddr>,
-    /// Port -> mask of the slots serving it.
-    ports: BTreeMap<u16, u32>,
+    /// Distinct IPv4 addresses; the index is the slot.
+    v4: Vec<Ipv4Addr>,
+    /// Distinct IPv6 addresses; the index is the slot.
+    v6: Vec<Ipv6Addr>,
+    /// Port -> the slots serving it.
+    ports: BTreeMap<u16, PortMasks>,
 }
 
 impl ServiceTable {
@@ -53,23 +58,27 @@ impl ServiceTable {
             if table.services.contains(&service) {
                 return Err(ServiceError::Duplicate { service });
             }
-            let slot = match table.addrs.iter().position(|a| *a == address) {
-                Some(slot) => slot,
-                None => {
-                    table.addrs.push(address);
-                    table.addrs.len() - 1
-                }
-            };
-            *table.ports.entry(service.port()).or_default() |= 1 << slot;
+            match address {
+                IpAddr::V4(v4) if !table.v4.contains(&v4) => table.v4.push(v4),
+                IpAddr::V6(v6) if !table.v6.contains(&v6) => table.v6.push(v6),
+                _ => {}
+            }
             table.services.push(service);
         }
         if table.services.is_empty() {
             return Err(ServiceError::Empty);
         }
-        if table.addrs.len() > MAX_SERVICE_ADDRS as usize {
-            return Err(ServiceError::TooManyAddresses {
-                count: table.addrs.len(),
-            });
+        for (family, count) in [("IPv4", table.v4.len()), ("IPv6", table.v6.len())] {
+            if count > MAX_SERVICE_ADDRS as usize {
+                return Err(ServiceError::TooManyAddresses { family, count });
+            }
+        }
+        for service in &table.services {
+            let masks = table.ports.entry(service.port()).or_default();
+            match service.ip() {
+                IpAddr::V4(v4) => masks.v4 |= 1 << slot_of(&table.v4, &v4),
+                IpAddr::V6(v6) => masks.v6 |= 1 << slot_of(&table.v6, &v6),
+            }
         }
         Ok(table)
     }
@@ -79,25 +88,41 @@ impl ServiceTable {
         &self.services
     }
 
-    /// `SERVICE_ADDRS` contents: the address of each slot in use.
-    pub fn slots(&self) -> impl Iterator<Item = (u32, ServiceAddr)> + '_ {
-        (0u32..).zip(self.addrs.iter().map(|addr| service_addr(*addr)))
+    /// `SERVICE_V4` contents: each slot in use and its address word.
+    pub fn v4_slots(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        (0u32..).zip(self.v4.iter().map(|a| v4_addr_be(a.octets())))
     }
 
-    /// Number of address slots in use.
-    pub fn slot_count(&self) -> u32 {
-        self.addrs.len() as u32
+    /// `SERVICE_V6` contents: each slot in use and its address.
+    pub fn v6_slots(&self) -> impl Iterator<Item = (u32, ServiceAddrV6)> + '_ {
+        (0u32..).zip(
+            self.v6
+                .iter()
+                .map(|a| ServiceAddrV6::from_octets(a.octets())),
+        )
     }
 
-    /// `SERVICE_PORTS` contents: every port with a non-zero mask.
-    pub fn port_masks(&self) -> impl Iterator<Item = (u16, u32)> + '_ {
-        self.ports.iter().map(|(port, mask)| (*port, *mask))
+    /// Slots in use: (IPv4, IPv6).
+    pub fn slot_counts(&self) -> (u32, u32) {
+        (self.v4.len() as u32, self.v6.len() as u32)
     }
 
-    /// The mask of `port`; zero when no service uses it.
-    pub fn port_mask(&self, port: u16) -> u32 {
-        self.ports.get(&port).copied().unwrap_or(0)
+    /// The ports some service uses.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports.keys().copied()
     }
+
+    /// The masks of `port`; zero when no service uses it.
+    pub fn port_masks(&self, port: u16) -> PortMasks {
+        self.ports.get(&port).copied().unwrap_or_default()
+    }
+}
+
+fn slot_of<T: PartialEq>(slots: &[T], address: &T) -> usize {
+    slots
+        .iter()
+        .position(|a| a == address)
+        .expect("every service address has a slot")
 }
 
 /// IPv4-mapped IPv6 addresses are the IPv4 address they carry: the kernel
@@ -113,14 +138,6 @@ fn is_unicast(address: IpAddr) -> bool {
     match address {
         IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
         IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
-    }
-}
-
-/// The map form of an address: IPv6, with IPv4 mapped into it.
-pub fn service_addr(address: IpAddr) -> ServiceAddr {
-    match address {
-        IpAddr::V4(v4) => ServiceAddr::from_v4_octets(v4.octets()),
-        IpAddr::V6(v6) => ServiceAddr::from_octets(v6.octets()),
     }
 }
 
@@ -140,15 +157,13 @@ mod tests {
             sa("198.51.100.1:51821"),
         ])
         .unwrap();
-        assert_eq!(table.slot_count(), 2);
-        assert_eq!(table.port_mask(51820), 0b11);
-        assert_eq!(table.port_mask(51821), 0b01);
-        assert_eq!(table.port_mask(53), 0);
-        let slots: Vec<_> = table.slots().collect();
-        assert_eq!(
-            slots[0],
-            (0, ServiceAddr::from_v4_octets([198, 51, 100, 1]))
-        );
+        assert_eq!(table.slot_counts(), (1, 1));
+        assert_eq!(table.port_masks(51820), PortMasks { v4: 1, v6: 1 });
+        assert_eq!(table.port_masks(51821), PortMasks { v4: 1, v6: 0 });
+        assert_eq!(table.port_masks(53), PortMasks::default());
+        assert_eq!(table.ports().collect::<Vec<_>>(), [51820, 51821]);
+        let v4: Vec<_> = table.v4_slots().collect();
+        assert_eq!(v4, [(0, v4_addr_be([198, 51, 100, 1]))]);
     }
 
     #[test]
@@ -189,7 +204,10 @@ mod tests {
         let many = (1..=33).map(|i| SocketAddr::new(IpAddr::from([198, 51, 100, i]), 51820));
         assert_eq!(
             ServiceTable::new(many),
-            Err(ServiceError::TooManyAddresses { count: 33 })
+            Err(ServiceError::TooManyAddresses {
+                family: "IPv4",
+                count: 33
+            })
         );
     }
 }

@@ -1,0 +1,535 @@
+//! The XDP shield, frame by frame, through `BPF_PROG_TEST_RUN`: each case
+//! names its input, the verdict it must get and the one counter it must bump.
+//! Needs root (it loads the program into the kernel).
+
+mod support;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use support::frames::*;
+use tidegate_common::{maps, stats::Counter, wireguard::*};
+use tidegate_gateway::xdp::{CounterSnapshot, Datapath, ServiceTable};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const SERVICE4: &str = "198.51.100.1";
+const SERVICE6: &str = "2001:db8::1";
+const CLIENT4: &str = "203.0.113.7";
+const CLIENT6: &str = "2001:db8:1::7";
+const PORT: u16 = 51820;
+
+/// One frame and what the shield must do with it.
+struct Case {
+    name: String,
+    input: Vec<u8>,
+    verdict: u32,
+    counter: Counter,
+}
+
+fn case(name: impl Into<String>, input: Vec<u8>, verdict: u32, counter: Counter) -> Case {
+    Case {
+        name: name.into(),
+        input,
+        verdict,
+        counter,
+    }
+}
+
+fn pass(name: impl Into<String>, input: Vec<u8>, counter: Counter) -> Case {
+    case(name, input, XDP_PASS, counter)
+}
+
+fn drop(name: impl Into<String>, input: Vec<u8>, counter: Counter) -> Case {
+    case(name, input, XDP_DROP, counter)
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc_geteuid() };
+    assert_eq!(
+        uid, 0,
+        "the BPF packet tests load XDP programs and need root: run `cargo xtask test` as root"
+    );
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Loads the shield with the test services: (198.51.100.1, 51820),
+/// (2001:db8::1, 51820), and (198.51.100.1, 51821).
+fn shield() -> Datapath {
+    require_root();
+    let mut datapath = Datapath::load().expect("load the XDP program");
+    let services = ServiceTable::new(
+        [
+            format!("{SERVICE4}:{PORT}"),
+            format!("[{SERVICE6}]:{PORT}"),
+            format!("{SERVICE4}:{}", PORT + 1),
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap()),
+    )
+    .unwrap();
+    datapath.install_services(services).unwrap();
+    datapath
+}
+
+/// Runs every case and reports all mismatches at once.
+fn run(cases: Vec<Case>) {
+    let datapath = shield();
+    let program = datapath.program().unwrap();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let before = datapath.counters().unwrap();
+        let mut output = vec![0u8; case.input.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(&case.input),
+                data_out: Some(&mut output),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{}: test run failed: {e}", case.name));
+        let after = datapath.counters().unwrap();
+        let bumped = diff(&before, &after);
+        let expected = vec![(case.counter, 1, case.input.len() as u64)];
+        let mut problems = Vec::new();
+        if result.return_value != case.verdict {
+            problems.push(format!(
+                "verdict {} (want {})",
+                verdict_name(result.return_value),
+                verdict_name(case.verdict)
+            ));
+        }
+        if bumped != expected {
+            problems.push(format!("counters {bumped:?} (want {expected:?})"));
+        }
+        if case.verdict == XDP_PASS && output[..result.data_size_out as usize] != case.input[..] {
+            problems.push("a passed frame was modified".into());
+        }
+        if !problems.is_empty() {
+            failures.push(format!("  {}: {}", case.name, problems.join("; ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+/// (counter, packets, bytes) for every counter that changed.
+fn diff(before: &CounterSnapshot, after: &CounterSnapshot) -> Vec<(Counter, u64, u64)> {
+    Counter::ALL
+        .iter()
+        .filter_map(|&c| {
+            let (b, a) = (before.get(c), after.get(c));
+            (a != b).then(|| (c, a.packets - b.packets, a.bytes - b.bytes))
+        })
+        .collect()
+}
+
+fn verdict_name(verdict: u32) -> &'static str {
+    match verdict {
+        0 => "XDP_ABORTED",
+        1 => "XDP_DROP",
+        2 => "XDP_PASS",
+        3 => "XDP_TX",
+        4 => "XDP_REDIRECT",
+        _ => "unknown",
+    }
+}
+
+fn v4(payload: Vec<u8>) -> Udp {
+    Udp::new(CLIENT4, SERVICE4, PORT, payload)
+}
+
+fn v6(payload: Vec<u8>) -> Udp {
+    Udp::new(CLIENT6, SERVICE6, PORT, payload)
+}
+
+/// Each message type at its right length, and the counter it lands in.
+fn well_formed() -> Vec<(&'static str, Vec<u8>, Counter)> {
+    vec![
+        (
+            "initiation",
+            wg(MESSAGE_INITIATION, INITIATION_LEN),
+            Counter::Initiation,
+        ),
+        (
+            "response",
+            wg(MESSAGE_RESPONSE, RESPONSE_LEN),
+            Counter::Response,
+        ),
+        (
+            "cookie reply",
+            wg(MESSAGE_COOKIE_REPLY, COOKIE_REPLY_LEN),
+            Counter::CookieReply,
+        ),
+        (
+            "keepalive",
+            wg(MESSAGE_TRANSPORT, TRANSPORT_MIN_LEN),
+            Counter::Transport,
+        ),
+        (
+            "transport 48",
+            wg(MESSAGE_TRANSPORT, 48),
+            Counter::Transport,
+        ),
+        (
+            "transport 1440",
+            wg(MESSAGE_TRANSPORT, 1440),
+            Counter::Transport,
+        ),
+    ]
+}
+
+#[test]
+fn the_object_defines_every_map_and_the_program() {
+    require_root();
+    let ebpf = aya::Ebpf::load(tidegate_gateway::xdp::OBJECT).expect("parse and create maps");
+    for name in maps::ALL {
+        assert!(
+            ebpf.map(name).is_some(),
+            "map {name} is missing from the object"
+        );
+    }
+    assert!(
+        ebpf.program(maps::PROGRAM).is_some(),
+        "program {} is missing",
+        maps::PROGRAM
+    );
+}
+
+#[test]
+fn each_message_type_passes_at_its_length() {
+    let mut cases = Vec::new();
+    for (name, payload, counter) in well_formed() {
+        cases.push(pass(
+            format!("ipv4 {name}"),
+            v4(payload.clone()).build(),
+            counter,
+        ));
+        cases.push(pass(format!("ipv6 {name}"), v6(payload).build(), counter));
+    }
+    run(cases);
+}
+
+#[test]
+fn wrong_lengths_types_and_reserved_bytes_are_dropped() {
+    let mut cases = Vec::new();
+    let wrong_lengths = [
+        (
+            MESSAGE_INITIATION,
+            [INITIATION_LEN - 1, INITIATION_LEN + 1, RESPONSE_LEN],
+        ),
+        (
+            MESSAGE_RESPONSE,
+            [RESPONSE_LEN - 1, RESPONSE_LEN + 1, INITIATION_LEN],
+        ),
+        (
+            MESSAGE_COOKIE_REPLY,
+            [COOKIE_REPLY_LEN - 1, COOKIE_REPLY_LEN + 16, 4],
+        ),
+        (
+            MESSAGE_TRANSPORT,
+            [TRANSPORT_MIN_LEN - 1, TRANSPORT_MIN_LEN + 1, 47],
+        ),
+    ];
+    for (msg_type, lengths) in wrong_lengths {
+        for len in lengths {
+            let name = format!("type {msg_type} length {len}");
+            cases.push(drop(
+                format!("ipv4 {name}"),
+                v4(wg(msg_type, len)).build(),
+                Counter::BadLength,
+            ));
+            cases.push(drop(
+                format!("ipv6 {name}"),
+                v6(wg(msg_type, len)).build(),
+                Counter::BadLength,
+            ));
+        }
+    }
+    for len in [0, 1, 3] {
+        cases.push(drop(
+            format!("payload of {len} bytes"),
+            v4(wg(MESSAGE_TRANSPORT, len)).build(),
+            Counter::BadLength,
+        ));
+    }
+    for msg_type in [0, 5, 0x7f, 0xff] {
+        cases.push(drop(
+            format!("ipv4 type {msg_type}"),
+            v4(wg(msg_type, 148)).build(),
+            Counter::BadType,
+        ));
+        cases.push(drop(
+            format!("ipv6 type {msg_type}"),
+            v6(wg(msg_type, 32)).build(),
+            Counter::BadType,
+        ));
+    }
+    for byte in 1..4 {
+        for (name, mut payload, _) in well_formed() {
+            payload[byte] = 0x01;
+            cases.push(drop(
+                format!("{name} reserved byte {byte}"),
+                v4(payload).build(),
+                Counter::BadReserved,
+            ));
+        }
+    }
+    cases.push(drop(
+        "UDP length beyond the frame",
+        v4(wg(MESSAGE_TRANSPORT, 32)).udp_len(8 + 48).build(),
+        Counter::Truncated,
+    ));
+    cases.push(drop(
+        "UDP length below the header",
+        v4(wg(MESSAGE_TRANSPORT, 32)).udp_len(7).build(),
+        Counter::Truncated,
+    ));
+    cases.push(drop(
+        "second service port is checked too",
+        Udp::new(CLIENT4, SERVICE4, PORT + 1, wg(9, 32)).build(),
+        Counter::BadType,
+    ));
+    run(cases);
+}
+
+#[test]
+fn non_service_traffic_passes_untouched() {
+    let junk = vec![0xee; 100];
+    run(vec![
+        pass("ARP", arp_request([198, 51, 100, 1]), Counter::NotService),
+        pass(
+            "UDP to another port",
+            Udp::new(CLIENT4, SERVICE4, 53, junk.clone()).build(),
+            Counter::NotService,
+        ),
+        pass(
+            "UDP to another address",
+            Udp::new(CLIENT4, "198.51.100.2", PORT, junk.clone()).build(),
+            Counter::NotService,
+        ),
+        pass(
+            "IPv6 UDP to the IPv4-only port",
+            Udp::new(CLIENT6, SERVICE6, PORT + 1, junk.clone()).build(),
+            Counter::NotService,
+        ),
+        pass(
+            "IPv6 UDP to another address",
+            Udp::new(CLIENT6, "2001:db8::2", PORT, junk.clone()).build(),
+            Counter::NotService,
+        ),
+        pass(
+            "TCP to the service port",
+            v4(junk.clone()).protocol(IPPROTO_TCP).build(),
+            Counter::NotService,
+        ),
+        pass(
+            "IPv6 TCP to the service port",
+            v6(junk.clone()).protocol(IPPROTO_TCP).build(),
+            Counter::NotService,
+        ),
+        pass(
+            "unknown EtherType",
+            ethernet(&[], 0x88b5, &junk),
+            Counter::NotService,
+        ),
+        pass(
+            "three VLAN tags are not looked through",
+            v4(junk.clone())
+                .vlan(ETH_P_8021AD, 1)
+                .vlan(ETH_P_8021Q, 2)
+                .vlan(ETH_P_8021Q, 3)
+                .build(),
+            Counter::NotService,
+        ),
+    ]);
+}
+
+#[test]
+fn vlan_tags_and_ipv4_options_are_looked_through() {
+    let good = wg(MESSAGE_INITIATION, INITIATION_LEN);
+    let bad = wg(MESSAGE_INITIATION, INITIATION_LEN - 1);
+    let mut cases = vec![
+        pass(
+            "802.1Q",
+            v4(good.clone()).vlan(ETH_P_8021Q, 10).build(),
+            Counter::Initiation,
+        ),
+        drop(
+            "802.1Q bad length",
+            v4(bad.clone()).vlan(ETH_P_8021Q, 10).build(),
+            Counter::BadLength,
+        ),
+        pass(
+            "QinQ",
+            v4(good.clone())
+                .vlan(ETH_P_8021AD, 100)
+                .vlan(ETH_P_8021Q, 10)
+                .build(),
+            Counter::Initiation,
+        ),
+        drop(
+            "QinQ bad type",
+            v6(wg(7, 148))
+                .vlan(ETH_P_8021AD, 100)
+                .vlan(ETH_P_8021Q, 10)
+                .build(),
+            Counter::BadType,
+        ),
+        pass(
+            "IPv6 on 802.1Q",
+            v6(good.clone()).vlan(ETH_P_8021Q, 10).build(),
+            Counter::Initiation,
+        ),
+        pass(
+            "IPv6 hop-by-hop header",
+            v6(good.clone()).ip_options(vec![1, 4, 0, 0, 0, 0]).build(),
+            Counter::Initiation,
+        ),
+        drop(
+            "IPv6 hop-by-hop header, bad length",
+            v6(bad.clone()).ip_options(vec![1, 4, 0, 0, 0, 0]).build(),
+            Counter::BadLength,
+        ),
+        pass(
+            "Ethernet padding after the datagram",
+            v4(wg(MESSAGE_TRANSPORT, 32)).trailer(18).build(),
+            Counter::Transport,
+        ),
+    ];
+    for words in [1, 2, 10] {
+        let options = vec![1u8; words * 4];
+        cases.push(pass(
+            format!("IPv4 with {words} option words"),
+            v4(good.clone()).ip_options(options.clone()).build(),
+            Counter::Initiation,
+        ));
+        cases.push(drop(
+            format!("IPv4 with {words} option words, bad length"),
+            v4(bad.clone()).ip_options(options).build(),
+            Counter::BadLength,
+        ));
+    }
+    run(cases);
+}
+
+#[test]
+fn fragments_and_malformed_ip_headers_pass_to_the_kernel() {
+    let payload = wg(MESSAGE_TRANSPORT, 64);
+    let mut bad_version = v4(payload.clone()).build();
+    bad_version[14] = 0x55;
+    let mut short_ihl = v4(payload.clone()).build();
+    short_ihl[14] = 0x44;
+    let mut bad_v6_version = v6(payload.clone()).build();
+    bad_v6_version[14] = 0x40;
+    run(vec![
+        pass(
+            "IPv4 first fragment",
+            v4(payload.clone()).frag_field(0x2000).build(),
+            Counter::Fragment,
+        ),
+        pass(
+            "IPv4 later fragment",
+            v4(payload.clone()).frag_field(0x00b9).build(),
+            Counter::Fragment,
+        ),
+        pass(
+            "IPv6 fragment header",
+            v6(payload.clone()).v6_fragment().build(),
+            Counter::Fragment,
+        ),
+        pass("IPv4 version 5", bad_version, Counter::Unparsed),
+        pass("IPv4 header length 4 words", short_ihl, Counter::Unparsed),
+        pass(
+            "IPv6 version 4 in the header",
+            bad_v6_version,
+            Counter::Unparsed,
+        ),
+    ]);
+}
+
+/// Every prefix of a frame, from the Ethernet header on: cut inside the
+/// headers, the shield cannot see the port and passes the frame (the kernel
+/// drops it); cut after the UDP header, the datagram is truncated and dropped.
+#[test]
+fn frames_cut_at_every_length_are_handled() {
+    const ETH_HLEN: usize = 14;
+    let frames = [
+        (
+            "ipv4",
+            v4(wg(MESSAGE_INITIATION, INITIATION_LEN)).build(),
+            ETH_HLEN + 20,
+        ),
+        (
+            "ipv4 options vlan",
+            v4(wg(MESSAGE_RESPONSE, RESPONSE_LEN))
+                .ip_options(vec![1; 8])
+                .vlan(ETH_P_8021Q, 7)
+                .build(),
+            ETH_HLEN + 4 + 28,
+        ),
+        ("ipv6", v6(wg(MESSAGE_TRANSPORT, 48)).build(), ETH_HLEN + 40),
+        (
+            "ipv6 hop-by-hop",
+            v6(wg(MESSAGE_COOKIE_REPLY, COOKIE_REPLY_LEN))
+                .ip_options(vec![1, 4, 0, 0, 0, 0])
+                .build(),
+            ETH_HLEN + 48,
+        ),
+    ];
+    let mut cases = Vec::new();
+    for (name, frame, udp_off) in frames {
+        for len in ETH_HLEN..frame.len() {
+            let counter = if len < udp_off + 8 {
+                Counter::Unparsed
+            } else {
+                Counter::Truncated
+            };
+            cases.push(case(
+                format!("{name} cut to {len} bytes"),
+                frame[..len].to_vec(),
+                counter.verdict().xdp_action(),
+                counter,
+            ));
+        }
+    }
+    run(cases);
+}
+
+/// The kernel refuses test frames shorter than an Ethernet header, so the
+/// program never sees one; this pins that assumption.
+#[test]
+fn frames_shorter_than_ethernet_never_reach_the_program() {
+    let datapath = shield();
+    let program = datapath.program().unwrap();
+    for len in [0, 1, 13] {
+        let input = vec![0u8; len];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(&input),
+            ..Default::default()
+        });
+        assert!(result.is_err(), "a {len}-byte frame was run");
+    }
+}
+
+trait XdpAction {
+    fn xdp_action(self) -> u32;
+}
+
+impl XdpAction for tidegate_common::stats::Verdict {
+    fn xdp_action(self) -> u32 {
+        match self {
+            Self::Aborted => 0,
+            Self::Drop => XDP_DROP,
+            Self::Pass => XDP_PASS,
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Network-namespace harness shared by the integration tests and the lab.
+//!
+//! Everything here builds real topologies: network namespaces, veth pairs, a
+//! bridge, WireGuard interfaces (kernel module or `wireguard-go`) and our own
+//! daemons, all named uniquely per run and torn down on drop, including when a
+//! test panics. Processes are owned by guards that hold a handle on their
+//! namespace, so a namespace is deleted only after every process in it has
+//! been stopped.
+
+pub mod bins;
+pub mod cmd;
+pub mod gateway;
+pub mod netns;
+pub mod packets;
+pub mod process;
+pub mod run;
+pub mod shield;
+pub mod wait;
+pub mod wireguard;
+pub mod xdp;
+
+pub use bins::{BIN_DIR_ENV, bin_dir, binary};
+pub use cmd::{CmdOutput, run_bounded, run_ok, run_with_input};
+pub use gateway::{Counter, Counters, GatewayConfig, GatewayDaemon, XdpMode};
+pub use netns::{Netns, PingReport, bridge, veth};
+pub use process::Process;
+pub use run::Run;
+pub use shield::{Shield, ShieldOptions, Tunnel, Underlay};
+pub use wait::{Probe, poll_until};
+pub use wireguard::{KeyPair, PeerStats, WgBackend, WgInterface, WgPeer};
+pub use xdp::{XdpAttachMode, XdpAttachment, xdp_attachment};
+
+/// Panics unless the process runs as root.
+///
+/// The namespace tests cannot do anything useful without root, and a test
+/// that silently skips would look like a pass.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the namespace tests need root: run `cargo xtask test` as root"
+    );
+}

@@ -1,0 +1,337 @@
+//! Network namespaces, veth pairs and bridges, driven through `ip`.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sched::CloneFlags;
+
+use crate::cmd::{self, CmdOutput, DEFAULT_TIMEOUT};
+
+/// Where `ip netns` keeps its namespace handles.
+const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// Serialises `ip netns add` and `ip netns del` within the process: the first
+/// `ip netns add` on a machine sets up the `/run/netns` mount, and parallel
+/// first calls race on it.
+static NETNS_LOCK: Mutex<()> = Mutex::new(());
+
+/// A named network namespace, deleted with `ip netns del` when the last
+/// handle is dropped.
+///
+/// Handles are cheap clones of one shared namespace. Process and interface
+/// guards keep a handle on the namespace they live in, so the namespace
+/// outlives everything inside it whatever order a test drops things in.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    inner: Arc<NetnsInner>,
+}
+
+/// The owned namespace behind [`Netns`] handles.
+#[derive(Debug)]
+struct NetnsInner {
+    name: String,
+}
+
+impl Drop for NetnsInner {
+    fn drop(&mut self) {
+        let _guard = NETNS_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = cmd::run_ok(
+            Command::new("ip").args(["netns", "del", &self.name]),
+            DEFAULT_TIMEOUT,
+        );
+        if let Err(err) = result {
+            eprintln!("warning: deleting network namespace {}: {err:#}", self.name);
+        }
+    }
+}
+
+impl Netns {
+    /// Creates the namespace `name` and brings its `lo` up.
+    ///
+    /// # Panics
+    /// If not running as root (see [`crate::require_root`]).
+    pub fn create(name: &str) -> Result<Self> {
+        crate::require_root();
+        {
+            let _guard = NETNS_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+            cmd::run_ok(
+                Command::new("ip").args(["netns", "add", name]),
+                DEFAULT_TIMEOUT,
+            )
+            .with_context(|| format!("creating network namespace {name}"))?;
+        }
+        let ns = Self {
+            inner: Arc::new(NetnsInner {
+                name: name.to_owned(),
+            }),
+        };
+        ns.set_up("lo")?;
+        Ok(ns)
+    }
+
+    /// The namespace's name as `ip netns` knows it.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The names of all namespaces `ip netns list` shows.
+    pub fn list() -> Result<Vec<String>> {
+        let out = cmd::run_ok(Command::new("ip").args(["netns", "list"]), DEFAULT_TIMEOUT)?;
+        // Lines look like "name" or "name (id: 3)".
+        Ok(out
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Runs `ip -n <ns> <args>` and returns its stdout.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", self.name()]).args(args);
+        cmd::run_ok(&mut cmd, DEFAULT_TIMEOUT)
+    }
+
+    /// A command that runs `program` inside the namespace
+    /// (`ip netns exec <ns> <program>`); add arguments and run it with
+    /// [`cmd::run_bounded`] or spawn it as a [`crate::Process`].
+    ///
+    /// `ip netns exec` execs the program, so a spawned child's pid is the
+    /// program's own pid.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.name()]).arg(program);
+        cmd
+    }
+
+    /// Runs `program args` inside the namespace with `timeout`; the output is
+    /// returned whatever the exit status.
+    pub fn exec(&self, program: &str, args: &[&str], timeout: Duration) -> Result<CmdOutput> {
+        cmd::run_bounded(self.command(program).args(args), timeout)
+    }
+
+    /// Runs `program args` inside the namespace with the default timeout and
+    /// returns its stdout, or an error if it failed.
+    pub fn exec_ok(&self, program: &str, args: &[&str]) -> Result<String> {
+        self.exec(program, args, DEFAULT_TIMEOUT)?.into_success()
+    }
+
+    /// Runs `f` on a new thread that has joined this namespace (setns(2)),
+    /// and returns its result.
+    ///
+    /// Sockets created inside `f` belong to this namespace and stay there
+    /// after `f` returns, so `f` may hand them back. A panic in `f` is
+    /// propagated.
+    pub fn run<F, R>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce() -> R + Send,
+        R: Send,
+    {
+        let path = PathBuf::from(NETNS_RUN_DIR).join(self.name());
+        let handle = File::open(&path)
+            .with_context(|| format!("opening namespace handle {}", path.display()))?;
+        let name = self.name();
+        std::thread::scope(|scope| {
+            let thread = std::thread::Builder::new()
+                .name(format!("netns {name}"))
+                .spawn_scoped(scope, move || -> Result<R> {
+                    nix::sched::setns(&handle, CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("joining network namespace {name}"))?;
+                    Ok(f())
+                })
+                .context("spawning a thread for the namespace")?;
+            match thread.join() {
+                Ok(result) => result,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    /// Sets interface `ifname` up.
+    pub fn set_up(&self, ifname: &str) -> Result<()> {
+        self.ip(&["link", "set", "dev", ifname, "up"])
+            .with_context(|| format!("setting {ifname} up in {}", self.name()))?;
+        Ok(())
+    }
+
+    /// Adds address `cidr` (e.g. `198.51.100.1/24` or `2001:db8::1/64`) to
+    /// `ifname`. IPv6 addresses skip duplicate address detection so that they
+    /// are usable at once.
+    pub fn add_addr(&self, ifname: &str, cidr: &str) -> Result<()> {
+        let mut args = vec!["addr", "add", cidr, "dev", ifname];
+        if cidr.contains(':') {
+            args.push("nodad");
+        }
+        self.ip(&args)
+            .with_context(|| format!("adding {cidr} to {ifname} in {}", self.name()))?;
+        Ok(())
+    }
+
+    /// Pings `target` `count` times from inside the namespace (0.2 s apart,
+    /// 2 s to wait for each reply) and returns the report if every echo was
+    /// answered, else an error with ping's output.
+    pub fn ping(&self, target: IpAddr, count: u32) -> Result<PingReport> {
+        let count_arg = count.to_string();
+        let target_arg = target.to_string();
+        let timeout = Duration::from_secs(10) + Duration::from_millis(300) * count;
+        let out = self.exec(
+            "ping",
+            &["-n", "-c", &count_arg, "-i", "0.2", "-W", "2", &target_arg],
+            timeout,
+        )?;
+        let report = PingReport::parse(&out.stdout).with_context(|| {
+            format!(
+                "reading the summary of `{}`\nstdout:\n{}\nstderr:\n{}",
+                out.command, out.stdout, out.stderr
+            )
+        })?;
+        if report.received != count || !out.status.success() {
+            bail!(
+                "`{}` in {}: {} of {count} echoes answered ({})\n{}{}",
+                out.command,
+                self.name(),
+                report.received,
+                out.status,
+                out.stdout,
+                out.stderr
+            );
+        }
+        Ok(report)
+    }
+}
+
+/// The summary of one `ping` run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PingReport {
+    /// Echo requests sent.
+    pub transmitted: u32,
+    /// Echo replies received.
+    pub received: u32,
+    /// The summary line and round-trip statistics as ping printed them.
+    pub summary: String,
+}
+
+impl PingReport {
+    /// Parses iputils ping output ("5 packets transmitted, 5 received, ...").
+    pub fn parse(stdout: &str) -> Result<Self> {
+        let Some((index, line)) = stdout
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.contains("packets transmitted"))
+        else {
+            bail!("no \"packets transmitted\" line");
+        };
+        let mut fields = line.split(',').map(str::trim);
+        let transmitted = leading_number(fields.next(), "packets transmitted")?;
+        let received = leading_number(fields.next(), "received")?;
+        let summary = stdout.lines().skip(index).collect::<Vec<_>>().join("\n");
+        Ok(Self {
+            transmitted,
+            received,
+            summary,
+        })
+    }
+}
+
+/// The number at the start of `field`, which must end with `label`.
+fn leading_number(field: Option<&str>, label: &str) -> Result<u32> {
+    let field = field.unwrap_or_default();
+    let Some(number) = field.strip_suffix(label) else {
+        bail!("expected \"N {label}\", found {field:?}");
+    };
+    number
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing the count in {field:?}"))
+}
+
+/// Creates a veth pair with end `a_if` in `a` and end `b_if` in `b`, both
+/// down. The pair is created inside `a` (`ip -n A link add ... netns B`), so
+/// no end ever appears in the root namespace.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    a.ip(&[
+        "link",
+        "add",
+        "dev",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])
+    .with_context(|| {
+        format!(
+            "creating veth pair {a_if} ({}) <-> {b_if} ({})",
+            a.name(),
+            b.name()
+        )
+    })?;
+    Ok(())
+}
+
+/// Creates bridge `name` in `ns` with spanning tree off and no forwarding
+/// delay, enslaves `ports` (interfaces already in `ns`) and sets everything up.
+pub fn bridge(ns: &Netns, name: &str, ports: &[&str]) -> Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        "dev",
+        name,
+        "type",
+        "bridge",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
+        "mcast_snooping",
+        "0",
+    ])
+    .with_context(|| format!("creating bridge {name} in {}", ns.name()))?;
+    for port in ports {
+        ns.ip(&["link", "set", "dev", port, "master", name])
+            .with_context(|| format!("adding {port} to bridge {name}"))?;
+        ns.set_up(port)?;
+    }
+    ns.set_up(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ping_summary() {
+        let out = "PING 10.77.0.1 (10.77.0.1) 56(84) bytes of data.\n\
+                   64 bytes from 10.77.0.1: icmp_seq=1 ttl=64 time=0.5 ms\n\
+                   \n\
+                   --- 10.77.0.1 ping statistics ---\n\
+                   5 packets transmitted, 4 received, 20% packet loss, time 803ms\n\
+                   rtt min/avg/max/mdev = 0.4/0.5/0.6/0.1 ms\n";
+        let report = PingReport::parse(out).unwrap();
+        assert_eq!(report.transmitted, 5);
+        assert_eq!(report.received, 4);
+        assert!(report.summary.starts_with("5 packets transmitted"));
+        assert!(report.summary.ends_with("0.1 ms"));
+    }
+
+    #[test]
+    fn parses_ping_summary_with_errors() {
+        let out = "3 packets transmitted, 0 received, +3 errors, 100% packet loss, time 2ms\n";
+        let report = PingReport::parse(out).unwrap();
+        assert_eq!((report.transmitted, report.received), (3, 0));
+    }
+
+    #[test]
+    fn rejects_output_without_summary() {
+        assert!(PingReport::parse("connect: Network is unreachable\n").is_err());
+    }
+}
