@@ -6,7 +6,7 @@
 /// Name of the XDP program in the BPF object.
 pub const PROGRAM: &str = "tidegate";
 
-/// Per-port masks of the service address slots that listen on the port.
+/// Per-port service addresses: a [`crate::service::PortEntry`] per UDP port.
 pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
 /// Entries in [`SERVICE_PORTS`]: one per UDP port.
 pub const SERVICE_PORTS_LEN: u32 = 1 << 16;
@@ -16,12 +16,14 @@ pub const SERVICE_V4: &str = "SERVICE_V4";
 /// IPv6 service addresses, indexed by slot.
 pub const SERVICE_V6: &str = "SERVICE_V6";
 /// Entries in [`SERVICE_V4`] and [`SERVICE_V6`]: one per bit of a mask.
+/// They hold every service address; a port's first ones are also inline in
+/// its `SERVICE_PORTS` entry.
 pub const SERVICE_ADDRS_LEN: u32 = crate::service::MAX_SERVICE_ADDRS;
 
-/// Per-CPU packet and byte counters, indexed by [`crate::stats::Counter`].
+/// Per-CPU packet and byte counters: one [`crate::stats::Counters`] entry.
 pub const COUNTERS: &str = "COUNTERS";
 /// Entries in [`COUNTERS`].
-pub const COUNTERS_LEN: u32 = crate::stats::Counter::ALL.len() as u32;
+pub const COUNTERS_LEN: u32 = 1;
 
 /// Every map the object must define, for checks in user space.
 pub const ALL: [&str; 4] = [SERVICE_PORTS, SERVICE_V4, SERVICE_V6, COUNTERS];

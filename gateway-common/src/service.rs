@@ -1,25 +1,31 @@
 //! The set of (address, port) pairs the shield protects.
 //!
-//! Lookup is two array reads, which the kernel inlines: `SERVICE_PORTS[port]`
-//! gives, per address family, a bitmask of the address slots serving that
-//! port (zero for almost every port, so non-service traffic leaves after one
-//! read), and each set bit names a slot in `SERVICE_V4` or `SERVICE_V6` to
-//! compare with the destination address.
+//! `SERVICE_PORTS[port]` answers in one array read, which the kernel inlines:
+//! it holds the first IPv4 and the first IPv6 service address on that port
+//! (zero for almost every port, so non-service traffic leaves at once), and
+//! masks of further address slots in `SERVICE_V4` / `SERVICE_V6` for the rare
+//! port that several addresses of one family share.
 
 /// Service addresses the shield holds per family: the bits of a mask.
 pub const MAX_SERVICE_ADDRS: u32 = u32::BITS;
 
-/// A `SERVICE_PORTS` entry: which address slots serve this port.
+/// A `SERVICE_PORTS` entry. The unspecified address (all zero) never appears
+/// as a destination, so a zero field means "none".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortMasks {
-    /// Bit `i` set: `SERVICE_V4[i]` serves this port.
-    pub v4: u32,
-    /// Bit `i` set: `SERVICE_V6[i]` serves this port.
-    pub v6: u32,
+pub struct PortEntry {
+    /// The first IPv6 service address on this port, words in network order.
+    pub v6_first_be: [u32; 4],
+    /// The first IPv4 service address on this port, as in the IPv4 header.
+    pub v4_first_be: u32,
+    /// Bit `i` set: `SERVICE_V4[i]` also serves this port.
+    pub v4_more: u32,
+    /// Bit `i` set: `SERVICE_V6[i]` also serves this port.
+    pub v6_more: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<PortMasks>() == 8);
+const _: () = assert!(size_of::<PortEntry>() == 32);
 
 /// An IPv6 service address in `SERVICE_V6`.
 #[repr(C)]
@@ -53,7 +59,7 @@ pub const fn v4_addr_be(octets: [u8; 4]) -> u32 {
 
 // SAFETY: `repr(C)`, `Copy`, no padding (size asserted above).
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for PortMasks {}
+unsafe impl aya::Pod for PortEntry {}
 
 // SAFETY: `repr(C)`, `Copy`, no padding (size asserted above).
 #[cfg(feature = "user")]

@@ -127,9 +127,20 @@ pub struct CounterValue {
 
 const _: () = assert!(size_of::<CounterValue>() == 16);
 
-// SAFETY: `CounterValue` is `repr(C)`, `Copy`, and has no padding (size asserted above).
+/// The one `COUNTERS` entry (per CPU): every counter, indexed by [`Counter`].
+/// One entry with a constant key lets the program look it up once, early,
+/// off the packet's critical path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub by_counter: [CounterValue; Counter::ALL.len()],
+}
+
+const _: () = assert!(size_of::<Counters>() == 16 * Counter::ALL.len());
+
+// SAFETY: `Counters` is `repr(C)`, `Copy`, and has no padding (size asserted above).
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for CounterValue {}
+unsafe impl aya::Pod for Counters {}
 
 #[cfg(test)]
 mod tests {

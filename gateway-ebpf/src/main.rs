@@ -18,10 +18,13 @@ use tidegate_common::stats::Verdict;
 /// Entry point: classify the frame, count it, return its verdict.
 #[xdp]
 pub fn tidegate(ctx: XdpContext) -> u32 {
-    let counter = shield::classify(&ctx);
-    if !stats::record(counter, ctx.data_end() - ctx.data()) {
+    // A per-CPU array lookup with an in-range key cannot fail.
+    let Some(counters) = stats::this_cpu() else {
         return xdp_action::XDP_ABORTED;
-    }
+    };
+    let frame = parse::Frame::new(&ctx);
+    let counter = shield::classify(&frame);
+    stats::record(counters, counter, frame.len());
     match counter.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,

@@ -6,14 +6,14 @@ use aya_ebpf::{
 };
 use tidegate_common::{
     maps,
-    service::{PortMasks, ServiceAddrV6},
-    stats::CounterValue,
+    service::{PortEntry, ServiceAddrV6},
+    stats::Counters,
 };
 
-/// Indexed by UDP port (host byte order): which IPv4 and IPv6 address slots
-/// serve it. Zero masks for every other port.
+/// Indexed by UDP port (host byte order): the service addresses on that port,
+/// the first of each family inline. All zero for every other port.
 #[map]
-pub static SERVICE_PORTS: Array<PortMasks> = Array::with_max_entries(maps::SERVICE_PORTS_LEN, 0);
+pub static SERVICE_PORTS: Array<PortEntry> = Array::with_max_entries(maps::SERVICE_PORTS_LEN, 0);
 
 /// IPv4 service addresses by slot, as the word in the IPv4 header.
 #[map]
@@ -23,7 +23,6 @@ pub static SERVICE_V4: Array<u32> = Array::with_max_entries(maps::SERVICE_ADDRS_
 #[map]
 pub static SERVICE_V6: Array<ServiceAddrV6> = Array::with_max_entries(maps::SERVICE_ADDRS_LEN, 0);
 
-/// Packets and bytes per outcome, per CPU, indexed by `Counter`.
+/// Packets and bytes per outcome, per CPU: one entry holding every counter.
 #[map]
-pub static COUNTERS: PerCpuArray<CounterValue> =
-    PerCpuArray::with_max_entries(maps::COUNTERS_LEN, 0);
+pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(maps::COUNTERS_LEN, 0);

@@ -82,16 +82,37 @@ pub struct UdpHdr {
     pub check: [u8; 2],
 }
 
-/// Pointer to a `T` at `offset` in the frame, if the whole `T` lies inside it.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    // Compare pointers (not lengths): this is the form the verifier learns packet bounds from.
-    if start + offset + size_of::<T>() > end {
-        return None;
+/// The frame's bounds, read from the context once.
+#[derive(Clone, Copy)]
+pub struct Frame {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Frame {
+    #[inline(always)]
+    pub fn new(ctx: &XdpContext) -> Self {
+        Self {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        }
     }
-    Some((start + offset) as *const T)
+
+    /// Bytes from the Ethernet header to the end of the frame.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Pointer to a `T` at `offset`, if the whole `T` lies inside the frame.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, offset: usize) -> Option<*const T> {
+        // Compare pointers (not lengths): the form the verifier learns packet bounds from.
+        if self.start + offset + size_of::<T>() > self.end {
+            return None;
+        }
+        Some((self.start + offset) as *const T)
+    }
 }
 
 /// A UDP header found in the frame, and the destination it names.
@@ -109,8 +130,8 @@ pub struct Udp<A> {
 /// Walks Ethernet and up to two VLAN tags: the EtherType of the payload and
 /// its offset.
 #[inline(always)]
-pub fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::Unparsed)?;
+pub fn ethernet(frame: &Frame) -> Result<(u16, usize), Counter> {
+    let eth: *const EthHdr = frame.ptr_at(0).ok_or(Counter::Unparsed)?;
     // SAFETY: `ptr_at` checked the header lies inside the frame; it is byte-aligned.
     let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
     let mut off = size_of::<EthHdr>();
@@ -118,7 +139,7 @@ pub fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
-        let vlan: *const VlanHdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+        let vlan: *const VlanHdr = frame.ptr_at(off).ok_or(Counter::Unparsed)?;
         // SAFETY: checked by `ptr_at`.
         ether_type = u16::from_be_bytes(unsafe { (*vlan).ether_type });
         off += size_of::<VlanHdr>();
@@ -129,8 +150,8 @@ pub fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
 /// The UDP header of an unfragmented IPv4 datagram at `off`; the destination
 /// is the address word as it sits in the header (network byte order).
 #[inline(always)]
-pub fn ipv4_udp(ctx: &XdpContext, off: usize) -> Result<Udp<u32>, Counter> {
-    let ip: *const Ipv4Hdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+pub fn ipv4_udp(frame: &Frame, off: usize) -> Result<Udp<u32>, Counter> {
+    let ip: *const Ipv4Hdr = frame.ptr_at(off).ok_or(Counter::Unparsed)?;
     // SAFETY: checked by `ptr_at`.
     let (version_ihl, protocol, frag_off, daddr) = unsafe {
         (
@@ -151,15 +172,15 @@ pub fn ipv4_udp(ctx: &XdpContext, off: usize) -> Result<Udp<u32>, Counter> {
     if u16::from_be_bytes(frag_off) & 0x3fff != 0 {
         return Err(Counter::Fragment);
     }
-    udp(ctx, off + ihl * 4, u32::from_ne_bytes(daddr))
+    udp(frame, off + ihl * 4, u32::from_ne_bytes(daddr))
 }
 
 /// The UDP header of an unfragmented IPv6 datagram at `off`, through up to
 /// four hop-by-hop, routing or destination-options headers; the destination
 /// is a pointer to the address in the frame.
 #[inline(always)]
-pub fn ipv6_udp(ctx: &XdpContext, off: usize) -> Result<Udp<*const [u32; 4]>, Counter> {
-    let ip: *const Ipv6Hdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+pub fn ipv6_udp(frame: &Frame, off: usize) -> Result<Udp<*const [u32; 4]>, Counter> {
+    let ip: *const Ipv6Hdr = frame.ptr_at(off).ok_or(Counter::Unparsed)?;
     // SAFETY: checked by `ptr_at`.
     let (version, mut next) = unsafe { ((*ip).version_class_flow[0] >> 4, (*ip).next_header) };
     if version != 6 {
@@ -170,10 +191,10 @@ pub fn ipv6_udp(ctx: &XdpContext, off: usize) -> Result<Udp<*const [u32; 4]>, Co
     let mut off = off + size_of::<Ipv6Hdr>();
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
-            IPPROTO_UDP => return udp(ctx, off, dst),
+            IPPROTO_UDP => return udp(frame, off, dst),
             IPV6_FRAGMENT => return Err(Counter::Fragment),
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
-                let ext: *const Ipv6ExtHdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+                let ext: *const Ipv6ExtHdr = frame.ptr_at(off).ok_or(Counter::Unparsed)?;
                 // SAFETY: checked by `ptr_at`.
                 let (ext_next, ext_len) = unsafe { ((*ext).next_header, (*ext).len) };
                 next = ext_next;
@@ -183,14 +204,14 @@ pub fn ipv6_udp(ctx: &XdpContext, off: usize) -> Result<Udp<*const [u32; 4]>, Co
         }
     }
     match next {
-        IPPROTO_UDP => udp(ctx, off, dst),
+        IPPROTO_UDP => udp(frame, off, dst),
         _ => Err(Counter::Unparsed),
     }
 }
 
 #[inline(always)]
-fn udp<A>(ctx: &XdpContext, off: usize, dst: A) -> Result<Udp<A>, Counter> {
-    let udp: *const UdpHdr = ptr_at(ctx, off).ok_or(Counter::Unparsed)?;
+fn udp<A>(frame: &Frame, off: usize, dst: A) -> Result<Udp<A>, Counter> {
+    let udp: *const UdpHdr = frame.ptr_at(off).ok_or(Counter::Unparsed)?;
     // SAFETY: checked by `ptr_at`.
     let (dest, len) = unsafe { ((*udp).dest, (*udp).len) };
     Ok(Udp {

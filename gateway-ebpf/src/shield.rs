@@ -1,30 +1,29 @@
 //! The shield: is this frame for a service, and if so, is it WireGuard?
 
-use aya_ebpf::programs::XdpContext;
 use tidegate_common::{service::MAX_SERVICE_ADDRS, stats::Counter};
 
 use crate::{
     maps::{SERVICE_PORTS, SERVICE_V4, SERVICE_V6},
-    parse::{self, ETH_P_IP, ETH_P_IPV6},
+    parse::{self, ETH_P_IP, ETH_P_IPV6, Frame},
     wireguard,
 };
 
 /// The one counter that describes this frame; its verdict follows from it.
 #[inline(always)]
-pub fn classify(ctx: &XdpContext) -> Counter {
-    let (ether_type, off) = match parse::ethernet(ctx) {
+pub fn classify(frame: &Frame) -> Counter {
+    let (ether_type, off) = match parse::ethernet(frame) {
         Ok(l3) => l3,
         Err(counter) => return counter,
     };
     let found = match ether_type {
-        ETH_P_IP => parse::ipv4_udp(ctx, off)
+        ETH_P_IP => parse::ipv4_udp(frame, off)
             .map(|udp| (is_v4_service(udp.dst, udp.port), udp.udp_off, udp.udp_len)),
-        ETH_P_IPV6 => parse::ipv6_udp(ctx, off)
+        ETH_P_IPV6 => parse::ipv6_udp(frame, off)
             .map(|udp| (is_v6_service(udp.dst, udp.port), udp.udp_off, udp.udp_len)),
         _ => return Counter::NotService,
     };
     match found {
-        Ok((Some(true), udp_off, udp_len)) => wireguard::check(ctx, udp_off, udp_len),
+        Ok((Some(true), udp_off, udp_len)) => wireguard::check(frame, udp_off, udp_len),
         Ok((Some(false), ..)) => Counter::NotService,
         Ok((None, ..)) => Counter::Aborted,
         Err(counter) => counter,
@@ -35,7 +34,11 @@ pub fn classify(ctx: &XdpContext) -> Counter {
 /// fails, which for in-range indexes it cannot.
 #[inline(always)]
 fn is_v4_service(dst_be: u32, port: u16) -> Option<bool> {
-    let mut mask = SERVICE_PORTS.get(u32::from(port))?.v4;
+    let entry = SERVICE_PORTS.get(u32::from(port))?;
+    if dst_be != 0 && entry.v4_first_be == dst_be {
+        return Some(true);
+    }
+    let mut mask = entry.v4_more;
     let mut slot = 0;
     // The slot bound gives the verifier a loop it can prove ends.
     while mask != 0 && slot < MAX_SERVICE_ADDRS {
@@ -51,23 +54,27 @@ fn is_v4_service(dst_be: u32, port: u16) -> Option<bool> {
 /// Whether (`*dst`, `port`) is an IPv6 service; `dst` points into the frame.
 #[inline(always)]
 fn is_v6_service(dst: *const [u32; 4], port: u16) -> Option<bool> {
-    let mut mask = SERVICE_PORTS.get(u32::from(port))?.v6;
+    let entry = SERVICE_PORTS.get(u32::from(port))?;
+    // SAFETY: `dst` is the address field of an IPv6 header that `ptr_at`
+    // checked lies inside the frame.
+    let dst = unsafe { dst.read_unaligned() };
+    if (dst[0] | dst[1] | dst[2] | dst[3]) != 0 && same_v6(&dst, &entry.v6_first_be) {
+        return Some(true);
+    }
+    let mut mask = entry.v6_more;
     let mut slot = 0;
     while mask != 0 && slot < MAX_SERVICE_ADDRS {
-        if mask & 1 != 0 {
-            let want = SERVICE_V6.get(slot)?.addr_be;
-            // SAFETY: `dst` is the address field of an IPv6 header that
-            // `ptr_at` checked lies inside the frame.
-            let got = unsafe { dst.read_unaligned() };
-            // Word-wise: a derived `==` on arrays may become a `bcmp` call, which BPF cannot link.
-            let diff =
-                (got[0] ^ want[0]) | (got[1] ^ want[1]) | (got[2] ^ want[2]) | (got[3] ^ want[3]);
-            if diff == 0 {
-                return Some(true);
-            }
+        if mask & 1 != 0 && same_v6(&dst, &SERVICE_V6.get(slot)?.addr_be) {
+            return Some(true);
         }
         mask >>= 1;
         slot += 1;
     }
     Some(false)
+}
+
+/// Word-wise: a derived `==` on arrays may become a `bcmp` call, which BPF cannot link.
+#[inline(always)]
+fn same_v6(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0
 }

@@ -1,23 +1,25 @@
-//! Counting: one per-CPU slot per outcome, so no atomics are needed.
+//! Counting: one per-CPU entry holding every counter, so no atomics are needed.
 
-use tidegate_common::stats::Counter;
+use tidegate_common::stats::{Counter, Counters};
 
 use crate::maps::COUNTERS;
 
-/// Adds one frame of `bytes` to `counter`. False only if the map lookup
-/// fails, which for an in-range array index it cannot.
+/// This CPU's counters. Looked up before parsing, with a constant key, so
+/// the lookup runs alongside the parse instead of after it.
 #[inline(always)]
-pub fn record(counter: Counter, bytes: usize) -> bool {
-    match COUNTERS.get_ptr_mut(counter as u32) {
-        Some(value) => {
-            // SAFETY: the pointer is this CPU's slot of a per-CPU array, and
-            // XDP runs with preemption disabled, so nothing else writes it now.
-            unsafe {
-                (*value).packets += 1;
-                (*value).bytes += bytes as u64;
-            }
-            true
-        }
-        None => false,
+pub fn this_cpu() -> Option<*mut Counters> {
+    COUNTERS.get_ptr_mut(0)
+}
+
+/// Adds one frame of `bytes` to `counter`.
+#[inline(always)]
+pub fn record(counters: *mut Counters, counter: Counter, bytes: usize) {
+    // SAFETY: `counters` is this CPU's entry of a per-CPU array, and XDP runs
+    // with preemption disabled, so nothing else writes it now. `Counter`
+    // values are all below the array length.
+    unsafe {
+        let value = &mut (*counters).by_counter[counter as usize];
+        value.packets += 1;
+        value.bytes += bytes as u64;
     }
 }

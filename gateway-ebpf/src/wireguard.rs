@@ -1,9 +1,8 @@
 //! WireGuard framing checks on a datagram addressed to a service.
 
-use aya_ebpf::programs::XdpContext;
 use tidegate_common::{stats::Counter, wireguard::*};
 
-use crate::parse::{UdpHdr, ptr_at};
+use crate::parse::{Frame, UdpHdr};
 
 const UDP_HDR_LEN: usize = size_of::<UdpHdr>();
 
@@ -11,20 +10,27 @@ const UDP_HDR_LEN: usize = size_of::<UdpHdr>();
 /// field says `udp_len`: type, exact length for the type, reserved bytes, in
 /// that order. Returns the passed-message counter or the drop reason.
 #[inline(always)]
-pub fn check(ctx: &XdpContext, udp_off: usize, udp_len: usize) -> Counter {
-    let frame_len = ctx.data_end() - ctx.data();
-    if udp_len < UDP_HDR_LEN || udp_off + udp_len > frame_len {
+pub fn check(frame: &Frame, udp_off: usize, udp_len: usize) -> Counter {
+    if udp_len < UDP_HDR_LEN {
         return Counter::Truncated;
     }
     let len = udp_len - UDP_HDR_LEN;
+    let truncated = frame.start + udp_off + udp_len > frame.end;
+    // Bound the header read before using `truncated`: LLVM drops a later check that it implies, which the verifier needs.
+    let Some(header) = frame.ptr_at::<[u8; 4]>(udp_off + UDP_HDR_LEN) else {
+        return if truncated {
+            Counter::Truncated
+        } else {
+            Counter::BadLength
+        };
+    };
+    if truncated {
+        return Counter::Truncated;
+    }
     if len < 4 {
         return Counter::BadLength;
     }
     // Type and three reserved bytes: one little-endian word, type in the low byte.
-    let Some(header) = ptr_at::<[u8; 4]>(ctx, udp_off + UDP_HDR_LEN) else {
-        // Unreachable: the datagram fits the frame. The verifier needs the check.
-        return Counter::Truncated;
-    };
     // SAFETY: checked by `ptr_at`; a byte array has no alignment.
     let word = u32::from_le_bytes(unsafe { *header });
     let (counter, len_ok) = match (word & 0xff) as u8 {

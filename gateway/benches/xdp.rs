@@ -4,6 +4,10 @@
 //! between the two programs so drift on a noisy machine hits both alike.
 
 #[path = "../tests/support/mod.rs"]
+#[expect(
+    dead_code,
+    reason = "the benchmark uses a few of the frame builders it shares with the packet tests"
+)]
 mod support;
 
 use std::time::Duration;

@@ -14,6 +14,8 @@ const XDP_PASS: u32 = 2;
 
 const SERVICE4: &str = "198.51.100.1";
 const SERVICE6: &str = "2001:db8::1";
+const SECOND4: &str = "198.51.100.9";
+const SECOND6: &str = "2001:db8::9";
 const CLIENT4: &str = "203.0.113.7";
 const CLIENT6: &str = "2001:db8:1::7";
 const PORT: u16 = 51820;
@@ -58,7 +60,9 @@ unsafe extern "C" {
 }
 
 /// Loads the shield with the test services: (198.51.100.1, 51820),
-/// (2001:db8::1, 51820), and (198.51.100.1, 51821).
+/// (2001:db8::1, 51820), (198.51.100.1, 51821), and second addresses on the
+/// first port, (198.51.100.9, 51820) and (2001:db8::9, 51820), which the
+/// program finds through the slot arrays rather than inline.
 fn shield() -> Datapath {
     require_root();
     let mut datapath = Datapath::load().expect("load the XDP program");
@@ -67,6 +71,8 @@ fn shield() -> Datapath {
             format!("{SERVICE4}:{PORT}"),
             format!("[{SERVICE6}]:{PORT}"),
             format!("{SERVICE4}:{}", PORT + 1),
+            format!("{SECOND4}:{PORT}"),
+            format!("[{SECOND6}]:{PORT}"),
         ]
         .iter()
         .map(|s| s.parse().unwrap()),
@@ -293,6 +299,16 @@ fn wrong_lengths_types_and_reserved_bytes_are_dropped() {
         v4(wg(MESSAGE_TRANSPORT, 32)).udp_len(7).build(),
         Counter::Truncated,
     ));
+    for (name, dst) in [
+        ("second IPv4 address", SECOND4),
+        ("second IPv6 address", SECOND6),
+    ] {
+        let client = if dst.contains(':') { CLIENT6 } else { CLIENT4 };
+        let good = Udp::new(client, dst, PORT, wg(MESSAGE_RESPONSE, RESPONSE_LEN)).build();
+        let bad = Udp::new(client, dst, PORT, wg(MESSAGE_RESPONSE, RESPONSE_LEN + 1)).build();
+        cases.push(pass(format!("{name} on the port"), good, Counter::Response));
+        cases.push(drop(format!("{name}, bad length"), bad, Counter::BadLength));
+    }
     cases.push(drop(
         "second service port is checked too",
         Udp::new(CLIENT4, SERVICE4, PORT + 1, wg(9, 32)).build(),

@@ -16,8 +16,8 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use tidegate_common::{
     maps,
-    service::{PortMasks, ServiceAddrV6},
-    stats::{Counter, CounterValue},
+    service::{PortEntry, ServiceAddrV6},
+    stats::{Counter, Counters},
 };
 use tracing::{info, warn};
 
@@ -138,10 +138,10 @@ struct Attachment {
 /// The loaded XDP program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    service_ports: Array<MapData, PortMasks>,
+    service_ports: Array<MapData, PortEntry>,
     service_v4: Array<MapData, u32>,
     service_v6: Array<MapData, ServiceAddrV6>,
-    counters: PerCpuArray<MapData, CounterValue>,
+    counters: PerCpuArray<MapData, Counters>,
     services: ServiceTable,
     attachment: Option<Attachment>,
 }
@@ -193,7 +193,7 @@ impl Datapath {
         let old_ports: Vec<u16> = self.services.ports().collect();
         for port in table.ports().chain(old_ports) {
             self.service_ports
-                .set(u32::from(port), table.port_masks(port), 0)
+                .set(u32::from(port), table.port_entry(port), 0)
                 .map_err(write(maps::SERVICE_PORTS))?;
         }
         let (v4_used, v6_used) = table.slot_counts();
@@ -283,25 +283,23 @@ impl Datapath {
 
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> Result<CounterSnapshot, XdpError> {
-        let mut values = Vec::with_capacity(Counter::ALL.len());
-        for counter in Counter::ALL {
-            let per_cpu =
-                self.counters
-                    .get(&(counter as u32), 0)
-                    .map_err(|source| XdpError::Map {
-                        op: "reading",
-                        name: maps::COUNTERS,
-                        source,
-                    })?;
-            let sum = per_cpu
-                .iter()
-                .fold(PacketCount::default(), |acc, v| PacketCount {
-                    packets: acc.packets + v.packets,
-                    bytes: acc.bytes + v.bytes,
+        let per_cpu = self.counters.get(&0, 0).map_err(|source| XdpError::Map {
+            op: "reading",
+            name: maps::COUNTERS,
+            source,
+        })?;
+        Ok(CounterSnapshot::from_values(Counter::ALL.iter().map(
+            |&counter| {
+                let sum = per_cpu.iter().fold(PacketCount::default(), |acc, cpu| {
+                    let value = cpu.by_counter[counter as usize];
+                    PacketCount {
+                        packets: acc.packets + value.packets,
+                        bytes: acc.bytes + value.bytes,
+                    }
                 });
-            values.push((counter, sum));
-        }
-        Ok(CounterSnapshot::from_values(values))
+                (counter, sum)
+            },
+        )))
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.

@@ -5,7 +5,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use tidegate_common::service::{MAX_SERVICE_ADDRS, PortMasks, ServiceAddrV6, v4_addr_be};
+use tidegate_common::service::{MAX_SERVICE_ADDRS, PortEntry, ServiceAddrV6, v4_addr_be};
 
 /// Why a list of services cannot be installed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -38,8 +38,8 @@ pub struct ServiceTable {
     v4: Vec<Ipv4Addr>,
     /// Distinct IPv6 addresses; the index is the slot.
     v6: Vec<Ipv6Addr>,
-    /// Port -> the slots serving it.
-    ports: BTreeMap<u16, PortMasks>,
+    /// Port -> its `SERVICE_PORTS` entry.
+    ports: BTreeMap<u16, PortEntry>,
 }
 
 impl ServiceTable {
@@ -73,11 +73,19 @@ impl ServiceTable {
                 return Err(ServiceError::TooManyAddresses { family, count });
             }
         }
+        // The first address of each family on a port goes inline in its
+        // entry; further ones are named by their slot bit.
         for service in &table.services {
-            let masks = table.ports.entry(service.port()).or_default();
+            let entry = table.ports.entry(service.port()).or_default();
             match service.ip() {
-                IpAddr::V4(v4) => masks.v4 |= 1 << slot_of(&table.v4, &v4),
-                IpAddr::V6(v6) => masks.v6 |= 1 << slot_of(&table.v6, &v6),
+                IpAddr::V4(v4) if entry.v4_first_be == 0 => {
+                    entry.v4_first_be = v4_addr_be(v4.octets());
+                }
+                IpAddr::V4(v4) => entry.v4_more |= 1 << slot_of(&table.v4, &v4),
+                IpAddr::V6(v6) if entry.v6_first_be == [0; 4] => {
+                    entry.v6_first_be = ServiceAddrV6::from_octets(v6.octets()).addr_be;
+                }
+                IpAddr::V6(v6) => entry.v6_more |= 1 << slot_of(&table.v6, &v6),
             }
         }
         Ok(table)
@@ -112,8 +120,8 @@ impl ServiceTable {
         self.ports.keys().copied()
     }
 
-    /// The masks of `port`; zero when no service uses it.
-    pub fn port_masks(&self, port: u16) -> PortMasks {
+    /// The `SERVICE_PORTS` entry of `port`; all zero when no service uses it.
+    pub fn port_entry(&self, port: u16) -> PortEntry {
         self.ports.get(&port).copied().unwrap_or_default()
     }
 }
@@ -158,12 +166,33 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(table.slot_counts(), (1, 1));
-        assert_eq!(table.port_masks(51820), PortMasks { v4: 1, v6: 1 });
-        assert_eq!(table.port_masks(51821), PortMasks { v4: 1, v6: 0 });
-        assert_eq!(table.port_masks(53), PortMasks::default());
+        let v4 = v4_addr_be([198, 51, 100, 1]);
+        let v6 = ServiceAddrV6::from_octets("2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
+        let both = table.port_entry(51820);
+        assert_eq!((both.v4_first_be, both.v6_first_be), (v4, v6.addr_be));
+        assert_eq!((both.v4_more, both.v6_more), (0, 0));
+        assert_eq!(table.port_entry(51821).v4_first_be, v4);
+        assert_eq!(table.port_entry(51821).v6_first_be, [0; 4]);
+        assert_eq!(table.port_entry(53), PortEntry::default());
         assert_eq!(table.ports().collect::<Vec<_>>(), [51820, 51821]);
         let v4: Vec<_> = table.v4_slots().collect();
         assert_eq!(v4, [(0, v4_addr_be([198, 51, 100, 1]))]);
+    }
+
+    #[test]
+    fn further_addresses_on_a_port_go_by_slot() {
+        let table = ServiceTable::new([
+            sa("198.51.100.1:51820"),
+            sa("198.51.100.2:51821"),
+            sa("198.51.100.2:51820"),
+            sa("198.51.100.3:51820"),
+        ])
+        .unwrap();
+        let entry = table.port_entry(51820);
+        assert_eq!(entry.v4_first_be, v4_addr_be([198, 51, 100, 1]));
+        assert_eq!(entry.v4_more, 0b110, "slots of .2 and .3");
+        let slots: Vec<_> = table.v4_slots().map(|(slot, _)| slot).collect();
+        assert_eq!(slots, [0, 1, 2]);
     }
 
     #[test]
