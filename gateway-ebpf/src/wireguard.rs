@@ -39,7 +39,7 @@ pub fn check(frame: &Frame, udp_off: usize, udp_len: usize) -> Counter {
         MESSAGE_COOKIE_REPLY => (Counter::CookieReply, len == COOKIE_REPLY_LEN),
         MESSAGE_TRANSPORT => (
             Counter::Transport,
-            len >= TRANSPORT_MIN_LEN && (len - TRANSPORT_MIN_LEN) % TRANSPORT_STEP == 0,
+            len >= TRANSPORT_MIN_LEN && (len - TRANSPORT_MIN_LEN).is_multiple_of(TRANSPORT_STEP),
         ),
         _ => return Counter::BadType,
     };
