@@ -92,12 +92,33 @@ fn test(ws: &run::Workspace) -> Result<()> {
     run::build_user_space(ws, &ebpf, false)?;
 
     run::step("unit tests, BPF packet tests and namespace integration tests (cargo test)");
-    run::cargo(ws, &ebpf)
-        .arg("test")
+    let output = run::cargo(ws, &ebpf)
+        .args(["test", "--lib", "--bins", "--tests"])
         .env("TIDEGATE_BIN_DIR", ws.profile_dir(false))
-        .status_ok()?;
+        .status_ok_tee()?;
+    let (passed, failed) = test_totals(&output);
+    if passed == 0 {
+        anyhow::bail!("cargo test ran no test");
+    }
     run::step("all checks and tests passed");
+    println!("xtask: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// Sums the `test result:` lines of cargo test's output.
+fn test_totals(output: &str) -> (u64, u64) {
+    let count = |line: &str, word: &str| -> u64 {
+        line.split(';')
+            .find_map(|part| part.trim().strip_suffix(word))
+            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    output
+        .lines()
+        .filter(|line| line.starts_with("test result:"))
+        .fold((0, 0), |(p, f), line| {
+            (p + count(line, "passed"), f + count(line, "failed"))
+        })
 }
 
 fn lab(ws: &run::Workspace) -> Result<()> {
@@ -120,5 +141,13 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_totals_sum_every_result_line() {
+        let output = "running 2 tests\n\
+            test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+            test result: FAILED. 7 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n";
+        assert_eq!(super::test_totals(output), (9, 1));
     }
 }

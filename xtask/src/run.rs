@@ -76,6 +76,35 @@ impl Cmd {
         Ok(())
     }
 
+    /// Runs with stdout echoed line by line as it comes, and returns it; an
+    /// error unless it exits 0.
+    pub fn status_ok_tee(mut self) -> Result<String> {
+        use std::io::BufRead as _;
+
+        let line = self.describe();
+        eprintln!("  $ {line}");
+        let mut child = self
+            .0
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("could not start `{line}`"))?;
+        let mut out = String::new();
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        for text in std::io::BufReader::new(stdout).lines() {
+            let text = text.with_context(|| format!("reading the output of `{line}`"))?;
+            println!("{text}");
+            out.push_str(&text);
+            out.push('\n');
+        }
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for `{line}`"))?;
+        if !status.success() {
+            bail!("`{line}` failed ({status})");
+        }
+        Ok(out)
+    }
+
     /// Runs quietly and returns stdout; an error (with stderr) unless it exits 0.
     pub fn output_ok(mut self) -> Result<String> {
         let line = self.describe();
