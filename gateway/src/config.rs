@@ -152,7 +152,7 @@ mod tests {
     }
 
     fn message(error: ConfigError) -> String {
-        crate::xdp::error_chain(&error)
+        crate::error_chain(&error)
     }
 
     const GOOD: &str = r#"

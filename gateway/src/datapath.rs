@@ -7,7 +7,8 @@ use tracing::error;
 
 use crate::{
     control::CountersReply,
-    xdp::{Datapath, XdpError, error_chain},
+    error_chain,
+    xdp::{Datapath, XdpError},
 };
 
 /// Why a request to the datapath task failed.

@@ -8,8 +8,8 @@ use clap::Parser;
 use tidegate_gateway::{
     config::{self, Config, Overrides},
     control::server::ControlSocket,
-    datapath,
-    xdp::{Datapath, XdpModeSetting, error_chain},
+    datapath, error_chain,
+    xdp::{Datapath, XdpModeSetting},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -77,7 +77,11 @@ async fn run(args: Args) -> Result<()> {
     let (handle, datapath_task) = datapath::spawn(datapath, cancel.clone());
     let mut tasks = JoinSet::new();
     tasks.spawn(async move { datapath_task.await.context("datapath task") });
-    tasks.spawn(control.serve(handle, cancel.clone()).map_ok());
+    let control_cancel = cancel.clone();
+    tasks.spawn(async move {
+        control.serve(handle, control_cancel).await;
+        Ok(())
+    });
     info!(socket = %config.control_socket.display(), "ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -114,18 +118,6 @@ fn task_failure(joined: Result<Result<()>, tokio::task::JoinError>) -> Result<()
 fn flatten(joined: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
     joined.context("a daemon task panicked")?
 }
-
-/// Gives `Future<Output = ()>` the `Result` shape of the other tasks.
-trait MapOk: Future<Output = ()> + Sized {
-    fn map_ok(self) -> impl Future<Output = Result<()>> {
-        async move {
-            self.await;
-            Ok(())
-        }
-    }
-}
-
-impl<F: Future<Output = ()>> MapOk for F {}
 
 #[cfg(test)]
 mod tests {

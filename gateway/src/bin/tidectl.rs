@@ -8,7 +8,8 @@ use tidegate_common::stats::Counter;
 use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
     control::{CountersReply, Reply, Request, client},
-    xdp::{PacketCount, error_chain},
+    error_chain,
+    xdp::PacketCount,
 };
 
 /// Operate a Tidegate gateway through its local control socket (root only).

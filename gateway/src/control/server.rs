@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{MAX_REQUEST_BYTES, Reply, Request, Response};
-use crate::{datapath::DatapathHandle, xdp::error_chain};
+use crate::{datapath::DatapathHandle, error_chain};
 
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -232,7 +232,7 @@ impl Datapath {
                 Err(error) => {
                     warn!(
                         interface,
-                        error = %error_chain(&error),
+                        error = %crate::error_chain(&error),
                         "driver-mode XDP failed; falling back to generic mode"
                     );
                     self.attach_in(interface, AttachMode::Generic)?
@@ -347,16 +347,4 @@ where
         .take_map(name)
         .ok_or(XdpError::Missing { kind: "map", name })?;
     M::try_from(map).map_err(|source| XdpError::MapType { name, source })
-}
-
-/// An error and its sources on one line, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }
