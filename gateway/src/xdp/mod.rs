@@ -229,6 +229,13 @@ impl Datapath {
             XdpModeSetting::Generic => self.attach_in(interface, AttachMode::Generic)?,
             XdpModeSetting::Auto => match self.attach_in(interface, AttachMode::Driver) {
                 Ok(mode) => mode,
+                // No interface, no fallback: generic mode would fail the same way.
+                Err(
+                    error @ XdpError::Attach {
+                        source: ProgramError::UnknownInterface { .. },
+                        ..
+                    },
+                ) => return Err(error),
                 Err(error) => {
                     warn!(
                         interface,
