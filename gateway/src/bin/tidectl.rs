@@ -71,7 +71,11 @@ fn counters_table(reply: &CountersReply) -> String {
             count.packets, count.bytes
         );
     };
-    row_header(&mut out);
+    let _ = writeln!(
+        out,
+        "{:<8} {:<16} {:>14} {:>16}",
+        "VERDICT", "COUNTER", "PACKETS", "BYTES"
+    );
     for counter in Counter::ALL {
         let verdict = counter.verdict().name();
         row(
@@ -88,13 +92,6 @@ fn counters_table(reply: &CountersReply) -> String {
     row(&mut out, "total", "aborted", totals.aborted);
     row(&mut out, "total", "wireguard", totals.wireguard);
     out
-}
-
-fn row_header(out: &mut String) {
-    out.push_str(&format!(
-        "{:<8} {:<16} {:>14} {:>16}\n",
-        "VERDICT", "COUNTER", "PACKETS", "BYTES"
-    ));
 }
 
 #[cfg(test)]
