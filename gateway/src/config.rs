@@ -3,18 +3,40 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::xdp::{ServiceError, ServiceTable, XdpModeSetting};
+use crate::{
+    wireguard::{
+        BackendSetting, PeerEntry, WireguardConfig,
+        key::{Key, KeyError},
+        spec::{PeerError, check_peers},
+    },
+    xdp::{ServiceError, ServiceTable, XdpModeSetting},
+};
 
 /// Where the daemon looks for its config by default.
 pub const DEFAULT_CONFIG: &str = "/etc/tidegate/gateway.toml";
 /// Where the daemon listens for `tidectl` by default.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tidegate/gateway.sock";
+/// Where the daemon keeps state that outlives it, by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tidegate";
 /// Longest interface name Linux accepts (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_NAME: usize = 15;
+/// WireGuard interface MTU when the file sets none.
+const DEFAULT_MTU: u32 = 1420;
+/// MTU bounds: IPv4's minimum, IPv6's minimum, and jumbo frames.
+const MTU_MIN_V4: u32 = 576;
+const MTU_MIN_V6: u32 = 1280;
+const MTU_MAX: u32 = 9000;
+/// Peer stats poll period when the file sets none.
+const DEFAULT_STATS_INTERVAL_MS: u64 = 1000;
+const MIN_STATS_INTERVAL_MS: u64 = 100;
+/// MFA peer-disconnect threshold when the file sets none.
+const DEFAULT_PEER_DISCONNECT_THRESHOLD_SECS: u64 = 300;
 
 /// A config that cannot be used, with the file and the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +65,38 @@ pub enum ConfigError {
         #[source]
         source: ServiceError,
     },
+    #[error("config {path}: [wireguard] {field}: {reason}")]
+    Wireguard {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("config {path}: [wireguard] private_key")]
+    PrivateKey {
+        path: PathBuf,
+        #[source]
+        source: KeyError,
+    },
+    #[error("config {path}: [wireguard] private_key_file {file}")]
+    PrivateKeyFile {
+        path: PathBuf,
+        file: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("config {path}: [[peer]] #{index}")]
+    Peer {
+        path: PathBuf,
+        index: usize,
+        #[source]
+        source: PeerError,
+    },
+    #[error("config {path}: [[peer]]")]
+    Peers {
+        path: PathBuf,
+        #[source]
+        source: PeerError,
+    },
 }
 
 /// The file as written.
@@ -54,8 +108,31 @@ struct File {
     #[serde(default)]
     xdp_mode: XdpModeSetting,
     control_socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     #[serde(default, rename = "service")]
     services: Vec<ServiceEntry>,
+    wireguard: Option<WireguardSection>,
+    #[serde(default, rename = "peer")]
+    peers: Vec<PeerEntry>,
+}
+
+/// `[wireguard]`: the location's interface.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireguardSection {
+    interface: String,
+    #[serde(default)]
+    backend: BackendSetting,
+    private_key: Option<String>,
+    private_key_file: Option<PathBuf>,
+    listen_port: u16,
+    #[serde(default)]
+    addresses: Vec<String>,
+    mtu: Option<u32>,
+    stats_interval_ms: Option<u64>,
+    #[serde(default)]
+    mfa: bool,
+    peer_disconnect_threshold_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +161,10 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// The (address, port) pairs the shield protects.
     pub services: ServiceTable,
+    /// Where state that outlives the daemon is kept.
+    pub state_dir: PathBuf,
+    /// The location's WireGuard interface and peers, if the daemon runs it.
+    pub wireguard: Option<WireguardConfig>,
 }
 
 impl Config {
@@ -119,6 +200,20 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
+        let state_dir = file
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let wireguard = match file.wireguard {
+            Some(section) => Some(wireguard(path, section, &file.peers, &state_dir)?),
+            None if file.peers.is_empty() => None,
+            None => {
+                return Err(ConfigError::Wireguard {
+                    path: path.to_owned(),
+                    field: "section",
+                    reason: "[[peer]] entries need a [wireguard] section".into(),
+                });
+            }
+        };
         Ok(Self {
             interface,
             xdp_mode: overrides.xdp_mode.unwrap_or(file.xdp_mode),
@@ -127,8 +222,134 @@ impl Config {
                 .or(file.control_socket)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
             services,
+            state_dir,
+            wireguard,
         })
     }
+}
+
+fn wireguard(
+    path: &Path,
+    section: WireguardSection,
+    peers: &[PeerEntry],
+    state_dir: &Path,
+) -> Result<WireguardConfig, ConfigError> {
+    let bad = |field, reason: String| ConfigError::Wireguard {
+        path: path.to_owned(),
+        field,
+        reason,
+    };
+    if let Some(reason) = bad_interface_name(&section.interface) {
+        return Err(bad(
+            "interface",
+            format!("{:?} {reason}", section.interface),
+        ));
+    }
+    let private_key = match (section.private_key, section.private_key_file) {
+        (Some(text), None) => text
+            .parse::<Key>()
+            .map_err(|source| ConfigError::PrivateKey {
+                path: path.to_owned(),
+                source,
+            })?,
+        (None, Some(file)) => {
+            let key_err = |source| ConfigError::PrivateKeyFile {
+                path: path.to_owned(),
+                file: file.clone(),
+                source,
+            };
+            let text = std::fs::read_to_string(&file).map_err(|e| key_err(Box::new(e)))?;
+            text.parse::<Key>().map_err(|e| key_err(Box::new(e)))?
+        }
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "private_key",
+                "give private_key or private_key_file, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(bad(
+                "private_key",
+                "missing: give private_key or private_key_file".into(),
+            ));
+        }
+    };
+    if section.listen_port == 0 {
+        return Err(bad(
+            "listen_port",
+            "0 is not a port clients can reach".into(),
+        ));
+    }
+    let mut addresses = Vec::new();
+    for text in &section.addresses {
+        let net: IpNet = text.trim().parse().map_err(|_| {
+            bad(
+                "addresses",
+                format!("{text:?} is not an address with a prefix (like 10.77.0.1/24)"),
+            )
+        })?;
+        if addresses.contains(&net) {
+            return Err(bad("addresses", format!("{text:?} is listed twice")));
+        }
+        addresses.push(net);
+    }
+    let mtu = section.mtu.unwrap_or(DEFAULT_MTU);
+    let min_mtu = if addresses.iter().any(|a| matches!(a, IpNet::V6(_))) {
+        MTU_MIN_V6
+    } else {
+        MTU_MIN_V4
+    };
+    if !(min_mtu..=MTU_MAX).contains(&mtu) {
+        return Err(bad(
+            "mtu",
+            format!("{mtu} is outside {min_mtu}..={MTU_MAX} (IPv6 needs at least {MTU_MIN_V6})"),
+        ));
+    }
+    let stats_ms = section
+        .stats_interval_ms
+        .unwrap_or(DEFAULT_STATS_INTERVAL_MS);
+    if stats_ms < MIN_STATS_INTERVAL_MS {
+        return Err(bad(
+            "stats_interval_ms",
+            format!("{stats_ms} is below the minimum of {MIN_STATS_INTERVAL_MS}"),
+        ));
+    }
+    let threshold = section
+        .peer_disconnect_threshold_secs
+        .unwrap_or(DEFAULT_PEER_DISCONNECT_THRESHOLD_SECS);
+    if threshold == 0 {
+        return Err(bad(
+            "peer_disconnect_threshold_secs",
+            "0 would remove every peer at once".into(),
+        ));
+    }
+    let peers = peers
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            entry.validate().map_err(|source| ConfigError::Peer {
+                path: path.to_owned(),
+                index: i + 1,
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_peers(&peers).map_err(|source| ConfigError::Peers {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(WireguardConfig {
+        interface: section.interface,
+        backend: section.backend,
+        private_key: private_key.clamped(),
+        listen_port: section.listen_port,
+        addresses,
+        mtu,
+        stats_interval: Duration::from_millis(stats_ms),
+        mfa_threshold: section.mfa.then(|| Duration::from_secs(threshold)),
+        peers,
+        state_dir: state_dir.to_owned(),
+    })
 }
 
 fn bad_interface_name(name: &str) -> Option<&'static str> {
@@ -219,6 +440,142 @@ mod tests {
             assert!(
                 error.contains(expected) && error.contains("gw.toml"),
                 "{text:?}: {error}"
+            );
+        }
+    }
+
+    fn key(n: u8) -> String {
+        Key::new([n; 32]).to_string()
+    }
+
+    fn with_wireguard(section: &str, peers: &str) -> String {
+        format!("{GOOD}\n[wireguard]\n{section}\n{peers}")
+    }
+
+    fn wireguard_section(extra: &str) -> String {
+        format!(
+            "interface = \"wg0\"\nprivate_key = \"{}\"\nlisten_port = 51820\naddresses = [\"10.77.0.1/24\"]\n{extra}",
+            key(1)
+        )
+    }
+
+    #[test]
+    fn a_wireguard_section_with_defaults() {
+        let peers = format!(
+            "[[peer]]\nname = \"alice\"\npublic_key = \"{}\"\nallowed_ips = [\"10.77.0.2/32\"]\n",
+            key(2)
+        );
+        let config = parse(&with_wireguard(&wireguard_section(""), &peers)).unwrap();
+        assert_eq!(config.state_dir, Path::new(DEFAULT_STATE_DIR));
+        let wg = config.wireguard.unwrap();
+        assert_eq!(wg.interface, "wg0");
+        assert_eq!(wg.backend, BackendSetting::Auto);
+        assert_eq!(wg.private_key, Key::new([1; 32]).clamped());
+        assert_eq!(wg.mtu, DEFAULT_MTU);
+        assert_eq!(
+            wg.stats_interval,
+            Duration::from_millis(DEFAULT_STATS_INTERVAL_MS)
+        );
+        assert_eq!(wg.mfa_threshold, None);
+        assert_eq!(wg.addresses, ["10.77.0.1/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(wg.peers.len(), 1);
+        assert_eq!(wg.peers[0].name.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn mfa_uses_the_threshold_and_a_key_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("wg.key");
+        std::fs::write(&key_file, format!("{}\n", key(7))).unwrap();
+        let section = format!(
+            "interface = \"wg0\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\nmfa = true\npeer_disconnect_threshold_secs = 60\nbackend = \"userspace\"\n",
+            key_file.display()
+        );
+        let wg = parse(&with_wireguard(&section, ""))
+            .unwrap()
+            .wireguard
+            .unwrap();
+        assert_eq!(wg.private_key, Key::new([7; 32]).clamped());
+        assert_eq!(wg.mfa_threshold, Some(Duration::from_secs(60)));
+        assert_eq!(wg.backend, BackendSetting::Userspace);
+    }
+
+    #[test]
+    fn wireguard_errors_name_the_field_and_the_peer() {
+        let peer = |n: u8, ips: &str| {
+            format!(
+                "[[peer]]\nname = \"p{n}\"\npublic_key = \"{}\"\nallowed_ips = [{ips}]\n",
+                key(n)
+            )
+        };
+        let cases = [
+            (
+                with_wireguard("interface = \"wg0\"\nlisten_port = 51820\n", ""),
+                "[wireguard] private_key: missing",
+            ),
+            (
+                with_wireguard(&wireguard_section("").replace(&key(1), "short"), ""),
+                "[wireguard] private_key: not valid base64",
+            ),
+            (
+                with_wireguard(&wireguard_section("").replace("51820", "0"), ""),
+                "listen_port: 0 is not a port",
+            ),
+            (
+                with_wireguard(&wireguard_section("mtu = 100\n"), ""),
+                "mtu: 100 is outside",
+            ),
+            (
+                with_wireguard(
+                    &wireguard_section("").replace("10.77.0.1/24", "10.77.0.1"),
+                    "",
+                ),
+                "addresses: \"10.77.0.1\" is not an address with a prefix",
+            ),
+            (
+                with_wireguard(&wireguard_section("stats_interval_ms = 5\n"), ""),
+                "stats_interval_ms: 5 is below the minimum",
+            ),
+            (
+                with_wireguard(&wireguard_section("frobnicate = 1\n"), ""),
+                "unknown field `frobnicate`",
+            ),
+            (
+                with_wireguard(&wireguard_section(""), &peer(2, "\"10.77.0.500/32\"")),
+                "[[peer]] #1: peer \"p2\"",
+            ),
+            (
+                with_wireguard(
+                    &wireguard_section(""),
+                    &format!(
+                        "{}{}",
+                        peer(2, "\"10.77.0.0/24\""),
+                        peer(3, "\"10.77.0.3/32\"")
+                    ),
+                ),
+                "10.77.0.3/32 overlaps 10.77.0.0/24 of peer \"p2\"",
+            ),
+            (
+                with_wireguard(
+                    &wireguard_section(""),
+                    &format!(
+                        "{}{}",
+                        peer(2, "\"10.77.0.2/32\""),
+                        peer(2, "\"10.77.0.3/32\"")
+                    ),
+                ),
+                "public_key is also the key of peer",
+            ),
+            (
+                format!("{GOOD}\n{}", peer(2, "\"10.77.0.2/32\"")),
+                "[[peer]] entries need a [wireguard] section",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = message(parse(&text).unwrap_err());
+            assert!(
+                error.contains(expected) && error.contains("gw.toml"),
+                "{expected}: {error}"
             );
         }
     }

@@ -8,7 +8,7 @@ use tracing::error;
 use crate::{
     control::CountersReply,
     error_chain,
-    xdp::{Datapath, XdpError},
+    xdp::{Datapath, ServiceTable, XdpError},
 };
 
 /// Why a request to the datapath task failed.
@@ -27,6 +27,10 @@ enum Command {
     Counters {
         reply: oneshot::Sender<Result<CountersReply, DatapathError>>,
     },
+    InstallServices {
+        table: ServiceTable,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
 }
 
 /// A cheap, cloneable way to ask the datapath task.
@@ -41,6 +45,16 @@ impl DatapathHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Counters { reply })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// Replaces the services the shield protects.
+    pub async fn install_services(&self, table: ServiceTable) -> Result<(), DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::InstallServices { table, reply })
             .await
             .map_err(|_| DatapathError::Stopped)?;
         rx.await.map_err(|_| DatapathError::Stopped)?
@@ -66,6 +80,9 @@ pub fn spawn(
             match command {
                 Command::Counters { reply } => {
                     let _ = reply.send(counters(&datapath));
+                }
+                Command::InstallServices { table, reply } => {
+                    let _ = reply.send(datapath.install_services(table).map_err(Into::into));
                 }
             }
         }

@@ -1,9 +1,12 @@
 //! The Tidegate gateway: the XDP WireGuard shield on the public interface,
-//! its configuration, and the local control socket that `tidectl` talks to.
+//! the location's WireGuard interface and peers, its configuration, and the
+//! local control socket that `tidectl` talks to.
 
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod reload;
+pub mod wireguard;
 pub mod xdp;
 
 /// An error and its sources on one line, for logs.

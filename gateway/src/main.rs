@@ -1,5 +1,6 @@
-//! `tidegate-gateway`: the per-host daemon. Today it loads the XDP WireGuard
-//! shield onto the public interface and serves counters to `tidectl`.
+//! `tidegate-gateway`: the per-host daemon. It loads the XDP WireGuard shield
+//! onto the public interface, runs the location's WireGuard interface and
+//! peers, and answers `tidectl` on its control socket.
 
 use std::path::PathBuf;
 
@@ -7,8 +8,10 @@ use anyhow::{Context as _, Result};
 use clap::Parser;
 use tidegate_gateway::{
     config::{self, Config, Overrides},
-    control::server::ControlSocket,
+    control::server::{ControlSocket, Handles},
     datapath, error_chain,
+    reload::Reloader,
+    wireguard::owner::{self, Owner},
     xdp::{Datapath, XdpModeSetting},
 };
 use tokio::{
@@ -16,7 +19,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Tidegate gateway daemon.
 #[derive(Debug, Parser)]
@@ -65,33 +68,89 @@ async fn run(args: Args) -> Result<()> {
         xdp_mode: args.xdp_mode,
         control_socket: args.control_socket,
     };
-    let config = Config::load(&args.config, overrides)?;
+    let config = Config::load(&args.config, overrides.clone())?;
     info!(config = %args.config.display(), services = ?config.services.services(), "starting");
+    if let Some(wireguard) = &config.wireguard
+        && !config
+            .services
+            .services()
+            .iter()
+            .any(|s| s.port() == wireguard.listen_port)
+    {
+        warn!(
+            listen_port = wireguard.listen_port,
+            "no [[service]] has the WireGuard listen port: the shield does not check its traffic"
+        );
+    }
 
     let mut datapath = Datapath::load()?;
     datapath.install_services(config.services.clone())?;
     let control = ControlSocket::bind(&config.control_socket)?;
     datapath.attach(&config.interface, config.xdp_mode)?;
+    let wireguard = match &config.wireguard {
+        Some(wireguard) => Some(Owner::start(wireguard.clone()).await?),
+        None => None,
+    };
 
     let cancel = CancellationToken::new();
-    let (handle, datapath_task) = datapath::spawn(datapath, cancel.clone());
     let mut tasks = JoinSet::new();
+    let (datapath_handle, datapath_task) = datapath::spawn(datapath, cancel.clone());
     tasks.spawn(async move { datapath_task.await.context("datapath task") });
+    let wireguard_handle = wireguard.map(|wireguard| {
+        let (handle, task) = owner::spawn(wireguard, cancel.clone());
+        tasks.spawn(async move {
+            task.await;
+            Ok(())
+        });
+        handle
+    });
+    let reloader = Reloader::new(
+        args.config.clone(),
+        overrides,
+        config.clone(),
+        datapath_handle.clone(),
+        wireguard_handle.clone(),
+    );
+    let handles = Handles {
+        datapath: datapath_handle,
+        wireguard: wireguard_handle,
+        reloader: reloader.clone(),
+    };
     let control_cancel = cancel.clone();
     tasks.spawn(async move {
-        control.serve(handle, control_cancel).await;
+        control.serve(handles, control_cancel).await;
         Ok(())
     });
     info!(socket = %config.control_socket.display(), "ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut failure = None;
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
-        _ = sigint.recv() => info!("SIGINT: shutting down"),
-        Some(joined) = tasks.join_next() => {
-            failure = Some(task_failure(joined));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => {
+                info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = sigint.recv() => {
+                info!("SIGINT: shutting down");
+                break;
+            }
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading {}", args.config.display());
+                let reloader = reloader.clone();
+                tokio::spawn(async move {
+                    match reloader.reload().await {
+                        Ok(report) => info!(?report, "reload applied"),
+                        Err(e) => error!(error = %error_chain(&e), "reload refused; the running config is unchanged"),
+                    }
+                });
+            }
+            Some(joined) = tasks.join_next() => {
+                failure = Some(task_failure(joined));
+                break;
+            }
         }
     }
     cancel.cancel();

@@ -110,6 +110,97 @@ pub struct GatewayConfig {
     pub control_socket: PathBuf,
     /// The (address, port) pairs the shield protects.
     pub services: Vec<SocketAddr>,
+    /// Where the daemon keeps state that outlives it (`state_dir`), if set.
+    pub state_dir: Option<PathBuf>,
+    /// The location's WireGuard interface (`[wireguard]`), if the daemon
+    /// runs it.
+    pub wireguard: Option<WireguardSection>,
+    /// The peers of the config file (`[[peer]]`).
+    pub peers: Vec<PeerEntry>,
+}
+
+impl GatewayConfig {
+    /// A config with the shield only: no state directory, no WireGuard.
+    pub fn shield(
+        interface: &str,
+        xdp_mode: XdpMode,
+        control_socket: PathBuf,
+        services: Vec<SocketAddr>,
+    ) -> Self {
+        Self {
+            interface: interface.to_owned(),
+            xdp_mode,
+            control_socket,
+            services,
+            state_dir: None,
+            wireguard: None,
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// The `[wireguard]` section of the gateway's config.
+#[derive(Debug, Clone)]
+pub struct WireguardSection {
+    /// The WireGuard interface's name.
+    pub interface: String,
+    /// `auto`, `kernel` or `userspace`.
+    pub backend: String,
+    /// The interface's private key in base64.
+    pub private_key: String,
+    /// The UDP port WireGuard listens on.
+    pub listen_port: u16,
+    /// The interface's own addresses with their prefix (`10.77.0.1/24`).
+    pub addresses: Vec<String>,
+    /// The interface's MTU, if set.
+    pub mtu: Option<u32>,
+    /// The peer stats poll period in milliseconds, if set.
+    pub stats_interval_ms: Option<u64>,
+    /// Whether the location removes inactive peers.
+    pub mfa: bool,
+    /// The MFA inactivity threshold in seconds, if set.
+    pub peer_disconnect_threshold_secs: Option<u64>,
+}
+
+/// One `[[peer]]` of the gateway's config, or the arguments of
+/// `tidectl peer add`.
+#[derive(Debug, Clone, Default)]
+pub struct PeerEntry {
+    /// A label, if any.
+    pub name: Option<String>,
+    /// The peer's public key in base64.
+    pub public_key: String,
+    /// Tunnel networks routed to the peer.
+    pub allowed_ips: Vec<String>,
+    /// The preshared key in base64, if any.
+    pub preshared_key: Option<String>,
+    /// Keepalive interval in seconds, if any.
+    pub persistent_keepalive: Option<u16>,
+    /// Where to reach the peer (`address:port`), if known.
+    pub endpoint: Option<String>,
+}
+
+impl PeerEntry {
+    /// The `tidectl peer add|change` arguments for this peer (a preshared
+    /// key is not passed: it would need a file).
+    pub fn tidectl_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--public-key".to_owned(),
+            self.public_key.clone(),
+            "--allowed-ips".to_owned(),
+            self.allowed_ips.join(","),
+        ];
+        if let Some(name) = &self.name {
+            args.extend(["--name".to_owned(), name.clone()]);
+        }
+        if let Some(keepalive) = self.persistent_keepalive {
+            args.extend(["--keepalive".to_owned(), keepalive.to_string()]);
+        }
+        if let Some(endpoint) = &self.endpoint {
+            args.extend(["--endpoint".to_owned(), endpoint.clone()]);
+        }
+        args
+    }
 }
 
 impl GatewayConfig {
@@ -123,6 +214,9 @@ impl GatewayConfig {
             "control_socket = {}",
             toml_string(&self.control_socket.to_string_lossy())
         );
+        if let Some(dir) = &self.state_dir {
+            let _ = writeln!(out, "state_dir = {}", toml_string(&dir.to_string_lossy()));
+        }
         for service in &self.services {
             let _ = write!(
                 out,
@@ -131,8 +225,52 @@ impl GatewayConfig {
                 service.port()
             );
         }
+        if let Some(wg) = &self.wireguard {
+            let _ = write!(
+                out,
+                "\n[wireguard]\ninterface = {}\nbackend = {}\nprivate_key = {}\nlisten_port = {}\naddresses = {}\n",
+                toml_string(&wg.interface),
+                toml_string(&wg.backend),
+                toml_string(&wg.private_key),
+                wg.listen_port,
+                toml_array(&wg.addresses)
+            );
+            if let Some(mtu) = wg.mtu {
+                let _ = writeln!(out, "mtu = {mtu}");
+            }
+            if let Some(ms) = wg.stats_interval_ms {
+                let _ = writeln!(out, "stats_interval_ms = {ms}");
+            }
+            let _ = writeln!(out, "mfa = {}", wg.mfa);
+            if let Some(secs) = wg.peer_disconnect_threshold_secs {
+                let _ = writeln!(out, "peer_disconnect_threshold_secs = {secs}");
+            }
+        }
+        for peer in &self.peers {
+            out.push_str("\n[[peer]]\n");
+            if let Some(name) = &peer.name {
+                let _ = writeln!(out, "name = {}", toml_string(name));
+            }
+            let _ = writeln!(out, "public_key = {}", toml_string(&peer.public_key));
+            let _ = writeln!(out, "allowed_ips = {}", toml_array(&peer.allowed_ips));
+            if let Some(psk) = &peer.preshared_key {
+                let _ = writeln!(out, "preshared_key = {}", toml_string(psk));
+            }
+            if let Some(keepalive) = peer.persistent_keepalive {
+                let _ = writeln!(out, "persistent_keepalive = {keepalive}");
+            }
+            if let Some(endpoint) = &peer.endpoint {
+                let _ = writeln!(out, "endpoint = {}", toml_string(endpoint));
+            }
+        }
         out
     }
+}
+
+/// `items` as a TOML array of basic strings.
+fn toml_array(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| toml_string(s)).collect();
+    format!("[{}]", quoted.join(", "))
 }
 
 /// `s` as a TOML basic string.
@@ -234,6 +372,77 @@ fn growth(name: &str, before: Counter, after: Counter) -> Result<u64> {
         .with_context(|| format!("counter {name:?} went backwards: {before:?} -> {after:?}"))
 }
 
+/// The answer of `tidectl peers --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PeersReply {
+    /// The WireGuard interface.
+    pub interface: String,
+    /// `userspace` or `kernel`.
+    pub backend: String,
+    /// The wireguard-go process, for the userspace backend.
+    pub backend_pid: Option<u32>,
+    /// The port WireGuard listens on.
+    pub listen_port: u16,
+    /// Unix time of the stats poll the figures come from.
+    pub polled_at: u64,
+    /// The MFA threshold in seconds, if MFA is on.
+    pub mfa_threshold_secs: Option<u64>,
+    /// The peers on the device.
+    pub peers: Vec<PeerStatus>,
+}
+
+impl PeersReply {
+    /// The peer with public key `key`, if the device has it.
+    pub fn peer(&self, key: &str) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.public_key == key)
+    }
+}
+
+/// One peer of [`PeersReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PeerStatus {
+    /// The peer's public key in base64.
+    pub public_key: String,
+    /// Its label, if any.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `file`, `dynamic` or `unknown`.
+    pub source: String,
+    /// Where the peer was last seen (`ip:port`).
+    pub endpoint: Option<String>,
+    /// Its allowed IPs.
+    pub allowed_ips: Vec<String>,
+    /// Unix time of the last completed handshake.
+    pub last_handshake: Option<u64>,
+    /// Unix time of the last handshake or received data.
+    pub last_active: Option<u64>,
+    /// Bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
+    /// Keepalive interval in seconds.
+    pub persistent_keepalive: Option<u16>,
+    /// Whether a preshared key is set.
+    pub preshared_key: bool,
+}
+
+/// One entry of `tidectl removals --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Removal {
+    /// The removed peer's public key.
+    pub public_key: String,
+    /// Its label, if any.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Unix time of the removal.
+    pub removed_at: u64,
+    /// `idle` or `no-handshake`.
+    pub reason: String,
+    /// Unix time the peer was last active, if ever.
+    #[serde(default)]
+    pub last_active: Option<u64>,
+}
+
 /// A running `tidegate-gateway` and the way to talk to it.
 #[derive(Debug)]
 pub struct GatewayDaemon {
@@ -319,7 +528,7 @@ impl GatewayDaemon {
 
     /// Runs `tidectl` and returns its stdout; on failure the error carries
     /// tidectl's output and the daemon's log tail.
-    fn tidectl_ok(&mut self, args: &[&str]) -> Result<String> {
+    pub fn tidectl_ok(&mut self, args: &[&str]) -> Result<String> {
         let result = self.tidectl(args).and_then(CmdOutput::into_success);
         result.map_err(|err| {
             let state = match self.process.ensure_running() {
@@ -342,6 +551,94 @@ impl GatewayDaemon {
     /// The human counters table, from `tidectl counters`.
     pub fn counters_table(&mut self) -> Result<String> {
         self.tidectl_ok(&["counters"])
+    }
+
+    /// The WireGuard peers, from `tidectl peers --json`.
+    pub fn peers(&mut self) -> Result<PeersReply> {
+        let json = self.tidectl_ok(&["peers", "--json"])?;
+        serde_json::from_str(&json).with_context(|| format!("parsing peers JSON {json:?}"))
+    }
+
+    /// The peers an MFA location removed, from `tidectl removals --json`.
+    pub fn removals(&mut self) -> Result<Vec<Removal>> {
+        let json = self.tidectl_ok(&["removals", "--json"])?;
+        serde_json::from_str(&json).with_context(|| format!("parsing removals JSON {json:?}"))
+    }
+
+    /// `tidectl peer <verb> <args>` (verb `add` or `change`) for `peer`,
+    /// whatever its outcome.
+    pub fn peer_command(&self, verb: &str, peer: &PeerEntry) -> Result<CmdOutput> {
+        let args = peer.tidectl_args();
+        let mut all = vec!["peer", verb];
+        all.extend(args.iter().map(String::as_str));
+        self.tidectl(&all)
+    }
+
+    /// `tidectl peer <verb>` for `peer`, which must succeed; returns the
+    /// "applied: ..." line.
+    pub fn peer_ok(&mut self, verb: &str, peer: &PeerEntry) -> Result<String> {
+        let args = peer.tidectl_args();
+        let mut all = vec!["peer", verb];
+        all.extend(args.iter().map(String::as_str));
+        self.tidectl_ok(&all)
+    }
+
+    /// Rewrites the config file with `config` (the daemon reads it on
+    /// `tidectl reload` or SIGHUP) and keeps it as the daemon's config.
+    pub fn write_config(&mut self, config: GatewayConfig) -> Result<()> {
+        std::fs::write(&self.config_path, config.to_toml())
+            .with_context(|| format!("writing {}", self.config_path.display()))?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up of its own) and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.process.kill()
+    }
+
+    /// Starts the daemon again with the config file as it is, after it
+    /// exited or was killed (its log goes on in the same file), and waits
+    /// until it answers. Returns the length of the log before the restart,
+    /// so that callers can read what the new process wrote.
+    pub fn restart(&mut self, netns: &Netns) -> Result<usize> {
+        self.process.ensure_stopped()?;
+        let offset = self.process.log().len();
+        let gateway_bin = binary(GATEWAY_BIN)?;
+        let mut command = netns.command(&gateway_bin);
+        command.arg("--config").arg(&self.config_path);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let log = self.process.log_path().to_owned();
+        self.process = Process::spawn(GATEWAY_BIN, netns, command, &log)?;
+        self.wait_ready()?;
+        Ok(offset)
+    }
+
+    /// The daemon's log from byte `offset` on.
+    pub fn log_since(&self, offset: usize) -> String {
+        let log = self.process.log();
+        log.get(offset..).unwrap_or_default().to_owned()
+    }
+
+    /// The last lines of the daemon's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail(LOG_TAIL_LINES)
+    }
+
+    /// Polls the daemon's log until it contains `needle` after byte
+    /// `offset`, at most `timeout`.
+    pub fn wait_for_log(&mut self, needle: &str, offset: usize, timeout: Duration) -> Result<()> {
+        let what = format!("{GATEWAY_BIN} to log {needle:?}");
+        poll_until(&what, timeout, Duration::from_millis(50), || {
+            self.process.ensure_running()?;
+            Ok(if self.log_since(offset).contains(needle) {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("last lines of the log:\n{}", self.log_tail()))
+            })
+        })
     }
 
     /// The configuration the daemon runs with.
@@ -377,15 +674,15 @@ mod tests {
 
     #[test]
     fn config_toml_has_every_field() {
-        let config = GatewayConfig {
-            interface: "tg0123abcdg".into(),
-            xdp_mode: XdpMode::Generic,
-            control_socket: "/tmp/run \"x\"/gateway.sock".into(),
-            services: vec![
+        let config = GatewayConfig::shield(
+            "tg0123abcdg",
+            XdpMode::Generic,
+            "/tmp/run \"x\"/gateway.sock".into(),
+            vec![
                 "198.51.100.1:51820".parse().unwrap(),
                 "[2001:db8::1]:51821".parse().unwrap(),
             ],
-        };
+        );
         assert_eq!(
             config.to_toml(),
             "interface = \"tg0123abcdg\"\n\
@@ -394,6 +691,95 @@ mod tests {
              \n[[service]]\naddress = \"198.51.100.1\"\nport = 51820\n\
              \n[[service]]\naddress = \"2001:db8::1\"\nport = 51821\n"
         );
+    }
+
+    #[test]
+    fn config_toml_has_wireguard_and_peers() {
+        let mut config = GatewayConfig::shield(
+            "tg0123abcdg",
+            XdpMode::Auto,
+            "/tmp/gw.sock".into(),
+            vec!["198.51.100.1:51820".parse().unwrap()],
+        );
+        config.state_dir = Some("/tmp/state".into());
+        config.wireguard = Some(WireguardSection {
+            interface: "tg0123abcdgw".into(),
+            backend: "userspace".into(),
+            private_key: "cHJpdmF0ZQ==".into(),
+            listen_port: 51820,
+            addresses: vec!["10.77.0.1/24".into()],
+            mtu: Some(1420),
+            stats_interval_ms: Some(200),
+            mfa: true,
+            peer_disconnect_threshold_secs: Some(3),
+        });
+        config.peers = vec![
+            PeerEntry {
+                name: Some("alice".into()),
+                public_key: "YWxpY2U=".into(),
+                allowed_ips: vec!["10.77.0.2/32".into(), "10.77.1.0/24".into()],
+                preshared_key: Some("cHNr".into()),
+                persistent_keepalive: Some(25),
+                endpoint: Some("198.51.100.2:51820".into()),
+            },
+            PeerEntry {
+                public_key: "Ym9i".into(),
+                allowed_ips: vec!["10.77.0.3/32".into()],
+                ..PeerEntry::default()
+            },
+        ];
+        assert_eq!(
+            config.to_toml(),
+            "interface = \"tg0123abcdg\"\n\
+             xdp_mode = \"auto\"\n\
+             control_socket = \"/tmp/gw.sock\"\n\
+             state_dir = \"/tmp/state\"\n\
+             \n[[service]]\naddress = \"198.51.100.1\"\nport = 51820\n\
+             \n[wireguard]\ninterface = \"tg0123abcdgw\"\nbackend = \"userspace\"\n\
+             private_key = \"cHJpdmF0ZQ==\"\nlisten_port = 51820\naddresses = [\"10.77.0.1/24\"]\n\
+             mtu = 1420\nstats_interval_ms = 200\nmfa = true\npeer_disconnect_threshold_secs = 3\n\
+             \n[[peer]]\nname = \"alice\"\npublic_key = \"YWxpY2U=\"\n\
+             allowed_ips = [\"10.77.0.2/32\", \"10.77.1.0/24\"]\npreshared_key = \"cHNr\"\n\
+             persistent_keepalive = 25\nendpoint = \"198.51.100.2:51820\"\n\
+             \n[[peer]]\npublic_key = \"Ym9i\"\nallowed_ips = [\"10.77.0.3/32\"]\n"
+        );
+        assert_eq!(
+            config.peers[0].tidectl_args(),
+            [
+                "--public-key",
+                "YWxpY2U=",
+                "--allowed-ips",
+                "10.77.0.2/32,10.77.1.0/24",
+                "--name",
+                "alice",
+                "--keepalive",
+                "25",
+                "--endpoint",
+                "198.51.100.2:51820"
+            ]
+        );
+    }
+
+    #[test]
+    fn parses_peers_and_removals() {
+        let peers: PeersReply = serde_json::from_str(
+            r#"{"interface":"wg0","backend":"userspace","backend_pid":42,"listen_port":51820,
+                "polled_at":1700000000,"mfa_threshold_secs":null,"peers":[{"public_key":"YWxpY2U=",
+                "name":"alice","source":"file","endpoint":"198.51.100.2:40000",
+                "allowed_ips":["10.77.0.2/32"],"last_handshake":1700000000,"last_active":null,
+                "rx_bytes":1,"tx_bytes":2,"persistent_keepalive":null,"preshared_key":false}]}"#,
+        )
+        .unwrap();
+        assert_eq!(peers.backend_pid, Some(42));
+        let alice = peers.peer("YWxpY2U=").unwrap();
+        assert_eq!(alice.endpoint.as_deref(), Some("198.51.100.2:40000"));
+        assert!(peers.peer("Ym9i").is_none());
+        let removals: Vec<Removal> = serde_json::from_str(
+            r#"[{"public_key":"Ym9i","removed_at":5,"reason":"no-handshake"}]"#,
+        )
+        .unwrap();
+        assert_eq!(removals[0].reason, "no-handshake");
+        assert_eq!(removals[0].last_active, None);
     }
 
     #[test]

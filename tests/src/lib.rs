@@ -10,6 +10,7 @@
 pub mod bins;
 pub mod cmd;
 pub mod gateway;
+pub mod location;
 pub mod netns;
 pub mod packets;
 pub mod process;
@@ -21,13 +22,19 @@ pub mod xdp;
 
 pub use bins::{BIN_DIR_ENV, bin_dir, binary};
 pub use cmd::{CmdOutput, run_bounded, run_ok, run_with_input};
-pub use gateway::{Counter, Counters, GatewayConfig, GatewayDaemon, XdpMode};
+pub use gateway::{
+    Counter, Counters, GatewayConfig, GatewayDaemon, PeerEntry, PeerStatus, PeersReply, Removal,
+    WireguardSection, XdpMode,
+};
+pub use location::{Client, Location, LocationOptions};
 pub use netns::{Netns, PingReport, bridge, veth};
 pub use process::Process;
 pub use run::Run;
 pub use shield::{Shield, ShieldOptions, Tunnel, Underlay};
 pub use wait::{Probe, poll_until};
-pub use wireguard::{KeyPair, PeerStats, WgBackend, WgInterface, WgPeer};
+pub use wireguard::{
+    DetachedWireguardGo, KeyPair, PeerStats, WgBackend, WgInterface, WgPeer, dump_config,
+};
 pub use xdp::{XdpAttachMode, XdpAttachment, xdp_attachment};
 
 /// Panics unless the process runs as root.

@@ -206,6 +206,63 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Pings `target` `count` times, `interval` apart, waiting up to
+    /// `wait` for each reply, and returns the report whatever the losses
+    /// (an error only if ping could not run or printed no summary). For
+    /// counting lost replies while something else happens.
+    pub fn ping_paced(
+        &self,
+        target: IpAddr,
+        count: u32,
+        interval: Duration,
+        wait: Duration,
+    ) -> Result<PingReport> {
+        let count_arg = count.to_string();
+        let interval_arg = format!("{:.3}", interval.as_secs_f64());
+        let wait_arg = wait.as_secs().max(1).to_string();
+        let target_arg = target.to_string();
+        let timeout =
+            Duration::from_secs(10) + wait + (interval + Duration::from_millis(1)) * count;
+        let out = self.exec(
+            "ping",
+            &[
+                "-n",
+                "-q",
+                "-c",
+                &count_arg,
+                "-i",
+                &interval_arg,
+                "-W",
+                &wait_arg,
+                &target_arg,
+            ],
+            timeout,
+        )?;
+        PingReport::parse(&out.stdout).with_context(|| {
+            format!(
+                "reading the summary of `{}` in {}\nstdout:\n{}\nstderr:\n{}",
+                out.command,
+                self.name(),
+                out.stdout,
+                out.stderr
+            )
+        })
+    }
+
+    /// One echo request to `target` with a one-second wait: true if it was
+    /// answered.
+    pub fn ping_once(&self, target: IpAddr) -> Result<bool> {
+        let report = self.ping_paced(
+            target,
+            1,
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+        )?;
+        Ok(report.received == 1)
+    }
+}
+
 /// The summary of one `ping` run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PingReport {
@@ -218,6 +275,11 @@ pub struct PingReport {
 }
 
 impl PingReport {
+    /// Echo requests that got no reply.
+    pub fn lost(&self) -> u32 {
+        self.transmitted.saturating_sub(self.received)
+    }
+
     /// Parses iputils ping output ("5 packets transmitted, 5 received, ...").
     pub fn parse(stdout: &str) -> Result<Self> {
         let Some((index, line)) = stdout

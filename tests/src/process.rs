@@ -172,6 +172,23 @@ impl Process {
         }
     }
 
+    /// Kills the process with SIGKILL at once (no grace period) and reaps
+    /// it; returns its exit status.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.kill_and_reap()?;
+        self.status
+            .with_context(|| format!("{} (pid {}) was not reaped", self.label, self.pid))
+    }
+
+    /// `Ok` once the process has exited (reaped), else an error: for code
+    /// that must not run two copies of a daemon.
+    pub fn ensure_stopped(&mut self) -> Result<()> {
+        match self.try_status()? {
+            Some(_) => Ok(()),
+            None => bail!("{} (pid {}) is still running", self.label, self.pid),
+        }
+    }
+
     /// SIGKILL (to our own unreaped child) and a bounded wait for it to go.
     fn kill_and_reap(&mut self) -> Result<()> {
         if self.try_status()?.is_some() {

@@ -247,12 +247,12 @@ impl Shield {
         }
         let underlay = Underlay::build(narrate)?;
         let tunnel = Tunnel::build(&underlay, narrate)?;
-        let config = GatewayConfig {
-            interface: underlay.gateway_if.clone(),
-            xdp_mode: options.xdp_mode,
-            control_socket: underlay.run.dir().join("gateway.sock"),
-            services: vec![SocketAddr::from((GATEWAY_UNDERLAY, WG_PORT))],
-        };
+        let config = GatewayConfig::shield(
+            &underlay.gateway_if,
+            options.xdp_mode,
+            underlay.run.dir().join("gateway.sock"),
+            vec![SocketAddr::from((GATEWAY_UNDERLAY, WG_PORT))],
+        );
         narrate(&format!(
             "starting tidegate-gateway in {} (XDP on {}, mode {}, service {GATEWAY_UNDERLAY}:{WG_PORT})",
             underlay.gateway.name(),

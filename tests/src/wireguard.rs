@@ -12,6 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use crate::cmd::{self, DEFAULT_TIMEOUT};
 use crate::netns::Netns;
@@ -24,6 +26,10 @@ pub const UAPI_DIR: &str = "/var/run/wireguard";
 
 /// How long wireguard-go gets to create its interface and UAPI socket.
 const WIREGUARD_GO_START: Duration = Duration::from_secs(10);
+
+/// How long a detached wireguard-go gets to exit after SIGTERM, and then
+/// after SIGKILL.
+const DETACHED_GRACE: Duration = Duration::from_secs(5);
 
 /// Which WireGuard implementation backs an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +341,183 @@ impl Drop for WgInterface {
     }
 }
 
+/// The fields of a `wg show <if> dump` that are configuration rather than
+/// traffic: the device line whole, and of each peer line the public key,
+/// preshared key, endpoint, allowed IPs and keepalive (no handshake time and
+/// no byte counters). Two dumps with equal results describe the same device.
+pub fn dump_config(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|line| !line.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            if i == 0 || fields.len() != 8 {
+                return line.to_owned();
+            }
+            [0, 1, 2, 3, 7].map(|f| fields[f]).join("\t")
+        })
+        .collect()
+}
+
+/// The pid of the process serving the UAPI socket of `ifname`, whose
+/// listening socket lives in `netns`; `None` if nothing listens there.
+///
+/// The listening entry (state 01) for the socket's path in the namespace's
+/// `/proc/net/unix` gives an inode; the process holding `socket:[inode]`
+/// among its descriptors is the server (pids are global, so the scan of
+/// `/proc/*/fd` runs from here).
+pub fn uapi_server_pid(netns: &Netns, ifname: &str) -> Result<Option<u32>> {
+    let socket = Path::new(UAPI_DIR).join(format!("{ifname}.sock"));
+    let table = netns
+        .exec_ok("cat", &["/proc/net/unix"])
+        .with_context(|| format!("reading /proc/net/unix in {}", netns.name()))?;
+    let Some(inode) = listening_inode(&table, &socket) else {
+        return Ok(None);
+    };
+    let target = format!("socket:[{inode}]");
+    let proc_dir = std::fs::read_dir("/proc").context("listing /proc")?;
+    for entry in proc_dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Processes come and go during the scan: skip what cannot be read.
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str())
+        });
+        if holds {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
+}
+
+/// The inode of the listening unix socket bound to `path` in the text of
+/// `/proc/net/unix` ("Num RefCount Protocol Flags Type St Inode Path").
+fn listening_inode(table: &str, path: &Path) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields[..] {
+            [_, _, _, _, _, "01", inode, bound] if Path::new(bound) == path => inode.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // "pid (comm) S ...": the state follows the last ')'.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// The command name of `pid` (`/proc/<pid>/comm`), if it exists.
+pub fn pid_comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|comm| comm.trim().to_owned())
+}
+
+/// Sends `signal` to the wireguard-go process `pid`, after checking that
+/// `pid` is a wireguard-go: the harness only signals what it started.
+pub fn signal_wireguard_go(pid: u32, signal: Signal) -> Result<()> {
+    let comm = pid_comm(pid).with_context(|| format!("no process {pid}"))?;
+    if comm != "wireguard-go" {
+        bail!("process {pid} is {comm:?}, not wireguard-go: not signalling it");
+    }
+    let raw = i32::try_from(pid).with_context(|| format!("pid {pid} out of range"))?;
+    kill(Pid::from_raw(raw), signal).with_context(|| format!("sending {signal} to {pid}"))?;
+    Ok(())
+}
+
+/// A wireguard-go that the gateway daemon under test started detached (it
+/// is nobody's child here and outlives the daemon). Dropping the guard ends
+/// whichever wireguard-go serves the interface's UAPI socket at that time
+/// (SIGTERM, then SIGKILL) and removes a socket left behind, so nothing
+/// survives its namespace. Drop it after the daemon, which would otherwise
+/// start a new one, and before the namespace.
+#[derive(Debug)]
+pub struct DetachedWireguardGo {
+    netns: Netns,
+    interface: String,
+}
+
+impl DetachedWireguardGo {
+    /// A guard for the wireguard-go of `interface` in `netns`.
+    pub fn new(netns: &Netns, interface: &str) -> Self {
+        Self {
+            netns: netns.clone(),
+            interface: interface.to_owned(),
+        }
+    }
+
+    /// The interface's name.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// The pid of the wireguard-go serving the interface now, if any.
+    pub fn pid(&self) -> Result<Option<u32>> {
+        uapi_server_pid(&self.netns, &self.interface)
+    }
+
+    /// Stops the wireguard-go serving the interface, if any, and returns
+    /// its pid.
+    pub fn stop(&self) -> Result<Option<u32>> {
+        let Some(pid) = self.pid()? else {
+            self.remove_socket();
+            return Ok(None);
+        };
+        signal_wireguard_go(pid, Signal::SIGTERM)?;
+        let what = format!("wireguard-go {} (pid {pid}) to exit", self.interface);
+        let gone = || -> Result<Probe<()>> {
+            Ok(if pid_alive(pid) {
+                Probe::NotYet("still running".into())
+            } else {
+                Probe::Ready(())
+            })
+        };
+        if poll_until(&what, DETACHED_GRACE, Duration::from_millis(20), &gone).is_err() {
+            if pid_alive(pid) {
+                signal_wireguard_go(pid, Signal::SIGKILL)?;
+            }
+            poll_until(&what, DETACHED_GRACE, Duration::from_millis(20), &gone)?;
+        }
+        self.remove_socket();
+        Ok(Some(pid))
+    }
+
+    fn remove_socket(&self) {
+        let socket = Path::new(UAPI_DIR).join(format!("{}.sock", self.interface));
+        if socket.exists()
+            && let Err(err) = std::fs::remove_file(&socket)
+        {
+            eprintln!("warning: removing stale socket {}: {err}", socket.display());
+        }
+    }
+}
+
+impl Drop for DetachedWireguardGo {
+    fn drop(&mut self) {
+        if let Err(err) = self.stop() {
+            eprintln!(
+                "warning: stopping the wireguard-go of {} in {}: {err:#}",
+                self.interface,
+                self.netns.name()
+            );
+        }
+    }
+}
+
 /// Writes a private key to a new file readable only by its owner.
 fn write_private(path: &Path, key: &str) -> Result<()> {
     let mut file = OpenOptions::new()
@@ -377,6 +560,37 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn dump_config_drops_handshakes_and_counters() {
+        let dump = "cHJpdmF0ZQ==\tcHVibGlj\t51820\toff\n\
+                    UGVlcg==\t(none)\t198.51.100.2:40000\t10.77.0.2/32\t1700000000\t1234\t5678\t25\n";
+        assert_eq!(
+            dump_config(dump),
+            [
+                "cHJpdmF0ZQ==\tcHVibGlj\t51820\toff",
+                "UGVlcg==\t(none)\t198.51.100.2:40000\t10.77.0.2/32\t25"
+            ]
+        );
+    }
+
+    #[test]
+    fn finds_the_listening_socket_inode() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000011111111: 00000003 00000000 00000000 0001 03 555 /var/run/wireguard/wg0.sock\n\
+            0000000022222222: 00000002 00000000 00010000 0001 01 123288 /var/run/wireguard/wg0.sock\n\
+            0000000044444444: 00000002 00000000 00000000 0002 01 777\n";
+        let path = Path::new("/var/run/wireguard/wg0.sock");
+        assert_eq!(listening_inode(table, path), Some(123_288));
+        assert_eq!(listening_inode(table, Path::new("/x.sock")), None);
+    }
+
+    #[test]
+    fn knows_whether_a_pid_is_alive() {
+        assert!(pid_alive(std::process::id()));
+        assert!(pid_comm(std::process::id()).is_some());
+        assert!(!pid_alive(u32::MAX));
     }
 
     #[test]

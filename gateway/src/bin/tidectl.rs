@@ -1,14 +1,19 @@
 //! `tidectl`: the operator's command line for a Tidegate gateway.
 
-use std::path::PathBuf;
+use std::{
+    io::Read as _,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
 use tidegate_common::stats::Counter;
 use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
     control::{CountersReply, Reply, Request, client},
     error_chain,
+    wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::PacketCount,
 };
 
@@ -31,6 +36,88 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The WireGuard peers: endpoint, last handshake, bytes.
+    Peers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add, change or remove a peer at run time.
+    #[command(subcommand)]
+    Peer(PeerCommand),
+    /// Re-read the config file and apply what changed (like SIGHUP, but
+    /// with the outcome printed).
+    Reload,
+    /// Peers an MFA location removed for inactivity, oldest first.
+    Removals {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PeerCommand {
+    /// Add a new peer.
+    Add(PeerArgs),
+    /// Replace the settings of a peer added with `peer add`.
+    Change(PeerArgs),
+    /// Remove a peer added with `peer add`.
+    Remove {
+        /// The peer's public key (base64).
+        public_key: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PeerArgs {
+    /// The peer's public key (base64).
+    #[arg(long)]
+    public_key: String,
+    /// Tunnel networks routed to the peer (repeat, or separate with commas).
+    #[arg(long, value_delimiter = ',')]
+    allowed_ips: Vec<String>,
+    /// A label for logs and errors.
+    #[arg(long)]
+    name: Option<String>,
+    /// File holding the preshared key in base64 (`-` for standard input).
+    #[arg(long)]
+    preshared_key_file: Option<PathBuf>,
+    /// Keepalive interval in seconds.
+    #[arg(long)]
+    keepalive: Option<u16>,
+    /// Where to reach the peer before it speaks (address:port).
+    #[arg(long)]
+    endpoint: Option<String>,
+}
+
+impl PeerArgs {
+    fn entry(self) -> Result<PeerEntry> {
+        let preshared_key = match &self.preshared_key_file {
+            None => None,
+            Some(path) if path.as_os_str() == "-" => {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("reading the preshared key from standard input")?;
+                Some(text.trim().to_owned())
+            }
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the preshared key from {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+        };
+        Ok(PeerEntry {
+            name: self.name,
+            public_key: self.public_key,
+            allowed_ips: self.allowed_ips,
+            preshared_key,
+            persistent_keepalive: self.keepalive,
+            endpoint: self.endpoint,
+        })
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,17 +131,175 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let socket = cli.socket;
+    let ask = |request: Request| client::request(&socket, &request);
     match cli.command {
         Command::Counters { json } => {
-            let Reply::Counters(reply) = client::request(&cli.socket, &Request::Counters)?;
+            let Reply::Counters(reply) = ask(Request::Counters)? else {
+                bail!("the daemon answered something other than counters");
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply)?);
             } else {
                 print!("{}", counters_table(&reply));
             }
         }
+        Command::Peers { json } => {
+            let Reply::Peers(reply) = ask(Request::Peers)? else {
+                bail!("the daemon answered something other than peers");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                print!("{}", peers_table(&reply, SystemTime::now()));
+            }
+        }
+        Command::Peer(command) => {
+            let request = match command {
+                PeerCommand::Add(args) => Request::PeerAdd {
+                    peer: args.entry()?,
+                },
+                PeerCommand::Change(args) => Request::PeerChange {
+                    peer: args.entry()?,
+                },
+                PeerCommand::Remove { public_key } => Request::PeerRemove { public_key },
+            };
+            applied(ask(request)?)?;
+        }
+        Command::Reload => applied(ask(Request::Reload)?)?,
+        Command::Removals { json } => {
+            let Reply::Removals(removals) = ask(Request::Removals)? else {
+                bail!("the daemon answered something other than removals");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&removals)?);
+            } else {
+                print!("{}", removals_table(&removals));
+            }
+        }
     }
     Ok(())
+}
+
+fn applied(reply: Reply) -> Result<()> {
+    let Reply::Applied(ApplyReport {
+        added,
+        updated,
+        removed,
+        device,
+        requests,
+    }) = reply
+    else {
+        bail!("the daemon answered something other than a change report");
+    };
+    println!(
+        "applied: {added} added, {updated} changed, {removed} removed, {device} device settings ({requests} WireGuard requests)"
+    );
+    Ok(())
+}
+
+/// "12s ago", "never".
+fn ago(at: Option<u64>, now: SystemTime) -> String {
+    let Some(at) = at else {
+        return "never".into();
+    };
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let secs = now.saturating_sub(at);
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m{}s ago", secs / 60, secs % 60),
+        _ => format!("{}h{}m ago", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+fn peers_table(reply: &PeersReply, now: SystemTime) -> String {
+    use std::fmt::Write as _;
+
+    let mut out = format!("WireGuard {} ({}", reply.interface, reply.backend);
+    if let Some(pid) = reply.backend_pid {
+        let _ = write!(out, ", pid {pid}");
+    }
+    let _ = write!(
+        out,
+        "), listen port {}, {} peers, polled {}",
+        reply.listen_port,
+        reply.peers.len(),
+        ago(Some(reply.polled_at), now)
+    );
+    match reply.mfa_threshold_secs {
+        Some(secs) => {
+            let _ = writeln!(
+                out,
+                "\nMFA: peers inactive for more than {:?} are removed",
+                Duration::from_secs(secs)
+            );
+        }
+        None => out.push('\n'),
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<44}  {:<12} {:<8} {:<24} {:<20} {:>10} {:>10} {:>12} {:>12}",
+        "PUBLIC KEY",
+        "NAME",
+        "SOURCE",
+        "ENDPOINT",
+        "ALLOWED IPS",
+        "HANDSHAKE",
+        "ACTIVE",
+        "RX BYTES",
+        "TX BYTES"
+    );
+    for peer in &reply.peers {
+        let ips: Vec<String> = peer.allowed_ips.iter().map(ToString::to_string).collect();
+        let source = serde_json::to_value(peer.source)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<44}  {:<12} {:<8} {:<24} {:<20} {:>10} {:>10} {:>12} {:>12}",
+            peer.public_key.to_string(),
+            peer.name.as_deref().unwrap_or("-"),
+            source,
+            peer.endpoint.as_deref().unwrap_or("-"),
+            if ips.is_empty() {
+                "-".into()
+            } else {
+                ips.join(",")
+            },
+            ago(peer.last_handshake, now),
+            ago(peer.last_active, now),
+            peer.rx_bytes,
+            peer.tx_bytes,
+        );
+    }
+    out
+}
+
+fn removals_table(removals: &[Removal]) -> String {
+    use std::fmt::Write as _;
+
+    let mut out = format!(
+        "{:<44}  {:<12} {:<13} {:>12} {:>12}\n",
+        "PUBLIC KEY", "NAME", "REASON", "REMOVED AT", "LAST ACTIVE"
+    );
+    for removal in removals {
+        let _ = writeln!(
+            out,
+            "{:<44}  {:<12} {:<13} {:>12} {:>12}",
+            removal.public_key.to_string(),
+            removal.name.as_deref().unwrap_or("-"),
+            removal.reason,
+            removal.removed_at,
+            removal
+                .last_active
+                .map_or_else(|| "-".into(), |t| t.to_string()),
+        );
+    }
+    out
 }
 
 fn counters_table(reply: &CountersReply) -> String {
@@ -104,6 +349,64 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn peers_table_shows_each_peer() {
+        use tidegate_gateway::wireguard::{BackendKind, Key, PeerSource, PeerStatus};
+
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let reply = PeersReply {
+            interface: "wg0".into(),
+            backend: BackendKind::Userspace,
+            backend_pid: Some(42),
+            listen_port: 51820,
+            polled_at: 999_998,
+            mfa_threshold_secs: Some(300),
+            peers: vec![PeerStatus {
+                public_key: Key::new([1; 32]),
+                name: Some("alice".into()),
+                source: PeerSource::Dynamic,
+                endpoint: Some("198.51.100.2:40000".into()),
+                allowed_ips: vec!["10.77.0.2/32".parse().unwrap()],
+                last_handshake: Some(999_990),
+                last_active: None,
+                rx_bytes: 1234,
+                tx_bytes: 5678,
+                persistent_keepalive: None,
+                preshared_key: true,
+            }],
+        };
+        let table = peers_table(&reply, now);
+        assert!(
+            table.starts_with("WireGuard wg0 (wireguard-go, pid 42), listen port 51820, 1 peers, polled 2s ago\nMFA:"),
+            "{table}"
+        );
+        let row = table.lines().last().unwrap();
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            [
+                &Key::new([1; 32]).to_string()[..],
+                "alice",
+                "dynamic",
+                "198.51.100.2:40000",
+                "10.77.0.2/32",
+                "10s",
+                "ago",
+                "never",
+                "1234",
+                "5678"
+            ]
+        );
+    }
+
+    #[test]
+    fn ages_read_naturally() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        assert_eq!(ago(None, now), "never");
+        assert_eq!(ago(Some(9_990), now), "10s ago");
+        assert_eq!(ago(Some(9_000), now), "16m40s ago");
+        assert_eq!(ago(Some(2_000), now), "2h13m ago");
     }
 
     #[test]

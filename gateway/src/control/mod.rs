@@ -6,7 +6,10 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
-use crate::xdp::{AttachMode, CounterSnapshot};
+use crate::{
+    wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
+    xdp::{AttachMode, CounterSnapshot},
+};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -17,6 +20,18 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub enum Request {
     /// The shield's counters.
     Counters,
+    /// The WireGuard peers and their stats.
+    Peers,
+    /// Adds a peer.
+    PeerAdd { peer: PeerEntry },
+    /// Replaces the settings of a peer added at run time.
+    PeerChange { peer: PeerEntry },
+    /// Removes a peer added at run time.
+    PeerRemove { public_key: String },
+    /// Re-reads the config file and applies what changed.
+    Reload,
+    /// The peers an MFA location removed.
+    Removals,
 }
 
 /// The daemon's answer to one request.
@@ -32,6 +47,10 @@ pub enum Response {
 #[serde(rename_all = "kebab-case")]
 pub enum Reply {
     Counters(CountersReply),
+    Peers(PeersReply),
+    /// What a change did to the WireGuard device.
+    Applied(ApplyReport),
+    Removals(Vec<Removal>),
 }
 
 /// The shield's counters and where it is attached.
@@ -68,5 +87,22 @@ mod tests {
         assert_eq!(json["ok"]["counters"]["interface"], "eth0");
         assert_eq!(json["ok"]["counters"]["xdp_mode"], "driver");
         assert_eq!(json["ok"]["counters"]["totals"]["drop"]["packets"], 0);
+        let add = Request::PeerAdd {
+            peer: PeerEntry {
+                public_key: "k".into(),
+                ..PeerEntry::default()
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&add).unwrap(),
+            r#"{"command":"peer-add","peer":{"public_key":"k","allowed_ips":[]}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::PeerRemove {
+                public_key: "k".into()
+            })
+            .unwrap(),
+            r#"{"command":"peer-remove","public_key":"k"}"#
+        );
     }
 }

@@ -14,7 +14,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{MAX_REQUEST_BYTES, Reply, Request, Response};
-use crate::{datapath::DatapathHandle, error_chain};
+use crate::{
+    datapath::DatapathHandle,
+    error_chain,
+    reload::Reloader,
+    wireguard::{Key, WireguardHandle, spec::PeerError},
+};
+
+/// The daemon's parts a control request can reach.
+#[derive(Debug, Clone)]
+pub struct Handles {
+    pub datapath: DatapathHandle,
+    /// `None` when the config has no `[wireguard]` section.
+    pub wireguard: Option<WireguardHandle>,
+    pub reloader: Reloader,
+}
 
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +88,7 @@ impl ControlSocket {
     }
 
     /// Answers connections until `cancel` fires.
-    pub async fn serve(self, datapath: DatapathHandle, cancel: CancellationToken) {
+    pub async fn serve(self, handles: Handles, cancel: CancellationToken) {
         loop {
             let stream = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -86,12 +100,12 @@ impl ControlSocket {
                     }
                 },
             };
-            let datapath = datapath.clone();
+            let handles = handles.clone();
             let cancel = cancel.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     () = cancel.cancelled() => {}
-                    result = connection(stream, datapath) => if let Err(error) = result {
+                    result = connection(stream, handles) => if let Err(error) = result {
                         debug!(%error, "control connection ended with an error");
                     },
                 }
@@ -106,7 +120,7 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn connection(stream: UnixStream, datapath: DatapathHandle) -> io::Result<()> {
+async fn connection(stream: UnixStream, handles: Handles) -> io::Result<()> {
     let peer_uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
     let limit = MAX_REQUEST_BYTES as u64;
@@ -127,7 +141,7 @@ async fn connection(stream: UnixStream, datapath: DatapathHandle) -> io::Result<
             (Response::Error(message), true)
         } else {
             match serde_json::from_str::<Request>(&line) {
-                Ok(request) => (answer(request, &datapath).await, false),
+                Ok(request) => (answer(request, &handles).await, false),
                 Err(error) => (Response::Error(format!("bad request: {error}")), false),
             }
         };
@@ -141,11 +155,54 @@ async fn connection(stream: UnixStream, datapath: DatapathHandle) -> io::Result<
     }
 }
 
-async fn answer(request: Request, datapath: &DatapathHandle) -> Response {
-    match request {
-        Request::Counters => match datapath.counters().await {
-            Ok(counters) => Response::Ok(Reply::Counters(counters)),
-            Err(error) => Response::Error(error_chain(&error)),
-        },
+async fn answer(request: Request, handles: &Handles) -> Response {
+    let wireguard = || {
+        handles.wireguard.as_ref().ok_or_else(|| {
+            "this gateway runs no WireGuard interface (its config has no [wireguard] section)"
+                .to_owned()
+        })
+    };
+    let chain = |e: &dyn std::error::Error| error_chain(e);
+    let result: Result<Reply, String> = match request {
+        Request::Counters => (handles.datapath.counters().await)
+            .map(Reply::Counters)
+            .map_err(|e| chain(&e)),
+        Request::Reload => (handles.reloader.reload().await)
+            .map(Reply::Applied)
+            .map_err(|e| chain(&e)),
+        Request::Peers => async { wireguard()?.peers().await.map_err(|e| chain(&e)) }
+            .await
+            .map(Reply::Peers),
+        Request::Removals => async { wireguard()?.removals().await.map_err(|e| chain(&e)) }
+            .await
+            .map(Reply::Removals),
+        Request::PeerAdd { peer } => async {
+            let peer = peer.validate().map_err(|e| chain(&e))?;
+            wireguard()?.add_peer(peer).await.map_err(|e| chain(&e))
+        }
+        .await
+        .map(Reply::Applied),
+        Request::PeerChange { peer } => async {
+            let peer = peer.validate().map_err(|e| chain(&e))?;
+            wireguard()?.change_peer(peer).await.map_err(|e| chain(&e))
+        }
+        .await
+        .map(Reply::Applied),
+        Request::PeerRemove { public_key } => async {
+            let key = public_key.parse::<Key>().map_err(|source| {
+                chain(&PeerError::Key {
+                    peer: PeerError::label_of(&public_key),
+                    field: "public_key",
+                    source,
+                })
+            })?;
+            wireguard()?.remove_peer(key).await.map_err(|e| chain(&e))
+        }
+        .await
+        .map(Reply::Applied),
+    };
+    match result {
+        Ok(reply) => Response::Ok(reply),
+        Err(message) => Response::Error(message),
     }
 }

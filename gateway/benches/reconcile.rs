@@ -1,0 +1,257 @@
+//! `cargo xtask bench reconcile`: the reconcile path against a real
+//! wireguard-go device. Applies 10,000 peers to an empty device, then a
+//! change of 1% of them (adds, changes, removals), then nothing at all, and
+//! prints for each the time and the number of UAPI requests and peer
+//! operations. The bench runs in a network namespace of its own and ends the
+//! wireguard-go it started.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use nix::sched::{CloneFlags, unshare};
+use tidegate_gateway::wireguard::{
+    Key, PeerSpec,
+    reconcile::{self, Desired, PlanSummary},
+    userspace::Userspace,
+};
+
+/// Peers in the full apply.
+const PEERS: u32 = 10_000;
+/// Peers touched by the small change: a third added, a third changed, a
+/// third removed.
+const CHANGED: u32 = PEERS / 100;
+
+fn main() -> Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the reconcile benchmark starts wireguard-go in a network namespace: run it as root"
+    );
+    // A namespace of our own: nothing the bench creates is visible outside
+    // it, and it goes away with the process.
+    unshare(CloneFlags::CLONE_NEWNET).context("creating a network namespace")?;
+    let interface = format!("tgbench{}", std::process::id() % 100_000);
+    let log = std::env::temp_dir().join(format!("{interface}-wireguard-go.log"));
+    let device = Userspace::new(&interface);
+    device.launch(&log)?;
+    let pid = device.server_pid()?;
+    let result = bench(&device);
+    stop(pid)?;
+    let _ = std::fs::remove_file(device.socket());
+    result
+}
+
+/// Ends the wireguard-go we started, by its pid: SIGTERM, then SIGKILL if
+/// it is still there after five seconds.
+fn stop(pid: u32) -> Result<()> {
+    use nix::sys::signal::{Signal, kill};
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kill(pid, None).is_ok() {
+        if Instant::now() > deadline {
+            let _ = kill(pid, Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// One measured reconcile.
+struct Step {
+    name: String,
+    read: Duration,
+    plan: Duration,
+    apply: Duration,
+    summary: PlanSummary,
+    requests: usize,
+    peers_read: usize,
+}
+
+fn bench(device: &Userspace) -> Result<()> {
+    let mut rng = XorShift(0x5eed_7e57_0b5e_55ed);
+    let private_key = Key::new(rng.bytes()).clamped();
+    let peers: Vec<PeerSpec> = (0..PEERS).map(|i| peer(&mut rng, i)).collect();
+    let mut desired = Desired {
+        private_key,
+        listen_port: 51820,
+        peers: peers.iter().map(|p| (p.public_key, p.clone())).collect(),
+    };
+
+    let mut steps = vec![reconcile_once(
+        device,
+        &desired,
+        format!("apply {PEERS} peers to an empty device"),
+    )?];
+
+    // 1%: a third of the change adds peers, a third changes allowed IPs and
+    // keepalive, a third removes peers.
+    let third = CHANGED / 3;
+    for i in 0..third {
+        let added = peer(&mut rng, PEERS + i);
+        desired.peers.insert(added.public_key, added);
+    }
+    let keys: Vec<Key> = peers.iter().map(|p| p.public_key).collect();
+    for (n, key) in keys.iter().take(third as usize).enumerate() {
+        let changed = desired.peers.get_mut(key).context("peer vanished")?;
+        changed.allowed_ips = [format!("10.200.{}.{}/32", n / 256, n % 256).parse()?].into();
+        changed.persistent_keepalive = Some(25);
+    }
+    for key in keys.iter().rev().take((CHANGED - 2 * third) as usize) {
+        desired.peers.remove(key);
+    }
+    steps.push(reconcile_once(
+        device,
+        &desired,
+        format!("change 1% ({CHANGED} peers) of {PEERS}"),
+    )?);
+    steps.push(reconcile_once(
+        device,
+        &desired,
+        "reconcile with nothing to change".into(),
+    )?);
+
+    // The device must now be exactly what was asked.
+    let actual = device.get()?;
+    let leftover = reconcile::plan(&desired, &actual, &HashMap::new());
+    ensure!(
+        leftover.is_empty(),
+        "the device differs from the config after reconciling: {:?}",
+        leftover.summary()
+    );
+    report(&steps);
+    check_proportional(&steps)
+}
+
+fn reconcile_once(device: &Userspace, desired: &Desired, name: String) -> Result<Step> {
+    let started = Instant::now();
+    let actual = device.get()?;
+    let read = started.elapsed();
+    let planned = Instant::now();
+    let plan = reconcile::plan(desired, &actual, &HashMap::new());
+    let plan_time = planned.elapsed();
+    let applied = Instant::now();
+    let cost = device.apply(&plan)?;
+    Ok(Step {
+        name,
+        read,
+        plan: plan_time,
+        apply: applied.elapsed(),
+        summary: plan.summary(),
+        requests: cost.requests,
+        peers_read: actual.peers.len(),
+    })
+}
+
+fn report(steps: &[Step]) {
+    println!(
+        "{:<42} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>22}",
+        "step",
+        "read ms",
+        "plan ms",
+        "apply ms",
+        "total ms",
+        "peers read",
+        "requests",
+        "ops (add/chg/rm/dev)"
+    );
+    for step in steps {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let s = step.summary;
+        println!(
+            "{:<42} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>22}",
+            step.name,
+            ms(step.read),
+            ms(step.plan),
+            ms(step.apply),
+            ms(step.read + step.plan + step.apply),
+            step.peers_read,
+            step.requests,
+            format!(
+                "{} ({}/{}/{}/{})",
+                s.total(),
+                s.added,
+                s.updated,
+                s.removed,
+                s.device
+            ),
+        );
+    }
+    if let [full, change, ..] = steps {
+        println!(
+            "\nthe 1% change wrote {:.2}% of the operations and took {:.2}x the time of the full apply",
+            100.0 * change.summary.total() as f64 / full.summary.total() as f64,
+            (change.read + change.plan + change.apply).as_secs_f64()
+                / (full.read + full.plan + full.apply).as_secs_f64()
+        );
+    }
+}
+
+/// The target: operations proportional to the change, not to the peers.
+fn check_proportional(steps: &[Step]) -> Result<()> {
+    let [full, change, nothing] = steps else {
+        bail!("expected three steps");
+    };
+    let expected = BTreeMap::from([
+        ("full", PEERS as usize + 2),
+        ("change", CHANGED as usize),
+        ("nothing", 0),
+    ]);
+    for (name, step) in [("full", full), ("change", change), ("nothing", nothing)] {
+        ensure!(
+            step.summary.total() == expected[name],
+            "{}: {} operations, expected {}",
+            step.name,
+            step.summary.total(),
+            expected[name]
+        );
+    }
+    ensure!(
+        change.requests <= 1 && nothing.requests == 0,
+        "the change took {} requests and the no-op {}",
+        change.requests,
+        nothing.requests
+    );
+    println!("target met: operations are proportional to the change");
+    Ok(())
+}
+
+/// Peer `i`: a random key and tunnel address 10.x.y.z/32 from `i`.
+fn peer(rng: &mut XorShift, i: u32) -> PeerSpec {
+    let [_, a, b, c] = (i + 2).to_be_bytes();
+    PeerSpec {
+        name: None,
+        public_key: Key::new(rng.bytes()),
+        allowed_ips: [format!("10.{a}.{b}.{c}/32")
+            .parse()
+            .expect("a valid network")]
+        .into(),
+        preshared_key: None,
+        persistent_keepalive: None,
+        endpoint: None,
+    }
+}
+
+/// A small deterministic generator for key bytes.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self) -> [u8; 32] {
+        let mut out = [0; 32];
+        for chunk in out.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next().to_le_bytes());
+        }
+        out
+    }
+}

@@ -1,0 +1,785 @@
+//! The task that owns the WireGuard device. It creates or adopts the
+//! interface, applies every change through the reconcile path, polls peer
+//! stats, removes inactive peers on MFA locations, and restarts wireguard-go
+//! if it dies. Other tasks talk to it through a [`WireguardHandle`].
+//!
+//! It never deletes the interface and never flushes peers: when the daemon
+//! stops, crashes or restarts, the device keeps serving its peers.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{
+    ApplyReport, BackendKind, BackendSetting, PeerSource, PeerStatus, PeersReply, WireguardConfig,
+    activity::{Activity, ExpiryReason},
+    backend::{Backend, BackendError},
+    kernel::Kernel,
+    key::Key,
+    link::{LinkError, Links},
+    reconcile::{self, Actual, Desired},
+    spec::{PeerError, PeerSpec, check_peers},
+    state::{Removal, State, StateError, StateStore, from_unix, unix},
+    userspace::{LaunchError, ProcessWatch, Userspace},
+};
+use crate::error_chain;
+
+/// Longest wait between attempts to bring back a dead wireguard-go.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+/// A restart this soon after the previous one backs off.
+const QUICK_RESTART: Duration = Duration::from_secs(30);
+
+/// Why the WireGuard device could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireguardError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error(
+        "interface {interface} exists but is not WireGuard (kind {kind}, and no wireguard-go answers on its socket)"
+    )]
+    NotWireguard { interface: String, kind: String },
+    #[error(
+        "interface {interface} is driven by {found}, but the config says backend = {setting:?}"
+    )]
+    BackendMismatch {
+        interface: String,
+        found: BackendKind,
+        setting: BackendSetting,
+    },
+    #[error("backend = \"kernel\", but no kernel WireGuard interface {interface} could be created")]
+    NoKernelModule {
+        interface: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("interface {interface} disappeared")]
+    Vanished { interface: String },
+    #[error("peer {0} comes from the config file: change it there and reload")]
+    FilePeer(String),
+    #[error("peer {0} already exists: use `tidectl peer change` to change it")]
+    Exists(String),
+    #[error("{what} changed from {from} to {to}: restart the daemon to apply it")]
+    NeedsRestart {
+        what: &'static str,
+        from: String,
+        to: String,
+    },
+    #[error("the WireGuard task has stopped")]
+    Stopped,
+}
+
+enum Command {
+    Peers(oneshot::Sender<Result<PeersReply, WireguardError>>),
+    Removals(oneshot::Sender<Result<Vec<Removal>, WireguardError>>),
+    Add(
+        PeerSpec,
+        oneshot::Sender<Result<ApplyReport, WireguardError>>,
+    ),
+    Change(
+        PeerSpec,
+        oneshot::Sender<Result<ApplyReport, WireguardError>>,
+    ),
+    Remove(Key, oneshot::Sender<Result<ApplyReport, WireguardError>>),
+    Reload(
+        Box<WireguardConfig>,
+        oneshot::Sender<Result<ApplyReport, WireguardError>>,
+    ),
+}
+
+/// A cheap, cloneable way to ask the WireGuard task.
+#[derive(Debug, Clone)]
+pub struct WireguardHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Peers(_) => "Peers",
+            Self::Removals(_) => "Removals",
+            Self::Add(..) => "Add",
+            Self::Change(..) => "Change",
+            Self::Remove(..) => "Remove",
+            Self::Reload(..) => "Reload",
+        })
+    }
+}
+
+impl WireguardHandle {
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, WireguardError>>) -> Command,
+    ) -> Result<T, WireguardError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(command(reply))
+            .await
+            .map_err(|_| WireguardError::Stopped)?;
+        rx.await.map_err(|_| WireguardError::Stopped)?
+    }
+
+    /// The interface and its peers as of the last stats poll.
+    pub async fn peers(&self) -> Result<PeersReply, WireguardError> {
+        self.ask(Command::Peers).await
+    }
+
+    /// The peers an MFA location removed, oldest first.
+    pub async fn removals(&self) -> Result<Vec<Removal>, WireguardError> {
+        self.ask(Command::Removals).await
+    }
+
+    /// Adds a new peer.
+    pub async fn add_peer(&self, peer: PeerSpec) -> Result<ApplyReport, WireguardError> {
+        self.ask(|reply| Command::Add(peer, reply)).await
+    }
+
+    /// Replaces the settings of a peer added at run time.
+    pub async fn change_peer(&self, peer: PeerSpec) -> Result<ApplyReport, WireguardError> {
+        self.ask(|reply| Command::Change(peer, reply)).await
+    }
+
+    /// Removes a peer added at run time.
+    pub async fn remove_peer(&self, key: Key) -> Result<ApplyReport, WireguardError> {
+        self.ask(|reply| Command::Remove(key, reply)).await
+    }
+
+    /// Applies a re-read config file.
+    pub async fn reload(&self, config: WireguardConfig) -> Result<ApplyReport, WireguardError> {
+        self.ask(|reply| Command::Reload(Box::new(config), reply))
+            .await
+    }
+}
+
+/// The WireGuard device and everything known about it.
+#[derive(Debug)]
+pub struct Owner {
+    config: WireguardConfig,
+    backend: Backend,
+    links: Links,
+    /// The wireguard-go process, for the userspace backend.
+    watch: Option<ProcessWatch>,
+    store: StateStore,
+    state: State,
+    activity: Activity,
+    last_poll: Option<(SystemTime, Actual)>,
+    /// Endpoints last seen, to give back to peers re-added to a restarted
+    /// wireguard-go.
+    known_endpoints: HashMap<Key, SocketAddr>,
+    last_restart: Option<Instant>,
+    restart_delay: Duration,
+}
+
+impl Owner {
+    /// Creates or adopts the interface and brings it to `config`, touching
+    /// only what differs. Must run on a multi-threaded runtime.
+    pub async fn start(config: WireguardConfig) -> Result<Self, WireguardError> {
+        let store = StateStore::new(&config.state_dir, &config.interface);
+        store.ensure_dir()?;
+        let state = store.load()?;
+        let links = Links::connect()?;
+        let backend = open_backend(&config, &links).await?;
+        let mut owner = Self {
+            config,
+            backend,
+            links,
+            watch: None,
+            store,
+            state,
+            activity: Activity::default(),
+            last_poll: None,
+            known_endpoints: HashMap::new(),
+            last_restart: None,
+            restart_delay: Duration::ZERO,
+        };
+        let mut state = owner.state.clone();
+        let desired = desired_from(&owner.config, &state)?;
+        owner.track(&mut state, &desired, SystemTime::now());
+        owner.store.save(&state)?;
+        owner.state = state;
+        owner.track_current(SystemTime::now());
+        let report = owner.reconcile(&desired)?;
+        owner.configure_link().await?;
+        owner.watch_backend()?;
+        info!(
+            interface = %owner.config.interface,
+            backend = %owner.backend.kind(),
+            peers = desired.peers.len(),
+            ?report,
+            "WireGuard interface ready"
+        );
+        Ok(owner)
+    }
+
+    /// Serves `commands`, polls stats and watches wireguard-go until
+    /// `cancel` fires; the device is left as it is.
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let mut poll = tokio::time::interval(self.config.stats_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                command = commands.recv() => match command {
+                    Some(command) => {
+                        let interval = self.config.stats_interval;
+                        self.handle(command).await;
+                        if self.config.stats_interval != interval {
+                            poll = tokio::time::interval(self.config.stats_interval);
+                            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                    }
+                    None => break,
+                },
+                _ = poll.tick() => self.poll(),
+                () = exited(self.watch.as_ref()) => self.restart_backend(&cancel).await,
+            }
+        }
+        info!(
+            interface = %self.config.interface,
+            "leaving the WireGuard interface and its peers in place"
+        );
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Peers(reply) => {
+                let _ = reply.send(Ok(self.peers_reply()));
+            }
+            Command::Removals(reply) => {
+                let _ = reply.send(Ok(self.state.removals.iter().cloned().collect()));
+            }
+            Command::Add(peer, reply) => {
+                let _ = reply.send(self.add_peer(peer));
+            }
+            Command::Change(peer, reply) => {
+                let _ = reply.send(self.change_peer(peer));
+            }
+            Command::Remove(key, reply) => {
+                let _ = reply.send(self.remove_peer(key));
+            }
+            Command::Reload(config, reply) => {
+                let _ = reply.send(self.reload(*config).await);
+            }
+        }
+    }
+
+    fn add_peer(&mut self, peer: PeerSpec) -> Result<ApplyReport, WireguardError> {
+        let key = peer.public_key;
+        if self.state.dynamic_peers.contains_key(&key) || self.file_peer(&key).is_some() {
+            return Err(WireguardError::Exists(peer.label().to_string()));
+        }
+        self.check_against_others(&peer)?;
+        let label = peer.label();
+        let report = self.change(|state| {
+            state.expired.remove(&key);
+            state.added_at.remove(&key);
+            state.dynamic_peers.insert(key, peer);
+        })?;
+        info!(peer = %label, ?report, "peer added");
+        Ok(report)
+    }
+
+    fn change_peer(&mut self, peer: PeerSpec) -> Result<ApplyReport, WireguardError> {
+        let key = peer.public_key;
+        self.require_dynamic(&key)?;
+        self.check_against_others(&peer)?;
+        let label = peer.label();
+        let report = self.change(|state| {
+            state.dynamic_peers.insert(key, peer);
+        })?;
+        info!(peer = %label, ?report, "peer changed");
+        Ok(report)
+    }
+
+    fn remove_peer(&mut self, key: Key) -> Result<ApplyReport, WireguardError> {
+        let label = self.require_dynamic(&key)?;
+        let report = self.change(|state| {
+            state.dynamic_peers.remove(&key);
+        })?;
+        info!(peer = %label, ?report, "peer removed");
+        Ok(report)
+    }
+
+    /// Checks `peer` against every other desired peer, so that an error
+    /// names it first.
+    fn check_against_others(&self, peer: &PeerSpec) -> Result<(), PeerError> {
+        let others = desired_from(&self.config, &self.state)?;
+        let others = others
+            .peers
+            .values()
+            .filter(|p| p.public_key != peer.public_key);
+        check_peers(others.chain(std::iter::once(peer)))?;
+        Ok(())
+    }
+
+    /// The label of dynamic peer `key`, or why it cannot be changed.
+    fn require_dynamic(&self, key: &Key) -> Result<String, WireguardError> {
+        if let Some(peer) = self.state.dynamic_peers.get(key) {
+            return Ok(peer.label().to_string());
+        }
+        match self.file_peer(key) {
+            Some(peer) => Err(WireguardError::FilePeer(peer.label().to_string())),
+            None => Err(PeerError::Unknown(*key).into()),
+        }
+    }
+
+    fn file_peer(&self, key: &Key) -> Option<&PeerSpec> {
+        self.config.peers.iter().find(|p| p.public_key == *key)
+    }
+
+    async fn reload(&mut self, config: WireguardConfig) -> Result<ApplyReport, WireguardError> {
+        let restart = |what, from: &dyn std::fmt::Debug, to: &dyn std::fmt::Debug| {
+            Err(WireguardError::NeedsRestart {
+                what,
+                from: format!("{from:?}"),
+                to: format!("{to:?}"),
+            })
+        };
+        if config.interface != self.config.interface {
+            return restart("interface", &self.config.interface, &config.interface);
+        }
+        if config.backend != self.config.backend {
+            return restart("backend", &self.config.backend, &config.backend);
+        }
+        if config.state_dir != self.config.state_dir {
+            return restart("state_dir", &self.config.state_dir, &config.state_dir);
+        }
+        // Reloading the file brings back file peers an MFA location removed.
+        let rearmed: Vec<Key> = config
+            .peers
+            .iter()
+            .map(|p| p.public_key)
+            .filter(|key| self.state.expired.contains(key))
+            .collect();
+        let mut state = self.state.clone();
+        for key in &rearmed {
+            state.expired.remove(key);
+            state.added_at.remove(key);
+        }
+        let desired = desired_from(&config, &state)?;
+        let old = std::mem::replace(&mut self.config, config);
+        let result = self.commit(state, &desired);
+        let report = match result {
+            Ok(report) => report,
+            Err(error) => {
+                self.config = old;
+                return Err(error);
+            }
+        };
+        self.configure_link().await?;
+        info!(?report, rearmed = rearmed.len(), "config reloaded");
+        Ok(report)
+    }
+
+    /// Applies a change to the remembered state: validate, save, reconcile;
+    /// on failure the old state is put back, on disk too.
+    fn change(&mut self, edit: impl FnOnce(&mut State)) -> Result<ApplyReport, WireguardError> {
+        let mut state = self.state.clone();
+        edit(&mut state);
+        let desired = desired_from(&self.config, &state)?;
+        self.commit(state, &desired)
+    }
+
+    fn commit(
+        &mut self,
+        mut state: State,
+        desired: &Desired,
+    ) -> Result<ApplyReport, WireguardError> {
+        self.track(&mut state, desired, SystemTime::now());
+        self.store.save(&state)?;
+        match self.reconcile(desired) {
+            Ok(report) => {
+                self.state = state;
+                self.track_current(SystemTime::now());
+                Ok(report)
+            }
+            Err(error) => {
+                if let Err(save) = self.store.save(&self.state) {
+                    error!(error = %error_chain(&save), "restoring the state file failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Records when each desired peer was added and forgets peers that left.
+    fn track(&self, state: &mut State, desired: &Desired, now: SystemTime) {
+        for key in desired.peers.keys() {
+            state.added_at.entry(*key).or_insert_with(|| unix(now));
+        }
+        state
+            .added_at
+            .retain(|key, _| desired.peers.contains_key(key));
+    }
+
+    /// Tracks the activity of exactly the peers in the current state.
+    fn track_current(&mut self, now: SystemTime) {
+        let added_at = &self.state.added_at;
+        self.activity.retain(|key| added_at.contains_key(key));
+        self.known_endpoints
+            .retain(|key, _| added_at.contains_key(key));
+        for (key, added) in added_at {
+            self.activity.track(*key, from_unix(*added).min(now));
+        }
+    }
+
+    /// Reads the device and applies what differs from `desired`.
+    fn reconcile(&mut self, desired: &Desired) -> Result<ApplyReport, WireguardError> {
+        let backend = &self.backend;
+        let actual = tokio::task::block_in_place(|| backend.get())?;
+        let plan = reconcile::plan(desired, &actual, &self.known_endpoints);
+        let summary = plan.summary();
+        if plan.is_empty() {
+            return Ok(ApplyReport::default());
+        }
+        let cost = tokio::task::block_in_place(|| backend.apply(&plan)).inspect_err(|error| {
+            // wireguard-go closes its socket before it tries the new port:
+            // when that fails the device is left with no port at all (and
+            // reading it then fails). Put the old port back.
+            if let BackendError::PortInUse { .. } = error
+                && actual.listen_port != 0
+            {
+                let restore = reconcile::Plan {
+                    listen_port: Some(actual.listen_port),
+                    ..reconcile::Plan::default()
+                };
+                if let Err(restore_error) = tokio::task::block_in_place(|| backend.apply(&restore))
+                {
+                    error!(
+                        port = actual.listen_port,
+                        error = %error_chain(&restore_error),
+                        "putting the listen port back failed"
+                    );
+                }
+            }
+        })?;
+        Ok(ApplyReport {
+            added: summary.added,
+            updated: summary.updated,
+            removed: summary.removed,
+            device: summary.device,
+            requests: cost.requests,
+        })
+    }
+
+    async fn configure_link(&self) -> Result<(), WireguardError> {
+        let name = &self.config.interface;
+        let link = self
+            .links
+            .find(name)
+            .await?
+            .ok_or_else(|| WireguardError::Vanished {
+                interface: name.clone(),
+            })?;
+        let changes = self
+            .links
+            .configure(name, &link, &self.config.addresses, self.config.mtu)
+            .await?;
+        if !changes.is_empty() {
+            info!(interface = %name, ?changes, "interface configured");
+        }
+        Ok(())
+    }
+
+    fn watch_backend(&mut self) -> Result<(), WireguardError> {
+        self.watch = match &self.backend {
+            Backend::Userspace(userspace) => Some(ProcessWatch::new(userspace.server_pid()?)?),
+            Backend::Kernel(_) => None,
+        };
+        Ok(())
+    }
+
+    /// Reads peer stats; on MFA locations, removes inactive peers.
+    fn poll(&mut self) {
+        let now = SystemTime::now();
+        let backend = &self.backend;
+        let actual = match tokio::task::block_in_place(|| backend.get()) {
+            Ok(actual) => actual,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "reading peer stats failed");
+                return;
+            }
+        };
+        for (key, peer) in &actual.peers {
+            self.activity.observe(key, peer, now);
+            if let Some(endpoint) = peer.endpoint {
+                self.known_endpoints.insert(*key, endpoint);
+            }
+        }
+        self.last_poll = Some((now, actual));
+        if let Some(threshold) = self.config.mfa_threshold {
+            self.expire(threshold, now);
+        }
+    }
+
+    /// Removes the peers inactive for longer than `threshold`, and keeps a
+    /// record of each for Core.
+    fn expire(&mut self, threshold: Duration, now: SystemTime) {
+        let due: Vec<(PeerSpec, ExpiryReason)> = self
+            .activity
+            .expired(threshold, now)
+            .into_iter()
+            .filter_map(|(key, reason)| Some((self.peer_spec(&key)?.clone(), reason)))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let result = self.change(|state| {
+            for (peer, reason) in &due {
+                state.record(Removal::new(peer, *reason, now));
+                if state.dynamic_peers.remove(&peer.public_key).is_none() {
+                    state.expired.insert(peer.public_key);
+                }
+            }
+        });
+        match result {
+            Ok(_) => {
+                for (peer, reason) in &due {
+                    info!(
+                        peer = %peer.label(),
+                        ?reason,
+                        threshold_secs = threshold.as_secs(),
+                        "MFA: removed an inactive peer"
+                    );
+                }
+            }
+            Err(error) => {
+                error!(error = %error_chain(&error), "MFA: removing inactive peers failed")
+            }
+        }
+    }
+
+    /// The desired settings of `key`, wherever they come from.
+    fn peer_spec(&self, key: &Key) -> Option<&PeerSpec> {
+        self.state.dynamic_peers.get(key).or_else(|| {
+            self.file_peer(key)
+                .filter(|_| !self.state.expired.contains(key))
+        })
+    }
+
+    fn peers_reply(&mut self) -> PeersReply {
+        if self.last_poll.is_none() {
+            self.poll();
+        }
+        let (polled_at, actual) = self
+            .last_poll
+            .as_ref()
+            .map(|(at, actual)| (unix(*at), actual.clone()))
+            .unwrap_or_default();
+        let peers = actual
+            .peers
+            .iter()
+            .map(|(key, peer)| {
+                let (name, source) = match (self.state.dynamic_peers.get(key), self.file_peer(key))
+                {
+                    (Some(p), _) => (p.name.clone(), PeerSource::Dynamic),
+                    (None, Some(p)) => (p.name.clone(), PeerSource::File),
+                    (None, None) => (None, PeerSource::Unknown),
+                };
+                PeerStatus {
+                    public_key: *key,
+                    name,
+                    source,
+                    endpoint: peer.endpoint.map(|e| e.to_string()),
+                    allowed_ips: peer.allowed_ips.iter().copied().collect(),
+                    last_handshake: peer.last_handshake.map(unix),
+                    last_active: self.activity.last_active(key).map(unix),
+                    rx_bytes: peer.rx_bytes,
+                    tx_bytes: peer.tx_bytes,
+                    persistent_keepalive: peer.persistent_keepalive,
+                    preshared_key: peer.preshared_key.is_some(),
+                }
+            })
+            .collect();
+        PeersReply {
+            interface: self.config.interface.clone(),
+            backend: self.backend.kind(),
+            backend_pid: self.watch.as_ref().map(ProcessWatch::pid),
+            listen_port: actual.listen_port,
+            polled_at,
+            mfa_threshold_secs: self.config.mfa_threshold.map(|t| t.as_secs()),
+            peers,
+        }
+    }
+
+    /// wireguard-go died: start it again and re-apply everything, with the
+    /// endpoints last seen, retrying with backoff until it works.
+    async fn restart_backend(&mut self, cancel: &CancellationToken) {
+        let pid = self.watch.take().map(|w| w.pid());
+        warn!(
+            interface = %self.config.interface,
+            pid,
+            "wireguard-go exited; restarting it and re-applying the config"
+        );
+        self.restart_delay = match self.last_restart {
+            Some(at) if at.elapsed() < QUICK_RESTART => (self.restart_delay * 2)
+                .max(Duration::from_millis(250))
+                .min(MAX_RESTART_DELAY),
+            _ => Duration::ZERO,
+        };
+        loop {
+            if !self.restart_delay.is_zero() {
+                warn!(delay = ?self.restart_delay, "waiting before restarting wireguard-go");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(self.restart_delay) => {}
+                }
+            }
+            self.last_restart = Some(Instant::now());
+            match self.revive().await {
+                Ok(report) => {
+                    info!(
+                        interface = %self.config.interface,
+                        pid = self.watch.as_ref().map(ProcessWatch::pid),
+                        ?report,
+                        "wireguard-go restarted and the config re-applied"
+                    );
+                    return;
+                }
+                Err(error) => {
+                    error!(error = %error_chain(&error), "restarting wireguard-go failed");
+                    self.restart_delay = (self.restart_delay * 2)
+                        .max(Duration::from_millis(250))
+                        .min(MAX_RESTART_DELAY);
+                }
+            }
+        }
+    }
+
+    async fn revive(&mut self) -> Result<ApplyReport, WireguardError> {
+        if let Backend::Userspace(userspace) = &self.backend
+            && !userspace.is_running()
+        {
+            let log = wireguard_go_log(&self.config);
+            tokio::task::block_in_place(|| userspace.launch(&log))?;
+        }
+        let desired = desired_from(&self.config, &self.state)?;
+        let report = self.reconcile(&desired)?;
+        self.configure_link().await?;
+        self.watch_backend()?;
+        Ok(report)
+    }
+}
+
+/// Starts the task: returns the handle and the task's future.
+pub fn spawn(
+    owner: Owner,
+    cancel: CancellationToken,
+) -> (WireguardHandle, impl Future<Output = ()>) {
+    let (tx, rx) = mpsc::channel(64);
+    (WireguardHandle { tx }, owner.run(rx, cancel))
+}
+
+/// Resolves when the watched process exits; never without one.
+async fn exited(watch: Option<&ProcessWatch>) {
+    match watch {
+        Some(watch) => watch.exited().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The file peers (less those an MFA location removed) and the dynamic
+/// peers, checked together.
+fn desired_from(config: &WireguardConfig, state: &State) -> Result<Desired, PeerError> {
+    let file = config
+        .peers
+        .iter()
+        .filter(|p| !state.expired.contains(&p.public_key));
+    let peers: BTreeMap<Key, PeerSpec> = check_peers(file.chain(state.dynamic_peers.values()))?
+        .into_iter()
+        .map(|(key, peer)| (key, peer.clone()))
+        .collect();
+    Ok(Desired {
+        private_key: config.private_key,
+        listen_port: config.listen_port,
+        peers,
+    })
+}
+
+fn wireguard_go_log(config: &WireguardConfig) -> PathBuf {
+    config
+        .state_dir
+        .join(format!("wireguard-go-{}.log", config.interface))
+}
+
+/// Finds or creates the interface and picks the backend that drives it.
+async fn open_backend(config: &WireguardConfig, links: &Links) -> Result<Backend, WireguardError> {
+    let name = &config.interface;
+    let mismatch = |found| WireguardError::BackendMismatch {
+        interface: name.clone(),
+        found,
+        setting: config.backend,
+    };
+    match links.find(name).await? {
+        Some(link) if link.kind.as_deref() == Some("wireguard") => {
+            if config.backend == BackendSetting::Userspace {
+                return Err(mismatch(BackendKind::Kernel));
+            }
+            info!(interface = %name, "adopting the existing kernel WireGuard interface");
+            Ok(Backend::Kernel(Kernel::new(name)))
+        }
+        Some(link) => {
+            let userspace = Userspace::new(name);
+            if !userspace.is_running() {
+                return Err(WireguardError::NotWireguard {
+                    interface: name.clone(),
+                    kind: link.kind.unwrap_or_else(|| "unknown".into()),
+                });
+            }
+            if config.backend == BackendSetting::Kernel {
+                return Err(mismatch(BackendKind::Userspace));
+            }
+            info!(
+                interface = %name,
+                pid = userspace.server_pid().ok(),
+                "adopting the running wireguard-go and its peers"
+            );
+            Ok(Backend::Userspace(userspace))
+        }
+        None => {
+            if config.backend != BackendSetting::Userspace {
+                match links.add_wireguard(name).await {
+                    Ok(()) => {
+                        info!(interface = %name, "created a kernel WireGuard interface");
+                        return Ok(Backend::Kernel(Kernel::new(name)));
+                    }
+                    Err(source) if config.backend == BackendSetting::Kernel => {
+                        return Err(WireguardError::NoKernelModule {
+                            interface: name.clone(),
+                            source,
+                        });
+                    }
+                    Err(error) => info!(
+                        reason = %error_chain(&error),
+                        "no kernel WireGuard here; using wireguard-go"
+                    ),
+                }
+            }
+            let userspace = Userspace::new(name);
+            let log = wireguard_go_log(config);
+            tokio::task::block_in_place(|| userspace.launch(&log))?;
+            info!(
+                interface = %name,
+                pid = userspace.server_pid().ok(),
+                log = %log.display(),
+                "started wireguard-go"
+            );
+            Ok(Backend::Userspace(userspace))
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! What the daemon must remember across restarts beyond the config file:
+//! peers added at run time (by `tidectl`, later by Core), when each peer was
+//! added, the peers an MFA location has removed, and the removal records
+//! still to report. One JSON file, replaced atomically.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    fs::{self, File, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{activity::ExpiryReason, key::Key, spec::PeerSpec};
+
+/// Removal records kept; the oldest go first beyond this.
+pub const MAX_REMOVALS: usize = 10_000;
+
+/// The state file format version this daemon writes.
+const VERSION: u32 = 1;
+
+/// The state file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{op} state file {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("state file {path} is not valid (move it aside to start afresh)")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state file {path} has version {found}; this daemon reads version {VERSION}")]
+    Version { path: PathBuf, found: u32 },
+}
+
+/// A peer an MFA location removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removal {
+    pub public_key: Key,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Unix seconds.
+    pub removed_at: u64,
+    /// `idle` or `no-handshake`.
+    pub reason: String,
+    /// Unix seconds of the last activity, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active: Option<u64>,
+}
+
+impl Removal {
+    /// A record of `peer` removed at `now` for `reason`.
+    pub fn new(peer: &PeerSpec, reason: ExpiryReason, now: SystemTime) -> Self {
+        let (reason, last_active) = match reason {
+            ExpiryReason::Idle { last_active } => ("idle", Some(unix(last_active))),
+            ExpiryReason::NoHandshake { .. } => ("no-handshake", None),
+        };
+        Self {
+            public_key: peer.public_key,
+            name: peer.name.clone(),
+            removed_at: unix(now),
+            reason: reason.to_owned(),
+            last_active,
+        }
+    }
+}
+
+/// The remembered state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    #[serde(default)]
+    pub version: u32,
+    /// Peers added at run time, by key.
+    #[serde(default)]
+    pub dynamic_peers: BTreeMap<Key, PeerSpec>,
+    /// When each peer was added, unix seconds.
+    #[serde(default)]
+    pub added_at: BTreeMap<Key, u64>,
+    /// Peers an MFA location removed that must stay out until added again.
+    #[serde(default)]
+    pub expired: BTreeSet<Key>,
+    /// Removal records, oldest first.
+    #[serde(default)]
+    pub removals: VecDeque<Removal>,
+}
+
+impl State {
+    /// Records a removal, dropping the oldest beyond [`MAX_REMOVALS`].
+    pub fn record(&mut self, removal: Removal) {
+        if self.removals.len() == MAX_REMOVALS {
+            self.removals.pop_front();
+        }
+        self.removals.push_back(removal);
+    }
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// The state of interface `interface` under `dir`.
+    pub fn new(dir: &Path, interface: &str) -> Self {
+        Self {
+            path: dir.join(format!("wireguard-{interface}.json")),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the state; a missing file is an empty state.
+    pub fn load(&self) -> Result<State, StateError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(State {
+                    version: VERSION,
+                    ..State::default()
+                });
+            }
+            Err(source) => return Err(self.io("reading", source)),
+        };
+        let state: State = serde_json::from_str(&text).map_err(|source| StateError::Parse {
+            path: self.path.clone(),
+            source,
+        })?;
+        if state.version != VERSION {
+            return Err(StateError::Version {
+                path: self.path.clone(),
+                found: state.version,
+            });
+        }
+        Ok(state)
+    }
+
+    /// Creates the state directory (mode 0700) if it is missing.
+    pub fn ensure_dir(&self) -> Result<(), StateError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.dir())
+            .map_err(|e| self.io("creating the directory of", e))
+    }
+
+    fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Writes `state` to a temporary file, syncs it and renames it over the
+    /// old one, so a crash leaves either the old or the new state.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        self.ensure_dir()?;
+        let dir = self.dir();
+        let tmp = self.path.with_extension("json.tmp");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| self.io("creating", e))?;
+        let mut state = state.clone();
+        state.version = VERSION;
+        let json = serde_json::to_vec_pretty(&state).map_err(io::Error::other);
+        json.and_then(|json| file.write_all(&json))
+            .and_then(|()| file.sync_all())
+            .map_err(|e| self.io("writing", e))?;
+        fs::rename(&tmp, &self.path).map_err(|e| self.io("replacing", e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io("syncing the directory of", e))
+    }
+
+    fn io(&self, op: &'static str, source: io::Error) -> StateError {
+        StateError::Io {
+            op,
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+/// Unix seconds of `time` (0 before the epoch).
+pub fn unix(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// The time of unix seconds `secs`.
+pub fn from_unix(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wireguard::spec::PeerEntry;
+
+    fn peer() -> PeerSpec {
+        PeerEntry {
+            name: Some("alice".into()),
+            public_key: Key::new([1; 32]).to_string(),
+            allowed_ips: vec!["10.0.0.2/32".into()],
+            preshared_key: Some(Key::new([2; 32]).to_string()),
+            persistent_keepalive: Some(25),
+            endpoint: None,
+        }
+        .validate()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_missing_file_is_an_empty_state_and_saves_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(&dir.path().join("sub"), "wg0");
+        let mut state = store.load().unwrap();
+        assert!(state.dynamic_peers.is_empty());
+        let peer = peer();
+        state.dynamic_peers.insert(peer.public_key, peer.clone());
+        state.added_at.insert(peer.public_key, 1_700_000_000);
+        state.expired.insert(Key::new([3; 32]));
+        state.record(Removal::new(
+            &peer,
+            ExpiryReason::NoHandshake {
+                added_at: from_unix(1),
+            },
+            from_unix(100),
+        ));
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), state);
+        let mode = fs::metadata(store.path()).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn a_corrupt_file_names_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path(), "wg0");
+        fs::write(store.path(), "{not json").unwrap();
+        let error = crate::error_chain(&store.load().unwrap_err());
+        assert!(error.contains("wireguard-wg0.json is not valid"), "{error}");
+        fs::write(store.path(), r#"{"version": 7}"#).unwrap();
+        let error = store.load().unwrap_err().to_string();
+        assert!(error.contains("version 7"), "{error}");
+    }
+
+    #[test]
+    fn removals_are_bounded() {
+        let mut state = State::default();
+        let peer = peer();
+        for n in 0..MAX_REMOVALS + 5 {
+            let reason = ExpiryReason::NoHandshake {
+                added_at: from_unix(0),
+            };
+            state.record(Removal::new(&peer, reason, from_unix(n as u64)));
+        }
+        assert_eq!(state.removals.len(), MAX_REMOVALS);
+        assert_eq!(state.removals.front().unwrap().removed_at, 5);
+    }
+}

@@ -1,0 +1,381 @@
+//! A Tidegate location whose gateway daemon runs the WireGuard interface
+//! itself: a gateway namespace, N client namespaces on one switched segment,
+//! and a real WireGuard client (wireguard-go) in each client namespace,
+//! peered with the gateway.
+//!
+//! ```text
+//!  client i ns                         switch ns          gateway ns
+//!  tg<id>c<i> 198.51.100.(i+2)/24 -- tg<id>c<i>b [tg<id>br] tg<id>gb -- tg<id>g 198.51.100.1 (XDP)
+//!  tg<id>w<i> 10.77.0.(i+2)/32  ===== WireGuard, UDP 51820 =====     tg<id>gw 10.77.0.1/24
+//!                                                                     (wireguard-go started by
+//!                                                                      tidegate-gateway)
+//! ```
+//!
+//! Every client has the gateway as its only peer (endpoint
+//! `198.51.100.1:51820`, allowed IPs `10.77.0.0/24`); the gateway's config
+//! file lists every client as a `[[peer]]` (`client<i>`, allowed IPs
+//! `10.77.0.(i+2)/32`) plus any extra peers the test asks for.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::bins::binary;
+use crate::gateway::{
+    GATEWAY_BIN, GatewayConfig, GatewayDaemon, PeerEntry, TIDECTL_BIN, WireguardSection, XdpMode,
+};
+use crate::netns::{Netns, PingReport, bridge, veth};
+use crate::run::Run;
+use crate::shield::WG_PORT;
+use crate::wireguard::{DetachedWireguardGo, KeyPair, PeerStats, WgInterface, WgPeer};
+
+/// The gateway's address on the segment.
+pub const GATEWAY_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// Prefix length of the segment.
+pub const UNDERLAY_PREFIX: u8 = 24;
+/// The gateway's tunnel address.
+pub const GATEWAY_TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// The tunnel network.
+pub const TUNNEL_NET: &str = "10.77.0.0/24";
+/// Prefix length of the gateway's tunnel address.
+pub const TUNNEL_PREFIX: u8 = 24;
+/// Most clients a location holds (their addresses are `.2` to `.(N+1)`).
+pub const MAX_CLIENTS: usize = 8;
+
+/// The segment address of client `i`: `198.51.100.(i+2)`.
+///
+/// # Panics
+/// If `i` is not below [`MAX_CLIENTS`].
+pub fn client_underlay(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, host_octet(i))
+}
+
+/// The tunnel address of client `i`: `10.77.0.(i+2)`.
+///
+/// # Panics
+/// If `i` is not below [`MAX_CLIENTS`].
+pub fn client_tunnel(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, host_octet(i))
+}
+
+fn host_octet(i: usize) -> u8 {
+    assert!(i < MAX_CLIENTS, "client index {i} >= {MAX_CLIENTS}");
+    u8::try_from(i + 2).unwrap_or(u8::MAX)
+}
+
+/// What a [`Location`] is made of.
+#[derive(Debug, Clone)]
+pub struct LocationOptions {
+    /// How many client namespaces, each a `[[peer]]` of the gateway.
+    pub clients: usize,
+    /// More `[[peer]]` entries of the gateway, without a client behind them.
+    pub extra_peers: Vec<PeerEntry>,
+    /// `mfa` in `[wireguard]`.
+    pub mfa: bool,
+    /// `peer_disconnect_threshold_secs`, if set.
+    pub threshold_secs: Option<u64>,
+    /// `stats_interval_ms`, if set.
+    pub stats_interval_ms: Option<u64>,
+    /// Enable IPv4 forwarding in the gateway namespace, so clients reach
+    /// each other through the gateway.
+    pub ip_forward: bool,
+}
+
+impl Default for LocationOptions {
+    fn default() -> Self {
+        Self {
+            clients: 1,
+            extra_peers: Vec::new(),
+            mfa: false,
+            threshold_secs: None,
+            stats_interval_ms: Some(200),
+            ip_forward: false,
+        }
+    }
+}
+
+/// One client: its namespace and its WireGuard interface.
+#[derive(Debug)]
+pub struct Client {
+    index: usize,
+    wg: WgInterface,
+    netns: Netns,
+}
+
+impl Client {
+    /// The client's index in the location.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The name the gateway's config gives this client's peer.
+    pub fn name(&self) -> String {
+        format!("client{}", self.index)
+    }
+
+    /// The client's namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The client's WireGuard interface.
+    pub fn wg(&self) -> &WgInterface {
+        &self.wg
+    }
+
+    /// The client's public key.
+    pub fn public_key(&self) -> &str {
+        self.wg.public_key()
+    }
+
+    /// The client's segment address.
+    pub fn underlay(&self) -> Ipv4Addr {
+        client_underlay(self.index)
+    }
+
+    /// The client's tunnel address.
+    pub fn tunnel(&self) -> Ipv4Addr {
+        client_tunnel(self.index)
+    }
+
+    /// The `[[peer]]` entry of this client in the gateway's config.
+    pub fn peer_entry(&self) -> PeerEntry {
+        PeerEntry {
+            name: Some(self.name()),
+            public_key: self.public_key().to_owned(),
+            allowed_ips: vec![format!("{}/32", self.tunnel())],
+            ..PeerEntry::default()
+        }
+    }
+
+    /// The UDP port the client's WireGuard listens on (wireguard-go picks
+    /// one).
+    pub fn listen_port(&self) -> Result<u16> {
+        let out = self.wg.wg(&["show", self.wg.name(), "listen-port"])?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("parsing the listen port {out:?} of {}", self.wg.name()))
+    }
+
+    /// Pings `target` through the tunnel `count` times, 0.2 s apart; every
+    /// echo must be answered.
+    pub fn ping(&self, target: Ipv4Addr, count: u32) -> Result<PingReport> {
+        self.netns
+            .ping(IpAddr::V4(target), count)
+            .with_context(|| format!("ping {target} from client{}", self.index))
+    }
+
+    /// Pings `target` `count` times, `interval` apart (one second to wait
+    /// for each reply), and reports the losses.
+    pub fn ping_paced(
+        &self,
+        target: Ipv4Addr,
+        count: u32,
+        interval: Duration,
+    ) -> Result<PingReport> {
+        self.netns
+            .ping_paced(IpAddr::V4(target), count, interval, Duration::from_secs(1))
+            .with_context(|| format!("paced ping {target} from client{}", self.index))
+    }
+}
+
+/// The whole location.
+///
+/// Fields drop in order: the daemon (SIGTERM), then the wireguard-go it
+/// started (found by its UAPI socket and stopped by pid), then the clients'
+/// WireGuard interfaces, then the namespaces and the run directory.
+#[derive(Debug)]
+pub struct Location {
+    daemon: GatewayDaemon,
+    gateway_wg: DetachedWireguardGo,
+    clients: Vec<Client>,
+    gateway: Netns,
+    switch: Netns,
+    gateway_keys: KeyPair,
+    // Last: the run directory goes after everything that writes into it.
+    run: Run,
+}
+
+impl Location {
+    /// Builds the segment and the clients, then starts the gateway daemon
+    /// with `[wireguard]` and one `[[peer]]` per client (plus the extra
+    /// ones), and waits until it answers. The clients are configured but
+    /// have sent nothing yet: the first packet a client sends starts its
+    /// handshake.
+    pub fn build(options: &LocationOptions) -> Result<Self> {
+        for name in [GATEWAY_BIN, TIDECTL_BIN] {
+            binary(name)?;
+        }
+        if options.clients > MAX_CLIENTS {
+            bail!("{} clients asked, at most {MAX_CLIENTS}", options.clients);
+        }
+        let run = Run::new()?;
+        let gateway = Netns::create(&run.netns_name("gateway"))?;
+        let switch = Netns::create(&run.netns_name("switch"))?;
+        let gateway_if = run.ifname("g");
+        let gateway_port = run.ifname("gb");
+        veth(&gateway, &gateway_if, &switch, &gateway_port)?;
+        gateway.add_addr(
+            &gateway_if,
+            &format!("{GATEWAY_UNDERLAY}/{UNDERLAY_PREFIX}"),
+        )?;
+        gateway.set_up(&gateway_if)?;
+        if options.ip_forward {
+            gateway.exec_ok(
+                "sysctl",
+                &[
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.send_redirects=0",
+                ],
+            )?;
+        }
+
+        let gateway_keys = KeyPair::generate()?;
+        let mut ports = vec![gateway_port];
+        let mut clients = Vec::with_capacity(options.clients);
+        for index in 0..options.clients {
+            let netns = Netns::create(&run.netns_name(&format!("client{index}")))?;
+            let link = run.ifname(&format!("c{index}"));
+            let port = run.ifname(&format!("c{index}b"));
+            veth(&netns, &link, &switch, &port)?;
+            netns.add_addr(
+                &link,
+                &format!("{}/{UNDERLAY_PREFIX}", client_underlay(index)),
+            )?;
+            netns.set_up(&link)?;
+            ports.push(port);
+
+            let wg = WgInterface::create(&netns, &run.ifname(&format!("w{index}")), run.dir())
+                .with_context(|| format!("creating the WireGuard interface of client{index}"))?;
+            wg.add_peer(&WgPeer {
+                public_key: &gateway_keys.public,
+                endpoint: Some(SocketAddr::from((GATEWAY_UNDERLAY, WG_PORT))),
+                allowed_ips: &[TUNNEL_NET],
+                persistent_keepalive: None,
+            })?;
+            wg.add_addr(&format!("{}/32", client_tunnel(index)))?;
+            wg.up()?;
+            netns.ip(&["route", "add", TUNNEL_NET, "dev", wg.name()])?;
+            clients.push(Client { index, wg, netns });
+        }
+        let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
+        bridge(&switch, &run.ifname("br"), &port_refs)?;
+
+        let wg_interface = run.ifname("gw");
+        // Before the daemon: if the start fails half-way, the daemon is
+        // dropped first and then its wireguard-go.
+        let gateway_wg = DetachedWireguardGo::new(&gateway, &wg_interface);
+        let mut peers: Vec<PeerEntry> = clients.iter().map(Client::peer_entry).collect();
+        peers.extend(options.extra_peers.iter().cloned());
+        let mut config = GatewayConfig::shield(
+            &gateway_if,
+            XdpMode::Auto,
+            run.dir().join("gateway.sock"),
+            vec![SocketAddr::from((GATEWAY_UNDERLAY, WG_PORT))],
+        );
+        config.state_dir = Some(run.dir().join("state"));
+        config.wireguard = Some(WireguardSection {
+            interface: wg_interface,
+            backend: "auto".into(),
+            private_key: gateway_keys.private.clone(),
+            listen_port: WG_PORT,
+            addresses: vec![format!("{GATEWAY_TUNNEL}/{TUNNEL_PREFIX}")],
+            mtu: None,
+            stats_interval_ms: options.stats_interval_ms,
+            mfa: options.mfa,
+            peer_disconnect_threshold_secs: options.threshold_secs,
+        });
+        config.peers = peers;
+        let daemon = GatewayDaemon::start(&gateway, config, run.dir())?;
+        Ok(Self {
+            daemon,
+            gateway_wg,
+            clients,
+            gateway,
+            switch,
+            gateway_keys,
+            run,
+        })
+    }
+
+    /// The run (id, temporary directory).
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    /// The gateway namespace.
+    pub fn gateway(&self) -> &Netns {
+        &self.gateway
+    }
+
+    /// The switch namespace.
+    pub fn switch(&self) -> &Netns {
+        &self.switch
+    }
+
+    /// The gateway daemon.
+    pub fn daemon(&self) -> &GatewayDaemon {
+        &self.daemon
+    }
+
+    /// The gateway daemon, mutably (tidectl, restart, config).
+    pub fn daemon_mut(&mut self) -> &mut GatewayDaemon {
+        &mut self.daemon
+    }
+
+    /// The daemon and the clients at once: to drive the daemon while the
+    /// clients send traffic from other threads.
+    pub fn split_mut(&mut self) -> (&mut GatewayDaemon, &[Client]) {
+        (&mut self.daemon, &self.clients)
+    }
+
+    /// The gateway's WireGuard public key.
+    pub fn gateway_public_key(&self) -> &str {
+        &self.gateway_keys.public
+    }
+
+    /// The gateway's WireGuard interface name.
+    pub fn wg_interface(&self) -> &str {
+        self.gateway_wg.interface()
+    }
+
+    /// The clients.
+    pub fn clients(&self) -> &[Client] {
+        &self.clients
+    }
+
+    /// Client `i`.
+    ///
+    /// # Panics
+    /// If there is no client `i`.
+    pub fn client(&self, i: usize) -> &Client {
+        &self.clients[i]
+    }
+
+    /// `wg show <if> dump` of the gateway's interface.
+    pub fn wg_dump(&self) -> Result<String> {
+        self.gateway
+            .exec_ok("wg", &["show", self.wg_interface(), "dump"])
+            .with_context(|| format!("reading {} in {}", self.wg_interface(), self.gateway.name()))
+    }
+
+    /// The gateway's peers as `wg show <if> dump` reports them.
+    pub fn wg_peers(&self) -> Result<Vec<PeerStats>> {
+        PeerStats::parse_dump(&self.wg_dump()?)
+    }
+
+    /// The pid of the wireguard-go serving the gateway's interface, found
+    /// through its UAPI socket.
+    pub fn wireguard_go_pid(&self) -> Result<Option<u32>> {
+        self.gateway_wg.pid()
+    }
+
+    /// Restarts the daemon (after it was killed) with the same config;
+    /// returns the log offset before the restart.
+    pub fn restart_daemon(&mut self) -> Result<usize> {
+        self.daemon.restart(&self.gateway)
+    }
+}
