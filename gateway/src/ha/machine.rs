@@ -1,0 +1,1132 @@
+//! The election as a pure state machine: events in (adverts heard, timer
+//! ticks, health, operator requests), actions out (advertise, take or
+//! release the VIPs). No I/O and no clock of its own, so every timing rule
+//! is tested without privileges.
+//!
+//! The rules are those of VRRP (RFC 5798) with two additions: every gateway
+//! advertises, not only the master, so the master knows its backups; and a
+//! planned failover is a handover: the master names its best backup, which
+//! claims the VIPs at once, and the old master releases them only when it
+//! hears the new one.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Transitions kept for `tidectl status`.
+pub const MAX_TRANSITIONS: usize = 32;
+
+/// A gateway leaves the peer table after this many of its intervals
+/// without an advert.
+const PEER_TIMEOUT_INTERVALS: u32 = 4;
+
+/// A gateway's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Init,
+    Backup,
+    Master,
+    Fault,
+}
+
+impl Role {
+    /// The role's number in an advert.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Init => 0,
+            Self::Backup => 1,
+            Self::Master => 2,
+            Self::Fault => 3,
+        }
+    }
+
+    /// The role of advert code `code`.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => Self::Init,
+            1 => Self::Backup,
+            2 => Self::Master,
+            3 => Self::Fault,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Init => "INIT",
+            Self::Backup => "BACKUP",
+            Self::Master => "MASTER",
+            Self::Fault => "FAULT",
+        })
+    }
+}
+
+/// This gateway's election settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub gateway_id: u32,
+    /// 1 to 255; 0 is reserved for "resigning".
+    pub priority: u8,
+    /// How often every gateway advertises.
+    pub interval: Duration,
+    /// Take over from a lower-priority master.
+    pub preempt: bool,
+    /// After start, no preemption for this long.
+    pub preempt_delay: Duration,
+}
+
+/// What an authenticated, fresh advert from another gateway says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    pub from: u32,
+    pub role: Role,
+    /// 0 when the sender resigns.
+    pub priority: u8,
+    pub interval: Duration,
+    /// The gateway a master hands over to.
+    pub handover_to: Option<u32>,
+    pub maintenance: bool,
+    pub healthy: bool,
+}
+
+/// Something that happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The agent starts.
+    Start,
+    /// Time passed; due timers fire.
+    Tick,
+    /// An advert from another gateway of the location.
+    Heard(Heard),
+    /// Health changed: unhealthy makes the gateway FAULT at once.
+    Health { healthy: bool, reason: String },
+    /// The daemon stops: hand over if a backup is alive, else resign.
+    Shutdown,
+}
+
+/// What the I/O layer must do, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send an advert now, with these fields.
+    Advertise(AdvertFields),
+    /// Put the VIPs on the public interface and announce them
+    /// (gratuitous ARP, unsolicited neighbour adverts).
+    TakeVips,
+    /// Take the VIPs off the public interface (they stay on `lo`).
+    ReleaseVips,
+    /// Announce the VIPs again (another master was heard).
+    Announce,
+    /// Shutdown is complete: the daemon may exit.
+    Exit,
+}
+
+/// Why a planned failover cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandoverError {
+    #[error("this gateway is {0}, not MASTER: only the master can hand over")]
+    NotMaster(Role),
+    #[error("no healthy backup to hand over to")]
+    NoBackup,
+    #[error("a handover to gateway {0} is already under way")]
+    InProgress(u32),
+}
+
+/// The fields of this gateway's next advert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdvertFields {
+    pub role: Role,
+    pub priority: u8,
+    pub handover_to: Option<u32>,
+    pub maintenance: bool,
+    pub healthy: bool,
+}
+
+/// A role change, for `tidectl status` and the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub at: Instant,
+    pub from: Role,
+    pub to: Role,
+    pub reason: String,
+}
+
+/// Another gateway, as its adverts describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerView {
+    pub role: Role,
+    pub priority: u8,
+    pub maintenance: bool,
+    pub healthy: bool,
+    pub interval: Duration,
+    pub last_seen: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Handover {
+    to: u32,
+    deadline: Instant,
+}
+
+/// The election state of one gateway.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    settings: Settings,
+    role: Role,
+    started: Option<Instant>,
+    next_advert: Option<Instant>,
+    /// BACKUP: when the master is deemed down.
+    master_down_at: Option<Instant>,
+    /// The master this gateway follows, if any.
+    master: Option<u32>,
+    peers: BTreeMap<u32, PeerView>,
+    healthy: bool,
+    maintenance: bool,
+    /// MASTER: handing over to another gateway.
+    handover: Option<Handover>,
+    /// BACKUP after a handover: the master this gateway handed over to,
+    /// which it does not preempt.
+    yielded_to: Option<u32>,
+    shutting_down: bool,
+    transitions: VecDeque<Transition>,
+}
+
+impl Machine {
+    /// A machine in INIT.
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            settings,
+            role: Role::Init,
+            started: None,
+            next_advert: None,
+            master_down_at: None,
+            master: None,
+            peers: BTreeMap::new(),
+            healthy: true,
+            maintenance: false,
+            handover: None,
+            yielded_to: None,
+            shutting_down: false,
+            transitions: VecDeque::new(),
+        }
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The master: this gateway when MASTER, else the one it follows.
+    pub fn master(&self) -> Option<u32> {
+        match self.role {
+            Role::Master => Some(self.settings.gateway_id),
+            _ => self.master,
+        }
+    }
+
+    /// Whether maintenance mode is on.
+    pub fn maintenance(&self) -> bool {
+        self.maintenance
+    }
+
+    /// The other gateways heard recently.
+    pub fn peers(&self) -> &BTreeMap<u32, PeerView> {
+        &self.peers
+    }
+
+    /// Role changes, oldest first.
+    pub fn transitions(&self) -> impl Iterator<Item = &Transition> {
+        self.transitions.iter()
+    }
+
+    /// What the next advert says.
+    pub fn advert(&self) -> AdvertFields {
+        let resigning = self.role == Role::Fault || (self.shutting_down && self.handover.is_none());
+        AdvertFields {
+            role: self.role,
+            priority: if resigning { 0 } else { self.settings.priority },
+            handover_to: self.handover.map(|h| h.to),
+            maintenance: self.maintenance,
+            healthy: self.healthy,
+        }
+    }
+
+    /// When the machine next needs a [`Event::Tick`].
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.next_advert,
+            self.master_down_at,
+            self.handover.map(|h| h.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Skew time: a higher priority waits less before taking over.
+    pub fn skew(priority: u8, interval: Duration) -> Duration {
+        interval * (256 - u32::from(priority)) / 256
+    }
+
+    /// Master-down interval for a master advertising every `interval`.
+    pub fn master_down_interval(&self, interval: Duration) -> Duration {
+        3 * interval + Self::skew(self.settings.priority, interval)
+    }
+
+    /// Feeds one event at `now`; returns the actions to take, in order.
+    pub fn on_event(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match event {
+            Event::Start => self.start(now, &mut actions),
+            Event::Tick => self.tick(now, &mut actions),
+            Event::Heard(heard) => self.heard(heard, now, &mut actions),
+            Event::Health { healthy, reason } => self.health(healthy, reason, now, &mut actions),
+            Event::Shutdown => self.shutdown(now, &mut actions),
+        }
+        actions
+    }
+
+    /// The operator asks for a planned failover: returns the gateway that
+    /// takes over and the actions, or why it cannot be done.
+    pub fn failover(&mut self, now: Instant) -> Result<(u32, Vec<Action>), HandoverError> {
+        let mut actions = Vec::new();
+        let to = self.start_handover(now, &mut actions)?;
+        Ok((to, actions))
+    }
+
+    fn start_handover(
+        &mut self,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) -> Result<u32, HandoverError> {
+        if self.role != Role::Master {
+            return Err(HandoverError::NotMaster(self.role));
+        }
+        if let Some(handover) = self.handover {
+            return Err(HandoverError::InProgress(handover.to));
+        }
+        let to = self.best_backup(now).ok_or(HandoverError::NoBackup)?;
+        self.handover = Some(Handover {
+            to,
+            deadline: now + self.master_down_interval(self.settings.interval),
+        });
+        self.advertise_now(now, actions);
+        Ok(to)
+    }
+
+    /// Turns maintenance on or off: in maintenance the gateway stays
+    /// BACKUP. A master hands over first; with no backup to take over, that
+    /// is refused and nothing changes.
+    pub fn set_maintenance(
+        &mut self,
+        on: bool,
+        now: Instant,
+    ) -> Result<Vec<Action>, HandoverError> {
+        let mut actions = Vec::new();
+        if on && self.role == Role::Master && self.handover.is_none() {
+            self.start_handover(now, &mut actions)?;
+        }
+        if self.maintenance != on {
+            self.maintenance = on;
+            let state = if on { "on" } else { "off" };
+            self.note(format!("maintenance {state}"), now);
+        }
+        if !on && self.role == Role::Backup && self.master_down_at.is_none() {
+            self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
+        }
+        self.advertise_now(now, &mut actions);
+        Ok(actions)
+    }
+
+    fn start(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        if self.role != Role::Init {
+            return;
+        }
+        self.started = Some(now);
+        let role = if self.healthy {
+            Role::Backup
+        } else {
+            Role::Fault
+        };
+        self.transition(role, "started", now);
+        if role == Role::Backup {
+            self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
+        }
+        // A restarted gateway must not hold the VIPs it may have held.
+        actions.push(Action::ReleaseVips);
+        self.advertise_now(now, actions);
+    }
+
+    fn tick(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        if self.role == Role::Init {
+            return;
+        }
+        self.peers.retain(|_, peer| {
+            now.saturating_duration_since(peer.last_seen) <= PEER_TIMEOUT_INTERVALS * peer.interval
+        });
+        if let Some(handover) = self.handover
+            && now >= handover.deadline
+        {
+            self.handover = None;
+            if self.shutting_down {
+                self.resign(
+                    format!("handover to gateway {} timed out; resigning", handover.to),
+                    now,
+                    actions,
+                );
+                actions.push(Action::Exit);
+                return;
+            }
+            self.note(
+                format!(
+                    "handover to gateway {} timed out; still MASTER",
+                    handover.to
+                ),
+                now,
+            );
+        }
+        if self.role == Role::Backup && self.master_down_at.is_some_and(|at| now >= at) {
+            self.master_down_at = None;
+            if self.eligible() {
+                let reason = match self.master.take() {
+                    Some(id) => format!("master {id} down"),
+                    None => "no master heard".to_owned(),
+                };
+                self.become_master(reason, now, actions);
+            }
+        }
+        if self.next_advert.is_some_and(|at| now >= at) {
+            self.advertise_now(now, actions);
+        }
+    }
+
+    fn heard(&mut self, heard: Heard, now: Instant, actions: &mut Vec<Action>) {
+        if heard.from == self.settings.gateway_id || self.role == Role::Init {
+            return;
+        }
+        self.peers.insert(
+            heard.from,
+            PeerView {
+                role: heard.role,
+                priority: heard.priority,
+                maintenance: heard.maintenance,
+                healthy: heard.healthy,
+                interval: heard.interval,
+                last_seen: now,
+            },
+        );
+        if heard.role != Role::Master {
+            if self.master == Some(heard.from) && self.role == Role::Backup {
+                // Our master stepped down without a priority-0 advert.
+                self.master = None;
+                self.master_down_at =
+                    Some(now + Self::skew(self.settings.priority, self.settings.interval));
+            }
+            return;
+        }
+        match self.role {
+            Role::Backup => self.backup_heard_master(heard, now, actions),
+            Role::Master => self.master_heard_master(heard, now, actions),
+            Role::Init | Role::Fault => {}
+        }
+    }
+
+    fn backup_heard_master(&mut self, heard: Heard, now: Instant, actions: &mut Vec<Action>) {
+        if heard.priority == 0 {
+            // RFC 5798: a resigning master hands over after the skew only.
+            self.master = None;
+            self.master_down_at =
+                Some(now + Self::skew(self.settings.priority, self.settings.interval));
+            return;
+        }
+        if heard.handover_to == Some(self.settings.gateway_id) && self.eligible() {
+            self.master = None;
+            self.become_master(
+                format!("handover from gateway {}", heard.from),
+                now,
+                actions,
+            );
+            return;
+        }
+        let in_delay = self
+            .started
+            .is_some_and(|started| now < started + self.settings.preempt_delay);
+        let follow = !self.settings.preempt
+            || in_delay
+            || !self.eligible()
+            || self.yielded_to == Some(heard.from)
+            || outranks(
+                heard.priority,
+                heard.from,
+                self.settings.priority,
+                self.settings.gateway_id,
+            );
+        if follow {
+            self.master = Some(heard.from);
+            self.master_down_at = Some(now + self.master_down_interval(heard.interval));
+        }
+        // Otherwise the lower-priority master is not followed: the
+        // master-down timer runs out and this gateway takes over.
+    }
+
+    fn master_heard_master(&mut self, heard: Heard, now: Instant, actions: &mut Vec<Action>) {
+        if heard.priority == 0 {
+            // Let the backups hear a live master at once.
+            self.advertise_now(now, actions);
+            return;
+        }
+        if let Some(handover) = self.handover
+            && handover.to == heard.from
+        {
+            self.handover = None;
+            self.yielded_to = Some(heard.from);
+            self.become_backup(
+                heard,
+                format!("handed over to gateway {}", heard.from),
+                now,
+                actions,
+            );
+            if self.shutting_down {
+                actions.push(Action::Exit);
+            }
+            return;
+        }
+        if outranks(
+            heard.priority,
+            heard.from,
+            self.settings.priority,
+            self.settings.gateway_id,
+        ) {
+            self.become_backup(
+                heard,
+                format!("gateway {} outranks this one", heard.from),
+                now,
+                actions,
+            );
+        } else {
+            // Two masters, and this one wins (say, after a partition
+            // healed): claim the VIPs again at once.
+            self.note(
+                format!("lower-priority master {} heard; announcing", heard.from),
+                now,
+            );
+            actions.push(Action::Announce);
+            self.advertise_now(now, actions);
+        }
+    }
+
+    fn health(&mut self, healthy: bool, reason: String, now: Instant, actions: &mut Vec<Action>) {
+        if healthy == self.healthy {
+            return;
+        }
+        self.healthy = healthy;
+        match (healthy, self.role) {
+            (false, Role::Master) => {
+                self.handover = None;
+                self.resign(reason, now, actions);
+            }
+            (false, Role::Backup) => {
+                self.master_down_at = None;
+                self.transition(Role::Fault, reason, now);
+                self.advertise_now(now, actions);
+            }
+            (true, Role::Fault) => {
+                self.transition(Role::Backup, reason, now);
+                self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
+                self.advertise_now(now, actions);
+            }
+            _ => {}
+        }
+    }
+
+    fn shutdown(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        self.shutting_down = true;
+        if self.role == Role::Master {
+            if self.handover.is_some() || self.start_handover(now, actions).is_ok() {
+                // Exit once the backup has taken over, or at the deadline.
+                return;
+            }
+            self.resign("shutting down with no backup".into(), now, actions);
+        } else {
+            self.advertise_now(now, actions);
+        }
+        actions.push(Action::Exit);
+    }
+
+    /// MASTER → FAULT, or BACKUP on shutdown: one last advert as master
+    /// with priority 0, so the backups take over after their skew only.
+    fn resign(&mut self, reason: String, now: Instant, actions: &mut Vec<Action>) {
+        let last = AdvertFields {
+            role: Role::Master,
+            priority: 0,
+            handover_to: None,
+            ..self.advert()
+        };
+        actions.retain(|a| !matches!(a, Action::Advertise(_)));
+        actions.push(Action::Advertise(last));
+        self.next_advert = Some(now + self.settings.interval);
+        let to = if self.healthy {
+            Role::Backup
+        } else {
+            Role::Fault
+        };
+        self.transition(to, reason, now);
+        actions.push(Action::ReleaseVips);
+    }
+
+    fn become_master(&mut self, reason: String, now: Instant, actions: &mut Vec<Action>) {
+        self.transition(Role::Master, reason, now);
+        self.master_down_at = None;
+        self.yielded_to = None;
+        actions.push(Action::TakeVips);
+        self.advertise_now(now, actions);
+    }
+
+    fn become_backup(
+        &mut self,
+        heard: Heard,
+        reason: String,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        self.transition(Role::Backup, reason, now);
+        self.master = Some(heard.from);
+        self.master_down_at = Some(now + self.master_down_interval(heard.interval));
+        actions.push(Action::ReleaseVips);
+        self.advertise_now(now, actions);
+    }
+
+    /// Sends an advert with the current fields, replacing one queued
+    /// earlier in the same step.
+    fn advertise_now(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        actions.retain(|a| !matches!(a, Action::Advertise(_)));
+        actions.push(Action::Advertise(self.advert()));
+        self.next_advert = Some(now + self.settings.interval);
+    }
+
+    /// Whether this gateway may become MASTER.
+    fn eligible(&self) -> bool {
+        self.healthy && !self.maintenance && !self.shutting_down
+    }
+
+    /// The backup a handover goes to: healthy, not in maintenance, heard
+    /// recently; the highest priority, ties to the higher id.
+    fn best_backup(&self, now: Instant) -> Option<u32> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| {
+                p.role == Role::Backup
+                    && p.healthy
+                    && !p.maintenance
+                    && p.priority > 0
+                    && now.saturating_duration_since(p.last_seen) <= 3 * p.interval
+            })
+            .max_by_key(|(id, p)| (p.priority, **id))
+            .map(|(id, _)| *id)
+    }
+
+    fn transition(&mut self, to: Role, reason: impl Into<String>, now: Instant) {
+        let from = self.role;
+        self.role = to;
+        self.record(from, to, reason.into(), now);
+    }
+
+    /// Records an event that changes no role (shown in the history).
+    fn note(&mut self, reason: String, now: Instant) {
+        self.record(self.role, self.role, reason, now);
+    }
+
+    fn record(&mut self, from: Role, to: Role, reason: String, at: Instant) {
+        if self.transitions.len() == MAX_TRANSITIONS {
+            self.transitions.pop_front();
+        }
+        self.transitions.push_back(Transition {
+            at,
+            from,
+            to,
+            reason,
+        });
+    }
+}
+
+/// Whether a gateway (`priority`, `id`) wins over (`mine`, `my_id`): the
+/// higher priority, and on a tie the higher gateway id.
+fn outranks(priority: u8, id: u32, mine: u8, my_id: u32) -> bool {
+    (priority, id) > (mine, my_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_millis(100);
+
+    fn settings(id: u32, priority: u8) -> Settings {
+        Settings {
+            gateway_id: id,
+            priority,
+            interval: INTERVAL,
+            preempt: true,
+            preempt_delay: Duration::ZERO,
+        }
+    }
+
+    fn ms(t0: Instant, n: u64) -> Instant {
+        t0 + Duration::from_millis(n)
+    }
+
+    fn master(from: u32, priority: u8) -> Event {
+        Event::Heard(Heard {
+            from,
+            role: Role::Master,
+            priority,
+            interval: INTERVAL,
+            handover_to: None,
+            maintenance: false,
+            healthy: true,
+        })
+    }
+
+    fn backup(from: u32, priority: u8) -> Event {
+        Event::Heard(Heard {
+            role: Role::Backup,
+            ..heard(master(from, priority))
+        })
+    }
+
+    fn heard(event: Event) -> Heard {
+        match event {
+            Event::Heard(heard) => heard,
+            other => panic!("not an advert: {other:?}"),
+        }
+    }
+
+    fn started(id: u32, priority: u8, t0: Instant) -> Machine {
+        let mut m = Machine::new(settings(id, priority));
+        m.on_event(Event::Start, t0);
+        m
+    }
+
+    /// Ticks every millisecond from `from` to `to`; returns when the role
+    /// first became `role`, if it did.
+    fn tick_until(m: &mut Machine, t0: Instant, from: u64, to: u64, role: Role) -> Option<u64> {
+        (from..=to).find(|&n| {
+            m.on_event(Event::Tick, ms(t0, n));
+            m.role() == role
+        })
+    }
+
+    fn advert(actions: &[Action]) -> Option<AdvertFields> {
+        actions.iter().find_map(|a| match a {
+            Action::Advertise(fields) => Some(*fields),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn skew_and_master_down_follow_rfc_5798() {
+        assert_eq!(
+            Machine::skew(100, INTERVAL),
+            Duration::from_nanos(60_937_500)
+        );
+        assert_eq!(Machine::skew(255, INTERVAL), Duration::from_nanos(390_625));
+        let m = Machine::new(settings(1, 200));
+        assert_eq!(
+            m.master_down_interval(INTERVAL),
+            Duration::from_micros(321_875)
+        );
+    }
+
+    #[test]
+    fn a_lone_gateway_becomes_master_after_the_master_down_interval() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(settings(1, 100));
+        let actions = m.on_event(Event::Start, t0);
+        assert_eq!(m.role(), Role::Backup);
+        assert_eq!(
+            actions[0],
+            Action::ReleaseVips,
+            "a restarted agent drops old VIPs first"
+        );
+        assert_eq!(advert(&actions).unwrap().role, Role::Backup);
+        // 3 x 100 ms + 60.9 ms.
+        assert_eq!(tick_until(&mut m, t0, 1, 1000, Role::Master), Some(361));
+        assert_eq!(m.transitions().last().unwrap().reason, "no master heard");
+    }
+
+    #[test]
+    fn every_gateway_advertises_every_interval() {
+        let t0 = Instant::now();
+        let mut m = started(1, 100, t0);
+        assert_eq!(m.next_deadline(), Some(ms(t0, 100)));
+        assert!(m.on_event(Event::Tick, ms(t0, 99)).is_empty());
+        let actions = m.on_event(Event::Tick, ms(t0, 100));
+        assert_eq!(advert(&actions).unwrap().priority, 100);
+    }
+
+    #[test]
+    fn a_backup_follows_a_higher_master_and_takes_over_when_it_falls_silent() {
+        let t0 = Instant::now();
+        let mut m = started(1, 100, t0);
+        for n in (0..1000).step_by(100) {
+            m.on_event(master(2, 200), ms(t0, n));
+            m.on_event(Event::Tick, ms(t0, n + 50));
+            assert_eq!(m.role(), Role::Backup);
+        }
+        assert_eq!(m.master(), Some(2));
+        // Last advert at 900 ms: master down at 900 + 360.9.
+        assert_eq!(tick_until(&mut m, t0, 951, 2000, Role::Master), Some(1261));
+        assert_eq!(m.transitions().last().unwrap().reason, "master 2 down");
+    }
+
+    #[test]
+    fn a_resigning_master_is_replaced_after_the_skew_only() {
+        let t0 = Instant::now();
+        let mut m = started(1, 100, t0);
+        m.on_event(master(2, 200), ms(t0, 0));
+        m.on_event(master(2, 0), ms(t0, 50));
+        assert_eq!(tick_until(&mut m, t0, 51, 1000, Role::Master), Some(111));
+    }
+
+    #[test]
+    fn preemption_takes_over_from_a_lower_master() {
+        let t0 = Instant::now();
+        let mut high = started(1, 200, t0);
+        for n in (0..1000).step_by(100) {
+            high.on_event(master(2, 100), ms(t0, n));
+        }
+        // The lower master's adverts are not followed: the timer from the
+        // start (3 x 100 + 21.9 ms) runs out.
+        assert_eq!(tick_until(&mut high, t0, 1, 1000, Role::Master), Some(322));
+
+        let mut low = started(2, 100, t0);
+        low.on_event(Event::Tick, ms(t0, 400));
+        assert_eq!(low.role(), Role::Master);
+        let actions = low.on_event(master(1, 200), ms(t0, 410));
+        assert_eq!(low.role(), Role::Backup);
+        assert_eq!(actions[0], Action::ReleaseVips);
+        assert_eq!(low.master(), Some(1));
+    }
+
+    #[test]
+    fn without_preemption_or_within_the_delay_a_lower_master_is_followed() {
+        let t0 = Instant::now();
+        let mut patient = Machine::new(Settings {
+            preempt: false,
+            ..settings(1, 200)
+        });
+        patient.on_event(Event::Start, t0);
+        let mut delayed = Machine::new(Settings {
+            preempt_delay: Duration::from_secs(1),
+            ..settings(1, 200)
+        });
+        delayed.on_event(Event::Start, t0);
+        let mut took_over = None;
+        for n in 0..3000 {
+            for m in [&mut patient, &mut delayed] {
+                if n % 100 == 0 {
+                    m.on_event(master(2, 100), ms(t0, n));
+                }
+                m.on_event(Event::Tick, ms(t0, n));
+            }
+            if delayed.role() == Role::Master {
+                took_over.get_or_insert(n);
+            }
+        }
+        assert_eq!(patient.role(), Role::Backup);
+        // Followed until 1 s; the last advert followed came at 900 ms, and
+        // the master-down interval (321.9 ms) ran out after it.
+        assert_eq!(took_over, Some(1222));
+    }
+
+    #[test]
+    fn ties_go_to_the_higher_gateway_id() {
+        let t0 = Instant::now();
+        let mut low_id = started(1, 100, t0);
+        let mut high_id = started(2, 100, t0);
+        low_id.on_event(Event::Tick, ms(t0, 400));
+        high_id.on_event(Event::Tick, ms(t0, 400));
+        assert_eq!(
+            (low_id.role(), high_id.role()),
+            (Role::Master, Role::Master)
+        );
+        let actions = high_id.on_event(master(1, 100), ms(t0, 401));
+        assert_eq!(high_id.role(), Role::Master);
+        assert!(actions.contains(&Action::Announce), "{actions:?}");
+        low_id.on_event(master(2, 100), ms(t0, 401));
+        assert_eq!(low_id.role(), Role::Backup);
+    }
+
+    #[test]
+    fn a_master_hearing_a_lower_master_announces_at_once() {
+        let t0 = Instant::now();
+        let mut m = started(1, 200, t0);
+        m.on_event(Event::Tick, ms(t0, 400));
+        let actions = m.on_event(master(2, 100), ms(t0, 450));
+        assert_eq!(actions[0], Action::Announce);
+        assert_eq!(advert(&actions).unwrap().role, Role::Master);
+        assert_eq!(m.role(), Role::Master);
+    }
+
+    #[test]
+    fn an_unhealthy_master_resigns_at_once_and_comes_back_as_backup() {
+        let t0 = Instant::now();
+        let mut m = started(1, 100, t0);
+        m.on_event(Event::Tick, ms(t0, 400));
+        let actions = m.on_event(
+            Event::Health {
+                healthy: false,
+                reason: "public link down".into(),
+            },
+            ms(t0, 500),
+        );
+        assert_eq!(m.role(), Role::Fault);
+        let last = advert(&actions).unwrap();
+        assert_eq!((last.role, last.priority), (Role::Master, 0));
+        assert_eq!(actions.last(), Some(&Action::ReleaseVips));
+        // Faulty: never master, and adverts say priority 0.
+        assert_eq!(tick_until(&mut m, t0, 501, 2000, Role::Master), None);
+        assert_eq!(m.advert().priority, 0);
+        m.on_event(
+            Event::Health {
+                healthy: true,
+                reason: "public link up".into(),
+            },
+            ms(t0, 2000),
+        );
+        assert_eq!(m.role(), Role::Backup);
+        assert_eq!(tick_until(&mut m, t0, 2001, 3000, Role::Master), Some(2361));
+    }
+
+    /// A master (id 1, priority 200) with backups 2 (150) and 3 (120).
+    fn trio(t0: Instant) -> (Machine, Machine, Machine) {
+        let mut a = started(1, 200, t0);
+        let mut b = started(2, 150, t0);
+        let mut c = started(3, 120, t0);
+        a.on_event(Event::Tick, ms(t0, 330));
+        assert_eq!(a.role(), Role::Master);
+        for m in [&mut b, &mut c] {
+            m.on_event(master(1, 200), ms(t0, 330));
+        }
+        a.on_event(backup(2, 150), ms(t0, 331));
+        a.on_event(backup(3, 120), ms(t0, 331));
+        (a, b, c)
+    }
+
+    #[test]
+    fn a_planned_failover_hands_over_to_the_best_backup() {
+        let t0 = Instant::now();
+        let (mut a, mut b, mut c) = trio(t0);
+        let (to, actions) = a.failover(ms(t0, 400)).unwrap();
+        assert_eq!(to, 2);
+        let offer = advert(&actions).unwrap();
+        assert_eq!((offer.role, offer.handover_to), (Role::Master, Some(2)));
+        assert_eq!(a.role(), Role::Master, "the old master keeps serving");
+
+        let handover = Event::Heard(Heard {
+            handover_to: Some(2),
+            ..heard(master(1, 200))
+        });
+        c.on_event(handover.clone(), ms(t0, 401));
+        assert_eq!(c.role(), Role::Backup, "only the named backup claims");
+        let actions = b.on_event(handover, ms(t0, 401));
+        assert_eq!(b.role(), Role::Master);
+        assert_eq!(actions[0], Action::TakeVips);
+        assert_eq!(
+            b.transitions().last().unwrap().reason,
+            "handover from gateway 1"
+        );
+
+        // The old master releases only once it hears the new one.
+        let actions = a.on_event(master(2, 150), ms(t0, 402));
+        assert_eq!(a.role(), Role::Backup);
+        assert_eq!(actions[0], Action::ReleaseVips);
+        c.on_event(master(2, 150), ms(t0, 402));
+        assert_eq!(c.master(), Some(2));
+
+        // The old master does not preempt back while the new one lives...
+        for n in (500..2000).step_by(100) {
+            a.on_event(master(2, 150), ms(t0, n));
+            a.on_event(Event::Tick, ms(t0, n + 50));
+        }
+        assert_eq!(a.role(), Role::Backup);
+        // ...and takes over when it dies.
+        assert_eq!(tick_until(&mut a, t0, 2000, 3000, Role::Master), Some(2222));
+    }
+
+    #[test]
+    fn a_failover_needs_a_master_and_a_healthy_backup() {
+        let t0 = Instant::now();
+        let mut lone = started(1, 100, t0);
+        assert_eq!(
+            lone.failover(t0).unwrap_err(),
+            HandoverError::NotMaster(Role::Backup)
+        );
+        lone.on_event(Event::Tick, ms(t0, 400));
+        assert_eq!(
+            lone.failover(ms(t0, 400)).unwrap_err(),
+            HandoverError::NoBackup
+        );
+        let sick = Event::Heard(Heard {
+            healthy: false,
+            ..heard(backup(2, 150))
+        });
+        lone.on_event(sick, ms(t0, 410));
+        let resting = Event::Heard(Heard {
+            maintenance: true,
+            ..heard(backup(3, 150))
+        });
+        lone.on_event(resting, ms(t0, 410));
+        assert_eq!(
+            lone.failover(ms(t0, 420)).unwrap_err(),
+            HandoverError::NoBackup
+        );
+        lone.on_event(backup(4, 10), ms(t0, 430));
+        assert_eq!(lone.failover(ms(t0, 440)).unwrap().0, 4);
+        assert_eq!(
+            lone.failover(ms(t0, 450)).unwrap_err(),
+            HandoverError::InProgress(4)
+        );
+    }
+
+    #[test]
+    fn a_handover_that_is_not_taken_times_out() {
+        let t0 = Instant::now();
+        let (mut a, ..) = trio(t0);
+        a.failover(ms(t0, 400)).unwrap();
+        let timed_out = tick_until(&mut a, t0, 401, 1000, Role::Master);
+        assert_eq!(timed_out, Some(401));
+        a.on_event(Event::Tick, ms(t0, 800));
+        assert!(
+            a.transitions()
+                .last()
+                .unwrap()
+                .reason
+                .contains("handover to gateway 2 timed out"),
+            "{:?}",
+            a.transitions().last()
+        );
+        assert_eq!(a.advert().handover_to, None);
+    }
+
+    #[test]
+    fn maintenance_keeps_a_gateway_backup() {
+        let t0 = Instant::now();
+        let mut m = started(1, 100, t0);
+        m.set_maintenance(true, t0).unwrap();
+        assert!(m.advert().maintenance);
+        assert_eq!(tick_until(&mut m, t0, 1, 2000, Role::Master), None);
+        m.set_maintenance(false, ms(t0, 2000)).unwrap();
+        assert_eq!(tick_until(&mut m, t0, 2001, 3000, Role::Master), Some(2361));
+    }
+
+    #[test]
+    fn maintenance_on_a_master_hands_over_or_is_refused() {
+        let t0 = Instant::now();
+        let mut lone = started(1, 100, t0);
+        lone.on_event(Event::Tick, ms(t0, 400));
+        assert_eq!(
+            lone.set_maintenance(true, ms(t0, 400)).unwrap_err(),
+            HandoverError::NoBackup
+        );
+        assert!(!lone.maintenance());
+
+        let (mut a, ..) = trio(t0);
+        let actions = a.set_maintenance(true, ms(t0, 400)).unwrap();
+        assert_eq!(advert(&actions).unwrap().handover_to, Some(2));
+        a.on_event(master(2, 150), ms(t0, 401));
+        assert_eq!(a.role(), Role::Backup);
+    }
+
+    #[test]
+    fn shutdown_hands_over_then_exits() {
+        let t0 = Instant::now();
+        let (mut a, ..) = trio(t0);
+        let actions = a.on_event(Event::Shutdown, ms(t0, 400));
+        assert!(!actions.contains(&Action::Exit));
+        assert_eq!(advert(&actions).unwrap().handover_to, Some(2));
+        let actions = a.on_event(master(2, 150), ms(t0, 401));
+        assert_eq!(actions.first(), Some(&Action::ReleaseVips));
+        assert_eq!(actions.last(), Some(&Action::Exit));
+    }
+
+    #[test]
+    fn shutdown_without_a_backup_resigns_with_priority_zero() {
+        let t0 = Instant::now();
+        let mut m = started(1, 100, t0);
+        m.on_event(Event::Tick, ms(t0, 400));
+        let actions = m.on_event(Event::Shutdown, ms(t0, 500));
+        let last = advert(&actions).unwrap();
+        assert_eq!((last.role, last.priority), (Role::Master, 0));
+        assert_eq!(&actions[1..], [Action::ReleaseVips, Action::Exit]);
+    }
+
+    #[test]
+    fn shutdown_whose_handover_times_out_resigns() {
+        let t0 = Instant::now();
+        let (mut a, ..) = trio(t0);
+        a.on_event(Event::Shutdown, ms(t0, 400));
+        let mut exit = None;
+        for n in 401..1000 {
+            let actions = a.on_event(Event::Tick, ms(t0, n));
+            if actions.contains(&Action::Exit) {
+                assert!(actions.contains(&Action::ReleaseVips));
+                exit = Some(n);
+                break;
+            }
+        }
+        assert_eq!(
+            exit,
+            Some(722),
+            "at the handover deadline (master-down interval)"
+        );
+    }
+
+    #[test]
+    fn a_backup_shuts_down_at_once() {
+        let t0 = Instant::now();
+        let mut m = started(1, 100, t0);
+        let actions = m.on_event(Event::Shutdown, ms(t0, 10));
+        assert_eq!(advert(&actions).unwrap().priority, 0);
+        assert_eq!(actions.last(), Some(&Action::Exit));
+    }
+
+    #[test]
+    fn silent_peers_leave_the_table_and_history_is_bounded() {
+        let t0 = Instant::now();
+        let mut m = started(1, 100, t0);
+        m.on_event(backup(2, 50), t0);
+        m.on_event(Event::Tick, ms(t0, 400));
+        assert!(m.peers().contains_key(&2));
+        m.on_event(Event::Tick, ms(t0, 401));
+        assert!(m.peers().is_empty());
+
+        let mut m = started(1, 100, t0);
+        for n in 0..(MAX_TRANSITIONS as u64 + 5) {
+            m.set_maintenance(n % 2 == 0, ms(t0, n)).unwrap();
+        }
+        assert_eq!(m.transitions().count(), MAX_TRANSITIONS);
+        assert_eq!(m.transitions().last().unwrap().reason, "maintenance on");
+    }
+
+    #[test]
+    fn own_adverts_and_adverts_before_start_are_ignored() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(settings(1, 100));
+        assert!(m.on_event(master(2, 200), t0).is_empty());
+        m.on_event(Event::Start, t0);
+        m.on_event(master(1, 255), t0);
+        assert!(m.peers().is_empty());
+    }
+}

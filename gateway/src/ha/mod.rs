@@ -1,0 +1,7 @@
+//! The HA agent: a VRRP-like election among the gateways of a location,
+//! which decides who holds the floating IPs.
+
+pub mod advert;
+pub mod announce;
+pub mod machine;
+pub mod vip;
