@@ -1,7 +1,7 @@
 //! The gateway's configuration: one TOML file, then command-line overrides.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -10,6 +10,12 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
+    ha::{
+        advert::{AdvertKey, MAX_VIPS},
+        agent::HaConfig,
+        machine::Settings,
+        transport::Destination,
+    },
     wireguard::{
         BackendSetting, PeerEntry, WireguardConfig,
         key::{Key, KeyError},
@@ -35,6 +41,14 @@ const MTU_MAX: u32 = 9000;
 /// Peer stats poll period when the file sets none.
 const DEFAULT_STATS_INTERVAL_MS: u64 = 1000;
 const MIN_STATS_INTERVAL_MS: u64 = 100;
+/// HA defaults and bounds.
+const DEFAULT_HA_PRIORITY: u8 = 100;
+const DEFAULT_ADVERT_INTERVAL_MS: u64 = 100;
+const MIN_ADVERT_INTERVAL_MS: u64 = 20;
+const MAX_ADVERT_INTERVAL_MS: u64 = 10_000;
+const DEFAULT_HA_PORT: u16 = 51899;
+const DEFAULT_MULTICAST_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 18);
+const MIN_HA_KEY: usize = 16;
 /// MFA peer-disconnect threshold when the file sets none.
 const DEFAULT_PEER_DISCONNECT_THRESHOLD_SECS: u64 = 300;
 
@@ -64,6 +78,12 @@ pub enum ConfigError {
         path: PathBuf,
         #[source]
         source: ServiceError,
+    },
+    #[error("config {path}: [ha] {field}: {reason}")]
+    Ha {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
     },
     #[error("config {path}: [wireguard] {field}: {reason}")]
     Wireguard {
@@ -112,8 +132,28 @@ struct File {
     #[serde(default, rename = "service")]
     services: Vec<ServiceEntry>,
     wireguard: Option<WireguardSection>,
+    ha: Option<HaSection>,
     #[serde(default, rename = "peer")]
     peers: Vec<PeerEntry>,
+}
+
+/// `[ha]`: the election among the location's gateways.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HaSection {
+    location_id: u32,
+    gateway_id: u32,
+    priority: Option<u8>,
+    advert_interval_ms: Option<u64>,
+    preempt: Option<bool>,
+    preempt_delay_ms: Option<u64>,
+    key: Option<String>,
+    key_file: Option<PathBuf>,
+    vips: Vec<IpAddr>,
+    port: Option<u16>,
+    multicast_group: Option<Ipv4Addr>,
+    #[serde(default)]
+    peers: Vec<IpAddr>,
 }
 
 /// `[wireguard]`: the location's interface.
@@ -165,6 +205,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The location's WireGuard interface and peers, if the daemon runs it.
     pub wireguard: Option<WireguardConfig>,
+    /// The HA agent's settings, if this gateway takes part in an election.
+    pub ha: Option<HaConfig>,
 }
 
 impl Config {
@@ -214,6 +256,10 @@ impl Config {
                 });
             }
         };
+        let ha = file
+            .ha
+            .map(|section| ha(path, section, &interface))
+            .transpose()?;
         Ok(Self {
             interface,
             xdp_mode: overrides.xdp_mode.unwrap_or(file.xdp_mode),
@@ -224,8 +270,92 @@ impl Config {
             services,
             state_dir,
             wireguard,
+            ha,
         })
     }
+}
+
+fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, ConfigError> {
+    let bad = |field, reason: String| ConfigError::Ha {
+        path: path.to_owned(),
+        field,
+        reason,
+    };
+    if section.gateway_id == 0 {
+        return Err(bad("gateway_id", "0 is reserved; use 1 or more".into()));
+    }
+    let priority = section.priority.unwrap_or(DEFAULT_HA_PRIORITY);
+    if priority == 0 {
+        return Err(bad(
+            "priority",
+            "0 means \"resigning\" on the wire; use 1..=255".into(),
+        ));
+    }
+    let interval_ms = section
+        .advert_interval_ms
+        .unwrap_or(DEFAULT_ADVERT_INTERVAL_MS);
+    if !(MIN_ADVERT_INTERVAL_MS..=MAX_ADVERT_INTERVAL_MS).contains(&interval_ms) {
+        return Err(bad(
+            "advert_interval_ms",
+            format!("{interval_ms} is outside {MIN_ADVERT_INTERVAL_MS}..={MAX_ADVERT_INTERVAL_MS}"),
+        ));
+    }
+    let key = match (section.key, section.key_file) {
+        (Some(key), None) => key.into_bytes(),
+        (None, Some(file)) => std::fs::read(&file)
+            .map_err(|e| bad("key_file", format!("reading {}: {e}", file.display())))?,
+        (Some(_), Some(_)) => return Err(bad("key", "give key or key_file, not both".into())),
+        (None, None) => return Err(bad("key", "missing: give key or key_file".into())),
+    };
+    let key: Vec<u8> = key.trim_ascii().to_vec();
+    if key.len() < MIN_HA_KEY {
+        return Err(bad(
+            "key",
+            format!(
+                "{} bytes; use at least {MIN_HA_KEY} (e.g. `openssl rand -base64 32`)",
+                key.len()
+            ),
+        ));
+    }
+    if section.vips.is_empty() || section.vips.len() > MAX_VIPS {
+        return Err(bad("vips", format!("give 1 to {MAX_VIPS} addresses")));
+    }
+    for vip in &section.vips {
+        if vip.is_unspecified() || vip.is_multicast() || vip.is_loopback() {
+            return Err(bad("vips", format!("{vip} is not a unicast address")));
+        }
+    }
+    let destination = match (section.multicast_group, section.peers.is_empty()) {
+        (Some(_), false) => {
+            return Err(bad(
+                "peers",
+                "give multicast_group or peers (unicast), not both".into(),
+            ));
+        }
+        (group, true) => {
+            let group = group.unwrap_or(DEFAULT_MULTICAST_GROUP);
+            if !group.is_multicast() {
+                return Err(bad("multicast_group", format!("{group} is not multicast")));
+            }
+            Destination::Multicast(group)
+        }
+        (None, false) => Destination::Unicast(section.peers),
+    };
+    Ok(HaConfig {
+        location_id: section.location_id,
+        election: Settings {
+            gateway_id: section.gateway_id,
+            priority,
+            interval: Duration::from_millis(interval_ms),
+            preempt: section.preempt.unwrap_or(true),
+            preempt_delay: Duration::from_millis(section.preempt_delay_ms.unwrap_or(0)),
+        },
+        key: AdvertKey::new(key),
+        vips: section.vips,
+        port: section.port.unwrap_or(DEFAULT_HA_PORT),
+        destination,
+        interface: interface.to_owned(),
+    })
 }
 
 fn wireguard(

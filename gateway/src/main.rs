@@ -10,6 +10,7 @@ use tidegate_gateway::{
     config::{self, Config, Overrides},
     control::server::{ControlSocket, Handles},
     datapath, error_chain,
+    ha::agent::{self, Agent},
     reload::Reloader,
     wireguard::owner::{self, Owner},
     xdp::{Datapath, XdpModeSetting},
@@ -91,6 +92,10 @@ async fn run(args: Args) -> Result<()> {
         Some(wireguard) => Some(Owner::start(wireguard.clone()).await?),
         None => None,
     };
+    let ha = match &config.ha {
+        Some(ha) => Some(Agent::start(ha.clone()).await?),
+        None => None,
+    };
 
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -98,6 +103,14 @@ async fn run(args: Args) -> Result<()> {
     tasks.spawn(async move { datapath_task.await.context("datapath task") });
     let wireguard_handle = wireguard.map(|wireguard| {
         let (handle, task) = owner::spawn(wireguard, cancel.clone());
+        tasks.spawn(async move {
+            task.await;
+            Ok(())
+        });
+        handle
+    });
+    let ha_handle = ha.map(|ha| {
+        let (handle, _health, task) = agent::spawn(ha, cancel.clone());
         tasks.spawn(async move {
             task.await;
             Ok(())
@@ -114,6 +127,7 @@ async fn run(args: Args) -> Result<()> {
     let handles = Handles {
         datapath: datapath_handle,
         wireguard: wireguard_handle,
+        ha: ha_handle,
         reloader: reloader.clone(),
     };
     let control_cancel = cancel.clone();

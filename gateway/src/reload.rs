@@ -93,6 +93,13 @@ impl Reloader {
         if new.state_dir != current.state_dir {
             return restart("state_dir", &current.state_dir, &new.state_dir);
         }
+        if new.ha != current.ha {
+            return Err(ReloadError::NeedsRestart {
+                what: "[ha]",
+                from: "the running settings".into(),
+                to: "new ones".into(),
+            });
+        }
         let wireguard = |c: &Config| c.wireguard.as_ref().map(|w| w.interface.clone());
         if wireguard(&new).is_none() != wireguard(current).is_none() {
             return restart("[wireguard]", &wireguard(current), &wireguard(&new));

@@ -13,6 +13,7 @@ use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
     control::{CountersReply, Reply, Request, client},
     error_chain,
+    ha::agent::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::PacketCount,
 };
@@ -54,6 +55,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The HA election: role, priority, master, VIPs, recent transitions.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned failover: this master hands the VIPs to its best backup.
+    Failover,
+    /// Maintenance mode: the gateway stays BACKUP (a master hands over first).
+    Maintenance {
+        #[arg(value_enum)]
+        mode: OnOff,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,8 +197,114 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", removals_table(&removals));
             }
         }
+        Command::Status { json } => {
+            let Reply::Status(status) = ask(Request::Status)? else {
+                bail!("the daemon answered something other than a status");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status_text(&status, SystemTime::now()));
+            }
+        }
+        Command::Failover => {
+            let Reply::HandingOver { to } = ask(Request::Failover)? else {
+                bail!("the daemon answered something other than a handover");
+            };
+            println!("handing over to gateway {to}");
+        }
+        Command::Maintenance { mode } => {
+            let on = matches!(mode, OnOff::On);
+            let Reply::Maintenance { on } = ask(Request::Maintenance { on })? else {
+                bail!("the daemon answered something other than maintenance");
+            };
+            println!("maintenance {}", if on { "on" } else { "off" });
+        }
     }
     Ok(())
+}
+
+fn status_text(status: &HaStatus, now: SystemTime) -> String {
+    use std::fmt::Write as _;
+
+    let now_ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let ips = |ips: &[std::net::IpAddr]| {
+        if ips.is_empty() {
+            "none".to_owned()
+        } else {
+            ips.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let mut out = format!(
+        "gateway {} of location {}: {}, priority {}{}\n",
+        status.gateway_id,
+        status.location_id,
+        serde_json::to_value(status.role)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_uppercase))
+            .unwrap_or_default(),
+        status.priority,
+        if status.maintenance {
+            ", maintenance"
+        } else {
+            ""
+        },
+    );
+    let _ = writeln!(
+        out,
+        "master: {}",
+        status
+            .master
+            .map_or_else(|| "none heard".to_owned(), |id| format!("gateway {id}"))
+    );
+    let _ = writeln!(
+        out,
+        "VIPs: {} (on the public interface now: {})",
+        ips(&status.vips),
+        ips(&status.vips_held)
+    );
+    let _ = writeln!(out, "adverts every {} ms", status.advert_interval_ms);
+    if !status.peers.is_empty() {
+        out.push_str("\nPEER  ROLE     PRIORITY  HEALTHY  MAINTENANCE  LAST ADVERT\n");
+        for peer in &status.peers {
+            let _ = writeln!(
+                out,
+                "{:<5} {:<8} {:>8}  {:<7}  {:<11}  {} ms ago",
+                peer.gateway_id,
+                peer.role.to_string(),
+                peer.priority,
+                if peer.healthy { "yes" } else { "no" },
+                if peer.maintenance { "yes" } else { "no" },
+                peer.last_seen_ms
+            );
+        }
+    }
+    if !status.dropped.is_empty() {
+        let dropped: Vec<String> = status
+            .dropped
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        let _ = writeln!(out, "\nadverts dropped: {}", dropped.join(", "));
+    }
+    if !status.transitions.is_empty() {
+        out.push_str("\nRECENT TRANSITIONS\n");
+        for t in &status.transitions {
+            let ago = Duration::from_millis(now_ms.saturating_sub(t.at_ms));
+            let _ = writeln!(
+                out,
+                "{:>10.1?} ago  {} -> {}  {}",
+                ago, t.from, t.to, t.reason
+            );
+        }
+    }
+    out
 }
 
 fn applied(reply: Reply) -> Result<()> {

@@ -7,6 +7,7 @@ pub mod server;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    ha::agent::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{AttachMode, CounterSnapshot},
 };
@@ -32,6 +33,12 @@ pub enum Request {
     Reload,
     /// The peers an MFA location removed.
     Removals,
+    /// The HA agent's state.
+    Status,
+    /// A planned failover: the master hands over to its best backup.
+    Failover,
+    /// Maintenance mode on or off: the gateway stays BACKUP.
+    Maintenance { on: bool },
 }
 
 /// The daemon's answer to one request.
@@ -51,6 +58,15 @@ pub enum Reply {
     /// What a change did to the WireGuard device.
     Applied(ApplyReport),
     Removals(Vec<Removal>),
+    Status(HaStatus),
+    /// A handover has started to this gateway.
+    HandingOver {
+        to: u32,
+    },
+    /// Maintenance mode is now as asked.
+    Maintenance {
+        on: bool,
+    },
 }
 
 /// The shield's counters and where it is attached.

@@ -17,6 +17,7 @@ use super::{MAX_REQUEST_BYTES, Reply, Request, Response};
 use crate::{
     datapath::DatapathHandle,
     error_chain,
+    ha::agent::HaHandle,
     reload::Reloader,
     wireguard::{Key, WireguardHandle, spec::PeerError},
 };
@@ -27,6 +28,8 @@ pub struct Handles {
     pub datapath: DatapathHandle,
     /// `None` when the config has no `[wireguard]` section.
     pub wireguard: Option<WireguardHandle>,
+    /// `None` when the config has no `[ha]` section.
+    pub ha: Option<HaHandle>,
     pub reloader: Reloader,
 }
 
@@ -162,6 +165,11 @@ async fn answer(request: Request, handles: &Handles) -> Response {
                 .to_owned()
         })
     };
+    let ha = || {
+        handles.ha.as_ref().ok_or_else(|| {
+            "this gateway takes part in no election (its config has no [ha] section)".to_owned()
+        })
+    };
     let chain = |e: &dyn std::error::Error| error_chain(e);
     let result: Result<Reply, String> = match request {
         Request::Counters => (handles.datapath.counters().await)
@@ -200,6 +208,15 @@ async fn answer(request: Request, handles: &Handles) -> Response {
         }
         .await
         .map(Reply::Applied),
+        Request::Status => async { ha()?.status().await.map_err(|e| chain(&e)) }
+            .await
+            .map(Reply::Status),
+        Request::Failover => async { ha()?.failover().await.map_err(|e| chain(&e)) }
+            .await
+            .map(|to| Reply::HandingOver { to }),
+        Request::Maintenance { on } => async { ha()?.maintenance(on).await.map_err(|e| chain(&e)) }
+            .await
+            .map(|()| Reply::Maintenance { on }),
     };
     match result {
         Ok(reply) => Response::Ok(reply),

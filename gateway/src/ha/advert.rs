@@ -97,7 +97,7 @@ pub struct Advert {
 }
 
 /// The shared key of a location.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdvertKey(Vec<u8>);
 
 impl std::fmt::Debug for AdvertKey {

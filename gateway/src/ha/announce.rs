@@ -129,6 +129,14 @@ impl FrameSocket {
         Ok(Self { fd, ifindex })
     }
 
+    /// Another handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: self.fd.try_clone()?,
+            ifindex: self.ifindex,
+        })
+    }
+
     /// Sends one frame.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.

@@ -2,6 +2,8 @@
 //! which decides who holds the floating IPs.
 
 pub mod advert;
+pub mod agent;
 pub mod announce;
 pub mod machine;
+pub mod transport;
 pub mod vip;

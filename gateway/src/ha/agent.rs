@@ -1,0 +1,536 @@
+//! The HA agent task: it owns the election state machine, the advert socket
+//! and the VIPs. It feeds the machine what it hears, the passing of time,
+//! health changes and operator requests, and carries out the actions the
+//! machine returns. Other tasks talk to it through an [`HaHandle`].
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
+    announce::{self, FrameSocket, Mac},
+    machine::{Action, Event, HandoverError, Heard, Machine, Role, Settings},
+    transport::{Destination, Transport},
+    vip::{VipError, Vips, set_arp_sysctls},
+};
+use crate::error_chain;
+
+/// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
+const ANNOUNCE_COUNT: u32 = 5;
+/// Time between two sends of an announcement.
+const ANNOUNCE_SPACING: Duration = Duration::from_millis(100);
+/// Largest advert read.
+const MAX_ADVERT: usize = 2048;
+
+/// The agent's settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaConfig {
+    pub location_id: u32,
+    pub election: Settings,
+    pub key: AdvertKey,
+    pub vips: Vec<IpAddr>,
+    pub port: u16,
+    pub destination: Destination,
+    /// The public interface: VIPs, adverts and announcements go here.
+    pub interface: String,
+}
+
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    #[error(transparent)]
+    Vip(#[from] VipError),
+    #[error("{op} on {interface}")]
+    Io {
+        op: &'static str,
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
+    #[error("the HA agent has stopped")]
+    Stopped,
+}
+
+/// One role change, for `tidectl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionStatus {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    pub from: Role,
+    pub to: Role,
+    pub reason: String,
+}
+
+/// Another gateway as this one hears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub gateway_id: u32,
+    pub role: Role,
+    pub priority: u8,
+    pub healthy: bool,
+    pub maintenance: bool,
+    /// Milliseconds since its last advert.
+    pub last_seen_ms: u64,
+}
+
+/// What `tidectl status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaStatus {
+    pub location_id: u32,
+    pub gateway_id: u32,
+    pub role: Role,
+    pub priority: u8,
+    pub advert_interval_ms: u64,
+    pub master: Option<u32>,
+    pub maintenance: bool,
+    pub vips: Vec<IpAddr>,
+    /// The VIPs the public interface holds now.
+    pub vips_held: Vec<IpAddr>,
+    pub peers: Vec<PeerStatus>,
+    pub transitions: Vec<TransitionStatus>,
+    /// Adverts dropped, by reason.
+    pub dropped: BTreeMap<String, u64>,
+}
+
+enum Command {
+    Status(oneshot::Sender<HaStatus>),
+    Failover(oneshot::Sender<Result<u32, HandoverError>>),
+    Maintenance(bool, oneshot::Sender<Result<(), HandoverError>>),
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Status(_) => "Status",
+            Self::Failover(_) => "Failover",
+            Self::Maintenance(..) => "Maintenance",
+        })
+    }
+}
+
+/// A cheap, cloneable way to ask the agent.
+#[derive(Debug, Clone)]
+pub struct HaHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl HaHandle {
+    /// The election state.
+    pub async fn status(&self) -> Result<HaStatus, HaError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Status(reply))
+            .await
+            .map_err(|_| HaError::Stopped)?;
+        rx.await.map_err(|_| HaError::Stopped)
+    }
+
+    /// Starts a planned handover; returns the gateway taking over.
+    pub async fn failover(&self) -> Result<u32, HaError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Failover(reply))
+            .await
+            .map_err(|_| HaError::Stopped)?;
+        Ok(rx.await.map_err(|_| HaError::Stopped)??)
+    }
+
+    /// Turns maintenance mode on or off.
+    pub async fn maintenance(&self, on: bool) -> Result<(), HaError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Maintenance(on, reply))
+            .await
+            .map_err(|_| HaError::Stopped)?;
+        Ok(rx.await.map_err(|_| HaError::Stopped)??)
+    }
+}
+
+/// The agent and everything it owns.
+#[derive(Debug)]
+pub struct Agent {
+    config: HaConfig,
+    machine: Machine,
+    transport: Transport,
+    vips: Vips,
+    frames: FrameSocket,
+    mac: Mac,
+    guard: ReplayGuard,
+    /// New at each start: the start time in ms, so it grows across restarts.
+    epoch: u64,
+    sequence: u64,
+    dropped: BTreeMap<String, u64>,
+    /// Stops the announcements in flight when the VIPs are released.
+    announcing: Option<CancellationToken>,
+    /// Converts the machine's instants into wall-clock times.
+    anchor: (Instant, SystemTime),
+}
+
+impl Agent {
+    /// Opens the sockets and puts the VIPs on `lo`. A VIP a previous run
+    /// left on the public interface is removed first, before anything else:
+    /// this gateway owns nothing until it wins an election.
+    pub async fn start(config: HaConfig) -> Result<Self, HaError> {
+        let io_err = |op| {
+            let interface = config.interface.clone();
+            move |source| HaError::Io {
+                op,
+                interface,
+                source,
+            }
+        };
+        let vips = Vips::new(&config.interface, config.vips.clone()).await?;
+        let stale = vips.held().await?;
+        if !stale.is_empty() {
+            warn!(vips = ?stale, "removing VIPs left on the public interface by an earlier run");
+        }
+        vips.release().await?;
+        vips.keep_on_lo().await?;
+        set_arp_sysctls(&config.interface)?;
+        let mac = read_mac(&config.interface).map_err(io_err("reading the MAC address"))?;
+        let frames =
+            FrameSocket::open(vips.public_index()).map_err(io_err("opening a packet socket"))?;
+        let transport = Transport::open(
+            &config.interface,
+            vips.public_index(),
+            config.port,
+            &config.destination,
+        )
+        .map_err(io_err("opening the advert socket"))?;
+        let now = SystemTime::now();
+        let epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        Ok(Self {
+            machine: Machine::new(config.election),
+            config,
+            transport,
+            vips,
+            frames,
+            mac,
+            guard: ReplayGuard::default(),
+            epoch,
+            sequence: 0,
+            dropped: BTreeMap::new(),
+            announcing: None,
+            anchor: (Instant::now(), now),
+        })
+    }
+
+    /// Runs the election until `cancel` fires, then hands over or resigns
+    /// and returns once the machine says so.
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut health: mpsc::Receiver<(bool, String)>,
+        cancel: CancellationToken,
+    ) {
+        let actions = self.machine.on_event(Event::Start, Instant::now());
+        self.execute(actions).await;
+        let mut buf = vec![0u8; MAX_ADVERT];
+        let mut stopping = false;
+        loop {
+            let deadline = self
+                .machine
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + self.config.election.interval);
+            let actions = tokio::select! {
+                () = cancel.cancelled(), if !stopping => {
+                    stopping = true;
+                    info!("stopping: handing over or resigning");
+                    self.machine.on_event(Event::Shutdown, Instant::now())
+                }
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    self.machine.on_event(Event::Tick, Instant::now())
+                }
+                received = self.transport.recv(&mut buf) => match received {
+                    Ok((len, from, known)) => self.receive(&buf[..len], from, known),
+                    Err(error) => {
+                        warn!(%error, "receiving adverts failed");
+                        Vec::new()
+                    }
+                },
+                Some((healthy, reason)) = health.recv() => {
+                    self.machine.on_event(Event::Health { healthy, reason }, Instant::now())
+                }
+                Some(command) = commands.recv() => self.command(command).await,
+            };
+            if self.execute(actions).await {
+                break;
+            }
+        }
+        info!("HA agent stopped");
+    }
+
+    /// Decodes, authenticates and checks an advert; drops and counts it on
+    /// any fault.
+    fn receive(&mut self, bytes: &[u8], from: SocketAddr, known: bool) -> Vec<Action> {
+        if !known {
+            self.drop_advert("unknown-sender", from);
+            return Vec::new();
+        }
+        let advert = Advert::decode(bytes, &self.config.key).and_then(|advert| {
+            if advert.location_id != self.config.location_id {
+                return Err(AdvertError::Location(advert.location_id));
+            }
+            self.guard.check(&advert)?;
+            Ok(advert)
+        });
+        match advert {
+            Ok(advert) => {
+                let heard = Heard {
+                    from: advert.gateway_id,
+                    role: advert.role,
+                    priority: advert.priority,
+                    interval: advert.interval,
+                    handover_to: advert.handover_to,
+                    maintenance: advert.maintenance,
+                    healthy: advert.health & HEALTH_OK != 0,
+                };
+                self.machine.on_event(Event::Heard(heard), Instant::now())
+            }
+            Err(error) => {
+                debug!(%from, %error, "advert dropped");
+                self.drop_advert(error.name(), from);
+                Vec::new()
+            }
+        }
+    }
+
+    fn drop_advert(&mut self, reason: &str, from: SocketAddr) {
+        let count = self.dropped.entry(reason.to_owned()).or_default();
+        *count += 1;
+        if count.is_power_of_two() {
+            warn!(%from, reason, count = *count, "dropped adverts");
+        }
+    }
+
+    async fn command(&mut self, command: Command) -> Vec<Action> {
+        let now = Instant::now();
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status().await);
+                Vec::new()
+            }
+            Command::Failover(reply) => match self.machine.failover(now) {
+                Ok((to, actions)) => {
+                    info!(to, "planned failover: handing over");
+                    let _ = reply.send(Ok(to));
+                    actions
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    Vec::new()
+                }
+            },
+            Command::Maintenance(on, reply) => match self.machine.set_maintenance(on, now) {
+                Ok(actions) => {
+                    info!(on, "maintenance");
+                    let _ = reply.send(Ok(()));
+                    actions
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    Vec::new()
+                }
+            },
+        }
+    }
+
+    /// Carries out `actions` in order; true when the agent may exit.
+    async fn execute(&mut self, actions: Vec<Action>) -> bool {
+        let mut exit = false;
+        for action in actions {
+            match action {
+                Action::Advertise(fields) => {
+                    self.sequence += 1;
+                    let advert = Advert {
+                        role: fields.role,
+                        priority: fields.priority,
+                        maintenance: fields.maintenance,
+                        location_id: self.config.location_id,
+                        gateway_id: self.config.election.gateway_id,
+                        interval: self.config.election.interval,
+                        epoch: self.epoch,
+                        sequence: self.sequence,
+                        health: if fields.healthy { HEALTH_OK } else { 0 },
+                        handover_to: fields.handover_to,
+                        vips: self.config.vips.clone(),
+                    };
+                    if let Err(error) = self.transport.send(&advert.encode(&self.config.key)).await
+                    {
+                        warn!(%error, "sending an advert failed");
+                    }
+                }
+                Action::TakeVips => {
+                    self.log_transition();
+                    if let Err(error) = self.vips.take().await {
+                        error!(error = %error_chain(&error), "adding the VIPs failed");
+                    }
+                    self.announce();
+                }
+                Action::ReleaseVips => {
+                    self.log_transition();
+                    if let Some(announcing) = self.announcing.take() {
+                        announcing.cancel();
+                    }
+                    if let Err(error) = self.vips.release().await {
+                        error!(error = %error_chain(&error), "removing the VIPs failed");
+                    }
+                }
+                Action::Announce => self.announce(),
+                Action::Exit => exit = true,
+            }
+        }
+        exit
+    }
+
+    /// Sends the announcements for every VIP several times, spaced, on a
+    /// task of its own; a new announcement replaces one in flight.
+    fn announce(&mut self) {
+        if let Some(previous) = self.announcing.take() {
+            previous.cancel();
+        }
+        let cancel = CancellationToken::new();
+        self.announcing = Some(cancel.clone());
+        let frames: Vec<Vec<u8>> = self
+            .config
+            .vips
+            .iter()
+            .map(|vip| announce::frame(*vip, self.mac))
+            .collect();
+        let socket = match self.frames.try_clone() {
+            Ok(socket) => socket,
+            Err(error) => {
+                error!(%error, "announcing the VIPs failed");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            for round in 0..ANNOUNCE_COUNT {
+                if round > 0 {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(ANNOUNCE_SPACING) => {}
+                    }
+                }
+                for frame in &frames {
+                    if let Err(error) = socket.send(frame) {
+                        warn!(%error, "sending an announcement failed");
+                    }
+                }
+            }
+        });
+    }
+
+    fn log_transition(&self) {
+        if let Some(last) = self.machine.transitions().last() {
+            info!(
+                from = %last.from,
+                to = %last.to,
+                reason = %last.reason,
+                "HA role"
+            );
+        }
+    }
+
+    async fn status(&self) -> HaStatus {
+        let now = Instant::now();
+        let to_unix_ms = |at: Instant| {
+            let wall = if at >= self.anchor.0 {
+                self.anchor.1 + (at - self.anchor.0)
+            } else {
+                self.anchor.1 - (self.anchor.0 - at)
+            };
+            wall.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64
+        };
+        let vips_held = match self.vips.held().await {
+            Ok(held) => held,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "reading the VIPs failed");
+                Vec::new()
+            }
+        };
+        HaStatus {
+            location_id: self.config.location_id,
+            gateway_id: self.config.election.gateway_id,
+            role: self.machine.role(),
+            priority: self.config.election.priority,
+            advert_interval_ms: self.config.election.interval.as_millis() as u64,
+            master: self.machine.master(),
+            maintenance: self.machine.maintenance(),
+            vips: self.config.vips.clone(),
+            vips_held,
+            peers: self
+                .machine
+                .peers()
+                .iter()
+                .map(|(id, peer)| PeerStatus {
+                    gateway_id: *id,
+                    role: peer.role,
+                    priority: peer.priority,
+                    healthy: peer.healthy,
+                    maintenance: peer.maintenance,
+                    last_seen_ms: now.saturating_duration_since(peer.last_seen).as_millis() as u64,
+                })
+                .collect(),
+            transitions: self
+                .machine
+                .transitions()
+                .map(|t| TransitionStatus {
+                    at_ms: to_unix_ms(t.at),
+                    from: t.from,
+                    to: t.to,
+                    reason: t.reason.clone(),
+                })
+                .collect(),
+            dropped: self.dropped.clone(),
+        }
+    }
+}
+
+/// Starts the agent task: returns its handle, a sender for health changes
+/// (healthy, reason), and the task's future.
+pub fn spawn(
+    agent: Agent,
+    cancel: CancellationToken,
+) -> (
+    HaHandle,
+    mpsc::Sender<(bool, String)>,
+    impl Future<Output = ()>,
+) {
+    let (tx, commands) = mpsc::channel(16);
+    let (health_tx, health) = mpsc::channel(16);
+    (
+        HaHandle { tx },
+        health_tx,
+        agent.run(commands, health, cancel),
+    )
+}
+
+/// The MAC address of `interface`, from sysfs.
+fn read_mac(interface: &str) -> std::io::Result<Mac> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|byte| u8::from_str_radix(byte, 16))
+        .collect::<Result<_, _>>()
+        .map_err(std::io::Error::other)?;
+    bytes
+        .try_into()
+        .map_err(|_| std::io::Error::other(format!("{interface} has no Ethernet address")))
+}
