@@ -10,7 +10,10 @@ use tidegate_gateway::{
     config::{self, Config, Overrides},
     control::server::{ControlSocket, Handles},
     datapath, error_chain,
-    ha::agent::{self, Agent},
+    ha::{
+        agent::{self, Agent},
+        health,
+    },
     reload::Reloader,
     wireguard::owner::{self, Owner},
     xdp::{Datapath, XdpModeSetting},
@@ -109,11 +112,28 @@ async fn run(args: Args) -> Result<()> {
         });
         handle
     });
+    // The HA agent stops first, handing over while the rest still serves.
+    let ha_cancel = CancellationToken::new();
+    let mut ha_task = None;
     let ha_handle = ha.map(|ha| {
-        let (handle, _health, task) = agent::spawn(ha, cancel.clone());
+        let (handle, health_tx, task) = agent::spawn(ha, ha_cancel.clone());
+        ha_task = Some(
+            tasks
+                .spawn(async move {
+                    task.await;
+                    Ok(())
+                })
+                .id(),
+        );
+        let watched = health::Watched {
+            public: config.interface.clone(),
+            wireguard: config.wireguard.as_ref().map(|w| w.interface.clone()),
+        };
+        let health_cancel = ha_cancel.clone();
         tasks.spawn(async move {
-            task.await;
-            Ok(())
+            health::watch(watched, health_tx, health_cancel)
+                .await
+                .context("health watch")
         });
         handle
     });
@@ -163,6 +183,21 @@ async fn run(args: Args) -> Result<()> {
             }
             Some(joined) = tasks.join_next() => {
                 failure = Some(task_failure(joined));
+                break;
+            }
+        }
+    }
+    ha_cancel.cancel();
+    if let Some(ha_task) = ha_task {
+        while let Some(joined) = tasks.join_next_with_id().await {
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, Ok(result)),
+                Err(error) => (error.id(), Err(error)),
+            };
+            if let Err(error) = flatten(result) {
+                failure.get_or_insert(Err(error));
+            }
+            if id == ha_task {
                 break;
             }
         }

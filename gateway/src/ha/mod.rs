@@ -4,6 +4,7 @@
 pub mod advert;
 pub mod agent;
 pub mod announce;
+pub mod health;
 pub mod machine;
 pub mod transport;
 pub mod vip;
