@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
 use serde::Deserialize;
 
 use crate::bins::binary;
@@ -117,6 +118,8 @@ pub struct GatewayConfig {
     pub wireguard: Option<WireguardSection>,
     /// The peers of the config file (`[[peer]]`).
     pub peers: Vec<PeerEntry>,
+    /// The HA agent's settings (`[ha]`), if the daemon runs one.
+    pub ha: Option<HaSection>,
 }
 
 impl GatewayConfig {
@@ -135,8 +138,75 @@ impl GatewayConfig {
             state_dir: None,
             wireguard: None,
             peers: Vec::new(),
+            ha: None,
         }
     }
+}
+
+/// The `[ha]` section of the gateway's config.
+#[derive(Debug, Clone)]
+pub struct HaSection {
+    /// The location the gateway belongs to.
+    pub location_id: u32,
+    /// This gateway's id (1 or more, unique in the location).
+    pub gateway_id: u32,
+    /// 1 to 255, if set (the daemon's default is 100).
+    pub priority: Option<u8>,
+    /// How often the gateway advertises, if set.
+    pub advert_interval_ms: Option<u64>,
+    /// Whether a higher priority takes over from a lower master, if set.
+    pub preempt: Option<bool>,
+    /// No preemption for this long after start, if set.
+    pub preempt_delay_ms: Option<u64>,
+    /// The location's shared advert key.
+    pub key: String,
+    /// The floating addresses.
+    pub vips: Vec<IpAddr>,
+    /// The advert UDP port, if set.
+    pub port: Option<u16>,
+    /// The advert multicast group, if set.
+    pub multicast_group: Option<Ipv4Addr>,
+    /// The other gateways' addresses: unicast adverts instead of multicast.
+    pub peers: Vec<IpAddr>,
+}
+
+impl HaSection {
+    /// Appends the section as TOML to `out`.
+    fn write_toml(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            "\n[ha]\nlocation_id = {}\ngateway_id = {}\n",
+            self.location_id, self.gateway_id
+        );
+        if let Some(priority) = self.priority {
+            let _ = writeln!(out, "priority = {priority}");
+        }
+        if let Some(ms) = self.advert_interval_ms {
+            let _ = writeln!(out, "advert_interval_ms = {ms}");
+        }
+        if let Some(preempt) = self.preempt {
+            let _ = writeln!(out, "preempt = {preempt}");
+        }
+        if let Some(ms) = self.preempt_delay_ms {
+            let _ = writeln!(out, "preempt_delay_ms = {ms}");
+        }
+        let _ = writeln!(out, "key = {}", toml_string(&self.key));
+        let _ = writeln!(out, "vips = {}", toml_array(&to_strings(&self.vips)));
+        if let Some(port) = self.port {
+            let _ = writeln!(out, "port = {port}");
+        }
+        if let Some(group) = self.multicast_group {
+            let _ = writeln!(out, "multicast_group = {}", toml_string(&group.to_string()));
+        }
+        if !self.peers.is_empty() {
+            let _ = writeln!(out, "peers = {}", toml_array(&to_strings(&self.peers)));
+        }
+    }
+}
+
+/// Every item's `to_string`.
+fn to_strings<T: ToString>(items: &[T]) -> Vec<String> {
+    items.iter().map(ToString::to_string).collect()
 }
 
 /// The `[wireguard]` section of the gateway's config.
@@ -262,6 +332,9 @@ impl GatewayConfig {
             if let Some(endpoint) = &peer.endpoint {
                 let _ = writeln!(out, "endpoint = {}", toml_string(endpoint));
             }
+        }
+        if let Some(ha) = &self.ha {
+            ha.write_toml(&mut out);
         }
         out
     }
@@ -457,6 +530,14 @@ impl GatewayDaemon {
     /// (log in `dir/gateway.log`) and waits until its control socket answers
     /// `tidectl counters --json`, i.e. the XDP program is attached.
     pub fn start(netns: &Netns, config: GatewayConfig, dir: &Path) -> Result<Self> {
+        let mut daemon = Self::spawn(netns, config, dir)?;
+        daemon.wait_ready()?;
+        Ok(daemon)
+    }
+
+    /// Like [`Self::start`] without waiting: for starting several daemons
+    /// at about the same time, then [`Self::wait_ready`] on each.
+    pub fn spawn(netns: &Netns, config: GatewayConfig, dir: &Path) -> Result<Self> {
         let gateway_bin = binary(GATEWAY_BIN)?;
         let tidectl = binary(TIDECTL_BIN)?;
         let config_path = dir.join("gateway.toml");
@@ -469,19 +550,17 @@ impl GatewayDaemon {
             command.env("RUST_LOG", "info");
         }
         let process = Process::spawn(GATEWAY_BIN, netns, command, &dir.join("gateway.log"))?;
-        let mut daemon = Self {
+        Ok(Self {
             process,
             tidectl,
             config,
             config_path,
-        };
-        daemon.wait_ready()?;
-        Ok(daemon)
+        })
     }
 
     /// Polls `tidectl counters --json` until it answers, while the daemon
     /// keeps running.
-    fn wait_ready(&mut self) -> Result<()> {
+    pub fn wait_ready(&mut self) -> Result<()> {
         let what = format!(
             "{GATEWAY_BIN} to answer on {}",
             self.config.control_socket.display()
@@ -595,6 +674,11 @@ impl GatewayDaemon {
     /// Kills the daemon with SIGKILL (no clean-up of its own) and reaps it.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         self.process.kill()
+    }
+
+    /// Sends `signal` to the daemon's own pid (SIGSTOP, SIGCONT, ...).
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        self.process.signal(signal)
     }
 
     /// Starts the daemon again with the config file as it is, after it
@@ -780,6 +864,44 @@ mod tests {
         .unwrap();
         assert_eq!(removals[0].reason, "no-handshake");
         assert_eq!(removals[0].last_active, None);
+    }
+
+    #[test]
+    fn config_toml_has_every_ha_field() {
+        let mut config = GatewayConfig::shield(
+            "tg0123abcdg",
+            XdpMode::Auto,
+            "/tmp/gw.sock".into(),
+            vec!["198.51.100.100:51820".parse().unwrap()],
+        );
+        config.ha = Some(HaSection {
+            location_id: 3,
+            gateway_id: 2,
+            priority: Some(110),
+            advert_interval_ms: Some(50),
+            preempt: Some(false),
+            preempt_delay_ms: Some(1000),
+            key: "sixteen-bytes-key!".into(),
+            vips: vec![
+                "198.51.100.100".parse().unwrap(),
+                "2001:db8::100".parse().unwrap(),
+            ],
+            port: Some(51900),
+            multicast_group: Some(Ipv4Addr::new(239, 255, 0, 9)),
+            peers: Vec::new(),
+        });
+        assert!(
+            config.to_toml().ends_with(
+                "port = 51820\n\
+                 \n[ha]\nlocation_id = 3\ngateway_id = 2\npriority = 110\n\
+                 advert_interval_ms = 50\npreempt = false\npreempt_delay_ms = 1000\n\
+                 key = \"sixteen-bytes-key!\"\n\
+                 vips = [\"198.51.100.100\", \"2001:db8::100\"]\nport = 51900\n\
+                 multicast_group = \"239.255.0.9\"\n"
+            ),
+            "{}",
+            config.to_toml()
+        );
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub mod xdp;
 pub use bins::{BIN_DIR_ENV, bin_dir, binary};
 pub use cmd::{CmdOutput, run_bounded, run_ok, run_with_input};
 pub use gateway::{
-    Counter, Counters, GatewayConfig, GatewayDaemon, PeerEntry, PeerStatus, PeersReply, Removal,
-    WireguardSection, XdpMode,
+    Counter, Counters, GatewayConfig, GatewayDaemon, HaSection, PeerEntry, PeerStatus, PeersReply,
+    Removal, WireguardSection, XdpMode,
 };
 pub use location::{Client, Location, LocationOptions};
 pub use netns::{Netns, PingReport, bridge, veth};

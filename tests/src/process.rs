@@ -1,5 +1,6 @@
 //! Long-running processes inside a namespace: spawned with their output in a
-//! log file, stopped on drop with SIGTERM to their own pid, then SIGKILL.
+//! log file, stopped on drop with SIGTERM (and SIGCONT, should it be frozen)
+//! to their own pid, then SIGKILL.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -149,6 +150,10 @@ impl Process {
         );
         kill(pid, Signal::SIGTERM)
             .with_context(|| format!("sending SIGTERM to {} (pid {})", self.label, self.pid))?;
+        // A stopped (frozen) process acts on SIGTERM only once continued; a
+        // running one ignores SIGCONT.
+        kill(pid, Signal::SIGCONT)
+            .with_context(|| format!("sending SIGCONT to {} (pid {})", self.label, self.pid))?;
         let what = format!("{} (pid {}) to exit after SIGTERM", self.label, self.pid);
         let waited = poll_until(&what, self.grace, Duration::from_millis(20), || {
             Ok(match self.child.try_wait()? {
@@ -170,6 +175,18 @@ impl Process {
                 )
             }
         }
+    }
+
+    /// Sends `signal` to the process's own pid, while it is our unreaped
+    /// child (so the pid cannot belong to anyone else); an error once it
+    /// has exited.
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        self.ensure_running()?;
+        let pid = Pid::from_raw(
+            i32::try_from(self.pid).with_context(|| format!("pid {} out of range", self.pid))?,
+        );
+        kill(pid, signal)
+            .with_context(|| format!("sending {signal} to {} (pid {})", self.label, self.pid))
     }
 
     /// Kills the process with SIGKILL at once (no grace period) and reaps
