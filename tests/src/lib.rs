@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod location;
 pub mod netns;
 pub mod packets;
+pub mod probe;
 pub mod process;
 pub mod run;
 pub mod shield;
@@ -28,6 +29,7 @@ pub use gateway::{
 };
 pub use location::{Client, Location, LocationOptions};
 pub use netns::{Netns, PingReport, bridge, veth};
+pub use probe::ProbeSummary;
 pub use process::Process;
 pub use run::Run;
 pub use shield::{Shield, ShieldOptions, Tunnel, Underlay};
