@@ -415,6 +415,11 @@ impl Machine {
         if heard.from == self.settings.gateway_id || self.role == Role::Init {
             return;
         }
+        // Silent for 3 intervals: it may have become master meanwhile.
+        let back_from_silence = self
+            .peers
+            .get(&heard.from)
+            .is_none_or(|peer| now.saturating_duration_since(peer.last_seen) >= 3 * peer.interval);
         self.peers.insert(
             heard.from,
             PeerView {
@@ -426,6 +431,16 @@ impl Machine {
                 last_seen: now,
             },
         );
+        if heard.role != Role::Master && back_from_silence && self.role == Role::Master {
+            // After a partition, the other side's master may step down on
+            // hearing this one before this one hears it as master: the
+            // segment still points at it, so claim the VIPs again.
+            self.note(
+                format!("gateway {} heard after a silence; announcing", heard.from),
+                now,
+            );
+            actions.push(Action::Announce);
+        }
         if heard.role != Role::Master {
             if self.master == Some(heard.from) && self.role == Role::Backup {
                 // Our master stepped down without a priority-0 advert.
@@ -907,6 +922,37 @@ mod tests {
         );
         assert_eq!(m.role(), Role::Backup);
         assert_eq!(tick_until(&mut m, t0, 2001, 3000, Role::Master), Some(2361));
+    }
+
+    #[test]
+    fn a_master_announces_again_when_a_silent_gateway_is_heard_as_backup() {
+        let t0 = Instant::now();
+        let mut m = started(1, 200, t0);
+        for n in [0, 100, 200, 300] {
+            m.on_event(backup(2, 100), ms(t0, n));
+        }
+        m.on_event(Event::Tick, ms(t0, 330));
+        assert_eq!(m.role(), Role::Master);
+        // Heard regularly: nothing to announce.
+        let actions = m.on_event(backup(2, 100), ms(t0, 400));
+        assert!(!actions.contains(&Action::Announce), "{actions:?}");
+        // A partition: 2 took over on its side, then heard this master
+        // first and stepped down. Its first advert after the silence is
+        // BACKUP, and the segment may still point at it.
+        m.on_event(Event::Tick, ms(t0, 1000));
+        let actions = m.on_event(backup(2, 100), ms(t0, 1000));
+        assert_eq!(actions, [Action::Announce]);
+        assert_eq!(
+            m.transitions().last().unwrap().reason,
+            "gateway 2 heard after a silence; announcing"
+        );
+        // Still in the table but silent for 3 intervals: the same.
+        let actions = m.on_event(backup(2, 100), ms(t0, 1300));
+        assert_eq!(actions, [Action::Announce]);
+        // A backup has nothing to announce.
+        let mut b = started(3, 100, t0);
+        let actions = b.on_event(backup(2, 50), ms(t0, 1000));
+        assert!(actions.is_empty(), "{actions:?}");
     }
 
     /// A master (id 1, priority 200) with backups 2 (150) and 3 (120).
