@@ -6,10 +6,15 @@
 //! test panics. Processes are owned by guards that hold a handle on their
 //! namespace, so a namespace is deleted only after every process in it has
 //! been stopped.
+//!
+//! The HA location ([`ha`]) runs several gateways with an echo service on
+//! the VIP and a prober on the client ([`probe`]), which learns from every
+//! answer which gateway holds the VIP.
 
 pub mod bins;
 pub mod cmd;
 pub mod gateway;
+pub mod ha;
 pub mod location;
 pub mod netns;
 pub mod packets;
@@ -27,6 +32,7 @@ pub use gateway::{
     Counter, Counters, GatewayConfig, GatewayDaemon, HaSection, PeerEntry, PeerStatus, PeersReply,
     Removal, WireguardSection, XdpMode,
 };
+pub use ha::{HaLocation, HaOptions, HaStatus, Prober};
 pub use location::{Client, Location, LocationOptions};
 pub use netns::{Netns, PingReport, bridge, veth};
 pub use probe::ProbeSummary;

@@ -1,0 +1,876 @@
+//! A highly available location: two or three gateways on one switched
+//! segment, each running `tidegate-gateway` with `[ha]` and a
+//! `tidegate-echo` bound to the VIP, and a client that probes the VIP with
+//! `tidegate-probe` and so learns which gateway answers.
+//!
+//! ```text
+//!  gateway i ns (i = 1..=N)                 switch ns              client ns
+//!  tg<id>g<i> 198.51.100.i/24 (XDP) ---- tg<id>p<i> [tg<id>br] tg<id>cb ---- tg<id>c 198.51.100.50/24
+//!  lo: VIP 198.51.100.100/32 (every gateway; the master also has it on tg<id>g<i>)
+//!  tidegate-gateway [ha] gateway_id = i; tidegate-echo on VIP:7 answering "i"
+//! ```
+//!
+//! Adverts go to the default multicast group (or, with
+//! [`AdvertTransport::Unicast`], to the other gateways' addresses). The
+//! switch can stop flooding multicast to chosen ports, which cuts the
+//! multicast adverts between gateways while unicast traffic and ARP still
+//! flow: a partition of the election only.
+//!
+//! Everything is torn down on drop: the daemons (SIGTERM, so a master hands
+//! over), the echoes, the namespaces, then the run directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+
+use crate::bins::binary;
+use crate::cmd::CmdOutput;
+use crate::gateway::{GATEWAY_BIN, GatewayConfig, GatewayDaemon, HaSection, TIDECTL_BIN, XdpMode};
+use crate::netns::{Netns, bridge, veth};
+use crate::probe::ProbeSummary;
+use crate::process::Process;
+use crate::run::Run;
+use crate::wait::{Probe, poll_until};
+
+/// The echo service's binary.
+pub const ECHO_BIN: &str = "tidegate-echo";
+/// The prober's binary.
+pub const PROBE_BIN: &str = "tidegate-probe";
+
+/// The location's floating address.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+/// The UDP port the echo services listen on, at the VIP.
+pub const ECHO_PORT: u16 = 7;
+/// The client's address on the segment.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 50);
+/// Prefix length of the segment.
+pub const PREFIX: u8 = 24;
+/// The location id of every gateway.
+pub const LOCATION_ID: u32 = 7;
+/// The location's shared advert key.
+pub const KEY: &str = "tidegate-ha-test-location-key";
+/// The advert port (the daemon's default).
+pub const ADVERT_PORT: u16 = 51899;
+/// The advert multicast group (the daemon's default).
+pub const ADVERT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 18);
+/// The WireGuard service the shield is given (nothing listens there).
+pub const SERVICE_PORT: u16 = 51820;
+/// Most gateways a location holds here.
+pub const MAX_GATEWAYS: usize = 9;
+
+/// How long the first election may take once every daemon answers.
+pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often role polls ask the daemons.
+pub const POLL: Duration = Duration::from_millis(25);
+/// How long a prober may take to finish after its last probe or SIGTERM.
+const PROBER_GRACE: Duration = Duration::from_secs(5);
+
+/// The segment address of gateway `id`: `198.51.100.<id>`.
+pub fn gateway_addr(id: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, u8::try_from(id).unwrap_or(u8::MAX))
+}
+
+/// How the gateways send their adverts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdvertTransport {
+    /// To the multicast group on the segment.
+    #[default]
+    Multicast,
+    /// To each other gateway's address (`peers` in `[ha]`).
+    Unicast,
+}
+
+/// What a [`HaLocation`] is made of.
+#[derive(Debug, Clone)]
+pub struct HaOptions {
+    /// One gateway per entry, with this priority; gateway ids are 1, 2, ...
+    pub priorities: Vec<u8>,
+    /// How adverts travel.
+    pub transport: AdvertTransport,
+    /// `advert_interval_ms`.
+    pub advert_interval_ms: u64,
+}
+
+impl HaOptions {
+    /// Gateways with these priorities, multicast adverts every 100 ms.
+    pub fn priorities(priorities: &[u8]) -> Self {
+        Self {
+            priorities: priorities.to_vec(),
+            transport: AdvertTransport::Multicast,
+            advert_interval_ms: 100,
+        }
+    }
+
+    /// The gateway that should win the election: the highest priority,
+    /// ties to the higher id.
+    pub fn expected_master(&self) -> u32 {
+        (1_u32..)
+            .zip(&self.priorities)
+            .max_by_key(|(id, priority)| (**priority, *id))
+            .map_or(0, |(id, _)| id)
+    }
+}
+
+/// A gateway's role, as `tidectl status --json` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Init,
+    Backup,
+    Master,
+    Fault,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Init => "INIT",
+            Self::Backup => "BACKUP",
+            Self::Master => "MASTER",
+            Self::Fault => "FAULT",
+        })
+    }
+}
+
+/// Another gateway, as `tidectl status --json` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct HaPeer {
+    pub gateway_id: u32,
+    pub role: Role,
+    pub priority: u8,
+    pub healthy: bool,
+    pub maintenance: bool,
+    pub last_seen_ms: u64,
+}
+
+/// One role change (or a note, when `from == to`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct HaTransition {
+    /// Unix time in ms.
+    pub at_ms: u64,
+    pub from: Role,
+    pub to: Role,
+    pub reason: String,
+}
+
+/// The answer of `tidectl status --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct HaStatus {
+    pub location_id: u32,
+    pub gateway_id: u32,
+    pub role: Role,
+    pub priority: u8,
+    pub advert_interval_ms: u64,
+    pub master: Option<u32>,
+    pub maintenance: bool,
+    pub vips: Vec<IpAddr>,
+    pub vips_held: Vec<IpAddr>,
+    pub peers: Vec<HaPeer>,
+    pub transitions: Vec<HaTransition>,
+    pub dropped: BTreeMap<String, u64>,
+}
+
+impl HaStatus {
+    /// Parses `tidectl status --json` output.
+    pub fn parse(json: &str) -> Result<Self> {
+        serde_json::from_str(json).with_context(|| format!("parsing status JSON {json:?}"))
+    }
+
+    /// Adverts dropped for `reason` (0 when never counted).
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.dropped.get(reason).copied().unwrap_or(0)
+    }
+
+    /// The last change into `role` (not a note), if any.
+    pub fn last_change_to(&self, role: Role) -> Option<&HaTransition> {
+        self.transitions
+            .iter()
+            .rev()
+            .find(|t| t.to == role && t.from != role)
+    }
+
+    /// The role changes (notes left out), as "FROM->TO (reason)".
+    pub fn changes(&self) -> Vec<String> {
+        self.transitions
+            .iter()
+            .filter(|t| t.from != t.to)
+            .map(|t| format!("{}->{} ({})", t.from, t.to, t.reason))
+            .collect()
+    }
+
+    /// One line for test output: "gw 3 MASTER (master 3) held [..]".
+    pub fn brief(&self) -> String {
+        format!(
+            "gw {} {}{} (master {:?}) holds {:?}",
+            self.gateway_id,
+            self.role,
+            if self.maintenance { " maint" } else { "" },
+            self.master,
+            self.vips_held
+        )
+    }
+}
+
+/// The status of gateway `id` among `statuses`.
+pub fn status_of(statuses: &[HaStatus], id: u32) -> Result<&HaStatus> {
+    statuses
+        .iter()
+        .find(|s| s.gateway_id == id)
+        .with_context(|| format!("no status from gateway {id}"))
+}
+
+/// One gateway: its namespace and link, its daemon and its echo service.
+///
+/// Fields drop in order: the daemon (SIGTERM), the echo, then the
+/// namespace handle.
+#[derive(Debug)]
+pub struct HaGateway {
+    daemon: GatewayDaemon,
+    echo: Process,
+    id: u32,
+    priority: u8,
+    ifname: String,
+    switch_port: String,
+    mac: String,
+    dir: PathBuf,
+    netns: Netns,
+}
+
+impl HaGateway {
+    /// The gateway id (also the last byte of its address).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The configured priority.
+    pub fn priority(&self) -> u8 {
+        self.priority
+    }
+
+    /// The gateway's address on the segment.
+    pub fn addr(&self) -> Ipv4Addr {
+        gateway_addr(self.id)
+    }
+
+    /// The namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The public interface (in the gateway's namespace).
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// The switch's port for this gateway (in the switch namespace).
+    pub fn switch_port(&self) -> &str {
+        &self.switch_port
+    }
+
+    /// The public interface's MAC address, lowercase.
+    pub fn mac(&self) -> &str {
+        &self.mac
+    }
+
+    /// The gateway's directory (config, logs, control socket).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The daemon.
+    pub fn daemon(&self) -> &GatewayDaemon {
+        &self.daemon
+    }
+
+    /// The daemon, mutably (stop, kill, signal, restart).
+    pub fn daemon_mut(&mut self) -> &mut GatewayDaemon {
+        &mut self.daemon
+    }
+
+    /// Whether the daemon runs (not killed, stopped or exited).
+    pub fn daemon_running(&mut self) -> bool {
+        self.daemon.ensure_running().is_ok()
+    }
+
+    /// `tidectl <args>` against this gateway, whatever its exit status.
+    pub fn tidectl(&self, args: &[&str]) -> Result<CmdOutput> {
+        self.daemon.tidectl(args)
+    }
+
+    /// `tidectl status --json`.
+    pub fn status(&mut self) -> Result<HaStatus> {
+        let json = self
+            .daemon
+            .tidectl_ok(&["status", "--json"])
+            .with_context(|| format!("status of gateway {}", self.id))?;
+        HaStatus::parse(&json)
+    }
+
+    /// Whether the public interface holds the VIP, asked of the kernel.
+    pub fn vip_on_public(&self) -> Result<bool> {
+        has_addr(&self.netns, &self.ifname, VIP)
+    }
+
+    /// Whether `lo` holds the VIP, asked of the kernel.
+    pub fn vip_on_lo(&self) -> Result<bool> {
+        has_addr(&self.netns, "lo", VIP)
+    }
+
+    /// Sets the public interface up or down (inside the gateway).
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        self.netns.ip(&[
+            "link",
+            "set",
+            "dev",
+            &self.ifname,
+            if up { "up" } else { "down" },
+        ])?;
+        Ok(())
+    }
+
+    /// A host crash: the daemon and the echo die with SIGKILL and the
+    /// public link goes down, so nothing on the host answers any more.
+    pub fn crash(&mut self) -> Result<()> {
+        self.daemon.kill()?;
+        self.echo.kill()?;
+        self.set_link(false)
+    }
+
+    /// Sends `signal` to the daemon (SIGSTOP freezes it, SIGCONT thaws it;
+    /// a frozen daemon is thawed on teardown).
+    pub fn signal_daemon(&mut self, signal: Signal) -> Result<()> {
+        self.daemon.signal(signal)
+    }
+
+    /// The daemon's log tail, for failure messages.
+    pub fn log_tail(&self) -> String {
+        self.daemon.log_tail()
+    }
+}
+
+/// Whether `ifname` in `netns` holds `addr` (as a /32).
+fn has_addr(netns: &Netns, ifname: &str, addr: Ipv4Addr) -> Result<bool> {
+    let out = netns.ip(&["-o", "-4", "addr", "show", "dev", ifname])?;
+    let needle = format!(" {addr}/32 ");
+    Ok(out.lines().any(|line| line.contains(&needle)))
+}
+
+/// The MAC address of `ifname` in `netns`, lowercase.
+fn link_mac(netns: &Netns, ifname: &str) -> Result<String> {
+    let out = netns.ip(&["-o", "link", "show", "dev", ifname])?;
+    out.split_whitespace()
+        .skip_while(|word| *word != "link/ether")
+        .nth(1)
+        .map(str::to_lowercase)
+        .with_context(|| format!("no link/ether in {out:?}"))
+}
+
+/// A running prober and where its summary goes.
+#[derive(Debug)]
+pub struct Prober {
+    process: Process,
+    out: PathBuf,
+}
+
+impl Prober {
+    /// Stops the prober (SIGTERM: it waits for answers still due) and
+    /// returns its summary.
+    pub fn finish(mut self) -> Result<ProbeSummary> {
+        let status = self.process.stop()?;
+        ensure!(
+            status.success(),
+            "{PROBE_BIN} exited {status}:\n{}",
+            self.process.log()
+        );
+        self.summary()
+    }
+
+    /// Waits for the prober to send its last probe and exit, then returns
+    /// its summary.
+    pub fn wait(mut self, timeout: Duration) -> Result<ProbeSummary> {
+        let what = format!("{PROBE_BIN} to finish");
+        let status = poll_until(&what, timeout, Duration::from_millis(20), || {
+            Ok(match self.process.try_status()? {
+                Some(status) => Probe::Ready(status),
+                None => Probe::NotYet("still probing".into()),
+            })
+        })?;
+        ensure!(
+            status.success(),
+            "{PROBE_BIN} exited {status}:\n{}",
+            self.process.log()
+        );
+        self.summary()
+    }
+
+    fn summary(&self) -> Result<ProbeSummary> {
+        let json = std::fs::read_to_string(&self.out)
+            .with_context(|| format!("reading {}: {}", self.out.display(), self.process.log()))?;
+        ProbeSummary::parse(&json)
+    }
+}
+
+/// The whole location.
+///
+/// Fields drop in order: the gateways (daemons, then echoes), then the
+/// client and switch namespaces, then the run directory.
+#[derive(Debug)]
+pub struct HaLocation {
+    gateways: Vec<HaGateway>,
+    client: Netns,
+    switch: Netns,
+    client_if: String,
+    options: HaOptions,
+    probers: u32,
+    // Last: the run directory goes after everything that writes into it.
+    run: Run,
+}
+
+impl HaLocation {
+    /// Builds the segment, starts every daemon at about the same time, the
+    /// echo services, and waits until the election settles on the
+    /// expected master.
+    pub fn build(options: &HaOptions) -> Result<Self> {
+        for name in [GATEWAY_BIN, TIDECTL_BIN, ECHO_BIN, PROBE_BIN] {
+            binary(name)?;
+        }
+        ensure!(
+            (1..=MAX_GATEWAYS).contains(&options.priorities.len()),
+            "1 to {MAX_GATEWAYS} gateways, not {}",
+            options.priorities.len()
+        );
+        let run = Run::new()?;
+        let switch = Netns::create(&run.netns_name("switch"))?;
+        let client = Netns::create(&run.netns_name("client"))?;
+        let client_if = run.ifname("c");
+        let client_port = run.ifname("cb");
+        veth(&client, &client_if, &switch, &client_port)?;
+        client.add_addr(&client_if, &format!("{CLIENT_ADDR}/{PREFIX}"))?;
+        client.set_up(&client_if)?;
+        // For tests that speak the advert protocol from the client.
+        client.ip(&["route", "add", "224.0.0.0/4", "dev", &client_if])?;
+
+        let ids: Vec<u32> = (1..=options.priorities.len() as u32).collect();
+        let mut ports = vec![client_port];
+        let mut links = Vec::new();
+        for &id in &ids {
+            let netns = Netns::create(&run.netns_name(&format!("gw{id}")))?;
+            let ifname = run.ifname(&format!("g{id}"));
+            let port = run.ifname(&format!("p{id}"));
+            veth(&netns, &ifname, &switch, &port)?;
+            netns.add_addr(&ifname, &format!("{}/{PREFIX}", gateway_addr(id)))?;
+            netns.set_up(&ifname)?;
+            let mac = link_mac(&netns, &ifname)?;
+            ports.push(port.clone());
+            links.push((id, netns, ifname, port, mac));
+        }
+        let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
+        bridge(&switch, &run.ifname("br"), &port_refs)?;
+
+        // Every daemon first, then wait for each: one election, not a
+        // gateway that wins alone before the others start.
+        let mut daemons = Vec::new();
+        for ((id, netns, ifname, _, _), priority) in links.iter().zip(&options.priorities) {
+            let dir = run.dir().join(format!("gw{id}"));
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let config = gateway_config(options, *id, *priority, ifname, &dir, &ids);
+            daemons.push((GatewayDaemon::spawn(netns, config, &dir)?, dir));
+        }
+        let mut gateways = Vec::new();
+        for ((mut daemon, dir), ((id, netns, ifname, switch_port, mac), priority)) in daemons
+            .into_iter()
+            .zip(links.into_iter().zip(&options.priorities))
+        {
+            daemon.wait_ready()?;
+            let echo = start_echo(&netns, id, &dir)?;
+            gateways.push(HaGateway {
+                daemon,
+                echo,
+                id,
+                priority: *priority,
+                ifname,
+                switch_port,
+                mac,
+                dir,
+                netns,
+            });
+        }
+        let mut location = Self {
+            gateways,
+            client,
+            switch,
+            client_if,
+            options: options.clone(),
+            probers: 0,
+            run,
+        };
+        for gateway in &location.gateways {
+            wait_echo(&gateway.echo)?;
+        }
+        location.wait_master(options.expected_master(), ELECTION_TIMEOUT)?;
+        Ok(location)
+    }
+
+    /// The run (id, directory).
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    /// The options the location was built with.
+    pub fn options(&self) -> &HaOptions {
+        &self.options
+    }
+
+    /// The client namespace.
+    pub fn client(&self) -> &Netns {
+        &self.client
+    }
+
+    /// The client's interface.
+    pub fn client_if(&self) -> &str {
+        &self.client_if
+    }
+
+    /// The switch namespace.
+    pub fn switch(&self) -> &Netns {
+        &self.switch
+    }
+
+    /// The gateway ids, 1 to N.
+    pub fn ids(&self) -> Vec<u32> {
+        self.gateways.iter().map(HaGateway::id).collect()
+    }
+
+    /// Gateway `id`.
+    ///
+    /// # Panics
+    /// If there is no gateway `id`.
+    pub fn gateway(&self, id: u32) -> &HaGateway {
+        self.gateways
+            .iter()
+            .find(|g| g.id == id)
+            .unwrap_or_else(|| panic!("no gateway {id}"))
+    }
+
+    /// Gateway `id`, mutably.
+    ///
+    /// # Panics
+    /// If there is no gateway `id`.
+    pub fn gateway_mut(&mut self, id: u32) -> &mut HaGateway {
+        self.gateways
+            .iter_mut()
+            .find(|g| g.id == id)
+            .unwrap_or_else(|| panic!("no gateway {id}"))
+    }
+
+    /// `tidectl status --json` of gateway `id`.
+    pub fn status(&mut self, id: u32) -> Result<HaStatus> {
+        self.gateway_mut(id).status()
+    }
+
+    /// The status of every gateway whose daemon runs.
+    pub fn statuses(&mut self) -> Result<Vec<HaStatus>> {
+        let mut out = Vec::new();
+        for gateway in &mut self.gateways {
+            if gateway.daemon_running() {
+                out.push(gateway.status()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The gateways whose public interface holds the VIP (the kernel's
+    /// view), among those whose daemon runs.
+    pub fn vip_holders(&mut self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for gateway in &mut self.gateways {
+            if gateway.daemon_running() && gateway.vip_on_public()? {
+                out.push(gateway.id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Polls the running gateways' statuses and the VIP's holders (see
+    /// [`Self::vip_holders`]) until `ready` accepts them; returns the
+    /// statuses seen then. On timeout the error shows the last state and
+    /// every daemon's log tail.
+    pub fn wait_state(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut(&[HaStatus], &[u32]) -> bool,
+    ) -> Result<Vec<HaStatus>> {
+        let result = poll_until(what, timeout, POLL, || {
+            let statuses = self.statuses()?;
+            let holders = self.vip_holders()?;
+            Ok(if ready(&statuses, &holders) {
+                Probe::Ready(statuses)
+            } else {
+                Probe::NotYet(format!(
+                    "{}; VIP on {holders:?}",
+                    statuses
+                        .iter()
+                        .map(HaStatus::brief)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ))
+            })
+        });
+        result.map_err(|error| error.context(self.log_tails()))
+    }
+
+    /// Waits until gateway `id` is MASTER and the only one holding the
+    /// VIP, and every other running gateway is BACKUP following it.
+    /// Returns the statuses seen then.
+    pub fn wait_master(&mut self, id: u32, timeout: Duration) -> Result<Vec<HaStatus>> {
+        let what = format!("gateway {id} to be the only MASTER, followed by the others");
+        self.wait_state(&what, timeout, |statuses, holders| {
+            holders == [id]
+                && statuses.iter().all(|s| {
+                    if s.gateway_id == id {
+                        s.role == Role::Master
+                    } else {
+                        s.role == Role::Backup && s.master == Some(id)
+                    }
+                })
+        })
+    }
+
+    /// Polls every running gateway for `duration` and fails as soon as
+    /// more than one is MASTER or holds the VIP. Returns the polls made.
+    pub fn ensure_single_master_for(&mut self, duration: Duration) -> Result<u32> {
+        let start = Instant::now();
+        let mut polls = 0;
+        while start.elapsed() < duration {
+            let statuses = self.statuses()?;
+            let masters: Vec<u32> = statuses
+                .iter()
+                .filter(|s| s.role == Role::Master)
+                .map(|s| s.gateway_id)
+                .collect();
+            let holders = self.vip_holders()?;
+            ensure!(
+                masters.len() <= 1 && holders.len() <= 1,
+                "more than one master: MASTER {masters:?}, VIP on {holders:?}"
+            );
+            polls += 1;
+            std::thread::sleep(POLL);
+        }
+        Ok(polls)
+    }
+
+    /// The MAC address the client's neighbour table has for the VIP, if
+    /// it has a usable entry.
+    pub fn client_neighbour(&self) -> Result<Option<String>> {
+        let out = self
+            .client
+            .ip(&["neigh", "show", &VIP.to_string(), "dev", &self.client_if])?;
+        Ok(out
+            .split_whitespace()
+            .skip_while(|word| *word != "lladdr")
+            .nth(1)
+            .map(str::to_lowercase))
+    }
+
+    /// Waits until the client's neighbour entry for the VIP is gateway
+    /// `id`'s MAC.
+    pub fn wait_client_neighbour(&self, id: u32, timeout: Duration) -> Result<()> {
+        let mac = self.gateway(id).mac().to_owned();
+        let what = format!("the client's neighbour entry for {VIP} to be gateway {id} ({mac})");
+        poll_until(&what, timeout, POLL, || {
+            let now = self.client_neighbour()?;
+            Ok(if now.as_deref() == Some(mac.as_str()) {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("{now:?} ({})", self.mac_owner(now.as_deref())))
+            })
+        })
+    }
+
+    /// Which gateway has MAC `mac`, for messages.
+    pub fn mac_owner(&self, mac: Option<&str>) -> String {
+        self.gateways
+            .iter()
+            .find(|g| Some(g.mac()) == mac)
+            .map_or_else(|| "no gateway".to_owned(), |g| format!("gateway {}", g.id))
+    }
+
+    /// Starts a prober in the client namespace: `count` probes to the VIP,
+    /// one every 10 ms.
+    pub fn start_prober(&mut self, count: u64) -> Result<Prober> {
+        self.probers += 1;
+        let out = self.run.dir().join(format!("probe{}.json", self.probers));
+        let log = self.run.dir().join(format!("probe{}.log", self.probers));
+        let mut command = self.client.command(binary(PROBE_BIN)?);
+        command
+            .args(["--target", &SocketAddr::from((VIP, ECHO_PORT)).to_string()])
+            .args(["--count", &count.to_string()])
+            .args(["--interval-ms", "10", "--reply-wait-ms", "500", "--out"])
+            .arg(&out);
+        let mut process = Process::spawn(PROBE_BIN, &self.client, command, &log)?;
+        process.set_grace(PROBER_GRACE);
+        Ok(Prober { process, out })
+    }
+
+    /// Lets the switch flood multicast (the adverts) to gateway `id`'s
+    /// port, or not: with flooding off, the gateway neither hears the
+    /// others' adverts nor is heard, while unicast and ARP still flow.
+    pub fn set_advert_flood(&self, id: u32, on: bool) -> Result<()> {
+        let port = self.gateway(id).switch_port().to_owned();
+        let mut command = std::process::Command::new("bridge");
+        command.args(["-n", self.switch.name(), "link", "set", "dev", &port]);
+        command.args(["mcast_flood", if on { "on" } else { "off" }]);
+        crate::cmd::run_ok(&mut command, crate::cmd::DEFAULT_TIMEOUT)
+            .with_context(|| format!("mcast_flood {on} on {port}"))?;
+        Ok(())
+    }
+
+    /// The last lines of every daemon's log, for failure messages.
+    pub fn log_tails(&self) -> String {
+        self.gateways
+            .iter()
+            .map(|g| format!("--- gateway {} log:\n{}", g.id, g.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The config of gateway `id`.
+fn gateway_config(
+    options: &HaOptions,
+    id: u32,
+    priority: u8,
+    ifname: &str,
+    dir: &Path,
+    ids: &[u32],
+) -> GatewayConfig {
+    let mut config = GatewayConfig::shield(
+        ifname,
+        XdpMode::Auto,
+        dir.join("gateway.sock"),
+        vec![SocketAddr::from((VIP, SERVICE_PORT))],
+    );
+    config.state_dir = Some(dir.join("state"));
+    let peers = match options.transport {
+        AdvertTransport::Multicast => Vec::new(),
+        AdvertTransport::Unicast => ids
+            .iter()
+            .filter(|&&other| other != id)
+            .map(|&other| IpAddr::V4(gateway_addr(other)))
+            .collect(),
+    };
+    config.ha = Some(HaSection {
+        location_id: LOCATION_ID,
+        gateway_id: id,
+        priority: Some(priority),
+        advert_interval_ms: Some(options.advert_interval_ms),
+        preempt: None,
+        preempt_delay_ms: None,
+        key: KEY.to_owned(),
+        vips: vec![IpAddr::V4(VIP)],
+        port: None,
+        multicast_group: None,
+        peers,
+    });
+    config
+}
+
+/// Starts gateway `id`'s echo service on the VIP.
+fn start_echo(netns: &Netns, id: u32, dir: &Path) -> Result<Process> {
+    let mut command = netns.command(binary(ECHO_BIN)?);
+    command
+        .args(["--bind", &SocketAddr::from((VIP, ECHO_PORT)).to_string()])
+        .args(["--id", &id.to_string(), "--lifetime-secs", "600"]);
+    Process::spawn(ECHO_BIN, netns, command, &dir.join("echo.log"))
+}
+
+/// Waits until an echo service says it listens.
+fn wait_echo(echo: &Process) -> Result<()> {
+    poll_until(
+        &format!("{ECHO_BIN} (pid {}) to listen", echo.pid()),
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || {
+            let log = echo.log();
+            if log.contains("listening on") {
+                Ok(Probe::Ready(()))
+            } else if log.contains("tidegate-echo:") {
+                bail!("{ECHO_BIN} failed: {log}")
+            } else {
+                Ok(Probe::NotYet(log))
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_expected_master_is_the_highest_priority_then_the_highest_id() {
+        assert_eq!(HaOptions::priorities(&[100, 110, 120]).expected_master(), 3);
+        assert_eq!(HaOptions::priorities(&[120, 110]).expected_master(), 1);
+        assert_eq!(HaOptions::priorities(&[100, 100]).expected_master(), 2);
+    }
+
+    #[test]
+    fn parses_a_status() {
+        let json = r#"{"location_id":7,"gateway_id":2,"role":"backup","priority":110,
+            "advert_interval_ms":100,"master":3,"maintenance":false,
+            "vips":["198.51.100.100"],"vips_held":[],
+            "peers":[{"gateway_id":3,"role":"master","priority":120,"healthy":true,
+                      "maintenance":false,"last_seen_ms":12}],
+            "transitions":[{"at_ms":1000,"from":"init","to":"backup","reason":"started"},
+                           {"at_ms":1400,"from":"backup","to":"master","reason":"no master heard"},
+                           {"at_ms":1500,"from":"master","to":"backup","reason":"gateway 3 outranks this one"},
+                           {"at_ms":1600,"from":"backup","to":"backup","reason":"maintenance on"}],
+            "dropped":{"bad-mac":4}}"#;
+        let status = HaStatus::parse(json).unwrap();
+        assert_eq!(status.role, Role::Backup);
+        assert_eq!(status.master, Some(3));
+        assert_eq!(status.peers[0].role, Role::Master);
+        assert_eq!(status.dropped("bad-mac"), 4);
+        assert_eq!(status.dropped("replay"), 0);
+        assert_eq!(status.last_change_to(Role::Backup).unwrap().at_ms, 1500);
+        assert_eq!(status.last_change_to(Role::Master).unwrap().at_ms, 1400);
+        assert_eq!(status.changes().len(), 3);
+        assert!(status.brief().contains("gw 2 BACKUP"), "{}", status.brief());
+    }
+
+    #[test]
+    fn ha_section_in_toml() {
+        let options = HaOptions {
+            transport: AdvertTransport::Unicast,
+            ..HaOptions::priorities(&[100, 120, 110])
+        };
+        let toml =
+            gateway_config(&options, 2, 120, "tg0g2", Path::new("/r/gw2"), &[1, 2, 3]).to_toml();
+        assert!(
+            toml.ends_with(
+                "\n[ha]\nlocation_id = 7\ngateway_id = 2\npriority = 120\n\
+                 advert_interval_ms = 100\nkey = \"tidegate-ha-test-location-key\"\n\
+                 vips = [\"198.51.100.100\"]\npeers = [\"198.51.100.1\", \"198.51.100.3\"]\n"
+            ),
+            "{toml}"
+        );
+        assert!(toml.contains("address = \"198.51.100.100\"\nport = 51820\n"));
+        let multicast = gateway_config(
+            &HaOptions::priorities(&[1]),
+            1,
+            1,
+            "x",
+            Path::new("/r"),
+            &[1],
+        )
+        .to_toml();
+        assert!(!multicast.contains("peers"), "{multicast}");
+    }
+}

@@ -1,0 +1,846 @@
+//! End-to-end: the HA agent of two or three gateways on one segment, seen
+//! from a client that probes the VIP every 10 ms and learns from each
+//! answer which gateway holds it. The election picks the highest priority;
+//! a crashed master, a master whose link goes down, and a partition are
+//! survived within bounded gaps; forged adverts change nothing and are
+//! counted by reason; planned failover, maintenance and SIGTERM hand over
+//! without losing a probe.
+//!
+//! Out of scope until the kernel fence exists: a SIGKILLed or frozen
+//! daemon on a live host (its host keeps answering for the VIP). The
+//! harness has what those tests need ([`HaGateway::signal_daemon`],
+//! [`tidegate_tests::GatewayDaemon::kill`]).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, ensure};
+use nix::sys::socket::{IpMembershipRequest, setsockopt, sockopt};
+use tidegate_gateway::ha::{
+    advert::{Advert, AdvertKey, HEALTH_OK},
+    machine::Role as WireRole,
+};
+use tidegate_tests::ha::{
+    ADVERT_GROUP, ADVERT_PORT, AdvertTransport, CLIENT_ADDR, HaGateway, KEY, LOCATION_ID, Role,
+    VIP, gateway_addr, status_of,
+};
+use tidegate_tests::{HaLocation, HaOptions, HaStatus, ProbeSummary, require_root};
+
+/// How long a role change may take after its cause (a few master-down
+/// intervals of 350 ms).
+const SWITCH: Duration = Duration::from_secs(5);
+/// How long the client's neighbour entry may take to follow the master.
+const NEIGHBOUR: Duration = Duration::from_secs(3);
+/// Probes in flight before and after each event.
+const SETTLE: Duration = Duration::from_millis(300);
+/// How long a state must hold to count as stable (about three master-down
+/// intervals).
+const HOLD: Duration = Duration::from_secs(1);
+/// A bound on every prober: 60 s of probes at 10 ms. Tests stop theirs
+/// much sooner with SIGTERM.
+const PROBES: u64 = 6000;
+/// The longest acceptable silence when a master dies (expected: one
+/// master-down interval, about 350-450 ms).
+const MAX_FAILOVER_GAP_MS: f64 = 1000.0;
+/// Forged adverts of each kind.
+const FORGED_EACH: u64 = 3;
+
+/// Held by every test of this file: they measure gaps and timings, so they
+/// do not share the machine's two cores with each other.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Takes [`SERIAL`] (a test that failed while holding it does not block
+/// the others).
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Prints a step to the test's captured output.
+fn narrate(line: &str) {
+    println!("  {line}");
+}
+
+/// Unix time in ms (the clock of `tidectl status` transitions).
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Builds a location, narrating it.
+fn build(options: &HaOptions) -> Result<HaLocation> {
+    let location = HaLocation::build(options)?;
+    narrate(&format!(
+        "location {}: gateways {:?} with priorities {:?}, {:?} adverts; gateway {} is MASTER",
+        location.run().id(),
+        location.ids(),
+        options.priorities,
+        options.transport,
+        options.expected_master()
+    ));
+    Ok(location)
+}
+
+/// Narrates a prober's summary.
+fn narrate_probes(what: &str, summary: &ProbeSummary) {
+    narrate(&format!("{what}: {}", summary.brief()));
+    for loss in summary.losses() {
+        narrate(&format!("  {loss}"));
+    }
+}
+
+/// Checks that every probe was answered, by `sequence` in this order.
+fn ensure_no_loss(summary: &ProbeSummary, sequence: &[u32]) -> Result<()> {
+    ensure!(
+        summary.sent > 0 && summary.lost == 0,
+        "probes lost: {} ({:?})",
+        summary.brief(),
+        summary.losses()
+    );
+    ensure!(
+        summary.sequence == sequence,
+        "answered by {:?}, expected {sequence:?}: {}",
+        summary.sequence,
+        summary.brief()
+    );
+    Ok(())
+}
+
+/// Runs `tidectl <args>` on gateway `id`; it must succeed and print
+/// `expected`.
+fn tidectl_prints(location: &HaLocation, id: u32, args: &[&str], expected: &str) -> Result<()> {
+    let out = location.gateway(id).tidectl(args)?;
+    ensure!(
+        out.status.success() && out.stdout.contains(expected),
+        "`tidectl {}` on gateway {id}: {} {:?} {:?} (expected {expected:?})",
+        args.join(" "),
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    narrate(&format!(
+        "gateway {id}: tidectl {} -> {}",
+        args.join(" "),
+        out.stdout.trim()
+    ));
+    Ok(())
+}
+
+/// Runs `tidectl <args>` on gateway `id`; it must be refused with
+/// `message`.
+fn tidectl_refused(location: &HaLocation, id: u32, args: &[&str], message: &str) -> Result<()> {
+    let out = location.gateway(id).tidectl(args)?;
+    ensure!(
+        !out.status.success() && out.stderr.contains(message),
+        "`tidectl {}` on gateway {id} should be refused with {message:?}: {} {:?} {:?}",
+        args.join(" "),
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    narrate(&format!(
+        "gateway {id}: tidectl {} refused: {}",
+        args.join(" "),
+        out.stderr.trim()
+    ));
+    Ok(())
+}
+
+/// Checks that gateway `id`'s last change into `role` gives a reason
+/// containing `reason`, and returns its time.
+fn changed_to(status: &HaStatus, role: Role, reason: &str) -> Result<u64> {
+    let change = status.last_change_to(role).with_context(|| {
+        format!(
+            "gateway {} never became {role}: {:?}",
+            status.gateway_id,
+            status.changes()
+        )
+    })?;
+    ensure!(
+        change.reason.contains(reason),
+        "gateway {} became {role} because {:?}, expected {reason:?}",
+        status.gateway_id,
+        change.reason
+    );
+    Ok(change.at_ms)
+}
+
+#[test]
+fn the_highest_priority_wins_and_holds_the_vip_alone() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[100, 110, 120]))?;
+    let statuses = location.wait_master(3, SWITCH)?;
+
+    for status in &statuses {
+        let gateway = location.gateway(status.gateway_id);
+        ensure!(
+            status.location_id == LOCATION_ID
+                && status.priority == gateway.priority()
+                && status.advert_interval_ms == 100
+                && status.vips == [IpAddr::V4(VIP)]
+                && !status.maintenance,
+            "{status:?}"
+        );
+        let mut peers: Vec<u32> = status.peers.iter().map(|p| p.gateway_id).collect();
+        peers.sort_unstable();
+        let others: Vec<u32> = [1, 2, 3]
+            .into_iter()
+            .filter(|&id| id != status.gateway_id)
+            .collect();
+        ensure!(
+            peers == others && status.peers.iter().all(|p| p.healthy),
+            "gateway {} hears {:?}",
+            status.gateway_id,
+            status.peers
+        );
+        let held = status.vips_held == [IpAddr::V4(VIP)];
+        ensure!(
+            held == (status.gateway_id == 3),
+            "gateway {} reports holding {:?}",
+            status.gateway_id,
+            status.vips_held
+        );
+        ensure!(
+            status.dropped.is_empty(),
+            "adverts dropped: {:?}",
+            status.dropped
+        );
+        // Every gateway keeps the VIP on lo and answers ARP only for the
+        // public interface's own addresses.
+        ensure!(
+            gateway.vip_on_lo()?,
+            "gateway {}: no VIP on lo",
+            gateway.id()
+        );
+        for (name, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+            let key = format!("net.ipv4.conf.{}.{name}", gateway.ifname());
+            let got = gateway.netns().exec_ok("sysctl", &["-n", &key])?;
+            ensure!(
+                got.trim() == value,
+                "gateway {}: {key} = {got}",
+                gateway.id()
+            );
+        }
+    }
+    changed_to(status_of(&statuses, 3)?, Role::Master, "")?;
+    narrate(&format!(
+        "roles: {}",
+        statuses
+            .iter()
+            .map(HaStatus::brief)
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
+    for id in [1, 2] {
+        ensure!(
+            !location.gateway(id).vip_on_public()?,
+            "gateway {id} has the VIP"
+        );
+    }
+
+    let summary = location.start_prober(50)?.wait(Duration::from_secs(10))?;
+    narrate_probes("50 probes", &summary);
+    ensure_no_loss(&summary, &[3])?;
+    ensure!(summary.answers == BTreeMap::from([(3, 50)]));
+
+    let neighbour = location.client_neighbour()?;
+    ensure!(
+        neighbour.as_deref() == Some(location.gateway(3).mac()),
+        "the client's entry for {VIP} is {neighbour:?} ({}), not gateway 3's {}",
+        location.mac_owner(neighbour.as_deref()),
+        location.gateway(3).mac()
+    );
+    narrate(&format!(
+        "client: {VIP} is at {} (gateway 3)",
+        location.gateway(3).mac()
+    ));
+    let polls = location.ensure_single_master_for(HOLD)?;
+    narrate(&format!("one MASTER throughout {polls} polls"));
+    Ok(())
+}
+
+#[test]
+fn a_crashed_master_is_replaced_by_the_next_priority_within_a_second() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[100, 110, 120]))?;
+    let prober = location.start_prober(PROBES)?;
+    std::thread::sleep(SETTLE);
+
+    let crashed_at = unix_ms();
+    location.gateway_mut(3).crash()?;
+    narrate("gateway 3 crashed: daemon and echo killed (SIGKILL), link down");
+    let statuses = location.wait_master(2, SWITCH)?;
+    let took_over = changed_to(status_of(&statuses, 2)?, Role::Master, "master 3 down")?;
+    location.wait_client_neighbour(2, NEIGHBOUR)?;
+    std::thread::sleep(SETTLE);
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+    narrate(&format!(
+        "gateway 2 MASTER {} ms after the crash",
+        took_over.saturating_sub(crashed_at)
+    ));
+
+    ensure!(
+        summary.sequence == [3, 2],
+        "answered by {:?}: {}",
+        summary.sequence,
+        summary.brief()
+    );
+    ensure!(
+        summary.lost > 0,
+        "no probe lost: the crash did not cut gateway 3 off"
+    );
+    ensure!(
+        summary.longest_gap_ms < MAX_FAILOVER_GAP_MS,
+        "gap of {:.1} ms: {}",
+        summary.longest_gap_ms,
+        summary.brief()
+    );
+    let polls = location.ensure_single_master_for(HOLD)?;
+    narrate(&format!("one MASTER among the survivors in {polls} polls"));
+    Ok(())
+}
+
+#[test]
+fn a_master_whose_link_fails_resigns_and_takes_over_again_when_it_returns() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[100, 110, 120]))?;
+    let prober = location.start_prober(PROBES)?;
+    std::thread::sleep(SETTLE);
+
+    let down_at = unix_ms();
+    location.gateway(3).set_link(false)?;
+    narrate("gateway 3: public link down");
+    let statuses = location.wait_state(
+        "gateway 3 FAULT without the VIP, gateway 2 MASTER",
+        SWITCH,
+        |statuses, holders| {
+            let role = |id| status_of(statuses, id).map(|s| (s.role, s.master)).ok();
+            holders == [2]
+                && role(3).is_some_and(|(role, _)| role == Role::Fault)
+                && role(2) == Some((Role::Master, Some(2)))
+                && role(1) == Some((Role::Backup, Some(2)))
+        },
+    )?;
+    let fault = changed_to(status_of(&statuses, 3)?, Role::Fault, "is down")?;
+    let took_over = changed_to(status_of(&statuses, 2)?, Role::Master, "master 3 down")?;
+    ensure!(
+        status_of(&statuses, 3)?.vips_held.is_empty(),
+        "gateway 3 in FAULT reports holding the VIP"
+    );
+    narrate(&format!(
+        "gateway 3 FAULT after {} ms; gateway 2 MASTER after {} ms",
+        fault.saturating_sub(down_at),
+        took_over.saturating_sub(down_at)
+    ));
+    location.wait_client_neighbour(2, NEIGHBOUR)?;
+    std::thread::sleep(SETTLE);
+
+    let up_at = unix_ms();
+    location.gateway(3).set_link(true)?;
+    narrate("gateway 3: public link up");
+    let statuses = location.wait_master(3, SWITCH)?;
+    let gateway3 = status_of(&statuses, 3)?;
+    let backup = changed_to(gateway3, Role::Backup, "health check")?;
+    let master = changed_to(gateway3, Role::Master, "")?;
+    ensure!(
+        up_at <= backup && backup <= master,
+        "gateway 3 went BACKUP at {backup}, MASTER at {master}, link up at {up_at}: {:?}",
+        gateway3.changes()
+    );
+    changed_to(status_of(&statuses, 2)?, Role::Backup, "gateway 3 outranks")?;
+    narrate(&format!(
+        "gateway 3 BACKUP after {} ms, MASTER again after {} ms",
+        backup - up_at,
+        master - up_at
+    ));
+    location.wait_client_neighbour(3, NEIGHBOUR)?;
+    std::thread::sleep(SETTLE);
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+
+    ensure!(
+        summary.sequence == [3, 2, 3],
+        "answered by {:?}: {}",
+        summary.sequence,
+        summary.brief()
+    );
+    // One outage (link down); taking back over is lossless.
+    ensure!(
+        summary.losses().len() == 1,
+        "losses {:?}: {}",
+        summary.losses(),
+        summary.brief()
+    );
+    ensure!(
+        summary.longest_gap_ms < MAX_FAILOVER_GAP_MS,
+        "gap of {:.1} ms: {}",
+        summary.longest_gap_ms,
+        summary.brief()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_partition_makes_two_masters_and_healing_leaves_the_higher_one() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[110, 120]))?;
+    let prober = location.start_prober(PROBES)?;
+    std::thread::sleep(SETTLE);
+
+    let cut_at = unix_ms();
+    for id in [1, 2] {
+        location.set_advert_flood(id, false)?;
+    }
+    narrate("partition: the switch stops flooding multicast (adverts) to both gateways");
+    let statuses = location.wait_state("both gateways MASTER", SWITCH, |statuses, holders| {
+        holders == [1, 2] && statuses.iter().all(|s| s.role == Role::Master)
+    })?;
+    let dual_from = changed_to(status_of(&statuses, 1)?, Role::Master, "master 2 down")?;
+    narrate(&format!(
+        "gateway 1 MASTER too, {} ms after the cut",
+        dual_from.saturating_sub(cut_at)
+    ));
+    // The last to announce was gateway 1: the client follows it.
+    location.wait_client_neighbour(1, NEIGHBOUR)?;
+    std::thread::sleep(HOLD);
+
+    let healed_at = unix_ms();
+    for id in [1, 2] {
+        location.set_advert_flood(id, true)?;
+    }
+    narrate("healed");
+    let statuses = location.wait_master(2, SWITCH)?;
+    let dual_to = changed_to(status_of(&statuses, 1)?, Role::Backup, "gateway 2 outranks")?;
+    location.wait_client_neighbour(2, NEIGHBOUR)?;
+    let neighbour_back = unix_ms();
+    // Announcing again: on hearing gateway 1 as a lower master, or (when
+    // gateway 1 heard it first and stepped down) as a gateway back from
+    // silence.
+    let winner = location.status(2)?;
+    let reannounced = winner
+        .transitions
+        .iter()
+        .find(|t| t.at_ms >= healed_at && t.reason.contains("announcing"))
+        .cloned();
+    std::thread::sleep(SETTLE);
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+    narrate(&format!(
+        "dual-master window {} ms; gateway 1 BACKUP {} ms after healing; \
+         gateway 2 re-announced: {}; client back on gateway 2 within {} ms of healing",
+        dual_to.saturating_sub(dual_from),
+        dual_to.saturating_sub(healed_at),
+        reannounced.as_ref().map_or_else(
+            || "no".to_owned(),
+            |t| format!("after {} ms ({})", t.at_ms - healed_at, t.reason)
+        ),
+        neighbour_back - healed_at
+    ));
+    ensure!(
+        reannounced.is_some(),
+        "gateway 2 did not announce the VIP again after healing: {:?}",
+        winner.transitions
+    );
+
+    ensure!(
+        dual_to >= healed_at && dual_to - healed_at < 1000,
+        "gateway 1 went BACKUP at {dual_to}, healed at {healed_at}"
+    );
+    ensure_no_loss(&summary, &[2, 1, 2])?;
+    Ok(())
+}
+
+/// Sockets in the client namespace: one joined to the advert group (to
+/// capture real adverts), one to send from.
+fn advert_sockets(location: &HaLocation) -> Result<(UdpSocket, UdpSocket)> {
+    location
+        .client()
+        .run(|| -> Result<(UdpSocket, UdpSocket)> {
+            let capture = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, ADVERT_PORT))?;
+            setsockopt(
+                &capture,
+                sockopt::IpAddMembership,
+                &IpMembershipRequest::new(ADVERT_GROUP, Some(CLIENT_ADDR)),
+            )?;
+            capture.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let sender = UdpSocket::bind((CLIENT_ADDR, 0))?;
+            Ok((capture, sender))
+        })?
+}
+
+/// The next advert `capture` receives from gateway `id`.
+fn capture_from(capture: &UdpSocket, id: u32) -> Result<Vec<u8>> {
+    let mut buf = [0u8; 2048];
+    for _ in 0..100 {
+        if let Ok((len, from)) = capture.recv_from(&mut buf)
+            && from.ip() == IpAddr::V4(gateway_addr(id))
+        {
+            return Ok(buf[..len].to_vec());
+        }
+    }
+    anyhow::bail!("no advert from gateway {id} captured")
+}
+
+/// An advert as a gateway would send it, from gateway `from`.
+fn advert(from: u32, role: WireRole, priority: u8, sequence: u64) -> Advert {
+    Advert {
+        role,
+        priority,
+        maintenance: false,
+        location_id: LOCATION_ID,
+        gateway_id: from,
+        interval: Duration::from_millis(100),
+        epoch: unix_ms(),
+        sequence,
+        health: HEALTH_OK,
+        handover_to: None,
+        vips: vec![IpAddr::V4(VIP)],
+    }
+}
+
+#[test]
+fn forged_adverts_change_nothing_and_are_counted_by_reason() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[110, 120]))?;
+    let before = location.wait_master(2, SWITCH)?;
+    let prober = location.start_prober(PROBES)?;
+    let (capture, sender) = advert_sockets(&location)?;
+    let master_advert = capture_from(&capture, 2)?;
+    let backup_advert = capture_from(&capture, 1)?;
+    let key = AdvertKey::new(KEY.as_bytes().to_vec());
+    for (bytes, id, role) in [
+        (&master_advert, 2, WireRole::Master),
+        (&backup_advert, 1, WireRole::Backup),
+    ] {
+        let decoded = Advert::decode(bytes, &key)?;
+        ensure!(
+            decoded.gateway_id == id && decoded.role == role,
+            "{decoded:?}"
+        );
+    }
+    narrate(&format!(
+        "captured a {}-byte advert from gateway 2 (MASTER) and one from gateway 1",
+        master_advert.len()
+    ));
+
+    let wrong_key = AdvertKey::new(b"not the location's key at all".to_vec());
+    let takeover = |sequence| advert(9, WireRole::Master, 255, sequence);
+    let mut tampered = master_advert.clone();
+    tampered[6] = 255; // the priority, under the MAC
+    let mut bad_magic = master_advert.clone();
+    bad_magic[..4].copy_from_slice(b"VRRP");
+    let mut bad_version = master_advert.clone();
+    bad_version[4] = 2;
+    let mut too_long = master_advert.clone();
+    too_long.push(0);
+    // A gateway never hears its own adverts, so the first replay of its
+    // own is news to its replay guard (and then ignored as its own); the
+    // later copies are replays to every gateway.
+    let replayed_by = |sender: u32, copy: u64| -> Vec<u32> {
+        [1, 2]
+            .into_iter()
+            .filter(|&id| id != sender || copy > 0)
+            .collect()
+    };
+    // (what, bytes, the reason it is dropped for, gateways that count it)
+    let mut forgeries: Vec<(&str, Vec<u8>, &str, Vec<u32>)> = Vec::new();
+    for n in 0..FORGED_EACH {
+        forgeries.extend([
+            (
+                "MASTER priority 255, wrong key",
+                takeover(n + 1).encode(&wrong_key),
+                "bad-mac",
+                vec![1, 2],
+            ),
+            (
+                "the master's advert, priority raised",
+                tampered.clone(),
+                "bad-mac",
+                vec![1, 2],
+            ),
+            (
+                "replay of the master's advert",
+                master_advert.clone(),
+                "replay",
+                replayed_by(2, n),
+            ),
+            (
+                "replay of the backup's advert",
+                backup_advert.clone(),
+                "replay",
+                replayed_by(1, n),
+            ),
+            (
+                "MASTER priority 255, right key, location 8",
+                Advert {
+                    location_id: LOCATION_ID + 1,
+                    ..takeover(n + 1)
+                }
+                .encode(&key),
+                "wrong-location",
+                vec![1, 2],
+            ),
+            (
+                "right key, gateway id 0",
+                Advert {
+                    gateway_id: 0,
+                    ..takeover(n + 1)
+                }
+                .encode(&key),
+                "malformed",
+                vec![1, 2],
+            ),
+            (
+                "first 40 bytes",
+                master_advert[..40].to_vec(),
+                "truncated",
+                vec![1, 2],
+            ),
+            ("bad magic", bad_magic.clone(), "bad-magic", vec![1, 2]),
+            ("version 2", bad_version.clone(), "bad-version", vec![1, 2]),
+            (
+                "one byte too long",
+                too_long.clone(),
+                "bad-length",
+                vec![1, 2],
+            ),
+        ]);
+    }
+    let mut expected: BTreeMap<u32, BTreeMap<String, u64>> = BTreeMap::new();
+    let group = SocketAddr::from((ADVERT_GROUP, ADVERT_PORT));
+    for (what, bytes, reason, counted_by) in &forgeries {
+        sender
+            .send_to(bytes, group)
+            .with_context(|| format!("sending {what}"))?;
+        for id in counted_by {
+            *expected
+                .entry(*id)
+                .or_default()
+                .entry((*reason).to_owned())
+                .or_default() += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    narrate(&format!(
+        "sent {} forged adverts to {group} from the client",
+        forgeries.len()
+    ));
+
+    let counted = |statuses: &[HaStatus]| {
+        statuses
+            .iter()
+            .all(|s| expected.get(&s.gateway_id) == Some(&s.dropped))
+    };
+    location.wait_state("the drops counted by reason", SWITCH, |statuses, _| {
+        counted(statuses)
+    })?;
+    // Time for a believed forgery to show: a takeover, a transition.
+    std::thread::sleep(HOLD);
+    let after = location.wait_master(2, Duration::ZERO)?;
+    ensure!(counted(&after), "drops changed: {after:?}");
+    for (old, new) in before.iter().zip(&after) {
+        ensure!(
+            old.changes() == new.changes(),
+            "gateway {} changed role: {:?} -> {:?}",
+            new.gateway_id,
+            old.changes(),
+            new.changes()
+        );
+        ensure!(
+            new.peers.iter().all(|p| p.gateway_id <= 2),
+            "gateway {} believes in {:?}",
+            new.gateway_id,
+            new.peers
+        );
+    }
+    for status in &after {
+        narrate(&format!(
+            "gateway {} dropped {:?}",
+            status.gateway_id, status.dropped
+        ));
+    }
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+    ensure_no_loss(&summary, &[2])?;
+
+    // The control: the same advert with the right key and location is
+    // believed, so the forgeries reached the agents and were refused for
+    // what was wrong with them.
+    sender.send_to(&takeover(1).encode(&key), group)?;
+    location.wait_state(
+        "every gateway to follow a real gateway 9 of priority 255",
+        SWITCH,
+        |statuses, _| statuses.iter().all(|s| s.master == Some(9)),
+    )?;
+    narrate("control: a well-formed advert from \"gateway 9\" at priority 255 was followed");
+    Ok(())
+}
+
+#[test]
+fn planned_failover_and_maintenance_lose_no_probe() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[100, 110, 120]))?;
+    let prober = location.start_prober(PROBES)?;
+    std::thread::sleep(SETTLE);
+
+    tidectl_refused(
+        &location,
+        1,
+        &["failover"],
+        "this gateway is BACKUP, not MASTER",
+    )?;
+    tidectl_prints(&location, 3, &["failover"], "handing over to gateway 2")?;
+    let statuses = location.wait_master(2, SWITCH)?;
+    changed_to(
+        status_of(&statuses, 2)?,
+        Role::Master,
+        "handover from gateway 3",
+    )?;
+    changed_to(
+        status_of(&statuses, 3)?,
+        Role::Backup,
+        "handed over to gateway 2",
+    )?;
+    location.wait_client_neighbour(2, NEIGHBOUR)?;
+    // The old master does not take back what it handed over.
+    location.ensure_single_master_for(HOLD)?;
+    location.wait_master(2, Duration::ZERO)?;
+
+    // Gateway 3 (the highest priority) in maintenance: a handover skips
+    // it, and it does not preempt the lower master it would otherwise.
+    tidectl_prints(&location, 3, &["maintenance", "on"], "maintenance on")?;
+    tidectl_prints(&location, 2, &["failover"], "handing over to gateway 1")?;
+    location.wait_master(1, SWITCH)?;
+    location.wait_client_neighbour(1, NEIGHBOUR)?;
+    location.ensure_single_master_for(HOLD)?;
+    let statuses = location.wait_master(1, Duration::ZERO)?;
+    ensure!(
+        status_of(&statuses, 3)?.maintenance,
+        "gateway 3 not in maintenance"
+    );
+    narrate("gateway 3 (priority 120) stayed BACKUP in maintenance under gateway 1 (100)");
+
+    tidectl_prints(&location, 3, &["maintenance", "off"], "maintenance off")?;
+    let statuses = location.wait_master(3, SWITCH)?;
+    changed_to(status_of(&statuses, 1)?, Role::Backup, "gateway 3 outranks")?;
+    location.wait_client_neighbour(3, NEIGHBOUR)?;
+
+    // Maintenance on the master hands over first.
+    tidectl_prints(&location, 3, &["maintenance", "on"], "maintenance on")?;
+    let statuses = location.wait_master(2, SWITCH)?;
+    changed_to(
+        status_of(&statuses, 2)?,
+        Role::Master,
+        "handover from gateway 3",
+    )?;
+    location.wait_client_neighbour(2, NEIGHBOUR)?;
+
+    // No eligible backup left: refused, and nothing changes.
+    tidectl_prints(&location, 1, &["maintenance", "on"], "maintenance on")?;
+    location.wait_state(
+        "gateway 2 to see both backups in maintenance",
+        SWITCH,
+        |statuses, _| {
+            status_of(statuses, 2)
+                .is_ok_and(|s| s.peers.len() == 2 && s.peers.iter().all(|p| p.maintenance))
+        },
+    )?;
+    tidectl_refused(
+        &location,
+        2,
+        &["failover"],
+        "no healthy backup to hand over to",
+    )?;
+    tidectl_refused(
+        &location,
+        2,
+        &["maintenance", "on"],
+        "no healthy backup to hand over to",
+    )?;
+    std::thread::sleep(SETTLE);
+    let statuses = location.wait_master(2, Duration::ZERO)?;
+    ensure!(
+        !status_of(&statuses, 2)?.maintenance,
+        "a refused maintenance request took effect"
+    );
+
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+    ensure_no_loss(&summary, &[3, 2, 1, 3, 2])?;
+    Ok(())
+}
+
+/// Sends a well-formed advert of the location to gateway `to`'s address
+/// from the client, which is not on the unicast peer list.
+fn advert_from_a_stranger(location: &HaLocation, to: &HaGateway) -> Result<()> {
+    let sender = location
+        .client()
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)))??;
+    let key = AdvertKey::new(KEY.as_bytes().to_vec());
+    sender.send_to(
+        &advert(9, WireRole::Master, 255, 1).encode(&key),
+        (to.addr(), ADVERT_PORT),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn sigterm_on_the_master_hands_over_without_losing_a_probe() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions {
+        transport: AdvertTransport::Unicast,
+        ..HaOptions::priorities(&[110, 120])
+    })?;
+
+    // Unicast adverts are heard from the listed peers only.
+    for id in [1, 2] {
+        advert_from_a_stranger(&location, location.gateway(id))?;
+    }
+    location.wait_state(
+        "an unknown sender's advert dropped by each gateway",
+        SWITCH,
+        |statuses, _| {
+            statuses
+                .iter()
+                .all(|s| s.dropped == BTreeMap::from([("unknown-sender".to_owned(), 1)]))
+        },
+    )?;
+    location.wait_master(2, Duration::ZERO)?;
+    narrate("unicast: an advert from the client was dropped as unknown-sender");
+
+    let prober = location.start_prober(PROBES)?;
+    std::thread::sleep(SETTLE);
+    let started = std::time::Instant::now();
+    let status = location.gateway_mut(2).daemon_mut().stop()?;
+    let took = started.elapsed();
+    ensure!(status.success(), "gateway 2's daemon exited {status}");
+    ensure!(
+        !location.gateway(2).vip_on_public()?,
+        "gateway 2 exited holding the VIP"
+    );
+    narrate(&format!(
+        "gateway 2's daemon handed over and exited {took:.1?} after SIGTERM"
+    ));
+    let statuses = location.wait_master(1, SWITCH)?;
+    changed_to(
+        status_of(&statuses, 1)?,
+        Role::Master,
+        "handover from gateway 2",
+    )?;
+    location.wait_client_neighbour(1, NEIGHBOUR)?;
+    std::thread::sleep(SETTLE);
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+    ensure_no_loss(&summary, &[2, 1])?;
+    Ok(())
+}
