@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod fast;
 mod maps;
 mod parse;
 mod shield;
@@ -13,18 +14,39 @@ mod stats;
 mod wireguard;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use tidegate_common::stats::Verdict;
+use tidegate_common::stats::{Counter, Verdict};
 
 /// Entry point: classify the frame, count it, return its verdict.
 #[xdp]
 pub fn tidegate(ctx: XdpContext) -> u32 {
+    let frame = parse::Frame::new(&ctx);
+    let counter = match fast::classify(&frame) {
+        Some(counter) => counter,
+        None => return walk(frame.start, frame.end),
+    };
+    count(counter, frame.len())
+}
+
+/// The frames the fast path leaves, walked in full. A function of its own:
+/// the JIT saves only the registers a function uses, and the walk's would
+/// otherwise be saved and restored on every frame.
+#[inline(never)]
+fn walk(start: usize, end: usize) -> u32 {
+    let frame = parse::Frame { start, end };
+    count(shield::classify(&frame), frame.len())
+}
+
+/// Counts a frame of `len` bytes under `counter` and returns its verdict.
+/// The counters are looked up last, once the frame is classified: the
+/// lookup (a helper call to the compiler, inlined by the kernel) then has
+/// only the counter and the length to keep across it.
+#[inline(always)]
+fn count(counter: Counter, len: usize) -> u32 {
     // A per-CPU array lookup with an in-range key cannot fail.
     let Some(counters) = stats::this_cpu() else {
         return xdp_action::XDP_ABORTED;
     };
-    let frame = parse::Frame::new(&ctx);
-    let counter = shield::classify(&frame);
-    stats::record(counters, counter, frame.len());
+    stats::record(counters, counter, len);
     match counter.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,

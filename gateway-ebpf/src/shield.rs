@@ -34,11 +34,11 @@ pub fn classify(frame: &Frame) -> Counter {
 /// fails, which for in-range indexes it cannot.
 #[inline(always)]
 fn is_v4_service(dst_be: u32, port: u16) -> Option<bool> {
-    let entry = SERVICE_PORTS.get(u32::from(port))?;
-    if dst_be != 0 && entry.v4_first_be == dst_be {
+    let entry = SERVICE_PORTS.entry(port);
+    if dst_be != 0 && entry.v4_first_be() == dst_be {
         return Some(true);
     }
-    let mut mask = entry.v4_more;
+    let mut mask = entry.v4_more();
     let mut slot = 0;
     // The slot bound gives the verifier a loop it can prove ends.
     while mask != 0 && slot < MAX_SERVICE_ADDRS {
@@ -54,14 +54,22 @@ fn is_v4_service(dst_be: u32, port: u16) -> Option<bool> {
 /// Whether (`*dst`, `port`) is an IPv6 service; `dst` points into the frame.
 #[inline(always)]
 fn is_v6_service(dst: *const [u32; 4], port: u16) -> Option<bool> {
-    let entry = SERVICE_PORTS.get(u32::from(port))?;
+    let entry = SERVICE_PORTS.entry(port);
     // SAFETY: `dst` is the address field of an IPv6 header that `ptr_at`
     // checked lies inside the frame.
-    let dst = unsafe { dst.read_unaligned() };
-    if (dst[0] | dst[1] | dst[2] | dst[3]) != 0 && same_v6(&dst, &entry.v6_first_be) {
+    let (dst, dst_words) = unsafe {
+        (
+            dst.read_unaligned(),
+            dst.cast::<[u64; 2]>().read_unaligned(),
+        )
+    };
+    let first = entry.v6_first_be();
+    if (dst_words[0] | dst_words[1]) != 0
+        && ((dst_words[0] ^ first[0]) | (dst_words[1] ^ first[1])) == 0
+    {
         return Some(true);
     }
-    let mut mask = entry.v6_more;
+    let mut mask = entry.v6_more();
     let mut slot = 0;
     while mask != 0 && slot < MAX_SERVICE_ADDRS {
         if mask & 1 != 0 && same_v6(&dst, &SERVICE_V6.get(slot)?.addr_be) {

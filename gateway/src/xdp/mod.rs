@@ -16,8 +16,8 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use tidegate_common::{
     maps,
-    service::{PortEntry, ServiceAddrV6},
-    stats::{Counter, Counters},
+    service::{PortTable, ServiceAddrV6},
+    stats::{CounterRows, Counters},
 };
 use tracing::{info, warn};
 
@@ -138,9 +138,12 @@ struct Attachment {
 /// The loaded XDP program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    service_ports: Array<MapData, PortEntry>,
+    /// The `SERVICE_PORTS` global's section: one entry, the whole table.
+    service_ports: Array<MapData, PortTable>,
     service_v4: Array<MapData, u32>,
     service_v6: Array<MapData, ServiceAddrV6>,
+    /// The `COUNTER_ROWS` global's section: one entry, a row per CPU.
+    counter_rows: Array<MapData, CounterRows>,
     counters: PerCpuArray<MapData, Counters>,
     services: ServiceTable,
     attachment: Option<Attachment>,
@@ -160,6 +163,7 @@ impl Datapath {
             service_ports: take_map(&mut ebpf, maps::SERVICE_PORTS)?,
             service_v4: take_map(&mut ebpf, maps::SERVICE_V4)?,
             service_v6: take_map(&mut ebpf, maps::SERVICE_V6)?,
+            counter_rows: take_map(&mut ebpf, maps::COUNTER_ROWS)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             ebpf,
             services: ServiceTable::default(),
@@ -171,7 +175,8 @@ impl Datapath {
     ///
     /// New addresses are written before the port masks that refer to them,
     /// and retired slots are cleared last, so no mask ever points at a slot
-    /// that is not yet filled.
+    /// that is not yet filled. The port table is written whole, in one
+    /// update: entries that do not change are rewritten with the same bytes.
     pub fn install_services(&mut self, table: ServiceTable) -> Result<(), XdpError> {
         let write = |name| {
             move |source| XdpError::Map {
@@ -190,12 +195,9 @@ impl Datapath {
                 .set(slot, addr, 0)
                 .map_err(write(maps::SERVICE_V6))?;
         }
-        let old_ports: Vec<u16> = self.services.ports().collect();
-        for port in table.ports().chain(old_ports) {
-            self.service_ports
-                .set(u32::from(port), table.port_entry(port), 0)
-                .map_err(write(maps::SERVICE_PORTS))?;
-        }
+        self.service_ports
+            .set(0, table.port_table(), 0)
+            .map_err(write(maps::SERVICE_PORTS))?;
         let (v4_used, v6_used) = table.slot_counts();
         let (v4_old, v6_old) = self.services.slot_counts();
         for slot in v4_used..v4_old {
@@ -288,25 +290,24 @@ impl Datapath {
         Ok(())
     }
 
-    /// Every counter, summed over CPUs.
+    /// Every counter, summed over CPUs: the rows, then the per-CPU entries
+    /// of CPUs past the rows (zero on CPUs that have a row).
     pub fn counters(&self) -> Result<CounterSnapshot, XdpError> {
-        let per_cpu = self.counters.get(&0, 0).map_err(|source| XdpError::Map {
-            op: "reading",
-            name: maps::COUNTERS,
-            source,
-        })?;
-        Ok(CounterSnapshot::from_values(Counter::ALL.iter().map(
-            |&counter| {
-                let sum = per_cpu.iter().fold(PacketCount::default(), |acc, cpu| {
-                    let value = cpu.by_counter[counter as usize];
-                    PacketCount {
-                        packets: acc.packets + value.packets,
-                        bytes: acc.bytes + value.bytes,
-                    }
-                });
-                (counter, sum)
-            },
-        )))
+        let read = |name| {
+            move |source| XdpError::Map {
+                op: "reading",
+                name,
+                source,
+            }
+        };
+        let rows = self
+            .counter_rows
+            .get(&0, 0)
+            .map_err(read(maps::COUNTER_ROWS))?;
+        let per_cpu = self.counters.get(&0, 0).map_err(read(maps::COUNTERS))?;
+        Ok(CounterSnapshot::from_cpus(
+            rows.iter().map(|row| &row.counters).chain(per_cpu.iter()),
+        ))
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
