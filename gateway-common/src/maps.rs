@@ -6,6 +6,14 @@
 /// Name of the XDP program in the BPF object.
 pub const PROGRAM: &str = "tidegate";
 
+/// Name of the program that renews the fence's lease (run through
+/// `BPF_PROG_TEST_RUN`, never attached).
+pub const RENEW_PROGRAM: &str = "tidegate_renew";
+
+/// The VIP fence: the program's `FENCE` global, a [`crate::fence::Fence`],
+/// alone in this section (a one-entry array map, as [`SERVICE_PORTS`]).
+pub const FENCE: &str = ".bss.fence";
+
 /// Per-port service addresses: the program's `SERVICE_PORTS` global, a
 /// [`crate::service::PortTable`], alone in this section. The loader makes the
 /// section a one-entry array map of this name, whose one value is the table.
@@ -32,7 +40,8 @@ pub const COUNTERS: &str = "COUNTERS";
 pub const COUNTERS_LEN: u32 = 1;
 
 /// Every map the object must define, for checks in user space.
-pub const ALL: [&str; 5] = [
+pub const ALL: [&str; 6] = [
+    FENCE,
     SERVICE_PORTS,
     SERVICE_V4,
     SERVICE_V6,

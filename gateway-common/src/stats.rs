@@ -60,11 +60,14 @@ pub enum Counter {
     BadReserved = 10,
     /// A map lookup that cannot fail failed.
     Aborted = 11,
+    /// ARP or a neighbour solicitation for a VIP, or WireGuard to a VIP,
+    /// while this gateway's lease has lapsed (see `fence`).
+    Fenced = 12,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Self::NotService,
         Self::Fragment,
         Self::Unparsed,
@@ -77,6 +80,7 @@ impl Counter {
         Self::BadLength,
         Self::BadReserved,
         Self::Aborted,
+        Self::Fenced,
     ];
 
     /// The verdict the program returns when it counts this outcome.
@@ -89,7 +93,11 @@ impl Counter {
             | Self::Response
             | Self::CookieReply
             | Self::Transport => Verdict::Pass,
-            Self::Truncated | Self::BadType | Self::BadLength | Self::BadReserved => Verdict::Drop,
+            Self::Truncated
+            | Self::BadType
+            | Self::BadLength
+            | Self::BadReserved
+            | Self::Fenced => Verdict::Drop,
             Self::Aborted => Verdict::Aborted,
         }
     }
@@ -117,6 +125,7 @@ impl Counter {
             Self::BadLength => "bad-length",
             Self::BadReserved => "bad-reserved",
             Self::Aborted => "aborted",
+            Self::Fenced => "fenced",
         }
     }
 }

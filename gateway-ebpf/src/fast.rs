@@ -13,10 +13,11 @@ use core::hint::cold_path;
 use tidegate_common::stats::Counter;
 
 use crate::{
+    fence,
     maps::SERVICE_PORTS,
     parse::{
-        ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_UDP, IPV6_DEST_OPTIONS,
-        IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING,
+        ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_ICMPV6,
+        IPPROTO_UDP, IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING,
     },
     wireguard,
 };
@@ -96,7 +97,7 @@ fn ipv4(frame: Holds<'_, V4_LEN>) -> Option<Counter> {
         cold_path();
         return None;
     }
-    Some(wireguard_check(frame, V4_UDP))
+    Some(fence::wireguard_v4(dst_be, wireguard_check(frame, V4_UDP)))
 }
 
 #[inline(always)]
@@ -106,6 +107,8 @@ fn ipv6(frame: Holds<'_, V6_LEN>) -> Option<Counter> {
         cold_path();
         return match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DEST_OPTIONS => None,
+            // Neighbour solicitations for a VIP: the walk checks them.
+            IPPROTO_ICMPV6 if fence::guards_v6() => None,
             _ => Some(Counter::NotService),
         };
     }
@@ -125,7 +128,15 @@ fn ipv6(frame: Holds<'_, V6_LEN>) -> Option<Counter> {
         cold_path();
         return None;
     }
-    Some(wireguard_check(frame, V6_UDP))
+    let counter = wireguard_check(frame, V6_UDP);
+    // The two words as the four of the address, on this little-endian target.
+    let dst = [
+        dst_hi as u32,
+        (dst_hi >> 32) as u32,
+        dst_lo as u32,
+        (dst_lo >> 32) as u32,
+    ];
+    Some(fence::wireguard_v6(dst, counter))
 }
 
 /// The UDP destination port (host byte order) of the header at `udp_off`.
@@ -155,6 +166,8 @@ fn short(frame: &Frame) -> Option<Counter> {
 fn other(ether_type: u16) -> Option<Counter> {
     match ether_type {
         ETH_P_IP | ETH_P_IPV6 | ETH_P_8021Q | ETH_P_8021AD => None,
+        // ARP requests for a VIP: the walk checks them.
+        ETH_P_ARP if fence::guards_v4() => None,
         _ => Some(Counter::NotService),
     }
 }

@@ -1,12 +1,16 @@
 //! The Tidegate XDP program, attached to each gateway's public interface.
 //!
-//! Today it is the WireGuard shield: UDP to a service (address, port) must be
+//! It is the WireGuard shield: UDP to a service (address, port) must be
 //! well-framed WireGuard or it is dropped; everything else passes untouched.
-//! Every frame bumps exactly one per-CPU counter naming its outcome.
+//! With VIPs configured it is also the VIP fence: once the HA agent's lease
+//! lapses, ARP and neighbour solicitations for the VIPs and WireGuard to
+//! them are dropped. Every frame bumps exactly one per-CPU counter naming
+//! its outcome.
 #![no_std]
 #![no_main]
 
 mod fast;
+mod fence;
 mod maps;
 mod parse;
 mod shield;
@@ -25,6 +29,17 @@ pub fn tidegate(ctx: XdpContext) -> u32 {
         None => return walk(frame.start, frame.end),
     };
     count(counter, frame.len())
+}
+
+/// Renews the VIP fence's lease. User space runs it through
+/// `BPF_PROG_TEST_RUN` with a `Renewal` as the packet; it is never attached.
+#[xdp]
+pub fn tidegate_renew(ctx: XdpContext) -> u32 {
+    if fence::renew(&parse::Frame::new(&ctx)) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_ABORTED
+    }
 }
 
 /// The frames the fast path leaves, walked in full. A function of its own:

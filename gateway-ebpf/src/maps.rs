@@ -14,6 +14,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
 };
 use tidegate_common::{
+    fence::{Fence, MAX_VIPS},
     maps,
     service::{PORTS, PortEntry, PortTable, ServiceAddrV6, port_index},
     stats::{COUNTER_ROWS as ROWS, CounterRow, CounterRows, Counters},
@@ -24,6 +25,11 @@ use tidegate_common::{
 /// writes it (`maps::SERVICE_PORTS`); the program only reads it.
 #[unsafe(link_section = ".bss.ports")]
 pub static SERVICE_PORTS: Global<PortTable> = Global::new([PortEntry::EMPTY; PORTS]);
+
+/// The VIP fence: the VIPs (written by user space) and the lease (written
+/// by the renew program). The shield only reads it.
+#[unsafe(link_section = ".bss.fence")]
+pub static FENCE: Global<Fence> = Global::new(Fence::EMPTY);
 
 /// IPv4 service addresses by slot, as the word in the IPv4 header.
 #[map]
@@ -47,9 +53,10 @@ pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(maps:
 #[repr(transparent)]
 pub struct Global<T>(UnsafeCell<T>);
 
-// SAFETY: the program only reads `SERVICE_PORTS`, field by field, as it reads
-// map values that user space updates; of `COUNTER_ROWS` it writes only the
-// row of the CPU it runs on, which nothing else writes.
+// SAFETY: the shield only reads `SERVICE_PORTS` and `FENCE`, field by field,
+// as it reads map values that user space updates; the renew program writes
+// `FENCE`'s lease fields, each with one store. Of `COUNTER_ROWS` the shield
+// writes only the row of the CPU it runs on, which nothing else writes.
 unsafe impl<T> Sync for Global<T> {}
 
 impl<T> Global<T> {
@@ -74,6 +81,65 @@ impl Global<CounterRows> {
         let row = cpu as usize;
         // SAFETY: `row` is in bounds; only the address is computed.
         (row < ROWS).then(|| unsafe { ptr::addr_of_mut!((*self.0.get())[row].counters) })
+    }
+}
+
+/// Fields are read with volatile loads: nothing in the shield stores to
+/// them, so the compiler would fold plain reads to the initializer.
+impl Global<Fence> {
+    /// IPv4 VIPs in use.
+    #[inline(always)]
+    pub fn v4_count(&self) -> u32 {
+        // SAFETY: a field of `FENCE`, read whole.
+        unsafe { ptr::addr_of!((*self.0.get()).v4_count).read_volatile() }
+    }
+
+    /// IPv6 VIPs in use.
+    #[inline(always)]
+    pub fn v6_count(&self) -> u32 {
+        // SAFETY: as in `v4_count`.
+        unsafe { ptr::addr_of!((*self.0.get()).v6_count).read_volatile() }
+    }
+
+    /// IPv4 VIP `i`; the index is masked into the array.
+    #[inline(always)]
+    pub fn vip_v4(&self, i: usize) -> u32 {
+        // SAFETY: as in `v4_count`; `i % MAX_VIPS` is in bounds.
+        unsafe { ptr::addr_of!((*self.0.get()).vip_v4_be[i % MAX_VIPS]).read_volatile() }
+    }
+
+    /// IPv6 VIP `i`; the index is masked into the array.
+    #[inline(always)]
+    pub fn vip_v6(&self, i: usize) -> [u32; 4] {
+        // SAFETY: as in `vip_v4`.
+        unsafe { ptr::addr_of!((*self.0.get()).vip_v6_be[i % MAX_VIPS]).read_volatile() }
+    }
+
+    /// When the lease lapses, in jiffies.
+    #[inline(always)]
+    pub fn expires(&self) -> u64 {
+        // SAFETY: as in `v4_count`.
+        unsafe { ptr::addr_of!((*self.0.get()).expires_jiffies).read_volatile() }
+    }
+
+    /// The flags of the last renewal.
+    #[inline(always)]
+    pub fn flags(&self) -> u32 {
+        // SAFETY: as in `v4_count`.
+        unsafe { ptr::addr_of!((*self.0.get()).flags).read_volatile() }
+    }
+
+    /// Grants the lease until `now + lease` with `flags`. Only the renew
+    /// program calls this.
+    #[inline(always)]
+    pub fn renew(&self, now: u64, lease: u64, flags: u32) {
+        let fence = self.0.get();
+        // SAFETY: one store to each field of `FENCE`.
+        unsafe {
+            ptr::addr_of_mut!((*fence).flags).write_volatile(flags);
+            ptr::addr_of_mut!((*fence).renewed_jiffies).write_volatile(now);
+            ptr::addr_of_mut!((*fence).expires_jiffies).write_volatile(now + lease);
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! The shield: is this frame for a service, and if so, is it WireGuard?
+//! (And, with VIPs configured, does the VIP fence stop it?)
 
 use tidegate_common::{service::MAX_SERVICE_ADDRS, stats::Counter};
 
 use crate::{
+    fence,
     maps::{SERVICE_PORTS, SERVICE_V4, SERVICE_V6},
-    parse::{self, ETH_P_IP, ETH_P_IPV6, Frame},
+    parse::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame},
     wireguard,
 };
 
@@ -15,18 +17,32 @@ pub fn classify(frame: &Frame) -> Counter {
         Ok(l3) => l3,
         Err(counter) => return counter,
     };
-    let found = match ether_type {
-        ETH_P_IP => parse::ipv4_udp(frame, off)
-            .map(|udp| (is_v4_service(udp.dst, udp.port), udp.udp_off, udp.udp_len)),
-        ETH_P_IPV6 => parse::ipv6_udp(frame, off)
-            .map(|udp| (is_v6_service(udp.dst, udp.port), udp.udp_off, udp.udp_len)),
-        _ => return Counter::NotService,
-    };
-    match found {
-        Ok((Some(true), udp_off, udp_len)) => wireguard::check(frame, udp_off, udp_len),
-        Ok((Some(false), ..)) => Counter::NotService,
-        Ok((None, ..)) => Counter::Aborted,
-        Err(counter) => counter,
+    match ether_type {
+        ETH_P_IP => match parse::ipv4_udp(frame, off) {
+            Ok(udp) => match is_v4_service(udp.dst, udp.port) {
+                Some(true) => {
+                    fence::wireguard_v4(udp.dst, wireguard::check(frame, udp.udp_off, udp.udp_len))
+                }
+                Some(false) => Counter::NotService,
+                None => Counter::Aborted,
+            },
+            Err(counter) => counter,
+        },
+        ETH_P_IPV6 => match parse::ipv6_udp(frame, off) {
+            Ok(udp) => match is_v6_service(udp.dst, udp.port) {
+                Some(true) => {
+                    let counter = wireguard::check(frame, udp.udp_off, udp.udp_len);
+                    // SAFETY: `ipv6_udp` checked the address lies inside the frame.
+                    fence::wireguard_v6(unsafe { udp.dst.read_unaligned() }, counter)
+                }
+                Some(false) => Counter::NotService,
+                None => Counter::Aborted,
+            },
+            Err(Counter::NotService) if fence::guards_v6() => fence::icmpv6(frame, off),
+            Err(counter) => counter,
+        },
+        ETH_P_ARP if fence::guards_v4() => fence::arp(frame, off),
+        _ => Counter::NotService,
     }
 }
 

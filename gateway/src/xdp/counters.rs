@@ -95,7 +95,7 @@ mod tests {
             )
         }));
         assert_eq!(snapshot.totals.pass.packets, 7);
-        assert_eq!(snapshot.totals.drop.packets, 4);
+        assert_eq!(snapshot.totals.drop.packets, 5);
         assert_eq!(snapshot.totals.aborted.packets, 1);
         assert_eq!(snapshot.totals.wireguard.packets, 4);
         assert_eq!(snapshot.get(Counter::BadType).bytes, 100);
