@@ -1,17 +1,32 @@
 //! The set of (address, port) pairs the shield protects.
 //!
-//! `SERVICE_PORTS[port]` answers in one array read, which the kernel inlines:
-//! it holds the first IPv4 and the first IPv6 service address on that port
-//! (zero for almost every port, so non-service traffic leaves at once), and
-//! masks of further address slots in `SERVICE_V4` / `SERVICE_V6` for the rare
-//! port that several addresses of one family share.
+//! The port table ([`PortTable`], the program's `SERVICE_PORTS` global)
+//! answers in one indexed load, with no helper call: entry
+//! [`port_index`]`(port)` holds the first IPv4 and the first IPv6 service
+//! address on that port (zero for almost every port, so non-service traffic
+//! leaves at once), and masks of further address slots in `SERVICE_V4` /
+//! `SERVICE_V6` for the rare port that several addresses of one family share.
 
 /// Service addresses the shield holds per family: the bits of a mask.
 pub const MAX_SERVICE_ADDRS: u32 = u32::BITS;
 
-/// A `SERVICE_PORTS` entry. The unspecified address (all zero) never appears
-/// as a destination, so a zero field means "none".
-#[repr(C)]
+/// Entries in a [`PortTable`]: one per UDP port.
+pub const PORTS: usize = 1 << 16;
+
+/// Every port's [`PortEntry`], indexed by [`port_index`]: 2 MiB.
+pub type PortTable = [PortEntry; PORTS];
+
+/// Where `port` sits in a [`PortTable`]: its two bytes in wire order, read as
+/// a native integer. That is what a 16-bit load from the UDP header gives, so
+/// the program indexes the table without swapping bytes.
+pub const fn port_index(port: u16) -> usize {
+    u16::from_ne_bytes(port.to_be_bytes()) as usize
+}
+
+/// A [`PortTable`] entry. The unspecified address (all zero) is never a
+/// service, so a zero field means "none". Aligned to 8 so that the program
+/// reads `v6_first_be` as two aligned 64-bit words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortEntry {
     /// The first IPv6 service address on this port, words in network order.
@@ -26,6 +41,18 @@ pub struct PortEntry {
 }
 
 const _: () = assert!(size_of::<PortEntry>() == 32);
+const _: () = assert!(core::mem::offset_of!(PortEntry, v6_first_be) == 0);
+
+impl PortEntry {
+    /// No service on this port.
+    pub const EMPTY: Self = Self {
+        v6_first_be: [0; 4],
+        v4_first_be: 0,
+        v4_more: 0,
+        v6_more: 0,
+        _pad: 0,
+    };
+}
 
 /// An IPv6 service address in `SERVICE_V6`.
 #[repr(C)]
@@ -80,5 +107,13 @@ mod tests {
             v4_addr_be([198, 51, 100, 7]).to_ne_bytes(),
             [198, 51, 100, 7]
         );
+    }
+
+    #[test]
+    fn the_port_index_is_the_wire_bytes_read_natively() {
+        let wire = 51820u16.to_be_bytes();
+        assert_eq!(port_index(51820), usize::from(u16::from_ne_bytes(wire)));
+        assert_eq!(port_index(0), 0);
+        assert_eq!(port_index(u16::MAX), PORTS - 1);
     }
 }

@@ -1,4 +1,10 @@
 //! Per-CPU counters: one per outcome, each naming its verdict and reason.
+//!
+//! CPUs below [`COUNTER_ROWS`] count in their own row of a table the program
+//! finds at a constant address ([`CounterRows`]), which costs no map lookup;
+//! any further CPU counts in its entry of the per-CPU `COUNTERS` map. Each
+//! CPU writes only its own counters, so no atomics are needed; user space
+//! sums both.
 
 /// What the XDP program does with a frame.
 #[repr(u32)]
@@ -54,11 +60,14 @@ pub enum Counter {
     BadReserved = 10,
     /// A map lookup that cannot fail failed.
     Aborted = 11,
+    /// ARP or a neighbour solicitation for a VIP, or WireGuard to a VIP,
+    /// while this gateway's lease has lapsed (see `fence`).
+    Fenced = 12,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Self::NotService,
         Self::Fragment,
         Self::Unparsed,
@@ -71,6 +80,7 @@ impl Counter {
         Self::BadLength,
         Self::BadReserved,
         Self::Aborted,
+        Self::Fenced,
     ];
 
     /// The verdict the program returns when it counts this outcome.
@@ -83,7 +93,11 @@ impl Counter {
             | Self::Response
             | Self::CookieReply
             | Self::Transport => Verdict::Pass,
-            Self::Truncated | Self::BadType | Self::BadLength | Self::BadReserved => Verdict::Drop,
+            Self::Truncated
+            | Self::BadType
+            | Self::BadLength
+            | Self::BadReserved
+            | Self::Fenced => Verdict::Drop,
             Self::Aborted => Verdict::Aborted,
         }
     }
@@ -111,6 +125,7 @@ impl Counter {
             Self::BadLength => "bad-length",
             Self::BadReserved => "bad-reserved",
             Self::Aborted => "aborted",
+            Self::Fenced => "fenced",
         }
     }
 }
@@ -127,9 +142,8 @@ pub struct CounterValue {
 
 const _: () = assert!(size_of::<CounterValue>() == 16);
 
-/// The one `COUNTERS` entry (per CPU): every counter, indexed by [`Counter`].
-/// One entry with a constant key lets the program look it up once, early,
-/// off the packet's critical path.
+/// One CPU's counters: every counter, indexed by [`Counter`]. The one
+/// `COUNTERS` entry (per CPU), and the payload of a [`CounterRow`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -138,9 +152,51 @@ pub struct Counters {
 
 const _: () = assert!(size_of::<Counters>() == 16 * Counter::ALL.len());
 
+impl Counters {
+    /// Nothing counted.
+    pub const ZERO: Self = Self {
+        by_counter: [CounterValue {
+            packets: 0,
+            bytes: 0,
+        }; Counter::ALL.len()],
+    };
+}
+
+/// CPUs that count in the [`CounterRows`] table (32 KiB); CPUs numbered from
+/// here on count in the per-CPU `COUNTERS` map.
+pub const COUNTER_ROWS: usize = 128;
+
+/// One CPU's row of [`CounterRows`]: its counters, then a cache line of
+/// padding, so that no two CPUs' counters share a cache line wherever the
+/// kernel places the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterRow {
+    pub counters: Counters,
+    pub _pad: [u64; 8],
+}
+
+const _: () = assert!(size_of::<CounterRow>() == size_of::<Counters>() + 64);
+
+impl CounterRow {
+    /// Nothing counted.
+    pub const ZERO: Self = Self {
+        counters: Counters::ZERO,
+        _pad: [0; 8],
+    };
+}
+
+/// The program's `COUNTER_ROWS` global: a row per CPU below [`COUNTER_ROWS`],
+/// indexed by CPU number.
+pub type CounterRows = [CounterRow; COUNTER_ROWS];
+
 // SAFETY: `Counters` is `repr(C)`, `Copy`, and has no padding (size asserted above).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Counters {}
+
+// SAFETY: `CounterRow` is `repr(C)`, `Copy`, and has no padding (size asserted above).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CounterRow {}
 
 #[cfg(test)]
 mod tests {

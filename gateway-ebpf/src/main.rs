@@ -1,11 +1,16 @@
 //! The Tidegate XDP program, attached to each gateway's public interface.
 //!
-//! Today it is the WireGuard shield: UDP to a service (address, port) must be
+//! It is the WireGuard shield: UDP to a service (address, port) must be
 //! well-framed WireGuard or it is dropped; everything else passes untouched.
-//! Every frame bumps exactly one per-CPU counter naming its outcome.
+//! With VIPs configured it is also the VIP fence: once the HA agent's lease
+//! lapses, ARP and neighbour solicitations for the VIPs and WireGuard to
+//! them are dropped. Every frame bumps exactly one per-CPU counter naming
+//! its outcome.
 #![no_std]
 #![no_main]
 
+mod fast;
+mod fence;
 mod maps;
 mod parse;
 mod shield;
@@ -13,18 +18,50 @@ mod stats;
 mod wireguard;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use tidegate_common::stats::Verdict;
+use tidegate_common::stats::{Counter, Verdict};
 
 /// Entry point: classify the frame, count it, return its verdict.
 #[xdp]
 pub fn tidegate(ctx: XdpContext) -> u32 {
+    let frame = parse::Frame::new(&ctx);
+    let counter = match fast::classify(&frame) {
+        Some(counter) => counter,
+        None => return walk(frame.start, frame.end),
+    };
+    count(counter, frame.len())
+}
+
+/// Renews the VIP fence's lease. User space runs it through
+/// `BPF_PROG_TEST_RUN` with a `Renewal` as the packet; it is never attached.
+#[xdp]
+pub fn tidegate_renew(ctx: XdpContext) -> u32 {
+    if fence::renew(&parse::Frame::new(&ctx)) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_ABORTED
+    }
+}
+
+/// The frames the fast path leaves, walked in full. A function of its own:
+/// the JIT saves only the registers a function uses, and the walk's would
+/// otherwise be saved and restored on every frame.
+#[inline(never)]
+fn walk(start: usize, end: usize) -> u32 {
+    let frame = parse::Frame { start, end };
+    count(shield::classify(&frame), frame.len())
+}
+
+/// Counts a frame of `len` bytes under `counter` and returns its verdict.
+/// The counters are looked up last, once the frame is classified: the
+/// lookup (a helper call to the compiler, inlined by the kernel) then has
+/// only the counter and the length to keep across it.
+#[inline(always)]
+fn count(counter: Counter, len: usize) -> u32 {
     // A per-CPU array lookup with an in-range key cannot fail.
     let Some(counters) = stats::this_cpu() else {
         return xdp_action::XDP_ABORTED;
     };
-    let frame = parse::Frame::new(&ctx);
-    let counter = shield::classify(&frame);
-    stats::record(counters, counter, frame.len());
+    stats::record(counters, counter, len);
     match counter.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,

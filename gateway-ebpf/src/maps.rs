@@ -1,19 +1,35 @@
 //! Every map of the program. Names and sizes come from `tidegate_common::maps`.
+//!
+//! The port table and the counter rows, which every packet touches, are
+//! globals rather than `#[map]`s: the program finds them at a constant
+//! address, with no lookup helper, and the loader turns each one's section
+//! into a one-entry array map, which user space reads or writes whole. Each
+//! sits alone in a section named as in `tidegate_common::maps` (a
+//! `link_section` takes only a literal).
+
+use core::{cell::UnsafeCell, ptr};
 
 use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
 use tidegate_common::{
+    fence::{Fence, MAX_VIPS},
     maps,
-    service::{PortEntry, ServiceAddrV6},
-    stats::Counters,
+    service::{PORTS, PortEntry, PortTable, ServiceAddrV6, port_index},
+    stats::{COUNTER_ROWS as ROWS, CounterRow, CounterRows, Counters},
 };
 
-/// Indexed by UDP port (host byte order): the service addresses on that port,
-/// the first of each family inline. All zero for every other port.
-#[map]
-pub static SERVICE_PORTS: Array<PortEntry> = Array::with_max_entries(maps::SERVICE_PORTS_LEN, 0);
+/// Indexed by `port_index(port)`: the service addresses on that port, the
+/// first of each family inline. All zero for every other port. User space
+/// writes it (`maps::SERVICE_PORTS`); the program only reads it.
+#[unsafe(link_section = ".bss.ports")]
+pub static SERVICE_PORTS: Global<PortTable> = Global::new([PortEntry::EMPTY; PORTS]);
+
+/// The VIP fence: the VIPs (written by user space) and the lease (written
+/// by the renew program). The shield only reads it.
+#[unsafe(link_section = ".bss.fence")]
+pub static FENCE: Global<Fence> = Global::new(Fence::EMPTY);
 
 /// IPv4 service addresses by slot, as the word in the IPv4 header.
 #[map]
@@ -23,6 +39,144 @@ pub static SERVICE_V4: Array<u32> = Array::with_max_entries(maps::SERVICE_ADDRS_
 #[map]
 pub static SERVICE_V6: Array<ServiceAddrV6> = Array::with_max_entries(maps::SERVICE_ADDRS_LEN, 0);
 
-/// Packets and bytes per outcome, per CPU: one entry holding every counter.
+/// Packets and bytes per outcome of CPUs below `COUNTER_ROWS`, a row each,
+/// indexed by CPU number. User space reads it (`maps::COUNTER_ROWS`).
+#[unsafe(link_section = ".bss.counters")]
+pub static COUNTER_ROWS: Global<CounterRows> = Global::new([CounterRow::ZERO; ROWS]);
+
+/// Packets and bytes per outcome of any further CPU, per CPU: one entry
+/// holding every counter.
 #[map]
 pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(maps::COUNTERS_LEN, 0);
+
+/// A global shared with user space through its section's map.
+#[repr(transparent)]
+pub struct Global<T>(UnsafeCell<T>);
+
+// SAFETY: the shield only reads `SERVICE_PORTS` and `FENCE`, field by field,
+// as it reads map values that user space updates; the renew program writes
+// `FENCE`'s lease fields, each with one store. Of `COUNTER_ROWS` the shield
+// writes only the row of the CPU it runs on, which nothing else writes.
+unsafe impl<T> Sync for Global<T> {}
+
+impl<T> Global<T> {
+    const fn new(value: T) -> Self {
+        Self(UnsafeCell::new(value))
+    }
+}
+
+impl Global<PortTable> {
+    /// The entry of `port` (host byte order).
+    #[inline(always)]
+    pub fn entry(&self, port: u16) -> Entry {
+        // SAFETY: `port_index` is below `PORTS` for every port; only the address is computed.
+        Entry(unsafe { ptr::addr_of!((*self.0.get())[port_index(port)]) })
+    }
+}
+
+impl Global<CounterRows> {
+    /// The counters of CPU `cpu`, if it has a row.
+    #[inline(always)]
+    pub fn row(&self, cpu: u32) -> Option<*mut Counters> {
+        let row = cpu as usize;
+        // SAFETY: `row` is in bounds; only the address is computed.
+        (row < ROWS).then(|| unsafe { ptr::addr_of_mut!((*self.0.get())[row].counters) })
+    }
+}
+
+/// Fields are read with volatile loads: nothing in the shield stores to
+/// them, so the compiler would fold plain reads to the initializer.
+impl Global<Fence> {
+    /// IPv4 VIPs in use.
+    #[inline(always)]
+    pub fn v4_count(&self) -> u32 {
+        // SAFETY: a field of `FENCE`, read whole.
+        unsafe { ptr::addr_of!((*self.0.get()).v4_count).read_volatile() }
+    }
+
+    /// IPv6 VIPs in use.
+    #[inline(always)]
+    pub fn v6_count(&self) -> u32 {
+        // SAFETY: as in `v4_count`.
+        unsafe { ptr::addr_of!((*self.0.get()).v6_count).read_volatile() }
+    }
+
+    /// IPv4 VIP `i`; the index is masked into the array.
+    #[inline(always)]
+    pub fn vip_v4(&self, i: usize) -> u32 {
+        // SAFETY: as in `v4_count`; `i % MAX_VIPS` is in bounds.
+        unsafe { ptr::addr_of!((*self.0.get()).vip_v4_be[i % MAX_VIPS]).read_volatile() }
+    }
+
+    /// IPv6 VIP `i`; the index is masked into the array.
+    #[inline(always)]
+    pub fn vip_v6(&self, i: usize) -> [u32; 4] {
+        // SAFETY: as in `vip_v4`.
+        unsafe { ptr::addr_of!((*self.0.get()).vip_v6_be[i % MAX_VIPS]).read_volatile() }
+    }
+
+    /// When the lease lapses, in jiffies.
+    #[inline(always)]
+    pub fn expires(&self) -> u64 {
+        // SAFETY: as in `v4_count`.
+        unsafe { ptr::addr_of!((*self.0.get()).expires_jiffies).read_volatile() }
+    }
+
+    /// The flags of the last renewal.
+    #[inline(always)]
+    pub fn flags(&self) -> u32 {
+        // SAFETY: as in `v4_count`.
+        unsafe { ptr::addr_of!((*self.0.get()).flags).read_volatile() }
+    }
+
+    /// Grants the lease until `now + lease` with `flags`. Only the renew
+    /// program calls this.
+    #[inline(always)]
+    pub fn renew(&self, now: u64, lease: u64, flags: u32) {
+        let fence = self.0.get();
+        // SAFETY: one store to each field of `FENCE`.
+        unsafe {
+            ptr::addr_of_mut!((*fence).flags).write_volatile(flags);
+            ptr::addr_of_mut!((*fence).renewed_jiffies).write_volatile(now);
+            ptr::addr_of_mut!((*fence).expires_jiffies).write_volatile(now + lease);
+        }
+    }
+}
+
+/// One port's entry. Its fields are read with volatile loads: nothing in the
+/// program stores to the table, so the compiler would fold plain reads to the
+/// all-zero initializer.
+#[derive(Clone, Copy)]
+pub struct Entry(*const PortEntry);
+
+impl Entry {
+    /// The first IPv4 service address on the port, or 0.
+    #[inline(always)]
+    pub fn v4_first_be(self) -> u32 {
+        // SAFETY: `self.0` points into `SERVICE_PORTS`.
+        unsafe { ptr::addr_of!((*self.0).v4_first_be).read_volatile() }
+    }
+
+    /// The first IPv6 service address on the port, as two words, or 0s.
+    #[inline(always)]
+    pub fn v6_first_be(self) -> [u64; 2] {
+        let words = self.0.cast::<u64>();
+        // SAFETY: `v6_first_be` is the first 16 bytes (offset asserted in
+        // `tidegate_common`) of an 8-aligned entry in `SERVICE_PORTS`.
+        unsafe { [words.read_volatile(), words.add(1).read_volatile()] }
+    }
+
+    /// Slots of further IPv4 service addresses on the port.
+    #[inline(always)]
+    pub fn v4_more(self) -> u32 {
+        // SAFETY: as in `v4_first_be`.
+        unsafe { ptr::addr_of!((*self.0).v4_more).read_volatile() }
+    }
+
+    /// Slots of further IPv6 service addresses on the port.
+    #[inline(always)]
+    pub fn v6_more(self) -> u32 {
+        // SAFETY: as in `v4_first_be`.
+        unsafe { ptr::addr_of!((*self.0).v6_more).read_volatile() }
+    }
+}

@@ -1,10 +1,12 @@
 //! The shield: is this frame for a service, and if so, is it WireGuard?
+//! (And, with VIPs configured, does the VIP fence stop it?)
 
 use tidegate_common::{service::MAX_SERVICE_ADDRS, stats::Counter};
 
 use crate::{
+    fence,
     maps::{SERVICE_PORTS, SERVICE_V4, SERVICE_V6},
-    parse::{self, ETH_P_IP, ETH_P_IPV6, Frame},
+    parse::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame},
     wireguard,
 };
 
@@ -15,18 +17,32 @@ pub fn classify(frame: &Frame) -> Counter {
         Ok(l3) => l3,
         Err(counter) => return counter,
     };
-    let found = match ether_type {
-        ETH_P_IP => parse::ipv4_udp(frame, off)
-            .map(|udp| (is_v4_service(udp.dst, udp.port), udp.udp_off, udp.udp_len)),
-        ETH_P_IPV6 => parse::ipv6_udp(frame, off)
-            .map(|udp| (is_v6_service(udp.dst, udp.port), udp.udp_off, udp.udp_len)),
-        _ => return Counter::NotService,
-    };
-    match found {
-        Ok((Some(true), udp_off, udp_len)) => wireguard::check(frame, udp_off, udp_len),
-        Ok((Some(false), ..)) => Counter::NotService,
-        Ok((None, ..)) => Counter::Aborted,
-        Err(counter) => counter,
+    match ether_type {
+        ETH_P_IP => match parse::ipv4_udp(frame, off) {
+            Ok(udp) => match is_v4_service(udp.dst, udp.port) {
+                Some(true) => {
+                    fence::wireguard_v4(udp.dst, wireguard::check(frame, udp.udp_off, udp.udp_len))
+                }
+                Some(false) => Counter::NotService,
+                None => Counter::Aborted,
+            },
+            Err(counter) => counter,
+        },
+        ETH_P_IPV6 => match parse::ipv6_udp(frame, off) {
+            Ok(udp) => match is_v6_service(udp.dst, udp.port) {
+                Some(true) => {
+                    let counter = wireguard::check(frame, udp.udp_off, udp.udp_len);
+                    // SAFETY: `ipv6_udp` checked the address lies inside the frame.
+                    fence::wireguard_v6(unsafe { udp.dst.read_unaligned() }, counter)
+                }
+                Some(false) => Counter::NotService,
+                None => Counter::Aborted,
+            },
+            Err(Counter::NotService) if fence::guards_v6() => fence::icmpv6(frame, off),
+            Err(counter) => counter,
+        },
+        ETH_P_ARP if fence::guards_v4() => fence::arp(frame, off),
+        _ => Counter::NotService,
     }
 }
 
@@ -34,11 +50,11 @@ pub fn classify(frame: &Frame) -> Counter {
 /// fails, which for in-range indexes it cannot.
 #[inline(always)]
 fn is_v4_service(dst_be: u32, port: u16) -> Option<bool> {
-    let entry = SERVICE_PORTS.get(u32::from(port))?;
-    if dst_be != 0 && entry.v4_first_be == dst_be {
+    let entry = SERVICE_PORTS.entry(port);
+    if dst_be != 0 && entry.v4_first_be() == dst_be {
         return Some(true);
     }
-    let mut mask = entry.v4_more;
+    let mut mask = entry.v4_more();
     let mut slot = 0;
     // The slot bound gives the verifier a loop it can prove ends.
     while mask != 0 && slot < MAX_SERVICE_ADDRS {
@@ -54,14 +70,22 @@ fn is_v4_service(dst_be: u32, port: u16) -> Option<bool> {
 /// Whether (`*dst`, `port`) is an IPv6 service; `dst` points into the frame.
 #[inline(always)]
 fn is_v6_service(dst: *const [u32; 4], port: u16) -> Option<bool> {
-    let entry = SERVICE_PORTS.get(u32::from(port))?;
+    let entry = SERVICE_PORTS.entry(port);
     // SAFETY: `dst` is the address field of an IPv6 header that `ptr_at`
     // checked lies inside the frame.
-    let dst = unsafe { dst.read_unaligned() };
-    if (dst[0] | dst[1] | dst[2] | dst[3]) != 0 && same_v6(&dst, &entry.v6_first_be) {
+    let (dst, dst_words) = unsafe {
+        (
+            dst.read_unaligned(),
+            dst.cast::<[u64; 2]>().read_unaligned(),
+        )
+    };
+    let first = entry.v6_first_be();
+    if (dst_words[0] | dst_words[1]) != 0
+        && ((dst_words[0] ^ first[0]) | (dst_words[1] ^ first[1])) == 0
+    {
         return Some(true);
     }
-    let mut mask = entry.v6_more;
+    let mut mask = entry.v6_more();
     let mut slot = 0;
     while mask != 0 && slot < MAX_SERVICE_ADDRS {
         if mask & 1 != 0 && same_v6(&dst, &SERVICE_V6.get(slot)?.addr_be) {

@@ -30,6 +30,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/tidegate/gateway.toml";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tidegate/gateway.sock";
 /// Where the daemon keeps state that outlives it, by default.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tidegate";
+/// Where the daemon pins its XDP link, by default (on the BPF filesystem
+/// systemd mounts at /sys/fs/bpf).
+pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/tidegate";
 /// Longest interface name Linux accepts (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_NAME: usize = 15;
 /// WireGuard interface MTU when the file sets none.
@@ -129,6 +132,7 @@ struct File {
     xdp_mode: XdpModeSetting,
     control_socket: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    bpf_pin_dir: Option<PathBuf>,
     #[serde(default, rename = "service")]
     services: Vec<ServiceEntry>,
     wireguard: Option<WireguardSection>,
@@ -203,6 +207,8 @@ pub struct Config {
     pub services: ServiceTable,
     /// Where state that outlives the daemon is kept.
     pub state_dir: PathBuf,
+    /// Where the XDP link is pinned (a directory on a BPF filesystem).
+    pub bpf_pin_dir: PathBuf,
     /// The location's WireGuard interface and peers, if the daemon runs it.
     pub wireguard: Option<WireguardConfig>,
     /// The HA agent's settings, if this gateway takes part in an election.
@@ -269,6 +275,9 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
             services,
             state_dir,
+            bpf_pin_dir: file
+                .bpf_pin_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_PIN_DIR)),
             wireguard,
             ha,
         })
@@ -597,6 +606,7 @@ mod tests {
         );
         let config = parse(&with_wireguard(&wireguard_section(""), &peers)).unwrap();
         assert_eq!(config.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(config.bpf_pin_dir, Path::new(DEFAULT_BPF_PIN_DIR));
         let wg = config.wireguard.unwrap();
         assert_eq!(wg.interface, "wg0");
         assert_eq!(wg.backend, BackendSetting::Auto);

@@ -90,7 +90,7 @@ async fn run(args: Args) -> Result<()> {
     let mut datapath = Datapath::load()?;
     datapath.install_services(config.services.clone())?;
     let control = ControlSocket::bind(&config.control_socket)?;
-    datapath.attach(&config.interface, config.xdp_mode)?;
+    datapath.attach(&config.interface, config.xdp_mode, &config.bpf_pin_dir)?;
     let wireguard = match &config.wireguard {
         Some(wireguard) => Some(Owner::start(wireguard.clone()).await?),
         None => None,

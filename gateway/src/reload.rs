@@ -93,6 +93,9 @@ impl Reloader {
         if new.state_dir != current.state_dir {
             return restart("state_dir", &current.state_dir, &new.state_dir);
         }
+        if new.bpf_pin_dir != current.bpf_pin_dir {
+            return restart("bpf_pin_dir", &current.bpf_pin_dir, &new.bpf_pin_dir);
+        }
         if new.ha != current.ha {
             return Err(ReloadError::NeedsRestart {
                 what: "[ha]",

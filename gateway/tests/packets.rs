@@ -5,8 +5,10 @@
 mod support;
 
 use aya::programs::{TestRun as _, TestRunOptions};
+use std::time::Duration;
 use support::frames::*;
 use tidegate_common::{maps, stats::Counter, wireguard::*};
+
 use tidegate_gateway::xdp::{CounterSnapshot, Datapath, ServiceTable};
 
 const XDP_DROP: u32 = 1;
@@ -77,9 +79,13 @@ fn shield() -> Datapath {
     datapath
 }
 
-/// Runs every case and reports all mismatches at once.
+/// Runs every case on a fresh shield and reports all mismatches at once.
 fn run(cases: Vec<Case>) {
-    let datapath = shield();
+    run_on(&shield(), cases);
+}
+
+/// Runs every case on `datapath` and reports all mismatches at once.
+fn run_on(datapath: &Datapath, cases: Vec<Case>) {
     let program = datapath.program().unwrap();
     let mut failures = Vec::new();
     for case in &cases {
@@ -551,4 +557,119 @@ impl XdpAction for tidegate_common::stats::Verdict {
             Self::Pass => XDP_PASS,
         }
     }
+}
+
+/// The shield with the VIP fence guarding (198.51.100.1, 2001:db8::1), and
+/// the lease renewed for `lease` with `holds_vips`, or never.
+fn fenced(lease: Option<(Duration, bool)>) -> Datapath {
+    let mut datapath = shield();
+    datapath
+        .set_vips(&[SERVICE4.parse().unwrap(), SERVICE6.parse().unwrap()])
+        .unwrap();
+    if let Some((lease, holds_vips)) = lease {
+        datapath.renew_lease(lease, holds_vips).unwrap();
+    }
+    datapath
+}
+
+/// The frames the fence looks at, and what each gets with the fence up
+/// (`fenced`) and with a live lease that holds the VIPs (`open`).
+fn fence_cases(fenced: bool, arp_fenced: bool) -> Vec<Case> {
+    let v4 = |dst: &str, payload| Udp::new(CLIENT4, dst, PORT, payload).build();
+    let v6 = |payload| Udp::new(CLIENT6, SERVICE6, PORT, payload).build();
+    let wg_case = |name: &str, input: Vec<u8>, counter| {
+        if fenced {
+            drop(name, input, Counter::Fenced)
+        } else {
+            pass(name, input, counter)
+        }
+    };
+    let neighbour = |name: &str, input: Vec<u8>| {
+        if arp_fenced {
+            drop(name, input, Counter::Fenced)
+        } else {
+            pass(name, input, Counter::NotService)
+        }
+    };
+    vec![
+        wg_case(
+            "initiation to an IPv4 VIP",
+            v4(SERVICE4, wg(MESSAGE_INITIATION, INITIATION_LEN)),
+            Counter::Initiation,
+        ),
+        wg_case(
+            "transport to an IPv4 VIP",
+            v4(SERVICE4, wg(MESSAGE_TRANSPORT, 128)),
+            Counter::Transport,
+        ),
+        wg_case(
+            "initiation to an IPv6 VIP",
+            v6(wg(MESSAGE_INITIATION, INITIATION_LEN)),
+            Counter::Initiation,
+        ),
+        wg_case(
+            "VLAN-tagged transport to an IPv4 VIP (full walk)",
+            Udp::new(CLIENT4, SERVICE4, PORT, wg(MESSAGE_TRANSPORT, 64))
+                .vlan(ETH_P_8021Q, 7)
+                .build(),
+            Counter::Transport,
+        ),
+        pass(
+            "initiation to a service address that is no VIP",
+            v4(SECOND4, wg(MESSAGE_INITIATION, INITIATION_LEN)),
+            Counter::Initiation,
+        ),
+        drop(
+            "malformed WireGuard to a VIP keeps its own reason",
+            v4(SERVICE4, wg(9, 64)),
+            Counter::BadType,
+        ),
+        neighbour(
+            "ARP request for an IPv4 VIP",
+            arp_request([198, 51, 100, 1]),
+        ),
+        pass(
+            "ARP request for another address",
+            arp_request([198, 51, 100, 2]),
+            Counter::NotService,
+        ),
+        neighbour(
+            "neighbour solicitation for an IPv6 VIP",
+            neighbor_solicitation(CLIENT6, SERVICE6),
+        ),
+        pass(
+            "neighbour solicitation for another address",
+            neighbor_solicitation(CLIENT6, SECOND6),
+            Counter::NotService,
+        ),
+    ]
+}
+
+#[test]
+fn a_lapsed_lease_fences_the_vips() {
+    // VIPs set and the lease never granted: a daemon that died at once.
+    run_on(&fenced(None), fence_cases(true, true));
+}
+
+#[test]
+fn a_master_with_a_live_lease_answers_for_its_vips() {
+    let lease = Some((Duration::from_secs(30), true));
+    run_on(&fenced(lease), fence_cases(false, false));
+}
+
+#[test]
+fn a_backup_with_a_live_lease_takes_vip_traffic_but_does_not_answer_for_vips() {
+    let lease = Some((Duration::from_secs(30), false));
+    run_on(&fenced(lease), fence_cases(false, true));
+}
+
+#[test]
+fn a_lease_lapses_when_it_is_not_renewed() {
+    let datapath = fenced(Some((Duration::from_millis(100), true)));
+    run_on(&datapath, fence_cases(false, false));
+    // Twice the lease plus a few jiffies at any HZ.
+    std::thread::sleep(Duration::from_millis(300));
+    run_on(&datapath, fence_cases(true, true));
+    let status = datapath.fence_status().unwrap();
+    assert!(status.holds_vips && status.lease_left_ms == 0, "{status:?}");
 }

@@ -32,7 +32,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TIDECTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-reason counters every `counters --json` answer must carry.
-pub const COUNTER_NAMES: [&str; 12] = [
+pub const COUNTER_NAMES: [&str; 13] = [
     "not-service",
     "fragment",
     "unparsed",
@@ -45,6 +45,7 @@ pub const COUNTER_NAMES: [&str; 12] = [
     "bad-length",
     "bad-reserved",
     "aborted",
+    "fenced",
 ];
 
 /// Totals every `counters --json` answer must carry.
@@ -120,6 +121,9 @@ pub struct GatewayConfig {
     pub peers: Vec<PeerEntry>,
     /// The HA agent's settings (`[ha]`), if the daemon runs one.
     pub ha: Option<HaSection>,
+    /// Where the daemon pins its XDP link (`bpf_pin_dir`): a BPF filesystem
+    /// in the root mount namespace, such as [`crate::Run::bpffs`].
+    pub bpf_pin_dir: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -139,6 +143,7 @@ impl GatewayConfig {
             wireguard: None,
             peers: Vec::new(),
             ha: None,
+            bpf_pin_dir: None,
         }
     }
 }
@@ -286,6 +291,9 @@ impl GatewayConfig {
         );
         if let Some(dir) = &self.state_dir {
             let _ = writeln!(out, "state_dir = {}", toml_string(&dir.to_string_lossy()));
+        }
+        if let Some(dir) = &self.bpf_pin_dir {
+            let _ = writeln!(out, "bpf_pin_dir = {}", toml_string(&dir.to_string_lossy()));
         }
         for service in &self.services {
             let _ = write!(
@@ -538,6 +546,11 @@ impl GatewayDaemon {
     /// Like [`Self::start`] without waiting: for starting several daemons
     /// at about the same time, then [`Self::wait_ready`] on each.
     pub fn spawn(netns: &Netns, config: GatewayConfig, dir: &Path) -> Result<Self> {
+        anyhow::ensure!(
+            config.bpf_pin_dir.is_some(),
+            "the gateway config has no bpf_pin_dir: set it to the run's BPF filesystem (Run::bpffs), \
+             the only place a pinned XDP link outlives the daemon under `ip netns exec`"
+        );
         let gateway_bin = binary(GATEWAY_BIN)?;
         let tidectl = binary(TIDECTL_BIN)?;
         let config_path = dir.join("gateway.toml");
@@ -786,6 +799,7 @@ mod tests {
             vec!["198.51.100.1:51820".parse().unwrap()],
         );
         config.state_dir = Some("/tmp/state".into());
+        config.bpf_pin_dir = Some("/tmp/bpf".into());
         config.wireguard = Some(WireguardSection {
             interface: "tg0123abcdgw".into(),
             backend: "userspace".into(),
@@ -818,6 +832,7 @@ mod tests {
              xdp_mode = \"auto\"\n\
              control_socket = \"/tmp/gw.sock\"\n\
              state_dir = \"/tmp/state\"\n\
+             bpf_pin_dir = \"/tmp/bpf\"\n\
              \n[[service]]\naddress = \"198.51.100.1\"\nport = 51820\n\
              \n[wireguard]\ninterface = \"tg0123abcdgw\"\nbackend = \"userspace\"\n\
              private_key = \"cHJpdmF0ZQ==\"\nlisten_port = 51820\naddresses = [\"10.77.0.1/24\"]\n\

@@ -277,6 +277,7 @@ impl Location {
             vec![SocketAddr::from((GATEWAY_UNDERLAY, WG_PORT))],
         );
         config.state_dir = Some(run.dir().join("state"));
+        config.bpf_pin_dir = Some(run.bpffs()?);
         config.wireguard = Some(WireguardSection {
             interface: wg_interface,
             backend: "auto".into(),

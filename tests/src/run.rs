@@ -1,11 +1,14 @@
-//! Per-run identity: a short unique id, the names derived from it and a
-//! temporary directory for configs, keys and logs.
+//! Per-run identity: a short unique id, the names derived from it, a
+//! temporary directory for configs, keys and logs, and a BPF filesystem
+//! for the daemons' pinned links.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use tempfile::TempDir;
 
 /// Longest interface name the kernel accepts (`IFNAMSIZ` - 1).
@@ -21,6 +24,19 @@ pub const RUN_ID_LEN: usize = 8;
 /// [`MAX_IFNAME_LEN`].
 pub const MAX_IFNAME_SUFFIX_LEN: usize = MAX_IFNAME_LEN - IFNAME_PREFIX.len() - RUN_ID_LEN;
 
+impl Drop for Run {
+    /// Unmounts the run's BPF filesystem (releasing any link still pinned
+    /// there) before the directory goes.
+    fn drop(&mut self) {
+        let mounted = self.bpffs.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = mounted.take()
+            && let Err(err) = umount2(&path, MntFlags::MNT_DETACH)
+        {
+            eprintln!("warning: unmounting {}: {err}", path.display());
+        }
+    }
+}
+
 /// Counter that makes ids unique between runs of the same process.
 static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -31,6 +47,8 @@ static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
 #[derive(Debug)]
 pub struct Run {
     id: String,
+    /// The run's BPF filesystem, once mounted.
+    bpffs: Mutex<Option<PathBuf>>,
     dir: TempDir,
 }
 
@@ -42,7 +60,33 @@ impl Run {
             .prefix(&format!("tidegate-{id}-"))
             .tempdir()
             .context("creating the run's temporary directory")?;
-        Ok(Self { id, dir })
+        Ok(Self {
+            id,
+            bpffs: Mutex::new(None),
+            dir,
+        })
+    }
+
+    /// A BPF filesystem of the run's own, mounted in this (the root) mount
+    /// namespace on first use, where the daemons pin their XDP links: a pin
+    /// there outlives a daemon that dies, and the mount goes with the run.
+    pub fn bpffs(&self) -> Result<PathBuf> {
+        let mut mounted = self.bpffs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = mounted.as_ref() {
+            return Ok(path.clone());
+        }
+        let path = self.dir().join("bpf");
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        mount(
+            Some("bpf"),
+            &path,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting a BPF filesystem on {}", path.display()))?;
+        *mounted = Some(path.clone());
+        Ok(path)
     }
 
     /// The run id: [`RUN_ID_LEN`] lowercase base-36 characters.

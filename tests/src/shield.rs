@@ -247,12 +247,13 @@ impl Shield {
         }
         let underlay = Underlay::build(narrate)?;
         let tunnel = Tunnel::build(&underlay, narrate)?;
-        let config = GatewayConfig::shield(
+        let mut config = GatewayConfig::shield(
             &underlay.gateway_if,
             options.xdp_mode,
             underlay.run.dir().join("gateway.sock"),
             vec![SocketAddr::from((GATEWAY_UNDERLAY, WG_PORT))],
         );
+        config.bpf_pin_dir = Some(underlay.run.bpffs()?);
         narrate(&format!(
             "starting tidegate-gateway in {} (XDP on {}, mode {}, service {GATEWAY_UNDERLAY}:{WG_PORT})",
             underlay.gateway.name(),

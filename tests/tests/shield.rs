@@ -243,3 +243,66 @@ fn shield_in_generic_mode_drops_each_reason() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_shield_outlives_a_killed_daemon_and_a_restart_takes_it_over() -> Result<()> {
+    require_root();
+    let mut shield = Shield::build(&ShieldOptions::default(), &mut narrate)?;
+    let before = shield
+        .gateway_xdp()?
+        .context("no XDP program on the gateway's interface")?;
+    ping_through_tunnel(&mut shield, true)?;
+
+    // SIGKILL: no clean-up, but the pinned link keeps the program attached.
+    shield.daemon_mut().kill()?;
+    let orphaned = shield
+        .gateway_xdp()?
+        .context("the XDP program went with the killed daemon")?;
+    assert_eq!(
+        orphaned.prog_id, before.prog_id,
+        "another program after the kill"
+    );
+    let report = shield.ping_tunnel(PINGS)?;
+    assert_eq!(
+        report.received, report.transmitted,
+        "tunnel with the daemon dead: {}",
+        report.summary
+    );
+    narrate(&format!(
+        "daemon killed: program {:?} still attached, tunnel up",
+        orphaned.prog_id
+    ));
+
+    // A new daemon replaces the program in the same link.
+    let gateway = shield.underlay().gateway().clone();
+    let offset = shield.daemon_mut().restart(&gateway)?;
+    let log = shield.daemon().log_since(offset);
+    assert!(
+        log.contains("XDP shield replaced in the pinned link"),
+        "the restarted daemon did not take over the pinned link:\n{log}"
+    );
+    let replaced = shield
+        .gateway_xdp()?
+        .context("no XDP program after the restart")?;
+    assert_ne!(
+        replaced.prog_id, before.prog_id,
+        "the restarted daemon's program is not the one attached"
+    );
+    assert_eq!(replaced.mode, before.mode, "the link changed mode");
+    ping_through_tunnel(&mut shield, false)?;
+
+    // SIGTERM detaches, pin and all.
+    let status = shield.stop_gateway()?;
+    assert!(status.success(), "exit on SIGTERM: {status}");
+    let left = shield.gateway_xdp()?;
+    assert!(left.is_none(), "XDP still attached after SIGTERM: {left:?}");
+    // (A BPF filesystem also lists the kernel's own progs.debug and maps.debug.)
+    let pins: Vec<_> = std::fs::read_dir(shield.underlay().run().bpffs()?)?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|name| name.to_string_lossy().starts_with("xdp-link-"))
+        .collect();
+    assert!(pins.is_empty(), "pins left after SIGTERM: {pins:?}");
+    Ok(())
+}

@@ -140,17 +140,22 @@ fn link_nightly_llvm(lib: &Path) -> Result<()> {
 }
 
 /// The flags aya's own build helper passes (the host architecture for
-/// `bpf_target_arch`, full debug info, BTF for the loader), and one more:
-/// packet headers sit at any byte offset, and without it LLVM loads every
-/// multi-byte field a byte at a time. The verifier accepts unaligned packet
-/// loads on architectures with efficient unaligned access (x86-64, arm64),
-/// whose JITs emit plain loads for them.
+/// `bpf_target_arch`, full debug info, BTF for the loader), and two more.
+/// Packet headers sit at any byte offset, and without
+/// `allows-misaligned-mem-access` LLVM loads every multi-byte field a byte at
+/// a time; the verifier accepts unaligned packet loads on architectures with
+/// efficient unaligned access (x86-64, arm64), whose JITs emit plain loads
+/// for them. BPF ISA v3 (kernel 5.1+) adds 32-bit jumps and ALU ops, so
+/// 32-bit header words need no zero-extending shifts and 32-bit masks fit in
+/// an instruction's immediate. Both objects, the program and the benchmark's
+/// baseline, get the same flags.
 fn bpf_rustflags() -> String {
     [
         format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
         "-Cdebuginfo=2".into(),
         "-Clink-arg=--btf".into(),
         "-Clink-arg=--cpu-features=+allows-misaligned-mem-access".into(),
+        "-Ctarget-cpu=v3".into(),
     ]
     .join("\x1f")
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tidegate_common::stats::{Counter, Verdict};
+use tidegate_common::stats::{Counter, Counters, Verdict};
 
 /// Packets and bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +56,20 @@ impl CounterSnapshot {
         snapshot
     }
 
+    /// Builds a snapshot from every CPU's counters, summed.
+    pub fn from_cpus<'a>(cpus: impl IntoIterator<Item = &'a Counters>) -> Self {
+        let mut sums = [PacketCount::default(); Counter::ALL.len()];
+        for cpu in cpus {
+            for (sum, value) in sums.iter_mut().zip(&cpu.by_counter) {
+                sum.add(PacketCount {
+                    packets: value.packets,
+                    bytes: value.bytes,
+                });
+            }
+        }
+        Self::from_values(Counter::ALL.iter().copied().zip(sums))
+    }
+
     /// The value of one counter (zero if absent).
     pub fn get(&self, counter: Counter) -> PacketCount {
         self.counters
@@ -81,9 +95,29 @@ mod tests {
             )
         }));
         assert_eq!(snapshot.totals.pass.packets, 7);
-        assert_eq!(snapshot.totals.drop.packets, 4);
+        assert_eq!(snapshot.totals.drop.packets, 5);
         assert_eq!(snapshot.totals.aborted.packets, 1);
         assert_eq!(snapshot.totals.wireguard.packets, 4);
         assert_eq!(snapshot.get(Counter::BadType).bytes, 100);
+    }
+
+    #[test]
+    fn cpus_are_summed_per_counter() {
+        let mut one = Counters::ZERO;
+        one.by_counter[Counter::Transport as usize].packets = 2;
+        one.by_counter[Counter::Transport as usize].bytes = 200;
+        let mut two = Counters::ZERO;
+        two.by_counter[Counter::Transport as usize].packets = 3;
+        two.by_counter[Counter::BadType as usize].packets = 1;
+        let snapshot = CounterSnapshot::from_cpus([&one, &Counters::ZERO, &two]);
+        assert_eq!(
+            snapshot.get(Counter::Transport),
+            PacketCount {
+                packets: 5,
+                bytes: 200
+            }
+        );
+        assert_eq!(snapshot.totals.drop.packets, 1);
+        assert_eq!(snapshot.totals.pass.packets, 5);
     }
 }

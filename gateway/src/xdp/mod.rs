@@ -1,4 +1,5 @@
-//! The XDP program: load, fill the service maps, attach, read counters.
+//! The XDP program: load, fill the service maps, attach (through a pinned
+//! link that outlives the daemon), read counters, renew the VIP fence.
 //!
 //! [`Datapath`] owns the loaded object and its maps; one task owns the
 //! `Datapath` (see [`crate::datapath`]) and everything else asks it.
@@ -6,18 +7,28 @@
 pub mod counters;
 pub mod services;
 
-use std::fmt;
+use std::{
+    fmt, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf, EbpfError,
     maps::{Array, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use serde::{Deserialize, Serialize};
 use tidegate_common::{
+    fence::{Fence, HOLDS_VIPS, MAX_VIPS, Renewal},
     maps,
-    service::{PortEntry, ServiceAddrV6},
-    stats::{Counter, Counters},
+    service::{PortTable, ServiceAddrV6},
+    stats::{CounterRows, Counters},
 };
 use tracing::{info, warn};
 
@@ -87,6 +98,27 @@ pub enum XdpError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "{path} is not on a BPF filesystem: mount one (`mount -t bpf bpf /sys/fs/bpf`) or set bpf_pin_dir"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("{op} {path}")]
+    Pin {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinning the XDP link at {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("{count} {family} VIPs; the fence holds at most {MAX_VIPS}")]
+    TooManyVips { family: &'static str, count: usize },
+    #[error("the renew program refused the lease (returned {0})")]
+    Renew(u32),
 }
 
 /// How to attach, as configured.
@@ -128,42 +160,71 @@ impl fmt::Display for AttachMode {
     }
 }
 
+/// The pinned link that keeps the program on the interface.
 #[derive(Debug)]
 struct Attachment {
     interface: String,
     mode: AttachMode,
-    link: XdpLinkId,
+    link: FdLink,
+    pin: PathBuf,
+}
+
+/// `statfs` magic of a BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// HZ values Linux is built with; a measured rate snaps to the nearest.
+const KNOWN_HZ: [u64; 4] = [100, 250, 300, 1000];
+
+/// The fence as last renewed, for `tidectl status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceStatus {
+    /// This gateway may answer for the VIPs (it is the master).
+    pub holds_vips: bool,
+    /// Milliseconds the lease has left; 0 once lapsed.
+    pub lease_left_ms: u64,
 }
 
 /// The loaded XDP program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    service_ports: Array<MapData, PortEntry>,
+    /// The `SERVICE_PORTS` global's section: one entry, the whole table.
+    service_ports: Array<MapData, PortTable>,
     service_v4: Array<MapData, u32>,
     service_v6: Array<MapData, ServiceAddrV6>,
+    /// The `COUNTER_ROWS` global's section: one entry, a row per CPU.
+    counter_rows: Array<MapData, CounterRows>,
     counters: PerCpuArray<MapData, Counters>,
+    /// The `FENCE` global's section: one entry.
+    fence: Array<MapData, Fence>,
     services: ServiceTable,
     attachment: Option<Attachment>,
+    /// The kernel's HZ, measured on first use of the fence.
+    hz: Option<u64>,
+    /// When the lease was last renewed, for how long, and with what flags.
+    renewed: Option<(Instant, Duration, bool)>,
 }
 
 impl Datapath {
     /// Loads the object and the program into the kernel, without attaching.
     pub fn load() -> Result<Self, XdpError> {
         let mut ebpf = Ebpf::load(OBJECT).map_err(XdpError::Load)?;
-        program_mut(&mut ebpf)?
-            .load()
-            .map_err(|source| XdpError::Verify {
-                name: maps::PROGRAM,
-                source,
-            })?;
+        for name in [maps::PROGRAM, maps::RENEW_PROGRAM] {
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| XdpError::Verify { name, source })?;
+        }
         Ok(Self {
             service_ports: take_map(&mut ebpf, maps::SERVICE_PORTS)?,
             service_v4: take_map(&mut ebpf, maps::SERVICE_V4)?,
             service_v6: take_map(&mut ebpf, maps::SERVICE_V6)?,
+            counter_rows: take_map(&mut ebpf, maps::COUNTER_ROWS)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            fence: take_map(&mut ebpf, maps::FENCE)?,
             ebpf,
             services: ServiceTable::default(),
             attachment: None,
+            hz: None,
+            renewed: None,
         })
     }
 
@@ -171,7 +232,8 @@ impl Datapath {
     ///
     /// New addresses are written before the port masks that refer to them,
     /// and retired slots are cleared last, so no mask ever points at a slot
-    /// that is not yet filled.
+    /// that is not yet filled. The port table is written whole, in one
+    /// update: entries that do not change are rewritten with the same bytes.
     pub fn install_services(&mut self, table: ServiceTable) -> Result<(), XdpError> {
         let write = |name| {
             move |source| XdpError::Map {
@@ -190,12 +252,9 @@ impl Datapath {
                 .set(slot, addr, 0)
                 .map_err(write(maps::SERVICE_V6))?;
         }
-        let old_ports: Vec<u16> = self.services.ports().collect();
-        for port in table.ports().chain(old_ports) {
-            self.service_ports
-                .set(u32::from(port), table.port_entry(port), 0)
-                .map_err(write(maps::SERVICE_PORTS))?;
-        }
+        self.service_ports
+            .set(0, table.port_table(), 0)
+            .map_err(write(maps::SERVICE_PORTS))?;
         let (v4_used, v6_used) = table.slot_counts();
         let (v4_old, v6_old) = self.services.slot_counts();
         for slot in v4_used..v4_old {
@@ -217,17 +276,48 @@ impl Datapath {
         &self.services
     }
 
-    /// Attaches to `interface`. In [`XdpModeSetting::Auto`], driver mode is
-    /// tried first and generic mode used, with a warning, if it fails.
+    /// Attaches to `interface` through a link pinned in `pin_dir` (on a
+    /// BPF filesystem), so that the program stays attached, and the fence
+    /// keeps working, if the daemon dies. A link pinned by an earlier run is
+    /// taken over: this program replaces the old one in it atomically. In
+    /// [`XdpModeSetting::Auto`], driver mode is tried first and generic mode
+    /// used, with a warning, if it fails.
     pub fn attach(
         &mut self,
         interface: &str,
         setting: XdpModeSetting,
+        pin_dir: &Path,
     ) -> Result<AttachMode, XdpError> {
+        require_bpffs(pin_dir)?;
+        for mode in [AttachMode::Driver, AttachMode::Generic] {
+            let Some(pin) = pin_path(pin_dir, interface, mode) else {
+                break;
+            };
+            if pin.exists() {
+                match self.adopt(interface, mode, &pin) {
+                    Ok(()) => {
+                        info!(interface, %mode, pin = %pin.display(), "XDP shield replaced in the pinned link");
+                        return Ok(mode);
+                    }
+                    Err(error) => {
+                        warn!(
+                            pin = %pin.display(),
+                            error = %crate::error_chain(&error),
+                            "the pinned XDP link is stale; removing it"
+                        );
+                        std::fs::remove_file(&pin).map_err(|source| XdpError::Pin {
+                            op: "removing",
+                            path: pin.clone(),
+                            source,
+                        })?;
+                    }
+                }
+            }
+        }
         let mode = match setting {
-            XdpModeSetting::Driver => self.attach_in(interface, AttachMode::Driver)?,
-            XdpModeSetting::Generic => self.attach_in(interface, AttachMode::Generic)?,
-            XdpModeSetting::Auto => match self.attach_in(interface, AttachMode::Driver) {
+            XdpModeSetting::Driver => self.attach_in(interface, AttachMode::Driver, pin_dir)?,
+            XdpModeSetting::Generic => self.attach_in(interface, AttachMode::Generic, pin_dir)?,
+            XdpModeSetting::Auto => match self.attach_in(interface, AttachMode::Driver, pin_dir) {
                 Ok(mode) => mode,
                 // No interface, no fallback: generic mode would fail the same way.
                 Err(
@@ -242,7 +332,7 @@ impl Datapath {
                         error = %crate::error_chain(&error),
                         "driver-mode XDP failed; falling back to generic mode"
                     );
-                    self.attach_in(interface, AttachMode::Generic)?
+                    self.attach_in(interface, AttachMode::Generic, pin_dir)?
                 }
             },
         };
@@ -250,20 +340,70 @@ impl Datapath {
         Ok(mode)
     }
 
-    fn attach_in(&mut self, interface: &str, mode: AttachMode) -> Result<AttachMode, XdpError> {
-        let link = program_mut(&mut self.ebpf)?
-            .attach(interface, mode.aya())
-            .map_err(|source| XdpError::Attach {
-                interface: interface.to_owned(),
-                mode,
-                source,
-            })?;
+    fn attach_in(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        pin_dir: &Path,
+    ) -> Result<AttachMode, XdpError> {
+        let attach_err = |source| XdpError::Attach {
+            interface: interface.to_owned(),
+            mode,
+            source,
+        };
+        let program = program_mut(&mut self.ebpf, maps::PROGRAM)?;
+        let id = program.attach(interface, mode.aya()).map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        // The interface exists: the attach just found it.
+        let pin = pin_path(pin_dir, interface, mode).ok_or_else(|| {
+            attach_err(ProgramError::UnknownInterface {
+                name: interface.to_owned(),
+            })
+        })?;
+        let link_err = |source| XdpError::Link {
+            path: pin.clone(),
+            source,
+        };
+        let link = FdLink::try_from(link).map_err(link_err)?;
+        let pinned = link.pin(&pin).map_err(|e| XdpError::Pin {
+            op: "pinning the XDP link at",
+            path: pin.clone(),
+            source: io::Error::other(e),
+        })?;
+        let link = FdLink::from(pinned);
         self.attachment = Some(Attachment {
             interface: interface.to_owned(),
             mode,
             link,
+            pin,
         });
         Ok(mode)
+    }
+
+    /// Puts this program into the link pinned at `pin`.
+    fn adopt(&mut self, interface: &str, mode: AttachMode, pin: &Path) -> Result<(), XdpError> {
+        let attach_err = |source| XdpError::Attach {
+            interface: interface.to_owned(),
+            mode,
+            source,
+        };
+        let link_err = |source| XdpError::Link {
+            path: pin.to_owned(),
+            source,
+        };
+        let pinned = PinnedLink::from_pin(pin).map_err(link_err)?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+        let program = program_mut(&mut self.ebpf, maps::PROGRAM)?;
+        let id = program.attach_to_link(link).map_err(attach_err)?;
+        let link =
+            FdLink::try_from(program.take_link(id).map_err(attach_err)?).map_err(link_err)?;
+        self.attachment = Some(Attachment {
+            interface: interface.to_owned(),
+            mode,
+            link,
+            pin: pin.to_owned(),
+        });
+        Ok(())
     }
 
     /// Where the program is attached, if it is.
@@ -273,40 +413,151 @@ impl Datapath {
             .map(|a| (a.interface.as_str(), a.mode))
     }
 
-    /// Detaches from the interface; a no-op when not attached.
+    /// Detaches from the interface: removes the pin and closes the link.
+    /// A no-op when not attached. (A daemon that dies without this leaves
+    /// the program attached, which is the point of the pin.)
     pub fn detach(&mut self) -> Result<(), XdpError> {
         let Some(attachment) = self.attachment.take() else {
             return Ok(());
         };
-        program_mut(&mut self.ebpf)?
-            .detach(attachment.link)
-            .map_err(|source| XdpError::Detach {
-                interface: attachment.interface.clone(),
-                source,
-            })?;
+        std::fs::remove_file(&attachment.pin).map_err(|source| XdpError::Pin {
+            op: "removing",
+            path: attachment.pin.clone(),
+            source,
+        })?;
+        drop(attachment.link);
         info!(interface = attachment.interface, "XDP shield detached");
         Ok(())
     }
 
-    /// Every counter, summed over CPUs.
-    pub fn counters(&self) -> Result<CounterSnapshot, XdpError> {
-        let per_cpu = self.counters.get(&0, 0).map_err(|source| XdpError::Map {
-            op: "reading",
-            name: maps::COUNTERS,
+    /// Makes `vips` the addresses the fence guards. Until the first
+    /// [`Datapath::renew_lease`], the lease is lapsed: traffic to them is
+    /// fenced.
+    pub fn set_vips(&mut self, vips: &[IpAddr]) -> Result<(), XdpError> {
+        let mut fence = self.read_fence()?;
+        let v4: Vec<u32> = vips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let v6: Vec<[u32; 4]> = vips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(ServiceAddrV6::from_octets(v6.octets()).addr_be),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        for (family, count) in [("IPv4", v4.len()), ("IPv6", v6.len())] {
+            if count > MAX_VIPS {
+                return Err(XdpError::TooManyVips { family, count });
+            }
+        }
+        fence.vip_v4_be = [0; MAX_VIPS];
+        fence.vip_v6_be = [[0; 4]; MAX_VIPS];
+        fence.vip_v4_be[..v4.len()].copy_from_slice(&v4);
+        fence.vip_v6_be[..v6.len()].copy_from_slice(&v6);
+        fence.v4_count = v4.len() as u32;
+        fence.v6_count = v6.len() as u32;
+        self.fence.set(0, fence, 0).map_err(|source| XdpError::Map {
+            op: "writing",
+            name: maps::FENCE,
             source,
-        })?;
-        Ok(CounterSnapshot::from_values(Counter::ALL.iter().map(
-            |&counter| {
-                let sum = per_cpu.iter().fold(PacketCount::default(), |acc, cpu| {
-                    let value = cpu.by_counter[counter as usize];
-                    PacketCount {
-                        packets: acc.packets + value.packets,
-                        bytes: acc.bytes + value.bytes,
-                    }
-                });
-                (counter, sum)
-            },
-        )))
+        })
+    }
+
+    /// Grants the fence's lease for `lease` from now; `holds_vips` lets this
+    /// gateway's kernel answer ARP and neighbour solicitations for the VIPs.
+    /// The first call measures the kernel's HZ, which takes 200 ms.
+    pub fn renew_lease(&mut self, lease: Duration, holds_vips: bool) -> Result<(), XdpError> {
+        let hz = match self.hz {
+            Some(hz) => hz,
+            None => {
+                let hz = self.measure_hz()?;
+                info!(hz, "kernel tick rate measured for the VIP fence");
+                self.hz = Some(hz);
+                hz
+            }
+        };
+        // Rounded up, plus one: a lease never ends before it was asked to.
+        let lease_jiffies = (lease.as_nanos() as u64 * hz).div_ceil(1_000_000_000) + 1;
+        let flags = if holds_vips { HOLDS_VIPS } else { 0 };
+        self.run_renew(lease_jiffies, flags)?;
+        self.renewed = Some((Instant::now(), lease, holds_vips));
+        Ok(())
+    }
+
+    /// The fence as last renewed; `None` before the first renewal.
+    pub fn fence_status(&self) -> Option<FenceStatus> {
+        self.renewed.map(|(at, lease, holds_vips)| FenceStatus {
+            holds_vips,
+            lease_left_ms: lease.saturating_sub(at.elapsed()).as_millis() as u64,
+        })
+    }
+
+    /// Runs the renew program twice, 200 ms apart, with a lapsed lease, and
+    /// snaps the jiffies per second to the nearest HZ Linux is built with.
+    fn measure_hz(&mut self) -> Result<u64, XdpError> {
+        const SPAN: Duration = Duration::from_millis(200);
+        self.run_renew(0, 0)?;
+        let (first, started) = (self.read_fence()?.renewed_jiffies, Instant::now());
+        std::thread::sleep(SPAN);
+        self.run_renew(0, 0)?;
+        let (second, elapsed) = (self.read_fence()?.renewed_jiffies, started.elapsed());
+        let rate = (second - first) as f64 / elapsed.as_secs_f64();
+        Ok(snap_hz(rate))
+    }
+
+    fn run_renew(&mut self, lease_jiffies: u64, flags: u32) -> Result<(), XdpError> {
+        let renewal = Renewal {
+            lease_jiffies,
+            flags,
+            _pad: 0,
+        };
+        let mut packet = [0u8; size_of::<Renewal>()];
+        packet[..8].copy_from_slice(&renewal.lease_jiffies.to_ne_bytes());
+        packet[8..12].copy_from_slice(&renewal.flags.to_ne_bytes());
+        let name = maps::RENEW_PROGRAM;
+        let result = program(&self.ebpf, name)?
+            .test_run(TestRunOptions {
+                data_in: Some(&packet),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| XdpError::TestRun { name, source })?;
+        const XDP_PASS: u32 = 2;
+        if result.return_value != XDP_PASS {
+            return Err(XdpError::Renew(result.return_value));
+        }
+        Ok(())
+    }
+
+    fn read_fence(&self) -> Result<Fence, XdpError> {
+        self.fence.get(&0, 0).map_err(|source| XdpError::Map {
+            op: "reading",
+            name: maps::FENCE,
+            source,
+        })
+    }
+
+    /// Every counter, summed over CPUs: the rows, then the per-CPU entries
+    /// of CPUs past the rows (zero on CPUs that have a row).
+    pub fn counters(&self) -> Result<CounterSnapshot, XdpError> {
+        let read = |name| {
+            move |source| XdpError::Map {
+                op: "reading",
+                name,
+                source,
+            }
+        };
+        let rows = self
+            .counter_rows
+            .get(&0, 0)
+            .map_err(read(maps::COUNTER_ROWS))?;
+        let per_cpu = self.counters.get(&0, 0).map_err(read(maps::COUNTERS))?;
+        Ok(CounterSnapshot::from_cpus(
+            rows.iter().map(|row| &row.counters).chain(per_cpu.iter()),
+        ))
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -320,6 +571,7 @@ impl fmt::Debug for Datapath {
         f.debug_struct("Datapath")
             .field("services", &self.services)
             .field("attachment", &self.attachment)
+            .field("hz", &self.hz)
             .finish_non_exhaustive()
     }
 }
@@ -335,8 +587,7 @@ pub fn program<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp, XdpErr
         .map_err(|source| XdpError::NotXdp { name, source })
 }
 
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
-    let name = maps::PROGRAM;
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, XdpError> {
     ebpf.program_mut(name)
         .ok_or(XdpError::Missing {
             kind: "program",
@@ -344,6 +595,49 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
         })?
         .try_into()
         .map_err(|source| XdpError::NotXdp { name, source })
+}
+
+/// The pin of the link on `interface`: named by the interface's index
+/// (a BPF filesystem refuses names with dots, which interface names may
+/// have) and by the mode, so that a restarted daemon knows the mode of the
+/// link it takes over. An unknown interface has no pin.
+fn pin_path(dir: &Path, interface: &str, mode: AttachMode) -> Option<PathBuf> {
+    let index = nix::net::if_::if_nametoindex(interface).ok()?;
+    Some(dir.join(format!("xdp-link-{index}-{mode}")))
+}
+
+/// Creates `dir` if needed and checks it is on a BPF filesystem: a pin
+/// anywhere else fails, and one on a bpffs mounted only in the daemon's own
+/// mount namespace would vanish with the daemon.
+fn require_bpffs(dir: &Path) -> Result<(), XdpError> {
+    std::fs::create_dir_all(dir).map_err(|source| XdpError::Pin {
+        op: "creating",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let stat = nix::sys::statfs::statfs(dir).map_err(|e| XdpError::Pin {
+        op: "checking the filesystem of",
+        path: dir.to_owned(),
+        source: e.into(),
+    })?;
+    if stat.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(XdpError::NotBpffs {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The nearest of [`KNOWN_HZ`] to a measured tick rate.
+fn snap_hz(rate: f64) -> u64 {
+    KNOWN_HZ
+        .into_iter()
+        .min_by(|a, b| {
+            let da = (*a as f64 - rate).abs();
+            let db = (*b as f64 - rate).abs();
+            da.total_cmp(&db)
+        })
+        .unwrap_or(250)
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, XdpError>
@@ -354,4 +648,17 @@ where
         .take_map(name)
         .ok_or(XdpError::Missing { kind: "map", name })?;
     M::try_from(map).map_err(|source| XdpError::MapType { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measured_tick_rates_snap_to_a_real_hz() {
+        assert_eq!(snap_hz(248.7), 250);
+        assert_eq!(snap_hz(99.0), 100);
+        assert_eq!(snap_hz(290.0), 300);
+        assert_eq!(snap_hz(990.0), 1000);
+    }
 }

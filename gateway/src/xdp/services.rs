@@ -5,7 +5,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use tidegate_common::service::{MAX_SERVICE_ADDRS, PortEntry, ServiceAddrV6, v4_addr_be};
+use tidegate_common::service::{
+    MAX_SERVICE_ADDRS, PORTS, PortEntry, PortTable, ServiceAddrV6, port_index, v4_addr_be,
+};
 
 /// Why a list of services cannot be installed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,7 +32,7 @@ pub enum ServiceError {
 }
 
 /// A validated set of services, laid out for `SERVICE_V4`, `SERVICE_V6` and
-/// `SERVICE_PORTS`.
+/// the `SERVICE_PORTS` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceTable {
     services: Vec<SocketAddr>,
@@ -124,6 +126,18 @@ impl ServiceTable {
     pub fn port_entry(&self, port: u16) -> PortEntry {
         self.ports.get(&port).copied().unwrap_or_default()
     }
+
+    /// The whole `SERVICE_PORTS` table: each port's entry at `port_index(port)`.
+    pub fn port_table(&self) -> Box<PortTable> {
+        let mut table: Box<PortTable> = vec![PortEntry::EMPTY; PORTS]
+            .into_boxed_slice()
+            .try_into()
+            .expect("a vector of PORTS entries");
+        for (&port, &entry) in &self.ports {
+            table[port_index(port)] = entry;
+        }
+        table
+    }
 }
 
 fn slot_of<T: PartialEq>(slots: &[T], address: &T) -> usize {
@@ -177,6 +191,11 @@ mod tests {
         assert_eq!(table.ports().collect::<Vec<_>>(), [51820, 51821]);
         let v4: Vec<_> = table.v4_slots().collect();
         assert_eq!(v4, [(0, v4_addr_be([198, 51, 100, 1]))]);
+        let whole = table.port_table();
+        assert_eq!(whole[port_index(51820)], both);
+        assert_eq!(whole[port_index(51821)], table.port_entry(51821));
+        let used = whole.iter().filter(|e| **e != PortEntry::EMPTY).count();
+        assert_eq!(used, 2);
     }
 
     #[test]

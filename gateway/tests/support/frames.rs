@@ -188,3 +188,28 @@ pub fn arp_request(target: [u8; 4]) -> Vec<u8> {
     frame[..6].copy_from_slice(&[0xff; 6]);
     frame
 }
+
+/// An ICMPv6 neighbour solicitation for `target` from `src`, to the
+/// target's solicited-node group (the checksum is left zero: the program
+/// does not check it).
+pub fn neighbor_solicitation(src: &str, target: &str) -> Vec<u8> {
+    let src: std::net::Ipv6Addr = src.parse().expect("an IPv6 address");
+    let target: std::net::Ipv6Addr = target.parse().expect("an IPv6 address");
+    let t = target.octets();
+    let group = [
+        0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15],
+    ];
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&t);
+    icmp.extend_from_slice(&[1, 1]);
+    icmp.extend_from_slice(&CLIENT_MAC);
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[58, 255]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&group);
+    ip.extend_from_slice(&icmp);
+    let mut frame = ethernet(&[], ETH_P_IPV6, &ip);
+    frame[..6].copy_from_slice(&[0x33, 0x33, 0xff, t[13], t[14], t[15]]);
+    frame
+}
