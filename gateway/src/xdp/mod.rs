@@ -597,13 +597,18 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
         .map_err(|source| XdpError::NotXdp { name, source })
 }
 
-/// The pin of the link on `interface`: named by the interface's index
-/// (a BPF filesystem refuses names with dots, which interface names may
-/// have) and by the mode, so that a restarted daemon knows the mode of the
-/// link it takes over. An unknown interface has no pin.
+/// The pin of the link on `interface`: named by the network namespace and
+/// the interface's index in it (a BPF filesystem refuses names with dots,
+/// which interface names may have; and namespaces sharing one BPF
+/// filesystem must not share pins), and by the mode, so that a restarted
+/// daemon knows the mode of the link it takes over. An unknown interface
+/// has no pin.
 fn pin_path(dir: &Path, interface: &str, mode: AttachMode) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let netns = std::fs::metadata("/proc/self/ns/net").ok()?.ino();
     let index = nix::net::if_::if_nametoindex(interface).ok()?;
-    Some(dir.join(format!("xdp-link-{index}-{mode}")))
+    Some(dir.join(format!("xdp-link-{netns}-{index}-{mode}")))
 }
 
 /// Creates `dir` if needed and checks it is on a BPF filesystem: a pin
