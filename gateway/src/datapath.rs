@@ -1,6 +1,8 @@
 //! The task that owns the XDP program and its maps. Everything else sends it
 //! messages through a [`DatapathHandle`].
 
+use std::time::Duration;
+
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
@@ -8,7 +10,7 @@ use tracing::error;
 use crate::{
     control::CountersReply,
     error_chain,
-    xdp::{Datapath, ServiceTable, XdpError},
+    xdp::{Datapath, FenceStatus, ServiceTable, XdpError},
 };
 
 /// Why a request to the datapath task failed.
@@ -31,6 +33,14 @@ enum Command {
         table: ServiceTable,
         reply: oneshot::Sender<Result<(), DatapathError>>,
     },
+    RenewLease {
+        lease: Duration,
+        holds_vips: bool,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    FenceStatus {
+        reply: oneshot::Sender<Option<FenceStatus>>,
+    },
 }
 
 /// A cheap, cloneable way to ask the datapath task.
@@ -48,6 +58,34 @@ impl DatapathHandle {
             .await
             .map_err(|_| DatapathError::Stopped)?;
         rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// Renews the VIP fence's lease for `lease` from now.
+    pub async fn renew_lease(
+        &self,
+        lease: Duration,
+        holds_vips: bool,
+    ) -> Result<(), DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::RenewLease {
+                lease,
+                holds_vips,
+                reply,
+            })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// The fence as last renewed.
+    pub async fn fence_status(&self) -> Result<Option<FenceStatus>, DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::FenceStatus { reply })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)
     }
 
     /// Replaces the services the shield protects.
@@ -83,6 +121,16 @@ pub fn spawn(
                 }
                 Command::InstallServices { table, reply } => {
                     let _ = reply.send(datapath.install_services(table).map_err(Into::into));
+                }
+                Command::RenewLease {
+                    lease,
+                    holds_vips,
+                    reply,
+                } => {
+                    let _ = reply.send(datapath.renew_lease(lease, holds_vips).map_err(Into::into));
+                }
+                Command::FenceStatus { reply } => {
+                    let _ = reply.send(datapath.fence_status());
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! onto the public interface, runs the location's WireGuard interface and
 //! peers, and answers `tidectl` on its control socket.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
@@ -95,10 +95,13 @@ async fn run(args: Args) -> Result<()> {
         Some(wireguard) => Some(Owner::start(wireguard.clone()).await?),
         None => None,
     };
-    let ha = match &config.ha {
-        Some(ha) => Some(Agent::start(ha.clone()).await?),
-        None => None,
-    };
+    if let Some(ha) = &config.ha {
+        // Fenced until the agent's first advert renews the lease. The first
+        // renewal measures the kernel's tick rate (200 ms), here rather than
+        // in the agent's first round.
+        datapath.set_vips(&ha.vips)?;
+        datapath.renew_lease(Duration::ZERO, false)?;
+    }
 
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -115,6 +118,10 @@ async fn run(args: Args) -> Result<()> {
     // The HA agent stops first, handing over while the rest still serves.
     let ha_cancel = CancellationToken::new();
     let mut ha_task = None;
+    let ha = match &config.ha {
+        Some(ha) => Some(Agent::start(ha.clone(), datapath_handle.clone()).await?),
+        None => None,
+    };
     let ha_handle = ha.map(|ha| {
         let (handle, health_tx, task) = agent::spawn(ha, ha_cancel.clone());
         ha_task = Some(

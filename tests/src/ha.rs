@@ -479,7 +479,8 @@ impl HaLocation {
         for ((id, netns, ifname, _, _), priority) in links.iter().zip(&options.priorities) {
             let dir = run.dir().join(format!("gw{id}"));
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let config = gateway_config(options, *id, *priority, ifname, &dir, &ids);
+            let mut config = gateway_config(options, *id, *priority, ifname, &dir, &ids);
+            config.bpf_pin_dir = Some(run.bpffs()?);
             daemons.push((GatewayDaemon::spawn(netns, config, &dir)?, dir));
         }
         let mut gateways = Vec::new();
@@ -692,6 +693,22 @@ impl HaLocation {
                 Probe::NotYet(format!("{now:?} ({})", self.mac_owner(now.as_deref())))
             })
         })
+    }
+
+    /// Resolves the VIP afresh from the client: drops the neighbour entry,
+    /// pings the VIP once (which makes the client ARP for it), and returns
+    /// the MAC that answered, if any.
+    pub fn resolve_vip_afresh(&self) -> Result<Option<String>> {
+        self.client.ip(&[
+            "neigh",
+            "flush",
+            "to",
+            &VIP.to_string(),
+            "dev",
+            &self.client_if,
+        ])?;
+        self.client.ping_once(IpAddr::V4(VIP))?;
+        self.client_neighbour()
     }
 
     /// Which gateway has MAC `mac`, for messages.

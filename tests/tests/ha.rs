@@ -6,10 +6,9 @@
 //! counted by reason; planned failover, maintenance and SIGTERM hand over
 //! without losing a probe.
 //!
-//! Out of scope until the kernel fence exists: a SIGKILLed or frozen
-//! daemon on a live host (its host keeps answering for the VIP). The
-//! harness has what those tests need ([`HaGateway::signal_daemon`],
-//! [`tidegate_tests::GatewayDaemon::kill`]).
+//! A SIGKILLed or frozen daemon on a live host is fenced by its own XDP
+//! program: the host stops answering ARP for the VIP, the backup takes
+//! over, and a thawed master steps down before it may win again.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -842,5 +841,149 @@ fn sigterm_on_the_master_hands_over_without_losing_a_probe() -> Result<()> {
     let summary = prober.finish()?;
     narrate_probes("probes", &summary);
     ensure_no_loss(&summary, &[2, 1])?;
+    Ok(())
+}
+
+/// ARP resolutions of the VIP made afresh while a dead or frozen master's
+/// kernel still has the VIP on its interface.
+const RESOLUTIONS: u32 = 10;
+
+/// Resolves the VIP [`RESOLUTIONS`] times from scratch: every answer must
+/// come from gateway `id` (a host whose agent is gone is fenced).
+fn every_resolution_is(location: &HaLocation, id: u32) -> Result<()> {
+    let mac = location.gateway(id).mac().to_owned();
+    for round in 0..RESOLUTIONS {
+        let answered = location.resolve_vip_afresh()?;
+        ensure!(
+            answered.as_deref() == Some(mac.as_str()),
+            "resolution {round}: the VIP resolved to {answered:?} ({}), not gateway {id}",
+            location.mac_owner(answered.as_deref())
+        );
+    }
+    narrate(&format!(
+        "{RESOLUTIONS} fresh ARP resolutions of the VIP: all gateway {id}"
+    ));
+    Ok(())
+}
+
+#[test]
+fn a_killed_daemon_on_a_live_host_is_fenced_and_replaced() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[100, 120]))?;
+    let prober = location.start_prober(PROBES)?;
+    std::thread::sleep(SETTLE);
+
+    // Only the daemon dies: the host, its link, its echo and the VIP on
+    // its interface stay; the pinned XDP program stays and its lease lapses.
+    location.gateway_mut(2).daemon_mut().kill()?;
+    narrate("gateway 2's daemon killed (SIGKILL); host, link and echo up");
+    ensure!(
+        location.gateway(2).vip_on_public()?,
+        "the killed daemon's VIP is gone from its interface: nothing left to fence"
+    );
+    let statuses = location.wait_master(1, SWITCH)?;
+    changed_to(status_of(&statuses, 1)?, Role::Master, "master 2 down")?;
+    location.wait_client_neighbour(1, NEIGHBOUR)?;
+    every_resolution_is(&location, 1)?;
+    std::thread::sleep(SETTLE);
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+    ensure!(
+        summary.sequence == [2, 1],
+        "answered by {:?}: {}",
+        summary.sequence,
+        summary.brief()
+    );
+    ensure!(
+        summary.longest_gap_ms < MAX_FAILOVER_GAP_MS,
+        "gap of {:.1} ms: {}",
+        summary.longest_gap_ms,
+        summary.brief()
+    );
+
+    // The restarted daemon first drops the stale VIP, takes over its
+    // pinned program, and wins back the VIP by priority.
+    let netns = location.gateway(2).netns().clone();
+    let offset = location.gateway_mut(2).daemon_mut().restart(&netns)?;
+    let log = location.gateway(2).daemon().log_since(offset);
+    for expected in [
+        "removing VIPs left on the public interface",
+        "XDP shield replaced in the pinned link",
+    ] {
+        ensure!(log.contains(expected), "no {expected:?} in the log:\n{log}");
+    }
+    location.wait_master(2, SWITCH)?;
+    location.wait_client_neighbour(2, NEIGHBOUR)?;
+    location.ensure_single_master_for(HOLD)?;
+    Ok(())
+}
+
+#[test]
+fn a_frozen_master_is_fenced_and_steps_down_when_thawed() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[100, 120]))?;
+    let prober = location.start_prober(PROBES)?;
+    std::thread::sleep(SETTLE);
+
+    location
+        .gateway_mut(2)
+        .signal_daemon(nix::sys::signal::Signal::SIGSTOP)?;
+    narrate("gateway 2's daemon frozen (SIGSTOP)");
+    // Only gateway 1 answers on its socket while gateway 2 is frozen.
+    let started = std::time::Instant::now();
+    loop {
+        let status = location.status(1)?;
+        if status.role == Role::Master {
+            break;
+        }
+        ensure!(
+            started.elapsed() < SWITCH,
+            "gateway 1 did not take over from the frozen master: {}",
+            status.brief()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    location.wait_client_neighbour(1, NEIGHBOUR)?;
+    every_resolution_is(&location, 1)?;
+
+    // Thawed: the agent sees it slept past its lease, steps down and
+    // releases the VIP, then wins back by priority through an election.
+    let thawed_at = unix_ms();
+    location
+        .gateway_mut(2)
+        .signal_daemon(nix::sys::signal::Signal::SIGCONT)?;
+    narrate("gateway 2's daemon thawed (SIGCONT)");
+    let statuses = location.wait_master(2, SWITCH)?;
+    let status = status_of(&statuses, 2)?;
+    let after_thaw: Vec<_> = status
+        .transitions
+        .iter()
+        .filter(|t| t.at_ms + 50 >= thawed_at)
+        .collect();
+    ensure!(
+        after_thaw
+            .first()
+            .is_some_and(|t| t.to == Role::Backup && t.reason.contains("past the lease")),
+        "the thawed master did not step down first: {after_thaw:?}"
+    );
+    location.wait_client_neighbour(2, NEIGHBOUR)?;
+    location.ensure_single_master_for(HOLD)?;
+    std::thread::sleep(SETTLE);
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+    ensure!(
+        summary.sequence == [2, 1, 2],
+        "answered by {:?}: {}",
+        summary.sequence,
+        summary.brief()
+    );
+    ensure!(
+        summary.longest_gap_ms < MAX_FAILOVER_GAP_MS,
+        "gap of {:.1} ms: {}",
+        summary.longest_gap_ms,
+        summary.brief()
+    );
     Ok(())
 }

@@ -176,7 +176,7 @@ pub fn cargo(ws: &Workspace, ebpf: &EbpfObjects) -> Cmd {
         .env(EbpfObjects::ENV, &ebpf.dir)
 }
 
-/// Builds every user-space binary (gateway, tidectl, lab).
+/// Builds every user-space binary (gateway, tidectl, the lab and the test tools).
 pub fn build_user_space(ws: &Workspace, ebpf: &EbpfObjects, release: bool) -> Result<()> {
     step(&format!(
         "building user space ({} profile)",

@@ -21,7 +21,7 @@ use super::{
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
 };
-use crate::error_chain;
+use crate::{datapath::DatapathHandle, error_chain, xdp::FenceStatus};
 
 /// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
 const ANNOUNCE_COUNT: u32 = 5;
@@ -29,6 +29,10 @@ const ANNOUNCE_COUNT: u32 = 5;
 const ANNOUNCE_SPACING: Duration = Duration::from_millis(100);
 /// Largest advert read.
 const MAX_ADVERT: usize = 2048;
+/// The fence's lease lasts this many advert intervals. Every advert renews
+/// it, and a master-down interval is longer, so a live master never lapses
+/// and a dead one is fenced before a backup takes over.
+const LEASE_INTERVALS: u32 = 3;
 
 /// The agent's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +104,25 @@ pub struct HaStatus {
     pub transitions: Vec<TransitionStatus>,
     /// Adverts dropped, by reason.
     pub dropped: BTreeMap<String, u64>,
+    /// The VIP fence in the XDP program, as last renewed.
+    pub fence: Option<FenceStatus>,
+}
+
+/// One thing the agent's loop woke up for.
+enum Input {
+    Shutdown,
+    Tick,
+    Advert {
+        len: usize,
+        from: SocketAddr,
+        known: bool,
+    },
+    Health {
+        healthy: bool,
+        reason: String,
+    },
+    Command(Command),
+    Nothing,
 }
 
 enum Command {
@@ -174,13 +197,18 @@ pub struct Agent {
     announcing: Option<CancellationToken>,
     /// Converts the machine's instants into wall-clock times.
     anchor: (Instant, SystemTime),
+    /// The XDP program's owner, which renews the fence's lease.
+    datapath: DatapathHandle,
+    /// When the agent last ran: a longer gap than the lease means it was
+    /// frozen.
+    last_wake: Instant,
 }
 
 impl Agent {
     /// Opens the sockets and puts the VIPs on `lo`. A VIP a previous run
     /// left on the public interface is removed first, before anything else:
     /// this gateway owns nothing until it wins an election.
-    pub async fn start(config: HaConfig) -> Result<Self, HaError> {
+    pub async fn start(config: HaConfig, datapath: DatapathHandle) -> Result<Self, HaError> {
         let io_err = |op| {
             let interface = config.interface.clone();
             move |source| HaError::Io {
@@ -225,6 +253,8 @@ impl Agent {
             dropped: BTreeMap::new(),
             announcing: None,
             anchor: (Instant::now(), now),
+            datapath,
+            last_wake: Instant::now(),
         })
     }
 
@@ -245,30 +275,54 @@ impl Agent {
                 .machine
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + self.config.election.interval);
-            let actions = tokio::select! {
+            // The select only takes the input; the machine sees it after the
+            // pause check below.
+            let input = tokio::select! {
                 () = cancel.cancelled(), if !stopping => {
                     stopping = true;
                     info!("stopping: handing over or resigning");
-                    self.machine.on_event(Event::Shutdown, Instant::now())
+                    Input::Shutdown
                 }
-                () = tokio::time::sleep_until(deadline.into()) => {
-                    self.machine.on_event(Event::Tick, Instant::now())
-                }
+                () = tokio::time::sleep_until(deadline.into()) => Input::Tick,
                 received = self.transport.recv(&mut buf) => match received {
-                    Ok((len, from, known)) => self.receive(&buf[..len], from, known),
+                    Ok((len, from, known)) => Input::Advert { len, from, known },
                     Err(error) => {
                         warn!(%error, "receiving adverts failed");
-                        Vec::new()
+                        Input::Nothing
                     }
                 },
-                Some((healthy, reason)) = health.recv() => {
-                    self.machine.on_event(Event::Health { healthy, reason }, Instant::now())
+                Some((healthy, reason)) = health.recv() => Input::Health { healthy, reason },
+                Some(command) = commands.recv() => Input::Command(command),
+            };
+            // First on waking: a pause longer than the lease (SIGSTOP, a
+            // starved CPU) means what the machine knows is stale, and the
+            // fence has cut this gateway off already.
+            let now = Instant::now();
+            let paused = now.saturating_duration_since(self.last_wake);
+            if paused > self.lease() {
+                warn!(
+                    paused_ms = paused.as_millis() as u64,
+                    "the agent was paused past its lease"
+                );
+                let stalled = self.machine.on_event(Event::Stalled { paused }, now);
+                if self.execute(stalled).await {
+                    break;
                 }
-                Some(command) = commands.recv() => self.command(command).await,
+            }
+            let actions = match input {
+                Input::Shutdown => self.machine.on_event(Event::Shutdown, Instant::now()),
+                Input::Tick => self.machine.on_event(Event::Tick, Instant::now()),
+                Input::Advert { len, from, known } => self.receive(&buf[..len], from, known),
+                Input::Health { healthy, reason } => self
+                    .machine
+                    .on_event(Event::Health { healthy, reason }, Instant::now()),
+                Input::Command(command) => self.command(command).await,
+                Input::Nothing => Vec::new(),
             };
             if self.execute(actions).await {
                 break;
             }
+            self.last_wake = Instant::now();
         }
         info!("HA agent stopped");
     }
@@ -372,9 +426,14 @@ impl Agent {
                     {
                         warn!(%error, "sending an advert failed");
                     }
+                    // Every advert renews the lease: the agent is alive.
+                    self.renew(self.machine.role() == Role::Master).await;
                 }
                 Action::TakeVips => {
                     self.log_transition();
+                    // The fence must let ARP for the VIPs through before they
+                    // are announced.
+                    self.renew(true).await;
                     if let Err(error) = self.vips.take().await {
                         error!(error = %error_chain(&error), "adding the VIPs failed");
                     }
@@ -385,6 +444,7 @@ impl Agent {
                     if let Some(announcing) = self.announcing.take() {
                         announcing.cancel();
                     }
+                    self.renew(false).await;
                     if let Err(error) = self.vips.release().await {
                         error!(error = %error_chain(&error), "removing the VIPs failed");
                     }
@@ -394,6 +454,19 @@ impl Agent {
             }
         }
         exit
+    }
+
+    /// How long a renewal of the fence's lease lasts.
+    fn lease(&self) -> Duration {
+        LEASE_INTERVALS * self.config.election.interval
+    }
+
+    /// Renews the fence's lease; `holds_vips` when this gateway answers for
+    /// the VIPs (MASTER).
+    async fn renew(&self, holds_vips: bool) {
+        if let Err(error) = self.datapath.renew_lease(self.lease(), holds_vips).await {
+            error!(error = %error_chain(&error), "renewing the VIP fence's lease failed");
+        }
     }
 
     /// Sends the announcements for every VIP several times, spaced, on a
@@ -498,6 +571,7 @@ impl Agent {
                 })
                 .collect(),
             dropped: self.dropped.clone(),
+            fence: self.datapath.fence_status().await.ok().flatten(),
         }
     }
 }

@@ -107,6 +107,9 @@ pub enum Event {
     Heard(Heard),
     /// Health changed: unhealthy makes the gateway FAULT at once.
     Health { healthy: bool, reason: String },
+    /// The agent did not run for `paused` (it was frozen, or starved),
+    /// longer than its lease: whatever it knew is stale.
+    Stalled { paused: Duration },
     /// The daemon stops: hand over if a backup is alive, else resign.
     Shutdown,
 }
@@ -292,6 +295,7 @@ impl Machine {
             Event::Tick => self.tick(now, &mut actions),
             Event::Heard(heard) => self.heard(heard, now, &mut actions),
             Event::Health { healthy, reason } => self.health(healthy, reason, now, &mut actions),
+            Event::Stalled { paused } => self.stalled(paused, now, &mut actions),
             Event::Shutdown => self.shutdown(now, &mut actions),
         }
         actions
@@ -562,6 +566,34 @@ impl Machine {
                 self.advertise_now(now, actions);
             }
             _ => {}
+        }
+    }
+
+    /// A master that was frozen longer than its lease has been fenced and
+    /// most likely replaced: it steps down and takes part in the election
+    /// again from BACKUP. A backup's timers are stale too: it waits a whole
+    /// master-down interval before it may take over.
+    fn stalled(&mut self, paused: Duration, now: Instant, actions: &mut Vec<Action>) {
+        match self.role {
+            Role::Master => {
+                self.handover = None;
+                self.transition(
+                    Role::Backup,
+                    format!(
+                        "paused for {} ms, past the lease: stepping down",
+                        paused.as_millis()
+                    ),
+                    now,
+                );
+                self.master = None;
+                self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
+                actions.push(Action::ReleaseVips);
+                self.advertise_now(now, actions);
+            }
+            Role::Backup => {
+                self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
+            }
+            Role::Init | Role::Fault => {}
         }
     }
 
@@ -1164,6 +1196,39 @@ mod tests {
         }
         assert_eq!(m.transitions().count(), MAX_TRANSITIONS);
         assert_eq!(m.transitions().last().unwrap().reason, "maintenance on");
+    }
+
+    #[test]
+    fn a_master_paused_past_its_lease_steps_down_and_a_backup_waits() {
+        let t0 = Instant::now();
+        let mut m = started(1, 200, t0);
+        m.on_event(Event::Tick, ms(t0, 400));
+        assert_eq!(m.role(), Role::Master);
+        let paused = Event::Stalled {
+            paused: Duration::from_secs(2),
+        };
+        let actions = m.on_event(paused.clone(), ms(t0, 2400));
+        assert_eq!(m.role(), Role::Backup);
+        assert_eq!(actions[0], Action::ReleaseVips);
+        assert!(
+            m.transitions()
+                .last()
+                .unwrap()
+                .reason
+                .starts_with("paused for 2000 ms"),
+            "{:?}",
+            m.transitions().last()
+        );
+        // It may win again, but only through a whole master-down interval.
+        assert_eq!(tick_until(&mut m, t0, 2401, 4000, Role::Master), Some(2722));
+
+        let mut b = started(2, 100, t0);
+        b.on_event(master(1, 200), ms(t0, 0));
+        // Frozen past its master-down time: no instant takeover on waking.
+        b.on_event(paused, ms(t0, 2000));
+        b.on_event(Event::Tick, ms(t0, 2001));
+        assert_eq!(b.role(), Role::Backup);
+        assert_eq!(tick_until(&mut b, t0, 2002, 3000, Role::Master), Some(2361));
     }
 
     #[test]
