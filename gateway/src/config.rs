@@ -158,6 +158,16 @@ struct HaSection {
     multicast_group: Option<Ipv4Addr>,
     #[serde(default)]
     peers: Vec<IpAddr>,
+    #[serde(default)]
+    track: Vec<TrackEntry>,
+}
+
+/// `[[ha.track]]`: an interface whose failure costs priority.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrackEntry {
+    interface: String,
+    weight: u8,
 }
 
 /// `[wireguard]`: the location's interface.
@@ -350,6 +360,28 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
         }
         (None, false) => Destination::Unicast(section.peers),
     };
+    let mut track = Vec::new();
+    for entry in section.track {
+        if let Some(reason) = bad_interface_name(&entry.interface) {
+            return Err(bad(
+                "track",
+                format!("interface {:?} {reason}", entry.interface),
+            ));
+        }
+        if entry.weight == 0 {
+            return Err(bad(
+                "track",
+                format!(
+                    "{}: weight 0 would change nothing; use 1..=254",
+                    entry.interface
+                ),
+            ));
+        }
+        if track.iter().any(|(name, _)| *name == entry.interface) {
+            return Err(bad("track", format!("{} is listed twice", entry.interface)));
+        }
+        track.push((entry.interface, entry.weight));
+    }
     Ok(HaConfig {
         location_id: section.location_id,
         election: Settings {
@@ -363,6 +395,7 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
         vips: section.vips,
         port: section.port.unwrap_or(DEFAULT_HA_PORT),
         destination,
+        track,
         interface: interface.to_owned(),
     })
 }
@@ -713,6 +746,108 @@ mod tests {
         ];
         for (text, expected) in cases {
             let error = message(parse(&text).unwrap_err());
+            assert!(
+                error.contains(expected) && error.contains("gw.toml"),
+                "{expected}: {error}"
+            );
+        }
+    }
+
+    fn with_ha(section: &str) -> String {
+        format!("{GOOD}\n[ha]\n{section}")
+    }
+
+    const HA: &str = "location_id = 7\ngateway_id = 2\nkey = \"a-shared-key-of-16+\"\nvips = [\"198.51.100.100\", \"2001:db8::100\"]\n";
+
+    #[test]
+    fn an_ha_section_with_defaults_and_options() {
+        let ha = parse(&with_ha(HA)).unwrap().ha.unwrap();
+        assert_eq!(ha.location_id, 7);
+        assert_eq!(ha.election.gateway_id, 2);
+        assert_eq!(ha.election.priority, DEFAULT_HA_PRIORITY);
+        assert_eq!(ha.election.interval, Duration::from_millis(100));
+        assert!(ha.election.preempt);
+        assert_eq!(ha.port, DEFAULT_HA_PORT);
+        assert_eq!(
+            ha.destination,
+            Destination::Multicast(DEFAULT_MULTICAST_GROUP)
+        );
+        assert_eq!(ha.interface, "eth0");
+        assert_eq!(ha.vips.len(), 2);
+        assert!(ha.track.is_empty());
+
+        let more = format!(
+            "{HA}priority = 200\nadvert_interval_ms = 20\npreempt = false\npreempt_delay_ms = 5000\n\
+             peers = [\"198.51.100.3\"]\n[[ha.track]]\ninterface = \"uplink0\"\nweight = 50\n"
+        );
+        let ha = parse(&with_ha(&more)).unwrap().ha.unwrap();
+        assert_eq!(ha.election.priority, 200);
+        assert_eq!(ha.election.interval, Duration::from_millis(20));
+        assert!(!ha.election.preempt);
+        assert_eq!(ha.election.preempt_delay, Duration::from_secs(5));
+        assert_eq!(
+            ha.destination,
+            Destination::Unicast(vec!["198.51.100.3".parse().unwrap()])
+        );
+        assert_eq!(ha.track, [("uplink0".to_owned(), 50)]);
+    }
+
+    #[test]
+    fn ha_errors_name_the_field() {
+        let cases = [
+            (
+                HA.replace("gateway_id = 2", "gateway_id = 0"),
+                "[ha] gateway_id: 0 is reserved",
+            ),
+            (format!("{HA}priority = 0\n"), "[ha] priority: 0 means"),
+            (
+                format!("{HA}advert_interval_ms = 10\n"),
+                "advert_interval_ms: 10 is outside 20..=10000",
+            ),
+            (
+                HA.replace("a-shared-key-of-16+", "short"),
+                "[ha] key: 5 bytes; use at least 16",
+            ),
+            (
+                format!("{HA}key_file = \"/x\"\n"),
+                "give key or key_file, not both",
+            ),
+            (
+                HA.replace(
+                    "vips = [\"198.51.100.100\", \"2001:db8::100\"]",
+                    "vips = []",
+                ),
+                "[ha] vips: give 1 to 16 addresses",
+            ),
+            (
+                HA.replace("\"198.51.100.100\", ", "\"224.0.0.5\", "),
+                "224.0.0.5 is not a unicast address",
+            ),
+            (
+                format!("{HA}multicast_group = \"239.1.1.1\"\npeers = [\"198.51.100.3\"]\n"),
+                "give multicast_group or peers",
+            ),
+            (
+                format!("{HA}multicast_group = \"198.51.100.1\"\n"),
+                "198.51.100.1 is not multicast",
+            ),
+            (
+                format!("{HA}[[ha.track]]\ninterface = \"up0\"\nweight = 0\n"),
+                "up0: weight 0 would change nothing",
+            ),
+            (
+                format!(
+                    "{HA}[[ha.track]]\ninterface = \"up0\"\nweight = 5\n[[ha.track]]\ninterface = \"up0\"\nweight = 6\n"
+                ),
+                "up0 is listed twice",
+            ),
+            (
+                format!("{HA}frobnicate = 1\n"),
+                "unknown field `frobnicate`",
+            ),
+        ];
+        for (section, expected) in cases {
+            let error = message(parse(&with_ha(&section)).unwrap_err());
             assert!(
                 error.contains(expected) && error.contains("gw.toml"),
                 "{expected}: {error}"

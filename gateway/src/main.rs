@@ -135,6 +135,11 @@ async fn run(args: Args) -> Result<()> {
         let watched = health::Watched {
             public: config.interface.clone(),
             wireguard: config.wireguard.as_ref().map(|w| w.interface.clone()),
+            tracked: config
+                .ha
+                .as_ref()
+                .map(|ha| ha.track.clone())
+                .unwrap_or_default(),
         };
         let health_cancel = ha_cancel.clone();
         tasks.spawn(async move {

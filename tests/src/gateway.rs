@@ -173,6 +173,8 @@ pub struct HaSection {
     pub multicast_group: Option<Ipv4Addr>,
     /// The other gateways' addresses: unicast adverts instead of multicast.
     pub peers: Vec<IpAddr>,
+    /// Tracked interfaces (`[[ha.track]]`) and their weights.
+    pub track: Vec<(String, u8)>,
 }
 
 impl HaSection {
@@ -205,6 +207,13 @@ impl HaSection {
         }
         if !self.peers.is_empty() {
             let _ = writeln!(out, "peers = {}", toml_array(&to_strings(&self.peers)));
+        }
+        for (interface, weight) in &self.track {
+            let _ = write!(
+                out,
+                "\n[[ha.track]]\ninterface = {}\nweight = {weight}\n",
+                toml_string(interface)
+            );
         }
     }
 }
@@ -890,6 +899,7 @@ mod tests {
             vec!["198.51.100.100:51820".parse().unwrap()],
         );
         config.ha = Some(HaSection {
+            track: Vec::new(),
             location_id: 3,
             gateway_id: 2,
             priority: Some(110),

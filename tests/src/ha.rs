@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,10 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
 pub const ECHO_PORT: u16 = 7;
 /// The client's address on the segment.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 50);
+/// The IPv6 VIP of locations built with [`HaOptions::ipv6`].
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+/// The client's IPv6 address on the segment.
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50);
 /// Prefix length of the segment.
 pub const PREFIX: u8 = 24;
 /// The location id of every gateway.
@@ -95,6 +99,12 @@ pub struct HaOptions {
     pub transport: AdvertTransport,
     /// `advert_interval_ms`.
     pub advert_interval_ms: u64,
+    /// A gateway that tracks an uplink (a dummy interface of its own,
+    /// see [`HaGateway::set_uplink`]) with this weight.
+    pub tracked_uplink: Option<(u32, u8)>,
+    /// IPv6 on the segment too (2001:db8::/64), and [`VIP6`] beside the
+    /// IPv4 VIP.
+    pub ipv6: bool,
 }
 
 impl HaOptions {
@@ -104,6 +114,8 @@ impl HaOptions {
             priorities: priorities.to_vec(),
             transport: AdvertTransport::Multicast,
             advert_interval_ms: 100,
+            tracked_uplink: None,
+            ipv6: false,
         }
     }
 
@@ -317,6 +329,15 @@ impl HaGateway {
         has_addr(&self.netns, &self.ifname, VIP)
     }
 
+    /// Whether the public interface holds [`VIP6`], asked of the kernel.
+    pub fn vip6_on_public(&self) -> Result<bool> {
+        let out = self
+            .netns
+            .ip(&["-o", "-6", "addr", "show", "dev", &self.ifname])?;
+        let needle = format!(" {VIP6}/128 ");
+        Ok(out.lines().any(|line| line.contains(&needle)))
+    }
+
     /// Whether `lo` holds the VIP, asked of the kernel.
     pub fn vip_on_lo(&self) -> Result<bool> {
         has_addr(&self.netns, "lo", VIP)
@@ -331,6 +352,14 @@ impl HaGateway {
             &self.ifname,
             if up { "up" } else { "down" },
         ])?;
+        Ok(())
+    }
+
+    /// Sets the gateway's tracked uplink (see [`HaOptions::tracked_uplink`])
+    /// up or down.
+    pub fn set_uplink(&self, up: bool) -> Result<()> {
+        self.netns
+            .ip(&["link", "set", "dev", UPLINK, if up { "up" } else { "down" }])?;
         Ok(())
     }
 
@@ -452,6 +481,9 @@ impl HaLocation {
         let client_port = run.ifname("cb");
         veth(&client, &client_if, &switch, &client_port)?;
         client.add_addr(&client_if, &format!("{CLIENT_ADDR}/{PREFIX}"))?;
+        if options.ipv6 {
+            client.add_addr(&client_if, &format!("{CLIENT_ADDR6}/64"))?;
+        }
         client.set_up(&client_if)?;
         // For tests that speak the advert protocol from the client.
         client.ip(&["route", "add", "224.0.0.0/4", "dev", &client_if])?;
@@ -465,6 +497,10 @@ impl HaLocation {
             let port = run.ifname(&format!("p{id}"));
             veth(&netns, &ifname, &switch, &port)?;
             netns.add_addr(&ifname, &format!("{}/{PREFIX}", gateway_addr(id)))?;
+            if options.ipv6 {
+                let addr6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, id as u16);
+                netns.add_addr(&ifname, &format!("{addr6}/64"))?;
+            }
             netns.set_up(&ifname)?;
             let mac = link_mac(&netns, &ifname)?;
             ports.push(port.clone());
@@ -481,6 +517,27 @@ impl HaLocation {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut config = gateway_config(options, *id, *priority, ifname, &dir, &ids);
             config.bpf_pin_dir = Some(run.bpffs()?);
+            if let Some((tracking, weight)) = options.tracked_uplink
+                && tracking == *id
+            {
+                // A veth pair inside the gateway (this kernel has no dummy
+                // links): the tracked end loses its carrier when set down.
+                netns.ip(&[
+                    "link",
+                    "add",
+                    UPLINK,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    UPLINK_PEER,
+                ])?;
+                netns.set_up(UPLINK)?;
+                netns.set_up(UPLINK_PEER)?;
+                if let Some(ha) = config.ha.as_mut() {
+                    ha.track.push((UPLINK.to_owned(), weight));
+                }
+            }
             daemons.push((GatewayDaemon::spawn(netns, config, &dir)?, dir));
         }
         let mut gateways = Vec::new();
@@ -711,6 +768,54 @@ impl HaLocation {
         self.client_neighbour()
     }
 
+    /// The MAC the client's IPv6 neighbour table has for [`VIP6`].
+    pub fn client_neighbour6(&self) -> Result<Option<String>> {
+        let out = self.client.ip(&[
+            "-6",
+            "neigh",
+            "show",
+            &VIP6.to_string(),
+            "dev",
+            &self.client_if,
+        ])?;
+        Ok(out
+            .split_whitespace()
+            .skip_while(|word| *word != "lladdr")
+            .nth(1)
+            .map(str::to_lowercase))
+    }
+
+    /// As [`Self::resolve_vip_afresh`], for [`VIP6`] (a neighbour
+    /// solicitation instead of ARP).
+    pub fn resolve_vip6_afresh(&self) -> Result<Option<String>> {
+        self.client.ip(&[
+            "-6",
+            "neigh",
+            "flush",
+            "to",
+            &VIP6.to_string(),
+            "dev",
+            &self.client_if,
+        ])?;
+        self.client.ping_once(IpAddr::V6(VIP6))?;
+        self.client_neighbour6()
+    }
+
+    /// Waits until the client's IPv6 neighbour entry for [`VIP6`] is
+    /// gateway `id`'s MAC.
+    pub fn wait_client_neighbour6(&self, id: u32, timeout: Duration) -> Result<()> {
+        let mac = self.gateway(id).mac().to_owned();
+        let what = format!("the client's neighbour entry for {VIP6} to be gateway {id} ({mac})");
+        poll_until(&what, timeout, POLL, || {
+            let now = self.client_neighbour6()?;
+            Ok(if now.as_deref() == Some(mac.as_str()) {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("{now:?} ({})", self.mac_owner(now.as_deref())))
+            })
+        })
+    }
+
     /// Which gateway has MAC `mac`, for messages.
     pub fn mac_owner(&self, mac: Option<&str>) -> String {
         self.gateways
@@ -759,6 +864,11 @@ impl HaLocation {
     }
 }
 
+/// The tracked uplink's name, inside the gateway's own namespace.
+pub const UPLINK: &str = "uplink0";
+/// The other end of the uplink's veth pair.
+const UPLINK_PEER: &str = "uplink1";
+
 /// The config of gateway `id`.
 fn gateway_config(
     options: &HaOptions,
@@ -784,6 +894,7 @@ fn gateway_config(
             .collect(),
     };
     config.ha = Some(HaSection {
+        track: Vec::new(),
         location_id: LOCATION_ID,
         gateway_id: id,
         priority: Some(priority),
@@ -791,7 +902,11 @@ fn gateway_config(
         preempt: None,
         preempt_delay_ms: None,
         key: KEY.to_owned(),
-        vips: vec![IpAddr::V4(VIP)],
+        vips: if options.ipv6 {
+            vec![IpAddr::V4(VIP), IpAddr::V6(VIP6)]
+        } else {
+            vec![IpAddr::V4(VIP)]
+        },
         port: None,
         multicast_group: None,
         peers,

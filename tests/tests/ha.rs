@@ -23,7 +23,7 @@ use tidegate_gateway::ha::{
 };
 use tidegate_tests::ha::{
     ADVERT_GROUP, ADVERT_PORT, AdvertTransport, CLIENT_ADDR, HaGateway, KEY, LOCATION_ID, Role,
-    VIP, gateway_addr, status_of,
+    VIP, VIP6, gateway_addr, status_of,
 };
 use tidegate_tests::{HaLocation, HaOptions, HaStatus, ProbeSummary, require_root};
 
@@ -985,5 +985,101 @@ fn a_frozen_master_is_fenced_and_steps_down_when_thawed() -> Result<()> {
         summary.longest_gap_ms,
         summary.brief()
     );
+    Ok(())
+}
+
+#[test]
+fn a_tracked_uplink_going_down_lowers_the_priority_and_moves_the_vip() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let options = HaOptions {
+        tracked_uplink: Some((2, 50)),
+        ..HaOptions::priorities(&[100, 120])
+    };
+    let mut location = build(&options)?;
+    let prober = location.start_prober(PROBES)?;
+    std::thread::sleep(SETTLE);
+
+    location.gateway(2).set_uplink(false)?;
+    narrate("gateway 2's tracked uplink down (weight 50): priority 120 -> 70");
+    location.wait_master(1, SWITCH)?;
+    let status = location.status(2)?;
+    ensure!(
+        status.priority == 70,
+        "gateway 2 runs at priority {} with its uplink down",
+        status.priority
+    );
+    location.wait_client_neighbour(1, NEIGHBOUR)?;
+
+    location.gateway(2).set_uplink(true)?;
+    narrate("gateway 2's uplink up again: priority 120, it takes the VIP back");
+    location.wait_master(2, SWITCH)?;
+    ensure!(location.status(2)?.priority == 120, "priority not restored");
+    location.wait_client_neighbour(2, NEIGHBOUR)?;
+    location.ensure_single_master_for(HOLD)?;
+    std::thread::sleep(SETTLE);
+    let summary = prober.finish()?;
+    narrate_probes("probes", &summary);
+    ensure!(
+        summary.sequence == [2, 1, 2],
+        "answered by {:?}: {}",
+        summary.sequence,
+        summary.brief()
+    );
+    ensure!(
+        summary.longest_gap_ms < MAX_FAILOVER_GAP_MS,
+        "gap of {:.1} ms: {}",
+        summary.longest_gap_ms,
+        summary.brief()
+    );
+    Ok(())
+}
+
+#[test]
+fn an_ipv6_vip_moves_with_unsolicited_neighbour_adverts_and_is_fenced() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let options = HaOptions {
+        ipv6: true,
+        ..HaOptions::priorities(&[100, 120])
+    };
+    let mut location = build(&options)?;
+    ensure!(
+        location.gateway(2).vip6_on_public()? && !location.gateway(1).vip6_on_public()?,
+        "{VIP6} is not on the master's interface alone"
+    );
+    ensure!(
+        location.resolve_vip6_afresh()?.as_deref() == Some(location.gateway(2).mac()),
+        "{VIP6} does not resolve to the master"
+    );
+
+    // A handover: the new master's unsolicited neighbour adverts (override
+    // flag) move the client's existing entry; no solicitation needed.
+    tidectl_prints(&location, 2, &["failover"], "handing over to gateway 1")?;
+    location.wait_master(1, SWITCH)?;
+    location.wait_client_neighbour6(1, NEIGHBOUR)?;
+    ensure!(
+        location.gateway(1).vip6_on_public()? && !location.gateway(2).vip6_on_public()?,
+        "{VIP6} did not move with the handover"
+    );
+    narrate("handover: the client's IPv6 neighbour entry moved to gateway 1");
+
+    // The new master's daemon dies on a live host: its neighbour
+    // solicitations for the VIP are fenced, so every fresh resolution finds
+    // gateway 2, which takes over.
+    location.gateway_mut(1).daemon_mut().kill()?;
+    location.wait_master(2, SWITCH)?;
+    let mac = location.gateway(2).mac().to_owned();
+    for round in 0..RESOLUTIONS {
+        let answered = location.resolve_vip6_afresh()?;
+        ensure!(
+            answered.as_deref() == Some(mac.as_str()),
+            "resolution {round}: {VIP6} resolved to {answered:?} ({})",
+            location.mac_owner(answered.as_deref())
+        );
+    }
+    narrate(&format!(
+        "{RESOLUTIONS} fresh IPv6 resolutions of the VIP: all gateway 2"
+    ));
     Ok(())
 }

@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 use super::{
     advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
     announce::{self, FrameSocket, Mac},
+    health::HealthEvent,
     machine::{Action, Event, HandoverError, Heard, Machine, Role, Settings},
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
@@ -43,6 +44,8 @@ pub struct HaConfig {
     pub vips: Vec<IpAddr>,
     pub port: u16,
     pub destination: Destination,
+    /// Interfaces whose failure lowers the priority, with their weights.
+    pub track: Vec<(String, u8)>,
     /// The public interface: VIPs, adverts and announcements go here.
     pub interface: String,
 }
@@ -117,10 +120,7 @@ enum Input {
         from: SocketAddr,
         known: bool,
     },
-    Health {
-        healthy: bool,
-        reason: String,
-    },
+    Health(HealthEvent),
     Command(Command),
     Nothing,
 }
@@ -263,7 +263,7 @@ impl Agent {
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
-        mut health: mpsc::Receiver<(bool, String)>,
+        mut health: mpsc::Receiver<HealthEvent>,
         cancel: CancellationToken,
     ) {
         let actions = self.machine.on_event(Event::Start, Instant::now());
@@ -291,7 +291,7 @@ impl Agent {
                         Input::Nothing
                     }
                 },
-                Some((healthy, reason)) = health.recv() => Input::Health { healthy, reason },
+                Some(event) = health.recv() => Input::Health(event),
                 Some(command) = commands.recv() => Input::Command(command),
             };
             // First on waking: a pause longer than the lease (SIGSTOP, a
@@ -313,9 +313,12 @@ impl Agent {
                 Input::Shutdown => self.machine.on_event(Event::Shutdown, Instant::now()),
                 Input::Tick => self.machine.on_event(Event::Tick, Instant::now()),
                 Input::Advert { len, from, known } => self.receive(&buf[..len], from, known),
-                Input::Health { healthy, reason } => self
+                Input::Health(HealthEvent::Fault { healthy, reason }) => self
                     .machine
                     .on_event(Event::Health { healthy, reason }, Instant::now()),
+                Input::Health(HealthEvent::Penalty { points, reason }) => {
+                    self.machine.set_penalty(points, &reason, Instant::now())
+                }
                 Input::Command(command) => self.command(command).await,
                 Input::Nothing => Vec::new(),
             };
@@ -541,7 +544,7 @@ impl Agent {
             location_id: self.config.location_id,
             gateway_id: self.config.election.gateway_id,
             role: self.machine.role(),
-            priority: self.config.election.priority,
+            priority: self.machine.priority(),
             advert_interval_ms: self.config.election.interval.as_millis() as u64,
             master: self.machine.master(),
             maintenance: self.machine.maintenance(),
@@ -576,14 +579,14 @@ impl Agent {
     }
 }
 
-/// Starts the agent task: returns its handle, a sender for health changes
-/// (healthy, reason), and the task's future.
+/// Starts the agent task: returns its handle, a sender for health changes,
+/// and the task's future.
 pub fn spawn(
     agent: Agent,
     cancel: CancellationToken,
 ) -> (
     HaHandle,
-    mpsc::Sender<(bool, String)>,
+    mpsc::Sender<HealthEvent>,
     impl Future<Output = ()>,
 ) {
     let (tx, commands) = mpsc::channel(16);

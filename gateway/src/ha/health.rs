@@ -1,7 +1,9 @@
 //! The gateway's own health, from netlink link events: the public link up
 //! with a carrier and the XDP program on it, and the WireGuard interface up.
-//! Any of these failing makes the gateway FAULT at once. Link events are the
-//! trigger; a slow re-check catches what the kernel does not announce.
+//! Any of these failing makes the gateway FAULT at once. Tracked interfaces
+//! (an uplink, say) lower the priority by their weight while they are down.
+//! Link events are the trigger; a slow re-check catches what the kernel
+//! does not announce.
 
 use std::time::Duration;
 
@@ -33,6 +35,17 @@ pub struct Watched {
     pub public: String,
     /// The WireGuard interface, when the daemon runs one.
     pub wireguard: Option<String>,
+    /// Interfaces whose failure costs priority, with their weights.
+    pub tracked: Vec<(String, u8)>,
+}
+
+/// A change the agent must hear of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthEvent {
+    /// Healthy or not (FAULT), and why.
+    Fault { healthy: bool, reason: String },
+    /// The points failing tracked interfaces take off the priority, and why.
+    Penalty { points: u8, reason: String },
 }
 
 /// What one link looks like, as far as health goes.
@@ -88,11 +101,35 @@ pub fn verdict(
     Ok(())
 }
 
-/// Watches the links until `cancel` fires, sending `(healthy, reason)` to
-/// the agent on every change (the agent starts out assuming healthy).
+/// The penalty of the tracked interfaces that are down or gone, and which.
+pub fn penalty(watched: &Watched, links: &[Option<LinkHealth>]) -> (u8, String) {
+    let down: Vec<&(String, u8)> = watched
+        .tracked
+        .iter()
+        .zip(links)
+        .filter(|(_, link)| !link.is_some_and(|l| l.up && l.carrier))
+        .map(|(tracked, _)| tracked)
+        .collect();
+    let points = down
+        .iter()
+        .fold(0u8, |sum, (_, weight)| sum.saturating_add(*weight));
+    let reason = if down.is_empty() {
+        "every tracked interface is up".to_owned()
+    } else {
+        let names: Vec<String> = down
+            .iter()
+            .map(|(name, weight)| format!("{name} (-{weight})"))
+            .collect();
+        format!("tracked interfaces down: {}", names.join(", "))
+    };
+    (points, reason)
+}
+
+/// Watches the links until `cancel` fires, telling the agent of every
+/// change (it starts out assuming healthy, with no penalty).
 pub async fn watch(
     watched: Watched,
-    tx: mpsc::Sender<(bool, String)>,
+    tx: mpsc::Sender<HealthEvent>,
     cancel: CancellationToken,
 ) -> Result<(), HealthError> {
     let (mut connection, handle, mut events) =
@@ -108,7 +145,12 @@ pub async fn watch(
         Some(name) => read(&handle, name).await,
         None => None,
     };
+    let mut tracked = Vec::new();
+    for (name, _) in &watched.tracked {
+        tracked.push(read(&handle, name).await);
+    }
     let mut last: Result<(), String> = Ok(());
+    let mut last_points = 0;
     let mut recheck = tokio::time::interval(RECHECK);
     loop {
         let now = verdict(&watched, public, wireguard);
@@ -122,10 +164,26 @@ pub async fn watch(
             } else {
                 warn!(%reason, "unhealthy");
             }
-            if tx.send((healthy, reason)).await.is_err() {
+            if tx
+                .send(HealthEvent::Fault { healthy, reason })
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
             last = now;
+        }
+        let (points, reason) = penalty(&watched, &tracked);
+        if points != last_points {
+            info!(points, %reason, "priority penalty");
+            if tx
+                .send(HealthEvent::Penalty { points, reason })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+            last_points = points;
         }
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
@@ -133,6 +191,9 @@ pub async fn watch(
                 public = read(&handle, &watched.public).await;
                 if let Some(name) = &watched.wireguard {
                     wireguard = read(&handle, name).await;
+                }
+                for ((name, _), link) in watched.tracked.iter().zip(&mut tracked) {
+                    *link = read(&handle, name).await;
                 }
             }
             event = events.next() => {
@@ -143,10 +204,17 @@ pub async fn watch(
                     _ => continue,
                 };
                 let health = (!gone).then(|| LinkHealth::of(&link));
-                match name_of(&link) {
-                    Some(name) if name == watched.public => public = health,
-                    Some(name) if watched.wireguard.as_deref() == Some(name) => wireguard = health,
-                    _ => {}
+                let Some(name) = name_of(&link) else { continue };
+                if name == watched.public {
+                    public = health;
+                }
+                if watched.wireguard.as_deref() == Some(name) {
+                    wireguard = health;
+                }
+                for ((tracked_name, _), slot) in watched.tracked.iter().zip(&mut tracked) {
+                    if tracked_name == name {
+                        *slot = health;
+                    }
                 }
             }
         }
@@ -182,7 +250,27 @@ mod tests {
         Watched {
             public: "eth0".into(),
             wireguard: wireguard.then(|| "wg0".into()),
+            tracked: vec![("up1".into(), 30), ("up2".into(), 240)],
         }
+    }
+
+    #[test]
+    fn tracked_interfaces_that_are_down_cost_their_weight() {
+        let w = watched(false);
+        let down = LinkHealth {
+            carrier: false,
+            ..GOOD
+        };
+        assert_eq!(
+            penalty(&w, &[Some(GOOD), Some(GOOD)]),
+            (0, "every tracked interface is up".into())
+        );
+        assert_eq!(
+            penalty(&w, &[Some(down), Some(GOOD)]),
+            (30, "tracked interfaces down: up1 (-30)".into())
+        );
+        // Gone counts as down; the sum saturates.
+        assert_eq!(penalty(&w, &[Some(down), None]).0, 255);
     }
 
     #[test]

@@ -190,6 +190,8 @@ pub struct Machine {
     master: Option<u32>,
     peers: BTreeMap<u32, PeerView>,
     healthy: bool,
+    /// Points taken off the configured priority by failing tracked checks.
+    penalty: u8,
     maintenance: bool,
     /// MASTER: handing over to another gateway.
     handover: Option<Handover>,
@@ -212,6 +214,7 @@ impl Machine {
             master: None,
             peers: BTreeMap::new(),
             healthy: true,
+            penalty: 0,
             maintenance: false,
             handover: None,
             yielded_to: None,
@@ -238,6 +241,32 @@ impl Machine {
         }
     }
 
+    /// The priority this gateway runs with: the configured one less the
+    /// penalty of failing tracked checks, never below 1.
+    pub fn priority(&self) -> u8 {
+        self.settings.priority.saturating_sub(self.penalty).max(1)
+    }
+
+    /// Sets the penalty of failing tracked checks (0: all pass). The new
+    /// priority is advertised at once; a backup that now outranks a master
+    /// takes over as from any lower-priority master.
+    pub fn set_penalty(&mut self, penalty: u8, reason: &str, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if penalty == self.penalty {
+            return actions;
+        }
+        let before = self.priority();
+        self.penalty = penalty;
+        self.note(
+            format!("priority {before} -> {}: {reason}", self.priority()),
+            now,
+        );
+        if self.role != Role::Init {
+            self.advertise_now(now, &mut actions);
+        }
+        actions
+    }
+
     /// Whether maintenance mode is on.
     pub fn maintenance(&self) -> bool {
         self.maintenance
@@ -258,7 +287,7 @@ impl Machine {
         let resigning = self.role == Role::Fault || (self.shutting_down && self.handover.is_none());
         AdvertFields {
             role: self.role,
-            priority: if resigning { 0 } else { self.settings.priority },
+            priority: if resigning { 0 } else { self.priority() },
             handover_to: self.handover.map(|h| h.to),
             maintenance: self.maintenance,
             healthy: self.healthy,
@@ -284,7 +313,7 @@ impl Machine {
 
     /// Master-down interval for a master advertising every `interval`.
     pub fn master_down_interval(&self, interval: Duration) -> Duration {
-        3 * interval + Self::skew(self.settings.priority, interval)
+        3 * interval + Self::skew(self.priority(), interval)
     }
 
     /// Feeds one event at `now`; returns the actions to take, in order.
@@ -450,7 +479,7 @@ impl Machine {
                 // Our master stepped down without a priority-0 advert.
                 self.master = None;
                 self.master_down_at =
-                    Some(now + Self::skew(self.settings.priority, self.settings.interval));
+                    Some(now + Self::skew(self.priority(), self.settings.interval));
             }
             return;
         }
@@ -465,8 +494,7 @@ impl Machine {
         if heard.priority == 0 {
             // RFC 5798: a resigning master hands over after the skew only.
             self.master = None;
-            self.master_down_at =
-                Some(now + Self::skew(self.settings.priority, self.settings.interval));
+            self.master_down_at = Some(now + Self::skew(self.priority(), self.settings.interval));
             return;
         }
         if heard.handover_to == Some(self.settings.gateway_id) && self.eligible() {
@@ -488,7 +516,7 @@ impl Machine {
             || outranks(
                 heard.priority,
                 heard.from,
-                self.settings.priority,
+                self.priority(),
                 self.settings.gateway_id,
             );
         if follow {
@@ -524,7 +552,7 @@ impl Machine {
         if outranks(
             heard.priority,
             heard.from,
-            self.settings.priority,
+            self.priority(),
             self.settings.gateway_id,
         ) {
             self.become_backup(
@@ -1229,6 +1257,46 @@ mod tests {
         b.on_event(Event::Tick, ms(t0, 2001));
         assert_eq!(b.role(), Role::Backup);
         assert_eq!(tick_until(&mut b, t0, 2002, 3000, Role::Master), Some(2361));
+    }
+
+    #[test]
+    fn a_penalty_lowers_the_priority_and_lets_a_backup_take_over() {
+        let t0 = Instant::now();
+        let mut a = started(1, 200, t0);
+        a.on_event(Event::Tick, ms(t0, 400));
+        assert_eq!(a.role(), Role::Master);
+        let actions = a.set_penalty(150, "uplink eth1 down", ms(t0, 410));
+        assert_eq!(a.priority(), 50);
+        assert_eq!(advert(&actions).unwrap().priority, 50);
+        assert!(
+            a.transitions()
+                .last()
+                .unwrap()
+                .reason
+                .contains("priority 200 -> 50")
+        );
+        // A backup of priority 100 no longer follows it, and takes over.
+        let mut b = started(2, 100, t0);
+        b.on_event(master(1, 200), ms(t0, 300));
+        let mut took_over = None;
+        for n in (500..2000).step_by(100) {
+            b.on_event(master(1, 50), ms(t0, n));
+            b.on_event(Event::Tick, ms(t0, n + 50));
+            if b.role() == Role::Master {
+                took_over.get_or_insert(n + 50);
+            }
+        }
+        // Last followed advert at 300 ms, plus the master-down interval.
+        assert_eq!(took_over, Some(750));
+        // The master yields to the higher backup it now hears.
+        a.on_event(master(2, 100), ms(t0, 2000));
+        assert_eq!(a.role(), Role::Backup);
+        // Never below 1; and back to normal when the check passes again.
+        a.set_penalty(255, "everything down", ms(t0, 2100));
+        assert_eq!(a.priority(), 1);
+        a.set_penalty(0, "all tracked checks pass", ms(t0, 2200));
+        assert_eq!(a.priority(), 200);
+        assert!(a.set_penalty(0, "again", ms(t0, 2300)).is_empty());
     }
 
     #[test]
