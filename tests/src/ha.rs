@@ -942,6 +942,32 @@ fn wait_echo(echo: &Process) -> Result<()> {
     )
 }
 
+/// Starts `tidegate-echo` for gateway `id` on the VIP in `netns` (log in
+/// `dir`) and waits until it listens: for labs that put another election
+/// on this segment (the keepalived comparison of the failover benchmark).
+pub fn start_echo_service(netns: &Netns, id: u32, dir: &Path) -> Result<Process> {
+    let echo = start_echo(netns, id, dir)?;
+    wait_echo(&echo)?;
+    Ok(echo)
+}
+
+/// Starts a prober in `client` as [`HaLocation::start_prober`] does:
+/// `count` probes to the VIP, one every 10 ms, its summary and log in
+/// `dir` as `<name>.json` and `<name>.log`.
+pub fn start_prober_in(client: &Netns, dir: &Path, name: &str, count: u64) -> Result<Prober> {
+    let out = dir.join(format!("{name}.json"));
+    let log = dir.join(format!("{name}.log"));
+    let mut command = client.command(binary(PROBE_BIN)?);
+    command
+        .args(["--target", &SocketAddr::from((VIP, ECHO_PORT)).to_string()])
+        .args(["--count", &count.to_string()])
+        .args(["--interval-ms", "10", "--reply-wait-ms", "500", "--out"])
+        .arg(&out);
+    let mut process = Process::spawn(PROBE_BIN, client, command, &log)?;
+    process.set_grace(PROBER_GRACE);
+    Ok(Prober { process, out })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,12 +9,16 @@
 //!
 //! The HA location ([`ha`]) runs several gateways with an echo service on
 //! the VIP and a prober on the client ([`probe`]), which learns from every
-//! answer which gateway holds the VIP.
+//! answer which gateway holds the VIP. The same segment runs with
+//! keepalived instead ([`keepalived`]) for the failover benchmark, which
+//! times both with [`failover`].
 
 pub mod bins;
 pub mod cmd;
+pub mod failover;
 pub mod gateway;
 pub mod ha;
+pub mod keepalived;
 pub mod location;
 pub mod netns;
 pub mod packets;

@@ -14,6 +14,14 @@ pub enum Which {
     /// Time and WireGuard operations to apply 10,000 peers to a real
     /// wireguard-go device, then a change of 1% of them.
     Reconcile,
+    /// Failover of the HA agent beside keepalived (VRRPv3) on the same
+    /// two-gateway namespace lab: detection time, probe gap and probes lost
+    /// for a crashed master and for a planned failover.
+    Failover {
+        /// Runs of each scenario.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+    },
 }
 
 pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
@@ -40,6 +48,29 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
                     "--bench",
                     "reconcile",
                 ])
+                .status_ok()
+        }
+        Which::Failover { runs } => {
+            setup::require_root(
+                "`cargo xtask bench failover` (it builds network namespaces and attaches XDP programs)",
+            )?;
+            setup::packages()?;
+            setup::install_missing(setup::BENCH_PACKAGES)?;
+            let ebpf = ebpf::build(ws)?;
+            run::build_user_space(ws, &ebpf, true)?;
+            run::step("benchmarking failover: Tidegate's HA agent beside keepalived");
+            run::cargo(ws, &ebpf)
+                .args([
+                    "bench",
+                    "--package",
+                    "tidegate-tests",
+                    "--bench",
+                    "failover",
+                    "--",
+                    "--runs",
+                    &runs.to_string(),
+                ])
+                .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
                 .status_ok()
         }
     }

@@ -26,6 +26,10 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Debian packages only the benchmarks run: keepalived, the baseline of
+/// `cargo xtask bench failover`. `cargo xtask test` does not install them.
+pub const BENCH_PACKAGES: &[&str] = &["keepalived"];
+
 fn installed(package: &str) -> bool {
     Cmd::new("dpkg-query")
         .args(["-W", "-f=${db:Status-Status}", package])
@@ -35,7 +39,13 @@ fn installed(package: &str) -> bool {
 
 /// Installs the Debian packages that are missing (as root), or fails naming them.
 pub fn packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    install_missing(PACKAGES)
+}
+
+/// Installs the Debian packages among `packages` that are missing (as
+/// root), or fails naming them.
+pub fn install_missing(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
