@@ -4,8 +4,10 @@
 
 use std::net::IpAddr;
 
+use neli::err::NlError;
 use wireguard_uapi::{
     DeviceInterface, WgSocket,
+    err::SetDeviceError,
     linux::set::{self, WgPeerF},
 };
 
@@ -45,13 +47,11 @@ impl Kernel {
         for request in requests(&self.interface, plan, &allowed) {
             cost.requests += 1;
             let port = request.listen_port;
-            socket.set_device(request).map_err(|e| {
-                let in_use = e.to_string().contains("Address in use")
-                    || e.to_string().contains(&format!("{}", -libc::EADDRINUSE));
-                match port {
-                    Some(port) if in_use => BackendError::PortInUse { port },
-                    _ => self.error("configuring", e),
+            socket.set_device(request).map_err(|e| match port {
+                Some(port) if errno(&e) == Some(libc::EADDRINUSE) => {
+                    BackendError::PortInUse { port }
                 }
+                _ => self.error("configuring", e),
             })?;
         }
         Ok(cost)
@@ -67,6 +67,14 @@ impl Kernel {
             interface: self.interface.clone(),
             source: Box::new(source),
         }
+    }
+}
+
+/// The errno of a request the kernel refused (netlink carries it negated).
+fn errno(error: &SetDeviceError) -> Option<i32> {
+    match error {
+        SetDeviceError::NlError(NlError::Nlmsgerr(refused)) => Some(refused.error.abs()),
+        _ => None,
     }
 }
 
@@ -208,6 +216,12 @@ mod tests {
         );
         assert_eq!(remove.flags, vec![WgPeerF::RemoveMe]);
         assert!(remove.allowed_ips.is_empty() && remove.endpoint.is_none());
+    }
+
+    #[test]
+    fn only_a_kernel_refusal_carries_an_errno() {
+        let other = SetDeviceError::NlError(NlError::Msg("socket closed".into()));
+        assert_eq!(errno(&other), None);
     }
 
     #[test]
