@@ -28,11 +28,9 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use tidegate_tests::failover::{AddrMonitor, Spread, unix_ms_now};
 use tidegate_tests::ha::{Role, VIP, status_of};
 use tidegate_tests::keepalived::{KEEPALIVED_BIN, KeepalivedLocation, VrrpState};
@@ -71,13 +69,6 @@ min / median / max. --only runs one scenario: tidegate-crash,
 tidegate-failover, keepalived-crash, keepalived-priority or
 keepalived-sigterm. Needs root, keepalived on PATH and the Tidegate binaries
 in $TIDEGATE_BIN_DIR (`cargo xtask bench failover` sees to all three).";
-
-/// Set by SIGINT or SIGTERM: finish the run under way, tear down, stop.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop(_: nix::libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
 
 /// One measured scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,24 +189,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options> {
     Ok(Options { runs, scenarios })
 }
 
-fn install_stop_handler() -> Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_stop),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe, and no other handler is replaced.
-        unsafe { sigaction(signal, &action) }.with_context(|| format!("handling {signal}"))?;
-    }
-    Ok(())
-}
-
 fn bench(options: &Options) -> Result<()> {
     let runs = options.runs;
     require_root();
-    install_stop_handler()?;
+    tidegate_tests::stop::install()?;
     let version = std::process::Command::new(KEEPALIVED_BIN)
         .arg("--version")
         .output()
@@ -238,7 +215,7 @@ fn bench(options: &Options) -> Result<()> {
         options.scenarios.iter().map(|&s| (s, Vec::new())).collect();
     for round in 1..=runs {
         for (scenario, list) in &mut samples {
-            if STOP.load(Ordering::Relaxed) {
+            if tidegate_tests::stop::requested() {
                 bail!("stopped by a signal after {:.0?}", started.elapsed());
             }
             let sample = measure(*scenario).with_context(|| {

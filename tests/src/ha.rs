@@ -390,16 +390,6 @@ fn has_addr(netns: &Netns, ifname: &str, addr: Ipv4Addr) -> Result<bool> {
     Ok(out.lines().any(|line| line.contains(&needle)))
 }
 
-/// The MAC address of `ifname` in `netns`, lowercase.
-fn link_mac(netns: &Netns, ifname: &str) -> Result<String> {
-    let out = netns.ip(&["-o", "link", "show", "dev", ifname])?;
-    out.split_whitespace()
-        .skip_while(|word| *word != "link/ether")
-        .nth(1)
-        .map(str::to_lowercase)
-        .with_context(|| format!("no link/ether in {out:?}"))
-}
-
 /// A running prober and where its summary goes.
 #[derive(Debug)]
 pub struct Prober {
@@ -502,7 +492,7 @@ impl HaLocation {
                 netns.add_addr(&ifname, &format!("{addr6}/64"))?;
             }
             netns.set_up(&ifname)?;
-            let mac = link_mac(&netns, &ifname)?;
+            let mac = netns.link_mac(&ifname)?;
             ports.push(port.clone());
             links.push((id, netns, ifname, port, mac));
         }
@@ -727,87 +717,54 @@ impl HaLocation {
     /// The MAC address the client's neighbour table has for the VIP, if
     /// it has a usable entry.
     pub fn client_neighbour(&self) -> Result<Option<String>> {
-        let out = self
-            .client
-            .ip(&["neigh", "show", &VIP.to_string(), "dev", &self.client_if])?;
-        Ok(out
-            .split_whitespace()
-            .skip_while(|word| *word != "lladdr")
-            .nth(1)
-            .map(str::to_lowercase))
+        self.client.neighbour_mac(&self.client_if, IpAddr::V4(VIP))
     }
 
     /// Waits until the client's neighbour entry for the VIP is gateway
     /// `id`'s MAC.
     pub fn wait_client_neighbour(&self, id: u32, timeout: Duration) -> Result<()> {
-        let mac = self.gateway(id).mac().to_owned();
-        let what = format!("the client's neighbour entry for {VIP} to be gateway {id} ({mac})");
-        poll_until(&what, timeout, POLL, || {
-            let now = self.client_neighbour()?;
-            Ok(if now.as_deref() == Some(mac.as_str()) {
-                Probe::Ready(())
-            } else {
-                Probe::NotYet(format!("{now:?} ({})", self.mac_owner(now.as_deref())))
-            })
-        })
+        self.wait_neighbour(IpAddr::V4(VIP), id, timeout)
     }
 
     /// Resolves the VIP afresh from the client: drops the neighbour entry,
     /// pings the VIP once (which makes the client ARP for it), and returns
     /// the MAC that answered, if any.
     pub fn resolve_vip_afresh(&self) -> Result<Option<String>> {
-        self.client.ip(&[
-            "neigh",
-            "flush",
-            "to",
-            &VIP.to_string(),
-            "dev",
-            &self.client_if,
-        ])?;
-        self.client.ping_once(IpAddr::V4(VIP))?;
-        self.client_neighbour()
+        self.resolve_afresh(IpAddr::V4(VIP))
     }
 
     /// The MAC the client's IPv6 neighbour table has for [`VIP6`].
     pub fn client_neighbour6(&self) -> Result<Option<String>> {
-        let out = self.client.ip(&[
-            "-6",
-            "neigh",
-            "show",
-            &VIP6.to_string(),
-            "dev",
-            &self.client_if,
-        ])?;
-        Ok(out
-            .split_whitespace()
-            .skip_while(|word| *word != "lladdr")
-            .nth(1)
-            .map(str::to_lowercase))
+        self.client.neighbour_mac(&self.client_if, IpAddr::V6(VIP6))
     }
 
     /// As [`Self::resolve_vip_afresh`], for [`VIP6`] (a neighbour
     /// solicitation instead of ARP).
     pub fn resolve_vip6_afresh(&self) -> Result<Option<String>> {
-        self.client.ip(&[
-            "-6",
-            "neigh",
-            "flush",
-            "to",
-            &VIP6.to_string(),
-            "dev",
-            &self.client_if,
-        ])?;
-        self.client.ping_once(IpAddr::V6(VIP6))?;
-        self.client_neighbour6()
+        self.resolve_afresh(IpAddr::V6(VIP6))
     }
 
     /// Waits until the client's IPv6 neighbour entry for [`VIP6`] is
     /// gateway `id`'s MAC.
     pub fn wait_client_neighbour6(&self, id: u32, timeout: Duration) -> Result<()> {
+        self.wait_neighbour(IpAddr::V6(VIP6), id, timeout)
+    }
+
+    /// Drops the client's neighbour entry for `vip`, pings it once (which
+    /// makes the client resolve it), and returns the MAC that answered.
+    fn resolve_afresh(&self, vip: IpAddr) -> Result<Option<String>> {
+        self.client.flush_neighbour(&self.client_if, vip)?;
+        self.client.ping_once(vip)?;
+        self.client.neighbour_mac(&self.client_if, vip)
+    }
+
+    /// Waits until the client's neighbour entry for `vip` is gateway
+    /// `id`'s MAC.
+    fn wait_neighbour(&self, vip: IpAddr, id: u32, timeout: Duration) -> Result<()> {
         let mac = self.gateway(id).mac().to_owned();
-        let what = format!("the client's neighbour entry for {VIP6} to be gateway {id} ({mac})");
+        let what = format!("the client's neighbour entry for {vip} to be gateway {id} ({mac})");
         poll_until(&what, timeout, POLL, || {
-            let now = self.client_neighbour6()?;
+            let now = self.client.neighbour_mac(&self.client_if, vip)?;
             Ok(if now.as_deref() == Some(mac.as_str()) {
                 Probe::Ready(())
             } else {

@@ -459,7 +459,7 @@ impl KeepalivedLocation {
             veth(&netns, &ifname, &switch, &port)?;
             netns.add_addr(&ifname, &format!("{}/{PREFIX}", gateway_addr(id)))?;
             netns.set_up(&ifname)?;
-            let mac = link_mac(&netns, &ifname)?;
+            let mac = netns.link_mac(&ifname)?;
             ports.push(port);
             links.push((id, netns, ifname, mac));
         }
@@ -606,14 +606,7 @@ impl KeepalivedLocation {
 
     /// The MAC address the client's neighbour table has for the VIP.
     pub fn client_neighbour(&self) -> Result<Option<String>> {
-        let out = self
-            .client
-            .ip(&["neigh", "show", &VIP.to_string(), "dev", &self.client_if])?;
-        Ok(out
-            .split_whitespace()
-            .skip_while(|word| *word != "lladdr")
-            .nth(1)
-            .map(str::to_lowercase))
+        self.client.neighbour_mac(&self.client_if, VIP.into())
     }
 
     /// Waits until the client's neighbour entry for the VIP is gateway
@@ -651,16 +644,6 @@ impl KeepalivedLocation {
             .collect::<Vec<_>>()
             .join("\n")
     }
-}
-
-/// The MAC address of `ifname` in `netns`, lowercase.
-fn link_mac(netns: &Netns, ifname: &str) -> Result<String> {
-    let out = netns.ip(&["-o", "link", "show", "dev", ifname])?;
-    out.split_whitespace()
-        .skip_while(|word| *word != "link/ether")
-        .nth(1)
-        .map(str::to_lowercase)
-        .with_context(|| format!("no link/ether in {out:?}"))
 }
 
 #[cfg(test)]

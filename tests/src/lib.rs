@@ -26,6 +26,7 @@ pub mod probe;
 pub mod process;
 pub mod run;
 pub mod shield;
+pub mod stop;
 pub mod wait;
 pub mod wireguard;
 pub mod xdp;

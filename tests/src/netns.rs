@@ -160,6 +160,33 @@ impl Netns {
         Ok(())
     }
 
+    /// The MAC address of `ifname`, lowercase.
+    pub fn link_mac(&self, ifname: &str) -> Result<String> {
+        let out = self.ip(&["-o", "link", "show", "dev", ifname])?;
+        out.split_whitespace()
+            .skip_while(|word| *word != "link/ether")
+            .nth(1)
+            .map(str::to_lowercase)
+            .with_context(|| format!("no link/ether in {out:?}"))
+    }
+
+    /// The MAC address the neighbour table of `ifname` has for `addr`, if
+    /// it has a usable entry.
+    pub fn neighbour_mac(&self, ifname: &str, addr: IpAddr) -> Result<Option<String>> {
+        let out = self.ip(&["neigh", "show", &addr.to_string(), "dev", ifname])?;
+        Ok(out
+            .split_whitespace()
+            .skip_while(|word| *word != "lladdr")
+            .nth(1)
+            .map(str::to_lowercase))
+    }
+
+    /// Drops the neighbour entry of `ifname` for `addr`.
+    pub fn flush_neighbour(&self, ifname: &str, addr: IpAddr) -> Result<()> {
+        self.ip(&["neigh", "flush", "to", &addr.to_string(), "dev", ifname])?;
+        Ok(())
+    }
+
     /// Adds address `cidr` (e.g. `198.51.100.1/24` or `2001:db8::1/64`) to
     /// `ifname`. IPv6 addresses skip duplicate address detection so that they
     /// are usable at once.

@@ -6,11 +6,9 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use tidegate_tests::probe::{ProbeRecord, ProbeSummary, parse_reply, probe};
 
 /// Most probes one run may send.
@@ -25,13 +23,6 @@ Sends N probes to ADDR:PORT, one every interval, and records the answers of
 tidegate-echo. Stops after N probes or on SIGTERM/SIGINT, waits up to the
 reply wait for answers still due, then prints a JSON summary on one line
 (also written to FILE).";
-
-/// Set by SIGTERM or SIGINT: stop sending.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop(_: nix::libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
 
 #[derive(Debug)]
 struct Options {
@@ -99,22 +90,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options> {
     })
 }
 
-fn install_stop_handler() -> Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_stop),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe, and no other handler is replaced.
-        unsafe { sigaction(signal, &action) }.with_context(|| format!("handling {signal}"))?;
-    }
-    Ok(())
-}
-
 fn run(options: &Options) -> Result<()> {
-    install_stop_handler()?;
+    tidegate_tests::stop::install()?;
     let unspecified: SocketAddr = if options.target.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
@@ -131,7 +108,7 @@ fn run(options: &Options) -> Result<()> {
     let mut send_errors = 0_u64;
 
     // Sending, answers received in between.
-    while (records.len() as u64) < options.count && !STOP.load(Ordering::Relaxed) {
+    while (records.len() as u64) < options.count && !tidegate_tests::stop::requested() {
         let now = Instant::now();
         if now >= next {
             let seq = records.len() as u64;
