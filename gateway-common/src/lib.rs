@@ -5,6 +5,7 @@
 //! enum values; multi-byte fields in network byte order end in `_be`.
 #![no_std]
 
+pub mod client;
 pub mod fence;
 pub mod maps;
 pub mod service;
