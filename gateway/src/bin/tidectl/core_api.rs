@@ -1188,6 +1188,9 @@ mod tests {
             ]
         );
         assert_eq!(&rows[1][..4], ["gw-b", "down", "-", "-"]);
-        assert!(text.contains("connecting to 198.51.100.3:50051 since 10s ago"));
+        assert!(
+            text.contains("down 10s ago: connecting to 198.51.100.3:50051"),
+            "{text}"
+        );
     }
 }
