@@ -952,11 +952,15 @@ fn status_text(status: &admin::LocationStatusResponse, now: SystemTime) -> Strin
         };
         let mut notes = Vec::new();
         if !g.connected && !g.link_error.is_empty() {
-            notes.push(format!(
-                "{} since {}",
-                g.link_error,
-                ago(g.since_unix_ms, now)
-            ));
+            if g.since_unix_ms > 0 {
+                notes.push(format!(
+                    "down {}: {}",
+                    ago(g.since_unix_ms, now),
+                    g.link_error
+                ));
+            } else {
+                notes.push(g.link_error.clone());
+            }
         }
         if g.maintenance {
             notes.push("maintenance".into());
