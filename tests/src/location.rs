@@ -281,8 +281,8 @@ impl Location {
         config.wireguard = Some(WireguardSection {
             interface: wg_interface,
             backend: "auto".into(),
-            private_key: gateway_keys.private.clone(),
-            listen_port: WG_PORT,
+            private_key: Some(gateway_keys.private.clone()),
+            listen_port: Some(WG_PORT),
             addresses: vec![format!("{GATEWAY_TUNNEL}/{TUNNEL_PREFIX}")],
             mtu: None,
             stats_interval_ms: options.stats_interval_ms,
