@@ -244,7 +244,7 @@ pub fn peer_statuses(reply: &PeersReply) -> Vec<pb::PeerStatus> {
         .map(|peer| pb::PeerStatus {
             public_key: peer.public_key.as_bytes().to_vec(),
             endpoint: peer.endpoint.clone().unwrap_or_default(),
-            last_handshake_unix_ms: peer.last_handshake.map_or(0, |secs| secs_to_ms(secs)),
+            last_handshake_unix_ms: peer.last_handshake.map_or(0, secs_to_ms),
             rx_bytes: peer.rx_bytes,
             tx_bytes: peer.tx_bytes,
         })
