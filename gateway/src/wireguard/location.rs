@@ -129,6 +129,49 @@ pub fn updated(
     }
 }
 
+/// Core's peers an MFA location removed, with the preshared key each had.
+pub type Expired = BTreeMap<Key, Option<Key>>;
+
+/// Keeps the peers an MFA location removed out of `next` (the config after
+/// `update`) until Core sends them with another preshared key, a new MFA
+/// login: a config that crossed the removal on the wire must not bring
+/// the old session back. Forgets a removal once Core has dropped the peer
+/// or sent it anew. Returns the keys kept out.
+pub fn keep_out_expired(
+    expired: &mut Expired,
+    update: &LocationUpdate,
+    next: &mut Location,
+) -> Vec<Key> {
+    match update {
+        LocationUpdate::Full(location) => expired.retain(|key, psk| {
+            location
+                .peers
+                .get(key)
+                .is_some_and(|peer| peer.preshared_key == *psk)
+        }),
+        LocationUpdate::Changes(changes) => {
+            for key in &changes.remove {
+                expired.remove(key);
+            }
+            for peer in &changes.upsert {
+                if expired.get(&peer.public_key) != Some(&peer.preshared_key) {
+                    expired.remove(&peer.public_key);
+                }
+            }
+        }
+    }
+    let kept_out: Vec<Key> = next
+        .peers
+        .keys()
+        .filter(|key| expired.contains_key(key))
+        .copied()
+        .collect();
+    for key in &kept_out {
+        next.peers.remove(key);
+    }
+    kept_out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -229,6 +272,79 @@ mod tests {
             Ok(full.clone())
         );
         assert_eq!(updated(None, &update), Ok(full));
+    }
+
+    fn with_psk(n: u8, psk: u8) -> PeerSpec {
+        PeerSpec {
+            preshared_key: Some(Key::new([psk; 32])),
+            ..peer(n)
+        }
+    }
+
+    #[test]
+    fn an_expired_session_stays_out_until_a_new_login() {
+        let key = Key::new([2; 32]);
+        let mut expired = Expired::from([(key, Some(Key::new([50; 32])))]);
+        // A full config with the old session: kept out, still remembered.
+        let mut full = location(3, &[1]);
+        full.peers.insert(key, with_psk(2, 50));
+        let update = LocationUpdate::Full(Box::new(full.clone()));
+        let mut next = full.clone();
+        assert_eq!(keep_out_expired(&mut expired, &update, &mut next), [key]);
+        assert!(!next.peers.contains_key(&key) && next.peers.len() == 1);
+        assert!(expired.contains_key(&key));
+        // Changes upserting the old session: kept out too.
+        let same = LocationUpdate::Changes(PeerChanges {
+            base_version: 3,
+            version: 4,
+            upsert: vec![with_psk(2, 50)],
+            remove: Vec::new(),
+        });
+        let mut next = next
+            .with_changes(&PeerChanges {
+                base_version: 3,
+                version: 4,
+                upsert: vec![with_psk(2, 50)],
+                remove: Vec::new(),
+            })
+            .unwrap();
+        assert_eq!(keep_out_expired(&mut expired, &same, &mut next), [key]);
+        // A new login (another preshared key): back in, forgotten.
+        let fresh = PeerChanges {
+            base_version: 4,
+            version: 5,
+            upsert: vec![with_psk(2, 51)],
+            remove: Vec::new(),
+        };
+        let mut next = next.with_changes(&fresh).unwrap();
+        assert!(
+            keep_out_expired(&mut expired, &LocationUpdate::Changes(fresh), &mut next).is_empty()
+        );
+        assert!(next.peers.contains_key(&key) && expired.is_empty());
+    }
+
+    #[test]
+    fn a_removal_is_forgotten_once_core_drops_the_peer() {
+        let key = Key::new([2; 32]);
+        let mut expired = Expired::from([(key, None)]);
+        let full = location(3, &[1]);
+        let mut next = full.clone();
+        keep_out_expired(
+            &mut expired,
+            &LocationUpdate::Full(Box::new(full)),
+            &mut next,
+        );
+        assert!(expired.is_empty());
+        let mut expired = Expired::from([(key, None)]);
+        let removal = PeerChanges {
+            base_version: 3,
+            version: 4,
+            upsert: Vec::new(),
+            remove: vec![key],
+        };
+        let mut next = location(4, &[1]);
+        keep_out_expired(&mut expired, &LocationUpdate::Changes(removal), &mut next);
+        assert!(expired.is_empty());
     }
 
     #[test]

@@ -395,35 +395,8 @@ impl Owner {
     ) -> Result<ApplyReport, WireguardError> {
         let mut next = location::updated(self.state.location.as_ref(), &update)?;
         let mut state = self.state.clone();
-        let expired = &mut state.expired_location_peers;
-        match &update {
-            // Core no longer has the peer, or has it from a new login.
-            LocationUpdate::Full(location) => expired.retain(|key, psk| {
-                location
-                    .peers
-                    .get(key)
-                    .is_some_and(|peer| peer.preshared_key == *psk)
-            }),
-            LocationUpdate::Changes(changes) => {
-                for key in &changes.remove {
-                    expired.remove(key);
-                }
-                for peer in &changes.upsert {
-                    if expired.get(&peer.public_key) != Some(&peer.preshared_key) {
-                        expired.remove(&peer.public_key);
-                    }
-                }
-            }
-        }
-        let kept_out: Vec<Key> = next
-            .peers
-            .keys()
-            .filter(|key| expired.contains_key(key))
-            .copied()
-            .collect();
-        for key in &kept_out {
-            next.peers.remove(key);
-        }
+        let kept_out =
+            location::keep_out_expired(&mut state.expired_location_peers, &update, &mut next);
         if let Some(old) = &self.state.location
             && old.location_id != next.location_id
         {

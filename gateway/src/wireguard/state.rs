@@ -240,7 +240,7 @@ pub fn from_unix(secs: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wireguard::spec::PeerEntry;
+    use crate::wireguard::{location::LocationDevice, spec::PeerEntry};
 
     fn peer() -> PeerSpec {
         PeerEntry {
@@ -272,6 +272,23 @@ mod tests {
             },
             from_unix(100),
         ));
+        state.location = Some(Location {
+            version: 4,
+            location_id: 7,
+            name: "lab".into(),
+            device: LocationDevice {
+                private_key: Key::new([9; 32]),
+                listen_port: 51820,
+                addresses: vec!["10.8.0.1/24".parse().unwrap()],
+                mtu: Some(1380),
+                mfa_threshold_secs: Some(300),
+            },
+            peers: [(peer.public_key, peer.clone())].into(),
+        });
+        state
+            .expired_location_peers
+            .insert(Key::new([4; 32]), Some(Key::new([5; 32])));
+        state.reported_seq = 1;
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
         let mode = fs::metadata(store.path()).unwrap().permissions();
