@@ -334,7 +334,7 @@ async fn on_status(
                 info!(gateway = %target.name, peer = %key, "MFA session ended by an inactivity removal");
             }
             Ok(Ok(RemovalOutcome::Kept)) => {
-                debug!(gateway = %target.name, peer = %key, "MFA removal on one gateway; active on another, the peer is sent again");
+                debug!(gateway = %target.name, peer = %key, "MFA removal on one gateway; the device is active on another, its session goes on");
             }
             Ok(Ok(RemovalOutcome::Ignored)) => {}
             Ok(Err(e)) => warn!(error = %crate::error_chain(&e), "recording an MFA removal"),

@@ -79,7 +79,7 @@ pub struct FinishedLogin {
 pub enum RemovalOutcome {
     /// No session (or a newer one) for that key: nothing to do.
     Ignored,
-    /// Another gateway sees the device active: the peer goes back.
+    /// Another gateway sees the device active: the session goes on.
     Kept,
     /// The session is over and its peer leaves every gateway.
     Ended,
@@ -295,7 +295,7 @@ impl Store {
     /// A gateway removed the peer `key` of an MFA location at `at_ms` for
     /// inactivity. The session ends unless it started after that removal
     /// or `active_elsewhere` (another gateway saw the device within the
-    /// threshold), in which case its peer goes back to every gateway.
+    /// threshold), in which case the session goes on there.
     pub fn mfa_removed(
         &mut self,
         location_id: u32,
@@ -323,10 +323,8 @@ impl Store {
             return Ok(RemovalOutcome::Ignored);
         }
         if active_elsewhere {
-            // Unchanged in the store, but sent again so that the gateway
-            // that dropped it has it for a failover.
-            tx.touch_new(device_id);
-            self.notices.extend(tx.commit()?);
+            // The gateway that dropped the peer keeps it out until a new
+            // login (a new preshared key); the session goes on elsewhere.
             return Ok(RemovalOutcome::Kept);
         }
         tx.touch(device_id)?;
@@ -513,20 +511,15 @@ mod tests {
             RemovalOutcome::Ignored
         );
         assert!(store.take_notices().is_empty());
-        // Active on another gateway: kept, and the peer sent again.
+        // Active on another gateway: the session goes on, nothing changes.
         assert_eq!(
             store
                 .mfa_removed(1, &key, "gw-b", "inactive", NOW + 1, true)
                 .unwrap(),
             RemovalOutcome::Kept
         );
-        let notices = store.take_notices();
-        let [Notice::Location(change)] = notices.as_slice() else {
-            panic!()
-        };
-        assert!(
-            matches!(&change.kind, ChangeKind::Peers { upsert, remove } if upsert.len() == 1 && remove.is_empty())
-        );
+        assert!(store.take_notices().is_empty());
+        assert!(store.device("laptop").unwrap().mfa_session);
         assert_eq!(
             store
                 .mfa_removed(1, &key, "gw-a", "inactive", NOW + 2, false)
