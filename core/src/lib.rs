@@ -16,12 +16,17 @@ pub mod store;
 pub mod totp;
 
 /// An error and its sources on one line, for logs and command-line errors.
+/// A source whose text the line already holds (some wrappers repeat their
+/// source's message) is not repeated.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
         source = cause.source();
     }
     line
@@ -43,4 +48,22 @@ pub fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0; N];
     getrandom::getrandom(&mut bytes).expect("the operating system's random source failed");
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Text(String, #[source] Option<Box<Text>>);
+
+    #[test]
+    fn error_chain_joins_sources_once() {
+        let inner = Text("refused".into(), None);
+        let middle = Text("transport error: refused".into(), Some(Box::new(inner)));
+        let outer = Text("connecting".into(), Some(Box::new(middle)));
+        assert_eq!(
+            super::error_chain(&outer),
+            "connecting: transport error: refused"
+        );
+    }
 }

@@ -106,6 +106,19 @@ pub fn secret_base32(secret: &[u8]) -> String {
     data_encoding::BASE32_NOPAD.encode(secret)
 }
 
+/// A secret from its base32 form (as [`secret_base32`] writes it; case and
+/// padding are forgiven).
+pub fn secret_from_base32(text: &str) -> Option<Vec<u8>> {
+    let text: String = text
+        .trim()
+        .trim_end_matches('=')
+        .to_ascii_uppercase()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    data_encoding::BASE32_NOPAD.decode(text.as_bytes()).ok()
+}
+
 /// The `otpauth://` URI an app scans from a QR code.
 pub fn otpauth_uri(issuer: &str, account: &str, secret: &[u8]) -> String {
     let issuer = percent_encode(issuer);

@@ -93,7 +93,7 @@ async fn session(
         () = cancel.cancelled() => return Ok(()),
         response = tokio::time::timeout(timeout, client.link(ReceiverStream::new(out_rx))) => response
             .map_err(|_| LinkError::Timeout(format!("the Edge did not open the link within {timeout:?}")))?
-            .map_err(LinkError::Rpc)?
+            .map_err(LinkError::from)?
             .into_inner(),
     };
     let now = now_ms();
@@ -110,7 +110,7 @@ async fn session(
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             message = inbound.message() => {
-                let message = message.map_err(LinkError::Rpc)?.ok_or(LinkError::Closed)?;
+                let message = message.map_err(LinkError::from)?.ok_or(LinkError::Closed)?;
                 let Some(edge_message::Msg::Request(request)) = message.msg else {
                     continue;
                 };

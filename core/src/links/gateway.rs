@@ -101,14 +101,14 @@ async fn session(
         () = cancel.cancelled() => return Ok(()),
         response = tokio::time::timeout(timeout, client.link(ReceiverStream::new(out_rx))) => response
             .map_err(|_| LinkError::Timeout(format!("the gateway did not open the link within {timeout:?}")))?
-            .map_err(LinkError::Rpc)?
+            .map_err(LinkError::from)?
             .into_inner(),
     };
     let hello = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         first = tokio::time::timeout(timeout, inbound.message()) => first
             .map_err(|_| LinkError::Timeout(format!("no Hello within {timeout:?}")))?
-            .map_err(LinkError::Rpc)?
+            .map_err(LinkError::from)?
             .ok_or(LinkError::Closed)?,
     };
     let Some(gateway_message::Msg::Hello(hello)) = hello.msg else {
@@ -195,7 +195,7 @@ async fn session(
             biased;
             () = cancel.cancelled() => return Ok(()),
             message = inbound.message() => {
-                let message = message.map_err(LinkError::Rpc)?.ok_or(LinkError::Closed)?;
+                let message = message.map_err(LinkError::from)?.ok_or(LinkError::Closed)?;
                 let now = now_ms();
                 status.send_modify(|s| s.last_seen_ms = now);
                 match message.msg {

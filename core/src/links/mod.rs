@@ -54,8 +54,8 @@ pub enum LinkError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("the link stream failed")]
-    Rpc(#[source] tonic::Status),
+    #[error("the link failed ({code:?}): {detail}")]
+    Rpc { code: tonic::Code, detail: String },
     #[error("the peer closed the link")]
     Closed,
     #[error("protocol: {0}")]
@@ -68,6 +68,29 @@ pub enum LinkError {
     State(#[from] StateGone),
     #[error("store")]
     Store(#[from] StoreError),
+}
+
+impl From<tonic::Status> for LinkError {
+    /// The status's code, message and the errors under it, on one line.
+    fn from(status: tonic::Status) -> Self {
+        let mut detail = status.message().to_owned();
+        if let Some(source) = std::error::Error::source(&status) {
+            let chain = crate::error_chain(source);
+            if chain.contains(&detail) {
+                detail = chain;
+            } else if !detail.contains(&chain) {
+                detail = if detail.is_empty() {
+                    chain
+                } else {
+                    format!("{detail}: {chain}")
+                };
+            }
+        }
+        Self::Rpc {
+            code: status.code(),
+            detail,
+        }
+    }
 }
 
 /// A command for a gateway link.
