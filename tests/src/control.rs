@@ -99,6 +99,8 @@ pub struct ControlOptions {
     pub status_interval_ms: u64,
     /// Start Core and create the location, gateways and Edges in it.
     pub start_core: bool,
+    /// The gateways' tunnel address (its network holds the devices).
+    pub tunnel_address: String,
 }
 
 impl Default for ControlOptions {
@@ -110,6 +112,7 @@ impl Default for ControlOptions {
             challenge_ttl_s: None,
             status_interval_ms: 300,
             start_core: true,
+            tunnel_address: format!("{GATEWAY_TUNNEL}/24"),
         }
     }
 }
@@ -380,7 +383,7 @@ impl ControlLab {
             "create".into(),
             LOCATION.into(),
             "--address".into(),
-            format!("{GATEWAY_TUNNEL}/24"),
+            options.tunnel_address.clone(),
             "--vip".into(),
             VIP.to_string(),
             "--port".into(),
