@@ -60,6 +60,10 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 50);
 pub const GATEWAY_LINK_PORT: u16 = 7443;
 /// The HA advert key of the location.
 pub const HA_KEY: &str = "tidegate-control-test-key";
+/// The Edges' body limit: small, so that an oversized test body still
+/// arrives whole with the request's first read (a body the Edge leaves
+/// unread makes its close a reset, which nginx reports as 502).
+pub const EDGE_BODY_LIMIT: usize = 2048;
 /// Most gateways and Edges a lab holds.
 pub const MAX_GATEWAYS: usize = 3;
 pub const MAX_EDGES: usize = 2;
@@ -309,6 +313,7 @@ impl ControlLab {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut config = EdgeConfig::new(&name, edge_http(j), edge_link(j), pki.issue(&name)?);
             config.trusted_proxies = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+            config.body_limit_bytes = Some(EDGE_BODY_LIMIT);
             edges.push(EdgeDaemon::start(&dmz, config, &dir)?);
         }
         let nginx = if options.edges > 0 {

@@ -15,7 +15,8 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use tidegate_core::totp;
 use tidegate_tests::control::{
-    CORE_ADDR, GATEWAY_LINK_PORT, GATEWAY_TUNNEL, LOCATION, edge_link, gateway_mgmt,
+    CORE_ADDR, EDGE_BODY_LIMIT, GATEWAY_LINK_PORT, GATEWAY_TUNNEL, LOCATION, edge_link,
+    gateway_mgmt,
 };
 use tidegate_tests::http::HttpAnswer;
 use tidegate_tests::{
@@ -163,7 +164,7 @@ fn bad_client_input_is_refused_and_nothing_is_stored() -> Result<()> {
         400,
         "invalid",
     )?;
-    let big = json!({"location": LOCATION, "public_key": "x".repeat(64 * 1024)});
+    let big = json!({"location": LOCATION, "public_key": "x".repeat(2 * EDGE_BODY_LIMIT)});
     refused(&lab.post("/api/v1/mfa/start", &big)?, 413, "too-large")?;
     // Core's answers.
     refused(
