@@ -99,11 +99,13 @@ enum Command {
     Edge(core_api::EdgeCommand),
     /// Core: the event log, newest first.
     Events {
+        /// Only this location's.
         #[arg(long)]
         location: Option<String>,
         /// How many (at most 10000).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },

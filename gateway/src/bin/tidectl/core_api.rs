@@ -23,19 +23,24 @@ pub const DEFAULT_CORE_SOCKET: &str = "/run/tidegate/core.sock";
 pub enum LocationCommand {
     /// Every location.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// One location's settings.
     Show {
+        /// Its name.
         name: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Each gateway of the location: connected, role, priority, health,
     /// last seen, peers with a recent handshake.
     Status {
+        /// Its name.
         name: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -44,11 +49,15 @@ pub enum LocationCommand {
     /// Change a location (only the options given).
     Change(LocationChange),
     /// Delete a location without gateways or devices.
-    Delete { name: String },
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct LocationCreate {
+    /// Its name.
     name: String,
     /// Tunnel addresses of the gateway side, address/prefix (repeat, or
     /// separate with commas): one IPv4, one IPv6.
@@ -89,12 +98,15 @@ pub struct LocationCreate {
 
 #[derive(Debug, Args)]
 pub struct LocationChange {
+    /// Its name.
     name: String,
+    /// A new name.
     #[arg(long)]
     rename: Option<String>,
     /// Replaces the addresses.
     #[arg(long = "address", value_delimiter = ',')]
     addresses: Option<Vec<String>>,
+    /// WireGuard listen port.
     #[arg(long)]
     port: Option<u32>,
     /// Replaces the VIPs ('' for none).
@@ -112,10 +124,13 @@ pub struct LocationChange {
     /// 0 for the gateway's default.
     #[arg(long)]
     mtu: Option<u32>,
+    /// MFA on or off (off ends every session and makes every device a peer).
     #[arg(long, value_enum)]
     mfa: Option<OnOff>,
+    /// MFA: seconds of inactivity before a peer is removed.
     #[arg(long)]
     threshold: Option<u32>,
+    /// Keepalive seconds in device configs, 0 for none.
     #[arg(long)]
     keepalive: Option<u32>,
     /// Use the private key in this file (every device then needs its config
@@ -131,19 +146,26 @@ pub struct LocationChange {
 pub enum GatewayCommand {
     /// Gateways, of one location or all.
     List {
+        /// Only this location's.
         #[arg(long)]
         location: Option<String>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// One object, in full.
     Show {
+        /// Its name.
         name: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Add a gateway; Core dials it at once.
     Create {
+        /// Its name.
         name: String,
+        /// The location it belongs to.
         #[arg(long)]
         location: String,
         /// host:port of the gateway's link server.
@@ -156,20 +178,29 @@ pub enum GatewayCommand {
         #[arg(long)]
         disabled: bool,
     },
+    /// Change only the options given.
     Change {
+        /// Its name.
         name: String,
+        /// A new name.
         #[arg(long)]
         rename: Option<String>,
+        /// Move it to this location.
         #[arg(long)]
         location: Option<String>,
+        /// host:port of its link server.
         #[arg(long)]
         address: Option<String>,
+        /// The DNS name its certificate must carry.
         #[arg(long)]
         identity: Option<String>,
+        /// Enable or disable it (a disabled gateway is not dialled).
         #[arg(long, value_enum)]
         enabled: Option<OnOff>,
     },
+    /// Delete it.
     Delete {
+        /// Its name.
         name: String,
     },
 }
@@ -177,24 +208,34 @@ pub enum GatewayCommand {
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// One object, in full.
     Show {
+        /// Its name.
         name: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Create a user; prints the TOTP secret for their authenticator app.
     Create {
+        /// Its name.
         name: String,
+        /// Create it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Change only the options given.
     Change {
+        /// Its name.
         name: String,
+        /// A new name.
         #[arg(long)]
         rename: Option<String>,
         /// A disabled user's devices stop being peers and cannot log in.
@@ -203,50 +244,70 @@ pub enum UserCommand {
         /// Issue a new TOTP secret (printed); the old one stops working.
         #[arg(long)]
         reset_totp: bool,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Delete a user without devices.
-    Delete { name: String },
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Devices, filtered by user or location.
     List {
+        /// Only this user's.
         #[arg(long)]
         user: Option<String>,
+        /// Only this location's.
         #[arg(long)]
         location: Option<String>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// One object, in full.
     Show {
+        /// Its name.
         name: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Add a device (its public key; the private key stays on the device).
     Create {
+        /// Its name.
         name: String,
+        /// The owner.
         #[arg(long)]
         user: String,
+        /// The location it belongs to.
         #[arg(long)]
         location: String,
+        /// Its WireGuard public key (base64).
         #[arg(long)]
         public_key: String,
         /// Tunnel addresses [default: the next free of each network].
         #[arg(long = "address", value_delimiter = ',')]
         addresses: Vec<String>,
+        /// Create it disabled.
         #[arg(long)]
         disabled: bool,
     },
+    /// Change only the options given.
     Change {
+        /// Its name.
         name: String,
+        /// A new name.
         #[arg(long)]
         rename: Option<String>,
+        /// A new owner.
         #[arg(long)]
         user: Option<String>,
+        /// A new WireGuard public key (base64); ends its MFA session.
         #[arg(long)]
         public_key: Option<String>,
         /// Replaces the addresses ('' for the next free ones).
@@ -256,15 +317,19 @@ pub enum DeviceCommand {
         #[arg(long, value_enum)]
         enabled: Option<OnOff>,
     },
+    /// Delete it.
     Delete {
+        /// Its name.
         name: String,
     },
     /// A one-time token to download the device's config through an Edge.
     Token {
+        /// Its name.
         name: String,
         /// Seconds it stays valid [default: 86400].
         #[arg(long)]
         ttl: Option<u32>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -274,37 +339,51 @@ pub enum DeviceCommand {
 pub enum EdgeCommand {
     /// Every Edge and its link.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// One object, in full.
     Show {
+        /// Its name.
         name: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Add an Edge; Core dials it at once.
     Create {
+        /// Its name.
         name: String,
         /// host:port of the Edge's link server.
         #[arg(long)]
         address: String,
         #[arg(long, default_value = "")]
         identity: String,
+        /// Create it disabled.
         #[arg(long)]
         disabled: bool,
     },
+    /// Change only the options given.
     Change {
+        /// Its name.
         name: String,
+        /// A new name.
         #[arg(long)]
         rename: Option<String>,
+        /// host:port of its link server.
         #[arg(long)]
         address: Option<String>,
+        /// The DNS name its certificate must carry.
         #[arg(long)]
         identity: Option<String>,
+        /// Enable or disable it (a disabled Edge is not dialled).
         #[arg(long, value_enum)]
         enabled: Option<OnOff>,
     },
+    /// Delete it.
     Delete {
+        /// Its name.
         name: String,
     },
 }
@@ -320,9 +399,11 @@ pub enum CoreCommand {
     Events {
         location: Option<String>,
         limit: u32,
+        /// Print JSON instead of a table.
         json: bool,
     },
     Failover {
+        /// The location whose master hands over.
         location: String,
     },
 }
