@@ -317,10 +317,11 @@ fn an_mfa_login_survives_core_outages_and_ends_when_idle() -> Result<()> {
     ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
     let status = lab.core()?.location_status(LOCATION)?;
     ensure!(status["mfa_sessions"] == 1, "{status}");
-    let master_peers = lab.gateway_mut(1).daemon.peers()?;
+    let master = lab.wait_master(WAIT)?;
+    let master_peers = lab.gateway_mut(master).daemon.peers()?;
     ensure!(
         master_peers.peer(&key).is_some(),
-        "the master has no peer for the device"
+        "the master gw{master} has no peer for the device"
     );
 
     // Core killed: tunnels stay, every Edge says it has no Core.
@@ -413,11 +414,20 @@ fn an_mfa_login_survives_core_outages_and_ends_when_idle() -> Result<()> {
     let status = lab.core_mut()?.wait_applied(LOCATION, WAIT)?;
     ensure!(status["mfa_sessions"] == 0, "{status}");
     for i in 1..=2 {
-        let peers = lab.gateway_mut(i).daemon.peers()?;
-        ensure!(
-            peers.peer(&key).is_none(),
-            "gw{i} still has the device's peer"
-        );
+        // `tidectl peers` shows the last stats poll: wait for one after.
+        poll_until(
+            &format!("gw{i} to drop the device's peer"),
+            WAIT,
+            Duration::from_millis(100),
+            || {
+                let peers = lab.gateway_mut(i).daemon.peers()?;
+                Ok(if peers.peer(&key).is_none() {
+                    Probe::Ready(())
+                } else {
+                    Probe::NotYet(format!("{peers:?}"))
+                })
+            },
+        )?;
     }
     Ok(())
 }
