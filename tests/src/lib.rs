@@ -18,10 +18,14 @@
 //! ([`gateway::CoreSection`]); Edge daemons ([`edge`]) behind a real nginx
 //! ([`nginx`]); and a small HTTP client ([`http`]) to talk to them from
 //! inside their namespace. [`scripted_core`] plays Core's side of the
-//! links for tests of gateways and Edges on their own.
+//! links for tests of gateways and Edges on their own. The real Core
+//! ([`core_daemon`]) runs with a PKI of its own making; [`control`] puts it
+//! in an intranet namespace with gateways, Edges behind nginx and a client.
 
 pub mod bins;
 pub mod cmd;
+pub mod control;
+pub mod core_daemon;
 pub mod edge;
 pub mod failover;
 pub mod gateway;
@@ -45,6 +49,8 @@ pub mod xdp;
 
 pub use bins::{BIN_DIR_ENV, bin_dir, binary};
 pub use cmd::{CmdOutput, run_bounded, run_ok, run_with_input};
+pub use control::{ControlLab, ControlOptions};
+pub use core_daemon::{CoreConfig, CoreDaemon, CorePki};
 pub use edge::{EdgeConfig, EdgeDaemon};
 pub use gateway::{
     CoreSection, Counter, Counters, GatewayConfig, GatewayDaemon, HaSection, PeerEntry, PeerStatus,

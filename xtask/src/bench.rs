@@ -22,6 +22,10 @@ pub enum Which {
         #[arg(long, default_value_t = 10)]
         runs: u32,
     },
+    /// Core to gateways: latency from an admin call adding a peer to the
+    /// peer being live on all three gateways (1,000 adds), and a full sync
+    /// of 10,000 peers to three gateways, beside wireguard-go's own speed.
+    Control,
 }
 
 pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
@@ -70,6 +74,19 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
                     "--runs",
                     &runs.to_string(),
                 ])
+                .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
+                .status_ok()
+        }
+        Which::Control => {
+            setup::require_root(
+                "`cargo xtask bench control` (it builds network namespaces and attaches XDP programs)",
+            )?;
+            setup::packages()?;
+            let ebpf = ebpf::build(ws)?;
+            run::build_user_space(ws, &ebpf, true)?;
+            run::step("benchmarking Core's changes to the gateways");
+            run::cargo(ws, &ebpf)
+                .args(["bench", "--package", "tidegate-tests", "--bench", "control"])
                 .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
                 .status_ok()
         }

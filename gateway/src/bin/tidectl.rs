@@ -1,4 +1,8 @@
-//! `tidectl`: the operator's command line for a Tidegate gateway.
+//! `tidectl`: the operator's command line for a Tidegate gateway (through
+//! its local control socket) and for Core (through Core's admin socket).
+
+#[path = "tidectl/core_api.rs"]
+mod core_api;
 
 use std::{
     io::Read as _,
@@ -18,13 +22,18 @@ use tidegate_gateway::{
     xdp::PacketCount,
 };
 
-/// Operate a Tidegate gateway through its local control socket (root only).
+/// Operate a Tidegate gateway through its local control socket, and Core
+/// through its admin socket (both root only).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
     /// The gateway daemon's control socket.
     #[arg(long, env = "TIDEGATE_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
     socket: PathBuf,
+    /// Core's admin socket (location, gateway, user, device, edge, events,
+    /// failover --location).
+    #[arg(long, env = "TIDEGATE_CORE_SOCKET", default_value = core_api::DEFAULT_CORE_SOCKET)]
+    core_socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,12 +70,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Planned failover: this master hands the VIPs to its best backup.
-    Failover,
+    /// Planned failover: this master hands the VIPs to its best backup; with
+    /// --location, Core asks that location's master.
+    Failover {
+        /// Ask Core for a handover at this location instead.
+        #[arg(long)]
+        location: Option<String>,
+    },
     /// Maintenance mode: the gateway stays BACKUP (a master hands over first).
     Maintenance {
         #[arg(value_enum)]
         mode: OnOff,
+    },
+    /// Core: locations, and each gateway's link and role (`location status`).
+    #[command(subcommand)]
+    Location(core_api::LocationCommand),
+    /// Core: the gateways it dials.
+    #[command(subcommand)]
+    Gateway(core_api::GatewayCommand),
+    /// Core: users and their TOTP secrets.
+    #[command(subcommand)]
+    User(core_api::UserCommand),
+    /// Core: devices, and one-time config download tokens.
+    #[command(subcommand)]
+    Device(core_api::DeviceCommand),
+    /// Core: the Edges it dials.
+    #[command(subcommand)]
+    Edge(core_api::EdgeCommand),
+    /// Core: the event log, newest first.
+    Events {
+        /// Only this location's.
+        #[arg(long)]
+        location: Option<String>,
+        /// How many (at most 10000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -153,7 +194,25 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let socket = cli.socket;
     let ask = |request: Request| client::request(&socket, &request);
+    let core = |command| core_api::run(&cli.core_socket, command);
     match cli.command {
+        Command::Location(command) => core(core_api::CoreCommand::Location(command))?,
+        Command::Gateway(command) => core(core_api::CoreCommand::Gateway(command))?,
+        Command::User(command) => core(core_api::CoreCommand::User(command))?,
+        Command::Device(command) => core(core_api::CoreCommand::Device(command))?,
+        Command::Edge(command) => core(core_api::CoreCommand::Edge(command))?,
+        Command::Events {
+            location,
+            limit,
+            json,
+        } => core(core_api::CoreCommand::Events {
+            location,
+            limit,
+            json,
+        })?,
+        Command::Failover {
+            location: Some(location),
+        } => core(core_api::CoreCommand::Failover { location })?,
         Command::Counters { json } => {
             let Reply::Counters(reply) = ask(Request::Counters)? else {
                 bail!("the daemon answered something other than counters");
@@ -207,7 +266,7 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", status_text(&status, SystemTime::now()));
             }
         }
-        Command::Failover => {
+        Command::Failover { location: None } => {
             let Reply::HandingOver { to } = ask(Request::Failover)? else {
                 bail!("the daemon answered something other than a handover");
             };
