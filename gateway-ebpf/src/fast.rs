@@ -13,7 +13,7 @@ use core::hint::cold_path;
 use tidegate_common::stats::Counter;
 
 use crate::{
-    fence,
+    director, fence,
     maps::SERVICE_PORTS,
     parse::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_ICMPV6,
@@ -29,9 +29,11 @@ const V6_LEN: usize = 14 + 40 + 8 + 4;
 
 /// Offsets from the start of the frame.
 const ETHER_TYPE: usize = 12;
+const V4_IP: usize = 14;
 const V4_PROTO_WORD: usize = 20;
 const V4_DADDR: usize = 30;
 const V4_UDP: usize = 34;
+const V6_IP: usize = 14;
 const V6_NEXT_HEADER: usize = 20;
 const V6_DADDR: usize = 38;
 const V6_UDP: usize = 54;
@@ -97,7 +99,10 @@ fn ipv4(frame: Holds<'_, V4_LEN>) -> Option<Counter> {
         cold_path();
         return None;
     }
-    Some(fence::wireguard_v4(dst_be, wireguard_check(frame, V4_UDP)))
+    let counter = wireguard_check(frame, V4_UDP);
+    Some(fence::wireguard_v4(dst_be, counter, |counter| {
+        director::steer_v4(frame.0, V4_IP, V4_UDP, counter)
+    }))
 }
 
 #[inline(always)]
@@ -136,7 +141,9 @@ fn ipv6(frame: Holds<'_, V6_LEN>) -> Option<Counter> {
         dst_lo as u32,
         (dst_lo >> 32) as u32,
     ];
-    Some(fence::wireguard_v6(dst, counter))
+    Some(fence::wireguard_v6(dst, counter, |counter| {
+        director::steer_v6(frame.0, V6_IP, V6_UDP, counter)
+    }))
 }
 
 /// The UDP destination port (host byte order) of the header at `udp_off`.

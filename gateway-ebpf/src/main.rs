@@ -4,13 +4,16 @@
 //! well-framed WireGuard or it is dropped; everything else passes untouched.
 //! With VIPs configured it is also the VIP fence: once the HA agent's lease
 //! lapses, ARP and neighbour solicitations for the VIPs and WireGuard to
-//! them are dropped. Every frame bumps exactly one per-CPU counter naming
-//! its outcome.
+//! them are dropped. On the VIP holder in director mode, WireGuard to the
+//! VIPs is steered: each client to the gateway it is pinned to. Every frame
+//! bumps exactly one per-CPU counter naming its outcome.
 #![no_std]
 #![no_main]
 
+mod director;
 mod fast;
 mod fence;
+mod forward;
 mod maps;
 mod parse;
 mod shield;
@@ -66,6 +69,7 @@ fn count(counter: Counter, len: usize) -> u32 {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Aborted => xdp_action::XDP_ABORTED,
+        Verdict::Tx => xdp_action::XDP_TX,
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod director;
 pub mod ha;
 pub mod reload;
 pub mod wireguard;

@@ -32,7 +32,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TIDECTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-reason counters every `counters --json` answer must carry.
-pub const COUNTER_NAMES: [&str; 13] = [
+pub const COUNTER_NAMES: [&str; 14] = [
     "not-service",
     "fragment",
     "unparsed",
@@ -46,17 +46,20 @@ pub const COUNTER_NAMES: [&str; 13] = [
     "bad-reserved",
     "aborted",
     "fenced",
+    "wg-steered",
 ];
 
 /// Totals every `counters --json` answer must carry.
-pub const TOTAL_NAMES: [&str; 4] = ["pass", "drop", "aborted", "wireguard"];
+pub const TOTAL_NAMES: [&str; 5] = ["pass", "drop", "aborted", "tx", "wireguard"];
 
-/// The four per-type WireGuard counters that make up the "wireguard" total.
-pub const WIREGUARD_COUNTERS: [&str; 4] = [
+/// The WireGuard counters that make up the "wireguard" total: the four
+/// per-type ones (passed to the gateway's stack) and the steered ones.
+pub const WIREGUARD_COUNTERS: [&str; 5] = [
     "wg-initiation",
     "wg-response",
     "wg-cookie-reply",
     "wg-transport",
+    "wg-steered",
 ];
 
 /// How the gateway attaches its XDP program (`xdp_mode` in its config).
