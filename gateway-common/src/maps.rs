@@ -6,6 +6,10 @@
 /// Name of the XDP program in the BPF object.
 pub const PROGRAM: &str = "tidegate";
 
+/// Name of the program attached in its place while the gateway is the
+/// master in director mode: the same checks, and the director.
+pub const DIRECTOR_PROGRAM: &str = "tidegate_director";
+
 /// Name of the program that renews the fence's lease (run through
 /// `BPF_PROG_TEST_RUN`, never attached).
 pub const RENEW_PROGRAM: &str = "tidegate_renew";

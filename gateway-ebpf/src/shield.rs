@@ -12,8 +12,9 @@ use crate::{
 };
 
 /// The one counter that describes this frame; its verdict follows from it.
+/// With `STEER`, WireGuard to a VIP goes on to the director.
 #[inline(always)]
-pub fn classify(frame: &Frame) -> Counter {
+pub fn classify<const STEER: bool>(frame: &Frame) -> Counter {
     let (ether_type, off) = match parse::ethernet(frame) {
         Ok(l3) => l3,
         Err(counter) => return counter,
@@ -24,7 +25,13 @@ pub fn classify(frame: &Frame) -> Counter {
                 Some(true) => fence::wireguard_v4(
                     udp.dst,
                     wireguard::check(frame, udp.udp_off, udp.udp_len),
-                    |counter| director::steer_v4(frame, off, udp.udp_off, counter),
+                    |counter| {
+                        if STEER {
+                            director::steer_v4(frame, off, udp.udp_off, counter)
+                        } else {
+                            counter
+                        }
+                    },
                 ),
                 Some(false) => Counter::NotService,
                 None => Counter::Aborted,
@@ -37,7 +44,11 @@ pub fn classify(frame: &Frame) -> Counter {
                     let counter = wireguard::check(frame, udp.udp_off, udp.udp_len);
                     // SAFETY: `ipv6_udp` checked the address lies inside the frame.
                     fence::wireguard_v6(unsafe { udp.dst.read_unaligned() }, counter, |counter| {
-                        director::steer_v6(frame, off, udp.udp_off, counter)
+                        if STEER {
+                            director::steer_v6(frame, off, udp.udp_off, counter)
+                        } else {
+                            counter
+                        }
                     })
                 }
                 Some(false) => Counter::NotService,

@@ -1,7 +1,7 @@
-//! The XDP director, frame by frame, through `BPF_PROG_TEST_RUN`: each case
-//! names its input, the verdict it must get, the exact frame that must come
-//! out, the shield counter it must bump and what it must do to the
-//! per-backend counters. Picks are predicted with user space's Maglev
+//! The XDP director (the `tidegate_director` program), frame by frame,
+//! through `BPF_PROG_TEST_RUN`: each case names its input, the verdict it
+//! must get, the exact frame that must come out, the shield counter it must
+//! bump and what it must do to the per-backend counters. Picks are predicted with user space's Maglev
 //! builder and client hash, so a program that hashed or indexed differently
 //! from user space fails here. Needs root (it loads the program).
 
@@ -16,14 +16,13 @@ use std::{net::SocketAddr, time::Duration};
 use aya::programs::{TestRun as _, TestRunOptions};
 use support::frames::*;
 use tidegate_common::{
-    client::ClientKey,
     director::{DEFAULT_TABLE_SIZE, client_hash, table_index},
     stats::Counter,
     wireguard::*,
 };
 use tidegate_gateway::{
     director::{BackendSpec, Desired, Mac, maglev},
-    xdp::{CounterSnapshot, Datapath, DirectorStatus, ServiceTable},
+    xdp::{CounterSnapshot, Datapath, DirectorStatus, ServiceTable, director::client_key},
 };
 
 const XDP_DROP: u32 = 1;
@@ -104,10 +103,7 @@ fn director(state: &Desired) -> Datapath {
 /// space computes it.
 fn predicted(members: &[u32], client: SocketAddr) -> u32 {
     let table = maglev::build(members, DEFAULT_TABLE_SIZE).unwrap();
-    let key = match client {
-        SocketAddr::V4(v4) => ClientKey::v4(v4.ip().octets(), v4.port().to_be()),
-        SocketAddr::V6(v6) => ClientKey::v6(v6.ip().octets(), v6.port().to_be()),
-    };
+    let key = client_key(client);
     u32::from(table[table_index(client_hash(&key), DEFAULT_TABLE_SIZE) as usize])
 }
 
@@ -196,7 +192,7 @@ fn delta(id: u32, len: usize, new_pin: bool) -> BackendDelta {
 /// Runs every case in order on `datapath` and reports all mismatches at
 /// once.
 fn run_on(datapath: &Datapath, cases: &[Case]) {
-    let program = datapath.program().unwrap();
+    let program = datapath.director_program().unwrap();
     let mut failures = Vec::new();
     for case in cases {
         let (counters_before, backends_before) = (
@@ -477,6 +473,30 @@ fn what_the_director_does_not_steer() {
         ),
     ];
     run_on(&datapath, &cases);
+    assert_eq!(pins(&datapath), []);
+}
+
+#[test]
+fn the_shield_program_never_steers() {
+    let members = [1, 2, 3];
+    let datapath = director(&desired(
+        true,
+        vec![backend(1, false), backend(2, false), backend(3, false)],
+    ));
+    let remote = client_for(&members, 1, CLIENT4, &[]);
+    let input = frame(remote, VIP4, initiation()).build();
+    let mut output = vec![0u8; input.len() + 256];
+    let result = datapath
+        .program()
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut output),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(result.return_value, XDP_PASS);
+    assert_eq!(&output[..result.data_size_out as usize], &input[..]);
     assert_eq!(pins(&datapath), []);
 }
 

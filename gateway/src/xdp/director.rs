@@ -125,9 +125,17 @@ impl Datapath {
             flags: if desired.on { DIRECTOR_ON } else { 0 },
             table_size: size,
         };
+        // On: the maps first, then the program that reads them. Off: the
+        // shield's program back first.
+        if !desired.on {
+            self.switch_program(maps::PROGRAM)?;
+        }
         self.director
             .set(0, director, 0)
             .map_err(write_err(maps::DIRECTOR))?;
+        if desired.on {
+            self.switch_program(maps::DIRECTOR_PROGRAM)?;
+        }
         self.steering = Some(Written {
             desired: desired.clone(),
             table_members: members,
@@ -237,6 +245,27 @@ impl Datapath {
         Ok(out)
     }
 
+    /// The pin of `client`, if the director holds one.
+    pub fn session(&self, client: SocketAddr) -> Result<Option<SessionEntry>, XdpError> {
+        let key = client_key(client);
+        let session = match self.sessions.get(&key, 0) {
+            Ok(session) => session,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(source) => return Err(read_err(maps::SESSIONS)(source)),
+        };
+        let last_seen_ms = match (self.jiffies_now()?, self.hz) {
+            (Some(now), Some(hz)) => {
+                Some(now.saturating_sub(session.last_seen_jiffies) * 1000 / hz)
+            }
+            _ => None,
+        };
+        Ok(Some(SessionEntry {
+            client,
+            gateway_id: session.backend,
+            last_seen_ms,
+        }))
+    }
+
     /// The kernel's `jiffies` now: the stamp of the last lease renewal and
     /// the time since, at the measured tick rate. `None` before the first
     /// renewal.
@@ -254,6 +283,14 @@ impl Datapath {
     /// The director as last written: steering on, and the backends.
     pub fn director_desired(&self) -> Option<&Desired> {
         self.steering.as_ref().map(|w| &w.desired)
+    }
+}
+
+/// The session key of a client.
+pub fn client_key(client: SocketAddr) -> ClientKey {
+    match client {
+        SocketAddr::V4(v4) => ClientKey::v4(v4.ip().octets(), v4.port().to_be()),
+        SocketAddr::V6(v6) => ClientKey::v6(v6.ip().octets(), v6.port().to_be()),
     }
 }
 
@@ -309,6 +346,10 @@ mod tests {
             client_addr(&v6),
             "[2001:db8::7]:51820".parse::<SocketAddr>().unwrap()
         );
+        for client in ["198.51.100.7:40000", "[2001:db8::7]:51820"] {
+            let client: SocketAddr = client.parse().unwrap();
+            assert_eq!(client_addr(&client_key(client)), client);
+        }
         assert_eq!(format_mac(&[2, 0, 0xab, 0, 0, 1]), "02:00:ab:00:00:01");
     }
 }

@@ -53,6 +53,11 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegate-baseline.bpf.o"));
 
+/// The steering benchmark's programs (a miss-making wrapper, a bare bounce,
+/// a sink), built the same way; never attached by the gateway.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegate-bench.bpf.o"));
+
 /// Errors of the XDP data path, each naming the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
@@ -197,6 +202,9 @@ struct Attachment {
     mode: AttachMode,
     link: FdLink,
     pin: PathBuf,
+    /// The program in the link: [`maps::PROGRAM`] or
+    /// [`maps::DIRECTOR_PROGRAM`].
+    program: &'static str,
 }
 
 /// `statfs` magic of a BPF filesystem.
@@ -258,7 +266,7 @@ impl Datapath {
             .map_max_entries(maps::SESSIONS, options.max_sessions)
             .load(OBJECT)
             .map_err(XdpError::Load)?;
-        for name in [maps::PROGRAM, maps::RENEW_PROGRAM] {
+        for name in [maps::PROGRAM, maps::DIRECTOR_PROGRAM, maps::RENEW_PROGRAM] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| XdpError::Verify { name, source })?;
@@ -433,6 +441,7 @@ impl Datapath {
             mode,
             link,
             pin,
+            program: maps::PROGRAM,
         });
         Ok(mode)
     }
@@ -459,8 +468,80 @@ impl Datapath {
             mode,
             link,
             pin: pin.to_owned(),
+            program: maps::PROGRAM,
         });
         Ok(())
+    }
+
+    /// Puts program `name` into the attached link in place of the one
+    /// there, atomically (`BPF_LINK_UPDATE`): frames see either. A no-op
+    /// when not attached or when `name` is already there. Should the update
+    /// fail, the link is opened again from its pin, still running the old
+    /// program.
+    fn switch_program(&mut self, name: &'static str) -> Result<(), XdpError> {
+        let Some(attachment) = self.attachment.take() else {
+            return Ok(());
+        };
+        if attachment.program == name {
+            self.attachment = Some(attachment);
+            return Ok(());
+        }
+        let Attachment {
+            interface,
+            mode,
+            link,
+            pin,
+            program: old,
+        } = attachment;
+        let link_err = |source| XdpError::Link {
+            path: pin.clone(),
+            source,
+        };
+        let switched = (|| {
+            let link = XdpLink::try_from(link).map_err(link_err)?;
+            let program = program_mut(&mut self.ebpf, name)?;
+            let id = program
+                .attach_to_link(link)
+                .map_err(|source| XdpError::Attach {
+                    interface: interface.clone(),
+                    mode,
+                    source,
+                })?;
+            let taken = program.take_link(id).map_err(|source| XdpError::Attach {
+                interface: interface.clone(),
+                mode,
+                source,
+            })?;
+            FdLink::try_from(taken).map_err(link_err)
+        })();
+        match switched {
+            Ok(link) => {
+                info!(
+                    interface,
+                    program = name,
+                    "XDP program switched in the pinned link"
+                );
+                self.attachment = Some(Attachment {
+                    interface,
+                    mode,
+                    link,
+                    pin,
+                    program: name,
+                });
+                Ok(())
+            }
+            Err(error) => {
+                let link = FdLink::from(PinnedLink::from_pin(&pin).map_err(link_err)?);
+                self.attachment = Some(Attachment {
+                    interface,
+                    mode,
+                    link,
+                    pin,
+                    program: old,
+                });
+                Err(error)
+            }
+        }
     }
 
     /// Where the program is attached, if it is.
@@ -620,6 +701,11 @@ impl Datapath {
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program(&self) -> Result<&Xdp, XdpError> {
         program(&self.ebpf, maps::PROGRAM)
+    }
+
+    /// The program that steers, attached in director mode on the master.
+    pub fn director_program(&self) -> Result<&Xdp, XdpError> {
+        program(&self.ebpf, maps::DIRECTOR_PROGRAM)
     }
 }
 
