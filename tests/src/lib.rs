@@ -11,7 +11,10 @@
 //! the VIP and a prober on the client ([`probe`]), which learns from every
 //! answer which gateway holds the VIP. The same segment runs with
 //! keepalived instead ([`keepalived`]) for the failover benchmark, which
-//! times both with [`failover`].
+//! times both with [`failover`]. The director's location ([`director`])
+//! puts real WireGuard clients in front of three gateways in director
+//! mode; the steering benchmark's lab ([`steer_lab`]) pits the director
+//! against a bare bounce and NGINX ([`nginx`]).
 
 pub mod bins;
 pub mod cmd;
@@ -21,11 +24,13 @@ pub mod ha;
 pub mod keepalived;
 pub mod location;
 pub mod netns;
+pub mod nginx;
 pub mod packets;
 pub mod probe;
 pub mod process;
 pub mod run;
 pub mod shield;
+pub mod steer_lab;
 pub mod stop;
 pub mod wait;
 pub mod wireguard;

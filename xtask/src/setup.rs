@@ -30,6 +30,12 @@ pub fn require_root(what: &str) -> Result<()> {
 /// `cargo xtask bench failover`. `cargo xtask test` does not install them.
 pub const BENCH_PACKAGES: &[&str] = &["keepalived"];
 
+/// Debian packages `cargo xtask bench steer` runs: NGINX and its stream
+/// module (a dynamic module on Debian 12), the steering baseline; ethtool
+/// and taskset for the lab's receive threads.
+pub const STEER_BENCH_PACKAGES: &[&str] =
+    &["nginx", "libnginx-mod-stream", "ethtool", "util-linux"];
+
 fn installed(package: &str) -> bool {
     Cmd::new("dpkg-query")
         .args(["-W", "-f=${db:Status-Status}", package])
