@@ -178,6 +178,9 @@ pub struct HaSection {
     pub peers: Vec<IpAddr>,
     /// Tracked interfaces (`[[ha.track]]`) and their weights.
     pub track: Vec<(String, u8)>,
+    /// `active-standby` or `director`, if set (the daemon's default is
+    /// active-standby).
+    pub mode: Option<String>,
 }
 
 impl HaSection {
@@ -210,6 +213,9 @@ impl HaSection {
         }
         if !self.peers.is_empty() {
             let _ = writeln!(out, "peers = {}", toml_array(&to_strings(&self.peers)));
+        }
+        if let Some(mode) = &self.mode {
+            let _ = writeln!(out, "mode = {}", toml_string(mode));
         }
         for (interface, weight) in &self.track {
             let _ = write!(
@@ -917,6 +923,7 @@ mod tests {
             port: Some(51900),
             multicast_group: Some(Ipv4Addr::new(239, 255, 0, 9)),
             peers: Vec::new(),
+            mode: Some("director".into()),
         });
         assert!(
             config.to_toml().ends_with(
@@ -925,7 +932,7 @@ mod tests {
                  advert_interval_ms = 50\npreempt = false\npreempt_delay_ms = 1000\n\
                  key = \"sixteen-bytes-key!\"\n\
                  vips = [\"198.51.100.100\", \"2001:db8::100\"]\nport = 51900\n\
-                 multicast_group = \"239.255.0.9\"\n"
+                 multicast_group = \"239.255.0.9\"\nmode = \"director\"\n"
             ),
             "{}",
             config.to_toml()

@@ -18,6 +18,7 @@
 
 pub mod bins;
 pub mod cmd;
+pub mod director;
 pub mod failover;
 pub mod gateway;
 pub mod ha;

@@ -4,13 +4,15 @@ use anyhow::{Result, bail};
 
 use crate::run::{Cmd, step};
 
-/// Debian packages the tests and the lab run: `ip`, `ping`, `wg`, and
-/// userspace WireGuard for kernels without the module.
+/// Debian packages the tests and the lab run: `ip`, `ping`, `wg`,
+/// userspace WireGuard for kernels without the module, and `ethtool` (the
+/// director's test turns its clients' checksum offload off).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "wireguard-tools",
     "wireguard-go",
+    "ethtool",
 ];
 
 pub fn is_root() -> bool {
@@ -30,11 +32,10 @@ pub fn require_root(what: &str) -> Result<()> {
 /// `cargo xtask bench failover`. `cargo xtask test` does not install them.
 pub const BENCH_PACKAGES: &[&str] = &["keepalived"];
 
-/// Debian packages `cargo xtask bench steer` runs: NGINX and its stream
-/// module (a dynamic module on Debian 12), the steering baseline; ethtool
-/// and taskset for the lab's receive threads.
-pub const STEER_BENCH_PACKAGES: &[&str] =
-    &["nginx", "libnginx-mod-stream", "ethtool", "util-linux"];
+/// Debian packages `cargo xtask bench steer` runs besides the tests' own:
+/// NGINX and its stream module (a dynamic module on Debian 12), the
+/// steering baseline; taskset for the lab's receive threads.
+pub const STEER_BENCH_PACKAGES: &[&str] = &["nginx", "libnginx-mod-stream", "util-linux"];
 
 fn installed(package: &str) -> bool {
     Cmd::new("dpkg-query")
