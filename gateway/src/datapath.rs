@@ -11,7 +11,10 @@ use crate::{
     control::CountersReply,
     director::Desired,
     error_chain,
-    xdp::{Datapath, DirectorStatus, FenceStatus, ServiceTable, SessionEntry, XdpError},
+    xdp::{
+        Datapath, DirectorStatus, FenceStatus, ServiceTable, SessionEntry, XdpError,
+        director::SessionReader,
+    },
 };
 
 /// Why a request to the datapath task failed.
@@ -49,8 +52,8 @@ enum Command {
     DirectorStatus {
         reply: oneshot::Sender<Result<DirectorStatus, DatapathError>>,
     },
-    Sessions {
-        reply: oneshot::Sender<Result<Vec<SessionEntry>, DatapathError>>,
+    SessionReader {
+        reply: oneshot::Sender<Result<SessionReader, DatapathError>>,
     },
 }
 
@@ -119,14 +122,20 @@ impl DatapathHandle {
         rx.await.map_err(|_| DatapathError::Stopped)?
     }
 
-    /// The director's pins.
+    /// The director's pins. The owner hands out a reader, and the map is
+    /// read on a blocking thread, so that a long listing holds up nothing
+    /// else (lease renewals least of all).
     pub async fn sessions(&self) -> Result<Vec<SessionEntry>, DatapathError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Sessions { reply })
+            .send(Command::SessionReader { reply })
             .await
             .map_err(|_| DatapathError::Stopped)?;
-        rx.await.map_err(|_| DatapathError::Stopped)?
+        let reader = rx.await.map_err(|_| DatapathError::Stopped)??;
+        tokio::task::spawn_blocking(move || reader.sessions())
+            .await
+            .map_err(|_| DatapathError::Stopped)?
+            .map_err(Into::into)
     }
 
     /// Replaces the services the shield protects.
@@ -179,8 +188,8 @@ pub fn spawn(
                 Command::DirectorStatus { reply } => {
                     let _ = reply.send(datapath.director_status().map_err(Into::into));
                 }
-                Command::Sessions { reply } => {
-                    let _ = reply.send(datapath.sessions().map_err(Into::into));
+                Command::SessionReader { reply } => {
+                    let _ = reply.send(datapath.session_reader().map_err(Into::into));
                 }
             }
         }

@@ -8,16 +8,17 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
     time::Instant,
 };
 
-use aya::maps::MapError;
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
 use serde::{Deserialize, Serialize};
 use tidegate_common::{
     client::ClientKey,
     director::{
         BACKEND_DRAINING, BACKEND_LOCAL, BACKEND_PRESENT, Backend, BackendCounters, BackendTable,
-        DIRECTOR_ON, Director, MAX_BACKENDS, MAX_TABLE_SIZE, MaglevTable,
+        DIRECTOR_ON, Director, MAX_BACKENDS, MAX_TABLE_SIZE, MaglevTable, Session,
     },
     maps,
 };
@@ -217,67 +218,45 @@ impl Datapath {
         })
     }
 
-    /// Every pin, ordered by client.
+    /// A reader of the pins that works apart from this owner: listing a
+    /// full session map takes seconds of syscalls, which must not hold up
+    /// the lease renewals that go through the owner.
+    pub fn session_reader(&self) -> Result<SessionReader, XdpError> {
+        let fd = self
+            .sessions
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| read_err(maps::SESSIONS)(MapError::from(e)))?;
+        let map = Map::from_map_data(MapData::from_fd(fd).map_err(read_err(maps::SESSIONS))?)
+            .map_err(read_err(maps::SESSIONS))?;
+        let clock = match (self.renewed, self.hz) {
+            (Some((at, _, _)), Some(hz)) => Some(Clock {
+                jiffies: self.read_fence()?.renewed_jiffies,
+                at,
+                hz,
+            }),
+            _ => None,
+        };
+        Ok(SessionReader {
+            sessions: HashMap::try_from(map).map_err(|source| XdpError::MapType {
+                name: maps::SESSIONS,
+                source,
+            })?,
+            clock,
+        })
+    }
+
+    /// Every pin, ordered by client. (Reads the map in this thread; see
+    /// [`Datapath::session_reader`].)
     pub fn sessions(&self) -> Result<Vec<SessionEntry>, XdpError> {
-        let now = self.jiffies_now()?;
-        let hz = self.hz;
-        let mut out = Vec::new();
-        for item in self.sessions.iter() {
-            let (key, session) = match item {
-                Ok(item) => item,
-                // Evicted between listing its key and reading it.
-                Err(MapError::KeyNotFound) => continue,
-                Err(source) => return Err(read_err(maps::SESSIONS)(source)),
-            };
-            let last_seen_ms = match (now, hz) {
-                (Some(now), Some(hz)) => {
-                    Some(now.saturating_sub(session.last_seen_jiffies) * 1000 / hz)
-                }
-                _ => None,
-            };
-            out.push(SessionEntry {
-                client: client_addr(&key),
-                gateway_id: session.backend,
-                last_seen_ms,
-            });
-        }
-        out.sort_by_key(|s| s.client);
-        Ok(out)
+        self.session_reader()?.sessions()
     }
 
     /// The pin of `client`, if the director holds one.
     pub fn session(&self, client: SocketAddr) -> Result<Option<SessionEntry>, XdpError> {
-        let key = client_key(client);
-        let session = match self.sessions.get(&key, 0) {
-            Ok(session) => session,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(source) => return Err(read_err(maps::SESSIONS)(source)),
-        };
-        let last_seen_ms = match (self.jiffies_now()?, self.hz) {
-            (Some(now), Some(hz)) => {
-                Some(now.saturating_sub(session.last_seen_jiffies) * 1000 / hz)
-            }
-            _ => None,
-        };
-        Ok(Some(SessionEntry {
-            client,
-            gateway_id: session.backend,
-            last_seen_ms,
-        }))
-    }
-
-    /// The kernel's `jiffies` now: the stamp of the last lease renewal and
-    /// the time since, at the measured tick rate. `None` before the first
-    /// renewal.
-    fn jiffies_now(&self) -> Result<Option<u64>, XdpError> {
-        let (Some((at, _, _)), Some(hz)) = (self.renewed, self.hz) else {
-            return Ok(None);
-        };
-        let stamped = self.read_fence()?.renewed_jiffies;
-        let since = Instant::now().saturating_duration_since(at);
-        Ok(Some(
-            stamped + (since.as_nanos() as u64 * hz) / 1_000_000_000,
-        ))
+        self.session_reader()?.session(client)
     }
 
     /// The director as last written: steering on, and the backends.
@@ -291,6 +270,72 @@ pub fn client_key(client: SocketAddr) -> ClientKey {
     match client {
         SocketAddr::V4(v4) => ClientKey::v4(v4.ip().octets(), v4.port().to_be()),
         SocketAddr::V6(v6) => ClientKey::v6(v6.ip().octets(), v6.port().to_be()),
+    }
+}
+
+/// The kernel's `jiffies` at an instant: a lease renewal's stamp.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    jiffies: u64,
+    at: Instant,
+    hz: u64,
+}
+
+impl Clock {
+    /// The kernel's `jiffies` now, at the measured tick rate.
+    fn now(&self) -> u64 {
+        let since = Instant::now().saturating_duration_since(self.at);
+        self.jiffies + (since.as_nanos() as u64 * self.hz) / 1_000_000_000
+    }
+
+    /// Milliseconds since `jiffies`.
+    fn ms_since(&self, jiffies: u64) -> u64 {
+        self.now().saturating_sub(jiffies) * 1000 / self.hz
+    }
+}
+
+/// Reads the director's pins through a handle of its own on the session
+/// map (see [`Datapath::session_reader`]); it only reads.
+#[derive(Debug)]
+pub struct SessionReader {
+    sessions: HashMap<MapData, ClientKey, Session>,
+    /// `None` before the first lease renewal: no last-seen ages then.
+    clock: Option<Clock>,
+}
+
+impl SessionReader {
+    /// Every pin, ordered by client.
+    pub fn sessions(&self) -> Result<Vec<SessionEntry>, XdpError> {
+        let mut out = Vec::new();
+        for item in self.sessions.iter() {
+            let (key, session) = match item {
+                Ok(item) => item,
+                // Evicted between listing its key and reading it.
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(read_err(maps::SESSIONS)(source)),
+            };
+            out.push(SessionEntry {
+                client: client_addr(&key),
+                gateway_id: session.backend,
+                last_seen_ms: self.clock.map(|c| c.ms_since(session.last_seen_jiffies)),
+            });
+        }
+        out.sort_by_key(|s| s.client);
+        Ok(out)
+    }
+
+    /// The pin of `client`, if the director holds one.
+    pub fn session(&self, client: SocketAddr) -> Result<Option<SessionEntry>, XdpError> {
+        let session = match self.sessions.get(&client_key(client), 0) {
+            Ok(session) => session,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(source) => return Err(read_err(maps::SESSIONS)(source)),
+        };
+        Ok(Some(SessionEntry {
+            client,
+            gateway_id: session.backend,
+            last_seen_ms: self.clock.map(|c| c.ms_since(session.last_seen_jiffies)),
+        }))
     }
 }
 
