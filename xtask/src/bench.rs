@@ -28,7 +28,7 @@ pub enum Which {
     /// XDP_TX bounce and NGINX's UDP stream proxy on one namespace lab.
     Steer {
         /// Rounds of the namespace lab.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
 }

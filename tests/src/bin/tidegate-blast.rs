@@ -16,6 +16,11 @@ use nix::libc;
 const BATCH: usize = 64;
 /// WireGuard transport type.
 const MESSAGE_TRANSPORT: u8 = 4;
+/// Send buffer of each socket. A datagram counts against its socket until
+/// the receiving side frees it, so with the default buffer the receiver's
+/// pace would throttle the sender; a client on a real network is not held
+/// back by its gateway.
+const SEND_BUFFER: usize = 16 << 20;
 
 const USAGE: &str = "usage: tidegate-blast --target ADDR:PORT --seconds S [--sources N] [--len BYTES] [--max-packets N]
 
@@ -104,6 +109,13 @@ fn blast(options: &Options) -> Result<(u64, Duration)> {
     let sockets = (0..options.sources)
         .map(|_| {
             let socket = UdpSocket::bind(local).context("binding a source socket")?;
+            // Beyond the sysctl limit: needs root, as the benchmark runs.
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::SndBufForce,
+                &SEND_BUFFER,
+            )
+            .context("setting the send buffer (SO_SNDBUFFORCE needs root)")?;
             socket
                 .connect(options.target)
                 .with_context(|| format!("connecting to {}", options.target))?;
