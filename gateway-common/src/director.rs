@@ -49,9 +49,14 @@ pub struct Director {
     pub flags: u32,
     /// Entries of the Maglev table in use: a prime up to [`MAX_TABLE_SIZE`].
     pub table_size: u32,
+    /// The director's term: user space counts it up each time steering
+    /// turns on. A pin made in an earlier term is made again from the
+    /// table, as a new master would make it.
+    pub generation: u32,
+    pub _pad2: u32,
 }
 
-const _: () = assert!(size_of::<Director>() == 16);
+const _: () = assert!(size_of::<Director>() == 24);
 
 impl Director {
     /// Off, with no table.
@@ -60,6 +65,8 @@ impl Director {
         _pad: [0; 2],
         flags: 0,
         table_size: 0,
+        generation: 0,
+        _pad2: 0,
     };
 }
 
@@ -103,7 +110,8 @@ pub struct Session {
     pub last_seen_jiffies: u64,
     /// The backend slot (gateway id) the client is pinned to.
     pub backend: u32,
-    pub _pad: u32,
+    /// The director's term ([`Director::generation`]) the pin was made in.
+    pub generation: u32,
 }
 
 const _: () = assert!(size_of::<Session>() == 16);

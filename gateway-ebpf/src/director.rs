@@ -2,7 +2,8 @@
 //! the VIPs, in director mode, WireGuard to a VIP that the shield and the
 //! fence let through goes to the gateway its client is pinned to. A pin is
 //! made on a client's first frame, from the Maglev table; a pin to a
-//! gateway that has gone is made again. Frames for this gateway keep their
+//! gateway that has gone, or from an earlier term of this director, is made
+//! again. Frames for this gateway keep their
 //! WireGuard counter and pass to the local stack like any the shield
 //! passes; frames for another gateway go back out to it ([`forward`]).
 //!
@@ -111,14 +112,15 @@ fn steer_v6_on(frame: &Frame, saddr_off: usize, udp_off: usize, counter: Counter
 fn steer(frame: &Frame, key: &ClientKey, counter: Counter) -> Counter {
     // SAFETY: takes nothing; the kernel inlines it into one load of `jiffies`.
     let now = unsafe { bpf_jiffies64() };
+    let generation = DIRECTOR.generation();
     if let Some(session) = SESSIONS.get_ptr_mut(key) {
         // SAFETY: a value of the LRU map, valid while the program runs; a
-        // pin is two plain words, so a concurrent writer on another CPU
-        // leaves each of them either old or new.
+        // pin is plain words, so a concurrent writer on another CPU leaves
+        // each of them either old or new.
         unsafe {
             let slot = (*session).backend;
             let backend = BACKENDS.get(slot);
-            if backend.present() {
+            if backend.present() && (*session).generation == generation {
                 // Written only when it changed (once per tick at most), so a
                 // busy client does not bounce the cache line between CPUs.
                 if (*session).last_seen_jiffies != now {
@@ -126,11 +128,13 @@ fn steer(frame: &Frame, key: &ClientKey, counter: Counter) -> Counter {
                 }
                 return deliver(frame, slot, backend, counter, false);
             }
-            // Pinned to a gateway that has gone: pin again.
+            // Pinned to a gateway that has gone, or in an earlier term:
+            // pin again.
             let Some((slot, backend)) = pick(key) else {
                 return unpinned(frame, counter);
             };
             (*session).backend = slot;
+            (*session).generation = generation;
             (*session).last_seen_jiffies = now;
             return deliver(frame, slot, backend, counter, true);
         }
@@ -141,7 +145,7 @@ fn steer(frame: &Frame, key: &ClientKey, counter: Counter) -> Counter {
     let session = Session {
         last_seen_jiffies: now,
         backend: slot,
-        _pad: 0,
+        generation,
     };
     // The only map update the director makes, once per new client. If it
     // fails the client stays unpinned and its next frame tries again; the

@@ -202,6 +202,13 @@ impl Global<Director> {
         // SAFETY: as in `is_on`.
         unsafe { ptr::addr_of!((*self.0.get()).table_size).read_volatile() }
     }
+
+    /// The director's term.
+    #[inline(always)]
+    pub fn generation(&self) -> u32 {
+        // SAFETY: as in `is_on`.
+        unsafe { ptr::addr_of!((*self.0.get()).generation).read_volatile() }
+    }
 }
 
 impl Global<BackendTable> {

@@ -691,6 +691,55 @@ fn a_client_pinned_to_a_gateway_that_has_gone_is_pinned_again() {
 }
 
 #[test]
+fn pins_of_an_earlier_term_are_made_again_from_the_table() {
+    // A client pinned to gateway 3 while this gateway was the master with
+    // 1, 2 and 3; then it was a backup while 3 drained and came back.
+    let all = vec![backend(1, false), backend(2, false), backend(3, false)];
+    let mut datapath = director(&desired(true, all.clone()));
+    let client = client_for(&[1, 2, 3], 3, CLIENT4, &[]);
+    run_on(
+        &datapath,
+        &[steered(
+            "a client of gateway 3",
+            frame(client, VIP4, initiation()).build(),
+            3,
+            MAC3,
+            true,
+        )],
+    );
+    let draining = vec![backend(1, false), backend(2, false), backend(3, true)];
+    datapath
+        .set_director(&desired(false, draining.clone()))
+        .unwrap();
+    // Off: the pin is kept and still listed as the last term's.
+    assert_eq!(pins(&datapath), [(client, 3)]);
+    // This gateway is the master again, with gateway 3 draining: a new
+    // master would pick from the table, and so does this one.
+    datapath.set_director(&desired(true, draining)).unwrap();
+    assert_eq!(pins(&datapath), []);
+    let next = predicted(&[1, 2], client);
+    let case = if next == LOCAL_ID {
+        local(
+            "its next frame is pinned from the table, to this gateway",
+            frame(client, VIP4, transport()).build(),
+            Counter::Transport,
+            Some(2),
+            true,
+        )
+    } else {
+        steered(
+            "its next frame is pinned from the table, to gateway 1",
+            frame(client, VIP4, transport()).build(),
+            1,
+            MAC1,
+            true,
+        )
+    };
+    run_on(&datapath, &[case]);
+    assert_eq!(pins(&datapath), [(client, next)]);
+}
+
+#[test]
 fn with_no_backend_to_pick_this_gateway_serves_without_a_pin() {
     // Every gateway drains (or none is healthy but this one, draining):
     // the table is empty.

@@ -87,6 +87,10 @@ impl Datapath {
         let members = desired.table_members();
         let size = self.options.table_size;
         let old = self.steering.take();
+        if desired.on && !old.as_ref().is_some_and(|w| w.desired.on) {
+            // A new term: pins of earlier ones are made again.
+            self.generation = self.generation.wrapping_add(1).max(1);
+        }
         let table_changed = old.as_ref().is_none_or(|w| w.table_members != members);
         let shares = if table_changed {
             let table = maglev::build(&members, size)?;
@@ -125,6 +129,8 @@ impl Datapath {
             _pad: [0; 2],
             flags: if desired.on { DIRECTOR_ON } else { 0 },
             table_size: size,
+            generation: self.generation,
+            _pad2: 0,
         };
         // On: the maps first, then the program that reads them. Off: the
         // shield's program back first.
@@ -245,6 +251,7 @@ impl Datapath {
                 source,
             })?,
             clock,
+            generation: self.generation,
         })
     }
 
@@ -301,10 +308,13 @@ pub struct SessionReader {
     sessions: HashMap<MapData, ClientKey, Session>,
     /// `None` before the first lease renewal: no last-seen ages then.
     clock: Option<Clock>,
+    /// The director's current (or, when off, last) term: pins of earlier
+    /// terms are dead and left out.
+    generation: u32,
 }
 
 impl SessionReader {
-    /// Every pin, ordered by client.
+    /// Every pin of the current (or last) term, ordered by client.
     pub fn sessions(&self) -> Result<Vec<SessionEntry>, XdpError> {
         let mut out = Vec::new();
         for item in self.sessions.iter() {
@@ -314,6 +324,9 @@ impl SessionReader {
                 Err(MapError::KeyNotFound) => continue,
                 Err(source) => return Err(read_err(maps::SESSIONS)(source)),
             };
+            if session.generation != self.generation {
+                continue;
+            }
             out.push(SessionEntry {
                 client: client_addr(&key),
                 gateway_id: session.backend,
@@ -327,8 +340,8 @@ impl SessionReader {
     /// The pin of `client`, if the director holds one.
     pub fn session(&self, client: SocketAddr) -> Result<Option<SessionEntry>, XdpError> {
         let session = match self.sessions.get(&client_key(client), 0) {
-            Ok(session) => session,
-            Err(MapError::KeyNotFound) => return Ok(None),
+            Ok(session) if session.generation == self.generation => session,
+            Ok(_) | Err(MapError::KeyNotFound) => return Ok(None),
             Err(source) => return Err(read_err(maps::SESSIONS)(source)),
         };
         Ok(Some(SessionEntry {

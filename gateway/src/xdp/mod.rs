@@ -245,6 +245,8 @@ pub struct Datapath {
     options: DatapathOptions,
     /// What the director maps hold, as last written.
     steering: Option<director::Written>,
+    /// The director's term: counted up each time steering turns on.
+    generation: u32,
     services: ServiceTable,
     attachment: Option<Attachment>,
     /// The kernel's HZ, measured on first use of the fence.
@@ -285,6 +287,7 @@ impl Datapath {
             backend_counters: take_map(&mut ebpf, maps::BACKEND_COUNTERS)?,
             options,
             steering: None,
+            generation: 0,
             ebpf,
             services: ServiceTable::default(),
             attachment: None,
