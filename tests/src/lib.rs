@@ -14,7 +14,7 @@
 //! times both with [`failover`]. The director's location ([`director`])
 //! puts real WireGuard clients in front of three gateways in director
 //! mode; the steering benchmark's lab ([`steer_lab`]) pits the director
-//! against a bare bounce and NGINX ([`nginx`]).
+//! against a bare bounce and NGINX ([`nginx_stream`]).
 
 pub mod bins;
 pub mod cmd;
@@ -25,7 +25,7 @@ pub mod ha;
 pub mod keepalived;
 pub mod location;
 pub mod netns;
-pub mod nginx;
+pub mod nginx_stream;
 pub mod packets;
 pub mod probe;
 pub mod process;

@@ -49,7 +49,7 @@ use tidegate_gateway::{
 
 use crate::bins::binary;
 use crate::netns::{Netns, veth};
-use crate::nginx::{Nginx, StreamProxy};
+use crate::nginx_stream::{StreamNginx, StreamProxy};
 use crate::process::Process;
 use crate::run::Run;
 use crate::wait::{Probe, poll_until};
@@ -130,7 +130,7 @@ pub struct Sample {
 enum Running {
     Bounce(XdpLinkId),
     Director(Box<Datapath>),
-    Nginx(Nginx),
+    Nginx(StreamNginx),
 }
 
 /// The lab. Fields drop in order: what steers, the programs, the

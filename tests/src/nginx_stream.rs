@@ -68,7 +68,7 @@ impl StreamProxy {
 
     /// Writes the config to `dir` and starts NGINX in the foreground in
     /// `netns`; returns once its socket listens.
-    pub fn start(&self, netns: &Netns, dir: &Path) -> Result<Nginx> {
+    pub fn start(&self, netns: &Netns, dir: &Path) -> Result<StreamNginx> {
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, self.config(dir))
             .with_context(|| format!("writing {}", conf.display()))?;
@@ -94,7 +94,7 @@ impl StreamProxy {
             })
         })?;
         let master = process.pid();
-        Ok(Nginx {
+        Ok(StreamNginx {
             process,
             master,
             dir: dir.to_owned(),
@@ -104,13 +104,13 @@ impl StreamProxy {
 
 /// A running NGINX, stopped (SIGTERM to its master) on drop.
 #[derive(Debug)]
-pub struct Nginx {
+pub struct StreamNginx {
     process: Process,
     master: u32,
     dir: PathBuf,
 }
 
-impl Nginx {
+impl StreamNginx {
     /// The pids of its worker processes: the master's children.
     pub fn workers(&self) -> Result<Vec<u32>> {
         let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.master))
