@@ -1,7 +1,8 @@
 //! `tidegate-gateway`: the per-host daemon. It loads the XDP WireGuard shield
 //! (and, in director mode, the director) onto the public interface, runs the
-//! location's WireGuard interface and peers and the HA agent, and answers
-//! `tidectl` on its control socket.
+//! location's WireGuard interface and peers and the HA agent, answers
+//! `tidectl` on its control socket, and, with a `[core]` section, serves the
+//! link Core dials.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -10,7 +11,7 @@ use clap::Parser;
 use tidegate_gateway::{
     config::{self, Config, Overrides},
     control::server::{ControlSocket, Handles},
-    datapath, error_chain,
+    core_link, datapath, error_chain,
     ha::{
         agent::{self, Agent},
         health,
@@ -75,15 +76,11 @@ async fn run(args: Args) -> Result<()> {
     };
     let config = Config::load(&args.config, overrides.clone())?;
     info!(config = %args.config.display(), services = ?config.services.services(), "starting");
-    if let Some(wireguard) = &config.wireguard
-        && !config
-            .services
-            .services()
-            .iter()
-            .any(|s| s.port() == wireguard.listen_port)
+    if let Some(port) = config.wireguard.as_ref().and_then(|w| w.listen_port)
+        && !config.services.services().iter().any(|s| s.port() == port)
     {
         warn!(
-            listen_port = wireguard.listen_port,
+            listen_port = port,
             "no [[service]] has the WireGuard listen port: the shield does not check its traffic"
         );
     }
@@ -155,6 +152,16 @@ async fn run(args: Args) -> Result<()> {
         });
         handle
     });
+    if let Some(core) = &config.core {
+        let parts = core_link::Parts {
+            wireguard: wireguard_handle.clone(),
+            ha: ha_handle.clone(),
+            gateway_id: core.gateway_id,
+            status_interval: core.status_interval,
+        };
+        let server = core_link::serve(core.clone(), parts, cancel.clone()).await?;
+        tasks.spawn(async move { server.await.context("the server for Core") });
+    }
     let reloader = Reloader::new(
         args.config.clone(),
         overrides,

@@ -373,8 +373,8 @@ impl DirectorLocation {
             config.wireguard = Some(WireguardSection {
                 interface: wg_name,
                 backend: "auto".into(),
-                private_key: keys.private.clone(),
-                listen_port: WG_PORT,
+                private_key: Some(keys.private.clone()),
+                listen_port: Some(WG_PORT),
                 addresses: vec![format!("{GATEWAY_TUNNEL}/24")],
                 mtu: None,
                 stats_interval_ms: Some(200),

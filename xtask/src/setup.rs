@@ -5,13 +5,15 @@ use anyhow::{Result, bail};
 use crate::run::{Cmd, step};
 
 /// Debian packages the tests and the lab run: `ip`, `ping`, `wg`,
-/// userspace WireGuard for kernels without the module, and `ethtool` (the
-/// director's test turns its clients' checksum offload off).
+/// userspace WireGuard for kernels without the module, nginx in front of
+/// the Edges, and `ethtool` (the director's test turns its clients'
+/// checksum offload off).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "wireguard-tools",
     "wireguard-go",
+    "nginx",
     "ethtool",
 ];
 
@@ -33,9 +35,10 @@ pub fn require_root(what: &str) -> Result<()> {
 pub const BENCH_PACKAGES: &[&str] = &["keepalived"];
 
 /// Debian packages `cargo xtask bench steer` runs besides the tests' own:
-/// NGINX and its stream module (a dynamic module on Debian 12), the
-/// steering baseline; taskset for the lab's receive threads.
-pub const STEER_BENCH_PACKAGES: &[&str] = &["nginx", "libnginx-mod-stream", "util-linux"];
+/// NGINX's stream module (a dynamic module on Debian 12), for the UDP
+/// stream proxy the director is measured against; taskset for the lab's
+/// receive threads.
+pub const STEER_BENCH_PACKAGES: &[&str] = &["libnginx-mod-stream", "util-linux"];
 
 fn installed(package: &str) -> bool {
     Cmd::new("dpkg-query")
