@@ -16,6 +16,9 @@ pub enum Verdict {
     Drop = 1,
     /// `XDP_PASS`: on to the kernel's stack, untouched.
     Pass = 2,
+    /// `XDP_TX`: back out of the interface it came in on, to another
+    /// gateway (the director).
+    Tx = 3,
 }
 
 impl Verdict {
@@ -25,6 +28,7 @@ impl Verdict {
             Self::Aborted => "aborted",
             Self::Drop => "drop",
             Self::Pass => "pass",
+            Self::Tx => "tx",
         }
     }
 }
@@ -63,11 +67,14 @@ pub enum Counter {
     /// ARP or a neighbour solicitation for a VIP, or WireGuard to a VIP,
     /// while this gateway's lease has lapsed (see `fence`).
     Fenced = 12,
+    /// WireGuard to a VIP that the director sent on to the gateway the
+    /// client is pinned to (see `director`).
+    Steered = 13,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Self::NotService,
         Self::Fragment,
         Self::Unparsed,
@@ -81,6 +88,7 @@ impl Counter {
         Self::BadReserved,
         Self::Aborted,
         Self::Fenced,
+        Self::Steered,
     ];
 
     /// The verdict the program returns when it counts this outcome.
@@ -99,10 +107,12 @@ impl Counter {
             | Self::BadReserved
             | Self::Fenced => Verdict::Drop,
             Self::Aborted => Verdict::Aborted,
+            Self::Steered => Verdict::Tx,
         }
     }
 
-    /// Whether this outcome is a well-formed WireGuard message to a service.
+    /// Whether this outcome is a well-formed WireGuard message to a service
+    /// that this gateway's stack receives (steered messages are not).
     pub const fn is_wireguard(self) -> bool {
         matches!(
             self,
@@ -126,6 +136,7 @@ impl Counter {
             Self::BadReserved => "bad-reserved",
             Self::Aborted => "aborted",
             Self::Fenced => "fenced",
+            Self::Steered => "wg-steered",
         }
     }
 }

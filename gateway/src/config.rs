@@ -8,12 +8,16 @@ use std::{
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use tidegate_common::director::{
+    DEFAULT_MAX_SESSIONS, DEFAULT_TABLE_SIZE, MAX_BACKEND_ID, MAX_TABLE_SIZE,
+};
 
 use crate::{
     core_link::CoreLinkConfig,
+    director::{DirectorConfig, maglev::is_prime},
     ha::{
         advert::{AdvertKey, MAX_VIPS},
-        agent::HaConfig,
+        agent::{HaConfig, HaMode},
         machine::Settings,
         transport::Destination,
     },
@@ -53,6 +57,11 @@ const MAX_ADVERT_INTERVAL_MS: u64 = 10_000;
 const DEFAULT_HA_PORT: u16 = 51899;
 const DEFAULT_MULTICAST_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 18);
 const MIN_HA_KEY: usize = 16;
+/// Director bounds: Maglev table sizes (primes; the program holds up to
+/// `MAX_TABLE_SIZE` entries) and session map capacities.
+const MIN_DIRECTOR_TABLE_SIZE: u32 = 251;
+const MIN_DIRECTOR_SESSIONS: u32 = 1024;
+const MAX_DIRECTOR_SESSIONS: u32 = 16 * 1024 * 1024;
 /// MFA peer-disconnect threshold when the file sets none.
 const DEFAULT_PEER_DISCONNECT_THRESHOLD_SECS: u64 = 300;
 /// The identity Core's certificate carries, by default.
@@ -188,6 +197,15 @@ struct HaSection {
     peers: Vec<IpAddr>,
     #[serde(default)]
     track: Vec<TrackEntry>,
+    /// `active-standby` (the default) or `director`.
+    #[serde(default = "default_mode")]
+    mode: HaMode,
+    director_table_size: Option<u32>,
+    director_max_sessions: Option<u32>,
+}
+
+fn default_mode() -> HaMode {
+    HaMode::ActiveStandby
 }
 
 /// `[[ha.track]]`: an interface whose failure costs priority.
@@ -480,6 +498,64 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
         }
         track.push((entry.interface, entry.weight));
     }
+    let director = match section.mode {
+        HaMode::ActiveStandby => {
+            for (field, set) in [
+                ("director_table_size", section.director_table_size.is_some()),
+                (
+                    "director_max_sessions",
+                    section.director_max_sessions.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(bad(
+                        field,
+                        "applies only to mode = \"director\"; this location runs active-standby"
+                            .into(),
+                    ));
+                }
+            }
+            None
+        }
+        HaMode::Director => {
+            if section.gateway_id > MAX_BACKEND_ID {
+                return Err(bad(
+                    "gateway_id",
+                    format!(
+                        "{} is above {MAX_BACKEND_ID}: in director mode gateway ids are 1..={MAX_BACKEND_ID}",
+                        section.gateway_id
+                    ),
+                ));
+            }
+            let table_size = section.director_table_size.unwrap_or(DEFAULT_TABLE_SIZE);
+            if !(MIN_DIRECTOR_TABLE_SIZE..=MAX_TABLE_SIZE as u32).contains(&table_size)
+                || !is_prime(table_size)
+            {
+                return Err(bad(
+                    "director_table_size",
+                    format!(
+                        "{table_size} is not a prime in {MIN_DIRECTOR_TABLE_SIZE}..={MAX_TABLE_SIZE} \
+                         (the default, {DEFAULT_TABLE_SIZE}, suits up to 255 gateways)"
+                    ),
+                ));
+            }
+            let max_sessions = section
+                .director_max_sessions
+                .unwrap_or(DEFAULT_MAX_SESSIONS);
+            if !(MIN_DIRECTOR_SESSIONS..=MAX_DIRECTOR_SESSIONS).contains(&max_sessions) {
+                return Err(bad(
+                    "director_max_sessions",
+                    format!(
+                        "{max_sessions} is outside {MIN_DIRECTOR_SESSIONS}..={MAX_DIRECTOR_SESSIONS}"
+                    ),
+                ));
+            }
+            Some(DirectorConfig {
+                table_size,
+                max_sessions,
+            })
+        }
+    };
     Ok(HaConfig {
         location_id: section.location_id,
         election: Settings {
@@ -495,6 +571,7 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
         destination,
         track,
         interface: interface.to_owned(),
+        director,
     })
 }
 
@@ -964,6 +1041,38 @@ mod tests {
             Destination::Unicast(vec!["198.51.100.3".parse().unwrap()])
         );
         assert_eq!(ha.track, [("uplink0".to_owned(), 50)]);
+        assert_eq!(ha.director, None);
+    }
+
+    #[test]
+    fn director_mode_with_defaults_and_sizes() {
+        let ha = parse(&with_ha(&format!("{HA}mode = \"director\"\n")))
+            .unwrap()
+            .ha
+            .unwrap();
+        assert_eq!(
+            ha.director,
+            Some(DirectorConfig {
+                table_size: 65537,
+                max_sessions: 262_144
+            })
+        );
+        let sized = format!(
+            "{HA}mode = \"director\"\ndirector_table_size = 251\ndirector_max_sessions = 4096\n"
+        );
+        let ha = parse(&with_ha(&sized)).unwrap().ha.unwrap();
+        assert_eq!(
+            ha.director,
+            Some(DirectorConfig {
+                table_size: 251,
+                max_sessions: 4096
+            })
+        );
+        let standby = format!("{HA}mode = \"active-standby\"\n");
+        assert_eq!(
+            parse(&with_ha(&standby)).unwrap().ha.unwrap().director,
+            None
+        );
     }
 
     #[test]
@@ -1018,6 +1127,30 @@ mod tests {
             (
                 format!("{HA}frobnicate = 1\n"),
                 "unknown field `frobnicate`",
+            ),
+            (
+                format!("{HA}mode = \"anycast\"\n"),
+                "unknown variant `anycast`",
+            ),
+            (
+                format!("{HA}director_table_size = 251\n"),
+                "[ha] director_table_size: applies only to mode = \"director\"",
+            ),
+            (
+                format!("{HA}mode = \"director\"\ndirector_table_size = 65536\n"),
+                "[ha] director_table_size: 65536 is not a prime in 251..=65537",
+            ),
+            (
+                format!("{HA}mode = \"director\"\ndirector_table_size = 131071\n"),
+                "director_table_size: 131071 is not a prime in 251..=65537",
+            ),
+            (
+                format!("{HA}mode = \"director\"\ndirector_max_sessions = 10\n"),
+                "[ha] director_max_sessions: 10 is outside 1024..=16777216",
+            ),
+            (
+                HA.replace("gateway_id = 2", "gateway_id = 256") + "mode = \"director\"\n",
+                "[ha] gateway_id: 256 is above 255: in director mode gateway ids are 1..=255",
             ),
         ];
         for (section, expected) in cases {

@@ -9,8 +9,12 @@ use tracing::error;
 
 use crate::{
     control::CountersReply,
+    director::Desired,
     error_chain,
-    xdp::{Datapath, FenceStatus, ServiceTable, XdpError},
+    xdp::{
+        Datapath, DirectorStatus, FenceStatus, ServiceTable, SessionEntry, XdpError,
+        director::SessionReader,
+    },
 };
 
 /// Why a request to the datapath task failed.
@@ -40,6 +44,16 @@ enum Command {
     },
     FenceStatus {
         reply: oneshot::Sender<Option<FenceStatus>>,
+    },
+    SetDirector {
+        desired: Desired,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    DirectorStatus {
+        reply: oneshot::Sender<Result<DirectorStatus, DatapathError>>,
+    },
+    SessionReader {
+        reply: oneshot::Sender<Result<SessionReader, DatapathError>>,
     },
 }
 
@@ -88,6 +102,42 @@ impl DatapathHandle {
         rx.await.map_err(|_| DatapathError::Stopped)
     }
 
+    /// Makes the director steer (or not) across `desired`'s backends.
+    pub async fn set_director(&self, desired: Desired) -> Result<(), DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SetDirector { desired, reply })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// The director's state and per-backend counters.
+    pub async fn director_status(&self) -> Result<DirectorStatus, DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::DirectorStatus { reply })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// The director's pins. The owner hands out a reader, and the map is
+    /// read on a blocking thread, so that a long listing holds up nothing
+    /// else (lease renewals least of all).
+    pub async fn sessions(&self) -> Result<Vec<SessionEntry>, DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SessionReader { reply })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        let reader = rx.await.map_err(|_| DatapathError::Stopped)??;
+        tokio::task::spawn_blocking(move || reader.sessions())
+            .await
+            .map_err(|_| DatapathError::Stopped)?
+            .map_err(Into::into)
+    }
+
     /// Replaces the services the shield protects.
     pub async fn install_services(&self, table: ServiceTable) -> Result<(), DatapathError> {
         let (reply, rx) = oneshot::channel();
@@ -131,6 +181,15 @@ pub fn spawn(
                 }
                 Command::FenceStatus { reply } => {
                     let _ = reply.send(datapath.fence_status());
+                }
+                Command::SetDirector { desired, reply } => {
+                    let _ = reply.send(datapath.set_director(&desired).map_err(Into::into));
+                }
+                Command::DirectorStatus { reply } => {
+                    let _ = reply.send(datapath.director_status().map_err(Into::into));
+                }
+                Command::SessionReader { reply } => {
+                    let _ = reply.send(datapath.session_reader().map_err(Into::into));
                 }
             }
         }

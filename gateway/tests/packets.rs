@@ -555,6 +555,7 @@ impl XdpAction for tidegate_common::stats::Verdict {
             Self::Aborted => 0,
             Self::Drop => XDP_DROP,
             Self::Pass => XDP_PASS,
+            Self::Tx => 3,
         }
     }
 }

@@ -33,7 +33,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TIDECTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-reason counters every `counters --json` answer must carry.
-pub const COUNTER_NAMES: [&str; 13] = [
+pub const COUNTER_NAMES: [&str; 14] = [
     "not-service",
     "fragment",
     "unparsed",
@@ -47,17 +47,20 @@ pub const COUNTER_NAMES: [&str; 13] = [
     "bad-reserved",
     "aborted",
     "fenced",
+    "wg-steered",
 ];
 
 /// Totals every `counters --json` answer must carry.
-pub const TOTAL_NAMES: [&str; 4] = ["pass", "drop", "aborted", "wireguard"];
+pub const TOTAL_NAMES: [&str; 5] = ["pass", "drop", "aborted", "tx", "wireguard"];
 
-/// The four per-type WireGuard counters that make up the "wireguard" total.
-pub const WIREGUARD_COUNTERS: [&str; 4] = [
+/// The WireGuard counters that make up the "wireguard" total: the four
+/// per-type ones (passed to the gateway's stack) and the steered ones.
+pub const WIREGUARD_COUNTERS: [&str; 5] = [
     "wg-initiation",
     "wg-response",
     "wg-cookie-reply",
     "wg-transport",
+    "wg-steered",
 ];
 
 /// How the gateway attaches its XDP program (`xdp_mode` in its config).
@@ -179,6 +182,9 @@ pub struct HaSection {
     pub peers: Vec<IpAddr>,
     /// Tracked interfaces (`[[ha.track]]`) and their weights.
     pub track: Vec<(String, u8)>,
+    /// `active-standby` or `director`, if set (the daemon's default is
+    /// active-standby).
+    pub mode: Option<String>,
 }
 
 impl HaSection {
@@ -211,6 +217,9 @@ impl HaSection {
         }
         if !self.peers.is_empty() {
             let _ = writeln!(out, "peers = {}", toml_array(&to_strings(&self.peers)));
+        }
+        if let Some(mode) = &self.mode {
+            let _ = writeln!(out, "mode = {}", toml_string(mode));
         }
         for (interface, weight) in &self.track {
             let _ = write!(
@@ -981,6 +990,7 @@ mod tests {
             port: Some(51900),
             multicast_group: Some(Ipv4Addr::new(239, 255, 0, 9)),
             peers: Vec::new(),
+            mode: Some("director".into()),
         });
         assert!(
             config.to_toml().ends_with(
@@ -989,7 +999,7 @@ mod tests {
                  advert_interval_ms = 50\npreempt = false\npreempt_delay_ms = 1000\n\
                  key = \"sixteen-bytes-key!\"\n\
                  vips = [\"198.51.100.100\", \"2001:db8::100\"]\nport = 51900\n\
-                 multicast_group = \"239.255.0.9\"\n"
+                 multicast_group = \"239.255.0.9\"\nmode = \"director\"\n"
             ),
             "{}",
             config.to_toml()

@@ -11,7 +11,10 @@
 //! the VIP and a prober on the client ([`probe`]), which learns from every
 //! answer which gateway holds the VIP. The same segment runs with
 //! keepalived instead ([`keepalived`]) for the failover benchmark, which
-//! times both with [`failover`].
+//! times both with [`failover`]. The director's location ([`director`])
+//! puts real WireGuard clients in front of three gateways in director
+//! mode; the steering benchmark's lab ([`steer_lab`]) pits the director
+//! against a bare bounce and NGINX's UDP stream proxy ([`nginx_stream`]).
 //!
 //! The control plane's pieces: a test CA ([`pki`]) issuing certificates for
 //! Core, gateways and Edges; gateways with a `[core]` section
@@ -26,6 +29,7 @@ pub mod bins;
 pub mod cmd;
 pub mod control;
 pub mod core_daemon;
+pub mod director;
 pub mod edge;
 pub mod failover;
 pub mod gateway;
@@ -35,6 +39,7 @@ pub mod keepalived;
 pub mod location;
 pub mod netns;
 pub mod nginx;
+pub mod nginx_stream;
 pub mod packets;
 pub mod pki;
 pub mod probe;
@@ -42,6 +47,7 @@ pub mod process;
 pub mod run;
 pub mod scripted_core;
 pub mod shield;
+pub mod steer_lab;
 pub mod stop;
 pub mod wait;
 pub mod wireguard;

@@ -5,14 +5,16 @@ use anyhow::{Result, bail};
 use crate::run::{Cmd, step};
 
 /// Debian packages the tests and the lab run: `ip`, `ping`, `wg`,
-/// userspace WireGuard for kernels without the module, and nginx in front
-/// of the Edges.
+/// userspace WireGuard for kernels without the module, nginx in front of
+/// the Edges, and `ethtool` (the director's test turns its clients'
+/// checksum offload off).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "wireguard-tools",
     "wireguard-go",
     "nginx",
+    "ethtool",
 ];
 
 pub fn is_root() -> bool {
@@ -31,6 +33,12 @@ pub fn require_root(what: &str) -> Result<()> {
 /// Debian packages only the benchmarks run: keepalived, the baseline of
 /// `cargo xtask bench failover`. `cargo xtask test` does not install them.
 pub const BENCH_PACKAGES: &[&str] = &["keepalived"];
+
+/// Debian packages `cargo xtask bench steer` runs besides the tests' own:
+/// NGINX's stream module (a dynamic module on Debian 12), for the UDP
+/// stream proxy the director is measured against; taskset for the lab's
+/// receive threads.
+pub const STEER_BENCH_PACKAGES: &[&str] = &["libnginx-mod-stream", "util-linux"];
 
 fn installed(package: &str) -> bool {
     Cmd::new("dpkg-query")

@@ -2,6 +2,11 @@
 //! and the VIPs. It feeds the machine what it hears, the passing of time,
 //! health changes and operator requests, and carries out the actions the
 //! machine returns. Other tasks talk to it through an [`HaHandle`].
+//!
+//! In director mode it also keeps the XDP director in step with the
+//! location: the gateways its adverts describe (healthy, draining, their
+//! Ethernet addresses) are the backends, and the director steers while this
+//! gateway is the master.
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +27,12 @@ use super::{
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
 };
-use crate::{datapath::DatapathHandle, error_chain, xdp::FenceStatus};
+use crate::{
+    datapath::DatapathHandle,
+    director::{Desired, DirectorConfig, Member},
+    error_chain,
+    xdp::{FenceStatus, director::format_mac},
+};
 
 /// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
 const ANNOUNCE_COUNT: u32 = 5;
@@ -48,6 +58,8 @@ pub struct HaConfig {
     pub track: Vec<(String, u8)>,
     /// The public interface: VIPs, adverts and announcements go here.
     pub interface: String,
+    /// Director mode (`mode = "director"`); `None`: active/standby.
+    pub director: Option<DirectorConfig>,
 }
 
 /// The agent could not start.
@@ -66,6 +78,8 @@ pub enum HaError {
     Handover(#[from] HandoverError),
     #[error("the HA agent has stopped")]
     Stopped,
+    #[error("draining needs director mode: this location runs active/standby ([ha] mode)")]
+    NotDirector,
 }
 
 /// One role change, for `tidectl status`.
@@ -86,6 +100,10 @@ pub struct PeerStatus {
     pub priority: u8,
     pub healthy: bool,
     pub maintenance: bool,
+    /// It takes no new clients (director mode).
+    pub draining: bool,
+    /// Its Ethernet address on the public segment.
+    pub mac: String,
     /// Milliseconds since its last advert.
     pub last_seen_ms: u64,
 }
@@ -100,6 +118,10 @@ pub struct HaStatus {
     pub advert_interval_ms: u64,
     pub master: Option<u32>,
     pub maintenance: bool,
+    /// `active-standby` or `director`.
+    pub mode: HaMode,
+    /// This gateway takes no new clients (director mode).
+    pub draining: bool,
     pub vips: Vec<IpAddr>,
     /// The VIPs the public interface holds now.
     pub vips_held: Vec<IpAddr>,
@@ -109,6 +131,16 @@ pub struct HaStatus {
     pub dropped: BTreeMap<String, u64>,
     /// The VIP fence in the XDP program, as last renewed.
     pub fence: Option<FenceStatus>,
+}
+
+/// How the location's gateways share the clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HaMode {
+    /// The master serves every client; the backups wait.
+    ActiveStandby,
+    /// The master steers each client to one of the healthy gateways.
+    Director,
 }
 
 /// The part of the agent's state Core follows; it changes only on events
@@ -146,6 +178,7 @@ enum Command {
     Status(oneshot::Sender<HaStatus>),
     Failover(oneshot::Sender<Result<u32, HandoverError>>),
     Maintenance(bool, oneshot::Sender<Result<(), HandoverError>>),
+    Drain(bool, oneshot::Sender<Result<(), HaError>>),
 }
 
 impl std::fmt::Debug for Command {
@@ -154,6 +187,7 @@ impl std::fmt::Debug for Command {
             Self::Status(_) => "Status",
             Self::Failover(_) => "Failover",
             Self::Maintenance(..) => "Maintenance",
+            Self::Drain(..) => "Drain",
         })
     }
 }
@@ -201,6 +235,24 @@ impl HaHandle {
             .map_err(|_| HaError::Stopped)?;
         Ok(rx.await.map_err(|_| HaError::Stopped)??)
     }
+
+    /// Starts or stops draining: a draining gateway keeps the clients
+    /// pinned to it and gets no new ones.
+    pub async fn drain(&self, on: bool) -> Result<(), HaError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Drain(on, reply))
+            .await
+            .map_err(|_| HaError::Stopped)?;
+        rx.await.map_err(|_| HaError::Stopped)?
+    }
+}
+
+/// What a gateway's adverts say beyond the election: for the director.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerExtra {
+    mac: Mac,
+    draining: bool,
 }
 
 /// The agent and everything it owns.
@@ -226,6 +278,14 @@ pub struct Agent {
     /// When the agent last ran: a longer gap than the lease means it was
     /// frozen.
     last_wake: Instant,
+    /// This gateway takes no new clients (director mode).
+    draining: bool,
+    /// Draining flags and addresses from the other gateways' adverts.
+    extras: BTreeMap<u32, PeerExtra>,
+    /// The director state last written, and gateway ids already warned
+    /// about (too large to be backends).
+    director_sent: Option<Desired>,
+    warned_ids: Vec<u32>,
     /// Why the gateway is unhealthy, while it is.
     fault: Option<String>,
     /// Why the priority is lowered, while it is.
@@ -283,6 +343,10 @@ impl Agent {
             anchor: (Instant::now(), now),
             datapath,
             last_wake: Instant::now(),
+            draining: false,
+            extras: BTreeMap::new(),
+            director_sent: None,
+            warned_ids: Vec::new(),
             fault: None,
             penalty: None,
         })
@@ -367,6 +431,8 @@ impl Agent {
             if exit {
                 break;
             }
+            // Gateways come, go, drain and change health with any event.
+            self.sync_director().await;
             self.last_wake = Instant::now();
         }
         info!("HA agent stopped");
@@ -406,6 +472,13 @@ impl Agent {
         });
         match advert {
             Ok(advert) => {
+                self.extras.insert(
+                    advert.gateway_id,
+                    PeerExtra {
+                        mac: advert.mac,
+                        draining: advert.draining,
+                    },
+                );
                 let heard = Heard {
                     from: advert.gateway_id,
                     role: advert.role,
@@ -451,6 +524,19 @@ impl Agent {
                     Vec::new()
                 }
             },
+            Command::Drain(on, reply) => {
+                if self.config.director.is_none() {
+                    let _ = reply.send(Err(HaError::NotDirector));
+                    return Vec::new();
+                }
+                if self.draining != on {
+                    self.draining = on;
+                    info!(on, "draining");
+                }
+                let _ = reply.send(Ok(()));
+                // Tell the others at once; the director follows after this.
+                vec![Action::Advertise(self.machine.advert())]
+            }
             Command::Maintenance(on, reply) => match self.machine.set_maintenance(on, now) {
                 Ok(actions) => {
                     info!(on, "maintenance");
@@ -483,6 +569,8 @@ impl Agent {
                         sequence: self.sequence,
                         health: if fields.healthy { HEALTH_OK } else { 0 },
                         handover_to: fields.handover_to,
+                        draining: self.draining,
+                        mac: self.mac,
                         vips: self.config.vips.clone(),
                     };
                     if let Err(error) = self.transport.send(&advert.encode(&self.config.key)).await
@@ -495,8 +583,10 @@ impl Agent {
                 Action::TakeVips => {
                     self.log_transition();
                     // The fence must let ARP for the VIPs through before they
-                    // are announced.
+                    // are announced, and the director must steer before
+                    // clients' frames arrive.
                     self.renew(true).await;
+                    self.sync_director().await;
                     if let Err(error) = self.vips.take().await {
                         error!(error = %error_chain(&error), "adding the VIPs failed");
                     }
@@ -511,12 +601,83 @@ impl Agent {
                     if let Err(error) = self.vips.release().await {
                         error!(error = %error_chain(&error), "removing the VIPs failed");
                     }
+                    self.sync_director().await;
                 }
                 Action::Announce => self.announce(),
                 Action::Exit => exit = true,
             }
         }
         exit
+    }
+
+    /// The director state the location calls for now: this gateway and
+    /// every gateway heard recently, steering while this one is MASTER.
+    fn desired_director(&mut self) -> Desired {
+        let role = self.machine.role();
+        let own = self.machine.advert();
+        let mut members = vec![Member {
+            gateway_id: self.config.election.gateway_id,
+            mac: self.mac,
+            local: true,
+            healthy: own.healthy && matches!(role, Role::Backup | Role::Master),
+            draining: self.draining,
+        }];
+        for (&id, peer) in self.machine.peers() {
+            let Some(extra) = self.extras.get(&id) else {
+                continue;
+            };
+            members.push(Member {
+                gateway_id: id,
+                mac: extra.mac,
+                local: false,
+                healthy: peer.healthy
+                    && peer.priority > 0
+                    && matches!(peer.role, Role::Backup | Role::Master),
+                draining: extra.draining,
+            });
+        }
+        let (desired, unusable) = Desired::new(role == Role::Master, self.mac, members);
+        for id in unusable {
+            if !self.warned_ids.contains(&id) {
+                warn!(
+                    gateway_id = id,
+                    "a gateway id above 255 cannot be a director backend; it gets no clients"
+                );
+                self.warned_ids.push(id);
+            }
+        }
+        desired
+    }
+
+    /// Writes the director state into the XDP program if it changed. A
+    /// no-op in active/standby mode.
+    async fn sync_director(&mut self) {
+        if self.config.director.is_none() {
+            return;
+        }
+        let desired = self.desired_director();
+        if self.director_sent.as_ref() == Some(&desired) {
+            return;
+        }
+        let backends: Vec<String> = desired
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}{}",
+                    b.gateway_id,
+                    if b.draining { " (draining)" } else { "" }
+                )
+            })
+            .collect();
+        match self.datapath.set_director(desired.clone()).await {
+            Ok(()) => {
+                info!(on = desired.on, ?backends, "director updated");
+                self.director_sent = Some(desired);
+            }
+            // Tried again with the next event.
+            Err(error) => error!(error = %error_chain(&error), "updating the director failed"),
+        }
     }
 
     /// How long a renewal of the fence's lease lasts.
@@ -608,6 +769,12 @@ impl Agent {
             advert_interval_ms: self.config.election.interval.as_millis() as u64,
             master: self.machine.master(),
             maintenance: self.machine.maintenance(),
+            mode: if self.config.director.is_some() {
+                HaMode::Director
+            } else {
+                HaMode::ActiveStandby
+            },
+            draining: self.draining,
             vips: self.config.vips.clone(),
             vips_held,
             peers: self
@@ -620,6 +787,12 @@ impl Agent {
                     priority: peer.priority,
                     healthy: peer.healthy,
                     maintenance: peer.maintenance,
+                    draining: self.extras.get(id).is_some_and(|e| e.draining),
+                    mac: self
+                        .extras
+                        .get(id)
+                        .map(|e| format_mac(&e.mac))
+                        .unwrap_or_default(),
                     last_seen_ms: now.saturating_duration_since(peer.last_seen).as_millis() as u64,
                 })
                 .collect(),

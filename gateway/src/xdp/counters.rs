@@ -25,8 +25,10 @@ pub struct Totals {
     pub pass: PacketCount,
     pub drop: PacketCount,
     pub aborted: PacketCount,
-    /// The four WireGuard message counters together: what the shield passed
-    /// to a service.
+    /// Sent back out to another gateway (the director).
+    pub tx: PacketCount,
+    /// The four WireGuard message counters and the steered ones together:
+    /// what the shield let through to a service.
     pub wireguard: PacketCount,
 }
 
@@ -46,9 +48,10 @@ impl CounterSnapshot {
                 Verdict::Pass => &mut snapshot.totals.pass,
                 Verdict::Drop => &mut snapshot.totals.drop,
                 Verdict::Aborted => &mut snapshot.totals.aborted,
+                Verdict::Tx => &mut snapshot.totals.tx,
             };
             total.add(count);
-            if counter.is_wireguard() {
+            if counter.is_wireguard() || counter == Counter::Steered {
                 snapshot.totals.wireguard.add(count);
             }
             snapshot.counters.insert(counter.name().to_owned(), count);
@@ -97,7 +100,8 @@ mod tests {
         assert_eq!(snapshot.totals.pass.packets, 7);
         assert_eq!(snapshot.totals.drop.packets, 5);
         assert_eq!(snapshot.totals.aborted.packets, 1);
-        assert_eq!(snapshot.totals.wireguard.packets, 4);
+        assert_eq!(snapshot.totals.tx.packets, 1);
+        assert_eq!(snapshot.totals.wireguard.packets, 5);
         assert_eq!(snapshot.get(Counter::BadType).bytes, 100);
     }
 
