@@ -283,6 +283,7 @@ impl ControlLab {
                     .map(|&other| IpAddr::V4(gateway_public(other)))
                     .collect(),
                 track: Vec::new(),
+                mode: None,
             });
             let mut section = CoreSection::new(
                 SocketAddr::from((gateway_mgmt(i), GATEWAY_LINK_PORT)),
