@@ -53,6 +53,10 @@ impl ClientKey {
     }
 }
 
+// SAFETY: `repr(C)`, `Copy`, no padding (size asserted above).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ClientKey {}
+
 #[cfg(test)]
 mod tests {
     use super::ClientKey;

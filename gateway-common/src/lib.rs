@@ -6,7 +6,9 @@
 #![no_std]
 
 pub mod client;
+pub mod egress;
 pub mod fence;
+pub mod handover;
 pub mod maps;
 pub mod service;
 pub mod stats;

@@ -16,6 +16,9 @@ pub enum Verdict {
     Drop = 1,
     /// `XDP_PASS`: on to the kernel's stack, untouched.
     Pass = 2,
+    /// `XDP_TX`: sent back out of the interface, Ethernet addresses
+    /// rewritten.
+    Tx = 3,
 }
 
 impl Verdict {
@@ -25,6 +28,7 @@ impl Verdict {
             Self::Aborted => "aborted",
             Self::Drop => "drop",
             Self::Pass => "pass",
+            Self::Tx => "tx",
         }
     }
 }
@@ -63,11 +67,15 @@ pub enum Counter {
     /// ARP or a neighbour solicitation for a VIP, or WireGuard to a VIP,
     /// while this gateway's lease has lapsed (see `fence`).
     Fenced = 12,
+    /// WireGuard of a session this gateway did not make, during the
+    /// second-chance window of a planned handover: sent on to the other
+    /// gateway (see `tidegate_common::handover`).
+    HandedOver = 13,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Self::NotService,
         Self::Fragment,
         Self::Unparsed,
@@ -81,6 +89,7 @@ impl Counter {
         Self::BadReserved,
         Self::Aborted,
         Self::Fenced,
+        Self::HandedOver,
     ];
 
     /// The verdict the program returns when it counts this outcome.
@@ -99,6 +108,7 @@ impl Counter {
             | Self::BadReserved
             | Self::Fenced => Verdict::Drop,
             Self::Aborted => Verdict::Aborted,
+            Self::HandedOver => Verdict::Tx,
         }
     }
 
@@ -126,6 +136,7 @@ impl Counter {
             Self::BadReserved => "bad-reserved",
             Self::Aborted => "aborted",
             Self::Fenced => "fenced",
+            Self::HandedOver => "handed-over",
         }
     }
 }

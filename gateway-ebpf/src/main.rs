@@ -5,19 +5,30 @@
 //! With VIPs configured it is also the VIP fence: once the HA agent's lease
 //! lapses, ARP and neighbour solicitations for the VIPs and WireGuard to
 //! them are dropped. Every frame bumps exactly one per-CPU counter naming
-//! its outcome.
+//! its outcome. For failover continuity it hands frames of the other
+//! gateway's sessions on during a planned handover (`handover`), and a TC
+//! program on the interface's egress keeps what the gateway sends to its
+//! own clients and from a VIP (`egress`).
 #![no_std]
 #![no_main]
 
+mod continuity_maps;
+mod egress;
 mod fast;
 mod fence;
+mod handover;
 mod maps;
 mod parse;
 mod shield;
 mod stats;
+mod udp_wg;
 mod wireguard;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use tidegate_common::stats::{Counter, Verdict};
 
 /// Entry point: classify the frame, count it, return its verdict.
@@ -28,7 +39,14 @@ pub fn tidegate(ctx: XdpContext) -> u32 {
         Some(counter) => counter,
         None => return walk(frame.start, frame.end),
     };
-    count(counter, frame.len())
+    count(handover::hook(&frame, counter), frame.len())
+}
+
+/// The egress guard on the public interface: WireGuard leaves from a VIP,
+/// and only to clients this gateway owns.
+#[classifier]
+pub fn tidegate_egress(ctx: TcContext) -> i32 {
+    egress::guard(&ctx)
 }
 
 /// Renews the VIP fence's lease. User space runs it through
@@ -48,7 +66,10 @@ pub fn tidegate_renew(ctx: XdpContext) -> u32 {
 #[inline(never)]
 fn walk(start: usize, end: usize) -> u32 {
     let frame = parse::Frame { start, end };
-    count(shield::classify(&frame), frame.len())
+    count(
+        handover::hook(&frame, shield::classify(&frame)),
+        frame.len(),
+    )
 }
 
 /// Counts a frame of `len` bytes under `counter` and returns its verdict.
@@ -66,6 +87,7 @@ fn count(counter: Counter, len: usize) -> u32 {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Aborted => xdp_action::XDP_ABORTED,
+        Verdict::Tx => xdp_action::XDP_TX,
     }
 }
 

@@ -32,7 +32,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TIDECTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-reason counters every `counters --json` answer must carry.
-pub const COUNTER_NAMES: [&str; 13] = [
+pub const COUNTER_NAMES: [&str; 14] = [
     "not-service",
     "fragment",
     "unparsed",
@@ -46,6 +46,7 @@ pub const COUNTER_NAMES: [&str; 13] = [
     "bad-reserved",
     "aborted",
     "fenced",
+    "handed-over",
 ];
 
 /// Totals every `counters --json` answer must carry.

@@ -25,6 +25,9 @@ pub struct Totals {
     pub pass: PacketCount,
     pub drop: PacketCount,
     pub aborted: PacketCount,
+    /// Frames sent back out (handed on to another gateway).
+    #[serde(default)]
+    pub tx: PacketCount,
     /// The four WireGuard message counters together: what the shield passed
     /// to a service.
     pub wireguard: PacketCount,
@@ -46,6 +49,7 @@ impl CounterSnapshot {
                 Verdict::Pass => &mut snapshot.totals.pass,
                 Verdict::Drop => &mut snapshot.totals.drop,
                 Verdict::Aborted => &mut snapshot.totals.aborted,
+                Verdict::Tx => &mut snapshot.totals.tx,
             };
             total.add(count);
             if counter.is_wireguard() {
@@ -97,6 +101,7 @@ mod tests {
         assert_eq!(snapshot.totals.pass.packets, 7);
         assert_eq!(snapshot.totals.drop.packets, 5);
         assert_eq!(snapshot.totals.aborted.packets, 1);
+        assert_eq!(snapshot.totals.tx.packets, 1);
         assert_eq!(snapshot.totals.wireguard.packets, 4);
         assert_eq!(snapshot.get(Counter::BadType).bytes, 100);
     }
