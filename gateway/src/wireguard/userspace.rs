@@ -268,7 +268,7 @@ fn listening_inode(table: &str, path: &Path) -> Option<u64> {
 }
 
 /// The UAPI transactions for `plan`.
-fn requests(plan: &Plan) -> Vec<set::Device> {
+pub(crate) fn requests(plan: &Plan) -> Vec<set::Device> {
     let mut out = Vec::new();
     if let Some(port) = plan.listen_port {
         out.push(set::Device {
