@@ -7,10 +7,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+use tidegate_common::client::ClientKey;
+
 use crate::{
     control::CountersReply,
     error_chain,
-    xdp::{Datapath, FenceStatus, ServiceTable, XdpError},
+    xdp::{Datapath, FenceStatus, Ownership, ServiceTable, XdpError},
 };
 
 /// Why a request to the datapath task failed.
@@ -40,6 +42,23 @@ enum Command {
     },
     FenceStatus {
         reply: oneshot::Sender<Option<FenceStatus>>,
+    },
+    SetOwnership {
+        ownership: Ownership,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    OpenHandover {
+        peer_mac: [u8; 6],
+        own_mac: [u8; 6],
+        window: Duration,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    CloseHandover {
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    Own {
+        clients: Vec<ClientKey>,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
     },
 }
 
@@ -88,6 +107,51 @@ impl DatapathHandle {
         rx.await.map_err(|_| DatapathError::Stopped)
     }
 
+    /// Sets what the egress guard lets this gateway send to clients.
+    pub async fn set_ownership(&self, ownership: Ownership) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::SetOwnership { ownership, reply })
+            .await
+    }
+
+    /// Opens the handover window for `window` from now: frames of sessions
+    /// this gateway did not make go to `peer_mac`, sent from `own_mac`.
+    pub async fn open_handover(
+        &self,
+        peer_mac: [u8; 6],
+        own_mac: [u8; 6],
+        window: Duration,
+    ) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::OpenHandover {
+            peer_mac,
+            own_mac,
+            window,
+            reply,
+        })
+        .await
+    }
+
+    /// Closes the handover window.
+    pub async fn close_handover(&self) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::CloseHandover { reply }).await
+    }
+
+    /// Adds clients to the owned table (director mode), before kicks.
+    pub async fn own(&self, clients: Vec<ClientKey>) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::Own { clients, reply }).await
+    }
+
+    async fn ask(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<(), DatapathError>>) -> Command,
+    ) -> Result<(), DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(command(reply))
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
     /// Replaces the services the shield protects.
     pub async fn install_services(&self, table: ServiceTable) -> Result<(), DatapathError> {
         let (reply, rx) = oneshot::channel();
@@ -132,6 +196,31 @@ pub fn spawn(
                 Command::FenceStatus { reply } => {
                     let _ = reply.send(datapath.fence_status());
                 }
+                Command::SetOwnership { ownership, reply } => {
+                    let result = datapath.continuity_mut().set_ownership(ownership);
+                    let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::OpenHandover {
+                    peer_mac,
+                    own_mac,
+                    window,
+                    reply,
+                } => {
+                    let result = datapath.jiffies_in(window).and_then(|until| {
+                        datapath
+                            .continuity_mut()
+                            .open_handover(peer_mac, own_mac, until)
+                    });
+                    let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::CloseHandover { reply } => {
+                    let result = datapath.continuity_mut().close_handover();
+                    let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::Own { clients, reply } => {
+                    let result = datapath.continuity_mut().own(&clients);
+                    let _ = reply.send(result.map_err(Into::into));
+                }
             }
         }
         datapath.detach().inspect_err(|e| {
@@ -147,5 +236,6 @@ fn counters(datapath: &Datapath) -> Result<CountersReply, DatapathError> {
         interface: interface.to_owned(),
         xdp_mode,
         snapshot: datapath.counters()?,
+        egress: datapath.continuity().status()?,
     })
 }

@@ -13,6 +13,7 @@ use tidegate_gateway::{
     ha::{
         agent::{self, Agent},
         health,
+        syncer::{self, SyncConfig},
     },
     reload::Reloader,
     wireguard::owner::{self, Owner},
@@ -91,10 +92,22 @@ async fn run(args: Args) -> Result<()> {
     datapath.install_services(config.services.clone())?;
     let control = ControlSocket::bind(&config.control_socket)?;
     datapath.attach(&config.interface, config.xdp_mode, &config.bpf_pin_dir)?;
+    // Failover continuity needs both: the election and the WireGuard it
+    // keeps on the VIP and to the clients this gateway owns.
+    let continuity = config.ha.is_some() && config.wireguard.is_some();
+    match &config.wireguard {
+        Some(wireguard) if continuity => datapath.attach_egress(
+            &config.interface,
+            wireguard.listen_port,
+            &config.bpf_pin_dir,
+        )?,
+        _ => datapath.remove_stale_egress(&config.interface, &config.bpf_pin_dir)?,
+    }
     let wireguard = match &config.wireguard {
         Some(wireguard) => Some(Owner::start(wireguard.clone()).await?),
         None => None,
     };
+    let local_peers = wireguard.as_ref().map(Owner::local_peers);
     if let Some(ha) = &config.ha {
         // Fenced until the agent's first advert renews the lease. The first
         // renewal measures the kernel's tick rate (200 ms), here rather than
@@ -118,10 +131,39 @@ async fn run(args: Args) -> Result<()> {
     // The HA agent stops first, handing over while the rest still serves.
     let ha_cancel = CancellationToken::new();
     let mut ha_task = None;
-    let ha = match &config.ha {
+    let mut ha = match &config.ha {
         Some(ha) => Some(Agent::start(ha.clone(), datapath_handle.clone()).await?),
         None => None,
     };
+    if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) = (
+        ha.as_mut(),
+        &config.ha,
+        &wireguard_handle,
+        local_peers,
+    ) {
+        let sync_config = SyncConfig {
+            location_id: ha_config.location_id,
+            gateway_id: ha_config.election.gateway_id,
+            key: ha_config.key.clone(),
+            mac: agent.mac(),
+            refresh: ha_config.continuity.endpoint_refresh,
+            max_age: ha_config.continuity.endpoint_max_age,
+        };
+        // Stops with the data path, after the agent (which asks it for the
+        // peers to kick while it hands over).
+        let (sync, task) = syncer::spawn(
+            sync_config,
+            agent.transport(),
+            local,
+            wireguard.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            task.await;
+            Ok(())
+        });
+        agent.connect(sync, wireguard.clone());
+    }
     let ha_handle = ha.map(|ha| {
         let (handle, health_tx, task) = agent::spawn(ha, ha_cancel.clone());
         ha_task = Some(

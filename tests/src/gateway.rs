@@ -176,6 +176,10 @@ pub struct HaSection {
     pub peers: Vec<IpAddr>,
     /// Tracked interfaces (`[[ha.track]]`) and their weights.
     pub track: Vec<(String, u8)>,
+    /// Handshakes kicked per second after a failover, if set.
+    pub kick_rate: Option<u32>,
+    /// The second-chance window of a handover in ms, if set.
+    pub handover_window_ms: Option<u64>,
 }
 
 impl HaSection {
@@ -208,6 +212,12 @@ impl HaSection {
         }
         if !self.peers.is_empty() {
             let _ = writeln!(out, "peers = {}", toml_array(&to_strings(&self.peers)));
+        }
+        if let Some(rate) = self.kick_rate {
+            let _ = writeln!(out, "kick_rate = {rate}");
+        }
+        if let Some(ms) = self.handover_window_ms {
+            let _ = writeln!(out, "handover_window_ms = {ms}");
         }
         for (interface, weight) in &self.track {
             let _ = write!(
@@ -915,6 +925,8 @@ mod tests {
             port: Some(51900),
             multicast_group: Some(Ipv4Addr::new(239, 255, 0, 9)),
             peers: Vec::new(),
+            kick_rate: Some(500),
+            handover_window_ms: Some(1500),
         });
         assert!(
             config.to_toml().ends_with(
@@ -923,7 +935,7 @@ mod tests {
                  advert_interval_ms = 50\npreempt = false\npreempt_delay_ms = 1000\n\
                  key = \"sixteen-bytes-key!\"\n\
                  vips = [\"198.51.100.100\", \"2001:db8::100\"]\nport = 51900\n\
-                 multicast_group = \"239.255.0.9\"\n"
+                 multicast_group = \"239.255.0.9\"\nkick_rate = 500\nhandover_window_ms = 1500\n"
             ),
             "{}",
             config.to_toml()

@@ -15,6 +15,7 @@
 
 pub mod bins;
 pub mod cmd;
+pub mod continuity;
 pub mod failover;
 pub mod gateway;
 pub mod ha;

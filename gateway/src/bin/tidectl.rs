@@ -293,6 +293,62 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
             .collect();
         let _ = writeln!(out, "\nadverts dropped: {}", dropped.join(", "));
     }
+    if let Some(endpoints) = &status.endpoints {
+        let by_gateway: Vec<String> = endpoints
+            .by_gateway
+            .iter()
+            .map(|(id, n)| format!("{n} from gateway {id}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nendpoint table: {} peers{}",
+            endpoints.entries,
+            if by_gateway.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by_gateway.join(", "))
+            }
+        );
+        let heard: Vec<String> = endpoints
+            .gateways
+            .iter()
+            .map(|g| format!("gateway {} {} {} ms ago", g.gateway_id, g.mac, g.last_heard_ms))
+            .collect();
+        if !heard.is_empty() {
+            let _ = writeln!(out, "endpoint messages from: {}", heard.join("; "));
+        }
+        if !endpoints.dropped.is_empty() {
+            let dropped: Vec<String> = endpoints
+                .dropped
+                .iter()
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect();
+            let _ = writeln!(out, "endpoint messages dropped: {}", dropped.join(", "));
+        }
+    }
+    if !status.failovers.is_empty() {
+        out.push_str(
+            "\nFAILOVERS TO THIS GATEWAY     DETECTION  VIP MOVE  ACTIVE  KICKED  COMPLETED  95% BACK\n",
+        );
+        for f in &status.failovers {
+            let ago = Duration::from_millis(now_ms.saturating_sub(sync_ms(f.meta.at)));
+            let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v} ms"));
+            let _ = writeln!(
+                out,
+                "{:>10.1?} ago {:<16} {:>9}  {:>5} ms  {:>6}  {:>6}  {:>9}  {:>8}{}",
+                ago,
+                if f.meta.planned { "(handover)" } else { "(takeover)" },
+                ms(f.meta.detection_ms),
+                f.meta.vip_move_ms,
+                f.recently_active,
+                f.kicked,
+                f.completed,
+                ms(f.fresh_95_ms),
+                if f.finished { "" } else { "  (following)" },
+            );
+            let _ = writeln!(out, "    {}", f.meta.cause);
+        }
+    }
     if !status.transitions.is_empty() {
         out.push_str("\nRECENT TRANSITIONS\n");
         for t in &status.transitions {
@@ -305,6 +361,13 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
         }
     }
     out
+}
+
+/// Unix milliseconds of `at`.
+fn sync_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 fn applied(reply: Reply) -> Result<()> {
@@ -461,7 +524,25 @@ fn counters_table(reply: &CountersReply) -> String {
     row(&mut out, "total", "pass", totals.pass);
     row(&mut out, "total", "drop", totals.drop);
     row(&mut out, "total", "aborted", totals.aborted);
+    row(&mut out, "total", "tx", totals.tx);
     row(&mut out, "total", "wireguard", totals.wireguard);
+    if let Some(egress) = &reply.egress {
+        let _ = writeln!(
+            out,
+            "\negress guard on {}: WireGuard from port {}, owning {}\n",
+            egress.interface,
+            egress.listen_port,
+            match egress.ownership {
+                tidegate_gateway::xdp::Ownership::None => "no client",
+                tidegate_gateway::xdp::Ownership::All => "every client",
+                tidegate_gateway::xdp::Ownership::Table => "the clients in its table",
+                tidegate_gateway::xdp::Ownership::Grace => "its sessions (handover grace)",
+            }
+        );
+        for (name, count) in &egress.counters {
+            row(&mut out, "egress", name, *count);
+        }
+    }
     out
 }
 
@@ -551,6 +632,7 @@ mod tests {
             interface: "eth0".into(),
             xdp_mode: AttachMode::Driver,
             snapshot,
+            egress: None,
         });
         assert!(table.starts_with("XDP shield on eth0 (driver mode)"));
         for counter in Counter::ALL {

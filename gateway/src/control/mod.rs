@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     ha::agent::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
-    xdp::{AttachMode, CounterSnapshot},
+    xdp::{AttachMode, CounterSnapshot, EgressStatus},
 };
 
 /// Longest request line the daemon reads.
@@ -58,7 +58,7 @@ pub enum Reply {
     /// What a change did to the WireGuard device.
     Applied(ApplyReport),
     Removals(Vec<Removal>),
-    Status(HaStatus),
+    Status(Box<HaStatus>),
     /// A handover has started to this gateway.
     HandingOver {
         to: u32,
@@ -78,6 +78,9 @@ pub struct CountersReply {
     pub xdp_mode: AttachMode,
     #[serde(flatten)]
     pub snapshot: CounterSnapshot,
+    /// The egress guard, when it is attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressStatus>,
 }
 
 #[cfg(test)]
@@ -98,6 +101,7 @@ mod tests {
             interface: "eth0".into(),
             xdp_mode: AttachMode::Driver,
             snapshot: CounterSnapshot::default(),
+            egress: None,
         }));
         let json = serde_json::to_value(&reply).unwrap();
         assert_eq!(json["ok"]["counters"]["interface"], "eth0");

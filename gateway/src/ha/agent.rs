@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -18,11 +19,21 @@ use super::{
     advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
     announce::{self, FrameSocket, Mac},
     health::HealthEvent,
-    machine::{Action, Event, HandoverError, Heard, Machine, Role, Settings},
+    machine::{Action, Cause, Event, HandoverError, Heard, Machine, Role, Settings},
+    sync,
+    syncer::{SyncHandle, SyncStatus},
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
 };
-use crate::{datapath::DatapathHandle, error_chain, xdp::FenceStatus};
+use crate::{
+    datapath::DatapathHandle,
+    error_chain,
+    wireguard::{
+        WireguardHandle,
+        kick::{Candidate, FailoverMeta, FailoverReport, KickRequest},
+    },
+    xdp::{FenceStatus, Ownership},
+};
 
 /// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
 const ANNOUNCE_COUNT: u32 = 5;
@@ -34,6 +45,22 @@ const MAX_ADVERT: usize = 2048;
 /// it, and a master-down interval is longer, so a live master never lapses
 /// and a dead one is fenced before a backup takes over.
 const LEASE_INTERVALS: u32 = 3;
+
+/// Failover continuity settings (`[ha]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Continuity {
+    /// Handshakes kicked per second after becoming master; 0: none.
+    pub kick_rate: u32,
+    /// Peers with a handshake this recent are kicked.
+    pub kick_window: Duration,
+    /// How long after a planned handover frames of the other gateway's
+    /// sessions are handed on (plus the time the kicks take); 0: never.
+    pub handover_window: Duration,
+    /// How often the whole endpoint table is sent to the other gateways.
+    pub endpoint_refresh: Duration,
+    /// Endpoints whose last handshake is older are forgotten.
+    pub endpoint_max_age: Duration,
+}
 
 /// The agent's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +75,8 @@ pub struct HaConfig {
     pub track: Vec<(String, u8)>,
     /// The public interface: VIPs, adverts and announcements go here.
     pub interface: String,
+    /// Failover continuity.
+    pub continuity: Continuity,
 }
 
 /// The agent could not start.
@@ -109,6 +138,13 @@ pub struct HaStatus {
     pub dropped: BTreeMap<String, u64>,
     /// The VIP fence in the XDP program, as last renewed.
     pub fence: Option<FenceStatus>,
+    /// How the clients came back after the last failovers to this
+    /// gateway, oldest first.
+    #[serde(default)]
+    pub failovers: Vec<FailoverReport>,
+    /// The location's endpoint table.
+    #[serde(default)]
+    pub endpoints: Option<SyncStatus>,
 }
 
 /// One thing the agent's loop woke up for.
@@ -184,7 +220,7 @@ impl HaHandle {
 pub struct Agent {
     config: HaConfig,
     machine: Machine,
-    transport: Transport,
+    transport: Arc<Transport>,
     vips: Vips,
     frames: FrameSocket,
     mac: Mac,
@@ -202,6 +238,21 @@ pub struct Agent {
     /// When the agent last ran: a longer gap than the lease means it was
     /// frozen.
     last_wake: Instant,
+    /// The endpoint-sharing task and the WireGuard task, for failover
+    /// continuity (none without `[wireguard]`).
+    links: Option<Links>,
+    /// After a handover: when this gateway stops answering for its old
+    /// sessions (grace ends, window closes).
+    grace_until: Option<Instant>,
+    /// After claiming a handover: when the window closes.
+    window_until: Option<Instant>,
+}
+
+/// The tasks failover continuity talks to.
+#[derive(Debug, Clone)]
+struct Links {
+    sync: SyncHandle,
+    wireguard: WireguardHandle,
 }
 
 impl Agent {
@@ -228,13 +279,15 @@ impl Agent {
         let mac = read_mac(&config.interface).map_err(io_err("reading the MAC address"))?;
         let frames =
             FrameSocket::open(vips.public_index()).map_err(io_err("opening a packet socket"))?;
-        let transport = Transport::open(
-            &config.interface,
-            vips.public_index(),
-            config.port,
-            &config.destination,
-        )
-        .map_err(io_err("opening the advert socket"))?;
+        let transport = Arc::new(
+            Transport::open(
+                &config.interface,
+                vips.public_index(),
+                config.port,
+                &config.destination,
+            )
+            .map_err(io_err("opening the advert socket"))?,
+        );
         let now = SystemTime::now();
         let epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -255,7 +308,27 @@ impl Agent {
             anchor: (Instant::now(), now),
             datapath,
             last_wake: Instant::now(),
+            links: None,
+            grace_until: None,
+            window_until: None,
         })
+    }
+
+    /// The advert socket, which endpoint sharing sends on too.
+    pub fn transport(&self) -> Arc<Transport> {
+        Arc::clone(&self.transport)
+    }
+
+    /// The public interface's MAC address.
+    pub fn mac(&self) -> Mac {
+        self.mac
+    }
+
+    /// Connects failover continuity: endpoint messages go to `sync`; on
+    /// becoming master the agent asks it for the recently active peers and
+    /// `wireguard` kicks them.
+    pub fn connect(&mut self, sync: SyncHandle, wireguard: WireguardHandle) {
+        self.links = Some(Links { sync, wireguard });
     }
 
     /// Runs the election until `cancel` fires, then hands over or resigns
@@ -271,10 +344,15 @@ impl Agent {
         let mut buf = vec![0u8; MAX_ADVERT];
         let mut stopping = false;
         loop {
-            let deadline = self
-                .machine
-                .next_deadline()
-                .unwrap_or_else(|| Instant::now() + self.config.election.interval);
+            let deadline = [
+                self.machine.next_deadline(),
+                self.grace_until,
+                self.window_until,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + self.config.election.interval);
             // The select only takes the input; the machine sees it after the
             // pause check below.
             let input = tokio::select! {
@@ -311,7 +389,10 @@ impl Agent {
             }
             let actions = match input {
                 Input::Shutdown => self.machine.on_event(Event::Shutdown, Instant::now()),
-                Input::Tick => self.machine.on_event(Event::Tick, Instant::now()),
+                Input::Tick => {
+                    self.end_windows(Instant::now()).await;
+                    self.machine.on_event(Event::Tick, Instant::now())
+                }
                 Input::Advert { len, from, known } => self.receive(&buf[..len], from, known),
                 Input::Health(HealthEvent::Fault { healthy, reason }) => self
                     .machine
@@ -327,12 +408,52 @@ impl Agent {
             }
             self.last_wake = Instant::now();
         }
+        // A gateway that handed over keeps answering for its old sessions
+        // until the window closes, even when it is stopping.
+        if let Some(until) = self.grace_until {
+            info!(
+                left_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                "answering for the sessions handed over until the window closes"
+            );
+            tokio::time::sleep_until(until.into()).await;
+            self.end_windows(until).await;
+        }
         info!("HA agent stopped");
+    }
+
+    /// Ends the grace after a handover and closes the window, when due.
+    async fn end_windows(&mut self, now: Instant) {
+        if self.grace_until.is_some_and(|until| now >= until) {
+            self.grace_until = None;
+            self.window_until = None;
+            // Unless this gateway became master again meanwhile.
+            if self.machine.role() != Role::Master {
+                self.set_ownership(Ownership::None).await;
+            }
+            self.close_window().await;
+            info!("handover window closed: this gateway owns no client");
+        }
+        if self.window_until.is_some_and(|until| now >= until) {
+            self.window_until = None;
+            self.close_window().await;
+            info!("handover window closed");
+        }
     }
 
     /// Decodes, authenticates and checks an advert; drops and counts it on
     /// any fault.
     fn receive(&mut self, bytes: &[u8], from: SocketAddr, known: bool) -> Vec<Action> {
+        if sync::is_sync(bytes) {
+            match &self.links {
+                Some(links) => {
+                    if !links.sync.deliver(bytes.to_vec(), from, known) {
+                        self.drop_advert("endpoint-queue-full", from);
+                    }
+                }
+                None => self.drop_advert("endpoint-message-unused", from),
+            }
+            return Vec::new();
+        }
         if !known {
             self.drop_advert("unknown-sender", from);
             return Vec::new();
@@ -434,13 +555,18 @@ impl Agent {
                 }
                 Action::TakeVips => {
                     self.log_transition();
+                    let became = Instant::now();
                     // The fence must let ARP for the VIPs through before they
-                    // are announced.
+                    // are announced, and the egress guard the answers out.
                     self.renew(true).await;
+                    self.grace_until = None;
+                    self.set_ownership(Ownership::All).await;
                     if let Err(error) = self.vips.take().await {
                         error!(error = %error_chain(&error), "adding the VIPs failed");
                     }
                     self.announce();
+                    let vip_move = became.elapsed();
+                    self.on_master(became, vip_move).await;
                 }
                 Action::ReleaseVips => {
                     self.log_transition();
@@ -448,6 +574,7 @@ impl Agent {
                         announcing.cancel();
                     }
                     self.renew(false).await;
+                    self.on_release().await;
                     if let Err(error) = self.vips.release().await {
                         error!(error = %error_chain(&error), "removing the VIPs failed");
                     }
@@ -457,6 +584,172 @@ impl Agent {
             }
         }
         exit
+    }
+
+    /// Failover continuity on becoming master: the second-chance window
+    /// toward the gateway that handed over, and handshakes kicked to the
+    /// recently active peers.
+    async fn on_master(&mut self, became: Instant, vip_move: Duration) {
+        self.window_until = None;
+        let Some(links) = self.links.clone() else {
+            return;
+        };
+        let settings = self.config.continuity;
+        let cause = self.machine.cause();
+        let reason = self
+            .machine
+            .transitions()
+            .last()
+            .map(|t| t.reason.clone())
+            .unwrap_or_default();
+        let (detection_ms, planned) = match cause {
+            Cause::Takeover { last_heard, .. } => (
+                last_heard.map(|at| became.saturating_duration_since(at).as_millis() as u64),
+                false,
+            ),
+            Cause::HandoverFrom(_) => (None, true),
+            Cause::HandedOverTo(_) | Cause::Other => (None, false),
+        };
+        let recent = match links.sync.recent(settings.kick_window).await {
+            Ok(recent) => recent,
+            Err(error) => {
+                error!(%error, "no endpoint table: no handshakes kicked");
+                Vec::new()
+            }
+        };
+        if let Cause::HandoverFrom(from) = cause {
+            let window = self.window_for(recent.len());
+            if self.open_window(&links, from, window).await {
+                self.window_until = Some(Instant::now() + window);
+            }
+        }
+        let at = SystemTime::now() - became.elapsed();
+        let request = KickRequest {
+            meta: FailoverMeta {
+                at,
+                cause: reason,
+                planned,
+                detection_ms,
+                vip_move_ms: vip_move.as_millis() as u64,
+            },
+            candidates: recent
+                .iter()
+                .map(|r| Candidate {
+                    key: r.key,
+                    endpoint: r.endpoint,
+                    last_handshake: r.last_handshake,
+                })
+                .collect(),
+            rate: settings.kick_rate,
+        };
+        info!(
+            recently_active = request.candidates.len(),
+            detection_ms,
+            vip_move_ms = request.meta.vip_move_ms,
+            planned,
+            "MASTER: kicking handshakes to the recently active peers"
+        );
+        if let Err(error) = links.wireguard.kick(request).await {
+            error!(error = %error_chain(&error), "kicking handshakes failed");
+        }
+    }
+
+    /// Failover continuity on giving the VIPs up: after a handover, grace
+    /// (answers but no new handshakes) and the window toward the new
+    /// master; otherwise, nothing goes out to clients any more.
+    async fn on_release(&mut self) {
+        self.window_until = None;
+        let handed_to = match self.machine.cause() {
+            Cause::HandedOverTo(to) => Some(to),
+            _ => None,
+        };
+        let window = self.config.continuity.handover_window;
+        if let (Some(to), Some(links), false) = (handed_to, self.links.clone(), window.is_zero())
+        {
+            let peers = links
+                .sync
+                .recent(self.config.continuity.kick_window)
+                .await
+                .map_or(0, |recent| recent.len());
+            let window = self.window_for(peers);
+            self.set_ownership(Ownership::Grace).await;
+            self.open_window(&links, to, window).await;
+            self.grace_until = Some(Instant::now() + window);
+            info!(
+                to,
+                window_ms = window.as_millis() as u64,
+                "handed over: answering for this gateway's sessions until the window closes"
+            );
+        } else {
+            self.grace_until = None;
+            self.set_ownership(Ownership::None).await;
+            self.close_window().await;
+        }
+    }
+
+    /// How long the handover window stays open: the configured time plus
+    /// what kicking `peers` takes at the kick rate.
+    fn window_for(&self, peers: usize) -> Duration {
+        let settings = self.config.continuity;
+        let kicking = match settings.kick_rate {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs_f64(peers as f64 / f64::from(rate)),
+        };
+        if settings.handover_window.is_zero() {
+            Duration::ZERO
+        } else {
+            settings.handover_window + kicking
+        }
+    }
+
+    /// Opens the second-chance window toward gateway `to` for `window`;
+    /// false when it cannot (no window configured, `to`'s MAC address not
+    /// known yet).
+    async fn open_window(&self, links: &Links, to: u32, window: Duration) -> bool {
+        if window.is_zero() {
+            return false;
+        }
+        let mac = match links.sync.mac_of(to).await {
+            Ok(Some(mac)) => mac,
+            Ok(None) => {
+                warn!(
+                    gateway = to,
+                    "no endpoint message from that gateway yet: its MAC address is unknown, no handover window"
+                );
+                return false;
+            }
+            Err(error) => {
+                warn!(%error, "no handover window");
+                return false;
+            }
+        };
+        match self.datapath.open_handover(mac, self.mac, window).await {
+            Ok(()) => true,
+            Err(error) => {
+                error!(error = %error_chain(&error), "opening the handover window failed");
+                false
+            }
+        }
+    }
+
+    async fn close_window(&self) {
+        if self.links.is_none() {
+            return;
+        }
+        if let Err(error) = self.datapath.close_handover().await {
+            error!(error = %error_chain(&error), "closing the handover window failed");
+        }
+    }
+
+    /// Tells the egress guard what this gateway may send (a no-op without
+    /// failover continuity: the guard is not attached then).
+    async fn set_ownership(&self, ownership: Ownership) {
+        if self.links.is_none() {
+            return;
+        }
+        if let Err(error) = self.datapath.set_ownership(ownership).await {
+            error!(error = %error_chain(&error), ?ownership, "setting the egress guard failed");
+        }
     }
 
     /// How long a renewal of the fence's lease lasts.
@@ -575,6 +868,14 @@ impl Agent {
                 .collect(),
             dropped: self.dropped.clone(),
             fence: self.datapath.fence_status().await.ok().flatten(),
+            failovers: match &self.links {
+                Some(links) => links.wireguard.failovers().await.unwrap_or_default(),
+                None => Vec::new(),
+            },
+            endpoints: match &self.links {
+                Some(links) => links.sync.status().await.ok(),
+                None => None,
+            },
         }
     }
 }

@@ -379,7 +379,7 @@ mod tests {
             key: Key::new([n; 32]),
             endpoint: endpoint.parse().unwrap(),
             last_handshake: SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
-            kicked: n % 2 == 0,
+            kicked: n.is_multiple_of(2),
         }
     }
 

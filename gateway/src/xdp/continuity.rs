@@ -408,6 +408,28 @@ fn pin_path(dir: &Path, interface: &str) -> Option<PathBuf> {
     Some(dir.join(format!("tc-egress-{netns}-{index}")))
 }
 
+/// Removes the egress link pinned on `interface` in `pin_dir` by an earlier
+/// run, if there is one.
+pub fn remove_stale(interface: &str, pin_dir: &Path) -> Result<(), XdpError> {
+    let Some(pin) = pin_path(pin_dir, interface) else {
+        return Ok(());
+    };
+    if !pin.exists() {
+        return Ok(());
+    }
+    std::fs::remove_file(&pin).map_err(|source| XdpError::Pin {
+        op: "removing",
+        path: pin.clone(),
+        source,
+    })?;
+    warn!(
+        interface,
+        pin = %pin.display(),
+        "removed the egress guard an earlier run left: failover continuity is not configured"
+    );
+    Ok(())
+}
+
 /// How long a jiffies deadline `span` from now is, given the kernel's `hz`.
 pub fn jiffies_for(span: Duration, hz: u64) -> u64 {
     (span.as_nanos() as u64 * hz).div_ceil(1_000_000_000)

@@ -535,6 +535,13 @@ impl Datapath {
             .attach(&mut self.ebpf, interface, listen_port, pin_dir)
     }
 
+    /// Removes an egress guard that an earlier run with failover
+    /// continuity pinned on `interface`: without it configured now, the
+    /// guard would keep this gateway's WireGuard silent.
+    pub fn remove_stale_egress(&mut self, interface: &str, pin_dir: &Path) -> Result<(), XdpError> {
+        continuity::remove_stale(interface, pin_dir)
+    }
+
     /// The egress guard and the handover window.
     pub fn continuity(&self) -> &Continuity {
         &self.continuity
