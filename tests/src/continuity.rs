@@ -154,6 +154,14 @@ impl TunnelLocation {
             switch.ip(&["link", "set", "dev", &port, "master", &bridge])?;
             switch.set_up(&port)?;
             netns.add_addr(&link, &format!("{}/{PREFIX}", client_addr(index)))?;
+            // A veth hands a local socket's datagram on with its checksum
+            // left to an offload that never runs; a gateway that sends the
+            // frame on with XDP_TX (the handover's second chance) would
+            // pass on a wrong checksum. Frames from a real wire carry a
+            // complete one: so do these.
+            netns
+                .exec_ok("ethtool", &["-K", &link, "tx", "off"])
+                .with_context(|| format!("turning checksum offload off on {link}"))?;
             netns.set_up(&link)?;
             let wg = WgInterface::create(&netns, &run.ifname(&format!("t{index}")), run.dir())
                 .with_context(|| format!("creating the WireGuard interface of client {index}"))?;
@@ -290,4 +298,112 @@ pub fn finish_probers(mut probers: Vec<Prober>) -> Result<Vec<ProbeSummary>> {
         .into_iter()
         .map(|prober| prober.wait(Duration::from_secs(10)))
         .collect()
+}
+
+/// `bpf(2)` commands the harness uses on its own.
+const BPF_OBJ_GET: i64 = 7;
+const BPF_LINK_DETACH: i64 = 34;
+
+/// Takes gateway `id`'s egress guard off its interface, as if it had never
+/// been there: the link the daemon pinned is detached by force
+/// (`BPF_LINK_DETACH`), which no handle on it can undo. For showing what
+/// happens without the guard.
+pub fn detach_egress_guard(location: &HaLocation, id: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let gateway = location.gateway(id);
+    let netns = std::fs::metadata(format!("/run/netns/{}", gateway.netns().name()))
+        .with_context(|| format!("finding the namespace of gateway {id}"))?
+        .ino();
+    let bpffs = location.run().bpffs()?;
+    let prefix = format!("tc-egress-{netns}-");
+    let pin = std::fs::read_dir(&bpffs)
+        .with_context(|| format!("listing {}", bpffs.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .with_context(|| format!("gateway {id} pinned no egress link in {}", bpffs.display()))?;
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
+    // bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags (and room for
+    // the rest of the union, zeroed).
+    let mut attr = [0u64; 8];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: `attr` is a zeroed bpf_attr of the size given whose pathname
+    // points to a NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "opening the pinned link {}: {}",
+        pin.display(),
+        std::io::Error::last_os_error()
+    );
+    let mut attr = [0u64; 8];
+    attr[0] = fd as u64 & 0xffff_ffff;
+    // SAFETY: a zeroed bpf_attr whose link_fd is the descriptor just opened.
+    let detached = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_mut_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: `fd` was returned by BPF_OBJ_GET above and is closed once.
+    unsafe { nix::libc::close(fd as i32) };
+    ensure!(detached == 0, "detaching {}: {error}", pin.display());
+    Ok(())
+}
+
+/// Makes gateway `id`'s WireGuard start a handshake with client `client`
+/// now, as its own rekey timer would: the peer is removed and added again
+/// (which clears its sessions) with the client's endpoint and a keepalive,
+/// through `wg` in the gateway's namespace, not through the daemon.
+pub fn force_rekey(location: &TunnelLocation, id: u32, client: usize) -> Result<()> {
+    let gateway = location.location().gateway(id);
+    let interface = gateway
+        .wireguard_interface()
+        .with_context(|| format!("gateway {id} runs no WireGuard"))?
+        .to_owned();
+    let client = &location.clients()[client];
+    let key = client.wg().public_key().to_owned();
+    let port = client
+        .wg()
+        .wg(&["show", client.wg().name(), "listen-port"])?
+        .trim()
+        .to_owned();
+    let endpoint = format!("{}:{port}", client_addr(client.index()));
+    let allowed = format!("{}/32", client_tunnel(client.index()));
+    let netns = gateway.netns();
+    netns.exec_ok("wg", &["set", &interface, "peer", &key, "remove"])?;
+    netns.exec_ok(
+        "wg",
+        &[
+            "set",
+            &interface,
+            "peer",
+            &key,
+            "allowed-ips",
+            &allowed,
+            "endpoint",
+            &endpoint,
+            "persistent-keepalive",
+            "1",
+        ],
+    )?;
+    netns.exec_ok(
+        "wg",
+        &["set", &interface, "peer", &key, "persistent-keepalive", "0"],
+    )?;
+    Ok(())
 }

@@ -505,6 +505,9 @@ impl Prober {
 #[derive(Debug)]
 pub struct HaLocation {
     gateways: Vec<HaGateway>,
+    /// Empty XDP programs on the switch's gateway ports (with WireGuard:
+    /// the handover sends frames between gateways with `XDP_TX`).
+    _xdp_pass: Vec<crate::xdp_pass::XdpPass>,
     client: Netns,
     switch: Netns,
     client_if: String,
@@ -561,6 +564,13 @@ impl HaLocation {
         }
         let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
         bridge(&switch, &run.ifname("br"), &port_refs)?;
+        let xdp_pass = match options.wireguard {
+            Some(_) => links
+                .iter()
+                .map(|(_, _, _, port, _)| crate::xdp_pass::attach(&switch, port))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
 
         // Every daemon first, then wait for each: one election, not a
         // gateway that wins alone before the others start.
@@ -648,6 +658,7 @@ impl HaLocation {
         }
         let mut location = Self {
             gateways,
+            _xdp_pass: xdp_pass,
             client,
             switch,
             client_if,

@@ -31,6 +31,7 @@ pub mod stop;
 pub mod wait;
 pub mod wireguard;
 pub mod xdp;
+pub mod xdp_pass;
 
 pub use bins::{BIN_DIR_ENV, bin_dir, binary};
 pub use cmd::{CmdOutput, run_bounded, run_ok, run_with_input};

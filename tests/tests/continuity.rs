@@ -13,8 +13,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use tidegate_tests::continuity::{ClientOptions, TunnelLocation, finish_probers};
-use tidegate_tests::ha::{Role, TunnelOptions, status_of};
+use tidegate_tests::continuity::{
+    ClientOptions, TunnelLocation, detach_egress_guard, finish_probers, force_rekey,
+};
+use tidegate_tests::ha::{Role, SERVICE_PORT, TunnelOptions, gateway_addr, status_of};
 use tidegate_tests::{HaOptions, ProbeSummary, require_root};
 
 /// How long a role change may take after its cause.
@@ -123,5 +125,211 @@ fn a_crashed_master_is_replaced_and_every_tunnel_resumes() -> Result<()> {
     location.ensure_endpoints_on_vip()?;
     let statuses = location.location_mut().statuses()?;
     ensure!(status_of(&statuses, 1)?.role == Role::Master);
+    Ok(())
+}
+
+
+/// Every prober lost nothing, and was answered by `sequence` in turn.
+fn ensure_lossless(summaries: &[ProbeSummary], sequence: &[u32]) -> Result<()> {
+    for (i, summary) in summaries.iter().enumerate() {
+        ensure!(
+            summary.sent > 0 && summary.lost == 0,
+            "client {i} lost probes: {} ({:?})",
+            summary.brief(),
+            summary.losses()
+        );
+        ensure!(
+            summary.sequence == sequence,
+            "client {i} answered by {:?}, expected {sequence:?}: {}",
+            summary.sequence,
+            summary.brief()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `tidectl failover` on gateway `from`, waits for `to` to be master
+/// and done with its kicks, and for the handover window to close.
+fn hand_over(location: &mut TunnelLocation, from: u32, to: u32) -> Result<()> {
+    let out = location.location().gateway(from).tidectl(&["failover"])?;
+    ensure!(
+        out.status.success() && out.stdout.contains(&format!("handing over to gateway {to}")),
+        "tidectl failover on gateway {from}: {out:?}"
+    );
+    location.location_mut().wait_master(to, SWITCH)?;
+    let status = location.wait_followed(to, Duration::from_secs(40))?;
+    let report = status.failovers.last().context("no failover report")?;
+    narrate(&format!(
+        "gateway {from} handed over to {to}: {} kicked, {} back, 95% back after {:?} ms",
+        report.kicked, report.completed, report.fresh_95_ms
+    ));
+    ensure!(
+        report.meta.planned && report.completed == location.clients().len(),
+        "{report:?}"
+    );
+    // The window (2 s here) closes before the next event.
+    std::thread::sleep(Duration::from_millis(2500));
+    Ok(())
+}
+
+#[test]
+fn planned_failovers_back_and_forth_and_sigterm_lose_no_probe() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(20, None, tunnel())?;
+    location.wait_shared(1, SHARED)?;
+    location.wait_shared(2, SHARED)?;
+    let probers = location.start_probers(PROBES)?;
+    std::thread::sleep(SETTLE);
+
+    hand_over(&mut location, 2, 1)?;
+    location.ensure_endpoints_on_vip()?;
+    hand_over(&mut location, 1, 2)?;
+    location.ensure_endpoints_on_vip()?;
+    narrate("after two handovers back and forth every client's endpoint is the VIP");
+
+    // SIGTERM on the master hands over too, and the daemon keeps answering
+    // for its sessions until the window closes before it exits.
+    let status = location
+        .location_mut()
+        .gateway_mut(2)
+        .daemon_mut()
+        .stop()?;
+    ensure!(status.success(), "gateway 2's daemon exited {status}");
+    location.location_mut().wait_master(1, SWITCH)?;
+    location.wait_followed(1, Duration::from_secs(40))?;
+    std::thread::sleep(SETTLE);
+    let summaries = finish_probers(probers)?;
+    narrate_tunnels(&summaries);
+    ensure_lossless(&summaries, &[2, 1, 2, 1])?;
+    location.ensure_endpoints_on_vip()?;
+    // The frames of the old sessions went the other way during each window.
+    let counters = location.location_mut().gateway_mut(1).daemon_mut().counters()?;
+    narrate(&format!(
+        "gateway 1 handed on {} frames of gateway 2's sessions",
+        counters.counter("handed-over")?.packets
+    ));
+    Ok(())
+}
+
+#[test]
+fn clients_that_only_send_keepalives_resume_too() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let clients = 8;
+    let mut location = build(clients, Some(1), tunnel())?;
+    location.wait_shared(1, SHARED)?;
+    // Nothing but keepalives from here on.
+    std::thread::sleep(Duration::from_secs(2));
+    location.location_mut().gateway_mut(2).crash_all()?;
+    narrate("gateway 2 crashed; the clients send keepalives only, every second");
+    location.location_mut().wait_master(1, SWITCH)?;
+    let status = location.wait_followed(1, Duration::from_secs(40))?;
+    let report = status.failovers.last().context("no failover report")?;
+    narrate(&format!("failover: {report:?}"));
+    ensure!(
+        report.recently_active == clients && report.completed == clients,
+        "{report:?}"
+    );
+    // Each client's keepalives now reach gateway 1 on the new session: its
+    // received bytes grow past the handshake's.
+    let before = location.location_mut().gateway_mut(1).daemon_mut().peers()?;
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = location.location_mut().gateway_mut(1).daemon_mut().peers()?;
+    for client in location.clients() {
+        let key = client.wg().public_key();
+        let rx = |reply: &tidegate_tests::PeersReply| reply.peer(key).map_or(0, |p| p.rx_bytes);
+        ensure!(
+            rx(&after) > rx(&before),
+            "client {}: no keepalive reached gateway 1 ({} -> {} bytes)",
+            client.index(),
+            rx(&before),
+            rx(&after)
+        );
+    }
+    location.ensure_endpoints_on_vip()?;
+    narrate("every client's keepalives reach gateway 1, and its endpoint is the VIP");
+    Ok(())
+}
+
+/// Forces gateway 2 (a backup) to start a handshake with every client, as
+/// its rekey timer would; returns the clients whose endpoint for the
+/// location then moved to gateway 2's host address.
+fn steal_attempt(location: &TunnelLocation) -> Result<Vec<usize>> {
+    for client in 0..location.clients().len() {
+        force_rekey(location, 2, client)?;
+    }
+    // A handshake takes a round trip; the client roams on the response.
+    std::thread::sleep(Duration::from_millis(500));
+    let host = std::net::SocketAddr::from((gateway_addr(2), SERVICE_PORT)).to_string();
+    let mut stolen = Vec::new();
+    for client in location.clients() {
+        if client.gateway_endpoint()?.as_deref() == Some(host.as_str()) {
+            stolen.push(client.index());
+        }
+    }
+    Ok(stolen)
+}
+
+#[test]
+fn the_egress_guard_stops_an_old_master_stealing_its_clients_back() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let clients = 4;
+    let rounds = 5;
+
+    // With the guard: gateway 2 hands over (and stays BACKUP in
+    // maintenance), then its WireGuard tries again and again.
+    let mut location = build(clients, None, tunnel())?;
+    location.wait_shared(1, SHARED)?;
+    let out = location
+        .location()
+        .gateway(2)
+        .tidectl(&["maintenance", "on"])?;
+    ensure!(out.status.success(), "maintenance on: {out:?}");
+    location.location_mut().wait_master(1, SWITCH)?;
+    location.wait_followed(1, Duration::from_secs(40))?;
+    std::thread::sleep(Duration::from_millis(2500));
+    let probers = location.start_probers(PROBES)?;
+    let before = location.location_mut().gateway_mut(2).daemon_mut().counters_table()?;
+    let mut stolen_with = 0;
+    for round in 0..rounds {
+        let stolen = steal_attempt(&location)?;
+        narrate(&format!("guarded round {round}: clients stolen {stolen:?}"));
+        stolen_with += stolen.len();
+    }
+    let after = location.location_mut().gateway_mut(2).daemon_mut().counters_table()?;
+    let summaries = finish_probers(probers)?;
+    narrate_tunnels(&summaries);
+    narrate(&format!("gateway 2 before:\n{before}\ngateway 2 after:\n{after}"));
+    ensure!(
+        stolen_with == 0,
+        "{stolen_with} of {} attempts stole a client despite the guard",
+        rounds * clients
+    );
+    ensure_lossless(&summaries, &[1])?;
+    location.ensure_endpoints_on_vip()?;
+    let denied = |table: &str| -> u64 {
+        table
+            .lines()
+            .find(|l| l.contains("egress-denied-backup"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    ensure!(
+        denied(&after) >= denied(&before) + (rounds * clients) as u64,
+        "gateway 2's guard did not drop the handshake initiations"
+    );
+
+    // The same without the guard: the first attempt steals every client.
+    detach_egress_guard(location.location(), 2)?;
+    narrate("gateway 2's egress guard detached");
+    let stolen = steal_attempt(&location)?;
+    narrate(&format!("unguarded: clients stolen {stolen:?}"));
+    ensure!(
+        stolen.len() == clients,
+        "without the guard only {stolen:?} were stolen: the test did not reproduce the problem"
+    );
     Ok(())
 }

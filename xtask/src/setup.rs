@@ -4,13 +4,15 @@ use anyhow::{Result, bail};
 
 use crate::run::{Cmd, step};
 
-/// Debian packages the tests and the lab run: `ip`, `ping`, `wg`, and
-/// userspace WireGuard for kernels without the module.
+/// Debian packages the tests and the lab run: `ip`, `ping`, `wg`,
+/// userspace WireGuard for kernels without the module, and `ethtool` (the
+/// failover tests turn checksum offload off on the clients' veths).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "wireguard-tools",
     "wireguard-go",
+    "ethtool",
 ];
 
 pub fn is_root() -> bool {

@@ -21,6 +21,7 @@ use super::{
     health::HealthEvent,
     machine::{Action, Cause, Event, HandoverError, Heard, Machine, Role, Settings},
     sync,
+    endpoints::Recent,
     syncer::{SyncHandle, SyncStatus},
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
@@ -557,16 +558,20 @@ impl Agent {
                     self.log_transition();
                     let became = Instant::now();
                     // The fence must let ARP for the VIPs through before they
-                    // are announced, and the egress guard the answers out.
+                    // are announced, the egress guard the answers out, and
+                    // (after a handover) the old sessions' frames must go on
+                    // to the old master from the first one the announcement
+                    // brings.
                     self.renew(true).await;
                     self.grace_until = None;
                     self.set_ownership(Ownership::All).await;
+                    let recent = self.before_master().await;
                     if let Err(error) = self.vips.take().await {
                         error!(error = %error_chain(&error), "adding the VIPs failed");
                     }
                     self.announce();
                     let vip_move = became.elapsed();
-                    self.on_master(became, vip_move).await;
+                    self.on_master(became, vip_move, recent).await;
                 }
                 Action::ReleaseVips => {
                     self.log_transition();
@@ -589,8 +594,30 @@ impl Agent {
     /// Failover continuity on becoming master: the second-chance window
     /// toward the gateway that handed over, and handshakes kicked to the
     /// recently active peers.
-    async fn on_master(&mut self, became: Instant, vip_move: Duration) {
+    /// Before the VIPs move here: the recently active peers, and after a
+    /// handover the second-chance window toward the old master.
+    async fn before_master(&mut self) -> Vec<Recent> {
         self.window_until = None;
+        let Some(links) = self.links.clone() else {
+            return Vec::new();
+        };
+        let recent = match links.sync.recent(self.config.continuity.kick_window).await {
+            Ok(recent) => recent,
+            Err(error) => {
+                error!(%error, "no endpoint table: no handshakes kicked");
+                Vec::new()
+            }
+        };
+        if let Cause::HandoverFrom(from) = self.machine.cause() {
+            let window = self.window_for(recent.len());
+            if self.open_window(&links, from, window).await {
+                self.window_until = Some(Instant::now() + window);
+            }
+        }
+        recent
+    }
+
+    async fn on_master(&mut self, became: Instant, vip_move: Duration, recent: Vec<Recent>) {
         let Some(links) = self.links.clone() else {
             return;
         };
@@ -610,19 +637,6 @@ impl Agent {
             Cause::HandoverFrom(_) => (None, true),
             Cause::HandedOverTo(_) | Cause::Other => (None, false),
         };
-        let recent = match links.sync.recent(settings.kick_window).await {
-            Ok(recent) => recent,
-            Err(error) => {
-                error!(%error, "no endpoint table: no handshakes kicked");
-                Vec::new()
-            }
-        };
-        if let Cause::HandoverFrom(from) = cause {
-            let window = self.window_for(recent.len());
-            if self.open_window(&links, from, window).await {
-                self.window_until = Some(Instant::now() + window);
-            }
-        }
         let at = SystemTime::now() - became.elapsed();
         let request = KickRequest {
             meta: FailoverMeta {
