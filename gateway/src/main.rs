@@ -135,12 +135,9 @@ async fn run(args: Args) -> Result<()> {
         Some(ha) => Some(Agent::start(ha.clone(), datapath_handle.clone()).await?),
         None => None,
     };
-    if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) = (
-        ha.as_mut(),
-        &config.ha,
-        &wireguard_handle,
-        local_peers,
-    ) {
+    if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) =
+        (ha.as_mut(), &config.ha, &wireguard_handle, local_peers)
+    {
         let sync_config = SyncConfig {
             location_id: ha_config.location_id,
             gateway_id: ha_config.election.gateway_id,

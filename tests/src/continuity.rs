@@ -16,6 +16,7 @@
 //! gateway's config file, applied with `tidectl reload`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -23,9 +24,12 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::gateway::PeerEntry;
 use crate::ha::{
     ECHO_PORT, HaLocation, HaOptions, HaStatus, PREFIX, Prober, SERVICE_PORT, TUNNEL_ADDR,
-    TunnelOptions, VIP, start_prober_to,
+    TunnelOptions, VIP, start_echo_at, start_prober_to,
 };
+use crate::keepalived::KeepalivedLocation;
 use crate::netns::Netns;
+use crate::process::Process;
+use crate::run::Run;
 use crate::probe::ProbeSummary;
 use crate::wait::{Probe, poll_until};
 use crate::wireguard::{KeyPair, WgInterface, WgPeer};
@@ -124,11 +128,6 @@ impl TunnelLocation {
     /// here), then the clients, peered with every gateway, and makes every
     /// client complete a handshake with the master.
     pub fn build(options: &HaOptions, tunnel: TunnelOptions, clients: &ClientOptions) -> Result<Self> {
-        ensure!(
-            (1..=MAX_CLIENTS).contains(&clients.count),
-            "1 to {MAX_CLIENTS} clients, not {}",
-            clients.count
-        );
         let keys = KeyPair::generate()?;
         let options = HaOptions {
             wireguard: Some(TunnelOptions {
@@ -143,39 +142,12 @@ impl TunnelLocation {
             location,
             probers: 0,
         };
-        let run = this.location.run();
-        let bridge = run.ifname("br");
-        for index in 0..clients.count {
-            let netns = Netns::create(&run.netns_name(&format!("k{index}")))?;
-            let link = run.ifname(&format!("k{index}"));
-            let port = run.ifname(&format!("k{index}b"));
-            crate::netns::veth(&netns, &link, this.location.switch(), &port)?;
-            let switch = this.location.switch();
-            switch.ip(&["link", "set", "dev", &port, "master", &bridge])?;
-            switch.set_up(&port)?;
-            netns.add_addr(&link, &format!("{}/{PREFIX}", client_addr(index)))?;
-            // A veth hands a local socket's datagram on with its checksum
-            // left to an offload that never runs; a gateway that sends the
-            // frame on with XDP_TX (the handover's second chance) would
-            // pass on a wrong checksum. Frames from a real wire carry a
-            // complete one: so do these.
-            netns
-                .exec_ok("ethtool", &["-K", &link, "tx", "off"])
-                .with_context(|| format!("turning checksum offload off on {link}"))?;
-            netns.set_up(&link)?;
-            let wg = WgInterface::create(&netns, &run.ifname(&format!("t{index}")), run.dir())
-                .with_context(|| format!("creating the WireGuard interface of client {index}"))?;
-            wg.add_peer(&WgPeer {
-                public_key: &keys.public,
-                endpoint: Some(SocketAddr::from((VIP, SERVICE_PORT))),
-                allowed_ips: &[&format!("{TUNNEL_ADDR}/32")],
-                persistent_keepalive: clients.keepalive,
-            })?;
-            wg.add_addr(&format!("{}/32", client_tunnel(index)))?;
-            wg.up()?;
-            netns.ip(&["route", "add", &format!("{TUNNEL_ADDR}/32"), "dev", wg.name()])?;
-            this.clients.push(TunnelClient { index, wg, netns });
-        }
+        this.clients = build_clients(
+            this.location.run(),
+            this.location.switch(),
+            &keys.public,
+            clients,
+        )?;
         let peers: Vec<PeerEntry> = this.clients.iter().map(TunnelClient::peer_entry).collect();
         for id in this.location.ids() {
             let daemon = this.location.gateway_mut(id).daemon_mut();
@@ -186,20 +158,7 @@ impl TunnelLocation {
                 .tidectl_ok(&["reload"])
                 .with_context(|| format!("loading the clients' peers on gateway {id}"))?;
         }
-        for client in &this.clients {
-            let report = client.netns.ping_paced(
-                IpAddr::V4(TUNNEL_ADDR),
-                1,
-                Duration::from_millis(200),
-                Duration::from_secs(5),
-            )?;
-            ensure!(
-                report.received == 1,
-                "client {}: no answer through the tunnel: {}",
-                client.index,
-                report.summary
-            );
-        }
+        warm_up(&this.clients)?;
         Ok(this)
     }
 
@@ -221,22 +180,13 @@ impl TunnelLocation {
     /// Starts a prober on every client: `count` probes through its tunnel
     /// to the echo on the tunnel address, one every 10 ms.
     pub fn start_probers(&mut self, count: u64) -> Result<Vec<Prober>> {
-        ensure!(count <= PROBER_COUNT_LIMIT, "{count} probes is too many");
         self.probers += 1;
-        let target = SocketAddr::from((TUNNEL_ADDR, ECHO_PORT));
-        let dir = self.location.run().dir().to_owned();
-        self.clients
-            .iter()
-            .map(|client| {
-                start_prober_to(
-                    &client.netns,
-                    target,
-                    &dir,
-                    &format!("tunnel{}-client{}", self.probers, client.index),
-                    count,
-                )
-            })
-            .collect()
+        start_probers(
+            &self.clients,
+            self.location.run().dir(),
+            self.probers,
+            count,
+        )
     }
 
     /// Waits until gateway `id`'s endpoint table holds every client.
@@ -270,22 +220,290 @@ impl TunnelLocation {
 
     /// Checks that every client's endpoint for the location is the VIP.
     pub fn ensure_endpoints_on_vip(&self) -> Result<()> {
-        let vip = SocketAddr::from((VIP, SERVICE_PORT)).to_string();
-        let mut wrong = Vec::new();
-        for client in &self.clients {
-            let endpoint = client.gateway_endpoint()?;
-            if endpoint.as_deref() != Some(vip.as_str()) {
-                wrong.push(format!("client {}: {endpoint:?}", client.index));
-            }
+        ensure_endpoints_on_vip(&self.clients)
+    }
+}
+
+/// Builds `options.count` clients on the segment of `run` (bridge in
+/// `switch`), each peered with the location (public key `location_key`)
+/// at the VIP.
+pub fn build_clients(
+    run: &Run,
+    switch: &Netns,
+    location_key: &str,
+    options: &ClientOptions,
+) -> Result<Vec<TunnelClient>> {
+    ensure!(
+        (1..=MAX_CLIENTS).contains(&options.count),
+        "1 to {MAX_CLIENTS} clients, not {}",
+        options.count
+    );
+    let bridge = run.ifname("br");
+    let mut clients = Vec::with_capacity(options.count);
+    for index in 0..options.count {
+        let netns = Netns::create(&run.netns_name(&format!("k{index}")))?;
+        let link = run.ifname(&format!("k{index}"));
+        let port = run.ifname(&format!("k{index}b"));
+        crate::netns::veth(&netns, &link, switch, &port)?;
+        switch.ip(&["link", "set", "dev", &port, "master", &bridge])?;
+        switch.set_up(&port)?;
+        netns.add_addr(&link, &format!("{}/{PREFIX}", client_addr(index)))?;
+        // A veth hands a local socket's datagram on with its checksum
+        // left to an offload that never runs; a gateway that sends the
+        // frame on with XDP_TX (the handover's second chance) would pass
+        // on a wrong checksum. Frames from a real wire carry a complete
+        // one: so do these.
+        netns
+            .exec_ok("ethtool", &["-K", &link, "tx", "off"])
+            .with_context(|| format!("turning checksum offload off on {link}"))?;
+        netns.set_up(&link)?;
+        let wg = WgInterface::create(&netns, &run.ifname(&format!("t{index}")), run.dir())
+            .with_context(|| format!("creating the WireGuard interface of client {index}"))?;
+        wg.add_peer(&WgPeer {
+            public_key: location_key,
+            endpoint: Some(SocketAddr::from((VIP, SERVICE_PORT))),
+            allowed_ips: &[&format!("{TUNNEL_ADDR}/32")],
+            persistent_keepalive: options.keepalive,
+        })?;
+        wg.add_addr(&format!("{}/32", client_tunnel(index)))?;
+        wg.up()?;
+        netns.ip(&["route", "add", &format!("{TUNNEL_ADDR}/32"), "dev", wg.name()])?;
+        clients.push(TunnelClient { index, wg, netns });
+    }
+    Ok(clients)
+}
+
+/// Makes every client complete a handshake with the location: one echo
+/// request through each tunnel, answered.
+pub fn warm_up(clients: &[TunnelClient]) -> Result<()> {
+    for client in clients {
+        let report = client.netns.ping_paced(
+            IpAddr::V4(TUNNEL_ADDR),
+            1,
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        )?;
+        ensure!(
+            report.received == 1,
+            "client {}: no answer through the tunnel: {}",
+            client.index,
+            report.summary
+        );
+    }
+    Ok(())
+}
+
+/// Starts a prober on every client (round `round`, for file names):
+/// `count` probes through its tunnel to the echo on the tunnel address.
+pub fn start_probers(
+    clients: &[TunnelClient],
+    dir: &Path,
+    round: u32,
+    count: u64,
+) -> Result<Vec<Prober>> {
+    ensure!(count <= PROBER_COUNT_LIMIT, "{count} probes is too many");
+    let target = SocketAddr::from((TUNNEL_ADDR, ECHO_PORT));
+    clients
+        .iter()
+        .map(|client| {
+            start_prober_to(
+                &client.netns,
+                target,
+                dir,
+                &format!("tunnel{round}-client{}", client.index),
+                count,
+            )
+        })
+        .collect()
+}
+
+/// Checks that every client's endpoint for the location is the VIP.
+pub fn ensure_endpoints_on_vip(clients: &[TunnelClient]) -> Result<()> {
+    let vip = SocketAddr::from((VIP, SERVICE_PORT)).to_string();
+    let mut wrong = Vec::new();
+    for client in clients {
+        let endpoint = client.gateway_endpoint()?;
+        if endpoint.as_deref() != Some(vip.as_str()) {
+            wrong.push(format!("client {}: {endpoint:?}", client.index));
         }
-        if !wrong.is_empty() {
-            bail!(
-                "clients whose endpoint for the location is not {vip}: {}",
-                wrong.join("; ")
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "clients whose endpoint for the location is not {vip}: {}",
+            wrong.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Waits until every client completed a handshake after the ones in
+/// `before` (each client's latest handshake, Unix seconds, in order).
+pub fn wait_fresh_handshakes(clients: &[TunnelClient], before: &[u64], timeout: Duration) -> Result<()> {
+    poll_until(
+        "every client to complete a new handshake",
+        timeout,
+        Duration::from_millis(100),
+        || {
+            let mut stale = Vec::new();
+            for (client, before) in clients.iter().zip(before) {
+                if client.latest_handshake()? <= *before {
+                    stale.push(client.index);
+                }
+            }
+            Ok(if stale.is_empty() {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("clients {stale:?} still on their old session"))
+            })
+        },
+    )
+}
+
+/// Waits until every client's tunnel answers an echo request again.
+pub fn wait_tunnels_answer(clients: &[TunnelClient], timeout: Duration) -> Result<()> {
+    let started = std::time::Instant::now();
+    for client in clients {
+        loop {
+            let report = client.netns.ping_paced(
+                IpAddr::V4(TUNNEL_ADDR),
+                1,
+                Duration::from_millis(200),
+                Duration::from_secs(1),
+            )?;
+            if report.received == 1 {
+                break;
+            }
+            ensure!(
+                started.elapsed() < timeout,
+                "client {}'s tunnel did not answer within {timeout:?}",
+                client.index
             );
         }
-        Ok(())
     }
+    Ok(())
+}
+
+/// keepalived (VRRPv3) electing the VIP's holder on the same segment, with
+/// the location's WireGuard on every gateway (wireguard-go configured with
+/// `wg`, the same key and peers on each) and the same clients: what a
+/// location without failover continuity does.
+///
+/// Fields drop in order: the clients, the gateways' echoes and WireGuard,
+/// then the keepalived location.
+#[derive(Debug)]
+pub struct KeepalivedTunnel {
+    clients: Vec<TunnelClient>,
+    echoes: Vec<Process>,
+    gateway_wg: Vec<WgInterface>,
+    location: KeepalivedLocation,
+    probers: u32,
+}
+
+impl KeepalivedTunnel {
+    /// Builds the keepalived location with `options`, WireGuard on each
+    /// gateway, the clients, and a handshake from every client.
+    pub fn build(options: &HaOptions, clients: &ClientOptions) -> Result<Self> {
+        let location = KeepalivedLocation::build(options)?;
+        let keys = KeyPair::generate()?;
+        let run = location.run();
+        let key_file = run.dir().join("location.key");
+        write_key(&key_file, &keys.private)?;
+        let mut gateway_wg = Vec::new();
+        let mut echoes = Vec::new();
+        for id in 1..=options.priorities.len() as u32 {
+            let gateway = location.gateway(id);
+            let wg = WgInterface::create(gateway.netns(), &run.ifname(&format!("w{id}")), run.dir())?;
+            wg.wg(&["set", wg.name(), "private-key", &key_file.to_string_lossy()])?;
+            wg.set_listen_port(SERVICE_PORT)?;
+            wg.add_addr(&format!("{TUNNEL_ADDR}/24"))?;
+            wg.up()?;
+            echoes.push(start_echo_at(
+                gateway.netns(),
+                id,
+                SocketAddr::from((TUNNEL_ADDR, ECHO_PORT)),
+                &gateway.dir().join("tunnel-echo.log"),
+            )?);
+            gateway_wg.push(wg);
+        }
+        let mut this = Self {
+            clients: Vec::new(),
+            echoes,
+            gateway_wg,
+            location,
+            probers: 0,
+        };
+        this.clients = build_clients(
+            this.location.run(),
+            this.location.switch(),
+            &keys.public,
+            clients,
+        )?;
+        for wg in &this.gateway_wg {
+            for client in &this.clients {
+                let allowed = format!("{}/32", client_tunnel(client.index));
+                wg.add_peer(&WgPeer {
+                    public_key: client.wg.public_key(),
+                    endpoint: None,
+                    allowed_ips: &[&allowed],
+                    persistent_keepalive: None,
+                })?;
+            }
+        }
+        // The echoes answer once they listen; give them the time the
+        // warm-up's first ping would wait for anyway.
+        std::thread::sleep(Duration::from_millis(200));
+        warm_up(&this.clients)?;
+        Ok(this)
+    }
+
+    /// The keepalived location.
+    pub fn location(&self) -> &KeepalivedLocation {
+        &self.location
+    }
+
+    /// The keepalived location, mutably.
+    pub fn location_mut(&mut self) -> &mut KeepalivedLocation {
+        &mut self.location
+    }
+
+    /// The clients.
+    pub fn clients(&self) -> &[TunnelClient] {
+        &self.clients
+    }
+
+    /// A host crash of gateway `id`: keepalived, its echoes and its
+    /// wireguard-go die, and its link goes down.
+    pub fn crash(&mut self, id: u32) -> Result<()> {
+        self.location.gateway_mut(id).crash()?;
+        let index = usize::try_from(id - 1)?;
+        self.echoes[index].kill()?;
+        self.gateway_wg[index].kill()
+    }
+
+    /// Starts a prober on every client, as [`TunnelLocation::start_probers`].
+    pub fn start_probers(&mut self, count: u64) -> Result<Vec<Prober>> {
+        self.probers += 1;
+        start_probers(
+            &self.clients,
+            self.location.run().dir(),
+            self.probers,
+            count,
+        )
+    }
+}
+
+/// Writes a private key to a new file only its owner reads.
+fn write_key(path: &Path, key: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{key}").with_context(|| format!("writing {}", path.display()))
 }
 
 /// Stops every prober (all at once) and returns their summaries, in client

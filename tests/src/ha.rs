@@ -416,7 +416,9 @@ impl HaGateway {
 
     /// The location's WireGuard interface on this gateway, if it runs one.
     pub fn wireguard_interface(&self) -> Option<&str> {
-        self.wireguard_go.as_ref().map(DetachedWireguardGo::interface)
+        self.wireguard_go
+            .as_ref()
+            .map(DetachedWireguardGo::interface)
     }
 
     /// The wireguard-go serving this gateway's WireGuard, if any.
@@ -623,7 +625,11 @@ impl HaLocation {
                 .wireguard
                 .as_ref()
                 .map(|wg| DetachedWireguardGo::new(netns, &wg.interface));
-            daemons.push((GatewayDaemon::spawn(netns, config, &dir)?, wireguard_go, dir));
+            daemons.push((
+                GatewayDaemon::spawn(netns, config, &dir)?,
+                wireguard_go,
+                dir,
+            ));
         }
         let mut gateways = Vec::new();
         for ((mut daemon, wireguard_go, dir), ((id, netns, ifname, switch_port, mac), priority)) in
@@ -997,9 +1003,12 @@ fn start_echo(netns: &Netns, id: u32, dir: &Path) -> Result<Process> {
 /// Starts gateway `id`'s echo service on `bind`, logging to `log`.
 pub fn start_echo_at(netns: &Netns, id: u32, bind: SocketAddr, log: &Path) -> Result<Process> {
     let mut command = netns.command(binary(ECHO_BIN)?);
-    command
-        .args(["--bind", &bind.to_string()])
-        .args(["--id", &id.to_string(), "--lifetime-secs", "600"]);
+    command.args(["--bind", &bind.to_string()]).args([
+        "--id",
+        &id.to_string(),
+        "--lifetime-secs",
+        "600",
+    ]);
     Process::spawn(ECHO_BIN, netns, command, log)
 }
 
@@ -1035,13 +1044,7 @@ pub fn start_echo_service(netns: &Netns, id: u32, dir: &Path) -> Result<Process>
 /// `count` probes to the VIP, one every 10 ms, its summary and log in
 /// `dir` as `<name>.json` and `<name>.log`.
 pub fn start_prober_in(client: &Netns, dir: &Path, name: &str, count: u64) -> Result<Prober> {
-    start_prober_to(
-        client,
-        SocketAddr::from((VIP, ECHO_PORT)),
-        dir,
-        name,
-        count,
-    )
+    start_prober_to(client, SocketAddr::from((VIP, ECHO_PORT)), dir, name, count)
 }
 
 /// Starts a prober in `client` sending `count` probes to `target`, one

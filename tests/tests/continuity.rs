@@ -89,7 +89,10 @@ fn a_crashed_master_is_replaced_and_every_tunnel_resumes() -> Result<()> {
     let status = location.wait_shared(1, SHARED)?;
     narrate(&format!(
         "gateway 1's endpoint table: {:?}",
-        status.endpoints.as_ref().map(|e| (&e.entries, &e.by_gateway))
+        status
+            .endpoints
+            .as_ref()
+            .map(|e| (&e.entries, &e.by_gateway))
     ));
     let probers = location.start_probers(PROBES)?;
     std::thread::sleep(SETTLE);
@@ -103,7 +106,9 @@ fn a_crashed_master_is_replaced_and_every_tunnel_resumes() -> Result<()> {
     let longest = narrate_tunnels(&summaries);
     let report = status.failovers.last().context("no failover report")?;
     narrate(&format!("failover: {report:?}"));
-    narrate(&format!("longest tunnel gap of all clients: {longest:.1} ms"));
+    narrate(&format!(
+        "longest tunnel gap of all clients: {longest:.1} ms"
+    ));
     ensure!(
         report.recently_active == 20 && report.kicked == 20 && report.completed == 20,
         "{report:?}"
@@ -127,7 +132,6 @@ fn a_crashed_master_is_replaced_and_every_tunnel_resumes() -> Result<()> {
     ensure!(status_of(&statuses, 1)?.role == Role::Master);
     Ok(())
 }
-
 
 /// Every prober lost nothing, and was answered by `sequence` in turn.
 fn ensure_lossless(summaries: &[ProbeSummary], sequence: &[u32]) -> Result<()> {
@@ -153,7 +157,10 @@ fn ensure_lossless(summaries: &[ProbeSummary], sequence: &[u32]) -> Result<()> {
 fn hand_over(location: &mut TunnelLocation, from: u32, to: u32) -> Result<()> {
     let out = location.location().gateway(from).tidectl(&["failover"])?;
     ensure!(
-        out.status.success() && out.stdout.contains(&format!("handing over to gateway {to}")),
+        out.status.success()
+            && out
+                .stdout
+                .contains(&format!("handing over to gateway {to}")),
         "tidectl failover on gateway {from}: {out:?}"
     );
     location.location_mut().wait_master(to, SWITCH)?;
@@ -190,11 +197,7 @@ fn planned_failovers_back_and_forth_and_sigterm_lose_no_probe() -> Result<()> {
 
     // SIGTERM on the master hands over too, and the daemon keeps answering
     // for its sessions until the window closes before it exits.
-    let status = location
-        .location_mut()
-        .gateway_mut(2)
-        .daemon_mut()
-        .stop()?;
+    let status = location.location_mut().gateway_mut(2).daemon_mut().stop()?;
     ensure!(status.success(), "gateway 2's daemon exited {status}");
     location.location_mut().wait_master(1, SWITCH)?;
     location.wait_followed(1, Duration::from_secs(40))?;
@@ -204,7 +207,11 @@ fn planned_failovers_back_and_forth_and_sigterm_lose_no_probe() -> Result<()> {
     ensure_lossless(&summaries, &[2, 1, 2, 1])?;
     location.ensure_endpoints_on_vip()?;
     // The frames of the old sessions went the other way during each window.
-    let counters = location.location_mut().gateway_mut(1).daemon_mut().counters()?;
+    let counters = location
+        .location_mut()
+        .gateway_mut(1)
+        .daemon_mut()
+        .counters()?;
     narrate(&format!(
         "gateway 1 handed on {} frames of gateway 2's sessions",
         counters.counter("handed-over")?.packets
@@ -233,9 +240,17 @@ fn clients_that_only_send_keepalives_resume_too() -> Result<()> {
     );
     // Each client's keepalives now reach gateway 1 on the new session: its
     // received bytes grow past the handshake's.
-    let before = location.location_mut().gateway_mut(1).daemon_mut().peers()?;
+    let before = location
+        .location_mut()
+        .gateway_mut(1)
+        .daemon_mut()
+        .peers()?;
     std::thread::sleep(Duration::from_millis(2500));
-    let after = location.location_mut().gateway_mut(1).daemon_mut().peers()?;
+    let after = location
+        .location_mut()
+        .gateway_mut(1)
+        .daemon_mut()
+        .peers()?;
     for client in location.clients() {
         let key = client.wg().public_key();
         let rx = |reply: &tidegate_tests::PeersReply| reply.peer(key).map_or(0, |p| p.rx_bytes);
@@ -291,17 +306,27 @@ fn the_egress_guard_stops_an_old_master_stealing_its_clients_back() -> Result<()
     location.wait_followed(1, Duration::from_secs(40))?;
     std::thread::sleep(Duration::from_millis(2500));
     let probers = location.start_probers(PROBES)?;
-    let before = location.location_mut().gateway_mut(2).daemon_mut().counters_table()?;
+    let before = location
+        .location_mut()
+        .gateway_mut(2)
+        .daemon_mut()
+        .counters_table()?;
     let mut stolen_with = 0;
     for round in 0..rounds {
         let stolen = steal_attempt(&location)?;
         narrate(&format!("guarded round {round}: clients stolen {stolen:?}"));
         stolen_with += stolen.len();
     }
-    let after = location.location_mut().gateway_mut(2).daemon_mut().counters_table()?;
+    let after = location
+        .location_mut()
+        .gateway_mut(2)
+        .daemon_mut()
+        .counters_table()?;
     let summaries = finish_probers(probers)?;
     narrate_tunnels(&summaries);
-    narrate(&format!("gateway 2 before:\n{before}\ngateway 2 after:\n{after}"));
+    narrate(&format!(
+        "gateway 2 before:\n{before}\ngateway 2 after:\n{after}"
+    ));
     ensure!(
         stolen_with == 0,
         "{stolen_with} of {} attempts stole a client despite the guard",

@@ -312,7 +312,12 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
         let heard: Vec<String> = endpoints
             .gateways
             .iter()
-            .map(|g| format!("gateway {} {} {} ms ago", g.gateway_id, g.mac, g.last_heard_ms))
+            .map(|g| {
+                format!(
+                    "gateway {} {} {} ms ago",
+                    g.gateway_id, g.mac, g.last_heard_ms
+                )
+            })
             .collect();
         if !heard.is_empty() {
             let _ = writeln!(out, "endpoint messages from: {}", heard.join("; "));
@@ -337,7 +342,11 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
                 out,
                 "{:>10.1?} ago {:<16} {:>9}  {:>5} ms  {:>6}  {:>6}  {:>9}  {:>8}{}",
                 ago,
-                if f.meta.planned { "(handover)" } else { "(takeover)" },
+                if f.meta.planned {
+                    "(handover)"
+                } else {
+                    "(takeover)"
+                },
                 ms(f.meta.detection_ms),
                 f.meta.vip_move_ms,
                 f.recently_active,

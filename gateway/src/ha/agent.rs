@@ -18,10 +18,10 @@ use tracing::{debug, error, info, warn};
 use super::{
     advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
     announce::{self, FrameSocket, Mac},
+    endpoints::Recent,
     health::HealthEvent,
     machine::{Action, Cause, Event, HandoverError, Heard, Machine, Role, Settings},
     sync,
-    endpoints::Recent,
     syncer::{SyncHandle, SyncStatus},
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
@@ -678,8 +678,7 @@ impl Agent {
             _ => None,
         };
         let window = self.config.continuity.handover_window;
-        if let (Some(to), Some(links), false) = (handed_to, self.links.clone(), window.is_zero())
-        {
+        if let (Some(to), Some(links), false) = (handed_to, self.links.clone(), window.is_zero()) {
             let peers = links
                 .sync
                 .recent(self.config.continuity.kick_window)

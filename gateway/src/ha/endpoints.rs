@@ -149,8 +149,9 @@ impl EndpointTable {
     pub fn expire(&mut self, now: SystemTime) -> usize {
         let before = self.entries.len();
         let max_age = self.max_age;
-        self.entries
-            .retain(|_, known| now.duration_since(known.last_handshake).unwrap_or_default() <= max_age);
+        self.entries.retain(|_, known| {
+            now.duration_since(known.last_handshake).unwrap_or_default() <= max_age
+        });
         before - self.entries.len()
     }
 
@@ -160,7 +161,9 @@ impl EndpointTable {
         let mut recent: Vec<Recent> = self
             .entries
             .iter()
-            .filter(|(_, known)| now.duration_since(known.last_handshake).unwrap_or_default() <= window)
+            .filter(|(_, known)| {
+                now.duration_since(known.last_handshake).unwrap_or_default() <= window
+            })
             .map(|(key, known)| Recent {
                 key: *key,
                 endpoint: known.endpoint,
@@ -297,7 +300,10 @@ mod tests {
         let mut table = table();
         table.merge(
             1,
-            &[entry(1, "198.51.100.7:1", 0), entry(2, "198.51.100.7:2", 500)],
+            &[
+                entry(1, "198.51.100.7:1", 0),
+                entry(2, "198.51.100.7:2", 500),
+            ],
             at(500),
         );
         assert_eq!(table.expire(at(600)), 0);

@@ -247,7 +247,8 @@ impl Message {
                     6 => IpAddr::V6(Ipv6Addr::from(addr)),
                     _ => return Err(SyncError::Malformed("bad address")),
                 };
-                if raw[41] & !FLAG_KICKED != 0 || port == 0 || ip.is_unspecified() || key.is_zero() {
+                if raw[41] & !FLAG_KICKED != 0 || port == 0 || ip.is_unspecified() || key.is_zero()
+                {
                     return Err(SyncError::Malformed("bad entry"));
                 }
                 Ok(Entry {
@@ -469,10 +470,7 @@ mod tests {
             (|m| m.gateway_id = 0, "gateway id 0"),
             (|m| m.part = 3, "part outside the refresh"),
             (|m| m.entries[0].endpoint.set_port(0), "bad entry"),
-            (
-                |m| m.entries[1].key = Key::new([0; 32]),
-                "bad entry",
-            ),
+            (|m| m.entries[1].key = Key::new([0; 32]), "bad entry"),
         ];
         for (change, expected) in cases {
             let mut message = sample();

@@ -195,7 +195,10 @@ impl FailoverRun {
         configured: impl Fn(&Key) -> bool,
     ) -> Self {
         let total = candidates.len();
-        let queue: VecDeque<Candidate> = candidates.into_iter().filter(|c| configured(&c.key)).collect();
+        let queue: VecDeque<Candidate> = candidates
+            .into_iter()
+            .filter(|c| configured(&c.key))
+            .collect();
         let progress = queue.iter().map(|c| (c.key, Progress::default())).collect();
         Self {
             meta,
@@ -268,17 +271,26 @@ impl FailoverRun {
 
     /// The record of this failover so far.
     pub fn report(&self, finished: bool) -> FailoverReport {
-        let mut fresh: Vec<SystemTime> = self.progress.values().filter_map(|p| p.fresh_at).collect();
+        let mut fresh: Vec<SystemTime> =
+            self.progress.values().filter_map(|p| p.fresh_at).collect();
         fresh.sort_unstable();
         let total = self.progress.len();
         let quorum = (total as f64 * QUORUM).ceil() as usize;
-        let since = |at: SystemTime| at.duration_since(self.meta.at).unwrap_or_default().as_millis() as u64;
+        let since = |at: SystemTime| {
+            at.duration_since(self.meta.at)
+                .unwrap_or_default()
+                .as_millis() as u64
+        };
         let fresh_95_ms = match quorum {
             0 => Some(0),
             n if fresh.len() >= n => Some(since(fresh[n - 1])),
             _ => None,
         };
-        let kicked = self.progress.values().filter(|p| p.kicked_at.is_some()).count();
+        let kicked = self
+            .progress
+            .values()
+            .filter(|p| p.kicked_at.is_some())
+            .count();
         let completed = self
             .progress
             .values()
@@ -310,7 +322,8 @@ impl FailoverRun {
             .get(key)
             .and_then(|p| p.kicked_at)
             .is_some_and(|kicked| {
-                handshake >= kicked && handshake.duration_since(kicked).unwrap_or_default() <= KICK_GRACE
+                handshake >= kicked
+                    && handshake.duration_since(kicked).unwrap_or_default() <= KICK_GRACE
             })
     }
 }
@@ -418,7 +431,9 @@ mod tests {
     fn candidate(n: u8, ms: u64) -> Candidate {
         Candidate {
             key: k(n),
-            endpoint: format!("198.51.100.{n}:{}", 40_000 + u16::from(n)).parse().unwrap(),
+            endpoint: format!("198.51.100.{n}:{}", 40_000 + u16::from(n))
+                .parse()
+                .unwrap(),
             last_handshake: at(ms),
         }
     }
@@ -489,12 +504,17 @@ mod tests {
 
     #[test]
     fn a_run_kicks_in_order_and_times_the_return() {
-        let candidates: Vec<Candidate> = (1..=20).map(|n| candidate(n, 9_000 - u64::from(n))).collect();
+        let candidates: Vec<Candidate> = (1..=20)
+            .map(|n| candidate(n, 9_000 - u64::from(n)))
+            .collect();
         // Peer 20 left the config.
         let mut run = FailoverRun::new(meta(), candidates, |key| *key != k(20));
         assert_eq!(run.pending(), 19);
         let first = run.next_batch(10);
-        assert_eq!(first.iter().map(|c| c.key).collect::<Vec<_>>(), (1..=10).map(k).collect::<Vec<_>>());
+        assert_eq!(
+            first.iter().map(|c| c.key).collect::<Vec<_>>(),
+            (1..=10).map(k).collect::<Vec<_>>()
+        );
         run.kicked(first.iter().map(|c| c.key), at(10_005));
         let rest = run.next_batch(10);
         assert_eq!(rest.len(), 9);
@@ -524,7 +544,10 @@ mod tests {
         let report = run.report(false);
         assert_eq!(report.recently_active, 19);
         assert_eq!(report.kicked, 19);
-        assert_eq!((report.completed, report.fresh, report.skipped), (18, 18, 1));
+        assert_eq!(
+            (report.completed, report.fresh, report.skipped),
+            (18, 18, 1)
+        );
         // 95% of 19 is 18.05: 19 peers are needed, and one is missing.
         assert_eq!(report.fresh_95_ms, None);
         assert_eq!(report.last_kick_ms, Some(25));

@@ -404,7 +404,9 @@ impl Owner {
         if !batch.is_empty() {
             self.kick_batch(&batch);
         }
-        let due = self.polled.is_none_or(|(at, took)| at.elapsed() >= FAST_POLL.max(2 * took));
+        let due = self
+            .polled
+            .is_none_or(|(at, took)| at.elapsed() >= FAST_POLL.max(2 * took));
         if due {
             self.poll();
         }
@@ -628,7 +630,8 @@ impl Owner {
         self.kicked_handshakes
             .retain(|key, _| added_at.contains_key(key));
         let configured: Vec<Key> = added_at.keys().copied().collect();
-        self.local.send_modify(|local| local.configured = configured);
+        self.local
+            .send_modify(|local| local.configured = configured);
     }
 
     /// Tells the endpoint-sharing task what the device has: the peers with
