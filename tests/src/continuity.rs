@@ -28,9 +28,9 @@ use crate::ha::{
 };
 use crate::keepalived::KeepalivedLocation;
 use crate::netns::Netns;
+use crate::probe::ProbeSummary;
 use crate::process::Process;
 use crate::run::Run;
-use crate::probe::ProbeSummary;
 use crate::wait::{Probe, poll_until};
 use crate::wireguard::{KeyPair, WgInterface, WgPeer};
 
@@ -127,7 +127,11 @@ impl TunnelLocation {
     /// Builds the HA location with `options` (its WireGuard key is made
     /// here), then the clients, peered with every gateway, and makes every
     /// client complete a handshake with the master.
-    pub fn build(options: &HaOptions, tunnel: TunnelOptions, clients: &ClientOptions) -> Result<Self> {
+    pub fn build(
+        options: &HaOptions,
+        tunnel: TunnelOptions,
+        clients: &ClientOptions,
+    ) -> Result<Self> {
         let keys = KeyPair::generate()?;
         let options = HaOptions {
             wireguard: Some(TunnelOptions {
@@ -267,7 +271,13 @@ pub fn build_clients(
         })?;
         wg.add_addr(&format!("{}/32", client_tunnel(index)))?;
         wg.up()?;
-        netns.ip(&["route", "add", &format!("{TUNNEL_ADDR}/32"), "dev", wg.name()])?;
+        netns.ip(&[
+            "route",
+            "add",
+            &format!("{TUNNEL_ADDR}/32"),
+            "dev",
+            wg.name(),
+        ])?;
         clients.push(TunnelClient { index, wg, netns });
     }
     Ok(clients)
@@ -338,7 +348,11 @@ pub fn ensure_endpoints_on_vip(clients: &[TunnelClient]) -> Result<()> {
 
 /// Waits until every client completed a handshake after the ones in
 /// `before` (each client's latest handshake, Unix seconds, in order).
-pub fn wait_fresh_handshakes(clients: &[TunnelClient], before: &[u64], timeout: Duration) -> Result<()> {
+pub fn wait_fresh_handshakes(
+    clients: &[TunnelClient],
+    before: &[u64],
+    timeout: Duration,
+) -> Result<()> {
     poll_until(
         "every client to complete a new handshake",
         timeout,
@@ -412,7 +426,8 @@ impl KeepalivedTunnel {
         let mut echoes = Vec::new();
         for id in 1..=options.priorities.len() as u32 {
             let gateway = location.gateway(id);
-            let wg = WgInterface::create(gateway.netns(), &run.ifname(&format!("w{id}")), run.dir())?;
+            let wg =
+                WgInterface::create(gateway.netns(), &run.ifname(&format!("w{id}")), run.dir())?;
             wg.wg(&["set", wg.name(), "private-key", &key_file.to_string_lossy()])?;
             wg.set_listen_port(SERVICE_PORT)?;
             wg.add_addr(&format!("{TUNNEL_ADDR}/24"))?;

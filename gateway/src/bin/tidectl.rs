@@ -617,6 +617,119 @@ mod tests {
     }
 
     #[test]
+    fn status_shows_the_endpoint_table_and_each_failover() {
+        use std::collections::BTreeMap;
+        use tidegate_gateway::{
+            ha::{
+                endpoints::Merged,
+                machine::Role,
+                syncer::{SyncPeer, SyncStatus},
+            },
+            wireguard::kick::{FailoverMeta, FailoverReport},
+        };
+
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let report = |planned, fresh_95_ms, finished| FailoverReport {
+            meta: FailoverMeta {
+                at: now - Duration::from_secs(30),
+                cause: if planned {
+                    "handover from gateway 2".into()
+                } else {
+                    "master 2 down".into()
+                },
+                planned,
+                detection_ms: (!planned).then_some(362),
+                vip_move_ms: 2,
+            },
+            recently_active: 20,
+            kicked: 20,
+            completed: 19,
+            fresh: 19,
+            skipped: 0,
+            fresh_95_ms,
+            last_kick_ms: Some(1),
+            finished,
+            interrupted: false,
+        };
+        let status = HaStatus {
+            location_id: 7,
+            gateway_id: 1,
+            role: Role::Master,
+            priority: 100,
+            advert_interval_ms: 100,
+            master: Some(1),
+            maintenance: false,
+            vips: vec!["198.51.100.100".parse().unwrap()],
+            vips_held: vec!["198.51.100.100".parse().unwrap()],
+            peers: Vec::new(),
+            transitions: Vec::new(),
+            dropped: BTreeMap::new(),
+            fence: None,
+            failovers: vec![report(false, Some(22), true), report(true, None, false)],
+            endpoints: Some(SyncStatus {
+                entries: 20,
+                by_gateway: BTreeMap::from([(1, 5), (2, 15)]),
+                merged: Merged::default(),
+                messages_sent: 3,
+                datagrams_sent: 4,
+                datagrams_received: 9,
+                dropped: BTreeMap::from([("replay".to_owned(), 1)]),
+                gateways: vec![SyncPeer {
+                    gateway_id: 2,
+                    mac: "02:00:00:00:00:02".into(),
+                    address: "198.51.100.2".into(),
+                    last_heard_ms: 120,
+                }],
+            }),
+        };
+        let text = status_text(&status, now);
+        for expected in [
+            "endpoint table: 20 peers (5 from gateway 1, 15 from gateway 2)",
+            "endpoint messages from: gateway 2 02:00:00:00:00:02 120 ms ago",
+            "endpoint messages dropped: replay 1",
+            "FAILOVERS TO THIS GATEWAY",
+            "    master 2 down",
+            "    handover from gateway 2",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in\n{text}");
+        }
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .filter(|l| l.contains("(takeover)") || l.contains("(handover)"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0][2..],
+            [
+                "(takeover)",
+                "362",
+                "ms",
+                "2",
+                "ms",
+                "20",
+                "20",
+                "19",
+                "22",
+                "ms"
+            ]
+        );
+        assert_eq!(
+            rows[1][2..],
+            [
+                "(handover)",
+                "-",
+                "2",
+                "ms",
+                "20",
+                "20",
+                "19",
+                "-",
+                "(following)"
+            ]
+        );
+    }
+
+    #[test]
     fn ages_read_naturally() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
         assert_eq!(ago(None, now), "never");

@@ -367,7 +367,8 @@ fn verdict(samples: &[(Scenario, Vec<Sample>)]) -> Result<String> {
         let gaps = Spread::of(&list.iter().map(|s| s.worst_gap_ms).collect::<Vec<_>>())?;
         let line = match (scenario.event, scenario.advert_ms) {
             (Event::Crash, 100) => {
-                let met = gaps.median < TARGET_CRASH_MEDIAN_MS_100 && gaps.max < TARGET_CRASH_MAX_MS_100;
+                let met =
+                    gaps.median < TARGET_CRASH_MEDIAN_MS_100 && gaps.max < TARGET_CRASH_MAX_MS_100;
                 format!(
                     "crash at 100 ms adverts: worst-client gap median {:.1} ms (target < {TARGET_CRASH_MEDIAN_MS_100:.0}), \
                      max {:.1} ms (target < {TARGET_CRASH_MAX_MS_100:.0}): {}",
@@ -381,8 +382,16 @@ fn verdict(samples: &[(Scenario, Vec<Sample>)]) -> Result<String> {
                  (target < {TARGET_CRASH_MS_20:.0}): median {}, max {}",
                 gaps.median,
                 gaps.max,
-                if gaps.median < TARGET_CRASH_MS_20 { "met" } else { "MISSED" },
-                if gaps.max < TARGET_CRASH_MS_20 { "met" } else { "MISSED" },
+                if gaps.median < TARGET_CRASH_MS_20 {
+                    "met"
+                } else {
+                    "MISSED"
+                },
+                if gaps.max < TARGET_CRASH_MS_20 {
+                    "met"
+                } else {
+                    "MISSED"
+                },
             ),
             (Event::Planned, advert) => {
                 let lossy: Vec<u64> = list.iter().map(|s| s.lost).filter(|&l| l > 0).collect();
