@@ -73,9 +73,9 @@ tidegate-failover, keepalived-crash, keepalived-priority or
 keepalived-sigterm. --tunnel measures tunnels instead: WireGuard clients
 probing through their tunnels, crash and planned failover at 100 ms and
 20 ms adverts, Tidegate beside keepalived + WireGuard (--only takes
-tidegate-crash-100, tidegate-planned-100, keepalived-crash-100,
-keepalived-priority-100, tidegate-crash-20, tidegate-planned-20 or
-keepalived-crash-20 then). Needs root, keepalived on PATH and the Tidegate
+tidegate-crash-100, tidegate-planned-100, tidegate-planned-nowindow-100,
+keepalived-crash-100, keepalived-priority-100, tidegate-crash-20,
+tidegate-planned-20 or keepalived-crash-20 then). Needs root, keepalived on PATH and the Tidegate
 binaries in $TIDEGATE_BIN_DIR (`cargo xtask bench failover` sees to all
 three).";
 

@@ -51,7 +51,8 @@ pub struct Merged {
 }
 
 impl Merged {
-    fn add(&mut self, other: Merged) {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: Merged) {
         self.taken += other.taken;
         self.older += other.older;
         self.unknown_peer += other.unknown_peer;
@@ -74,7 +75,6 @@ pub struct EndpointTable {
     entries: HashMap<Key, Known>,
     peers: HashSet<Key>,
     max_age: Duration,
-    merged: Merged,
 }
 
 impl EndpointTable {
@@ -84,7 +84,6 @@ impl EndpointTable {
             entries: HashMap::new(),
             peers: HashSet::new(),
             max_age,
-            merged: Merged::default(),
         }
     }
 
@@ -141,7 +140,6 @@ impl EndpointTable {
                 }
             }
         }
-        self.merged.add(merged);
         merged
     }
 
@@ -200,11 +198,6 @@ impl EndpointTable {
             *out.entry(known.gateway_id).or_default() += 1;
         }
         out
-    }
-
-    /// Every merge's outcome, summed.
-    pub fn merged(&self) -> Merged {
-        self.merged
     }
 }
 
@@ -288,7 +281,6 @@ mod tests {
         // A small clock skew is taken as now.
         table.merge(1, &[entry(4, "198.51.100.7:4", 1030)], at(1000));
         assert_eq!(table.get(&k(4)).unwrap().last_handshake, at(1000));
-        assert_eq!(table.merged().taken, 2);
         // A peer leaving the config takes its entry with it.
         table.set_peers([k(4)]);
         assert_eq!(table.len(), 1);

@@ -76,7 +76,7 @@ pub struct SyncStatus {
     pub entries: usize,
     /// Of those, how many each gateway reported.
     pub by_gateway: BTreeMap<u32, usize>,
-    /// Entries received, by outcome.
+    /// Entries received from the other gateways, by outcome.
     pub merged: Merged,
     /// Messages sent and datagrams sent.
     pub messages_sent: u64,
@@ -183,6 +183,8 @@ struct Syncer {
     datagrams_sent: u64,
     datagrams_received: u64,
     dropped: BTreeMap<String, u64>,
+    /// What the other gateways' entries did to the table.
+    merged: Merged,
 }
 
 /// Starts the task: returns its handle and its future, which runs until
@@ -214,6 +216,7 @@ pub fn spawn(
         datagrams_sent: 0,
         datagrams_received: 0,
         dropped: BTreeMap::new(),
+        merged: Merged::default(),
     };
     let handle = SyncHandle {
         datagrams: datagram_tx,
@@ -393,6 +396,7 @@ impl Syncer {
         );
         let now = SystemTime::now();
         let merged = self.table.merge(message.gateway_id, &message.entries, now);
+        self.merged.add(merged);
         if merged.taken > 0 {
             let handshakes: Vec<(Key, SystemTime)> = message
                 .entries
@@ -424,7 +428,7 @@ impl Syncer {
         SyncStatus {
             entries: self.table.len(),
             by_gateway: self.table.by_gateway(),
-            merged: self.table.merged(),
+            merged: self.merged,
             messages_sent: self.messages_sent,
             datagrams_sent: self.datagrams_sent,
             datagrams_received: self.datagrams_received,

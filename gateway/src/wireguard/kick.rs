@@ -221,6 +221,13 @@ impl FailoverRun {
         self.queue.len()
     }
 
+    /// Kicks nobody (kicks are turned off): the peers are only followed,
+    /// coming back by themselves or not.
+    pub fn kick_none(&mut self) {
+        self.skipped += self.queue.len();
+        self.queue.clear();
+    }
+
     /// `keys` were kicked at `at`.
     pub fn kicked(&mut self, keys: impl IntoIterator<Item = Key>, at: SystemTime) {
         for key in keys {
@@ -562,6 +569,18 @@ mod tests {
         assert!(run.kicked_handshake(&k(19), at(10_500)));
         assert!(!run.kicked_handshake(&k(19), at(10_025) + KICK_GRACE + Duration::from_millis(1)));
         assert!(!run.kicked_handshake(&k(20), at(10_500)));
+    }
+
+    #[test]
+    fn with_kicks_off_the_peers_are_only_followed() {
+        let mut run = FailoverRun::new(meta(), vec![candidate(1, 9_000)], |_| true);
+        run.kick_none();
+        assert_eq!(run.pending(), 0);
+        assert!(run.next_batch(10).is_empty());
+        assert!(!run.done(at(10_001)));
+        assert!(run.done(at(10_000) + FOLLOW_FOR));
+        let report = run.report(true);
+        assert_eq!((report.recently_active, report.kicked, report.skipped), (1, 0, 1));
     }
 
     #[test]

@@ -374,9 +374,12 @@ impl Owner {
                 return;
             }
         };
-        let run = FailoverRun::new(request.meta, request.candidates, |key| {
+        let mut run = FailoverRun::new(request.meta, request.candidates, |key| {
             desired.peers.contains_key(key)
         });
+        if request.rate == 0 {
+            run.kick_none();
+        }
         info!(
             recently_active = run.pending(),
             rate = request.rate,

@@ -19,7 +19,11 @@
 //! For each run: the longest tunnel gap of all clients (each prober's
 //! longest time without an answer), the median client's gap, the probes
 //! lost by all clients together, and for Tidegate the time from taking the
-//! VIP until 95% of the clients had a fresh handshake.
+//! VIP until 95% of the clients had a fresh handshake; and how many
+//! clients' endpoint for the location was no longer the VIP at the end.
+//!
+//! One more Tidegate scenario, a planned failover with the handover window
+//! off (`handover_window_ms = 0`), shows what kicks alone lose.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -72,6 +76,9 @@ enum Event {
     /// Tidegate: `tidectl failover`. keepalived: its priority lowered
     /// below the backup's (its closest thing to a handover).
     Planned,
+    /// Tidegate: `tidectl failover` with no handover window
+    /// (`handover_window_ms = 0`): kicks alone.
+    PlannedNoWindow,
 }
 
 /// One measured scenario.
@@ -83,10 +90,11 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::new(System::Tidegate, Event::Crash, 100),
         Self::new(System::Keepalived, Event::Crash, 100),
         Self::new(System::Tidegate, Event::Planned, 100),
+        Self::new(System::Tidegate, Event::PlannedNoWindow, 100),
         Self::new(System::Keepalived, Event::Planned, 100),
         Self::new(System::Tidegate, Event::Crash, 20),
         Self::new(System::Keepalived, Event::Crash, 20),
@@ -110,6 +118,7 @@ impl Scenario {
         let event = match (self.system, self.event) {
             (_, Event::Crash) => "crash",
             (System::Tidegate, Event::Planned) => "planned",
+            (_, Event::PlannedNoWindow) => "planned-nowindow",
             (System::Keepalived, Event::Planned) => "priority",
         };
         format!("{system}-{event}-{}", self.advert_ms)
@@ -126,6 +135,7 @@ impl Scenario {
         match (self.system, self.event) {
             (_, Event::Crash) => "crash",
             (System::Tidegate, Event::Planned) => "planned: `tidectl failover`",
+            (_, Event::PlannedNoWindow) => "planned, no handover window",
             (System::Keepalived, Event::Planned) => "planned: priority 120 -> 70",
         }
     }
@@ -227,7 +237,7 @@ fn tidegate(scenario: Scenario, options: &HaOptions, clients: &ClientOptions) ->
         private_key: String::new(),
         stats_interval_ms: Some(200),
         kick_rate: None,
-        handover_window_ms: None,
+        handover_window_ms: (scenario.event == Event::PlannedNoWindow).then_some(0),
     };
     let mut location = TunnelLocation::build(options, tunnel, clients)?;
     location.wait_shared(BACKUP, SWITCH)?;
@@ -235,7 +245,7 @@ fn tidegate(scenario: Scenario, options: &HaOptions, clients: &ClientOptions) ->
     settle_then_jitter(scenario.advert_ms);
     match scenario.event {
         Event::Crash => location.location_mut().gateway_mut(MASTER).crash_all()?,
-        Event::Planned => {
+        Event::Planned | Event::PlannedNoWindow => {
             let out = location.location().gateway(MASTER).tidectl(&["failover"])?;
             ensure!(out.status.success(), "tidectl failover: {out:?}");
         }
@@ -267,7 +277,9 @@ fn keepalived(scenario: Scenario, options: &HaOptions, clients: &ClientOptions) 
     settle_then_jitter(scenario.advert_ms);
     match scenario.event {
         Event::Crash => location.crash(MASTER)?,
-        Event::Planned => location.location().gateway(MASTER).lower_priority()?,
+        Event::Planned | Event::PlannedNoWindow => {
+            location.location().gateway(MASTER).lower_priority()?;
+        }
     }
     location.location_mut().wait_master(BACKUP, SWITCH)?;
     wait_fresh_handshakes(location.clients(), &before, RECOVERY)?;
@@ -393,6 +405,14 @@ fn verdict(samples: &[(Scenario, Vec<Sample>)]) -> Result<String> {
                     "MISSED"
                 },
             ),
+            (Event::PlannedNoWindow, advert) => {
+                let lost = Spread::of(&list.iter().map(|s| s.lost as f64).collect::<Vec<_>>())?;
+                format!(
+                    "planned at {advert} ms adverts without the handover window (kicks alone): \
+                     probes lost {} (min / median / max): the window is what makes it lossless",
+                    lost.show(0)
+                )
+            }
             (Event::Planned, advert) => {
                 let lossy: Vec<u64> = list.iter().map(|s| s.lost).filter(|&l| l > 0).collect();
                 format!(
