@@ -580,7 +580,10 @@ mod tests {
         assert!(!run.done(at(10_001)));
         assert!(run.done(at(10_000) + FOLLOW_FOR));
         let report = run.report(true);
-        assert_eq!((report.recently_active, report.kicked, report.skipped), (1, 0, 1));
+        assert_eq!(
+            (report.recently_active, report.kicked, report.skipped),
+            (1, 0, 1)
+        );
     }
 
     #[test]
