@@ -131,9 +131,8 @@ impl Continuity {
         pin_dir: &Path,
     ) -> Result<(), XdpError> {
         self.set_listen_port(listen_port)?;
-        let pin = pin_path(pin_dir, interface).ok_or_else(|| XdpError::Attach {
+        let pin = pin_path(pin_dir, interface).ok_or_else(|| XdpError::Egress {
             interface: interface.to_owned(),
-            mode: super::AttachMode::Generic,
             source: aya::programs::ProgramError::UnknownInterface {
                 name: interface.to_owned(),
             },
