@@ -77,8 +77,8 @@ fn bench(device: &Userspace) -> Result<()> {
     let private_key = Key::new(rng.bytes()).clamped();
     let peers: Vec<PeerSpec> = (0..PEERS).map(|i| peer(&mut rng, i)).collect();
     let mut desired = Desired {
-        private_key,
-        listen_port: 51820,
+        private_key: Some(private_key),
+        listen_port: Some(51820),
         peers: peers.iter().map(|p| (p.public_key, p.clone())).collect(),
     };
 

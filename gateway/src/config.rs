@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
+    core_link::CoreLinkConfig,
     ha::{
         advert::{AdvertKey, MAX_VIPS},
         agent::{Continuity, HaConfig},
@@ -65,6 +66,12 @@ const DEFAULT_ENDPOINT_MAX_AGE_SECS: u64 = 600;
 const MAX_ENDPOINT_MAX_AGE_SECS: u64 = 86_400;
 /// MFA peer-disconnect threshold when the file sets none.
 const DEFAULT_PEER_DISCONNECT_THRESHOLD_SECS: u64 = 300;
+/// The identity Core's certificate carries, by default.
+pub const DEFAULT_CORE_IDENTITY: &str = "core";
+/// How often the gateway sends Core its status, by default.
+const DEFAULT_STATUS_INTERVAL_MS: u64 = 5000;
+const MIN_STATUS_INTERVAL_MS: u64 = 100;
+const MAX_STATUS_INTERVAL_MS: u64 = 3_600_000;
 
 /// A config that cannot be used, with the file and the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +138,12 @@ pub enum ConfigError {
         #[source]
         source: PeerError,
     },
+    #[error("config {path}: [core] {field}: {reason}")]
+    Core {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
+    },
 }
 
 /// The file as written.
@@ -148,8 +161,23 @@ struct File {
     services: Vec<ServiceEntry>,
     wireguard: Option<WireguardSection>,
     ha: Option<HaSection>,
+    core: Option<CoreSection>,
     #[serde(default, rename = "peer")]
     peers: Vec<PeerEntry>,
+}
+
+/// `[core]`: the gRPC server Core dials.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoreSection {
+    listen: SocketAddr,
+    ca_file: PathBuf,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    identity: String,
+    core_identity: Option<String>,
+    gateway_id: Option<u32>,
+    status_interval_ms: Option<u64>,
 }
 
 /// `[ha]`: the election among the location's gateways.
@@ -195,7 +223,7 @@ struct WireguardSection {
     backend: BackendSetting,
     private_key: Option<String>,
     private_key_file: Option<PathBuf>,
-    listen_port: u16,
+    listen_port: Option<u16>,
     #[serde(default)]
     addresses: Vec<String>,
     mtu: Option<u32>,
@@ -239,6 +267,8 @@ pub struct Config {
     pub wireguard: Option<WireguardConfig>,
     /// The HA agent's settings, if this gateway takes part in an election.
     pub ha: Option<HaConfig>,
+    /// The server Core dials, if Core manages this gateway.
+    pub core: Option<CoreLinkConfig>,
 }
 
 impl Config {
@@ -277,8 +307,9 @@ impl Config {
         let state_dir = file
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let managed = file.core.is_some();
         let wireguard = match file.wireguard {
-            Some(section) => Some(wireguard(path, section, &file.peers, &state_dir)?),
+            Some(section) => Some(wireguard(path, section, &file.peers, &state_dir, managed)?),
             None if file.peers.is_empty() => None,
             None => {
                 return Err(ConfigError::Wireguard {
@@ -292,6 +323,19 @@ impl Config {
             .ha
             .map(|section| ha(path, section, &interface))
             .transpose()?;
+        let core = match file.core {
+            Some(_) if wireguard.is_none() => {
+                return Err(ConfigError::Core {
+                    path: path.to_owned(),
+                    field: "section",
+                    reason: "[core] needs a [wireguard] section naming the interface \
+                             Core's location config is applied to"
+                        .into(),
+                });
+            }
+            Some(section) => Some(core(path, section, ha.as_ref())?),
+            None => None,
+        };
         Ok(Self {
             interface,
             xdp_mode: overrides.xdp_mode.unwrap_or(file.xdp_mode),
@@ -306,8 +350,62 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_PIN_DIR)),
             wireguard,
             ha,
+            core,
         })
     }
+}
+
+fn core(
+    path: &Path,
+    section: CoreSection,
+    ha: Option<&HaConfig>,
+) -> Result<CoreLinkConfig, ConfigError> {
+    let bad = |field, reason: String| ConfigError::Core {
+        path: path.to_owned(),
+        field,
+        reason,
+    };
+    if section.listen.port() == 0 {
+        return Err(bad("listen", "port 0: give the port Core dials".into()));
+    }
+    tidegate_proto::tls::check_identity(&section.identity)
+        .map_err(|e| bad("identity", e.to_string()))?;
+    let core_identity = section
+        .core_identity
+        .unwrap_or_else(|| DEFAULT_CORE_IDENTITY.to_owned());
+    tidegate_proto::tls::check_identity(&core_identity)
+        .map_err(|e| bad("core_identity", e.to_string()))?;
+    let ha_id = ha.map(|ha| ha.election.gateway_id);
+    let gateway_id = match (section.gateway_id, ha_id) {
+        (Some(id), Some(ha_id)) if id != ha_id => {
+            return Err(bad(
+                "gateway_id",
+                format!("{id} differs from [ha] gateway_id {ha_id}; leave it out to use that"),
+            ));
+        }
+        (Some(id), _) => id,
+        (None, Some(ha_id)) => ha_id,
+        (None, None) => 0,
+    };
+    let interval_ms = section
+        .status_interval_ms
+        .unwrap_or(DEFAULT_STATUS_INTERVAL_MS);
+    if !(MIN_STATUS_INTERVAL_MS..=MAX_STATUS_INTERVAL_MS).contains(&interval_ms) {
+        return Err(bad(
+            "status_interval_ms",
+            format!("{interval_ms} is outside {MIN_STATUS_INTERVAL_MS}..={MAX_STATUS_INTERVAL_MS}"),
+        ));
+    }
+    Ok(CoreLinkConfig {
+        listen: section.listen,
+        ca_file: section.ca_file,
+        cert_file: section.cert_file,
+        key_file: section.key_file,
+        identity: section.identity,
+        core_identity,
+        gateway_id,
+        status_interval: Duration::from_millis(interval_ms),
+    })
 }
 
 fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, ConfigError> {
@@ -481,6 +579,7 @@ fn wireguard(
     section: WireguardSection,
     peers: &[PeerEntry],
     state_dir: &Path,
+    managed: bool,
 ) -> Result<WireguardConfig, ConfigError> {
     let bad = |field, reason: String| ConfigError::Wireguard {
         path: path.to_owned(),
@@ -494,12 +593,15 @@ fn wireguard(
         ));
     }
     let private_key = match (section.private_key, section.private_key_file) {
-        (Some(text), None) => text
-            .parse::<Key>()
-            .map_err(|source| ConfigError::PrivateKey {
-                path: path.to_owned(),
-                source,
-            })?,
+        (Some(text), None) => {
+            Some(
+                text.parse::<Key>()
+                    .map_err(|source| ConfigError::PrivateKey {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+            )
+        }
         (None, Some(file)) => {
             let key_err = |source| ConfigError::PrivateKeyFile {
                 path: path.to_owned(),
@@ -507,7 +609,7 @@ fn wireguard(
                 source,
             };
             let text = std::fs::read_to_string(&file).map_err(|e| key_err(Box::new(e)))?;
-            text.parse::<Key>().map_err(|e| key_err(Box::new(e)))?
+            Some(text.parse::<Key>().map_err(|e| key_err(Box::new(e)))?)
         }
         (Some(_), Some(_)) => {
             return Err(bad(
@@ -515,6 +617,8 @@ fn wireguard(
                 "give private_key or private_key_file, not both".into(),
             ));
         }
+        // Core's location config brings the key.
+        (None, None) if managed => None,
         (None, None) => {
             return Err(bad(
                 "private_key",
@@ -522,12 +626,17 @@ fn wireguard(
             ));
         }
     };
-    if section.listen_port == 0 {
-        return Err(bad(
-            "listen_port",
-            "0 is not a port clients can reach".into(),
-        ));
-    }
+    let listen_port = match section.listen_port {
+        Some(0) => {
+            return Err(bad(
+                "listen_port",
+                "0 is not a port clients can reach".into(),
+            ));
+        }
+        Some(port) => Some(port),
+        None if managed => None,
+        None => return Err(bad("listen_port", "missing".into())),
+    };
     let mut addresses = Vec::new();
     for text in &section.addresses {
         let net: IpNet = text.trim().parse().map_err(|_| {
@@ -589,8 +698,8 @@ fn wireguard(
     Ok(WireguardConfig {
         interface: section.interface,
         backend: section.backend,
-        private_key: private_key.clamped(),
-        listen_port: section.listen_port,
+        private_key: private_key.map(Key::clamped),
+        listen_port,
         addresses,
         mtu,
         stats_interval: Duration::from_millis(stats_ms),
@@ -719,7 +828,7 @@ mod tests {
         let wg = config.wireguard.unwrap();
         assert_eq!(wg.interface, "wg0");
         assert_eq!(wg.backend, BackendSetting::Auto);
-        assert_eq!(wg.private_key, Key::new([1; 32]).clamped());
+        assert_eq!(wg.private_key, Some(Key::new([1; 32]).clamped()));
         assert_eq!(wg.mtu, DEFAULT_MTU);
         assert_eq!(
             wg.stats_interval,
@@ -744,7 +853,7 @@ mod tests {
             .unwrap()
             .wireguard
             .unwrap();
-        assert_eq!(wg.private_key, Key::new([7; 32]).clamped());
+        assert_eq!(wg.private_key, Some(Key::new([7; 32]).clamped()));
         assert_eq!(wg.mfa_threshold, Some(Duration::from_secs(60)));
         assert_eq!(wg.backend, BackendSetting::Userspace);
     }
@@ -819,6 +928,71 @@ mod tests {
                 format!("{GOOD}\n{}", peer(2, "\"10.77.0.2/32\"")),
                 "[[peer]] entries need a [wireguard] section",
             ),
+        ];
+        for (text, expected) in cases {
+            let error = message(parse(&text).unwrap_err());
+            assert!(
+                error.contains(expected) && error.contains("gw.toml"),
+                "{expected}: {error}"
+            );
+        }
+    }
+
+    const CORE: &str = "[core]\nlisten = \"192.0.2.2:7443\"\nca_file = \"/pki/ca.pem\"\ncert_file = \"/pki/gw.pem\"\nkey_file = \"/pki/gw.key\"\nidentity = \"gw-a\"\n";
+
+    #[test]
+    fn a_core_section_lets_core_bring_the_key_and_port() {
+        let section = "interface = \"wg0\"\naddresses = [\"10.77.0.1/24\"]\n";
+        let text = format!("{}\n{CORE}", with_wireguard(section, ""));
+        let config = parse(&text).unwrap();
+        let wg = config.wireguard.unwrap();
+        assert_eq!((wg.private_key, wg.listen_port), (None, None));
+        let core = config.core.unwrap();
+        assert_eq!(core.listen, "192.0.2.2:7443".parse().unwrap());
+        assert_eq!(core.identity, "gw-a");
+        assert_eq!(core.core_identity, DEFAULT_CORE_IDENTITY);
+        assert_eq!(core.gateway_id, 0);
+        assert_eq!(core.status_interval, Duration::from_secs(5));
+        // Without [core], the key and the port stay required.
+        let error = message(parse(&with_wireguard(section, "")).unwrap_err());
+        assert!(
+            error.contains("[wireguard] private_key: missing"),
+            "{error}"
+        );
+        // The gateway id comes from [ha] unless given.
+        let text = format!("{}\n{CORE}\n[ha]\n{HA}", with_wireguard(section, ""));
+        assert_eq!(parse(&text).unwrap().core.unwrap().gateway_id, 2);
+    }
+
+    #[test]
+    fn core_errors_name_the_field() {
+        let wg = with_wireguard(&wireguard_section(""), "");
+        let cases = [
+            (
+                format!("{GOOD}\n{CORE}"),
+                "[core] section: [core] needs a [wireguard] section",
+            ),
+            (
+                format!("{wg}\n{}", CORE.replace("7443", "0")),
+                "[core] listen: port 0",
+            ),
+            (
+                format!("{wg}\n{}", CORE.replace("gw-a", "not a name")),
+                "[core] identity:",
+            ),
+            (
+                format!("{wg}\n{CORE}core_identity = \"\"\n"),
+                "[core] core_identity:",
+            ),
+            (
+                format!("{wg}\n{CORE}status_interval_ms = 5\n"),
+                "[core] status_interval_ms: 5 is outside",
+            ),
+            (
+                format!("{wg}\n{CORE}gateway_id = 9\n[ha]\n{HA}"),
+                "[core] gateway_id: 9 differs from [ha] gateway_id 2",
+            ),
+            (format!("{wg}\n{CORE}port = 1\n"), "unknown field `port`"),
         ];
         for (text, expected) in cases {
             let error = message(parse(&text).unwrap_err());

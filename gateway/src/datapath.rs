@@ -60,6 +60,10 @@ enum Command {
         clients: Vec<ClientKey>,
         reply: oneshot::Sender<Result<(), DatapathError>>,
     },
+    SetListenPort {
+        port: u16,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
 }
 
 /// A cheap, cloneable way to ask the datapath task.
@@ -133,6 +137,12 @@ impl DatapathHandle {
     /// Closes the handover window.
     pub async fn close_handover(&self) -> Result<(), DatapathError> {
         self.ask(|reply| Command::CloseHandover { reply }).await
+    }
+
+    /// Moves the egress guard to WireGuard `port`, keeping its mode.
+    pub async fn set_listen_port(&self, port: u16) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::SetListenPort { port, reply })
+            .await
     }
 
     /// Adds clients to the owned table (director mode), before kicks.
@@ -215,6 +225,10 @@ pub fn spawn(
                 }
                 Command::CloseHandover { reply } => {
                     let result = datapath.continuity_mut().close_handover();
+                    let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::SetListenPort { port, reply } => {
+                    let result = datapath.continuity_mut().set_listen_port(port);
                     let _ = reply.send(result.map_err(Into::into));
                 }
                 Command::Own { clients, reply } => {

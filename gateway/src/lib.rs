@@ -1,9 +1,10 @@
 //! The Tidegate gateway: the XDP WireGuard shield on the public interface,
-//! the location's WireGuard interface and peers, its configuration, and the
-//! local control socket that `tidectl` talks to.
+//! the location's WireGuard interface and peers, its configuration, the
+//! local control socket that `tidectl` talks to, and the server Core dials.
 
 pub mod config;
 pub mod control;
+pub mod core_link;
 pub mod datapath;
 pub mod ha;
 pub mod reload;

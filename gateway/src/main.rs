@@ -1,6 +1,7 @@
 //! `tidegate-gateway`: the per-host daemon. It loads the XDP WireGuard shield
 //! onto the public interface, runs the location's WireGuard interface and
-//! peers, and answers `tidectl` on its control socket.
+//! peers, answers `tidectl` on its control socket, and, with a `[core]`
+//! section, serves the link Core dials.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -9,7 +10,7 @@ use clap::Parser;
 use tidegate_gateway::{
     config::{self, Config, Overrides},
     control::server::{ControlSocket, Handles},
-    datapath, error_chain,
+    core_link, datapath, error_chain,
     ha::{
         agent::{self, Agent},
         health,
@@ -75,15 +76,11 @@ async fn run(args: Args) -> Result<()> {
     };
     let config = Config::load(&args.config, overrides.clone())?;
     info!(config = %args.config.display(), services = ?config.services.services(), "starting");
-    if let Some(wireguard) = &config.wireguard
-        && !config
-            .services
-            .services()
-            .iter()
-            .any(|s| s.port() == wireguard.listen_port)
+    if let Some(port) = config.wireguard.as_ref().and_then(|w| w.listen_port)
+        && !config.services.services().iter().any(|s| s.port() == port)
     {
         warn!(
-            listen_port = wireguard.listen_port,
+            listen_port = port,
             "no [[service]] has the WireGuard listen port: the shield does not check its traffic"
         );
     }
@@ -92,22 +89,22 @@ async fn run(args: Args) -> Result<()> {
     datapath.install_services(config.services.clone())?;
     let control = ControlSocket::bind(&config.control_socket)?;
     datapath.attach(&config.interface, config.xdp_mode, &config.bpf_pin_dir)?;
-    // Failover continuity needs both: the election and the WireGuard it
-    // keeps on the VIP and to the clients this gateway owns.
-    let continuity = config.ha.is_some() && config.wireguard.is_some();
-    match &config.wireguard {
-        Some(wireguard) if continuity => datapath.attach_egress(
-            &config.interface,
-            wireguard.listen_port,
-            &config.bpf_pin_dir,
-        )?,
-        _ => datapath.remove_stale_egress(&config.interface, &config.bpf_pin_dir)?,
-    }
     let wireguard = match &config.wireguard {
         Some(wireguard) => Some(Owner::start(wireguard.clone()).await?),
         None => None,
     };
     let local_peers = wireguard.as_ref().map(Owner::local_peers);
+    // Failover continuity needs both: the election and the WireGuard it
+    // keeps on the VIP and to the clients this gateway owns. The guard
+    // follows the listen port in force (from the file, or from Core).
+    match (&wireguard, &config.ha) {
+        (Some(wireguard), Some(_)) => datapath.attach_egress(
+            &config.interface,
+            wireguard.listen_port().unwrap_or(0),
+            &config.bpf_pin_dir,
+        )?,
+        _ => datapath.remove_stale_egress(&config.interface, &config.bpf_pin_dir)?,
+    }
     if let Some(ha) = &config.ha {
         // Fenced until the agent's first advert renews the lease. The first
         // renewal measures the kernel's tick rate (200 ms), here rather than
@@ -138,6 +135,13 @@ async fn run(args: Args) -> Result<()> {
     if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) =
         (ha.as_mut(), &config.ha, &wireguard_handle, local_peers)
     {
+        let datapath = datapath_handle.clone();
+        let follow = local.clone();
+        let follow_cancel = cancel.clone();
+        tasks.spawn(async move {
+            follow_listen_port(follow, datapath, follow_cancel).await;
+            Ok(())
+        });
         let sync_config = SyncConfig {
             location_id: ha_config.location_id,
             gateway_id: ha_config.election.gateway_id,
@@ -188,6 +192,16 @@ async fn run(args: Args) -> Result<()> {
         });
         handle
     });
+    if let Some(core) = &config.core {
+        let parts = core_link::Parts {
+            wireguard: wireguard_handle.clone(),
+            ha: ha_handle.clone(),
+            gateway_id: core.gateway_id,
+            status_interval: core.status_interval,
+        };
+        let server = core_link::serve(core.clone(), parts, cancel.clone()).await?;
+        tasks.spawn(async move { server.await.context("the server for Core") });
+    }
     let reloader = Reloader::new(
         args.config.clone(),
         overrides,
@@ -264,6 +278,43 @@ async fn run(args: Args) -> Result<()> {
         None => {
             info!("stopped");
             Ok(())
+        }
+    }
+}
+
+/// Keeps the egress guard on the WireGuard listen port in force: a reload or
+/// Core may change it.
+async fn follow_listen_port(
+    mut local: tokio::sync::watch::Receiver<syncer::LocalPeers>,
+    datapath: datapath::DatapathHandle,
+    cancel: CancellationToken,
+) {
+    let mut guarded = local.borrow_and_update().listen_port;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = local.changed() => if changed.is_err() {
+                // The WireGuard task is gone: the daemon is stopping.
+                cancel.cancelled().await;
+                return;
+            },
+        }
+        let port = local.borrow_and_update().listen_port;
+        if port == guarded || port == 0 {
+            continue;
+        }
+        match datapath.set_listen_port(port).await {
+            Ok(()) => {
+                info!(
+                    listen_port = port,
+                    "the egress guard follows the new listen port"
+                );
+                guarded = port;
+            }
+            Err(e) => error!(
+                error = %error_chain(&e),
+                "moving the egress guard to the new listen port failed"
+            ),
         }
     }
 }

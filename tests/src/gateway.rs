@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::bins::binary;
 use crate::cmd::{self, CmdOutput};
 use crate::netns::Netns;
+use crate::pki::CertFiles;
 use crate::process::{LOG_TAIL_LINES, Process};
 use crate::wait::{Probe, poll_until};
 
@@ -125,6 +126,8 @@ pub struct GatewayConfig {
     /// Where the daemon pins its XDP link (`bpf_pin_dir`): a BPF filesystem
     /// in the root mount namespace, such as [`crate::Run::bpffs`].
     pub bpf_pin_dir: Option<PathBuf>,
+    /// The server Core dials (`[core]`), if Core manages the gateway.
+    pub core: Option<CoreSection>,
 }
 
 impl GatewayConfig {
@@ -145,6 +148,7 @@ impl GatewayConfig {
             peers: Vec::new(),
             ha: None,
             bpf_pin_dir: None,
+            core: None,
         }
     }
 }
@@ -234,6 +238,61 @@ fn to_strings<T: ToString>(items: &[T]) -> Vec<String> {
     items.iter().map(ToString::to_string).collect()
 }
 
+/// The `[core]` section of the gateway's config: where Core dials it and
+/// the TLS files that prove who is who.
+#[derive(Debug, Clone)]
+pub struct CoreSection {
+    /// The address the gateway's gRPC server listens on.
+    pub listen: SocketAddr,
+    /// The CA, the gateway's certificate and key.
+    pub tls: CertFiles,
+    /// The gateway's identity (its certificate's name).
+    pub identity: String,
+    /// The identity Core's certificate must carry, if not `core`.
+    pub core_identity: Option<String>,
+    /// The id in the gateway's Hello, if not the `[ha]` one.
+    pub gateway_id: Option<u32>,
+    /// How often the gateway sends its status, if not every 5 s.
+    pub status_interval_ms: Option<u64>,
+}
+
+impl CoreSection {
+    /// A section with the defaults for everything optional.
+    pub fn new(listen: SocketAddr, identity: &str, tls: CertFiles) -> Self {
+        Self {
+            listen,
+            tls,
+            identity: identity.to_owned(),
+            core_identity: None,
+            gateway_id: None,
+            status_interval_ms: None,
+        }
+    }
+
+    /// Appends the section as TOML to `out`.
+    fn write_toml(&self, out: &mut String) {
+        let path = |p: &Path| toml_string(&p.to_string_lossy());
+        let _ = write!(
+            out,
+            "\n[core]\nlisten = {}\nca_file = {}\ncert_file = {}\nkey_file = {}\nidentity = {}\n",
+            toml_string(&self.listen.to_string()),
+            path(&self.tls.ca),
+            path(&self.tls.cert),
+            path(&self.tls.key),
+            toml_string(&self.identity)
+        );
+        if let Some(core) = &self.core_identity {
+            let _ = writeln!(out, "core_identity = {}", toml_string(core));
+        }
+        if let Some(id) = self.gateway_id {
+            let _ = writeln!(out, "gateway_id = {id}");
+        }
+        if let Some(ms) = self.status_interval_ms {
+            let _ = writeln!(out, "status_interval_ms = {ms}");
+        }
+    }
+}
+
 /// The `[wireguard]` section of the gateway's config.
 #[derive(Debug, Clone)]
 pub struct WireguardSection {
@@ -241,10 +300,11 @@ pub struct WireguardSection {
     pub interface: String,
     /// `auto`, `kernel` or `userspace`.
     pub backend: String,
-    /// The interface's private key in base64.
-    pub private_key: String,
-    /// The UDP port WireGuard listens on.
-    pub listen_port: u16,
+    /// The interface's private key in base64; `None` leaves it to Core's
+    /// location config (only with a `[core]` section).
+    pub private_key: Option<String>,
+    /// The UDP port WireGuard listens on; `None` as for the key.
+    pub listen_port: Option<u16>,
     /// The interface's own addresses with their prefix (`10.77.0.1/24`).
     pub addresses: Vec<String>,
     /// The interface's MTU, if set.
@@ -326,13 +386,17 @@ impl GatewayConfig {
         if let Some(wg) = &self.wireguard {
             let _ = write!(
                 out,
-                "\n[wireguard]\ninterface = {}\nbackend = {}\nprivate_key = {}\nlisten_port = {}\naddresses = {}\n",
+                "\n[wireguard]\ninterface = {}\nbackend = {}\n",
                 toml_string(&wg.interface),
                 toml_string(&wg.backend),
-                toml_string(&wg.private_key),
-                wg.listen_port,
-                toml_array(&wg.addresses)
             );
+            if let Some(key) = &wg.private_key {
+                let _ = writeln!(out, "private_key = {}", toml_string(key));
+            }
+            if let Some(port) = wg.listen_port {
+                let _ = writeln!(out, "listen_port = {port}");
+            }
+            let _ = writeln!(out, "addresses = {}", toml_array(&wg.addresses));
             if let Some(mtu) = wg.mtu {
                 let _ = writeln!(out, "mtu = {mtu}");
             }
@@ -363,6 +427,9 @@ impl GatewayConfig {
         }
         if let Some(ha) = &self.ha {
             ha.write_toml(&mut out);
+        }
+        if let Some(core) = &self.core {
+            core.write_toml(&mut out);
         }
         out
     }
@@ -823,8 +890,8 @@ mod tests {
         config.wireguard = Some(WireguardSection {
             interface: "tg0123abcdgw".into(),
             backend: "userspace".into(),
-            private_key: "cHJpdmF0ZQ==".into(),
-            listen_port: 51820,
+            private_key: Some("cHJpdmF0ZQ==".into()),
+            listen_port: Some(51820),
             addresses: vec!["10.77.0.1/24".into()],
             mtu: Some(1420),
             stats_interval_ms: Some(200),
@@ -939,6 +1006,49 @@ mod tests {
             ),
             "{}",
             config.to_toml()
+        );
+    }
+
+    #[test]
+    fn config_toml_has_the_core_section() {
+        let mut config = GatewayConfig::shield(
+            "tg0123abcdg",
+            XdpMode::Auto,
+            "/tmp/gw.sock".into(),
+            vec!["198.51.100.1:51820".parse().unwrap()],
+        );
+        config.wireguard = Some(WireguardSection {
+            interface: "tg0123abcdgw".into(),
+            backend: "userspace".into(),
+            private_key: None,
+            listen_port: None,
+            addresses: vec!["10.77.0.1/24".into()],
+            mtu: None,
+            stats_interval_ms: None,
+            mfa: false,
+            peer_disconnect_threshold_secs: None,
+        });
+        let mut core = CoreSection::new(
+            "192.0.2.2:7443".parse().unwrap(),
+            "gw-a",
+            CertFiles {
+                ca: "/p/ca.pem".into(),
+                cert: "/p/gw-a.pem".into(),
+                key: "/p/gw-a.key".into(),
+            },
+        );
+        core.status_interval_ms = Some(200);
+        config.core = Some(core);
+        let toml = config.to_toml();
+        assert!(
+            toml.ends_with(
+                "\n[wireguard]\ninterface = \"tg0123abcdgw\"\nbackend = \"userspace\"\n\
+                 addresses = [\"10.77.0.1/24\"]\nmfa = false\n\
+                 \n[core]\nlisten = \"192.0.2.2:7443\"\nca_file = \"/p/ca.pem\"\n\
+                 cert_file = \"/p/gw-a.pem\"\nkey_file = \"/p/gw-a.key\"\nidentity = \"gw-a\"\n\
+                 status_interval_ms = 200\n"
+            ),
+            "{toml}"
         );
     }
 

@@ -586,8 +586,8 @@ impl HaLocation {
                 config.wireguard = Some(WireguardSection {
                     interface: run.ifname(&format!("w{id}")),
                     backend: "userspace".into(),
-                    private_key: tunnel.private_key.clone(),
-                    listen_port: SERVICE_PORT,
+                    private_key: Some(tunnel.private_key.clone()),
+                    listen_port: Some(SERVICE_PORT),
                     addresses: vec![format!("{TUNNEL_ADDR}/24")],
                     mtu: None,
                     stats_interval_ms: tunnel.stats_interval_ms,

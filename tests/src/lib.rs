@@ -12,20 +12,32 @@
 //! answer which gateway holds the VIP. The same segment runs with
 //! keepalived instead ([`keepalived`]) for the failover benchmark, which
 //! times both with [`failover`].
+//!
+//! The control plane's pieces: a test CA ([`pki`]) issuing certificates for
+//! Core, gateways and Edges; gateways with a `[core]` section
+//! ([`gateway::CoreSection`]); Edge daemons ([`edge`]) behind a real nginx
+//! ([`nginx`]); and a small HTTP client ([`http`]) to talk to them from
+//! inside their namespace. [`scripted_core`] plays Core's side of the
+//! links for tests of gateways and Edges on their own.
 
 pub mod bins;
 pub mod cmd;
 pub mod continuity;
+pub mod edge;
 pub mod failover;
 pub mod gateway;
 pub mod ha;
+pub mod http;
 pub mod keepalived;
 pub mod location;
 pub mod netns;
+pub mod nginx;
 pub mod packets;
+pub mod pki;
 pub mod probe;
 pub mod process;
 pub mod run;
+pub mod scripted_core;
 pub mod shield;
 pub mod stop;
 pub mod wait;
@@ -35,13 +47,16 @@ pub mod xdp_pass;
 
 pub use bins::{BIN_DIR_ENV, bin_dir, binary};
 pub use cmd::{CmdOutput, run_bounded, run_ok, run_with_input};
+pub use edge::{EdgeConfig, EdgeDaemon};
 pub use gateway::{
-    Counter, Counters, GatewayConfig, GatewayDaemon, HaSection, PeerEntry, PeerStatus, PeersReply,
-    Removal, WireguardSection, XdpMode,
+    CoreSection, Counter, Counters, GatewayConfig, GatewayDaemon, HaSection, PeerEntry, PeerStatus,
+    PeersReply, Removal, WireguardSection, XdpMode,
 };
 pub use ha::{HaLocation, HaOptions, HaStatus, Prober};
 pub use location::{Client, Location, LocationOptions};
 pub use netns::{Netns, PingReport, bridge, veth};
+pub use nginx::Nginx;
+pub use pki::{CertFiles, TestPki};
 pub use probe::ProbeSummary;
 pub use process::Process;
 pub use run::Run;

@@ -23,7 +23,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::bins::binary;
 use crate::gateway::{
-    GATEWAY_BIN, GatewayConfig, GatewayDaemon, PeerEntry, TIDECTL_BIN, WireguardSection, XdpMode,
+    CoreSection, GATEWAY_BIN, GatewayConfig, GatewayDaemon, PeerEntry, TIDECTL_BIN,
+    WireguardSection, XdpMode,
 };
 use crate::netns::{Netns, PingReport, bridge, veth};
 use crate::run::Run;
@@ -80,6 +81,11 @@ pub struct LocationOptions {
     /// Enable IPv4 forwarding in the gateway namespace, so clients reach
     /// each other through the gateway.
     pub ip_forward: bool,
+    /// Core manages the gateway: its config gets this `[core]` section and
+    /// neither the private key, the listen port nor the clients' peers,
+    /// which Core's location config brings (see
+    /// [`Location::gateway_private_key`] and [`Client::peer_entry`]).
+    pub core: Option<CoreSection>,
 }
 
 impl Default for LocationOptions {
@@ -91,6 +97,7 @@ impl Default for LocationOptions {
             threshold_secs: None,
             stats_interval_ms: Some(200),
             ip_forward: false,
+            core: None,
         }
     }
 }
@@ -268,7 +275,12 @@ impl Location {
         // Before the daemon: if the start fails half-way, the daemon is
         // dropped first and then its wireguard-go.
         let gateway_wg = DetachedWireguardGo::new(&gateway, &wg_interface);
-        let mut peers: Vec<PeerEntry> = clients.iter().map(Client::peer_entry).collect();
+        let managed = options.core.is_some();
+        let mut peers: Vec<PeerEntry> = if managed {
+            Vec::new()
+        } else {
+            clients.iter().map(Client::peer_entry).collect()
+        };
         peers.extend(options.extra_peers.iter().cloned());
         let mut config = GatewayConfig::shield(
             &gateway_if,
@@ -281,8 +293,8 @@ impl Location {
         config.wireguard = Some(WireguardSection {
             interface: wg_interface,
             backend: "auto".into(),
-            private_key: gateway_keys.private.clone(),
-            listen_port: WG_PORT,
+            private_key: (!managed).then(|| gateway_keys.private.clone()),
+            listen_port: (!managed).then_some(WG_PORT),
             addresses: vec![format!("{GATEWAY_TUNNEL}/{TUNNEL_PREFIX}")],
             mtu: None,
             stats_interval_ms: options.stats_interval_ms,
@@ -290,6 +302,7 @@ impl Location {
             peer_disconnect_threshold_secs: options.threshold_secs,
         });
         config.peers = peers;
+        config.core = options.core.clone();
         let daemon = GatewayDaemon::start(&gateway, config, run.dir())?;
         Ok(Self {
             daemon,
@@ -300,6 +313,12 @@ impl Location {
             gateway_keys,
             run,
         })
+    }
+
+    /// The gateway's WireGuard private key in base64 (the location's key,
+    /// which Core sends a Core-managed gateway).
+    pub fn gateway_private_key(&self) -> &str {
+        &self.gateway_keys.private
     }
 
     /// The run (id, temporary directory).

@@ -839,7 +839,7 @@ fn bad_input_is_refused_and_leaves_the_device_unchanged() -> Result<()> {
     // A listen port already bound in the gateway's namespace.
     let mut port_taken = original.clone();
     if let Some(wg) = port_taken.wireguard.as_mut() {
-        wg.listen_port = BUSY_PORT;
+        wg.listen_port = Some(BUSY_PORT);
     }
     let holder = location
         .gateway()

@@ -5,14 +5,16 @@ use anyhow::{Result, bail};
 use crate::run::{Cmd, step};
 
 /// Debian packages the tests and the lab run: `ip`, `ping`, `wg`,
-/// userspace WireGuard for kernels without the module, and `ethtool` (the
-/// failover tests turn checksum offload off on the clients' veths).
+/// userspace WireGuard for kernels without the module, `ethtool` (the
+/// failover tests turn checksum offload off on the clients' veths), and
+/// nginx in front of the Edges.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "wireguard-tools",
     "wireguard-go",
     "ethtool",
+    "nginx",
 ];
 
 pub fn is_root() -> bool {

@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -148,6 +148,23 @@ pub struct HaStatus {
     pub endpoints: Option<SyncStatus>,
 }
 
+/// The part of the agent's state Core follows; it changes only on events
+/// that matter to an operator, so each change is worth a status message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaSummary {
+    pub role: Role,
+    /// The configured priority.
+    pub priority: u8,
+    /// The priority advertised, after penalties of tracked interfaces.
+    pub effective_priority: u8,
+    pub healthy: bool,
+    /// What makes the gateway unhealthy or costs it priority, in words.
+    pub faults: Vec<String>,
+    /// The master this gateway believes in.
+    pub master: Option<u32>,
+    pub maintenance: bool,
+}
+
 /// One thing the agent's loop woke up for.
 enum Input {
     Shutdown,
@@ -182,9 +199,16 @@ impl std::fmt::Debug for Command {
 #[derive(Debug, Clone)]
 pub struct HaHandle {
     tx: mpsc::Sender<Command>,
+    summary: watch::Receiver<HaSummary>,
 }
 
 impl HaHandle {
+    /// The summary as it is now; `changed()` on the receiver wakes on
+    /// every change of role, priority, health, master or maintenance.
+    pub fn subscribe(&self) -> watch::Receiver<HaSummary> {
+        self.summary.clone()
+    }
+
     /// The election state.
     pub async fn status(&self) -> Result<HaStatus, HaError> {
         let (reply, rx) = oneshot::channel();
@@ -239,6 +263,10 @@ pub struct Agent {
     /// When the agent last ran: a longer gap than the lease means it was
     /// frozen.
     last_wake: Instant,
+    /// Why the gateway is unhealthy, while it is.
+    fault: Option<String>,
+    /// Why the priority is lowered, while it is.
+    penalty: Option<String>,
     /// The endpoint-sharing task and the WireGuard task, for failover
     /// continuity (none without `[wireguard]`).
     links: Option<Links>,
@@ -312,6 +340,8 @@ impl Agent {
             links: None,
             grace_until: None,
             window_until: None,
+            fault: None,
+            penalty: None,
         })
     }
 
@@ -338,10 +368,12 @@ impl Agent {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut health: mpsc::Receiver<HealthEvent>,
+        summary: watch::Sender<HaSummary>,
         cancel: CancellationToken,
     ) {
         let actions = self.machine.on_event(Event::Start, Instant::now());
         self.execute(actions).await;
+        summary.send_replace(self.summary());
         let mut buf = vec![0u8; MAX_ADVERT];
         let mut stopping = false;
         loop {
@@ -395,16 +427,26 @@ impl Agent {
                     self.machine.on_event(Event::Tick, Instant::now())
                 }
                 Input::Advert { len, from, known } => self.receive(&buf[..len], from, known),
-                Input::Health(HealthEvent::Fault { healthy, reason }) => self
-                    .machine
-                    .on_event(Event::Health { healthy, reason }, Instant::now()),
+                Input::Health(HealthEvent::Fault { healthy, reason }) => {
+                    self.fault = (!healthy).then(|| reason.clone());
+                    self.machine
+                        .on_event(Event::Health { healthy, reason }, Instant::now())
+                }
                 Input::Health(HealthEvent::Penalty { points, reason }) => {
+                    self.penalty = (points > 0).then(|| reason.clone());
                     self.machine.set_penalty(points, &reason, Instant::now())
                 }
                 Input::Command(command) => self.command(command).await,
                 Input::Nothing => Vec::new(),
             };
-            if self.execute(actions).await {
+            let exit = self.execute(actions).await;
+            let now = self.summary();
+            summary.send_if_modified(|current| {
+                let changed = *current != now;
+                *current = now;
+                changed
+            });
+            if exit {
                 break;
             }
             self.last_wake = Instant::now();
@@ -438,6 +480,24 @@ impl Agent {
             self.window_until = None;
             self.close_window().await;
             info!("handover window closed");
+        }
+    }
+
+    /// What Core follows of the state.
+    fn summary(&self) -> HaSummary {
+        HaSummary {
+            role: self.machine.role(),
+            priority: self.config.election.priority,
+            effective_priority: self.machine.priority(),
+            healthy: self.machine.healthy(),
+            faults: self
+                .fault
+                .iter()
+                .chain(self.penalty.iter())
+                .cloned()
+                .collect(),
+            master: self.machine.master(),
+            maintenance: self.machine.maintenance(),
         }
     }
 
@@ -905,10 +965,11 @@ pub fn spawn(
 ) {
     let (tx, commands) = mpsc::channel(16);
     let (health_tx, health) = mpsc::channel(16);
+    let (summary_tx, summary) = watch::channel(agent.summary());
     (
-        HaHandle { tx },
+        HaHandle { tx, summary },
         health_tx,
-        agent.run(commands, health, cancel),
+        agent.run(commands, health, summary_tx, cancel),
     )
 }
 

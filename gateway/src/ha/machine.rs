@@ -57,6 +57,18 @@ impl Role {
     }
 }
 
+impl Role {
+    /// The role in lower case, as the control protocols spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Init => "init",
+            Self::Backup => "backup",
+            Self::Master => "master",
+            Self::Fault => "fault",
+        }
+    }
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -292,6 +304,11 @@ impl Machine {
             self.advertise_now(now, &mut actions);
         }
         actions
+    }
+
+    /// Whether the gateway's own checks pass (public link, XDP, WireGuard).
+    pub fn healthy(&self) -> bool {
+        self.healthy
     }
 
     /// Whether maintenance mode is on.

@@ -41,6 +41,8 @@ pub struct LocalPeers {
     pub configured: Vec<Key>,
     /// The peers with an endpoint and a completed handshake.
     pub active: Vec<Entry>,
+    /// The listen port the device has (0 before the first read).
+    pub listen_port: u16,
 }
 
 /// The endpoint-sharing settings.

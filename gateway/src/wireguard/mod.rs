@@ -7,6 +7,7 @@ pub mod kernel;
 pub mod key;
 pub mod kick;
 pub mod link;
+pub mod location;
 pub mod owner;
 pub mod reconcile;
 pub mod spec;
@@ -31,8 +32,11 @@ pub struct WireguardConfig {
     pub interface: String,
     /// Kernel module, wireguard-go, or whichever is there.
     pub backend: BackendSetting,
-    pub private_key: Key,
-    pub listen_port: u16,
+    /// `None` only on a gateway whose location config comes from Core
+    /// (`[core]`): the key is set once Core's config arrives.
+    pub private_key: Option<Key>,
+    /// `None` as for `private_key`.
+    pub listen_port: Option<u16>,
     /// The interface's own addresses, with their prefix (10.77.0.1/24).
     pub addresses: Vec<IpNet>,
     pub mtu: u32,
@@ -52,8 +56,10 @@ pub struct WireguardConfig {
 pub enum PeerSource {
     /// The config file.
     File,
-    /// Added at run time (`tidectl peer add`, later Core).
+    /// Added at run time (`tidectl peer add`).
     Dynamic,
+    /// Core's location config.
+    Core,
     /// On the device but in no config: the next reconcile removes it.
     Unknown,
 }

@@ -3,6 +3,14 @@
 //! stats, removes inactive peers on MFA locations, and restarts wireguard-go
 //! if it dies. Other tasks talk to it through a [`WireguardHandle`].
 //!
+//! Peers come from three sources: the config file, `tidectl peer add`
+//! (dynamic peers, kept in the state file) and Core's location config (also
+//! kept in the state file). A public key, and an allowed IP, belong to one
+//! source: what would make two sources claim the same is refused, naming
+//! both, and nothing is applied. Core's device settings (private key,
+//! listen port, addresses, MTU, MFA) replace the file's once Core's config
+//! has been applied.
+//!
 //! It never deletes the interface and never flushes peers: when the daemon
 //! stops, crashes or restarts, the device keeps serving its peers.
 
@@ -17,6 +25,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use ipnet::IpNet;
+
 use super::{
     ApplyReport, BackendKind, BackendSetting, PeerSource, PeerStatus, PeersReply, WireguardConfig,
     activity::{Activity, ExpiryReason},
@@ -25,6 +35,7 @@ use super::{
     key::Key,
     kick::{self, FailoverReport, FailoverRun, KickRequest},
     link::{LinkError, Links},
+    location::{self, LocationError, LocationUpdate},
     reconcile::{self, Actual, Desired},
     spec::{PeerError, PeerSpec, check_peers},
     state::{Removal, State, StateError, StateStore, from_unix, unix},
@@ -83,6 +94,18 @@ pub enum WireguardError {
     Vanished { interface: String },
     #[error("peer {0} comes from the config file: change it there and reload")]
     FilePeer(String),
+    #[error("peer {0} comes from Core's location config: change it in Core")]
+    CorePeer(String),
+    #[error(
+        "peer {peer} of Core's location config is also a peer of {source_name} ({local}): a peer belongs to Core or to the gateway, not both"
+    )]
+    LocalConflict {
+        peer: String,
+        source_name: &'static str,
+        local: String,
+    },
+    #[error(transparent)]
+    Location(#[from] LocationError),
     #[error("peer {0} already exists: use `tidectl peer change` to change it")]
     Exists(String),
     #[error("{what} changed from {from} to {to}: restart the daemon to apply it")]
@@ -114,6 +137,19 @@ enum Command {
     Kick(Box<KickRequest>),
     RemoteActivity(Vec<(Key, SystemTime)>),
     Failovers(oneshot::Sender<Vec<FailoverReport>>),
+    Location(
+        LocationUpdate,
+        oneshot::Sender<Result<ApplyReport, WireguardError>>,
+    ),
+    Running(oneshot::Sender<Result<Option<Running>, WireguardError>>),
+    Unreported(oneshot::Sender<Result<Vec<Removal>, WireguardError>>),
+}
+
+/// The location config a gateway runs, as Core sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    pub location_id: u32,
+    pub version: u64,
 }
 
 /// A cheap, cloneable way to ask the WireGuard task.
@@ -134,6 +170,9 @@ impl std::fmt::Debug for Command {
             Self::Kick(..) => "Kick",
             Self::RemoteActivity(..) => "RemoteActivity",
             Self::Failovers(..) => "Failovers",
+            Self::Location(..) => "Location",
+            Self::Running(_) => "Running",
+            Self::Unreported(_) => "Unreported",
         })
     }
 }
@@ -210,6 +249,61 @@ impl WireguardHandle {
             .map_err(|_| WireguardError::Stopped)?;
         rx.await.map_err(|_| WireguardError::Stopped)
     }
+
+    /// Applies Core's location config or peer changes, whole or not at all.
+    pub async fn apply_location(
+        &self,
+        update: LocationUpdate,
+    ) -> Result<ApplyReport, WireguardError> {
+        self.ask(|reply| Command::Location(update, reply)).await
+    }
+
+    /// The location config the gateway runs, if Core has sent one.
+    pub async fn running(&self) -> Result<Option<Running>, WireguardError> {
+        self.ask(Command::Running).await
+    }
+
+    /// The MFA removals not reported to Core yet; they count as reported
+    /// from now on.
+    pub async fn take_unreported_removals(&self) -> Result<Vec<Removal>, WireguardError> {
+        self.ask(Command::Unreported).await
+    }
+}
+
+/// The device settings in force: Core's where it has sent a location
+/// config, else the file's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub private_key: Option<Key>,
+    pub listen_port: Option<u16>,
+    pub addresses: Vec<IpNet>,
+    pub mtu: u32,
+    pub mfa_threshold: Option<Duration>,
+}
+
+impl Device {
+    /// The settings of `config`, overridden by `state`'s location config.
+    pub fn of(config: &WireguardConfig, state: &State) -> Self {
+        match &state.location {
+            Some(location) => {
+                let device = &location.device;
+                Self {
+                    private_key: Some(device.private_key),
+                    listen_port: Some(device.listen_port),
+                    addresses: device.addresses.clone(),
+                    mtu: device.mtu.unwrap_or(config.mtu),
+                    mfa_threshold: device.mfa_threshold_secs.map(Duration::from_secs),
+                }
+            }
+            None => Self {
+                private_key: config.private_key,
+                listen_port: config.listen_port,
+                addresses: config.addresses.clone(),
+                mtu: config.mtu,
+                mfa_threshold: config.mfa_threshold,
+            },
+        }
+    }
 }
 
 /// The WireGuard device and everything known about it.
@@ -273,6 +367,7 @@ impl Owner {
             polled: None,
         };
         let mut state = owner.state.clone();
+        local_conflicts(&owner.config, &state)?;
         let desired = desired_from(&owner.config, &state)?;
         owner.track(&mut state, &desired, SystemTime::now());
         owner.store.save(&state)?;
@@ -356,6 +451,19 @@ impl Owner {
                 let mut reports: Vec<FailoverReport> = self.reports.iter().cloned().collect();
                 reports.extend(self.run.as_ref().map(|run| run.report(false)));
                 let _ = reply.send(reports);
+            }
+            Command::Location(update, reply) => {
+                let _ = reply.send(self.apply_location(update).await);
+            }
+            Command::Running(reply) => {
+                let running = self.state.location.as_ref().map(|l| Running {
+                    location_id: l.location_id,
+                    version: l.version,
+                });
+                let _ = reply.send(Ok(running));
+            }
+            Command::Unreported(reply) => {
+                let _ = reply.send(self.take_unreported());
             }
         }
     }
@@ -471,8 +579,68 @@ impl Owner {
         kick::keep(&mut self.reports, report);
     }
 
+    /// Applies Core's update: the location config after it, less the MFA
+    /// removals Core has not caught up with, checked against the local
+    /// peers, saved and reconciled; on any error nothing changes.
+    async fn apply_location(
+        &mut self,
+        update: LocationUpdate,
+    ) -> Result<ApplyReport, WireguardError> {
+        let mut next = location::updated(self.state.location.as_ref(), &update)?;
+        let mut state = self.state.clone();
+        let kept_out =
+            location::keep_out_expired(&mut state.expired_location_peers, &update, &mut next);
+        if let Some(old) = &self.state.location
+            && old.location_id != next.location_id
+        {
+            info!(
+                from = old.location_id,
+                to = next.location_id,
+                name = %next.name,
+                "Core moves this gateway to another location"
+            );
+        }
+        let version = next.version;
+        state.location = Some(next);
+        local_conflicts(&self.config, &state)?;
+        let desired = desired_from(&self.config, &state)?;
+        let report = self.commit(state, &desired)?;
+        self.configure_link().await?;
+        info!(
+            version,
+            ?report,
+            kept_out = kept_out.len(),
+            "Core's location config applied"
+        );
+        Ok(report)
+    }
+
+    /// The removals Core has not heard of; marks them reported.
+    fn take_unreported(&mut self) -> Result<Vec<Removal>, WireguardError> {
+        let unreported = self.state.unreported();
+        if let Some(last) = unreported.last() {
+            let mut state = self.state.clone();
+            state.reported_seq = last.seq;
+            self.store.save(&state)?;
+            self.state = state;
+        }
+        Ok(unreported)
+    }
+
+    /// The device settings in force.
+    fn device(&self) -> Device {
+        Device::of(&self.config, &self.state)
+    }
+
+    fn location_peer(&self, key: &Key) -> Option<&PeerSpec> {
+        self.state.location.as_ref()?.peers.get(key)
+    }
+
     fn add_peer(&mut self, peer: PeerSpec) -> Result<ApplyReport, WireguardError> {
         let key = peer.public_key;
+        if self.location_peer(&key).is_some() {
+            return Err(WireguardError::CorePeer(peer.label().to_string()));
+        }
         if self.state.dynamic_peers.contains_key(&key) || self.file_peer(&key).is_some() {
             return Err(WireguardError::Exists(peer.label().to_string()));
         }
@@ -525,6 +693,9 @@ impl Owner {
         if let Some(peer) = self.state.dynamic_peers.get(key) {
             return Ok(peer.label().to_string());
         }
+        if let Some(peer) = self.location_peer(key) {
+            return Err(WireguardError::CorePeer(peer.label().to_string()));
+        }
         match self.file_peer(key) {
             Some(peer) => Err(WireguardError::FilePeer(peer.label().to_string())),
             None => Err(PeerError::Unknown(*key).into()),
@@ -564,6 +735,7 @@ impl Owner {
             state.expired.remove(key);
             state.added_at.remove(key);
         }
+        local_conflicts(&config, &state)?;
         let desired = desired_from(&config, &state)?;
         let old = std::mem::replace(&mut self.config, config);
         let result = self.commit(state, &desired);
@@ -653,7 +825,15 @@ impl Owner {
                 })
             })
             .collect();
-        self.local.send_modify(|local| local.active = active);
+        self.local.send_modify(|local| {
+            local.active = active;
+            local.listen_port = actual.listen_port;
+        });
+    }
+
+    /// The listen port in force (from the file, or Core's location config).
+    pub fn listen_port(&self) -> Option<u16> {
+        self.device().listen_port
     }
 
     /// What the endpoint-sharing task reads of this device.
@@ -702,6 +882,7 @@ impl Owner {
 
     async fn configure_link(&self) -> Result<(), WireguardError> {
         let name = &self.config.interface;
+        let device = self.device();
         let link = self
             .links
             .find(name)
@@ -711,7 +892,7 @@ impl Owner {
             })?;
         let changes = self
             .links
-            .configure(name, &link, &self.config.addresses, self.config.mtu)
+            .configure(name, &link, &device.addresses, device.mtu)
             .await?;
         if !changes.is_empty() {
             info!(interface = %name, ?changes, "interface configured");
@@ -777,7 +958,7 @@ impl Owner {
         {
             self.finish(run);
         }
-        if let Some(threshold) = self.config.mfa_threshold {
+        if let Some(threshold) = self.device().mfa_threshold {
             self.expire(threshold, now);
         }
     }
@@ -797,8 +978,17 @@ impl Owner {
         let result = self.change(|state| {
             for (peer, reason) in &due {
                 state.record(Removal::new(peer, *reason, now));
-                if state.dynamic_peers.remove(&peer.public_key).is_none() {
-                    state.expired.insert(peer.public_key);
+                let key = peer.public_key;
+                let from_core = state
+                    .location
+                    .as_mut()
+                    .and_then(|location| location.peers.remove(&key));
+                if let Some(core_peer) = from_core {
+                    state
+                        .expired_location_peers
+                        .insert(key, core_peer.preshared_key);
+                } else if state.dynamic_peers.remove(&key).is_none() {
+                    state.expired.insert(key);
                 }
             }
         });
@@ -821,10 +1011,14 @@ impl Owner {
 
     /// The desired settings of `key`, wherever they come from.
     fn peer_spec(&self, key: &Key) -> Option<&PeerSpec> {
-        self.state.dynamic_peers.get(key).or_else(|| {
-            self.file_peer(key)
-                .filter(|_| !self.state.expired.contains(key))
-        })
+        self.state
+            .dynamic_peers
+            .get(key)
+            .or_else(|| self.location_peer(key))
+            .or_else(|| {
+                self.file_peer(key)
+                    .filter(|_| !self.state.expired.contains(key))
+            })
     }
 
     fn peers_reply(&mut self) -> PeersReply {
@@ -840,11 +1034,14 @@ impl Owner {
             .peers
             .iter()
             .map(|(key, peer)| {
-                let (name, source) = match (self.state.dynamic_peers.get(key), self.file_peer(key))
-                {
-                    (Some(p), _) => (p.name.clone(), PeerSource::Dynamic),
-                    (None, Some(p)) => (p.name.clone(), PeerSource::File),
-                    (None, None) => (None, PeerSource::Unknown),
+                let (name, source) = if let Some(p) = self.state.dynamic_peers.get(key) {
+                    (p.name.clone(), PeerSource::Dynamic)
+                } else if let Some(p) = self.location_peer(key) {
+                    (p.name.clone(), PeerSource::Core)
+                } else if let Some(p) = self.file_peer(key) {
+                    (p.name.clone(), PeerSource::File)
+                } else {
+                    (None, PeerSource::Unknown)
                 };
                 PeerStatus {
                     public_key: *key,
@@ -867,7 +1064,7 @@ impl Owner {
             backend_pid: self.watch.as_ref().map(ProcessWatch::pid),
             listen_port: actual.listen_port,
             polled_at,
-            mfa_threshold_secs: self.config.mfa_threshold.map(|t| t.as_secs()),
+            mfa_threshold_secs: self.device().mfa_threshold.map(|t| t.as_secs()),
             peers,
         }
     }
@@ -948,22 +1145,52 @@ async fn exited(watch: Option<&ProcessWatch>) {
     }
 }
 
-/// The file peers (less those an MFA location removed) and the dynamic
-/// peers, checked together.
+/// The file peers (less those an MFA location removed), the dynamic peers
+/// and Core's, checked together; Core's come last, so that an overlap
+/// names Core's peer first.
 fn desired_from(config: &WireguardConfig, state: &State) -> Result<Desired, PeerError> {
     let file = config
         .peers
         .iter()
         .filter(|p| !state.expired.contains(&p.public_key));
-    let peers: BTreeMap<Key, PeerSpec> = check_peers(file.chain(state.dynamic_peers.values()))?
+    let core = state.location.iter().flat_map(|l| l.peers.values());
+    let all = file.chain(state.dynamic_peers.values()).chain(core);
+    let peers: BTreeMap<Key, PeerSpec> = check_peers(all)?
         .into_iter()
         .map(|(key, peer)| (key, peer.clone()))
         .collect();
+    let device = Device::of(config, state);
     Ok(Desired {
-        private_key: config.private_key,
-        listen_port: config.listen_port,
+        private_key: device.private_key,
+        listen_port: device.listen_port,
         peers,
     })
+}
+
+/// Refuses a Core peer whose key is also a file or dynamic peer's.
+fn local_conflicts(config: &WireguardConfig, state: &State) -> Result<(), WireguardError> {
+    let Some(location) = &state.location else {
+        return Ok(());
+    };
+    for peer in location.peers.values() {
+        let key = &peer.public_key;
+        let local = match (
+            config.peers.iter().find(|p| p.public_key == *key),
+            state.dynamic_peers.get(key),
+        ) {
+            (Some(file), _) => Some(("the config file", file)),
+            (None, Some(dynamic)) => Some(("`tidectl peer add`", dynamic)),
+            (None, None) => None,
+        };
+        if let Some((source_name, local)) = local {
+            return Err(WireguardError::LocalConflict {
+                peer: peer.label().to_string(),
+                source_name,
+                local: local.label().to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn wireguard_go_log(config: &WireguardConfig) -> PathBuf {

@@ -16,8 +16,11 @@ use super::{key::Key, spec::PeerSpec};
 /// The device as the operator wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
-    pub private_key: Key,
-    pub listen_port: u16,
+    /// `None`: not configured yet (a gateway waiting for Core's location
+    /// config); the device's key is left as it is.
+    pub private_key: Option<Key>,
+    /// `None`: not configured yet; the device's port is left as it is.
+    pub listen_port: Option<u16>,
     pub peers: BTreeMap<Key, PeerSpec>,
 }
 
@@ -136,9 +139,12 @@ pub fn plan(
     known_endpoints: &HashMap<Key, SocketAddr>,
 ) -> Plan {
     let mut plan = Plan {
-        listen_port: (actual.listen_port != desired.listen_port).then_some(desired.listen_port),
-        private_key: (actual.private_key != Some(desired.private_key))
-            .then_some(desired.private_key),
+        listen_port: desired
+            .listen_port
+            .filter(|&port| port != actual.listen_port),
+        private_key: desired
+            .private_key
+            .filter(|&key| actual.private_key != Some(key)),
         peers: Vec::new(),
     };
     for (key, want) in &desired.peers {
@@ -216,16 +222,16 @@ mod tests {
 
     fn desired(peers: &[PeerSpec]) -> Desired {
         Desired {
-            private_key: k(100),
-            listen_port: 51820,
+            private_key: Some(k(100)),
+            listen_port: Some(51820),
             peers: peers.iter().map(|p| (p.public_key, p.clone())).collect(),
         }
     }
 
     fn in_sync(desired: &Desired) -> Actual {
         Actual {
-            private_key: Some(desired.private_key),
-            listen_port: desired.listen_port,
+            private_key: desired.private_key,
+            listen_port: desired.listen_port.unwrap_or(0),
             peers: desired
                 .peers
                 .iter()
@@ -349,6 +355,22 @@ mod tests {
         let plan = plan(&want, &Actual::default(), &known);
         assert_eq!(known.get(&k(1)).copied(), plan.peers[0].endpoint);
         assert_eq!(plan.peers[1].endpoint, None);
+    }
+
+    #[test]
+    fn an_unconfigured_key_and_port_are_left_alone() {
+        let mut want = desired(&[spec(1, "10.0.0.2/32")]);
+        want.private_key = None;
+        want.listen_port = None;
+        let have = Actual {
+            private_key: Some(k(7)),
+            listen_port: 40000,
+            ..Actual::default()
+        };
+        let plan = plan(&want, &have, &HashMap::new());
+        assert_eq!(plan.private_key, None);
+        assert_eq!(plan.listen_port, None);
+        assert_eq!(plan.summary().added, 1);
     }
 
     #[test]

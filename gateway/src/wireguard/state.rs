@@ -1,7 +1,7 @@
 //! What the daemon must remember across restarts beyond the config file:
-//! peers added at run time (by `tidectl`, later by Core), when each peer was
-//! added, the peers an MFA location has removed, and the removal records
-//! still to report. One JSON file, replaced atomically.
+//! peers added at run time by `tidectl`, the location config Core sent last,
+//! when each peer was added, the peers an MFA location has removed, and the
+//! removal records still to report. One JSON file, replaced atomically.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -14,7 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{activity::ExpiryReason, key::Key, spec::PeerSpec};
+use super::{activity::ExpiryReason, key::Key, location::Location, spec::PeerSpec};
 
 /// Removal records kept; the oldest go first beyond this.
 pub const MAX_REMOVALS: usize = 10_000;
@@ -45,6 +45,10 @@ pub enum StateError {
 /// A peer an MFA location removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Removal {
+    /// Numbers removals in the order they happened (1, 2, ...), so that
+    /// each is reported to Core once.
+    #[serde(default)]
+    pub seq: u64,
     pub public_key: Key,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -65,6 +69,7 @@ impl Removal {
             ExpiryReason::NoHandshake { .. } => ("no-handshake", None),
         };
         Self {
+            seq: 0,
             public_key: peer.public_key,
             name: peer.name.clone(),
             removed_at: unix(now),
@@ -91,15 +96,41 @@ pub struct State {
     /// Removal records, oldest first.
     #[serde(default)]
     pub removals: VecDeque<Removal>,
+    /// The location config Core sent last, as applied: a gateway restarted
+    /// without Core comes up on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    /// Core's peers an MFA location removed, with the preshared key they
+    /// had: they stay out until Core sends them with another one (a new
+    /// MFA login).
+    #[serde(default)]
+    pub expired_location_peers: BTreeMap<Key, Option<Key>>,
+    /// The `seq` of the last removal recorded.
+    #[serde(default)]
+    pub removal_seq: u64,
+    /// The `seq` of the last removal reported to Core.
+    #[serde(default)]
+    pub reported_seq: u64,
 }
 
 impl State {
     /// Records a removal, dropping the oldest beyond [`MAX_REMOVALS`].
-    pub fn record(&mut self, removal: Removal) {
+    pub fn record(&mut self, mut removal: Removal) {
         if self.removals.len() == MAX_REMOVALS {
             self.removals.pop_front();
         }
+        self.removal_seq += 1;
+        removal.seq = self.removal_seq;
         self.removals.push_back(removal);
+    }
+
+    /// The removals not yet reported to Core, oldest first.
+    pub fn unreported(&self) -> Vec<Removal> {
+        self.removals
+            .iter()
+            .filter(|r| r.seq > self.reported_seq)
+            .cloned()
+            .collect()
     }
 }
 
@@ -209,7 +240,7 @@ pub fn from_unix(secs: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wireguard::spec::PeerEntry;
+    use crate::wireguard::{location::LocationDevice, spec::PeerEntry};
 
     fn peer() -> PeerSpec {
         PeerEntry {
@@ -241,6 +272,23 @@ mod tests {
             },
             from_unix(100),
         ));
+        state.location = Some(Location {
+            version: 4,
+            location_id: 7,
+            name: "lab".into(),
+            device: LocationDevice {
+                private_key: Key::new([9; 32]),
+                listen_port: 51820,
+                addresses: vec!["10.8.0.1/24".parse().unwrap()],
+                mtu: Some(1380),
+                mfa_threshold_secs: Some(300),
+            },
+            peers: [(peer.public_key, peer.clone())].into(),
+        });
+        state
+            .expired_location_peers
+            .insert(Key::new([4; 32]), Some(Key::new([5; 32])));
+        state.reported_seq = 1;
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
         let mode = fs::metadata(store.path()).unwrap().permissions();
@@ -274,5 +322,39 @@ mod tests {
         }
         assert_eq!(state.removals.len(), MAX_REMOVALS);
         assert_eq!(state.removals.front().unwrap().removed_at, 5);
+        assert_eq!(state.removals.back().unwrap().seq, MAX_REMOVALS as u64 + 5);
+    }
+
+    #[test]
+    fn removals_are_reported_once() {
+        let mut state = State::default();
+        let peer = peer();
+        let reason = ExpiryReason::NoHandshake {
+            added_at: from_unix(0),
+        };
+        state.record(Removal::new(&peer, reason, from_unix(1)));
+        state.record(Removal::new(&peer, reason, from_unix(2)));
+        let first = state.unreported();
+        assert_eq!(first.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+        state.reported_seq = 2;
+        assert!(state.unreported().is_empty());
+        state.record(Removal::new(&peer, reason, from_unix(3)));
+        assert_eq!(state.unreported()[0].removed_at, 3);
+    }
+
+    #[test]
+    fn an_older_state_file_without_location_fields_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path(), "wg0");
+        fs::write(
+            store.path(),
+            r#"{"version":1,"dynamic_peers":{},"added_at":{},"expired":[],
+                "removals":[{"public_key":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","removed_at":5,"reason":"idle"}]}"#,
+        )
+        .unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.location, None);
+        assert_eq!(state.removals[0].seq, 0);
+        assert_eq!(state.removal_seq, 0);
     }
 }

@@ -204,13 +204,13 @@ impl Continuity {
         Ok(())
     }
 
-    /// Guards WireGuard from `listen_port`, owning no client yet (the
-    /// guard is off, passing everything, until this is called).
+    /// Guards WireGuard from `listen_port` (0: the guard is off and passes
+    /// everything, as before the first call), in the mode in force (owning
+    /// no client at first).
     pub fn set_listen_port(&mut self, listen_port: u16) -> Result<(), XdpError> {
         self.set(Egress {
-            mode: MODE_DENY,
             listen_port_be: listen_port.to_be(),
-            _pad: 0,
+            ..self.setting
         })
     }
 

@@ -1,0 +1,233 @@
+//! The gRPC server Core dials: mutual TLS with the installation's CA, only
+//! Core's certificate accepted. A Link counts once Core has sent Welcome on
+//! it; then the relay sends requests down it and takes the replies.
+
+use std::{
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::Stream;
+use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use tidegate_proto::{
+    edge::v1::{
+        self as pb, core_message,
+        edge_server::{Edge, EdgeServer},
+    },
+    tls::{Pki, TlsError, peer_has_identity},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Request, Response, Status, Streaming, transport::Server};
+use tracing::{debug, info, warn};
+
+use crate::relay::{OUTBOUND_QUEUE, RelayHandle};
+
+/// How long Core has to send Welcome on a new Link.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 pings on the link, so that a Core that vanished without closing
+/// its connection is noticed and `/health` turns 503.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// Why the link server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("TLS files")]
+    Tls(#[from] TlsError),
+    #[error("cert_file {path}: {reason}")]
+    Cert { path: PathBuf, reason: String },
+    #[error("link_listen {address}: binding")]
+    Bind {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server for Core")]
+    Server(#[source] tonic::transport::Error),
+}
+
+/// The Link service.
+#[derive(Debug, Clone)]
+struct Service {
+    relay: RelayHandle,
+    core_identity: String,
+    sessions: TaskTracker,
+    shutdown: CancellationToken,
+    next_session: Arc<AtomicU64>,
+}
+
+type LinkStream = Pin<Box<dyn Stream<Item = Result<pb::EdgeMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Edge for Service {
+    type LinkStream = LinkStream;
+
+    async fn link(
+        &self,
+        request: Request<Streaming<pb::CoreMessage>>,
+    ) -> Result<Response<LinkStream>, Status> {
+        let remote = request.remote_addr();
+        if !peer_has_identity(request.peer_certs(), &self.core_identity) {
+            warn!(
+                ?remote,
+                expected = %self.core_identity,
+                "refused a Link: the client certificate is not Core's"
+            );
+            return Err(Status::permission_denied(format!(
+                "only Core ({}) may open a Link",
+                self.core_identity
+            )));
+        }
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let relay = self.relay.clone();
+        let cancel = self.shutdown.child_token();
+        let inbound = request.into_inner();
+        debug!(session, ?remote, "Core opened a Link");
+        self.sessions
+            .spawn(run(session, relay, inbound, tx, cancel));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One Link: Welcome first, then replies until the stream ends.
+async fn run(
+    session: u64,
+    relay: RelayHandle,
+    mut inbound: Streaming<pb::CoreMessage>,
+    outbound: mpsc::Sender<Result<pb::EdgeMessage, Status>>,
+    cancel: CancellationToken,
+) {
+    let first = tokio::select! {
+        () = cancel.cancelled() => return,
+        first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()) => first,
+    };
+    let core_id = match first {
+        Ok(Ok(Some(pb::CoreMessage {
+            msg: Some(core_message::Msg::Welcome(welcome)),
+        }))) => welcome.core_id,
+        Ok(Ok(Some(_))) => {
+            warn!(
+                session,
+                "Core's first message on a Link was not Welcome; closing it"
+            );
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(status)) => {
+            warn!(session, %status, "a Link failed before Welcome");
+            return;
+        }
+        Err(_) => {
+            warn!(session, timeout = ?WELCOME_TIMEOUT, "no Welcome on a Link; closing it");
+            return;
+        }
+    };
+    // The relay owns the stream towards Core from here on: when it lets go
+    // (a newer Link), the response stream ends.
+    relay
+        .attach(session, core_id, outbound, cancel.clone())
+        .await;
+    let reason = loop {
+        let message = tokio::select! {
+            () = cancel.cancelled() => break "replaced by a newer Link, or the Edge is stopping".to_owned(),
+            message = inbound.message() => message,
+        };
+        match message {
+            Ok(Some(pb::CoreMessage {
+                msg: Some(core_message::Msg::Reply(reply)),
+            })) => relay.reply(session, reply).await,
+            Ok(Some(pb::CoreMessage {
+                msg: Some(core_message::Msg::Welcome(_)),
+            })) => debug!(session, "a second Welcome; ignored"),
+            Ok(Some(pb::CoreMessage { msg: None })) => {
+                warn!(session, "Core sent an empty message; ignored");
+            }
+            Ok(None) => break "Core closed the Link".to_owned(),
+            Err(status) => break format!("the Link failed: {status}"),
+        }
+    };
+    relay.detach(session, reason).await;
+}
+
+/// Fails unless the first certificate in `path` is valid for `identity`.
+pub fn check_own_identity(path: &Path, identity: &str) -> Result<(), LinkError> {
+    let cert_err = |reason: String| LinkError::Cert {
+        path: path.to_owned(),
+        reason,
+    };
+    let leaf = CertificateDer::pem_file_iter(path)
+        .map_err(|e| cert_err(e.to_string()))?
+        .next()
+        .ok_or_else(|| cert_err("no certificate".into()))?
+        .map_err(|e| cert_err(e.to_string()))?;
+    if !peer_has_identity(Some(Arc::new(vec![leaf])), identity) {
+        return Err(cert_err(format!(
+            "the certificate is not issued for identity {identity:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The link server's settings.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    pub listen: std::net::SocketAddr,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub identity: String,
+    pub core_identity: String,
+}
+
+/// Binds the link address and returns the server's future, which serves
+/// until `cancel` fires and its sessions have ended. TLS and binding
+/// errors come back at once.
+pub async fn serve(
+    settings: LinkSettings,
+    relay: RelayHandle,
+    cancel: CancellationToken,
+) -> Result<impl Future<Output = Result<(), LinkError>>, LinkError> {
+    let pki = Pki::load(&settings.ca_file, &settings.cert_file, &settings.key_file)?;
+    check_own_identity(&settings.cert_file, &settings.identity)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| LinkError::Bind {
+            address: settings.listen,
+            source,
+        })?;
+    let mut server = Server::builder()
+        .tls_config(pki.server())
+        .map_err(LinkError::Server)?
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE));
+    let sessions = TaskTracker::new();
+    let service = Service {
+        relay,
+        core_identity: settings.core_identity.clone(),
+        sessions: sessions.clone(),
+        shutdown: cancel.clone(),
+        next_session: Arc::new(AtomicU64::new(0)),
+    };
+    info!(listen = %settings.listen, core = %settings.core_identity, "waiting for Core");
+    let router = server.add_service(EdgeServer::new(service));
+    Ok(async move {
+        let served = router
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                cancel.cancelled_owned(),
+            )
+            .await
+            .map_err(LinkError::Server);
+        sessions.close();
+        sessions.wait().await;
+        served
+    })
+}

@@ -1,0 +1,192 @@
+//! The gRPC server Core dials: mutual TLS with the location's CA, Core's
+//! identity checked on every Link, and one session at a time (a new Link
+//! replaces the one before).
+
+use std::{
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use futures::Stream;
+use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use tidegate_proto::{
+    gateway::v1::{
+        self as pb,
+        gateway_server::{Gateway, GatewayServer},
+    },
+    tls::{Pki, TlsError, peer_has_identity},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Request, Response, Status, Streaming, transport::Server};
+use tracing::{info, warn};
+
+use super::{CoreLinkConfig, session};
+
+/// HTTP/2 pings on an idle link, so that a Core that vanished without
+/// closing its connection is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Messages queued towards Core before the session waits.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreLinkError {
+    #[error("[core] TLS files")]
+    Tls(#[from] TlsError),
+    #[error("[core] cert_file {path}: {reason}")]
+    Cert { path: PathBuf, reason: String },
+    #[error("[core] listen {address}: binding")]
+    Bind {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server for Core")]
+    Server(#[source] tonic::transport::Error),
+}
+
+/// The Link service.
+#[derive(Debug, Clone)]
+struct Service {
+    parts: session::Parts,
+    core_identity: String,
+    /// The running session (its number and token): a new Link cancels it.
+    current: Arc<Mutex<Current>>,
+    /// Sessions end with the server.
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+}
+
+/// The running session, if any, and the number the last one got.
+#[derive(Debug, Default)]
+struct Current {
+    session: Option<(u64, CancellationToken)>,
+    next: u64,
+}
+
+type LinkStream = Pin<Box<dyn Stream<Item = Result<pb::GatewayMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Gateway for Service {
+    type LinkStream = LinkStream;
+
+    async fn link(
+        &self,
+        request: Request<Streaming<pb::CoreMessage>>,
+    ) -> Result<Response<LinkStream>, Status> {
+        let remote = request.remote_addr();
+        if !peer_has_identity(request.peer_certs(), &self.core_identity) {
+            warn!(
+                ?remote,
+                expected = %self.core_identity,
+                "refused a Link: the client certificate is not Core's"
+            );
+            return Err(Status::permission_denied(format!(
+                "only Core ({}) may open a Link",
+                self.core_identity
+            )));
+        }
+        let cancel = self.shutdown.child_token();
+        let (number, replaced) = {
+            let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            current.next += 1;
+            let number = current.next;
+            (number, current.session.replace((number, cancel.clone())))
+        };
+        if let Some((_, old)) = replaced {
+            info!(?remote, "a new Link from Core replaces the previous one");
+            old.cancel();
+        } else {
+            info!(?remote, "Core connected");
+        }
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let parts = self.parts.clone();
+        let current = self.current.clone();
+        let inbound = request.into_inner();
+        self.sessions.spawn(async move {
+            session::run(parts, inbound, tx, cancel).await;
+            let mut current = current.lock().unwrap_or_else(PoisonError::into_inner);
+            if current.session.as_ref().is_some_and(|(n, _)| *n == number) {
+                current.session = None;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Loads the TLS files and checks this gateway's certificate carries its
+/// identity, so that a mix-up shows at start, not when Core first dials.
+fn load_pki(config: &CoreLinkConfig) -> Result<Pki, CoreLinkError> {
+    let pki = Pki::load(&config.ca_file, &config.cert_file, &config.key_file)?;
+    check_own_identity(&config.cert_file, &config.identity)?;
+    Ok(pki)
+}
+
+/// Fails unless the first certificate in `path` is valid for `identity`.
+pub fn check_own_identity(path: &Path, identity: &str) -> Result<(), CoreLinkError> {
+    let cert_err = |reason: String| CoreLinkError::Cert {
+        path: path.to_owned(),
+        reason,
+    };
+    let leaf = CertificateDer::pem_file_iter(path)
+        .map_err(|e| cert_err(e.to_string()))?
+        .next()
+        .ok_or_else(|| cert_err("no certificate".into()))?
+        .map_err(|e| cert_err(e.to_string()))?;
+    if !peer_has_identity(Some(Arc::new(vec![leaf])), identity) {
+        return Err(cert_err(format!(
+            "the certificate is not issued for identity {identity:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Binds `config.listen` and serves Core until `cancel` fires; sessions
+/// end then too. Binding and TLS errors come back before anything is
+/// served.
+pub async fn serve(
+    config: CoreLinkConfig,
+    parts: session::Parts,
+    cancel: CancellationToken,
+) -> Result<impl Future<Output = Result<(), CoreLinkError>>, CoreLinkError> {
+    let pki = load_pki(&config)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| CoreLinkError::Bind {
+            address: config.listen,
+            source,
+        })?;
+    let server = Server::builder()
+        .tls_config(pki.server())
+        .map_err(CoreLinkError::Server)?
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE));
+    let sessions = TaskTracker::new();
+    let service = Service {
+        parts,
+        core_identity: config.core_identity.clone(),
+        current: Arc::new(Mutex::new(Current::default())),
+        shutdown: cancel.clone(),
+        sessions: sessions.clone(),
+    };
+    info!(listen = %config.listen, core = %config.core_identity, "waiting for Core");
+    let mut server = server;
+    let router = server.add_service(GatewayServer::new(service));
+    Ok(async move {
+        let served = router
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                cancel.cancelled_owned(),
+            )
+            .await
+            .map_err(CoreLinkError::Server);
+        sessions.close();
+        sessions.wait().await;
+        served
+    })
+}

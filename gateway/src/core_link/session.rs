@@ -1,0 +1,217 @@
+//! One Link stream with Core: Hello first, then each CoreMessage answered
+//! in order, and a status on connect, on every HA change and periodically.
+
+use std::time::{Duration, SystemTime};
+
+use tidegate_proto::gateway::v1::{self as pb, core_message::Msg, gateway_message};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::convert::{self, FieldError};
+use crate::{
+    error_chain,
+    ha::agent::{HaHandle, HaSummary},
+    wireguard::{WireguardHandle, location::LocationUpdate},
+};
+
+/// What a session works with: the daemon's tasks and its settings.
+#[derive(Debug, Clone)]
+pub struct Parts {
+    /// `None` without a `[wireguard]` section.
+    pub wireguard: Option<WireguardHandle>,
+    /// `None` without an `[ha]` section.
+    pub ha: Option<HaHandle>,
+    pub gateway_id: u32,
+    pub status_interval: Duration,
+}
+
+/// The stream half towards Core.
+pub type Outbound = mpsc::Sender<Result<pb::GatewayMessage, Status>>;
+
+/// The stream ended; why, for the log.
+#[derive(Debug)]
+enum End {
+    Cancelled,
+    CoreClosed,
+    CoreError(Status),
+    OutboundClosed,
+}
+
+/// Runs one session until Core closes the stream, the stream fails, or
+/// `cancel` fires (a newer Link replaced it, or the daemon stops).
+pub async fn run(
+    parts: Parts,
+    mut inbound: Streaming<pb::CoreMessage>,
+    out: Outbound,
+    cancel: CancellationToken,
+) {
+    let end = tokio::select! {
+        () = cancel.cancelled() => End::Cancelled,
+        end = serve(&parts, &mut inbound, &out) => end,
+    };
+    match end {
+        End::CoreError(status) => warn!(%status, "the link with Core failed"),
+        other => info!(end = ?other, "the link with Core ended"),
+    }
+}
+
+async fn serve(parts: &Parts, inbound: &mut Streaming<pb::CoreMessage>, out: &Outbound) -> End {
+    let running = match &parts.wireguard {
+        Some(wireguard) => wireguard.running().await.ok().flatten(),
+        None => None,
+    };
+    let hello = pb::Hello {
+        gateway_id: parts.gateway_id,
+        location_id: running.map_or(0, |r| r.location_id),
+        config_version: running.map_or(0, |r| r.version),
+        software_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    if send(out, gateway_message::Msg::Hello(hello)).await.is_err() {
+        return End::OutboundClosed;
+    }
+    let mut ha = parts.ha.as_ref().map(HaHandle::subscribe);
+    let mut tick = tokio::time::interval(parts.status_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: the status on connect.
+    loop {
+        let result = tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(message)) => handle(parts, message).await,
+                Ok(None) => return End::CoreClosed,
+                Err(status) => return End::CoreError(status),
+            },
+            changed = ha_changed(ha.as_mut()) => match changed {
+                true => status(parts).await,
+                // The agent stopped: the daemon is going down.
+                false => {
+                    ha = None;
+                    continue;
+                }
+            },
+            _ = tick.tick() => status(parts).await,
+        };
+        if let Some(message) = result
+            && send(out, message).await.is_err()
+        {
+            return End::OutboundClosed;
+        }
+    }
+}
+
+async fn send(out: &Outbound, message: gateway_message::Msg) -> Result<(), ()> {
+    out.send(Ok(pb::GatewayMessage { msg: Some(message) }))
+        .await
+        .map_err(|_| ())
+}
+
+/// Resolves when the HA summary changes (true) or the agent is gone
+/// (false); never without HA.
+async fn ha_changed(ha: Option<&mut watch::Receiver<HaSummary>>) -> bool {
+    match ha {
+        Some(ha) => ha.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// The answer to one message from Core, if it needs one.
+async fn handle(parts: &Parts, message: pb::CoreMessage) -> Option<gateway_message::Msg> {
+    match message.msg {
+        Some(Msg::Config(config)) => {
+            let update = convert::location(&config);
+            Some(applied(parts, config.version, update).await)
+        }
+        Some(Msg::Changes(changes)) => {
+            let update = convert::changes(&changes);
+            Some(applied(parts, changes.version, update).await)
+        }
+        Some(Msg::Failover(request)) => {
+            let error = match &parts.ha {
+                None => "this gateway takes part in no election (its config has no [ha] section)"
+                    .to_owned(),
+                Some(ha) => match ha.failover().await {
+                    Ok(to) => {
+                        info!(
+                            id = request.id,
+                            to, "Core asked for a planned failover: handing over"
+                        );
+                        String::new()
+                    }
+                    Err(error) => error_chain(&error),
+                },
+            };
+            if !error.is_empty() {
+                warn!(id = request.id, %error, "Core's failover request refused");
+            }
+            Some(gateway_message::Msg::Failover(pb::FailoverResult {
+                id: request.id,
+                error,
+            }))
+        }
+        None => {
+            warn!("Core sent an empty message; ignored");
+            None
+        }
+    }
+}
+
+async fn applied(
+    parts: &Parts,
+    version: u64,
+    update: Result<LocationUpdate, FieldError>,
+) -> gateway_message::Msg {
+    let result = match (update, &parts.wireguard) {
+        (Err(error), _) => Err(error.to_string()),
+        (Ok(_), None) => {
+            Err("this gateway runs no WireGuard interface (no [wireguard] section)".to_owned())
+        }
+        (Ok(update), Some(wireguard)) => wireguard
+            .apply_location(update)
+            .await
+            .map(|report| debug!(version, ?report, "applied"))
+            .map_err(|error| error_chain(&error)),
+    };
+    let error = match result {
+        Ok(()) => String::new(),
+        Err(error) => {
+            warn!(version, %error, "Core's update refused; nothing applied");
+            error
+        }
+    };
+    gateway_message::Msg::Applied(pb::Applied { version, error })
+}
+
+/// A status snapshot: HA, peers, and the MFA removals Core has not seen.
+async fn status(parts: &Parts) -> Option<gateway_message::Msg> {
+    let ha = parts
+        .ha
+        .as_ref()
+        .map(|ha| convert::ha_status(&ha.subscribe().borrow()));
+    let (peers, removals) = match &parts.wireguard {
+        Some(wireguard) => {
+            let peers = match wireguard.peers().await {
+                Ok(reply) => convert::peer_statuses(&reply),
+                Err(error) => {
+                    warn!(error = %error_chain(&error), "reading peers for Core failed");
+                    Vec::new()
+                }
+            };
+            let removals = match wireguard.take_unreported_removals().await {
+                Ok(removals) => convert::removals(&removals),
+                Err(error) => {
+                    warn!(error = %error_chain(&error), "reading MFA removals for Core failed");
+                    Vec::new()
+                }
+            };
+            (peers, removals)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    Some(gateway_message::Msg::Status(pb::Status {
+        ha,
+        peers,
+        removals,
+        at_unix_ms: convert::unix_ms(SystemTime::now()),
+    }))
+}

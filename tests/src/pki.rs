@@ -1,0 +1,103 @@
+//! A certificate authority for a test run: a CA and certificates it issues
+//! for Core, gateways and Edges (the identity is the certificate's DNS
+//! name), written as PEM files the daemons read. A second `TestPki` is a
+//! foreign CA, for tests of refused certificates.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+/// The PEM files of one identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The CA certificate that issued `cert`.
+    pub ca: PathBuf,
+    /// The certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// A CA whose files live in a directory of the run.
+#[derive(Debug)]
+pub struct TestPki {
+    dir: PathBuf,
+    ca_file: PathBuf,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestPki {
+    /// Creates a CA named `name` in `dir/<name>/` (`ca.pem`).
+    pub fn new(dir: &Path, name: &str) -> Result<Self> {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("Tidegate test CA {name}"));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        let ca_file = dir.join("ca.pem");
+        write(&ca_file, &issuer.pem())?;
+        Ok(Self {
+            dir,
+            ca_file,
+            issuer,
+        })
+    }
+
+    /// The CA certificate's file.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// Issues a certificate for `identity` (client and server use), written
+    /// to `<identity>.pem` and `<identity>.key`.
+    pub fn issue(&self, identity: &str) -> Result<CertFiles> {
+        let mut params = CertificateParams::new(vec![identity.to_owned()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.to_owned());
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let files = CertFiles {
+            ca: self.ca_file.clone(),
+            cert: self.dir.join(format!("{identity}.pem")),
+            key: self.dir.join(format!("{identity}.key")),
+        };
+        write(&files.cert, &cert.pem())?;
+        write(&files.key, &key.serialize_pem())?;
+        Ok(files)
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_pem_files_under_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::new(dir.path(), "ca1").unwrap();
+        let files = pki.issue("gw-a").unwrap();
+        assert_eq!(files.ca, pki.ca_file());
+        let cert = std::fs::read_to_string(&files.cert).unwrap();
+        let key = std::fs::read_to_string(&files.key).unwrap();
+        assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"), "{cert}");
+        assert!(key.contains("PRIVATE KEY-----"), "{key}");
+        tidegate_proto::tls::Pki::load(&files.ca, &files.cert, &files.key).unwrap();
+    }
+}

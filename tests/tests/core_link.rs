@@ -1,0 +1,233 @@
+//! A gateway managed by Core, with a scripted Core on its link: Core's
+//! location config brings the key, the port and the client's peer, and the
+//! client's tunnel works; peer changes apply in order and bad ones change
+//! nothing; status flows back; a gateway restarted without Core comes up
+//! on the config it last applied.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use tidegate_proto::gateway::v1 as pb;
+use tidegate_tests::location::{GATEWAY_TUNNEL, Location, LocationOptions};
+use tidegate_tests::scripted_core::{GatewayLink, channel};
+use tidegate_tests::shield::WG_PORT;
+use tidegate_tests::{CoreSection, KeyPair, PeersReply, Probe, TestPki, poll_until, require_root};
+
+const CORE_LISTEN: &str = "127.0.0.1:7443";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn key(text: &str) -> Vec<u8> {
+    STANDARD.decode(text).unwrap()
+}
+
+fn peer(public: &str, ip: &str) -> pb::Peer {
+    pb::Peer {
+        public_key: key(public),
+        preshared_key: Vec::new(),
+        allowed_ips: vec![ip.to_owned()],
+        persistent_keepalive_s: 0,
+    }
+}
+
+/// Polls `tidectl peers` (the figures of the last stats poll) until
+/// `check` holds.
+fn wait_peers(
+    location: &mut Location,
+    what: &str,
+    check: impl Fn(&PeersReply) -> bool,
+) -> Result<PeersReply> {
+    poll_until(what, WAIT, Duration::from_millis(100), || {
+        let peers = location.daemon_mut().peers()?;
+        Ok(if check(&peers) {
+            Probe::Ready(peers)
+        } else {
+            Probe::NotYet(format!("{peers:?}"))
+        })
+    })
+}
+
+/// Opens a Link from inside the gateway's namespace (the socket lives
+/// there; the runtime drives it from here).
+fn open(
+    runtime: &tokio::runtime::Runtime,
+    location: &Location,
+    core: &tidegate_tests::CertFiles,
+) -> Result<GatewayLink> {
+    let addr: SocketAddr = CORE_LISTEN.parse()?;
+    let channel = location
+        .gateway()
+        .run(|| runtime.block_on(channel(addr, core, "gw-a")))??;
+    runtime
+        .block_on(GatewayLink::open(channel))
+        .map_err(|status| anyhow::anyhow!("opening the Link: {status}"))
+}
+
+#[test]
+fn core_manages_a_gateway_through_its_link() -> Result<()> {
+    require_root();
+    let pki_dir = tempfile::tempdir()?;
+    let pki = TestPki::new(pki_dir.path(), "pki")?;
+    let core = pki.issue("core")?;
+    let mut section = CoreSection::new(CORE_LISTEN.parse()?, "gw-a", pki.issue("gw-a")?);
+    section.status_interval_ms = Some(300);
+    let mut location = Location::build(&LocationOptions {
+        clients: 1,
+        core: Some(section),
+        ..LocationOptions::default()
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut link = open(&runtime, &location, &core)?;
+    let pb::gateway_message::Msg::Hello(hello) = runtime.block_on(link.next(false, WAIT))? else {
+        anyhow::bail!("the first message is not Hello");
+    };
+    ensure!(hello.config_version == 0, "{hello:?}");
+
+    // Core's config: the location's key and port, and the client.
+    let client = location.client(0);
+    let client_key = client.public_key().to_owned();
+    let config = pb::LocationConfig {
+        version: 1,
+        location_id: 7,
+        location_name: "lab".into(),
+        interface: Some(pb::WireguardInterface {
+            private_key: key(location.gateway_private_key()),
+            listen_port: u32::from(WG_PORT),
+            addresses: vec![format!("{GATEWAY_TUNNEL}/24")],
+            mtu: 0,
+        }),
+        mfa: false,
+        peer_disconnect_threshold_s: 0,
+        peers: vec![peer(&client_key, &format!("{}/32", client.tunnel()))],
+    };
+    runtime.block_on(link.send(pb::core_message::Msg::Config(config)))?;
+    let applied = runtime.block_on(link.applied(WAIT))?;
+    ensure!(
+        applied.version == 1 && applied.error.is_empty(),
+        "{applied:?}"
+    );
+    let ping = location.client(0).ping(GATEWAY_TUNNEL, 3)?;
+    ensure!(ping.received == 3, "{}", ping.summary);
+    let peers = wait_peers(&mut location, "the client's peer", |p| {
+        p.peer(&client_key).is_some()
+    })?;
+    let on_gateway = peers
+        .peer(&client_key)
+        .context("the client's peer is missing")?;
+    ensure!(on_gateway.source == "core", "{on_gateway:?}");
+    ensure!(peers.listen_port == WG_PORT);
+
+    // Changes on another version are refused; on the right one, applied.
+    let extra = KeyPair::generate()?;
+    let changes = |base, version, ip: &str| pb::PeerChanges {
+        base_version: base,
+        version,
+        upsert: vec![peer(&extra.public, ip)],
+        remove: Vec::new(),
+    };
+    runtime.block_on(link.send(pb::core_message::Msg::Changes(changes(
+        5,
+        6,
+        "10.77.0.9/32",
+    ))))?;
+    let applied = runtime.block_on(link.applied(WAIT))?;
+    ensure!(
+        applied
+            .error
+            .contains("base_version 5 differs from the version this gateway runs, 1"),
+        "{applied:?}"
+    );
+    runtime.block_on(link.send(pb::core_message::Msg::Changes(changes(
+        1,
+        2,
+        "10.77.0.9/33",
+    ))))?;
+    let applied = runtime.block_on(link.applied(WAIT))?;
+    ensure!(
+        applied
+            .error
+            .starts_with("changes.upsert[0].allowed_ips[0]"),
+        "{applied:?}"
+    );
+    // Overlapping the client's address is refused, naming both peers.
+    runtime.block_on(link.send(pb::core_message::Msg::Changes(changes(
+        1,
+        2,
+        "10.77.0.0/24",
+    ))))?;
+    let applied = runtime.block_on(link.applied(WAIT))?;
+    ensure!(applied.error.contains("overlaps"), "{applied:?}");
+    // Two stats polls later, still one peer.
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        location.daemon_mut().peers()?.peers.len() == 1,
+        "a refused change was applied"
+    );
+    runtime.block_on(link.send(pb::core_message::Msg::Changes(changes(
+        1,
+        2,
+        "10.77.0.9/32",
+    ))))?;
+    let applied = runtime.block_on(link.applied(WAIT))?;
+    ensure!(
+        applied.version == 2 && applied.error.is_empty(),
+        "{applied:?}"
+    );
+    wait_peers(&mut location, "Core's second peer", |p| {
+        p.peer(&extra.public).is_some()
+    })?;
+
+    // Core's peers are Core's: tidectl cannot take them over.
+    let taken = location.daemon().tidectl(&[
+        "peer",
+        "change",
+        "--public-key",
+        &client_key,
+        "--allowed-ips",
+        "10.77.0.2/32",
+    ])?;
+    ensure!(
+        !taken.status.success() && taken.stderr.contains("Core's location config"),
+        "{taken:?}"
+    );
+
+    // Status: the client's peer with its handshake.
+    let status = runtime.block_on(async {
+        loop {
+            let status = link.status(WAIT).await?;
+            let client = status
+                .peers
+                .iter()
+                .find(|p| p.public_key == key(&client_key));
+            if client.is_some_and(|p| p.last_handshake_unix_ms > 0) {
+                return anyhow::Ok(status);
+            }
+        }
+    })?;
+    ensure!(status.ha.is_none() && status.peers.len() == 2, "{status:?}");
+
+    // Core away and the gateway killed: it comes back on the last config.
+    drop(link);
+    location.daemon_mut().kill()?;
+    location.restart_daemon()?;
+    wait_peers(&mut location, "both peers after the restart", |p| {
+        p.peers.len() == 2 && p.listen_port == WG_PORT && p.peers.iter().all(|p| p.source == "core")
+    })?;
+    let ping = location.client(0).ping(GATEWAY_TUNNEL, 3)?;
+    ensure!(ping.received == 3, "{}", ping.summary);
+    let mut link = open(&runtime, &location, &core)?;
+    let pb::gateway_message::Msg::Hello(hello) = runtime.block_on(link.next(false, WAIT))? else {
+        anyhow::bail!("the first message is not Hello");
+    };
+    ensure!(
+        (hello.location_id, hello.config_version) == (7, 2),
+        "{hello:?}"
+    );
+    drop(link);
+    drop(runtime);
+    Ok(())
+}
