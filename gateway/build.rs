@@ -4,7 +4,7 @@
 use std::{env, fs, path::PathBuf};
 
 const ENV: &str = "TIDEGATE_EBPF_DIR";
-const OBJECTS: [&str; 2] = ["tidegate", "tidegate-baseline"];
+const OBJECTS: [&str; 3] = ["tidegate", "tidegate-baseline", "tidegate-bench"];
 
 fn main() {
     println!("cargo::rerun-if-env-changed={ENV}");

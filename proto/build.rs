@@ -28,6 +28,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", file.display());
     }
     let descriptors = protox::compile(&files, [root])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // The operator API's messages print as JSON (`tidectl ... --json`).
+        .message_attribute(".tidegate.admin.v1", "#[derive(serde::Serialize)]")
+        .compile_fds(descriptors)?;
     Ok(())
 }

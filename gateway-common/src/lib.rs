@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod client;
+pub mod director;
 pub mod egress;
 pub mod fence;
 pub mod handover;

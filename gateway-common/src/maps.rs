@@ -6,6 +6,10 @@
 /// Name of the XDP program in the BPF object.
 pub const PROGRAM: &str = "tidegate";
 
+/// Name of the program attached in its place while the gateway is the
+/// master in director mode: the same checks, and the director.
+pub const DIRECTOR_PROGRAM: &str = "tidegate_director";
+
 /// Name of the program that renews the fence's lease (run through
 /// `BPF_PROG_TEST_RUN`, never attached).
 pub const RENEW_PROGRAM: &str = "tidegate_renew";
@@ -65,9 +69,31 @@ pub const OWN_INDICES: &str = "OWN_INDICES";
 /// `HANDOVER` global, a [`crate::handover::Handover`], alone in this
 /// section (a one-entry array map).
 pub const HANDOVER: &str = ".bss.handover";
+/// The director's settings: the program's `DIRECTOR` global, a
+/// [`crate::director::Director`], alone in this section (a one-entry array
+/// map, as [`SERVICE_PORTS`]).
+pub const DIRECTOR: &str = ".bss.director";
+
+/// The director's backends: the program's `BACKENDS` global, a
+/// [`crate::director::BackendTable`], alone in this section.
+pub const BACKENDS: &str = ".bss.backends";
+
+/// The director's Maglev table: the program's `MAGLEV` global, a
+/// [`crate::director::MaglevTable`], alone in this section.
+pub const MAGLEV: &str = ".bss.maglev";
+
+/// The director's pins: an LRU hash map from
+/// [`crate::client::ClientKey`] to [`crate::director::Session`]. Its size
+/// is set at load time (default [`crate::director::DEFAULT_MAX_SESSIONS`]).
+pub const SESSIONS: &str = "SESSIONS";
+
+/// Per-CPU [`crate::director::BackendCounters`], indexed by backend slot.
+pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
+/// Entries in [`BACKEND_COUNTERS`]: one per backend slot.
+pub const BACKEND_COUNTERS_LEN: u32 = crate::director::MAX_BACKENDS as u32;
 
 /// Every map the object must define, for checks in user space.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 16] = [
     FENCE,
     SERVICE_PORTS,
     SERVICE_V4,
@@ -79,4 +105,9 @@ pub const ALL: [&str; 11] = [
     OWNED,
     OWN_INDICES,
     HANDOVER,
+    DIRECTOR,
+    BACKENDS,
+    MAGLEV,
+    SESSIONS,
+    BACKEND_COUNTERS,
 ];

@@ -16,8 +16,9 @@ pub enum Verdict {
     Drop = 1,
     /// `XDP_PASS`: on to the kernel's stack, untouched.
     Pass = 2,
-    /// `XDP_TX`: sent back out of the interface, Ethernet addresses
-    /// rewritten.
+    /// `XDP_TX`: back out of the interface it came in on, Ethernet
+    /// addresses rewritten, to another gateway (the director, the
+    /// handover).
     Tx = 3,
 }
 
@@ -67,15 +68,18 @@ pub enum Counter {
     /// ARP or a neighbour solicitation for a VIP, or WireGuard to a VIP,
     /// while this gateway's lease has lapsed (see `fence`).
     Fenced = 12,
+    /// WireGuard to a VIP that the director sent on to the gateway the
+    /// client is pinned to (see `director`).
+    Steered = 13,
     /// WireGuard of a session this gateway did not make, during the
     /// second-chance window of a planned handover: sent on to the other
     /// gateway (see `tidegate_common::handover`).
-    HandedOver = 13,
+    HandedOver = 14,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Self::NotService,
         Self::Fragment,
         Self::Unparsed,
@@ -89,6 +93,7 @@ impl Counter {
         Self::BadReserved,
         Self::Aborted,
         Self::Fenced,
+        Self::Steered,
         Self::HandedOver,
     ];
 
@@ -108,11 +113,12 @@ impl Counter {
             | Self::BadReserved
             | Self::Fenced => Verdict::Drop,
             Self::Aborted => Verdict::Aborted,
-            Self::HandedOver => Verdict::Tx,
+            Self::Steered | Self::HandedOver => Verdict::Tx,
         }
     }
 
-    /// Whether this outcome is a well-formed WireGuard message to a service.
+    /// Whether this outcome is a well-formed WireGuard message to a service
+    /// that this gateway's stack receives (steered messages are not).
     pub const fn is_wireguard(self) -> bool {
         matches!(
             self,
@@ -136,6 +142,7 @@ impl Counter {
             Self::BadReserved => "bad-reserved",
             Self::Aborted => "aborted",
             Self::Fenced => "fenced",
+            Self::Steered => "wg-steered",
             Self::HandedOver => "handed-over",
         }
     }

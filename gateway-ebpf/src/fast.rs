@@ -13,7 +13,7 @@ use core::hint::cold_path;
 use tidegate_common::stats::Counter;
 
 use crate::{
-    fence,
+    director, fence,
     maps::SERVICE_PORTS,
     parse::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_ICMPV6,
@@ -29,9 +29,11 @@ const V6_LEN: usize = 14 + 40 + 8 + 4;
 
 /// Offsets from the start of the frame.
 const ETHER_TYPE: usize = 12;
+const V4_IP: usize = 14;
 const V4_PROTO_WORD: usize = 20;
 const V4_DADDR: usize = 30;
 const V4_UDP: usize = 34;
+const V6_IP: usize = 14;
 const V6_NEXT_HEADER: usize = 20;
 const V6_DADDR: usize = 38;
 const V6_UDP: usize = 54;
@@ -49,30 +51,31 @@ const V6_ETHER_TYPE_VERSION_MASK: u32 = 0x00f0_ffff;
 const V4_UDP_UNFRAGMENTED: u32 = u32::from_le_bytes([0, 0, 0, IPPROTO_UDP]);
 const V4_PROTO_FRAGMENT_MASK: u32 = u32::from_le_bytes([0x3f, 0xff, 0, 0xff]);
 
-/// The frame's counter, or `None` when the full walk must decide.
+/// The frame's counter, or `None` when the full walk must decide. With
+/// `STEER`, WireGuard to a VIP goes on to the director.
 #[inline(always)]
-pub fn classify(frame: &Frame) -> Option<Counter> {
+pub fn classify<const STEER: bool>(frame: &Frame) -> Option<Counter> {
     let Some(frame) = Holds::<V4_LEN>::new(frame) else {
         cold_path();
         return short(frame);
     };
     let head: u32 = frame.load(ETHER_TYPE);
     if head & V4_ETHER_TYPE_VERSION_IHL_MASK == V4_ETHER_TYPE_VERSION_IHL {
-        return ipv4(frame);
+        return ipv4::<STEER>(frame);
     }
     if head & V6_ETHER_TYPE_VERSION_MASK == V6_ETHER_TYPE_VERSION {
         let Some(frame) = Holds::<V6_LEN>::new(frame.0) else {
             cold_path();
             return None;
         };
-        return ipv6(frame);
+        return ipv6::<STEER>(frame);
     }
     cold_path();
     other(u16::from_be_bytes((head as u16).to_le_bytes()))
 }
 
 #[inline(always)]
-fn ipv4(frame: Holds<'_, V4_LEN>) -> Option<Counter> {
+fn ipv4<const STEER: bool>(frame: Holds<'_, V4_LEN>) -> Option<Counter> {
     let proto: u32 = frame.load(V4_PROTO_WORD);
     if proto & V4_PROTO_FRAGMENT_MASK != V4_UDP_UNFRAGMENTED {
         cold_path();
@@ -97,11 +100,18 @@ fn ipv4(frame: Holds<'_, V4_LEN>) -> Option<Counter> {
         cold_path();
         return None;
     }
-    Some(fence::wireguard_v4(dst_be, wireguard_check(frame, V4_UDP)))
+    let counter = wireguard_check(frame, V4_UDP);
+    Some(fence::wireguard_v4(dst_be, counter, |counter| {
+        if STEER {
+            director::steer_v4(frame.0, V4_IP, V4_UDP, counter)
+        } else {
+            counter
+        }
+    }))
 }
 
 #[inline(always)]
-fn ipv6(frame: Holds<'_, V6_LEN>) -> Option<Counter> {
+fn ipv6<const STEER: bool>(frame: Holds<'_, V6_LEN>) -> Option<Counter> {
     let next: u8 = frame.load(V6_NEXT_HEADER);
     if next != IPPROTO_UDP {
         cold_path();
@@ -136,7 +146,13 @@ fn ipv6(frame: Holds<'_, V6_LEN>) -> Option<Counter> {
         dst_lo as u32,
         (dst_lo >> 32) as u32,
     ];
-    Some(fence::wireguard_v6(dst, counter))
+    Some(fence::wireguard_v6(dst, counter, |counter| {
+        if STEER {
+            director::steer_v6(frame.0, V6_IP, V6_UDP, counter)
+        } else {
+            counter
+        }
+    }))
 }
 
 /// The UDP destination port (host byte order) of the header at `udp_off`.

@@ -1,7 +1,8 @@
 //! The VIP fence (see `tidegate_common::fence`): while the lease has
 //! lapsed, ARP requests and neighbour solicitations for a VIP and WireGuard
 //! traffic to a VIP are dropped. With no VIPs configured every check here is
-//! one load and a branch.
+//! one load and a branch. WireGuard to a VIP while the lease holds is the
+//! director's to steer.
 
 use core::hint::cold_path;
 
@@ -53,32 +54,45 @@ pub fn guards_v6() -> bool {
 }
 
 /// WireGuard to `dst_be` (IPv4) that the shield passed: fenced if `dst_be`
-/// is a VIP and the lease has lapsed.
+/// is a VIP and the lease has lapsed. WireGuard to a VIP while the lease
+/// holds goes on to `held` (the director), whose counter is the answer.
 #[inline(always)]
-pub fn wireguard_v4(dst_be: u32, counter: Counter) -> Counter {
+pub fn wireguard_v4(
+    dst_be: u32,
+    counter: Counter,
+    held: impl FnOnce(Counter) -> Counter,
+) -> Counter {
     if !guards_v4() {
         return counter;
     }
     cold_path();
-    if counter.is_wireguard() && is_vip_v4(dst_be) && !lease_holds() {
-        Counter::Fenced
-    } else {
-        counter
+    if !counter.is_wireguard() || !is_vip_v4(dst_be) {
+        return counter;
     }
+    if !lease_holds() {
+        return Counter::Fenced;
+    }
+    held(counter)
 }
 
 /// As [`wireguard_v4`], for an IPv6 destination.
 #[inline(always)]
-pub fn wireguard_v6(dst: [u32; 4], counter: Counter) -> Counter {
+pub fn wireguard_v6(
+    dst: [u32; 4],
+    counter: Counter,
+    held: impl FnOnce(Counter) -> Counter,
+) -> Counter {
     if !guards_v6() {
         return counter;
     }
     cold_path();
-    if counter.is_wireguard() && is_vip_v6(&dst) && !lease_holds() {
-        Counter::Fenced
-    } else {
-        counter
+    if !counter.is_wireguard() || !is_vip_v6(&dst) {
+        return counter;
     }
+    if !lease_holds() {
+        return Counter::Fenced;
+    }
+    held(counter)
 }
 
 /// An ARP frame at `off`: a request for a VIP is fenced unless this

@@ -5,7 +5,7 @@
 //! * the second chance of a planned handover (see
 //!   `tidegate_common::handover`): a handshake response, cookie reply or
 //!   data message whose receiver index this gateway did not hand out goes
-//!   to the other gateway;
+//!   to the other gateway (`forward`, as the director steers);
 //! * director mode: the source of a handshake message passed to this
 //!   gateway's WireGuard becomes a client it owns (`OWNED`), so the egress
 //!   guard lets its answers out.
@@ -23,6 +23,7 @@ use tidegate_common::{
 
 use crate::{
     continuity_maps::{HANDOVER, OWN_INDICES, OWNED},
+    forward,
     parse::{self, ETH_P_IP, ETH_P_IPV6, EthHdr, Frame},
     udp_wg::UdpWireguard,
 };
@@ -130,22 +131,22 @@ fn hand_on(frame: &Frame, header: &UdpWireguard) -> bool {
     let Some(eth) = frame.ptr_at::<EthHdr>(0) else {
         return false;
     };
-    let eth = eth.cast_mut();
-    // SAFETY: checked by `ptr_at`; the frame is writable in XDP. Byte by
-    // byte: a `[u8; 6]` copy would become a memcpy call.
+    let mut peer = 0u64;
+    let mut own = 0u64;
+    // SAFETY: checked by `ptr_at`; read byte by byte: a `[u8; 6]` copy
+    // would become a memcpy call.
     unsafe {
         // Never back to where it came from: no loop between the two.
         let mut from_peer = true;
         for i in 0..6 {
-            from_peer &= (*eth).src[i] == HANDOVER.peer_mac(i);
+            let byte = HANDOVER.peer_mac(i);
+            from_peer &= (*eth).src[i] == byte;
+            peer |= u64::from(byte) << (8 * i);
+            own |= u64::from(HANDOVER.own_mac(i)) << (8 * i);
         }
         if from_peer {
             return false;
         }
-        for i in 0..6 {
-            (*eth).dst[i] = HANDOVER.peer_mac(i);
-            (*eth).src[i] = HANDOVER.own_mac(i);
-        }
     }
-    true
+    forward::to_gateway(frame, peer, own)
 }

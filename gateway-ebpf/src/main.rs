@@ -4,18 +4,23 @@
 //! well-framed WireGuard or it is dropped; everything else passes untouched.
 //! With VIPs configured it is also the VIP fence: once the HA agent's lease
 //! lapses, ARP and neighbour solicitations for the VIPs and WireGuard to
-//! them are dropped. Every frame bumps exactly one per-CPU counter naming
-//! its outcome. For failover continuity it hands frames of the other
-//! gateway's sessions on during a planned handover (`handover`), and a TC
-//! program on the interface's egress keeps what the gateway sends to its
-//! own clients and from a VIP (`egress`).
+//! them are dropped. On the VIP holder in director mode, the program
+//! `tidegate_director` takes its place: the same checks, and WireGuard to
+//! the VIPs steered, each client to the gateway it is pinned to. Every
+//! frame bumps exactly one per-CPU counter naming its outcome. For failover
+//! continuity it hands frames of the other gateway's sessions on during a
+//! planned handover (`handover`), and a TC program on the interface's
+//! egress keeps what the gateway sends to its own clients and from a VIP
+//! (`egress`).
 #![no_std]
 #![no_main]
 
 mod continuity_maps;
+mod director;
 mod egress;
 mod fast;
 mod fence;
+mod forward;
 mod handover;
 mod maps;
 mod parse;
@@ -34,10 +39,24 @@ use tidegate_common::stats::{Counter, Verdict};
 /// Entry point: classify the frame, count it, return its verdict.
 #[xdp]
 pub fn tidegate(ctx: XdpContext) -> u32 {
-    let frame = parse::Frame::new(&ctx);
-    let counter = match fast::classify(&frame) {
+    run::<false>(&ctx)
+}
+
+/// The entry point in director mode, attached in place of `tidegate` while
+/// this gateway is the master: the same, and WireGuard to a VIP steered.
+#[xdp]
+pub fn tidegate_director(ctx: XdpContext) -> u32 {
+    run::<true>(&ctx)
+}
+
+/// Classifies the frame, counts it, returns its verdict; with `STEER`, the
+/// director steers WireGuard to the VIPs.
+#[inline(always)]
+fn run<const STEER: bool>(ctx: &XdpContext) -> u32 {
+    let frame = parse::Frame::new(ctx);
+    let counter = match fast::classify::<STEER>(&frame) {
         Some(counter) => counter,
-        None => return walk(frame.start, frame.end),
+        None => return walk::<STEER>(frame.start, frame.end),
     };
     count(handover::hook(&frame, counter), frame.len())
 }
@@ -64,10 +83,10 @@ pub fn tidegate_renew(ctx: XdpContext) -> u32 {
 /// the JIT saves only the registers a function uses, and the walk's would
 /// otherwise be saved and restored on every frame.
 #[inline(never)]
-fn walk(start: usize, end: usize) -> u32 {
+fn walk<const STEER: bool>(start: usize, end: usize) -> u32 {
     let frame = parse::Frame { start, end };
     count(
-        handover::hook(&frame, shield::classify(&frame)),
+        handover::hook(&frame, shield::classify::<STEER>(&frame)),
         frame.len(),
     )
 }

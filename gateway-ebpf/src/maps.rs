@@ -11,9 +11,15 @@ use core::{cell::UnsafeCell, ptr};
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
 };
 use tidegate_common::{
+    client::ClientKey,
+    director::{
+        BACKEND_DRAINING, BACKEND_LOCAL, BACKEND_PRESENT, Backend, BackendCounters, BackendTable,
+        DEFAULT_MAX_SESSIONS, DIRECTOR_ON, Director, MAX_BACKENDS, MAX_TABLE_SIZE, MaglevTable,
+        Session,
+    },
     fence::{Fence, MAX_VIPS},
     maps,
     service::{PORTS, PortEntry, PortTable, ServiceAddrV6, port_index},
@@ -49,6 +55,34 @@ pub static COUNTER_ROWS: Global<CounterRows> = Global::new([CounterRow::ZERO; RO
 #[map]
 pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(maps::COUNTERS_LEN, 0);
 
+/// The director's settings: on or off, this gateway's Ethernet address,
+/// the Maglev table's size. User space writes it; the program only reads it.
+#[unsafe(link_section = ".bss.director")]
+pub static DIRECTOR: Global<Director> = Global::new(Director::OFF);
+
+/// The director's backends by slot (gateway id): Ethernet address and
+/// flags. User space writes it whole; the program only reads it.
+#[unsafe(link_section = ".bss.backends")]
+pub static BACKENDS: Global<BackendTable> = Global::new([Backend::ABSENT; MAX_BACKENDS]);
+
+/// The director's Maglev table: a backend slot per entry. User space
+/// writes it whole; the program only reads it.
+#[unsafe(link_section = ".bss.maglev")]
+pub static MAGLEV: Global<MaglevTable> = Global::new([0; MAX_TABLE_SIZE]);
+
+/// The director's pins: client (address, port) to backend slot and when
+/// it was last seen. The program inserts a pin on a miss only; user space
+/// sets the capacity at load time and reads the pins.
+#[map]
+pub static SESSIONS: LruHashMap<ClientKey, Session> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+/// Frames, bytes and new pins per backend slot, per CPU; slot 0 counts
+/// frames the director passed locally without a pin.
+#[map]
+pub static BACKEND_COUNTERS: PerCpuArray<BackendCounters> =
+    PerCpuArray::with_max_entries(maps::BACKEND_COUNTERS_LEN, 0);
+
 /// A global shared with user space through its section's map.
 #[repr(transparent)]
 pub struct Global<T>(UnsafeCell<T>);
@@ -56,7 +90,8 @@ pub struct Global<T>(UnsafeCell<T>);
 // SAFETY: the shield only reads `SERVICE_PORTS` and `FENCE`, field by field,
 // as it reads map values that user space updates; the renew program writes
 // `FENCE`'s lease fields, each with one store. Of `COUNTER_ROWS` the shield
-// writes only the row of the CPU it runs on, which nothing else writes.
+// writes only the row of the CPU it runs on, which nothing else writes. The
+// director only reads `DIRECTOR`, `BACKENDS` and `MAGLEV`.
 unsafe impl<T> Sync for Global<T> {}
 
 impl<T> Global<T> {
@@ -140,6 +175,102 @@ impl Global<Fence> {
             ptr::addr_of_mut!((*fence).renewed_jiffies).write_volatile(now);
             ptr::addr_of_mut!((*fence).expires_jiffies).write_volatile(now + lease);
         }
+    }
+}
+
+/// Read with volatile loads, as `FENCE` is: the program never stores to
+/// them.
+impl Global<Director> {
+    /// Whether the director steers.
+    #[inline(always)]
+    pub fn is_on(&self) -> bool {
+        // SAFETY: a field of `DIRECTOR`, read whole.
+        unsafe { ptr::addr_of!((*self.0.get()).flags).read_volatile() & DIRECTOR_ON != 0 }
+    }
+
+    /// This gateway's Ethernet address, in the low six bytes.
+    #[inline(always)]
+    pub fn mac(&self) -> u64 {
+        // SAFETY: the address and its two pad bytes are the first eight
+        // bytes of the 8-aligned `DIRECTOR`.
+        unsafe { self.0.get().cast::<u64>().read_volatile() }
+    }
+
+    /// Entries of the Maglev table in use.
+    #[inline(always)]
+    pub fn table_size(&self) -> u32 {
+        // SAFETY: as in `is_on`.
+        unsafe { ptr::addr_of!((*self.0.get()).table_size).read_volatile() }
+    }
+
+    /// The director's term.
+    #[inline(always)]
+    pub fn generation(&self) -> u32 {
+        // SAFETY: as in `is_on`.
+        unsafe { ptr::addr_of!((*self.0.get()).generation).read_volatile() }
+    }
+}
+
+impl Global<BackendTable> {
+    /// The backend in slot `slot`, as one word: the Ethernet address in the
+    /// low six bytes, the flags in the seventh. The slot is masked into the
+    /// table.
+    #[inline(always)]
+    pub fn get(&self, slot: u32) -> BackendWord {
+        let slot = slot as usize % MAX_BACKENDS;
+        // SAFETY: `slot` is in bounds and each `Backend` is eight bytes,
+        // 8-aligned.
+        BackendWord(unsafe {
+            ptr::addr_of!((*self.0.get())[slot])
+                .cast::<u64>()
+                .read_volatile()
+        })
+    }
+}
+
+impl Global<MaglevTable> {
+    /// The backend slot of table entry `index`, or 0 past the table.
+    #[inline(always)]
+    pub fn slot(&self, index: u32) -> u32 {
+        let index = index as usize;
+        if index >= MAX_TABLE_SIZE {
+            return 0;
+        }
+        // SAFETY: `index` is in bounds.
+        u32::from(unsafe { ptr::addr_of!((*self.0.get())[index]).read_volatile() })
+    }
+}
+
+/// A [`Backend`] read as one little-endian word.
+#[derive(Clone, Copy)]
+pub struct BackendWord(u64);
+
+impl BackendWord {
+    const FLAGS_SHIFT: u32 = 48;
+
+    /// The Ethernet address, in the low six bytes.
+    #[inline(always)]
+    pub fn mac(self) -> u64 {
+        self.0
+    }
+
+    /// Whether the slot holds a gateway.
+    #[inline(always)]
+    pub fn present(self) -> bool {
+        (self.0 >> Self::FLAGS_SHIFT) as u8 & BACKEND_PRESENT != 0
+    }
+
+    /// Whether the gateway takes new clients: present and not draining.
+    #[inline(always)]
+    pub fn takes_new(self) -> bool {
+        (self.0 >> Self::FLAGS_SHIFT) as u8 & (BACKEND_PRESENT | BACKEND_DRAINING)
+            == BACKEND_PRESENT
+    }
+
+    /// Whether the gateway is this one.
+    #[inline(always)]
+    pub fn local(self) -> bool {
+        (self.0 >> Self::FLAGS_SHIFT) as u8 & BACKEND_LOCAL != 0
     }
 }
 

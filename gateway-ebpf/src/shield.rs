@@ -1,18 +1,20 @@
 //! The shield: is this frame for a service, and if so, is it WireGuard?
-//! (And, with VIPs configured, does the VIP fence stop it?)
+//! (And, with VIPs configured, does the VIP fence stop it, and does the
+//! director steer it?)
 
 use tidegate_common::{service::MAX_SERVICE_ADDRS, stats::Counter};
 
 use crate::{
-    fence,
+    director, fence,
     maps::{SERVICE_PORTS, SERVICE_V4, SERVICE_V6},
     parse::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame},
     wireguard,
 };
 
 /// The one counter that describes this frame; its verdict follows from it.
+/// With `STEER`, WireGuard to a VIP goes on to the director.
 #[inline(always)]
-pub fn classify(frame: &Frame) -> Counter {
+pub fn classify<const STEER: bool>(frame: &Frame) -> Counter {
     let (ether_type, off) = match parse::ethernet(frame) {
         Ok(l3) => l3,
         Err(counter) => return counter,
@@ -20,9 +22,17 @@ pub fn classify(frame: &Frame) -> Counter {
     match ether_type {
         ETH_P_IP => match parse::ipv4_udp(frame, off) {
             Ok(udp) => match is_v4_service(udp.dst, udp.port) {
-                Some(true) => {
-                    fence::wireguard_v4(udp.dst, wireguard::check(frame, udp.udp_off, udp.udp_len))
-                }
+                Some(true) => fence::wireguard_v4(
+                    udp.dst,
+                    wireguard::check(frame, udp.udp_off, udp.udp_len),
+                    |counter| {
+                        if STEER {
+                            director::steer_v4(frame, off, udp.udp_off, counter)
+                        } else {
+                            counter
+                        }
+                    },
+                ),
                 Some(false) => Counter::NotService,
                 None => Counter::Aborted,
             },
@@ -33,7 +43,13 @@ pub fn classify(frame: &Frame) -> Counter {
                 Some(true) => {
                     let counter = wireguard::check(frame, udp.udp_off, udp.udp_len);
                     // SAFETY: `ipv6_udp` checked the address lies inside the frame.
-                    fence::wireguard_v6(unsafe { udp.dst.read_unaligned() }, counter)
+                    fence::wireguard_v6(unsafe { udp.dst.read_unaligned() }, counter, |counter| {
+                        if STEER {
+                            director::steer_v6(frame, off, udp.udp_off, counter)
+                        } else {
+                            counter
+                        }
+                    })
                 }
                 Some(false) => Counter::NotService,
                 None => Counter::Aborted,

@@ -8,12 +8,16 @@ use std::{
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use tidegate_common::director::{
+    DEFAULT_MAX_SESSIONS, DEFAULT_TABLE_SIZE, MAX_BACKEND_ID, MAX_TABLE_SIZE,
+};
 
 use crate::{
     core_link::CoreLinkConfig,
+    director::{DirectorConfig, maglev::is_prime},
     ha::{
         advert::{AdvertKey, MAX_VIPS},
-        agent::{Continuity, HaConfig},
+        agent::{Continuity, HaConfig, HaMode},
         machine::Settings,
         transport::Destination,
     },
@@ -64,6 +68,11 @@ const DEFAULT_ENDPOINT_REFRESH_SECS: u64 = 30;
 const MAX_ENDPOINT_REFRESH_SECS: u64 = 3600;
 const DEFAULT_ENDPOINT_MAX_AGE_SECS: u64 = 600;
 const MAX_ENDPOINT_MAX_AGE_SECS: u64 = 86_400;
+/// Director bounds: Maglev table sizes (primes; the program holds up to
+/// `MAX_TABLE_SIZE` entries) and session map capacities.
+const MIN_DIRECTOR_TABLE_SIZE: u32 = 251;
+const MIN_DIRECTOR_SESSIONS: u32 = 1024;
+const MAX_DIRECTOR_SESSIONS: u32 = 16 * 1024 * 1024;
 /// MFA peer-disconnect threshold when the file sets none.
 const DEFAULT_PEER_DISCONNECT_THRESHOLD_SECS: u64 = 300;
 /// The identity Core's certificate carries, by default.
@@ -204,6 +213,15 @@ struct HaSection {
     handover_window_ms: Option<u64>,
     endpoint_refresh_secs: Option<u64>,
     endpoint_max_age_secs: Option<u64>,
+    /// `active-standby` (the default) or `director`.
+    #[serde(default = "default_mode")]
+    mode: HaMode,
+    director_table_size: Option<u32>,
+    director_max_sessions: Option<u32>,
+}
+
+fn default_mode() -> HaMode {
+    HaMode::ActiveStandby
 }
 
 /// `[[ha.track]]`: an interface whose failure costs priority.
@@ -549,6 +567,64 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
             ),
         ));
     }
+    let director = match section.mode {
+        HaMode::ActiveStandby => {
+            for (field, set) in [
+                ("director_table_size", section.director_table_size.is_some()),
+                (
+                    "director_max_sessions",
+                    section.director_max_sessions.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(bad(
+                        field,
+                        "applies only to mode = \"director\"; this location runs active-standby"
+                            .into(),
+                    ));
+                }
+            }
+            None
+        }
+        HaMode::Director => {
+            if section.gateway_id > MAX_BACKEND_ID {
+                return Err(bad(
+                    "gateway_id",
+                    format!(
+                        "{} is above {MAX_BACKEND_ID}: in director mode gateway ids are 1..={MAX_BACKEND_ID}",
+                        section.gateway_id
+                    ),
+                ));
+            }
+            let table_size = section.director_table_size.unwrap_or(DEFAULT_TABLE_SIZE);
+            if !(MIN_DIRECTOR_TABLE_SIZE..=MAX_TABLE_SIZE as u32).contains(&table_size)
+                || !is_prime(table_size)
+            {
+                return Err(bad(
+                    "director_table_size",
+                    format!(
+                        "{table_size} is not a prime in {MIN_DIRECTOR_TABLE_SIZE}..={MAX_TABLE_SIZE} \
+                         (the default, {DEFAULT_TABLE_SIZE}, suits up to 255 gateways)"
+                    ),
+                ));
+            }
+            let max_sessions = section
+                .director_max_sessions
+                .unwrap_or(DEFAULT_MAX_SESSIONS);
+            if !(MIN_DIRECTOR_SESSIONS..=MAX_DIRECTOR_SESSIONS).contains(&max_sessions) {
+                return Err(bad(
+                    "director_max_sessions",
+                    format!(
+                        "{max_sessions} is outside {MIN_DIRECTOR_SESSIONS}..={MAX_DIRECTOR_SESSIONS}"
+                    ),
+                ));
+            }
+            Some(DirectorConfig {
+                table_size,
+                max_sessions,
+            })
+        }
+    };
     Ok(HaConfig {
         location_id: section.location_id,
         election: Settings {
@@ -571,6 +647,7 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
             endpoint_refresh: Duration::from_secs(refresh),
             endpoint_max_age: Duration::from_secs(max_age),
         },
+        director,
     })
 }
 
@@ -1062,6 +1139,38 @@ mod tests {
                 endpoint_max_age: Duration::from_secs(60),
             }
         );
+        assert_eq!(ha.director, None);
+    }
+
+    #[test]
+    fn director_mode_with_defaults_and_sizes() {
+        let ha = parse(&with_ha(&format!("{HA}mode = \"director\"\n")))
+            .unwrap()
+            .ha
+            .unwrap();
+        assert_eq!(
+            ha.director,
+            Some(DirectorConfig {
+                table_size: 65537,
+                max_sessions: 262_144
+            })
+        );
+        let sized = format!(
+            "{HA}mode = \"director\"\ndirector_table_size = 251\ndirector_max_sessions = 4096\n"
+        );
+        let ha = parse(&with_ha(&sized)).unwrap().ha.unwrap();
+        assert_eq!(
+            ha.director,
+            Some(DirectorConfig {
+                table_size: 251,
+                max_sessions: 4096
+            })
+        );
+        let standby = format!("{HA}mode = \"active-standby\"\n");
+        assert_eq!(
+            parse(&with_ha(&standby)).unwrap().ha.unwrap().director,
+            None
+        );
     }
 
     #[test]
@@ -1136,6 +1245,30 @@ mod tests {
             (
                 format!("{HA}endpoint_max_age_secs = 100\n"),
                 "[ha] endpoint_max_age_secs: 100 is below kick_window_secs (180)",
+            ),
+            (
+                format!("{HA}mode = \"anycast\"\n"),
+                "unknown variant `anycast`",
+            ),
+            (
+                format!("{HA}director_table_size = 251\n"),
+                "[ha] director_table_size: applies only to mode = \"director\"",
+            ),
+            (
+                format!("{HA}mode = \"director\"\ndirector_table_size = 65536\n"),
+                "[ha] director_table_size: 65536 is not a prime in 251..=65537",
+            ),
+            (
+                format!("{HA}mode = \"director\"\ndirector_table_size = 131071\n"),
+                "director_table_size: 131071 is not a prime in 251..=65537",
+            ),
+            (
+                format!("{HA}mode = \"director\"\ndirector_max_sessions = 10\n"),
+                "[ha] director_max_sessions: 10 is outside 1024..=16777216",
+            ),
+            (
+                HA.replace("gateway_id = 2", "gateway_id = 256") + "mode = \"director\"\n",
+                "[ha] gateway_id: 256 is above 255: in director mode gateway ids are 1..=255",
             ),
         ];
         for (section, expected) in cases {

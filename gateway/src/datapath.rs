@@ -11,8 +11,12 @@ use tidegate_common::client::ClientKey;
 
 use crate::{
     control::CountersReply,
+    director::Desired,
     error_chain,
-    xdp::{Datapath, FenceStatus, Ownership, ServiceTable, XdpError},
+    xdp::{
+        Datapath, DirectorStatus, FenceStatus, Ownership, ServiceTable, SessionEntry, XdpError,
+        director::SessionReader,
+    },
 };
 
 /// Why a request to the datapath task failed.
@@ -64,6 +68,16 @@ enum Command {
         port: u16,
         reply: oneshot::Sender<Result<(), DatapathError>>,
     },
+    SetDirector {
+        desired: Desired,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    DirectorStatus {
+        reply: oneshot::Sender<Result<DirectorStatus, DatapathError>>,
+    },
+    SessionReader {
+        reply: oneshot::Sender<Result<SessionReader, DatapathError>>,
+    },
 }
 
 /// A cheap, cloneable way to ask the datapath task.
@@ -109,6 +123,12 @@ impl DatapathHandle {
             .await
             .map_err(|_| DatapathError::Stopped)?;
         rx.await.map_err(|_| DatapathError::Stopped)
+    }
+
+    /// Makes the director steer (or not) across `desired`'s backends.
+    pub async fn set_director(&self, desired: Desired) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::SetDirector { desired, reply })
+            .await
     }
 
     /// Sets what the egress guard lets this gateway send to clients.
@@ -160,6 +180,32 @@ impl DatapathHandle {
             .await
             .map_err(|_| DatapathError::Stopped)?;
         rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// The director's state and per-backend counters.
+    pub async fn director_status(&self) -> Result<DirectorStatus, DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::DirectorStatus { reply })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// The director's pins. The owner hands out a reader, and the map is
+    /// read on a blocking thread, so that a long listing holds up nothing
+    /// else (lease renewals least of all).
+    pub async fn sessions(&self) -> Result<Vec<SessionEntry>, DatapathError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SessionReader { reply })
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        let reader = rx.await.map_err(|_| DatapathError::Stopped)??;
+        tokio::task::spawn_blocking(move || reader.sessions())
+            .await
+            .map_err(|_| DatapathError::Stopped)?
+            .map_err(Into::into)
     }
 
     /// Replaces the services the shield protects.
@@ -234,6 +280,15 @@ pub fn spawn(
                 Command::Own { clients, reply } => {
                     let result = datapath.continuity_mut().own(&clients);
                     let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::SetDirector { desired, reply } => {
+                    let _ = reply.send(datapath.set_director(&desired).map_err(Into::into));
+                }
+                Command::DirectorStatus { reply } => {
+                    let _ = reply.send(datapath.director_status().map_err(Into::into));
+                }
+                Command::SessionReader { reply } => {
+                    let _ = reply.send(datapath.session_reader().map_err(Into::into));
                 }
             }
         }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod core_link;
 pub mod datapath;
+pub mod director;
 pub mod ha;
 pub mod reload;
 pub mod wireguard;

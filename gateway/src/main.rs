@@ -1,7 +1,8 @@
 //! `tidegate-gateway`: the per-host daemon. It loads the XDP WireGuard shield
-//! onto the public interface, runs the location's WireGuard interface and
-//! peers, answers `tidectl` on its control socket, and, with a `[core]`
-//! section, serves the link Core dials.
+//! (and, in director mode, the director) onto the public interface, runs the
+//! location's WireGuard interface and peers and the HA agent, answers
+//! `tidectl` on its control socket, and, with a `[core]` section, serves the
+//! link Core dials.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -18,7 +19,7 @@ use tidegate_gateway::{
     },
     reload::Reloader,
     wireguard::owner::{self, Owner},
-    xdp::{Datapath, XdpModeSetting},
+    xdp::{Datapath, DatapathOptions, XdpModeSetting},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -85,7 +86,12 @@ async fn run(args: Args) -> Result<()> {
         );
     }
 
-    let mut datapath = Datapath::load()?;
+    let mut options = DatapathOptions::default();
+    if let Some(director) = config.ha.as_ref().and_then(|ha| ha.director) {
+        options.max_sessions = director.max_sessions;
+        options.table_size = director.table_size;
+    }
+    let mut datapath = Datapath::load_with(options)?;
     datapath.install_services(config.services.clone())?;
     let control = ControlSocket::bind(&config.control_socket)?;
     datapath.attach(&config.interface, config.xdp_mode, &config.bpf_pin_dir)?;
@@ -213,6 +219,7 @@ async fn run(args: Args) -> Result<()> {
         datapath: datapath_handle,
         wireguard: wireguard_handle,
         ha: ha_handle,
+        director_mode: config.ha.as_ref().is_some_and(|ha| ha.director.is_some()),
         reloader: reloader.clone(),
     };
     let control_cancel = cancel.clone();

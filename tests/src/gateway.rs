@@ -33,7 +33,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TIDECTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-reason counters every `counters --json` answer must carry.
-pub const COUNTER_NAMES: [&str; 14] = [
+pub const COUNTER_NAMES: [&str; 15] = [
     "not-service",
     "fragment",
     "unparsed",
@@ -47,18 +47,21 @@ pub const COUNTER_NAMES: [&str; 14] = [
     "bad-reserved",
     "aborted",
     "fenced",
+    "wg-steered",
     "handed-over",
 ];
 
 /// Totals every `counters --json` answer must carry.
-pub const TOTAL_NAMES: [&str; 4] = ["pass", "drop", "aborted", "wireguard"];
+pub const TOTAL_NAMES: [&str; 5] = ["pass", "drop", "aborted", "tx", "wireguard"];
 
-/// The four per-type WireGuard counters that make up the "wireguard" total.
-pub const WIREGUARD_COUNTERS: [&str; 4] = [
+/// The WireGuard counters that make up the "wireguard" total: the four
+/// per-type ones (passed to the gateway's stack) and the steered ones.
+pub const WIREGUARD_COUNTERS: [&str; 5] = [
     "wg-initiation",
     "wg-response",
     "wg-cookie-reply",
     "wg-transport",
+    "wg-steered",
 ];
 
 /// How the gateway attaches its XDP program (`xdp_mode` in its config).
@@ -184,6 +187,9 @@ pub struct HaSection {
     pub kick_rate: Option<u32>,
     /// The second-chance window of a handover in ms, if set.
     pub handover_window_ms: Option<u64>,
+    /// `active-standby` or `director`, if set (the daemon's default is
+    /// active-standby).
+    pub mode: Option<String>,
 }
 
 impl HaSection {
@@ -222,6 +228,9 @@ impl HaSection {
         }
         if let Some(ms) = self.handover_window_ms {
             let _ = writeln!(out, "handover_window_ms = {ms}");
+        }
+        if let Some(mode) = &self.mode {
+            let _ = writeln!(out, "mode = {}", toml_string(mode));
         }
         for (interface, weight) in &self.track {
             let _ = write!(
@@ -994,6 +1003,7 @@ mod tests {
             peers: Vec::new(),
             kick_rate: Some(500),
             handover_window_ms: Some(1500),
+            mode: Some("director".into()),
         });
         assert!(
             config.to_toml().ends_with(
@@ -1002,7 +1012,8 @@ mod tests {
                  advert_interval_ms = 50\npreempt = false\npreempt_delay_ms = 1000\n\
                  key = \"sixteen-bytes-key!\"\n\
                  vips = [\"198.51.100.100\", \"2001:db8::100\"]\nport = 51900\n\
-                 multicast_group = \"239.255.0.9\"\nkick_rate = 500\nhandover_window_ms = 1500\n"
+                 multicast_group = \"239.255.0.9\"\nkick_rate = 500\nhandover_window_ms = 1500\n\
+                 mode = \"director\"\n"
             ),
             "{}",
             config.to_toml()

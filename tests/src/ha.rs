@@ -182,6 +182,9 @@ pub struct HaPeer {
     pub priority: u8,
     pub healthy: bool,
     pub maintenance: bool,
+    /// It takes no new clients (director mode).
+    #[serde(default)]
+    pub draining: bool,
     pub last_seen_ms: u64,
 }
 
@@ -205,6 +208,9 @@ pub struct HaStatus {
     pub advert_interval_ms: u64,
     pub master: Option<u32>,
     pub maintenance: bool,
+    /// This gateway takes no new clients (director mode).
+    #[serde(default)]
+    pub draining: bool,
     pub vips: Vec<IpAddr>,
     pub vips_held: Vec<IpAddr>,
     pub peers: Vec<HaPeer>,
@@ -986,6 +992,7 @@ fn gateway_config(
         peers,
         kick_rate: None,
         handover_window_ms: None,
+        mode: None,
     });
     config
 }

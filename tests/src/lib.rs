@@ -11,18 +11,26 @@
 //! the VIP and a prober on the client ([`probe`]), which learns from every
 //! answer which gateway holds the VIP. The same segment runs with
 //! keepalived instead ([`keepalived`]) for the failover benchmark, which
-//! times both with [`failover`].
+//! times both with [`failover`]. The director's location ([`director`])
+//! puts real WireGuard clients in front of three gateways in director
+//! mode; the steering benchmark's lab ([`steer_lab`]) pits the director
+//! against a bare bounce and NGINX's UDP stream proxy ([`nginx_stream`]).
 //!
 //! The control plane's pieces: a test CA ([`pki`]) issuing certificates for
 //! Core, gateways and Edges; gateways with a `[core]` section
 //! ([`gateway::CoreSection`]); Edge daemons ([`edge`]) behind a real nginx
 //! ([`nginx`]); and a small HTTP client ([`http`]) to talk to them from
 //! inside their namespace. [`scripted_core`] plays Core's side of the
-//! links for tests of gateways and Edges on their own.
+//! links for tests of gateways and Edges on their own. The real Core
+//! ([`core_daemon`]) runs with a PKI of its own making; [`control`] puts it
+//! in an intranet namespace with gateways, Edges behind nginx and a client.
 
 pub mod bins;
 pub mod cmd;
 pub mod continuity;
+pub mod control;
+pub mod core_daemon;
+pub mod director;
 pub mod edge;
 pub mod failover;
 pub mod gateway;
@@ -32,6 +40,7 @@ pub mod keepalived;
 pub mod location;
 pub mod netns;
 pub mod nginx;
+pub mod nginx_stream;
 pub mod packets;
 pub mod pki;
 pub mod probe;
@@ -39,6 +48,7 @@ pub mod process;
 pub mod run;
 pub mod scripted_core;
 pub mod shield;
+pub mod steer_lab;
 pub mod stop;
 pub mod wait;
 pub mod wireguard;
@@ -47,6 +57,8 @@ pub mod xdp_pass;
 
 pub use bins::{BIN_DIR_ENV, bin_dir, binary};
 pub use cmd::{CmdOutput, run_bounded, run_ok, run_with_input};
+pub use control::{ControlLab, ControlOptions};
+pub use core_daemon::{CoreConfig, CoreDaemon, CorePki};
 pub use edge::{EdgeConfig, EdgeDaemon};
 pub use gateway::{
     CoreSection, Counter, Counters, GatewayConfig, GatewayDaemon, HaSection, PeerEntry, PeerStatus,

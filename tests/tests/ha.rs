@@ -500,6 +500,8 @@ fn advert(from: u32, role: WireRole, priority: u8, sequence: u64) -> Advert {
         sequence,
         health: HEALTH_OK,
         handover_to: None,
+        draining: false,
+        mac: [0x02, 0, 0, 0, 0, from as u8],
         vips: vec![IpAddr::V4(VIP)],
     }
 }
@@ -537,7 +539,7 @@ fn forged_adverts_change_nothing_and_are_counted_by_reason() -> Result<()> {
     let mut bad_magic = master_advert.clone();
     bad_magic[..4].copy_from_slice(b"VRRP");
     let mut bad_version = master_advert.clone();
-    bad_version[4] = 2;
+    bad_version[4] = 1;
     let mut too_long = master_advert.clone();
     too_long.push(0);
     // A gateway never hears its own adverts, so the first replay of its
@@ -604,7 +606,12 @@ fn forged_adverts_change_nothing_and_are_counted_by_reason() -> Result<()> {
                 vec![1, 2],
             ),
             ("bad magic", bad_magic.clone(), "bad-magic", vec![1, 2]),
-            ("version 2", bad_version.clone(), "bad-version", vec![1, 2]),
+            (
+                "version 1 (the previous format)",
+                bad_version.clone(),
+                "bad-version",
+                vec![1, 2],
+            ),
             (
                 "one byte too long",
                 too_long.clone(),

@@ -27,7 +27,7 @@ fn narrate(line: &str) {
     println!("  {line}");
 }
 
-/// Checks the "wireguard" total against the sum of the four wg-* counters.
+/// Checks the "wireguard" total against the sum of the wg-* counters.
 fn ensure_wireguard_total_consistent(c: &Counters) -> Result<()> {
     let sum: u64 = WIREGUARD_COUNTERS
         .iter()

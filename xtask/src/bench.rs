@@ -30,6 +30,19 @@ pub enum Which {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Core to gateways: latency from an admin call adding a peer to the
+    /// peer being live on all three gateways (1,000 adds), and a full sync
+    /// of 10,000 peers to three gateways, beside wireguard-go's own speed.
+    Control,
+    /// The director: ns/packet of a pinned hit and of a miss with insert
+    /// under BPF_PROG_TEST_RUN beside the shield and an empty program; then
+    /// packets/s and CPU/packet steered through the director, a bare
+    /// XDP_TX bounce and NGINX's UDP stream proxy on one namespace lab.
+    Steer {
+        /// Rounds of the namespace lab.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+    },
 }
 
 pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
@@ -89,6 +102,48 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
             }
             run::cargo(ws, &ebpf)
                 .args(args)
+                .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
+                .status_ok()
+        }
+        Which::Control => {
+            setup::require_root(
+                "`cargo xtask bench control` (it builds network namespaces and attaches XDP programs)",
+            )?;
+            setup::packages()?;
+            let ebpf = ebpf::build(ws)?;
+            run::build_user_space(ws, &ebpf, true)?;
+            run::step("benchmarking Core's changes to the gateways");
+            run::cargo(ws, &ebpf)
+                .args(["bench", "--package", "tidegate-tests", "--bench", "control"])
+                .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
+                .status_ok()
+        }
+        Which::Steer { rounds } => {
+            setup::require_root(
+                "`cargo xtask bench steer` (it loads XDP programs and builds network namespaces)",
+            )?;
+            setup::packages()?;
+            setup::install_missing(setup::STEER_BENCH_PACKAGES)?;
+            let ebpf = ebpf::build(ws)?;
+            run::build_user_space(ws, &ebpf, true)?;
+            run::step("benchmarking the director under BPF_PROG_TEST_RUN");
+            run::cargo(ws, &ebpf)
+                .args(["bench", "--package", "tidegate-gateway", "--bench", "steer"])
+                .status_ok()?;
+            run::step(
+                "benchmarking steering on a namespace lab: the director, a bare XDP_TX bounce, NGINX",
+            );
+            run::cargo(ws, &ebpf)
+                .args([
+                    "bench",
+                    "--package",
+                    "tidegate-tests",
+                    "--bench",
+                    "steer",
+                    "--",
+                    "--rounds",
+                    &rounds.to_string(),
+                ])
                 .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
                 .status_ok()
         }

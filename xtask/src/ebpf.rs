@@ -14,7 +14,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const TOOLCHAIN: &str = "nightly";
 /// The objects `cargo xtask build-ebpf` must produce; the gateway embeds them.
-const OBJECTS: [&str; 2] = ["tidegate", "tidegate-baseline"];
+const OBJECTS: [&str; 3] = ["tidegate", "tidegate-baseline", "tidegate-bench"];
 
 /// Where the built BPF objects are; passed to user-space builds in [`Self::ENV`].
 #[derive(Debug)]

@@ -6,8 +6,8 @@ use crate::run::{Cmd, step};
 
 /// Debian packages the tests and the lab run: `ip`, `ping`, `wg`,
 /// userspace WireGuard for kernels without the module, `ethtool` (the
-/// failover tests turn checksum offload off on the clients' veths), and
-/// nginx in front of the Edges.
+/// failover and director tests turn checksum offload off on the clients'
+/// veths), and nginx in front of the Edges.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -33,6 +33,12 @@ pub fn require_root(what: &str) -> Result<()> {
 /// Debian packages only the benchmarks run: keepalived, the baseline of
 /// `cargo xtask bench failover`. `cargo xtask test` does not install them.
 pub const BENCH_PACKAGES: &[&str] = &["keepalived"];
+
+/// Debian packages `cargo xtask bench steer` runs besides the tests' own:
+/// NGINX's stream module (a dynamic module on Debian 12), for the UDP
+/// stream proxy the director is measured against; taskset for the lab's
+/// receive threads.
+pub const STEER_BENCH_PACKAGES: &[&str] = &["libnginx-mod-stream", "util-linux"];
 
 fn installed(package: &str) -> bool {
     Cmd::new("dpkg-query")

@@ -1,4 +1,8 @@
-//! `tidectl`: the operator's command line for a Tidegate gateway.
+//! `tidectl`: the operator's command line for a Tidegate gateway (through
+//! its local control socket) and for Core (through Core's admin socket).
+
+#[path = "tidectl/core_api.rs"]
+mod core_api;
 
 use std::{
     io::Read as _,
@@ -13,18 +17,23 @@ use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
     control::{CountersReply, Reply, Request, client},
     error_chain,
-    ha::agent::HaStatus,
+    ha::agent::{HaMode, HaStatus},
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
-    xdp::PacketCount,
+    xdp::{DirectorStatus, PacketCount, SessionEntry},
 };
 
-/// Operate a Tidegate gateway through its local control socket (root only).
+/// Operate a Tidegate gateway through its local control socket, and Core
+/// through its admin socket (both root only).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
     /// The gateway daemon's control socket.
     #[arg(long, env = "TIDEGATE_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
     socket: PathBuf,
+    /// Core's admin socket (location, gateway, user, device, edge, events,
+    /// failover --location).
+    #[arg(long, env = "TIDEGATE_CORE_SOCKET", default_value = core_api::DEFAULT_CORE_SOCKET)]
+    core_socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,12 +70,63 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Planned failover: this master hands the VIPs to its best backup.
-    Failover,
+    /// Planned failover: this master hands the VIPs to its best backup; with
+    /// --location, Core asks that location's master.
+    Failover {
+        /// Ask Core for a handover at this location instead.
+        #[arg(long)]
+        location: Option<String>,
+    },
     /// Maintenance mode: the gateway stays BACKUP (a master hands over first).
     Maintenance {
         #[arg(value_enum)]
         mode: OnOff,
+    },
+    /// Core: locations, and each gateway's link and role (`location status`).
+    #[command(subcommand)]
+    Location(core_api::LocationCommand),
+    /// Core: the gateways it dials.
+    #[command(subcommand)]
+    Gateway(core_api::GatewayCommand),
+    /// Core: users and their TOTP secrets.
+    #[command(subcommand)]
+    User(core_api::UserCommand),
+    /// Core: devices, and one-time config download tokens.
+    #[command(subcommand)]
+    Device(core_api::DeviceCommand),
+    /// Core: the Edges it dials.
+    #[command(subcommand)]
+    Edge(core_api::EdgeCommand),
+    /// Core: the event log, newest first.
+    Events {
+        /// Only this location's.
+        #[arg(long)]
+        location: Option<String>,
+        /// How many (at most 10000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Director mode: this gateway keeps the clients pinned to it and gets
+    /// no new ones (it tells the others in its adverts).
+    Drain,
+    /// Director mode: this gateway takes new clients again.
+    Undrain,
+    /// Director mode: the director's pins, client by client (on the master;
+    /// a backup lists the pins of its last term as master).
+    Sessions {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Director mode: steering on or off, the backends, and per backend the
+    /// frames, bytes and new pins the director sent it.
+    Director {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -153,7 +213,25 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let socket = cli.socket;
     let ask = |request: Request| client::request(&socket, &request);
+    let core = |command| core_api::run(&cli.core_socket, command);
     match cli.command {
+        Command::Location(command) => core(core_api::CoreCommand::Location(command))?,
+        Command::Gateway(command) => core(core_api::CoreCommand::Gateway(command))?,
+        Command::User(command) => core(core_api::CoreCommand::User(command))?,
+        Command::Device(command) => core(core_api::CoreCommand::Device(command))?,
+        Command::Edge(command) => core(core_api::CoreCommand::Edge(command))?,
+        Command::Events {
+            location,
+            limit,
+            json,
+        } => core(core_api::CoreCommand::Events {
+            location,
+            limit,
+            json,
+        })?,
+        Command::Failover {
+            location: Some(location),
+        } => core(core_api::CoreCommand::Failover { location })?,
         Command::Counters { json } => {
             let Reply::Counters(reply) = ask(Request::Counters)? else {
                 bail!("the daemon answered something other than counters");
@@ -207,7 +285,7 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", status_text(&status, SystemTime::now()));
             }
         }
-        Command::Failover => {
+        Command::Failover { location: None } => {
             let Reply::HandingOver { to } = ask(Request::Failover)? else {
                 bail!("the daemon answered something other than a handover");
             };
@@ -220,8 +298,121 @@ fn run(cli: Cli) -> Result<()> {
             };
             println!("maintenance {}", if on { "on" } else { "off" });
         }
+        Command::Drain => drain(&ask, true)?,
+        Command::Undrain => drain(&ask, false)?,
+        Command::Sessions { json } => {
+            let Reply::Sessions(sessions) = ask(Request::Sessions)? else {
+                bail!("the daemon answered something other than sessions");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else {
+                print!("{}", sessions_table(&sessions));
+            }
+        }
+        Command::Director { json } => {
+            let Reply::Director(status) = ask(Request::Director)? else {
+                bail!("the daemon answered something other than the director");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", director_table(&status));
+            }
+        }
     }
     Ok(())
+}
+
+fn drain(ask: &impl Fn(Request) -> Result<Reply, client::ClientError>, on: bool) -> Result<()> {
+    let Reply::Draining { on } = ask(Request::Drain { on })? else {
+        bail!("the daemon answered something other than draining");
+    };
+    println!(
+        "{}",
+        if on {
+            "draining: no new clients for this gateway; pinned clients stay"
+        } else {
+            "not draining: this gateway takes new clients"
+        }
+    );
+    Ok(())
+}
+
+fn sessions_table(sessions: &[SessionEntry]) -> String {
+    use std::fmt::Write as _;
+
+    let mut out = format!("{} sessions\n\n", sessions.len());
+    let _ = writeln!(out, "{:<46} {:>8} {:>14}", "CLIENT", "GATEWAY", "LAST SEEN");
+    for session in sessions {
+        let seen = session.last_seen_ms.map_or_else(
+            || "-".to_owned(),
+            |ms| format!("{:.1}s ago", ms as f64 / 1000.0),
+        );
+        let _ = writeln!(
+            out,
+            "{:<46} {:>8} {:>14}",
+            session.client.to_string(),
+            session.gateway_id,
+            seen
+        );
+    }
+    out
+}
+
+fn director_table(status: &DirectorStatus) -> String {
+    use std::fmt::Write as _;
+
+    let mut out = format!(
+        "director {}: Maglev table of {} entries, up to {} sessions\n\n",
+        if status.on {
+            "on (this gateway is the master)"
+        } else {
+            "off (this gateway is not the master)"
+        },
+        status.table_size,
+        status.max_sessions
+    );
+    let _ = writeln!(
+        out,
+        "{:<8} {:<17} {:<22} {:>7} {:>12} {:>14} {:>10}",
+        "GATEWAY", "MAC", "STATE", "TABLE%", "PACKETS", "BYTES", "NEW PINS"
+    );
+    for backend in &status.backends {
+        let mut state = Vec::new();
+        if backend.local {
+            state.push("local");
+        }
+        state.push(if !backend.present {
+            "gone"
+        } else if backend.draining {
+            "draining"
+        } else {
+            "active"
+        });
+        let share = 100.0 * f64::from(backend.table_entries) / f64::from(status.table_size.max(1));
+        let _ = writeln!(
+            out,
+            "{:<8} {:<17} {:<22} {:>7.2} {:>12} {:>14} {:>10}",
+            backend.gateway_id,
+            if backend.mac.is_empty() {
+                "-"
+            } else {
+                &backend.mac
+            },
+            state.join(", "),
+            share,
+            backend.packets,
+            backend.bytes,
+            backend.new_pins
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nunpinned (no backend to pick, passed locally): {} packets, {} bytes",
+        status.unpinned.packets, status.unpinned.bytes
+    );
+    out
 }
 
 fn status_text(status: &HaStatus, now: SystemTime) -> String {
@@ -242,7 +433,7 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
         }
     };
     let mut out = format!(
-        "gateway {} of location {}: {}, priority {}{}\n",
+        "gateway {} of location {}: {}, priority {}{}{}\n",
         status.gateway_id,
         status.location_id,
         serde_json::to_value(status.role)
@@ -255,6 +446,15 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
         } else {
             ""
         },
+        if status.draining { ", draining" } else { "" },
+    );
+    let _ = writeln!(
+        out,
+        "mode: {}",
+        match status.mode {
+            HaMode::ActiveStandby => "active/standby (the master serves every client)",
+            HaMode::Director => "director (the master steers clients across the healthy gateways)",
+        }
     );
     let _ = writeln!(
         out,
@@ -271,16 +471,20 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
     );
     let _ = writeln!(out, "adverts every {} ms", status.advert_interval_ms);
     if !status.peers.is_empty() {
-        out.push_str("\nPEER  ROLE     PRIORITY  HEALTHY  MAINTENANCE  LAST ADVERT\n");
+        out.push_str(
+            "\nPEER  ROLE     PRIORITY  HEALTHY  MAINTENANCE  DRAINING  MAC                LAST ADVERT\n",
+        );
         for peer in &status.peers {
             let _ = writeln!(
                 out,
-                "{:<5} {:<8} {:>8}  {:<7}  {:<11}  {} ms ago",
+                "{:<5} {:<8} {:>8}  {:<7}  {:<11}  {:<8}  {:<17}  {} ms ago",
                 peer.gateway_id,
                 peer.role.to_string(),
                 peer.priority,
                 if peer.healthy { "yes" } else { "no" },
                 if peer.maintenance { "yes" } else { "no" },
+                if peer.draining { "yes" } else { "no" },
+                peer.mac,
                 peer.last_seen_ms
             );
         }
@@ -621,6 +825,7 @@ mod tests {
         use std::collections::BTreeMap;
         use tidegate_gateway::{
             ha::{
+                agent::HaMode,
                 endpoints::Merged,
                 machine::Role,
                 syncer::{SyncPeer, SyncStatus},
@@ -659,6 +864,8 @@ mod tests {
             advert_interval_ms: 100,
             master: Some(1),
             maintenance: false,
+            mode: HaMode::ActiveStandby,
+            draining: false,
             vips: vec!["198.51.100.100".parse().unwrap()],
             vips_held: vec!["198.51.100.100".parse().unwrap()],
             peers: Vec::new(),
@@ -726,6 +933,95 @@ mod tests {
                 "-",
                 "(following)"
             ]
+        );
+    }
+
+    #[test]
+    fn director_and_sessions_tables_show_every_backend_and_pin() {
+        use tidegate_gateway::xdp::BackendStatus;
+
+        let status = DirectorStatus {
+            on: true,
+            table_size: 65537,
+            max_sessions: 262_144,
+            backends: vec![
+                BackendStatus {
+                    gateway_id: 1,
+                    mac: "02:00:00:00:00:01".into(),
+                    local: false,
+                    present: true,
+                    draining: true,
+                    table_entries: 0,
+                    packets: 10,
+                    bytes: 1000,
+                    new_pins: 2,
+                },
+                BackendStatus {
+                    gateway_id: 3,
+                    mac: "02:00:00:00:00:03".into(),
+                    local: true,
+                    present: true,
+                    draining: false,
+                    table_entries: 65537,
+                    packets: 5,
+                    bytes: 500,
+                    new_pins: 1,
+                },
+            ],
+            unpinned: PacketCount {
+                packets: 4,
+                bytes: 400,
+            },
+        };
+        let table = director_table(&status);
+        assert!(table.starts_with("director on"), "{table}");
+        let row = |id: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(id))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            row("1 "),
+            [
+                "1",
+                "02:00:00:00:00:01",
+                "draining",
+                "0.00",
+                "10",
+                "1000",
+                "2"
+            ]
+        );
+        assert_eq!(
+            row("3 "),
+            [
+                "3",
+                "02:00:00:00:00:03",
+                "local,",
+                "active",
+                "100.00",
+                "5",
+                "500",
+                "1"
+            ]
+        );
+        assert!(table.contains("4 packets, 400 bytes"), "{table}");
+        let sessions = sessions_table(&[SessionEntry {
+            client: "198.51.100.7:40000".parse().unwrap(),
+            gateway_id: 2,
+            last_seen_ms: Some(1500),
+        }]);
+        assert_eq!(
+            sessions
+                .lines()
+                .last()
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            ["198.51.100.7:40000", "2", "1.5s", "ago"]
         );
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     ha::agent::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
-    xdp::{AttachMode, CounterSnapshot, EgressStatus},
+    xdp::{AttachMode, CounterSnapshot, DirectorStatus, EgressStatus, SessionEntry},
 };
 
 /// Longest request line the daemon reads.
@@ -39,6 +39,12 @@ pub enum Request {
     Failover,
     /// Maintenance mode on or off: the gateway stays BACKUP.
     Maintenance { on: bool },
+    /// Draining on or off: no new clients for this gateway (director mode).
+    Drain { on: bool },
+    /// The director's pins.
+    Sessions,
+    /// The director: on or off, backends and their counters.
+    Director,
 }
 
 /// The daemon's answer to one request.
@@ -67,6 +73,12 @@ pub enum Reply {
     Maintenance {
         on: bool,
     },
+    /// Draining is now as asked.
+    Draining {
+        on: bool,
+    },
+    Sessions(Vec<SessionEntry>),
+    Director(DirectorStatus),
 }
 
 /// The shield's counters and where it is attached.
@@ -116,6 +128,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&add).unwrap(),
             r#"{"command":"peer-add","peer":{"public_key":"k","allowed_ips":[]}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Drain { on: true }).unwrap(),
+            r#"{"command":"drain","on":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Sessions).unwrap(),
+            r#"{"command":"sessions"}"#
         );
         assert_eq!(
             serde_json::to_string(&Request::PeerRemove {

@@ -30,6 +30,8 @@ pub struct Handles {
     pub wireguard: Option<WireguardHandle>,
     /// `None` when the config has no `[ha]` section.
     pub ha: Option<HaHandle>,
+    /// The location runs in director mode (`[ha] mode = "director"`).
+    pub director_mode: bool,
     pub reloader: Reloader,
 }
 
@@ -170,6 +172,14 @@ async fn answer(request: Request, handles: &Handles) -> Response {
             "this gateway takes part in no election (its config has no [ha] section)".to_owned()
         })
     };
+    let director = || {
+        if handles.director_mode {
+            Ok(())
+        } else {
+            Err("this gateway does not run the director (its [ha] section has no mode = \"director\")"
+                .to_owned())
+        }
+    };
     let chain = |e: &dyn std::error::Error| error_chain(e);
     let result: Result<Reply, String> = match request {
         Request::Counters => (handles.datapath.counters().await)
@@ -217,6 +227,25 @@ async fn answer(request: Request, handles: &Handles) -> Response {
         Request::Maintenance { on } => async { ha()?.maintenance(on).await.map_err(|e| chain(&e)) }
             .await
             .map(|()| Reply::Maintenance { on }),
+        Request::Drain { on } => async { ha()?.drain(on).await.map_err(|e| chain(&e)) }
+            .await
+            .map(|()| Reply::Draining { on }),
+        Request::Sessions => async {
+            director()?;
+            handles.datapath.sessions().await.map_err(|e| chain(&e))
+        }
+        .await
+        .map(Reply::Sessions),
+        Request::Director => async {
+            director()?;
+            handles
+                .datapath
+                .director_status()
+                .await
+                .map_err(|e| chain(&e))
+        }
+        .await
+        .map(Reply::Director),
     };
     match result {
         Ok(reply) => Response::Ok(reply),

@@ -5,16 +5,19 @@
 //!
 //! ```text
 //!  0  magic "TGHA"            20  epoch (u64)
-//!  4  version (1)             28  sequence (u64)
+//!  4  version (2)             28  sequence (u64)
 //!  5  role                    36  health bits (u32)
 //!  6  priority                40  handover target (u32, 0 = none)
-//!  7  flags (bit 0: maint.)   44  VIPs: count x (family 4|6, 16 address bytes)
-//!  8  location id (u32)       ..  HMAC-SHA256 (32)
-//! 12  gateway id (u32)
+//!  7  flags (bit 0: maint.,   44  sender's Ethernet address (6)
+//!     bit 1: draining)        50  reserved (2, zero)
+//!  8  location id (u32)       52  VIPs: count x (family 4|6, 16 address bytes)
+//! 12  gateway id (u32)        ..  HMAC-SHA256 (32)
 //! 16  interval ms (u16)
 //! 18  VIP count (u8), 19 reserved (0)
 //! ```
-//! All integers are big-endian.
+//! All integers are big-endian. Version 2 added the draining flag and the
+//! Ethernet address, which the director needs; version 1 adverts are
+//! refused (every gateway of a location runs the same version).
 
 use std::{
     collections::HashMap,
@@ -30,14 +33,18 @@ use super::machine::Role;
 /// The first bytes of every advert.
 pub const MAGIC: [u8; 4] = *b"TGHA";
 /// The format this code reads and writes.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Most VIPs one advert carries.
 pub const MAX_VIPS: usize = 16;
-const HEADER_LEN: usize = 44;
+const HEADER_LEN: usize = 52;
 const VIP_LEN: usize = 17;
 const MAC_LEN: usize = 32;
 /// Flag bit: the sender is in maintenance.
 const FLAG_MAINTENANCE: u8 = 1;
+/// Flag bit: the sender is draining (no new clients for it).
+const FLAG_DRAINING: u8 = 2;
+/// Where the sender's Ethernet address sits.
+const MAC_AT: usize = 44;
 /// Health bit: the sender is healthy overall.
 pub const HEALTH_OK: u32 = 1;
 
@@ -93,6 +100,11 @@ pub struct Advert {
     pub sequence: u64,
     pub health: u32,
     pub handover_to: Option<u32>,
+    /// The sender takes no new clients (director mode).
+    pub draining: bool,
+    /// The sender's Ethernet address on the public segment, where a
+    /// director sends the frames of the clients pinned to it.
+    pub mac: [u8; 6],
     pub vips: Vec<IpAddr>,
 }
 
@@ -135,11 +147,14 @@ impl Advert {
         out.push(VERSION);
         out.push(self.role.code());
         out.push(self.priority);
-        out.push(if self.maintenance {
-            FLAG_MAINTENANCE
-        } else {
-            0
-        });
+        let mut flags = 0;
+        if self.maintenance {
+            flags |= FLAG_MAINTENANCE;
+        }
+        if self.draining {
+            flags |= FLAG_DRAINING;
+        }
+        out.push(flags);
         out.extend_from_slice(&self.location_id.to_be_bytes());
         out.extend_from_slice(&self.gateway_id.to_be_bytes());
         let interval_ms = u16::try_from(self.interval.as_millis()).unwrap_or(u16::MAX);
@@ -150,6 +165,8 @@ impl Advert {
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(&self.health.to_be_bytes());
         out.extend_from_slice(&self.handover_to.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&self.mac);
+        out.extend_from_slice(&[0, 0]);
         for vip in &self.vips {
             let mut addr = [0u8; 16];
             match vip {
@@ -198,7 +215,10 @@ impl Advert {
         let u32_at = |at: usize| u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes"));
         let role = Role::from_code(body[5]).ok_or(AdvertError::Malformed("unknown role"))?;
-        if body[7] & !FLAG_MAINTENANCE != 0 || body[19] != 0 {
+        if body[7] & !(FLAG_MAINTENANCE | FLAG_DRAINING) != 0
+            || body[19] != 0
+            || body[MAC_AT + 6..HEADER_LEN] != [0, 0]
+        {
             return Err(AdvertError::Malformed("reserved bits set"));
         }
         if vips > MAX_VIPS {
@@ -236,6 +256,8 @@ impl Advert {
             sequence: u64_at(28),
             health: u32_at(36),
             handover_to: Some(u32_at(40)).filter(|&id| id != 0),
+            draining: body[7] & FLAG_DRAINING != 0,
+            mac: body[MAC_AT..MAC_AT + 6].try_into().expect("6 bytes"),
             vips,
         })
     }
@@ -283,6 +305,8 @@ mod tests {
             sequence: 42,
             health: HEALTH_OK,
             handover_to: Some(3),
+            draining: true,
+            mac: [0x02, 0, 0, 0, 0x0a, 0x01],
             vips: vec![
                 "198.51.100.100".parse().unwrap(),
                 "2001:db8::100".parse().unwrap(),
@@ -336,9 +360,36 @@ mod tests {
         let mut bad = bytes.clone();
         bad[0] = b'X';
         assert_eq!(Advert::decode(&bad, &key()), Err(AdvertError::Magic));
-        let mut bad = bytes;
+        let mut bad = bytes.clone();
         bad[4] = 9;
         assert_eq!(Advert::decode(&bad, &key()), Err(AdvertError::Version(9)));
+        // The previous format, without the draining flag and the address.
+        let mut old = bytes;
+        old[4] = 1;
+        assert_eq!(Advert::decode(&old, &key()), Err(AdvertError::Version(1)));
+    }
+
+    #[test]
+    fn the_draining_flag_and_the_address_are_carried_and_reserved_bits_refused() {
+        let mut advert = sample();
+        advert.draining = false;
+        advert.maintenance = false;
+        let decoded = Advert::decode(&advert.encode(&key()), &key()).unwrap();
+        assert!(!decoded.draining);
+        assert_eq!(decoded.mac, [0x02, 0, 0, 0, 0x0a, 0x01]);
+        for (at, value) in [(7, 4u8), (50, 1), (51, 0x80)] {
+            let mut body = sample().encode(&key());
+            body.truncate(body.len() - MAC_LEN);
+            body[at] |= value;
+            let mut mac = key().mac();
+            mac.update(&body);
+            body.extend_from_slice(&mac.finalize().into_bytes());
+            assert_eq!(
+                Advert::decode(&body, &key()),
+                Err(AdvertError::Malformed("reserved bits set")),
+                "byte {at}"
+            );
+        }
     }
 
     #[test]

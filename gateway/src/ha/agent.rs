@@ -2,6 +2,11 @@
 //! and the VIPs. It feeds the machine what it hears, the passing of time,
 //! health changes and operator requests, and carries out the actions the
 //! machine returns. Other tasks talk to it through an [`HaHandle`].
+//!
+//! In director mode it also keeps the XDP director in step with the
+//! location: the gateways its adverts describe (healthy, draining, their
+//! Ethernet addresses) are the backends, and the director steers while this
+//! gateway is the master.
 
 use std::{
     collections::BTreeMap,
@@ -28,13 +33,18 @@ use super::{
 };
 use crate::{
     datapath::DatapathHandle,
+    director::{Desired, DirectorConfig, Member, maglev},
     error_chain,
     wireguard::{
         WireguardHandle,
         kick::{Candidate, FailoverMeta, FailoverReport, KickRequest},
     },
-    xdp::{FenceStatus, Ownership},
+    xdp::{
+        FenceStatus, Ownership,
+        director::{client_key, format_mac},
+    },
 };
+use tidegate_common::director::{client_hash, table_index};
 
 /// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
 const ANNOUNCE_COUNT: u32 = 5;
@@ -78,6 +88,8 @@ pub struct HaConfig {
     pub interface: String,
     /// Failover continuity.
     pub continuity: Continuity,
+    /// Director mode (`mode = "director"`); `None`: active/standby.
+    pub director: Option<DirectorConfig>,
 }
 
 /// The agent could not start.
@@ -96,6 +108,8 @@ pub enum HaError {
     Handover(#[from] HandoverError),
     #[error("the HA agent has stopped")]
     Stopped,
+    #[error("draining needs director mode: this location runs active/standby ([ha] mode)")]
+    NotDirector,
 }
 
 /// One role change, for `tidectl status`.
@@ -116,6 +130,10 @@ pub struct PeerStatus {
     pub priority: u8,
     pub healthy: bool,
     pub maintenance: bool,
+    /// It takes no new clients (director mode).
+    pub draining: bool,
+    /// Its Ethernet address on the public segment.
+    pub mac: String,
     /// Milliseconds since its last advert.
     pub last_seen_ms: u64,
 }
@@ -130,6 +148,10 @@ pub struct HaStatus {
     pub advert_interval_ms: u64,
     pub master: Option<u32>,
     pub maintenance: bool,
+    /// `active-standby` or `director`.
+    pub mode: HaMode,
+    /// This gateway takes no new clients (director mode).
+    pub draining: bool,
     pub vips: Vec<IpAddr>,
     /// The VIPs the public interface holds now.
     pub vips_held: Vec<IpAddr>,
@@ -146,6 +168,16 @@ pub struct HaStatus {
     /// The location's endpoint table.
     #[serde(default)]
     pub endpoints: Option<SyncStatus>,
+}
+
+/// How the location's gateways share the clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HaMode {
+    /// The master serves every client; the backups wait.
+    ActiveStandby,
+    /// The master steers each client to one of the healthy gateways.
+    Director,
 }
 
 /// The part of the agent's state Core follows; it changes only on events
@@ -183,6 +215,7 @@ enum Command {
     Status(oneshot::Sender<HaStatus>),
     Failover(oneshot::Sender<Result<u32, HandoverError>>),
     Maintenance(bool, oneshot::Sender<Result<(), HandoverError>>),
+    Drain(bool, oneshot::Sender<Result<(), HaError>>),
 }
 
 impl std::fmt::Debug for Command {
@@ -191,6 +224,7 @@ impl std::fmt::Debug for Command {
             Self::Status(_) => "Status",
             Self::Failover(_) => "Failover",
             Self::Maintenance(..) => "Maintenance",
+            Self::Drain(..) => "Drain",
         })
     }
 }
@@ -238,6 +272,24 @@ impl HaHandle {
             .map_err(|_| HaError::Stopped)?;
         Ok(rx.await.map_err(|_| HaError::Stopped)??)
     }
+
+    /// Starts or stops draining: a draining gateway keeps the clients
+    /// pinned to it and gets no new ones.
+    pub async fn drain(&self, on: bool) -> Result<(), HaError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Drain(on, reply))
+            .await
+            .map_err(|_| HaError::Stopped)?;
+        rx.await.map_err(|_| HaError::Stopped)?
+    }
+}
+
+/// What a gateway's adverts say beyond the election: for the director.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerExtra {
+    mac: Mac,
+    draining: bool,
 }
 
 /// The agent and everything it owns.
@@ -263,6 +315,17 @@ pub struct Agent {
     /// When the agent last ran: a longer gap than the lease means it was
     /// frozen.
     last_wake: Instant,
+    /// This gateway takes no new clients (director mode).
+    draining: bool,
+    /// Draining flags and addresses from the other gateways' adverts.
+    extras: BTreeMap<u32, PeerExtra>,
+    /// The director state last written, and gateway ids already warned
+    /// about (too large to be backends).
+    director_sent: Option<Desired>,
+    warned_ids: Vec<u32>,
+    /// The backends of the last director state computed (director mode):
+    /// a gateway that drops out of it leaves its clients to the others.
+    director_backends: Vec<u32>,
     /// Why the gateway is unhealthy, while it is.
     fault: Option<String>,
     /// Why the priority is lowered, while it is.
@@ -340,6 +403,11 @@ impl Agent {
             links: None,
             grace_until: None,
             window_until: None,
+            draining: false,
+            extras: BTreeMap::new(),
+            director_sent: None,
+            director_backends: Vec::new(),
+            warned_ids: Vec::new(),
             fault: None,
             penalty: None,
         })
@@ -371,6 +439,11 @@ impl Agent {
         summary: watch::Sender<HaSummary>,
         cancel: CancellationToken,
     ) {
+        // In director mode every gateway serves the clients pinned to it,
+        // master or not: the egress guard lets out what it owns.
+        if self.config.director.is_some() {
+            self.set_ownership(Ownership::Table).await;
+        }
         let actions = self.machine.on_event(Event::Start, Instant::now());
         self.execute(actions).await;
         summary.send_replace(self.summary());
@@ -449,6 +522,8 @@ impl Agent {
             if exit {
                 break;
             }
+            // Gateways come, go, drain and change health with any event.
+            self.sync_director().await;
             self.last_wake = Instant::now();
         }
         // A gateway that handed over keeps answering for its old sessions
@@ -471,7 +546,7 @@ impl Agent {
             self.window_until = None;
             // Unless this gateway became master again meanwhile.
             if self.machine.role() != Role::Master {
-                self.set_ownership(Ownership::None).await;
+                self.set_ownership(self.ownership(false)).await;
             }
             self.close_window().await;
             info!("handover window closed: this gateway owns no client");
@@ -528,6 +603,13 @@ impl Agent {
         });
         match advert {
             Ok(advert) => {
+                self.extras.insert(
+                    advert.gateway_id,
+                    PeerExtra {
+                        mac: advert.mac,
+                        draining: advert.draining,
+                    },
+                );
                 let heard = Heard {
                     from: advert.gateway_id,
                     role: advert.role,
@@ -573,6 +655,19 @@ impl Agent {
                     Vec::new()
                 }
             },
+            Command::Drain(on, reply) => {
+                if self.config.director.is_none() {
+                    let _ = reply.send(Err(HaError::NotDirector));
+                    return Vec::new();
+                }
+                if self.draining != on {
+                    self.draining = on;
+                    info!(on, "draining");
+                }
+                let _ = reply.send(Ok(()));
+                // Tell the others at once; the director follows after this.
+                vec![Action::Advertise(self.machine.advert())]
+            }
             Command::Maintenance(on, reply) => match self.machine.set_maintenance(on, now) {
                 Ok(actions) => {
                     info!(on, "maintenance");
@@ -605,6 +700,8 @@ impl Agent {
                         sequence: self.sequence,
                         health: if fields.healthy { HEALTH_OK } else { 0 },
                         handover_to: fields.handover_to,
+                        draining: self.draining,
+                        mac: self.mac,
                         vips: self.config.vips.clone(),
                     };
                     if let Err(error) = self.transport.send(&advert.encode(&self.config.key)).await
@@ -618,14 +715,16 @@ impl Agent {
                     self.log_transition();
                     let became = Instant::now();
                     // The fence must let ARP for the VIPs through before they
-                    // are announced, the egress guard the answers out, and
+                    // are announced, the egress guard the answers out, the
+                    // director must steer before clients' frames arrive, and
                     // (after a handover) the old sessions' frames must go on
                     // to the old master from the first one the announcement
                     // brings.
                     self.renew(true).await;
                     self.grace_until = None;
-                    self.set_ownership(Ownership::All).await;
+                    self.set_ownership(self.ownership(true)).await;
                     let recent = self.before_master().await;
+                    self.sync_director().await;
                     if let Err(error) = self.vips.take().await {
                         error!(error = %error_chain(&error), "adding the VIPs failed");
                     }
@@ -643,6 +742,7 @@ impl Agent {
                     if let Err(error) = self.vips.release().await {
                         error!(error = %error_chain(&error), "removing the VIPs failed");
                     }
+                    self.sync_director().await;
                 }
                 Action::Announce => self.announce(),
                 Action::Exit => exit = true,
@@ -658,6 +758,12 @@ impl Agent {
     /// handover the second-chance window toward the old master.
     async fn before_master(&mut self) -> Vec<Recent> {
         self.window_until = None;
+        // In director mode the clients stay on the gateways they are pinned
+        // to; those of a gateway that left are kicked by the gateways they
+        // fall to (`kick_inherited`).
+        if self.config.director.is_some() {
+            return Vec::new();
+        }
         let Some(links) = self.links.clone() else {
             return Vec::new();
         };
@@ -681,6 +787,9 @@ impl Agent {
         let Some(links) = self.links.clone() else {
             return;
         };
+        if self.config.director.is_some() {
+            return;
+        }
         let settings = self.config.continuity;
         let cause = self.machine.cause();
         let reason = self
@@ -738,6 +847,13 @@ impl Agent {
             _ => None,
         };
         let window = self.config.continuity.handover_window;
+        if self.config.director.is_some() {
+            // A backend still: it keeps serving the clients pinned to it.
+            self.grace_until = None;
+            self.set_ownership(Ownership::Table).await;
+            self.close_window().await;
+            return;
+        }
         if let (Some(to), Some(links), false) = (handed_to, self.links.clone(), window.is_zero()) {
             let peers = links
                 .sync
@@ -814,6 +930,17 @@ impl Agent {
         }
     }
 
+    /// What the egress guard lets out: in director mode the clients this
+    /// gateway owns, master or not; otherwise everything on the master and
+    /// nothing on a backup.
+    fn ownership(&self, master: bool) -> Ownership {
+        match (self.config.director.is_some(), master) {
+            (true, _) => Ownership::Table,
+            (false, true) => Ownership::All,
+            (false, false) => Ownership::None,
+        }
+    }
+
     /// Tells the egress guard what this gateway may send (a no-op without
     /// failover continuity: the guard is not attached then).
     async fn set_ownership(&self, ownership: Ownership) {
@@ -822,6 +949,152 @@ impl Agent {
         }
         if let Err(error) = self.datapath.set_ownership(ownership).await {
             error!(error = %error_chain(&error), ?ownership, "setting the egress guard failed");
+        }
+    }
+
+    /// The director state the location calls for now: this gateway and
+    /// every gateway heard recently, steering while this one is MASTER.
+    fn desired_director(&mut self) -> Desired {
+        let role = self.machine.role();
+        let own = self.machine.advert();
+        let mut members = vec![Member {
+            gateway_id: self.config.election.gateway_id,
+            mac: self.mac,
+            local: true,
+            healthy: own.healthy && matches!(role, Role::Backup | Role::Master),
+            draining: self.draining,
+        }];
+        for (&id, peer) in self.machine.peers() {
+            let Some(extra) = self.extras.get(&id) else {
+                continue;
+            };
+            members.push(Member {
+                gateway_id: id,
+                mac: extra.mac,
+                local: false,
+                healthy: peer.healthy
+                    && peer.priority > 0
+                    && matches!(peer.role, Role::Backup | Role::Master),
+                draining: extra.draining,
+            });
+        }
+        let (desired, unusable) = Desired::new(role == Role::Master, self.mac, members);
+        for id in unusable {
+            if !self.warned_ids.contains(&id) {
+                warn!(
+                    gateway_id = id,
+                    "a gateway id above 255 cannot be a director backend; it gets no clients"
+                );
+                self.warned_ids.push(id);
+            }
+        }
+        desired
+    }
+
+    /// Writes the director state into the XDP program if it changed. A
+    /// no-op in active/standby mode.
+    async fn sync_director(&mut self) {
+        if self.config.director.is_none() {
+            return;
+        }
+        let desired = self.desired_director();
+        let backends: Vec<u32> = desired.backends.iter().map(|b| b.gateway_id).collect();
+        let left: Vec<u32> = self
+            .director_backends
+            .iter()
+            .copied()
+            .filter(|id| !backends.contains(id))
+            .collect();
+        self.director_backends = backends;
+        if !left.is_empty() {
+            self.kick_inherited(&left, &desired).await;
+        }
+        if self.director_sent.as_ref() == Some(&desired) {
+            return;
+        }
+        let backends: Vec<String> = desired
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}{}",
+                    b.gateway_id,
+                    if b.draining { " (draining)" } else { "" }
+                )
+            })
+            .collect();
+        match self.datapath.set_director(desired.clone()).await {
+            Ok(()) => {
+                info!(on = desired.on, ?backends, "director updated");
+                self.director_sent = Some(desired);
+            }
+            // Tried again with the next event.
+            Err(error) => error!(error = %error_chain(&error), "updating the director failed"),
+        }
+    }
+
+    /// Director mode: gateways `left` dropped out of the backends, and the
+    /// clients they served fall to the gateways the Maglev table now names.
+    /// This gateway owns and kicks those that fall to it, so that they
+    /// handshake here at once rather than after WireGuard's timers.
+    async fn kick_inherited(&mut self, left: &[u32], desired: &Desired) {
+        let (Some(director), Some(links)) = (self.config.director, self.links.clone()) else {
+            return;
+        };
+        let own_id = self.config.election.gateway_id;
+        let table = match maglev::build(&desired.table_members(), director.table_size) {
+            Ok(table) => table,
+            Err(error) => {
+                error!(%error, "no Maglev table: no inherited clients kicked");
+                return;
+            }
+        };
+        let recent = match links.sync.recent(self.config.continuity.kick_window).await {
+            Ok(recent) => recent,
+            Err(error) => {
+                error!(%error, "no endpoint table: no inherited clients kicked");
+                return;
+            }
+        };
+        let inherited = inherited(&recent, left, &table, own_id);
+        if inherited.is_empty() {
+            return;
+        }
+        let clients: Vec<_> = inherited.iter().map(|r| client_key(r.endpoint)).collect();
+        if let Err(error) = self.datapath.own(clients).await {
+            error!(error = %error_chain(&error), "owning the inherited clients failed");
+            return;
+        }
+        let gone = left
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let request = KickRequest {
+            meta: FailoverMeta {
+                at: SystemTime::now(),
+                cause: format!("clients inherited from gateway {gone}"),
+                planned: false,
+                detection_ms: None,
+                vip_move_ms: 0,
+            },
+            candidates: inherited
+                .iter()
+                .map(|r| Candidate {
+                    key: r.key,
+                    endpoint: r.endpoint,
+                    last_handshake: r.last_handshake,
+                })
+                .collect(),
+            rate: self.config.continuity.kick_rate,
+        };
+        info!(
+            inherited = request.candidates.len(),
+            from = %gone,
+            "kicking handshakes to the clients inherited from gateways that left"
+        );
+        if let Err(error) = links.wireguard.kick(request).await {
+            error!(error = %error_chain(&error), "kicking handshakes failed");
         }
     }
 
@@ -914,6 +1187,12 @@ impl Agent {
             advert_interval_ms: self.config.election.interval.as_millis() as u64,
             master: self.machine.master(),
             maintenance: self.machine.maintenance(),
+            mode: if self.config.director.is_some() {
+                HaMode::Director
+            } else {
+                HaMode::ActiveStandby
+            },
+            draining: self.draining,
             vips: self.config.vips.clone(),
             vips_held,
             peers: self
@@ -926,6 +1205,12 @@ impl Agent {
                     priority: peer.priority,
                     healthy: peer.healthy,
                     maintenance: peer.maintenance,
+                    draining: self.extras.get(id).is_some_and(|e| e.draining),
+                    mac: self
+                        .extras
+                        .get(id)
+                        .map(|e| format_mac(&e.mac))
+                        .unwrap_or_default(),
                     last_seen_ms: now.saturating_duration_since(peer.last_seen).as_millis() as u64,
                 })
                 .collect(),
@@ -985,4 +1270,56 @@ fn read_mac(interface: &str) -> std::io::Result<Mac> {
     bytes
         .try_into()
         .map_err(|_| std::io::Error::other(format!("{interface} has no Ethernet address")))
+}
+
+/// The recently active clients that gateways `left` served and that the
+/// Maglev `table` (an entry per slot: a gateway id, 0 for none) now gives
+/// to gateway `own_id`, as the director picks: by the client's hash.
+fn inherited(recent: &[Recent], left: &[u32], table: &[u8], own_id: u32) -> Vec<Recent> {
+    let Ok(size) = u32::try_from(table.len()) else {
+        return Vec::new();
+    };
+    recent
+        .iter()
+        .filter(|r| left.contains(&r.gateway_id))
+        .filter(|r| {
+            let key = client_key(r.endpoint);
+            let index = table_index(client_hash(&key), size) as usize;
+            table.get(index).is_some_and(|&id| u32::from(id) == own_id)
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    #[test]
+    fn inherited_clients_are_those_of_the_gone_gateways_the_table_gives_here() {
+        let table = maglev::build(&[1, 2], 251).unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let recent: Vec<Recent> = (0..200u16)
+            .map(|i| Recent {
+                key: crate::wireguard::Key::new([i as u8; 32]),
+                endpoint: SocketAddr::from(([198, 51, 100, 7], 40_000 + i)),
+                last_handshake: at,
+                gateway_id: if i % 2 == 0 { 3 } else { 1 },
+            })
+            .collect();
+        let mine = inherited(&recent, &[3], &table, 1);
+        let theirs = inherited(&recent, &[3], &table, 2);
+        // Every client of gateway 3 falls to exactly one of the two.
+        assert_eq!(mine.len() + theirs.len(), 100);
+        assert!(!mine.is_empty() && !theirs.is_empty());
+        for r in &mine {
+            assert_eq!(r.gateway_id, 3);
+            let key = client_key(r.endpoint);
+            assert_eq!(table[table_index(client_hash(&key), 251) as usize], 1);
+        }
+        // Nothing is inherited from a gateway that is still there.
+        assert!(inherited(&recent, &[2], &table, 1).is_empty());
+    }
 }

@@ -67,6 +67,8 @@ pub struct Recent {
     pub key: Key,
     pub endpoint: SocketAddr,
     pub last_handshake: SystemTime,
+    /// The gateway that saw it.
+    pub gateway_id: u32,
 }
 
 /// The table.
@@ -166,6 +168,7 @@ impl EndpointTable {
                 key: *key,
                 endpoint: known.endpoint,
                 last_handshake: known.last_handshake,
+                gateway_id: known.gateway_id,
             })
             .collect();
         recent.sort_unstable_by(|a, b| {

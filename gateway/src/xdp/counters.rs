@@ -25,11 +25,12 @@ pub struct Totals {
     pub pass: PacketCount,
     pub drop: PacketCount,
     pub aborted: PacketCount,
-    /// Frames sent back out (handed on to another gateway).
+    /// Sent back out to another gateway (steered by the director, or handed
+    /// on during a handover).
     #[serde(default)]
     pub tx: PacketCount,
-    /// The four WireGuard message counters together: what the shield passed
-    /// to a service.
+    /// The four WireGuard message counters and the steered and handed-on
+    /// ones together: what the shield let through to a service.
     pub wireguard: PacketCount,
 }
 
@@ -52,7 +53,7 @@ impl CounterSnapshot {
                 Verdict::Tx => &mut snapshot.totals.tx,
             };
             total.add(count);
-            if counter.is_wireguard() {
+            if counter.is_wireguard() || counter.verdict() == Verdict::Tx {
                 snapshot.totals.wireguard.add(count);
             }
             snapshot.counters.insert(counter.name().to_owned(), count);
@@ -101,8 +102,8 @@ mod tests {
         assert_eq!(snapshot.totals.pass.packets, 7);
         assert_eq!(snapshot.totals.drop.packets, 5);
         assert_eq!(snapshot.totals.aborted.packets, 1);
-        assert_eq!(snapshot.totals.tx.packets, 1);
-        assert_eq!(snapshot.totals.wireguard.packets, 4);
+        assert_eq!(snapshot.totals.tx.packets, 2);
+        assert_eq!(snapshot.totals.wireguard.packets, 6);
         assert_eq!(snapshot.get(Counter::BadType).bytes, 100);
     }
 

@@ -1,11 +1,13 @@
 //! The XDP program: load, fill the service maps, attach (through a pinned
-//! link that outlives the daemon), read counters, renew the VIP fence.
+//! link that outlives the daemon), read counters, renew the VIP fence,
+//! drive the director.
 //!
 //! [`Datapath`] owns the loaded object and its maps; one task owns the
 //! `Datapath` (see [`crate::datapath`]) and everything else asks it.
 
 pub mod continuity;
 pub mod counters;
+pub mod director;
 pub mod services;
 
 use std::{
@@ -16,8 +18,8 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfError,
-    maps::{Array, MapData, MapError, PerCpuArray},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
         ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -26,6 +28,11 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use tidegate_common::{
+    client::ClientKey,
+    director::{
+        BackendCounters, BackendTable, DEFAULT_MAX_SESSIONS, DEFAULT_TABLE_SIZE, Director,
+        MaglevTable, Session,
+    },
     fence::{Fence, HOLDS_VIPS, MAX_VIPS, Renewal},
     maps,
     service::{PortTable, ServiceAddrV6},
@@ -36,8 +43,10 @@ use tracing::{info, warn};
 pub use self::{
     continuity::{Continuity, EgressStatus, Ownership},
     counters::{CounterSnapshot, PacketCount},
+    director::{BackendStatus, DirectorStatus, SessionEntry},
     services::{ServiceError, ServiceTable},
 };
+use crate::director::maglev::MaglevError;
 
 /// The XDP object, built by `cargo xtask build-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegate.bpf.o"));
@@ -45,6 +54,11 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// An empty `XDP_PASS` program built the same way: the benchmark baseline.
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegate-baseline.bpf.o"));
+
+/// The steering benchmark's programs (a miss-making wrapper, a bare bounce,
+/// a sink), built the same way; never attached by the gateway.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegate-bench.bpf.o"));
 
 /// Errors of the XDP data path, each naming the step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +143,27 @@ pub enum XdpError {
     },
     #[error("the VIP fence was never renewed: the kernel's clock is not known yet")]
     NoClock,
+    #[error("building the director's Maglev table")]
+    Maglev(#[from] MaglevError),
+}
+
+/// What the program is loaded with: capacities fixed for its lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// Pins the director's session map holds.
+    pub max_sessions: u32,
+    /// Entries of the director's Maglev table (a prime, at most
+    /// `tidegate_common::director::MAX_TABLE_SIZE`).
+    pub table_size: u32,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            table_size: DEFAULT_TABLE_SIZE,
+        }
+    }
 }
 
 /// How to attach, as configured.
@@ -177,6 +212,9 @@ struct Attachment {
     mode: AttachMode,
     link: FdLink,
     pin: PathBuf,
+    /// The program in the link: [`maps::PROGRAM`] or
+    /// [`maps::DIRECTOR_PROGRAM`].
+    program: &'static str,
 }
 
 /// `statfs` magic of a BPF filesystem.
@@ -206,6 +244,19 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, Counters>,
     /// The `FENCE` global's section: one entry.
     fence: Array<MapData, Fence>,
+    /// The `DIRECTOR` global's section: one entry.
+    director: Array<MapData, Director>,
+    /// The `BACKENDS` global's section: one entry, every slot.
+    backends: Array<MapData, BackendTable>,
+    /// The `MAGLEV` global's section: one entry, the whole table.
+    maglev: Array<MapData, MaglevTable>,
+    sessions: HashMap<MapData, ClientKey, Session>,
+    backend_counters: PerCpuArray<MapData, BackendCounters>,
+    options: DatapathOptions,
+    /// What the director maps hold, as last written.
+    steering: Option<director::Written>,
+    /// The director's term: counted up each time steering turns on.
+    generation: u32,
     services: ServiceTable,
     attachment: Option<Attachment>,
     /// The kernel's HZ, measured on first use of the fence.
@@ -219,10 +270,19 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object and the program into the kernel, without attaching.
+    /// Loads the object and the program into the kernel, without attaching,
+    /// with the default capacities.
     pub fn load() -> Result<Self, XdpError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(XdpError::Load)?;
-        for name in [maps::PROGRAM, maps::RENEW_PROGRAM] {
+        Self::load_with(DatapathOptions::default())
+    }
+
+    /// Loads the object and the program into the kernel, without attaching.
+    pub fn load_with(options: DatapathOptions) -> Result<Self, XdpError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::SESSIONS, options.max_sessions)
+            .load(OBJECT)
+            .map_err(XdpError::Load)?;
+        for name in [maps::PROGRAM, maps::DIRECTOR_PROGRAM, maps::RENEW_PROGRAM] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| XdpError::Verify { name, source })?;
@@ -235,6 +295,14 @@ impl Datapath {
             counter_rows: take_map(&mut ebpf, maps::COUNTER_ROWS)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             fence: take_map(&mut ebpf, maps::FENCE)?,
+            director: take_map(&mut ebpf, maps::DIRECTOR)?,
+            backends: take_map(&mut ebpf, maps::BACKENDS)?,
+            maglev: take_map(&mut ebpf, maps::MAGLEV)?,
+            sessions: take_map(&mut ebpf, maps::SESSIONS)?,
+            backend_counters: take_map(&mut ebpf, maps::BACKEND_COUNTERS)?,
+            options,
+            steering: None,
+            generation: 0,
             ebpf,
             services: ServiceTable::default(),
             attachment: None,
@@ -393,6 +461,7 @@ impl Datapath {
             mode,
             link,
             pin,
+            program: maps::PROGRAM,
         });
         Ok(mode)
     }
@@ -419,8 +488,80 @@ impl Datapath {
             mode,
             link,
             pin: pin.to_owned(),
+            program: maps::PROGRAM,
         });
         Ok(())
+    }
+
+    /// Puts program `name` into the attached link in place of the one
+    /// there, atomically (`BPF_LINK_UPDATE`): frames see either. A no-op
+    /// when not attached or when `name` is already there. Should the update
+    /// fail, the link is opened again from its pin, still running the old
+    /// program.
+    fn switch_program(&mut self, name: &'static str) -> Result<(), XdpError> {
+        let Some(attachment) = self.attachment.take() else {
+            return Ok(());
+        };
+        if attachment.program == name {
+            self.attachment = Some(attachment);
+            return Ok(());
+        }
+        let Attachment {
+            interface,
+            mode,
+            link,
+            pin,
+            program: old,
+        } = attachment;
+        let link_err = |source| XdpError::Link {
+            path: pin.clone(),
+            source,
+        };
+        let switched = (|| {
+            let link = XdpLink::try_from(link).map_err(link_err)?;
+            let program = program_mut(&mut self.ebpf, name)?;
+            let id = program
+                .attach_to_link(link)
+                .map_err(|source| XdpError::Attach {
+                    interface: interface.clone(),
+                    mode,
+                    source,
+                })?;
+            let taken = program.take_link(id).map_err(|source| XdpError::Attach {
+                interface: interface.clone(),
+                mode,
+                source,
+            })?;
+            FdLink::try_from(taken).map_err(link_err)
+        })();
+        match switched {
+            Ok(link) => {
+                info!(
+                    interface,
+                    program = name,
+                    "XDP program switched in the pinned link"
+                );
+                self.attachment = Some(Attachment {
+                    interface,
+                    mode,
+                    link,
+                    pin,
+                    program: name,
+                });
+                Ok(())
+            }
+            Err(error) => {
+                let link = FdLink::from(PinnedLink::from_pin(&pin).map_err(link_err)?);
+                self.attachment = Some(Attachment {
+                    interface,
+                    mode,
+                    link,
+                    pin,
+                    program: old,
+                });
+                Err(error)
+            }
+        }
     }
 
     /// Where the program is attached, if it is.
@@ -632,6 +773,11 @@ impl Datapath {
     /// The loaded egress program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn egress_program(&self) -> Result<&aya::programs::SchedClassifier, XdpError> {
         continuity::classifier_ref(&self.ebpf)
+    }
+
+    /// The program that steers, attached in director mode on the master.
+    pub fn director_program(&self) -> Result<&Xdp, XdpError> {
+        program(&self.ebpf, maps::DIRECTOR_PROGRAM)
     }
 }
 

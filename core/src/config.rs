@@ -1,0 +1,329 @@
+//! Core's config file (TOML): where the database and the admin socket are,
+//! the TLS files, link timings and MFA settings. One set of defaults,
+//! here; command-line flags override the file.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{pki::PkiDir, store::MfaSettings};
+
+pub const DEFAULT_CONFIG: &str = "/etc/tidegate/core.toml";
+pub const DEFAULT_DATABASE: &str = "/var/lib/tidegate/core.db";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tidegate/core.sock";
+pub const DEFAULT_PKI_DIR: &str = "/etc/tidegate/pki";
+/// The name Core gives itself in its Welcome to Edges.
+pub const DEFAULT_CORE_ID: &str = "core";
+
+/// Why the config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    database: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
+    core_id: Option<String>,
+    #[serde(default)]
+    tls: TlsFile,
+    #[serde(default)]
+    links: LinksFile,
+    #[serde(default)]
+    mfa: MfaFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    /// A directory holding ca.pem, core.pem and core.key.
+    dir: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinksFile {
+    reconnect_min_ms: Option<u64>,
+    reconnect_max_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    applied_timeout_ms: Option<u64>,
+    mfa_apply_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MfaFile {
+    challenge_ttl_s: Option<u32>,
+    totp_skew_steps: Option<u32>,
+    max_attempts: Option<u32>,
+}
+
+/// TLS files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Link timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkSettings {
+    /// Backoff between connection attempts: from this...
+    pub reconnect_min: Duration,
+    /// ...doubling up to this, with jitter.
+    pub reconnect_max: Duration,
+    /// A TCP and TLS connection attempt gives up after this.
+    pub connect_timeout: Duration,
+    /// A gateway that answers no config within this is reconnected.
+    pub applied_timeout: Duration,
+    /// An MFA login waits this long for the gateways to apply its peer.
+    pub mfa_apply_timeout: Duration,
+}
+
+impl Default for LinkSettings {
+    fn default() -> Self {
+        Self {
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            applied_timeout: Duration::from_secs(60),
+            mfa_apply_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Core's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub database: PathBuf,
+    pub admin_socket: PathBuf,
+    pub core_id: String,
+    pub tls: TlsPaths,
+    pub links: LinkSettings,
+    pub mfa: MfaSettings,
+}
+
+/// Command-line overrides.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub database: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default path means all defaults.
+    pub fn load(path: &Path, overrides: Overrides) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && path == Path::new(DEFAULT_CONFIG) =>
+            {
+                String::new()
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Self::parse(path, &text, overrides)
+    }
+
+    /// Parses the text of `path`.
+    pub fn parse(path: &Path, text: &str, overrides: Overrides) -> Result<Self, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        let dir = PkiDir::new(file.tls.dir.unwrap_or_else(|| DEFAULT_PKI_DIR.into()));
+        let tls = TlsPaths {
+            ca: file.tls.ca.unwrap_or_else(|| dir.ca_cert()),
+            cert: file
+                .tls
+                .cert
+                .unwrap_or_else(|| dir.cert(crate::pki::CORE_IDENTITY)),
+            key: file
+                .tls
+                .key
+                .unwrap_or_else(|| dir.key(crate::pki::CORE_IDENTITY)),
+        };
+        let defaults = LinkSettings::default();
+        let ms = |value: Option<u64>, default: Duration, field: &'static str| match value {
+            None => Ok(default),
+            Some(0) => Err(invalid(field, "must be above 0".into())),
+            Some(ms) => Ok(Duration::from_millis(ms)),
+        };
+        let links = LinkSettings {
+            reconnect_min: ms(
+                file.links.reconnect_min_ms,
+                defaults.reconnect_min,
+                "links.reconnect_min_ms",
+            )?,
+            reconnect_max: ms(
+                file.links.reconnect_max_ms,
+                defaults.reconnect_max,
+                "links.reconnect_max_ms",
+            )?,
+            connect_timeout: ms(
+                file.links.connect_timeout_ms,
+                defaults.connect_timeout,
+                "links.connect_timeout_ms",
+            )?,
+            applied_timeout: ms(
+                file.links.applied_timeout_ms,
+                defaults.applied_timeout,
+                "links.applied_timeout_ms",
+            )?,
+            mfa_apply_timeout: ms(
+                file.links.mfa_apply_timeout_ms,
+                defaults.mfa_apply_timeout,
+                "links.mfa_apply_timeout_ms",
+            )?,
+        };
+        if links.reconnect_max < links.reconnect_min {
+            return Err(invalid(
+                "links.reconnect_max_ms",
+                "must be at least links.reconnect_min_ms".into(),
+            ));
+        }
+        let mfa_defaults = MfaSettings::default();
+        let mfa = MfaSettings {
+            challenge_ttl_s: file
+                .mfa
+                .challenge_ttl_s
+                .unwrap_or(mfa_defaults.challenge_ttl_s),
+            totp_skew_steps: file
+                .mfa
+                .totp_skew_steps
+                .unwrap_or(mfa_defaults.totp_skew_steps),
+            max_attempts: file.mfa.max_attempts.unwrap_or(mfa_defaults.max_attempts),
+            max_challenges: mfa_defaults.max_challenges,
+        };
+        if !(10..=3600).contains(&mfa.challenge_ttl_s) {
+            return Err(invalid(
+                "mfa.challenge_ttl_s",
+                format!("{} is outside 10..=3600", mfa.challenge_ttl_s),
+            ));
+        }
+        if mfa.totp_skew_steps > 10 {
+            return Err(invalid(
+                "mfa.totp_skew_steps",
+                format!("{} is over 10", mfa.totp_skew_steps),
+            ));
+        }
+        if !(1..=20).contains(&mfa.max_attempts) {
+            return Err(invalid(
+                "mfa.max_attempts",
+                format!("{} is outside 1..=20", mfa.max_attempts),
+            ));
+        }
+        let core_id = file.core_id.unwrap_or_else(|| DEFAULT_CORE_ID.into());
+        if core_id.is_empty() || core_id.len() > 128 {
+            return Err(invalid("core_id", "must be 1 to 128 characters".into()));
+        }
+        Ok(Self {
+            database: overrides
+                .database
+                .or(file.database)
+                .unwrap_or_else(|| DEFAULT_DATABASE.into()),
+            admin_socket: overrides
+                .admin_socket
+                .or(file.admin_socket)
+                .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+            core_id,
+            tls,
+            links,
+            mfa,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("core.toml"), text, Overrides::default())
+    }
+
+    #[test]
+    fn an_empty_file_means_the_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.database, Path::new(DEFAULT_DATABASE));
+        assert_eq!(config.tls.ca, Path::new("/etc/tidegate/pki/ca.pem"));
+        assert_eq!(config.tls.key, Path::new("/etc/tidegate/pki/core.key"));
+        assert_eq!(config.links, LinkSettings::default());
+        assert_eq!(config.mfa, MfaSettings::default());
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let config = Config::parse(
+            Path::new("core.toml"),
+            "database = \"/a.db\"\nadmin_socket = \"/a.sock\"\n[tls]\ndir = \"/pki\"\n[links]\nreconnect_min_ms = 50\n[mfa]\nchallenge_ttl_s = 60\n",
+            Overrides {
+                database: Some("/b.db".into()),
+                admin_socket: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(config.database, Path::new("/b.db"));
+        assert_eq!(config.admin_socket, Path::new("/a.sock"));
+        assert_eq!(config.tls.cert, Path::new("/pki/core.pem"));
+        assert_eq!(config.links.reconnect_min, Duration::from_millis(50));
+        assert_eq!(config.mfa.challenge_ttl_s, 60);
+    }
+
+    #[test]
+    fn bad_values_name_the_file_and_field() {
+        for (text, says) in [
+            ("databse = \"/a\"", "unknown field"),
+            ("[links]\nreconnect_min_ms = 0", "links.reconnect_min_ms"),
+            (
+                "[links]\nreconnect_min_ms = 5000\nreconnect_max_ms = 100",
+                "links.reconnect_max_ms",
+            ),
+            ("[mfa]\nchallenge_ttl_s = 1", "mfa.challenge_ttl_s"),
+            ("[mfa]\nmax_attempts = 0", "mfa.max_attempts"),
+        ] {
+            let err = crate::error_chain(&parse(text).unwrap_err());
+            assert!(
+                err.contains("core.toml") && err.contains(says),
+                "{text}: {err}"
+            );
+        }
+    }
+}

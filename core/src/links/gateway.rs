@@ -1,0 +1,344 @@
+//! One gateway link: Core sends the location's whole config, then the
+//! changes as they are committed (merged while a message is in flight, one
+//! message in flight at a time), and takes in Hello, Applied, Status and
+//! failover results.
+
+use std::{collections::HashMap, sync::Arc};
+
+use tidegate_proto::gateway::v1::{
+    self as gateway, CoreMessage, core_message, gateway_client::GatewayClient, gateway_message,
+};
+use tokio::{
+    sync::{broadcast, mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    GatewayCommand, LinkContext, LinkError, MAX_MESSAGE_BYTES, Reconnect,
+    coalesce::{Coalescer, Next},
+    connect, ended,
+    status::{GatewayState, PeerSeen, fold_peers},
+};
+use crate::{
+    keys::Key,
+    now_ms,
+    store::{EventKind, GatewayTarget, Notice, RemovalOutcome},
+};
+
+/// The link task of one gateway, until `cancel`.
+pub(super) async fn run(
+    target: GatewayTarget,
+    ctx: LinkContext,
+    status: watch::Sender<GatewayState>,
+    mut commands: mpsc::Receiver<GatewayCommand>,
+    cancel: CancellationToken,
+) {
+    let mut reconnect = Reconnect::new(&ctx.settings);
+    loop {
+        reconnect.attempt();
+        let result = session(&target, &ctx, &status, &mut commands, &cancel).await;
+        let was_up = status.borrow().connected;
+        let why = ended(&result);
+        status.send_modify(|s| {
+            if s.connected {
+                s.since_ms = now_ms();
+            }
+            s.connected = false;
+            s.link_error = why.clone();
+        });
+        if was_up {
+            warn!(gateway = %target.name, error = %why, "gateway link down");
+            log(&ctx, EventKind::GatewayDisconnected, &target, why).await;
+        } else {
+            debug!(gateway = %target.name, error = %why, "gateway not reached");
+        }
+        if result.is_ok() || !reconnect.pause(was_up, &cancel).await {
+            return;
+        }
+    }
+}
+
+async fn log(ctx: &LinkContext, kind: EventKind, target: &GatewayTarget, message: String) {
+    let (location, subject) = (target.location.clone(), target.name.clone());
+    let result = ctx
+        .state
+        .call(move |s| s.log_event(kind, &location, &subject, &message, now_ms()))
+        .await;
+    if let Ok(Err(e)) = result {
+        warn!(error = %crate::error_chain(&e), "logging an event");
+    }
+}
+
+/// What was sent and awaits its Applied.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    version: u64,
+    full: bool,
+    deadline: Instant,
+}
+
+/// One connection: returns `Ok` when cancelled.
+async fn session(
+    target: &GatewayTarget,
+    ctx: &LinkContext,
+    status: &watch::Sender<GatewayState>,
+    commands: &mut mpsc::Receiver<GatewayCommand>,
+    cancel: &CancellationToken,
+) -> Result<(), LinkError> {
+    let channel = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        channel = connect(&target.address, &target.identity, ctx) => channel?,
+    };
+    let mut client = GatewayClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (out, out_rx) = mpsc::channel::<CoreMessage>(16);
+    let timeout = ctx.settings.connect_timeout;
+    let mut inbound = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        response = tokio::time::timeout(timeout, client.link(ReceiverStream::new(out_rx))) => response
+            .map_err(|_| LinkError::Timeout(format!("the gateway did not open the link within {timeout:?}")))?
+            .map_err(LinkError::from)?
+            .into_inner(),
+    };
+    let hello = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        first = tokio::time::timeout(timeout, inbound.message()) => first
+            .map_err(|_| LinkError::Timeout(format!("no Hello within {timeout:?}")))?
+            .map_err(LinkError::from)?
+            .ok_or(LinkError::Closed)?,
+    };
+    let Some(gateway_message::Msg::Hello(hello)) = hello.msg else {
+        return Err(LinkError::Protocol(
+            "the gateway's first message is not a Hello".into(),
+        ));
+    };
+    if hello.location_id != 0 && hello.location_id != target.location_id {
+        warn!(
+            gateway = %target.name,
+            theirs = hello.location_id,
+            ours = target.location_id,
+            "the gateway runs another location's config; sending this location's"
+        );
+    }
+    let now = now_ms();
+    info!(
+        gateway = %target.name,
+        gateway_id = hello.gateway_id,
+        running_version = hello.config_version,
+        software = %hello.software_version,
+        "gateway link up"
+    );
+    status.send_modify(|s| {
+        s.connected = true;
+        s.since_ms = now;
+        s.last_seen_ms = now;
+        s.link_error.clear();
+        s.hello = Some(hello.clone());
+    });
+    log(
+        ctx,
+        EventKind::GatewayConnected,
+        target,
+        format!(
+            "gateway id {}, running config version {}, {}",
+            hello.gateway_id, hello.config_version, hello.software_version
+        ),
+    )
+    .await;
+
+    let mut notices = ctx.state.subscribe();
+    let mut coalescer = Coalescer::new();
+    let mut in_flight: Option<InFlight> = None;
+    let mut failovers: HashMap<u64, oneshot::Sender<Result<(), String>>> = HashMap::new();
+    let mut next_failover_id = 1u64;
+    let mut seen: HashMap<Key, PeerSeen> = HashMap::new();
+    let mut threshold_ms = 0i64;
+    let applied_timeout = ctx.settings.applied_timeout;
+    loop {
+        if in_flight.is_none()
+            && let Some(next) = coalescer.take()
+        {
+            let (message, version, full) = match next {
+                Next::Full => {
+                    let location = target.location_id;
+                    let config = ctx
+                        .state
+                        .call(move |s| s.location_config(location))
+                        .await??
+                        .ok_or(LinkError::LocationGone)?;
+                    coalescer.sent_full(config.version);
+                    threshold_ms = i64::from(config.peer_disconnect_threshold_s) * 1000;
+                    let version = config.version;
+                    (core_message::Msg::Config(config), version, true)
+                }
+                Next::Changes(changes) => {
+                    let version = changes.version;
+                    (core_message::Msg::Changes(changes), version, false)
+                }
+            };
+            out.send(CoreMessage { msg: Some(message) })
+                .await
+                .map_err(|_| LinkError::Closed)?;
+            status.send_modify(|s| s.sent_version = version);
+            in_flight = Some(InFlight {
+                version,
+                full,
+                deadline: Instant::now() + applied_timeout,
+            });
+        }
+        let deadline = in_flight.map(|f| f.deadline);
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Ok(()),
+            message = inbound.message() => {
+                let message = message.map_err(LinkError::from)?.ok_or(LinkError::Closed)?;
+                let now = now_ms();
+                status.send_modify(|s| s.last_seen_ms = now);
+                match message.msg {
+                    Some(gateway_message::Msg::Applied(applied)) => {
+                        let Some(sent) = in_flight.take() else {
+                            return Err(LinkError::Protocol(format!("Applied for version {} that was not sent", applied.version)));
+                        };
+                        if applied.version != sent.version {
+                            return Err(LinkError::Protocol(format!(
+                                "Applied for version {}, expected {}", applied.version, sent.version
+                            )));
+                        }
+                        if applied.error.is_empty() {
+                            status.send_modify(|s| s.applied_version = s.applied_version.max(applied.version));
+                        } else {
+                            warn!(gateway = %target.name, version = applied.version, error = %applied.error, "the gateway refused the config");
+                            coalescer.refused(applied.version, sent.full);
+                            status.send_modify(|s| s.apply_error = Some((applied.version, applied.error.clone())));
+                            log(ctx, EventKind::ApplyError, target, format!("version {}: {}", applied.version, applied.error)).await;
+                        }
+                    }
+                    Some(gateway_message::Msg::Status(report)) => {
+                        on_status(target, ctx, status, &mut seen, threshold_ms, report).await;
+                    }
+                    Some(gateway_message::Msg::Failover(result)) => {
+                        if let Some(reply) = failovers.remove(&result.id) {
+                            let message = if result.error.is_empty() {
+                                "planned handover started".to_owned()
+                            } else {
+                                format!("handover refused: {}", result.error)
+                            };
+                            log(ctx, EventKind::Failover, target, message).await;
+                            let _ = reply.send(if result.error.is_empty() { Ok(()) } else { Err(result.error) });
+                        }
+                    }
+                    Some(gateway_message::Msg::Hello(_)) => {
+                        return Err(LinkError::Protocol("a second Hello on one link".into()));
+                    }
+                    None => {}
+                }
+            }
+            notice = notices.recv() => match notice {
+                Ok(Notice::Location(change)) if change.location_id == target.location_id => coalescer.push(&change),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => coalescer.lagged(),
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            Some(command) = commands.recv() => match command {
+                GatewayCommand::Failover { reply } => {
+                    let id = next_failover_id;
+                    next_failover_id += 1;
+                    out.send(CoreMessage { msg: Some(core_message::Msg::Failover(gateway::FailoverRequest { id })) })
+                        .await
+                        .map_err(|_| LinkError::Closed)?;
+                    failovers.insert(id, reply);
+                }
+            },
+            () = sleep_until(deadline) => {
+                return Err(LinkError::Timeout(format!(
+                    "the gateway applied nothing within {applied_timeout:?}"
+                )));
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn on_status(
+    target: &GatewayTarget,
+    ctx: &LinkContext,
+    status: &watch::Sender<GatewayState>,
+    seen: &mut HashMap<Key, PeerSeen>,
+    threshold_ms: i64,
+    report: gateway::Status,
+) {
+    let (peers, recent) = fold_peers(seen, &report);
+    let activity: HashMap<Key, i64> = seen.iter().map(|(k, p)| (*k, p.last_active_ms)).collect();
+    let old_role = status.borrow().role().map(str::to_owned);
+    let new_role = report.ha.as_ref().map(|ha| ha.role.clone());
+    status.send_modify(|s| {
+        s.ha = report.ha.clone();
+        s.status_ms = report.at_unix_ms;
+        s.peers = peers;
+        s.peers_recent_handshake = recent;
+        s.activity = Arc::new(activity);
+    });
+    if let (Some(old), Some(new)) = (&old_role, &new_role)
+        && old != new
+    {
+        info!(gateway = %target.name, from = %old, to = %new, "role change");
+        log(
+            ctx,
+            EventKind::RoleChange,
+            target,
+            format!("{old} -> {new}"),
+        )
+        .await;
+    }
+    for removal in report.removals {
+        let Ok(key) = Key::from_slice(&removal.public_key) else {
+            warn!(gateway = %target.name, "an MFA removal with a malformed key");
+            continue;
+        };
+        let active_elsewhere = {
+            let directory = ctx.directory.borrow();
+            directory
+                .location(target.location_id)
+                .filter(|g| g.target.name != target.name)
+                .any(|g| {
+                    let state = g.state.borrow();
+                    state.connected
+                        && state
+                            .activity
+                            .get(&key)
+                            .is_some_and(|at| removal.at_unix_ms - at < threshold_ms)
+                })
+        };
+        let (location, gateway, reason, at) = (
+            target.location_id,
+            target.name.clone(),
+            removal.reason.clone(),
+            removal.at_unix_ms,
+        );
+        let outcome = ctx
+            .state
+            .call(move |s| s.mfa_removed(location, &key, &gateway, &reason, at, active_elsewhere))
+            .await;
+        match outcome {
+            Ok(Ok(RemovalOutcome::Ended)) => {
+                info!(gateway = %target.name, peer = %key, "MFA session ended by an inactivity removal");
+            }
+            Ok(Ok(RemovalOutcome::Kept)) => {
+                debug!(gateway = %target.name, peer = %key, "MFA removal on one gateway; the device is active on another, its session goes on");
+            }
+            Ok(Ok(RemovalOutcome::Ignored)) => {}
+            Ok(Err(e)) => warn!(error = %crate::error_chain(&e), "recording an MFA removal"),
+            Err(_) => {}
+        }
+    }
+}

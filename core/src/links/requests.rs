@@ -1,0 +1,182 @@
+//! Client requests relayed by an Edge: config download with a one-time
+//! token, MFA start and finish. Each answer is a DeviceConfig, an
+//! MfaChallenge or an Error with a code the Edge maps to an HTTP status.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use tidegate_proto::edge::v1::{self as edge, reply, request};
+use tracing::{info, warn};
+
+use super::LinkContext;
+use crate::{now_ms, store::ClientError};
+
+/// Longest token, session or code a request may carry; anything longer is
+/// malformed (and not worth looking up).
+const FIELD_MAX: usize = 256;
+
+/// Answers one request.
+pub(crate) async fn handle(request: edge::Request, ctx: &LinkContext) -> edge::Reply {
+    let id = request.id;
+    let result = match request.kind {
+        None => Err(ClientError::Invalid(
+            "the request names nothing to do".into(),
+        )),
+        Some(kind) => dispatch(kind, &request.client_addr, ctx).await,
+    };
+    let result = match result {
+        Ok(result) => result,
+        Err(error) => {
+            let code = match &error {
+                ClientError::Invalid(_) => edge::error::Code::Invalid,
+                ClientError::Unauthorized(_) => edge::error::Code::Unauthorized,
+                ClientError::NotFound(_) => edge::error::Code::NotFound,
+                ClientError::Expired(_) => edge::error::Code::Expired,
+                ClientError::Unavailable(_) => edge::error::Code::Unavailable,
+                ClientError::Internal(e) => {
+                    warn!(error = %crate::error_chain(e), "a client request failed inside Core");
+                    edge::error::Code::Internal
+                }
+            };
+            reply::Result::Error(edge::Error {
+                code: code.into(),
+                message: error.to_string(),
+            })
+        }
+    };
+    edge::Reply {
+        id,
+        result: Some(result),
+    }
+}
+
+fn check_len(field: &str, value: &str) -> Result<(), ClientError> {
+    if value.len() > FIELD_MAX {
+        return Err(ClientError::Invalid(format!(
+            "{field}: {} bytes, at most {FIELD_MAX}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn gone<T>(_: T) -> ClientError {
+    ClientError::Unavailable("Core is shutting down".into())
+}
+
+async fn dispatch(
+    kind: request::Kind,
+    client: &str,
+    ctx: &LinkContext,
+) -> Result<reply::Result, ClientError> {
+    match kind {
+        request::Kind::Config(download) => {
+            check_len("token", &download.token)?;
+            let config = ctx
+                .state
+                .call(move |s| s.redeem_token(&download.token, now_ms()))
+                .await
+                .map_err(gone)??;
+            info!(device = %config.device, client, "device config downloaded");
+            Ok(reply::Result::Config(config))
+        }
+        request::Kind::MfaStart(start) => {
+            check_len("location", &start.location)?;
+            check_len("public_key", &start.public_key)?;
+            let challenge = ctx
+                .state
+                .call(move |s| s.mfa_start(&start.location, &start.public_key, now_ms()))
+                .await
+                .map_err(gone)??;
+            Ok(reply::Result::Challenge(challenge))
+        }
+        request::Kind::MfaFinish(finish) => {
+            check_len("session", &finish.session)?;
+            check_len("code", &finish.code)?;
+            let session = finish.session.clone();
+            let location = ctx
+                .state
+                .call(move |s| s.mfa_location(&session, now_ms()))
+                .await
+                .map_err(gone)??;
+            // Refuse before the code is used when no gateway can take the
+            // peer: the client may try again with the same code.
+            if !ctx.directory.borrow().any_connected(location) {
+                return Err(ClientError::Unavailable(
+                    "no gateway of the location is reachable; try again shortly".into(),
+                ));
+            }
+            let login = ctx
+                .state
+                .call(move |s| s.mfa_finish(&finish.session, &finish.code, now_ms()))
+                .await
+                .map_err(gone)??;
+            wait_applied(
+                ctx,
+                login.location_id,
+                login.version,
+                ctx.settings.mfa_apply_timeout,
+            )
+            .await?;
+            info!(device = %login.config.device, client, "MFA login");
+            Ok(reply::Result::Config(login.config))
+        }
+    }
+}
+
+/// Waits until every connected gateway of the location has applied
+/// `version` (a gateway whose link drops meanwhile is not waited for; it
+/// gets the config when it is back). At least one must apply it.
+async fn wait_applied(
+    ctx: &LinkContext,
+    location_id: u32,
+    version: u64,
+    timeout: Duration,
+) -> Result<(), ClientError> {
+    let gateways: Vec<_> = ctx
+        .directory
+        .borrow()
+        .location(location_id)
+        .map(|g| (g.target.name.clone(), g.state.clone()))
+        .collect();
+    let waits = gateways.into_iter().map(|(name, mut state)| async move {
+        loop {
+            {
+                let s = state.borrow_and_update();
+                if !s.connected {
+                    return Ok(false);
+                }
+                if s.has_applied(version) {
+                    return Ok(true);
+                }
+                if let Some(error) = s.refused_since(version) {
+                    return Err(format!("gateway {name} refused the peer: {error}"));
+                }
+            }
+            if state.changed().await.is_err() {
+                return Ok(false);
+            }
+        }
+    });
+    let results = tokio::time::timeout(timeout, join_all(waits))
+        .await
+        .map_err(|_| {
+            ClientError::Unavailable(format!(
+                "the location's gateways did not apply the login within {timeout:?}; try again"
+            ))
+        })?;
+    let mut applied = 0;
+    for result in results {
+        match result {
+            Ok(true) => applied += 1,
+            Ok(false) => {}
+            Err(error) => return Err(ClientError::Unavailable(error)),
+        }
+    }
+    if applied == 0 {
+        return Err(ClientError::Unavailable(
+            "no gateway of the location is reachable; try again shortly".into(),
+        ));
+    }
+    Ok(())
+}

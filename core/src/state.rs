@@ -1,0 +1,149 @@
+//! The owner of Core's state: one thread holds the [`Store`] (the SQLite
+//! connection and the MFA logins in progress) and runs the jobs other tasks
+//! send it, one at a time. After each job it broadcasts the notices of
+//! what was committed, in commit order, so that a gateway link sees its
+//! location's versions in sequence.
+
+use std::{
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{broadcast, oneshot};
+use tracing::{error, warn};
+
+use crate::store::{Notice, Store};
+
+/// Notices kept for a slow subscriber before it lags (and resyncs).
+pub const NOTICE_BUFFER: usize = 8192;
+/// How often expired tokens, logins and old events are dropped.
+const HOUSEKEEPING: Duration = Duration::from_secs(60);
+
+type Job = Box<dyn FnOnce(&mut Store, &broadcast::Sender<Notice>) + Send>;
+
+/// The state thread has stopped (Core is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("Core's state has shut down")]
+pub struct StateGone;
+
+/// A handle on the state thread; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StateHandle {
+    jobs: mpsc::Sender<Job>,
+    notices: broadcast::Sender<Notice>,
+}
+
+impl StateHandle {
+    /// Runs `job` on the store and returns its result.
+    pub async fn call<T, F>(&self, job: F) -> Result<T, StateGone>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(
+                move |store: &mut Store, notices: &broadcast::Sender<Notice>| {
+                    let result = job(store);
+                    // Notices go out before the caller hears back, so a caller
+                    // that then waits for its change sees it announced.
+                    publish(store, notices);
+                    let _ = tx.send(result);
+                },
+            ))
+            .map_err(|_| StateGone)?;
+        rx.await.map_err(|_| StateGone)
+    }
+
+    /// Notices of every change committed from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+}
+
+fn publish(store: &mut Store, notices: &broadcast::Sender<Notice>) {
+    for notice in store.take_notices() {
+        // No subscriber is fine: nothing to tell.
+        let _ = notices.send(notice);
+    }
+}
+
+/// Starts the state thread. It stops once every handle is dropped.
+pub fn spawn(mut store: Store) -> (StateHandle, thread::JoinHandle<()>) {
+    let (jobs, rx) = mpsc::channel::<Job>();
+    let (notices, _) = broadcast::channel(NOTICE_BUFFER);
+    let sender = notices.clone();
+    let thread = thread::Builder::new()
+        .name("core-state".into())
+        .spawn(move || {
+            let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+            loop {
+                let wait = next_housekeeping.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(wait) {
+                    Ok(job) => job(&mut store, &sender),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if let Err(e) = store.housekeeping(crate::now_ms()) {
+                            warn!(error = %crate::error_chain(&e), "housekeeping failed");
+                        }
+                        next_housekeeping = Instant::now() + HOUSEKEEPING;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            if let Err(e) = store.integrity_check() {
+                error!(error = %crate::error_chain(&e), "the database fails its check at shutdown");
+            }
+        })
+        .expect("spawning the state thread");
+    (StateHandle { jobs, notices }, thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use tidegate_proto::admin::v1 as admin;
+
+    use super::*;
+    use crate::store::MfaSettings;
+
+    #[tokio::test]
+    async fn jobs_run_in_order_and_notices_follow_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("core.db"), MfaSettings::default()).unwrap();
+        let (state, thread) = spawn(store);
+        let mut notices = state.subscribe();
+        let created = state
+            .call(|s| {
+                s.create_gateway(
+                    admin::CreateGatewayRequest {
+                        name: "gw-a".into(),
+                        location: "nowhere".into(),
+                        address: "198.51.100.2:1".into(),
+                        ..Default::default()
+                    },
+                    0,
+                )
+            })
+            .await
+            .unwrap();
+        assert!(created.is_err());
+        state
+            .call(|s| {
+                s.create_edge(
+                    admin::CreateEdgeRequest {
+                        name: "edge-1".into(),
+                        address: "203.0.113.1:1".into(),
+                        ..Default::default()
+                    },
+                    0,
+                )
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(notices.try_recv(), Ok(Notice::Links)));
+        assert!(notices.try_recv().is_err());
+        drop(state);
+        thread.join().unwrap();
+    }
+}

@@ -1,0 +1,575 @@
+//! Devices: a user's WireGuard client at one location, with its public key
+//! and tunnel addresses.
+
+use std::{collections::HashSet, net::IpAddr};
+
+use ipnet::IpNet;
+use rusqlite::{Connection, OptionalExtension as _, Row, params};
+use tidegate_proto::admin::v1 as admin;
+
+use super::{Store, StoreError, Tx, begin, locations, render, sql, users, validate};
+use crate::keys::Key;
+
+const SELECT: &str = "SELECT d.name, u.name, l.name, d.public_key, d.enabled, s.started_ms, d.created_ms, d.id, d.location_id \
+     FROM devices d JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
+     LEFT JOIN mfa_sessions s ON s.device_id = d.id";
+
+/// A device row: its view, id and location id.
+pub(crate) struct DeviceRow {
+    pub view: admin::Device,
+    pub id: i64,
+    pub location_id: u32,
+}
+
+fn from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
+    let key: Vec<u8> = row.get(3)?;
+    let session: Option<i64> = row.get(5)?;
+    Ok(DeviceRow {
+        view: admin::Device {
+            name: row.get(0)?,
+            user: row.get(1)?,
+            location: row.get(2)?,
+            public_key: Key::from_slice(&key)
+                .map(|k| k.to_base64())
+                .unwrap_or_default(),
+            addresses: Vec::new(),
+            enabled: row.get(4)?,
+            mfa_session: session.is_some(),
+            mfa_session_since_unix_ms: session.unwrap_or(0),
+            created_unix_ms: row.get(6)?,
+        },
+        id: row.get(7)?,
+        location_id: row.get(8)?,
+    })
+}
+
+pub(crate) fn by_name(conn: &Connection, name: &str) -> Result<DeviceRow, StoreError> {
+    let mut row = conn
+        .query_row(&format!("{SELECT} WHERE d.name = ?1"), [name], from_row)
+        .optional()
+        .map_err(sql("reading a device"))?
+        .ok_or_else(|| StoreError::not_found("device", name))?;
+    row.view.addresses = render::device_addresses(conn, row.id)?;
+    Ok(row)
+}
+
+fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    conn.query_row("SELECT 1 FROM devices WHERE name = ?1", [name], |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
+        .map_err(sql("looking up a device"))
+}
+
+/// The name of the device of this location holding `key`, if any.
+fn key_holder(
+    conn: &Connection,
+    location_id: u32,
+    key: &Key,
+) -> Result<Option<(i64, String)>, StoreError> {
+    conn.query_row(
+        "SELECT id, name FROM devices WHERE location_id = ?1 AND public_key = ?2",
+        params![location_id, key.as_bytes().as_slice()],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+    .optional()
+    .map_err(sql("looking up a public key"))
+}
+
+/// Addresses used by the location's devices, other than `except`'s.
+fn used_addresses(
+    conn: &Connection,
+    location_id: u32,
+    except: i64,
+) -> Result<HashSet<IpAddr>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT address FROM device_addresses WHERE location_id = ?1 AND device_id != ?2",
+        )
+        .map_err(sql("reading device addresses"))?;
+    let rows = stmt
+        .query_map(params![location_id, except], |row| row.get::<_, String>(0))
+        .map_err(sql("reading device addresses"))?;
+    let mut used = HashSet::new();
+    for row in rows {
+        let text = row.map_err(sql("reading device addresses"))?;
+        if let Ok(net) = text.parse::<IpNet>() {
+            used.insert(net.addr());
+        }
+    }
+    Ok(used)
+}
+
+/// Checks the addresses asked for, or picks the lowest free host of each of
+/// the location's networks.
+fn pick_addresses(
+    conn: &Connection,
+    location: &locations::LocationRow,
+    device_id: i64,
+    asked: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let nets = location.nets();
+    let used = used_addresses(conn, location.id, device_id)?;
+    if asked.is_empty() {
+        let mut picked = Vec::new();
+        for net in &nets {
+            let free = net
+                .hosts()
+                .find(|ip| *ip != net.addr() && *ip != net.network() && !used.contains(ip))
+                .ok_or_else(|| {
+                    StoreError::invalid(
+                        "addresses",
+                        format!("no free address left in {}", net.trunc()),
+                    )
+                })?;
+            picked.push(validate::host_cidr(free));
+        }
+        return Ok(picked);
+    }
+    let mut picked: Vec<IpAddr> = Vec::new();
+    for text in asked {
+        let ip = validate::device_address(text, &nets)?;
+        if used.contains(&ip) {
+            return Err(StoreError::invalid(
+                "addresses",
+                format!("{ip} is another device's"),
+            ));
+        }
+        if picked.iter().any(|p| p.is_ipv4() == ip.is_ipv4()) {
+            return Err(StoreError::invalid(
+                "addresses",
+                format!("{ip}: one address per network"),
+            ));
+        }
+        picked.push(ip);
+    }
+    Ok(picked.into_iter().map(validate::host_cidr).collect())
+}
+
+fn store_addresses(
+    tx: &Tx<'_>,
+    device_id: i64,
+    location_id: u32,
+    addresses: &[String],
+) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM device_addresses WHERE device_id = ?1",
+        [device_id],
+    )
+    .map_err(sql("replacing device addresses"))?;
+    for address in addresses {
+        tx.execute(
+            "INSERT INTO device_addresses (device_id, location_id, address) VALUES (?1, ?2, ?3)",
+            params![device_id, location_id, address],
+        )
+        .map_err(sql("storing device addresses"))?;
+    }
+    Ok(())
+}
+
+impl Store {
+    pub fn create_device(
+        &mut self,
+        req: admin::CreateDeviceRequest,
+        now_ms: i64,
+    ) -> Result<admin::Device, StoreError> {
+        let name = validate::name("name", &req.name)?;
+        let public_key = validate::key("public_key", &req.public_key)?;
+        let mut tx = begin(&mut self.conn)?;
+        let (_, user_id) = users::by_name(&tx, &req.user)?;
+        let location = locations::by_name(&tx, &req.location)?;
+        if name_taken(&tx, &name)? {
+            return Err(StoreError::Exists {
+                kind: "device",
+                name,
+            });
+        }
+        if let Some((_, holder)) = key_holder(&tx, location.id, &public_key)? {
+            return Err(StoreError::invalid(
+                "public_key",
+                format!(
+                    "device {holder:?} of location {:?} has this key",
+                    location.name
+                ),
+            ));
+        }
+        let addresses = pick_addresses(&tx, &location, -1, &req.addresses)?;
+        let psk = Key::generate_preshared();
+        tx.execute(
+            "INSERT INTO devices (name, user_id, location_id, public_key, preshared_key, enabled, created_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                name,
+                user_id,
+                location.id,
+                public_key.as_bytes().as_slice(),
+                psk.as_bytes().as_slice(),
+                req.enabled.unwrap_or(true),
+                now_ms
+            ],
+        )
+        .map_err(sql("storing a device"))?;
+        let id = tx.last_insert_rowid();
+        store_addresses(&tx, id, location.id, &addresses)?;
+        tx.touch_new(id);
+        let view = by_name(&tx, &name)?.view;
+        self.notices.extend(tx.commit()?);
+        Ok(view)
+    }
+
+    /// Devices, filtered by user and location names (empty: any), by name.
+    pub fn list_devices(
+        &self,
+        user: &str,
+        location: &str,
+    ) -> Result<Vec<admin::Device>, StoreError> {
+        let user_id = if user.is_empty() {
+            None
+        } else {
+            Some(users::by_name(&self.conn, user)?.1)
+        };
+        let location_id = if location.is_empty() {
+            None
+        } else {
+            Some(locations::by_name(&self.conn, location)?.id)
+        };
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "{SELECT} WHERE (?1 IS NULL OR d.user_id = ?1) AND (?2 IS NULL OR d.location_id = ?2) \
+                 ORDER BY d.name"
+            ))
+            .map_err(sql("listing devices"))?;
+        let rows = stmt
+            .query_map(params![user_id, location_id], from_row)
+            .map_err(sql("listing devices"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("listing devices"))?;
+        rows.into_iter()
+            .map(|mut row| {
+                row.view.addresses = render::device_addresses(&self.conn, row.id)?;
+                Ok(row.view)
+            })
+            .collect()
+    }
+
+    pub fn device(&self, name: &str) -> Result<admin::Device, StoreError> {
+        Ok(by_name(&self.conn, name)?.view)
+    }
+
+    pub fn update_device(
+        &mut self,
+        req: admin::UpdateDeviceRequest,
+    ) -> Result<admin::Device, StoreError> {
+        let mut tx = begin(&mut self.conn)?;
+        let old = by_name(&tx, &req.name)?;
+        tx.touch(old.id)?;
+        let mut name = old.view.name.clone();
+        if let Some(rename) = req.rename {
+            name = validate::name("rename", &rename)?;
+            if name != old.view.name && name_taken(&tx, &name)? {
+                return Err(StoreError::Exists {
+                    kind: "device",
+                    name,
+                });
+            }
+        }
+        let user_id = match &req.user {
+            Some(user) => users::by_name(&tx, user)?.1,
+            None => users::by_name(&tx, &old.view.user)?.1,
+        };
+        let mut public_key = Key::parse(&old.view.public_key)
+            .map_err(|e| StoreError::InUse(format!("stored key: {e}")))?;
+        if let Some(key) = &req.public_key {
+            let key = validate::key("public_key", key)?;
+            if key != public_key {
+                if let Some((_, holder)) = key_holder(&tx, old.location_id, &key)? {
+                    return Err(StoreError::invalid(
+                        "public_key",
+                        format!("device {holder:?} has this key"),
+                    ));
+                }
+                // A session belongs to the key that logged in.
+                tx.execute("DELETE FROM mfa_sessions WHERE device_id = ?1", [old.id])
+                    .map_err(sql("ending an MFA session"))?;
+                public_key = key;
+            }
+        }
+        if let Some(list) = &req.addresses {
+            let location = locations::by_id(&tx, old.location_id)?
+                .ok_or_else(|| StoreError::not_found("location", &old.view.location))?;
+            let addresses = pick_addresses(&tx, &location, old.id, &list.values)?;
+            store_addresses(&tx, old.id, old.location_id, &addresses)?;
+        }
+        let enabled = req.enabled.unwrap_or(old.view.enabled);
+        if !enabled {
+            tx.execute("DELETE FROM mfa_sessions WHERE device_id = ?1", [old.id])
+                .map_err(sql("ending an MFA session"))?;
+        }
+        tx.execute(
+            "UPDATE devices SET name = ?2, user_id = ?3, public_key = ?4, enabled = ?5 WHERE id = ?1",
+            params![old.id, name, user_id, public_key.as_bytes().as_slice(), enabled],
+        )
+        .map_err(sql("updating a device"))?;
+        let view = by_name(&tx, &name)?.view;
+        self.notices.extend(tx.commit()?);
+        Ok(view)
+    }
+
+    /// Deletes a device: its peer leaves the gateways, its session and
+    /// tokens go with it.
+    pub fn delete_device(&mut self, name: &str) -> Result<(), StoreError> {
+        let mut tx = begin(&mut self.conn)?;
+        let row = by_name(&tx, name)?;
+        tx.touch(row.id)?;
+        tx.execute("DELETE FROM devices WHERE id = ?1", [row.id])
+            .map_err(sql("deleting a device"))?;
+        self.notices.extend(tx.commit()?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::{ChangeKind, Notice, locations::tests::request, testing};
+
+    pub(crate) fn setup(mfa: bool) -> (tempfile::TempDir, Store) {
+        let (dir, mut store) = testing::store();
+        store
+            .create_location(
+                admin::CreateLocationRequest {
+                    mfa,
+                    ..request("ams")
+                },
+                0,
+            )
+            .unwrap();
+        store
+            .create_user(
+                admin::CreateUserRequest {
+                    name: "alice".into(),
+                    enabled: None,
+                },
+                0,
+            )
+            .unwrap();
+        store.take_notices();
+        (dir, store)
+    }
+
+    pub(crate) fn device(name: &str, key: Key) -> admin::CreateDeviceRequest {
+        admin::CreateDeviceRequest {
+            name: name.into(),
+            user: "alice".into(),
+            location: "ams".into(),
+            public_key: key.to_base64(),
+            ..Default::default()
+        }
+    }
+
+    fn one_change(store: &mut Store) -> std::sync::Arc<crate::store::Change> {
+        let notices = store.take_notices();
+        match notices.as_slice() {
+            [Notice::Location(change)] => change.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_device_is_a_peer_with_the_next_free_addresses() {
+        let (_dir, mut store) = setup(false);
+        let key = Key::new([1; 32]);
+        let dev = store.create_device(device("laptop", key), 0).unwrap();
+        assert_eq!(dev.addresses, ["10.8.0.2/32", "fd00:8::2/128"]);
+        let change = one_change(&mut store);
+        assert_eq!((change.base_version, change.version), (1, 2));
+        let ChangeKind::Peers { upsert, remove } = &change.kind else {
+            panic!("{change:?}");
+        };
+        assert!(remove.is_empty());
+        assert_eq!(upsert.len(), 1);
+        assert_eq!(upsert[0].public_key, key);
+        assert_eq!(upsert[0].allowed_ips, dev.addresses);
+        assert!(upsert[0].preshared_key.is_some());
+        let dev2 = store
+            .create_device(device("phone", Key::new([2; 32])), 0)
+            .unwrap();
+        assert_eq!(dev2.addresses, ["10.8.0.3/32", "fd00:8::3/128"]);
+        let config = render::location_config(&store.conn, 1).unwrap().unwrap();
+        assert_eq!(config.version, 3);
+        assert_eq!(config.peers.len(), 2);
+        // Deleting frees the address for the next device.
+        store.take_notices();
+        store.delete_device("laptop").unwrap();
+        let change = one_change(&mut store);
+        assert_eq!(
+            change.kind,
+            ChangeKind::Peers {
+                upsert: vec![],
+                remove: vec![key]
+            }
+        );
+        let dev3 = store
+            .create_device(device("tablet", Key::new([3; 32])), 0)
+            .unwrap();
+        assert_eq!(dev3.addresses, ["10.8.0.2/32", "fd00:8::2/128"]);
+    }
+
+    #[test]
+    fn bad_devices_are_refused_and_nothing_is_stored() {
+        let (_dir, mut store) = setup(false);
+        store
+            .create_device(
+                admin::CreateDeviceRequest {
+                    addresses: vec!["10.8.0.9".into()],
+                    ..device("laptop", Key::new([1; 32]))
+                },
+                0,
+            )
+            .unwrap();
+        store.take_notices();
+        for (req, says) in [
+            (device("laptop", Key::new([2; 32])), "exists"),
+            (device("phone", Key::new([1; 32])), "has this key"),
+            (
+                admin::CreateDeviceRequest {
+                    public_key: "abc".into(),
+                    ..device("phone", Key::new([2; 32]))
+                },
+                "public_key",
+            ),
+            (
+                admin::CreateDeviceRequest {
+                    user: "mallory".into(),
+                    ..device("phone", Key::new([2; 32]))
+                },
+                "no user",
+            ),
+            (
+                admin::CreateDeviceRequest {
+                    location: "nowhere".into(),
+                    ..device("phone", Key::new([2; 32]))
+                },
+                "no location",
+            ),
+            (
+                admin::CreateDeviceRequest {
+                    addresses: vec!["10.8.0.9".into()],
+                    ..device("phone", Key::new([2; 32]))
+                },
+                "another device's",
+            ),
+            (
+                admin::CreateDeviceRequest {
+                    addresses: vec!["10.8.0.10".into(), "10.8.0.11".into()],
+                    ..device("phone", Key::new([2; 32]))
+                },
+                "one address per network",
+            ),
+            (
+                admin::CreateDeviceRequest {
+                    addresses: vec!["10.9.0.10".into()],
+                    ..device("phone", Key::new([2; 32]))
+                },
+                "outside",
+            ),
+        ] {
+            let err = store.create_device(req, 0).unwrap_err();
+            assert!(err.to_string().contains(says), "{says}: {err}");
+        }
+        assert_eq!(store.list_devices("", "").unwrap().len(), 1);
+        assert!(store.take_notices().is_empty());
+        assert_eq!(store.location("ams").unwrap().version, 2);
+    }
+
+    #[test]
+    fn changes_to_a_device_or_its_user_move_its_peer() {
+        let (_dir, mut store) = setup(false);
+        let old_key = Key::new([1; 32]);
+        store.create_device(device("laptop", old_key), 0).unwrap();
+        store.take_notices();
+        // A new key: the old peer goes, the new one comes.
+        let new_key = Key::new([9; 32]);
+        store
+            .update_device(admin::UpdateDeviceRequest {
+                name: "laptop".into(),
+                public_key: Some(new_key.to_base64()),
+                ..Default::default()
+            })
+            .unwrap();
+        let change = one_change(&mut store);
+        let ChangeKind::Peers { upsert, remove } = &change.kind else {
+            panic!()
+        };
+        assert_eq!(remove, &[old_key]);
+        assert_eq!(upsert[0].public_key, new_key);
+        // New addresses: the peer is replaced in place.
+        let dev = store
+            .update_device(admin::UpdateDeviceRequest {
+                name: "laptop".into(),
+                addresses: Some(admin::StringList {
+                    values: vec!["10.8.0.77/32".into()],
+                }),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(dev.addresses, ["10.8.0.77/32"]);
+        let change = one_change(&mut store);
+        let ChangeKind::Peers { upsert, remove } = &change.kind else {
+            panic!()
+        };
+        assert!(remove.is_empty());
+        assert_eq!(upsert[0].allowed_ips, ["10.8.0.77/32"]);
+        // A disabled user takes the device off the gateways.
+        store
+            .update_user(admin::UpdateUserRequest {
+                name: "alice".into(),
+                enabled: Some(false),
+                ..Default::default()
+            })
+            .unwrap();
+        let change = one_change(&mut store);
+        assert_eq!(
+            change.kind,
+            ChangeKind::Peers {
+                upsert: vec![],
+                remove: vec![new_key]
+            }
+        );
+        // A rename changes nothing the gateways see.
+        store
+            .update_device(admin::UpdateDeviceRequest {
+                name: "laptop".into(),
+                rename: Some("laptop2".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(store.take_notices().is_empty());
+        assert!(store.delete_user("alice").is_err());
+    }
+
+    #[test]
+    fn mfa_devices_are_not_peers_without_a_session() {
+        let (_dir, mut store) = setup(true);
+        store
+            .create_device(device("laptop", Key::new([1; 32])), 0)
+            .unwrap();
+        assert!(store.take_notices().is_empty());
+        let config = render::location_config(&store.conn, 1).unwrap().unwrap();
+        assert!(config.peers.is_empty());
+        assert!(config.mfa);
+        // Turning MFA off makes every device a peer: a full config.
+        store
+            .update_location(admin::UpdateLocationRequest {
+                name: "ams".into(),
+                mfa: Some(false),
+                ..Default::default()
+            })
+            .unwrap();
+        let change = one_change(&mut store);
+        assert_eq!(change.kind, ChangeKind::Config);
+        let config = render::location_config(&store.conn, 1).unwrap().unwrap();
+        assert_eq!(config.peers.len(), 1);
+        assert_eq!(config.version, change.version);
+    }
+}

@@ -1,0 +1,552 @@
+//! MFA logins: a device starts one at a location, finishes it with a TOTP
+//! code, and gets a session with a fresh preshared key; the session's peer
+//! goes to every gateway of the location. A gateway's MFA removal ends the
+//! session unless another gateway still sees the device active.
+
+use rusqlite::{OptionalExtension as _, params};
+use tidegate_proto::edge::v1 as edge;
+
+use super::{EventKind, Store, StoreError, begin, locations, render, sql};
+use crate::{
+    challenge::{ChallengeError, Lookup},
+    keys::Key,
+    totp,
+};
+
+/// Why a client's request was refused; each maps to an Edge error code.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Malformed or incomplete.
+    #[error("{0}")]
+    Invalid(String),
+    /// Wrong or replayed code, bad token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Unknown location, device or session.
+    #[error("{0}")]
+    NotFound(String),
+    /// Expired token or session.
+    #[error("{0}")]
+    Expired(String),
+    /// The location's gateways could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[source] StoreError),
+}
+
+impl From<StoreError> for ClientError {
+    fn from(error: StoreError) -> Self {
+        Self::Internal(error)
+    }
+}
+
+/// MFA settings (Core's config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MfaSettings {
+    /// How long a started login waits for its code.
+    pub challenge_ttl_s: u32,
+    /// Time steps accepted before and after the current one.
+    pub totp_skew_steps: u32,
+    /// Wrong codes before a login is over.
+    pub max_attempts: u32,
+    /// Logins in progress at most.
+    pub max_challenges: usize,
+}
+
+impl Default for MfaSettings {
+    fn default() -> Self {
+        Self {
+            challenge_ttl_s: 120,
+            totp_skew_steps: 1,
+            max_attempts: 5,
+            max_challenges: 10_000,
+        }
+    }
+}
+
+/// A finished login.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedLogin {
+    pub config: edge::DeviceConfig,
+    pub location_id: u32,
+    /// The location's config version carrying the session's peer.
+    pub version: u64,
+}
+
+/// What became of a gateway's MFA removal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovalOutcome {
+    /// No session (or a newer one) for that key: nothing to do.
+    Ignored,
+    /// Another gateway sees the device active: the session goes on.
+    Kept,
+    /// The session is over and its peer leaves every gateway.
+    Ended,
+}
+
+/// What finishing a login reads of its device and user.
+struct LoginRow {
+    device: String,
+    user_id: i64,
+    user: String,
+    secret: Vec<u8>,
+    last_step: i64,
+    /// The device and its user are enabled.
+    enabled: bool,
+    location: String,
+}
+
+impl Store {
+    /// Starts an MFA login of the device with `public_key` at `location`.
+    pub fn mfa_start(
+        &mut self,
+        location: &str,
+        public_key: &str,
+        now_ms: i64,
+    ) -> Result<edge::MfaChallenge, ClientError> {
+        if location.is_empty() {
+            return Err(ClientError::Invalid("location: missing".into()));
+        }
+        if public_key.is_empty() {
+            return Err(ClientError::Invalid("public_key: missing".into()));
+        }
+        let key =
+            Key::parse(public_key).map_err(|e| ClientError::Invalid(format!("public_key: {e}")))?;
+        let row = match locations::by_name(&self.conn, location) {
+            Ok(row) => row,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(ClientError::NotFound(format!(
+                    "no location named {location:?}"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !row.mfa {
+            return Err(ClientError::Invalid(format!(
+                "location {location:?} does not use MFA: download the device config instead"
+            )));
+        }
+        let device: Option<(i64, bool, bool)> = self
+            .conn
+            .query_row(
+                "SELECT d.id, d.enabled, u.enabled FROM devices d JOIN users u ON u.id = d.user_id \
+                 WHERE d.location_id = ?1 AND d.public_key = ?2",
+                params![row.id, key.as_bytes().as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(sql("looking up a device"))?;
+        let Some((device_id, device_on, user_on)) = device else {
+            return Err(ClientError::NotFound(format!(
+                "no device with this public key at location {location:?}"
+            )));
+        };
+        if !(device_on && user_on) {
+            return Err(ClientError::Unauthorized(
+                "the device or its user is disabled".into(),
+            ));
+        }
+        let ttl_s = self.mfa.challenge_ttl_s;
+        let session = self
+            .challenges
+            .start(
+                device_id,
+                row.id,
+                now_ms,
+                i64::from(ttl_s) * 1000,
+                self.mfa.max_challenges,
+            )
+            .map_err(|ChallengeError::Full(_)| {
+                ClientError::Unavailable("too many logins in progress; try again shortly".into())
+            })?;
+        Ok(edge::MfaChallenge {
+            session,
+            expires_in_s: ttl_s,
+        })
+    }
+
+    /// The location a login in progress is for.
+    pub fn mfa_location(&self, session: &str, now_ms: i64) -> Result<u32, ClientError> {
+        match self.challenges.get(session, now_ms) {
+            Lookup::Found(challenge) => Ok(challenge.location_id),
+            Lookup::Expired => Err(ClientError::Expired(
+                "session: expired; start the login again".into(),
+            )),
+            Lookup::Unknown if session.is_empty() => {
+                Err(ClientError::Invalid("session: missing".into()))
+            }
+            Lookup::Unknown => Err(ClientError::NotFound(
+                "session: unknown (finished, failed or never started)".into(),
+            )),
+        }
+    }
+
+    /// Finishes a login with a TOTP code: a new session with a fresh
+    /// preshared key, stored with the code's time step so the code works
+    /// once.
+    pub fn mfa_finish(
+        &mut self,
+        session: &str,
+        code: &str,
+        now_ms: i64,
+    ) -> Result<FinishedLogin, ClientError> {
+        self.mfa_location(session, now_ms)?;
+        let Lookup::Found(challenge) = self.challenges.get(session, now_ms) else {
+            unreachable!("mfa_location found the session");
+        };
+        let mut tx = begin(&mut self.conn)?;
+        let row = tx
+            .query_row(
+                "SELECT d.name, u.id, u.name, u.totp_secret, u.totp_last_step, d.enabled AND u.enabled, l.name \
+                 FROM devices d JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
+                 WHERE d.id = ?1",
+                [challenge.device_id],
+                |r| {
+                    Ok(LoginRow {
+                        device: r.get(0)?,
+                        user_id: r.get(1)?,
+                        user: r.get(2)?,
+                        secret: r.get(3)?,
+                        last_step: r.get(4)?,
+                        enabled: r.get(5)?,
+                        location: r.get(6)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql("reading a device"))?
+            .ok_or_else(|| ClientError::NotFound("the device was deleted".into()))?;
+        if !row.enabled {
+            self.challenges.finish(session);
+            return Err(ClientError::Unauthorized(
+                "the device or its user is disabled".into(),
+            ));
+        }
+        let check = totp::check(
+            &row.secret,
+            code,
+            now_ms.div_euclid(1000),
+            row.last_step,
+            i64::from(self.mfa.totp_skew_steps),
+        )
+        .map_err(|e| ClientError::Invalid(format!("code: {e}")))?;
+        let step = match check {
+            totp::Check::Valid { step } => step,
+            totp::Check::Replayed | totp::Check::Wrong => {
+                drop(tx);
+                let left = self.challenges.fail(session, self.mfa.max_attempts);
+                let what = if check == totp::Check::Replayed {
+                    "code: used already; wait for the next one"
+                } else {
+                    "code: wrong"
+                };
+                return Err(ClientError::Unauthorized(if left == 0 {
+                    format!("{what}; too many wrong codes, start the login again")
+                } else {
+                    format!("{what} ({left} attempts left)")
+                }));
+            }
+        };
+        tx.touch(challenge.device_id)?;
+        let psk = Key::generate_preshared();
+        let used = tx
+            .execute(
+                "UPDATE users SET totp_last_step = ?2 WHERE id = ?1 AND totp_last_step < ?2",
+                params![row.user_id, step],
+            )
+            .map_err(sql("recording the code"))?;
+        if used != 1 {
+            return Err(ClientError::Unauthorized(
+                "code: used already; wait for the next one".into(),
+            ));
+        }
+        tx.execute(
+            "INSERT INTO mfa_sessions (device_id, preshared_key, started_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (device_id) DO UPDATE SET preshared_key = excluded.preshared_key, \
+             started_ms = excluded.started_ms",
+            params![challenge.device_id, psk.as_bytes().as_slice(), now_ms],
+        )
+        .map_err(sql("storing an MFA session"))?;
+        tx.execute(
+            "INSERT INTO events (at_ms, kind, location, subject, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                now_ms,
+                EventKind::MfaLogin.as_str(),
+                row.location,
+                row.device,
+                format!("user {} logged in", row.user)
+            ],
+        )
+        .map_err(sql("logging an event"))?;
+        let config = render::device_config(&tx, challenge.device_id, Some(psk))?;
+        self.notices.extend(tx.commit()?);
+        self.challenges.finish(session);
+        let version = locations::by_id(&self.conn, challenge.location_id)?
+            .map(|l| l.version)
+            .unwrap_or_default();
+        Ok(FinishedLogin {
+            config,
+            location_id: challenge.location_id,
+            version,
+        })
+    }
+
+    /// A gateway removed the peer `key` of an MFA location at `at_ms` for
+    /// inactivity. The session ends unless it started after that removal
+    /// or `active_elsewhere` (another gateway saw the device within the
+    /// threshold), in which case the session goes on there.
+    pub fn mfa_removed(
+        &mut self,
+        location_id: u32,
+        key: &Key,
+        gateway: &str,
+        reason: &str,
+        at_ms: i64,
+        active_elsewhere: bool,
+    ) -> Result<RemovalOutcome, StoreError> {
+        let mut tx = begin(&mut self.conn)?;
+        let session: Option<(i64, String, i64, String)> = tx
+            .query_row(
+                "SELECT d.id, d.name, s.started_ms, l.name FROM devices d \
+                 JOIN mfa_sessions s ON s.device_id = d.id JOIN locations l ON l.id = d.location_id \
+                 WHERE d.location_id = ?1 AND d.public_key = ?2 AND l.mfa",
+                params![location_id, key.as_bytes().as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(sql("looking up an MFA session"))?;
+        let Some((device_id, device, started_ms, location)) = session else {
+            return Ok(RemovalOutcome::Ignored);
+        };
+        if at_ms < started_ms {
+            return Ok(RemovalOutcome::Ignored);
+        }
+        if active_elsewhere {
+            // The gateway that dropped the peer keeps it out until a new
+            // login (a new preshared key); the session goes on elsewhere.
+            return Ok(RemovalOutcome::Kept);
+        }
+        tx.touch(device_id)?;
+        tx.execute("DELETE FROM mfa_sessions WHERE device_id = ?1", [device_id])
+            .map_err(sql("ending an MFA session"))?;
+        tx.execute(
+            "INSERT INTO events (at_ms, kind, location, subject, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                at_ms,
+                EventKind::MfaSessionEnd.as_str(),
+                location,
+                device,
+                format!("removed by {gateway}: {reason}")
+            ],
+        )
+        .map_err(sql("logging an event"))?;
+        self.notices.extend(tx.commit()?);
+        Ok(RemovalOutcome::Ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        ChangeKind, Notice,
+        devices::tests::{device, setup},
+    };
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn secret(store: &Store) -> Vec<u8> {
+        store
+            .conn
+            .query_row(
+                "SELECT totp_secret FROM users WHERE name = 'alice'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    fn code(store: &Store, now_ms: i64) -> String {
+        totp::code_at(&secret(store), totp::step_at(now_ms / 1000))
+    }
+
+    fn mfa_store() -> (tempfile::TempDir, Store, Key) {
+        let (dir, mut store) = setup(true);
+        let key = Key::new([1; 32]);
+        store.create_device(device("laptop", key), 0).unwrap();
+        store.take_notices();
+        (dir, store, key)
+    }
+
+    #[test]
+    fn a_login_makes_a_session_with_a_fresh_key_pushed_as_a_peer() {
+        let (_dir, mut store, key) = mfa_store();
+        let challenge = store.mfa_start("ams", &key.to_base64(), NOW).unwrap();
+        assert_eq!(challenge.expires_in_s, 120);
+        assert_eq!(store.mfa_location(&challenge.session, NOW).unwrap(), 1);
+        let code = code(&store, NOW);
+        let login = store.mfa_finish(&challenge.session, &code, NOW).unwrap();
+        assert_eq!(login.location_id, 1);
+        assert_eq!(login.version, 2);
+        assert_eq!(login.config.device, "laptop");
+        let psk = Key::parse(&login.config.preshared_key).unwrap();
+        let notices = store.take_notices();
+        let [Notice::Location(change)] = notices.as_slice() else {
+            panic!("{notices:?}")
+        };
+        let ChangeKind::Peers { upsert, .. } = &change.kind else {
+            panic!()
+        };
+        assert_eq!(upsert[0].public_key, key);
+        assert_eq!(upsert[0].preshared_key, Some(psk));
+        assert!(store.device("laptop").unwrap().mfa_session);
+        let events = store.list_events("ams", 0).unwrap();
+        assert_eq!(events[0].kind, "mfa-login");
+        // The session is used up; the code cannot serve another login.
+        assert!(matches!(
+            store.mfa_finish(&challenge.session, &code, NOW),
+            Err(ClientError::NotFound(_))
+        ));
+        let again = store.mfa_start("ams", &key.to_base64(), NOW).unwrap();
+        let err = store.mfa_finish(&again.session, &code, NOW).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Unauthorized(m) if m.contains("used already")),
+            "{err}"
+        );
+        // The next step's code gives a new session with a new key.
+        let later = NOW + 30_000;
+        let next = self::code(&store, later);
+        let relogin = store.mfa_finish(&again.session, &next, later).unwrap();
+        assert_ne!(relogin.config.preshared_key, login.config.preshared_key);
+    }
+
+    #[test]
+    fn bad_logins_store_nothing() {
+        let (_dir, mut store, key) = mfa_store();
+        let k = key.to_base64();
+        for (location, public_key, want) in [
+            ("", k.as_str(), "Invalid"),
+            ("ams", "", "Invalid"),
+            ("ams", "not-a-key", "Invalid"),
+            ("nowhere", k.as_str(), "NotFound"),
+            ("ams", &Key::new([2; 32]).to_base64(), "NotFound"),
+        ] {
+            let err = store.mfa_start(location, public_key, NOW).unwrap_err();
+            assert!(
+                format!("{err:?}").starts_with(want),
+                "{location} {public_key}: {err:?}"
+            );
+        }
+        let challenge = store.mfa_start("ams", &k, NOW).unwrap();
+        let s = &challenge.session;
+        assert!(matches!(
+            store.mfa_finish(s, "12345", NOW),
+            Err(ClientError::Invalid(_))
+        ));
+        let right = code(&store, NOW);
+        let wrong = if right == "000000" {
+            "111111"
+        } else {
+            "000000"
+        };
+        for left in (1..5).rev() {
+            let err = store.mfa_finish(s, wrong, NOW).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("{left} attempts left")),
+                "{err}"
+            );
+        }
+        let err = store.mfa_finish(s, wrong, NOW).unwrap_err();
+        assert!(err.to_string().contains("start the login again"), "{err}");
+        assert!(matches!(
+            store.mfa_finish(s, &right, NOW),
+            Err(ClientError::NotFound(_))
+        ));
+        // Expired.
+        let challenge = store.mfa_start("ams", &k, NOW).unwrap();
+        assert!(matches!(
+            store.mfa_finish(&challenge.session, &right, NOW + 121_000),
+            Err(ClientError::Expired(_))
+        ));
+        assert!(matches!(
+            store.mfa_finish("", &right, NOW),
+            Err(ClientError::Invalid(_))
+        ));
+        // Nothing was stored: no session, no code used, no version bump.
+        assert!(!store.device("laptop").unwrap().mfa_session);
+        assert!(store.take_notices().is_empty());
+        let last: i64 = store
+            .conn
+            .query_row("SELECT totp_last_step FROM users", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(last, -1);
+        // A non-MFA location refuses logins.
+        store
+            .update_location(tidegate_proto::admin::v1::UpdateLocationRequest {
+                name: "ams".into(),
+                mfa: Some(false),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(matches!(
+            store.mfa_start("ams", &k, NOW),
+            Err(ClientError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_removal_ends_the_session_unless_the_device_is_active_elsewhere() {
+        let (_dir, mut store, key) = mfa_store();
+        let challenge = store.mfa_start("ams", &key.to_base64(), NOW).unwrap();
+        store
+            .mfa_finish(&challenge.session, &code(&store, NOW), NOW)
+            .unwrap();
+        store.take_notices();
+        // A removal from before the session began is stale.
+        assert_eq!(
+            store
+                .mfa_removed(1, &key, "gw-b", "inactive", NOW - 1, false)
+                .unwrap(),
+            RemovalOutcome::Ignored
+        );
+        assert!(store.take_notices().is_empty());
+        // Active on another gateway: the session goes on, nothing changes.
+        assert_eq!(
+            store
+                .mfa_removed(1, &key, "gw-b", "inactive", NOW + 1, true)
+                .unwrap(),
+            RemovalOutcome::Kept
+        );
+        assert!(store.take_notices().is_empty());
+        assert!(store.device("laptop").unwrap().mfa_session);
+        assert_eq!(
+            store
+                .mfa_removed(1, &key, "gw-a", "inactive", NOW + 2, false)
+                .unwrap(),
+            RemovalOutcome::Ended
+        );
+        let notices = store.take_notices();
+        let [Notice::Location(change)] = notices.as_slice() else {
+            panic!()
+        };
+        assert_eq!(
+            change.kind,
+            ChangeKind::Peers {
+                upsert: vec![],
+                remove: vec![key]
+            }
+        );
+        assert!(!store.device("laptop").unwrap().mfa_session);
+        assert_eq!(
+            store.list_events("ams", 1).unwrap()[0].kind,
+            "mfa-session-end"
+        );
+        assert_eq!(
+            store
+                .mfa_removed(1, &key, "gw-a", "inactive", NOW + 3, false)
+                .unwrap(),
+            RemovalOutcome::Ignored
+        );
+    }
+}

@@ -1,0 +1,464 @@
+//! Core's store: one SQLite file (WAL, foreign keys, migrations by
+//! `user_version`) holding locations, gateways, users, devices, MFA
+//! sessions, download tokens, Edges and the event log.
+//!
+//! Every change is checked whole and made in one transaction: a refused
+//! request stores nothing. A change to what a location's gateways run bumps
+//! the location's config version in the same transaction and, once
+//! committed, leaves a [`Notice`] for the gateway links.
+//!
+//! The store speaks the operator API's messages (`tidegate.admin.v1`):
+//! requests in, views out. It is owned by one thread (see [`crate::state`]).
+
+mod devices;
+mod edges;
+mod events;
+mod gateways;
+mod locations;
+mod mfa;
+mod render;
+mod schema;
+mod tokens;
+mod users;
+pub mod validate;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
+
+pub use self::{
+    events::EventKind,
+    gateways::{EdgeTarget, GatewayTarget},
+    mfa::{ClientError, FinishedLogin, MfaSettings, RemovalOutcome},
+    render::PeerSpec,
+};
+use crate::{challenge::Challenges, keys::Key};
+
+/// Why the store refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is in use by another tidegate-core")]
+    Locked { path: PathBuf },
+    #[error(
+        "the database is at schema version {found}, newer than this tidegate-core knows ({known})"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("database: {op}")]
+    Sql {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("no {kind} named {name:?}")]
+    NotFound { kind: &'static str, name: String },
+    #[error("a {kind} named {name:?} exists already")]
+    Exists { kind: &'static str, name: String },
+    #[error("{0}")]
+    InUse(String),
+}
+
+impl StoreError {
+    pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn not_found(kind: &'static str, name: &str) -> Self {
+        Self::NotFound {
+            kind,
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// Wraps a rusqlite error with what was being done.
+pub(crate) fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sql { op, source }
+}
+
+/// What a committed change means for the links.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// A location's config moved from `base_version` to `version`.
+    Location(Arc<Change>),
+    /// Gateways or Edges were added, changed or removed: the links to dial
+    /// are to be read again.
+    Links,
+}
+
+/// One step of a location's config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub location_id: u32,
+    pub base_version: u64,
+    pub version: u64,
+    pub kind: ChangeKind,
+}
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChangeKind {
+    /// Only peers: these added or replaced, these removed (public keys).
+    Peers {
+        upsert: Vec<PeerSpec>,
+        remove: Vec<Key>,
+    },
+    /// The interface or the MFA settings: the whole config is to be sent.
+    Config,
+}
+
+/// The store: the database and the MFA logins in progress.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    /// Held (flock) for as long as the store is open.
+    _lock: fs::File,
+    challenges: Challenges,
+    mfa: MfaSettings,
+    notices: Vec<Notice>,
+}
+
+/// Waits this long for a lock held by a reader before failing a write.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events kept in the log; older ones are pruned.
+pub const EVENTS_KEPT: i64 = 100_000;
+
+impl Store {
+    /// Opens (creating if missing) the database at `path` and brings its
+    /// schema up to date. A second Core on the same file is refused.
+    pub fn open(path: &Path, mfa: MfaSettings) -> Result<Self, StoreError> {
+        let lock_path = path.with_extension("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Io {
+                op: "opening the lock file",
+                path: lock_path.clone(),
+                source,
+            })?;
+        // SAFETY: flock on a file descriptor we own and keep open.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StoreError::Locked {
+                path: path.to_owned(),
+            });
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        // The database holds keys and TOTP secrets: root only.
+        set_private(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        // FULL: a committed change survives a power cut, not only a crash.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        schema::migrate(&mut conn)?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+            _lock: lock,
+            challenges: Challenges::default(),
+            mfa,
+            notices: Vec::new(),
+        })
+    }
+
+    /// Where the database is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the notices of the changes committed since the last call.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// A location's whole config for its gateways, at its current version;
+    /// `None` once the location is gone.
+    pub fn location_config(
+        &self,
+        location_id: u32,
+    ) -> Result<Option<tidegate_proto::gateway::v1::LocationConfig>, StoreError> {
+        render::location_config(&self.conn, location_id)
+    }
+
+    /// Checks the database file's integrity (`PRAGMA integrity_check`).
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let result: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .map_err(sql("checking integrity"))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::InUse(format!(
+                "the database fails its integrity check: {result}"
+            )))
+        }
+    }
+}
+
+/// Starts a tracked transaction.
+pub(crate) fn begin(conn: &mut Connection) -> Result<Tx<'_>, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sql("starting a transaction"))?;
+    Ok(Tx {
+        tx,
+        before: BTreeMap::new(),
+        full: BTreeSet::new(),
+        links: false,
+    })
+}
+
+fn set_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| StoreError::Io {
+        op: "making private",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A transaction that tracks what it does to the peers of each location.
+///
+/// Call [`Tx::touch`] on a device before changing it (and after creating
+/// one, with [`Tx::touch_new`]); [`Tx::commit`] then compares each touched
+/// device's peer before and after, bumps the version of every location
+/// whose peers or settings changed, and returns the notices.
+pub(crate) struct Tx<'c> {
+    pub(crate) tx: Transaction<'c>,
+    /// Device id -> its peer (and location) before the change.
+    before: BTreeMap<i64, Option<(u32, PeerSpec)>>,
+    /// Locations whose whole config changed.
+    full: BTreeSet<u32>,
+    /// Whether gateways or Edges changed.
+    links: bool,
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.tx
+    }
+}
+
+impl Tx<'_> {
+    /// Records the device's peer before it changes.
+    pub(crate) fn touch(&mut self, device_id: i64) -> Result<(), StoreError> {
+        if !self.before.contains_key(&device_id) {
+            let peer = render::device_peer(&self.tx, device_id)?;
+            self.before.insert(device_id, peer);
+        }
+        Ok(())
+    }
+
+    /// Records that a device was just created (it had no peer).
+    pub(crate) fn touch_new(&mut self, device_id: i64) {
+        self.before.insert(device_id, None);
+    }
+
+    /// Touches every device of a location.
+    pub(crate) fn touch_location_devices(&mut self, location_id: u32) -> Result<(), StoreError> {
+        for id in ids(
+            &self.tx,
+            "SELECT id FROM devices WHERE location_id = ?1",
+            location_id,
+        )? {
+            self.touch(id)?;
+        }
+        Ok(())
+    }
+
+    /// Touches every device of a user.
+    pub(crate) fn touch_user_devices(&mut self, user_id: i64) -> Result<(), StoreError> {
+        for id in ids(
+            &self.tx,
+            "SELECT id FROM devices WHERE user_id = ?1",
+            user_id,
+        )? {
+            self.touch(id)?;
+        }
+        Ok(())
+    }
+
+    /// The location's whole config changed.
+    pub(crate) fn full(&mut self, location_id: u32) {
+        self.full.insert(location_id);
+    }
+
+    /// The set of links to dial changed.
+    pub(crate) fn links(&mut self) {
+        self.links = true;
+    }
+
+    /// Commits, returning the notices of what changed.
+    pub(crate) fn commit(mut self) -> Result<Vec<Notice>, StoreError> {
+        // Peer differences per location.
+        let mut diffs: BTreeMap<u32, (BTreeMap<Key, PeerSpec>, BTreeSet<Key>)> = BTreeMap::new();
+        let before = std::mem::take(&mut self.before);
+        for (device, old) in before {
+            let new = render::device_peer(&self.tx, device)?;
+            if old == new {
+                continue;
+            }
+            if let Some((location, peer)) = &old {
+                let same_key_kept = new
+                    .as_ref()
+                    .is_some_and(|(l, p)| l == location && p.public_key == peer.public_key);
+                if !same_key_kept {
+                    diffs
+                        .entry(*location)
+                        .or_default()
+                        .1
+                        .insert(peer.public_key);
+                }
+            }
+            if let Some((location, peer)) = new {
+                let diff = diffs.entry(location).or_default();
+                diff.1.remove(&peer.public_key);
+                diff.0.insert(peer.public_key, peer);
+            }
+        }
+        let mut notices = Vec::new();
+        let locations: BTreeSet<u32> = diffs
+            .keys()
+            .copied()
+            .chain(self.full.iter().copied())
+            .collect();
+        for location in locations {
+            let base: Option<i64> = self
+                .tx
+                .query_row(
+                    "UPDATE locations SET version = version + 1 WHERE id = ?1 RETURNING version - 1",
+                    [location],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(sql("bumping the config version"))?;
+            // A deleted location has no version left to announce.
+            let Some(base) = base else { continue };
+            let base = base as u64;
+            let kind = if self.full.contains(&location) {
+                ChangeKind::Config
+            } else {
+                let (upsert, remove) = diffs.remove(&location).unwrap_or_default();
+                ChangeKind::Peers {
+                    upsert: upsert.into_values().collect(),
+                    remove: remove.into_iter().collect(),
+                }
+            };
+            notices.push(Notice::Location(Arc::new(Change {
+                location_id: location,
+                base_version: base,
+                version: base + 1,
+                kind,
+            })));
+        }
+        if self.links {
+            notices.push(Notice::Links);
+        }
+        self.tx.commit().map_err(sql("committing"))?;
+        Ok(notices)
+    }
+}
+
+/// The ids a one-parameter query returns.
+fn ids(
+    conn: &Connection,
+    query: &str,
+    param: impl rusqlite::ToSql,
+) -> Result<Vec<i64>, StoreError> {
+    let mut stmt = conn.prepare_cached(query).map_err(sql("listing ids"))?;
+    let rows = stmt
+        .query_map(params![param], |row| row.get(0))
+        .map_err(sql("listing ids"))?;
+    rows.collect::<Result<_, _>>().map_err(sql("listing ids"))
+}
+
+/// A JSON array of strings, as list columns hold them.
+pub(crate) fn to_json(list: &[String]) -> String {
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
+}
+
+/// A list column back into strings.
+pub(crate) fn from_json(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A store in a fresh temporary directory.
+    pub(crate) fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("core.db"), MfaSettings::default()).unwrap();
+        (dir, store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_core_on_the_same_file_is_refused() {
+        let (dir, store) = testing::store();
+        let err = Store::open(store.path(), MfaSettings::default()).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        drop(store);
+        Store::open(&dir.path().join("core.db"), MfaSettings::default()).unwrap();
+    }
+
+    #[test]
+    fn database_is_wal_and_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (_dir, store) = testing::store();
+        let mode: String = store
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let perms = fs::metadata(store.path()).unwrap().permissions().mode();
+        assert_eq!(perms & 0o777, 0o600);
+        store.integrity_check().unwrap();
+    }
+}

@@ -1,0 +1,585 @@
+//! A whole control plane in namespaces: Core in an intranet namespace that
+//! nothing can reach, gateways (HA, WireGuard run by the daemon, `[core]`
+//! link), Edges behind a real nginx in a DMZ namespace, and a client with a
+//! real WireGuard interface on the public segment.
+//!
+//! ```text
+//!  intranet ns            mgmt bridge 192.0.2.0/24             public bridge 198.51.100.0/24
+//!  Core 192.0.2.1 ----+-- gw<i> ns 192.0.2.(10+i):7443 (link) -- gw<i> 198.51.100.i (XDP, HA,
+//!  (no listener)      |                                           VIP 198.51.100.100, WireGuard)
+//!                     +-- dmz ns 192.0.2.20:7444+j (Edge links) -- dmz 198.51.100.60:8080 (nginx
+//!                                                                  -> Edges on 127.0.0.1:8081+j)
+//!                                                                -- client ns 198.51.100.50
+//! ```
+//!
+//! Core dials the gateways' and Edges' link servers on the management
+//! segment; clients reach only nginx and the VIP. The PKI is made by
+//! `tidegate-core init` and `issue`. Everything is torn down on drop, in
+//! order: Core, the gateways (daemon, then its wireguard-go), nginx, the
+//! Edges, the client, the namespaces, the run directory.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::bins::binary;
+use crate::core_daemon::{CORE_BIN, CoreConfig, CoreDaemon, CorePki};
+use crate::edge::{EDGE_BIN, EdgeConfig, EdgeDaemon};
+use crate::gateway::{
+    CoreSection, GATEWAY_BIN, GatewayConfig, GatewayDaemon, HaSection, TIDECTL_BIN,
+    WireguardSection, XdpMode,
+};
+use crate::http::{self, HttpAnswer};
+use crate::netns::{Netns, bridge, veth};
+use crate::nginx::Nginx;
+use crate::run::Run;
+use crate::wait::{Probe, poll_until};
+use crate::wireguard::{DetachedWireguardGo, WgInterface};
+
+/// The location's name in Core.
+pub const LOCATION: &str = "lab";
+/// The location's floating address.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+/// The WireGuard port.
+pub const WG_PORT: u16 = 51820;
+/// The gateways' tunnel address.
+pub const GATEWAY_TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// Core's management address.
+pub const CORE_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The DMZ's management address (the Edges' link servers).
+pub const DMZ_MGMT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
+/// The DMZ's public address (nginx).
+pub const DMZ_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 60);
+/// nginx's public port.
+pub const NGINX_PORT: u16 = 8080;
+/// The client's public address.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 50);
+/// The gateways' link port on the management segment.
+pub const GATEWAY_LINK_PORT: u16 = 7443;
+/// The HA advert key of the location.
+pub const HA_KEY: &str = "tidegate-control-test-key";
+/// The Edges' body limit: small, so that an oversized test body still
+/// arrives whole with the request's first read (a body the Edge leaves
+/// unread makes its close a reset, which nginx reports as 502).
+pub const EDGE_BODY_LIMIT: usize = 2048;
+/// Most gateways and Edges a lab holds.
+pub const MAX_GATEWAYS: usize = 3;
+pub const MAX_EDGES: usize = 2;
+
+/// The management address of gateway `i` (1-based).
+pub fn gateway_mgmt(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 10 + i as u8)
+}
+
+/// The public address of gateway `i` (1-based).
+pub fn gateway_public(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, i as u8)
+}
+
+/// The link address of Edge `j` (1-based).
+pub fn edge_link(j: usize) -> SocketAddr {
+    SocketAddr::from((DMZ_MGMT, 7443 + j as u16))
+}
+
+/// The HTTP address of Edge `j` (1-based), inside the DMZ.
+pub fn edge_http(j: usize) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 8080 + j as u16))
+}
+
+/// What a lab is made of.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// 1 to 3 gateways (`gw1`...), each with `[ha]` (priority 200, 100, 50).
+    pub gateways: usize,
+    /// 0 to 2 Edges (`edge1`...) behind nginx.
+    pub edges: usize,
+    /// The location uses MFA, with this peer-disconnect threshold.
+    pub mfa_threshold_s: Option<u32>,
+    /// Core's `[mfa] challenge_ttl_s`, if set.
+    pub challenge_ttl_s: Option<u32>,
+    /// How often gateways send their status.
+    pub status_interval_ms: u64,
+    /// Start Core and create the location, gateways and Edges in it.
+    pub start_core: bool,
+    /// The gateways' tunnel address (its network holds the devices).
+    pub tunnel_address: String,
+}
+
+impl Default for ControlOptions {
+    fn default() -> Self {
+        Self {
+            gateways: 2,
+            edges: 2,
+            mfa_threshold_s: None,
+            challenge_ttl_s: None,
+            status_interval_ms: 300,
+            start_core: true,
+            tunnel_address: format!("{GATEWAY_TUNNEL}/24"),
+        }
+    }
+}
+
+/// One gateway of the lab.
+#[derive(Debug)]
+pub struct LabGateway {
+    pub name: String,
+    pub daemon: GatewayDaemon,
+    /// The wireguard-go the daemon started (stopped after the daemon).
+    pub wg: DetachedWireguardGo,
+    pub netns: Netns,
+    pub dir: PathBuf,
+}
+
+impl LabGateway {
+    /// The gateway's HA role as `tidectl status --json` reports it.
+    pub fn role(&mut self) -> Result<String> {
+        let out = self.daemon.tidectl_ok(&["status", "--json"])?;
+        let status: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(status["role"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+/// The lab. Fields drop in the order they are declared.
+#[derive(Debug)]
+pub struct ControlLab {
+    core: Option<CoreDaemon>,
+    gateways: Vec<LabGateway>,
+    nginx: Option<Nginx>,
+    edges: Vec<EdgeDaemon>,
+    client_wg: Option<WgInterface>,
+    client: Netns,
+    dmz: Netns,
+    intranet: Netns,
+    switch: Netns,
+    pki: CorePki,
+    core_dir: PathBuf,
+    options: ControlOptions,
+    run: Run,
+}
+
+impl ControlLab {
+    /// Builds the namespaces, the PKI, starts the gateways, the Edges and
+    /// nginx, then (with `start_core`) Core with the location, its gateways
+    /// and the Edges created through `tidectl`, and waits until every link
+    /// is up and every gateway runs Core's config.
+    pub fn build(options: &ControlOptions) -> Result<Self> {
+        for name in [CORE_BIN, GATEWAY_BIN, TIDECTL_BIN, EDGE_BIN] {
+            binary(name)?;
+        }
+        ensure!(
+            (1..=MAX_GATEWAYS).contains(&options.gateways) && options.edges <= MAX_EDGES,
+            "1 to {MAX_GATEWAYS} gateways and at most {MAX_EDGES} Edges"
+        );
+        let run = Run::new()?;
+        let switch = Netns::create(&run.netns_name("switch"))?;
+        let intranet = Netns::create(&run.netns_name("intranet"))?;
+        let dmz = Netns::create(&run.netns_name("dmz"))?;
+        let client = Netns::create(&run.netns_name("client"))?;
+        let mut mgmt_ports = Vec::new();
+        let mut public_ports = Vec::new();
+
+        // Core: on the management segment only.
+        let core_if = run.ifname("m0");
+        let core_port = run.ifname("mp0");
+        veth(&intranet, &core_if, &switch, &core_port)?;
+        intranet.add_addr(&core_if, &format!("{CORE_ADDR}/24"))?;
+        intranet.set_up(&core_if)?;
+        mgmt_ports.push(core_port);
+
+        // The DMZ: management (Edge links) and public (nginx).
+        let dmz_mgmt = run.ifname("md");
+        let dmz_mgmt_port = run.ifname("mpd");
+        veth(&dmz, &dmz_mgmt, &switch, &dmz_mgmt_port)?;
+        dmz.add_addr(&dmz_mgmt, &format!("{DMZ_MGMT}/24"))?;
+        dmz.set_up(&dmz_mgmt)?;
+        mgmt_ports.push(dmz_mgmt_port);
+        let dmz_public = run.ifname("pd");
+        let dmz_public_port = run.ifname("ppd");
+        veth(&dmz, &dmz_public, &switch, &dmz_public_port)?;
+        dmz.add_addr(&dmz_public, &format!("{DMZ_PUBLIC}/24"))?;
+        dmz.set_up(&dmz_public)?;
+        public_ports.push(dmz_public_port);
+
+        // The client: public only.
+        let client_if = run.ifname("c");
+        let client_port = run.ifname("pc");
+        veth(&client, &client_if, &switch, &client_port)?;
+        client.add_addr(&client_if, &format!("{CLIENT_ADDR}/24"))?;
+        client.set_up(&client_if)?;
+        public_ports.push(client_port);
+
+        let mut gateway_links = Vec::new();
+        for i in 1..=options.gateways {
+            let netns = Netns::create(&run.netns_name(&format!("gw{i}")))?;
+            let public = run.ifname(&format!("g{i}"));
+            let public_port = run.ifname(&format!("pg{i}"));
+            veth(&netns, &public, &switch, &public_port)?;
+            netns.add_addr(&public, &format!("{}/24", gateway_public(i)))?;
+            netns.set_up(&public)?;
+            public_ports.push(public_port);
+            let mgmt = run.ifname(&format!("m{i}"));
+            let mgmt_port = run.ifname(&format!("mp{i}"));
+            veth(&netns, &mgmt, &switch, &mgmt_port)?;
+            netns.add_addr(&mgmt, &format!("{}/24", gateway_mgmt(i)))?;
+            netns.set_up(&mgmt)?;
+            mgmt_ports.push(mgmt_port);
+            gateway_links.push((i, netns, public));
+        }
+        fn refs(ports: &[String]) -> Vec<&str> {
+            ports.iter().map(String::as_str).collect()
+        }
+        bridge(&switch, &run.ifname("bm"), &refs(&mgmt_ports))?;
+        bridge(&switch, &run.ifname("bp"), &refs(&public_ports))?;
+
+        let pki = CorePki::init(&run.dir().join("pki"))?;
+        let core_dir = run.dir().join("core");
+        std::fs::create_dir(&core_dir)
+            .with_context(|| format!("creating {}", core_dir.display()))?;
+
+        // Gateways: every daemon first, then wait for each.
+        let ids: Vec<usize> = (1..=options.gateways).collect();
+        let mut spawned = Vec::new();
+        for (i, netns, public) in gateway_links {
+            let name = format!("gw{i}");
+            let dir = run.dir().join(&name);
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let wg_name = run.ifname(&format!("w{i}"));
+            let wg = DetachedWireguardGo::new(&netns, &wg_name);
+            let mut config = GatewayConfig::shield(
+                &public,
+                XdpMode::Auto,
+                dir.join("gateway.sock"),
+                vec![SocketAddr::from((VIP, WG_PORT))],
+            );
+            config.state_dir = Some(dir.join("state"));
+            config.bpf_pin_dir = Some(run.bpffs()?);
+            config.wireguard = Some(WireguardSection {
+                interface: wg_name,
+                backend: "auto".into(),
+                private_key: None,
+                listen_port: None,
+                addresses: Vec::new(),
+                mtu: None,
+                stats_interval_ms: Some(200),
+                mfa: false,
+                peer_disconnect_threshold_secs: None,
+            });
+            config.ha = Some(HaSection {
+                location_id: 1,
+                gateway_id: i as u32,
+                priority: Some([200, 100, 50][i - 1]),
+                advert_interval_ms: Some(100),
+                preempt: Some(false),
+                preempt_delay_ms: None,
+                key: HA_KEY.to_owned(),
+                vips: vec![IpAddr::V4(VIP)],
+                port: None,
+                multicast_group: None,
+                peers: ids
+                    .iter()
+                    .filter(|&&other| other != i)
+                    .map(|&other| IpAddr::V4(gateway_public(other)))
+                    .collect(),
+                track: Vec::new(),
+                kick_rate: None,
+                handover_window_ms: None,
+                mode: None,
+            });
+            let mut section = CoreSection::new(
+                SocketAddr::from((gateway_mgmt(i), GATEWAY_LINK_PORT)),
+                &name,
+                pki.issue(&name)?,
+            );
+            section.status_interval_ms = Some(options.status_interval_ms);
+            config.core = Some(section);
+            let daemon = GatewayDaemon::spawn(&netns, config, &dir)?;
+            spawned.push((name, daemon, wg, netns, dir));
+        }
+        let mut gateways = Vec::new();
+        for (name, mut daemon, wg, netns, dir) in spawned {
+            daemon.wait_ready()?;
+            gateways.push(LabGateway {
+                name,
+                daemon,
+                wg,
+                netns,
+                dir,
+            });
+        }
+
+        let mut edges = Vec::new();
+        for j in 1..=options.edges {
+            let name = format!("edge{j}");
+            let dir = run.dir().join(&name);
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let mut config = EdgeConfig::new(&name, edge_http(j), edge_link(j), pki.issue(&name)?);
+            config.trusted_proxies = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+            config.body_limit_bytes = Some(EDGE_BODY_LIMIT);
+            edges.push(EdgeDaemon::start(&dmz, config, &dir)?);
+        }
+        let nginx = if options.edges > 0 {
+            let upstreams: Vec<SocketAddr> = (1..=options.edges).map(edge_http).collect();
+            Some(Nginx::start(
+                &dmz,
+                &run.dir().join("nginx"),
+                SocketAddr::from((DMZ_PUBLIC, NGINX_PORT)),
+                &upstreams,
+            )?)
+        } else {
+            None
+        };
+
+        let mut lab = Self {
+            core: None,
+            gateways,
+            nginx,
+            edges,
+            client_wg: None,
+            client,
+            dmz,
+            intranet,
+            switch,
+            pki,
+            core_dir,
+            options: options.clone(),
+            run,
+        };
+        lab.wait_master(Duration::from_secs(10))?;
+        if options.start_core {
+            lab.start_core(CoreConfig::new(&lab.core_dir, lab.pki.core_files()))?;
+            lab.create_location()?;
+        }
+        Ok(lab)
+    }
+
+    /// Waits until exactly one gateway is MASTER (by its own `tidectl
+    /// status`) and returns its index.
+    pub fn wait_master(&mut self, timeout: Duration) -> Result<usize> {
+        poll_until("one master", timeout, Duration::from_millis(100), || {
+            let mut masters = Vec::new();
+            for (index, gateway) in self.gateways.iter_mut().enumerate() {
+                if gateway.role()? == "master" {
+                    masters.push(index + 1);
+                }
+            }
+            Ok(match masters.as_slice() {
+                [one] => Probe::Ready(*one),
+                _ => Probe::NotYet(format!("masters: {masters:?}")),
+            })
+        })
+    }
+
+    /// Starts Core in the intranet namespace with `config`.
+    pub fn start_core(&mut self, config: CoreConfig) -> Result<()> {
+        let mut config = config;
+        config.challenge_ttl_s = config.challenge_ttl_s.or(self.options.challenge_ttl_s);
+        // Reconnect fast in tests.
+        config.reconnect_max_ms = config.reconnect_max_ms.or(Some(1000));
+        self.core = Some(CoreDaemon::start(&self.intranet, config, &self.core_dir)?);
+        Ok(())
+    }
+
+    /// Creates the location, its gateways and the Edges in Core, and waits
+    /// until every link is up and every gateway runs Core's config.
+    pub fn create_location(&mut self) -> Result<()> {
+        let options = self.options.clone();
+        let core = self.core_mut()?;
+        let mut args = vec![
+            "location".to_owned(),
+            "create".into(),
+            LOCATION.into(),
+            "--address".into(),
+            options.tunnel_address.clone(),
+            "--vip".into(),
+            VIP.to_string(),
+            "--port".into(),
+            WG_PORT.to_string(),
+        ];
+        if let Some(threshold) = options.mfa_threshold_s {
+            args.extend(["--mfa".into(), "--threshold".into(), threshold.to_string()]);
+        }
+        core.tidectl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        for i in 1..=options.gateways {
+            let address = SocketAddr::from((gateway_mgmt(i), GATEWAY_LINK_PORT)).to_string();
+            core.tidectl_ok(&[
+                "gateway",
+                "create",
+                &format!("gw{i}"),
+                "--location",
+                LOCATION,
+                "--address",
+                &address,
+            ])?;
+        }
+        for j in 1..=options.edges {
+            core.tidectl_ok(&[
+                "edge",
+                "create",
+                &format!("edge{j}"),
+                "--address",
+                &edge_link(j).to_string(),
+            ])?;
+        }
+        core.wait_applied(LOCATION, Duration::from_secs(30))?;
+        if options.edges > 0 {
+            core.wait_edges(Duration::from_secs(30))?;
+        }
+        Ok(())
+    }
+
+    pub fn core(&self) -> Result<&CoreDaemon> {
+        self.core.as_ref().context("Core is not started")
+    }
+
+    pub fn core_mut(&mut self) -> Result<&mut CoreDaemon> {
+        self.core.as_mut().context("Core is not started")
+    }
+
+    pub fn pki(&self) -> &CorePki {
+        &self.pki
+    }
+
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    pub fn gateway(&self, i: usize) -> &LabGateway {
+        &self.gateways[i - 1]
+    }
+
+    pub fn gateway_mut(&mut self, i: usize) -> &mut LabGateway {
+        &mut self.gateways[i - 1]
+    }
+
+    pub fn edge(&self, j: usize) -> &EdgeDaemon {
+        &self.edges[j - 1]
+    }
+
+    pub fn edge_mut(&mut self, j: usize) -> &mut EdgeDaemon {
+        &mut self.edges[j - 1]
+    }
+
+    /// nginx in front of the Edges, if the lab has Edges.
+    pub fn nginx(&self) -> Option<&Nginx> {
+        self.nginx.as_ref()
+    }
+
+    pub fn intranet(&self) -> &Netns {
+        &self.intranet
+    }
+
+    pub fn dmz(&self) -> &Netns {
+        &self.dmz
+    }
+
+    pub fn client(&self) -> &Netns {
+        &self.client
+    }
+
+    pub fn switch(&self) -> &Netns {
+        &self.switch
+    }
+
+    /// A request to the public API through nginx, sent from the client's
+    /// namespace.
+    pub fn api(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<HttpAnswer> {
+        let addr = SocketAddr::from((DMZ_PUBLIC, NGINX_PORT));
+        let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(<[u8]>::to_vec));
+        self.client
+            .run(move || http::request(addr, &method, &path, body.as_deref(), &[]))?
+    }
+
+    /// `POST path` with a JSON body through nginx, from the client.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> Result<HttpAnswer> {
+        self.api("POST", path, Some(body.to_string().as_bytes()))
+    }
+
+    /// Creates the client's WireGuard interface (a fresh key pair; no peer
+    /// yet) and returns its public key.
+    pub fn create_client_wg(&mut self) -> Result<String> {
+        let dir = self.run.dir().join("client");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let wg = WgInterface::create(&self.client, &self.run.ifname("cw"), &dir)?;
+        let key = wg.public_key().to_owned();
+        self.client_wg = Some(wg);
+        Ok(key)
+    }
+
+    /// Configures the client's WireGuard from a device config as the Edge
+    /// serves it (JSON), and brings it up.
+    pub fn apply_device_config(&mut self, config: &serde_json::Value) -> Result<()> {
+        let dir = self.run.dir().join("client");
+        let wg = self.client_wg.as_ref().context("no client interface")?;
+        let field = |name: &str| -> Result<String> {
+            config[name]
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("the device config has no {name}: {config}"))
+        };
+        let list = |name: &str| -> Vec<String> {
+            config[name]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let psk_file = dir.join("psk");
+        let mut args = vec![
+            "set".to_owned(),
+            wg.name().to_owned(),
+            "peer".into(),
+            field("server_public_key")?,
+            "endpoint".into(),
+            field("endpoint")?,
+            "allowed-ips".into(),
+            list("allowed_ips").join(","),
+        ];
+        if let Some(psk) = config["preshared_key"].as_str() {
+            std::fs::write(&psk_file, format!("{psk}\n"))
+                .with_context(|| format!("writing {}", psk_file.display()))?;
+            args.extend([
+                "preshared-key".into(),
+                psk_file.to_string_lossy().into_owned(),
+            ]);
+        }
+        wg.wg(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let addresses = list("addresses");
+        if addresses.is_empty() {
+            bail!("the device config has no addresses: {config}");
+        }
+        let existing = self.client.ip(&["-o", "addr", "show", "dev", wg.name()])?;
+        for address in &addresses {
+            let host = address.split('/').next().unwrap_or_default();
+            if !existing.contains(&format!(" {host}/")) {
+                wg.add_addr(address)?;
+            }
+        }
+        wg.up()?;
+        for net in list("allowed_ips") {
+            let _ = self
+                .client
+                .ip(&["route", "replace", &net, "dev", wg.name()]);
+        }
+        Ok(())
+    }
+
+    /// The client's WireGuard interface, if created.
+    pub fn client_wg(&self) -> Option<&WgInterface> {
+        self.client_wg.as_ref()
+    }
+
+    /// Removes the client's WireGuard interface (the device goes quiet).
+    pub fn drop_client_wg(&mut self) {
+        self.client_wg = None;
+    }
+
+    /// Where the lab's files are.
+    pub fn dir(&self) -> &Path {
+        self.run.dir()
+    }
+}

@@ -1,0 +1,580 @@
+//! The control plane end to end with the real Core: Core in an intranet
+//! namespace nothing reaches, two HA gateways and two Edges behind nginx.
+//! A device downloads its config with a one-time token and logs in with
+//! MFA through nginx; its real WireGuard tunnel carries pings; Core killed
+//! leaves tunnels up and every Edge unhealthy; Core back relinks everything
+//! on the same state; a failover asked of Core moves the VIP; an idle
+//! device's session ends. Bad client input is refused with a clear status
+//! and stores nothing, and certificates from another CA, or naming someone
+//! else, are refused in both directions.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::json;
+use tidegate_core::totp;
+use tidegate_tests::control::{
+    CORE_ADDR, EDGE_BODY_LIMIT, GATEWAY_LINK_PORT, GATEWAY_TUNNEL, LOCATION, edge_link,
+    gateway_mgmt,
+};
+use tidegate_tests::http::HttpAnswer;
+use tidegate_tests::{
+    ControlLab, ControlOptions, CoreConfig, Probe, TestPki, poll_until, require_root,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A user and a device of the client's key: the user's TOTP secret.
+fn enrol(lab: &mut ControlLab, public_key: &str) -> Result<Vec<u8>> {
+    let core = lab.core()?;
+    let user = core.tidectl_json(&["user", "create", "alice"])?;
+    let secret = user["totp_secret"]
+        .as_str()
+        .context("no TOTP secret printed")?;
+    core.tidectl_ok(&[
+        "device",
+        "create",
+        "laptop",
+        "--user",
+        "alice",
+        "--location",
+        LOCATION,
+        "--public-key",
+        public_key,
+    ])?;
+    totp::secret_from_base32(secret).context("the TOTP secret is not base32")
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The code of the current step.
+fn code(secret: &[u8]) -> String {
+    totp::code_at(secret, totp::step_at(now_s()))
+}
+
+/// A code no step near now has.
+fn wrong_code(secret: &[u8]) -> String {
+    let step = totp::step_at(now_s());
+    (0..1_000_000)
+        .map(|n| format!("{n:06}"))
+        .find(|c| (step - 2..=step + 2).all(|s| totp::code_at(secret, s) != *c))
+        .unwrap_or_default()
+}
+
+/// Checks an API error: the HTTP status and the error code.
+fn refused(answer: &HttpAnswer, status: u16, code: &str) -> Result<()> {
+    ensure!(
+        answer.status == status,
+        "expected {status} {code}, got {} {}",
+        answer.status,
+        answer.body
+    );
+    let body = answer.json()?;
+    ensure!(
+        body["error"]["code"] == code
+            && body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+        "expected code {code} and a message, got {body}"
+    );
+    Ok(())
+}
+
+fn start(lab: &ControlLab, public_key: &str) -> Result<String> {
+    let answer = lab.post(
+        "/api/v1/mfa/start",
+        &json!({"location": LOCATION, "public_key": public_key}),
+    )?;
+    ensure!(
+        answer.status == 200,
+        "MFA start: {} {}",
+        answer.status,
+        answer.body
+    );
+    answer.json()?["session"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no session in the MFA challenge")
+}
+
+fn finish(lab: &ControlLab, session: &str, code: &str) -> Result<HttpAnswer> {
+    lab.post(
+        "/api/v1/mfa/finish",
+        &json!({"session": session, "code": code}),
+    )
+}
+
+/// The location's config version and whether the device has a session.
+fn stored_state(lab: &ControlLab) -> Result<(u64, bool)> {
+    let core = lab.core()?;
+    let location = core.tidectl_json(&["location", "show", LOCATION])?;
+    let device = core.tidectl_json(&["device", "show", "laptop"])?;
+    Ok((
+        location["version"].as_u64().unwrap_or_default(),
+        device["mfa_session"].as_bool().unwrap_or_default(),
+    ))
+}
+
+fn event_kinds(lab: &ControlLab) -> Result<Vec<String>> {
+    let events = lab.core()?.tidectl_json(&["events", "--limit", "1000"])?;
+    Ok(events["events"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Whether a TCP connection to `addr` from inside `lab`'s DMZ succeeds.
+fn dmz_connects(lab: &ControlLab, addr: SocketAddr) -> Result<bool> {
+    lab.dmz()
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+}
+
+#[test]
+fn bad_client_input_is_refused_and_nothing_is_stored() -> Result<()> {
+    require_root();
+    let mut lab = ControlLab::build(&ControlOptions {
+        mfa_threshold_s: Some(300),
+        challenge_ttl_s: Some(10),
+        ..ControlOptions::default()
+    })?;
+    let key = lab.create_client_wg()?;
+    let secret = enrol(&mut lab, &key)?;
+    let before = stored_state(&lab)?;
+
+    // Malformed and oversized requests stop at the Edge.
+    refused(
+        &lab.api("POST", "/api/v1/mfa/start", Some(b"{\"location\": "))?,
+        400,
+        "invalid",
+    )?;
+    refused(
+        &lab.post(
+            "/api/v1/mfa/start",
+            &json!({"location": LOCATION, "public_key": "abc"}),
+        )?,
+        400,
+        "invalid",
+    )?;
+    let big = json!({"location": LOCATION, "public_key": "x".repeat(2 * EDGE_BODY_LIMIT)});
+    refused(&lab.post("/api/v1/mfa/start", &big)?, 413, "too-large")?;
+    // Core's answers.
+    refused(
+        &lab.post(
+            "/api/v1/mfa/start",
+            &json!({"location": "nowhere", "public_key": key}),
+        )?,
+        404,
+        "not-found",
+    )?;
+    let stranger = tidegate_core::keys::Key::generate_private()
+        .public()
+        .to_base64();
+    refused(
+        &lab.post(
+            "/api/v1/mfa/start",
+            &json!({"location": LOCATION, "public_key": stranger}),
+        )?,
+        404,
+        "not-found",
+    )?;
+    refused(
+        &finish(&lab, "no-such-session", "123456")?,
+        404,
+        "not-found",
+    )?;
+    refused(
+        &lab.post("/api/v1/device-config", &json!({"token": "A".repeat(43)}))?,
+        401,
+        "unauthorized",
+    )?;
+    let short = lab
+        .core()?
+        .tidectl_json(&["device", "token", "laptop", "--ttl", "1"])?;
+    std::thread::sleep(Duration::from_millis(1500));
+    refused(
+        &lab.post("/api/v1/device-config", &json!({"token": short["token"]}))?,
+        410,
+        "expired",
+    )?;
+
+    // A wrong code is refused, and the right one still works after it: the
+    // wrong one used nothing up.
+    let session = start(&lab, &key)?;
+    refused(
+        &finish(&lab, &session, &wrong_code(&secret))?,
+        401,
+        "unauthorized",
+    )?;
+    ensure!(
+        stored_state(&lab)? == before,
+        "a refused login stored something"
+    );
+    let answer = finish(&lab, &session, &code(&secret))?;
+    ensure!(answer.status == 200, "{} {}", answer.status, answer.body);
+    let after_login = stored_state(&lab)?;
+    ensure!(
+        after_login.1 && after_login.0 == before.0 + 1,
+        "{after_login:?}"
+    );
+    // The same code again, in a new login: a replay.
+    let replay = start(&lab, &key)?;
+    let answer = finish(&lab, &replay, &code(&secret))?;
+    refused(&answer, 401, "unauthorized")?;
+    ensure!(
+        answer.body.contains("used already"),
+        "the replay is not named: {}",
+        answer.body
+    );
+    // An expired login.
+    let stale = start(&lab, &key)?;
+    std::thread::sleep(Duration::from_secs(11));
+    refused(&finish(&lab, &stale, &code(&secret))?, 410, "expired")?;
+    ensure!(
+        stored_state(&lab)? == after_login,
+        "a refused request changed the store"
+    );
+    let logins = event_kinds(&lab)?
+        .iter()
+        .filter(|k| *k == "mfa-login")
+        .count();
+    ensure!(logins == 1, "{logins} logins logged, 1 expected");
+    Ok(())
+}
+
+#[test]
+fn an_mfa_login_survives_core_outages_and_ends_when_idle() -> Result<()> {
+    require_root();
+    let threshold = 20;
+    let mut lab = ControlLab::build(&ControlOptions {
+        mfa_threshold_s: Some(threshold),
+        ..ControlOptions::default()
+    })?;
+
+    // Nothing reaches Core: it listens on no TCP port, and a connection
+    // from the DMZ to its address fails.
+    let listening = lab.intranet().exec_ok("ss", &["-Htln"])?;
+    ensure!(
+        listening.trim().is_empty(),
+        "Core's namespace listens: {listening}"
+    );
+    for port in [GATEWAY_LINK_PORT, edge_link(1).port(), 443, 80] {
+        let addr = SocketAddr::from((CORE_ADDR, port));
+        ensure!(!dmz_connects(&lab, addr)?, "the DMZ reached Core at {addr}");
+    }
+    // The DMZ does reach what Core dials (the management segment works).
+    ensure!(dmz_connects(
+        &lab,
+        SocketAddr::from((gateway_mgmt(1), GATEWAY_LINK_PORT))
+    )?);
+
+    let key = lab.create_client_wg()?;
+    let secret = enrol(&mut lab, &key)?;
+
+    // The one-time config download: once.
+    let token = lab.core()?.tidectl_json(&["device", "token", "laptop"])?;
+    let download = lab.post("/api/v1/device-config", &json!({"token": token["token"]}))?;
+    ensure!(
+        download.status == 200,
+        "{} {}",
+        download.status,
+        download.body
+    );
+    let config = download.json()?;
+    ensure!(
+        config["device"] == "laptop"
+            && config["endpoint"] == "198.51.100.100:51820"
+            && config.get("preshared_key").is_none(),
+        "{config}"
+    );
+    refused(
+        &lab.post("/api/v1/device-config", &json!({"token": token["token"]}))?,
+        401,
+        "unauthorized",
+    )?;
+
+    // MFA login through nginx, then the tunnel.
+    let session = start(&lab, &key)?;
+    let answer = finish(&lab, &session, &code(&secret))?;
+    ensure!(answer.status == 200, "{} {}", answer.status, answer.body);
+    let config = answer.json()?;
+    ensure!(
+        config["preshared_key"]
+            .as_str()
+            .is_some_and(|k| k.len() == 44),
+        "{config}"
+    );
+    lab.apply_device_config(&config)?;
+    let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
+    ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
+    let status = lab.core()?.location_status(LOCATION)?;
+    ensure!(status["mfa_sessions"] == 1, "{status}");
+    let master = lab.wait_master(WAIT)?;
+    let master_peers = lab.gateway_mut(master).daemon.peers()?;
+    ensure!(
+        master_peers.peer(&key).is_some(),
+        "the master gw{master} has no peer for the device"
+    );
+
+    // Core killed: tunnels stay, every Edge says it has no Core.
+    lab.core_mut()?.kill()?;
+    for j in 1..=2 {
+        let answer = lab.edge_mut(j).wait_health(503, WAIT)?;
+        ensure!(
+            answer.body.contains("Core"),
+            "edge{j} /health: {}",
+            answer.body
+        );
+    }
+    let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
+    ensure!(ping.received == 3, "without Core: {}", ping.summary);
+    refused(
+        &lab.post(
+            "/api/v1/mfa/start",
+            &json!({"location": LOCATION, "public_key": key}),
+        )?,
+        503,
+        "unavailable",
+    )?;
+
+    // Core back: every link again, on the same state.
+    lab.core_mut()?.restart()?;
+    let status = lab.core_mut()?.wait_applied(LOCATION, WAIT)?;
+    ensure!(status["mfa_sessions"] == 1, "{status}");
+    lab.core_mut()?.wait_edges(WAIT)?;
+    for j in 1..=2 {
+        lab.edge_mut(j).wait_health(200, WAIT)?;
+    }
+    let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
+    ensure!(ping.received == 3, "after Core's restart: {}", ping.summary);
+    let connects = event_kinds(&lab)?
+        .iter()
+        .filter(|k| *k == "gateway-connected")
+        .count();
+    ensure!(connects >= 4, "{connects} gateway links logged, 4 expected");
+
+    // A planned failover asked of Core: the master hands over.
+    let master = lab.wait_master(WAIT)?;
+    let backup = 3 - master;
+    let out = lab
+        .core()?
+        .tidectl_ok(&["failover", "--location", LOCATION])?;
+    ensure!(out.contains(&format!("gw{master}")), "{out}");
+    poll_until(
+        "the backup to become master",
+        WAIT,
+        Duration::from_millis(100),
+        || {
+            let status = lab.core()?.location_status(LOCATION)?;
+            let role = |i: usize| {
+                status["gateways"][i - 1]["role"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            Ok(if role(backup) == "master" && role(master) == "backup" {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(status["gateways"].to_string())
+            })
+        },
+    )?;
+    let kinds = event_kinds(&lab)?;
+    ensure!(
+        kinds.iter().any(|k| k == "failover") && kinds.iter().any(|k| k == "role-change"),
+        "{kinds:?}"
+    );
+
+    // The device goes quiet: the gateways remove its peer and Core ends the
+    // session.
+    lab.drop_client_wg();
+    let wait = Duration::from_secs(u64::from(threshold) * 2 + 15);
+    poll_until(
+        "the idle device's session to end",
+        wait,
+        Duration::from_millis(500),
+        || {
+            let (_, session) = stored_state(&lab)?;
+            Ok(if session {
+                Probe::NotYet("session still on".into())
+            } else {
+                Probe::Ready(())
+            })
+        },
+    )?;
+    ensure!(event_kinds(&lab)?.iter().any(|k| k == "mfa-session-end"));
+    let status = lab.core_mut()?.wait_applied(LOCATION, WAIT)?;
+    ensure!(status["mfa_sessions"] == 0, "{status}");
+    for i in 1..=2 {
+        // `tidectl peers` shows the last stats poll: wait for one after.
+        poll_until(
+            &format!("gw{i} to drop the device's peer"),
+            WAIT,
+            Duration::from_millis(100),
+            || {
+                let peers = lab.gateway_mut(i).daemon.peers()?;
+                Ok(if peers.peer(&key).is_none() {
+                    Probe::Ready(())
+                } else {
+                    Probe::NotYet(format!("{peers:?}"))
+                })
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Waits until Core reports the link to every gateway and Edge down with
+/// an error containing one of `needles`; returns the errors.
+fn wait_refused(lab: &ControlLab, needles: &[&str]) -> Result<Vec<String>> {
+    poll_until(
+        "every link to be refused",
+        WAIT,
+        Duration::from_millis(200),
+        || {
+            let core = lab.core()?;
+            let status = core.location_status(LOCATION)?;
+            let edges = core.tidectl_json(&["edge", "list"])?;
+            let mut errors = Vec::new();
+            for link in status["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(edges["edges"].as_array().into_iter().flatten())
+            {
+                if link["connected"].as_bool() == Some(true) {
+                    bail!("{} linked: {link}", link["name"]);
+                }
+                errors.push(link["link_error"].as_str().unwrap_or_default().to_owned());
+            }
+            Ok(
+                if errors.len() == 2 && errors.iter().all(|e| needles.iter().any(|n| e.contains(n)))
+                {
+                    Probe::Ready(errors)
+                } else {
+                    Probe::NotYet(format!("{errors:?}"))
+                },
+            )
+        },
+    )
+}
+
+fn set_gateway_identity(lab: &ControlLab, identity: &str) -> Result<()> {
+    lab.core()?
+        .tidectl_ok(&["gateway", "change", "gw1", "--identity", identity])?;
+    lab.core()?
+        .tidectl_ok(&["edge", "change", "edge1", "--identity", identity])?;
+    Ok(())
+}
+
+#[test]
+fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<()> {
+    require_root();
+    let mut lab = ControlLab::build(&ControlOptions {
+        gateways: 1,
+        edges: 1,
+        start_core: false,
+        ..ControlOptions::default()
+    })?;
+    let foreign = TestPki::new(lab.dir(), "foreign")?;
+    let ours = lab.pki().core_files();
+    let foreign_core = foreign.issue("core")?;
+    let core_dir = lab.dir().join("core");
+
+    // Core with a certificate of another CA: the gateway and the Edge
+    // refuse it in the handshake.
+    lab.start_core(CoreConfig::new(
+        &core_dir,
+        tidegate_tests::CertFiles {
+            ca: ours.ca.clone(),
+            cert: foreign_core.cert.clone(),
+            key: foreign_core.key.clone(),
+        },
+    ))?;
+    lab.core()?.tidectl_ok(&[
+        "location",
+        "create",
+        LOCATION,
+        "--address",
+        "10.77.0.1/24",
+        "--vip",
+        "198.51.100.100",
+    ])?;
+    lab.core()?.tidectl_ok(&[
+        "gateway",
+        "create",
+        "gw1",
+        "--location",
+        LOCATION,
+        "--address",
+        &SocketAddr::from((gateway_mgmt(1), GATEWAY_LINK_PORT)).to_string(),
+    ])?;
+    lab.core()?.tidectl_ok(&[
+        "edge",
+        "create",
+        "edge1",
+        "--address",
+        &edge_link(1).to_string(),
+    ])?;
+    let errors = wait_refused(&lab, &["received fatal alert: UnknownCA"])?;
+    println!("Core's certificate of another CA: {errors:?}");
+    lab.edge_mut(1).wait_health(503, WAIT)?;
+
+    // Core trusting only another CA: it refuses the gateway's and the
+    // Edge's certificates.
+    lab.core_mut()?.stop()?;
+    lab.start_core(CoreConfig::new(
+        &core_dir,
+        tidegate_tests::CertFiles {
+            ca: foreign.ca_file().to_owned(),
+            cert: ours.cert.clone(),
+            key: ours.key.clone(),
+        },
+    ))?;
+    let errors = wait_refused(&lab, &["invalid peer certificate: UnknownIssuer"])?;
+    println!("their certificates of another CA: {errors:?}");
+
+    // Our CA, but the peer's certificate names someone else: Core refuses.
+    lab.core_mut()?.stop()?;
+    lab.start_core(CoreConfig::new(&core_dir, ours.clone()))?;
+    set_gateway_identity(&lab, "gw9")?;
+    let errors = wait_refused(&lab, &["certificate not valid for name \"gw9\""])?;
+    println!("certificates naming someone else: {errors:?}");
+
+    // Core presenting a certificate of our CA that does not name Core (a
+    // gateway's): the gateway and the Edge refuse it.
+    lab.core_mut()?.stop()?;
+    let not_core = lab.pki().issue("impostor")?;
+    lab.start_core(CoreConfig::new(
+        &core_dir,
+        tidegate_tests::CertFiles {
+            ca: ours.ca.clone(),
+            cert: not_core.cert,
+            key: not_core.key,
+        },
+    ))?;
+    set_gateway_identity(&lab, "gw1")?;
+    lab.core()?
+        .tidectl_ok(&["edge", "change", "edge1", "--identity", "edge1"])?;
+    let errors = wait_refused(
+        &lab,
+        &["(PermissionDenied): only Core (core) may open a Link"],
+    )?;
+    println!("Core's certificate naming someone else: {errors:?}");
+
+    // And with the right certificates everything links.
+    lab.core_mut()?.stop()?;
+    lab.start_core(CoreConfig::new(&core_dir, ours))?;
+    lab.core_mut()?.wait_applied(LOCATION, WAIT)?;
+    lab.core_mut()?.wait_edges(WAIT)?;
+    lab.edge_mut(1).wait_health(200, WAIT)?;
+    Ok(())
+}
