@@ -7,7 +7,9 @@
 
 pub mod client;
 pub mod director;
+pub mod egress;
 pub mod fence;
+pub mod handover;
 pub mod maps;
 pub mod service;
 pub mod stats;

@@ -43,6 +43,32 @@ pub const COUNTERS: &str = "COUNTERS";
 /// Entries in [`COUNTERS`].
 pub const COUNTERS_LEN: u32 = 1;
 
+/// Name of the TC program on the public interface's egress (the egress
+/// guard, see [`crate::egress`]).
+pub const EGRESS_PROGRAM: &str = "tidegate_egress";
+
+/// The egress guard's settings: the program's `EGRESS` global, a
+/// [`crate::egress::Egress`], alone in this section (a one-entry array map).
+pub const EGRESS: &str = ".bss.egress";
+
+/// Per-CPU egress counters: one [`crate::egress::EgressCounters`] entry.
+pub const EGRESS_COUNTERS: &str = "EGRESS_COUNTERS";
+
+/// Clients this gateway owns in director mode: an LRU hash map from
+/// [`crate::client::ClientKey`] to [`crate::egress::Owned`].
+pub const OWNED: &str = "OWNED";
+/// Entries in [`OWNED`].
+pub const OWNED_LEN: u32 = 131_072;
+
+/// Sender indices of the handshake messages this gateway sent: an LRU hash
+/// map from the index (as on the wire, read as a native `u32`) to the
+/// `jiffies` it was seen at.
+pub const OWN_INDICES: &str = "OWN_INDICES";
+
+/// The second-chance window of a planned handover: the program's
+/// `HANDOVER` global, a [`crate::handover::Handover`], alone in this
+/// section (a one-entry array map).
+pub const HANDOVER: &str = ".bss.handover";
 /// The director's settings: the program's `DIRECTOR` global, a
 /// [`crate::director::Director`], alone in this section (a one-entry array
 /// map, as [`SERVICE_PORTS`]).
@@ -67,13 +93,18 @@ pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
 pub const BACKEND_COUNTERS_LEN: u32 = crate::director::MAX_BACKENDS as u32;
 
 /// Every map the object must define, for checks in user space.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 16] = [
     FENCE,
     SERVICE_PORTS,
     SERVICE_V4,
     SERVICE_V6,
     COUNTER_ROWS,
     COUNTERS,
+    EGRESS,
+    EGRESS_COUNTERS,
+    OWNED,
+    OWN_INDICES,
+    HANDOVER,
     DIRECTOR,
     BACKENDS,
     MAGLEV,

@@ -16,8 +16,9 @@ pub enum Verdict {
     Drop = 1,
     /// `XDP_PASS`: on to the kernel's stack, untouched.
     Pass = 2,
-    /// `XDP_TX`: back out of the interface it came in on, to another
-    /// gateway (the director).
+    /// `XDP_TX`: back out of the interface it came in on, Ethernet
+    /// addresses rewritten, to another gateway (the director, the
+    /// handover).
     Tx = 3,
 }
 
@@ -70,11 +71,15 @@ pub enum Counter {
     /// WireGuard to a VIP that the director sent on to the gateway the
     /// client is pinned to (see `director`).
     Steered = 13,
+    /// WireGuard of a session this gateway did not make, during the
+    /// second-chance window of a planned handover: sent on to the other
+    /// gateway (see `tidegate_common::handover`).
+    HandedOver = 14,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Self::NotService,
         Self::Fragment,
         Self::Unparsed,
@@ -89,6 +94,7 @@ impl Counter {
         Self::Aborted,
         Self::Fenced,
         Self::Steered,
+        Self::HandedOver,
     ];
 
     /// The verdict the program returns when it counts this outcome.
@@ -107,7 +113,7 @@ impl Counter {
             | Self::BadReserved
             | Self::Fenced => Verdict::Drop,
             Self::Aborted => Verdict::Aborted,
-            Self::Steered => Verdict::Tx,
+            Self::Steered | Self::HandedOver => Verdict::Tx,
         }
     }
 
@@ -137,6 +143,7 @@ impl Counter {
             Self::Aborted => "aborted",
             Self::Fenced => "fenced",
             Self::Steered => "wg-steered",
+            Self::HandedOver => "handed-over",
         }
     }
 }

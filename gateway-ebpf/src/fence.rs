@@ -142,7 +142,7 @@ pub fn icmpv6(frame: &Frame, off: usize) -> Counter {
 
 /// The lease holds: the agent renewed it recently enough.
 #[inline(always)]
-fn lease_holds() -> bool {
+pub fn lease_holds() -> bool {
     // SAFETY: takes nothing; the kernel inlines it into one load of `jiffies`.
     let now = unsafe { bpf_jiffies64() };
     now < FENCE.expires()

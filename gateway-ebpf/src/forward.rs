@@ -1,6 +1,7 @@
 //! Sending a frame on to another gateway on the same segment: its Ethernet
 //! addresses rewritten (to that gateway, from this one), out of the
-//! interface it came in on (`XDP_TX`). The director steers with it.
+//! interface it came in on (`XDP_TX`). The director steers with it, and the
+//! handover step hands frames of the other gateway's sessions on with it.
 
 use crate::parse::Frame;
 

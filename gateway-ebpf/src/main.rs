@@ -7,21 +7,33 @@
 //! them are dropped. On the VIP holder in director mode, the program
 //! `tidegate_director` takes its place: the same checks, and WireGuard to
 //! the VIPs steered, each client to the gateway it is pinned to. Every
-//! frame bumps exactly one per-CPU counter naming its outcome.
+//! frame bumps exactly one per-CPU counter naming its outcome. For failover
+//! continuity it hands frames of the other gateway's sessions on during a
+//! planned handover (`handover`), and a TC program on the interface's
+//! egress keeps what the gateway sends to its own clients and from a VIP
+//! (`egress`).
 #![no_std]
 #![no_main]
 
+mod continuity_maps;
 mod director;
+mod egress;
 mod fast;
 mod fence;
 mod forward;
+mod handover;
 mod maps;
 mod parse;
 mod shield;
 mod stats;
+mod udp_wg;
 mod wireguard;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use tidegate_common::stats::{Counter, Verdict};
 
 /// Entry point: classify the frame, count it, return its verdict.
@@ -46,7 +58,14 @@ fn run<const STEER: bool>(ctx: &XdpContext) -> u32 {
         Some(counter) => counter,
         None => return walk::<STEER>(frame.start, frame.end),
     };
-    count(counter, frame.len())
+    count(handover::hook(&frame, counter), frame.len())
+}
+
+/// The egress guard on the public interface: WireGuard leaves from a VIP,
+/// and only to clients this gateway owns.
+#[classifier]
+pub fn tidegate_egress(ctx: TcContext) -> i32 {
+    egress::guard(&ctx)
 }
 
 /// Renews the VIP fence's lease. User space runs it through
@@ -66,7 +85,10 @@ pub fn tidegate_renew(ctx: XdpContext) -> u32 {
 #[inline(never)]
 fn walk<const STEER: bool>(start: usize, end: usize) -> u32 {
     let frame = parse::Frame { start, end };
-    count(shield::classify::<STEER>(&frame), frame.len())
+    count(
+        handover::hook(&frame, shield::classify::<STEER>(&frame)),
+        frame.len(),
+    )
 }
 
 /// Counts a frame of `len` bytes under `counter` and returns its verdict.

@@ -17,7 +17,7 @@ use crate::{
     director::{DirectorConfig, maglev::is_prime},
     ha::{
         advert::{AdvertKey, MAX_VIPS},
-        agent::{HaConfig, HaMode},
+        agent::{Continuity, HaConfig, HaMode},
         machine::Settings,
         transport::Destination,
     },
@@ -57,6 +57,17 @@ const MAX_ADVERT_INTERVAL_MS: u64 = 10_000;
 const DEFAULT_HA_PORT: u16 = 51899;
 const DEFAULT_MULTICAST_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 18);
 const MIN_HA_KEY: usize = 16;
+/// Failover continuity defaults and bounds.
+const DEFAULT_KICK_RATE: u32 = 2000;
+const MAX_KICK_RATE: u32 = 100_000;
+const DEFAULT_KICK_WINDOW_SECS: u64 = 180;
+const MAX_KICK_WINDOW_SECS: u64 = 3600;
+const DEFAULT_HANDOVER_WINDOW_MS: u64 = 2000;
+const MAX_HANDOVER_WINDOW_MS: u64 = 60_000;
+const DEFAULT_ENDPOINT_REFRESH_SECS: u64 = 30;
+const MAX_ENDPOINT_REFRESH_SECS: u64 = 3600;
+const DEFAULT_ENDPOINT_MAX_AGE_SECS: u64 = 600;
+const MAX_ENDPOINT_MAX_AGE_SECS: u64 = 86_400;
 /// Director bounds: Maglev table sizes (primes; the program holds up to
 /// `MAX_TABLE_SIZE` entries) and session map capacities.
 const MIN_DIRECTOR_TABLE_SIZE: u32 = 251;
@@ -197,6 +208,11 @@ struct HaSection {
     peers: Vec<IpAddr>,
     #[serde(default)]
     track: Vec<TrackEntry>,
+    kick_rate: Option<u32>,
+    kick_window_secs: Option<u64>,
+    handover_window_ms: Option<u64>,
+    endpoint_refresh_secs: Option<u64>,
+    endpoint_max_age_secs: Option<u64>,
     /// `active-standby` (the default) or `director`.
     #[serde(default = "default_mode")]
     mode: HaMode,
@@ -498,6 +514,59 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
         }
         track.push((entry.interface, entry.weight));
     }
+    let bounded = |field, value: u64, min: u64, max: u64| {
+        if (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(bad(field, format!("{value} is outside {min}..={max}")))
+        }
+    };
+    let kick_rate = section.kick_rate.unwrap_or(DEFAULT_KICK_RATE);
+    if kick_rate > MAX_KICK_RATE {
+        return Err(bad(
+            "kick_rate",
+            format!("{kick_rate} is above {MAX_KICK_RATE} handshakes per second"),
+        ));
+    }
+    let kick_window = bounded(
+        "kick_window_secs",
+        section.kick_window_secs.unwrap_or(DEFAULT_KICK_WINDOW_SECS),
+        1,
+        MAX_KICK_WINDOW_SECS,
+    )?;
+    let handover_window = bounded(
+        "handover_window_ms",
+        section
+            .handover_window_ms
+            .unwrap_or(DEFAULT_HANDOVER_WINDOW_MS),
+        0,
+        MAX_HANDOVER_WINDOW_MS,
+    )?;
+    let refresh = bounded(
+        "endpoint_refresh_secs",
+        section
+            .endpoint_refresh_secs
+            .unwrap_or(DEFAULT_ENDPOINT_REFRESH_SECS),
+        1,
+        MAX_ENDPOINT_REFRESH_SECS,
+    )?;
+    let max_age = bounded(
+        "endpoint_max_age_secs",
+        section
+            .endpoint_max_age_secs
+            .unwrap_or(DEFAULT_ENDPOINT_MAX_AGE_SECS),
+        1,
+        MAX_ENDPOINT_MAX_AGE_SECS,
+    )?;
+    if max_age < kick_window {
+        return Err(bad(
+            "endpoint_max_age_secs",
+            format!(
+                "{max_age} is below kick_window_secs ({kick_window}): \
+                 the table would forget peers a failover is to kick"
+            ),
+        ));
+    }
     let director = match section.mode {
         HaMode::ActiveStandby => {
             for (field, set) in [
@@ -571,6 +640,13 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
         destination,
         track,
         interface: interface.to_owned(),
+        continuity: Continuity {
+            kick_rate,
+            kick_window: Duration::from_secs(kick_window),
+            handover_window: Duration::from_millis(handover_window),
+            endpoint_refresh: Duration::from_secs(refresh),
+            endpoint_max_age: Duration::from_secs(max_age),
+        },
         director,
     })
 }
@@ -1026,10 +1102,22 @@ mod tests {
         assert_eq!(ha.interface, "eth0");
         assert_eq!(ha.vips.len(), 2);
         assert!(ha.track.is_empty());
+        assert_eq!(
+            ha.continuity,
+            Continuity {
+                kick_rate: 2000,
+                kick_window: Duration::from_secs(180),
+                handover_window: Duration::from_secs(2),
+                endpoint_refresh: Duration::from_secs(30),
+                endpoint_max_age: Duration::from_secs(600),
+            }
+        );
 
         let more = format!(
             "{HA}priority = 200\nadvert_interval_ms = 20\npreempt = false\npreempt_delay_ms = 5000\n\
-             peers = [\"198.51.100.3\"]\n[[ha.track]]\ninterface = \"uplink0\"\nweight = 50\n"
+             peers = [\"198.51.100.3\"]\nkick_rate = 0\nkick_window_secs = 60\nhandover_window_ms = 0\n\
+             endpoint_refresh_secs = 5\nendpoint_max_age_secs = 60\n\
+             [[ha.track]]\ninterface = \"uplink0\"\nweight = 50\n"
         );
         let ha = parse(&with_ha(&more)).unwrap().ha.unwrap();
         assert_eq!(ha.election.priority, 200);
@@ -1041,6 +1129,16 @@ mod tests {
             Destination::Unicast(vec!["198.51.100.3".parse().unwrap()])
         );
         assert_eq!(ha.track, [("uplink0".to_owned(), 50)]);
+        assert_eq!(
+            ha.continuity,
+            Continuity {
+                kick_rate: 0,
+                kick_window: Duration::from_secs(60),
+                handover_window: Duration::ZERO,
+                endpoint_refresh: Duration::from_secs(5),
+                endpoint_max_age: Duration::from_secs(60),
+            }
+        );
         assert_eq!(ha.director, None);
     }
 
@@ -1127,6 +1225,26 @@ mod tests {
             (
                 format!("{HA}frobnicate = 1\n"),
                 "unknown field `frobnicate`",
+            ),
+            (
+                format!("{HA}kick_rate = 1000000\n"),
+                "[ha] kick_rate: 1000000 is above 100000",
+            ),
+            (
+                format!("{HA}kick_window_secs = 0\n"),
+                "[ha] kick_window_secs: 0 is outside 1..=3600",
+            ),
+            (
+                format!("{HA}handover_window_ms = 90000\n"),
+                "[ha] handover_window_ms: 90000 is outside 0..=60000",
+            ),
+            (
+                format!("{HA}endpoint_refresh_secs = 0\n"),
+                "[ha] endpoint_refresh_secs: 0 is outside",
+            ),
+            (
+                format!("{HA}endpoint_max_age_secs = 100\n"),
+                "[ha] endpoint_max_age_secs: 100 is below kick_window_secs (180)",
             ),
             (
                 format!("{HA}mode = \"anycast\"\n"),

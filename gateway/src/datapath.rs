@@ -7,12 +7,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+use tidegate_common::client::ClientKey;
+
 use crate::{
     control::CountersReply,
     director::Desired,
     error_chain,
     xdp::{
-        Datapath, DirectorStatus, FenceStatus, ServiceTable, SessionEntry, XdpError,
+        Datapath, DirectorStatus, FenceStatus, Ownership, ServiceTable, SessionEntry, XdpError,
         director::SessionReader,
     },
 };
@@ -44,6 +46,27 @@ enum Command {
     },
     FenceStatus {
         reply: oneshot::Sender<Option<FenceStatus>>,
+    },
+    SetOwnership {
+        ownership: Ownership,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    OpenHandover {
+        peer_mac: [u8; 6],
+        own_mac: [u8; 6],
+        window: Duration,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    CloseHandover {
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    Own {
+        clients: Vec<ClientKey>,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
+    },
+    SetListenPort {
+        port: u16,
+        reply: oneshot::Sender<Result<(), DatapathError>>,
     },
     SetDirector {
         desired: Desired,
@@ -104,9 +127,56 @@ impl DatapathHandle {
 
     /// Makes the director steer (or not) across `desired`'s backends.
     pub async fn set_director(&self, desired: Desired) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::SetDirector { desired, reply })
+            .await
+    }
+
+    /// Sets what the egress guard lets this gateway send to clients.
+    pub async fn set_ownership(&self, ownership: Ownership) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::SetOwnership { ownership, reply })
+            .await
+    }
+
+    /// Opens the handover window for `window` from now: frames of sessions
+    /// this gateway did not make go to `peer_mac`, sent from `own_mac`.
+    pub async fn open_handover(
+        &self,
+        peer_mac: [u8; 6],
+        own_mac: [u8; 6],
+        window: Duration,
+    ) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::OpenHandover {
+            peer_mac,
+            own_mac,
+            window,
+            reply,
+        })
+        .await
+    }
+
+    /// Closes the handover window.
+    pub async fn close_handover(&self) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::CloseHandover { reply }).await
+    }
+
+    /// Moves the egress guard to WireGuard `port`, keeping its mode.
+    pub async fn set_listen_port(&self, port: u16) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::SetListenPort { port, reply })
+            .await
+    }
+
+    /// Adds clients to the owned table (director mode), before kicks.
+    pub async fn own(&self, clients: Vec<ClientKey>) -> Result<(), DatapathError> {
+        self.ask(|reply| Command::Own { clients, reply }).await
+    }
+
+    async fn ask(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<(), DatapathError>>) -> Command,
+    ) -> Result<(), DatapathError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::SetDirector { desired, reply })
+            .send(command(reply))
             .await
             .map_err(|_| DatapathError::Stopped)?;
         rx.await.map_err(|_| DatapathError::Stopped)?
@@ -182,6 +252,35 @@ pub fn spawn(
                 Command::FenceStatus { reply } => {
                     let _ = reply.send(datapath.fence_status());
                 }
+                Command::SetOwnership { ownership, reply } => {
+                    let result = datapath.continuity_mut().set_ownership(ownership);
+                    let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::OpenHandover {
+                    peer_mac,
+                    own_mac,
+                    window,
+                    reply,
+                } => {
+                    let result = datapath.jiffies_in(window).and_then(|until| {
+                        datapath
+                            .continuity_mut()
+                            .open_handover(peer_mac, own_mac, until)
+                    });
+                    let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::CloseHandover { reply } => {
+                    let result = datapath.continuity_mut().close_handover();
+                    let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::SetListenPort { port, reply } => {
+                    let result = datapath.continuity_mut().set_listen_port(port);
+                    let _ = reply.send(result.map_err(Into::into));
+                }
+                Command::Own { clients, reply } => {
+                    let result = datapath.continuity_mut().own(&clients);
+                    let _ = reply.send(result.map_err(Into::into));
+                }
                 Command::SetDirector { desired, reply } => {
                     let _ = reply.send(datapath.set_director(&desired).map_err(Into::into));
                 }
@@ -206,5 +305,6 @@ fn counters(datapath: &Datapath) -> Result<CountersReply, DatapathError> {
         interface: interface.to_owned(),
         xdp_mode,
         snapshot: datapath.counters()?,
+        egress: datapath.continuity().status()?,
     })
 }

@@ -15,6 +15,7 @@ use tidegate_gateway::{
     ha::{
         agent::{self, Agent},
         health,
+        syncer::{self, SyncConfig},
     },
     reload::Reloader,
     wireguard::owner::{self, Owner},
@@ -98,6 +99,18 @@ async fn run(args: Args) -> Result<()> {
         Some(wireguard) => Some(Owner::start(wireguard.clone()).await?),
         None => None,
     };
+    let local_peers = wireguard.as_ref().map(Owner::local_peers);
+    // Failover continuity needs both: the election and the WireGuard it
+    // keeps on the VIP and to the clients this gateway owns. The guard
+    // follows the listen port in force (from the file, or from Core).
+    match (&wireguard, &config.ha) {
+        (Some(wireguard), Some(_)) => datapath.attach_egress(
+            &config.interface,
+            wireguard.listen_port().unwrap_or(0),
+            &config.bpf_pin_dir,
+        )?,
+        _ => datapath.remove_stale_egress(&config.interface, &config.bpf_pin_dir)?,
+    }
     if let Some(ha) = &config.ha {
         // Fenced until the agent's first advert renews the lease. The first
         // renewal measures the kernel's tick rate (200 ms), here rather than
@@ -121,10 +134,43 @@ async fn run(args: Args) -> Result<()> {
     // The HA agent stops first, handing over while the rest still serves.
     let ha_cancel = CancellationToken::new();
     let mut ha_task = None;
-    let ha = match &config.ha {
+    let mut ha = match &config.ha {
         Some(ha) => Some(Agent::start(ha.clone(), datapath_handle.clone()).await?),
         None => None,
     };
+    if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) =
+        (ha.as_mut(), &config.ha, &wireguard_handle, local_peers)
+    {
+        let datapath = datapath_handle.clone();
+        let follow = local.clone();
+        let follow_cancel = cancel.clone();
+        tasks.spawn(async move {
+            follow_listen_port(follow, datapath, follow_cancel).await;
+            Ok(())
+        });
+        let sync_config = SyncConfig {
+            location_id: ha_config.location_id,
+            gateway_id: ha_config.election.gateway_id,
+            key: ha_config.key.clone(),
+            mac: agent.mac(),
+            refresh: ha_config.continuity.endpoint_refresh,
+            max_age: ha_config.continuity.endpoint_max_age,
+        };
+        // Stops with the data path, after the agent (which asks it for the
+        // peers to kick while it hands over).
+        let (sync, task) = syncer::spawn(
+            sync_config,
+            agent.transport(),
+            local,
+            wireguard.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            task.await;
+            Ok(())
+        });
+        agent.connect(sync, wireguard.clone());
+    }
     let ha_handle = ha.map(|ha| {
         let (handle, health_tx, task) = agent::spawn(ha, ha_cancel.clone());
         ha_task = Some(
@@ -239,6 +285,43 @@ async fn run(args: Args) -> Result<()> {
         None => {
             info!("stopped");
             Ok(())
+        }
+    }
+}
+
+/// Keeps the egress guard on the WireGuard listen port in force: a reload or
+/// Core may change it.
+async fn follow_listen_port(
+    mut local: tokio::sync::watch::Receiver<syncer::LocalPeers>,
+    datapath: datapath::DatapathHandle,
+    cancel: CancellationToken,
+) {
+    let mut guarded = local.borrow_and_update().listen_port;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = local.changed() => if changed.is_err() {
+                // The WireGuard task is gone: the daemon is stopping.
+                cancel.cancelled().await;
+                return;
+            },
+        }
+        let port = local.borrow_and_update().listen_port;
+        if port == guarded || port == 0 {
+            continue;
+        }
+        match datapath.set_listen_port(port).await {
+            Ok(()) => {
+                info!(
+                    listen_port = port,
+                    "the egress guard follows the new listen port"
+                );
+                guarded = port;
+            }
+            Err(e) => error!(
+                error = %error_chain(&e),
+                "moving the egress guard to the new listen port failed"
+            ),
         }
     }
 }

@@ -204,11 +204,9 @@ fn the_object_defines_every_map_and_the_program() {
             "map {name} is missing from the object"
         );
     }
-    assert!(
-        ebpf.program(maps::PROGRAM).is_some(),
-        "program {} is missing",
-        maps::PROGRAM
-    );
+    for name in [maps::PROGRAM, maps::RENEW_PROGRAM, maps::EGRESS_PROGRAM] {
+        assert!(ebpf.program(name).is_some(), "program {name} is missing");
+    }
 }
 
 #[test]
@@ -220,7 +218,11 @@ fn each_message_type_passes_at_its_length() {
             v4(payload.clone()).build(),
             counter,
         ));
-        cases.push(pass(format!("ipv6 {name}"), v6(payload).build(), counter));
+        cases.push(pass(
+            format!("ipv6 {name}, checksummed, from port 1024"),
+            v6(payload).sport(1024).checksums().build(),
+            counter,
+        ));
     }
     run(cases);
 }

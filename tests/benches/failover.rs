@@ -36,6 +36,9 @@ use tidegate_tests::ha::{Role, VIP, status_of};
 use tidegate_tests::keepalived::{KEEPALIVED_BIN, KeepalivedLocation, VrrpState};
 use tidegate_tests::{HaLocation, HaOptions, Netns, ProbeSummary, Prober, require_root};
 
+#[path = "failover/tunnel.rs"]
+mod tunnel;
+
 /// Priorities of gateways 1 and 2.
 const PRIORITIES: [u8; 2] = [100, 120];
 /// The master before each event.
@@ -61,14 +64,20 @@ const WARM_UP_WAIT: Duration = Duration::from_secs(3);
 /// The target: a crash costs the client less than this.
 const TARGET_CRASH_GAP_MS: f64 = 400.0;
 
-const USAGE: &str = "usage: failover [--runs N] [--only SCENARIO]
+const USAGE: &str = "usage: failover [--runs N] [--only SCENARIO] [--tunnel]
 
 Measures failover of Tidegate's HA agent and of keepalived on the same
 two-gateway namespace lab, N runs (default 10) of each scenario, and prints
 min / median / max. --only runs one scenario: tidegate-crash,
 tidegate-failover, keepalived-crash, keepalived-priority or
-keepalived-sigterm. Needs root, keepalived on PATH and the Tidegate binaries
-in $TIDEGATE_BIN_DIR (`cargo xtask bench failover` sees to all three).";
+keepalived-sigterm. --tunnel measures tunnels instead: WireGuard clients
+probing through their tunnels, crash and planned failover at 100 ms and
+20 ms adverts, Tidegate beside keepalived + WireGuard (--only takes
+tidegate-crash-100, tidegate-planned-100, tidegate-planned-nowindow-100,
+keepalived-crash-100, keepalived-priority-100, tidegate-crash-20,
+tidegate-planned-20 or keepalived-crash-20 then). Needs root, keepalived on PATH and the Tidegate
+binaries in $TIDEGATE_BIN_DIR (`cargo xtask bench failover` sees to all
+three).";
 
 /// One measured scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,15 +167,20 @@ fn main() -> ExitCode {
 struct Options {
     runs: usize,
     scenarios: Vec<Scenario>,
+    /// `--tunnel`: the tunnel scenarios instead.
+    tunnel: Option<Vec<tunnel::Scenario>>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options> {
     let mut runs = DEFAULT_RUNS;
     let mut scenarios = Scenario::ALL.to_vec();
+    let mut tunnel = false;
+    let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             // cargo bench passes this to every harness = false bench.
             "--bench" => {}
+            "--tunnel" => tunnel = true,
             "--runs" => {
                 runs = args
                     .next()
@@ -175,36 +189,47 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options> {
                     .context("--runs")?;
                 ensure!(runs > 0, "--runs must be at least 1");
             }
-            "--only" => {
-                let slug = args.next().context("--only needs a scenario")?;
-                let scenario = Scenario::ALL
-                    .into_iter()
-                    .find(|s| s.slug() == slug)
-                    .with_context(|| format!("no scenario {slug:?}"))?;
-                scenarios = vec![scenario];
-            }
+            "--only" => only = Some(args.next().context("--only needs a scenario")?),
             other => bail!("unknown argument {other:?}"),
         }
     }
-    Ok(Options { runs, scenarios })
+    if tunnel {
+        let mut list = tunnel::Scenario::ALL.to_vec();
+        if let Some(slug) = only {
+            let scenario = tunnel::Scenario::ALL
+                .into_iter()
+                .find(|s| s.slug() == slug)
+                .with_context(|| format!("no tunnel scenario {slug:?}"))?;
+            list = vec![scenario];
+        }
+        return Ok(Options {
+            runs,
+            scenarios: Vec::new(),
+            tunnel: Some(list),
+        });
+    }
+    if let Some(slug) = only {
+        let scenario = Scenario::ALL
+            .into_iter()
+            .find(|s| s.slug() == slug)
+            .with_context(|| format!("no scenario {slug:?}"))?;
+        scenarios = vec![scenario];
+    }
+    Ok(Options {
+        runs,
+        scenarios,
+        tunnel: None,
+    })
 }
 
 fn bench(options: &Options) -> Result<()> {
     let runs = options.runs;
     require_root();
     tidegate_tests::stop::install()?;
-    let version = std::process::Command::new(KEEPALIVED_BIN)
-        .arg("--version")
-        .output()
-        .with_context(|| {
-            format!("running `{KEEPALIVED_BIN} --version`: install the Debian package keepalived")
-        })?;
-    let version = String::from_utf8_lossy(&version.stderr)
-        .lines()
-        .chain(String::from_utf8_lossy(&version.stdout).lines())
-        .find(|line| line.starts_with("Keepalived"))
-        .map(str::to_owned)
-        .unwrap_or_else(|| "keepalived (version unknown)".to_owned());
+    if let Some(scenarios) = &options.tunnel {
+        return tunnel::bench(scenarios, runs, &keepalived_version()?);
+    }
+    let version = keepalived_version()?;
     println!(
         "failover: 2 gateways (priorities {PRIORITIES:?}), adverts every {ADVERT_INTERVAL_MS} ms \
          (multicast), probes every 10 ms; {runs} runs per scenario; {version}"
@@ -243,6 +268,22 @@ fn bench(options: &Options) -> Result<()> {
     println!("{}", table(&samples)?);
     println!("{}", verdict(&samples)?);
     Ok(())
+}
+
+/// keepalived's version line, or an error saying to install it.
+fn keepalived_version() -> Result<String> {
+    let version = std::process::Command::new(KEEPALIVED_BIN)
+        .arg("--version")
+        .output()
+        .with_context(|| {
+            format!("running `{KEEPALIVED_BIN} --version`: install the Debian package keepalived")
+        })?;
+    Ok(String::from_utf8_lossy(&version.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&version.stdout).lines())
+        .find(|line| line.starts_with("Keepalived"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| "keepalived (version unknown)".to_owned()))
 }
 
 /// One run of `scenario` on a fresh location.

@@ -283,6 +283,8 @@ impl ControlLab {
                     .map(|&other| IpAddr::V4(gateway_public(other)))
                     .collect(),
                 track: Vec::new(),
+                kick_rate: None,
+                handover_window_ms: None,
                 mode: None,
             });
             let mut section = CoreSection::new(

@@ -395,6 +395,8 @@ impl DirectorLocation {
                 multicast_group: None,
                 peers: Vec::new(),
                 track: Vec::new(),
+                kick_rate: None,
+                handover_window_ms: None,
                 mode: Some("director".into()),
             });
             let daemon = GatewayDaemon::spawn(&netns, config, &dir)?;

@@ -33,7 +33,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TIDECTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-reason counters every `counters --json` answer must carry.
-pub const COUNTER_NAMES: [&str; 14] = [
+pub const COUNTER_NAMES: [&str; 15] = [
     "not-service",
     "fragment",
     "unparsed",
@@ -48,6 +48,7 @@ pub const COUNTER_NAMES: [&str; 14] = [
     "aborted",
     "fenced",
     "wg-steered",
+    "handed-over",
 ];
 
 /// Totals every `counters --json` answer must carry.
@@ -182,6 +183,10 @@ pub struct HaSection {
     pub peers: Vec<IpAddr>,
     /// Tracked interfaces (`[[ha.track]]`) and their weights.
     pub track: Vec<(String, u8)>,
+    /// Handshakes kicked per second after a failover, if set.
+    pub kick_rate: Option<u32>,
+    /// The second-chance window of a handover in ms, if set.
+    pub handover_window_ms: Option<u64>,
     /// `active-standby` or `director`, if set (the daemon's default is
     /// active-standby).
     pub mode: Option<String>,
@@ -217,6 +222,12 @@ impl HaSection {
         }
         if !self.peers.is_empty() {
             let _ = writeln!(out, "peers = {}", toml_array(&to_strings(&self.peers)));
+        }
+        if let Some(rate) = self.kick_rate {
+            let _ = writeln!(out, "kick_rate = {rate}");
+        }
+        if let Some(ms) = self.handover_window_ms {
+            let _ = writeln!(out, "handover_window_ms = {ms}");
         }
         if let Some(mode) = &self.mode {
             let _ = writeln!(out, "mode = {}", toml_string(mode));
@@ -990,6 +1001,8 @@ mod tests {
             port: Some(51900),
             multicast_group: Some(Ipv4Addr::new(239, 255, 0, 9)),
             peers: Vec::new(),
+            kick_rate: Some(500),
+            handover_window_ms: Some(1500),
             mode: Some("director".into()),
         });
         assert!(
@@ -999,7 +1012,8 @@ mod tests {
                  advert_interval_ms = 50\npreempt = false\npreempt_delay_ms = 1000\n\
                  key = \"sixteen-bytes-key!\"\n\
                  vips = [\"198.51.100.100\", \"2001:db8::100\"]\nport = 51900\n\
-                 multicast_group = \"239.255.0.9\"\nmode = \"director\"\n"
+                 multicast_group = \"239.255.0.9\"\nkick_rate = 500\nhandover_window_ms = 1500\n\
+                 mode = \"director\"\n"
             ),
             "{}",
             config.to_toml()

@@ -31,12 +31,15 @@ use serde::Deserialize;
 
 use crate::bins::binary;
 use crate::cmd::CmdOutput;
-use crate::gateway::{GATEWAY_BIN, GatewayConfig, GatewayDaemon, HaSection, TIDECTL_BIN, XdpMode};
+use crate::gateway::{
+    GATEWAY_BIN, GatewayConfig, GatewayDaemon, HaSection, TIDECTL_BIN, WireguardSection, XdpMode,
+};
 use crate::netns::{Netns, bridge, veth};
 use crate::probe::ProbeSummary;
 use crate::process::Process;
 use crate::run::Run;
 use crate::wait::{Probe, poll_until};
+use crate::wireguard::DetachedWireguardGo;
 
 /// The echo service's binary.
 pub const ECHO_BIN: &str = "tidegate-echo";
@@ -67,6 +70,9 @@ pub const ADVERT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 18);
 pub const SERVICE_PORT: u16 = 51820;
 /// Most gateways a location holds here.
 pub const MAX_GATEWAYS: usize = 9;
+/// The gateways' tunnel address, the same on each (with
+/// [`HaOptions::wireguard`]); a second echo answers there.
+pub const TUNNEL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
 /// How long the first election may take once every daemon answers.
 pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,6 +111,23 @@ pub struct HaOptions {
     /// IPv6 on the segment too (2001:db8::/64), and [`VIP6`] beside the
     /// IPv4 VIP.
     pub ipv6: bool,
+    /// The location's WireGuard on every gateway (`[wireguard]`, the same
+    /// key on each; wireguard-go started by the daemon), and an echo on
+    /// [`TUNNEL_ADDR`] in each gateway.
+    pub wireguard: Option<TunnelOptions>,
+}
+
+/// The location's WireGuard, for [`HaOptions::wireguard`].
+#[derive(Debug, Clone)]
+pub struct TunnelOptions {
+    /// The location's private key (base64), the same on every gateway.
+    pub private_key: String,
+    /// `stats_interval_ms`, if set.
+    pub stats_interval_ms: Option<u64>,
+    /// `kick_rate` in `[ha]`, if set (0: no kicks).
+    pub kick_rate: Option<u32>,
+    /// `handover_window_ms` in `[ha]`, if set.
+    pub handover_window_ms: Option<u64>,
 }
 
 impl HaOptions {
@@ -116,6 +139,7 @@ impl HaOptions {
             advert_interval_ms: 100,
             tracked_uplink: None,
             ipv6: false,
+            wireguard: None,
         }
     }
 
@@ -192,6 +216,12 @@ pub struct HaStatus {
     pub peers: Vec<HaPeer>,
     pub transitions: Vec<HaTransition>,
     pub dropped: BTreeMap<String, u64>,
+    /// How the clients came back after the last failovers to this gateway.
+    #[serde(default)]
+    pub failovers: Vec<tidegate_gateway::wireguard::kick::FailoverReport>,
+    /// The location's endpoint table.
+    #[serde(default)]
+    pub endpoints: Option<tidegate_gateway::ha::syncer::SyncStatus>,
 }
 
 impl HaStatus {
@@ -245,12 +275,14 @@ pub fn status_of(statuses: &[HaStatus], id: u32) -> Result<&HaStatus> {
 
 /// One gateway: its namespace and link, its daemon and its echo service.
 ///
-/// Fields drop in order: the daemon (SIGTERM), the echo, then the
-/// namespace handle.
+/// Fields drop in order: the daemon (SIGTERM), the wireguard-go it started,
+/// the echoes, then the namespace handle.
 #[derive(Debug)]
 pub struct HaGateway {
     daemon: GatewayDaemon,
+    wireguard_go: Option<DetachedWireguardGo>,
     echo: Process,
+    tunnel_echo: Option<Process>,
     id: u32,
     priority: u8,
     ifname: String,
@@ -387,6 +419,33 @@ impl HaGateway {
     pub fn log_tail(&self) -> String {
         self.daemon.log_tail()
     }
+
+    /// The location's WireGuard interface on this gateway, if it runs one.
+    pub fn wireguard_interface(&self) -> Option<&str> {
+        self.wireguard_go
+            .as_ref()
+            .map(DetachedWireguardGo::interface)
+    }
+
+    /// The wireguard-go serving this gateway's WireGuard, if any.
+    pub fn wireguard_go(&self) -> Option<&DetachedWireguardGo> {
+        self.wireguard_go.as_ref()
+    }
+
+    /// A host crash of a gateway with WireGuard: as [`Self::crash`], and
+    /// its wireguard-go and tunnel echo die too.
+    pub fn crash_all(&mut self) -> Result<()> {
+        self.crash()?;
+        if let Some(echo) = self.tunnel_echo.as_mut() {
+            echo.kill()?;
+        }
+        if let Some(wireguard_go) = &self.wireguard_go
+            && let Some(pid) = wireguard_go.pid()?
+        {
+            crate::wireguard::signal_wireguard_go(pid, Signal::SIGKILL)?;
+        }
+        Ok(())
+    }
 }
 
 /// Whether `ifname` in `netns` holds `addr` (as a /32).
@@ -414,6 +473,12 @@ impl Prober {
             self.process.log()
         );
         self.summary()
+    }
+
+    /// Asks the prober to stop (SIGTERM) without waiting: stop many at
+    /// once, then [`Self::wait`] for each.
+    pub fn request_stop(&mut self) -> Result<()> {
+        self.process.signal(Signal::SIGTERM)
     }
 
     /// Waits for the prober to send its last probe and exit, then returns
@@ -448,6 +513,9 @@ impl Prober {
 #[derive(Debug)]
 pub struct HaLocation {
     gateways: Vec<HaGateway>,
+    /// Empty XDP programs on the switch's gateway ports (with WireGuard:
+    /// the handover sends frames between gateways with `XDP_TX`).
+    _xdp_pass: Vec<crate::xdp_pass::XdpPass>,
     client: Netns,
     switch: Netns,
     client_if: String,
@@ -504,6 +572,13 @@ impl HaLocation {
         }
         let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
         bridge(&switch, &run.ifname("br"), &port_refs)?;
+        let xdp_pass = match options.wireguard {
+            Some(_) => links
+                .iter()
+                .map(|(_, _, _, port, _)| crate::xdp_pass::attach(&switch, port))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
 
         // Every daemon first, then wait for each: one election, not a
         // gateway that wins alone before the others start.
@@ -513,6 +588,23 @@ impl HaLocation {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut config = gateway_config(options, *id, *priority, ifname, &dir, &ids);
             config.bpf_pin_dir = Some(run.bpffs()?);
+            if let Some(tunnel) = &options.wireguard {
+                config.wireguard = Some(WireguardSection {
+                    interface: run.ifname(&format!("w{id}")),
+                    backend: "userspace".into(),
+                    private_key: Some(tunnel.private_key.clone()),
+                    listen_port: Some(SERVICE_PORT),
+                    addresses: vec![format!("{TUNNEL_ADDR}/24")],
+                    mtu: None,
+                    stats_interval_ms: tunnel.stats_interval_ms,
+                    mfa: false,
+                    peer_disconnect_threshold_secs: None,
+                });
+                if let Some(ha) = config.ha.as_mut() {
+                    ha.kick_rate = tunnel.kick_rate;
+                    ha.handover_window_ms = tunnel.handover_window_ms;
+                }
+            }
             if let Some((tracking, weight)) = options.tracked_uplink
                 && tracking == *id
             {
@@ -534,18 +626,39 @@ impl HaLocation {
                     ha.track.push((UPLINK.to_owned(), weight));
                 }
             }
-            daemons.push((GatewayDaemon::spawn(netns, config, &dir)?, dir));
+            // Before the daemon is pushed: dropped after it, whatever fails.
+            let wireguard_go = config
+                .wireguard
+                .as_ref()
+                .map(|wg| DetachedWireguardGo::new(netns, &wg.interface));
+            daemons.push((
+                GatewayDaemon::spawn(netns, config, &dir)?,
+                wireguard_go,
+                dir,
+            ));
         }
         let mut gateways = Vec::new();
-        for ((mut daemon, dir), ((id, netns, ifname, switch_port, mac), priority)) in daemons
-            .into_iter()
-            .zip(links.into_iter().zip(&options.priorities))
+        for ((mut daemon, wireguard_go, dir), ((id, netns, ifname, switch_port, mac), priority)) in
+            daemons
+                .into_iter()
+                .zip(links.into_iter().zip(&options.priorities))
         {
             daemon.wait_ready()?;
             let echo = start_echo(&netns, id, &dir)?;
+            let tunnel_echo = match options.wireguard {
+                Some(_) => Some(start_echo_at(
+                    &netns,
+                    id,
+                    SocketAddr::from((TUNNEL_ADDR, ECHO_PORT)),
+                    &dir.join("tunnel-echo.log"),
+                )?),
+                None => None,
+            };
             gateways.push(HaGateway {
                 daemon,
+                wireguard_go,
                 echo,
+                tunnel_echo,
                 id,
                 priority: *priority,
                 ifname,
@@ -557,6 +670,7 @@ impl HaLocation {
         }
         let mut location = Self {
             gateways,
+            _xdp_pass: xdp_pass,
             client,
             switch,
             client_if,
@@ -566,6 +680,9 @@ impl HaLocation {
         };
         for gateway in &location.gateways {
             wait_echo(&gateway.echo)?;
+            if let Some(echo) = &gateway.tunnel_echo {
+                wait_echo(echo)?;
+            }
         }
         location.wait_master(options.expected_master(), ELECTION_TIMEOUT)?;
         Ok(location)
@@ -873,6 +990,8 @@ fn gateway_config(
         port: None,
         multicast_group: None,
         peers,
+        kick_rate: None,
+        handover_window_ms: None,
         mode: None,
     });
     config
@@ -880,11 +999,24 @@ fn gateway_config(
 
 /// Starts gateway `id`'s echo service on the VIP.
 fn start_echo(netns: &Netns, id: u32, dir: &Path) -> Result<Process> {
+    start_echo_at(
+        netns,
+        id,
+        SocketAddr::from((VIP, ECHO_PORT)),
+        &dir.join("echo.log"),
+    )
+}
+
+/// Starts gateway `id`'s echo service on `bind`, logging to `log`.
+pub fn start_echo_at(netns: &Netns, id: u32, bind: SocketAddr, log: &Path) -> Result<Process> {
     let mut command = netns.command(binary(ECHO_BIN)?);
-    command
-        .args(["--bind", &SocketAddr::from((VIP, ECHO_PORT)).to_string()])
-        .args(["--id", &id.to_string(), "--lifetime-secs", "600"]);
-    Process::spawn(ECHO_BIN, netns, command, &dir.join("echo.log"))
+    command.args(["--bind", &bind.to_string()]).args([
+        "--id",
+        &id.to_string(),
+        "--lifetime-secs",
+        "600",
+    ]);
+    Process::spawn(ECHO_BIN, netns, command, log)
 }
 
 /// Waits until an echo service says it listens.
@@ -919,11 +1051,24 @@ pub fn start_echo_service(netns: &Netns, id: u32, dir: &Path) -> Result<Process>
 /// `count` probes to the VIP, one every 10 ms, its summary and log in
 /// `dir` as `<name>.json` and `<name>.log`.
 pub fn start_prober_in(client: &Netns, dir: &Path, name: &str, count: u64) -> Result<Prober> {
+    start_prober_to(client, SocketAddr::from((VIP, ECHO_PORT)), dir, name, count)
+}
+
+/// Starts a prober in `client` sending `count` probes to `target`, one
+/// every 10 ms, its summary and log in `dir` as `<name>.json` and
+/// `<name>.log`.
+pub fn start_prober_to(
+    client: &Netns,
+    target: SocketAddr,
+    dir: &Path,
+    name: &str,
+    count: u64,
+) -> Result<Prober> {
     let out = dir.join(format!("{name}.json"));
     let log = dir.join(format!("{name}.log"));
     let mut command = client.command(binary(PROBE_BIN)?);
     command
-        .args(["--target", &SocketAddr::from((VIP, ECHO_PORT)).to_string()])
+        .args(["--target", &target.to_string()])
         .args(["--count", &count.to_string()])
         .args(["--interval-ms", "10", "--reply-wait-ms", "500", "--out"])
         .arg(&out);

@@ -27,6 +27,7 @@
 
 pub mod bins;
 pub mod cmd;
+pub mod continuity;
 pub mod control;
 pub mod core_daemon;
 pub mod director;
@@ -52,6 +53,7 @@ pub mod stop;
 pub mod wait;
 pub mod wireguard;
 pub mod xdp;
+pub mod xdp_pass;
 
 pub use bins::{BIN_DIR_ENV, bin_dir, binary};
 pub use cmd::{CmdOutput, run_bounded, run_ok, run_with_input};

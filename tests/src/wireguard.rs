@@ -262,6 +262,15 @@ impl WgInterface {
         self.daemon.as_ref()
     }
 
+    /// Kills the wireguard-go serving the interface (SIGKILL), as a host
+    /// crash would; a kernel interface is left alone.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(daemon) = self.daemon.as_mut() {
+            daemon.kill()?;
+        }
+        Ok(())
+    }
+
     /// Runs `wg <args>` inside the interface's namespace.
     pub fn wg(&self, args: &[&str]) -> Result<String> {
         self.netns.exec_ok("wg", args)

@@ -227,6 +227,9 @@ fn the_director_spreads_clients_survives_its_crash_and_drains() -> Result<()> {
         );
     }
     let handshakes = each_client(&location, &survivors, DirectorClient::latest_handshake)?;
+    // Read before the crash: the gateways the orphans fall to kick a
+    // handshake to each of them as soon as gateway 3 leaves.
+    let before = each_client(&location, &orphans, DirectorClient::latest_handshake)?;
     location.gateway(3).crash()?;
     narrate("gateway 3 (the director) crashed: SIGKILL, link down");
     location.wait_steering(2, &[1, 2], &[], TAKEOVER)?;
@@ -252,7 +255,6 @@ fn the_director_spreads_clients_survives_its_crash_and_drains() -> Result<()> {
         "gateway 2 steers; the {} clients of gateways 1 and 2 were answered again with no new handshake",
         survivors.len()
     ));
-    let before = each_client(&location, &orphans, DirectorClient::latest_handshake)?;
     each_client(&location, &orphans, |c| c.ping_until_answered(REHANDSHAKE))?;
     let after_orphans = each_client(&location, &orphans, DirectorClient::latest_handshake)?;
     for ((j, old), new) in orphans.iter().zip(&before).zip(&after_orphans) {

@@ -6,7 +6,7 @@ use clap::Subcommand;
 
 use crate::{ebpf, run, setup};
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Which {
     /// ns/packet of the XDP shield per message type under BPF_PROG_TEST_RUN,
     /// beside an empty XDP_PASS program built the same way.
@@ -21,6 +21,14 @@ pub enum Which {
         /// Runs of each scenario.
         #[arg(long, default_value_t = 10)]
         runs: u32,
+        /// Measure WireGuard tunnels instead of the VIP: clients probing
+        /// through their tunnels, crash and planned failover at 100 ms and
+        /// 20 ms adverts, beside keepalived + WireGuard.
+        #[arg(long)]
+        tunnel: bool,
+        /// Run only this scenario (see the benchmark's usage).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Core to gateways: latency from an admin call adding a peer to the
     /// peer being live on all three gateways (1,000 adds), and a full sync
@@ -63,7 +71,7 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
                 ])
                 .status_ok()
         }
-        Which::Failover { runs } => {
+        Which::Failover { runs, tunnel, only } => {
             setup::require_root(
                 "`cargo xtask bench failover` (it builds network namespaces and attaches XDP programs)",
             )?;
@@ -71,18 +79,29 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
             setup::install_missing(setup::BENCH_PACKAGES)?;
             let ebpf = ebpf::build(ws)?;
             run::build_user_space(ws, &ebpf, true)?;
-            run::step("benchmarking failover: Tidegate's HA agent beside keepalived");
+            run::step(if tunnel {
+                "benchmarking failover of WireGuard tunnels: Tidegate beside keepalived + WireGuard"
+            } else {
+                "benchmarking failover: Tidegate's HA agent beside keepalived"
+            });
+            let mut args = vec![
+                "bench".to_owned(),
+                "--package".into(),
+                "tidegate-tests".into(),
+                "--bench".into(),
+                "failover".into(),
+                "--".into(),
+                "--runs".into(),
+                runs.to_string(),
+            ];
+            if tunnel {
+                args.push("--tunnel".into());
+            }
+            if let Some(only) = only {
+                args.extend(["--only".into(), only]);
+            }
             run::cargo(ws, &ebpf)
-                .args([
-                    "bench",
-                    "--package",
-                    "tidegate-tests",
-                    "--bench",
-                    "failover",
-                    "--",
-                    "--runs",
-                    &runs.to_string(),
-                ])
+                .args(args)
                 .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
                 .status_ok()
         }

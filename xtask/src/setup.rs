@@ -5,16 +5,16 @@ use anyhow::{Result, bail};
 use crate::run::{Cmd, step};
 
 /// Debian packages the tests and the lab run: `ip`, `ping`, `wg`,
-/// userspace WireGuard for kernels without the module, nginx in front of
-/// the Edges, and `ethtool` (the director's test turns its clients'
-/// checksum offload off).
+/// userspace WireGuard for kernels without the module, `ethtool` (the
+/// failover and director tests turn checksum offload off on the clients'
+/// veths), and nginx in front of the Edges.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "wireguard-tools",
     "wireguard-go",
-    "nginx",
     "ethtool",
+    "nginx",
 ];
 
 pub fn is_root() -> bool {

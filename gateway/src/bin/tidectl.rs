@@ -497,6 +497,71 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
             .collect();
         let _ = writeln!(out, "\nadverts dropped: {}", dropped.join(", "));
     }
+    if let Some(endpoints) = &status.endpoints {
+        let by_gateway: Vec<String> = endpoints
+            .by_gateway
+            .iter()
+            .map(|(id, n)| format!("{n} from gateway {id}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nendpoint table: {} peers{}",
+            endpoints.entries,
+            if by_gateway.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by_gateway.join(", "))
+            }
+        );
+        let heard: Vec<String> = endpoints
+            .gateways
+            .iter()
+            .map(|g| {
+                format!(
+                    "gateway {} {} {} ms ago",
+                    g.gateway_id, g.mac, g.last_heard_ms
+                )
+            })
+            .collect();
+        if !heard.is_empty() {
+            let _ = writeln!(out, "endpoint messages from: {}", heard.join("; "));
+        }
+        if !endpoints.dropped.is_empty() {
+            let dropped: Vec<String> = endpoints
+                .dropped
+                .iter()
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect();
+            let _ = writeln!(out, "endpoint messages dropped: {}", dropped.join(", "));
+        }
+    }
+    if !status.failovers.is_empty() {
+        out.push_str(
+            "\nFAILOVERS TO THIS GATEWAY     DETECTION  VIP MOVE  ACTIVE  KICKED  COMPLETED  95% BACK\n",
+        );
+        for f in &status.failovers {
+            let ago = Duration::from_millis(now_ms.saturating_sub(sync_ms(f.meta.at)));
+            let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v} ms"));
+            let _ = writeln!(
+                out,
+                "{:>10.1?} ago {:<16} {:>9}  {:>5} ms  {:>6}  {:>6}  {:>9}  {:>8}{}",
+                ago,
+                if f.meta.planned {
+                    "(handover)"
+                } else {
+                    "(takeover)"
+                },
+                ms(f.meta.detection_ms),
+                f.meta.vip_move_ms,
+                f.recently_active,
+                f.kicked,
+                f.completed,
+                ms(f.fresh_95_ms),
+                if f.finished { "" } else { "  (following)" },
+            );
+            let _ = writeln!(out, "    {}", f.meta.cause);
+        }
+    }
     if !status.transitions.is_empty() {
         out.push_str("\nRECENT TRANSITIONS\n");
         for t in &status.transitions {
@@ -509,6 +574,13 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
         }
     }
     out
+}
+
+/// Unix milliseconds of `at`.
+fn sync_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 fn applied(reply: Reply) -> Result<()> {
@@ -665,7 +737,25 @@ fn counters_table(reply: &CountersReply) -> String {
     row(&mut out, "total", "pass", totals.pass);
     row(&mut out, "total", "drop", totals.drop);
     row(&mut out, "total", "aborted", totals.aborted);
+    row(&mut out, "total", "tx", totals.tx);
     row(&mut out, "total", "wireguard", totals.wireguard);
+    if let Some(egress) = &reply.egress {
+        let _ = writeln!(
+            out,
+            "\negress guard on {}: WireGuard from port {}, owning {}\n",
+            egress.interface,
+            egress.listen_port,
+            match egress.ownership {
+                tidegate_gateway::xdp::Ownership::None => "no client",
+                tidegate_gateway::xdp::Ownership::All => "every client",
+                tidegate_gateway::xdp::Ownership::Table => "the clients in its table",
+                tidegate_gateway::xdp::Ownership::Grace => "its sessions (handover grace)",
+            }
+        );
+        for (name, count) in &egress.counters {
+            row(&mut out, "egress", name, *count);
+        }
+    }
     out
 }
 
@@ -726,6 +816,122 @@ mod tests {
                 "never",
                 "1234",
                 "5678"
+            ]
+        );
+    }
+
+    #[test]
+    fn status_shows_the_endpoint_table_and_each_failover() {
+        use std::collections::BTreeMap;
+        use tidegate_gateway::{
+            ha::{
+                agent::HaMode,
+                endpoints::Merged,
+                machine::Role,
+                syncer::{SyncPeer, SyncStatus},
+            },
+            wireguard::kick::{FailoverMeta, FailoverReport},
+        };
+
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let report = |planned, fresh_95_ms, finished| FailoverReport {
+            meta: FailoverMeta {
+                at: now - Duration::from_secs(30),
+                cause: if planned {
+                    "handover from gateway 2".into()
+                } else {
+                    "master 2 down".into()
+                },
+                planned,
+                detection_ms: (!planned).then_some(362),
+                vip_move_ms: 2,
+            },
+            recently_active: 20,
+            kicked: 20,
+            completed: 19,
+            fresh: 19,
+            skipped: 0,
+            fresh_95_ms,
+            last_kick_ms: Some(1),
+            finished,
+            interrupted: false,
+        };
+        let status = HaStatus {
+            location_id: 7,
+            gateway_id: 1,
+            role: Role::Master,
+            priority: 100,
+            advert_interval_ms: 100,
+            master: Some(1),
+            maintenance: false,
+            mode: HaMode::ActiveStandby,
+            draining: false,
+            vips: vec!["198.51.100.100".parse().unwrap()],
+            vips_held: vec!["198.51.100.100".parse().unwrap()],
+            peers: Vec::new(),
+            transitions: Vec::new(),
+            dropped: BTreeMap::new(),
+            fence: None,
+            failovers: vec![report(false, Some(22), true), report(true, None, false)],
+            endpoints: Some(SyncStatus {
+                entries: 20,
+                by_gateway: BTreeMap::from([(1, 5), (2, 15)]),
+                merged: Merged::default(),
+                messages_sent: 3,
+                datagrams_sent: 4,
+                datagrams_received: 9,
+                dropped: BTreeMap::from([("replay".to_owned(), 1)]),
+                gateways: vec![SyncPeer {
+                    gateway_id: 2,
+                    mac: "02:00:00:00:00:02".into(),
+                    address: "198.51.100.2".into(),
+                    last_heard_ms: 120,
+                }],
+            }),
+        };
+        let text = status_text(&status, now);
+        for expected in [
+            "endpoint table: 20 peers (5 from gateway 1, 15 from gateway 2)",
+            "endpoint messages from: gateway 2 02:00:00:00:00:02 120 ms ago",
+            "endpoint messages dropped: replay 1",
+            "FAILOVERS TO THIS GATEWAY",
+            "    master 2 down",
+            "    handover from gateway 2",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in\n{text}");
+        }
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .filter(|l| l.contains("(takeover)") || l.contains("(handover)"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0][2..],
+            [
+                "(takeover)",
+                "362",
+                "ms",
+                "2",
+                "ms",
+                "20",
+                "20",
+                "19",
+                "22",
+                "ms"
+            ]
+        );
+        assert_eq!(
+            rows[1][2..],
+            [
+                "(handover)",
+                "-",
+                "2",
+                "ms",
+                "20",
+                "20",
+                "19",
+                "-",
+                "(following)"
             ]
         );
     }
@@ -844,6 +1050,7 @@ mod tests {
             interface: "eth0".into(),
             xdp_mode: AttachMode::Driver,
             snapshot,
+            egress: None,
         });
         assert!(table.starts_with("XDP shield on eth0 (driver mode)"));
         for counter in Counter::ALL {

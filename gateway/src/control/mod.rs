@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     ha::agent::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
-    xdp::{AttachMode, CounterSnapshot, DirectorStatus, SessionEntry},
+    xdp::{AttachMode, CounterSnapshot, DirectorStatus, EgressStatus, SessionEntry},
 };
 
 /// Longest request line the daemon reads.
@@ -64,7 +64,7 @@ pub enum Reply {
     /// What a change did to the WireGuard device.
     Applied(ApplyReport),
     Removals(Vec<Removal>),
-    Status(HaStatus),
+    Status(Box<HaStatus>),
     /// A handover has started to this gateway.
     HandingOver {
         to: u32,
@@ -90,6 +90,9 @@ pub struct CountersReply {
     pub xdp_mode: AttachMode,
     #[serde(flatten)]
     pub snapshot: CounterSnapshot,
+    /// The egress guard, when it is attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressStatus>,
 }
 
 #[cfg(test)]
@@ -110,6 +113,7 @@ mod tests {
             interface: "eth0".into(),
             xdp_mode: AttachMode::Driver,
             snapshot: CounterSnapshot::default(),
+            egress: None,
         }));
         let json = serde_json::to_value(&reply).unwrap();
         assert_eq!(json["ok"]["counters"]["interface"], "eth0");

@@ -220,7 +220,7 @@ async fn answer(request: Request, handles: &Handles) -> Response {
         .map(Reply::Applied),
         Request::Status => async { ha()?.status().await.map_err(|e| chain(&e)) }
             .await
-            .map(Reply::Status),
+            .map(|status| Reply::Status(Box::new(status))),
         Request::Failover => async { ha()?.failover().await.map_err(|e| chain(&e)) }
             .await
             .map(|to| Reply::HandingOver { to }),

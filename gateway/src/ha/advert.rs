@@ -124,6 +124,11 @@ impl AdvertKey {
         Self(bytes)
     }
 
+    /// The key's bytes (for other messages authenticated with it).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
         // HMAC takes keys of any length.
         Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC accepts any key length")

@@ -11,6 +11,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -22,17 +23,28 @@ use tracing::{debug, error, info, warn};
 use super::{
     advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
     announce::{self, FrameSocket, Mac},
+    endpoints::Recent,
     health::HealthEvent,
-    machine::{Action, Event, HandoverError, Heard, Machine, Role, Settings},
+    machine::{Action, Cause, Event, HandoverError, Heard, Machine, Role, Settings},
+    sync,
+    syncer::{SyncHandle, SyncStatus},
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
 };
 use crate::{
     datapath::DatapathHandle,
-    director::{Desired, DirectorConfig, Member},
+    director::{Desired, DirectorConfig, Member, maglev},
     error_chain,
-    xdp::{FenceStatus, director::format_mac},
+    wireguard::{
+        WireguardHandle,
+        kick::{Candidate, FailoverMeta, FailoverReport, KickRequest},
+    },
+    xdp::{
+        FenceStatus, Ownership,
+        director::{client_key, format_mac},
+    },
 };
+use tidegate_common::director::{client_hash, table_index};
 
 /// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
 const ANNOUNCE_COUNT: u32 = 5;
@@ -44,6 +56,22 @@ const MAX_ADVERT: usize = 2048;
 /// it, and a master-down interval is longer, so a live master never lapses
 /// and a dead one is fenced before a backup takes over.
 const LEASE_INTERVALS: u32 = 3;
+
+/// Failover continuity settings (`[ha]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Continuity {
+    /// Handshakes kicked per second after becoming master; 0: none.
+    pub kick_rate: u32,
+    /// Peers with a handshake this recent are kicked.
+    pub kick_window: Duration,
+    /// How long after a planned handover frames of the other gateway's
+    /// sessions are handed on (plus the time the kicks take); 0: never.
+    pub handover_window: Duration,
+    /// How often the whole endpoint table is sent to the other gateways.
+    pub endpoint_refresh: Duration,
+    /// Endpoints whose last handshake is older are forgotten.
+    pub endpoint_max_age: Duration,
+}
 
 /// The agent's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +86,8 @@ pub struct HaConfig {
     pub track: Vec<(String, u8)>,
     /// The public interface: VIPs, adverts and announcements go here.
     pub interface: String,
+    /// Failover continuity.
+    pub continuity: Continuity,
     /// Director mode (`mode = "director"`); `None`: active/standby.
     pub director: Option<DirectorConfig>,
 }
@@ -131,6 +161,13 @@ pub struct HaStatus {
     pub dropped: BTreeMap<String, u64>,
     /// The VIP fence in the XDP program, as last renewed.
     pub fence: Option<FenceStatus>,
+    /// How the clients came back after the last failovers to this
+    /// gateway, oldest first.
+    #[serde(default)]
+    pub failovers: Vec<FailoverReport>,
+    /// The location's endpoint table.
+    #[serde(default)]
+    pub endpoints: Option<SyncStatus>,
 }
 
 /// How the location's gateways share the clients.
@@ -260,7 +297,7 @@ struct PeerExtra {
 pub struct Agent {
     config: HaConfig,
     machine: Machine,
-    transport: Transport,
+    transport: Arc<Transport>,
     vips: Vips,
     frames: FrameSocket,
     mac: Mac,
@@ -286,10 +323,28 @@ pub struct Agent {
     /// about (too large to be backends).
     director_sent: Option<Desired>,
     warned_ids: Vec<u32>,
+    /// The backends of the last director state computed (director mode):
+    /// a gateway that drops out of it leaves its clients to the others.
+    director_backends: Vec<u32>,
     /// Why the gateway is unhealthy, while it is.
     fault: Option<String>,
     /// Why the priority is lowered, while it is.
     penalty: Option<String>,
+    /// The endpoint-sharing task and the WireGuard task, for failover
+    /// continuity (none without `[wireguard]`).
+    links: Option<Links>,
+    /// After a handover: when this gateway stops answering for its old
+    /// sessions (grace ends, window closes).
+    grace_until: Option<Instant>,
+    /// After claiming a handover: when the window closes.
+    window_until: Option<Instant>,
+}
+
+/// The tasks failover continuity talks to.
+#[derive(Debug, Clone)]
+struct Links {
+    sync: SyncHandle,
+    wireguard: WireguardHandle,
 }
 
 impl Agent {
@@ -316,13 +371,15 @@ impl Agent {
         let mac = read_mac(&config.interface).map_err(io_err("reading the MAC address"))?;
         let frames =
             FrameSocket::open(vips.public_index()).map_err(io_err("opening a packet socket"))?;
-        let transport = Transport::open(
-            &config.interface,
-            vips.public_index(),
-            config.port,
-            &config.destination,
-        )
-        .map_err(io_err("opening the advert socket"))?;
+        let transport = Arc::new(
+            Transport::open(
+                &config.interface,
+                vips.public_index(),
+                config.port,
+                &config.destination,
+            )
+            .map_err(io_err("opening the advert socket"))?,
+        );
         let now = SystemTime::now();
         let epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -343,13 +400,34 @@ impl Agent {
             anchor: (Instant::now(), now),
             datapath,
             last_wake: Instant::now(),
+            links: None,
+            grace_until: None,
+            window_until: None,
             draining: false,
             extras: BTreeMap::new(),
             director_sent: None,
+            director_backends: Vec::new(),
             warned_ids: Vec::new(),
             fault: None,
             penalty: None,
         })
+    }
+
+    /// The advert socket, which endpoint sharing sends on too.
+    pub fn transport(&self) -> Arc<Transport> {
+        Arc::clone(&self.transport)
+    }
+
+    /// The public interface's MAC address.
+    pub fn mac(&self) -> Mac {
+        self.mac
+    }
+
+    /// Connects failover continuity: endpoint messages go to `sync`; on
+    /// becoming master the agent asks it for the recently active peers and
+    /// `wireguard` kicks them.
+    pub fn connect(&mut self, sync: SyncHandle, wireguard: WireguardHandle) {
+        self.links = Some(Links { sync, wireguard });
     }
 
     /// Runs the election until `cancel` fires, then hands over or resigns
@@ -361,16 +439,26 @@ impl Agent {
         summary: watch::Sender<HaSummary>,
         cancel: CancellationToken,
     ) {
+        // In director mode every gateway serves the clients pinned to it,
+        // master or not: the egress guard lets out what it owns.
+        if self.config.director.is_some() {
+            self.set_ownership(Ownership::Table).await;
+        }
         let actions = self.machine.on_event(Event::Start, Instant::now());
         self.execute(actions).await;
         summary.send_replace(self.summary());
         let mut buf = vec![0u8; MAX_ADVERT];
         let mut stopping = false;
         loop {
-            let deadline = self
-                .machine
-                .next_deadline()
-                .unwrap_or_else(|| Instant::now() + self.config.election.interval);
+            let deadline = [
+                self.machine.next_deadline(),
+                self.grace_until,
+                self.window_until,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + self.config.election.interval);
             // The select only takes the input; the machine sees it after the
             // pause check below.
             let input = tokio::select! {
@@ -407,7 +495,10 @@ impl Agent {
             }
             let actions = match input {
                 Input::Shutdown => self.machine.on_event(Event::Shutdown, Instant::now()),
-                Input::Tick => self.machine.on_event(Event::Tick, Instant::now()),
+                Input::Tick => {
+                    self.end_windows(Instant::now()).await;
+                    self.machine.on_event(Event::Tick, Instant::now())
+                }
                 Input::Advert { len, from, known } => self.receive(&buf[..len], from, known),
                 Input::Health(HealthEvent::Fault { healthy, reason }) => {
                     self.fault = (!healthy).then(|| reason.clone());
@@ -435,7 +526,36 @@ impl Agent {
             self.sync_director().await;
             self.last_wake = Instant::now();
         }
+        // A gateway that handed over keeps answering for its old sessions
+        // until the window closes, even when it is stopping.
+        if let Some(until) = self.grace_until {
+            info!(
+                left_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                "answering for the sessions handed over until the window closes"
+            );
+            tokio::time::sleep_until(until.into()).await;
+            self.end_windows(until).await;
+        }
         info!("HA agent stopped");
+    }
+
+    /// Ends the grace after a handover and closes the window, when due.
+    async fn end_windows(&mut self, now: Instant) {
+        if self.grace_until.is_some_and(|until| now >= until) {
+            self.grace_until = None;
+            self.window_until = None;
+            // Unless this gateway became master again meanwhile.
+            if self.machine.role() != Role::Master {
+                self.set_ownership(self.ownership(false)).await;
+            }
+            self.close_window().await;
+            info!("handover window closed: this gateway owns no client");
+        }
+        if self.window_until.is_some_and(|until| now >= until) {
+            self.window_until = None;
+            self.close_window().await;
+            info!("handover window closed");
+        }
     }
 
     /// What Core follows of the state.
@@ -459,6 +579,17 @@ impl Agent {
     /// Decodes, authenticates and checks an advert; drops and counts it on
     /// any fault.
     fn receive(&mut self, bytes: &[u8], from: SocketAddr, known: bool) -> Vec<Action> {
+        if sync::is_sync(bytes) {
+            match &self.links {
+                Some(links) => {
+                    if !links.sync.deliver(bytes.to_vec(), from, known) {
+                        self.drop_advert("endpoint-queue-full", from);
+                    }
+                }
+                None => self.drop_advert("endpoint-message-unused", from),
+            }
+            return Vec::new();
+        }
         if !known {
             self.drop_advert("unknown-sender", from);
             return Vec::new();
@@ -582,15 +713,24 @@ impl Agent {
                 }
                 Action::TakeVips => {
                     self.log_transition();
+                    let became = Instant::now();
                     // The fence must let ARP for the VIPs through before they
-                    // are announced, and the director must steer before
-                    // clients' frames arrive.
+                    // are announced, the egress guard the answers out, the
+                    // director must steer before clients' frames arrive, and
+                    // (after a handover) the old sessions' frames must go on
+                    // to the old master from the first one the announcement
+                    // brings.
                     self.renew(true).await;
+                    self.grace_until = None;
+                    self.set_ownership(self.ownership(true)).await;
+                    let recent = self.before_master().await;
                     self.sync_director().await;
                     if let Err(error) = self.vips.take().await {
                         error!(error = %error_chain(&error), "adding the VIPs failed");
                     }
                     self.announce();
+                    let vip_move = became.elapsed();
+                    self.on_master(became, vip_move, recent).await;
                 }
                 Action::ReleaseVips => {
                     self.log_transition();
@@ -598,6 +738,7 @@ impl Agent {
                         announcing.cancel();
                     }
                     self.renew(false).await;
+                    self.on_release().await;
                     if let Err(error) = self.vips.release().await {
                         error!(error = %error_chain(&error), "removing the VIPs failed");
                     }
@@ -608,6 +749,207 @@ impl Agent {
             }
         }
         exit
+    }
+
+    /// Failover continuity on becoming master: the second-chance window
+    /// toward the gateway that handed over, and handshakes kicked to the
+    /// recently active peers.
+    /// Before the VIPs move here: the recently active peers, and after a
+    /// handover the second-chance window toward the old master.
+    async fn before_master(&mut self) -> Vec<Recent> {
+        self.window_until = None;
+        // In director mode the clients stay on the gateways they are pinned
+        // to; those of a gateway that left are kicked by the gateways they
+        // fall to (`kick_inherited`).
+        if self.config.director.is_some() {
+            return Vec::new();
+        }
+        let Some(links) = self.links.clone() else {
+            return Vec::new();
+        };
+        let recent = match links.sync.recent(self.config.continuity.kick_window).await {
+            Ok(recent) => recent,
+            Err(error) => {
+                error!(%error, "no endpoint table: no handshakes kicked");
+                Vec::new()
+            }
+        };
+        if let Cause::HandoverFrom(from) = self.machine.cause() {
+            let window = self.window_for(recent.len());
+            if self.open_window(&links, from, window).await {
+                self.window_until = Some(Instant::now() + window);
+            }
+        }
+        recent
+    }
+
+    async fn on_master(&mut self, became: Instant, vip_move: Duration, recent: Vec<Recent>) {
+        let Some(links) = self.links.clone() else {
+            return;
+        };
+        if self.config.director.is_some() {
+            return;
+        }
+        let settings = self.config.continuity;
+        let cause = self.machine.cause();
+        let reason = self
+            .machine
+            .transitions()
+            .last()
+            .map(|t| t.reason.clone())
+            .unwrap_or_default();
+        let (detection_ms, planned) = match cause {
+            Cause::Takeover { last_heard, .. } => (
+                last_heard.map(|at| became.saturating_duration_since(at).as_millis() as u64),
+                false,
+            ),
+            Cause::HandoverFrom(_) => (None, true),
+            Cause::HandedOverTo(_) | Cause::Other => (None, false),
+        };
+        let at = SystemTime::now() - became.elapsed();
+        let request = KickRequest {
+            meta: FailoverMeta {
+                at,
+                cause: reason,
+                planned,
+                detection_ms,
+                vip_move_ms: vip_move.as_millis() as u64,
+            },
+            candidates: recent
+                .iter()
+                .map(|r| Candidate {
+                    key: r.key,
+                    endpoint: r.endpoint,
+                    last_handshake: r.last_handshake,
+                })
+                .collect(),
+            rate: settings.kick_rate,
+        };
+        info!(
+            recently_active = request.candidates.len(),
+            detection_ms,
+            vip_move_ms = request.meta.vip_move_ms,
+            planned,
+            "MASTER: kicking handshakes to the recently active peers"
+        );
+        if let Err(error) = links.wireguard.kick(request).await {
+            error!(error = %error_chain(&error), "kicking handshakes failed");
+        }
+    }
+
+    /// Failover continuity on giving the VIPs up: after a handover, grace
+    /// (answers but no new handshakes) and the window toward the new
+    /// master; otherwise, nothing goes out to clients any more.
+    async fn on_release(&mut self) {
+        self.window_until = None;
+        let handed_to = match self.machine.cause() {
+            Cause::HandedOverTo(to) => Some(to),
+            _ => None,
+        };
+        let window = self.config.continuity.handover_window;
+        if self.config.director.is_some() {
+            // A backend still: it keeps serving the clients pinned to it.
+            self.grace_until = None;
+            self.set_ownership(Ownership::Table).await;
+            self.close_window().await;
+            return;
+        }
+        if let (Some(to), Some(links), false) = (handed_to, self.links.clone(), window.is_zero()) {
+            let peers = links
+                .sync
+                .recent(self.config.continuity.kick_window)
+                .await
+                .map_or(0, |recent| recent.len());
+            let window = self.window_for(peers);
+            self.set_ownership(Ownership::Grace).await;
+            self.open_window(&links, to, window).await;
+            self.grace_until = Some(Instant::now() + window);
+            info!(
+                to,
+                window_ms = window.as_millis() as u64,
+                "handed over: answering for this gateway's sessions until the window closes"
+            );
+        } else {
+            self.grace_until = None;
+            self.set_ownership(Ownership::None).await;
+            self.close_window().await;
+        }
+    }
+
+    /// How long the handover window stays open: the configured time plus
+    /// what kicking `peers` takes at the kick rate.
+    fn window_for(&self, peers: usize) -> Duration {
+        let settings = self.config.continuity;
+        let kicking = match settings.kick_rate {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs_f64(peers as f64 / f64::from(rate)),
+        };
+        if settings.handover_window.is_zero() {
+            Duration::ZERO
+        } else {
+            settings.handover_window + kicking
+        }
+    }
+
+    /// Opens the second-chance window toward gateway `to` for `window`;
+    /// false when it cannot (no window configured, `to`'s MAC address not
+    /// known yet).
+    async fn open_window(&self, links: &Links, to: u32, window: Duration) -> bool {
+        if window.is_zero() {
+            return false;
+        }
+        let mac = match links.sync.mac_of(to).await {
+            Ok(Some(mac)) => mac,
+            Ok(None) => {
+                warn!(
+                    gateway = to,
+                    "no endpoint message from that gateway yet: its MAC address is unknown, no handover window"
+                );
+                return false;
+            }
+            Err(error) => {
+                warn!(%error, "no handover window");
+                return false;
+            }
+        };
+        match self.datapath.open_handover(mac, self.mac, window).await {
+            Ok(()) => true,
+            Err(error) => {
+                error!(error = %error_chain(&error), "opening the handover window failed");
+                false
+            }
+        }
+    }
+
+    async fn close_window(&self) {
+        if self.links.is_none() {
+            return;
+        }
+        if let Err(error) = self.datapath.close_handover().await {
+            error!(error = %error_chain(&error), "closing the handover window failed");
+        }
+    }
+
+    /// What the egress guard lets out: in director mode the clients this
+    /// gateway owns, master or not; otherwise everything on the master and
+    /// nothing on a backup.
+    fn ownership(&self, master: bool) -> Ownership {
+        match (self.config.director.is_some(), master) {
+            (true, _) => Ownership::Table,
+            (false, true) => Ownership::All,
+            (false, false) => Ownership::None,
+        }
+    }
+
+    /// Tells the egress guard what this gateway may send (a no-op without
+    /// failover continuity: the guard is not attached then).
+    async fn set_ownership(&self, ownership: Ownership) {
+        if self.links.is_none() {
+            return;
+        }
+        if let Err(error) = self.datapath.set_ownership(ownership).await {
+            error!(error = %error_chain(&error), ?ownership, "setting the egress guard failed");
+        }
     }
 
     /// The director state the location calls for now: this gateway and
@@ -656,6 +998,17 @@ impl Agent {
             return;
         }
         let desired = self.desired_director();
+        let backends: Vec<u32> = desired.backends.iter().map(|b| b.gateway_id).collect();
+        let left: Vec<u32> = self
+            .director_backends
+            .iter()
+            .copied()
+            .filter(|id| !backends.contains(id))
+            .collect();
+        self.director_backends = backends;
+        if !left.is_empty() {
+            self.kick_inherited(&left, &desired).await;
+        }
         if self.director_sent.as_ref() == Some(&desired) {
             return;
         }
@@ -677,6 +1030,71 @@ impl Agent {
             }
             // Tried again with the next event.
             Err(error) => error!(error = %error_chain(&error), "updating the director failed"),
+        }
+    }
+
+    /// Director mode: gateways `left` dropped out of the backends, and the
+    /// clients they served fall to the gateways the Maglev table now names.
+    /// This gateway owns and kicks those that fall to it, so that they
+    /// handshake here at once rather than after WireGuard's timers.
+    async fn kick_inherited(&mut self, left: &[u32], desired: &Desired) {
+        let (Some(director), Some(links)) = (self.config.director, self.links.clone()) else {
+            return;
+        };
+        let own_id = self.config.election.gateway_id;
+        let table = match maglev::build(&desired.table_members(), director.table_size) {
+            Ok(table) => table,
+            Err(error) => {
+                error!(%error, "no Maglev table: no inherited clients kicked");
+                return;
+            }
+        };
+        let recent = match links.sync.recent(self.config.continuity.kick_window).await {
+            Ok(recent) => recent,
+            Err(error) => {
+                error!(%error, "no endpoint table: no inherited clients kicked");
+                return;
+            }
+        };
+        let inherited = inherited(&recent, left, &table, own_id);
+        if inherited.is_empty() {
+            return;
+        }
+        let clients: Vec<_> = inherited.iter().map(|r| client_key(r.endpoint)).collect();
+        if let Err(error) = self.datapath.own(clients).await {
+            error!(error = %error_chain(&error), "owning the inherited clients failed");
+            return;
+        }
+        let gone = left
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let request = KickRequest {
+            meta: FailoverMeta {
+                at: SystemTime::now(),
+                cause: format!("clients inherited from gateway {gone}"),
+                planned: false,
+                detection_ms: None,
+                vip_move_ms: 0,
+            },
+            candidates: inherited
+                .iter()
+                .map(|r| Candidate {
+                    key: r.key,
+                    endpoint: r.endpoint,
+                    last_handshake: r.last_handshake,
+                })
+                .collect(),
+            rate: self.config.continuity.kick_rate,
+        };
+        info!(
+            inherited = request.candidates.len(),
+            from = %gone,
+            "kicking handshakes to the clients inherited from gateways that left"
+        );
+        if let Err(error) = links.wireguard.kick(request).await {
+            error!(error = %error_chain(&error), "kicking handshakes failed");
         }
     }
 
@@ -808,6 +1226,14 @@ impl Agent {
                 .collect(),
             dropped: self.dropped.clone(),
             fence: self.datapath.fence_status().await.ok().flatten(),
+            failovers: match &self.links {
+                Some(links) => links.wireguard.failovers().await.unwrap_or_default(),
+                None => Vec::new(),
+            },
+            endpoints: match &self.links {
+                Some(links) => links.sync.status().await.ok(),
+                None => None,
+            },
         }
     }
 }
@@ -844,4 +1270,56 @@ fn read_mac(interface: &str) -> std::io::Result<Mac> {
     bytes
         .try_into()
         .map_err(|_| std::io::Error::other(format!("{interface} has no Ethernet address")))
+}
+
+/// The recently active clients that gateways `left` served and that the
+/// Maglev `table` (an entry per slot: a gateway id, 0 for none) now gives
+/// to gateway `own_id`, as the director picks: by the client's hash.
+fn inherited(recent: &[Recent], left: &[u32], table: &[u8], own_id: u32) -> Vec<Recent> {
+    let Ok(size) = u32::try_from(table.len()) else {
+        return Vec::new();
+    };
+    recent
+        .iter()
+        .filter(|r| left.contains(&r.gateway_id))
+        .filter(|r| {
+            let key = client_key(r.endpoint);
+            let index = table_index(client_hash(&key), size) as usize;
+            table.get(index).is_some_and(|&id| u32::from(id) == own_id)
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    #[test]
+    fn inherited_clients_are_those_of_the_gone_gateways_the_table_gives_here() {
+        let table = maglev::build(&[1, 2], 251).unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let recent: Vec<Recent> = (0..200u16)
+            .map(|i| Recent {
+                key: crate::wireguard::Key::new([i as u8; 32]),
+                endpoint: SocketAddr::from(([198, 51, 100, 7], 40_000 + i)),
+                last_handshake: at,
+                gateway_id: if i % 2 == 0 { 3 } else { 1 },
+            })
+            .collect();
+        let mine = inherited(&recent, &[3], &table, 1);
+        let theirs = inherited(&recent, &[3], &table, 2);
+        // Every client of gateway 3 falls to exactly one of the two.
+        assert_eq!(mine.len() + theirs.len(), 100);
+        assert!(!mine.is_empty() && !theirs.is_empty());
+        for r in &mine {
+            assert_eq!(r.gateway_id, 3);
+            let key = client_key(r.endpoint);
+            assert_eq!(table[table_index(client_hash(&key), 251) as usize], 1);
+        }
+        // Nothing is inherited from a gateway that is still there.
+        assert!(inherited(&recent, &[2], &table, 1).is_empty());
+    }
 }

@@ -172,6 +172,24 @@ pub struct Transition {
     pub reason: String,
 }
 
+/// Why the VIPs last moved to or from this gateway, for failover
+/// continuity (what to kick, where to hand frames on, what to report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Nothing yet, or a change that is neither of the others.
+    Other,
+    /// This gateway took over: no master was heard for a master-down
+    /// interval. `last_heard`: the last advert of any master.
+    Takeover {
+        master: Option<u32>,
+        last_heard: Option<Instant>,
+    },
+    /// This gateway claimed the VIPs that gateway handed over.
+    HandoverFrom(u32),
+    /// This gateway handed the VIPs over to that gateway.
+    HandedOverTo(u32),
+}
+
 /// Another gateway, as its adverts describe it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerView {
@@ -212,6 +230,8 @@ pub struct Machine {
     yielded_to: Option<u32>,
     shutting_down: bool,
     transitions: VecDeque<Transition>,
+    /// Why the VIPs last moved.
+    cause: Cause,
 }
 
 impl Machine {
@@ -232,7 +252,14 @@ impl Machine {
             yielded_to: None,
             shutting_down: false,
             transitions: VecDeque::new(),
+            cause: Cause::Other,
         }
+    }
+
+    /// Why the VIPs last moved to or from this gateway: read it when
+    /// carrying out [`Action::TakeVips`] or [`Action::ReleaseVips`].
+    pub fn cause(&self) -> Cause {
+        self.cause
     }
 
     /// The current role.
@@ -449,10 +476,18 @@ impl Machine {
         if self.role == Role::Backup && self.master_down_at.is_some_and(|at| now >= at) {
             self.master_down_at = None;
             if self.eligible() {
-                let reason = match self.master.take() {
+                let master = self.master.take();
+                let reason = match master {
                     Some(id) => format!("master {id} down"),
                     None => "no master heard".to_owned(),
                 };
+                let last_heard = self
+                    .peers
+                    .values()
+                    .filter(|peer| peer.role == Role::Master)
+                    .map(|peer| peer.last_seen)
+                    .max();
+                self.cause = Cause::Takeover { master, last_heard };
                 self.become_master(reason, now, actions);
             }
         }
@@ -516,6 +551,7 @@ impl Machine {
         }
         if heard.handover_to == Some(self.settings.gateway_id) && self.eligible() {
             self.master = None;
+            self.cause = Cause::HandoverFrom(heard.from);
             self.become_master(
                 format!("handover from gateway {}", heard.from),
                 now,
@@ -555,6 +591,7 @@ impl Machine {
         {
             self.handover = None;
             self.yielded_to = Some(heard.from);
+            self.cause = Cause::HandedOverTo(heard.from);
             self.become_backup(
                 heard,
                 format!("handed over to gateway {}", heard.from),
@@ -622,6 +659,7 @@ impl Machine {
         match self.role {
             Role::Master => {
                 self.handover = None;
+                self.cause = Cause::Other;
                 self.transition(
                     Role::Backup,
                     format!(
@@ -673,6 +711,7 @@ impl Machine {
         } else {
             Role::Fault
         };
+        self.cause = Cause::Other;
         self.transition(to, reason, now);
         actions.push(Action::ReleaseVips);
     }
@@ -692,6 +731,9 @@ impl Machine {
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
+        if !matches!(self.cause, Cause::HandedOverTo(id) if id == heard.from) {
+            self.cause = Cause::Other;
+        }
         self.transition(Role::Backup, reason, now);
         self.master = Some(heard.from);
         self.master_down_at = Some(now + self.master_down_interval(heard.interval));
@@ -1066,6 +1108,7 @@ mod tests {
         let actions = b.on_event(handover, ms(t0, 401));
         assert_eq!(b.role(), Role::Master);
         assert_eq!(actions[0], Action::TakeVips);
+        assert_eq!(b.cause(), Cause::HandoverFrom(1));
         assert_eq!(
             b.transitions().last().unwrap().reason,
             "handover from gateway 1"
@@ -1075,6 +1118,7 @@ mod tests {
         let actions = a.on_event(master(2, 150), ms(t0, 402));
         assert_eq!(a.role(), Role::Backup);
         assert_eq!(actions[0], Action::ReleaseVips);
+        assert_eq!(a.cause(), Cause::HandedOverTo(2));
         c.on_event(master(2, 150), ms(t0, 402));
         assert_eq!(c.master(), Some(2));
 
@@ -1314,6 +1358,28 @@ mod tests {
         a.set_penalty(0, "all tracked checks pass", ms(t0, 2200));
         assert_eq!(a.priority(), 200);
         assert!(a.set_penalty(0, "again", ms(t0, 2300)).is_empty());
+    }
+
+    #[test]
+    fn a_takeover_names_the_master_and_when_it_was_last_heard() {
+        let t0 = Instant::now();
+        let mut b = started(2, 100, t0);
+        b.on_event(master(1, 200), ms(t0, 100));
+        b.on_event(master(1, 200), ms(t0, 200));
+        assert_eq!(b.cause(), Cause::Other);
+        let took_over = tick_until(&mut b, t0, 201, 2000, Role::Master);
+        assert_eq!(took_over, Some(561));
+        assert_eq!(
+            b.cause(),
+            Cause::Takeover {
+                master: Some(1),
+                last_heard: Some(ms(t0, 200)),
+            }
+        );
+        // Stepping down for a higher master forgets it.
+        b.on_event(master(3, 255), ms(t0, 600));
+        assert_eq!(b.role(), Role::Backup);
+        assert_eq!(b.cause(), Cause::Other);
     }
 
     #[test]

@@ -73,17 +73,41 @@ impl Activity {
 
     /// Records what a poll at `now` read for `key`.
     pub fn observe(&mut self, key: &Key, peer: &ActualPeer, now: SystemTime) {
+        if let (Some(seen), Some(handshake)) = (self.peers.get_mut(key), peer.last_handshake) {
+            seen.last_active = seen.last_active.max(Some(handshake));
+        }
+        self.observe_traffic(key, peer, now);
+    }
+
+    /// Records what a poll at `now` read for `key`, leaving out its last
+    /// handshake: one this gateway kicked, which says nothing of the
+    /// client's use of the tunnel.
+    pub fn observe_traffic(&mut self, key: &Key, peer: &ActualPeer, now: SystemTime) {
         let Some(seen) = self.peers.get_mut(key) else {
             return;
         };
-        if let Some(handshake) = peer.last_handshake {
-            seen.last_active = seen.last_active.max(Some(handshake));
-        }
-        // Counters that went down belong to a restarted device: a new baseline.
+        // Counters that went down belong to a restarted device (or a peer
+        // added again): a new baseline.
         if seen.rx_bytes.is_some_and(|before| peer.rx_bytes > before) {
             seen.last_active = seen.last_active.max(Some(now));
         }
         seen.rx_bytes = Some(peer.rx_bytes);
+    }
+
+    /// Takes `peer`'s received bytes as the new baseline, counting nothing:
+    /// the bytes of a kicked handshake are no sign of use.
+    pub fn rebaseline(&mut self, key: &Key, peer: &ActualPeer) {
+        if let Some(seen) = self.peers.get_mut(key) {
+            seen.rx_bytes = Some(peer.rx_bytes);
+        }
+    }
+
+    /// Records a handshake another gateway of the location saw at `at`:
+    /// a client active there is active for this gateway's MFA timer too.
+    pub fn observe_remote(&mut self, key: &Key, at: SystemTime) {
+        if let Some(seen) = self.peers.get_mut(key) {
+            seen.last_active = seen.last_active.max(Some(at));
+        }
     }
 
     /// When `key` was last active, if ever.
@@ -210,6 +234,26 @@ mod tests {
         activity.track(k(3), at(0));
         activity.retain(|key| *key == k(3));
         assert_eq!(activity.expired(THRESHOLD, at(1000)).len(), 1);
+    }
+
+    #[test]
+    fn kicked_handshakes_do_not_count_but_traffic_and_other_gateways_do() {
+        let mut activity = Activity::default();
+        activity.track(k(1), at(0));
+        activity.observe(&k(1), &peer(Some(10), 100), at(10));
+        // A kick: its handshake and bytes are taken as a baseline only.
+        activity.rebaseline(&k(1), &peer(Some(200), 250));
+        activity.observe_traffic(&k(1), &peer(Some(200), 250), at(201));
+        assert_eq!(activity.last_active(&k(1)), Some(at(10)));
+        // Data after it counts.
+        activity.observe_traffic(&k(1), &peer(Some(200), 300), at(202));
+        assert_eq!(activity.last_active(&k(1)), Some(at(202)));
+        // So does a handshake another gateway saw, and only a later one.
+        activity.observe_remote(&k(1), at(300));
+        activity.observe_remote(&k(1), at(250));
+        assert_eq!(activity.last_active(&k(1)), Some(at(300)));
+        activity.observe_remote(&k(9), at(300));
+        assert_eq!(activity.last_active(&k(9)), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod activity;
 pub mod backend;
 pub mod kernel;
 pub mod key;
+pub mod kick;
 pub mod link;
 pub mod location;
 pub mod owner;

@@ -15,13 +15,13 @@
 //! stops, crashes or restarts, the device keeps serving its peers.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -33,6 +33,7 @@ use super::{
     backend::{Backend, BackendError},
     kernel::Kernel,
     key::Key,
+    kick::{self, FailoverReport, FailoverRun, KickRequest},
     link::{LinkError, Links},
     location::{self, LocationError, LocationUpdate},
     reconcile::{self, Actual, Desired},
@@ -40,7 +41,17 @@ use super::{
     state::{Removal, State, StateError, StateStore, from_unix, unix},
     userspace::{LaunchError, ProcessWatch, Userspace},
 };
-use crate::error_chain;
+use crate::{
+    error_chain,
+    ha::{sync::Entry, syncer::LocalPeers},
+};
+
+/// How often a failover's kicks go out, in batches of the rate's share.
+const KICK_TICK: Duration = Duration::from_millis(20);
+
+/// While a failover is followed, stats are read at least this far apart
+/// (and at least twice as far apart as a read takes).
+const FAST_POLL: Duration = Duration::from_millis(25);
 
 /// Longest wait between attempts to bring back a dead wireguard-go.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
@@ -123,6 +134,9 @@ enum Command {
         Box<WireguardConfig>,
         oneshot::Sender<Result<ApplyReport, WireguardError>>,
     ),
+    Kick(Box<KickRequest>),
+    RemoteActivity(Vec<(Key, SystemTime)>),
+    Failovers(oneshot::Sender<Vec<FailoverReport>>),
     Location(
         LocationUpdate,
         oneshot::Sender<Result<ApplyReport, WireguardError>>,
@@ -153,6 +167,9 @@ impl std::fmt::Debug for Command {
             Self::Change(..) => "Change",
             Self::Remove(..) => "Remove",
             Self::Reload(..) => "Reload",
+            Self::Kick(..) => "Kick",
+            Self::RemoteActivity(..) => "RemoteActivity",
+            Self::Failovers(..) => "Failovers",
             Self::Location(..) => "Location",
             Self::Running(_) => "Running",
             Self::Unreported(_) => "Unreported",
@@ -202,6 +219,35 @@ impl WireguardHandle {
     pub async fn reload(&self, config: WireguardConfig) -> Result<ApplyReport, WireguardError> {
         self.ask(|reply| Command::Reload(Box::new(config), reply))
             .await
+    }
+
+    /// This gateway became master: kick handshakes to the recently active
+    /// peers and follow their return. A failover still followed is
+    /// replaced.
+    pub async fn kick(&self, request: KickRequest) -> Result<(), WireguardError> {
+        self.tx
+            .send(Command::Kick(Box::new(request)))
+            .await
+            .map_err(|_| WireguardError::Stopped)
+    }
+
+    /// Handshakes other gateways of the location saw (for MFA timers).
+    /// Never waits: when the task is busy, the next report carries them.
+    pub fn remote_activity(&self, handshakes: Vec<(Key, SystemTime)>) {
+        if !handshakes.is_empty() {
+            let _ = self.tx.try_send(Command::RemoteActivity(handshakes));
+        }
+    }
+
+    /// The records of the last failovers, oldest first (the one followed
+    /// now last).
+    pub async fn failovers(&self) -> Result<Vec<FailoverReport>, WireguardError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Failovers(reply))
+            .await
+            .map_err(|_| WireguardError::Stopped)?;
+        rx.await.map_err(|_| WireguardError::Stopped)
     }
 
     /// Applies Core's location config or peer changes, whole or not at all.
@@ -277,6 +323,19 @@ pub struct Owner {
     known_endpoints: HashMap<Key, SocketAddr>,
     last_restart: Option<Instant>,
     restart_delay: Duration,
+    /// What the endpoint-sharing task learns of this device.
+    local: watch::Sender<LocalPeers>,
+    /// The failover being followed.
+    run: Option<FailoverRun>,
+    /// Kicks per second of the failover being followed.
+    kick_rate: u32,
+    /// Records of the last failovers.
+    reports: VecDeque<FailoverReport>,
+    /// Handshakes this gateway kicked, by peer, until a newer one: not
+    /// counted as activity.
+    kicked_handshakes: HashMap<Key, SystemTime>,
+    /// When stats were last read and how long that took.
+    polled: Option<(Instant, Duration)>,
 }
 
 impl Owner {
@@ -300,6 +359,12 @@ impl Owner {
             known_endpoints: HashMap::new(),
             last_restart: None,
             restart_delay: Duration::ZERO,
+            local: watch::Sender::new(LocalPeers::default()),
+            run: None,
+            kick_rate: 0,
+            reports: VecDeque::new(),
+            kicked_handshakes: HashMap::new(),
+            polled: None,
         };
         let mut state = owner.state.clone();
         local_conflicts(&owner.config, &state)?;
@@ -326,9 +391,15 @@ impl Owner {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
         let mut poll = tokio::time::interval(self.config.stats_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_kick = Instant::now();
         loop {
+            let following = self.run.is_some();
             tokio::select! {
                 () = cancel.cancelled() => break,
+                () = tokio::time::sleep_until(next_kick.into()), if following => {
+                    self.follow();
+                    next_kick = Instant::now() + KICK_TICK;
+                }
                 command = commands.recv() => match command {
                     Some(command) => {
                         let interval = self.config.stats_interval;
@@ -370,6 +441,17 @@ impl Owner {
             Command::Reload(config, reply) => {
                 let _ = reply.send(self.reload(*config).await);
             }
+            Command::Kick(request) => self.start_kicks(*request),
+            Command::RemoteActivity(handshakes) => {
+                for (key, at) in handshakes {
+                    self.activity.observe_remote(&key, at);
+                }
+            }
+            Command::Failovers(reply) => {
+                let mut reports: Vec<FailoverReport> = self.reports.iter().cloned().collect();
+                reports.extend(self.run.as_ref().map(|run| run.report(false)));
+                let _ = reply.send(reports);
+            }
             Command::Location(update, reply) => {
                 let _ = reply.send(self.apply_location(update).await);
             }
@@ -384,6 +466,117 @@ impl Owner {
                 let _ = reply.send(self.take_unreported());
             }
         }
+    }
+
+    /// Starts following a failover: the candidates still in the config, in
+    /// the order given.
+    fn start_kicks(&mut self, request: KickRequest) {
+        if let Some(mut old) = self.run.take() {
+            old.interrupt();
+            self.finish(old);
+        }
+        let desired = match desired_from(&self.config, &self.state) {
+            Ok(desired) => desired,
+            Err(error) => {
+                error!(error = %error_chain(&error), "no kicks: the config does not check");
+                return;
+            }
+        };
+        let mut run = FailoverRun::new(request.meta, request.candidates, |key| {
+            desired.peers.contains_key(key)
+        });
+        if request.rate == 0 {
+            run.kick_none();
+        }
+        info!(
+            recently_active = run.pending(),
+            rate = request.rate,
+            "failover: kicking handshakes, most recently active first"
+        );
+        self.kick_rate = request.rate;
+        self.run = Some(run);
+        // The first batch at once.
+        self.follow();
+    }
+
+    /// One step of the failover followed: the next batch of kicks, and
+    /// stats read often enough to see the clients come back.
+    fn follow(&mut self) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        let per_tick =
+            (u64::from(self.kick_rate) * KICK_TICK.as_millis() as u64).div_ceil(1000) as usize;
+        let batch = if self.kick_rate == 0 {
+            Vec::new()
+        } else {
+            run.next_batch(per_tick.max(1))
+        };
+        if !batch.is_empty() {
+            self.kick_batch(&batch);
+        }
+        let due = self
+            .polled
+            .is_none_or(|(at, took)| at.elapsed() >= FAST_POLL.max(2 * took));
+        if due {
+            self.poll();
+        }
+    }
+
+    /// Kicks one batch: the endpoint and the keepalive toggle (or the
+    /// peer again) in one request, keepalives back off in a second.
+    fn kick_batch(&mut self, batch: &[kick::Candidate]) {
+        let now = SystemTime::now();
+        let desired = match desired_from(&self.config, &self.state) {
+            Ok(desired) => desired,
+            Err(_) => return,
+        };
+        let empty = Actual::default();
+        let actual = self.last_poll.as_ref().map_or(&empty, |(_, actual)| actual);
+        let kicks = kick::resolve(batch, &desired.peers, actual, now);
+        let (kick_plan, restore) = kick::plans(&kicks);
+        let keys: Vec<Key> = kicks.iter().map(|(spec, _, _)| spec.public_key).collect();
+        for (spec, endpoint, _) in &kicks {
+            self.known_endpoints.insert(spec.public_key, *endpoint);
+        }
+        let backend = &self.backend;
+        let result = tokio::task::block_in_place(|| {
+            backend.apply(&kick_plan)?;
+            if !restore.is_empty() {
+                backend.apply(&restore)?;
+            }
+            Ok::<_, BackendError>(())
+        });
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        run.not_kicked(batch.len() - kicks.len());
+        match result {
+            Ok(()) => run.kicked(keys, now),
+            Err(error) => {
+                warn!(error = %error_chain(&error), peers = keys.len(), "kicking handshakes failed");
+                run.not_kicked(keys.len());
+            }
+        }
+    }
+
+    /// Files the record of a failover and logs it.
+    fn finish(&mut self, run: FailoverRun) {
+        let report = run.report(true);
+        info!(
+            cause = %report.meta.cause,
+            planned = report.meta.planned,
+            detection_ms = report.meta.detection_ms,
+            vip_move_ms = report.meta.vip_move_ms,
+            recently_active = report.recently_active,
+            kicked = report.kicked,
+            completed = report.completed,
+            fresh = report.fresh,
+            fresh_95_ms = report.fresh_95_ms,
+            interrupted = report.interrupted,
+            "failover: clients back"
+        );
+        kick::keep(&mut self.reports, report);
     }
 
     /// Applies Core's update: the location config after it, less the MFA
@@ -608,6 +801,44 @@ impl Owner {
         for (key, added) in added_at {
             self.activity.track(*key, from_unix(*added).min(now));
         }
+        let added_at = &self.state.added_at;
+        self.kicked_handshakes
+            .retain(|key, _| added_at.contains_key(key));
+        let configured: Vec<Key> = added_at.keys().copied().collect();
+        self.local
+            .send_modify(|local| local.configured = configured);
+    }
+
+    /// Tells the endpoint-sharing task what the device has: the peers with
+    /// an endpoint and a completed handshake.
+    fn publish(&self, actual: &Actual) {
+        let active: Vec<Entry> = actual
+            .peers
+            .iter()
+            .filter_map(|(key, peer)| {
+                let (endpoint, handshake) = (peer.endpoint?, peer.last_handshake?);
+                Some(Entry {
+                    key: *key,
+                    endpoint,
+                    last_handshake: handshake,
+                    kicked: self.kicked_handshakes.get(key) == Some(&handshake),
+                })
+            })
+            .collect();
+        self.local.send_modify(|local| {
+            local.active = active;
+            local.listen_port = actual.listen_port;
+        });
+    }
+
+    /// The listen port in force (from the file, or Core's location config).
+    pub fn listen_port(&self) -> Option<u16> {
+        self.device().listen_port
+    }
+
+    /// What the endpoint-sharing task reads of this device.
+    pub fn local_peers(&self) -> watch::Receiver<LocalPeers> {
+        self.local.subscribe()
     }
 
     /// Reads the device and applies what differs from `desired`.
@@ -677,24 +908,56 @@ impl Owner {
         Ok(())
     }
 
-    /// Reads peer stats; on MFA locations, removes inactive peers.
+    /// Reads peer stats; follows a failover; tells the endpoint-sharing
+    /// task; on MFA locations, removes inactive peers.
     fn poll(&mut self) {
         let now = SystemTime::now();
+        let started = Instant::now();
         let backend = &self.backend;
-        let actual = match tokio::task::block_in_place(|| backend.get()) {
+        let result = tokio::task::block_in_place(|| backend.get());
+        self.polled = Some((Instant::now(), started.elapsed()));
+        let actual = match result {
             Ok(actual) => actual,
             Err(error) => {
                 warn!(error = %error_chain(&error), "reading peer stats failed");
                 return;
             }
         };
+        if let Some(run) = self.run.as_mut() {
+            run.observe(&actual);
+        }
         for (key, peer) in &actual.peers {
-            self.activity.observe(key, peer, now);
+            let kicked = peer.last_handshake.is_some_and(|handshake| {
+                self.kicked_handshakes.get(key) == Some(&handshake)
+                    || self
+                        .run
+                        .as_ref()
+                        .is_some_and(|run| run.kicked_handshake(key, handshake))
+            });
+            match (kicked, peer.last_handshake) {
+                (true, Some(handshake)) => {
+                    if self.kicked_handshakes.insert(*key, handshake) != Some(handshake) {
+                        self.activity.rebaseline(key, peer);
+                    } else {
+                        self.activity.observe_traffic(key, peer, now);
+                    }
+                }
+                _ => {
+                    self.kicked_handshakes.remove(key);
+                    self.activity.observe(key, peer, now);
+                }
+            }
             if let Some(endpoint) = peer.endpoint {
                 self.known_endpoints.insert(*key, endpoint);
             }
         }
+        self.publish(&actual);
         self.last_poll = Some((now, actual));
+        if self.run.as_ref().is_some_and(|run| run.done(now))
+            && let Some(run) = self.run.take()
+        {
+            self.finish(run);
+        }
         if let Some(threshold) = self.device().mfa_threshold {
             self.expire(threshold, now);
         }

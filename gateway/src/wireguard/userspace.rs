@@ -16,7 +16,7 @@ use std::{
 
 use ipnet::IpNet;
 use tokio::io::{Interest, unix::AsyncFd};
-use wireguard_uapi::xplatform::{self, set};
+use wireguard_uapi::xplatform::{self, parser::ParseGetResponseError, set};
 
 use super::{
     backend::{ApplyCost, BackendError, actual_from},
@@ -31,6 +31,10 @@ const WIREGUARD_GO: &str = "wireguard-go";
 
 /// How long wireguard-go gets to create its interface and socket.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often an empty answer is asked again, and how far apart.
+const EMPTY_ANSWER_RETRIES: u32 = 10;
+const EMPTY_ANSWER_PAUSE: Duration = Duration::from_millis(20);
 
 /// `errno` values wireguard-go answers with (its `ipc.IpcError*` codes).
 const EADDRINUSE: i64 = libc::EADDRINUSE as i64;
@@ -195,18 +199,31 @@ impl Userspace {
 
     /// Reads the device.
     pub fn get(&self) -> Result<Actual, BackendError> {
-        // wireguard-uapi 3.0.1 panics on an answer with peers but no
-        // listen_port, which wireguard-go sends while no port is bound: make
-        // that an error rather than a dead WireGuard task.
-        let device = std::panic::catch_unwind(|| xplatform::Client::create(&self.socket).get())
-            .map_err(|_| {
-                self.error(
-                    "reading",
-                    io::Error::other("the answer has peers but no listen_port (no port bound)"),
-                )
-            })?
-            .map_err(|e| self.error("reading", e))?;
-        Ok(actual_from(device))
+        let mut attempt = 0;
+        loop {
+            // wireguard-uapi 3.0.1 panics on an answer with peers but no
+            // listen_port, which wireguard-go sends while no port is bound:
+            // make that an error rather than a dead WireGuard task.
+            let answer = std::panic::catch_unwind(|| xplatform::Client::create(&self.socket).get())
+                .map_err(|_| {
+                    self.error(
+                        "reading",
+                        io::Error::other("the answer has peers but no listen_port (no port bound)"),
+                    )
+                })?;
+            match answer {
+                Ok(device) => return Ok(actual_from(device)),
+                // A wireguard-go that has only just created its socket
+                // sometimes answers with nothing at all: ask again.
+                Err(xplatform::error::GetDeviceError::ParseGetDevice(
+                    ParseGetResponseError::IncompleteResponse,
+                )) if attempt < EMPTY_ANSWER_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(EMPTY_ANSWER_PAUSE);
+                }
+                Err(error) => return Err(self.error("reading", error)),
+            }
+        }
     }
 
     /// Applies `plan`: the listen port alone first, then the rest in one
@@ -268,7 +285,7 @@ fn listening_inode(table: &str, path: &Path) -> Option<u64> {
 }
 
 /// The UAPI transactions for `plan`.
-fn requests(plan: &Plan) -> Vec<set::Device> {
+pub(crate) fn requests(plan: &Plan) -> Vec<set::Device> {
     let mut out = Vec::new();
     if let Some(port) = plan.listen_port {
         out.push(set::Device {

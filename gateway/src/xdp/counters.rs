@@ -25,10 +25,12 @@ pub struct Totals {
     pub pass: PacketCount,
     pub drop: PacketCount,
     pub aborted: PacketCount,
-    /// Sent back out to another gateway (the director).
+    /// Sent back out to another gateway (steered by the director, or handed
+    /// on during a handover).
+    #[serde(default)]
     pub tx: PacketCount,
-    /// The four WireGuard message counters and the steered ones together:
-    /// what the shield let through to a service.
+    /// The four WireGuard message counters and the steered and handed-on
+    /// ones together: what the shield let through to a service.
     pub wireguard: PacketCount,
 }
 
@@ -51,7 +53,7 @@ impl CounterSnapshot {
                 Verdict::Tx => &mut snapshot.totals.tx,
             };
             total.add(count);
-            if counter.is_wireguard() || counter == Counter::Steered {
+            if counter.is_wireguard() || counter.verdict() == Verdict::Tx {
                 snapshot.totals.wireguard.add(count);
             }
             snapshot.counters.insert(counter.name().to_owned(), count);
@@ -100,8 +102,8 @@ mod tests {
         assert_eq!(snapshot.totals.pass.packets, 7);
         assert_eq!(snapshot.totals.drop.packets, 5);
         assert_eq!(snapshot.totals.aborted.packets, 1);
-        assert_eq!(snapshot.totals.tx.packets, 1);
-        assert_eq!(snapshot.totals.wireguard.packets, 5);
+        assert_eq!(snapshot.totals.tx.packets, 2);
+        assert_eq!(snapshot.totals.wireguard.packets, 6);
         assert_eq!(snapshot.get(Counter::BadType).bytes, 100);
     }
 

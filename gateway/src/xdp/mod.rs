@@ -5,6 +5,7 @@
 //! [`Datapath`] owns the loaded object and its maps; one task owns the
 //! `Datapath` (see [`crate::datapath`]) and everything else asks it.
 
+pub mod continuity;
 pub mod counters;
 pub mod director;
 pub mod services;
@@ -40,6 +41,7 @@ use tidegate_common::{
 use tracing::{info, warn};
 
 pub use self::{
+    continuity::{Continuity, EgressStatus, Ownership},
     counters::{CounterSnapshot, PacketCount},
     director::{BackendStatus, DirectorStatus, SessionEntry},
     services::{ServiceError, ServiceTable},
@@ -133,6 +135,14 @@ pub enum XdpError {
     TooManyVips { family: &'static str, count: usize },
     #[error("the renew program refused the lease (returned {0})")]
     Renew(u32),
+    #[error("attaching the egress guard to {interface}")]
+    Egress {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the VIP fence was never renewed: the kernel's clock is not known yet")]
+    NoClock,
     #[error("building the director's Maglev table")]
     Maglev(#[from] MaglevError),
 }
@@ -253,6 +263,10 @@ pub struct Datapath {
     hz: Option<u64>,
     /// When the lease was last renewed, for how long, and with what flags.
     renewed: Option<(Instant, Duration, bool)>,
+    /// `jiffies` at that renewal.
+    renewed_jiffies: u64,
+    /// The egress guard and the handover window.
+    continuity: Continuity,
 }
 
 impl Datapath {
@@ -273,6 +287,7 @@ impl Datapath {
                 .load()
                 .map_err(|source| XdpError::Verify { name, source })?;
         }
+        let continuity = Continuity::load(&mut ebpf)?;
         Ok(Self {
             service_ports: take_map(&mut ebpf, maps::SERVICE_PORTS)?,
             service_v4: take_map(&mut ebpf, maps::SERVICE_V4)?,
@@ -293,6 +308,8 @@ impl Datapath {
             attachment: None,
             hz: None,
             renewed: None,
+            renewed_jiffies: 0,
+            continuity,
         })
     }
 
@@ -568,6 +585,13 @@ impl Datapath {
         })?;
         drop(attachment.link);
         info!(interface = attachment.interface, "XDP shield detached");
+        if self.continuity.attached() {
+            // The guard stays (pinned): a gateway without its daemon owns
+            // no client.
+            self.continuity.set_ownership(Ownership::None)?;
+            self.continuity.close_handover()?;
+            info!("egress guard left in place, owning no client");
+        }
         Ok(())
     }
 
@@ -626,7 +650,47 @@ impl Datapath {
         let flags = if holds_vips { HOLDS_VIPS } else { 0 };
         self.run_renew(lease_jiffies, flags)?;
         self.renewed = Some((Instant::now(), lease, holds_vips));
+        self.renewed_jiffies = self.read_fence()?.renewed_jiffies;
         Ok(())
+    }
+
+    /// The kernel's `jiffies` `span` from now, estimated from the last
+    /// renewal of the fence (within a tick).
+    pub fn jiffies_in(&self, span: Duration) -> Result<u64, XdpError> {
+        let (Some(hz), Some((at, _, _))) = (self.hz, self.renewed) else {
+            return Err(XdpError::NoClock);
+        };
+        Ok(self.renewed_jiffies + continuity::jiffies_for(at.elapsed() + span, hz))
+    }
+
+    /// Attaches the egress guard to `interface` for WireGuard from
+    /// `listen_port` (see [`Continuity::attach`]).
+    pub fn attach_egress(
+        &mut self,
+        interface: &str,
+        listen_port: u16,
+        pin_dir: &Path,
+    ) -> Result<(), XdpError> {
+        require_bpffs(pin_dir)?;
+        self.continuity
+            .attach(&mut self.ebpf, interface, listen_port, pin_dir)
+    }
+
+    /// Removes an egress guard that an earlier run with failover
+    /// continuity pinned on `interface`: without it configured now, the
+    /// guard would keep this gateway's WireGuard silent.
+    pub fn remove_stale_egress(&mut self, interface: &str, pin_dir: &Path) -> Result<(), XdpError> {
+        continuity::remove_stale(interface, pin_dir)
+    }
+
+    /// The egress guard and the handover window.
+    pub fn continuity(&self) -> &Continuity {
+        &self.continuity
+    }
+
+    /// The egress guard and the handover window, to change them.
+    pub fn continuity_mut(&mut self) -> &mut Continuity {
+        &mut self.continuity
     }
 
     /// The fence as last renewed; `None` before the first renewal.
@@ -704,6 +768,11 @@ impl Datapath {
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program(&self) -> Result<&Xdp, XdpError> {
         program(&self.ebpf, maps::PROGRAM)
+    }
+
+    /// The loaded egress program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn egress_program(&self) -> Result<&aya::programs::SchedClassifier, XdpError> {
+        continuity::classifier_ref(&self.ebpf)
     }
 
     /// The program that steers, attached in director mode on the master.

@@ -48,6 +48,9 @@ pub struct Udp {
     pub protocol: u8,
     /// Bytes appended after the datagram, as Ethernet padding is.
     pub trailer: usize,
+    /// Fill in the IPv4 header checksum and the UDP checksum (left zero
+    /// otherwise).
+    pub checksums: bool,
 }
 
 impl Udp {
@@ -65,7 +68,18 @@ impl Udp {
             udp_len: None,
             protocol: IPPROTO_UDP,
             trailer: 0,
+            checksums: false,
         }
+    }
+
+    pub fn checksums(mut self) -> Self {
+        self.checksums = true;
+        self
+    }
+
+    pub fn sport(mut self, port: u16) -> Self {
+        self.sport = port;
+        self
     }
 
     pub fn vlan(mut self, tpid: u16, id: u16) -> Self {
@@ -111,6 +125,30 @@ impl Udp {
         l4.extend_from_slice(&len.to_be_bytes());
         l4.extend_from_slice(&[0, 0]);
         l4.extend_from_slice(&self.payload);
+        if self.checksums {
+            let mut pseudo = Vec::new();
+            match (self.src, self.dst) {
+                (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                    pseudo.extend_from_slice(&src.octets());
+                    pseudo.extend_from_slice(&dst.octets());
+                    pseudo.extend_from_slice(&[0, self.protocol]);
+                    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+                }
+                (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                    pseudo.extend_from_slice(&src.octets());
+                    pseudo.extend_from_slice(&dst.octets());
+                    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+                    pseudo.extend_from_slice(&[0, 0, 0, self.protocol]);
+                }
+                _ => panic!("source and destination must be the same family"),
+            }
+            pseudo.extend_from_slice(&l4);
+            let sum = match internet_checksum(&pseudo) {
+                0 => 0xffff,
+                sum => sum,
+            };
+            l4[6..8].copy_from_slice(&sum.to_be_bytes());
+        }
 
         let (ether_type, l3) = match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
@@ -124,6 +162,10 @@ impl Udp {
                 ip.extend_from_slice(&src.octets());
                 ip.extend_from_slice(&dst.octets());
                 ip.extend_from_slice(&self.ip_options);
+                if self.checksums {
+                    let sum = internet_checksum(&ip);
+                    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+                }
                 ip.extend_from_slice(&l4);
                 (ETH_P_IP, ip)
             }
@@ -161,6 +203,18 @@ impl Udp {
         frame.resize(frame.len() + self.trailer, 0);
         frame
     }
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`.
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// Ethernet header (with `vlans` tags) followed by `payload`.
