@@ -89,17 +89,20 @@ fn steer_v4_on(frame: &Frame, saddr_off: usize, udp_off: usize, counter: Counter
 #[inline(always)]
 fn steer_v6_on(frame: &Frame, saddr_off: usize, udp_off: usize, counter: Counter) -> Counter {
     let (Some(saddr), Some(sport)) = (
-        frame.ptr_at::<[u64; 2]>(saddr_off),
+        frame.ptr_at::<[u8; 16]>(saddr_off),
         frame.ptr_at::<u16>(udp_off),
     ) else {
         return counter;
     };
-    // The address as two words: a 16-byte array copy may become a memcpy call.
+    // The address as two separate word loads: read as one 16-byte value,
+    // it becomes a memmove call.
     // SAFETY: both checked by `ptr_at`; read unaligned. Two words and
     // sixteen bytes have the same size and no invalid values.
     let key = unsafe {
+        let words = saddr.cast::<u64>();
+        let (hi, lo) = (words.read_unaligned(), words.add(1).read_unaligned());
         Key(ClientKey {
-            addr_be: core::mem::transmute::<[u64; 2], [u8; 16]>(saddr.read_unaligned()),
+            addr_be: core::mem::transmute::<[u64; 2], [u8; 16]>([hi, lo]),
             port_be: sport.read_unaligned(),
             _pad: 0,
         })
@@ -110,10 +113,13 @@ fn steer_v6_on(frame: &Frame, saddr_off: usize, udp_off: usize, counter: Counter
 /// Finds or makes the client's pin and delivers the frame to its backend.
 #[inline(always)]
 fn steer(frame: &Frame, key: &ClientKey, counter: Counter) -> Counter {
-    // SAFETY: takes nothing; the kernel inlines it into one load of `jiffies`.
-    let now = unsafe { bpf_jiffies64() };
-    let generation = DIRECTOR.generation();
+    // The clock and the term are read after the lookup, not kept across it:
+    // the lookup call would make the compiler spill them to the stack.
     if let Some(session) = SESSIONS.get_ptr_mut(key) {
+        let generation = DIRECTOR.generation();
+        // SAFETY: takes nothing; the kernel inlines it into one load of
+        // `jiffies`.
+        let now = unsafe { bpf_jiffies64() };
         // SAFETY: a value of the LRU map, valid while the program runs; a
         // pin is plain words, so a concurrent writer on another CPU leaves
         // each of them either old or new.
@@ -143,9 +149,10 @@ fn steer(frame: &Frame, key: &ClientKey, counter: Counter) -> Counter {
         return unpinned(frame, counter);
     };
     let session = Session {
-        last_seen_jiffies: now,
+        // SAFETY: as above.
+        last_seen_jiffies: unsafe { bpf_jiffies64() },
         backend: slot,
-        generation,
+        generation: DIRECTOR.generation(),
     };
     // The only map update the director makes, once per new client. If it
     // fails the client stays unpinned and its next frame tries again; the
