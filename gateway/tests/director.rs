@@ -319,6 +319,44 @@ fn the_object_defines_the_director_maps() {
     }
 }
 
+/// Copies of a few bytes (a MAC address, an IPv6 address) compile to calls
+/// of these when the compiler sees them as one block copy; each call costs
+/// more than the rest of a pinned hit's rewrite.
+const MEMORY_FUNCTIONS: [&str; 5] = ["memcpy", "memmove", "memset", "memcmp", "bcmp"];
+
+#[test]
+fn the_programs_call_no_memory_function() {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+    let file = object::File::parse(tidegate_gateway::xdp::OBJECT).expect("an ELF object");
+    // The memory functions' own code, which the object carries whether
+    // called or not.
+    let bodies: Vec<(u64, u64)> = file
+        .symbols()
+        .filter(|s| s.name().is_ok_and(|n| MEMORY_FUNCTIONS.contains(&n)))
+        .map(|s| (s.address(), s.address() + s.size()))
+        .collect();
+    let mut calls = Vec::new();
+    for section in file.sections() {
+        let name = section.name().unwrap_or_default().to_owned();
+        for (offset, relocation) in section.relocations() {
+            let RelocationTarget::Symbol(index) = relocation.target() else {
+                continue;
+            };
+            let target = file.symbol_by_index(index).expect("a symbol");
+            let target = target.name().unwrap_or_default();
+            let inside = name == ".text"
+                && bodies
+                    .iter()
+                    .any(|(start, end)| (*start..*end).contains(&offset));
+            if MEMORY_FUNCTIONS.contains(&target) && !inside {
+                calls.push(format!("{name}+{offset:#x} calls {target}"));
+            }
+        }
+    }
+    assert!(calls.is_empty(), "{calls:#?}");
+}
+
 #[test]
 fn new_clients_are_pinned_and_steered_to_remote_and_local_backends() {
     let members = [1, 2, 3];
