@@ -21,7 +21,7 @@ use tidegate_common::{
 };
 
 use crate::{
-    forward,
+    client, forward,
     maps::{BACKEND_COUNTERS, BACKENDS, BackendWord, DIRECTOR, MAGLEV, SESSIONS},
     parse::Frame,
 };
@@ -65,20 +65,10 @@ fn steer_v4_on(frame: &Frame, saddr_off: usize, udp_off: usize, counter: Counter
     ) else {
         return counter;
     };
-    // The key as words: byte by byte, the compiler zeroes it with a memset
-    // call first.
-    let mapped = u32::from_ne_bytes([
-        ClientKey::V4_MAPPED[8],
-        ClientKey::V4_MAPPED[9],
-        ClientKey::V4_MAPPED[10],
-        ClientKey::V4_MAPPED[11],
-    ]);
-    // SAFETY: both checked by `ptr_at`; read unaligned. Four words and
-    // sixteen bytes have the same size and no invalid values.
+    // SAFETY: both checked by `ptr_at`; read unaligned.
     let key = unsafe {
-        let addr = saddr.cast::<u32>().read_unaligned();
         Key(ClientKey {
-            addr_be: core::mem::transmute::<[u32; 4], [u8; 16]>([0, 0, mapped, addr]),
+            addr_be: client::v4_mapped(saddr.cast::<u32>().read_unaligned()),
             port_be: sport.read_unaligned(),
             _pad: 0,
         })
@@ -94,15 +84,10 @@ fn steer_v6_on(frame: &Frame, saddr_off: usize, udp_off: usize, counter: Counter
     ) else {
         return counter;
     };
-    // The address as two separate word loads: read as one 16-byte value,
-    // it becomes a memmove call.
-    // SAFETY: both checked by `ptr_at`; read unaligned. Two words and
-    // sixteen bytes have the same size and no invalid values.
+    // SAFETY: both checked by `ptr_at`; read unaligned.
     let key = unsafe {
-        let words = saddr.cast::<u64>();
-        let (hi, lo) = (words.read_unaligned(), words.add(1).read_unaligned());
         Key(ClientKey {
-            addr_be: core::mem::transmute::<[u64; 2], [u8; 16]>([hi, lo]),
+            addr_be: client::v6_bytes(client::v6_words(saddr)),
             port_be: sport.read_unaligned(),
             _pad: 0,
         })

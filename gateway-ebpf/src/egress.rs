@@ -19,6 +19,7 @@ use tidegate_common::{
 };
 
 use crate::{
+    client,
     continuity_maps::{EGRESS, EGRESS_COUNTERS, OWN_INDICES, OWNED},
     fence,
     maps::FENCE,
@@ -119,15 +120,8 @@ fn wireguard_datagram(frame: &Frame, port_be: u16) -> Option<Datagram> {
             {
                 return None;
             }
-            let daddr: [u8; 4] = read(frame, ip_off + V4_DADDR)?;
-            let mut addr = [0u8; 16];
-            addr[10] = 0xff;
-            addr[11] = 0xff;
-            addr[12] = daddr[0];
-            addr[13] = daddr[1];
-            addr[14] = daddr[2];
-            addr[15] = daddr[3];
-            (ip_off + ihl * 4, false, addr)
+            let daddr: u32 = read(frame, ip_off + V4_DADDR)?;
+            (ip_off + ihl * 4, false, client::v4_mapped(daddr))
         }
         ETH_P_IPV6 => {
             let next: u8 = read(frame, ip_off + 6)?;

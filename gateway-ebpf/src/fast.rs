@@ -139,14 +139,7 @@ fn ipv6<const STEER: bool>(frame: Holds<'_, V6_LEN>) -> Option<Counter> {
         return None;
     }
     let counter = wireguard_check(frame, V6_UDP);
-    // The two words as the four of the address, on this little-endian target.
-    let dst = [
-        dst_hi as u32,
-        (dst_hi >> 32) as u32,
-        dst_lo as u32,
-        (dst_lo >> 32) as u32,
-    ];
-    Some(fence::wireguard_v6(dst, counter, |counter| {
+    Some(fence::wireguard_v6([dst_hi, dst_lo], counter, |counter| {
         if STEER {
             director::steer_v6(frame.0, V6_IP, V6_UDP, counter)
         } else {

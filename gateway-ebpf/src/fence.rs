@@ -13,6 +13,7 @@ use tidegate_common::{
 };
 
 use crate::{
+    client,
     maps::FENCE,
     parse::{ETH_P_IP, Frame, IPPROTO_ICMPV6},
 };
@@ -78,7 +79,7 @@ pub fn wireguard_v4(
 /// As [`wireguard_v4`], for an IPv6 destination.
 #[inline(always)]
 pub fn wireguard_v6(
-    dst: [u32; 4],
+    dst: [u64; 2],
     counter: Counter,
     held: impl FnOnce(Counter) -> Counter,
 ) -> Counter {
@@ -124,12 +125,12 @@ pub fn icmpv6(frame: &Frame, off: usize) -> Counter {
     let icmp = off + V6_HEADER_LEN;
     let (Some(kind), Some(target)) = (
         frame.ptr_at::<u8>(icmp),
-        frame.ptr_at::<[u32; 4]>(icmp + NS_TARGET),
+        frame.ptr_at::<[u8; 16]>(icmp + NS_TARGET),
     ) else {
         return Counter::NotService;
     };
     // SAFETY: all three checked by `ptr_at`; read unaligned.
-    let (next, kind, target) = unsafe { (*next, *kind, target.read_unaligned()) };
+    let (next, kind, target) = unsafe { (*next, *kind, client::v6_words(target)) };
     if next == IPPROTO_ICMPV6
         && kind == NEIGHBOR_SOLICITATION
         && is_vip_v6(&target)
@@ -168,14 +169,14 @@ fn is_vip_v4(addr_be: u32) -> bool {
     false
 }
 
+/// `addr`: an IPv6 address as [`client::v6_words`] reads it.
 #[inline(always)]
-fn is_vip_v6(addr: &[u32; 4]) -> bool {
+fn is_vip_v6(addr: &[u64; 2]) -> bool {
     let count = FENCE.v6_count() as usize;
     let mut i = 0;
     while i < count && i < MAX_VIPS {
-        let vip = FENCE.vip_v6(i);
-        if ((vip[0] ^ addr[0]) | (vip[1] ^ addr[1]) | (vip[2] ^ addr[2]) | (vip[3] ^ addr[3])) == 0
-        {
+        let vip = FENCE.vip_v6_words(i);
+        if ((vip[0] ^ addr[0]) | (vip[1] ^ addr[1])) == 0 {
             return true;
         }
         i += 1;

@@ -150,6 +150,19 @@ impl Global<Fence> {
         unsafe { ptr::addr_of!((*self.0.get()).vip_v6_be[i % MAX_VIPS]).read_volatile() }
     }
 
+    /// IPv6 VIP `i` as two words, in the order of its bytes: two loads and
+    /// two compares where four 32-bit words would take four.
+    #[inline(always)]
+    pub fn vip_v6_words(&self, i: usize) -> [u64; 2] {
+        // SAFETY: as in `vip_v4`; each VIP starts 8-aligned (at byte
+        // 96 + 16 i of the 8-aligned `Fence`), and two words and four have
+        // the same bytes.
+        unsafe {
+            let vip = ptr::addr_of!((*self.0.get()).vip_v6_be[i % MAX_VIPS]).cast::<u64>();
+            [vip.read_volatile(), vip.add(1).read_volatile()]
+        }
+    }
+
     /// When the lease lapses, in jiffies.
     #[inline(always)]
     pub fn expires(&self) -> u64 {

@@ -5,7 +5,7 @@
 use tidegate_common::{service::MAX_SERVICE_ADDRS, stats::Counter};
 
 use crate::{
-    director, fence,
+    client, director, fence,
     maps::{SERVICE_PORTS, SERVICE_V4, SERVICE_V6},
     parse::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame},
     wireguard,
@@ -43,13 +43,17 @@ pub fn classify<const STEER: bool>(frame: &Frame) -> Counter {
                 Some(true) => {
                     let counter = wireguard::check(frame, udp.udp_off, udp.udp_len);
                     // SAFETY: `ipv6_udp` checked the address lies inside the frame.
-                    fence::wireguard_v6(unsafe { udp.dst.read_unaligned() }, counter, |counter| {
-                        if STEER {
-                            director::steer_v6(frame, off, udp.udp_off, counter)
-                        } else {
-                            counter
-                        }
-                    })
+                    fence::wireguard_v6(
+                        unsafe { client::v6_words(udp.dst.cast()) },
+                        counter,
+                        |counter| {
+                            if STEER {
+                                director::steer_v6(frame, off, udp.udp_off, counter)
+                            } else {
+                                counter
+                            }
+                        },
+                    )
                 }
                 Some(false) => Counter::NotService,
                 None => Counter::Aborted,

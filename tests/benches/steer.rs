@@ -156,8 +156,9 @@ fn bench(rounds: usize) -> Result<bool> {
     let targets = [
         (
             format!(
-                "director {:.1}% below the bounce (target: within {:.0}%)",
-                below_bounce * 100.0,
+                "director {:.1}% {} the bounce (target: within {:.0}%)",
+                below_bounce.abs() * 100.0,
+                if below_bounce < 0.0 { "above" } else { "below" },
                 MAX_BELOW_BOUNCE * 100.0
             ),
             below_bounce <= MAX_BELOW_BOUNCE,
