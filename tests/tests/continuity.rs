@@ -303,7 +303,15 @@ fn the_egress_guard_stops_an_old_master_stealing_its_clients_back() -> Result<()
         .tidectl(&["maintenance", "on"])?;
     ensure!(out.status.success(), "maintenance on: {out:?}");
     location.location_mut().wait_master(1, SWITCH)?;
-    location.wait_followed(1, Duration::from_secs(40))?;
+    let followed = location.wait_followed(1, Duration::from_secs(40))?;
+    let report = followed.failovers.last().context("no failover report")?;
+    narrate(&format!("gateway 1's failover: {report:?}"));
+    // Peers written to the config just before the handover are kicked too.
+    ensure!(
+        report.kicked == clients,
+        "gateway 1 kicked {} of {clients} clients",
+        report.kicked
+    );
     std::thread::sleep(Duration::from_millis(2500));
     let probers = location.start_probers(PROBES)?;
     let before = location
@@ -324,8 +332,13 @@ fn the_egress_guard_stops_an_old_master_stealing_its_clients_back() -> Result<()
         .counters_table()?;
     let summaries = finish_probers(probers)?;
     narrate_tunnels(&summaries);
+    let gateway_1 = location
+        .location_mut()
+        .gateway_mut(1)
+        .daemon_mut()
+        .counters_table()?;
     narrate(&format!(
-        "gateway 2 before:\n{before}\ngateway 2 after:\n{after}"
+        "gateway 2 before:\n{before}\ngateway 2 after:\n{after}\ngateway 1 after:\n{gateway_1}"
     ));
     ensure!(
         stolen_with == 0,

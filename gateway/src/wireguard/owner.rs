@@ -495,6 +495,9 @@ impl Owner {
         );
         self.kick_rate = request.rate;
         self.run = Some(run);
+        // A kick needs the device's view of each peer, and the last
+        // periodic read may predate peers added since: read it now.
+        self.poll();
         // The first batch at once.
         self.follow();
     }
