@@ -3,7 +3,7 @@
 //! it; then the relay sends requests down it and takes the replies.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     pin::Pin,
     sync::{
         Arc,
@@ -13,13 +13,12 @@ use std::{
 };
 
 use futures::Stream;
-use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use tidegate_proto::{
     edge::v1::{
         self as pb, core_message,
         edge_server::{Edge, EdgeServer},
     },
-    tls::{Pki, TlsError, peer_has_identity},
+    tls::{Pki, TlsError, check_own_identity, require_core},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -41,8 +40,6 @@ const KEEPALIVE: Duration = Duration::from_secs(5);
 pub enum LinkError {
     #[error("TLS files")]
     Tls(#[from] TlsError),
-    #[error("cert_file {path}: {reason}")]
-    Cert { path: PathBuf, reason: String },
     #[error("link_listen {address}: binding")]
     Bind {
         address: std::net::SocketAddr,
@@ -74,16 +71,13 @@ impl Edge for Service {
         request: Request<Streaming<pb::CoreMessage>>,
     ) -> Result<Response<LinkStream>, Status> {
         let remote = request.remote_addr();
-        if !peer_has_identity(request.peer_certs(), &self.core_identity) {
+        if let Err(refused) = require_core(&request, &self.core_identity) {
             warn!(
                 ?remote,
                 expected = %self.core_identity,
                 "refused a Link: the client certificate is not Core's"
             );
-            return Err(Status::permission_denied(format!(
-                "only Core ({}) may open a Link",
-                self.core_identity
-            )));
+            return Err(refused);
         }
         let session = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
@@ -155,25 +149,6 @@ async fn run(
         }
     };
     relay.detach(session, reason).await;
-}
-
-/// Fails unless the first certificate in `path` is valid for `identity`.
-pub fn check_own_identity(path: &Path, identity: &str) -> Result<(), LinkError> {
-    let cert_err = |reason: String| LinkError::Cert {
-        path: path.to_owned(),
-        reason,
-    };
-    let leaf = CertificateDer::pem_file_iter(path)
-        .map_err(|e| cert_err(e.to_string()))?
-        .next()
-        .ok_or_else(|| cert_err("no certificate".into()))?
-        .map_err(|e| cert_err(e.to_string()))?;
-    if !peer_has_identity(Some(Arc::new(vec![leaf])), identity) {
-        return Err(cert_err(format!(
-            "the certificate is not issued for identity {identity:?}"
-        )));
-    }
-    Ok(())
 }
 
 /// The link server's settings.

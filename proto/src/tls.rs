@@ -10,7 +10,7 @@
 
 use std::{fs, io, path::Path, path::PathBuf, sync::Arc};
 
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// Why TLS material could not be used.
@@ -26,6 +26,8 @@ pub enum TlsError {
     NotPem { path: PathBuf, what: &'static str },
     #[error("{0:?} is not a valid DNS name for a certificate identity")]
     Identity(String),
+    #[error("{path}: {reason}")]
+    Cert { path: PathBuf, reason: String },
 }
 
 /// A CA certificate and this side's certificate and key, all PEM.
@@ -114,6 +116,41 @@ pub fn peer_has_identity(certs: Option<Arc<Vec<CertificateDer<'static>>>>, ident
         .is_ok()
 }
 
+/// Fails unless the first certificate in `path` (this side's own) is valid
+/// for `identity`: a start-up check, so that a wrong file is named before
+/// any peer refuses it.
+pub fn check_own_identity(path: &Path, identity: &str) -> Result<(), TlsError> {
+    let cert_err = |reason: String| TlsError::Cert {
+        path: path.to_owned(),
+        reason,
+    };
+    let leaf = CertificateDer::pem_file_iter(path)
+        .map_err(|e| cert_err(e.to_string()))?
+        .next()
+        .ok_or_else(|| cert_err("no certificate".into()))?
+        .map_err(|e| cert_err(e.to_string()))?;
+    if !peer_has_identity(Some(Arc::new(vec![leaf])), identity) {
+        return Err(cert_err(format!(
+            "the certificate is not issued for identity {identity:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a Link unless the client's certificate is valid for
+/// `core_identity`: only Core opens Links.
+pub fn require_core<T>(
+    request: &tonic::Request<T>,
+    core_identity: &str,
+) -> Result<(), tonic::Status> {
+    if peer_has_identity(request.peer_certs(), core_identity) {
+        return Ok(());
+    }
+    Err(tonic::Status::permission_denied(format!(
+        "only Core ({core_identity}) may open a Link"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -156,6 +193,25 @@ mod tests {
         let missing = dir.path().join("missing.pem");
         let err = Pki::load(&missing, &bad, &bad).unwrap_err();
         assert!(err.to_string().contains("missing.pem"), "{err}");
+    }
+
+    #[test]
+    fn own_certificate_must_carry_the_configured_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["gw-a".to_owned()]).unwrap();
+        let cert = dir.path().join("cert.pem");
+        fs::write(&cert, params.self_signed(&key).unwrap().pem()).unwrap();
+        check_own_identity(&cert, "gw-a").unwrap();
+        let err = check_own_identity(&cert, "gw-b").unwrap_err();
+        assert!(
+            err.to_string().contains("cert.pem") && err.to_string().contains("\"gw-b\""),
+            "{err}"
+        );
+        let empty = dir.path().join("empty.pem");
+        fs::write(&empty, "").unwrap();
+        let err = check_own_identity(&empty, "gw-a").unwrap_err();
+        assert!(err.to_string().contains("no certificate"), "{err}");
     }
 
     #[test]

@@ -54,10 +54,7 @@ pub(crate) fn by_name(conn: &Connection, name: &str) -> Result<DeviceRow, StoreE
 }
 
 fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
-    conn.query_row("SELECT 1 FROM devices WHERE name = ?1", [name], |_| Ok(()))
-        .optional()
-        .map(|found| found.is_some())
-        .map_err(sql("looking up a device"))
+    super::name_taken(conn, "devices", "looking up a device", name)
 }
 
 /// The name of the device of this location holding `key`, if any.

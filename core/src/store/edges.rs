@@ -29,10 +29,7 @@ fn by_name(conn: &Connection, name: &str) -> Result<(admin::Edge, i64), StoreErr
 }
 
 fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
-    conn.query_row("SELECT 1 FROM edges WHERE name = ?1", [name], |_| Ok(()))
-        .optional()
-        .map(|found| found.is_some())
-        .map_err(sql("looking up an Edge"))
+    super::name_taken(conn, "edges", "looking up an Edge", name)
 }
 
 impl Store {
@@ -43,11 +40,7 @@ impl Store {
     ) -> Result<admin::Edge, StoreError> {
         let name = validate::name("name", &req.name)?;
         let address = validate::dial_address("address", req.address.trim())?;
-        let identity = if req.identity.is_empty() {
-            validate::identity("name", &name)?
-        } else {
-            validate::identity("identity", &req.identity)?
-        };
+        let identity = validate::identity_or_name(&req.identity, &name)?;
         let mut tx = begin(&mut self.conn)?;
         if name_taken(&tx, &name)? {
             return Err(StoreError::Exists { kind: "Edge", name });

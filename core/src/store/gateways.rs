@@ -50,10 +50,7 @@ fn by_name(conn: &Connection, name: &str) -> Result<(admin::Gateway, i64, u32), 
 }
 
 fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
-    conn.query_row("SELECT 1 FROM gateways WHERE name = ?1", [name], |_| Ok(()))
-        .optional()
-        .map(|found| found.is_some())
-        .map_err(sql("looking up a gateway"))
+    super::name_taken(conn, "gateways", "looking up a gateway", name)
 }
 
 impl Store {
@@ -64,11 +61,7 @@ impl Store {
     ) -> Result<admin::Gateway, StoreError> {
         let name = validate::name("name", &req.name)?;
         let address = validate::dial_address("address", req.address.trim())?;
-        let identity = if req.identity.is_empty() {
-            validate::identity("name", &name)?
-        } else {
-            validate::identity("identity", &req.identity)?
-        };
+        let identity = validate::identity_or_name(&req.identity, &name)?;
         let mut tx = begin(&mut self.conn)?;
         let location = locations::by_name(&tx, &req.location)?;
         if name_taken(&tx, &name)? {

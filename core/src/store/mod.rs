@@ -103,6 +103,24 @@ pub(crate) fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreErro
     move |source| StoreError::Sql { op, source }
 }
 
+/// Whether a row of `table` (one of the store's own tables, never input)
+/// already has `name`; `op` names the lookup in an error.
+pub(crate) fn name_taken(
+    conn: &Connection,
+    table: &'static str,
+    op: &'static str,
+    name: &str,
+) -> Result<bool, StoreError> {
+    conn.query_row(
+        &format!("SELECT 1 FROM {table} WHERE name = ?1"),
+        [name],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|found| found.is_some())
+    .map_err(sql(op))
+}
+
 /// What a committed change means for the links.
 #[derive(Debug, Clone)]
 pub enum Notice {

@@ -32,10 +32,7 @@ pub(crate) fn by_name(conn: &Connection, name: &str) -> Result<(admin::User, i64
 }
 
 fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
-    conn.query_row("SELECT 1 FROM users WHERE name = ?1", [name], |_| Ok(()))
-        .optional()
-        .map(|found| found.is_some())
-        .map_err(sql("looking up a user"))
+    super::name_taken(conn, "users", "looking up a user", name)
 }
 
 fn with_secret(user: admin::User, secret: Option<&[u8]>) -> admin::UserWithSecret {

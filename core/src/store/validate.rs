@@ -79,6 +79,16 @@ pub fn identity(field: &'static str, text: &str) -> Result<String, StoreError> {
     Ok(text.to_owned())
 }
 
+/// The certificate identity given, or the name when none is: either must
+/// be a DNS name, and the error names the field it came from.
+pub fn identity_or_name(identity: &str, name: &str) -> Result<String, StoreError> {
+    if identity.is_empty() {
+        self::identity("name", name)
+    } else {
+        self::identity("identity", identity)
+    }
+}
+
 /// "host:port" to dial: an IP address (IPv6 in brackets) or a DNS name, and
 /// a port.
 pub fn dial_address(field: &'static str, text: &str) -> Result<String, StoreError> {

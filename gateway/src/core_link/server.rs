@@ -3,20 +3,18 @@
 //! replaces the one before).
 
 use std::{
-    path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use futures::Stream;
-use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use tidegate_proto::{
     gateway::v1::{
         self as pb,
         gateway_server::{Gateway, GatewayServer},
     },
-    tls::{Pki, TlsError, peer_has_identity},
+    tls::{Pki, TlsError, check_own_identity, require_core},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -38,8 +36,6 @@ const OUTBOUND_QUEUE: usize = 64;
 pub enum CoreLinkError {
     #[error("[core] TLS files")]
     Tls(#[from] TlsError),
-    #[error("[core] cert_file {path}: {reason}")]
-    Cert { path: PathBuf, reason: String },
     #[error("[core] listen {address}: binding")]
     Bind {
         address: std::net::SocketAddr,
@@ -80,16 +76,13 @@ impl Gateway for Service {
         request: Request<Streaming<pb::CoreMessage>>,
     ) -> Result<Response<LinkStream>, Status> {
         let remote = request.remote_addr();
-        if !peer_has_identity(request.peer_certs(), &self.core_identity) {
+        if let Err(refused) = require_core(&request, &self.core_identity) {
             warn!(
                 ?remote,
                 expected = %self.core_identity,
                 "refused a Link: the client certificate is not Core's"
             );
-            return Err(Status::permission_denied(format!(
-                "only Core ({}) may open a Link",
-                self.core_identity
-            )));
+            return Err(refused);
         }
         let cancel = self.shutdown.child_token();
         let (number, replaced) = {
@@ -125,25 +118,6 @@ fn load_pki(config: &CoreLinkConfig) -> Result<Pki, CoreLinkError> {
     let pki = Pki::load(&config.ca_file, &config.cert_file, &config.key_file)?;
     check_own_identity(&config.cert_file, &config.identity)?;
     Ok(pki)
-}
-
-/// Fails unless the first certificate in `path` is valid for `identity`.
-pub fn check_own_identity(path: &Path, identity: &str) -> Result<(), CoreLinkError> {
-    let cert_err = |reason: String| CoreLinkError::Cert {
-        path: path.to_owned(),
-        reason,
-    };
-    let leaf = CertificateDer::pem_file_iter(path)
-        .map_err(|e| cert_err(e.to_string()))?
-        .next()
-        .ok_or_else(|| cert_err("no certificate".into()))?
-        .map_err(|e| cert_err(e.to_string()))?;
-    if !peer_has_identity(Some(Arc::new(vec![leaf])), identity) {
-        return Err(cert_err(format!(
-            "the certificate is not issued for identity {identity:?}"
-        )));
-    }
-    Ok(())
 }
 
 /// Binds `config.listen` and serves Core until `cancel` fires; sessions
