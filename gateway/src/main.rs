@@ -19,7 +19,7 @@ use tidegate_gateway::{
     },
     reload::Reloader,
     wireguard::owner::{self, Owner},
-    xdp::{Datapath, DatapathOptions, XdpModeSetting},
+    xdp::{Datapath, DatapathOptions, Kernel, XdpModeSetting, kernel::TCX_SINCE},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -86,8 +86,25 @@ async fn run(args: Args) -> Result<()> {
         );
     }
 
-    let mut options = DatapathOptions::default();
+    let kernel = Kernel::probe()?;
+    if kernel.tcx {
+        info!(
+            release = kernel.release,
+            "kernel has every feature the gateway uses"
+        );
+    } else {
+        info!(
+            release = kernel.release,
+            "kernel has no tcx links (Linux {TCX_SINCE}): the egress guard attaches as a TC clsact filter"
+        );
+    }
+
+    let mut options = DatapathOptions {
+        director: false,
+        ..DatapathOptions::default()
+    };
     if let Some(director) = config.ha.as_ref().and_then(|ha| ha.director) {
+        options.director = true;
         options.max_sessions = director.max_sessions;
         options.table_size = director.table_size;
     }
@@ -108,6 +125,7 @@ async fn run(args: Args) -> Result<()> {
             &config.interface,
             wireguard.listen_port().unwrap_or(0),
             &config.bpf_pin_dir,
+            kernel.egress_hook(),
         )?,
         _ => datapath.remove_stale_egress(&config.interface, &config.bpf_pin_dir)?,
     }

@@ -742,8 +742,9 @@ fn counters_table(reply: &CountersReply) -> String {
     if let Some(egress) = &reply.egress {
         let _ = writeln!(
             out,
-            "\negress guard on {}: WireGuard from port {}, owning {}\n",
+            "\negress guard on {} ({}): WireGuard from port {}, owning {}\n",
             egress.interface,
+            egress.hook,
             egress.listen_port,
             match egress.ownership {
                 tidegate_gateway::xdp::Ownership::None => "no client",

@@ -1,7 +1,15 @@
 //! Failover continuity in the data path: the egress guard (a TC program on
-//! the public interface's egress, attached through a pinned tcx link like
-//! the XDP program), the clients this gateway owns, and the handover
-//! window. See `tidegate_common::egress` and `tidegate_common::handover`.
+//! the public interface's egress), the clients this gateway owns, and the
+//! handover window. See `tidegate_common::egress` and
+//! `tidegate_common::handover`.
+//!
+//! The guard outlives the daemon and is taken over by the next one in place,
+//! so nothing is unguarded at any moment. Where the kernel has tcx links
+//! (Linux 6.6) it hangs on one pinned on the BPF filesystem, like the XDP
+//! program; elsewhere it is a filter on the interface's clsact qdisc at a
+//! fixed preference and handle, which the kernel keeps after the daemon is
+//! gone and which the next daemon replaces over netlink (a filter's program
+//! is swapped atomically).
 
 use std::{
     collections::BTreeMap,
@@ -14,9 +22,9 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        Link as _, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
 };
 use serde::{Deserialize, Serialize};
@@ -31,7 +39,15 @@ use tidegate_common::{
 };
 use tracing::{info, warn};
 
-use super::{PacketCount, XdpError, take_map};
+use super::{PacketCount, XdpError, kernel::EgressHook, take_map};
+
+/// The clsact filter's preference: 1, the first filter of the egress, so
+/// that no other filter's verdict lets a datagram past the guard.
+pub const CLSACT_PRIORITY: u16 = 1;
+
+/// The clsact filter's handle ("tg"), which names it among the filters at
+/// its preference.
+pub const CLSACT_HANDLE: u32 = 0x7467;
 
 /// What the gateway may send to clients (the egress guard's mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +79,8 @@ impl Ownership {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressStatus {
     pub interface: String,
+    /// How it hangs on the interface.
+    pub hook: EgressHook,
     pub listen_port: u16,
     pub ownership: Ownership,
     /// Per counter name ([`EgressCounter::name`]), summed over CPUs.
@@ -73,9 +91,26 @@ pub struct EgressStatus {
 #[derive(Debug)]
 struct Attachment {
     interface: String,
+    hook: Hook,
+}
+
+/// The daemon's hold on the guard's hook.
+#[derive(Debug)]
+enum Hook {
     // Held for its file descriptor: the pin keeps the link, this keeps the
     // daemon's handle on it.
-    _link: FdLink,
+    Tcx(#[expect(dead_code, reason = "held, never read")] FdLink),
+    /// The kernel holds the filter; the daemon holds nothing.
+    Clsact,
+}
+
+impl Hook {
+    fn kind(&self) -> EgressHook {
+        match self {
+            Self::Tcx(_) => EgressHook::Tcx,
+            Self::Clsact => EgressHook::Clsact,
+        }
+    }
 }
 
 /// The continuity maps and the egress program.
@@ -118,88 +153,32 @@ impl Continuity {
     }
 
     /// Attaches the guard to the egress of `interface` for WireGuard from
-    /// `listen_port`, through a tcx link pinned in `pin_dir`, so that it
-    /// keeps guarding when the daemon stops or dies: a gateway without its
-    /// daemon owns no client. A link pinned by an earlier run is taken
-    /// over: this program replaces the old one in it atomically. Nothing
-    /// leaves until [`Self::set_ownership`] says so.
+    /// `listen_port`, through `hook`, so that it keeps guarding when the
+    /// daemon stops or dies: a gateway without its daemon owns no client.
+    /// A guard an earlier run left is taken over: this program replaces the
+    /// old one in place, atomically. Nothing leaves until
+    /// [`Self::set_ownership`] says so.
     pub fn attach(
         &mut self,
         ebpf: &mut Ebpf,
         interface: &str,
         listen_port: u16,
         pin_dir: &Path,
+        hook: EgressHook,
     ) -> Result<(), XdpError> {
         self.set_listen_port(listen_port)?;
-        let pin = pin_path(pin_dir, interface).ok_or_else(|| XdpError::Egress {
-            interface: interface.to_owned(),
-            source: aya::programs::ProgramError::UnknownInterface {
-                name: interface.to_owned(),
-            },
-        })?;
         let program = classifier(ebpf)?;
-        let attach_err = |source| XdpError::Egress {
-            interface: interface.to_owned(),
-            source,
-        };
-        let link_err = |source| XdpError::Link {
-            path: pin.clone(),
-            source,
-        };
-        let adopted = if pin.exists() {
-            let adopt = PinnedLink::from_pin(&pin)
-                .map_err(link_err)
-                .and_then(|pinned| {
-                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)
-                })
-                .and_then(|link| program.attach_to_link(link).map_err(attach_err));
-            match adopt {
-                Ok(id) => Some(id),
-                Err(error) => {
-                    warn!(
-                        pin = %pin.display(),
-                        error = %crate::error_chain(&error),
-                        "the pinned egress link is stale; removing it"
-                    );
-                    std::fs::remove_file(&pin).map_err(|source| XdpError::Pin {
-                        op: "removing",
-                        path: pin.clone(),
-                        source,
-                    })?;
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let link = match adopted {
-            Some(id) => {
-                let link = program.take_link(id).map_err(attach_err)?;
-                info!(interface, pin = %pin.display(), "egress guard replaced in the pinned link");
-                FdLink::try_from(link).map_err(link_err)?
-            }
-            None => {
-                let id = program
-                    .attach_with_options(
-                        interface,
-                        TcAttachType::Egress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(attach_err)?;
-                let link = FdLink::try_from(program.take_link(id).map_err(attach_err)?)
-                    .map_err(link_err)?;
-                let pinned = link.pin(&pin).map_err(|e| XdpError::Pin {
-                    op: "pinning the egress link at",
-                    path: pin.clone(),
-                    source: io::Error::other(e),
-                })?;
-                info!(interface, listen_port, "egress guard attached");
-                FdLink::from(pinned)
+        let hook = match hook {
+            EgressHook::Tcx => Hook::Tcx(attach_tcx(program, interface, pin_dir)?),
+            EgressHook::Clsact => {
+                attach_clsact(program, interface)?;
+                Hook::Clsact
             }
         };
+        info!(interface, listen_port, hook = %hook.kind(), "egress guard in place");
         self.attachment = Some(Attachment {
             interface: interface.to_owned(),
-            _link: link,
+            hook,
         });
         Ok(())
     }
@@ -315,6 +294,7 @@ impl Continuity {
         };
         Ok(Some(EgressStatus {
             interface: attachment.interface.clone(),
+            hook: attachment.hook.kind(),
             listen_port: u16::from_be(self.setting.listen_port_be),
             ownership: self.ownership(),
             counters: self.counters()?,
@@ -397,6 +377,125 @@ pub fn classifier_ref(ebpf: &Ebpf) -> Result<&SchedClassifier, XdpError> {
         .map_err(|source| XdpError::NotXdp { name, source })
 }
 
+/// Hangs `program` on a tcx link pinned in `pin_dir`, in place of the
+/// program in the link an earlier run pinned, if there is one.
+fn attach_tcx(
+    program: &mut SchedClassifier,
+    interface: &str,
+    pin_dir: &Path,
+) -> Result<FdLink, XdpError> {
+    let attach_err = |source| XdpError::Egress {
+        interface: interface.to_owned(),
+        source,
+    };
+    let pin = pin_path(pin_dir, interface).ok_or_else(|| {
+        attach_err(ProgramError::UnknownInterface {
+            name: interface.to_owned(),
+        })
+    })?;
+    let link_err = |source| XdpError::Link {
+        path: pin.clone(),
+        source,
+    };
+    if pin.exists() {
+        let adopt = PinnedLink::from_pin(&pin)
+            .map_err(link_err)
+            .and_then(|pinned| {
+                SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)
+            })
+            .and_then(|link| program.attach_to_link(link).map_err(attach_err));
+        match adopt {
+            Ok(id) => {
+                let link = program.take_link(id).map_err(attach_err)?;
+                info!(interface, pin = %pin.display(), "egress guard replaced in the pinned tcx link");
+                return FdLink::try_from(link).map_err(link_err);
+            }
+            Err(error) => {
+                warn!(
+                    pin = %pin.display(),
+                    error = %crate::error_chain(&error),
+                    "the pinned egress link is stale; removing it"
+                );
+                std::fs::remove_file(&pin).map_err(|source| XdpError::Pin {
+                    op: "removing",
+                    path: pin.clone(),
+                    source,
+                })?;
+            }
+        }
+    }
+    let id = program
+        .attach_with_options(
+            interface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(attach_err)?;
+    let link = FdLink::try_from(program.take_link(id).map_err(attach_err)?).map_err(link_err)?;
+    let pinned = link.pin(&pin).map_err(|e| XdpError::Pin {
+        op: "pinning the egress link at",
+        path: pin.clone(),
+        source: io::Error::other(e),
+    })?;
+    Ok(FdLink::from(pinned))
+}
+
+/// Hangs `program` on the clsact qdisc of `interface` (added if missing) as
+/// the filter at [`CLSACT_PRIORITY`] and [`CLSACT_HANDLE`]: in place of the
+/// program of that filter when an earlier run left it, else as a new one.
+fn attach_clsact(program: &mut SchedClassifier, interface: &str) -> Result<(), XdpError> {
+    let attach_err = |source| XdpError::Egress {
+        interface: interface.to_owned(),
+        source,
+    };
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => {}
+        Err(error) if tc_errno(&error) == Some(libc::EEXIST) => {}
+        Err(error) => return Err(attach_err(error.into())),
+    }
+    let handle = TcHandle::from(CLSACT_HANDLE);
+    let existing = SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Egress,
+        CLSACT_PRIORITY,
+        handle,
+        None,
+    )
+    .map_err(|e| attach_err(TcError::IoError(e).into()))?;
+    let id = match program.attach_to_link(existing) {
+        Ok(id) => {
+            info!(interface, "egress guard replaced in its clsact filter");
+            id
+        }
+        Err(ProgramError::TcError(error)) if tc_errno(&error) == Some(libc::ENOENT) => program
+            .attach_with_options(
+                interface,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: CLSACT_PRIORITY,
+                    handle,
+                    classid: None,
+                }),
+            )
+            .map_err(attach_err)?,
+        Err(error) => return Err(attach_err(error)),
+    };
+    let link = program.take_link(id).map_err(attach_err)?;
+    // The filter must outlive the daemon, and dropping aya's handle on it
+    // would delete it: the handle is a few integers, so nothing leaks.
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// The errno behind a netlink refusal.
+fn tc_errno(error: &TcError) -> Option<i32> {
+    match error {
+        TcError::NetlinkError(error) => error.raw_os_error(),
+        TcError::IoError(error) => error.raw_os_error(),
+        _ => None,
+    }
+}
+
 /// The pin of the egress link on `interface`, named like the XDP link's
 /// (network namespace and interface index).
 fn pin_path(dir: &Path, interface: &str) -> Option<PathBuf> {
@@ -407,26 +506,58 @@ fn pin_path(dir: &Path, interface: &str) -> Option<PathBuf> {
     Some(dir.join(format!("tc-egress-{netns}-{index}")))
 }
 
-/// Removes the egress link pinned on `interface` in `pin_dir` by an earlier
-/// run, if there is one.
+/// Removes the guard an earlier run left on `interface`, if there is one:
+/// the tcx link pinned in `pin_dir`, or the clsact filter.
 pub fn remove_stale(interface: &str, pin_dir: &Path) -> Result<(), XdpError> {
-    let Some(pin) = pin_path(pin_dir, interface) else {
-        return Ok(());
-    };
-    if !pin.exists() {
-        return Ok(());
+    if let Some(pin) = pin_path(pin_dir, interface)
+        && pin.exists()
+    {
+        std::fs::remove_file(&pin).map_err(|source| XdpError::Pin {
+            op: "removing",
+            path: pin.clone(),
+            source,
+        })?;
+        warn!(
+            interface,
+            pin = %pin.display(),
+            "removed the egress guard an earlier run left: failover continuity is not configured"
+        );
     }
-    std::fs::remove_file(&pin).map_err(|source| XdpError::Pin {
-        op: "removing",
-        path: pin.clone(),
-        source,
-    })?;
-    warn!(
-        interface,
-        pin = %pin.display(),
-        "removed the egress guard an earlier run left: failover continuity is not configured"
-    );
+    if remove_clsact(interface)? {
+        warn!(
+            interface,
+            "removed the egress guard's clsact filter an earlier run left: failover continuity is not configured"
+        );
+    }
     Ok(())
+}
+
+/// Deletes the guard's clsact filter from `interface`; whether there was
+/// one. An interface without a clsact qdisc has none.
+pub fn remove_clsact(interface: &str) -> Result<bool, XdpError> {
+    let link = SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Egress,
+        CLSACT_PRIORITY,
+        TcHandle::from(CLSACT_HANDLE),
+        None,
+    )
+    .map_err(|e| XdpError::Egress {
+        interface: interface.to_owned(),
+        source: TcError::IoError(e).into(),
+    })?;
+    match link.detach() {
+        Ok(()) => Ok(true),
+        Err(ProgramError::NetlinkError(error))
+            if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) =>
+        {
+            Ok(false)
+        }
+        Err(source) => Err(XdpError::Egress {
+            interface: interface.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// How long a jiffies deadline `span` from now is, given the kernel's `hz`.

@@ -84,6 +84,9 @@ impl Datapath {
     /// Makes the director maps hold `desired`: the backends, the Maglev
     /// table of the healthy, non-draining ones, and steering on or off.
     pub fn set_director(&mut self, desired: &Desired) -> Result<(), XdpError> {
+        if desired.on && !self.options.director {
+            return Err(XdpError::NoDirector);
+        }
         let members = desired.table_members();
         let size = self.options.table_size;
         let old = self.steering.take();

@@ -8,6 +8,7 @@
 pub mod continuity;
 pub mod counters;
 pub mod director;
+pub mod kernel;
 pub mod services;
 
 use std::{
@@ -44,6 +45,7 @@ pub use self::{
     continuity::{Continuity, EgressStatus, Ownership},
     counters::{CounterSnapshot, PacketCount},
     director::{BackendStatus, DirectorStatus, SessionEntry},
+    kernel::{EgressHook, Kernel, KernelError},
     services::{ServiceError, ServiceTable},
 };
 use crate::director::maglev::MaglevError;
@@ -141,6 +143,8 @@ pub enum XdpError {
         #[source]
         source: ProgramError,
     },
+    #[error("the director's program was not loaded: this gateway is not in director mode")]
+    NoDirector,
     #[error("the VIP fence was never renewed: the kernel's clock is not known yet")]
     NoClock,
     #[error("building the director's Maglev table")]
@@ -150,6 +154,10 @@ pub enum XdpError {
 /// What the program is loaded with: capacities fixed for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatapathOptions {
+    /// Load the director's program too (director mode). It is the largest
+    /// for the kernel's verifier to check: a gateway in active/standby mode
+    /// starts without it.
+    pub director: bool,
     /// Pins the director's session map holds.
     pub max_sessions: u32,
     /// Entries of the director's Maglev table (a prime, at most
@@ -160,6 +168,7 @@ pub struct DatapathOptions {
 impl Default for DatapathOptions {
     fn default() -> Self {
         Self {
+            director: true,
             max_sessions: DEFAULT_MAX_SESSIONS,
             table_size: DEFAULT_TABLE_SIZE,
         }
@@ -282,7 +291,10 @@ impl Datapath {
             .map_max_entries(maps::SESSIONS, options.max_sessions)
             .load(OBJECT)
             .map_err(XdpError::Load)?;
-        for name in [maps::PROGRAM, maps::DIRECTOR_PROGRAM, maps::RENEW_PROGRAM] {
+        let programs = [maps::PROGRAM, maps::RENEW_PROGRAM]
+            .into_iter()
+            .chain(options.director.then_some(maps::DIRECTOR_PROGRAM));
+        for name in programs {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| XdpError::Verify { name, source })?;
@@ -664,16 +676,17 @@ impl Datapath {
     }
 
     /// Attaches the egress guard to `interface` for WireGuard from
-    /// `listen_port` (see [`Continuity::attach`]).
+    /// `listen_port`, through `hook` (see [`Continuity::attach`]).
     pub fn attach_egress(
         &mut self,
         interface: &str,
         listen_port: u16,
         pin_dir: &Path,
+        hook: EgressHook,
     ) -> Result<(), XdpError> {
         require_bpffs(pin_dir)?;
         self.continuity
-            .attach(&mut self.ebpf, interface, listen_port, pin_dir)
+            .attach(&mut self.ebpf, interface, listen_port, pin_dir, hook)
     }
 
     /// Removes an egress guard that an earlier run with failover
