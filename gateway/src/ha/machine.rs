@@ -586,6 +586,14 @@ impl Machine {
             self.advertise_now(now, actions);
             return;
         }
+        if heard.handover_to == Some(self.settings.gateway_id) {
+            // The old master's offer, still in flight, or sent again before
+            // it heard this gateway claim: it steps down on hearing this
+            // gateway, so make sure it does now; yielding back would leave
+            // the VIPs with nobody.
+            self.advertise_now(now, actions);
+            return;
+        }
         if let Some(handover) = self.handover
             && handover.to == heard.from
         {
@@ -1130,6 +1138,33 @@ mod tests {
         assert_eq!(a.role(), Role::Backup);
         // ...and takes over when it dies.
         assert_eq!(tick_until(&mut a, t0, 2000, 3000, Role::Master), Some(2222));
+    }
+
+    #[test]
+    fn a_handover_offer_arriving_after_the_claim_does_not_take_it_back() {
+        let t0 = Instant::now();
+        let (mut a, mut b, _) = trio(t0);
+        a.failover(ms(t0, 400)).unwrap();
+        let offer = Event::Heard(Heard {
+            handover_to: Some(2),
+            ..heard(master(1, 200))
+        });
+        b.on_event(offer.clone(), ms(t0, 401));
+        assert_eq!(b.role(), Role::Master);
+        // The old master offered again before it heard the new one (or the
+        // segment delayed its offer): the new master stays and answers at
+        // once, so the old one steps down.
+        for late in [405, 450, 520] {
+            let actions = b.on_event(offer.clone(), ms(t0, late));
+            assert_eq!(b.role(), Role::Master, "at {late} ms");
+            let answer = advert(&actions).expect("an advert at once");
+            assert_eq!((answer.role, answer.handover_to), (Role::Master, None));
+        }
+        a.on_event(master(2, 150), ms(t0, 521));
+        assert_eq!(a.role(), Role::Backup);
+        // A higher-priority master that is not handing over still wins.
+        b.on_event(master(1, 200), ms(t0, 600));
+        assert_eq!(b.role(), Role::Backup);
     }
 
     #[test]
