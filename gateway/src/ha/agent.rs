@@ -443,6 +443,11 @@ impl Agent {
         // master or not: the egress guard lets out what it owns.
         if self.config.director.is_some() {
             self.set_ownership(Ownership::Table).await;
+        } else {
+            // Sessions a run before this one left are of no use: another
+            // gateway serves the clients now, or will kick them when this
+            // one wins the election.
+            self.drop_sessions().await;
         }
         let actions = self.machine.on_event(Event::Start, Instant::now());
         self.execute(actions).await;
@@ -547,6 +552,7 @@ impl Agent {
             // Unless this gateway became master again meanwhile.
             if self.machine.role() != Role::Master {
                 self.set_ownership(self.ownership(false)).await;
+                self.drop_sessions().await;
             }
             self.close_window().await;
             info!("handover window closed: this gateway owns no client");
@@ -873,6 +879,20 @@ impl Agent {
             self.grace_until = None;
             self.set_ownership(Ownership::None).await;
             self.close_window().await;
+            self.drop_sessions().await;
+        }
+    }
+
+    /// An active/standby gateway that owns no client holds no WireGuard
+    /// session: the sessions of its last term would still be retried
+    /// (WireGuard re-initiates for up to 90 s after it stops hearing a
+    /// client, which the egress guard drops), and one such retry getting
+    /// out just as this gateway becomes master again would race its kick.
+    async fn drop_sessions(&self) {
+        if let Some(links) = &self.links
+            && let Err(error) = links.wireguard.drop_sessions().await
+        {
+            error!(error = %error_chain(&error), "dropping the WireGuard sessions failed");
         }
     }
 

@@ -8,7 +8,7 @@ use neli::err::NlError;
 use wireguard_uapi::{
     DeviceInterface, WgSocket,
     err::SetDeviceError,
-    linux::set::{self, WgPeerF},
+    linux::set::{self, WgDeviceF, WgPeerF},
 };
 
 use super::{
@@ -104,10 +104,13 @@ fn requests<'a>(
     if let Some(port) = plan.listen_port {
         out.push(set::Device::from_ifname(interface).listen_port(port));
     }
-    if plan.private_key.is_none() && plan.peers.is_empty() {
+    if plan.private_key.is_none() && plan.peers.is_empty() && !plan.replace_peers {
         return out;
     }
     let mut device = set::Device::from_ifname(interface);
+    if plan.replace_peers {
+        device = device.flags(vec![WgDeviceF::ReplacePeers]);
+    }
     if let Some(key) = &plan.private_key {
         device = device.private_key(key.as_bytes());
     }
@@ -175,6 +178,7 @@ mod tests {
         let plan = Plan {
             listen_port: Some(51820),
             private_key: Some(Key::new([9; 32])),
+            replace_peers: false,
             peers: vec![
                 op(OpKind::Add, 1),
                 op(OpKind::Update, 2),
@@ -216,6 +220,27 @@ mod tests {
         );
         assert_eq!(remove.flags, vec![WgPeerF::RemoveMe]);
         assert!(remove.allowed_ips.is_empty() && remove.endpoint.is_none());
+    }
+
+    #[test]
+    fn replacing_every_peer_is_one_message_with_the_flag() {
+        let plan = Plan {
+            replace_peers: true,
+            peers: vec![op(OpKind::Add, 1)],
+            ..Plan::default()
+        };
+        let allowed = allowed_addrs(&plan);
+        let built = requests("wg0", &plan, &allowed);
+        assert_eq!(built.len(), 1);
+        assert_eq!(built[0].flags, vec![WgDeviceF::ReplacePeers]);
+        assert_eq!(built[0].peers.len(), 1);
+        let none = Plan {
+            replace_peers: true,
+            ..Plan::default()
+        };
+        let built = requests("wg0", &none, &[]);
+        assert_eq!(built.len(), 1, "an empty replacement removes every peer");
+        assert!(built[0].peers.is_empty());
     }
 
     #[test]

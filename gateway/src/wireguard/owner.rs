@@ -23,7 +23,7 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use ipnet::IpNet;
 
@@ -135,6 +135,7 @@ enum Command {
         oneshot::Sender<Result<ApplyReport, WireguardError>>,
     ),
     Kick(Box<KickRequest>),
+    DropSessions,
     RemoteActivity(Vec<(Key, SystemTime)>),
     Failovers(oneshot::Sender<Vec<FailoverReport>>),
     Location(
@@ -168,6 +169,7 @@ impl std::fmt::Debug for Command {
             Self::Remove(..) => "Remove",
             Self::Reload(..) => "Reload",
             Self::Kick(..) => "Kick",
+            Self::DropSessions => "DropSessions",
             Self::RemoteActivity(..) => "RemoteActivity",
             Self::Failovers(..) => "Failovers",
             Self::Location(..) => "Location",
@@ -227,6 +229,16 @@ impl WireguardHandle {
     pub async fn kick(&self, request: KickRequest) -> Result<(), WireguardError> {
         self.tx
             .send(Command::Kick(Box::new(request)))
+            .await
+            .map_err(|_| WireguardError::Stopped)
+    }
+
+    /// This gateway owns no client any more: the device drops every session
+    /// it holds (see [`Owner::drop_sessions`]). Queued behind the commands
+    /// sent before it, ahead of a later kick.
+    pub async fn drop_sessions(&self) -> Result<(), WireguardError> {
+        self.tx
+            .send(Command::DropSessions)
             .await
             .map_err(|_| WireguardError::Stopped)
     }
@@ -442,6 +454,7 @@ impl Owner {
                 let _ = reply.send(self.reload(*config).await);
             }
             Command::Kick(request) => self.start_kicks(*request),
+            Command::DropSessions => self.drop_sessions(),
             Command::RemoteActivity(handshakes) => {
                 for (key, at) in handshakes {
                     self.activity.observe_remote(&key, at);
@@ -539,6 +552,10 @@ impl Owner {
         let kicks = kick::resolve(batch, &desired.peers, actual, now);
         let (kick_plan, restore) = kick::plans(&kicks);
         let keys: Vec<Key> = kicks.iter().map(|(spec, _, _)| spec.public_key).collect();
+        debug!(
+            kicks = ?kicks.iter().map(|(spec, endpoint, method)| (spec.public_key, *endpoint, *method)).collect::<Vec<_>>(),
+            "kicking a batch"
+        );
         for (spec, endpoint, _) in &kicks {
             self.known_endpoints.insert(spec.public_key, *endpoint);
         }
@@ -559,6 +576,55 @@ impl Owner {
             Err(error) => {
                 warn!(error = %error_chain(&error), peers = keys.len(), "kicking handshakes failed");
                 run.not_kicked(keys.len());
+            }
+        }
+    }
+
+    /// Drops every session the device holds, when it holds any: each peer
+    /// is put back in its own place in one request (sessions and handshake
+    /// retries go with the peer WireGuard replaces), with its settings and
+    /// last known endpoint. A failover still followed ends here. Traffic
+    /// counters start again, which activity tracking takes as no activity.
+    fn drop_sessions(&mut self) {
+        if let Some(run) = self.run.take() {
+            self.finish(run);
+        }
+        let now = SystemTime::now();
+        let backend = &self.backend;
+        let actual = match tokio::task::block_in_place(|| backend.get()) {
+            Ok(actual) => actual,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "reading the device to drop its sessions failed");
+                return;
+            }
+        };
+        let holding = actual
+            .peers
+            .values()
+            .filter(|peer| kick::method(peer, now) == kick::Method::Readd)
+            .count();
+        if holding == 0 {
+            return;
+        }
+        let desired = match desired_from(&self.config, &self.state) {
+            Ok(desired) => desired,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "no config to drop the sessions with");
+                return;
+            }
+        };
+        let plan = reconcile::replace_all(&desired, &actual, &self.known_endpoints);
+        match tokio::task::block_in_place(|| backend.apply(&plan)) {
+            Ok(_) => {
+                self.kicked_handshakes.clear();
+                info!(
+                    sessions = holding,
+                    peers = plan.peers.len(),
+                    "owning no client: the WireGuard sessions of the last term dropped"
+                );
+            }
+            Err(error) => {
+                warn!(error = %error_chain(&error), "dropping the WireGuard sessions failed");
             }
         }
     }

@@ -87,6 +87,9 @@ pub struct Plan {
     /// anything else has changed.
     pub listen_port: Option<u16>,
     pub private_key: Option<Key>,
+    /// The peers below replace every peer on the device (see
+    /// [`replace_all`]).
+    pub replace_peers: bool,
     pub peers: Vec<PeerOp>,
 }
 
@@ -110,7 +113,10 @@ impl PlanSummary {
 impl Plan {
     /// True when the device already matches.
     pub fn is_empty(&self) -> bool {
-        self.listen_port.is_none() && self.private_key.is_none() && self.peers.is_empty()
+        self.listen_port.is_none()
+            && self.private_key.is_none()
+            && !self.replace_peers
+            && self.peers.is_empty()
     }
 
     /// Counts of each kind of operation.
@@ -145,6 +151,7 @@ pub fn plan(
         private_key: desired
             .private_key
             .filter(|&key| actual.private_key != Some(key)),
+        replace_peers: false,
         peers: Vec::new(),
     };
     for (key, want) in &desired.peers {
@@ -172,6 +179,25 @@ pub fn plan(
 }
 
 /// The fields of an existing peer that differ, or `None` if none do.
+/// The plan that puts every desired peer on the device in place of all it
+/// has, in one request: WireGuard drops the sessions of each peer it
+/// replaces (and any handshake it was retrying), whatever their number.
+/// Each peer gets its settings and its last known endpoint back.
+pub fn replace_all(
+    desired: &Desired,
+    actual: &Actual,
+    known_endpoints: &HashMap<Key, SocketAddr>,
+) -> Plan {
+    let empty = Actual {
+        peers: BTreeMap::new(),
+        ..actual.clone()
+    };
+    Plan {
+        replace_peers: true,
+        ..plan(desired, &empty, known_endpoints)
+    }
+}
+
 fn update(key: Key, want: &PeerSpec, have: &ActualPeer) -> Option<PeerOp> {
     let op = PeerOp {
         kind: OpKind::Update,
@@ -346,6 +372,34 @@ mod tests {
             plan.peers[0].endpoint,
             Some("198.51.100.7:51820".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn replacing_every_peer_puts_each_back_with_its_settings_and_nothing_else() {
+        let want = desired(&[spec(1, "10.0.0.2/32"), spec(2, "10.0.0.3/32")]);
+        let mut have = in_sync(&want);
+        have.peers.insert(k(3), actual_of(&spec(3, "10.0.0.4/32")));
+        let known = HashMap::from([(k(2), "198.51.100.2:40000".parse().unwrap())]);
+        let plan = replace_all(&want, &have, &known);
+        assert!(plan.replace_peers && !plan.is_empty());
+        // The device keeps its key and port: no device-level change.
+        assert_eq!((plan.listen_port, plan.private_key), (None, None));
+        let added: Vec<_> = plan
+            .peers
+            .iter()
+            .map(|op| (op.kind, op.public_key, op.endpoint))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                (OpKind::Add, k(1), None),
+                (OpKind::Add, k(2), known.get(&k(2)).copied()),
+            ],
+            "the unwanted peer goes with the replacement, not by an op of its own"
+        );
+        let none = desired(&[]);
+        let emptied = replace_all(&none, &have, &HashMap::new());
+        assert!(emptied.replace_peers && emptied.peers.is_empty() && !emptied.is_empty());
     }
 
     #[test]

@@ -293,9 +293,10 @@ pub(crate) fn requests(plan: &Plan) -> Vec<set::Device> {
             ..set::Device::default()
         });
     }
-    if plan.private_key.is_some() || !plan.peers.is_empty() {
+    if plan.private_key.is_some() || plan.replace_peers || !plan.peers.is_empty() {
         out.push(set::Device {
             private_key: plan.private_key.map(|k| *k.as_bytes()),
+            replace_peers: plan.replace_peers.then_some(true),
             peers: plan.peers.iter().map(peer).collect(),
             ..set::Device::default()
         });
@@ -403,6 +404,7 @@ mod tests {
         let plan = Plan {
             listen_port: Some(51820),
             private_key: Some(Key::new([9; 32])),
+            replace_peers: false,
             peers: vec![op(OpKind::Add)],
         };
         let text: Vec<String> = requests(&plan).iter().map(ToString::to_string).collect();
@@ -412,6 +414,25 @@ mod tests {
         assert!(text[1].contains(
             "persistent_keepalive_interval=25\nreplace_allowed_ips=true\nallowed_ip=10.0.0.2/32\n"
         ));
+    }
+
+    #[test]
+    fn replacing_every_peer_says_so_before_the_peers() {
+        let plan = Plan {
+            replace_peers: true,
+            peers: vec![op(OpKind::Add)],
+            ..Plan::default()
+        };
+        let text = requests(&plan)[0].to_string();
+        assert!(
+            text.starts_with("replace_peers=true\npublic_key="),
+            "{text}"
+        );
+        let none = Plan {
+            replace_peers: true,
+            ..Plan::default()
+        };
+        assert_eq!(requests(&none)[0].to_string(), "replace_peers=true\n");
     }
 
     #[test]
