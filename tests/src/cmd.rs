@@ -56,7 +56,8 @@ pub fn describe(cmd: &Command) -> String {
     line
 }
 
-/// Runs `cmd` to completion, killing it if it takes longer than `timeout`.
+/// Runs `cmd` to completion, killing it if it takes longer than `timeout`
+/// (stretched to the machine's speed, see [`crate::pace`]).
 ///
 /// Standard input is closed; standard output and error are captured. An
 /// error means the command could not start or was killed on timeout; a
@@ -73,6 +74,7 @@ pub fn run_with_input(
     timeout: Duration,
 ) -> Result<CmdOutput> {
     let command = describe(cmd);
+    let timeout = crate::pace::stretch(timeout);
     let stdin = if input.is_some() {
         Stdio::piped()
     } else {

@@ -26,6 +26,7 @@ use crate::ha::{
     ECHO_PORT, HaLocation, HaOptions, HaStatus, PREFIX, Prober, SERVICE_PORT, TUNNEL_ADDR,
     TunnelOptions, VIP, start_echo_at, start_prober_to,
 };
+use crate::handshakes::{HandshakeWatch, first_initiation_sent};
 use crate::keepalived::KeepalivedLocation;
 use crate::netns::Netns;
 use crate::probe::ProbeSummary;
@@ -60,11 +61,12 @@ pub struct ClientOptions {
     pub keepalive: Option<u16>,
 }
 
-/// One client: its namespace and its WireGuard.
+/// One client: its namespace, its link to the segment and its WireGuard.
 #[derive(Debug)]
 pub struct TunnelClient {
     index: usize,
     wg: WgInterface,
+    link: String,
     netns: Netns,
 }
 
@@ -99,6 +101,12 @@ impl TunnelClient {
     pub fn latest_handshake(&self) -> Result<u64> {
         let peers = self.wg.peers()?;
         Ok(peers.first().map_or(0, |p| p.latest_handshake))
+    }
+
+    /// Starts recording the handshake messages between this client and the
+    /// location.
+    pub fn watch_handshakes(&self) -> Result<HandshakeWatch> {
+        HandshakeWatch::start(&self.netns, &self.link, SERVICE_PORT)
     }
 
     /// The client's `[[peer]]` entry on the gateways.
@@ -226,6 +234,37 @@ impl TunnelLocation {
     pub fn ensure_endpoints_on_vip(&self) -> Result<()> {
         ensure_endpoints_on_vip(&self.clients)
     }
+
+    /// Starts recording every client's handshake messages.
+    pub fn watch_handshakes(&self) -> Result<Vec<HandshakeWatch>> {
+        self.clients
+            .iter()
+            .map(TunnelClient::watch_handshakes)
+            .collect()
+    }
+}
+
+/// Checks that the first handshake of every client after `since` was
+/// started by the location (a kick), not by the client's own timer: the
+/// client received the initiation. `watches` are in client order.
+pub fn ensure_gateway_initiated(
+    watches: Vec<HandshakeWatch>,
+    since: std::time::Instant,
+) -> Result<()> {
+    let mut wrong = Vec::new();
+    for (index, watch) in watches.into_iter().enumerate() {
+        match first_initiation_sent(&watch.finish()?, since) {
+            Some(false) => {}
+            Some(true) => wrong.push(format!("client {index} started it itself")),
+            None => wrong.push(format!("client {index} saw no initiation")),
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "handshakes not started by the location: {}",
+        wrong.join("; ")
+    );
+    Ok(())
 }
 
 /// Builds `options.count` clients on the segment of `run` (bridge in
@@ -278,7 +317,12 @@ pub fn build_clients(
             "dev",
             wg.name(),
         ])?;
-        clients.push(TunnelClient { index, wg, netns });
+        clients.push(TunnelClient {
+            index,
+            wg,
+            link,
+            netns,
+        });
     }
     Ok(clients)
 }
@@ -538,9 +582,9 @@ const BPF_OBJ_GET: i64 = 7;
 const BPF_LINK_DETACH: i64 = 34;
 
 /// Takes gateway `id`'s egress guard off its interface, as if it had never
-/// been there: the link the daemon pinned is detached by force
-/// (`BPF_LINK_DETACH`), which no handle on it can undo. For showing what
-/// happens without the guard.
+/// been there: a tcx link the daemon pinned is detached by force
+/// (`BPF_LINK_DETACH`), which no handle on it can undo; a clsact filter is
+/// deleted. For showing what happens without the guard.
 pub fn detach_egress_guard(location: &HaLocation, id: u32) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
 
@@ -557,8 +601,19 @@ pub fn detach_egress_guard(location: &HaLocation, id: u32) -> Result<()> {
             path.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(&prefix))
-        })
-        .with_context(|| format!("gateway {id} pinned no egress link in {}", bpffs.display()))?;
+        });
+    let Some(pin) = pin else {
+        let interface = gateway.ifname().to_owned();
+        let removed = gateway
+            .netns()
+            .run(|| tidegate_gateway::xdp::continuity::remove_clsact(&interface))??;
+        ensure!(
+            removed,
+            "gateway {id} has no egress guard: no tcx link pinned in {} and no clsact filter on {interface}",
+            bpffs.display()
+        );
+        return Ok(());
+    };
     let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
     // bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags (and room for
     // the rest of the union, zeroed).

@@ -386,7 +386,7 @@ impl DirectorLocation {
                 location_id: LOCATION_ID,
                 gateway_id: id,
                 priority: Some(*priority),
-                advert_interval_ms: Some(100),
+                advert_interval_ms: Some(crate::ha::advert_interval_ms()),
                 preempt: None,
                 preempt_delay_ms: None,
                 key: KEY.to_owned(),

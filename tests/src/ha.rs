@@ -112,7 +112,7 @@ pub struct HaOptions {
     /// IPv4 VIP.
     pub ipv6: bool,
     /// The location's WireGuard on every gateway (`[wireguard]`, the same
-    /// key on each; wireguard-go started by the daemon), and an echo on
+    /// key on each; kernel WireGuard where the kernel has it, else wireguard-go started by the daemon), and an echo on
     /// [`TUNNEL_ADDR`] in each gateway.
     pub wireguard: Option<TunnelOptions>,
 }
@@ -131,12 +131,13 @@ pub struct TunnelOptions {
 }
 
 impl HaOptions {
-    /// Gateways with these priorities, multicast adverts every 100 ms.
+    /// Gateways with these priorities, multicast adverts every
+    /// [`advert_interval_ms`].
     pub fn priorities(priorities: &[u8]) -> Self {
         Self {
             priorities: priorities.to_vec(),
             transport: AdvertTransport::Multicast,
-            advert_interval_ms: 100,
+            advert_interval_ms: advert_interval_ms(),
             tracked_uplink: None,
             ipv6: false,
             wireguard: None,
@@ -433,16 +434,21 @@ impl HaGateway {
     }
 
     /// A host crash of a gateway with WireGuard: as [`Self::crash`], and
-    /// its wireguard-go and tunnel echo die too.
+    /// its WireGuard (a killed wireguard-go, a deleted kernel interface, its
+    /// sessions with it) and tunnel echo die too.
     pub fn crash_all(&mut self) -> Result<()> {
         self.crash()?;
         if let Some(echo) = self.tunnel_echo.as_mut() {
             echo.kill()?;
         }
-        if let Some(wireguard_go) = &self.wireguard_go
-            && let Some(pid) = wireguard_go.pid()?
-        {
-            crate::wireguard::signal_wireguard_go(pid, Signal::SIGKILL)?;
+        if let Some(wireguard_go) = &self.wireguard_go {
+            match wireguard_go.pid()? {
+                Some(pid) => crate::wireguard::signal_wireguard_go(pid, Signal::SIGKILL)?,
+                None => {
+                    self.netns
+                        .ip(&["link", "del", "dev", wireguard_go.interface()])?;
+                }
+            }
         }
         Ok(())
     }
@@ -473,6 +479,24 @@ impl Prober {
             self.process.log()
         );
         self.summary()
+    }
+
+    /// Waits until the prober is ready to probe (and to be stopped with a
+    /// summary): under `ip netns exec` on a slow machine that is a while.
+    fn wait_started(&mut self) -> Result<()> {
+        poll_until(
+            &format!("{PROBE_BIN} to start"),
+            PROBER_GRACE,
+            Duration::from_millis(10),
+            || {
+                self.process.ensure_running()?;
+                Ok(if self.process.log().contains(crate::probe::STARTED) {
+                    Probe::Ready(())
+                } else {
+                    Probe::NotYet("not probing yet".into())
+                })
+            },
+        )
     }
 
     /// Asks the prober to stop (SIGTERM) without waiting: stop many at
@@ -591,7 +615,7 @@ impl HaLocation {
             if let Some(tunnel) = &options.wireguard {
                 config.wireguard = Some(WireguardSection {
                     interface: run.ifname(&format!("w{id}")),
-                    backend: "userspace".into(),
+                    backend: "auto".into(),
                     private_key: Some(tunnel.private_key.clone()),
                     listen_port: Some(SERVICE_PORT),
                     addresses: vec![format!("{TUNNEL_ADDR}/24")],
@@ -905,7 +929,7 @@ impl HaLocation {
     }
 
     /// Starts a prober in the client namespace: `count` probes to the VIP,
-    /// one every 10 ms.
+    /// one every [`probe_interval`].
     pub fn start_prober(&mut self, count: u64) -> Result<Prober> {
         self.probers += 1;
         let out = self.run.dir().join(format!("probe{}.json", self.probers));
@@ -914,11 +938,14 @@ impl HaLocation {
         command
             .args(["--target", &SocketAddr::from((VIP, ECHO_PORT)).to_string()])
             .args(["--count", &count.to_string()])
-            .args(["--interval-ms", "10", "--reply-wait-ms", "500", "--out"])
+            .args(probe_pace())
+            .arg("--out")
             .arg(&out);
         let mut process = Process::spawn(PROBE_BIN, &self.client, command, &log)?;
         process.set_grace(PROBER_GRACE);
-        Ok(Prober { process, out })
+        let mut prober = Prober { process, out };
+        prober.wait_started()?;
+        Ok(prober)
     }
 
     /// Lets the switch flood multicast (the adverts) to gateway `id`'s
@@ -1026,7 +1053,9 @@ fn wait_echo(echo: &Process) -> Result<()> {
         Duration::from_secs(5),
         Duration::from_millis(10),
         || {
-            let log = echo.log();
+            let mut log = echo.log();
+            // Only whole lines: the echo may be writing the one it is on.
+            log.truncate(log.rfind('\n').map_or(0, |i| i + 1));
             if log.contains("listening on") {
                 Ok(Probe::Ready(()))
             } else if log.contains("tidegate-echo:") {
@@ -1055,8 +1084,8 @@ pub fn start_prober_in(client: &Netns, dir: &Path, name: &str, count: u64) -> Re
 }
 
 /// Starts a prober in `client` sending `count` probes to `target`, one
-/// every 10 ms, its summary and log in `dir` as `<name>.json` and
-/// `<name>.log`.
+/// every [`probe_interval`], its summary and log in `dir` as `<name>.json`
+/// and `<name>.log`.
 pub fn start_prober_to(
     client: &Netns,
     target: SocketAddr,
@@ -1070,11 +1099,43 @@ pub fn start_prober_to(
     command
         .args(["--target", &target.to_string()])
         .args(["--count", &count.to_string()])
-        .args(["--interval-ms", "10", "--reply-wait-ms", "500", "--out"])
+        .args(probe_pace())
+        .arg("--out")
         .arg(&out);
     let mut process = Process::spawn(PROBE_BIN, client, command, &log)?;
     process.set_grace(PROBER_GRACE);
-    Ok(Prober { process, out })
+    let mut prober = Prober { process, out };
+    prober.wait_started()?;
+    Ok(prober)
+}
+
+/// The locations' advert interval: 100 ms on the host; 200 ms where the
+/// CPUs are emulated, where a daemon's turn on the one emulated core comes
+/// late often enough to make 300 ms of silence (three adverts).
+pub fn advert_interval_ms() -> u64 {
+    crate::pace::load(100, 200)
+}
+
+/// How often a prober probes: every 10 ms on the host; every 25 ms where
+/// the CPUs are emulated, whose few emulated cores also run every client's
+/// WireGuard.
+pub fn probe_interval() -> Duration {
+    Duration::from_millis(crate::pace::load(10, 25))
+}
+
+/// How long a probe waits for its answer before it counts as lost: 500 ms,
+/// stretched to the machine's speed.
+pub fn probe_reply_wait() -> Duration {
+    crate::pace::stretch(Duration::from_millis(500))
+}
+
+fn probe_pace() -> [String; 4] {
+    [
+        "--interval-ms".into(),
+        probe_interval().as_millis().to_string(),
+        "--reply-wait-ms".into(),
+        probe_reply_wait().as_millis().to_string(),
+    ]
 }
 
 #[cfg(test)]

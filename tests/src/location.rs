@@ -26,7 +26,7 @@ use crate::gateway::{
     CoreSection, GATEWAY_BIN, GatewayConfig, GatewayDaemon, PeerEntry, TIDECTL_BIN,
     WireguardSection, XdpMode,
 };
-use crate::netns::{Netns, PingReport, bridge, veth};
+use crate::netns::{BackgroundPing, Netns, PingReport, bridge, veth};
 use crate::run::Run;
 use crate::shield::WG_PORT;
 use crate::wireguard::{DetachedWireguardGo, KeyPair, PeerStats, WgInterface, WgPeer};
@@ -72,6 +72,10 @@ pub struct LocationOptions {
     pub clients: usize,
     /// More `[[peer]]` entries of the gateway, without a client behind them.
     pub extra_peers: Vec<PeerEntry>,
+    /// `backend` in `[wireguard]`: `auto` (what a host picks: the kernel
+    /// module where there is one, else wireguard-go), or `userspace` for a
+    /// test of wireguard-go itself.
+    pub backend: &'static str,
     /// `mfa` in `[wireguard]`.
     pub mfa: bool,
     /// `peer_disconnect_threshold_secs`, if set.
@@ -93,6 +97,7 @@ impl Default for LocationOptions {
         Self {
             clients: 1,
             extra_peers: Vec::new(),
+            backend: "auto",
             mfa: false,
             threshold_secs: None,
             stats_interval_ms: Some(200),
@@ -171,6 +176,14 @@ impl Client {
         self.netns
             .ping(IpAddr::V4(target), count)
             .with_context(|| format!("ping {target} from client{}", self.index))
+    }
+
+    /// Starts pinging `target` every `interval` (one second to wait for
+    /// each reply) until the ping is finished.
+    pub fn start_ping(&self, target: Ipv4Addr, interval: Duration) -> Result<BackgroundPing> {
+        self.netns
+            .start_ping(IpAddr::V4(target), interval, Duration::from_secs(1))
+            .with_context(|| format!("pinging {target} from client{}", self.index))
     }
 
     /// Pings `target` `count` times, `interval` apart (one second to wait
@@ -292,7 +305,7 @@ impl Location {
         config.bpf_pin_dir = Some(run.bpffs()?);
         config.wireguard = Some(WireguardSection {
             interface: wg_interface,
-            backend: "auto".into(),
+            backend: options.backend.into(),
             private_key: (!managed).then(|| gateway_keys.private.clone()),
             listen_port: (!managed).then_some(WG_PORT),
             addresses: vec![format!("{GATEWAY_TUNNEL}/{TUNNEL_PREFIX}")],
@@ -388,9 +401,23 @@ impl Location {
     }
 
     /// The pid of the wireguard-go serving the gateway's interface, found
-    /// through its UAPI socket.
+    /// through its UAPI socket (none on the kernel backend).
     pub fn wireguard_go_pid(&self) -> Result<Option<u32>> {
         self.gateway_wg.pid()
+    }
+
+    /// The gateway's WireGuard interface index and whether it is a kernel
+    /// WireGuard link (`ip -d link` says `wireguard`), as the kernel sees it.
+    pub fn wg_link(&self) -> Result<(u32, bool)> {
+        let out = self
+            .gateway
+            .ip(&["-d", "-o", "link", "show", "dev", self.wg_interface()])?;
+        let index = out
+            .split(':')
+            .next()
+            .and_then(|i| i.trim().parse().ok())
+            .with_context(|| format!("no index in {out:?}"))?;
+        Ok((index, out.contains(" wireguard ")))
     }
 
     /// Restarts the daemon (after it was killed) with the same config;

@@ -277,6 +277,37 @@ impl Netns {
         })
     }
 
+    /// Starts pinging `target` every `interval` (waiting up to `wait` for
+    /// each reply) until [`BackgroundPing::finish`], for counting lost
+    /// replies across something that takes however long it takes.
+    pub fn start_ping(
+        &self,
+        target: IpAddr,
+        interval: Duration,
+        wait: Duration,
+    ) -> Result<BackgroundPing> {
+        let out = tempfile::NamedTempFile::new().context("creating a file for ping's output")?;
+        let mut command = self.command("ping");
+        command
+            .args(["-n", "-i", &format!("{:.3}", interval.as_secs_f64())])
+            .args(["-W", &wait.as_secs().max(1).to_string()])
+            // A bound on a ping nobody stops.
+            .args(["-w", &BACKGROUND_PING_LIMIT.as_secs().to_string()])
+            .arg(target.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(out.reopen().context("reopening ping's output file")?)
+            .stderr(std::process::Stdio::null());
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting ping {target} in {}", self.name()))?;
+        Ok(BackgroundPing {
+            child,
+            out,
+            target,
+            netns: self.clone(),
+        })
+    }
+
     /// One echo request to `target` with a one-second wait: true if it was
     /// answered.
     pub fn ping_once(&self, target: IpAddr) -> Result<bool> {
@@ -287,6 +318,67 @@ impl Netns {
             Duration::from_secs(1),
         )?;
         Ok(report.received == 1)
+    }
+}
+
+/// The longest a [`BackgroundPing`] runs if nobody stops it.
+const BACKGROUND_PING_LIMIT: Duration = Duration::from_secs(600);
+
+/// A ping running until it is told to stop (see [`Netns::start_ping`]).
+/// Dropped unfinished, it is killed.
+#[derive(Debug)]
+pub struct BackgroundPing {
+    child: std::process::Child,
+    out: tempfile::NamedTempFile,
+    target: IpAddr,
+    // The namespace outlives the ping in it.
+    netns: Netns,
+}
+
+impl BackgroundPing {
+    /// Stops the ping (SIGINT: it prints its summary) and returns its
+    /// report, whatever the losses. An echo request sent just before the
+    /// stop, whose reply had no time to come, is not counted.
+    pub fn finish(mut self) -> Result<PingReport> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)
+            .context("stopping a background ping")?;
+        let deadline = std::time::Instant::now() + crate::pace::stretch(Duration::from_secs(5));
+        while self.child.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("ping {} in {} did not stop", self.target, self.netns.name());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stdout = std::fs::read_to_string(self.out.path())?;
+        let mut report = PingReport::parse(&stdout).with_context(|| {
+            format!(
+                "reading the summary of ping {} in {}:\n{stdout}",
+                self.target,
+                self.netns.name()
+            )
+        })?;
+        let answered: std::collections::BTreeSet<u32> = stdout
+            .lines()
+            .filter_map(|l| l.split("icmp_seq=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect();
+        let last = report.transmitted;
+        if report.lost() == 1 && !answered.contains(&last) {
+            report.transmitted -= 1;
+        }
+        Ok(report)
+    }
+}
+
+impl Drop for BackgroundPing {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

@@ -13,6 +13,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// What `tidegate-probe` writes to stderr once it has installed its
+/// SIGTERM handler and bound its socket: a stop after this line gets a
+/// summary.
+pub const STARTED: &str = "tidegate-probe: probing";
+
 /// The first bytes of a probe.
 pub const PROBE_MAGIC: [u8; 4] = *b"TGPR";
 /// The first bytes of an echo reply.

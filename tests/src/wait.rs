@@ -15,7 +15,8 @@ pub enum Probe<T> {
 }
 
 /// Calls `probe` every `interval` until it returns [`Probe::Ready`], at most
-/// `timeout` long and at most `timeout / interval + 1` times.
+/// `timeout` long (stretched to the machine's speed, see [`crate::pace`])
+/// and at most `timeout / interval + 1` times.
 ///
 /// An `Err` from `probe` stops polling at once (a condition that can no
 /// longer become true, e.g. the process being waited on has exited). On
@@ -27,6 +28,7 @@ pub fn poll_until<T>(
     mut probe: impl FnMut() -> Result<Probe<T>>,
 ) -> Result<T> {
     let interval = interval.max(Duration::from_millis(1));
+    let timeout = crate::pace::stretch(timeout);
     let max_attempts = timeout.as_millis() / interval.as_millis() + 1;
     let start = Instant::now();
     let mut last = String::from("never probed");

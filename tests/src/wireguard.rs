@@ -49,6 +49,24 @@ impl fmt::Display for WgBackend {
     }
 }
 
+/// What a gateway's `backend = "auto"` picks on this machine, as its
+/// daemon would: the kernel module where the kernel has it (loaded on
+/// demand, as creating a WireGuard link loads it), else wireguard-go.
+pub fn auto_backend() -> WgBackend {
+    let loaded = || Path::new("/sys/module/wireguard").exists();
+    if loaded()
+        || Command::new("modprobe")
+            .args(["-q", "wireguard"])
+            .status()
+            .is_ok_and(|s| s.success())
+            && loaded()
+    {
+        WgBackend::Kernel
+    } else {
+        WgBackend::WireguardGo
+    }
+}
+
 /// A WireGuard key pair in base64, as `wg` prints it.
 #[derive(Clone)]
 pub struct KeyPair {

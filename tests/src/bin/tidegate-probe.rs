@@ -90,6 +90,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options> {
     })
 }
 
+/// The line the prober writes to stderr once it is ready to probe.
+const STARTED: &str = tidegate_tests::probe::STARTED;
+
 fn run(options: &Options) -> Result<()> {
     tidegate_tests::stop::install()?;
     let unspecified: SocketAddr = if options.target.is_ipv4() {
@@ -98,6 +101,8 @@ fn run(options: &Options) -> Result<()> {
         "[::]:0".parse()?
     };
     let socket = UdpSocket::bind(unspecified).context("binding the probe socket")?;
+    // Read by the harness: from here on SIGTERM ends probing with a summary.
+    eprintln!("{STARTED} {} every {:?}", options.target, options.interval);
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
