@@ -69,7 +69,7 @@ fn ensure_rust_src() -> Result<()> {
 
 /// Tools built once per machine live outside the clone, so fresh clones and
 /// CI runs reuse them.
-fn tools_dir() -> Result<PathBuf> {
+pub fn tools_dir() -> Result<PathBuf> {
     if let Some(home) = std::env::var_os("CARGO_HOME") {
         return Ok(PathBuf::from(home).join("tidegate-tools"));
     }

@@ -5,8 +5,10 @@
 
 mod bench;
 mod ebpf;
+mod kernels;
 mod run;
 mod setup;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,8 +31,31 @@ enum Command {
         release: bool,
     },
     /// Format check, clippy, unit tests, BPF packet tests and the namespace
-    /// integration tests. Needs root.
-    Test,
+    /// integration tests on this machine's kernel, then the kernel suite in
+    /// VMs on Debian's 6.1 and 6.12 kernels. Needs root.
+    Test {
+        /// Only this machine's kernel: skip the kernel suite.
+        #[arg(long)]
+        host_only: bool,
+    },
+    /// The kernel suite alone: BPF packet tests and namespace tests with
+    /// kernel WireGuard, in VMs on Debian's kernels. Needs root.
+    TestKernels {
+        /// A kernel series to boot (6.1 or 6.12); every one when not given.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Run only the suite's tests whose names contain one of these.
+        filters: Vec<String>,
+    },
+    /// Runs inside a kernel VM: the plan the host wrote, with the log and
+    /// the result written to the shared directory.
+    #[command(hide = true)]
+    Guest {
+        #[arg(long)]
+        plan: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Run the lab: a Tidegate location in network namespaces on real
     /// WireGuard, narrated step by step. Needs root.
     Lab,
@@ -52,6 +77,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Guest { plan, out } = &cli.command {
+        // Inside the VM there is no cargo to ask for the workspace.
+        return vm::guest(plan, out);
+    }
     let ws = run::Workspace::locate()?;
     match cli.command {
         Command::BuildEbpf => {
@@ -62,14 +91,36 @@ fn dispatch(cli: Cli) -> Result<()> {
             let ebpf = ebpf::build(&ws)?;
             run::build_user_space(&ws, &ebpf, release)?;
         }
-        Command::Test => test(&ws)?,
+        Command::Test { host_only } => test(&ws, host_only)?,
+        Command::TestKernels { kernels, filters } => {
+            setup::require_root(
+                "`cargo xtask test-kernels` (it boots VMs that load XDP programs)",
+            )?;
+            setup::packages()?;
+            let ebpf = ebpf::build(&ws)?;
+            run::build_user_space(&ws, &ebpf, false)?;
+            let entries = vm::select(&filters)?;
+            let kernels = kernels::prepare(&kernels::select(&kernels)?)?;
+            let totals = vm::run_suite(&ws, &ebpf, &kernels, &entries)?;
+            print_kernel_totals(&totals);
+        }
+        Command::Guest { .. } => unreachable!("handled above"),
         Command::Lab => lab(&ws)?,
         Command::Bench { which } => bench::run(&ws, which)?,
     }
     Ok(())
 }
 
-fn test(ws: &run::Workspace) -> Result<()> {
+fn print_kernel_totals(totals: &[(String, vm::Totals)]) {
+    for (kernel, t) in totals {
+        println!(
+            "xtask: kernel {kernel}: {} passed, {} failed",
+            t.passed, t.failed
+        );
+    }
+}
+
+fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
     setup::require_root(
         "`cargo xtask test` (the BPF packet tests load XDP programs and the integration tests build network namespaces)",
     )?;
@@ -96,9 +147,17 @@ fn test(ws: &run::Workspace) -> Result<()> {
         .args(["test", "--lib", "--bins", "--tests"])
         .env("TIDEGATE_BIN_DIR", ws.profile_dir(false))
         .status_ok_tee()?;
-    let (passed, failed) = test_totals(&output);
+    let (mut passed, failed) = test_totals(&output);
     if passed == 0 {
         anyhow::bail!("cargo test ran no test");
+    }
+    println!("xtask: host kernel: {passed} passed, {failed} failed");
+    if !host_only {
+        run::step("the kernel suite: Debian's kernels in VMs, with kernel WireGuard");
+        let kernels = kernels::prepare(kernels::SERIES)?;
+        let totals = vm::run_suite(ws, &ebpf, &kernels, vm::SUITE)?;
+        print_kernel_totals(&totals);
+        passed += totals.iter().map(|(_, t)| t.passed).sum::<u64>();
     }
     run::step("all checks and tests passed");
     println!("xtask: {passed} passed, {failed} failed");
@@ -106,7 +165,7 @@ fn test(ws: &run::Workspace) -> Result<()> {
 }
 
 /// Sums the `test result:` lines of cargo test's output.
-fn test_totals(output: &str) -> (u64, u64) {
+pub fn test_totals(output: &str) -> (u64, u64) {
     let count = |line: &str, word: &str| -> u64 {
         line.split(';')
             .find_map(|part| part.trim().strip_suffix(word))
