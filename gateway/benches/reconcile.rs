@@ -1,9 +1,15 @@
 //! `cargo xtask bench reconcile`: the reconcile path against a real
-//! wireguard-go device. Applies 10,000 peers to an empty device, then a
-//! change of 1% of them (adds, changes, removals), then nothing at all, and
-//! prints for each the time and the number of UAPI requests and peer
-//! operations. The bench runs in a network namespace of its own and ends the
-//! wireguard-go it started.
+//! WireGuard device. Applies 10,000 peers to an empty device, then a change
+//! of 1% of them (adds, changes, removals), then nothing at all, and prints
+//! for each the time, the requests and the peer operations.
+//!
+//! `--backend userspace` (the default) drives a wireguard-go it starts;
+//! `--backend kernel` a kernel WireGuard interface it creates, and also
+//! counts the generic netlink messages each step sends and receives, as the
+//! kernel's netlink tap (an `nlmon` interface) sees them. `--counts-only`
+//! leaves the times out (in an emulated VM they mean nothing). The bench
+//! runs in a network namespace of its own, which takes every interface it
+//! made with it, and ends the wireguard-go it started.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,9 +20,14 @@ use anyhow::{Context as _, Result, bail, ensure};
 use nix::sched::{CloneFlags, unshare};
 use tidegate_gateway::wireguard::{
     Key, PeerSpec,
+    backend::Backend,
+    kernel::Kernel,
     reconcile::{self, Desired, PlanSummary},
     userspace::Userspace,
 };
+
+#[path = "support/nlmon.rs"]
+mod nlmon;
 
 /// Peers in the full apply.
 const PEERS: u32 = 10_000;
@@ -25,22 +36,60 @@ const PEERS: u32 = 10_000;
 const CHANGED: u32 = PEERS / 100;
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // cargo bench adds --bench; only these two are ours.
+    let kernel = args
+        .windows(2)
+        .any(|w| w[0] == "--backend" && w[1] == "kernel");
+    let counts_only = args.iter().any(|a| a == "--counts-only");
     ensure!(
         nix::unistd::geteuid().is_root(),
-        "the reconcile benchmark starts wireguard-go in a network namespace: run it as root"
+        "the reconcile benchmark makes a WireGuard device in a network namespace: run it as root"
     );
     // A namespace of our own: nothing the bench creates is visible outside
     // it, and it goes away with the process.
     unshare(CloneFlags::CLONE_NEWNET).context("creating a network namespace")?;
     let interface = format!("tgbench{}", std::process::id() % 100_000);
-    let log = std::env::temp_dir().join(format!("{interface}-wireguard-go.log"));
-    let device = Userspace::new(&interface);
-    device.launch(&log)?;
-    let pid = device.server_pid()?;
-    let result = bench(&device);
-    stop(pid)?;
-    let _ = std::fs::remove_file(device.socket());
-    result
+    if kernel {
+        ip(&["link", "add", "dev", &interface, "type", "wireguard"])
+            .context("creating a kernel WireGuard interface (is the module there?)")?;
+        let tap = nlmon::Tap::open("tgnlmon")?;
+        println!("kernel WireGuard, {}", release());
+        bench(
+            &Backend::Kernel(Kernel::new(&interface)),
+            Some(&tap),
+            counts_only,
+        )
+    } else {
+        let log = std::env::temp_dir().join(format!("{interface}-wireguard-go.log"));
+        let device = Userspace::new(&interface);
+        device.launch(&log)?;
+        let pid = device.server_pid()?;
+        let socket = device.socket().to_owned();
+        println!("wireguard-go");
+        let result = bench(&Backend::Userspace(device), None, counts_only);
+        stop(pid)?;
+        let _ = std::fs::remove_file(socket);
+        result
+    }
+}
+
+/// Runs `ip` in the bench's namespace.
+fn ip(args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new("ip").args(args).status()?;
+    ensure!(
+        status.success(),
+        "`ip {}` failed ({status})",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// `uname -r`.
+fn release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Ends the wireguard-go we started, by its pid: SIGTERM, then SIGKILL if
@@ -70,9 +119,12 @@ struct Step {
     summary: PlanSummary,
     requests: usize,
     peers_read: usize,
+    /// Generic netlink messages (sent, received) while reading and
+    /// applying, on the kernel backend.
+    netlink: Option<nlmon::Counts>,
 }
 
-fn bench(device: &Userspace) -> Result<()> {
+fn bench(device: &Backend, tap: Option<&nlmon::Tap>, counts_only: bool) -> Result<()> {
     let mut rng = XorShift(0x5eed_7e57_0b5e_55ed);
     let private_key = Key::new(rng.bytes()).clamped();
     let peers: Vec<PeerSpec> = (0..PEERS).map(|i| peer(&mut rng, i)).collect();
@@ -84,6 +136,7 @@ fn bench(device: &Userspace) -> Result<()> {
 
     let mut steps = vec![reconcile_once(
         device,
+        tap,
         &desired,
         format!("apply {PEERS} peers to an empty device"),
     )?];
@@ -106,11 +159,13 @@ fn bench(device: &Userspace) -> Result<()> {
     }
     steps.push(reconcile_once(
         device,
+        tap,
         &desired,
         format!("change 1% ({CHANGED} peers) of {PEERS}"),
     )?);
     steps.push(reconcile_once(
         device,
+        tap,
         &desired,
         "reconcile with nothing to change".into(),
     )?);
@@ -123,11 +178,22 @@ fn bench(device: &Userspace) -> Result<()> {
         "the device differs from the config after reconciling: {:?}",
         leftover.summary()
     );
-    report(&steps);
+    if !counts_only {
+        report(&steps);
+    }
+    if counts_only || steps.iter().any(|s| s.netlink.is_some()) {
+        report_counts(&steps);
+    }
     check_proportional(&steps)
 }
 
-fn reconcile_once(device: &Userspace, desired: &Desired, name: String) -> Result<Step> {
+fn reconcile_once(
+    device: &Backend,
+    tap: Option<&nlmon::Tap>,
+    desired: &Desired,
+    name: String,
+) -> Result<Step> {
+    let before = tap.map(nlmon::Tap::drain).transpose()?;
     let started = Instant::now();
     let actual = device.get()?;
     let read = started.elapsed();
@@ -136,15 +202,56 @@ fn reconcile_once(device: &Userspace, desired: &Desired, name: String) -> Result
     let plan_time = planned.elapsed();
     let applied = Instant::now();
     let cost = device.apply(&plan)?;
+    let apply = applied.elapsed();
+    let netlink = match (tap, before) {
+        (Some(tap), Some(_)) => Some(tap.drain()?),
+        _ => None,
+    };
     Ok(Step {
         name,
         read,
         plan: plan_time,
-        apply: applied.elapsed(),
+        apply,
         summary: plan.summary(),
         requests: cost.requests,
         peers_read: actual.peers.len(),
+        netlink,
     })
+}
+
+/// The counts alone, for an emulated machine where times mean nothing.
+fn report_counts(steps: &[Step]) {
+    println!(
+        "{:<42} {:>10} {:>13} {:>12} {:>12} {:>22}",
+        "step", "peers read", "set requests", "netlink out", "netlink in", "ops (add/chg/rm/dev)"
+    );
+    for step in steps {
+        let s = step.summary;
+        let (out, inn) = step.netlink.map_or(("-".into(), "-".into()), |n| {
+            (n.sent.to_string(), n.received.to_string())
+        });
+        println!(
+            "{:<42} {:>10} {:>13} {:>12} {:>12} {:>22}",
+            step.name,
+            step.peers_read,
+            step.requests,
+            out,
+            inn,
+            format!(
+                "{} ({}/{}/{}/{})",
+                s.total(),
+                s.added,
+                s.updated,
+                s.removed,
+                s.device
+            ),
+        );
+    }
+    println!(
+        "\nnetlink out: generic netlink messages the daemon sent (a read is one dump request; \
+         a set request is as many messages as the kernel's size limit needs); \
+         netlink in: the kernel's answers (dump parts, acknowledgements)"
+    );
 }
 
 fn report(steps: &[Step]) {
@@ -216,6 +323,14 @@ fn check_proportional(steps: &[Step]) -> Result<()> {
         change.requests,
         nothing.requests
     );
+    if let Some(netlink) = nothing.netlink {
+        // The no-op reads the device and writes nothing: one dump request.
+        ensure!(
+            netlink.sent == 1,
+            "the no-op sent {} netlink messages, expected the one read",
+            netlink.sent
+        );
+    }
     println!("target met: operations are proportional to the change");
     Ok(())
 }

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::Subcommand;
 
-use crate::{ebpf, run, setup};
+use crate::{ebpf, kernels, run, setup, vm};
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum Which {
@@ -12,7 +12,9 @@ pub enum Which {
     /// beside an empty XDP_PASS program built the same way.
     Xdp,
     /// Time and WireGuard operations to apply 10,000 peers to a real
-    /// wireguard-go device, then a change of 1% of them.
+    /// wireguard-go device, then a change of 1% of them, then nothing; then
+    /// the same on kernel WireGuard in VMs on Debian's kernels, as counts of
+    /// operations and netlink messages.
     Reconcile,
     /// Failover of the HA agent beside keepalived (VRRPv3) on the same
     /// two-gateway namespace lab: detection time, probe gap and probes lost
@@ -69,7 +71,20 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
                     "--bench",
                     "reconcile",
                 ])
-                .status_ok()
+                .status_ok()?;
+            run::step(
+                "the same on kernel WireGuard in VMs on Debian's kernels (counts only: emulated CPUs make times meaningless)",
+            );
+            let binary = bench_binary(ws, &ebpf, "tidegate-gateway", "reconcile")?;
+            run::build_user_space(ws, &ebpf, false)?;
+            let kernels = kernels::prepare(kernels::SERIES)?;
+            let runs = [vm::GuestRun {
+                label: "tidegate-gateway/reconcile on kernel WireGuard".into(),
+                binary,
+                args: vec!["--backend".into(), "kernel".into(), "--counts-only".into()],
+                tests: Some(0),
+            }];
+            vm::run_in_vms(ws, &kernels, &runs).map(drop)
         }
         Which::Failover { runs, tunnel, only } => {
             setup::require_root(
@@ -148,4 +163,22 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
                 .status_ok()
         }
     }
+}
+
+/// Builds benchmark `bench` of `package` and returns its executable.
+fn bench_binary(
+    ws: &run::Workspace,
+    ebpf: &ebpf::EbpfObjects,
+    package: &str,
+    bench: &str,
+) -> Result<std::path::PathBuf> {
+    let out = run::cargo(ws, ebpf)
+        .args(["bench", "--no-run", "--message-format=json", "--package", package])
+        .args(["--bench", bench])
+        .output_ok()?;
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|m| m["target"]["name"] == bench && m["executable"].is_string())
+        .and_then(|m| m["executable"].as_str().map(std::path::PathBuf::from))
+        .ok_or_else(|| anyhow::anyhow!("cargo built no benchmark {bench} in {package}"))
 }

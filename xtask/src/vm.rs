@@ -112,11 +112,35 @@ const LOG: &str = "guest.log";
 const RESULT: &str = "result.json";
 const PLAN: &str = "plan.json";
 
-/// A planned run of one test binary.
+/// One program a guest runs: a test binary (some of its tests) or a
+/// benchmark.
 #[derive(Debug, Clone)]
-struct Planned {
-    entry: Entry,
-    binary: PathBuf,
+pub struct GuestRun {
+    /// What the log and the errors call it (`package/target`).
+    pub label: String,
+    pub binary: PathBuf,
+    pub args: Vec<String>,
+    /// For a test binary, how many tests must pass (`None`: at least one);
+    /// a benchmark (`Some(0)`) must only exit 0.
+    pub tests: Option<usize>,
+}
+
+impl GuestRun {
+    /// The tests of `entry` in `binary`, one at a time, each narrating its
+    /// figures into the log.
+    fn tests(entry: Entry, binary: PathBuf) -> Self {
+        let mut args: Vec<String> = vec!["--test-threads=1".into(), "--nocapture".into()];
+        if !entry.tests.is_empty() {
+            args.push("--exact".into());
+            args.extend(entry.tests.iter().map(|t| (*t).to_owned()));
+        }
+        Self {
+            label: format!("{}/{}", entry.package, entry.target),
+            binary,
+            args,
+            tests: (!entry.tests.is_empty()).then_some(entry.tests.len()),
+        }
+    }
 }
 
 /// What one VM reported.
@@ -161,7 +185,7 @@ pub fn select(filters: &[String]) -> Result<Vec<Entry>> {
 }
 
 /// Builds the suite's test binaries (dev profile) and finds each.
-fn plan(ws: &Workspace, ebpf: &EbpfObjects, entries: &[Entry]) -> Result<Vec<Planned>> {
+fn plan(ws: &Workspace, ebpf: &EbpfObjects, entries: &[Entry]) -> Result<Vec<GuestRun>> {
     step("building the kernel suite's test binaries");
     let mut packages: Vec<&str> = entries.iter().map(|e| e.package).collect();
     packages.sort_unstable();
@@ -204,10 +228,7 @@ fn plan(ws: &Workspace, ebpf: &EbpfObjects, entries: &[Entry]) -> Result<Vec<Pla
                     )
                 })?
                 .clone();
-            Ok(Planned {
-                entry: *entry,
-                binary,
-            })
+            Ok(GuestRun::tests(*entry, binary))
         })
         .collect()
 }
@@ -221,12 +242,22 @@ pub fn run_suite(
     entries: &[Entry],
 ) -> Result<Vec<(String, Totals)>> {
     let planned = plan(ws, ebpf, entries)?;
+    run_in_vms(ws, kernels, &planned)
+}
+
+/// Runs `planned` in a VM of each of `kernels`, side by side; the totals
+/// per kernel. Fails if any kernel's run failed, naming each.
+pub fn run_in_vms(
+    ws: &Workspace,
+    kernels: &[Kernel],
+    planned: &[GuestRun],
+) -> Result<Vec<(String, Totals)>> {
     let bin_dir = ws.profile_dir(false);
     let outcomes: Vec<(&Kernel, PathBuf, Result<Totals>)> = std::thread::scope(|scope| {
         let runs: Vec<_> = kernels
             .iter()
             .map(|kernel| {
-                let (planned, bin_dir) = (&planned, &bin_dir);
+                let bin_dir = &bin_dir;
                 scope.spawn(move || -> Result<(PathBuf, Result<Totals>)> {
                     let out = guest_dir(ws, kernel)?;
                     let totals = run_one(kernel, planned, bin_dir, &out);
@@ -254,7 +285,7 @@ pub fn run_suite(
         match outcome {
             Ok(t) => {
                 step(&format!(
-                    "kernel {} ({}): {} passed, {} failed",
+                    "kernel {} ({}): {} tests passed, {} failed, every program exited 0",
                     kernel.series.name, kernel.release, t.passed, t.failed
                 ));
                 totals.push((kernel.series.name.to_owned(), t));
@@ -269,7 +300,7 @@ pub fn run_suite(
         }
     }
     if !failures.is_empty() {
-        bail!("the kernel suite failed {}", failures.join("; and "));
+        bail!("the VM runs failed {}", failures.join("; and "));
     }
     Ok(totals)
 }
@@ -287,13 +318,13 @@ fn guest_dir(ws: &Workspace, kernel: &Kernel) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn run_one(kernel: &Kernel, planned: &[Planned], bin_dir: &Path, out: &Path) -> Result<Totals> {
+fn run_one(kernel: &Kernel, planned: &[GuestRun], bin_dir: &Path, out: &Path) -> Result<Totals> {
     let plan = json!({
         "bin_dir": bin_dir,
         "runs": planned.iter().map(|p| json!({
-            "target": format!("{}/{}", p.entry.package, p.entry.target),
+            "target": p.label,
             "binary": p.binary,
-            "tests": p.entry.tests,
+            "args": p.args,
         })).collect::<Vec<_>>(),
     });
     fs::write(out.join(PLAN), serde_json::to_vec_pretty(&plan)?)?;
@@ -307,7 +338,7 @@ fn run_one(kernel: &Kernel, planned: &[Planned], bin_dir: &Path, out: &Path) -> 
         out.display()
     );
     step(&format!(
-        "booting Debian's {} kernel ({}) under qemu (TCG) to run {} test binaries",
+        "booting Debian's {} kernel ({}) under qemu (TCG) to run {} programs",
         kernel.series.name,
         kernel.release,
         planned.len()
@@ -383,13 +414,14 @@ fn print_new(path: &Path, offset: u64, prefix: &str) -> Result<u64> {
     Ok(offset + whole as u64)
 }
 
-/// Every planned binary ran; each ran every planned test, and none failed.
-fn check_result(result: &Value, planned: &[Planned]) -> Result<Totals> {
+/// Every planned program ran and exited 0; each test binary ran every
+/// planned test.
+fn check_result(result: &Value, planned: &[GuestRun]) -> Result<Totals> {
     let runs = result["runs"].as_array().context("no runs in the result")?;
     let mut totals = Totals::default();
     let mut problems = Vec::new();
     for p in planned {
-        let target = format!("{}/{}", p.entry.package, p.entry.target);
+        let target = &p.label;
         let Some(run) = runs.iter().find(|r| r["target"] == target.as_str()) else {
             problems.push(format!("{target} did not run"));
             continue;
@@ -400,13 +432,15 @@ fn check_result(result: &Value, planned: &[Planned]) -> Result<Totals> {
         totals.failed += failed;
         if run["success"] != true {
             problems.push(format!("{target}: {}", run["outcome"]));
-        } else if !p.entry.tests.is_empty() && passed != p.entry.tests.len() as u64 {
-            problems.push(format!(
-                "{target}: {passed} of {} planned tests ran",
-                p.entry.tests.len()
-            ));
-        } else if passed == 0 {
-            problems.push(format!("{target}: ran no test"));
+            continue;
+        }
+        match p.tests {
+            Some(0) => {}
+            Some(n) if passed != n as u64 => {
+                problems.push(format!("{target}: {passed} of {n} planned tests ran"));
+            }
+            None if passed == 0 => problems.push(format!("{target}: ran no test")),
+            _ => {}
         }
     }
     if !problems.is_empty() {
@@ -445,7 +479,7 @@ pub fn guest(plan: &Path, out: &Path) -> Result<()> {
     for run in plan["runs"].as_array().context("no runs in the plan")? {
         let target = run["target"].as_str().unwrap_or_default().to_owned();
         let binary = run["binary"].as_str().context("a run without a binary")?;
-        let tests: Vec<&str> = run["tests"]
+        let args: Vec<&str> = run["args"]
             .as_array()
             .map(|t| t.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
@@ -453,14 +487,10 @@ pub fn guest(plan: &Path, out: &Path) -> Result<()> {
         let started = Instant::now();
         let mut command = Command::new(binary);
         command
-            // One at a time, each narrating its figures into the log.
-            .args(["--test-threads=1", "--nocapture"])
+            .args(&args)
             .env("TIDEGATE_BIN_DIR", bin_dir)
             .env("TIDEGATE_TEST_SLOWDOWN", SLOWDOWN)
             .env_remove("RUST_LOG");
-        if !tests.is_empty() {
-            command.arg("--exact").args(&tests);
-        }
         let outcome = run_bounded(command, &out.join(LOG), BINARY_TIMEOUT);
         let (passed, failed) = totals_in(
             &fs::read_to_string(out.join(LOG)).unwrap_or_default(),
@@ -568,14 +598,14 @@ mod tests {
 
     #[test]
     fn a_result_must_show_every_planned_test_passing() {
-        let planned = vec![Planned {
-            entry: Entry {
+        let planned = vec![GuestRun::tests(
+            Entry {
                 package: "p",
                 target: "t",
                 tests: &["a", "b"],
             },
-            binary: PathBuf::from("/x"),
-        }];
+            PathBuf::from("/x"),
+        )];
         let ok = json!({"runs": [{"target": "p/t", "success": true, "passed": 2, "failed": 0}]});
         assert_eq!(
             check_result(&ok, &planned).unwrap(),
