@@ -201,15 +201,27 @@ impl Netns {
     }
 
     /// Pings `target` `count` times from inside the namespace (0.2 s apart,
-    /// 2 s to wait for each reply) and returns the report if every echo was
-    /// answered, else an error with ping's output.
+    /// 2 s to wait for each reply, stretched to the machine's speed) and
+    /// returns the report if every echo was answered, else an error with
+    /// ping's output.
     pub fn ping(&self, target: IpAddr, count: u32) -> Result<PingReport> {
         let count_arg = count.to_string();
         let target_arg = target.to_string();
-        let timeout = Duration::from_secs(10) + Duration::from_millis(300) * count;
+        let wait = crate::pace::stretch(Duration::from_secs(2));
+        let wait_arg = wait.as_secs().to_string();
+        let timeout = Duration::from_secs(10) + wait + Duration::from_millis(300) * count;
         let out = self.exec(
             "ping",
-            &["-n", "-c", &count_arg, "-i", "0.2", "-W", "2", &target_arg],
+            &[
+                "-n",
+                "-c",
+                &count_arg,
+                "-i",
+                "0.2",
+                "-W",
+                &wait_arg,
+                &target_arg,
+            ],
             timeout,
         )?;
         let report = PingReport::parse(&out.stdout).with_context(|| {

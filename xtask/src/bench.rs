@@ -173,7 +173,13 @@ fn bench_binary(
     bench: &str,
 ) -> Result<std::path::PathBuf> {
     let out = run::cargo(ws, ebpf)
-        .args(["bench", "--no-run", "--message-format=json", "--package", package])
+        .args([
+            "bench",
+            "--no-run",
+            "--message-format=json",
+            "--package",
+            package,
+        ])
         .args(["--bench", bench])
         .output_ok()?;
     out.lines()

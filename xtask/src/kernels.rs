@@ -53,6 +53,8 @@ pub struct Kernel {
     pub release: String,
     /// The unpacked package: `boot/` and `lib/modules/`.
     pub dir: PathBuf,
+    /// virtme-ng's `vng`, which boots it.
+    pub vng: PathBuf,
 }
 
 impl Kernel {
@@ -80,13 +82,14 @@ pub fn series(name: &str) -> Result<Series> {
 /// what the cache lacks.
 pub fn prepare(series: &[Series]) -> Result<Vec<Kernel>> {
     setup::install_missing(VM_PACKAGES)?;
-    ensure_virtme_ng()?;
-    series.iter().map(|s| prepare_one(*s)).collect()
+    let vng = ensure_virtme_ng()?;
+    series.iter().map(|s| prepare_one(*s, &vng)).collect()
 }
 
-fn ensure_virtme_ng() -> Result<()> {
-    if Cmd::new("vng").arg("--version").succeeds() {
-        return Ok(());
+/// `vng`, installed from PyPI if it is nowhere to be found.
+fn ensure_virtme_ng() -> Result<PathBuf> {
+    if let Some(vng) = find_vng() {
+        return Ok(vng);
     }
     step(&format!(
         "installing {VIRTME_NG} from PyPI (boots Debian's kernels with this machine's files)"
@@ -94,14 +97,25 @@ fn ensure_virtme_ng() -> Result<()> {
     Cmd::new("python3")
         .args(["-m", "pip", "install", "--quiet", VIRTME_NG])
         .status_ok()?;
-    ensure!(
-        Cmd::new("vng").arg("--version").succeeds(),
-        "virtme-ng is installed but `vng` is not on PATH; add pip's script directory to PATH"
-    );
-    Ok(())
+    find_vng().context("virtme-ng is installed but no `vng` that starts was found")
 }
 
-fn prepare_one(series: Series) -> Result<Kernel> {
+/// `vng` on PATH, else in the script directories pip installs to.
+fn find_vng() -> Option<PathBuf> {
+    let starts = |vng: &PathBuf| Cmd::new(vng).arg("--version").succeeds();
+    let mut candidates = vec![PathBuf::from("vng")];
+    for code in [
+        "import sysconfig; print(sysconfig.get_path('scripts'))",
+        "import site; print(site.getuserbase() + '/bin')",
+    ] {
+        if let Ok(dir) = Cmd::new("python3").args(["-c", code]).output_ok() {
+            candidates.push(PathBuf::from(dir.trim()).join("vng"));
+        }
+    }
+    candidates.into_iter().find(starts)
+}
+
+fn prepare_one(series: Series, vng: &std::path::Path) -> Result<Kernel> {
     let package = match image_package(series) {
         Ok(package) => package,
         Err(_) => {
@@ -127,6 +141,7 @@ fn prepare_one(series: Series) -> Result<Kernel> {
         version,
         release,
         dir,
+        vng: vng.to_owned(),
     };
     if kernel.dir.join(READY).exists() {
         return Ok(kernel);
@@ -156,7 +171,7 @@ fn prepare_one(series: Series) -> Result<Kernel> {
             .args(["update", "-q"])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status_ok()?;
-        return prepare_one(series);
+        return prepare_one(series, vng);
     }
     Ok(kernel)
 }

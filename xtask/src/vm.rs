@@ -9,6 +9,7 @@
 //! grows and fails unless every planned test ran and passed.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fs,
     io::{Read as _, Seek as _, SeekFrom},
@@ -29,11 +30,11 @@ use crate::{
 
 /// One test target of the suite and the tests of it that run in the VMs
 /// (all of them when empty).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Entry {
     pub package: &'static str,
     pub target: &'static str,
-    pub tests: &'static [&'static str],
+    pub tests: Cow<'static, [&'static str]>,
 }
 
 /// What every kernel of the suite runs. The packet tests load and run
@@ -44,47 +45,47 @@ pub const SUITE: &[Entry] = &[
     Entry {
         package: "tidegate-gateway",
         target: "packets",
-        tests: &[],
+        tests: Cow::Borrowed(&[]),
     },
     Entry {
         package: "tidegate-gateway",
         target: "egress",
-        tests: &[],
+        tests: Cow::Borrowed(&[]),
     },
     Entry {
         package: "tidegate-gateway",
         target: "director",
-        tests: &[],
+        tests: Cow::Borrowed(&[]),
     },
     Entry {
         package: "tidegate-tests",
         target: "guard",
-        tests: &[],
+        tests: Cow::Borrowed(&[]),
     },
     Entry {
         package: "tidegate-tests",
         target: "dataplane",
-        tests: &[
+        tests: Cow::Borrowed(&[
             "three_clients_connect_and_reach_each_other_through_the_gateway",
             "adding_changing_and_removing_a_peer_loses_no_reply_of_others",
             "killing_and_restarting_the_daemon_leaves_the_tunnels_up",
             "mfa_removes_idle_and_silent_peers_and_keeps_active_ones",
-        ],
+        ]),
     },
     Entry {
         package: "tidegate-tests",
         target: "continuity",
-        tests: &[
+        tests: Cow::Borrowed(&[
             "a_crashed_master_is_replaced_and_every_tunnel_resumes",
             "planned_failovers_back_and_forth_and_sigterm_lose_no_probe",
             "the_egress_guard_stops_an_old_master_stealing_its_clients_back",
             "a_killed_daemon_on_a_live_master_is_fenced_and_its_clients_resume_on_the_backup",
-        ],
+        ]),
     },
     Entry {
         package: "tidegate-tests",
         target: "director",
-        tests: &["the_director_spreads_clients_survives_its_crash_and_drains"],
+        tests: Cow::Borrowed(&["the_director_spreads_clients_survives_its_crash_and_drains"]),
     },
 ];
 
@@ -128,7 +129,7 @@ pub struct GuestRun {
 impl GuestRun {
     /// The tests of `entry` in `binary`, one at a time, each narrating its
     /// figures into the log.
-    fn tests(entry: Entry, binary: PathBuf) -> Self {
+    fn tests(entry: &Entry, binary: PathBuf) -> Self {
         let mut args: Vec<String> = vec!["--test-threads=1".into(), "--nocapture".into()];
         if !entry.tests.is_empty() {
             args.push("--exact".into());
@@ -160,7 +161,7 @@ pub fn select(filters: &[String]) -> Result<Vec<Entry>> {
     for entry in SUITE {
         if entry.tests.is_empty() {
             if filters.iter().any(|f| entry.target.contains(f.as_str())) {
-                out.push(*entry);
+                out.push(entry.clone());
             }
             continue;
         }
@@ -172,8 +173,8 @@ pub fn select(filters: &[String]) -> Result<Vec<Entry>> {
             .collect();
         if !tests.is_empty() {
             out.push(Entry {
-                tests: Box::leak(tests.into_boxed_slice()),
-                ..*entry
+                tests: Cow::Owned(tests),
+                ..entry.clone()
             });
         }
     }
@@ -228,7 +229,7 @@ fn plan(ws: &Workspace, ebpf: &EbpfObjects, entries: &[Entry]) -> Result<Vec<Gue
                     )
                 })?
                 .clone();
-            Ok(GuestRun::tests(*entry, binary))
+            Ok(GuestRun::tests(entry, binary))
         })
         .collect()
 }
@@ -344,7 +345,7 @@ fn run_one(kernel: &Kernel, planned: &[GuestRun], bin_dir: &Path, out: &Path) ->
         planned.len()
     ));
     let vng_log = fs::File::create(out.join("vng.log"))?;
-    let mut command = Command::new("vng");
+    let mut command = Command::new(&kernel.vng);
     command
         .arg("-r")
         .arg(kernel.image())
@@ -575,7 +576,7 @@ mod tests {
         assert_eq!(picked.len(), 1);
         assert_eq!(picked[0].target, "continuity");
         assert_eq!(
-            picked[0].tests,
+            *picked[0].tests,
             ["a_crashed_master_is_replaced_and_every_tunnel_resumes"]
         );
         let whole = select(&["guard".into()]).unwrap();
@@ -599,10 +600,10 @@ mod tests {
     #[test]
     fn a_result_must_show_every_planned_test_passing() {
         let planned = vec![GuestRun::tests(
-            Entry {
+            &Entry {
                 package: "p",
                 target: "t",
-                tests: &["a", "b"],
+                tests: Cow::Borrowed(&["a", "b"]),
             },
             PathBuf::from("/x"),
         )];
