@@ -668,10 +668,13 @@ fn a_backup_with_a_live_lease_takes_vip_traffic_but_does_not_answer_for_vips() {
 
 #[test]
 fn a_lease_lapses_when_it_is_not_renewed() {
-    let datapath = fenced(Some((Duration::from_millis(100), true)));
+    // Long enough for the cases to run while it holds, on an emulated CPU
+    // too.
+    let lease = support::stretch(Duration::from_millis(100));
+    let datapath = fenced(Some((lease, true)));
     run_on(&datapath, fence_cases(false, false));
     // Twice the lease plus a few jiffies at any HZ.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(lease * 3);
     run_on(&datapath, fence_cases(true, true));
     let status = datapath.fence_status().unwrap();
     assert!(status.holds_vips && status.lease_left_ms == 0, "{status:?}");
