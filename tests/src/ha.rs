@@ -30,6 +30,7 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 
 use crate::bins::binary;
+use crate::capture::Capture;
 use crate::cmd::CmdOutput;
 use crate::gateway::{
     GATEWAY_BIN, GatewayConfig, GatewayDaemon, HaSection, TIDECTL_BIN, WireguardSection, XdpMode,
@@ -267,6 +268,30 @@ impl HaStatus {
 }
 
 /// The status of gateway `id` among `statuses`.
+/// An ARP message the client received that placed the VIP at `mac`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipClaim {
+    pub at: Instant,
+    /// Lowercase, as the gateways' [`HaGateway::mac`].
+    pub mac: String,
+}
+
+/// ARP's EtherType.
+const ETH_P_ARP: u16 = 0x0806;
+
+/// The sender MAC, lowercase, of an Ethernet/IPv4 ARP message whose
+/// sender address is `vip`.
+fn arp_claim(packet: &[u8], vip: Ipv4Addr) -> Option<String> {
+    // Hardware Ethernet, protocol IPv4, address lengths 6 and 4; then the
+    // operation, the sender's MAC (8..14) and address (14..18).
+    let header = packet.get(..18)?;
+    if header[..6] != [0, 1, 8, 0, 6, 4] || header[14..18] != vip.octets() {
+        return None;
+    }
+    let mac: Vec<String> = header[8..14].iter().map(|b| format!("{b:02x}")).collect();
+    Some(mac.join(":"))
+}
+
 pub fn status_of(statuses: &[HaStatus], id: u32) -> Result<&HaStatus> {
     statuses
         .iter()
@@ -920,6 +945,17 @@ impl HaLocation {
         })
     }
 
+    /// Watches the client's interface for ARP messages that place the VIP
+    /// at some MAC: gratuitous ARP and answers to the client's requests.
+    pub fn watch_vip_claims(&self) -> Result<Capture<VipClaim>> {
+        Capture::start(&self.client, &self.client_if, |frame| {
+            if frame.protocol != ETH_P_ARP || frame.sent {
+                return None;
+            }
+            arp_claim(frame.packet, VIP).map(|mac| VipClaim { at: frame.at, mac })
+        })
+    }
+
     /// Which gateway has MAC `mac`, for messages.
     pub fn mac_owner(&self, mac: Option<&str>) -> String {
         self.gateways
@@ -1141,6 +1177,23 @@ fn probe_pace() -> [String; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arp_claims_of_the_vip_are_told_from_the_rest() {
+        let mac = [0x02, 0xaa, 0, 0, 0, 0x0b];
+        // What a packet socket of type SOCK_DGRAM gives: no Ethernet header.
+        let garp =
+            |ip: Ipv4Addr| tidegate_gateway::ha::announce::gratuitous_arp(ip, mac)[14..].to_vec();
+        assert_eq!(
+            arp_claim(&garp(VIP), VIP).as_deref(),
+            Some("02:aa:00:00:00:0b")
+        );
+        assert_eq!(arp_claim(&garp(CLIENT_ADDR), VIP), None);
+        assert_eq!(arp_claim(&garp(VIP)[..17], VIP), None);
+        let mut not_ethernet = garp(VIP);
+        not_ethernet[1] = 6;
+        assert_eq!(arp_claim(&not_ethernet, VIP), None);
+    }
 
     #[test]
     fn the_expected_master_is_the_highest_priority_then_the_highest_id() {

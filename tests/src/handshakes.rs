@@ -4,25 +4,16 @@
 //! the gateway's kick starts with an initiation the client receives; one
 //! resumed by the client's own timer starts with an initiation it sends.
 
-use std::mem::size_of;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
-use nix::libc;
+use anyhow::Result;
 
+use crate::capture::Capture;
 use crate::netns::Netns;
 
 /// WireGuard's handshake initiation and response.
 pub const INITIATION: u8 = 1;
 pub const RESPONSE: u8 = 2;
-
-/// Bounds on a watch: it stops at whichever comes first.
-const MAX_WATCH: Duration = Duration::from_secs(600);
-const MAX_MESSAGES: usize = 100_000;
 
 /// One handshake message seen on the interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,46 +27,25 @@ pub struct HandshakeMessage {
 
 /// A running watch; [`Self::finish`] stops it and returns what it saw.
 #[derive(Debug)]
-pub struct HandshakeWatch {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<Vec<HandshakeMessage>>>>,
-}
+pub struct HandshakeWatch(Capture<HandshakeMessage>);
 
 impl HandshakeWatch {
     /// Watches `ifname` in `netns` for handshake messages from or to UDP
     /// port `port` (the location's).
     pub fn start(netns: &Netns, ifname: &str, port: u16) -> Result<Self> {
-        let name = ifname.to_owned();
-        let socket = netns.run(move || open(&name))??;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("handshakes on {ifname}"))
-            .spawn(move || watch(&socket, port, &flag))
-            .context("starting the handshake watch")?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
+        let capture = Capture::start(netns, ifname, move |frame| {
+            handshake_kind(frame.packet, port).map(|kind| HandshakeMessage {
+                at: frame.at,
+                kind,
+                sent: frame.sent,
+            })
+        })?;
+        Ok(Self(capture))
     }
 
     /// Stops the watch; every message it saw, in order.
-    pub fn finish(mut self) -> Result<Vec<HandshakeMessage>> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(messages)) => messages,
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => bail!("the watch was already finished"),
-        }
-    }
-}
-
-impl Drop for HandshakeWatch {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    pub fn finish(self) -> Result<Vec<HandshakeMessage>> {
+        self.0.finish()
     }
 }
 
@@ -87,103 +57,6 @@ pub fn first_initiation_sent(messages: &[HandshakeMessage], since: Instant) -> O
         .iter()
         .find(|m| m.at >= since && m.kind == INITIATION)
         .map(|m| m.sent)
-}
-
-/// A packet socket bound to `ifname`, receiving every frame it sends and
-/// receives as its network-layer packet, waking every 50 ms.
-fn open(ifname: &str) -> Result<OwnedFd> {
-    let index =
-        nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
-    let protocol = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            i32::from(protocol),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a packet socket");
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned here alone.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_ll is a valid value of the plain C struct.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = protocol;
-    addr.sll_ifindex = index as i32;
-    // SAFETY: `addr` is a valid sockaddr_ll and the length is its size.
-    let bound = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if bound < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("binding a packet socket to {ifname}"));
-    }
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 50_000,
-    };
-    // SAFETY: SO_RCVTIMEO takes a timeval of the size given.
-    let set = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            size_of::<libc::timeval>() as u32,
-        )
-    };
-    if set < 0 {
-        return Err(std::io::Error::last_os_error()).context("setting a receive timeout");
-    }
-    Ok(socket)
-}
-
-fn watch(socket: &OwnedFd, port: u16, stop: &AtomicBool) -> Result<Vec<HandshakeMessage>> {
-    let started = Instant::now();
-    let mut messages = Vec::new();
-    let mut buf = [0u8; 2048];
-    while !stop.load(Ordering::Relaxed)
-        && started.elapsed() < MAX_WATCH
-        && messages.len() < MAX_MESSAGES
-    {
-        // SAFETY: an all-zero sockaddr_ll is a valid value of the C struct.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut len = size_of::<libc::sockaddr_ll>() as u32;
-        // SAFETY: `buf` and `from` are valid for the lengths given.
-        let n = unsafe {
-            libc::recvfrom(
-                socket.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&raw mut from).cast(),
-                &raw mut len,
-            )
-        };
-        let at = Instant::now();
-        if n < 0 {
-            let error = std::io::Error::last_os_error();
-            match error.raw_os_error() {
-                Some(libc::EAGAIN | libc::EINTR) => continue,
-                _ => return Err(error).context("reading the packet socket"),
-            }
-        }
-        if let Some(kind) = handshake_kind(&buf[..n as usize], port) {
-            messages.push(HandshakeMessage {
-                at,
-                kind,
-                sent: from.sll_pkttype == libc::PACKET_OUTGOING,
-            });
-        }
-    }
-    Ok(messages)
 }
 
 /// The WireGuard handshake message type of an IPv4 or IPv6 packet from or
@@ -212,6 +85,8 @@ fn handshake_kind(packet: &[u8], port: u16) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn v4_udp(sport: u16, dport: u16, kind: u8) -> Vec<u8> {

@@ -26,6 +26,7 @@
 //! in an intranet namespace with gateways, Edges behind nginx and a client.
 
 pub mod bins;
+pub mod capture;
 pub mod cmd;
 pub mod continuity;
 pub mod control;

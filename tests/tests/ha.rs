@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
 use nix::sys::socket::{IpMembershipRequest, setsockopt, sockopt};
@@ -34,6 +34,9 @@ const SWITCH: Duration = Duration::from_secs(5);
 const NEIGHBOUR: Duration = Duration::from_secs(3);
 /// Probes in flight before and after each event.
 const SETTLE: Duration = Duration::from_millis(300);
+/// How long a prober runs before the first operation when that operation
+/// must come as early as it can: long enough for some answers.
+const FIRST_ANSWERS: Duration = Duration::from_millis(60);
 /// How long a state must hold to count as stable (about three master-down
 /// intervals).
 const HOLD: Duration = Duration::from_secs(1);
@@ -826,7 +829,7 @@ fn sigterm_on_the_master_hands_over_without_losing_a_probe() -> Result<()> {
 
     let prober = location.start_prober(PROBES)?;
     std::thread::sleep(SETTLE);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let status = location.gateway_mut(2).daemon_mut().stop()?;
     let took = started.elapsed();
     ensure!(status.success(), "gateway 2's daemon exited {status}");
@@ -939,14 +942,25 @@ fn a_frozen_master_is_fenced_and_steps_down_when_thawed() -> Result<()> {
     let _serial = serial();
     let mut location = build(&HaOptions::priorities(&[100, 120]))?;
     let prober = location.start_prober(PROBES)?;
-    std::thread::sleep(SETTLE);
+    std::thread::sleep(FIRST_ANSWERS);
 
+    // Frozen while its announcements of the VIP are still going out: none
+    // of those left may go out after the thaw, or the segment would point
+    // at a gateway that no longer holds the VIP.
+    let took_over_ms = location
+        .status(2)?
+        .last_change_to(Role::Master)
+        .map(|t| t.at_ms)
+        .context("gateway 2 never became master")?;
     location
         .gateway_mut(2)
         .signal_daemon(nix::sys::signal::Signal::SIGSTOP)?;
-    narrate("gateway 2's daemon frozen (SIGSTOP)");
+    narrate(&format!(
+        "gateway 2's daemon frozen (SIGSTOP) {} ms after it took over",
+        unix_ms().saturating_sub(took_over_ms)
+    ));
     // Only gateway 1 answers on its socket while gateway 2 is frozen.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     loop {
         let status = location.status(1)?;
         if status.role == Role::Master {
@@ -964,6 +978,8 @@ fn a_frozen_master_is_fenced_and_steps_down_when_thawed() -> Result<()> {
 
     // Thawed: the agent sees it slept past its lease, steps down and
     // releases the VIP, then wins back by priority through an election.
+    let claims = location.watch_vip_claims()?;
+    let thawed = Instant::now();
     let thawed_at = unix_ms();
     location
         .gateway_mut(2)
@@ -982,11 +998,31 @@ fn a_frozen_master_is_fenced_and_steps_down_when_thawed() -> Result<()> {
             .is_some_and(|t| t.to == Role::Backup && t.reason.contains("past the lease")),
         "the thawed master did not step down first: {after_thaw:?}"
     );
+    let won_back_at = after_thaw
+        .iter()
+        .find(|t| t.to == Role::Master)
+        .context("no change to master after the thaw")?
+        .at_ms;
     location.wait_client_neighbour(2, NEIGHBOUR)?;
     location.ensure_single_master_for(HOLD)?;
     std::thread::sleep(SETTLE);
     let summary = prober.finish()?;
     narrate_probes("probes", &summary);
+
+    // Between the thaw and winning back, gateway 2 claimed nothing.
+    let won_back = thawed + Duration::from_millis(won_back_at.saturating_sub(thawed_at));
+    let mac = location.gateway(2).mac().to_owned();
+    let stale: Vec<u128> = claims
+        .finish()?
+        .iter()
+        .filter(|c| c.mac == mac && c.at < won_back)
+        .map(|c| c.at.duration_since(thawed).as_millis())
+        .collect();
+    ensure!(
+        stale.is_empty(),
+        "gateway 2 claimed the VIP {stale:?} ms after the thaw, before it won it back at {} ms",
+        won_back_at.saturating_sub(thawed_at)
+    );
     ensure_failover(&summary, &[2, 1, 2])?;
     Ok(())
 }

@@ -1152,13 +1152,25 @@ impl Agent {
                 return;
             }
         };
+        let lease = self.lease();
         tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
             for round in 0..ANNOUNCE_COUNT {
-                if round > 0 {
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(ANNOUNCE_SPACING) => {}
-                    }
+                let due = start + ANNOUNCE_SPACING * round;
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep_until(due) => {}
+                }
+                // Woken past the lease, the process was paused (SIGSTOP, a
+                // starved CPU): the fence has cut this gateway off and
+                // another may hold the VIPs now. The agent, which sees the
+                // pause too, announces again if they are still this one's.
+                if due.elapsed() > lease {
+                    warn!(
+                        late_ms = due.elapsed().as_millis() as u64,
+                        "announcements stopped: paused past the lease"
+                    );
+                    return;
                 }
                 for frame in &frames {
                     if let Err(error) = socket.send(frame) {
