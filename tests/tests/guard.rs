@@ -129,6 +129,14 @@ fn hooks() -> Result<Vec<EgressHook>> {
         "kernel {}, tcx links: {}",
         kernel.release, kernel.tcx
     ));
+    // The probe, not the version, decides; on Debian's kernels (and this
+    // machine's) the two agree: tcx links arrived in Linux 6.6.
+    let version = aya::util::KernelVersion::current()?;
+    ensure!(
+        kernel.tcx == (version >= aya::util::KernelVersion::new(6, 6, 0)),
+        "tcx links probed {} on {version:?}",
+        kernel.tcx
+    );
     Ok(if kernel.tcx {
         vec![EgressHook::Tcx, EgressHook::Clsact]
     } else {
