@@ -224,7 +224,7 @@ fn hand_over(location: &mut TunnelLocation, from: u32, to: u32) -> Result<()> {
 }
 
 #[test]
-fn planned_failovers_back_and_forth_and_sigterm_lose_no_probe() -> Result<()> {
+fn planned_failovers_back_and_forth_sigterm_and_the_failback_lose_no_probe() -> Result<()> {
     require_root();
     let _serial = serial();
     let mut location = build(many_clients(), None, tunnel())?;
@@ -246,9 +246,38 @@ fn planned_failovers_back_and_forth_and_sigterm_lose_no_probe() -> Result<()> {
     location.location_mut().wait_master(1, SWITCH)?;
     location.wait_followed(1, Duration::from_secs(40))?;
     std::thread::sleep(SETTLE);
+
+    // Restarted, gateway 2 outranks the master: it asks for the VIPs and
+    // fails back by a handover, not a takeover.
+    let netns = location.location().gateway(2).netns().clone();
+    location
+        .location_mut()
+        .gateway_mut(2)
+        .daemon_mut()
+        .restart(&netns)?;
+    let statuses = location.location_mut().wait_master(2, SWITCH)?;
+    let change = status_of(&statuses, 2)?
+        .last_change_to(Role::Master)
+        .context("gateway 2 never became master again")?;
+    ensure!(
+        change.reason == "handover from gateway 1",
+        "gateway 2 failed back because {:?}",
+        change.reason
+    );
+    let status = location.wait_followed(2, Duration::from_secs(40))?;
+    let report = status.failovers.last().context("no failover report")?;
+    narrate(&format!(
+        "gateway 2 restarted and failed back by a handover: {} kicked, {} back",
+        report.kicked, report.completed
+    ));
+    ensure!(
+        report.meta.planned && report.completed == location.clients().len(),
+        "{report:?}"
+    );
+    std::thread::sleep(SETTLE);
     let summaries = finish_probers(probers)?;
     narrate_tunnels(&summaries);
-    ensure_lossless(&summaries, &[2, 1, 2, 1])?;
+    ensure_lossless(&summaries, &[2, 1, 2, 1, 2])?;
     location.ensure_endpoints_on_vip()?;
     // The frames of the old sessions went the other way during each window.
     let counters = location

@@ -355,7 +355,12 @@ fn a_master_whose_link_fails_resigns_and_takes_over_again_when_it_returns() -> R
         "gateway 3 went BACKUP at {backup}, MASTER at {master}, link up at {up_at}: {:?}",
         gateway3.changes()
     );
-    changed_to(status_of(&statuses, 2)?, Role::Backup, "gateway 3 outranks")?;
+    // Back, it asks for the VIPs and gets them by a handover.
+    changed_to(
+        status_of(&statuses, 2)?,
+        Role::Backup,
+        "handed over to gateway 3",
+    )?;
     narrate(&format!(
         "gateway 3 BACKUP after {} ms, MASTER again after {} ms",
         backup - up_at,
@@ -504,6 +509,7 @@ fn advert(from: u32, role: WireRole, priority: u8, sequence: u64) -> Advert {
         health: HEALTH_OK,
         handover_to: None,
         draining: false,
+        preempt: false,
         mac: [0x02, 0, 0, 0, 0, from as u8],
         vips: vec![IpAddr::V4(VIP)],
     }
@@ -740,7 +746,11 @@ fn planned_failover_and_maintenance_lose_no_probe() -> Result<()> {
 
     tidectl_prints(&location, 3, &["maintenance", "off"], "maintenance off")?;
     let statuses = location.wait_master(3, SWITCH)?;
-    changed_to(status_of(&statuses, 1)?, Role::Backup, "gateway 3 outranks")?;
+    changed_to(
+        status_of(&statuses, 1)?,
+        Role::Backup,
+        "handed over to gateway 3",
+    )?;
     location.wait_client_neighbour(3, NEIGHBOUR)?;
 
     // Maintenance on the master hands over first.

@@ -9,7 +9,7 @@
 //!  5  role                    36  health bits (u32)
 //!  6  priority                40  handover target (u32, 0 = none)
 //!  7  flags (bit 0: maint.,   44  sender's Ethernet address (6)
-//!     bit 1: draining)        50  reserved (2, zero)
+//!     1: draining, 2: preempt) 50 reserved (2, zero)
 //!  8  location id (u32)       52  VIPs: count x (family 4|6, 16 address bytes)
 //! 12  gateway id (u32)        ..  HMAC-SHA256 (32)
 //! 16  interval ms (u16)
@@ -17,7 +17,10 @@
 //! ```
 //! All integers are big-endian. Version 2 added the draining flag and the
 //! Ethernet address, which the director needs; version 1 adverts are
-//! refused (every gateway of a location runs the same version).
+//! refused (every gateway of a location runs the same version). The preempt
+//! flag came later within version 2: a gateway without it drops a flagged
+//! advert as malformed, and the backup that asks then takes over when its
+//! wait for a handover runs out, as a preemption did before.
 
 use std::{
     collections::HashMap,
@@ -43,6 +46,8 @@ const MAC_LEN: usize = 32;
 const FLAG_MAINTENANCE: u8 = 1;
 /// Flag bit: the sender is draining (no new clients for it).
 const FLAG_DRAINING: u8 = 2;
+/// Flag bit: a backup that outranks the master asks it to hand over.
+const FLAG_PREEMPT: u8 = 4;
 /// Where the sender's Ethernet address sits.
 const MAC_AT: usize = 44;
 /// Health bit: the sender is healthy overall.
@@ -102,6 +107,8 @@ pub struct Advert {
     pub handover_to: Option<u32>,
     /// The sender takes no new clients (director mode).
     pub draining: bool,
+    /// A backup that outranks the master asks it to hand over.
+    pub preempt: bool,
     /// The sender's Ethernet address on the public segment, where a
     /// director sends the frames of the clients pinned to it.
     pub mac: [u8; 6],
@@ -153,6 +160,9 @@ impl Advert {
         }
         if self.draining {
             flags |= FLAG_DRAINING;
+        }
+        if self.preempt {
+            flags |= FLAG_PREEMPT;
         }
         out.push(flags);
         out.extend_from_slice(&self.location_id.to_be_bytes());
@@ -215,7 +225,7 @@ impl Advert {
         let u32_at = |at: usize| u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes"));
         let role = Role::from_code(body[5]).ok_or(AdvertError::Malformed("unknown role"))?;
-        if body[7] & !(FLAG_MAINTENANCE | FLAG_DRAINING) != 0
+        if body[7] & !(FLAG_MAINTENANCE | FLAG_DRAINING | FLAG_PREEMPT) != 0
             || body[19] != 0
             || body[MAC_AT + 6..HEADER_LEN] != [0, 0]
         {
@@ -257,6 +267,7 @@ impl Advert {
             health: u32_at(36),
             handover_to: Some(u32_at(40)).filter(|&id| id != 0),
             draining: body[7] & FLAG_DRAINING != 0,
+            preempt: body[7] & FLAG_PREEMPT != 0,
             mac: body[MAC_AT..MAC_AT + 6].try_into().expect("6 bytes"),
             vips,
         })
@@ -306,6 +317,7 @@ mod tests {
             health: HEALTH_OK,
             handover_to: Some(3),
             draining: true,
+            preempt: true,
             mac: [0x02, 0, 0, 0, 0x0a, 0x01],
             vips: vec![
                 "198.51.100.100".parse().unwrap(),
@@ -370,14 +382,17 @@ mod tests {
     }
 
     #[test]
-    fn the_draining_flag_and_the_address_are_carried_and_reserved_bits_refused() {
-        let mut advert = sample();
-        advert.draining = false;
-        advert.maintenance = false;
-        let decoded = Advert::decode(&advert.encode(&key()), &key()).unwrap();
-        assert!(!decoded.draining);
-        assert_eq!(decoded.mac, [0x02, 0, 0, 0, 0x0a, 0x01]);
-        for (at, value) in [(7, 4u8), (50, 1), (51, 0x80)] {
+    fn each_flag_and_the_address_are_carried_and_reserved_bits_refused() {
+        for flag in 0..3 {
+            let mut advert = sample();
+            advert.maintenance = flag == 0;
+            advert.draining = flag == 1;
+            advert.preempt = flag == 2;
+            let decoded = Advert::decode(&advert.encode(&key()), &key()).unwrap();
+            assert_eq!(decoded, advert, "flag {flag}");
+        }
+        assert_eq!(sample().mac, [0x02, 0, 0, 0, 0x0a, 0x01]);
+        for (at, value) in [(7, 8u8), (7, 0x80), (50, 1), (51, 0x80)] {
             let mut body = sample().encode(&key());
             body.truncate(body.len() - MAC_LEN);
             body[at] |= value;

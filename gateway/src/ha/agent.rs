@@ -624,6 +624,7 @@ impl Agent {
                     handover_to: advert.handover_to,
                     maintenance: advert.maintenance,
                     healthy: advert.health & HEALTH_OK != 0,
+                    preempt: advert.preempt,
                 };
                 self.machine.on_event(Event::Heard(heard), Instant::now())
             }
@@ -707,6 +708,7 @@ impl Agent {
                         health: if fields.healthy { HEALTH_OK } else { 0 },
                         handover_to: fields.handover_to,
                         draining: self.draining,
+                        preempt: fields.preempt,
                         mac: self.mac,
                         vips: self.config.vips.clone(),
                     };

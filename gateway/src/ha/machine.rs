@@ -7,7 +7,9 @@
 //! advertises, not only the master, so the master knows its backups; and a
 //! planned failover is a handover: the master names its best backup, which
 //! claims the VIPs at once, and the old master releases them only when it
-//! hears the new one.
+//! hears the new one. Preemption is a handover too: a backup that outranks
+//! a live master asks for the VIPs in its adverts, and the master hands
+//! them over; only a master that does not answer is taken over from.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -88,7 +90,7 @@ pub struct Settings {
     pub priority: u8,
     /// How often every gateway advertises.
     pub interval: Duration,
-    /// Take over from a lower-priority master.
+    /// Take over from a lower-priority master (by asking it to hand over).
     pub preempt: bool,
     /// After start, no preemption for this long.
     pub preempt_delay: Duration,
@@ -106,6 +108,8 @@ pub struct Heard {
     pub handover_to: Option<u32>,
     pub maintenance: bool,
     pub healthy: bool,
+    /// A backup that outranks the master asks it to hand over.
+    pub preempt: bool,
 }
 
 /// Something that happened.
@@ -161,6 +165,9 @@ pub struct AdvertFields {
     pub handover_to: Option<u32>,
     pub maintenance: bool,
     pub healthy: bool,
+    /// BACKUP: this gateway outranks the master it follows and asks it to
+    /// hand over.
+    pub preempt: bool,
 }
 
 /// A role change, for `tidectl status` and the log.
@@ -205,6 +212,17 @@ pub struct PeerView {
 struct Handover {
     to: u32,
     deadline: Instant,
+    /// `to` asked for the VIPs (it outranks this gateway): once it holds
+    /// them, this gateway may ask for them back if it outranks it again.
+    asked: bool,
+}
+
+/// BACKUP: asking a lower-priority master to hand over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Preemption {
+    master: u32,
+    /// With no handover by then, the master is taken over from.
+    deadline: Instant,
 }
 
 /// The election state of one gateway.
@@ -225,9 +243,11 @@ pub struct Machine {
     maintenance: bool,
     /// MASTER: handing over to another gateway.
     handover: Option<Handover>,
-    /// BACKUP after a handover: the master this gateway handed over to,
-    /// which it does not preempt.
+    /// BACKUP after a handover the operator asked for: the master this
+    /// gateway handed over to, which it does not preempt.
     yielded_to: Option<u32>,
+    /// BACKUP: asking the master to hand over.
+    preemption: Option<Preemption>,
     shutting_down: bool,
     transitions: VecDeque<Transition>,
     /// Why the VIPs last moved.
@@ -250,6 +270,7 @@ impl Machine {
             maintenance: false,
             handover: None,
             yielded_to: None,
+            preemption: None,
             shutting_down: false,
             transitions: VecDeque::new(),
             cause: Cause::Other,
@@ -288,7 +309,7 @@ impl Machine {
 
     /// Sets the penalty of failing tracked checks (0: all pass). The new
     /// priority is advertised at once; a backup that now outranks a master
-    /// takes over as from any lower-priority master.
+    /// asks a lower-priority master to hand over.
     pub fn set_penalty(&mut self, penalty: u8, reason: &str, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         if penalty == self.penalty {
@@ -335,6 +356,7 @@ impl Machine {
             handover_to: self.handover.map(|h| h.to),
             maintenance: self.maintenance,
             healthy: self.healthy,
+            preempt: self.role == Role::Backup && self.preemption.is_some() && self.eligible(),
         }
     }
 
@@ -344,6 +366,7 @@ impl Machine {
             self.next_advert,
             self.master_down_at,
             self.handover.map(|h| h.deadline),
+            self.preemption.map(|p| p.deadline),
         ]
         .into_iter()
         .flatten()
@@ -394,12 +417,19 @@ impl Machine {
             return Err(HandoverError::InProgress(handover.to));
         }
         let to = self.best_backup(now).ok_or(HandoverError::NoBackup)?;
+        self.hand_over_to(to, false, now, actions);
+        Ok(to)
+    }
+
+    /// Names `to` in the adverts, from this one on, until it claims the
+    /// VIPs or the deadline passes; `asked` when `to` asked for them.
+    fn hand_over_to(&mut self, to: u32, asked: bool, now: Instant, actions: &mut Vec<Action>) {
         self.handover = Some(Handover {
             to,
             deadline: now + self.master_down_interval(self.settings.interval),
+            asked,
         });
         self.advertise_now(now, actions);
-        Ok(to)
     }
 
     /// Turns maintenance on or off: in maintenance the gateway stays
@@ -473,6 +503,28 @@ impl Machine {
                 now,
             );
         }
+        if self.role == Role::Backup
+            && let Some(preemption) = self.preemption
+            && now >= preemption.deadline
+        {
+            self.preemption = None;
+            if self.eligible() {
+                let last_heard = self.peers.get(&preemption.master).map(|p| p.last_seen);
+                self.cause = Cause::Takeover {
+                    master: Some(preemption.master),
+                    last_heard,
+                };
+                self.master = None;
+                self.become_master(
+                    format!(
+                        "master {} did not hand over to this higher priority; taking over",
+                        preemption.master
+                    ),
+                    now,
+                    actions,
+                );
+            }
+        }
         if self.role == Role::Backup && self.master_down_at.is_some_and(|at| now >= at) {
             self.master_down_at = None;
             if self.eligible() {
@@ -526,10 +578,14 @@ impl Machine {
             );
             actions.push(Action::Announce);
         }
+        if heard.role == Role::Backup && heard.preempt && self.role == Role::Master {
+            self.backup_asks_for_the_vips(heard, now, actions);
+        }
         if heard.role != Role::Master {
             if self.master == Some(heard.from) && self.role == Role::Backup {
                 // Our master stepped down without a priority-0 advert.
                 self.master = None;
+                self.preemption = None;
                 self.master_down_at =
                     Some(now + Self::skew(self.priority(), self.settings.interval));
             }
@@ -546,6 +602,7 @@ impl Machine {
         if heard.priority == 0 {
             // RFC 5798: a resigning master hands over after the skew only.
             self.master = None;
+            self.preemption = None;
             self.master_down_at = Some(now + Self::skew(self.priority(), self.settings.interval));
             return;
         }
@@ -562,22 +619,62 @@ impl Machine {
         let in_delay = self
             .started
             .is_some_and(|started| now < started + self.settings.preempt_delay);
-        let follow = !self.settings.preempt
-            || in_delay
-            || !self.eligible()
-            || self.yielded_to == Some(heard.from)
-            || outranks(
+        let preempt = self.settings.preempt
+            && !in_delay
+            && self.eligible()
+            && self.yielded_to != Some(heard.from)
+            && !outranks(
                 heard.priority,
                 heard.from,
                 self.priority(),
                 self.settings.gateway_id,
             );
-        if follow {
-            self.master = Some(heard.from);
-            self.master_down_at = Some(now + self.master_down_interval(heard.interval));
+        self.master = Some(heard.from);
+        self.master_down_at = Some(now + self.master_down_interval(heard.interval));
+        if !preempt {
+            self.preemption = None;
+            return;
         }
-        // Otherwise the lower-priority master is not followed: the
-        // master-down timer runs out and this gateway takes over.
+        // A lower-priority master: ask it to hand over, at once, and take
+        // over from it only if it does not.
+        if self.preemption.is_none_or(|p| p.master != heard.from) {
+            self.preemption = Some(Preemption {
+                master: heard.from,
+                deadline: now + 2 * self.master_down_interval(heard.interval),
+            });
+            self.note(
+                format!(
+                    "master {} has a lower priority; asking it to hand over",
+                    heard.from
+                ),
+                now,
+            );
+            self.advertise_now(now, actions);
+        }
+    }
+
+    /// MASTER: a backup that outranks this one asks for the VIPs: hand them
+    /// over, as a planned failover, unless a handover is under way.
+    fn backup_asks_for_the_vips(&mut self, heard: Heard, now: Instant, actions: &mut Vec<Action>) {
+        let asks = heard.healthy
+            && !heard.maintenance
+            && outranks(
+                heard.priority,
+                heard.from,
+                self.priority(),
+                self.settings.gateway_id,
+            );
+        if !asks || self.handover.is_some() || self.shutting_down {
+            return;
+        }
+        self.note(
+            format!(
+                "gateway {} outranks this one and asks for the VIPs; handing over",
+                heard.from
+            ),
+            now,
+        );
+        self.hand_over_to(heard.from, true, now, actions);
     }
 
     fn master_heard_master(&mut self, heard: Heard, now: Instant, actions: &mut Vec<Action>) {
@@ -598,7 +695,7 @@ impl Machine {
             && handover.to == heard.from
         {
             self.handover = None;
-            self.yielded_to = Some(heard.from);
+            self.yielded_to = (!handover.asked).then_some(heard.from);
             self.cause = Cause::HandedOverTo(heard.from);
             self.become_backup(
                 heard,
@@ -781,6 +878,7 @@ impl Machine {
     fn transition(&mut self, to: Role, reason: impl Into<String>, now: Instant) {
         let from = self.role;
         self.role = to;
+        self.preemption = None;
         self.record(from, to, reason.into(), now);
     }
 
@@ -837,6 +935,7 @@ mod tests {
             handover_to: None,
             maintenance: false,
             healthy: true,
+            preempt: false,
         })
     }
 
@@ -941,24 +1040,114 @@ mod tests {
         assert_eq!(tick_until(&mut m, t0, 51, 1000, Role::Master), Some(111));
     }
 
-    #[test]
-    fn preemption_takes_over_from_a_lower_master() {
-        let t0 = Instant::now();
-        let mut high = started(1, 200, t0);
-        for n in (0..1000).step_by(100) {
-            high.on_event(master(2, 100), ms(t0, n));
-        }
-        // The lower master's adverts are not followed: the timer from the
-        // start (3 x 100 + 21.9 ms) runs out.
-        assert_eq!(tick_until(&mut high, t0, 1, 1000, Role::Master), Some(322));
-
+    /// A backup (id 1, priority 200) that has heard master 2 (priority
+    /// 100), and that master.
+    fn failback(t0: Instant) -> (Machine, Machine, Vec<Action>) {
         let mut low = started(2, 100, t0);
         low.on_event(Event::Tick, ms(t0, 400));
         assert_eq!(low.role(), Role::Master);
-        let actions = low.on_event(master(1, 200), ms(t0, 410));
+        let mut high = started(1, 200, ms(t0, 1000));
+        let asked = high.on_event(master(2, 100), ms(t0, 1010));
+        (high, low, asked)
+    }
+
+    fn preempting(from: u32, priority: u8) -> Event {
+        Event::Heard(Heard {
+            preempt: true,
+            ..heard(backup(from, priority))
+        })
+    }
+
+    #[test]
+    fn a_higher_backup_asks_the_lower_master_to_hand_over() {
+        let t0 = Instant::now();
+        let (mut high, mut low, asked) = failback(t0);
+        // It follows the live master and asks at once.
+        assert_eq!((high.role(), high.master()), (Role::Backup, Some(2)));
+        let ask = advert(&asked).unwrap();
+        assert_eq!((ask.role, ask.preempt), (Role::Backup, true));
+        // Asks that do not count: no flag, a lower priority, maintenance,
+        // a sick backup.
+        for (why, event) in [
+            ("no flag", backup(1, 200)),
+            ("lower", preempting(1, 50)),
+            (
+                "maintenance",
+                Event::Heard(Heard {
+                    maintenance: true,
+                    ..heard(preempting(1, 200))
+                }),
+            ),
+            (
+                "sick",
+                Event::Heard(Heard {
+                    healthy: false,
+                    ..heard(preempting(1, 200))
+                }),
+            ),
+        ] {
+            let mut m = low.clone();
+            let actions = m.on_event(event, ms(t0, 1011));
+            assert_eq!(advert(&actions).map(|a| a.handover_to), None, "{why}");
+            assert_eq!(m.advert().handover_to, None, "{why}");
+        }
+        // The master hands over as in a planned failover...
+        let offer = advert(&low.on_event(preempting(1, 200), ms(t0, 1011))).unwrap();
+        assert_eq!((offer.role, offer.handover_to), (Role::Master, Some(1)));
+        assert!(
+            low.transitions()
+                .last()
+                .unwrap()
+                .reason
+                .contains("asks for the VIPs"),
+        );
+        // ...the backup claims the VIPs at once...
+        let handover = Event::Heard(Heard {
+            handover_to: Some(1),
+            ..heard(master(2, 100))
+        });
+        let claim = high.on_event(handover, ms(t0, 1012));
+        assert_eq!(high.role(), Role::Master);
+        assert_eq!(high.cause(), Cause::HandoverFrom(2));
+        assert!(claim.contains(&Action::TakeVips));
+        assert!(!advert(&claim).unwrap().preempt);
+        // ...and the old master releases them when it hears the claim.
+        let release = low.on_event(master(1, 200), ms(t0, 1013));
         assert_eq!(low.role(), Role::Backup);
-        assert_eq!(actions[0], Action::ReleaseVips);
-        assert_eq!(low.master(), Some(1));
+        assert_eq!(low.cause(), Cause::HandedOverTo(1));
+        assert!(release.contains(&Action::ReleaseVips));
+    }
+
+    #[test]
+    fn a_master_that_does_not_hand_over_is_taken_over_from() {
+        let t0 = Instant::now();
+        let (mut high, _, _) = failback(t0);
+        let mut took_over = None;
+        for n in 1011..3000 {
+            if n % 100 == 10 {
+                high.on_event(master(2, 100), ms(t0, n));
+            }
+            high.on_event(Event::Tick, ms(t0, n));
+            if high.role() == Role::Master {
+                took_over.get_or_insert(n);
+            }
+        }
+        // Twice the master-down interval (2 x 321.875 ms) after it asked,
+        // though the master is heard all along.
+        assert_eq!(took_over, Some(1654));
+        assert_eq!(
+            high.cause(),
+            Cause::Takeover {
+                master: Some(2),
+                last_heard: Some(ms(t0, 1610)),
+            }
+        );
+        let claim = high.transitions().find(|t| t.to == Role::Master).unwrap();
+        assert!(claim.reason.contains("did not hand over"), "{claim:?}");
+        // The lower master steps down on hearing it, as from any higher one.
+        let (_, mut low, _) = failback(t0);
+        low.on_event(master(1, 200), ms(t0, 1655));
+        assert_eq!(low.role(), Role::Backup);
     }
 
     #[test]
@@ -987,9 +1176,11 @@ mod tests {
             }
         }
         assert_eq!(patient.role(), Role::Backup);
-        // Followed until 1 s; the last advert followed came at 900 ms, and
-        // the master-down interval (321.9 ms) ran out after it.
-        assert_eq!(took_over, Some(1222));
+        assert!(!patient.advert().preempt);
+        // Followed without asking until 1 s; asked at the first advert
+        // after it, and taken over from (this master never hands over)
+        // twice the master-down interval (2 x 321.875 ms) later.
+        assert_eq!(took_over, Some(1644));
     }
 
     #[test]
@@ -1356,7 +1547,7 @@ mod tests {
     }
 
     #[test]
-    fn a_penalty_lowers_the_priority_and_lets_a_backup_take_over() {
+    fn a_penalty_lowers_the_priority_and_a_backup_that_asks_gets_the_vips() {
         let t0 = Instant::now();
         let mut a = started(1, 200, t0);
         a.on_event(Event::Tick, ms(t0, 400));
@@ -1371,28 +1562,43 @@ mod tests {
                 .reason
                 .contains("priority 200 -> 50")
         );
-        // A backup of priority 100 no longer follows it, and takes over.
+        // A backup of priority 100 now outranks it: it asks for the VIPs,
+        // and the master hands them over.
         let mut b = started(2, 100, t0);
         b.on_event(master(1, 200), ms(t0, 300));
-        let mut took_over = None;
-        for n in (500..2000).step_by(100) {
-            b.on_event(master(1, 50), ms(t0, n));
-            b.on_event(Event::Tick, ms(t0, n + 50));
-            if b.role() == Role::Master {
-                took_over.get_or_insert(n + 50);
-            }
-        }
-        // Last followed advert at 300 ms, plus the master-down interval.
-        assert_eq!(took_over, Some(750));
-        // The master yields to the higher backup it now hears.
-        a.on_event(master(2, 100), ms(t0, 2000));
-        assert_eq!(a.role(), Role::Backup);
+        assert!(!b.advert().preempt);
+        let ask = advert(&b.on_event(master(1, 50), ms(t0, 500))).unwrap();
+        assert!(ask.preempt);
+        let preempting = Event::Heard(Heard {
+            preempt: true,
+            ..heard(backup(2, 100))
+        });
+        let offer = advert(&a.on_event(preempting, ms(t0, 501))).unwrap();
+        assert_eq!(offer.handover_to, Some(2));
+        let handover = Event::Heard(Heard {
+            handover_to: Some(2),
+            ..heard(master(1, 50))
+        });
+        b.on_event(handover, ms(t0, 502));
+        assert_eq!(
+            (b.role(), b.cause()),
+            (Role::Master, Cause::HandoverFrom(1))
+        );
+        a.on_event(master(2, 100), ms(t0, 503));
+        assert_eq!(
+            (a.role(), a.cause()),
+            (Role::Backup, Cause::HandedOverTo(2))
+        );
         // Never below 1; and back to normal when the check passes again.
         a.set_penalty(255, "everything down", ms(t0, 2100));
         assert_eq!(a.priority(), 1);
         a.set_penalty(0, "all tracked checks pass", ms(t0, 2200));
         assert_eq!(a.priority(), 200);
         assert!(a.set_penalty(0, "again", ms(t0, 2300)).is_empty());
+        // It handed over because it was asked: with its priority back, it
+        // asks in turn.
+        let ask = advert(&a.on_event(master(2, 100), ms(t0, 2400))).unwrap();
+        assert!(ask.preempt);
     }
 
     #[test]
