@@ -25,7 +25,9 @@ use super::{
     announce::{self, FrameSocket, Mac},
     endpoints::Recent,
     health::HealthEvent,
-    machine::{Action, Cause, Event, HandoverError, Heard, Machine, Role, Settings},
+    machine::{
+        Action, Cause, Event, HandoverError, Heard, Machine, PeerView, Role, Settings, Transition,
+    },
     sync,
     syncer::{SyncHandle, SyncStatus},
     transport::{Destination, Transport},
@@ -212,7 +214,6 @@ enum Input {
 }
 
 enum Command {
-    Status(oneshot::Sender<HaStatus>),
     Failover(oneshot::Sender<Result<u32, HandoverError>>),
     Maintenance(bool, oneshot::Sender<Result<(), HandoverError>>),
     Drain(bool, oneshot::Sender<Result<(), HaError>>),
@@ -221,7 +222,6 @@ enum Command {
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::Status(_) => "Status",
             Self::Failover(_) => "Failover",
             Self::Maintenance(..) => "Maintenance",
             Self::Drain(..) => "Drain",
@@ -234,6 +234,14 @@ impl std::fmt::Debug for Command {
 pub struct HaHandle {
     tx: mpsc::Sender<Command>,
     summary: watch::Receiver<HaSummary>,
+    /// What the agent knows, as of its last step.
+    view: watch::Receiver<AgentView>,
+    /// The owners of the rest of the status, asked directly: a status
+    /// request never reaches the agent's loop, which keeps the adverts
+    /// and the lease going whatever the others are busy with.
+    vips: Vips,
+    datapath: DatapathHandle,
+    links: Option<Links>,
 }
 
 impl HaHandle {
@@ -245,12 +253,40 @@ impl HaHandle {
 
     /// The election state.
     pub async fn status(&self) -> Result<HaStatus, HaError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Status(reply))
-            .await
-            .map_err(|_| HaError::Stopped)?;
-        rx.await.map_err(|_| HaError::Stopped)
+        if self.tx.is_closed() {
+            return Err(HaError::Stopped);
+        }
+        let view = self.view.borrow().clone();
+        let (vips_held, fence, failovers, endpoints) = tokio::join!(
+            async {
+                self.vips.held().await.unwrap_or_else(|error| {
+                    warn!(error = %error_chain(&error), "reading the VIPs failed");
+                    Vec::new()
+                })
+            },
+            async { self.datapath.fence_status().await.ok().flatten() },
+            async {
+                match &self.links {
+                    Some(links) => links.wireguard.failovers().await.unwrap_or_default(),
+                    None => Vec::new(),
+                }
+            },
+            async {
+                match &self.links {
+                    Some(links) => links.sync.status().await.ok(),
+                    None => None,
+                }
+            },
+        );
+        Ok(view.status(
+            Instant::now(),
+            Owned {
+                vips_held,
+                fence,
+                failovers,
+                endpoints,
+            },
+        ))
     }
 
     /// Starts a planned handover; returns the gateway taking over.
@@ -436,7 +472,7 @@ impl Agent {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut health: mpsc::Receiver<HealthEvent>,
-        summary: watch::Sender<HaSummary>,
+        published: Published,
         cancel: CancellationToken,
     ) {
         // In director mode every gateway serves the clients pinned to it,
@@ -451,7 +487,7 @@ impl Agent {
         }
         let actions = self.machine.on_event(Event::Start, Instant::now());
         self.execute(actions).await;
-        summary.send_replace(self.summary());
+        self.publish(&published);
         let mut buf = vec![0u8; MAX_ADVERT];
         let mut stopping = false;
         loop {
@@ -518,12 +554,7 @@ impl Agent {
                 Input::Nothing => Vec::new(),
             };
             let exit = self.execute(actions).await;
-            let now = self.summary();
-            summary.send_if_modified(|current| {
-                let changed = *current != now;
-                *current = now;
-                changed
-            });
+            self.publish(&published);
             if exit {
                 break;
             }
@@ -565,6 +596,18 @@ impl Agent {
     }
 
     /// What Core follows of the state.
+    /// Publishes the summary (waking its subscribers only when it
+    /// changed) and the view status requests read.
+    fn publish(&self, published: &Published) {
+        let summary = self.summary();
+        published.summary.send_if_modified(|current| {
+            let changed = *current != summary;
+            *current = summary;
+            changed
+        });
+        published.view.send_replace(self.view());
+    }
+
     fn summary(&self) -> HaSummary {
         HaSummary {
             role: self.machine.role(),
@@ -647,10 +690,6 @@ impl Agent {
     async fn command(&mut self, command: Command) -> Vec<Action> {
         let now = Instant::now();
         match command {
-            Command::Status(reply) => {
-                let _ = reply.send(self.status().await);
-                Vec::new()
-            }
             Command::Failover(reply) => match self.machine.failover(now) {
                 Ok((to, actions)) => {
                     info!(to, "planned failover: handing over");
@@ -1194,31 +1233,14 @@ impl Agent {
         }
     }
 
-    async fn status(&self) -> HaStatus {
-        let now = Instant::now();
-        let to_unix_ms = |at: Instant| {
-            let wall = if at >= self.anchor.0 {
-                self.anchor.1 + (at - self.anchor.0)
-            } else {
-                self.anchor.1 - (self.anchor.0 - at)
-            };
-            wall.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis() as u64
-        };
-        let vips_held = match self.vips.held().await {
-            Ok(held) => held,
-            Err(error) => {
-                warn!(error = %error_chain(&error), "reading the VIPs failed");
-                Vec::new()
-            }
-        };
-        HaStatus {
+    /// What the agent knows now, for status readers.
+    fn view(&self) -> AgentView {
+        AgentView {
             location_id: self.config.location_id,
             gateway_id: self.config.election.gateway_id,
             role: self.machine.role(),
             priority: self.machine.priority(),
-            advert_interval_ms: self.config.election.interval.as_millis() as u64,
+            interval: self.config.election.interval,
             master: self.machine.master(),
             maintenance: self.machine.maintenance(),
             mode: if self.config.director.is_some() {
@@ -1228,46 +1250,107 @@ impl Agent {
             },
             draining: self.draining,
             vips: self.config.vips.clone(),
-            vips_held,
             peers: self
                 .machine
                 .peers()
                 .iter()
-                .map(|(id, peer)| PeerStatus {
-                    gateway_id: *id,
+                .map(|(id, peer)| (*id, *peer, self.extras.get(id).copied()))
+                .collect(),
+            transitions: self.machine.transitions().cloned().collect(),
+            dropped: self.dropped.clone(),
+            anchor: self.anchor,
+        }
+    }
+}
+
+/// Where the agent publishes what it knows.
+struct Published {
+    summary: watch::Sender<HaSummary>,
+    view: watch::Sender<AgentView>,
+}
+
+/// What the agent knows, published after each of its steps.
+#[derive(Debug, Clone)]
+struct AgentView {
+    location_id: u32,
+    gateway_id: u32,
+    role: Role,
+    priority: u8,
+    interval: Duration,
+    master: Option<u32>,
+    maintenance: bool,
+    mode: HaMode,
+    draining: bool,
+    vips: Vec<IpAddr>,
+    peers: Vec<(u32, PeerView, Option<PeerExtra>)>,
+    transitions: Vec<Transition>,
+    dropped: BTreeMap<String, u64>,
+    /// An instant and the wall-clock time at that instant.
+    anchor: (Instant, SystemTime),
+}
+
+/// The parts of the status other tasks own.
+struct Owned {
+    vips_held: Vec<IpAddr>,
+    fence: Option<FenceStatus>,
+    failovers: Vec<FailoverReport>,
+    endpoints: Option<SyncStatus>,
+}
+
+impl AgentView {
+    /// The whole status at `now`, with what the other tasks own.
+    fn status(self, now: Instant, owned: Owned) -> HaStatus {
+        let (anchor, wall) = self.anchor;
+        let to_unix_ms = |at: Instant| {
+            let wall = if at >= anchor {
+                wall + (at - anchor)
+            } else {
+                wall - (anchor - at)
+            };
+            wall.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64
+        };
+        HaStatus {
+            location_id: self.location_id,
+            gateway_id: self.gateway_id,
+            role: self.role,
+            priority: self.priority,
+            advert_interval_ms: self.interval.as_millis() as u64,
+            master: self.master,
+            maintenance: self.maintenance,
+            mode: self.mode,
+            draining: self.draining,
+            vips: self.vips,
+            vips_held: owned.vips_held,
+            peers: self
+                .peers
+                .into_iter()
+                .map(|(id, peer, extra)| PeerStatus {
+                    gateway_id: id,
                     role: peer.role,
                     priority: peer.priority,
                     healthy: peer.healthy,
                     maintenance: peer.maintenance,
-                    draining: self.extras.get(id).is_some_and(|e| e.draining),
-                    mac: self
-                        .extras
-                        .get(id)
-                        .map(|e| format_mac(&e.mac))
-                        .unwrap_or_default(),
+                    draining: extra.is_some_and(|e| e.draining),
+                    mac: extra.map(|e| format_mac(&e.mac)).unwrap_or_default(),
                     last_seen_ms: now.saturating_duration_since(peer.last_seen).as_millis() as u64,
                 })
                 .collect(),
             transitions: self
-                .machine
-                .transitions()
+                .transitions
+                .into_iter()
                 .map(|t| TransitionStatus {
                     at_ms: to_unix_ms(t.at),
                     from: t.from,
                     to: t.to,
-                    reason: t.reason.clone(),
+                    reason: t.reason,
                 })
                 .collect(),
-            dropped: self.dropped.clone(),
-            fence: self.datapath.fence_status().await.ok().flatten(),
-            failovers: match &self.links {
-                Some(links) => links.wireguard.failovers().await.unwrap_or_default(),
-                None => Vec::new(),
-            },
-            endpoints: match &self.links {
-                Some(links) => links.sync.status().await.ok(),
-                None => None,
-            },
+            dropped: self.dropped,
+            fence: owned.fence,
+            failovers: owned.failovers,
+            endpoints: owned.endpoints,
         }
     }
 }
@@ -1285,10 +1368,23 @@ pub fn spawn(
     let (tx, commands) = mpsc::channel(16);
     let (health_tx, health) = mpsc::channel(16);
     let (summary_tx, summary) = watch::channel(agent.summary());
+    let (view_tx, view) = watch::channel(agent.view());
+    let handle = HaHandle {
+        tx,
+        summary,
+        view,
+        vips: agent.vips.clone(),
+        datapath: agent.datapath.clone(),
+        links: agent.links.clone(),
+    };
+    let published = Published {
+        summary: summary_tx,
+        view: view_tx,
+    };
     (
-        HaHandle { tx, summary },
+        handle,
         health_tx,
-        agent.run(commands, health, summary_tx, cancel),
+        agent.run(commands, health, published, cancel),
     )
 }
 

@@ -616,9 +616,15 @@ impl Machine {
             );
             return;
         }
-        let in_delay = self
-            .started
-            .is_some_and(|started| now < started + self.settings.preempt_delay);
+        // Just started, a gateway learns the location first (the others
+        // send it their endpoint tables as soon as they hear it, and it
+        // kicks from them): it asks no sooner than it would have taken over
+        // from silence.
+        let settle = self
+            .settings
+            .preempt_delay
+            .max(self.master_down_interval(self.settings.interval));
+        let in_delay = self.started.is_some_and(|started| now < started + settle);
         let preempt = self.settings.preempt
             && !in_delay
             && self.eligible()
@@ -1047,7 +1053,12 @@ mod tests {
         low.on_event(Event::Tick, ms(t0, 400));
         assert_eq!(low.role(), Role::Master);
         let mut high = started(1, 200, ms(t0, 1000));
-        let asked = high.on_event(master(2, 100), ms(t0, 1010));
+        // Followed without asking while it settles: a master-down interval
+        // (321.875 ms) from its start.
+        let early = high.on_event(master(2, 100), ms(t0, 1010));
+        assert!(!advert(&early).is_some_and(|a| a.preempt), "{early:?}");
+        assert_eq!(high.master(), Some(2));
+        let asked = high.on_event(master(2, 100), ms(t0, 1330));
         (high, low, asked)
     }
 
@@ -1087,12 +1098,12 @@ mod tests {
             ),
         ] {
             let mut m = low.clone();
-            let actions = m.on_event(event, ms(t0, 1011));
+            let actions = m.on_event(event, ms(t0, 1331));
             assert_eq!(advert(&actions).map(|a| a.handover_to), None, "{why}");
             assert_eq!(m.advert().handover_to, None, "{why}");
         }
         // The master hands over as in a planned failover...
-        let offer = advert(&low.on_event(preempting(1, 200), ms(t0, 1011))).unwrap();
+        let offer = advert(&low.on_event(preempting(1, 200), ms(t0, 1331))).unwrap();
         assert_eq!((offer.role, offer.handover_to), (Role::Master, Some(1)));
         assert!(
             low.transitions()
@@ -1106,13 +1117,13 @@ mod tests {
             handover_to: Some(1),
             ..heard(master(2, 100))
         });
-        let claim = high.on_event(handover, ms(t0, 1012));
+        let claim = high.on_event(handover, ms(t0, 1332));
         assert_eq!(high.role(), Role::Master);
         assert_eq!(high.cause(), Cause::HandoverFrom(2));
         assert!(claim.contains(&Action::TakeVips));
         assert!(!advert(&claim).unwrap().preempt);
         // ...and the old master releases them when it hears the claim.
-        let release = low.on_event(master(1, 200), ms(t0, 1013));
+        let release = low.on_event(master(1, 200), ms(t0, 1333));
         assert_eq!(low.role(), Role::Backup);
         assert_eq!(low.cause(), Cause::HandedOverTo(1));
         assert!(release.contains(&Action::ReleaseVips));
@@ -1123,8 +1134,8 @@ mod tests {
         let t0 = Instant::now();
         let (mut high, _, _) = failback(t0);
         let mut took_over = None;
-        for n in 1011..3000 {
-            if n % 100 == 10 {
+        for n in 1331..3000 {
+            if n % 100 == 30 {
                 high.on_event(master(2, 100), ms(t0, n));
             }
             high.on_event(Event::Tick, ms(t0, n));
@@ -1134,19 +1145,19 @@ mod tests {
         }
         // Twice the master-down interval (2 x 321.875 ms) after it asked,
         // though the master is heard all along.
-        assert_eq!(took_over, Some(1654));
+        assert_eq!(took_over, Some(1974));
         assert_eq!(
             high.cause(),
             Cause::Takeover {
                 master: Some(2),
-                last_heard: Some(ms(t0, 1610)),
+                last_heard: Some(ms(t0, 1930)),
             }
         );
         let claim = high.transitions().find(|t| t.to == Role::Master).unwrap();
         assert!(claim.reason.contains("did not hand over"), "{claim:?}");
         // The lower master steps down on hearing it, as from any higher one.
         let (_, mut low, _) = failback(t0);
-        low.on_event(master(1, 200), ms(t0, 1655));
+        low.on_event(master(1, 200), ms(t0, 1975));
         assert_eq!(low.role(), Role::Backup);
     }
 
