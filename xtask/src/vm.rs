@@ -77,7 +77,8 @@ pub const SUITE: &[Entry] = &[
         target: "continuity",
         tests: Cow::Borrowed(&[
             "a_crashed_master_is_replaced_and_every_tunnel_resumes",
-            "planned_failovers_back_and_forth_sigterm_and_the_failback_lose_no_probe",
+            "planned_failovers_back_and_forth_and_sigterm_lose_no_probe",
+            "a_restarted_higher_priority_gateway_fails_back_by_a_handover_losing_no_probe",
             "the_egress_guard_stops_an_old_master_stealing_its_clients_back",
             "a_killed_daemon_on_a_live_master_is_fenced_and_its_clients_resume_on_the_backup",
         ]),
