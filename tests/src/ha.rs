@@ -1145,11 +1145,12 @@ pub fn start_prober_to(
     Ok(prober)
 }
 
-/// The locations' advert interval: 100 ms on the host; 200 ms where the
+/// The locations' advert interval: 100 ms on the host; 400 ms where the
 /// CPUs are emulated, where a daemon's turn on the one emulated core comes
-/// late often enough to make 300 ms of silence (three adverts).
+/// late often enough, by up to about 900 ms while the kernel applies a
+/// WireGuard change, to make three adverts' silence at 200 ms.
 pub fn advert_interval_ms() -> u64 {
-    crate::pace::load(100, 200)
+    crate::pace::load(100, 400)
 }
 
 /// How often a prober probes: every 10 ms on the host; every 25 ms where
