@@ -134,7 +134,8 @@ fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
 
     run::step("clippy on user space, warnings denied");
     run::cargo(ws, &ebpf)
-        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .args(["clippy", "--all-targets", "--features", run::PRIVILEGED])
+        .args(["--", "-D", "warnings"])
         .status_ok()?;
 
     run::step("clippy on the BPF program, warnings denied");
@@ -144,7 +145,14 @@ fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
 
     run::step("unit tests, BPF packet tests and namespace integration tests (cargo test)");
     let output = run::cargo(ws, &ebpf)
-        .args(["test", "--lib", "--bins", "--tests"])
+        .args([
+            "test",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--features",
+            run::PRIVILEGED,
+        ])
         .env("TIDEGATE_BIN_DIR", ws.profile_dir(false))
         .status_ok_tee()?;
     let (mut passed, failed) = test_totals(&output);

@@ -163,6 +163,14 @@ impl Workspace {
     }
 }
 
+/// The feature of the test packages that builds their tests needing root
+/// and the BPF objects (a plain `cargo test` leaves them out).
+pub const PRIVILEGED_FEATURE: &str = "privileged";
+
+/// [`PRIVILEGED_FEATURE`] of every package that has it, for workspace-wide
+/// cargo commands.
+pub const PRIVILEGED: &str = "tidegate-gateway/privileged,tidegate-tests/privileged";
+
 /// The cargo that runs this xtask.
 pub fn cargo_bin() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())

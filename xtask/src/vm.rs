@@ -196,6 +196,7 @@ fn plan(ws: &Workspace, ebpf: &EbpfObjects, entries: &[Entry]) -> Result<Vec<Gue
     for package in packages {
         // One package at a time: every test executable cargo reports then
         // belongs to it.
+        let features = format!("{package}/{}", run::PRIVILEGED_FEATURE);
         let out = run::cargo(ws, ebpf)
             .args([
                 "test",
@@ -203,6 +204,8 @@ fn plan(ws: &Workspace, ebpf: &EbpfObjects, entries: &[Entry]) -> Result<Vec<Gue
                 "--message-format=json",
                 "--package",
                 package,
+                "--features",
+                &features,
             ])
             .output_ok()?;
         for line in out.lines() {

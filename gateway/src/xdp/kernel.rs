@@ -378,6 +378,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(tidegate_no_bpf, ignore = "reads the BPF object: cargo xtask test")]
     fn every_helper_the_programs_call_is_probed_for_their_program_type() {
         use object::{Object as _, ObjectSection as _};
 

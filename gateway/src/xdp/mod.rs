@@ -50,7 +50,8 @@ pub use self::{
 };
 use crate::director::maglev::MaglevError;
 
-/// The XDP object, built by `cargo xtask build-ebpf`.
+/// The XDP object, built by `cargo xtask build-ebpf`; empty in a build
+/// without it (see [`object`]).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegate.bpf.o"));
 
 /// An empty `XDP_PASS` program built the same way: the benchmark baseline.
@@ -62,9 +63,24 @@ pub static BASELINE_OBJECT: &[u8] =
 pub static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegate-bench.bpf.o"));
 
+/// `bytes`, one of the embedded objects, or [`XdpError::NotBuilt`] when
+/// this binary was built without the BPF objects.
+pub fn object(bytes: &'static [u8]) -> Result<&'static [u8], XdpError> {
+    if bytes.is_empty() {
+        Err(XdpError::NotBuilt)
+    } else {
+        Ok(bytes)
+    }
+}
+
 /// Errors of the XDP data path, each naming the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
+    #[error(
+        "this binary was built without its BPF objects (a plain cargo build): build it with \
+         `cargo xtask build`, which builds them first"
+    )]
+    NotBuilt,
     #[error("loading the BPF object")]
     Load(#[source] EbpfError),
     #[error("the BPF object has no {kind} named {name}")]
@@ -289,7 +305,7 @@ impl Datapath {
     pub fn load_with(options: DatapathOptions) -> Result<Self, XdpError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SESSIONS, options.max_sessions)
-            .load(OBJECT)
+            .load(object(OBJECT)?)
             .map_err(XdpError::Load)?;
         let programs = [maps::PROGRAM, maps::RENEW_PROGRAM]
             .into_iter()
@@ -886,6 +902,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_build_without_the_objects_says_how_to_build_them() {
+        let error = object(&[]).unwrap_err();
+        assert!(error.to_string().contains("cargo xtask build"), "{error}");
+        assert_eq!(object(b"\x7fELF").unwrap(), b"\x7fELF");
+    }
 
     #[test]
     fn measured_tick_rates_snap_to_a_real_hz() {
