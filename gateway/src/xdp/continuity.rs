@@ -410,18 +410,7 @@ fn attach_tcx(
                 info!(interface, pin = %pin.display(), "egress guard replaced in the pinned tcx link");
                 return FdLink::try_from(link).map_err(link_err);
             }
-            Err(error) => {
-                warn!(
-                    pin = %pin.display(),
-                    error = %crate::error_chain(&error),
-                    "the pinned egress link is stale; removing it"
-                );
-                std::fs::remove_file(&pin).map_err(|source| XdpError::Pin {
-                    op: "removing",
-                    path: pin.clone(),
-                    source,
-                })?;
-            }
+            Err(error) => super::remove_stale_pin(&pin, "egress link", &error)?,
         }
     }
     let id = program

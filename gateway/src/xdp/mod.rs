@@ -63,6 +63,21 @@ pub static BASELINE_OBJECT: &[u8] =
 pub static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegate-bench.bpf.o"));
 
+/// Removes the pin of a `what` the daemon could not take over (why:
+/// `error`), so that a new one can be pinned in its place.
+fn remove_stale_pin(pin: &Path, what: &str, error: &XdpError) -> Result<(), XdpError> {
+    warn!(
+        pin = %pin.display(),
+        error = %crate::error_chain(error),
+        "the pinned {what} is stale; removing it"
+    );
+    std::fs::remove_file(pin).map_err(|source| XdpError::Pin {
+        op: "removing",
+        path: pin.to_owned(),
+        source,
+    })
+}
+
 /// `bytes`, one of the embedded objects, or [`XdpError::NotBuilt`] when
 /// this binary was built without the BPF objects.
 pub fn object(bytes: &'static [u8]) -> Result<&'static [u8], XdpError> {
@@ -412,18 +427,7 @@ impl Datapath {
                         info!(interface, %mode, pin = %pin.display(), "XDP shield replaced in the pinned link");
                         return Ok(mode);
                     }
-                    Err(error) => {
-                        warn!(
-                            pin = %pin.display(),
-                            error = %crate::error_chain(&error),
-                            "the pinned XDP link is stale; removing it"
-                        );
-                        std::fs::remove_file(&pin).map_err(|source| XdpError::Pin {
-                            op: "removing",
-                            path: pin.clone(),
-                            source,
-                        })?;
-                    }
+                    Err(error) => remove_stale_pin(&pin, "XDP link", &error)?,
                 }
             }
         }
