@@ -226,7 +226,6 @@ fn report_counts(steps: &[Step]) {
         "step", "peers read", "set requests", "netlink out", "netlink in", "ops (add/chg/rm/dev)"
     );
     for step in steps {
-        let s = step.summary;
         let (out, inn) = step.netlink.map_or(("-".into(), "-".into()), |n| {
             (n.sent.to_string(), n.received.to_string())
         });
@@ -237,14 +236,7 @@ fn report_counts(steps: &[Step]) {
             step.requests,
             out,
             inn,
-            format!(
-                "{} ({}/{}/{}/{})",
-                s.total(),
-                s.added,
-                s.updated,
-                s.removed,
-                s.device
-            ),
+            ops(&step.summary),
         );
     }
     println!(
@@ -252,6 +244,18 @@ fn report_counts(steps: &[Step]) {
          a set request is as many messages as the kernel's size limit needs); \
          netlink in: the kernel's answers (dump parts, acknowledgements)"
     );
+}
+
+/// A step's operations: the total, then (added/changed/removed/device).
+fn ops(s: &PlanSummary) -> String {
+    format!(
+        "{} ({}/{}/{}/{})",
+        s.total(),
+        s.added,
+        s.updated,
+        s.removed,
+        s.device
+    )
 }
 
 fn report(steps: &[Step]) {
@@ -268,7 +272,6 @@ fn report(steps: &[Step]) {
     );
     for step in steps {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let s = step.summary;
         println!(
             "{:<42} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>22}",
             step.name,
@@ -278,14 +281,7 @@ fn report(steps: &[Step]) {
             ms(step.read + step.plan + step.apply),
             step.peers_read,
             step.requests,
-            format!(
-                "{} ({}/{}/{}/{})",
-                s.total(),
-                s.added,
-                s.updated,
-                s.removed,
-                s.device
-            ),
+            ops(&step.summary),
         );
     }
     if let [full, change, ..] = steps {
