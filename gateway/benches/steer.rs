@@ -37,7 +37,7 @@ use tidegate_common::{
     wireguard::*,
 };
 use tidegate_gateway::{
-    director::{BackendSpec, Desired, maglev},
+    director::{BackendSpec, DirectorState, maglev},
     xdp::{self, Datapath, DatapathOptions, ServiceTable, director::client_key},
 };
 
@@ -200,7 +200,7 @@ fn load_director(options: DatapathOptions) -> Result<Datapath> {
         local,
         draining,
     };
-    director.set_director(&Desired {
+    director.set_director(&DirectorState {
         on: true,
         mac: OWN_MAC,
         backends: vec![

@@ -13,11 +13,12 @@ use tidegate_common::director::{
 };
 
 use crate::{
+    continuity,
     core_link::CoreLinkConfig,
     director::{DirectorConfig, maglev::is_prime},
     ha::{
         advert::{AdvertKey, MAX_VIPS},
-        agent::{Continuity, HaConfig, HaMode},
+        agent::{HaConfig, HaMode},
         machine::Settings,
         transport::Destination,
     },
@@ -640,7 +641,7 @@ fn ha(path: &Path, section: HaSection, interface: &str) -> Result<HaConfig, Conf
         destination,
         track,
         interface: interface.to_owned(),
-        continuity: Continuity {
+        continuity: continuity::Settings {
             kick_rate,
             kick_window: Duration::from_secs(kick_window),
             handover_window: Duration::from_millis(handover_window),
@@ -1104,7 +1105,7 @@ mod tests {
         assert!(ha.track.is_empty());
         assert_eq!(
             ha.continuity,
-            Continuity {
+            continuity::Settings {
                 kick_rate: 2000,
                 kick_window: Duration::from_secs(180),
                 handover_window: Duration::from_secs(2),
@@ -1131,7 +1132,7 @@ mod tests {
         assert_eq!(ha.track, [("uplink0".to_owned(), 50)]);
         assert_eq!(
             ha.continuity,
-            Continuity {
+            continuity::Settings {
                 kick_rate: 0,
                 kick_window: Duration::from_secs(60),
                 handover_window: Duration::ZERO,

@@ -11,10 +11,10 @@ use tidegate_common::client::ClientKey;
 
 use crate::{
     control::CountersReply,
-    director::Desired,
+    director::DirectorState,
     error_chain,
     xdp::{
-        Datapath, DirectorStatus, FenceStatus, Ownership, ServiceTable, SessionEntry, XdpError,
+        Datapath, DirectorStatus, Ownership, ServiceTable, SessionEntry, XdpError,
         director::SessionReader,
     },
 };
@@ -44,9 +44,6 @@ enum Command {
         holds_vips: bool,
         reply: oneshot::Sender<Result<(), DatapathError>>,
     },
-    FenceStatus {
-        reply: oneshot::Sender<Option<FenceStatus>>,
-    },
     SetOwnership {
         ownership: Ownership,
         reply: oneshot::Sender<Result<(), DatapathError>>,
@@ -69,7 +66,7 @@ enum Command {
         reply: oneshot::Sender<Result<(), DatapathError>>,
     },
     SetDirector {
-        desired: Desired,
+        desired: DirectorState,
         reply: oneshot::Sender<Result<(), DatapathError>>,
     },
     DirectorStatus {
@@ -115,18 +112,8 @@ impl DatapathHandle {
         rx.await.map_err(|_| DatapathError::Stopped)?
     }
 
-    /// The fence as last renewed.
-    pub async fn fence_status(&self) -> Result<Option<FenceStatus>, DatapathError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::FenceStatus { reply })
-            .await
-            .map_err(|_| DatapathError::Stopped)?;
-        rx.await.map_err(|_| DatapathError::Stopped)
-    }
-
     /// Makes the director steer (or not) across `desired`'s backends.
-    pub async fn set_director(&self, desired: Desired) -> Result<(), DatapathError> {
+    pub async fn set_director(&self, desired: DirectorState) -> Result<(), DatapathError> {
         self.ask(|reply| Command::SetDirector { desired, reply })
             .await
     }
@@ -248,9 +235,6 @@ pub fn spawn(
                     reply,
                 } => {
                     let _ = reply.send(datapath.renew_lease(lease, holds_vips).map_err(Into::into));
-                }
-                Command::FenceStatus { reply } => {
-                    let _ = reply.send(datapath.fence_status());
                 }
                 Command::SetOwnership { ownership, reply } => {
                     let result = datapath.continuity_mut().set_ownership(ownership);

@@ -3,6 +3,7 @@
 //! local control socket that `tidectl` talks to, and the server Core dials.
 
 pub mod config;
+pub mod continuity;
 pub mod control;
 pub mod core_link;
 pub mod datapath;

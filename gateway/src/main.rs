@@ -15,10 +15,13 @@ use tidegate_gateway::{
     ha::{
         agent::{self, Agent},
         health,
-        syncer::{self, SyncConfig},
+        sharing::{self, SharingConfig},
     },
     reload::Reloader,
-    wireguard::owner::{self, Owner},
+    wireguard::{
+        LocalPeers,
+        owner::{self, Owner},
+    },
     xdp::{Datapath, DatapathOptions, Kernel, XdpModeSetting, kernel::TCX_SINCE},
 };
 use tokio::{
@@ -166,7 +169,7 @@ async fn run(args: Args) -> Result<()> {
             follow_listen_port(follow, datapath, follow_cancel).await;
             Ok(())
         });
-        let sync_config = SyncConfig {
+        let sync_config = SharingConfig {
             location_id: ha_config.location_id,
             gateway_id: ha_config.election.gateway_id,
             key: ha_config.key.clone(),
@@ -176,7 +179,7 @@ async fn run(args: Args) -> Result<()> {
         };
         // Stops with the data path, after the agent (which asks it for the
         // peers to kick while it hands over).
-        let (sync, task) = syncer::spawn(
+        let (sync, task) = sharing::spawn(
             sync_config,
             agent.transport(),
             local,
@@ -310,7 +313,7 @@ async fn run(args: Args) -> Result<()> {
 /// Keeps the egress guard on the WireGuard listen port in force: a reload or
 /// Core may change it.
 async fn follow_listen_port(
-    mut local: tokio::sync::watch::Receiver<syncer::LocalPeers>,
+    mut local: tokio::sync::watch::Receiver<LocalPeers>,
     datapath: datapath::DatapathHandle,
     cancel: CancellationToken,
 ) {

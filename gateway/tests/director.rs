@@ -21,7 +21,7 @@ use tidegate_common::{
     wireguard::*,
 };
 use tidegate_gateway::{
-    director::{BackendSpec, Desired, Mac, maglev},
+    director::{BackendSpec, DirectorState, Mac, maglev},
     xdp::{CounterSnapshot, Datapath, DirectorStatus, ServiceTable, director::client_key},
 };
 
@@ -67,8 +67,8 @@ fn backend(id: u32, draining: bool) -> BackendSpec {
     }
 }
 
-fn desired(on: bool, backends: Vec<BackendSpec>) -> Desired {
-    Desired {
+fn desired(on: bool, backends: Vec<BackendSpec>) -> DirectorState {
+    DirectorState {
         on,
         mac: OWN_MAC,
         backends,
@@ -77,7 +77,7 @@ fn desired(on: bool, backends: Vec<BackendSpec>) -> Desired {
 
 /// The program with services on the VIPs and on a host address, the VIPs
 /// fenced with a live lease held (a master), and the director as `state`.
-fn director(state: &Desired) -> Datapath {
+fn director(state: &DirectorState) -> Datapath {
     require_root();
     let mut datapath = Datapath::load().expect("load the XDP program");
     let services = ServiceTable::new(

@@ -228,6 +228,12 @@ impl TunnelLocation {
                 None => Probe::NotYet("no failover yet".into()),
             })
         })
+        .with_context(|| {
+            format!(
+                "gateway {id}'s log:\n{}",
+                self.location.gateway(id).log_tail()
+            )
+        })
     }
 
     /// Checks that every client's endpoint for the location is the VIP.

@@ -223,7 +223,7 @@ pub struct HaStatus {
     pub failovers: Vec<tidegate_gateway::wireguard::kick::FailoverReport>,
     /// The location's endpoint table.
     #[serde(default)]
-    pub endpoints: Option<tidegate_gateway::ha::syncer::SyncStatus>,
+    pub endpoints: Option<tidegate_gateway::ha::sharing::SharingStatus>,
 }
 
 impl HaStatus {

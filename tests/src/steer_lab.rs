@@ -43,7 +43,7 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use tidegate_gateway::{
-    director::{BackendSpec, Desired, Mac},
+    director::{BackendSpec, DirectorState, Mac},
     xdp::{self, Datapath, ServiceTable, XdpModeSetting},
 };
 
@@ -295,7 +295,7 @@ impl SteerLab {
         let ifname = self.steering_if.clone();
         self.steering
             .run(|| datapath.attach(&ifname, XdpModeSetting::Driver, &pins))??;
-        datapath.set_director(&Desired {
+        datapath.set_director(&DirectorState {
             on: true,
             mac: self.steering_mac,
             backends: vec![

@@ -827,9 +827,9 @@ mod tests {
         use tidegate_gateway::{
             ha::{
                 agent::HaMode,
-                endpoints::Merged,
                 machine::Role,
-                syncer::{SyncPeer, SyncStatus},
+                sharing::table::Merged,
+                sharing::{SharingPeer, SharingStatus},
             },
             wireguard::kick::{FailoverMeta, FailoverReport},
         };
@@ -874,7 +874,7 @@ mod tests {
             dropped: BTreeMap::new(),
             fence: None,
             failovers: vec![report(false, Some(22), true), report(true, None, false)],
-            endpoints: Some(SyncStatus {
+            endpoints: Some(SharingStatus {
                 entries: 20,
                 by_gateway: BTreeMap::from([(1, 5), (2, 15)]),
                 merged: Merged::default(),
@@ -882,7 +882,7 @@ mod tests {
                 datagrams_sent: 4,
                 datagrams_received: 9,
                 dropped: BTreeMap::from([("replay".to_owned(), 1)]),
-                gateways: vec![SyncPeer {
+                gateways: vec![SharingPeer {
                     gateway_id: 2,
                     mac: "02:00:00:00:00:02".into(),
                     address: "198.51.100.2".into(),

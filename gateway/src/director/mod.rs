@@ -45,7 +45,7 @@ pub struct BackendSpec {
 
 /// What the XDP program's director should be.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Desired {
+pub struct DirectorState {
     /// Steer: this gateway is the master.
     pub on: bool,
     /// This gateway's Ethernet address, the source of steered frames.
@@ -55,7 +55,7 @@ pub struct Desired {
     pub backends: Vec<BackendSpec>,
 }
 
-impl Desired {
+impl DirectorState {
     /// The director's state for `members` (this gateway among them),
     /// steering when `on`. Gateways with ids the program cannot hold
     /// (above 255) are left out and returned apart.
@@ -109,7 +109,7 @@ mod tests {
 
     #[test]
     fn healthy_gateways_are_backends_and_draining_ones_stay_out_of_the_table() {
-        let (desired, unusable) = Desired::new(
+        let (desired, unusable) = DirectorState::new(
             true,
             [2, 0, 0, 0, 0, 2],
             [
@@ -137,8 +137,8 @@ mod tests {
         ];
         let mut reversed = members;
         reversed.reverse();
-        let (a, _) = Desired::new(false, [0; 6], members);
-        let (b, _) = Desired::new(false, [0; 6], reversed);
+        let (a, _) = DirectorState::new(false, [0; 6], members);
+        let (b, _) = DirectorState::new(false, [0; 6], reversed);
         assert_eq!(a, b);
     }
 }

@@ -3,10 +3,13 @@
 //! health changes and operator requests, and carries out the actions the
 //! machine returns. Other tasks talk to it through an [`HaHandle`].
 //!
-//! In director mode it also keeps the XDP director in step with the
-//! location: the gateways its adverts describe (healthy, draining, their
-//! Ethernet addresses) are the backends, and the director steers while this
-//! gateway is the master.
+//! Failover continuity around each change of role is the
+//! [`Controller`]'s: the agent feeds it the machine's actions, the location
+//! its adverts describe (in director mode, the gateways that are backends)
+//! and the endpoint table, and carries out its effects. The loop never
+//! waits on a task that can be busy: WireGuard gets its kicks without an
+//! answer, the endpoint table is read from its published snapshot, and
+//! status requests read the agent's own snapshot.
 
 use std::{
     collections::BTreeMap,
@@ -23,30 +26,20 @@ use tracing::{debug, error, info, warn};
 use super::{
     advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
     announce::{self, FrameSocket, Mac},
-    endpoints::Recent,
     health::HealthEvent,
-    machine::{
-        Action, Cause, Event, HandoverError, Heard, Machine, PeerView, Role, Settings, Transition,
-    },
-    sync,
-    syncer::{SyncHandle, SyncStatus},
+    machine::{Action, Event, HandoverError, Heard, Machine, PeerView, Role, Settings, Transition},
+    sharing::{SharingHandle, SharingSnapshot, SharingStatus, wire},
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
 };
 use crate::{
+    continuity::{self, Controller, ControllerConfig, Effect, Input},
     datapath::DatapathHandle,
-    director::{Desired, DirectorConfig, Member, maglev},
+    director::{DirectorConfig, Member},
     error_chain,
-    wireguard::{
-        WireguardHandle,
-        kick::{Candidate, FailoverMeta, FailoverReport, KickRequest},
-    },
-    xdp::{
-        FenceStatus, Ownership,
-        director::{client_key, format_mac},
-    },
+    wireguard::{WireguardHandle, kick::FailoverReport},
+    xdp::{FenceStatus, director::format_mac},
 };
-use tidegate_common::director::{client_hash, table_index};
 
 /// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
 const ANNOUNCE_COUNT: u32 = 5;
@@ -58,22 +51,6 @@ const MAX_ADVERT: usize = 2048;
 /// it, and a master-down interval is longer, so a live master never lapses
 /// and a dead one is fenced before a backup takes over.
 const LEASE_INTERVALS: u32 = 3;
-
-/// Failover continuity settings (`[ha]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Continuity {
-    /// Handshakes kicked per second after becoming master; 0: none.
-    pub kick_rate: u32,
-    /// Peers with a handshake this recent are kicked.
-    pub kick_window: Duration,
-    /// How long after a planned handover frames of the other gateway's
-    /// sessions are handed on (plus the time the kicks take); 0: never.
-    pub handover_window: Duration,
-    /// How often the whole endpoint table is sent to the other gateways.
-    pub endpoint_refresh: Duration,
-    /// Endpoints whose last handshake is older are forgotten.
-    pub endpoint_max_age: Duration,
-}
 
 /// The agent's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +66,7 @@ pub struct HaConfig {
     /// The public interface: VIPs, adverts and announcements go here.
     pub interface: String,
     /// Failover continuity.
-    pub continuity: Continuity,
+    pub continuity: continuity::Settings,
     /// Director mode (`mode = "director"`); `None`: active/standby.
     pub director: Option<DirectorConfig>,
 }
@@ -126,7 +103,7 @@ pub struct TransitionStatus {
 
 /// Another gateway as this one hears it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerStatus {
+pub struct GatewayStatus {
     pub gateway_id: u32,
     pub role: Role,
     pub priority: u8,
@@ -157,7 +134,7 @@ pub struct HaStatus {
     pub vips: Vec<IpAddr>,
     /// The VIPs the public interface holds now.
     pub vips_held: Vec<IpAddr>,
-    pub peers: Vec<PeerStatus>,
+    pub peers: Vec<GatewayStatus>,
     pub transitions: Vec<TransitionStatus>,
     /// Adverts dropped, by reason.
     pub dropped: BTreeMap<String, u64>,
@@ -169,7 +146,7 @@ pub struct HaStatus {
     pub failovers: Vec<FailoverReport>,
     /// The location's endpoint table.
     #[serde(default)]
-    pub endpoints: Option<SyncStatus>,
+    pub endpoints: Option<SharingStatus>,
 }
 
 /// How the location's gateways share the clients.
@@ -200,7 +177,7 @@ pub struct HaSummary {
 }
 
 /// One thing the agent's loop woke up for.
-enum Input {
+enum Wake {
     Shutdown,
     Tick,
     Advert {
@@ -240,8 +217,7 @@ pub struct HaHandle {
     /// request never reaches the agent's loop, which keeps the adverts
     /// and the lease going whatever the others are busy with.
     vips: Vips,
-    datapath: DatapathHandle,
-    links: Option<Links>,
+    tasks: Option<Tasks>,
 }
 
 impl HaHandle {
@@ -257,32 +233,23 @@ impl HaHandle {
             return Err(HaError::Stopped);
         }
         let view = self.view.borrow().clone();
-        let (vips_held, fence, failovers, endpoints) = tokio::join!(
-            async {
-                self.vips.held().await.unwrap_or_else(|error| {
-                    warn!(error = %error_chain(&error), "reading the VIPs failed");
-                    Vec::new()
-                })
-            },
-            async { self.datapath.fence_status().await.ok().flatten() },
-            async {
-                match &self.links {
-                    Some(links) => links.wireguard.failovers().await.unwrap_or_default(),
-                    None => Vec::new(),
-                }
-            },
-            async {
-                match &self.links {
-                    Some(links) => links.sync.status().await.ok(),
-                    None => None,
-                }
-            },
-        );
+        // The kernel's word on the VIPs; the rest from published snapshots.
+        let vips_held = self.vips.held().await.unwrap_or_else(|error| {
+            warn!(error = %error_chain(&error), "reading the VIPs failed");
+            Vec::new()
+        });
+        let now = Instant::now();
+        let (failovers, endpoints) = match &self.tasks {
+            Some(tasks) => (
+                tasks.wireguard.failovers(),
+                Some(tasks.sync.subscribe().borrow().status(now)),
+            ),
+            None => (Vec::new(), None),
+        };
         Ok(view.status(
-            Instant::now(),
+            now,
             Owned {
                 vips_held,
-                fence,
                 failovers,
                 endpoints,
             },
@@ -348,6 +315,8 @@ pub struct Agent {
     anchor: (Instant, SystemTime),
     /// The XDP program's owner, which renews the fence's lease.
     datapath: DatapathHandle,
+    /// The lease as last renewed: when, for how long, holding the VIPs.
+    renewed: Option<(Instant, Duration, bool)>,
     /// When the agent last ran: a longer gap than the lease means it was
     /// frozen.
     last_wake: Instant,
@@ -355,31 +324,23 @@ pub struct Agent {
     draining: bool,
     /// Draining flags and addresses from the other gateways' adverts.
     extras: BTreeMap<u32, PeerExtra>,
-    /// The director state last written, and gateway ids already warned
-    /// about (too large to be backends).
-    director_sent: Option<Desired>,
-    warned_ids: Vec<u32>,
-    /// The backends of the last director state computed (director mode):
-    /// a gateway that drops out of it leaves its clients to the others.
-    director_backends: Vec<u32>,
     /// Why the gateway is unhealthy, while it is.
     fault: Option<String>,
     /// Why the priority is lowered, while it is.
     penalty: Option<String>,
     /// The endpoint-sharing task and the WireGuard task, for failover
     /// continuity (none without `[wireguard]`).
-    links: Option<Links>,
-    /// After a handover: when this gateway stops answering for its old
-    /// sessions (grace ends, window closes).
-    grace_until: Option<Instant>,
-    /// After claiming a handover: when the window closes.
-    window_until: Option<Instant>,
+    tasks: Option<Tasks>,
+    /// The endpoint table as last published, while it changes.
+    endpoints: Option<watch::Receiver<SharingSnapshot>>,
+    /// Failover continuity and the director.
+    controller: Controller,
 }
 
 /// The tasks failover continuity talks to.
 #[derive(Debug, Clone)]
-struct Links {
-    sync: SyncHandle,
+struct Tasks {
+    sync: SharingHandle,
     wireguard: WireguardHandle,
 }
 
@@ -421,6 +382,8 @@ impl Agent {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
+        let anchor = (Instant::now(), now);
+        let controller = Controller::new(controller_config(&config, mac, false), anchor);
         Ok(Self {
             machine: Machine::new(config.election),
             config,
@@ -433,17 +396,15 @@ impl Agent {
             sequence: 0,
             dropped: BTreeMap::new(),
             announcing: None,
-            anchor: (Instant::now(), now),
+            anchor,
             datapath,
+            renewed: None,
             last_wake: Instant::now(),
-            links: None,
-            grace_until: None,
-            window_until: None,
+            tasks: None,
+            endpoints: None,
+            controller,
             draining: false,
             extras: BTreeMap::new(),
-            director_sent: None,
-            director_backends: Vec::new(),
-            warned_ids: Vec::new(),
             fault: None,
             penalty: None,
         })
@@ -462,8 +423,11 @@ impl Agent {
     /// Connects failover continuity: endpoint messages go to `sync`; on
     /// becoming master the agent asks it for the recently active peers and
     /// `wireguard` kicks them.
-    pub fn connect(&mut self, sync: SyncHandle, wireguard: WireguardHandle) {
-        self.links = Some(Links { sync, wireguard });
+    pub fn connect(&mut self, sync: SharingHandle, wireguard: WireguardHandle) {
+        self.endpoints = Some(sync.subscribe());
+        self.tasks = Some(Tasks { sync, wireguard });
+        self.controller =
+            Controller::new(controller_config(&self.config, self.mac, true), self.anchor);
     }
 
     /// Runs the election until `cancel` fires, then hands over or resigns
@@ -475,16 +439,8 @@ impl Agent {
         published: Published,
         cancel: CancellationToken,
     ) {
-        // In director mode every gateway serves the clients pinned to it,
-        // master or not: the egress guard lets out what it owns.
-        if self.config.director.is_some() {
-            self.set_ownership(Ownership::Table).await;
-        } else {
-            // Sessions a run before this one left are of no use: another
-            // gateway serves the clients now, or will kick them when this
-            // one wins the election.
-            self.drop_sessions().await;
-        }
+        let effects = self.controller.step(Input::Start, Instant::now());
+        self.apply(effects).await;
         let actions = self.machine.on_event(Event::Start, Instant::now());
         self.execute(actions).await;
         self.publish(&published);
@@ -493,8 +449,7 @@ impl Agent {
         loop {
             let deadline = [
                 self.machine.next_deadline(),
-                self.grace_until,
-                self.window_until,
+                self.controller.next_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -506,19 +461,20 @@ impl Agent {
                 () = cancel.cancelled(), if !stopping => {
                     stopping = true;
                     info!("stopping: handing over or resigning");
-                    Input::Shutdown
+                    Wake::Shutdown
                 }
-                () = tokio::time::sleep_until(deadline.into()) => Input::Tick,
+                () = tokio::time::sleep_until(deadline.into()) => Wake::Tick,
                 received = self.transport.recv(&mut buf) => match received {
-                    Ok((len, from, known)) => Input::Advert { len, from, known },
+                    Ok((len, from, known)) => Wake::Advert { len, from, known },
                     Err(error) => {
                         warn!(%error, "receiving adverts failed");
-                        Input::Nothing
+                        Wake::Nothing
                     }
                 },
-                Some(event) = health.recv() => Input::Health(event),
-                Some(command) = commands.recv() => Input::Command(command),
+                Some(event) = health.recv() => Wake::Health(event),
+                Some(command) = commands.recv() => Wake::Command(command),
             };
+            self.read_endpoints();
             // First on waking: a pause longer than the lease (SIGSTOP, a
             // starved CPU) means what the machine knows is stale, and the
             // fence has cut this gateway off already.
@@ -535,23 +491,24 @@ impl Agent {
                 }
             }
             let actions = match input {
-                Input::Shutdown => self.machine.on_event(Event::Shutdown, Instant::now()),
-                Input::Tick => {
-                    self.end_windows(Instant::now()).await;
+                Wake::Shutdown => self.machine.on_event(Event::Shutdown, Instant::now()),
+                Wake::Tick => {
+                    let effects = self.controller.step(Input::Tick, Instant::now());
+                    self.apply(effects).await;
                     self.machine.on_event(Event::Tick, Instant::now())
                 }
-                Input::Advert { len, from, known } => self.receive(&buf[..len], from, known),
-                Input::Health(HealthEvent::Fault { healthy, reason }) => {
+                Wake::Advert { len, from, known } => self.receive(&buf[..len], from, known),
+                Wake::Health(HealthEvent::Fault { healthy, reason }) => {
                     self.fault = (!healthy).then(|| reason.clone());
                     self.machine
                         .on_event(Event::Health { healthy, reason }, Instant::now())
                 }
-                Input::Health(HealthEvent::Penalty { points, reason }) => {
+                Wake::Health(HealthEvent::Penalty { points, reason }) => {
                     self.penalty = (points > 0).then(|| reason.clone());
                     self.machine.set_penalty(points, &reason, Instant::now())
                 }
-                Input::Command(command) => self.command(command).await,
-                Input::Nothing => Vec::new(),
+                Wake::Command(command) => self.command(command).await,
+                Wake::Nothing => Vec::new(),
             };
             let exit = self.execute(actions).await;
             self.publish(&published);
@@ -564,34 +521,26 @@ impl Agent {
         }
         // A gateway that handed over keeps answering for its old sessions
         // until the window closes, even when it is stopping.
-        if let Some(until) = self.grace_until {
+        if let Some(until) = self.controller.grace_until() {
             info!(
                 left_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
                 "answering for the sessions handed over until the window closes"
             );
             tokio::time::sleep_until(until.into()).await;
-            self.end_windows(until).await;
+            let effects = self.controller.step(Input::Tick, until);
+            self.apply(effects).await;
         }
         info!("HA agent stopped");
     }
 
-    /// Ends the grace after a handover and closes the window, when due.
-    async fn end_windows(&mut self, now: Instant) {
-        if self.grace_until.is_some_and(|until| now >= until) {
-            self.grace_until = None;
-            self.window_until = None;
-            // Unless this gateway became master again meanwhile.
-            if self.machine.role() != Role::Master {
-                self.set_ownership(self.ownership(false)).await;
-                self.drop_sessions().await;
-            }
-            self.close_window().await;
-            info!("handover window closed: this gateway owns no client");
-        }
-        if self.window_until.is_some_and(|until| now >= until) {
-            self.window_until = None;
-            self.close_window().await;
-            info!("handover window closed");
+    /// Hands the controller the endpoint table when it was published anew.
+    fn read_endpoints(&mut self) {
+        let Some(endpoints) = &mut self.endpoints else {
+            return;
+        };
+        if endpoints.has_changed().unwrap_or(false) {
+            let view = endpoints.borrow_and_update().view.clone();
+            self.controller.step(Input::Endpoints(view), Instant::now());
         }
     }
 
@@ -628,10 +577,10 @@ impl Agent {
     /// Decodes, authenticates and checks an advert; drops and counts it on
     /// any fault.
     fn receive(&mut self, bytes: &[u8], from: SocketAddr, known: bool) -> Vec<Action> {
-        if sync::is_sync(bytes) {
-            match &self.links {
-                Some(links) => {
-                    if !links.sync.deliver(bytes.to_vec(), from, known) {
+        if wire::is_endpoint_message(bytes) {
+            match &self.tasks {
+                Some(tasks) => {
+                    if !tasks.sync.deliver(bytes.to_vec(), from, known) {
                         self.drop_advert("endpoint-queue-full", from);
                     }
                 }
@@ -768,16 +717,21 @@ impl Agent {
                     // to the old master from the first one the announcement
                     // brings.
                     self.renew(true).await;
-                    self.grace_until = None;
-                    self.set_ownership(self.ownership(true)).await;
-                    let recent = self.before_master().await;
+                    let cause = self.machine.cause();
+                    let effects = self.controller.step(Input::Promoted { cause }, became);
+                    self.apply(effects).await;
                     self.sync_director().await;
                     if let Err(error) = self.vips.take().await {
                         error!(error = %error_chain(&error), "adding the VIPs failed");
                     }
                     self.announce();
-                    let vip_move = became.elapsed();
-                    self.on_master(became, vip_move, recent).await;
+                    let moved = Input::VipsMoved {
+                        became,
+                        vip_move: became.elapsed(),
+                        reason: self.last_reason(),
+                    };
+                    let effects = self.controller.step(moved, Instant::now());
+                    self.apply(effects).await;
                 }
                 Action::ReleaseVips => {
                     self.log_transition();
@@ -785,7 +739,11 @@ impl Agent {
                         announcing.cancel();
                     }
                     self.renew(false).await;
-                    self.on_release().await;
+                    let cause = self.machine.cause();
+                    let effects = self
+                        .controller
+                        .step(Input::Demoted { cause }, Instant::now());
+                    self.apply(effects).await;
                     if let Err(error) = self.vips.release().await {
                         error!(error = %error_chain(&error), "removing the VIPs failed");
                     }
@@ -798,224 +756,91 @@ impl Agent {
         exit
     }
 
-    /// Failover continuity on becoming master: the second-chance window
-    /// toward the gateway that handed over, and handshakes kicked to the
-    /// recently active peers.
-    /// Before the VIPs move here: the recently active peers, and after a
-    /// handover the second-chance window toward the old master.
-    async fn before_master(&mut self) -> Vec<Recent> {
-        self.window_until = None;
-        // In director mode the clients stay on the gateways they are pinned
-        // to; those of a gateway that left are kicked by the gateways they
-        // fall to (`kick_inherited`).
-        if self.config.director.is_some() {
-            return Vec::new();
-        }
-        let Some(links) = self.links.clone() else {
-            return Vec::new();
-        };
-        let recent = match links.sync.recent(self.config.continuity.kick_window).await {
-            Ok(recent) => recent,
-            Err(error) => {
-                error!(%error, "no endpoint table: no handshakes kicked");
-                Vec::new()
+    /// Carries out the controller's effects, in order: the XDP maps through
+    /// the datapath task, WireGuard's without waiting for it.
+    async fn apply(&mut self, effects: Vec<Effect>) {
+        let wireguard = self.tasks.as_ref().map(|tasks| tasks.wireguard.clone());
+        // Kicks to clients this gateway failed to own would be refused by
+        // the egress guard: they are not sent.
+        let mut owned = true;
+        for effect in effects {
+            let (what, result) = match effect {
+                Effect::SetOwnership(ownership) => (
+                    "setting the egress guard",
+                    self.datapath.set_ownership(ownership).await,
+                ),
+                Effect::OpenWindow { peer_mac, window } => (
+                    "opening the handover window",
+                    self.datapath
+                        .open_handover(peer_mac, self.mac, window)
+                        .await,
+                ),
+                Effect::CloseWindow => (
+                    "closing the handover window",
+                    self.datapath.close_handover().await,
+                ),
+                Effect::SetDirector(desired) => {
+                    let backends: Vec<String> = desired
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let draining = if b.draining { " (draining)" } else { "" };
+                            format!("{}{draining}", b.gateway_id)
+                        })
+                        .collect();
+                    let on = desired.on;
+                    let result = self.datapath.set_director(desired).await;
+                    match &result {
+                        Ok(()) => info!(on, ?backends, "director updated"),
+                        // Written again with the next event.
+                        Err(_) => {
+                            self.controller
+                                .step(Input::DirectorNotWritten, Instant::now());
+                        }
+                    }
+                    ("updating the director", result)
+                }
+                Effect::Own(clients) => {
+                    let result = self.datapath.own(clients).await;
+                    owned = result.is_ok();
+                    ("owning the inherited clients", result)
+                }
+                Effect::Kick(request) => {
+                    if owned
+                        && let Some(wireguard) = &wireguard
+                        && let Err(error) = wireguard.kick(request)
+                    {
+                        error!(error = %error_chain(&error), "kicking handshakes failed");
+                    }
+                    continue;
+                }
+                Effect::DropSessions => {
+                    if let Some(wireguard) = &wireguard
+                        && let Err(error) = wireguard.drop_sessions()
+                    {
+                        error!(error = %error_chain(&error), "dropping the WireGuard sessions failed");
+                    }
+                    continue;
+                }
+            };
+            if let Err(error) = result {
+                error!(error = %error_chain(&error), "{what} failed");
             }
-        };
-        if let Cause::HandoverFrom(from) = self.machine.cause() {
-            let window = self.window_for(recent.len());
-            if self.open_window(&links, from, window).await {
-                self.window_until = Some(Instant::now() + window);
-            }
         }
-        recent
     }
 
-    async fn on_master(&mut self, became: Instant, vip_move: Duration, recent: Vec<Recent>) {
-        let Some(links) = self.links.clone() else {
-            return;
-        };
-        if self.config.director.is_some() {
-            return;
-        }
-        let settings = self.config.continuity;
-        let cause = self.machine.cause();
-        let reason = self
-            .machine
+    /// The reason of the last role change.
+    fn last_reason(&self) -> String {
+        self.machine
             .transitions()
             .last()
             .map(|t| t.reason.clone())
-            .unwrap_or_default();
-        let (detection_ms, planned) = match cause {
-            Cause::Takeover { last_heard, .. } => (
-                last_heard.map(|at| became.saturating_duration_since(at).as_millis() as u64),
-                false,
-            ),
-            Cause::HandoverFrom(_) => (None, true),
-            Cause::HandedOverTo(_) | Cause::Other => (None, false),
-        };
-        let at = SystemTime::now() - became.elapsed();
-        let request = KickRequest {
-            meta: FailoverMeta {
-                at,
-                cause: reason,
-                planned,
-                detection_ms,
-                vip_move_ms: vip_move.as_millis() as u64,
-            },
-            candidates: recent
-                .iter()
-                .map(|r| Candidate {
-                    key: r.key,
-                    endpoint: r.endpoint,
-                    last_handshake: r.last_handshake,
-                })
-                .collect(),
-            rate: settings.kick_rate,
-        };
-        info!(
-            recently_active = request.candidates.len(),
-            detection_ms,
-            vip_move_ms = request.meta.vip_move_ms,
-            planned,
-            "MASTER: kicking handshakes to the recently active peers"
-        );
-        if let Err(error) = links.wireguard.kick(request).await {
-            error!(error = %error_chain(&error), "kicking handshakes failed");
-        }
+            .unwrap_or_default()
     }
 
-    /// Failover continuity on giving the VIPs up: after a handover, grace
-    /// (answers but no new handshakes) and the window toward the new
-    /// master; otherwise, nothing goes out to clients any more.
-    async fn on_release(&mut self) {
-        self.window_until = None;
-        let handed_to = match self.machine.cause() {
-            Cause::HandedOverTo(to) => Some(to),
-            _ => None,
-        };
-        let window = self.config.continuity.handover_window;
-        if self.config.director.is_some() {
-            // A backend still: it keeps serving the clients pinned to it.
-            self.grace_until = None;
-            self.set_ownership(Ownership::Table).await;
-            self.close_window().await;
-            return;
-        }
-        if let (Some(to), Some(links), false) = (handed_to, self.links.clone(), window.is_zero()) {
-            let peers = links
-                .sync
-                .recent(self.config.continuity.kick_window)
-                .await
-                .map_or(0, |recent| recent.len());
-            let window = self.window_for(peers);
-            self.set_ownership(Ownership::Grace).await;
-            self.open_window(&links, to, window).await;
-            self.grace_until = Some(Instant::now() + window);
-            info!(
-                to,
-                window_ms = window.as_millis() as u64,
-                "handed over: answering for this gateway's sessions until the window closes"
-            );
-        } else {
-            self.grace_until = None;
-            self.set_ownership(Ownership::None).await;
-            self.close_window().await;
-            self.drop_sessions().await;
-        }
-    }
-
-    /// An active/standby gateway that owns no client holds no WireGuard
-    /// session: the sessions of its last term would still be retried
-    /// (WireGuard re-initiates for up to 90 s after it stops hearing a
-    /// client, which the egress guard drops), and one such retry getting
-    /// out just as this gateway becomes master again would race its kick.
-    async fn drop_sessions(&self) {
-        if let Some(links) = &self.links
-            && let Err(error) = links.wireguard.drop_sessions().await
-        {
-            error!(error = %error_chain(&error), "dropping the WireGuard sessions failed");
-        }
-    }
-
-    /// How long the handover window stays open: the configured time plus
-    /// what kicking `peers` takes at the kick rate.
-    fn window_for(&self, peers: usize) -> Duration {
-        let settings = self.config.continuity;
-        let kicking = match settings.kick_rate {
-            0 => Duration::ZERO,
-            rate => Duration::from_secs_f64(peers as f64 / f64::from(rate)),
-        };
-        if settings.handover_window.is_zero() {
-            Duration::ZERO
-        } else {
-            settings.handover_window + kicking
-        }
-    }
-
-    /// Opens the second-chance window toward gateway `to` for `window`;
-    /// false when it cannot (no window configured, `to`'s MAC address not
-    /// known yet).
-    async fn open_window(&self, links: &Links, to: u32, window: Duration) -> bool {
-        if window.is_zero() {
-            return false;
-        }
-        let mac = match links.sync.mac_of(to).await {
-            Ok(Some(mac)) => mac,
-            Ok(None) => {
-                warn!(
-                    gateway = to,
-                    "no endpoint message from that gateway yet: its MAC address is unknown, no handover window"
-                );
-                return false;
-            }
-            Err(error) => {
-                warn!(%error, "no handover window");
-                return false;
-            }
-        };
-        match self.datapath.open_handover(mac, self.mac, window).await {
-            Ok(()) => true,
-            Err(error) => {
-                error!(error = %error_chain(&error), "opening the handover window failed");
-                false
-            }
-        }
-    }
-
-    async fn close_window(&self) {
-        if self.links.is_none() {
-            return;
-        }
-        if let Err(error) = self.datapath.close_handover().await {
-            error!(error = %error_chain(&error), "closing the handover window failed");
-        }
-    }
-
-    /// What the egress guard lets out: in director mode the clients this
-    /// gateway owns, master or not; otherwise everything on the master and
-    /// nothing on a backup.
-    fn ownership(&self, master: bool) -> Ownership {
-        match (self.config.director.is_some(), master) {
-            (true, _) => Ownership::Table,
-            (false, true) => Ownership::All,
-            (false, false) => Ownership::None,
-        }
-    }
-
-    /// Tells the egress guard what this gateway may send (a no-op without
-    /// failover continuity: the guard is not attached then).
-    async fn set_ownership(&self, ownership: Ownership) {
-        if self.links.is_none() {
-            return;
-        }
-        if let Err(error) = self.datapath.set_ownership(ownership).await {
-            error!(error = %error_chain(&error), ?ownership, "setting the egress guard failed");
-        }
-    }
-
-    /// The director state the location calls for now: this gateway and
-    /// every gateway heard recently, steering while this one is MASTER.
-    fn desired_director(&mut self) -> Desired {
+    /// The location's gateways as the adverts describe them, this one
+    /// among them, for the director.
+    fn members(&self) -> Vec<Member> {
         let role = self.machine.role();
         let own = self.machine.advert();
         let mut members = vec![Member {
@@ -1039,124 +864,21 @@ impl Agent {
                 draining: extra.draining,
             });
         }
-        let (desired, unusable) = Desired::new(role == Role::Master, self.mac, members);
-        for id in unusable {
-            if !self.warned_ids.contains(&id) {
-                warn!(
-                    gateway_id = id,
-                    "a gateway id above 255 cannot be a director backend; it gets no clients"
-                );
-                self.warned_ids.push(id);
-            }
-        }
-        desired
+        members
     }
 
-    /// Writes the director state into the XDP program if it changed. A
-    /// no-op in active/standby mode.
+    /// Director mode: the controller follows the location (a no-op in
+    /// active/standby mode).
     async fn sync_director(&mut self) {
         if self.config.director.is_none() {
             return;
         }
-        let desired = self.desired_director();
-        let backends: Vec<u32> = desired.backends.iter().map(|b| b.gateway_id).collect();
-        let left: Vec<u32> = self
-            .director_backends
-            .iter()
-            .copied()
-            .filter(|id| !backends.contains(id))
-            .collect();
-        self.director_backends = backends;
-        if !left.is_empty() {
-            self.kick_inherited(&left, &desired).await;
-        }
-        if self.director_sent.as_ref() == Some(&desired) {
-            return;
-        }
-        let backends: Vec<String> = desired
-            .backends
-            .iter()
-            .map(|b| {
-                format!(
-                    "{}{}",
-                    b.gateway_id,
-                    if b.draining { " (draining)" } else { "" }
-                )
-            })
-            .collect();
-        match self.datapath.set_director(desired.clone()).await {
-            Ok(()) => {
-                info!(on = desired.on, ?backends, "director updated");
-                self.director_sent = Some(desired);
-            }
-            // Tried again with the next event.
-            Err(error) => error!(error = %error_chain(&error), "updating the director failed"),
-        }
-    }
-
-    /// Director mode: gateways `left` dropped out of the backends, and the
-    /// clients they served fall to the gateways the Maglev table now names.
-    /// This gateway owns and kicks those that fall to it, so that they
-    /// handshake here at once rather than after WireGuard's timers.
-    async fn kick_inherited(&mut self, left: &[u32], desired: &Desired) {
-        let (Some(director), Some(links)) = (self.config.director, self.links.clone()) else {
-            return;
+        let location = Input::Location {
+            steering: self.machine.role() == Role::Master,
+            members: self.members(),
         };
-        let own_id = self.config.election.gateway_id;
-        let table = match maglev::build(&desired.table_members(), director.table_size) {
-            Ok(table) => table,
-            Err(error) => {
-                error!(%error, "no Maglev table: no inherited clients kicked");
-                return;
-            }
-        };
-        let recent = match links.sync.recent(self.config.continuity.kick_window).await {
-            Ok(recent) => recent,
-            Err(error) => {
-                error!(%error, "no endpoint table: no inherited clients kicked");
-                return;
-            }
-        };
-        let inherited = inherited(&recent, left, &table, own_id);
-        if inherited.is_empty() {
-            return;
-        }
-        let clients: Vec<_> = inherited.iter().map(|r| client_key(r.endpoint)).collect();
-        if let Err(error) = self.datapath.own(clients).await {
-            error!(error = %error_chain(&error), "owning the inherited clients failed");
-            return;
-        }
-        let gone = left
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let request = KickRequest {
-            meta: FailoverMeta {
-                at: SystemTime::now(),
-                cause: format!("clients inherited from gateway {gone}"),
-                planned: false,
-                detection_ms: None,
-                vip_move_ms: 0,
-            },
-            candidates: inherited
-                .iter()
-                .map(|r| Candidate {
-                    key: r.key,
-                    endpoint: r.endpoint,
-                    last_handshake: r.last_handshake,
-                })
-                .collect(),
-            rate: self.config.continuity.kick_rate,
-        };
-        info!(
-            inherited = request.candidates.len(),
-            from = %gone,
-            "kicking handshakes to the clients inherited from gateways that left"
-        );
-        if let Err(error) = links.wireguard.kick(request).await {
-            error!(error = %error_chain(&error), "kicking handshakes failed");
-        }
+        let effects = self.controller.step(location, Instant::now());
+        self.apply(effects).await;
     }
 
     /// How long a renewal of the fence's lease lasts.
@@ -1166,9 +888,13 @@ impl Agent {
 
     /// Renews the fence's lease; `holds_vips` when this gateway answers for
     /// the VIPs (MASTER).
-    async fn renew(&self, holds_vips: bool) {
-        if let Err(error) = self.datapath.renew_lease(self.lease(), holds_vips).await {
-            error!(error = %error_chain(&error), "renewing the VIP fence's lease failed");
+    async fn renew(&mut self, holds_vips: bool) {
+        let at = Instant::now();
+        match self.datapath.renew_lease(self.lease(), holds_vips).await {
+            Ok(()) => self.renewed = Some((at, self.lease(), holds_vips)),
+            Err(error) => {
+                error!(error = %error_chain(&error), "renewing the VIP fence's lease failed");
+            }
         }
     }
 
@@ -1258,6 +984,7 @@ impl Agent {
                 .collect(),
             transitions: self.machine.transitions().cloned().collect(),
             dropped: self.dropped.clone(),
+            renewed: self.renewed,
             anchor: self.anchor,
         }
     }
@@ -1285,6 +1012,8 @@ struct AgentView {
     peers: Vec<(u32, PeerView, Option<PeerExtra>)>,
     transitions: Vec<Transition>,
     dropped: BTreeMap<String, u64>,
+    /// The lease as last renewed: when, for how long, holding the VIPs.
+    renewed: Option<(Instant, Duration, bool)>,
     /// An instant and the wall-clock time at that instant.
     anchor: (Instant, SystemTime),
 }
@@ -1292,9 +1021,8 @@ struct AgentView {
 /// The parts of the status other tasks own.
 struct Owned {
     vips_held: Vec<IpAddr>,
-    fence: Option<FenceStatus>,
     failovers: Vec<FailoverReport>,
-    endpoints: Option<SyncStatus>,
+    endpoints: Option<SharingStatus>,
 }
 
 impl AgentView {
@@ -1326,7 +1054,7 @@ impl AgentView {
             peers: self
                 .peers
                 .into_iter()
-                .map(|(id, peer, extra)| PeerStatus {
+                .map(|(id, peer, extra)| GatewayStatus {
                     gateway_id: id,
                     role: peer.role,
                     priority: peer.priority,
@@ -1348,7 +1076,12 @@ impl AgentView {
                 })
                 .collect(),
             dropped: self.dropped,
-            fence: owned.fence,
+            fence: self.renewed.map(|(at, lease, holds_vips)| FenceStatus {
+                holds_vips,
+                lease_left_ms: lease
+                    .saturating_sub(now.saturating_duration_since(at))
+                    .as_millis() as u64,
+            }),
             failovers: owned.failovers,
             endpoints: owned.endpoints,
         }
@@ -1374,8 +1107,7 @@ pub fn spawn(
         summary,
         view,
         vips: agent.vips.clone(),
-        datapath: agent.datapath.clone(),
-        links: agent.links.clone(),
+        tasks: agent.tasks.clone(),
     };
     let published = Published {
         summary: summary_tx,
@@ -1402,54 +1134,14 @@ fn read_mac(interface: &str) -> std::io::Result<Mac> {
         .map_err(|_| std::io::Error::other(format!("{interface} has no Ethernet address")))
 }
 
-/// The recently active clients that gateways `left` served and that the
-/// Maglev `table` (an entry per slot: a gateway id, 0 for none) now gives
-/// to gateway `own_id`, as the director picks: by the client's hash.
-fn inherited(recent: &[Recent], left: &[u32], table: &[u8], own_id: u32) -> Vec<Recent> {
-    let Ok(size) = u32::try_from(table.len()) else {
-        return Vec::new();
-    };
-    recent
-        .iter()
-        .filter(|r| left.contains(&r.gateway_id))
-        .filter(|r| {
-            let key = client_key(r.endpoint);
-            let index = table_index(client_hash(&key), size) as usize;
-            table.get(index).is_some_and(|&id| u32::from(id) == own_id)
-        })
-        .cloned()
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::SocketAddr;
-
-    use super::*;
-
-    #[test]
-    fn inherited_clients_are_those_of_the_gone_gateways_the_table_gives_here() {
-        let table = maglev::build(&[1, 2], 251).unwrap();
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let recent: Vec<Recent> = (0..200u16)
-            .map(|i| Recent {
-                key: crate::wireguard::Key::new([i as u8; 32]),
-                endpoint: SocketAddr::from(([198, 51, 100, 7], 40_000 + i)),
-                last_handshake: at,
-                gateway_id: if i % 2 == 0 { 3 } else { 1 },
-            })
-            .collect();
-        let mine = inherited(&recent, &[3], &table, 1);
-        let theirs = inherited(&recent, &[3], &table, 2);
-        // Every client of gateway 3 falls to exactly one of the two.
-        assert_eq!(mine.len() + theirs.len(), 100);
-        assert!(!mine.is_empty() && !theirs.is_empty());
-        for r in &mine {
-            assert_eq!(r.gateway_id, 3);
-            let key = client_key(r.endpoint);
-            assert_eq!(table[table_index(client_hash(&key), 251) as usize], 1);
-        }
-        // Nothing is inherited from a gateway that is still there.
-        assert!(inherited(&recent, &[2], &table, 1).is_empty());
+/// The controller's settings for a gateway with `config` and Ethernet
+/// address `mac`; `wireguard` when it runs the location's WireGuard.
+fn controller_config(config: &HaConfig, mac: Mac, wireguard: bool) -> ControllerConfig {
+    ControllerConfig {
+        gateway_id: config.election.gateway_id,
+        mac,
+        settings: config.continuity,
+        director: config.director,
+        wireguard,
     }
 }

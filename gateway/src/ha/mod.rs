@@ -4,10 +4,8 @@
 pub mod advert;
 pub mod agent;
 pub mod announce;
-pub mod endpoints;
 pub mod health;
 pub mod machine;
-pub mod sync;
-pub mod syncer;
+pub mod sharing;
 pub mod transport;
 pub mod vip;

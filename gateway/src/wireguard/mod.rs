@@ -14,7 +14,11 @@ pub mod spec;
 pub mod state;
 pub mod userspace;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -24,6 +28,30 @@ pub use key::Key;
 pub use owner::{WireguardError, WireguardHandle};
 pub use reconcile::PlanSummary;
 pub use spec::{PeerEntry, PeerSpec};
+
+/// One client as a gateway saw it: where its peer's last handshake came
+/// from, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerEndpoint {
+    pub key: Key,
+    pub endpoint: SocketAddr,
+    /// The last completed handshake, to the millisecond.
+    pub last_handshake: SystemTime,
+    /// That handshake was kicked by the gateway after a failover.
+    pub kicked: bool,
+}
+
+/// This gateway's WireGuard as of its last stats poll, published by the
+/// WireGuard task.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalPeers {
+    /// Every peer in the config.
+    pub configured: Vec<Key>,
+    /// The peers with an endpoint and a completed handshake.
+    pub active: Vec<PeerEndpoint>,
+    /// The listen port the device has (0 before the first read).
+    pub listen_port: u16,
+}
 
 /// The location's WireGuard settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,7 +28,8 @@ use tracing::{debug, error, info, warn};
 use ipnet::IpNet;
 
 use super::{
-    ApplyReport, BackendKind, BackendSetting, PeerSource, PeerStatus, PeersReply, WireguardConfig,
+    ApplyReport, BackendKind, BackendSetting, LocalPeers, PeerEndpoint, PeerSource, PeerStatus,
+    PeersReply, WireguardConfig,
     activity::{Activity, ExpiryReason},
     backend::{Backend, BackendError},
     kernel::Kernel,
@@ -41,13 +42,12 @@ use super::{
     state::{Removal, State, StateError, StateStore, from_unix, unix},
     userspace::{LaunchError, ProcessWatch, Userspace},
 };
-use crate::{
-    error_chain,
-    ha::{sync::Entry, syncer::LocalPeers},
-};
+use crate::error_chain;
 
 /// How often a failover's kicks go out, in batches of the rate's share.
 const KICK_TICK: Duration = Duration::from_millis(20);
+/// The least time between two publications of a followed failover's record.
+const REPORT_SPACING: Duration = Duration::from_millis(100);
 
 /// While a failover is followed, stats are read at least this far apart
 /// (and at least twice as far apart as a read takes).
@@ -134,10 +134,7 @@ enum Command {
         Box<WireguardConfig>,
         oneshot::Sender<Result<ApplyReport, WireguardError>>,
     ),
-    Kick(Box<KickRequest>),
-    DropSessions,
     RemoteActivity(Vec<(Key, SystemTime)>),
-    Failovers(oneshot::Sender<Vec<FailoverReport>>),
     Location(
         LocationUpdate,
         oneshot::Sender<Result<ApplyReport, WireguardError>>,
@@ -153,10 +150,21 @@ pub struct Running {
     pub version: u64,
 }
 
+/// What failover continuity asks of WireGuard, in order. Sent without
+/// waiting (the HA agent never waits on this task), and never dropped.
+#[derive(Debug)]
+enum SessionCommand {
+    Kick(Box<KickRequest>),
+    DropSessions,
+}
+
 /// A cheap, cloneable way to ask the WireGuard task.
 #[derive(Debug, Clone)]
 pub struct WireguardHandle {
     tx: mpsc::Sender<Command>,
+    sessions: mpsc::UnboundedSender<SessionCommand>,
+    /// The records of the last failovers, as the task last published them.
+    failovers: watch::Receiver<Vec<FailoverReport>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -168,10 +176,7 @@ impl std::fmt::Debug for Command {
             Self::Change(..) => "Change",
             Self::Remove(..) => "Remove",
             Self::Reload(..) => "Reload",
-            Self::Kick(..) => "Kick",
-            Self::DropSessions => "DropSessions",
             Self::RemoteActivity(..) => "RemoteActivity",
-            Self::Failovers(..) => "Failovers",
             Self::Location(..) => "Location",
             Self::Running(_) => "Running",
             Self::Unreported(_) => "Unreported",
@@ -226,20 +231,18 @@ impl WireguardHandle {
     /// This gateway became master: kick handshakes to the recently active
     /// peers and follow their return. A failover still followed is
     /// replaced.
-    pub async fn kick(&self, request: KickRequest) -> Result<(), WireguardError> {
-        self.tx
-            .send(Command::Kick(Box::new(request)))
-            .await
+    pub fn kick(&self, request: KickRequest) -> Result<(), WireguardError> {
+        self.sessions
+            .send(SessionCommand::Kick(Box::new(request)))
             .map_err(|_| WireguardError::Stopped)
     }
 
     /// This gateway owns no client any more: the device drops every session
-    /// it holds (see [`Owner::drop_sessions`]). Queued behind the commands
-    /// sent before it, ahead of a later kick.
-    pub async fn drop_sessions(&self) -> Result<(), WireguardError> {
-        self.tx
-            .send(Command::DropSessions)
-            .await
+    /// it holds (see [`Owner::drop_sessions`]). Queued behind the kicks
+    /// sent before it, ahead of a later one.
+    pub fn drop_sessions(&self) -> Result<(), WireguardError> {
+        self.sessions
+            .send(SessionCommand::DropSessions)
             .map_err(|_| WireguardError::Stopped)
     }
 
@@ -252,14 +255,9 @@ impl WireguardHandle {
     }
 
     /// The records of the last failovers, oldest first (the one followed
-    /// now last).
-    pub async fn failovers(&self) -> Result<Vec<FailoverReport>, WireguardError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Failovers(reply))
-            .await
-            .map_err(|_| WireguardError::Stopped)?;
-        rx.await.map_err(|_| WireguardError::Stopped)
+    /// now last), as the task last published them.
+    pub fn failovers(&self) -> Vec<FailoverReport> {
+        self.failovers.borrow().clone()
     }
 
     /// Applies Core's location config or peer changes, whole or not at all.
@@ -343,6 +341,9 @@ pub struct Owner {
     kick_rate: u32,
     /// Records of the last failovers.
     reports: VecDeque<FailoverReport>,
+    /// Failovers started and finished: the records changed since they
+    /// were last published when this did.
+    failover_changes: u64,
     /// Handshakes this gateway kicked, by peer, until a newer one: not
     /// counted as activity.
     kicked_handshakes: HashMap<Key, SystemTime>,
@@ -375,6 +376,7 @@ impl Owner {
             run: None,
             kick_rate: 0,
             reports: VecDeque::new(),
+            failover_changes: 0,
             kicked_handshakes: HashMap::new(),
             polled: None,
         };
@@ -400,14 +402,25 @@ impl Owner {
 
     /// Serves `commands`, polls stats and watches wireguard-go until
     /// `cancel` fires; the device is left as it is.
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut sessions: mpsc::UnboundedReceiver<SessionCommand>,
+        failovers: watch::Sender<Vec<FailoverReport>>,
+        cancel: CancellationToken,
+    ) {
         let mut poll = tokio::time::interval(self.config.stats_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_kick = Instant::now();
+        let mut reported = (Instant::now(), self.failover_changes);
         loop {
             let following = self.run.is_some();
             tokio::select! {
                 () = cancel.cancelled() => break,
+                Some(command) = sessions.recv() => match command {
+                    SessionCommand::Kick(request) => self.start_kicks(*request),
+                    SessionCommand::DropSessions => self.drop_sessions(),
+                },
                 () = tokio::time::sleep_until(next_kick.into()), if following => {
                     self.follow();
                     next_kick = Instant::now() + KICK_TICK;
@@ -425,6 +438,15 @@ impl Owner {
                 },
                 _ = poll.tick() => self.poll(),
                 () = exited(self.watch.as_ref()) => self.restart_backend(&cancel).await,
+            }
+            // The records change while a failover is followed: published
+            // when one starts or ends, and every `REPORT_SPACING` in between.
+            let (at, changes) = reported;
+            if changes != self.failover_changes
+                || (self.run.is_some() && at.elapsed() >= REPORT_SPACING)
+            {
+                failovers.send_replace(self.failovers());
+                reported = (Instant::now(), self.failover_changes);
             }
         }
         info!(
@@ -453,17 +475,10 @@ impl Owner {
             Command::Reload(config, reply) => {
                 let _ = reply.send(self.reload(*config).await);
             }
-            Command::Kick(request) => self.start_kicks(*request),
-            Command::DropSessions => self.drop_sessions(),
             Command::RemoteActivity(handshakes) => {
                 for (key, at) in handshakes {
                     self.activity.observe_remote(&key, at);
                 }
-            }
-            Command::Failovers(reply) => {
-                let mut reports: Vec<FailoverReport> = self.reports.iter().cloned().collect();
-                reports.extend(self.run.as_ref().map(|run| run.report(false)));
-                let _ = reply.send(reports);
             }
             Command::Location(update, reply) => {
                 let _ = reply.send(self.apply_location(update).await);
@@ -508,6 +523,7 @@ impl Owner {
         );
         self.kick_rate = request.rate;
         self.run = Some(run);
+        self.failover_changes += 1;
         // A kick needs the device's view of each peer, and the last
         // periodic read may predate peers added since: read it now.
         self.poll();
@@ -585,6 +601,14 @@ impl Owner {
     /// retries go with the peer WireGuard replaces), with its settings and
     /// last known endpoint. A failover still followed ends here. Traffic
     /// counters start again, which activity tracking takes as no activity.
+    /// The records of the last failovers, oldest first, the one followed
+    /// now last.
+    fn failovers(&self) -> Vec<FailoverReport> {
+        let mut reports: Vec<FailoverReport> = self.reports.iter().cloned().collect();
+        reports.extend(self.run.as_ref().map(|run| run.report(false)));
+        reports
+    }
+
     fn drop_sessions(&mut self) {
         if let Some(run) = self.run.take() {
             self.finish(run);
@@ -631,6 +655,7 @@ impl Owner {
 
     /// Files the record of a failover and logs it.
     fn finish(&mut self, run: FailoverRun) {
+        self.failover_changes += 1;
         let report = run.report(true);
         info!(
             cause = %report.meta.cause,
@@ -881,12 +906,12 @@ impl Owner {
     /// Tells the endpoint-sharing task what the device has: the peers with
     /// an endpoint and a completed handshake.
     fn publish(&self, actual: &Actual) {
-        let active: Vec<Entry> = actual
+        let active: Vec<PeerEndpoint> = actual
             .peers
             .iter()
             .filter_map(|(key, peer)| {
                 let (endpoint, handshake) = (peer.endpoint?, peer.last_handshake?);
-                Some(Entry {
+                Some(PeerEndpoint {
                     key: *key,
                     endpoint,
                     last_handshake: handshake,
@@ -1203,7 +1228,14 @@ pub fn spawn(
     cancel: CancellationToken,
 ) -> (WireguardHandle, impl Future<Output = ()>) {
     let (tx, rx) = mpsc::channel(64);
-    (WireguardHandle { tx }, owner.run(rx, cancel))
+    let (sessions, sessions_rx) = mpsc::unbounded_channel();
+    let (failovers_tx, failovers) = watch::channel(owner.failovers());
+    let handle = WireguardHandle {
+        tx,
+        sessions,
+        failovers,
+    };
+    (handle, owner.run(rx, sessions_rx, failovers_tx, cancel))
 }
 
 /// Resolves when the watched process exits; never without one.

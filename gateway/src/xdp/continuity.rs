@@ -114,7 +114,7 @@ impl Hook {
 }
 
 /// The continuity maps and the egress program.
-pub struct Continuity {
+pub struct ContinuityMaps {
     egress: Array<MapData, Egress>,
     counters: PerCpuArray<MapData, EgressCounters>,
     owned: HashMap<MapData, ClientKey, Owned>,
@@ -124,16 +124,16 @@ pub struct Continuity {
     setting: Egress,
 }
 
-impl std::fmt::Debug for Continuity {
+impl std::fmt::Debug for ContinuityMaps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Continuity")
+        f.debug_struct("ContinuityMaps")
             .field("attachment", &self.attachment)
             .field("setting", &self.setting)
             .finish_non_exhaustive()
     }
 }
 
-impl Continuity {
+impl ContinuityMaps {
     /// Loads the egress program into the kernel (without attaching it) and
     /// takes the continuity maps out of `ebpf`.
     pub fn load(ebpf: &mut Ebpf) -> Result<Self, XdpError> {

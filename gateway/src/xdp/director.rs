@@ -24,12 +24,12 @@ use tidegate_common::{
 };
 
 use super::{Datapath, XdpError, counters::PacketCount};
-use crate::director::{BackendSpec, Desired, Mac, maglev};
+use crate::director::{BackendSpec, DirectorState, Mac, maglev};
 
 /// What the director maps hold.
 #[derive(Debug, Clone)]
 pub(super) struct Written {
-    desired: Desired,
+    desired: DirectorState,
     /// The gateways the Maglev table was built from, and its share of each.
     table_members: Vec<u32>,
     shares: BTreeMap<u32, u32>,
@@ -83,7 +83,7 @@ pub struct SessionEntry {
 impl Datapath {
     /// Makes the director maps hold `desired`: the backends, the Maglev
     /// table of the healthy, non-draining ones, and steering on or off.
-    pub fn set_director(&mut self, desired: &Desired) -> Result<(), XdpError> {
+    pub fn set_director(&mut self, desired: &DirectorState) -> Result<(), XdpError> {
         if desired.on && !self.options.director {
             return Err(XdpError::NoDirector);
         }
@@ -270,7 +270,7 @@ impl Datapath {
     }
 
     /// The director as last written: steering on, and the backends.
-    pub fn director_desired(&self) -> Option<&Desired> {
+    pub fn director_desired(&self) -> Option<&DirectorState> {
         self.steering.as_ref().map(|w| &w.desired)
     }
 }

@@ -42,7 +42,7 @@ use tidegate_common::{
 use tracing::{info, warn};
 
 pub use self::{
-    continuity::{Continuity, EgressStatus, Ownership},
+    continuity::{ContinuityMaps, EgressStatus, Ownership},
     counters::{CounterSnapshot, PacketCount},
     director::{BackendStatus, DirectorStatus, SessionEntry},
     kernel::{EgressHook, Kernel, KernelError},
@@ -306,7 +306,7 @@ pub struct Datapath {
     /// `jiffies` at that renewal.
     renewed_jiffies: u64,
     /// The egress guard and the handover window.
-    continuity: Continuity,
+    continuity: ContinuityMaps,
 }
 
 impl Datapath {
@@ -330,7 +330,7 @@ impl Datapath {
                 .load()
                 .map_err(|source| XdpError::Verify { name, source })?;
         }
-        let continuity = Continuity::load(&mut ebpf)?;
+        let continuity = ContinuityMaps::load(&mut ebpf)?;
         Ok(Self {
             service_ports: take_map(&mut ebpf, maps::SERVICE_PORTS)?,
             service_v4: take_map(&mut ebpf, maps::SERVICE_V4)?,
@@ -696,7 +696,7 @@ impl Datapath {
     }
 
     /// Attaches the egress guard to `interface` for WireGuard from
-    /// `listen_port`, through `hook` (see [`Continuity::attach`]).
+    /// `listen_port`, through `hook` (see [`ContinuityMaps::attach`]).
     pub fn attach_egress(
         &mut self,
         interface: &str,
@@ -717,12 +717,12 @@ impl Datapath {
     }
 
     /// The egress guard and the handover window.
-    pub fn continuity(&self) -> &Continuity {
+    pub fn continuity(&self) -> &ContinuityMaps {
         &self.continuity
     }
 
     /// The egress guard and the handover window, to change them.
-    pub fn continuity_mut(&mut self) -> &mut Continuity {
+    pub fn continuity_mut(&mut self) -> &mut ContinuityMaps {
         &mut self.continuity
     }
 

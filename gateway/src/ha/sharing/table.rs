@@ -9,15 +9,14 @@
 //! table's maximum age goes.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::sync::Entry;
-use crate::wireguard::Key;
+use crate::wireguard::{Key, PeerEndpoint};
 
 /// The most entries a table holds, whatever the config says.
 pub const MAX_ENTRIES: usize = 200_000;
@@ -71,6 +70,48 @@ pub struct Recent {
     pub gateway_id: u32,
 }
 
+/// The table as the endpoint-sharing task last published it, with the
+/// other gateways' MAC addresses from their endpoint messages: what the
+/// continuity controller reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointView {
+    /// Every entry, most recently active first.
+    entries: Vec<Recent>,
+    macs: BTreeMap<u32, [u8; 6]>,
+}
+
+impl EndpointView {
+    /// The peers with a handshake within `window` of `now`, most recently
+    /// active first.
+    pub fn recent(&self, window: Duration, now: SystemTime) -> Vec<Recent> {
+        self.entries
+            .iter()
+            .take_while(|r| within(r.last_handshake, window, now))
+            .copied()
+            .collect()
+    }
+
+    /// Gateway `id`'s MAC address, if its endpoint messages were heard.
+    pub fn mac_of(&self, id: u32) -> Option<[u8; 6]> {
+        self.macs.get(&id).copied()
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the view holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A handshake at `at` is within `window` of `now` (one in the future is).
+fn within(at: SystemTime, window: Duration, now: SystemTime) -> bool {
+    now.duration_since(at).unwrap_or_default() <= window
+}
+
 /// The table.
 #[derive(Debug, Clone)]
 pub struct EndpointTable {
@@ -103,7 +144,7 @@ impl EndpointTable {
 
     /// Takes what gateway `gateway_id` reports, at `now`: an entry replaces
     /// the table's if its handshake is at least as recent.
-    pub fn merge(&mut self, gateway_id: u32, entries: &[Entry], now: SystemTime) -> Merged {
+    pub fn merge(&mut self, gateway_id: u32, entries: &[PeerEndpoint], now: SystemTime) -> Merged {
         let mut merged = Merged::default();
         for entry in entries {
             if !self.peers.contains(&entry.key) {
@@ -158,12 +199,25 @@ impl EndpointTable {
     /// The peers with a handshake within `window` of `now`, most recently
     /// active first (ties by key, so the order is stable).
     pub fn recent(&self, window: Duration, now: SystemTime) -> Vec<Recent> {
+        self.sorted(|known| within(known.last_handshake, window, now))
+    }
+
+    /// What the table holds now, with the other gateways' MAC addresses,
+    /// for readers in other tasks.
+    pub fn view(&self, macs: BTreeMap<u32, [u8; 6]>) -> EndpointView {
+        EndpointView {
+            entries: self.sorted(|_| true),
+            macs,
+        }
+    }
+
+    /// The entries `keep` takes, most recently active first (ties by key,
+    /// so the order is stable).
+    fn sorted(&self, keep: impl Fn(&Known) -> bool) -> Vec<Recent> {
         let mut recent: Vec<Recent> = self
             .entries
             .iter()
-            .filter(|(_, known)| {
-                now.duration_since(known.last_handshake).unwrap_or_default() <= window
-            })
+            .filter(|(_, known)| keep(known))
             .map(|(key, known)| Recent {
                 key: *key,
                 endpoint: known.endpoint,
@@ -195,8 +249,8 @@ impl EndpointTable {
     }
 
     /// Entries by the gateway that saw them.
-    pub fn by_gateway(&self) -> std::collections::BTreeMap<u32, usize> {
-        let mut out = std::collections::BTreeMap::new();
+    pub fn by_gateway(&self) -> BTreeMap<u32, usize> {
+        let mut out = BTreeMap::new();
         for known in self.entries.values() {
             *out.entry(known.gateway_id).or_default() += 1;
         }
@@ -216,8 +270,8 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
     }
 
-    fn entry(n: u8, endpoint: &str, secs: u64) -> Entry {
-        Entry {
+    fn entry(n: u8, endpoint: &str, secs: u64) -> PeerEndpoint {
+        PeerEndpoint {
             key: k(n),
             endpoint: endpoint.parse().unwrap(),
             last_handshake: at(secs),

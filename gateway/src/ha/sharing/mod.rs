@@ -2,9 +2,14 @@
 //! sends what changed on this gateway's WireGuard after each stats poll,
 //! and the whole of it every refresh interval; it takes in the other
 //! gateways' messages (the agent hands it the datagrams that arrive on the
-//! HA socket with the endpoint magic); and it answers the agent, which asks
-//! for the peers to kick when this gateway becomes master and for the
-//! other gateways' MAC addresses.
+//! HA socket with the endpoint magic); and it publishes the table and the
+//! other gateways' MAC addresses as a snapshot, which the agent reads when
+//! this gateway becomes master (the peers to kick) and status requests
+//! read for the channel's figures. The table is [`table`], the messages
+//! [`wire`].
+
+pub mod table;
+pub mod wire;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,40 +19,29 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{
-    advert::AdvertKey,
-    endpoints::{EndpointTable, Merged, Recent},
-    sync::{self, Entry, Kind, Message, ReplayWindow, SyncError},
-    transport::Transport,
+use self::{
+    table::{EndpointTable, EndpointView, Merged},
+    wire::{Kind, Message, ReplayWindow, WireError},
 };
-use crate::wireguard::{Key, WireguardHandle};
+use super::{advert::AdvertKey, transport::Transport};
+use crate::wireguard::{Key, LocalPeers, PeerEndpoint, WireguardHandle};
 
 /// Datagrams waiting for the task; more are dropped (and counted).
 const QUEUE: usize = 1024;
+/// The least time between two snapshots published.
+const PUBLISH_SPACING: Duration = Duration::from_millis(100);
 /// How soon a full refresh goes out after a gateway is heard for the first
 /// time (or restarted): it learns the table at once, not a refresh
 /// interval later.
 const WELCOME_DELAY: Duration = Duration::from_millis(50);
 
-/// This gateway's WireGuard as of its last stats poll, published by the
-/// WireGuard task.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LocalPeers {
-    /// Every peer in the config.
-    pub configured: Vec<Key>,
-    /// The peers with an endpoint and a completed handshake.
-    pub active: Vec<Entry>,
-    /// The listen port the device has (0 before the first read).
-    pub listen_port: u16,
-}
-
 /// The endpoint-sharing settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncConfig {
+pub struct SharingConfig {
     pub location_id: u32,
     pub gateway_id: u32,
     pub key: AdvertKey,
@@ -61,7 +55,7 @@ pub struct SyncConfig {
 
 /// Another gateway, as its endpoint messages describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncPeer {
+pub struct SharingPeer {
     pub gateway_id: u32,
     /// Its public interface MAC address.
     pub mac: String,
@@ -72,8 +66,8 @@ pub struct SyncPeer {
 }
 
 /// The endpoint table, as `tidectl status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncStatus {
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharingStatus {
     /// Peers with a known endpoint.
     pub entries: usize,
     /// Of those, how many each gateway reported.
@@ -88,38 +82,42 @@ pub struct SyncStatus {
     /// Datagrams dropped, by reason.
     pub dropped: BTreeMap<String, u64>,
     /// The other gateways heard on the endpoint channel.
-    pub gateways: Vec<SyncPeer>,
+    pub gateways: Vec<SharingPeer>,
 }
 
-enum Command {
-    Recent(Duration, oneshot::Sender<Vec<Recent>>),
-    Mac(u32, oneshot::Sender<Option<[u8; 6]>>),
-    Status(oneshot::Sender<SyncStatus>),
+/// What the task knows, as it last published it.
+#[derive(Debug, Clone, Default)]
+pub struct SharingSnapshot {
+    /// The endpoint table and the other gateways' MAC addresses.
+    pub view: Arc<EndpointView>,
+    /// The channel's figures; `gateways[].last_heard_ms` as of `at`.
+    status: SharingStatus,
+    /// When `status` was taken.
+    at: Option<Instant>,
+}
+
+impl SharingSnapshot {
+    /// The table and the channel, for `tidectl status`, at `now`.
+    pub fn status(&self, now: Instant) -> SharingStatus {
+        let mut status = self.status.clone();
+        let since = self
+            .at
+            .map_or(0, |at| now.saturating_duration_since(at).as_millis() as u64);
+        for gateway in &mut status.gateways {
+            gateway.last_heard_ms += since;
+        }
+        status
+    }
 }
 
 /// A cheap, cloneable way to talk to the task.
 #[derive(Debug, Clone)]
-pub struct SyncHandle {
+pub struct SharingHandle {
     datagrams: mpsc::Sender<(Vec<u8>, SocketAddr, bool)>,
-    commands: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<SharingSnapshot>,
 }
 
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Recent(..) => "Recent",
-            Self::Mac(..) => "Mac",
-            Self::Status(_) => "Status",
-        })
-    }
-}
-
-/// The task has stopped.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the endpoint-sharing task has stopped")]
-pub struct SyncStopped;
-
-impl SyncHandle {
+impl SharingHandle {
     /// Hands over a datagram that arrived on the HA socket with the
     /// endpoint magic; `known`: its sender is one the transport listens to.
     /// Never waits: a full queue drops it (and the task counts it).
@@ -127,40 +125,16 @@ impl SyncHandle {
         self.datagrams.try_send((bytes, from, known)).is_ok()
     }
 
-    /// The peers with a handshake within `window`, most recent first.
-    pub async fn recent(&self, window: Duration) -> Result<Vec<Recent>, SyncStopped> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Recent(window, reply))
-            .await
-            .map_err(|_| SyncStopped)?;
-        rx.await.map_err(|_| SyncStopped)
-    }
-
-    /// Gateway `id`'s MAC address, if its messages were heard.
-    pub async fn mac_of(&self, id: u32) -> Result<Option<[u8; 6]>, SyncStopped> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Mac(id, reply))
-            .await
-            .map_err(|_| SyncStopped)?;
-        rx.await.map_err(|_| SyncStopped)
-    }
-
-    /// The table and the channel, for `tidectl status`.
-    pub async fn status(&self) -> Result<SyncStatus, SyncStopped> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Status(reply))
-            .await
-            .map_err(|_| SyncStopped)?;
-        rx.await.map_err(|_| SyncStopped)
+    /// What the task last published; `changed()` on the receiver wakes
+    /// when it publishes again.
+    pub fn subscribe(&self) -> watch::Receiver<SharingSnapshot> {
+        self.snapshot.clone()
     }
 }
 
 /// A gateway heard on the channel.
 #[derive(Debug, Clone, Copy)]
-struct Heard {
+struct HeardGateway {
     mac: [u8; 6],
     from: SocketAddr,
     epoch: u64,
@@ -169,7 +143,7 @@ struct Heard {
 
 /// The task's state.
 struct Syncer {
-    config: SyncConfig,
+    config: SharingConfig,
     transport: Arc<Transport>,
     wireguard: WireguardHandle,
     table: EndpointTable,
@@ -177,10 +151,10 @@ struct Syncer {
     /// What this gateway last told the others of each peer.
     told: HashMap<Key, (SocketAddr, SystemTime)>,
     /// The latest local snapshot.
-    local: Vec<Entry>,
+    local: Vec<PeerEndpoint>,
     epoch: u64,
     sequence: u64,
-    heard: BTreeMap<u32, Heard>,
+    heard: BTreeMap<u32, HeardGateway>,
     messages_sent: u64,
     datagrams_sent: u64,
     datagrams_received: u64,
@@ -194,15 +168,15 @@ struct Syncer {
 /// `wireguard` gets the handshakes other gateways saw (so an MFA timer on
 /// this gateway counts a client active on another).
 pub fn spawn(
-    config: SyncConfig,
+    config: SharingConfig,
     transport: Arc<Transport>,
     local: watch::Receiver<LocalPeers>,
     wireguard: WireguardHandle,
     cancel: CancellationToken,
-) -> (SyncHandle, impl Future<Output = ()>) {
+) -> (SharingHandle, impl Future<Output = ()>) {
     let (datagram_tx, datagrams) = mpsc::channel(QUEUE);
-    let (command_tx, commands) = mpsc::channel(16);
-    let epoch = sync::unix_ms(SystemTime::now());
+    let (publish, snapshot) = watch::channel(SharingSnapshot::default());
+    let epoch = wire::unix_ms(SystemTime::now());
     let syncer = Syncer {
         table: EndpointTable::new(config.max_age),
         config,
@@ -220,18 +194,18 @@ pub fn spawn(
         dropped: BTreeMap::new(),
         merged: Merged::default(),
     };
-    let handle = SyncHandle {
+    let handle = SharingHandle {
         datagrams: datagram_tx,
-        commands: command_tx,
+        snapshot,
     };
-    (handle, syncer.run(datagrams, commands, local, cancel))
+    (handle, syncer.run(datagrams, publish, local, cancel))
 }
 
 impl Syncer {
     async fn run(
         mut self,
         mut datagrams: mpsc::Receiver<(Vec<u8>, SocketAddr, bool)>,
-        mut commands: mpsc::Receiver<Command>,
+        publish: watch::Sender<SharingSnapshot>,
         mut local: watch::Receiver<LocalPeers>,
         cancel: CancellationToken,
     ) {
@@ -240,13 +214,19 @@ impl Syncer {
         let mut refresh_at = Instant::now();
         let snapshot = local.borrow_and_update().clone();
         self.on_local(snapshot, false).await;
+        // A change is published at once, then at most every
+        // `PUBLISH_SPACING`: a table of many peers arrives in many
+        // datagrams, and each would otherwise copy it whole.
+        let mut last_published = Instant::now();
+        let mut publish_at = Some(last_published);
         loop {
-            tokio::select! {
+            let changed = tokio::select! {
                 () = cancel.cancelled() => break,
                 Some((bytes, from, known)) = datagrams.recv() => {
                     if self.receive(&bytes, from, known) {
                         refresh_at = refresh_at.min(Instant::now() + WELCOME_DELAY);
                     }
+                    true
                 }
                 changed = local.changed() => {
                     if changed.is_err() {
@@ -255,31 +235,39 @@ impl Syncer {
                     }
                     let snapshot = local.borrow_and_update().clone();
                     self.on_local(snapshot, true).await;
+                    true
                 }
                 () = tokio::time::sleep_until(refresh_at.into()) => {
                     self.table.expire(SystemTime::now());
                     self.refresh().await;
                     refresh_at = Instant::now() + self.config.refresh;
+                    true
                 }
-                Some(command) = commands.recv() => self.command(command),
+                () = sleep_until_some(publish_at) => {
+                    last_published = Instant::now();
+                    publish_at = None;
+                    publish.send_replace(self.snapshot(last_published));
+                    false
+                }
+            };
+            if changed && publish_at.is_none() {
+                publish_at = Some((last_published + PUBLISH_SPACING).max(Instant::now()));
             }
         }
         debug!("endpoint sharing stopped");
     }
 
-    fn command(&mut self, command: Command) {
-        match command {
-            Command::Recent(window, reply) => {
-                let now = SystemTime::now();
-                self.table.expire(now);
-                let _ = reply.send(self.table.recent(window, now));
-            }
-            Command::Mac(id, reply) => {
-                let _ = reply.send(self.heard.get(&id).map(|heard| heard.mac));
-            }
-            Command::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
+    /// What the task knows now, for readers in other tasks.
+    fn snapshot(&self, now: Instant) -> SharingSnapshot {
+        let macs = self
+            .heard
+            .iter()
+            .map(|(id, heard)| (*id, heard.mac))
+            .collect();
+        SharingSnapshot {
+            view: Arc::new(self.table.view(macs)),
+            status: self.status(now),
+            at: Some(now),
         }
     }
 
@@ -291,7 +279,7 @@ impl Syncer {
         let now = SystemTime::now();
         self.table
             .merge(self.config.gateway_id, &snapshot.active, now);
-        let changed: Vec<Entry> = snapshot
+        let changed: Vec<PeerEndpoint> = snapshot
             .active
             .iter()
             .filter(|entry| {
@@ -309,7 +297,7 @@ impl Syncer {
     async fn refresh(&mut self) {
         let now = SystemTime::now();
         let max_age = self.config.max_age;
-        let entries: Vec<Entry> = self
+        let entries: Vec<PeerEndpoint> = self
             .local
             .iter()
             .filter(|e| now.duration_since(e.last_handshake).unwrap_or_default() <= max_age)
@@ -318,7 +306,7 @@ impl Syncer {
         self.send(Kind::Refresh, &entries).await;
     }
 
-    async fn send(&mut self, kind: Kind, entries: &[Entry]) {
+    async fn send(&mut self, kind: Kind, entries: &[PeerEndpoint]) {
         let template = Message {
             kind,
             location_id: self.config.location_id,
@@ -330,7 +318,7 @@ impl Syncer {
             parts: 1,
             entries: Vec::new(),
         };
-        let messages = sync::split(&template, kind, entries);
+        let messages = wire::split(&template, kind, entries);
         self.sequence += messages.len() as u64;
         self.messages_sent += 1;
         for message in &messages {
@@ -355,7 +343,7 @@ impl Syncer {
         }
         let message = Message::decode(bytes, &self.config.key).and_then(|message| {
             if message.location_id != self.config.location_id {
-                return Err(SyncError::Location(message.location_id));
+                return Err(WireError::Location(message.location_id));
             }
             self.replay
                 .check(message.gateway_id, message.epoch, message.sequence)?;
@@ -389,7 +377,7 @@ impl Syncer {
         }
         self.heard.insert(
             message.gateway_id,
-            Heard {
+            HeardGateway {
                 mac: message.mac,
                 from,
                 epoch: message.epoch,
@@ -425,9 +413,8 @@ impl Syncer {
         }
     }
 
-    fn status(&self) -> SyncStatus {
-        let now = Instant::now();
-        SyncStatus {
+    fn status(&self, now: Instant) -> SharingStatus {
+        SharingStatus {
             entries: self.table.len(),
             by_gateway: self.table.by_gateway(),
             merged: self.merged,
@@ -438,7 +425,7 @@ impl Syncer {
             gateways: self
                 .heard
                 .iter()
-                .map(|(id, heard)| SyncPeer {
+                .map(|(id, heard)| SharingPeer {
                     gateway_id: *id,
                     mac: format_mac(heard.mac),
                     address: heard.from.ip().to_string(),
@@ -455,4 +442,12 @@ pub fn format_mac(mac: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Sleeps until `at`; never wakes when `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }

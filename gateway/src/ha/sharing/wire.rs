@@ -35,8 +35,8 @@ use std::{
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
-use super::advert::AdvertKey;
-use crate::wireguard::Key;
+use crate::ha::advert::AdvertKey;
+use crate::wireguard::{Key, PeerEndpoint};
 
 /// The first bytes of every endpoint message.
 pub const MAGIC: [u8; 4] = *b"TGEP";
@@ -66,17 +66,6 @@ pub enum Kind {
 /// its user was active (MFA timers do not count it).
 const FLAG_KICKED: u8 = 1;
 
-/// One client as a gateway saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
-    pub key: Key,
-    pub endpoint: SocketAddr,
-    /// The last completed handshake, to the millisecond.
-    pub last_handshake: SystemTime,
-    /// That handshake was kicked by the gateway after a failover.
-    pub kicked: bool,
-}
-
 /// One endpoint message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -94,12 +83,12 @@ pub struct Message {
     pub part: u16,
     /// Datagrams in the refresh (1 for changes).
     pub parts: u16,
-    pub entries: Vec<Entry>,
+    pub entries: Vec<PeerEndpoint>,
 }
 
 /// A message that cannot be believed, by reason (each has its counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SyncError {
+pub enum WireError {
     #[error("truncated: {0} bytes")]
     Truncated(usize),
     #[error("not an endpoint message (bad magic)")]
@@ -118,7 +107,7 @@ pub enum SyncError {
     Replay,
 }
 
-impl SyncError {
+impl WireError {
     /// A short name for counters.
     pub fn name(&self) -> &'static str {
         match self {
@@ -135,7 +124,7 @@ impl SyncError {
 }
 
 /// Whether `bytes` claim to be an endpoint message (before any check).
-pub fn is_sync(bytes: &[u8]) -> bool {
+pub fn is_endpoint_message(bytes: &[u8]) -> bool {
     bytes.len() >= 4 && bytes[..4] == MAGIC
 }
 
@@ -192,19 +181,19 @@ impl Message {
 
     /// Parses and authenticates `bytes`. Nothing is read from a message
     /// whose HMAC does not match.
-    pub fn decode(bytes: &[u8], key: &AdvertKey) -> Result<Self, SyncError> {
+    pub fn decode(bytes: &[u8], key: &AdvertKey) -> Result<Self, WireError> {
         if bytes.len() < HEADER_LEN + MAC_LEN {
-            return Err(SyncError::Truncated(bytes.len()));
+            return Err(WireError::Truncated(bytes.len()));
         }
         if bytes[..4] != MAGIC {
-            return Err(SyncError::Magic);
+            return Err(WireError::Magic);
         }
         if bytes[4] != VERSION {
-            return Err(SyncError::Version(bytes[4]));
+            return Err(WireError::Version(bytes[4]));
         }
         let count = usize::from(u16::from_be_bytes([bytes[6], bytes[7]]));
         if bytes.len() != HEADER_LEN + count * ENTRY_LEN + MAC_LEN {
-            return Err(SyncError::Length {
+            return Err(WireError::Length {
                 len: bytes.len(),
                 entries: count,
             });
@@ -212,7 +201,7 @@ impl Message {
         let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
         let mut mac = mac(key);
         mac.update(body);
-        mac.verify_slice(tag).map_err(|_| SyncError::Mac)?;
+        mac.verify_slice(tag).map_err(|_| WireError::Mac)?;
 
         let u16_at = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
         let u32_at = |at: usize| u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
@@ -220,18 +209,18 @@ impl Message {
         let kind = match body[5] {
             0 => Kind::Changes,
             1 => Kind::Refresh,
-            _ => return Err(SyncError::Malformed("unknown kind")),
+            _ => return Err(WireError::Malformed("unknown kind")),
         };
         if body[42..44] != [0, 0] {
-            return Err(SyncError::Malformed("reserved bytes set"));
+            return Err(WireError::Malformed("reserved bytes set"));
         }
         let gateway_id = u32_at(12);
         if gateway_id == 0 {
-            return Err(SyncError::Malformed("gateway id 0"));
+            return Err(WireError::Malformed("gateway id 0"));
         }
         let (part, parts) = (u16_at(38), u16_at(40));
         if parts == 0 || part >= parts {
-            return Err(SyncError::Malformed("part outside the refresh"));
+            return Err(WireError::Malformed("part outside the refresh"));
         }
         let entries = body[HEADER_LEN..]
             .chunks_exact(ENTRY_LEN)
@@ -245,13 +234,13 @@ impl Message {
                         IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
                     }
                     6 => IpAddr::V6(Ipv6Addr::from(addr)),
-                    _ => return Err(SyncError::Malformed("bad address")),
+                    _ => return Err(WireError::Malformed("bad address")),
                 };
                 if raw[41] & !FLAG_KICKED != 0 || port == 0 || ip.is_unspecified() || key.is_zero()
                 {
-                    return Err(SyncError::Malformed("bad entry"));
+                    return Err(WireError::Malformed("bad entry"));
                 }
-                Ok(Entry {
+                Ok(PeerEndpoint {
                     key,
                     endpoint: SocketAddr::new(ip, port),
                     last_handshake: SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
@@ -280,8 +269,8 @@ impl Message {
 /// (its sequence is the first message's, the rest follow). At least one
 /// message, empty if there are no entries: an empty refresh still tells
 /// the others this gateway's MAC and that it is there.
-pub fn split(template: &Message, kind: Kind, entries: &[Entry]) -> Vec<Message> {
-    let chunks: Vec<&[Entry]> = if entries.is_empty() {
+pub fn split(template: &Message, kind: Kind, entries: &[PeerEndpoint]) -> Vec<Message> {
+    let chunks: Vec<&[PeerEndpoint]> = if entries.is_empty() {
         vec![&[]]
     } else {
         entries.chunks(ENTRIES_PER_DATAGRAM).collect()
@@ -335,7 +324,7 @@ struct Seen {
 impl ReplayWindow {
     /// Accepts a message from `gateway_id` with `(epoch, sequence)` if it
     /// was not seen before and is not too old.
-    pub fn check(&mut self, gateway_id: u32, epoch: u64, sequence: u64) -> Result<(), SyncError> {
+    pub fn check(&mut self, gateway_id: u32, epoch: u64, sequence: u64) -> Result<(), WireError> {
         let fresh = Seen {
             epoch,
             highest: sequence,
@@ -346,7 +335,7 @@ impl ReplayWindow {
             return Ok(());
         };
         if epoch < seen.epoch {
-            return Err(SyncError::Replay);
+            return Err(WireError::Replay);
         }
         if epoch > seen.epoch {
             *seen = fresh;
@@ -360,7 +349,7 @@ impl ReplayWindow {
         }
         let age = seen.highest - sequence;
         if age >= REPLAY_WINDOW || seen.bits & (1 << age) != 0 {
-            return Err(SyncError::Replay);
+            return Err(WireError::Replay);
         }
         seen.bits |= 1 << age;
         Ok(())
@@ -375,8 +364,8 @@ mod tests {
         AdvertKey::new(b"location shared key".to_vec())
     }
 
-    fn entry(n: u8, endpoint: &str, ms: u64) -> Entry {
-        Entry {
+    fn entry(n: u8, endpoint: &str, ms: u64) -> PeerEndpoint {
+        PeerEndpoint {
             key: Key::new([n; 32]),
             endpoint: endpoint.parse().unwrap(),
             last_handshake: SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
@@ -405,7 +394,7 @@ mod tests {
     fn round_trips() {
         let bytes = sample().encode(&key());
         assert_eq!(bytes.len(), HEADER_LEN + 2 * ENTRY_LEN + MAC_LEN);
-        assert!(is_sync(&bytes));
+        assert!(is_endpoint_message(&bytes));
         assert_eq!(Message::decode(&bytes, &key()).unwrap(), sample());
         assert_eq!(ENTRIES_PER_DATAGRAM, 18);
         let full = Message {
@@ -424,7 +413,7 @@ mod tests {
         let bytes = sample().encode(&key());
         assert_eq!(
             Message::decode(&bytes, &AdvertKey::new(b"other".to_vec())),
-            Err(SyncError::Mac)
+            Err(WireError::Mac)
         );
         // Past the fields checked before the MAC (magic, version, count).
         for i in (5..6).chain(8..bytes.len()) {
@@ -432,7 +421,7 @@ mod tests {
             bad[i] ^= 0x01;
             assert_eq!(
                 Message::decode(&bad, &key()),
-                Err(SyncError::Mac),
+                Err(WireError::Mac),
                 "byte {i}"
             );
         }
@@ -443,24 +432,24 @@ mod tests {
         let bytes = sample().encode(&key());
         assert_eq!(
             Message::decode(&bytes[..20], &key()),
-            Err(SyncError::Truncated(20))
+            Err(WireError::Truncated(20))
         );
         assert_eq!(
             Message::decode(&bytes[..bytes.len() - 1], &key()),
-            Err(SyncError::Length {
+            Err(WireError::Length {
                 len: bytes.len() - 1,
                 entries: 2
             })
         );
         let mut bad = bytes.clone();
         bad[0] = b'X';
-        assert!(!is_sync(&bad));
-        assert_eq!(Message::decode(&bad, &key()), Err(SyncError::Magic));
+        assert!(!is_endpoint_message(&bad));
+        assert_eq!(Message::decode(&bad, &key()), Err(WireError::Magic));
         let mut bad = bytes;
         bad[4] = 2;
-        assert_eq!(Message::decode(&bad, &key()), Err(SyncError::Version(2)));
+        assert_eq!(Message::decode(&bad, &key()), Err(WireError::Version(2)));
         // An advert is not an endpoint message.
-        assert!(!is_sync(b"TGHA\x01"));
+        assert!(!is_endpoint_message(b"TGHA\x01"));
     }
 
     #[test]
@@ -477,7 +466,7 @@ mod tests {
             change(&mut message);
             assert_eq!(
                 Message::decode(&message.encode(&key()), &key()),
-                Err(SyncError::Malformed(expected))
+                Err(WireError::Malformed(expected))
             );
         }
         // A family nobody sends, with a valid MAC.
@@ -489,13 +478,13 @@ mod tests {
         body.extend_from_slice(&tag.finalize().into_bytes());
         assert_eq!(
             Message::decode(&body, &key()),
-            Err(SyncError::Malformed("bad address"))
+            Err(WireError::Malformed("bad address"))
         );
     }
 
     #[test]
     fn a_table_is_split_into_numbered_datagrams() {
-        let entries: Vec<Entry> = (0..40u8)
+        let entries: Vec<PeerEndpoint> = (0..40u8)
             .map(|n| entry(n + 1, "198.51.100.9:1000", u64::from(n)))
             .collect();
         let parts = split(&sample(), Kind::Refresh, &entries);
@@ -511,7 +500,7 @@ mod tests {
             assert!(bytes.len() <= MAX_DATAGRAM);
             assert_eq!(&Message::decode(&bytes, &key()).unwrap(), part);
         }
-        let all: Vec<Entry> = parts.into_iter().flat_map(|m| m.entries).collect();
+        let all: Vec<PeerEndpoint> = parts.into_iter().flat_map(|m| m.entries).collect();
         assert_eq!(all, entries);
         // Changes are never numbered; nothing still makes one message.
         let changes = split(&sample(), Kind::Changes, &entries[..20]);
@@ -526,17 +515,17 @@ mod tests {
     fn the_replay_window_takes_late_datagrams_once() {
         let mut window = ReplayWindow::default();
         window.check(2, 10, 100).unwrap();
-        assert_eq!(window.check(2, 10, 100), Err(SyncError::Replay));
+        assert_eq!(window.check(2, 10, 100), Err(WireError::Replay));
         // Out of order within a burst: taken once each.
         window.check(2, 10, 103).unwrap();
         window.check(2, 10, 101).unwrap();
         window.check(2, 10, 102).unwrap();
-        assert_eq!(window.check(2, 10, 101), Err(SyncError::Replay));
+        assert_eq!(window.check(2, 10, 101), Err(WireError::Replay));
         // Too far behind the highest.
         window.check(2, 10, 200).unwrap();
         assert_eq!(
             window.check(2, 10, 200 - REPLAY_WINDOW),
-            Err(SyncError::Replay)
+            Err(WireError::Replay)
         );
         window.check(2, 10, 200 - REPLAY_WINDOW + 1).unwrap();
         // A jump past the window forgets what it saw.
@@ -545,7 +534,7 @@ mod tests {
         // A restarted sender: a later epoch starts again; an older one is
         // refused.
         window.check(2, 11, 0).unwrap();
-        assert_eq!(window.check(2, 10, 5000), Err(SyncError::Replay));
+        assert_eq!(window.check(2, 10, 5000), Err(WireError::Replay));
         // Senders are apart.
         window.check(3, 1, 0).unwrap();
     }
