@@ -10,12 +10,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use tidegate_common::stats::Counter;
 use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
-    control::{CountersReply, Reply, Request, client},
+    control::{CountersReply, client::Client},
     error_chain,
     ha::agent::{HaMode, HaStatus},
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
@@ -211,8 +211,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let socket = cli.socket;
-    let ask = |request: Request| client::request(&socket, &request);
+    let gateway = Client::new(cli.socket);
     let core = |command| core_api::run(&cli.core_socket, command);
     match cli.command {
         Command::Location(command) => core(core_api::CoreCommand::Location(command))?,
@@ -233,9 +232,7 @@ fn run(cli: Cli) -> Result<()> {
             location: Some(location),
         } => core(core_api::CoreCommand::Failover { location })?,
         Command::Counters { json } => {
-            let Reply::Counters(reply) = ask(Request::Counters)? else {
-                bail!("the daemon answered something other than counters");
-            };
+            let reply = gateway.counters()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply)?);
             } else {
@@ -243,9 +240,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Peers { json } => {
-            let Reply::Peers(reply) = ask(Request::Peers)? else {
-                bail!("the daemon answered something other than peers");
-            };
+            let reply = gateway.peers()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply)?);
             } else {
@@ -253,22 +248,16 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Peer(command) => {
-            let request = match command {
-                PeerCommand::Add(args) => Request::PeerAdd {
-                    peer: args.entry()?,
-                },
-                PeerCommand::Change(args) => Request::PeerChange {
-                    peer: args.entry()?,
-                },
-                PeerCommand::Remove { public_key } => Request::PeerRemove { public_key },
+            let report = match command {
+                PeerCommand::Add(args) => gateway.add_peer(args.entry()?)?,
+                PeerCommand::Change(args) => gateway.change_peer(args.entry()?)?,
+                PeerCommand::Remove { public_key } => gateway.remove_peer(public_key)?,
             };
-            applied(ask(request)?)?;
+            applied(report);
         }
-        Command::Reload => applied(ask(Request::Reload)?)?,
+        Command::Reload => applied(gateway.reload()?),
         Command::Removals { json } => {
-            let Reply::Removals(removals) = ask(Request::Removals)? else {
-                bail!("the daemon answered something other than removals");
-            };
+            let removals = gateway.removals()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&removals)?);
             } else {
@@ -276,9 +265,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Status { json } => {
-            let Reply::Status(status) = ask(Request::Status)? else {
-                bail!("the daemon answered something other than a status");
-            };
+            let status = gateway.status()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -286,24 +273,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Failover { location: None } => {
-            let Reply::HandingOver { to } = ask(Request::Failover)? else {
-                bail!("the daemon answered something other than a handover");
-            };
+            let to = gateway.failover()?;
             println!("handing over to gateway {to}");
         }
         Command::Maintenance { mode } => {
-            let on = matches!(mode, OnOff::On);
-            let Reply::Maintenance { on } = ask(Request::Maintenance { on })? else {
-                bail!("the daemon answered something other than maintenance");
-            };
+            let on = gateway.maintenance(matches!(mode, OnOff::On))?;
             println!("maintenance {}", if on { "on" } else { "off" });
         }
-        Command::Drain => drain(&ask, true)?,
-        Command::Undrain => drain(&ask, false)?,
+        Command::Drain => drained(gateway.drain(true)?),
+        Command::Undrain => drained(gateway.drain(false)?),
         Command::Sessions { json } => {
-            let Reply::Sessions(sessions) = ask(Request::Sessions)? else {
-                bail!("the daemon answered something other than sessions");
-            };
+            let sessions = gateway.sessions()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sessions)?);
             } else {
@@ -311,9 +291,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Director { json } => {
-            let Reply::Director(status) = ask(Request::Director)? else {
-                bail!("the daemon answered something other than the director");
-            };
+            let status = gateway.director()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -324,10 +302,8 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn drain(ask: &impl Fn(Request) -> Result<Reply, client::ClientError>, on: bool) -> Result<()> {
-    let Reply::Draining { on } = ask(Request::Drain { on })? else {
-        bail!("the daemon answered something other than draining");
-    };
+/// Prints whether the gateway is now draining.
+fn drained(on: bool) {
     println!(
         "{}",
         if on {
@@ -336,7 +312,6 @@ fn drain(ask: &impl Fn(Request) -> Result<Reply, client::ClientError>, on: bool)
             "not draining: this gateway takes new clients"
         }
     );
-    Ok(())
 }
 
 fn sessions_table(sessions: &[SessionEntry]) -> String {
@@ -583,21 +558,18 @@ fn sync_ms(at: SystemTime) -> u64 {
         .as_millis() as u64
 }
 
-fn applied(reply: Reply) -> Result<()> {
-    let Reply::Applied(ApplyReport {
+/// Prints what a change did to the WireGuard device.
+fn applied(report: ApplyReport) {
+    let ApplyReport {
         added,
         updated,
         removed,
         device,
         requests,
-    }) = reply
-    else {
-        bail!("the daemon answered something other than a change report");
-    };
+    } = report;
     println!(
         "applied: {added} added, {updated} changed, {removed} removed, {device} device settings ({requests} WireGuard requests)"
     );
-    Ok(())
 }
 
 /// "12s ago", "never".
