@@ -1,9 +1,10 @@
 //! The XDP director (the `tidegate_director` program), frame by frame,
 //! through `BPF_PROG_TEST_RUN`: each case names its input, the verdict it
 //! must get, the exact frame that must come out, the shield counter it must
-//! bump and what it must do to the per-backend counters. Picks are predicted with user space's Maglev
-//! builder and client hash, so a program that hashed or indexed differently
-//! from user space fails here. Needs root (it loads the program).
+//! bump and what it must do to the per-backend counters. Picks are predicted
+//! with user space's Maglev builder and client hash, so a program that
+//! hashed or indexed differently from user space fails here. Needs root (it
+//! loads the program).
 
 #[expect(
     dead_code,
@@ -13,8 +14,10 @@ mod support;
 
 use std::{net::SocketAddr, time::Duration};
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use support::frames::*;
+use support::{
+    frames::*,
+    harness::{self, Counters, Moved, counted, require_root},
+};
 use tidegate_common::{
     director::{DEFAULT_TABLE_SIZE, client_hash, table_index},
     stats::Counter,
@@ -22,7 +25,7 @@ use tidegate_common::{
 };
 use tidegate_gateway::{
     director::{BackendSpec, DirectorState, Mac, maglev},
-    xdp::{CounterSnapshot, Datapath, DirectorStatus, ServiceTable, director::client_key},
+    xdp::{Datapath, DirectorStatus, ServiceTable, director::client_key},
 };
 
 const XDP_DROP: u32 = 1;
@@ -42,15 +45,6 @@ const OWN_MAC: Mac = [0x02, 0, 0, 0, 0x0a, 0x02];
 const MAC1: Mac = [0x02, 0, 0, 0, 0x0a, 0x01];
 const MAC3: Mac = [0x02, 0, 0, 0, 0x0a, 0x03];
 const LOCAL_ID: u32 = 2;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "the BPF packet tests load XDP programs and need root: run `cargo xtask test` as root"
-    );
-}
 
 fn backend(id: u32, draining: bool) -> BackendSpec {
     let mac = match id {
@@ -131,165 +125,116 @@ fn rewritten(input: &[u8], to: Mac, from: Mac) -> Vec<u8> {
     out
 }
 
-/// What a frame does to one backend's counters.
+/// What a frame does to one backend's counters (public, as the delta of
+/// the director's `Counters`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BackendDelta {
+pub struct BackendDelta {
     gateway_id: u32,
     packets: u64,
     bytes: u64,
     new_pins: u64,
 }
 
-/// One frame and everything it must do.
-struct Case {
-    name: String,
+/// One frame and everything it must do: the frame that must come out, the
+/// shield counter and the backend counters (gateway 0: unpinned) that must
+/// move.
+type Case = harness::Case<(Moved, Vec<BackendDelta>)>;
+
+fn case(
+    name: &str,
     input: Vec<u8>,
     verdict: u32,
-    /// The frame that must come out.
     output: Vec<u8>,
     counter: Counter,
-    /// Backend counters that must move (gateway 0: unpinned).
     backends: Vec<BackendDelta>,
+) -> Case {
+    Case {
+        name: name.into(),
+        counters: (counted(counter.name(), &input), backends),
+        input,
+        verdict,
+        output: Some(output),
+    }
 }
 
 /// Steered to remote gateway `id` at `mac`, pinned now or already.
 fn steered(name: &str, input: Vec<u8>, id: u32, mac: Mac, new_pin: bool) -> Case {
-    Case {
-        name: name.into(),
-        output: rewritten(&input, mac, OWN_MAC),
-        verdict: XDP_TX,
-        counter: Counter::Steered,
-        backends: vec![delta(id, input.len(), new_pin)],
-        input,
-    }
+    let output = rewritten(&input, mac, OWN_MAC);
+    let backends = vec![delta(id, &input, new_pin)];
+    case(name, input, XDP_TX, output, Counter::Steered, backends)
 }
 
 /// Passed to this gateway's stack untouched, under `counter`, counted for
 /// backend `id` (0: unpinned) or for none.
 fn local(name: &str, input: Vec<u8>, counter: Counter, id: Option<u32>, new_pin: bool) -> Case {
-    Case {
-        name: name.into(),
-        output: input.clone(),
-        verdict: XDP_PASS,
-        counter,
-        backends: id
-            .map(|id| delta(id, input.len(), new_pin))
-            .into_iter()
-            .collect(),
-        input,
-    }
+    let backends = id
+        .map(|id| delta(id, &input, new_pin))
+        .into_iter()
+        .collect();
+    case(name, input.clone(), XDP_PASS, input, counter, backends)
 }
 
-fn delta(id: u32, len: usize, new_pin: bool) -> BackendDelta {
+/// Dropped as it came, under `counter`, before the director looks at it.
+fn dropped(name: &str, input: Vec<u8>, counter: Counter) -> Case {
+    case(name, input.clone(), XDP_DROP, input, counter, vec![])
+}
+
+/// `frame` counted for backend `id`.
+fn delta(id: u32, frame: &[u8], new_pin: bool) -> BackendDelta {
     BackendDelta {
         gateway_id: id,
         packets: 1,
-        bytes: len as u64,
+        bytes: frame.len() as u64,
         new_pins: u64::from(new_pin),
     }
 }
 
-/// Runs every case in order on `datapath` and reports all mismatches at
-/// once.
+/// Runs every case in order through the director, watching the shield's
+/// counters and the backends'.
 fn run_on(datapath: &Datapath, cases: &[Case]) {
-    let program = datapath.director_program().unwrap();
-    let mut failures = Vec::new();
-    for case in cases {
-        let (counters_before, backends_before) = (
-            datapath.counters().unwrap(),
-            datapath.director_status().unwrap(),
-        );
-        let mut output = vec![0u8; case.input.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(&case.input),
-                data_out: Some(&mut output),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("{}: test run failed: {e}", case.name));
-        output.truncate(result.data_size_out as usize);
-        let bumped = counter_diff(&counters_before, &datapath.counters().unwrap());
-        let moved = backend_diff(&backends_before, &datapath.director_status().unwrap());
-        let mut problems = Vec::new();
-        if result.return_value != case.verdict {
-            problems.push(format!(
-                "verdict {} (want {})",
-                result.return_value, case.verdict
-            ));
-        }
-        let want = vec![(case.counter, 1, case.input.len() as u64)];
-        if bumped != want {
-            problems.push(format!("counters {bumped:?} (want {want:?})"));
-        }
-        if moved != case.backends {
-            problems.push(format!(
-                "backend counters {moved:?} (want {:?})",
-                case.backends
-            ));
-        }
-        if output != case.output {
-            problems.push(format!(
-                "frame out differs: Ethernet {:02x?} (want {:02x?}){}",
-                &output[..output.len().min(14)],
-                &case.output[..14],
-                if output.len() == case.output.len() && output[14..] == case.output[14..] {
-                    ""
-                } else {
-                    ", and past the Ethernet header"
-                }
-            ));
-        }
-        if !problems.is_empty() {
-            failures.push(format!("  {}: {}", case.name, problems.join("; ")));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
+    harness::run(
+        datapath.director_program().unwrap(),
+        || {
+            (
+                datapath.counters().unwrap().counters,
+                datapath.director_status().unwrap(),
+            )
+        },
+        cases,
     );
 }
 
-/// (counter, packets, bytes) for every shield counter that changed.
-fn counter_diff(before: &CounterSnapshot, after: &CounterSnapshot) -> Vec<(Counter, u64, u64)> {
-    Counter::ALL
-        .iter()
-        .filter_map(|&c| {
-            let (b, a) = (before.get(c), after.get(c));
-            (a != b).then(|| (c, a.packets - b.packets, a.bytes - b.bytes))
-        })
-        .collect()
-}
-
 /// How each backend's counters moved, gateway 0 being the unpinned ones.
-fn backend_diff(before: &DirectorStatus, after: &DirectorStatus) -> Vec<BackendDelta> {
-    let mut out = Vec::new();
-    if after.unpinned != before.unpinned {
-        out.push(BackendDelta {
-            gateway_id: 0,
-            packets: after.unpinned.packets - before.unpinned.packets,
-            bytes: after.unpinned.bytes - before.unpinned.bytes,
-            new_pins: 0,
-        });
-    }
-    for b in &after.backends {
-        let (packets, bytes, new_pins) = before
-            .backends
-            .iter()
-            .find(|o| o.gateway_id == b.gateway_id)
-            .map_or((0, 0, 0), |o| (o.packets, o.bytes, o.new_pins));
-        if (b.packets, b.bytes, b.new_pins) != (packets, bytes, new_pins) {
+impl Counters for DirectorStatus {
+    type Delta = Vec<BackendDelta>;
+
+    fn since(&self, before: &Self) -> Vec<BackendDelta> {
+        let mut out = Vec::new();
+        if self.unpinned != before.unpinned {
             out.push(BackendDelta {
-                gateway_id: b.gateway_id,
-                packets: b.packets - packets,
-                bytes: b.bytes - bytes,
-                new_pins: b.new_pins - new_pins,
+                gateway_id: 0,
+                packets: self.unpinned.packets - before.unpinned.packets,
+                bytes: self.unpinned.bytes - before.unpinned.bytes,
+                new_pins: 0,
             });
         }
+        for b in &self.backends {
+            let (packets, bytes, new_pins) = before
+                .backends
+                .iter()
+                .find(|o| o.gateway_id == b.gateway_id)
+                .map_or((0, 0, 0), |o| (o.packets, o.bytes, o.new_pins));
+            if (b.packets, b.bytes, b.new_pins) != (packets, bytes, new_pins) {
+                out.push(BackendDelta {
+                    gateway_id: b.gateway_id,
+                    packets: b.packets - packets,
+                    bytes: b.bytes - bytes,
+                    new_pins: b.new_pins - new_pins,
+                });
+            }
+        }
+        out
     }
-    out
 }
 
 /// The pins the director holds, as (client, gateway).
@@ -480,14 +425,11 @@ fn what_the_director_does_not_steer() {
             None,
             false,
         ),
-        Case {
-            name: "malformed WireGuard to a VIP: the shield drops it first".into(),
-            input: frame(remote, VIP4, wg(9, 64)).build(),
-            output: frame(remote, VIP4, wg(9, 64)).build(),
-            verdict: XDP_DROP,
-            counter: Counter::BadType,
-            backends: vec![],
-        },
+        dropped(
+            "malformed WireGuard to a VIP: the shield drops it first",
+            frame(remote, VIP4, wg(9, 64)).build(),
+            Counter::BadType,
+        ),
         local(
             "other UDP to a VIP",
             Udp::new(CLIENT4, VIP4, 53, vec![0; 40]).build(),
@@ -523,18 +465,16 @@ fn the_shield_program_never_steers() {
     ));
     let remote = client_for(&members, 1, CLIENT4, &[]);
     let input = frame(remote, VIP4, initiation()).build();
-    let mut output = vec![0u8; input.len() + 256];
-    let result = datapath
-        .program()
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(&input),
-            data_out: Some(&mut output),
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(result.return_value, XDP_PASS);
-    assert_eq!(&output[..result.data_size_out as usize], &input[..]);
+    harness::run_shield(
+        &datapath,
+        &[harness::Case::new(
+            "a client of gateway 1",
+            input.clone(),
+            XDP_PASS,
+            Counter::Initiation.name(),
+            Some(input),
+        )],
+    );
     assert_eq!(pins(&datapath), []);
 }
 
@@ -580,17 +520,13 @@ fn a_lapsed_lease_fences_before_the_director_steers() {
     // A lease of zero lapses within a jiffy.
     std::thread::sleep(Duration::from_millis(50));
     let remote = client_for(&members, 1, CLIENT4, &[]);
-    let input = frame(remote, VIP4, transport()).build();
     run_on(
         &datapath,
-        &[Case {
-            name: "transport to a VIP while fenced".into(),
-            output: input.clone(),
-            input,
-            verdict: XDP_DROP,
-            counter: Counter::Fenced,
-            backends: vec![],
-        }],
+        &[dropped(
+            "transport to a VIP while fenced",
+            frame(remote, VIP4, transport()).build(),
+            Counter::Fenced,
+        )],
     );
     assert_eq!(pins(&datapath), []);
 }

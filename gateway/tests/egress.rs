@@ -12,13 +12,16 @@ mod support;
 
 use std::{net::IpAddr, time::Duration};
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use support::frames::*;
+use support::{
+    frames::*,
+    harness::{self, Moved, require_root},
+};
 use tidegate_common::{client::ClientKey, egress::EgressCounter, stats::Counter, wireguard::*};
-use tidegate_gateway::xdp::{CounterSnapshot, Datapath, Ownership, ServiceTable};
+use tidegate_gateway::xdp::{Datapath, Ownership, ServiceTable};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
@@ -32,15 +35,6 @@ const LISTEN_PORT: u16 = 51820;
 const CLIENT_PORT: u16 = 40_000;
 const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
 const OWN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "the BPF packet tests load BPF programs and need root: run `cargo xtask test` as root"
-    );
-}
 
 /// A WireGuard message of `kind` and `len` bytes whose sender or receiver
 /// index (bytes 4..8) is `index` (and, for a response, whose receiver index,
@@ -100,106 +94,28 @@ fn datapath(lease: bool, ownership: Ownership) -> Datapath {
     datapath
 }
 
-/// One frame through the egress guard.
-struct EgressCase {
-    name: &'static str,
-    input: Vec<u8>,
-    counter: EgressCounter,
-    /// The frame that must come out, if it goes out.
-    output: Option<Vec<u8>>,
+type Case = harness::Case<Moved>;
+
+/// Sent on as `output`, counted under `counter`.
+fn out(name: &str, input: Vec<u8>, counter: EgressCounter, output: Vec<u8>) -> Case {
+    Case::new(name, input, TC_ACT_OK, counter.name(), Some(output))
 }
 
-fn out(name: &'static str, input: Vec<u8>, counter: EgressCounter, output: Vec<u8>) -> EgressCase {
-    EgressCase {
-        name,
-        input,
-        counter,
-        output: Some(output),
-    }
-}
-
-fn unchanged(name: &'static str, input: Vec<u8>, counter: EgressCounter) -> EgressCase {
+fn unchanged(name: &str, input: Vec<u8>, counter: EgressCounter) -> Case {
     out(name, input.clone(), counter, input)
 }
 
-fn shot(name: &'static str, input: Vec<u8>, counter: EgressCounter) -> EgressCase {
-    EgressCase {
-        name,
-        input,
-        counter,
-        output: None,
-    }
+fn shot(name: &str, input: Vec<u8>, counter: EgressCounter) -> Case {
+    Case::new(name, input, TC_ACT_SHOT, counter.name(), None)
 }
 
-/// Runs every case through the egress program and reports all mismatches.
-fn run_egress(datapath: &Datapath, cases: Vec<EgressCase>) {
-    let program = datapath.egress_program().unwrap();
-    let mut failures = Vec::new();
-    for case in &cases {
-        let before = egress_counters(datapath);
-        let mut output = vec![0u8; case.input.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(&case.input),
-                data_out: Some(&mut output),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("{}: test run failed: {e}", case.name));
-        let after = egress_counters(datapath);
-        let bumped: Vec<(String, u64)> = after
-            .iter()
-            .zip(&before)
-            .filter(|(a, b)| a.1 != b.1)
-            .map(|(a, b)| (a.0.clone(), a.1 - b.1))
-            .collect();
-        let mut problems = Vec::new();
-        let want = vec![(case.counter.name().to_owned(), 1)];
-        if bumped != want {
-            problems.push(format!("counters {bumped:?} (want {want:?})"));
-        }
-        let verdict = if case.output.is_some() {
-            TC_ACT_OK
-        } else {
-            TC_ACT_SHOT
-        };
-        if result.return_value != verdict {
-            problems.push(format!("verdict {} (want {verdict})", result.return_value));
-        }
-        if let Some(expected) = &case.output {
-            let got = &output[..result.data_size_out as usize];
-            if got != &expected[..] {
-                problems.push(format!(
-                    "frame differs at bytes {:?}\n      got  {got:02x?}\n      want {expected:02x?}",
-                    differing(got, expected)
-                ));
-            }
-        }
-        if !problems.is_empty() {
-            failures.push(format!("  {}: {}", case.name, problems.join("; ")));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
+/// Runs every case through the egress guard.
+fn run_egress(datapath: &Datapath, cases: &[Case]) {
+    harness::run(
+        datapath.egress_program().unwrap(),
+        || datapath.continuity().counters().unwrap(),
+        cases,
     );
-}
-
-fn differing(a: &[u8], b: &[u8]) -> Vec<usize> {
-    (0..a.len().max(b.len()))
-        .filter(|&i| a.get(i) != b.get(i))
-        .collect()
-}
-
-/// (name, packets) of every egress counter.
-fn egress_counters(datapath: &Datapath) -> Vec<(String, u64)> {
-    let status = datapath
-        .continuity()
-        .counters()
-        .expect("read the egress counters");
-    status.into_iter().map(|(n, c)| (n, c.packets)).collect()
 }
 
 fn initiation(index: u32) -> Vec<u8> {
@@ -228,7 +144,7 @@ fn the_master_sends_everything_from_the_vip() {
     };
     run_egress(
         &datapath,
-        vec![
+        &[
             out(
                 "an initiation from the host address leaves from the VIP",
                 outgoing(HOST4, initiation(7)),
@@ -298,7 +214,7 @@ fn a_backup_sends_nothing_and_records_nothing() {
     let datapath = datapath(true, Ownership::None);
     run_egress(
         &datapath,
-        vec![
+        &[
             shot(
                 "initiation",
                 outgoing(HOST4, initiation(11)),
@@ -331,7 +247,7 @@ fn after_a_handover_the_old_master_answers_but_does_not_initiate() {
     let datapath = datapath(true, Ownership::Grace);
     run_egress(
         &datapath,
-        vec![
+        &[
             shot(
                 "an initiation (its rekey timer)",
                 outgoing(HOST4, initiation(21)),
@@ -367,7 +283,7 @@ fn in_director_mode_only_owned_clients_are_sent_to() {
     );
     run_egress(
         &datapath,
-        vec![shot(
+        &[shot(
             "data to a client this gateway does not own",
             outgoing(VIP4, transport(31)),
             EgressCounter::DeniedNotOwned,
@@ -377,7 +293,7 @@ fn in_director_mode_only_owned_clients_are_sent_to() {
     assert!(datapath.continuity().owns(&client));
     run_egress(
         &datapath,
-        vec![
+        &[
             out(
                 "an initiation to an owned client",
                 outgoing(HOST4, initiation(32)),
@@ -398,7 +314,7 @@ fn a_lapsed_lease_silences_even_a_master() {
     let datapath = datapath(false, Ownership::All);
     run_egress(
         &datapath,
-        vec![
+        &[
             shot(
                 "initiation",
                 outgoing(HOST4, initiation(41)),
@@ -413,85 +329,23 @@ fn a_lapsed_lease_silences_even_a_master() {
     );
 }
 
-/// One frame through the XDP program.
-struct XdpCase {
-    name: &'static str,
-    input: Vec<u8>,
-    verdict: u32,
-    counter: Counter,
-    output: Vec<u8>,
+/// Through the XDP program: passed untouched, counted under `counter`.
+fn passes(name: &str, input: Vec<u8>, counter: Counter) -> Case {
+    Case::new(name, input.clone(), XDP_PASS, counter.name(), Some(input))
 }
 
-fn passes(name: &'static str, input: Vec<u8>, counter: Counter) -> XdpCase {
-    XdpCase {
-        name,
-        output: input.clone(),
-        input,
-        verdict: XDP_PASS,
-        counter,
-    }
-}
-
-fn handed_on(name: &'static str, input: Vec<u8>) -> XdpCase {
+/// Sent back out to the peer gateway, Ethernet addresses rewritten.
+fn handed_on(name: &str, input: Vec<u8>) -> Case {
     let mut output = input.clone();
     output[..6].copy_from_slice(&PEER_MAC);
     output[6..12].copy_from_slice(&OWN_MAC);
-    XdpCase {
+    Case::new(
         name,
         input,
-        verdict: XDP_TX,
-        counter: Counter::HandedOver,
-        output,
-    }
-}
-
-fn run_xdp(datapath: &Datapath, cases: Vec<XdpCase>) {
-    let program = datapath.program().unwrap();
-    let mut failures = Vec::new();
-    for case in &cases {
-        let before = datapath.counters().unwrap();
-        let mut output = vec![0u8; case.input.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(&case.input),
-                data_out: Some(&mut output),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("{}: test run failed: {e}", case.name));
-        let after = datapath.counters().unwrap();
-        let bumped = diff(&before, &after);
-        let mut problems = Vec::new();
-        if result.return_value != case.verdict {
-            problems.push(format!(
-                "verdict {} (want {})",
-                result.return_value, case.verdict
-            ));
-        }
-        if bumped != [case.counter] {
-            problems.push(format!("counters {bumped:?} (want {:?})", case.counter));
-        }
-        if output[..result.data_size_out as usize] != case.output[..] {
-            problems.push("the frame that came out is not the one expected".into());
-        }
-        if !problems.is_empty() {
-            failures.push(format!("  {}: {}", case.name, problems.join("; ")));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
-}
-
-fn diff(before: &CounterSnapshot, after: &CounterSnapshot) -> Vec<Counter> {
-    Counter::ALL
-        .iter()
-        .copied()
-        .filter(|&c| before.get(c) != after.get(c))
-        .collect()
+        XDP_TX,
+        Counter::HandedOver.name(),
+        Some(output),
+    )
 }
 
 /// The master's own index 51 (seen by its egress guard in an initiation it
@@ -500,7 +354,7 @@ fn in_handover() -> Datapath {
     let mut datapath = datapath(true, Ownership::All);
     run_egress(
         &datapath,
-        vec![out(
+        &[out(
             "the master's own initiation",
             outgoing(HOST4, initiation(51)),
             EgressCounter::Rewritten,
@@ -523,9 +377,9 @@ fn in_the_window_frames_of_the_other_gateways_sessions_are_handed_on() {
         frame[6..12].copy_from_slice(&PEER_MAC);
         frame
     };
-    run_xdp(
+    harness::run_shield(
         &datapath,
-        vec![
+        &[
             passes(
                 "data of this gateway's session",
                 incoming(CLIENT4, VIP4, transport(51)),
@@ -566,30 +420,24 @@ fn in_the_window_frames_of_the_other_gateways_sessions_are_handed_on() {
                 from_peer(transport(57)),
                 Counter::Transport,
             ),
-            passes(
+            Case::new(
                 "malformed WireGuard keeps its own reason",
                 incoming(CLIENT4, VIP4, wg(9, 64)),
-                Counter::BadType,
-            )
-            .dropped(),
+                XDP_DROP,
+                Counter::BadType.name(),
+                Some(incoming(CLIENT4, VIP4, wg(9, 64))),
+            ),
         ],
     );
-}
-
-impl XdpCase {
-    fn dropped(mut self) -> Self {
-        self.verdict = 1;
-        self
-    }
 }
 
 #[test]
 fn a_closed_or_lapsed_window_hands_nothing_on() {
     let mut datapath = in_handover();
     datapath.continuity_mut().close_handover().unwrap();
-    run_xdp(
+    harness::run_shield(
         &datapath,
-        vec![passes(
+        &[passes(
             "data of another session, window closed",
             incoming(CLIENT4, VIP4, transport(62)),
             Counter::Transport,
@@ -601,9 +449,9 @@ fn a_closed_or_lapsed_window_hands_nothing_on() {
         .continuity_mut()
         .open_handover(PEER_MAC, OWN_MAC, past)
         .unwrap();
-    run_xdp(
+    harness::run_shield(
         &datapath,
-        vec![passes(
+        &[passes(
             "data of another session, window past",
             incoming(CLIENT4, VIP4, transport(63)),
             Counter::Transport,
@@ -618,9 +466,9 @@ fn in_director_mode_the_sources_of_handshakes_become_owned() {
         IpAddr::V4(v4) => ClientKey::v4(v4.octets(), CLIENT_PORT.to_be()),
         IpAddr::V6(v6) => ClientKey::v6(v6.octets(), CLIENT_PORT.to_be()),
     };
-    run_xdp(
+    harness::run_shield(
         &datapath,
-        vec![
+        &[
             passes(
                 "an initiation",
                 incoming(CLIENT4, VIP4, initiation(71)),

@@ -6,10 +6,13 @@ mod support;
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use std::time::Duration;
-use support::frames::*;
+use support::{
+    frames::*,
+    harness::{self, Moved, require_root},
+};
 use tidegate_common::{maps, stats::Counter, wireguard::*};
 
-use tidegate_gateway::xdp::{CounterSnapshot, Datapath, ServiceTable};
+use tidegate_gateway::xdp::{Datapath, ServiceTable};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -22,21 +25,13 @@ const CLIENT4: &str = "203.0.113.7";
 const CLIENT6: &str = "2001:db8:1::7";
 const PORT: u16 = 51820;
 
-/// One frame and what the shield must do with it.
-struct Case {
-    name: String,
-    input: Vec<u8>,
-    verdict: u32,
-    counter: Counter,
-}
+type Case = harness::Case<Moved>;
 
+/// `input` gets `verdict` and is counted under `counter`; passed, it comes
+/// out untouched.
 fn case(name: impl Into<String>, input: Vec<u8>, verdict: u32, counter: Counter) -> Case {
-    Case {
-        name: name.into(),
-        input,
-        verdict,
-        counter,
-    }
+    let output = (verdict == XDP_PASS).then(|| input.clone());
+    Case::new(name, input, verdict, counter.name(), output)
 }
 
 fn pass(name: impl Into<String>, input: Vec<u8>, counter: Counter) -> Case {
@@ -45,15 +40,6 @@ fn pass(name: impl Into<String>, input: Vec<u8>, counter: Counter) -> Case {
 
 fn drop(name: impl Into<String>, input: Vec<u8>, counter: Counter) -> Case {
     case(name, input, XDP_DROP, counter)
-}
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "the BPF packet tests load XDP programs and need root: run `cargo xtask test` as root"
-    );
 }
 
 /// Loads the shield with the test services: (198.51.100.1, 51820),
@@ -79,75 +65,9 @@ fn shield() -> Datapath {
     datapath
 }
 
-/// Runs every case on a fresh shield and reports all mismatches at once.
+/// Runs every case on a fresh shield.
 fn run(cases: Vec<Case>) {
-    run_on(&shield(), cases);
-}
-
-/// Runs every case on `datapath` and reports all mismatches at once.
-fn run_on(datapath: &Datapath, cases: Vec<Case>) {
-    let program = datapath.program().unwrap();
-    let mut failures = Vec::new();
-    for case in &cases {
-        let before = datapath.counters().unwrap();
-        let mut output = vec![0u8; case.input.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(&case.input),
-                data_out: Some(&mut output),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("{}: test run failed: {e}", case.name));
-        let after = datapath.counters().unwrap();
-        let bumped = diff(&before, &after);
-        let expected = vec![(case.counter, 1, case.input.len() as u64)];
-        let mut problems = Vec::new();
-        if result.return_value != case.verdict {
-            problems.push(format!(
-                "verdict {} (want {})",
-                verdict_name(result.return_value),
-                verdict_name(case.verdict)
-            ));
-        }
-        if bumped != expected {
-            problems.push(format!("counters {bumped:?} (want {expected:?})"));
-        }
-        if case.verdict == XDP_PASS && output[..result.data_size_out as usize] != case.input[..] {
-            problems.push("a passed frame was modified".into());
-        }
-        if !problems.is_empty() {
-            failures.push(format!("  {}: {}", case.name, problems.join("; ")));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
-}
-
-/// (counter, packets, bytes) for every counter that changed.
-fn diff(before: &CounterSnapshot, after: &CounterSnapshot) -> Vec<(Counter, u64, u64)> {
-    Counter::ALL
-        .iter()
-        .filter_map(|&c| {
-            let (b, a) = (before.get(c), after.get(c));
-            (a != b).then(|| (c, a.packets - b.packets, a.bytes - b.bytes))
-        })
-        .collect()
-}
-
-fn verdict_name(verdict: u32) -> &'static str {
-    match verdict {
-        0 => "XDP_ABORTED",
-        1 => "XDP_DROP",
-        2 => "XDP_PASS",
-        3 => "XDP_TX",
-        4 => "XDP_REDIRECT",
-        _ => "unknown",
-    }
+    harness::run_shield(&shield(), &cases);
 }
 
 fn v4(payload: Vec<u8>) -> Udp {
@@ -523,7 +443,7 @@ fn frames_cut_at_every_length_are_handled() {
             cases.push(case(
                 format!("{name} cut to {len} bytes"),
                 frame[..len].to_vec(),
-                counter.verdict().xdp_action(),
+                counter.verdict() as u32,
                 counter,
             ));
         }
@@ -544,21 +464,6 @@ fn frames_shorter_than_ethernet_never_reach_the_program() {
             ..Default::default()
         });
         assert!(result.is_err(), "a {len}-byte frame was run");
-    }
-}
-
-trait XdpAction {
-    fn xdp_action(self) -> u32;
-}
-
-impl XdpAction for tidegate_common::stats::Verdict {
-    fn xdp_action(self) -> u32 {
-        match self {
-            Self::Aborted => 0,
-            Self::Drop => XDP_DROP,
-            Self::Pass => XDP_PASS,
-            Self::Tx => 3,
-        }
     }
 }
 
@@ -651,19 +556,19 @@ fn fence_cases(fenced: bool, arp_fenced: bool) -> Vec<Case> {
 #[test]
 fn a_lapsed_lease_fences_the_vips() {
     // VIPs set and the lease never granted: a daemon that died at once.
-    run_on(&fenced(None), fence_cases(true, true));
+    harness::run_shield(&fenced(None), &fence_cases(true, true));
 }
 
 #[test]
 fn a_master_with_a_live_lease_answers_for_its_vips() {
     let lease = Some((Duration::from_secs(30), true));
-    run_on(&fenced(lease), fence_cases(false, false));
+    harness::run_shield(&fenced(lease), &fence_cases(false, false));
 }
 
 #[test]
 fn a_backup_with_a_live_lease_takes_vip_traffic_but_does_not_answer_for_vips() {
     let lease = Some((Duration::from_secs(30), false));
-    run_on(&fenced(lease), fence_cases(false, true));
+    harness::run_shield(&fenced(lease), &fence_cases(false, true));
 }
 
 #[test]
@@ -672,10 +577,10 @@ fn a_lease_lapses_when_it_is_not_renewed() {
     // too.
     let lease = support::stretch(Duration::from_millis(100));
     let datapath = fenced(Some((lease, true)));
-    run_on(&datapath, fence_cases(false, false));
+    harness::run_shield(&datapath, &fence_cases(false, false));
     // Twice the lease plus a few jiffies at any HZ.
     std::thread::sleep(lease * 3);
-    run_on(&datapath, fence_cases(true, true));
+    harness::run_shield(&datapath, &fence_cases(true, true));
     let status = datapath.fence_status().unwrap();
     assert!(status.holds_vips && status.lease_left_ms == 0, "{status:?}");
 }

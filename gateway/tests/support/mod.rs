@@ -1,6 +1,7 @@
 //! Helpers shared by the gateway's integration tests and its benchmark.
 
 pub mod frames;
+pub mod harness;
 
 use std::time::Duration;
 
