@@ -9,15 +9,31 @@ use tracing::error;
 
 use tidegate_common::client::ClientKey;
 
+use serde::{Deserialize, Serialize};
+
 use crate::{
-    control::CountersReply,
     director::DirectorState,
     error_chain,
     xdp::{
-        Datapath, DirectorStatus, Ownership, ServiceTable, SessionEntry, XdpError,
-        director::SessionReader,
+        AttachMode, CounterSnapshot, Datapath, DirectorStatus, EgressStatus, Ownership,
+        ServiceTable, SessionEntry, XdpError, director::SessionReader,
     },
 };
+
+/// The shield's and the egress guard's counters, and where the program
+/// is attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathCounters {
+    /// The interface the XDP program is attached to.
+    pub interface: String,
+    /// The mode it is attached in.
+    pub xdp_mode: AttachMode,
+    #[serde(flatten)]
+    pub snapshot: CounterSnapshot,
+    /// The egress guard, when it is attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressStatus>,
+}
 
 /// Why a request to the datapath task failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +49,7 @@ pub enum DatapathError {
 #[derive(Debug)]
 enum Command {
     Counters {
-        reply: oneshot::Sender<Result<CountersReply, DatapathError>>,
+        reply: oneshot::Sender<Result<DatapathCounters, DatapathError>>,
     },
     InstallServices {
         table: ServiceTable,
@@ -85,7 +101,7 @@ pub struct DatapathHandle {
 
 impl DatapathHandle {
     /// The shield's counters and where it is attached.
-    pub async fn counters(&self) -> Result<CountersReply, DatapathError> {
+    pub async fn counters(&self) -> Result<DatapathCounters, DatapathError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Counters { reply })
@@ -283,9 +299,9 @@ pub fn spawn(
     (DatapathHandle { tx }, task)
 }
 
-fn counters(datapath: &Datapath) -> Result<CountersReply, DatapathError> {
+fn counters(datapath: &Datapath) -> Result<DatapathCounters, DatapathError> {
     let (interface, xdp_mode) = datapath.attached().ok_or(DatapathError::NotAttached)?;
-    Ok(CountersReply {
+    Ok(DatapathCounters {
         interface: interface.to_owned(),
         xdp_mode,
         snapshot: datapath.counters()?,

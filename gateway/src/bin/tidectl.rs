@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use tidegate_common::stats::Counter;
 use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
-    control::{CountersReply, client::Client},
+    control::{DatapathCounters, client::Client},
     error_chain,
     ha::agent::{HaMode, HaStatus},
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
@@ -676,7 +676,7 @@ fn removals_table(removals: &[Removal]) -> String {
     out
 }
 
-fn counters_table(reply: &CountersReply) -> String {
+fn counters_table(reply: &DatapathCounters) -> String {
     use std::fmt::Write as _;
 
     let mut out = format!(
@@ -1019,7 +1019,7 @@ mod tests {
                 },
             )
         }));
-        let table = counters_table(&CountersReply {
+        let table = counters_table(&DatapathCounters {
             interface: "eth0".into(),
             xdp_mode: AttachMode::Driver,
             snapshot,

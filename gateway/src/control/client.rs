@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use super::{CountersReply, Reply, Request, Response};
+use super::{DatapathCounters, Reply, Request, Response};
 use crate::{
     ha::agent::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
@@ -70,7 +70,7 @@ impl Client {
     }
 
     /// The shield's counters and where it is attached.
-    pub fn counters(&self) -> Result<CountersReply, ClientError> {
+    pub fn counters(&self) -> Result<DatapathCounters, ClientError> {
         let request = Request::Counters;
         match self.send(&request)? {
             Reply::Counters(counters) => Ok(counters),
@@ -298,8 +298,8 @@ mod tests {
         (daemon.join().unwrap(), result)
     }
 
-    fn counters() -> CountersReply {
-        CountersReply {
+    fn counters() -> DatapathCounters {
+        DatapathCounters {
             interface: "eth0".into(),
             xdp_mode: AttachMode::Driver,
             snapshot: CounterSnapshot::default(),

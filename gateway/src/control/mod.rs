@@ -6,10 +6,11 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::datapath::DatapathCounters;
 use crate::{
     ha::agent::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
-    xdp::{AttachMode, CounterSnapshot, DirectorStatus, EgressStatus, SessionEntry},
+    xdp::{DirectorStatus, SessionEntry},
 };
 
 /// Longest request line the daemon reads.
@@ -59,7 +60,7 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reply {
-    Counters(CountersReply),
+    Counters(DatapathCounters),
     Peers(PeersReply),
     /// What a change did to the WireGuard device.
     Applied(ApplyReport),
@@ -81,23 +82,10 @@ pub enum Reply {
     Director(DirectorStatus),
 }
 
-/// The shield's counters and where it is attached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CountersReply {
-    /// The interface the XDP program is attached to.
-    pub interface: String,
-    /// The mode it is attached in.
-    pub xdp_mode: AttachMode,
-    #[serde(flatten)]
-    pub snapshot: CounterSnapshot,
-    /// The egress guard, when it is attached.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<EgressStatus>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::xdp::{AttachMode, CounterSnapshot};
 
     #[test]
     fn wire_format_is_stable() {
@@ -109,7 +97,7 @@ mod tests {
             serde_json::to_string(&Response::Error("no".into())).unwrap(),
             r#"{"error":"no"}"#
         );
-        let reply = Response::Ok(Reply::Counters(CountersReply {
+        let reply = Response::Ok(Reply::Counters(DatapathCounters {
             interface: "eth0".into(),
             xdp_mode: AttachMode::Driver,
             snapshot: CounterSnapshot::default(),
