@@ -1,9 +1,9 @@
 //! The task that owns the XDP program and its maps. Everything else sends it
 //! messages through a [`DatapathHandle`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
@@ -55,11 +55,8 @@ enum Command {
         table: ServiceTable,
         reply: oneshot::Sender<Result<(), DatapathError>>,
     },
-    RenewLease {
-        lease: Duration,
-        holds_vips: bool,
-        reply: oneshot::Sender<Result<(), DatapathError>>,
-    },
+    /// Answered once every lease renewal asked before it is applied.
+    Applied { reply: oneshot::Sender<()> },
     SetOwnership {
         ownership: Ownership,
         reply: oneshot::Sender<Result<(), DatapathError>>,
@@ -93,10 +90,20 @@ enum Command {
     },
 }
 
+/// A renewal of the fence's lease, as the HA agent asked for it.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    asked: Instant,
+    lease: Duration,
+    holds_vips: bool,
+}
+
 /// A cheap, cloneable way to ask the datapath task.
 #[derive(Debug, Clone)]
 pub struct DatapathHandle {
     tx: mpsc::Sender<Command>,
+    /// The latest renewal asked for: the task applies it first.
+    lease: watch::Sender<Option<Renewal>>,
 }
 
 impl DatapathHandle {
@@ -110,22 +117,25 @@ impl DatapathHandle {
         rx.await.map_err(|_| DatapathError::Stopped)?
     }
 
-    /// Renews the VIP fence's lease for `lease` from now.
-    pub async fn renew_lease(
-        &self,
-        lease: Duration,
-        holds_vips: bool,
-    ) -> Result<(), DatapathError> {
+    /// Renews the VIP fence's lease for `lease` from now. Never waits:
+    /// the task applies the latest renewal asked for before anything
+    /// else, counting the lease from the moment it was asked.
+    pub fn renew_lease(&self, lease: Duration, holds_vips: bool) {
+        self.lease.send_replace(Some(Renewal {
+            asked: Instant::now(),
+            lease,
+            holds_vips,
+        }));
+    }
+
+    /// Waits until the task has applied every renewal asked for before.
+    pub async fn lease_applied(&self) -> Result<(), DatapathError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::RenewLease {
-                lease,
-                holds_vips,
-                reply,
-            })
+            .send(Command::Applied { reply })
             .await
             .map_err(|_| DatapathError::Stopped)?;
-        rx.await.map_err(|_| DatapathError::Stopped)?
+        rx.await.map_err(|_| DatapathError::Stopped)
     }
 
     /// Makes the director steer (or not) across `desired`'s backends.
@@ -229,10 +239,22 @@ pub fn spawn(
     cancel: CancellationToken,
 ) -> (DatapathHandle, impl Future<Output = Result<(), XdpError>>) {
     let (tx, mut rx) = mpsc::channel(16);
+    let lease = watch::Sender::new(None);
+    let mut renewals = lease.subscribe();
     let task = async move {
         loop {
+            // Renewals first: a command answered after a renewal was asked
+            // sees it applied.
             let command = tokio::select! {
+                biased;
                 () = cancel.cancelled() => break,
+                Ok(()) = renewals.changed() => {
+                    let renewal = *renewals.borrow_and_update();
+                    if let Some(renewal) = renewal {
+                        renew(&mut datapath, renewal);
+                    }
+                    continue;
+                }
                 command = rx.recv() => match command {
                     Some(command) => command,
                     None => break,
@@ -245,12 +267,8 @@ pub fn spawn(
                 Command::InstallServices { table, reply } => {
                     let _ = reply.send(datapath.install_services(table).map_err(Into::into));
                 }
-                Command::RenewLease {
-                    lease,
-                    holds_vips,
-                    reply,
-                } => {
-                    let _ = reply.send(datapath.renew_lease(lease, holds_vips).map_err(Into::into));
+                Command::Applied { reply } => {
+                    let _ = reply.send(());
                 }
                 Command::SetOwnership { ownership, reply } => {
                     let result = datapath.continuity_mut().set_ownership(ownership);
@@ -296,7 +314,16 @@ pub fn spawn(
             error!(error = %error_chain(e), "detaching XDP failed");
         })
     };
-    (DatapathHandle { tx }, task)
+    (DatapathHandle { tx, lease }, task)
+}
+
+/// Applies `renewal`: the lease runs from when it was asked for, however
+/// late the task gets to it.
+fn renew(datapath: &mut Datapath, renewal: Renewal) {
+    let left = renewal.lease.saturating_sub(renewal.asked.elapsed());
+    if let Err(error) = datapath.renew_lease(left, renewal.holds_vips) {
+        error!(error = %error_chain(&error), "renewing the VIP fence's lease failed");
+    }
 }
 
 fn counters(datapath: &Datapath) -> Result<DatapathCounters, DatapathError> {

@@ -12,20 +12,30 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use nix::sys::socket::{IpMembershipRequest, setsockopt, sockopt};
-use tidegate_gateway::ha::{
-    advert::{Advert, AdvertKey, HEALTH_OK},
-    machine::Role as WireRole,
+use tidegate_gateway::{
+    ha::{
+        advert::{Advert, AdvertKey, HEALTH_OK},
+        machine::Role as WireRole,
+        sharing::wire::{self, Kind, Message},
+    },
+    wireguard::PeerEndpoint,
 };
+use tidegate_tests::gateway::TIDECTL_BIN;
 use tidegate_tests::ha::{
     ADVERT_GROUP, ADVERT_PORT, AdvertTransport, CLIENT_ADDR, HaGateway, KEY, LOCATION_ID, Role,
-    VIP, VIP6, gateway_addr, status_of,
+    TunnelOptions, VIP, VIP6, gateway_addr, status_of,
 };
-use tidegate_tests::{HaLocation, HaOptions, HaStatus, ProbeSummary, require_root};
+use tidegate_tests::{
+    HaLocation, HaOptions, HaStatus, KeyPair, PeerEntry, Probe, ProbeSummary, binary, poll_until,
+    require_root, run_bounded,
+};
 
 /// How long a role change may take after its cause (a few master-down
 /// intervals of 350 ms).
@@ -1120,4 +1130,302 @@ fn an_ipv6_vip_moves_with_unsolicited_neighbour_adverts_and_is_fenced() -> Resul
         "{RESOLUTIONS} fresh IPv6 resolutions of the VIP: all gateway 2"
     ));
     Ok(())
+}
+
+/// Peers of the location: how many the load test gives gateway 1, and how
+/// many more its reload adds.
+const LOAD_PEERS: usize = 10_000;
+/// How long the load test watches the adverts once the load starts.
+const LOAD_WATCH: Duration = Duration::from_secs(8);
+
+/// The master keeps its advert pace, and no other gateway takes over,
+/// while it is asked for its status every 100 ms, kicks 10,000 handshakes
+/// and reloads a config with 10,000 more peers, all at once: nothing the
+/// adverts and the lease depend on waits on the tasks that are busy.
+#[test]
+fn adverts_keep_their_pace_through_status_polls_a_large_reload_and_a_kick_storm() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let interval = Duration::from_millis(100);
+    let mut options = HaOptions::priorities(&[150, 200, 100]);
+    options.advert_interval_ms = interval.as_millis() as u64;
+    options.wireguard = Some(TunnelOptions {
+        private_key: KeyPair::generate()?.private,
+        stats_interval_ms: None,
+        kick_rate: None,
+        handover_window_ms: None,
+    });
+    let mut location = build(&options)?;
+    location.wait_master(2, SWITCH)?;
+
+    // Gateway 1 has 10,000 peers, each recently active by its endpoint
+    // table (as another gateway of the location reports them).
+    let first: Vec<PeerEntry> = (0..LOAD_PEERS).map(load_peer).collect();
+    reload_peers(location.gateway_mut(1), first.clone())?;
+    share_endpoints(&location, &first)?;
+    poll_until(
+        "gateway 1's endpoint table to hold every peer",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let entries = location
+                .status(1)?
+                .endpoints
+                .map_or(0, |endpoints| endpoints.entries);
+            Ok(if entries >= LOAD_PEERS {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("{entries} entries"))
+            })
+        },
+    )?;
+    narrate(&format!(
+        "gateway 1 has {LOAD_PEERS} peers, all recently active by its endpoint table"
+    ));
+
+    // The load: gateway 2 goes into maintenance and hands over to gateway
+    // 1, which kicks every peer; meanwhile its status is asked for every
+    // 100 ms and it reloads a config with 10,000 more peers.
+    let adverts = AdvertWatch::start(&location)?;
+    let polls = StatusPolls::start(location.gateway(1), interval)?;
+    let started = Instant::now();
+    location
+        .gateway_mut(2)
+        .daemon_mut()
+        .tidectl_ok(&["maintenance", "on"])?;
+    let mut both = first;
+    both.extend((LOAD_PEERS..2 * LOAD_PEERS).map(load_peer));
+    let reload_started = Instant::now();
+    reload_peers(location.gateway_mut(1), both)?;
+    let reload_took = reload_started.elapsed();
+    std::thread::sleep(LOAD_WATCH.saturating_sub(started.elapsed()));
+    let answered = polls.finish()?;
+    let adverts = adverts.finish()?;
+
+    let status = location.status(1)?;
+    ensure!(status.role == Role::Master, "{}", status.brief());
+    let storm = status
+        .failovers
+        .last()
+        .context("gateway 1 kicked nothing")?;
+    ensure!(
+        storm.recently_active == LOAD_PEERS && storm.kicked > LOAD_PEERS / 2,
+        "not a kick storm: {storm:?}"
+    );
+    let master_from = adverts
+        .iter()
+        .find(|a| a.gateway_id == 1 && a.role == WireRole::Master)
+        .map(|a| a.at)
+        .context("gateway 1 never advertised as MASTER")?;
+    let mut longest = Duration::ZERO;
+    let mut sent = 0;
+    let mut last = master_from;
+    for advert in adverts
+        .iter()
+        .filter(|a| a.gateway_id == 1 && a.at >= master_from)
+    {
+        longest = longest.max(advert.at - last);
+        last = advert.at;
+        sent += 1;
+    }
+    let others: Vec<u32> = adverts
+        .iter()
+        .filter(|a| a.gateway_id != 1 && a.role == WireRole::Master && a.at > master_from)
+        .map(|a| a.gateway_id)
+        .collect();
+    narrate(&format!(
+        "{sent} adverts from gateway 1 as MASTER, the longest gap {} ms (interval {} ms); \
+         {answered} status answers; the reload took {} ms; {} of {} peers kicked",
+        longest.as_millis(),
+        interval.as_millis(),
+        reload_took.as_millis(),
+        storm.kicked,
+        storm.recently_active
+    ));
+    ensure!(
+        longest < interval * 3 / 2,
+        "gateway 1 went {} ms without an advert (interval {} ms)",
+        longest.as_millis(),
+        interval.as_millis()
+    );
+    ensure!(
+        others.is_empty(),
+        "other gateways advertised as MASTER: {others:?}"
+    );
+    ensure!(
+        answered >= 40,
+        "only {answered} status requests answered in {} s",
+        LOAD_WATCH.as_secs()
+    );
+    for id in [2, 3] {
+        let status = location.status(id)?;
+        ensure!(
+            status
+                .last_change_to(Role::Master)
+                .is_none_or(|t| t.at_ms < unix_ms() - started.elapsed().as_millis() as u64),
+            "gateway {id} became MASTER under the load: {:?}",
+            status.changes()
+        );
+    }
+    Ok(())
+}
+
+/// Load-test peer `i`: a key and a tunnel address of its own.
+fn load_peer(i: usize) -> PeerEntry {
+    let mut key = [0x5a_u8; 32];
+    key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    PeerEntry {
+        name: None,
+        public_key: BASE64.encode(key),
+        allowed_ips: vec![format!(
+            "10.{}.{}.{}/32",
+            100 + i / 65_536,
+            i / 256 % 256,
+            i % 256
+        )],
+        ..PeerEntry::default()
+    }
+}
+
+/// Rewrites `gateway`'s config with `peers` and reloads it.
+fn reload_peers(gateway: &mut HaGateway, peers: Vec<PeerEntry>) -> Result<()> {
+    let daemon = gateway.daemon_mut();
+    let mut config = daemon.config().clone();
+    config.peers = peers;
+    daemon.write_config(config)?;
+    daemon.tidectl_ok(&["reload"])?;
+    Ok(())
+}
+
+/// Tells the location, as a gateway 9 of it would, that `peers` completed
+/// a handshake a second ago, each at an address of the segment that no
+/// host has (a kick to it goes nowhere).
+fn share_endpoints(location: &HaLocation, peers: &[PeerEntry]) -> Result<()> {
+    let now = SystemTime::now() - Duration::from_secs(1);
+    let entries: Vec<PeerEndpoint> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, peer)| -> Result<PeerEndpoint> {
+            Ok(PeerEndpoint {
+                key: peer.public_key.parse()?,
+                endpoint: SocketAddr::from(([198, 51, 100, 77], 20_000 + i as u16)),
+                last_handshake: now,
+                kicked: false,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let template = Message {
+        kind: Kind::Refresh,
+        location_id: LOCATION_ID,
+        gateway_id: 9,
+        epoch: unix_ms(),
+        sequence: 1,
+        mac: [2, 0, 0, 0, 0, 9],
+        part: 0,
+        parts: 1,
+        entries: Vec::new(),
+    };
+    let key = AdvertKey::new(KEY.as_bytes().to_vec());
+    let (_, sender) = advert_sockets(location)?;
+    for message in wire::split(&template, Kind::Refresh, &entries) {
+        sender.send_to(&message.encode(&key), (ADVERT_GROUP, ADVERT_PORT))?;
+        // Paced: each gateway's queue for endpoint messages is bounded.
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}
+
+/// One advert seen on the segment.
+struct SeenAdvert {
+    at: Instant,
+    gateway_id: u32,
+    role: WireRole,
+}
+
+/// Every advert on the segment, decoded, with the time it arrived: read on
+/// a thread from a socket in the client's namespace that joined the group.
+struct AdvertWatch {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<SeenAdvert>>>,
+}
+
+impl AdvertWatch {
+    fn start(location: &HaLocation) -> Result<Self> {
+        let (capture, _) = advert_sockets(location)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let key = AdvertKey::new(KEY.as_bytes().to_vec());
+        let thread = std::thread::spawn(move || -> Result<Vec<SeenAdvert>> {
+            let started = Instant::now();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let Ok((len, _)) = capture.recv_from(&mut buf) else {
+                    continue;
+                };
+                let at = Instant::now();
+                if let Ok(advert) = Advert::decode(&buf[..len], &key) {
+                    seen.push(SeenAdvert {
+                        at,
+                        gateway_id: advert.gateway_id,
+                        role: advert.role,
+                    });
+                }
+            }
+            Ok(seen)
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn finish(self) -> Result<Vec<SeenAdvert>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the advert watch panicked"))?
+    }
+}
+
+/// `tidectl status` asked of one gateway every interval, on a thread;
+/// counts the answers.
+struct StatusPolls {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u32>,
+}
+
+impl StatusPolls {
+    fn start(gateway: &HaGateway, interval: Duration) -> Result<Self> {
+        let tidectl = binary(TIDECTL_BIN)?;
+        let socket = gateway.daemon().config().control_socket.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut answered = 0;
+            // Bounded: at most ten minutes of polls.
+            for _ in 0..6000 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut command = std::process::Command::new(&tidectl);
+                command
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args(["status", "--json"]);
+                if run_bounded(&mut command, Duration::from_secs(10))
+                    .is_ok_and(|out| out.status.success())
+                {
+                    answered += 1;
+                }
+                std::thread::sleep(interval);
+            }
+            answered
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn finish(self) -> Result<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the status polls panicked"))
+    }
 }

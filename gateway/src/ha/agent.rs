@@ -705,7 +705,7 @@ impl Agent {
                         warn!(%error, "sending an advert failed");
                     }
                     // Every advert renews the lease: the agent is alive.
-                    self.renew(self.machine.role() == Role::Master).await;
+                    self.renew(self.machine.role() == Role::Master);
                 }
                 Action::TakeVips => {
                     self.log_transition();
@@ -716,7 +716,7 @@ impl Agent {
                     // (after a handover) the old sessions' frames must go on
                     // to the old master from the first one the announcement
                     // brings.
-                    self.renew(true).await;
+                    self.renew_in_order(true).await;
                     let cause = self.machine.cause();
                     let effects = self.controller.step(Input::Promoted { cause }, became);
                     self.apply(effects).await;
@@ -738,7 +738,7 @@ impl Agent {
                     if let Some(announcing) = self.announcing.take() {
                         announcing.cancel();
                     }
-                    self.renew(false).await;
+                    self.renew_in_order(false).await;
                     let cause = self.machine.cause();
                     let effects = self
                         .controller
@@ -886,16 +886,20 @@ impl Agent {
         LEASE_INTERVALS * self.config.election.interval
     }
 
-    /// Renews the fence's lease; `holds_vips` when this gateway answers for
-    /// the VIPs (MASTER).
-    async fn renew(&mut self, holds_vips: bool) {
-        let at = Instant::now();
-        match self.datapath.renew_lease(self.lease(), holds_vips).await {
-            Ok(()) => self.renewed = Some((at, self.lease(), holds_vips)),
-            Err(error) => {
-                error!(error = %error_chain(&error), "renewing the VIP fence's lease failed");
-            }
+    /// Renews the lease for a change of role, and waits until the fence
+    /// has it: what follows (the VIPs, their announcements) relies on it.
+    async fn renew_in_order(&mut self, holds_vips: bool) {
+        self.renew(holds_vips);
+        if let Err(error) = self.datapath.lease_applied().await {
+            error!(error = %error_chain(&error), "renewing the VIP fence's lease failed");
         }
+    }
+
+    /// Renews the fence's lease without waiting; `holds_vips` when this
+    /// gateway answers for the VIPs (MASTER).
+    fn renew(&mut self, holds_vips: bool) {
+        self.datapath.renew_lease(self.lease(), holds_vips);
+        self.renewed = Some((Instant::now(), self.lease(), holds_vips));
     }
 
     /// Sends the announcements for every VIP several times, spaced, on a
