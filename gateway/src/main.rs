@@ -13,7 +13,7 @@ use tidegate_gateway::{
     control::server::{ControlSocket, Handles},
     core_link, datapath, error_chain,
     ha::{
-        agent::{self, Agent},
+        agent::{self, AgentThread},
         health,
         sharing::{self, SharingConfig},
     },
@@ -155,9 +155,15 @@ async fn run(args: Args) -> Result<()> {
     // The HA agent stops first, handing over while the rest still serves.
     let ha_cancel = CancellationToken::new();
     let mut ha_task = None;
-    let mut ha = match &config.ha {
-        Some(ha) => Some(Agent::start(ha.clone(), datapath_handle.clone()).await?),
+    let agent_thread = match &config.ha {
+        Some(_) => Some(AgentThread::start().context("starting the HA agent's thread")?),
         None => None,
+    };
+    let mut ha = match (&config.ha, &agent_thread) {
+        (Some(ha), Some(thread)) => {
+            Some(thread.start_agent(ha.clone(), datapath_handle.clone()).await?)
+        }
+        _ => None,
     };
     if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) =
         (ha.as_mut(), &config.ha, &wireguard_handle, local_peers)
@@ -192,12 +198,13 @@ async fn run(args: Args) -> Result<()> {
         });
         agent.connect(sync, wireguard.clone());
     }
-    let ha_handle = ha.map(|ha| {
+    let ha_handle = ha.zip(agent_thread.as_ref()).map(|(ha, thread)| {
         let (handle, health_tx, task) = agent::spawn(ha, ha_cancel.clone());
+        let task = thread.run(task);
         ha_task = Some(
             tasks
                 .spawn(async move {
-                    task.await;
+                    task.await.context("the HA agent")?;
                     Ok(())
                 })
                 .id(),

@@ -1092,6 +1092,60 @@ impl AgentView {
     }
 }
 
+/// A thread of the agent's own, with a single-threaded runtime that nothing
+/// else of the daemon's runs on: however busy the other tasks are (a reload
+/// of many peers parses and plans on theirs), adverts, the lease and the
+/// timers of the election keep their times. Its sockets (adverts, the VIPs'
+/// netlink) are made on it, so that what arrives wakes it alone. It runs
+/// until this is dropped.
+#[derive(Debug)]
+pub struct AgentThread {
+    runtime: tokio::runtime::Handle,
+    /// Dropped with this: the thread's runtime stops.
+    _stop: oneshot::Sender<()>,
+}
+
+impl AgentThread {
+    /// Starts the thread.
+    pub fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("ha-agent".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })?;
+        Ok(Self {
+            runtime: handle,
+            _stop: stop,
+        })
+    }
+
+    /// Starts the agent on the thread (see [`Agent::start`]).
+    pub async fn start_agent(
+        &self,
+        config: HaConfig,
+        datapath: DatapathHandle,
+    ) -> Result<Agent, HaError> {
+        self.runtime
+            .spawn(Agent::start(config, datapath))
+            .await
+            .map_err(|_| HaError::Stopped)?
+    }
+
+    /// Runs `task` (the agent's, from [`spawn`]) on the thread; the handle
+    /// resolves when it ends.
+    pub fn run(
+        &self,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        self.runtime.spawn(task)
+    }
+}
+
 /// Starts the agent task: returns its handle, a sender for health changes,
 /// and the task's future.
 pub fn spawn(
