@@ -160,9 +160,11 @@ async fn run(args: Args) -> Result<()> {
         None => None,
     };
     let mut ha = match (&config.ha, &agent_thread) {
-        (Some(ha), Some(thread)) => {
-            Some(thread.start_agent(ha.clone(), datapath_handle.clone()).await?)
-        }
+        (Some(ha), Some(thread)) => Some(
+            thread
+                .start_agent(ha.clone(), datapath_handle.clone())
+                .await?,
+        ),
         _ => None,
     };
     if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) =

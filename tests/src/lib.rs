@@ -25,6 +25,7 @@
 //! ([`core_daemon`]) runs with a PKI of its own making; [`control`] puts it
 //! in an intranet namespace with gateways, Edges behind nginx and a client.
 
+pub mod adverts;
 pub mod bins;
 pub mod capture;
 pub mod cmd;

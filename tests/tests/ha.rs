@@ -12,12 +12,10 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use nix::sys::socket::{IpMembershipRequest, setsockopt, sockopt};
 use tidegate_gateway::{
     ha::{
@@ -27,14 +25,14 @@ use tidegate_gateway::{
     },
     wireguard::PeerEndpoint,
 };
-use tidegate_tests::gateway::TIDECTL_BIN;
+use tidegate_tests::adverts::{AdvertWatch, StatusPolls, longest_gap, numbered_peer, reload_peers};
 use tidegate_tests::ha::{
     ADVERT_GROUP, ADVERT_PORT, AdvertTransport, CLIENT_ADDR, HaGateway, KEY, LOCATION_ID, Role,
     TunnelOptions, VIP, VIP6, gateway_addr, status_of,
 };
 use tidegate_tests::{
-    HaLocation, HaOptions, HaStatus, KeyPair, PeerEntry, Probe, ProbeSummary, binary, poll_until,
-    require_root, run_bounded,
+    HaLocation, HaOptions, HaStatus, KeyPair, PeerEntry, Probe, ProbeSummary, poll_until,
+    require_root,
 };
 
 /// How long a role change may take after its cause (a few master-down
@@ -1160,7 +1158,7 @@ fn adverts_keep_their_pace_through_status_polls_a_large_reload_and_a_kick_storm(
 
     // Gateway 1 has 10,000 peers, each recently active by its endpoint
     // table (as another gateway of the location reports them).
-    let first: Vec<PeerEntry> = (0..LOAD_PEERS).map(load_peer).collect();
+    let first: Vec<PeerEntry> = (0..LOAD_PEERS).map(numbered_peer).collect();
     reload_peers(location.gateway_mut(1), first.clone())?;
     share_endpoints(&location, &first)?;
     poll_until(
@@ -1194,7 +1192,7 @@ fn adverts_keep_their_pace_through_status_polls_a_large_reload_and_a_kick_storm(
         .daemon_mut()
         .tidectl_ok(&["maintenance", "on"])?;
     let mut both = first;
-    both.extend((LOAD_PEERS..2 * LOAD_PEERS).map(load_peer));
+    both.extend((LOAD_PEERS..2 * LOAD_PEERS).map(numbered_peer));
     let reload_started = Instant::now();
     reload_peers(location.gateway_mut(1), both)?;
     let reload_took = reload_started.elapsed();
@@ -1213,17 +1211,7 @@ fn adverts_keep_their_pace_through_status_polls_a_large_reload_and_a_kick_storm(
         .find(|a| a.gateway_id == 1 && a.role == WireRole::Master)
         .map(|a| a.at)
         .context("gateway 1 never advertised as MASTER")?;
-    let mut longest = Duration::ZERO;
-    let mut sent = 0;
-    let mut last = master_from;
-    for advert in adverts
-        .iter()
-        .filter(|a| a.gateway_id == 1 && a.at >= master_from)
-    {
-        longest = longest.max(advert.at - last);
-        last = advert.at;
-        sent += 1;
-    }
+    let (sent, longest) = longest_gap(&adverts, 1, master_from);
     let others: Vec<u32> = adverts
         .iter()
         .filter(|a| a.gateway_id != 1 && a.role == WireRole::Master && a.at > master_from)
@@ -1270,33 +1258,6 @@ fn adverts_keep_their_pace_through_status_polls_a_large_reload_and_a_kick_storm(
     Ok(())
 }
 
-/// Load-test peer `i`: a key and a tunnel address of its own.
-fn load_peer(i: usize) -> PeerEntry {
-    let mut key = [0x5a_u8; 32];
-    key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-    PeerEntry {
-        name: None,
-        public_key: BASE64.encode(key),
-        allowed_ips: vec![format!(
-            "10.{}.{}.{}/32",
-            100 + i / 65_536,
-            i / 256 % 256,
-            i % 256
-        )],
-        ..PeerEntry::default()
-    }
-}
-
-/// Rewrites `gateway`'s config with `peers` and reloads it.
-fn reload_peers(gateway: &mut HaGateway, peers: Vec<PeerEntry>) -> Result<()> {
-    let daemon = gateway.daemon_mut();
-    let mut config = daemon.config().clone();
-    config.peers = peers;
-    daemon.write_config(config)?;
-    daemon.tidectl_ok(&["reload"])?;
-    Ok(())
-}
-
 /// Tells the location, as a gateway 9 of it would, that `peers` completed
 /// a handshake a second ago, each at an address of the segment that no
 /// host has (a kick to it goes nowhere).
@@ -1333,99 +1294,4 @@ fn share_endpoints(location: &HaLocation, peers: &[PeerEntry]) -> Result<()> {
         std::thread::sleep(Duration::from_micros(500));
     }
     Ok(())
-}
-
-/// One advert seen on the segment.
-struct SeenAdvert {
-    at: Instant,
-    gateway_id: u32,
-    role: WireRole,
-}
-
-/// Every advert on the segment, decoded, with the time it arrived: read on
-/// a thread from a socket in the client's namespace that joined the group.
-struct AdvertWatch {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<Vec<SeenAdvert>>>,
-}
-
-impl AdvertWatch {
-    fn start(location: &HaLocation) -> Result<Self> {
-        let (capture, _) = advert_sockets(location)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let key = AdvertKey::new(KEY.as_bytes().to_vec());
-        let thread = std::thread::spawn(move || -> Result<Vec<SeenAdvert>> {
-            let started = Instant::now();
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 2048];
-            while !flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
-                let Ok((len, _)) = capture.recv_from(&mut buf) else {
-                    continue;
-                };
-                let at = Instant::now();
-                if let Ok(advert) = Advert::decode(&buf[..len], &key) {
-                    seen.push(SeenAdvert {
-                        at,
-                        gateway_id: advert.gateway_id,
-                        role: advert.role,
-                    });
-                }
-            }
-            Ok(seen)
-        });
-        Ok(Self { stop, thread })
-    }
-
-    fn finish(self) -> Result<Vec<SeenAdvert>> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the advert watch panicked"))?
-    }
-}
-
-/// `tidectl status` asked of one gateway every interval, on a thread;
-/// counts the answers.
-struct StatusPolls {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<u32>,
-}
-
-impl StatusPolls {
-    fn start(gateway: &HaGateway, interval: Duration) -> Result<Self> {
-        let tidectl = binary(TIDECTL_BIN)?;
-        let socket = gateway.daemon().config().control_socket.clone();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut answered = 0;
-            // Bounded: at most ten minutes of polls.
-            for _ in 0..6000 {
-                if flag.load(Ordering::Relaxed) {
-                    break;
-                }
-                let mut command = std::process::Command::new(&tidectl);
-                command
-                    .arg("--socket")
-                    .arg(&socket)
-                    .args(["status", "--json"]);
-                if run_bounded(&mut command, Duration::from_secs(10))
-                    .is_ok_and(|out| out.status.success())
-                {
-                    answered += 1;
-                }
-                std::thread::sleep(interval);
-            }
-            answered
-        });
-        Ok(Self { stop, thread })
-    }
-
-    fn finish(self) -> Result<u32> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the status polls panicked"))
-    }
 }
