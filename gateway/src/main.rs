@@ -142,8 +142,26 @@ async fn run(args: Args) -> Result<()> {
 
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    // With HA, the datapath task runs on the agent's thread: the lease
+    // renewals it applies keep the adverts' times.
+    let agent_thread = match &config.ha {
+        Some(_) => Some(AgentThread::start().context("starting the HA agent's thread")?),
+        None => None,
+    };
     let (datapath_handle, datapath_task) = datapath::spawn(datapath, cancel.clone());
-    tasks.spawn(async move { datapath_task.await.context("datapath task") });
+    match &agent_thread {
+        Some(thread) => {
+            let task = thread.run(datapath_task);
+            tasks.spawn(async move {
+                task.await
+                    .context("datapath task")?
+                    .context("datapath task")
+            });
+        }
+        None => {
+            tasks.spawn(async move { datapath_task.await.context("datapath task") });
+        }
+    }
     let wireguard_handle = wireguard.map(|wireguard| {
         let (handle, task) = owner::spawn(wireguard, cancel.clone());
         tasks.spawn(async move {
@@ -155,10 +173,6 @@ async fn run(args: Args) -> Result<()> {
     // The HA agent stops first, handing over while the rest still serves.
     let ha_cancel = CancellationToken::new();
     let mut ha_task = None;
-    let agent_thread = match &config.ha {
-        Some(_) => Some(AgentThread::start().context("starting the HA agent's thread")?),
-        None => None,
-    };
     let mut ha = match (&config.ha, &agent_thread) {
         (Some(ha), Some(thread)) => Some(
             thread

@@ -167,12 +167,18 @@ pub fn numbered_peer(i: usize) -> PeerEntry {
     }
 }
 
+/// How long a reload of many peers may take on a loaded machine.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Rewrites `gateway`'s config with `peers` and reloads it.
 pub fn reload_peers(gateway: &mut HaGateway, peers: Vec<PeerEntry>) -> Result<()> {
     let daemon = gateway.daemon_mut();
     let mut config = daemon.config().clone();
     config.peers = peers;
+    let socket = config.control_socket.clone();
     daemon.write_config(config)?;
-    daemon.tidectl_ok(&["reload"])?;
+    let mut command = Command::new(binary(TIDECTL_BIN)?);
+    command.arg("--socket").arg(&socket).arg("reload");
+    run_bounded(&mut command, RELOAD_TIMEOUT)?.into_success()?;
     Ok(())
 }

@@ -32,6 +32,10 @@ pub enum Which {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Whether a loaded master keeps its advert pace: tunnel traffic through
+    /// it, reloads of 10,000 peers and status requests for a minute, at
+    /// 100 ms and 20 ms adverts; false failovers and the longest gap.
+    Adverts,
     /// Core to gateways: latency from an admin call adding a peer to the
     /// peer being live on all three gateways (1,000 adds), and a full sync
     /// of 10,000 peers to three gateways, beside wireguard-go's own speed.
@@ -117,6 +121,19 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
             }
             run::cargo(ws, &ebpf)
                 .args(args)
+                .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
+                .status_ok()
+        }
+        Which::Adverts => {
+            setup::require_root(
+                "`cargo xtask bench adverts` (it builds network namespaces and attaches XDP programs)",
+            )?;
+            setup::packages()?;
+            let ebpf = ebpf::build(ws)?;
+            run::build_user_space(ws, &ebpf, true)?;
+            run::step("benchmarking the advert pace of a loaded master");
+            run::cargo(ws, &ebpf)
+                .args(["bench", "--package", "tidegate-tests", "--bench", "adverts"])
                 .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
                 .status_ok()
         }

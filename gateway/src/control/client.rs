@@ -15,8 +15,12 @@ use crate::{
     xdp::{DirectorStatus, SessionEntry},
 };
 
-/// How long `tidectl` waits for the daemon.
+/// How long `tidectl` waits for the daemon's answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long it waits for a change to the WireGuard device: the daemon
+/// answers once it is applied, which for a config of many peers on a busy
+/// host takes longer.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why a request got no answer, or not the one it asked for.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,8 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    #[error("no answer from the daemon on {path} within {} s", waited.as_secs())]
+    TimedOut { path: PathBuf, waited: Duration },
     #[error("talking to the daemon on {path}")]
     Io {
         path: PathBuf,
@@ -197,15 +203,28 @@ impl Client {
             },
             _ => io_err(source),
         })?;
-        stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
-        stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
+        let waited = match request {
+            Request::PeerAdd { .. }
+            | Request::PeerChange { .. }
+            | Request::PeerRemove { .. }
+            | Request::Reload => APPLY_TIMEOUT,
+            _ => TIMEOUT,
+        };
+        stream.set_read_timeout(Some(waited)).map_err(io_err)?;
+        stream.set_write_timeout(Some(waited)).map_err(io_err)?;
         let mut line = serde_json::to_vec(request).expect("requests always serialize");
         line.push(b'\n');
         stream.write_all(&line).map_err(io_err)?;
         let mut answer = String::new();
         BufReader::new(stream)
             .read_line(&mut answer)
-            .map_err(io_err)?;
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::TimedOut {
+                    path: path.clone(),
+                    waited,
+                },
+                _ => io_err(source),
+            })?;
         match serde_json::from_str(&answer) {
             Ok(Response::Ok(reply)) => Ok(reply),
             Ok(Response::Error(message)) => Err(ClientError::Daemon(message)),

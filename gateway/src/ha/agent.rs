@@ -1093,11 +1093,15 @@ impl AgentView {
 }
 
 /// A thread of the agent's own, with a single-threaded runtime that nothing
-/// else of the daemon's runs on: however busy the other tasks are (a reload
-/// of many peers parses and plans on theirs), adverts, the lease and the
-/// timers of the election keep their times. Its sockets (adverts, the VIPs'
-/// netlink) are made on it, so that what arrives wakes it alone. It runs
-/// until this is dropped.
+/// else of the daemon's runs on but the datapath task (short map writes,
+/// the lease renewals among them): however busy the other tasks are (a
+/// reload of many peers parses and plans on theirs), adverts, the lease and
+/// the timers of the election keep their times. Its sockets (adverts, the
+/// VIPs' netlink) are made on it, so that what arrives wakes it alone. The
+/// thread runs at a real-time priority ([`REALTIME_PRIORITY`], `SCHED_RR`,
+/// as keepalived's `vrrp_rt_priority`) where the daemon may, so that a
+/// host whose CPUs are all busy still runs it on time; it is idle but for
+/// a few microseconds each advert. It runs until this is dropped.
 #[derive(Debug)]
 pub struct AgentThread {
     runtime: tokio::runtime::Handle,
@@ -1116,6 +1120,12 @@ impl AgentThread {
         std::thread::Builder::new()
             .name("ha-agent".into())
             .spawn(move || {
+                if let Err(error) = set_realtime(REALTIME_PRIORITY) {
+                    warn!(
+                        %error,
+                        "the HA agent runs at normal priority: busy CPUs may delay its adverts"
+                    );
+                }
                 let _ = runtime.block_on(stopped);
             })?;
         Ok(Self {
@@ -1136,13 +1146,32 @@ impl AgentThread {
             .map_err(|_| HaError::Stopped)?
     }
 
-    /// Runs `task` (the agent's, from [`spawn`]) on the thread; the handle
-    /// resolves when it ends.
-    pub fn run(
+    /// Runs `task` (the agent's, from [`spawn`], or the datapath task's)
+    /// on the thread; the handle resolves when it ends.
+    pub fn run<T: Send + 'static>(
         &self,
-        task: impl Future<Output = ()> + Send + 'static,
-    ) -> tokio::task::JoinHandle<()> {
+        task: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
         self.runtime.spawn(task)
+    }
+}
+
+/// The agent thread's `SCHED_RR` priority: above every normal thread, low
+/// among real-time ones (the kernel's own threads run at 50).
+pub const REALTIME_PRIORITY: i32 = 10;
+
+/// Puts the calling thread in the `SCHED_RR` class at `priority`.
+fn set_realtime(priority: i32) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
+    // is the calling thread.
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

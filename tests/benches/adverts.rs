@@ -1,0 +1,261 @@
+//! `cargo xtask bench adverts`: whether a loaded master keeps its advert
+//! pace, at 100 ms and at 20 ms adverts.
+//!
+//! The lab is [`TunnelLocation`]: gateways 1 (priority 100) and 2 (priority
+//! 120, the master) run the location's WireGuard (wireguard-go), and
+//! [`CLIENTS`] WireGuard clients are peered with the VIP. For each advert
+//! interval it first watches the adverts of the idle location for
+//! [`IDLE`] (the baseline), then for [`LOADED`] while both CPUs are busy:
+//! every client sends datagrams through its tunnel to the master's echo as
+//! fast as it can (`tidegate-blast`), the master reloads a config of
+//! [`PEERS`] peers and then another, over and over, and its status is asked
+//! for every 100 ms. Adverts are read on the segment, from the client's
+//! namespace.
+//!
+//! Measured: the master's longest time between two adverts as they arrive
+//! in the client's namespace (in ms and in intervals: it includes the
+//! segment's own delivery delays), false failovers (the backup's record of
+//! becoming MASTER) and the backup's adverts as MASTER, the CPUs' busy share
+//! from `/proc/stat`, the reloads done and the status requests answered.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use tidegate_gateway::ha::machine::Role as WireRole;
+use tidegate_tests::adverts::{
+    AdvertWatch, SeenAdvert, StatusPolls, longest_gap, numbered_peer, reload_peers,
+};
+use tidegate_tests::continuity::{ClientOptions, TunnelLocation};
+use tidegate_tests::ha::{ECHO_PORT, Role, TUNNEL_ADDR, TunnelOptions};
+use tidegate_tests::process::Process;
+use tidegate_tests::steer_lab::BLAST_BIN;
+use tidegate_tests::{HaOptions, binary, require_root};
+
+/// Gateway priorities; gateway 2 is the master.
+const PRIORITIES: [u8; 2] = [100, 120];
+const MASTER: u32 = 2;
+const BACKUP: u32 = 1;
+/// WireGuard clients, each sending through its tunnel.
+const CLIENTS: usize = 2;
+/// Peers of each config the master reloads.
+const PEERS: usize = 10_000;
+/// The idle baseline, and the loaded watch.
+const IDLE: Duration = Duration::from_secs(15);
+const LOADED: Duration = Duration::from_secs(60);
+/// The advert intervals measured.
+const INTERVALS_MS: [u64; 2] = [100, 20];
+
+fn main() -> ExitCode {
+    match bench() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("adverts: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One watch of the master's adverts.
+struct Watch {
+    adverts: usize,
+    longest: Duration,
+    false_failovers: usize,
+    backup_as_master: usize,
+    busy: f64,
+    reloads: u32,
+    status_answers: u32,
+}
+
+fn bench() -> Result<()> {
+    require_root();
+    binary(BLAST_BIN)?;
+    println!(
+        "adverts: {CLIENTS} WireGuard clients sending through their tunnels to the master, \
+         which reloads {PEERS} peers over and over and is asked for its status every 100 ms; \
+         {} s idle, then {} s loaded, at each advert interval",
+        IDLE.as_secs(),
+        LOADED.as_secs()
+    );
+    let mut table = String::from(
+        "| adverts | phase | watched (s) | CPUs busy | master's adverts | longest gap (ms) | longest gap (intervals) | false failovers | backup's adverts as MASTER | reloads | status answers |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut failures = Vec::new();
+    for interval_ms in INTERVALS_MS {
+        let interval = Duration::from_millis(interval_ms);
+        let mut options = HaOptions::priorities(&PRIORITIES);
+        options.advert_interval_ms = interval_ms;
+        let tunnel = TunnelOptions {
+            private_key: String::new(),
+            stats_interval_ms: Some(200),
+            kick_rate: None,
+            handover_window_ms: None,
+        };
+        let clients = ClientOptions {
+            count: CLIENTS,
+            keepalive: None,
+        };
+        let mut lab = TunnelLocation::build(&options, tunnel, &clients)?;
+        lab.location_mut()
+            .wait_master(MASTER, Duration::from_secs(5))?;
+        for (phase, duration, loaded) in [("idle", IDLE, false), ("loaded", LOADED, true)] {
+            let watch = watch(&mut lab, duration, loaded)?;
+            let intervals = watch.longest.as_secs_f64() / interval.as_secs_f64();
+            let _ = writeln!(
+                table,
+                "| {interval_ms} ms | {phase} | {} | {:.0}% | {} | {:.1} | {intervals:.2} | {} | {} | {} | {} |",
+                duration.as_secs(),
+                watch.busy * 100.0,
+                watch.adverts,
+                watch.longest.as_secs_f64() * 1000.0,
+                watch.false_failovers,
+                watch.backup_as_master,
+                watch.reloads,
+                watch.status_answers,
+            );
+            println!(
+                "  {interval_ms} ms adverts, {phase}: longest gap {intervals:.2} intervals, {} false failovers",
+                watch.false_failovers
+            );
+            if watch.false_failovers > 0 {
+                failures.push(format!(
+                    "{interval_ms} ms {phase}: {} false failovers",
+                    watch.false_failovers
+                ));
+            }
+        }
+    }
+    println!("\n{table}");
+    ensure!(failures.is_empty(), "false failovers: {failures:?}");
+    Ok(())
+}
+
+/// Watches the master's adverts for `duration`, with the load when `loaded`.
+fn watch(lab: &mut TunnelLocation, duration: Duration, loaded: bool) -> Result<Watch> {
+    let adverts = AdvertWatch::start(lab.location())?;
+    let cpu = CpuTimes::read()?;
+    let started = Instant::now();
+    let mut reloads = 0;
+    let mut status_answers = 0;
+    if loaded {
+        let polls = StatusPolls::start(lab.location().gateway(MASTER), Duration::from_millis(100))?;
+        let blasts = lab
+            .clients()
+            .iter()
+            .map(|client| blast(client.netns(), duration))
+            .collect::<Result<Vec<_>>>()?;
+        // The clients' peers stay; 10,000 others come and go.
+        let clients = lab
+            .location()
+            .gateway(MASTER)
+            .daemon()
+            .config()
+            .peers
+            .clone();
+        let set = |range: std::ops::Range<usize>| -> Vec<_> {
+            clients
+                .iter()
+                .cloned()
+                .chain(range.map(numbered_peer))
+                .collect()
+        };
+        let sets = [set(0..PEERS), set(PEERS..2 * PEERS)];
+        while started.elapsed() < duration {
+            let peers = sets[reloads as usize % 2].clone();
+            reload_peers(lab.location_mut().gateway_mut(MASTER), peers)?;
+            reloads += 1;
+        }
+        std::thread::sleep(duration.saturating_sub(started.elapsed()));
+        status_answers = polls.finish()?;
+        for mut process in blasts {
+            process.ensure_stopped()?;
+        }
+    } else {
+        std::thread::sleep(duration);
+    }
+    let busy = cpu.busy_since()?;
+    let seen = adverts.finish()?;
+    let (count, longest) = longest_gap(&seen, MASTER, started);
+    let backup = lab.location_mut().status(BACKUP)?;
+    let took_over = backup
+        .transitions
+        .iter()
+        .filter(|t| t.to == Role::Master && t.from != Role::Master)
+        .filter(|t| t.at_ms >= unix_ms_at(started))
+        .count();
+    Ok(Watch {
+        adverts: count,
+        longest,
+        false_failovers: took_over,
+        backup_as_master: others_as_master(&seen, started),
+        busy,
+        reloads,
+        status_answers,
+    })
+}
+
+/// Adverts as MASTER from another gateway than the master, from `from` on.
+fn others_as_master(seen: &[SeenAdvert], from: Instant) -> usize {
+    seen.iter()
+        .filter(|a| a.at >= from && a.gateway_id != MASTER && a.role == WireRole::Master)
+        .count()
+}
+
+/// `tidegate-blast` in `netns`, through the client's tunnel to the
+/// master's echo, for `duration`.
+fn blast(netns: &tidegate_tests::Netns, duration: Duration) -> Result<Process> {
+    let log = std::env::temp_dir().join(format!("tidegate-blast-{}.log", netns.name()));
+    let mut command = netns.command(binary(BLAST_BIN)?);
+    command
+        .args([
+            "--target",
+            &SocketAddr::from((TUNNEL_ADDR, ECHO_PORT)).to_string(),
+        ])
+        .args(["--seconds", &duration.as_secs().to_string()])
+        .args(["--sources", "2", "--len", "256"]);
+    Process::spawn(BLAST_BIN, netns, command, &log)
+}
+
+/// Unix ms at the instant `at` (in the past).
+fn unix_ms_at(at: Instant) -> u64 {
+    let now = std::time::SystemTime::now() - at.elapsed();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The CPUs' busy and total time, from the first line of `/proc/stat`.
+struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn read() -> Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .context("an empty /proc/stat")?
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        // user nice system idle iowait irq softirq steal ...
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        let total: u64 = fields.iter().take(8).sum();
+        Ok(Self {
+            busy: total - idle,
+            total,
+        })
+    }
+
+    /// The busy share of the CPUs' time since `self`.
+    fn busy_since(&self) -> Result<f64> {
+        let now = Self::read()?;
+        let total = now.total.saturating_sub(self.total).max(1);
+        Ok(now.busy.saturating_sub(self.busy) as f64 / total as f64)
+    }
+}
