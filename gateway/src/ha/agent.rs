@@ -49,8 +49,9 @@ const ANNOUNCE_SPACING: Duration = Duration::from_millis(100);
 const MAX_ADVERT: usize = 2048;
 /// The fence's lease lasts this many advert intervals. Every advert renews
 /// it, and a master-down interval is longer, so a live master never lapses
-/// and a dead one is fenced before a backup takes over.
-const LEASE_INTERVALS: u32 = 3;
+/// and a dead one is fenced before a backup takes over. Public for the
+/// simulation (`gateway/tests/simulation`), which renews it as the agent does.
+pub const LEASE_INTERVALS: u32 = 3;
 
 /// The agent's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
