@@ -527,6 +527,16 @@ impl Agent {
                 left_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
                 "answering for the sessions handed over until the window closes"
             );
+            // The lease goes on being renewed, every interval: the egress
+            // guard lets the answers out only while it is live.
+            loop {
+                self.renew(false);
+                let next = Instant::now() + self.config.election.interval;
+                if next >= until {
+                    break;
+                }
+                tokio::time::sleep_until(next.into()).await;
+            }
             tokio::time::sleep_until(until.into()).await;
             let effects = self.controller.step(Input::Tick, until);
             self.apply(effects).await;

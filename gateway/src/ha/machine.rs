@@ -783,6 +783,11 @@ impl Machine {
                 self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
                 actions.push(Action::ReleaseVips);
                 self.advertise_now(now, actions);
+                // A master stopping (handing over) holds nothing now: the
+                // handover is moot, and the stop completes.
+                if self.shutting_down {
+                    actions.push(Action::Exit);
+                }
             }
             Role::Backup => {
                 self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
@@ -1451,6 +1456,19 @@ mod tests {
         assert_eq!(advert(&actions).unwrap().handover_to, Some(2));
         a.on_event(master(2, 150), ms(t0, 401));
         assert_eq!(a.role(), Role::Backup);
+    }
+
+    #[test]
+    fn a_stopping_master_paused_past_its_lease_steps_down_and_exits() {
+        let t0 = Instant::now();
+        let (mut a, ..) = trio(t0);
+        let actions = a.on_event(Event::Shutdown, ms(t0, 400));
+        assert!(!actions.contains(&Action::Exit));
+        let paused = Duration::from_secs(2);
+        let actions = a.on_event(Event::Stalled { paused }, ms(t0, 2400));
+        assert_eq!(a.role(), Role::Backup);
+        assert_eq!(actions.first(), Some(&Action::ReleaseVips));
+        assert_eq!(actions.last(), Some(&Action::Exit));
     }
 
     #[test]

@@ -291,6 +291,8 @@ pub struct Process {
     /// The loop ended; the agent waits out its grace, then the daemon
     /// stops.
     exited: bool,
+    /// Waiting out the grace: when the agent next renews the lease.
+    grace_renewal: Instant,
     /// The machine was asking the master to hand over, as this wake began.
     was_asking: bool,
     /// The machine lost its master to an advert (one stepping down or
@@ -426,6 +428,7 @@ impl Node {
             timer: now,
             stopping: false,
             exited: false,
+            grace_renewal: now,
             was_asking: false,
             after_step_down: false,
             accepted: VecDeque::new(),
@@ -468,7 +471,10 @@ impl Node {
     pub fn next_wake(&self) -> Option<Instant> {
         let process = self.process.as_ref().filter(|_| !self.frozen)?;
         if process.exited {
-            return process.controller.grace_until();
+            // Waiting out the grace, the agent renews the lease every
+            // interval.
+            let grace = process.controller.grace_until()?;
+            return Some(grace.min(process.grace_renewal));
         }
         let input = self.inbox.front().map(|&(at, _)| at);
         Some(input.map_or(process.timer, |at| at.min(process.timer)))
@@ -481,6 +487,12 @@ impl Node {
             return;
         };
         if process.exited {
+            let grace = process.controller.grace_until();
+            if grace.is_some_and(|until| now < until) {
+                process.renew(false, now, &mut self.kernel);
+                process.grace_renewal = now + process.config.election.interval;
+                return;
+            }
             let effects = process.controller.step(Step::Tick, now);
             process.apply(effects, &mut self.kernel, trace);
             self.stopped(trace);
@@ -502,6 +514,8 @@ impl Node {
         }
         trace.note(self.id, || "the agent's loop ends".into());
         process.exited = true;
+        process.renew(false, now, &mut self.kernel);
+        process.grace_renewal = now + process.config.election.interval;
         if process.controller.grace_until().is_none() {
             self.stopped(trace);
         }

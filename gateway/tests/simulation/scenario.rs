@@ -115,15 +115,6 @@ pub struct Options {
     /// from the live new master; and if that one died, before its lease
     /// lapsed.
     pub step_down_takeovers: bool,
-    /// `stop-grace`: stop gateways of a location whose handover window is
-    /// longer than the lease. A stopping agent waits out its grace without
-    /// renewing the lease, so its egress guard stops its answers once the
-    /// lease lapses, before the window closes.
-    pub stop_with_long_grace: bool,
-    /// `stop-pause`: pause a gateway right after asking it to stop. A
-    /// master paused past its lease while handing over on a stop steps
-    /// down on waking and its agent never exits.
-    pub pause_while_stopping: bool,
 }
 
 /// A stretch in which nothing fails: the location must settle.
@@ -195,14 +186,11 @@ impl Scenario {
         let interval = Duration::from_millis(*pick(&mut rng, &[50, 100, 200]));
         let gateways = gateways(&mut rng, interval);
         let handover_window = interval * *pick(&mut rng, &[0, 2, 8]);
-        let lease = interval * tidegate_gateway::ha::agent::LEASE_INTERVALS;
         let mut generator = Generator {
             rng,
             mode,
             options,
             interval,
-            // See `Options::stop_with_long_grace`.
-            stops: options.stop_with_long_grace || handover_window <= lease,
             ids: gateways.iter().map(|g| g.id).collect(),
             pauses: Vec::new(),
             script: Vec::new(),
@@ -328,8 +316,6 @@ struct Generator {
     mode: Mode,
     options: Options,
     interval: Duration,
-    /// Gateways may be stopped (SIGTERM).
-    stops: bool,
     ids: Vec<u32>,
     /// (gateway, from, until): pauses never overlap.
     pauses: Vec<(u32, Duration, Duration)>,
@@ -412,8 +398,8 @@ impl Generator {
                 };
                 self.freeze(at, id, after, end);
             }
-            6 if self.stops => self.stop(at, id, end),
-            2 | 3 | 6 => {
+            6 => self.stop(at, id, end),
+            2 | 3 => {
                 let after = self.intervals(1, 20);
                 self.pair(at, Fault::Crash(id), after, Fault::Restart(id), end);
             }
@@ -495,12 +481,16 @@ impl Generator {
     fn stop(&mut self, at: Duration, id: u32, end: Duration) {
         let after = self.intervals(4, 20);
         self.pair(at, Fault::Stop(id), after, Fault::Restart(id), end);
-        if self.options.pause_while_stopping {
-            // Before a handover on the segment's calm delays completes.
+        // Sometimes paused right after, before a handover on the segment's
+        // calm delays completes: a master paused past its lease while
+        // handing over steps down on waking, and its stop ends there.
+        if self.rng.u8(0..4) == 0 {
             let soon = self.interval / 20;
             let pause = at + Duration::from_micros(self.rng.u64(..soon.as_micros() as u64));
             let thaw = self.intervals(4, 10);
-            self.freeze(pause, id, thaw, end);
+            if pause < end {
+                self.freeze(pause, id, thaw, end);
+            }
         }
     }
 
