@@ -191,7 +191,7 @@ async fn run(args: Args) -> Result<()> {
             follow_listen_port(follow, datapath, follow_cancel).await;
             Ok(())
         });
-        let sync_config = SharingConfig {
+        let sharing_config = SharingConfig {
             location_id: ha_config.location_id,
             gateway_id: ha_config.election.gateway_id,
             key: ha_config.key.clone(),
@@ -199,10 +199,10 @@ async fn run(args: Args) -> Result<()> {
             refresh: ha_config.continuity.endpoint_refresh,
             max_age: ha_config.continuity.endpoint_max_age,
         };
-        // Stops with the data path, after the agent (which asks it for the
-        // peers to kick while it hands over).
-        let (sync, task) = sharing::spawn(
-            sync_config,
+        // Stops with the data path, after the agent (which reads its table
+        // for the peers to kick while it hands over).
+        let (sharing, task) = sharing::spawn(
+            sharing_config,
             agent.transport(),
             local,
             wireguard.clone(),
@@ -212,7 +212,7 @@ async fn run(args: Args) -> Result<()> {
             task.await;
             Ok(())
         });
-        agent.connect(sync, wireguard.clone());
+        agent.connect(sharing, wireguard.clone());
     }
     let ha_handle = ha.zip(agent_thread.as_ref()).map(|(ha, thread)| {
         let (handle, health_tx, task) = agent::spawn(ha, ha_cancel.clone());

@@ -243,7 +243,7 @@ impl HaHandle {
         let (failovers, endpoints) = match &self.tasks {
             Some(tasks) => (
                 tasks.wireguard.failovers(),
-                Some(tasks.sync.subscribe().borrow().status(now)),
+                Some(tasks.sharing.subscribe().borrow().status(now)),
             ),
             None => (Vec::new(), None),
         };
@@ -341,7 +341,7 @@ pub struct Agent {
 /// The tasks failover continuity talks to.
 #[derive(Debug, Clone)]
 struct Tasks {
-    sync: SharingHandle,
+    sharing: SharingHandle,
     wireguard: WireguardHandle,
 }
 
@@ -421,12 +421,12 @@ impl Agent {
         self.mac
     }
 
-    /// Connects failover continuity: endpoint messages go to `sync`; on
-    /// becoming master the agent asks it for the recently active peers and
+    /// Connects failover continuity: endpoint messages go to `sharing`,
+    /// whose published table the controller reads for the peers to kick;
     /// `wireguard` kicks them.
-    pub fn connect(&mut self, sync: SharingHandle, wireguard: WireguardHandle) {
-        self.endpoints = Some(sync.subscribe());
-        self.tasks = Some(Tasks { sync, wireguard });
+    pub fn connect(&mut self, sharing: SharingHandle, wireguard: WireguardHandle) {
+        self.endpoints = Some(sharing.subscribe());
+        self.tasks = Some(Tasks { sharing, wireguard });
         self.controller =
             Controller::new(controller_config(&self.config, self.mac, true), self.anchor);
     }
@@ -480,8 +480,7 @@ impl Agent {
             // starved CPU) means what the machine knows is stale, and the
             // fence has cut this gateway off already.
             let now = Instant::now();
-            let paused = now.saturating_duration_since(self.last_wake);
-            if paused > self.lease() {
+            if let Some(paused) = self.paused(now) {
                 warn!(
                     paused_ms = paused.as_millis() as u64,
                     "the agent was paused past its lease"
@@ -591,7 +590,7 @@ impl Agent {
         if wire::is_endpoint_message(bytes) {
             match &self.tasks {
                 Some(tasks) => {
-                    if !tasks.sync.deliver(bytes.to_vec(), from, known) {
+                    if !tasks.sharing.deliver(bytes.to_vec(), from, known) {
                         self.drop_advert("endpoint-queue-full", from);
                     }
                 }
@@ -890,6 +889,19 @@ impl Agent {
         };
         let effects = self.controller.step(location, Instant::now());
         self.apply(effects).await;
+    }
+
+    /// How long the agent was away, when that is past the lease: since
+    /// its last wake, and for a master since its last renewal of the lease
+    /// (up to an interval before that wake), from which the fence counts.
+    fn paused(&self, now: Instant) -> Option<Duration> {
+        let since_wake = now.saturating_duration_since(self.last_wake);
+        let since_renewal = match (self.machine.role(), self.renewed) {
+            (Role::Master, Some((at, _, _))) => now.saturating_duration_since(at),
+            _ => Duration::ZERO,
+        };
+        let paused = since_wake.max(since_renewal);
+        (paused > self.lease()).then_some(paused)
     }
 
     /// How long a renewal of the fence's lease lasts.

@@ -547,8 +547,16 @@ impl Process {
         self.was_asking = self.machine.advert().preempt;
         let id = self.config.id;
         // First on waking: paused past the lease, what the machine knows
-        // is stale and the fence has cut this gateway off.
-        let paused = now.saturating_duration_since(self.last_wake);
+        // is stale and the fence has cut this gateway off. A master counts
+        // from its last renewal of the lease, as the fence does.
+        let since_wake = now.saturating_duration_since(self.last_wake);
+        let since_renewal = match (self.machine.role(), kernel.lease) {
+            (Role::Master, Some(lease)) => {
+                now.saturating_duration_since(lease.until - self.config.lease())
+            }
+            _ => Duration::ZERO,
+        };
+        let paused = since_wake.max(since_renewal);
         if paused > self.config.lease() {
             trace.note(id, || {
                 format!("paused for {} ms: stalled", paused.as_millis())

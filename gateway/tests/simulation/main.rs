@@ -26,7 +26,7 @@
 //! |---|---|
 //! | `TIDEGATE_SIM_SEED=n` | run seed `n` alone, and print its trace (`-- --nocapture`) |
 //! | `TIDEGATE_SIM_SEEDS=n` | seeds per mode (default [`DEFAULT_SEEDS`]) |
-//! | `TIDEGATE_SIM_DEFECTS=a,b` | let in what known defects break: `issue16`, `pause-gap`, `step-down`, or `all` (see [`scenario::Options`]) |
+//! | `TIDEGATE_SIM_DEFECTS=a,b` | let in what known defects break: `issue16`, `step-down`, or `all` (see [`scenario::Options`]) |
 
 mod forge;
 mod host;
@@ -87,7 +87,6 @@ impl Run {
             let all = defect == "all";
             let switches = [
                 ("issue16", &mut options.clock_back_restarts),
-                ("pause-gap", &mut options.pause_near_lease),
                 ("step-down", &mut options.step_down_takeovers),
             ];
             let mut known = all;

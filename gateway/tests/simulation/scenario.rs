@@ -101,13 +101,6 @@ pub struct Options {
     /// lower epoch is refused forever, so such a gateway is never heard
     /// again (issue 16).
     pub clock_back_restarts: bool,
-    /// `pause-gap`: pause gateways for longer than the lease less an
-    /// interval, up to the lease. The agent measures a pause from its last
-    /// wake, not from its last renewal of the lease, which can be up to an
-    /// interval earlier: such a pause lets the lease lapse unseen, and the
-    /// thawed master keeps the VIPs (and renews its hold on them) though a
-    /// backup may have taken over.
-    pub pause_near_lease: bool,
     /// `step-down`: check invariant 1b on takeovers after the skew only.
     /// A backup whose master steps down or resigns takes over after its
     /// skew, whatever other master it heard within the lease: after a
@@ -452,18 +445,8 @@ impl Generator {
     }
 
     /// A pause of gateway `id` from `at` for `after` (cut short at `end`),
-    /// unless it would overlap another of its pauses. Unless
-    /// `pause_near_lease`, one that would end between the lease less an
-    /// interval and the lease lasts an interval longer.
-    fn freeze(&mut self, at: Duration, id: u32, mut after: Duration, end: Duration) {
-        let lease = self.lease();
-        let near = |after: Duration| after + self.interval > lease && after <= lease;
-        if !self.options.pause_near_lease && near(after.min(end - at)) {
-            after += self.interval;
-            if near(end - at) {
-                return;
-            }
-        }
+    /// unless it would overlap another of its pauses.
+    fn freeze(&mut self, at: Duration, id: u32, after: Duration, end: Duration) {
         let until = (at + after).min(end);
         if self
             .pauses
