@@ -13,9 +13,9 @@ use tidegate_gateway::{
     control::server::{ControlSocket, Handles},
     core_link, datapath, error_chain,
     ha::{
-        agent::{self, AgentThread},
-        health,
+        agent, health,
         sharing::{self, SharingConfig},
+        thread::AgentThread,
     },
     reload::Reloader,
     wireguard::{

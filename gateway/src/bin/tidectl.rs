@@ -17,7 +17,7 @@ use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
     control::{DatapathCounters, client::Client},
     error_chain,
-    ha::agent::{HaMode, HaStatus},
+    ha::{agent::HaMode, status::HaStatus},
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{DirectorStatus, PacketCount, SessionEntry},
 };

@@ -248,17 +248,14 @@ impl Controller {
             planned,
             "MASTER: kicking handshakes to the recently active peers"
         );
-        effects.push(Effect::Kick(KickRequest {
-            meta: FailoverMeta {
-                at: self.wall(became),
-                cause: reason,
-                planned,
-                detection_ms,
-                vip_move_ms: vip_move.as_millis() as u64,
-            },
-            candidates: candidates.iter().map(candidate).collect(),
-            rate: self.config.settings.kick_rate,
-        }));
+        let meta = FailoverMeta {
+            at: self.wall(became),
+            cause: reason,
+            planned,
+            detection_ms,
+            vip_move_ms: vip_move.as_millis() as u64,
+        };
+        effects.push(self.kick(meta, &candidates));
     }
 
     /// The VIPs left: after a handover, grace (answers but no new
@@ -390,17 +387,14 @@ impl Controller {
         effects.push(Effect::Own(
             inherited.iter().map(|r| client_key(r.endpoint)).collect(),
         ));
-        effects.push(Effect::Kick(KickRequest {
-            meta: FailoverMeta {
-                at: self.wall(now),
-                cause: format!("clients inherited from gateway {gone}"),
-                planned: false,
-                detection_ms: None,
-                vip_move_ms: 0,
-            },
-            candidates: inherited.iter().map(candidate).collect(),
-            rate: self.config.settings.kick_rate,
-        }));
+        let meta = FailoverMeta {
+            at: self.wall(now),
+            cause: format!("clients inherited from gateway {gone}"),
+            planned: false,
+            detection_ms: None,
+            vip_move_ms: 0,
+        };
+        effects.push(self.kick(meta, &inherited));
     }
 
     /// Opens the window toward gateway `to` for `window`; false when it
@@ -451,6 +445,23 @@ impl Controller {
             .recent(self.config.settings.kick_window, self.wall(now))
     }
 
+    /// Kicks `peers` at the configured pace, recorded as `meta`.
+    fn kick(&self, meta: FailoverMeta, peers: &[Recent]) -> Effect {
+        let candidates = peers
+            .iter()
+            .map(|recent| Candidate {
+                key: recent.key,
+                endpoint: recent.endpoint,
+                last_handshake: recent.last_handshake,
+            })
+            .collect();
+        Effect::Kick(KickRequest {
+            meta,
+            candidates,
+            rate: self.config.settings.kick_rate,
+        })
+    }
+
     fn wall(&self, at: Instant) -> SystemTime {
         let (anchor, wall) = self.anchor;
         if at >= anchor {
@@ -458,14 +469,6 @@ impl Controller {
         } else {
             wall - (anchor - at)
         }
-    }
-}
-
-fn candidate(recent: &Recent) -> Candidate {
-    Candidate {
-        key: recent.key,
-        endpoint: recent.endpoint,
-        last_handshake: recent.last_handshake,
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use super::{DatapathCounters, Reply, Request, Response};
 use crate::{
-    ha::agent::HaStatus,
+    ha::status::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{DirectorStatus, SessionEntry},
 };
@@ -289,11 +289,8 @@ mod tests {
         thread,
     };
 
-    use super::*;
-    use crate::{
-        ha::{agent::HaMode, machine::Role},
-        xdp::{AttachMode, CounterSnapshot},
-    };
+    use super::{super::tests::counters, *};
+    use crate::ha::{agent::HaMode, machine::Role};
 
     /// Runs `call` against a socket that reads one request and answers
     /// `answer`; the request it read, and what `call` returned.
@@ -315,15 +312,6 @@ mod tests {
         });
         let result = call(&Client::new(&path));
         (daemon.join().unwrap(), result)
-    }
-
-    fn counters() -> DatapathCounters {
-        DatapathCounters {
-            interface: "eth0".into(),
-            xdp_mode: AttachMode::Driver,
-            snapshot: CounterSnapshot::default(),
-            egress: None,
-        }
     }
 
     fn status() -> HaStatus {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::datapath::DatapathCounters;
 use crate::{
-    ha::agent::HaStatus,
+    ha::status::HaStatus,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{DirectorStatus, SessionEntry},
 };
@@ -87,6 +87,16 @@ mod tests {
     use super::*;
     use crate::xdp::{AttachMode, CounterSnapshot};
 
+    /// The counters of a shield on eth0 that has seen nothing.
+    pub(super) fn counters() -> DatapathCounters {
+        DatapathCounters {
+            interface: "eth0".into(),
+            xdp_mode: AttachMode::Driver,
+            snapshot: CounterSnapshot::default(),
+            egress: None,
+        }
+    }
+
     #[test]
     fn wire_format_is_stable() {
         assert_eq!(
@@ -97,12 +107,7 @@ mod tests {
             serde_json::to_string(&Response::Error("no".into())).unwrap(),
             r#"{"error":"no"}"#
         );
-        let reply = Response::Ok(Reply::Counters(DatapathCounters {
-            interface: "eth0".into(),
-            xdp_mode: AttachMode::Driver,
-            snapshot: CounterSnapshot::default(),
-            egress: None,
-        }));
+        let reply = Response::Ok(Reply::Counters(counters()));
         let json = serde_json::to_value(&reply).unwrap();
         assert_eq!(json["ok"]["counters"]["interface"], "eth0");
         assert_eq!(json["ok"]["counters"]["xdp_mode"], "driver");

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use tidegate_proto::gateway::v1 as pb;
 
 use crate::{
-    ha::agent::HaSummary,
+    ha::status::HaSummary,
     wireguard::{
         PeerSpec, PeersReply,
         key::Key,

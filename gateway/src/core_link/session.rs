@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::convert::{self, FieldError};
 use crate::{
     error_chain,
-    ha::agent::{HaHandle, HaSummary},
+    ha::{agent::HaHandle, status::HaSummary},
     wireguard::{WireguardHandle, location::LocationUpdate},
 };
 

@@ -1,7 +1,8 @@
-//! The HA agent task: it owns the election state machine, the advert socket
-//! and the VIPs. It feeds the machine what it hears, the passing of time,
-//! health changes and operator requests, and carries out the actions the
-//! machine returns. Other tasks talk to it through an [`HaHandle`].
+//! The HA agent task: it owns the [`Election`], the advert socket and the
+//! VIPs. It feeds the election what it hears, the passing of time, health
+//! changes and operator requests, and carries out the actions the machine
+//! returns. Other tasks talk to it through an [`HaHandle`] and read what it
+//! publishes ([`super::status`]).
 //!
 //! Failover continuity around each change of role is the
 //! [`Controller`]'s: the agent feeds it the machine's actions, the location
@@ -24,21 +25,22 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
+    advert::AdvertKey,
     announce::{self, FrameSocket, Mac},
+    election::{Election, Identity},
     health::HealthEvent,
-    machine::{Action, Event, HandoverError, Heard, Machine, PeerView, Role, Settings, Transition},
-    sharing::{SharingHandle, SharingSnapshot, SharingStatus, wire},
+    machine::{Action, Event, HandoverError, Role, Settings, answer},
+    sharing::{SharingHandle, SharingSnapshot, wire},
+    status::{AgentView, HaStatus, HaSummary, Owned},
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
 };
 use crate::{
     continuity::{self, Controller, ControllerConfig, Effect, Input},
     datapath::DatapathHandle,
-    director::{DirectorConfig, Member},
+    director::DirectorConfig,
     error_chain,
-    wireguard::{WireguardHandle, kick::FailoverReport},
-    xdp::{FenceStatus, director::format_mac},
+    wireguard::WireguardHandle,
 };
 
 /// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
@@ -47,12 +49,6 @@ const ANNOUNCE_COUNT: u32 = 5;
 const ANNOUNCE_SPACING: Duration = Duration::from_millis(100);
 /// Largest advert read.
 const MAX_ADVERT: usize = 2048;
-/// The fence's lease lasts this many advert intervals. Every advert renews
-/// it, and a master-down interval is longer, so a live master never lapses
-/// and a dead one is fenced before a backup takes over. Public for the
-/// simulation (`gateway/tests/simulation`), which renews it as the agent does.
-pub const LEASE_INTERVALS: u32 = 3;
-
 /// The agent's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HaConfig {
@@ -92,64 +88,6 @@ pub enum HaError {
     NotDirector,
 }
 
-/// One role change, for `tidectl status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransitionStatus {
-    /// Unix milliseconds.
-    pub at_ms: u64,
-    pub from: Role,
-    pub to: Role,
-    pub reason: String,
-}
-
-/// Another gateway as this one hears it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GatewayStatus {
-    pub gateway_id: u32,
-    pub role: Role,
-    pub priority: u8,
-    pub healthy: bool,
-    pub maintenance: bool,
-    /// It takes no new clients (director mode).
-    pub draining: bool,
-    /// Its Ethernet address on the public segment.
-    pub mac: String,
-    /// Milliseconds since its last advert.
-    pub last_seen_ms: u64,
-}
-
-/// What `tidectl status` shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HaStatus {
-    pub location_id: u32,
-    pub gateway_id: u32,
-    pub role: Role,
-    pub priority: u8,
-    pub advert_interval_ms: u64,
-    pub master: Option<u32>,
-    pub maintenance: bool,
-    /// `active-standby` or `director`.
-    pub mode: HaMode,
-    /// This gateway takes no new clients (director mode).
-    pub draining: bool,
-    pub vips: Vec<IpAddr>,
-    /// The VIPs the public interface holds now.
-    pub vips_held: Vec<IpAddr>,
-    pub peers: Vec<GatewayStatus>,
-    pub transitions: Vec<TransitionStatus>,
-    /// Adverts dropped, by reason.
-    pub dropped: BTreeMap<String, u64>,
-    /// The VIP fence in the XDP program, as last renewed.
-    pub fence: Option<FenceStatus>,
-    /// How the clients came back after the last failovers to this
-    /// gateway, oldest first.
-    #[serde(default)]
-    pub failovers: Vec<FailoverReport>,
-    /// The location's endpoint table.
-    #[serde(default)]
-    pub endpoints: Option<SharingStatus>,
-}
-
 /// How the location's gateways share the clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -158,23 +96,6 @@ pub enum HaMode {
     ActiveStandby,
     /// The master steers each client to one of the healthy gateways.
     Director,
-}
-
-/// The part of the agent's state Core follows; it changes only on events
-/// that matter to an operator, so each change is worth a status message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HaSummary {
-    pub role: Role,
-    /// The configured priority.
-    pub priority: u8,
-    /// The priority advertised, after penalties of tracked interfaces.
-    pub effective_priority: u8,
-    pub healthy: bool,
-    /// What makes the gateway unhealthy or costs it priority, in words.
-    pub faults: Vec<String>,
-    /// The master this gateway believes in.
-    pub master: Option<u32>,
-    pub maintenance: bool,
 }
 
 /// One thing the agent's loop woke up for.
@@ -289,26 +210,15 @@ impl HaHandle {
     }
 }
 
-/// What a gateway's adverts say beyond the election: for the director.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PeerExtra {
-    mac: Mac,
-    draining: bool,
-}
-
 /// The agent and everything it owns.
 #[derive(Debug)]
 pub struct Agent {
     config: HaConfig,
-    machine: Machine,
+    /// The election and its adverts.
+    election: Election,
     transport: Arc<Transport>,
     vips: Vips,
     frames: FrameSocket,
-    mac: Mac,
-    guard: ReplayGuard,
-    /// New at each start: the start time in ms, so it grows across restarts.
-    epoch: u64,
-    sequence: u64,
     dropped: BTreeMap<String, u64>,
     /// Stops the announcements in flight when the VIPs are released.
     announcing: Option<CancellationToken>,
@@ -321,10 +231,6 @@ pub struct Agent {
     /// When the agent last ran: a longer gap than the lease means it was
     /// frozen.
     last_wake: Instant,
-    /// This gateway takes no new clients (director mode).
-    draining: bool,
-    /// Draining flags and addresses from the other gateways' adverts.
-    extras: BTreeMap<u32, PeerExtra>,
     /// Why the gateway is unhealthy, while it is.
     fault: Option<String>,
     /// Why the priority is lowered, while it is.
@@ -385,16 +291,19 @@ impl Agent {
             .as_millis() as u64;
         let anchor = (Instant::now(), now);
         let controller = Controller::new(controller_config(&config, mac, false), anchor);
+        let identity = Identity {
+            location_id: config.location_id,
+            key: config.key.clone(),
+            mac,
+            vips: config.vips.clone(),
+            epoch,
+        };
         Ok(Self {
-            machine: Machine::new(config.election),
+            election: Election::new(config.election, identity),
             config,
             transport,
             vips,
             frames,
-            mac,
-            guard: ReplayGuard::default(),
-            epoch,
-            sequence: 0,
             dropped: BTreeMap::new(),
             announcing: None,
             anchor,
@@ -404,8 +313,6 @@ impl Agent {
             tasks: None,
             endpoints: None,
             controller,
-            draining: false,
-            extras: BTreeMap::new(),
             fault: None,
             penalty: None,
         })
@@ -418,7 +325,7 @@ impl Agent {
 
     /// The public interface's MAC address.
     pub fn mac(&self) -> Mac {
-        self.mac
+        self.election.identity().mac
     }
 
     /// Connects failover continuity: endpoint messages go to `sharing`,
@@ -427,8 +334,10 @@ impl Agent {
     pub fn connect(&mut self, sharing: SharingHandle, wireguard: WireguardHandle) {
         self.endpoints = Some(sharing.subscribe());
         self.tasks = Some(Tasks { sharing, wireguard });
-        self.controller =
-            Controller::new(controller_config(&self.config, self.mac, true), self.anchor);
+        self.controller = Controller::new(
+            controller_config(&self.config, self.election.identity().mac, true),
+            self.anchor,
+        );
     }
 
     /// Runs the election until `cancel` fires, then hands over or resigns
@@ -442,14 +351,14 @@ impl Agent {
     ) {
         let effects = self.controller.step(Input::Start, Instant::now());
         self.apply(effects).await;
-        let actions = self.machine.on_event(Event::Start, Instant::now());
+        let actions = self.election.on_event(Event::Start, Instant::now());
         self.execute(actions).await;
         self.publish(&published);
         let mut buf = vec![0u8; MAX_ADVERT];
         let mut stopping = false;
         loop {
             let deadline = [
-                self.machine.next_deadline(),
+                self.election.machine().next_deadline(),
                 self.controller.next_deadline(),
             ]
             .into_iter()
@@ -480,32 +389,36 @@ impl Agent {
             // starved CPU) means what the machine knows is stale, and the
             // fence has cut this gateway off already.
             let now = Instant::now();
-            if let Some(paused) = self.paused(now) {
+            if let Some(paused) =
+                self.election
+                    .paused(now, self.last_wake, self.renewed.map(|(at, _, _)| at))
+            {
                 warn!(
                     paused_ms = paused.as_millis() as u64,
                     "the agent was paused past its lease"
                 );
-                let stalled = self.machine.on_event(Event::Stalled { paused }, now);
+                let stalled = self.election.on_event(Event::Stalled { paused }, now);
                 if self.execute(stalled).await {
                     break;
                 }
             }
             let actions = match input {
-                Wake::Shutdown => self.machine.on_event(Event::Shutdown, Instant::now()),
+                Wake::Shutdown => self.election.on_event(Event::Shutdown, Instant::now()),
                 Wake::Tick => {
                     let effects = self.controller.step(Input::Tick, Instant::now());
                     self.apply(effects).await;
-                    self.machine.on_event(Event::Tick, Instant::now())
+                    self.election.on_event(Event::Tick, Instant::now())
                 }
                 Wake::Advert { len, from, known } => self.receive(&buf[..len], from, known),
                 Wake::Health(HealthEvent::Fault { healthy, reason }) => {
                     self.fault = (!healthy).then(|| reason.clone());
-                    self.machine
+                    self.election
                         .on_event(Event::Health { healthy, reason }, Instant::now())
                 }
                 Wake::Health(HealthEvent::Penalty { points, reason }) => {
                     self.penalty = (points > 0).then(|| reason.clone());
-                    self.machine.set_penalty(points, &reason, Instant::now())
+                    self.election
+                        .on_event(Event::Penalty { points, reason }, Instant::now())
                 }
                 Wake::Command(command) => self.command(command).await,
                 Wake::Nothing => Vec::new(),
@@ -569,18 +482,18 @@ impl Agent {
 
     fn summary(&self) -> HaSummary {
         HaSummary {
-            role: self.machine.role(),
+            role: self.election.machine().role(),
             priority: self.config.election.priority,
-            effective_priority: self.machine.priority(),
-            healthy: self.machine.healthy(),
+            effective_priority: self.election.machine().priority(),
+            healthy: self.election.machine().healthy(),
             faults: self
                 .fault
                 .iter()
                 .chain(self.penalty.iter())
                 .cloned()
                 .collect(),
-            master: self.machine.master(),
-            maintenance: self.machine.maintenance(),
+            master: self.election.machine().master(),
+            maintenance: self.election.machine().maintenance(),
         }
     }
 
@@ -602,34 +515,8 @@ impl Agent {
             self.drop_advert("unknown-sender", from);
             return Vec::new();
         }
-        let advert = Advert::decode(bytes, &self.config.key).and_then(|advert| {
-            if advert.location_id != self.config.location_id {
-                return Err(AdvertError::Location(advert.location_id));
-            }
-            self.guard.check(&advert)?;
-            Ok(advert)
-        });
-        match advert {
-            Ok(advert) => {
-                self.extras.insert(
-                    advert.gateway_id,
-                    PeerExtra {
-                        mac: advert.mac,
-                        draining: advert.draining,
-                    },
-                );
-                let heard = Heard {
-                    from: advert.gateway_id,
-                    role: advert.role,
-                    priority: advert.priority,
-                    interval: advert.interval,
-                    handover_to: advert.handover_to,
-                    maintenance: advert.maintenance,
-                    healthy: advert.health & HEALTH_OK != 0,
-                    preempt: advert.preempt,
-                };
-                self.machine.on_event(Event::Heard(heard), Instant::now())
-            }
+        match self.election.receive(bytes, Instant::now()) {
+            Ok((_, actions)) => actions,
             Err(error) => {
                 debug!(%from, %error, "advert dropped");
                 self.drop_advert(error.name(), from);
@@ -649,41 +536,34 @@ impl Agent {
     async fn command(&mut self, command: Command) -> Vec<Action> {
         let now = Instant::now();
         match command {
-            Command::Failover(reply) => match self.machine.failover(now) {
-                Ok((to, actions)) => {
-                    info!(to, "planned failover: handing over");
-                    let _ = reply.send(Ok(to));
-                    actions
-                }
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                    Vec::new()
-                }
-            },
+            Command::Failover(reply) => {
+                let actions = self.election.on_event(Event::Failover, now);
+                // A failover that is not refused names the backup.
+                let _ =
+                    reply.send(answer(&actions).and_then(|to| to.ok_or(HandoverError::NoBackup)));
+                actions
+            }
             Command::Drain(on, reply) => {
                 if self.config.director.is_none() {
                     let _ = reply.send(Err(HaError::NotDirector));
                     return Vec::new();
                 }
-                if self.draining != on {
-                    self.draining = on;
+                if self.election.set_draining(on) {
                     info!(on, "draining");
                 }
                 let _ = reply.send(Ok(()));
                 // Tell the others at once; the director follows after this.
-                vec![Action::Advertise(self.machine.advert())]
+                vec![Action::Advertise(self.election.machine().advert())]
             }
-            Command::Maintenance(on, reply) => match self.machine.set_maintenance(on, now) {
-                Ok(actions) => {
+            Command::Maintenance(on, reply) => {
+                let actions = self.election.on_event(Event::Maintenance { on }, now);
+                let answered = answer(&actions).map(drop);
+                if answered.is_ok() {
                     info!(on, "maintenance");
-                    let _ = reply.send(Ok(()));
-                    actions
                 }
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                    Vec::new()
-                }
-            },
+                let _ = reply.send(answered);
+                actions
+            }
         }
     }
 
@@ -693,29 +573,12 @@ impl Agent {
         for action in actions {
             match action {
                 Action::Advertise(fields) => {
-                    self.sequence += 1;
-                    let advert = Advert {
-                        role: fields.role,
-                        priority: fields.priority,
-                        maintenance: fields.maintenance,
-                        location_id: self.config.location_id,
-                        gateway_id: self.config.election.gateway_id,
-                        interval: self.config.election.interval,
-                        epoch: self.epoch,
-                        sequence: self.sequence,
-                        health: if fields.healthy { HEALTH_OK } else { 0 },
-                        handover_to: fields.handover_to,
-                        draining: self.draining,
-                        preempt: fields.preempt,
-                        mac: self.mac,
-                        vips: self.config.vips.clone(),
-                    };
-                    if let Err(error) = self.transport.send(&advert.encode(&self.config.key)).await
-                    {
+                    let advert = self.election.encode(fields);
+                    if let Err(error) = self.transport.send(&advert).await {
                         warn!(%error, "sending an advert failed");
                     }
                     // Every advert renews the lease: the agent is alive.
-                    self.renew(self.machine.role() == Role::Master);
+                    self.renew(self.election.machine().role() == Role::Master);
                 }
                 Action::TakeVips => {
                     self.log_transition();
@@ -727,7 +590,7 @@ impl Agent {
                     // to the old master from the first one the announcement
                     // brings.
                     self.renew_in_order(true).await;
-                    let cause = self.machine.cause();
+                    let cause = self.election.machine().cause();
                     let effects = self.controller.step(Input::Promoted { cause }, became);
                     self.apply(effects).await;
                     self.sync_director().await;
@@ -738,7 +601,7 @@ impl Agent {
                     let moved = Input::VipsMoved {
                         became,
                         vip_move: became.elapsed(),
-                        reason: self.last_reason(),
+                        reason: self.election.last_reason(),
                     };
                     let effects = self.controller.step(moved, Instant::now());
                     self.apply(effects).await;
@@ -749,7 +612,7 @@ impl Agent {
                         announcing.cancel();
                     }
                     self.renew_in_order(false).await;
-                    let cause = self.machine.cause();
+                    let cause = self.election.machine().cause();
                     let effects = self
                         .controller
                         .step(Input::Demoted { cause }, Instant::now());
@@ -761,6 +624,8 @@ impl Agent {
                 }
                 Action::Announce => self.announce(),
                 Action::Exit => exit = true,
+                Action::HandOver(to) => info!(to, "handing over"),
+                Action::Refuse(error) => info!(%error, "request refused"),
             }
         }
         exit
@@ -782,7 +647,7 @@ impl Agent {
                 Effect::OpenWindow { peer_mac, window } => (
                     "opening the handover window",
                     self.datapath
-                        .open_handover(peer_mac, self.mac, window)
+                        .open_handover(peer_mac, self.election.identity().mac, window)
                         .await,
                 ),
                 Effect::CloseWindow => (
@@ -839,74 +704,16 @@ impl Agent {
         }
     }
 
-    /// The reason of the last role change.
-    fn last_reason(&self) -> String {
-        self.machine
-            .transitions()
-            .last()
-            .map(|t| t.reason.clone())
-            .unwrap_or_default()
-    }
-
-    /// The location's gateways as the adverts describe them, this one
-    /// among them, for the director.
-    fn members(&self) -> Vec<Member> {
-        let role = self.machine.role();
-        let own = self.machine.advert();
-        let mut members = vec![Member {
-            gateway_id: self.config.election.gateway_id,
-            mac: self.mac,
-            local: true,
-            healthy: own.healthy && matches!(role, Role::Backup | Role::Master),
-            draining: self.draining,
-        }];
-        for (&id, peer) in self.machine.peers() {
-            let Some(extra) = self.extras.get(&id) else {
-                continue;
-            };
-            members.push(Member {
-                gateway_id: id,
-                mac: extra.mac,
-                local: false,
-                healthy: peer.healthy
-                    && peer.priority > 0
-                    && matches!(peer.role, Role::Backup | Role::Master),
-                draining: extra.draining,
-            });
-        }
-        members
-    }
-
     /// Director mode: the controller follows the location (a no-op in
     /// active/standby mode).
     async fn sync_director(&mut self) {
         if self.config.director.is_none() {
             return;
         }
-        let location = Input::Location {
-            steering: self.machine.role() == Role::Master,
-            members: self.members(),
-        };
-        let effects = self.controller.step(location, Instant::now());
+        let effects = self
+            .controller
+            .step(self.election.location(), Instant::now());
         self.apply(effects).await;
-    }
-
-    /// How long the agent was away, when that is past the lease: since
-    /// its last wake, and for a master since its last renewal of the lease
-    /// (up to an interval before that wake), from which the fence counts.
-    fn paused(&self, now: Instant) -> Option<Duration> {
-        let since_wake = now.saturating_duration_since(self.last_wake);
-        let since_renewal = match (self.machine.role(), self.renewed) {
-            (Role::Master, Some((at, _, _))) => now.saturating_duration_since(at),
-            _ => Duration::ZERO,
-        };
-        let paused = since_wake.max(since_renewal);
-        (paused > self.lease()).then_some(paused)
-    }
-
-    /// How long a renewal of the fence's lease lasts.
-    fn lease(&self) -> Duration {
-        LEASE_INTERVALS * self.config.election.interval
     }
 
     /// Renews the lease for a change of role, and waits until the fence
@@ -921,8 +728,8 @@ impl Agent {
     /// Renews the fence's lease without waiting; `holds_vips` when this
     /// gateway answers for the VIPs (MASTER).
     fn renew(&mut self, holds_vips: bool) {
-        self.datapath.renew_lease(self.lease(), holds_vips);
-        self.renewed = Some((Instant::now(), self.lease(), holds_vips));
+        self.datapath.renew_lease(self.election.lease(), holds_vips);
+        self.renewed = Some((Instant::now(), self.election.lease(), holds_vips));
     }
 
     /// Sends the announcements for every VIP several times, spaced, on a
@@ -937,7 +744,7 @@ impl Agent {
             .config
             .vips
             .iter()
-            .map(|vip| announce::frame(*vip, self.mac))
+            .map(|vip| announce::frame(*vip, self.election.identity().mac))
             .collect();
         let socket = match self.frames.try_clone() {
             Ok(socket) => socket,
@@ -946,7 +753,7 @@ impl Agent {
                 return;
             }
         };
-        let lease = self.lease();
+        let lease = self.election.lease();
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
             for round in 0..ANNOUNCE_COUNT {
@@ -976,7 +783,7 @@ impl Agent {
     }
 
     fn log_transition(&self) {
-        if let Some(last) = self.machine.transitions().last() {
+        if let Some(last) = self.election.machine().transitions().last() {
             info!(
                 from = %last.from,
                 to = %last.to,
@@ -991,25 +798,26 @@ impl Agent {
         AgentView {
             location_id: self.config.location_id,
             gateway_id: self.config.election.gateway_id,
-            role: self.machine.role(),
-            priority: self.machine.priority(),
+            role: self.election.machine().role(),
+            priority: self.election.machine().priority(),
             interval: self.config.election.interval,
-            master: self.machine.master(),
-            maintenance: self.machine.maintenance(),
+            master: self.election.machine().master(),
+            maintenance: self.election.machine().maintenance(),
             mode: if self.config.director.is_some() {
                 HaMode::Director
             } else {
                 HaMode::ActiveStandby
             },
-            draining: self.draining,
+            draining: self.election.draining(),
             vips: self.config.vips.clone(),
             peers: self
-                .machine
+                .election
+                .machine()
                 .peers()
                 .iter()
-                .map(|(id, peer)| (*id, *peer, self.extras.get(id).copied()))
+                .map(|(id, peer)| (*id, *peer, self.election.extras().get(id).copied()))
                 .collect(),
-            transitions: self.machine.transitions().cloned().collect(),
+            transitions: self.election.machine().transitions().cloned().collect(),
             dropped: self.dropped.clone(),
             renewed: self.renewed,
             anchor: self.anchor,
@@ -1021,181 +829,6 @@ impl Agent {
 struct Published {
     summary: watch::Sender<HaSummary>,
     view: watch::Sender<AgentView>,
-}
-
-/// What the agent knows, published after each of its steps.
-#[derive(Debug, Clone)]
-struct AgentView {
-    location_id: u32,
-    gateway_id: u32,
-    role: Role,
-    priority: u8,
-    interval: Duration,
-    master: Option<u32>,
-    maintenance: bool,
-    mode: HaMode,
-    draining: bool,
-    vips: Vec<IpAddr>,
-    peers: Vec<(u32, PeerView, Option<PeerExtra>)>,
-    transitions: Vec<Transition>,
-    dropped: BTreeMap<String, u64>,
-    /// The lease as last renewed: when, for how long, holding the VIPs.
-    renewed: Option<(Instant, Duration, bool)>,
-    /// An instant and the wall-clock time at that instant.
-    anchor: (Instant, SystemTime),
-}
-
-/// The parts of the status other tasks own.
-struct Owned {
-    vips_held: Vec<IpAddr>,
-    failovers: Vec<FailoverReport>,
-    endpoints: Option<SharingStatus>,
-}
-
-impl AgentView {
-    /// The whole status at `now`, with what the other tasks own.
-    fn status(self, now: Instant, owned: Owned) -> HaStatus {
-        let (anchor, wall) = self.anchor;
-        let to_unix_ms = |at: Instant| {
-            let wall = if at >= anchor {
-                wall + (at - anchor)
-            } else {
-                wall - (anchor - at)
-            };
-            wall.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis() as u64
-        };
-        HaStatus {
-            location_id: self.location_id,
-            gateway_id: self.gateway_id,
-            role: self.role,
-            priority: self.priority,
-            advert_interval_ms: self.interval.as_millis() as u64,
-            master: self.master,
-            maintenance: self.maintenance,
-            mode: self.mode,
-            draining: self.draining,
-            vips: self.vips,
-            vips_held: owned.vips_held,
-            peers: self
-                .peers
-                .into_iter()
-                .map(|(id, peer, extra)| GatewayStatus {
-                    gateway_id: id,
-                    role: peer.role,
-                    priority: peer.priority,
-                    healthy: peer.healthy,
-                    maintenance: peer.maintenance,
-                    draining: extra.is_some_and(|e| e.draining),
-                    mac: extra.map(|e| format_mac(&e.mac)).unwrap_or_default(),
-                    last_seen_ms: now.saturating_duration_since(peer.last_seen).as_millis() as u64,
-                })
-                .collect(),
-            transitions: self
-                .transitions
-                .into_iter()
-                .map(|t| TransitionStatus {
-                    at_ms: to_unix_ms(t.at),
-                    from: t.from,
-                    to: t.to,
-                    reason: t.reason,
-                })
-                .collect(),
-            dropped: self.dropped,
-            fence: self.renewed.map(|(at, lease, holds_vips)| FenceStatus {
-                holds_vips,
-                lease_left_ms: lease
-                    .saturating_sub(now.saturating_duration_since(at))
-                    .as_millis() as u64,
-            }),
-            failovers: owned.failovers,
-            endpoints: owned.endpoints,
-        }
-    }
-}
-
-/// A thread of the agent's own, with a single-threaded runtime that nothing
-/// else of the daemon's runs on but the datapath task (short map writes,
-/// the lease renewals among them): however busy the other tasks are (a
-/// reload of many peers parses and plans on theirs), adverts, the lease and
-/// the timers of the election keep their times. Its sockets (adverts, the
-/// VIPs' netlink) are made on it, so that what arrives wakes it alone. The
-/// thread runs at a real-time priority ([`REALTIME_PRIORITY`], `SCHED_RR`,
-/// as keepalived's `vrrp_rt_priority`) where the daemon may, so that a
-/// host whose CPUs are all busy still runs it on time; it is idle but for
-/// a few microseconds each advert. It runs until this is dropped.
-#[derive(Debug)]
-pub struct AgentThread {
-    runtime: tokio::runtime::Handle,
-    /// Dropped with this: the thread's runtime stops.
-    _stop: oneshot::Sender<()>,
-}
-
-impl AgentThread {
-    /// Starts the thread.
-    pub fn start() -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("ha-agent".into())
-            .spawn(move || {
-                if let Err(error) = set_realtime(REALTIME_PRIORITY) {
-                    warn!(
-                        %error,
-                        "the HA agent runs at normal priority: busy CPUs may delay its adverts"
-                    );
-                }
-                let _ = runtime.block_on(stopped);
-            })?;
-        Ok(Self {
-            runtime: handle,
-            _stop: stop,
-        })
-    }
-
-    /// Starts the agent on the thread (see [`Agent::start`]).
-    pub async fn start_agent(
-        &self,
-        config: HaConfig,
-        datapath: DatapathHandle,
-    ) -> Result<Agent, HaError> {
-        self.runtime
-            .spawn(Agent::start(config, datapath))
-            .await
-            .map_err(|_| HaError::Stopped)?
-    }
-
-    /// Runs `task` (the agent's, from [`spawn`], or the datapath task's)
-    /// on the thread; the handle resolves when it ends.
-    pub fn run<T: Send + 'static>(
-        &self,
-        task: impl Future<Output = T> + Send + 'static,
-    ) -> tokio::task::JoinHandle<T> {
-        self.runtime.spawn(task)
-    }
-}
-
-/// The agent thread's `SCHED_RR` priority: above every normal thread, low
-/// among real-time ones (the kernel's own threads run at 50).
-pub const REALTIME_PRIORITY: i32 = 10;
-
-/// Puts the calling thread in the `SCHED_RR` class at `priority`.
-fn set_realtime(priority: i32) -> std::io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
-    // is the calling thread.
-    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// Starts the agent task: returns its handle, a sender for health changes,

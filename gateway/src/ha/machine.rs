@@ -128,6 +128,18 @@ pub enum Event {
     Stalled { paused: Duration },
     /// The daemon stops: hand over if a backup is alive, else resign.
     Shutdown,
+    /// The operator asks for a planned failover: answered with
+    /// [`Action::HandOver`] or [`Action::Refuse`].
+    Failover,
+    /// The operator turns maintenance on or off: in maintenance the
+    /// gateway stays BACKUP. A master hands over first
+    /// ([`Action::HandOver`]); with no backup to take over, that is refused
+    /// ([`Action::Refuse`]) and nothing changes.
+    Maintenance { on: bool },
+    /// Tracked checks take `points` off the configured priority (0: all
+    /// pass). The new priority is advertised at once; a backup that now
+    /// outranks a master asks a lower-priority master to hand over.
+    Penalty { points: u8, reason: String },
 }
 
 /// What the I/O layer must do, in order.
@@ -144,10 +156,32 @@ pub enum Action {
     Announce,
     /// Shutdown is complete: the daemon may exit.
     Exit,
+    /// A handover to that gateway started: it is named in the adverts from
+    /// now on (a planned failover, maintenance, shutdown, or a backup that
+    /// outranks this master asked for the VIPs).
+    HandOver(u32),
+    /// The operator's request ([`Event::Failover`], [`Event::Maintenance`])
+    /// cannot be carried out; nothing changed.
+    Refuse(HandoverError),
+}
+
+/// What an operator's request ([`Event::Failover`], [`Event::Maintenance`])
+/// came to, from the actions it returned: the gateway handed over to, if
+/// any, or why it was refused.
+pub fn answer(actions: &[Action]) -> Result<Option<u32>, HandoverError> {
+    let mut to = None;
+    for action in actions {
+        match action {
+            Action::Refuse(error) => return Err(*error),
+            Action::HandOver(gateway) => to = Some(*gateway),
+            _ => {}
+        }
+    }
+    Ok(to)
 }
 
 /// Why a planned failover cannot start.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HandoverError {
     #[error("this gateway is {0}, not MASTER: only the master can hand over")]
     NotMaster(Role),
@@ -307,26 +341,6 @@ impl Machine {
         self.settings.priority.saturating_sub(self.penalty).max(1)
     }
 
-    /// Sets the penalty of failing tracked checks (0: all pass). The new
-    /// priority is advertised at once; a backup that now outranks a master
-    /// asks a lower-priority master to hand over.
-    pub fn set_penalty(&mut self, penalty: u8, reason: &str, now: Instant) -> Vec<Action> {
-        let mut actions = Vec::new();
-        if penalty == self.penalty {
-            return actions;
-        }
-        let before = self.priority();
-        self.penalty = penalty;
-        self.note(
-            format!("priority {before} -> {}: {reason}", self.priority()),
-            now,
-        );
-        if self.role != Role::Init {
-            self.advertise_now(now, &mut actions);
-        }
-        actions
-    }
-
     /// Whether the gateway's own checks pass (public link, XDP, WireGuard).
     pub fn healthy(&self) -> bool {
         self.healthy
@@ -393,16 +407,17 @@ impl Machine {
             Event::Health { healthy, reason } => self.health(healthy, reason, now, &mut actions),
             Event::Stalled { paused } => self.stalled(paused, now, &mut actions),
             Event::Shutdown => self.shutdown(now, &mut actions),
+            Event::Failover => {
+                if let Err(error) = self.start_handover(now, &mut actions) {
+                    actions.push(Action::Refuse(error));
+                }
+            }
+            Event::Maintenance { on } => self.set_maintenance(on, now, &mut actions),
+            Event::Penalty { points, reason } => {
+                self.set_penalty(points, &reason, now, &mut actions)
+            }
         }
         actions
-    }
-
-    /// The operator asks for a planned failover: returns the gateway that
-    /// takes over and the actions, or why it cannot be done.
-    pub fn failover(&mut self, now: Instant) -> Result<(u32, Vec<Action>), HandoverError> {
-        let mut actions = Vec::new();
-        let to = self.start_handover(now, &mut actions)?;
-        Ok((to, actions))
     }
 
     fn start_handover(
@@ -429,20 +444,18 @@ impl Machine {
             deadline: now + self.master_down_interval(self.settings.interval),
             asked,
         });
+        actions.push(Action::HandOver(to));
         self.advertise_now(now, actions);
     }
 
-    /// Turns maintenance on or off: in maintenance the gateway stays
-    /// BACKUP. A master hands over first; with no backup to take over, that
-    /// is refused and nothing changes.
-    pub fn set_maintenance(
-        &mut self,
-        on: bool,
-        now: Instant,
-    ) -> Result<Vec<Action>, HandoverError> {
-        let mut actions = Vec::new();
-        if on && self.role == Role::Master && self.handover.is_none() {
-            self.start_handover(now, &mut actions)?;
+    fn set_maintenance(&mut self, on: bool, now: Instant, actions: &mut Vec<Action>) {
+        if on
+            && self.role == Role::Master
+            && self.handover.is_none()
+            && let Err(error) = self.start_handover(now, actions)
+        {
+            actions.push(Action::Refuse(error));
+            return;
         }
         if self.maintenance != on {
             self.maintenance = on;
@@ -452,8 +465,22 @@ impl Machine {
         if !on && self.role == Role::Backup && self.master_down_at.is_none() {
             self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
         }
-        self.advertise_now(now, &mut actions);
-        Ok(actions)
+        self.advertise_now(now, actions);
+    }
+
+    fn set_penalty(&mut self, penalty: u8, reason: &str, now: Instant, actions: &mut Vec<Action>) {
+        if penalty == self.penalty {
+            return;
+        }
+        let before = self.priority();
+        self.penalty = penalty;
+        self.note(
+            format!("priority {before} -> {}: {reason}", self.priority()),
+            now,
+        );
+        if self.role != Role::Init {
+            self.advertise_now(now, actions);
+        }
     }
 
     fn start(&mut self, now: Instant, actions: &mut Vec<Action>) {
@@ -584,10 +611,7 @@ impl Machine {
         if heard.role != Role::Master {
             if self.master == Some(heard.from) && self.role == Role::Backup {
                 // Our master stepped down without a priority-0 advert.
-                self.master = None;
-                self.preemption = None;
-                self.master_down_at =
-                    Some(now + Self::skew(self.priority(), self.settings.interval));
+                self.master_left(heard.from, now);
             }
             return;
         }
@@ -600,10 +624,9 @@ impl Machine {
 
     fn backup_heard_master(&mut self, heard: Heard, now: Instant, actions: &mut Vec<Action>) {
         if heard.priority == 0 {
-            // RFC 5798: a resigning master hands over after the skew only.
-            self.master = None;
-            self.preemption = None;
-            self.master_down_at = Some(now + Self::skew(self.priority(), self.settings.interval));
+            if self.master.is_none_or(|master| master == heard.from) {
+                self.master_left(heard.from, now);
+            }
             return;
         }
         if heard.handover_to == Some(self.settings.gateway_id) && self.eligible() {
@@ -656,6 +679,36 @@ impl Machine {
                 now,
             );
             self.advertise_now(now, actions);
+        }
+    }
+
+    /// BACKUP: the master this gateway followed stepped down or resigned.
+    /// Another master heard within its master-down interval (the one that
+    /// took over from it, whose claim arrived first) is followed; with none,
+    /// RFC 5798: take over after the skew only.
+    fn master_left(&mut self, left: u32, now: Instant) {
+        self.preemption = None;
+        let other = self
+            .peers
+            .iter()
+            .filter(|&(&id, peer)| {
+                id != left
+                    && peer.role == Role::Master
+                    && peer.priority > 0
+                    && now < peer.last_seen + self.master_down_interval(peer.interval)
+            })
+            .max_by_key(|(_, peer)| peer.last_seen);
+        match other {
+            Some((&id, peer)) => {
+                self.master = Some(id);
+                self.master_down_at =
+                    Some(peer.last_seen + self.master_down_interval(peer.interval));
+            }
+            None => {
+                self.master = None;
+                self.master_down_at =
+                    Some(now + Self::skew(self.priority(), self.settings.interval));
+            }
         }
     }
 
@@ -977,6 +1030,13 @@ mod tests {
             m.on_event(Event::Tick, ms(t0, n));
             m.role() == role
         })
+    }
+
+    fn penalty(points: u8, reason: &str) -> Event {
+        Event::Penalty {
+            points,
+            reason: reason.to_owned(),
+        }
     }
 
     fn advert(actions: &[Action]) -> Option<AdvertFields> {
@@ -1308,8 +1368,8 @@ mod tests {
     fn a_planned_failover_hands_over_to_the_best_backup() {
         let t0 = Instant::now();
         let (mut a, mut b, mut c) = trio(t0);
-        let (to, actions) = a.failover(ms(t0, 400)).unwrap();
-        assert_eq!(to, 2);
+        let actions = a.on_event(Event::Failover, ms(t0, 400));
+        assert_eq!(answer(&actions), Ok(Some(2)));
         let offer = advert(&actions).unwrap();
         assert_eq!((offer.role, offer.handover_to), (Role::Master, Some(2)));
         assert_eq!(a.role(), Role::Master, "the old master keeps serving");
@@ -1351,7 +1411,7 @@ mod tests {
     fn a_handover_offer_arriving_after_the_claim_does_not_take_it_back() {
         let t0 = Instant::now();
         let (mut a, mut b, _) = trio(t0);
-        a.failover(ms(t0, 400)).unwrap();
+        a.on_event(Event::Failover, ms(t0, 400));
         let offer = Event::Heard(Heard {
             handover_to: Some(2),
             ..heard(master(1, 200))
@@ -1375,16 +1435,55 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_whose_master_steps_down_follows_the_master_that_claimed() {
+        let t0 = Instant::now();
+        let (mut a, _, mut c) = trio(t0);
+        a.on_event(Event::Failover, ms(t0, 400));
+        // The new master's claim reaches the third gateway before the old
+        // master's offer, which the segment delayed; then the old master
+        // steps down.
+        c.on_event(master(2, 150), ms(t0, 402));
+        let offer = Event::Heard(Heard {
+            handover_to: Some(2),
+            ..heard(master(1, 200))
+        });
+        c.on_event(offer, ms(t0, 403));
+        assert_eq!(c.master(), Some(1));
+        c.on_event(backup(1, 200), ms(t0, 404));
+        assert_eq!(c.master(), Some(2), "the master that claimed");
+        // No takeover after the skew only: the new master is deemed down a
+        // master-down interval after it was last heard.
+        let down = 402 + c.master_down_interval(INTERVAL).as_millis() as u64;
+        assert_eq!(
+            tick_until(&mut c, t0, 405, 2000, Role::Master),
+            Some(down + 1)
+        );
+    }
+
+    #[test]
+    fn a_backup_whose_master_resigns_with_no_other_takes_over_after_the_skew() {
+        let t0 = Instant::now();
+        let (_, mut b, _) = trio(t0);
+        b.on_event(master(1, 0), ms(t0, 400));
+        assert_eq!(b.master(), None);
+        let skew = Machine::skew(150, INTERVAL).as_millis() as u64;
+        assert_eq!(
+            tick_until(&mut b, t0, 401, 2000, Role::Master),
+            Some(400 + skew + 1)
+        );
+    }
+
+    #[test]
     fn a_failover_needs_a_master_and_a_healthy_backup() {
         let t0 = Instant::now();
         let mut lone = started(1, 100, t0);
         assert_eq!(
-            lone.failover(t0).unwrap_err(),
+            answer(&lone.on_event(Event::Failover, t0)).unwrap_err(),
             HandoverError::NotMaster(Role::Backup)
         );
         lone.on_event(Event::Tick, ms(t0, 400));
         assert_eq!(
-            lone.failover(ms(t0, 400)).unwrap_err(),
+            answer(&lone.on_event(Event::Failover, ms(t0, 400))).unwrap_err(),
             HandoverError::NoBackup
         );
         let sick = Event::Heard(Heard {
@@ -1398,13 +1497,18 @@ mod tests {
         });
         lone.on_event(resting, ms(t0, 410));
         assert_eq!(
-            lone.failover(ms(t0, 420)).unwrap_err(),
+            answer(&lone.on_event(Event::Failover, ms(t0, 420))).unwrap_err(),
             HandoverError::NoBackup
         );
         lone.on_event(backup(4, 10), ms(t0, 430));
-        assert_eq!(lone.failover(ms(t0, 440)).unwrap().0, 4);
         assert_eq!(
-            lone.failover(ms(t0, 450)).unwrap_err(),
+            answer(&lone.on_event(Event::Failover, ms(t0, 440)))
+                .unwrap()
+                .unwrap(),
+            4
+        );
+        assert_eq!(
+            answer(&lone.on_event(Event::Failover, ms(t0, 450))).unwrap_err(),
             HandoverError::InProgress(4)
         );
     }
@@ -1413,7 +1517,7 @@ mod tests {
     fn a_handover_that_is_not_taken_times_out() {
         let t0 = Instant::now();
         let (mut a, ..) = trio(t0);
-        a.failover(ms(t0, 400)).unwrap();
+        a.on_event(Event::Failover, ms(t0, 400));
         let timed_out = tick_until(&mut a, t0, 401, 1000, Role::Master);
         assert_eq!(timed_out, Some(401));
         a.on_event(Event::Tick, ms(t0, 800));
@@ -1433,10 +1537,10 @@ mod tests {
     fn maintenance_keeps_a_gateway_backup() {
         let t0 = Instant::now();
         let mut m = started(1, 100, t0);
-        m.set_maintenance(true, t0).unwrap();
+        m.on_event(Event::Maintenance { on: true }, t0);
         assert!(m.advert().maintenance);
         assert_eq!(tick_until(&mut m, t0, 1, 2000, Role::Master), None);
-        m.set_maintenance(false, ms(t0, 2000)).unwrap();
+        m.on_event(Event::Maintenance { on: false }, ms(t0, 2000));
         assert_eq!(tick_until(&mut m, t0, 2001, 3000, Role::Master), Some(2361));
     }
 
@@ -1446,13 +1550,13 @@ mod tests {
         let mut lone = started(1, 100, t0);
         lone.on_event(Event::Tick, ms(t0, 400));
         assert_eq!(
-            lone.set_maintenance(true, ms(t0, 400)).unwrap_err(),
+            answer(&lone.on_event(Event::Maintenance { on: true }, ms(t0, 400))).unwrap_err(),
             HandoverError::NoBackup
         );
         assert!(!lone.maintenance());
 
         let (mut a, ..) = trio(t0);
-        let actions = a.set_maintenance(true, ms(t0, 400)).unwrap();
+        let actions = a.on_event(Event::Maintenance { on: true }, ms(t0, 400));
         assert_eq!(advert(&actions).unwrap().handover_to, Some(2));
         a.on_event(master(2, 150), ms(t0, 401));
         assert_eq!(a.role(), Role::Backup);
@@ -1536,7 +1640,7 @@ mod tests {
 
         let mut m = started(1, 100, t0);
         for n in 0..(MAX_TRANSITIONS as u64 + 5) {
-            m.set_maintenance(n % 2 == 0, ms(t0, n)).unwrap();
+            m.on_event(Event::Maintenance { on: n % 2 == 0 }, ms(t0, n));
         }
         assert_eq!(m.transitions().count(), MAX_TRANSITIONS);
         assert_eq!(m.transitions().last().unwrap().reason, "maintenance on");
@@ -1581,7 +1685,7 @@ mod tests {
         let mut a = started(1, 200, t0);
         a.on_event(Event::Tick, ms(t0, 400));
         assert_eq!(a.role(), Role::Master);
-        let actions = a.set_penalty(150, "uplink eth1 down", ms(t0, 410));
+        let actions = a.on_event(penalty(150, "uplink eth1 down"), ms(t0, 410));
         assert_eq!(a.priority(), 50);
         assert_eq!(advert(&actions).unwrap().priority, 50);
         assert!(
@@ -1619,11 +1723,11 @@ mod tests {
             (Role::Backup, Cause::HandedOverTo(2))
         );
         // Never below 1; and back to normal when the check passes again.
-        a.set_penalty(255, "everything down", ms(t0, 2100));
+        a.on_event(penalty(255, "everything down"), ms(t0, 2100));
         assert_eq!(a.priority(), 1);
-        a.set_penalty(0, "all tracked checks pass", ms(t0, 2200));
+        a.on_event(penalty(0, "all tracked checks pass"), ms(t0, 2200));
         assert_eq!(a.priority(), 200);
-        assert!(a.set_penalty(0, "again", ms(t0, 2300)).is_empty());
+        assert!(a.on_event(penalty(0, "again"), ms(t0, 2300)).is_empty());
         // It handed over because it was asked: with its priority back, it
         // asks in turn.
         let ask = advert(&a.on_event(master(2, 100), ms(t0, 2400))).unwrap();

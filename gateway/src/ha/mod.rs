@@ -4,8 +4,11 @@
 pub mod advert;
 pub mod agent;
 pub mod announce;
+pub mod election;
 pub mod health;
 pub mod machine;
 pub mod sharing;
+pub mod status;
+pub mod thread;
 pub mod transport;
 pub mod vip;

@@ -238,7 +238,7 @@ impl WireguardHandle {
     }
 
     /// This gateway owns no client any more: the device drops every session
-    /// it holds (see [`Owner::drop_sessions`]). Queued behind the kicks
+    /// it holds (each peer replaced by itself). Queued behind the kicks
     /// sent before it, ahead of a later one.
     pub fn drop_sessions(&self) -> Result<(), WireguardError> {
         self.sessions

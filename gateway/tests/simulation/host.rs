@@ -21,11 +21,11 @@ use std::{
 
 use tidegate_gateway::{
     continuity::{self, Controller, ControllerConfig, Effect, Input as Step},
-    director::{DirectorConfig, DirectorState, Mac, Member},
+    director::{DirectorConfig, DirectorState, Mac},
     ha::{
-        advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
-        agent::LEASE_INTERVALS,
-        machine::{Action, Cause, Event, Heard, Machine, PeerView, Role, Settings},
+        advert::{AdvertError, AdvertKey},
+        election::{Election, Identity, PeerExtra},
+        machine::{Action, Cause, Event, PeerView, Role, Settings},
         sharing::table::EndpointView,
     },
     xdp::Ownership,
@@ -183,13 +183,6 @@ enum Input {
     Command(Command),
 }
 
-/// What another gateway's adverts say beyond the election.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extra {
-    mac: Mac,
-    draining: bool,
-}
-
 /// What a gateway believes about the election: a forged advert must
 /// change none of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,7 +190,7 @@ pub struct Belief {
     pub role: Role,
     pub master: Option<u32>,
     pub peers: BTreeMap<u32, PeerView>,
-    pub extras: BTreeMap<u32, Extra>,
+    pub extras: BTreeMap<u32, PeerExtra>,
 }
 
 impl Belief {
@@ -237,9 +230,6 @@ pub struct Took {
     pub cause: Cause,
     /// It was asking the master to hand over (preemption) just before.
     pub was_asking: bool,
-    /// Its master had stepped down or resigned, and it heard no master
-    /// since: it waited the skew only.
-    pub after_step_down: bool,
 }
 
 /// What a wake produced, for the segment and the invariants.
@@ -264,24 +254,13 @@ struct Config {
     key: AdvertKey,
 }
 
-impl Config {
-    fn lease(&self) -> Duration {
-        LEASE_INTERVALS * self.election.interval
-    }
-}
-
 /// The daemon's HA agent while it runs.
 #[derive(Debug)]
 pub struct Process {
     config: Config,
-    pub machine: Machine,
+    /// The election and its adverts, as the agent runs them.
+    pub election: Election,
     controller: Controller,
-    guard: ReplayGuard,
-    /// The wall clock at start, in ms.
-    pub epoch: u64,
-    pub sequence: u64,
-    extras: BTreeMap<u32, Extra>,
-    draining: bool,
     /// When the loop last ran: a longer gap than the lease is a pause.
     last_wake: Instant,
     /// When the loop wakes with no input: the next deadline.
@@ -295,9 +274,6 @@ pub struct Process {
     grace_renewal: Instant,
     /// The machine was asking the master to hand over, as this wake began.
     was_asking: bool,
-    /// The machine lost its master to an advert (one stepping down or
-    /// resigning) and has heard no master since.
-    after_step_down: bool,
     /// Adverts accepted lately, oldest first.
     pub accepted: VecDeque<Vec<u8>>,
 }
@@ -387,7 +363,7 @@ impl Node {
 
     /// The role, while the daemon runs.
     pub fn role(&self) -> Option<Role> {
-        self.process.as_ref().map(|p| p.machine.role())
+        self.process.as_ref().map(|p| p.election.machine().role())
     }
 
     /// The daemon starts at `now`, its wall clock reading `wall`, with the
@@ -416,21 +392,22 @@ impl Node {
         self.kernel.director = None;
         self.inbox.clear();
         self.frozen = false;
-        let mut process = Process {
-            machine: Machine::new(config.election),
-            controller: Controller::new(config.controller, (now, wall)),
-            guard: ReplayGuard::default(),
+        let identity = Identity {
+            location_id: LOCATION_ID,
+            key: config.key.clone(),
+            mac: config.mac,
+            vips: VIPS.to_vec(),
             epoch,
-            sequence: 0,
-            extras: BTreeMap::new(),
-            draining: false,
+        };
+        let mut process = Process {
+            election: Election::new(config.election, identity),
+            controller: Controller::new(config.controller, (now, wall)),
             last_wake: now,
             timer: now,
             stopping: false,
             exited: false,
             grace_renewal: now,
             was_asking: false,
-            after_step_down: false,
             accepted: VecDeque::new(),
             config,
         };
@@ -439,7 +416,7 @@ impl Node {
         let effects = process.controller.step(Step::Start, now);
         let kernel = &mut self.kernel;
         process.apply(effects, kernel, trace);
-        let actions = process.machine.on_event(Event::Start, now);
+        let actions = process.election.on_event(Event::Start, now);
         process.execute(actions, now, kernel, out, trace);
         process.end_wake(now);
         self.process = Some(process);
@@ -502,11 +479,11 @@ impl Node {
             Some(&(at, _)) if at <= process.timer => self.inbox.pop_front().map(|(_, input)| input),
             _ => None,
         };
-        let role = process.machine.role();
+        let role = process.election.machine().role();
         let exit = process.turn(input, now, &mut self.kernel, out, trace);
-        if process.machine.role() != role {
-            let reason = process.last_reason();
-            let to = process.machine.role();
+        if process.election.machine().role() != role {
+            let reason = process.election.last_reason();
+            let to = process.election.machine().role();
             trace.note(self.id, || format!("{role} -> {to}: {reason}"));
         }
         if !exit {
@@ -544,24 +521,20 @@ impl Process {
         out: &mut Outbox,
         trace: &mut Trace,
     ) -> bool {
-        self.was_asking = self.machine.advert().preempt;
+        self.was_asking = self.election.machine().advert().preempt;
         let id = self.config.id;
         // First on waking: paused past the lease, what the machine knows
         // is stale and the fence has cut this gateway off. A master counts
         // from its last renewal of the lease, as the fence does.
-        let since_wake = now.saturating_duration_since(self.last_wake);
-        let since_renewal = match (self.machine.role(), kernel.lease) {
-            (Role::Master, Some(lease)) => {
-                now.saturating_duration_since(lease.until - self.config.lease())
-            }
-            _ => Duration::ZERO,
+        let renewed_at = match kernel.lease {
+            Some(lease) => Some(lease.until - self.election.lease()),
+            None => None,
         };
-        let paused = since_wake.max(since_renewal);
-        if paused > self.config.lease() {
+        if let Some(paused) = self.election.paused(now, self.last_wake, renewed_at) {
             trace.note(id, || {
                 format!("paused for {} ms: stalled", paused.as_millis())
             });
-            let actions = self.machine.on_event(Event::Stalled { paused }, now);
+            let actions = self.election.on_event(Event::Stalled { paused }, now);
             if self.execute(actions, now, kernel, out, trace) {
                 return true;
             }
@@ -570,7 +543,7 @@ impl Process {
             None => {
                 let effects = self.controller.step(Step::Tick, now);
                 self.apply(effects, kernel, trace);
-                self.machine.on_event(Event::Tick, now)
+                self.election.on_event(Event::Tick, now)
             }
             Some(Input::Datagram(datagram)) => self.datagram(datagram, now, out, trace),
             Some(Input::Command(command)) => self.command(command, now, trace),
@@ -588,11 +561,8 @@ impl Process {
     /// reference, and the next deadline.
     fn end_wake(&mut self, now: Instant) {
         self.last_wake = now;
-        if self.machine.master().is_some() {
-            self.after_step_down = false;
-        }
         self.timer = [
-            self.machine.next_deadline(),
+            self.election.machine().next_deadline(),
             self.controller.next_deadline(),
         ]
         .into_iter()
@@ -640,44 +610,13 @@ impl Process {
         now: Instant,
         out: &mut Outbox,
     ) -> Result<Vec<Action>, AdvertError> {
-        let advert = Advert::decode(bytes, &self.config.key).and_then(|advert| {
-            if advert.location_id != LOCATION_ID {
-                return Err(AdvertError::Location(advert.location_id));
-            }
-            self.guard.check(&advert)?;
-            Ok(advert)
-        })?;
-        self.extras.insert(
-            advert.gateway_id,
-            Extra {
-                mac: advert.mac,
-                draining: advert.draining,
-            },
-        );
+        let (advert, actions) = self.election.receive(bytes, now)?;
         if self.accepted.len() == REMEMBERED {
             self.accepted.pop_front();
         }
         self.accepted.push_back(bytes.to_vec());
         out.heard
             .push((advert.gateway_id, advert.epoch, advert.sequence));
-        let heard = Heard {
-            from: advert.gateway_id,
-            role: advert.role,
-            priority: advert.priority,
-            interval: advert.interval,
-            handover_to: advert.handover_to,
-            maintenance: advert.maintenance,
-            healthy: advert.health & HEALTH_OK != 0,
-            preempt: advert.preempt,
-        };
-        let followed = self.machine.master();
-        let actions = self.machine.on_event(Event::Heard(heard), now);
-        if self.machine.role() == Role::Backup
-            && followed.is_some()
-            && self.machine.master().is_none()
-        {
-            self.after_step_down = true;
-        }
         Ok(actions)
     }
 
@@ -685,25 +624,16 @@ impl Process {
     fn command(&mut self, command: Command, now: Instant, trace: &mut Trace) -> Vec<Action> {
         let id = self.config.id;
         trace.note(id, || format!("{command:?}"));
-        let refused = |trace: &mut Trace, error: &dyn std::fmt::Display| {
-            trace.note(id, || format!("refused: {error}"));
-            Vec::new()
-        };
         match command {
-            Command::Failover => match self.machine.failover(now) {
-                Ok((_, actions)) => actions,
-                Err(error) => refused(trace, &error),
-            },
-            Command::Maintenance(on) => match self.machine.set_maintenance(on, now) {
-                Ok(actions) => actions,
-                Err(error) => refused(trace, &error),
-            },
+            Command::Failover => self.election.on_event(Event::Failover, now),
+            Command::Maintenance(on) => self.election.on_event(Event::Maintenance { on }, now),
             Command::Drain(on) => {
                 if self.config.controller.director.is_none() {
-                    return refused(trace, &"not in director mode");
+                    trace.note(id, || "refused: not in director mode".into());
+                    return Vec::new();
                 }
-                self.draining = on;
-                vec![Action::Advertise(self.machine.advert())]
+                self.election.set_draining(on);
+                vec![Action::Advertise(self.election.machine().advert())]
             }
             Command::Health(healthy) => {
                 let reason = if healthy { "checks pass" } else { "link down" };
@@ -711,13 +641,19 @@ impl Process {
                     healthy,
                     reason: reason.into(),
                 };
-                self.machine.on_event(health, now)
+                self.election.on_event(health, now)
             }
-            Command::Penalty(points) => self.machine.set_penalty(points, "tracked link", now),
+            Command::Penalty(points) => {
+                let penalty = Event::Penalty {
+                    points,
+                    reason: "tracked link".into(),
+                };
+                self.election.on_event(penalty, now)
+            }
             Command::Shutdown if self.stopping => Vec::new(),
             Command::Shutdown => {
                 self.stopping = true;
-                self.machine.on_event(Event::Shutdown, now)
+                self.election.on_event(Event::Shutdown, now)
             }
         }
     }
@@ -737,23 +673,7 @@ impl Process {
         for action in actions {
             match action {
                 Action::Advertise(fields) => {
-                    self.sequence += 1;
-                    let advert = Advert {
-                        role: fields.role,
-                        priority: fields.priority,
-                        maintenance: fields.maintenance,
-                        location_id: LOCATION_ID,
-                        gateway_id: id,
-                        interval: self.config.election.interval,
-                        epoch: self.epoch,
-                        sequence: self.sequence,
-                        health: if fields.healthy { HEALTH_OK } else { 0 },
-                        handover_to: fields.handover_to,
-                        draining: self.draining,
-                        preempt: fields.preempt,
-                        mac: self.config.mac,
-                        vips: VIPS.to_vec(),
-                    };
+                    let advert = self.election.encode(fields);
                     trace.note(id, || {
                         let to = fields
                             .handover_to
@@ -763,23 +683,23 @@ impl Process {
                             "advertises {} p{} #{}{}{asking}",
                             fields.role,
                             fields.priority,
-                            self.sequence,
+                            self.election.sequence(),
                             to.unwrap_or_default()
                         )
                     });
-                    out.sent.push(advert.encode(&self.config.key));
+                    out.sent.push(advert);
                     // Every advert renews the lease: the agent is alive.
-                    self.renew(self.machine.role() == Role::Master, now, kernel);
+                    self.renew(self.election.machine().role() == Role::Master, now, kernel);
                 }
                 Action::TakeVips => {
                     trace.note(id, || {
                         format!(
                             "takes the VIPs ({})",
-                            describe_cause(self.machine.cause(), now)
+                            describe_cause(self.election.machine().cause(), now)
                         )
                     });
                     self.renew(true, now, kernel);
-                    let cause = self.machine.cause();
+                    let cause = self.election.machine().cause();
                     let effects = self.controller.step(Step::Promoted { cause }, now);
                     self.apply(effects, kernel, trace);
                     self.sync_director(now, kernel, trace);
@@ -787,12 +707,11 @@ impl Process {
                     out.took = Some(Took {
                         cause,
                         was_asking: self.was_asking,
-                        after_step_down: self.after_step_down,
                     });
                     let moved = Step::VipsMoved {
                         became: now,
                         vip_move: Duration::ZERO,
-                        reason: self.last_reason(),
+                        reason: self.election.last_reason(),
                     };
                     let effects = self.controller.step(moved, now);
                     self.apply(effects, kernel, trace);
@@ -801,11 +720,11 @@ impl Process {
                     trace.note(id, || {
                         format!(
                             "releases the VIPs ({})",
-                            describe_cause(self.machine.cause(), now)
+                            describe_cause(self.election.machine().cause(), now)
                         )
                     });
                     self.renew(false, now, kernel);
-                    let cause = self.machine.cause();
+                    let cause = self.election.machine().cause();
                     let effects = self.controller.step(Step::Demoted { cause }, now);
                     self.apply(effects, kernel, trace);
                     kernel.vips_up = false;
@@ -813,6 +732,8 @@ impl Process {
                 }
                 Action::Announce => trace.note(id, || "announces the VIPs".into()),
                 Action::Exit => exit = true,
+                Action::HandOver(to) => trace.note(id, || format!("hands over to {to}")),
+                Action::Refuse(error) => trace.note(id, || format!("refused: {error}")),
             }
         }
         exit
@@ -822,7 +743,7 @@ impl Process {
     /// `now`; `holds_vips` when this gateway answers for the VIPs.
     fn renew(&self, holds_vips: bool, now: Instant, kernel: &mut Kernel) {
         kernel.lease = Some(Lease {
-            until: now + self.config.lease(),
+            until: now + self.election.lease(),
             holds_vips,
         });
     }
@@ -866,57 +787,16 @@ impl Process {
         if self.config.controller.director.is_none() {
             return;
         }
-        let location = Step::Location {
-            steering: self.machine.role() == Role::Master,
-            members: self.members(),
-        };
-        let effects = self.controller.step(location, now);
+        let effects = self.controller.step(self.election.location(), now);
         self.apply(effects, kernel, trace);
-    }
-
-    /// The location's gateways as the adverts describe them, this one
-    /// among them, as `Agent::members`.
-    fn members(&self) -> Vec<Member> {
-        let role = self.machine.role();
-        let own = self.machine.advert();
-        let mut members = vec![Member {
-            gateway_id: self.config.id,
-            mac: self.config.mac,
-            local: true,
-            healthy: own.healthy && matches!(role, Role::Backup | Role::Master),
-            draining: self.draining,
-        }];
-        for (&id, peer) in self.machine.peers() {
-            let Some(extra) = self.extras.get(&id) else {
-                continue;
-            };
-            members.push(Member {
-                gateway_id: id,
-                mac: extra.mac,
-                local: false,
-                healthy: peer.healthy
-                    && peer.priority > 0
-                    && matches!(peer.role, Role::Backup | Role::Master),
-                draining: extra.draining,
-            });
-        }
-        members
-    }
-
-    fn last_reason(&self) -> String {
-        self.machine
-            .transitions()
-            .last()
-            .map(|t| t.reason.clone())
-            .unwrap_or_default()
     }
 
     fn belief(&self) -> Belief {
         Belief {
-            role: self.machine.role(),
-            master: self.machine.master(),
-            peers: self.machine.peers().clone(),
-            extras: self.extras.clone(),
+            role: self.election.machine().role(),
+            master: self.election.machine().master(),
+            peers: self.election.machine().peers().clone(),
+            extras: self.election.extras().clone(),
         }
     }
 }

@@ -17,12 +17,12 @@
 //!      pause may leave two masters; the bound counts from when they hear
 //!      each other again.
 //!    - (b) A gateway that takes the VIPs over from silence (not while
-//!      asking a live master to hand over, and, see
-//!      [`Options::step_down_takeovers`](crate::scenario::Options), not
-//!      after the skew only) never finds another gateway, paused or dead,
-//!      still holding them, unless that gateway's last advert never
-//!      reached it: the lease ends 3 i after the last advert, before the
-//!      master-down interval counted from hearing it.
+//!      asking a live master to hand over; after the skew only, when the
+//!      master it followed stepped down or resigned and no other master was
+//!      heard) never finds another gateway, paused or dead, still holding
+//!      them, unless that gateway's last advert never reached it: the lease
+//!      ends 3 i after the last advert, before the master-down interval
+//!      counted from hearing it.
 //!    - (c) A gateway whose lease lapsed while it was paused, or that
 //!      restarted, has nothing on its interface until it takes the VIPs
 //!      again: it steps down first.
@@ -90,9 +90,6 @@ struct Pair {
 #[derive(Debug)]
 pub struct Monitor {
     mode: Mode,
-    /// 1b checks takeovers after the skew too (see
-    /// [`Options::step_down_takeovers`](crate::scenario::Options)).
-    step_down_takeovers: bool,
     base: Instant,
     /// 1a: two gateways hearing each other both hold no longer than this.
     overlap: Duration,
@@ -125,7 +122,6 @@ impl Monitor {
         let settle = scenario.settle_time();
         Self {
             mode: scenario.mode,
-            step_down_takeovers: scenario.options.step_down_takeovers,
             base,
             overlap: 2 * (i + Segment::max_delay(i)),
             stop_bound: scenario.master_down() + 2 * i,
@@ -203,9 +199,7 @@ impl Monitor {
         now: Instant,
     ) -> Result<(), Failure> {
         self.fenced_out.remove(&id);
-        let from_silence = matches!(took.cause, Cause::Takeover { .. })
-            && !took.was_asking
-            && (!took.after_step_down || self.step_down_takeovers);
+        let from_silence = matches!(took.cause, Cause::Takeover { .. }) && !took.was_asking;
         if !from_silence {
             return Ok(());
         }
@@ -432,7 +426,7 @@ impl Monitor {
             ));
         }
         for node in nodes {
-            let machine = &node.process.as_ref().expect("running").machine;
+            let machine = &node.process.as_ref().expect("running").election.machine();
             if machine.master() != Some(master.id) {
                 return fail(format!(
                     "gateway {} believes in master {:?}, not {}",

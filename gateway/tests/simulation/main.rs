@@ -26,7 +26,7 @@
 //! |---|---|
 //! | `TIDEGATE_SIM_SEED=n` | run seed `n` alone, and print its trace (`-- --nocapture`) |
 //! | `TIDEGATE_SIM_SEEDS=n` | seeds per mode (default [`DEFAULT_SEEDS`]) |
-//! | `TIDEGATE_SIM_DEFECTS=a,b` | let in what known defects break: `issue16`, `step-down`, or `all` (see [`scenario::Options`]) |
+//! | `TIDEGATE_SIM_DEFECTS=a,b` | let in what known defects break: `issue16` or `all` (see [`scenario::Options`]) |
 
 mod forge;
 mod host;
@@ -85,10 +85,7 @@ impl Run {
         let mut options = Options::default();
         for defect in defects.iter().flat_map(|d| d.split(',')) {
             let all = defect == "all";
-            let switches = [
-                ("issue16", &mut options.clock_back_restarts),
-                ("step-down", &mut options.step_down_takeovers),
-            ];
+            let switches = [("issue16", &mut options.clock_back_restarts)];
             let mut known = all;
             for (name, switch) in switches {
                 if all || name == defect {

@@ -101,13 +101,6 @@ pub struct Options {
     /// lower epoch is refused forever, so such a gateway is never heard
     /// again (issue 16).
     pub clock_back_restarts: bool,
-    /// `step-down`: check invariant 1b on takeovers after the skew only.
-    /// A backup whose master steps down or resigns takes over after its
-    /// skew, whatever other master it heard within the lease: after a
-    /// handover whose offer reached it after the claim, it takes the VIPs
-    /// from the live new master; and if that one died, before its lease
-    /// lapsed.
-    pub step_down_takeovers: bool,
 }
 
 /// A stretch in which nothing fails: the location must settle.
@@ -123,7 +116,6 @@ pub struct Quiet {
 pub struct Scenario {
     pub seed: u64,
     pub mode: Mode,
-    pub options: Options,
     pub interval: Duration,
     pub gateways: Vec<Gateway>,
     /// Failover continuity's second chance after a planned handover.
@@ -193,7 +185,6 @@ impl Scenario {
         let mut scenario = Self {
             seed,
             mode,
-            options,
             interval,
             gateways,
             handover_window,
@@ -251,7 +242,7 @@ impl Scenario {
 
     /// The lease every advert renews.
     pub fn lease(&self) -> Duration {
-        tidegate_gateway::ha::agent::LEASE_INTERVALS * self.interval
+        tidegate_gateway::ha::election::LEASE_INTERVALS * self.interval
     }
 
     /// How long after [`Fault::Restore`] the location must have settled,
@@ -330,7 +321,7 @@ impl Generator {
     }
 
     fn lease(&self) -> Duration {
-        tidegate_gateway::ha::agent::LEASE_INTERVALS * self.interval
+        tidegate_gateway::ha::election::LEASE_INTERVALS * self.interval
     }
 
     fn id(&mut self) -> u32 {

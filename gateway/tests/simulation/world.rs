@@ -273,7 +273,13 @@ impl<'a> World<'a> {
         if let Some(process) = &self.nodes[index].process
             && !out.sent.is_empty()
         {
-            self.monitor.sent(id, (process.epoch, process.sequence));
+            self.monitor.sent(
+                id,
+                (
+                    process.election.identity().epoch,
+                    process.election.sequence(),
+                ),
+            );
         }
         for bytes in &out.sent {
             self.segment

@@ -1,0 +1,188 @@
+//! What the HA agent publishes: the summary Core follows, and the view
+//! `tidectl status` reads, completed with what the other owners publish.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    agent::HaMode,
+    election::PeerExtra,
+    machine::{PeerView, Role, Transition},
+    sharing::SharingStatus,
+};
+use crate::{
+    wireguard::kick::FailoverReport,
+    xdp::{FenceStatus, director::format_mac},
+};
+
+/// One role change, for `tidectl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionStatus {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    pub from: Role,
+    pub to: Role,
+    pub reason: String,
+}
+
+/// Another gateway as this one hears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub gateway_id: u32,
+    pub role: Role,
+    pub priority: u8,
+    pub healthy: bool,
+    pub maintenance: bool,
+    /// It takes no new clients (director mode).
+    pub draining: bool,
+    /// Its Ethernet address on the public segment.
+    pub mac: String,
+    /// Milliseconds since its last advert.
+    pub last_seen_ms: u64,
+}
+
+/// What `tidectl status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaStatus {
+    pub location_id: u32,
+    pub gateway_id: u32,
+    pub role: Role,
+    pub priority: u8,
+    pub advert_interval_ms: u64,
+    pub master: Option<u32>,
+    pub maintenance: bool,
+    /// `active-standby` or `director`.
+    pub mode: HaMode,
+    /// This gateway takes no new clients (director mode).
+    pub draining: bool,
+    pub vips: Vec<IpAddr>,
+    /// The VIPs the public interface holds now.
+    pub vips_held: Vec<IpAddr>,
+    pub peers: Vec<GatewayStatus>,
+    pub transitions: Vec<TransitionStatus>,
+    /// Adverts dropped, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// The VIP fence in the XDP program, as last renewed.
+    pub fence: Option<FenceStatus>,
+    /// How the clients came back after the last failovers to this
+    /// gateway, oldest first.
+    #[serde(default)]
+    pub failovers: Vec<FailoverReport>,
+    /// The location's endpoint table.
+    #[serde(default)]
+    pub endpoints: Option<SharingStatus>,
+}
+
+/// The part of the agent's state Core follows; it changes only on events
+/// that matter to an operator, so each change is worth a status message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaSummary {
+    pub role: Role,
+    /// The configured priority.
+    pub priority: u8,
+    /// The priority advertised, after penalties of tracked interfaces.
+    pub effective_priority: u8,
+    pub healthy: bool,
+    /// What makes the gateway unhealthy or costs it priority, in words.
+    pub faults: Vec<String>,
+    /// The master this gateway believes in.
+    pub master: Option<u32>,
+    pub maintenance: bool,
+}
+
+/// What the agent knows, published after each of its steps.
+#[derive(Debug, Clone)]
+pub(super) struct AgentView {
+    pub(super) location_id: u32,
+    pub(super) gateway_id: u32,
+    pub(super) role: Role,
+    pub(super) priority: u8,
+    pub(super) interval: Duration,
+    pub(super) master: Option<u32>,
+    pub(super) maintenance: bool,
+    pub(super) mode: HaMode,
+    pub(super) draining: bool,
+    pub(super) vips: Vec<IpAddr>,
+    pub(super) peers: Vec<(u32, PeerView, Option<PeerExtra>)>,
+    pub(super) transitions: Vec<Transition>,
+    pub(super) dropped: BTreeMap<String, u64>,
+    /// The lease as last renewed: when, for how long, holding the VIPs.
+    pub(super) renewed: Option<(Instant, Duration, bool)>,
+    /// An instant and the wall-clock time at that instant.
+    pub(super) anchor: (Instant, SystemTime),
+}
+
+/// The parts of the status other tasks own.
+pub(super) struct Owned {
+    pub(super) vips_held: Vec<IpAddr>,
+    pub(super) failovers: Vec<FailoverReport>,
+    pub(super) endpoints: Option<SharingStatus>,
+}
+
+impl AgentView {
+    /// The whole status at `now`, with what the other tasks own.
+    pub(super) fn status(self, now: Instant, owned: Owned) -> HaStatus {
+        let (anchor, wall) = self.anchor;
+        let to_unix_ms = |at: Instant| {
+            let wall = if at >= anchor {
+                wall + (at - anchor)
+            } else {
+                wall - (anchor - at)
+            };
+            wall.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64
+        };
+        HaStatus {
+            location_id: self.location_id,
+            gateway_id: self.gateway_id,
+            role: self.role,
+            priority: self.priority,
+            advert_interval_ms: self.interval.as_millis() as u64,
+            master: self.master,
+            maintenance: self.maintenance,
+            mode: self.mode,
+            draining: self.draining,
+            vips: self.vips,
+            vips_held: owned.vips_held,
+            peers: self
+                .peers
+                .into_iter()
+                .map(|(id, peer, extra)| GatewayStatus {
+                    gateway_id: id,
+                    role: peer.role,
+                    priority: peer.priority,
+                    healthy: peer.healthy,
+                    maintenance: peer.maintenance,
+                    draining: extra.is_some_and(|e| e.draining),
+                    mac: extra.map(|e| format_mac(&e.mac)).unwrap_or_default(),
+                    last_seen_ms: now.saturating_duration_since(peer.last_seen).as_millis() as u64,
+                })
+                .collect(),
+            transitions: self
+                .transitions
+                .into_iter()
+                .map(|t| TransitionStatus {
+                    at_ms: to_unix_ms(t.at),
+                    from: t.from,
+                    to: t.to,
+                    reason: t.reason,
+                })
+                .collect(),
+            dropped: self.dropped,
+            fence: self.renewed.map(|(at, lease, holds_vips)| FenceStatus {
+                holds_vips,
+                lease_left_ms: lease
+                    .saturating_sub(now.saturating_duration_since(at))
+                    .as_millis() as u64,
+            }),
+            failovers: owned.failovers,
+            endpoints: owned.endpoints,
+        }
+    }
+}
