@@ -17,6 +17,16 @@ pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
 const MAX_BODY_LIMIT: usize = 1024 * 1024;
 /// How long a client waits for Core's answer, by default.
 const DEFAULT_CORE_TIMEOUT_MS: u64 = 10_000;
+/// How long a connection may take to send a request's head (or stay idle
+/// before the next one), and a request its body, by default.
+const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_BODY_TIMEOUT_MS: u64 = 10_000;
+const MIN_CLIENT_TIMEOUT_MS: u64 = 100;
+const MAX_CLIENT_TIMEOUT_MS: u64 = 600_000;
+/// HTTP connections open at once, by default: well under the usual limit
+/// of 1024 file descriptors, with room for the link and the logs.
+const DEFAULT_MAX_CONNECTIONS: usize = 768;
+const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 const MIN_CORE_TIMEOUT_MS: u64 = 100;
 const MAX_CORE_TIMEOUT_MS: u64 = 120_000;
 /// The header a trusted proxy puts the client's address in, by default.
@@ -58,6 +68,9 @@ struct File {
     key_file: PathBuf,
     body_limit_bytes: Option<usize>,
     core_timeout_ms: Option<u64>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
     #[serde(default)]
     trusted_proxies: Vec<IpAddr>,
     real_ip_header: Option<String>,
@@ -88,6 +101,13 @@ pub struct Config {
     pub body_limit: usize,
     /// How long a request waits for Core's answer before 504.
     pub core_timeout: Duration,
+    /// How long a connection has to send a request's head, from when it
+    /// opens or its last answer went out; then it is closed.
+    pub header_timeout: Duration,
+    /// How long a request has to send its body before 408.
+    pub body_timeout: Duration,
+    /// HTTP connections open at once; more are closed as they come.
+    pub max_connections: usize,
     /// Peers whose `real_ip_header` names the client (the proxy in front).
     pub trusted_proxies: Vec<IpAddr>,
     /// Lower case.
@@ -156,6 +176,34 @@ impl Config {
                 format!("{timeout_ms} is outside {MIN_CORE_TIMEOUT_MS}..={MAX_CORE_TIMEOUT_MS}"),
             ));
         }
+        let client_timeout = |field, value: Option<u64>, default| {
+            let ms = value.unwrap_or(default);
+            if (MIN_CLIENT_TIMEOUT_MS..=MAX_CLIENT_TIMEOUT_MS).contains(&ms) {
+                Ok(Duration::from_millis(ms))
+            } else {
+                Err(bad(
+                    field,
+                    format!("{ms} is outside {MIN_CLIENT_TIMEOUT_MS}..={MAX_CLIENT_TIMEOUT_MS}"),
+                ))
+            }
+        };
+        let header_timeout = client_timeout(
+            "header_timeout_ms",
+            file.header_timeout_ms,
+            DEFAULT_HEADER_TIMEOUT_MS,
+        )?;
+        let body_timeout = client_timeout(
+            "body_timeout_ms",
+            file.body_timeout_ms,
+            DEFAULT_BODY_TIMEOUT_MS,
+        )?;
+        let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if !(1..=MAX_MAX_CONNECTIONS).contains(&max_connections) {
+            return Err(bad(
+                "max_connections",
+                format!("{max_connections} is outside 1..={MAX_MAX_CONNECTIONS}"),
+            ));
+        }
         let real_ip_header = file
             .real_ip_header
             .unwrap_or_else(|| DEFAULT_REAL_IP_HEADER.to_owned())
@@ -176,6 +224,9 @@ impl Config {
             key_file: file.key_file,
             body_limit,
             core_timeout: Duration::from_millis(timeout_ms),
+            header_timeout,
+            body_timeout,
+            max_connections,
             trusted_proxies: file.trusted_proxies,
             real_ip_header,
         })
@@ -205,6 +256,9 @@ mod tests {
         assert_eq!(config.core_identity, "core");
         assert_eq!(config.body_limit, DEFAULT_BODY_LIMIT);
         assert_eq!(config.core_timeout, Duration::from_secs(10));
+        assert_eq!(config.header_timeout, Duration::from_secs(10));
+        assert_eq!(config.body_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_connections, 768);
         assert_eq!(config.real_ip_header, "x-real-ip");
         assert!(config.trusted_proxies.is_empty());
         let config = Config::parse(
@@ -238,6 +292,18 @@ mod tests {
                 "core_timeout_ms: 1 is outside",
             ),
             (format!("{GOOD}core_identity = \"a b\"\n"), "core_identity:"),
+            (
+                format!("{GOOD}header_timeout_ms = 0\n"),
+                "header_timeout_ms: 0 is outside",
+            ),
+            (
+                format!("{GOOD}body_timeout_ms = 900000\n"),
+                "body_timeout_ms: 900000 is outside",
+            ),
+            (
+                format!("{GOOD}max_connections = 0\n"),
+                "max_connections: 0 is outside",
+            ),
             (
                 format!("{GOOD}real_ip_header = \"bad header\"\n"),
                 "real_ip_header:",

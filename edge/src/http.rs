@@ -32,6 +32,8 @@ pub struct AppState {
     pub relay: RelayHandle,
     pub body_limit: usize,
     pub core_timeout: Duration,
+    /// How long a request has to send its body before 408.
+    pub body_timeout: Duration,
     pub trusted_proxies: Arc<[IpAddr]>,
     pub real_ip_header: HeaderName,
 }
@@ -138,7 +140,7 @@ async fn relay<T: DeserializeOwned>(
     into_kind: fn(T) -> Result<Kind, ApiError>,
 ) -> Response {
     let client = client_addr(state, peer.ip(), headers);
-    let kind = match read_body(state.body_limit, headers, body)
+    let kind = match read_body(state.body_limit, state.body_timeout, headers, body)
         .await
         .and_then(|bytes| api::parse::<T>(&bytes))
         .and_then(into_kind)
@@ -187,8 +189,14 @@ fn unavailable(relay_error: &RelayError) -> ApiError {
     )
 }
 
-/// The body, at most `limit` bytes: 413 beyond.
-async fn read_body(limit: usize, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+/// The body, at most `limit` bytes (413 beyond), within `timeout` (408
+/// after).
+async fn read_body(
+    limit: usize,
+    timeout: Duration,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -203,7 +211,19 @@ async fn read_body(limit: usize, headers: &HeaderMap, body: Body) -> Result<Byte
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    timeout.as_millis()
+                ),
+            )
+        })?;
+    read.map_err(|e| {
         let inner = e.into_inner();
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
         while let Some(error) = source {
@@ -243,6 +263,7 @@ mod tests {
             relay,
             body_limit: 1024,
             core_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
             trusted_proxies: trusted.iter().map(|a| a.parse().unwrap()).collect(),
             real_ip_header: HeaderName::from_static("x-real-ip"),
         }
@@ -270,21 +291,38 @@ mod tests {
         assert_eq!(client_addr(&state, proxy, &headers), proxy);
     }
 
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn a_body_that_does_not_come_is_408() {
+        use futures::StreamExt as _;
+        // Part of a body, then nothing.
+        let part = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{\"tok"))]);
+        let body = Body::from_stream(part.chain(futures::stream::pending()));
+        let error = read_body(1024, Duration::from_millis(50), &HeaderMap::new(), body)
+            .await
+            .unwrap_err();
+        assert_eq!(error.status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(error.body()["error"]["code"], "timeout");
+    }
+
     #[tokio::test]
     async fn bodies_over_the_limit_are_413() {
         let headers = HeaderMap::new();
-        let error = read_body(16, &headers, Body::from(vec![b'x'; 17]))
+        let error = read_body(16, SECOND, &headers, Body::from(vec![b'x'; 17]))
             .await
             .unwrap_err();
         assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
         let mut declared = HeaderMap::new();
         declared.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
-        let error = read_body(16, &declared, Body::from("{}"))
+        let error = read_body(16, SECOND, &declared, Body::from("{}"))
             .await
             .unwrap_err();
         assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(
-            read_body(16, &headers, Body::from("{}")).await.unwrap(),
+            read_body(16, SECOND, &headers, Body::from("{}"))
+                .await
+                .unwrap(),
             "{}"
         );
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod http;
 pub mod link;
 pub mod relay;
+pub mod serve;
 
 /// An error and its sources on one line, for logs.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

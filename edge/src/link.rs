@@ -18,6 +18,7 @@ use tidegate_proto::{
         self as pb, core_message,
         edge_server::{Edge, EdgeServer},
     },
+    listen::{Acceptor, LINK_LIMITS},
     tls::{Pki, TlsError, check_own_identity, require_core},
 };
 use tokio::sync::mpsc;
@@ -196,7 +197,7 @@ pub async fn serve(
     Ok(async move {
         let served = router
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                Acceptor::new(listener, LINK_LIMITS).into_stream(),
                 cancel.cancelled_owned(),
             )
             .await

@@ -12,6 +12,7 @@ use tidegate_edge::{
     http::{self, AppState},
     link::{self, LinkSettings},
     relay,
+    serve::{self, HttpLimits},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -91,17 +92,21 @@ async fn run(args: Args) -> Result<()> {
         relay,
         body_limit: config.body_limit,
         core_timeout: config.core_timeout,
+        body_timeout: config.body_timeout,
         trusted_proxies: Arc::from(config.trusted_proxies.clone()),
         real_ip_header: HeaderName::from_bytes(config.real_ip_header.as_bytes())
             .context("real_ip_header")?,
     };
-    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let shutdown = http_cancel.clone();
-    let mut http_task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-    });
+    let limits = HttpLimits {
+        max_connections: config.max_connections,
+        header_timeout: config.header_timeout,
+    };
+    let mut http_task = tokio::spawn(serve::serve(
+        listener,
+        http::router(state),
+        limits,
+        http_cancel.clone(),
+    ));
     info!(http = %config.http_listen, link = %config.link_listen, "ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -113,12 +118,10 @@ async fn run(args: Args) -> Result<()> {
         joined = &mut link_task => Some(format!("the link server stopped: {joined:?}")),
     };
     http_cancel.cancel();
-    if !http_task.is_finished() || failure.is_none() {
-        match http_task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => error!(%error, "the HTTP server failed"),
-            Err(error) => error!(%error, "the HTTP server task panicked"),
-        }
+    if (!http_task.is_finished() || failure.is_none())
+        && let Err(error) = http_task.await
+    {
+        error!(%error, "the HTTP server task panicked");
     }
     link_cancel.cancel();
     if !link_task.is_finished() || failure.is_none() {

@@ -8,7 +8,7 @@
 //! proves the chain; [`peer_has_identity`] then proves the name, since every
 //! certificate of the CA would pass the chain check.
 
-use std::{fs, io, path::Path, path::PathBuf, sync::Arc};
+use std::{fs, io, path::Path, path::PathBuf, sync::Arc, time::Duration};
 
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -29,6 +29,10 @@ pub enum TlsError {
     #[error("{path}: {reason}")]
     Cert { path: PathBuf, reason: String },
 }
+
+/// How long a link server waits for a connection's TLS handshake: a client
+/// that opens a connection and says nothing holds it no longer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A CA certificate and this side's certificate and key, all PEM.
 #[derive(Clone)]
@@ -76,12 +80,14 @@ impl Pki {
         }
     }
 
-    /// A server that requires a client certificate from the CA. Check the
-    /// client's identity per request with [`peer_has_identity`].
+    /// A server that requires a client certificate from the CA, within
+    /// [`HANDSHAKE_TIMEOUT`] of the connection. Check the client's identity
+    /// per request with [`peer_has_identity`].
     pub fn server(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(self.identity.clone())
             .client_ca_root(self.ca.clone())
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 
     /// A client that presents its certificate and accepts only a server

@@ -39,6 +39,13 @@ pub struct EdgeConfig {
     pub body_limit_bytes: Option<usize>,
     /// How long a request waits for Core, if not the default.
     pub core_timeout_ms: Option<u64>,
+    /// How long a connection has to send a request's head, if not the
+    /// default.
+    pub header_timeout_ms: Option<u64>,
+    /// How long a request has to send its body, if not the default.
+    pub body_timeout_ms: Option<u64>,
+    /// HTTP connections open at once, if not the default.
+    pub max_connections: Option<usize>,
     /// Proxies whose X-Real-IP header is believed.
     pub trusted_proxies: Vec<IpAddr>,
 }
@@ -59,6 +66,9 @@ impl EdgeConfig {
             tls,
             body_limit_bytes: None,
             core_timeout_ms: None,
+            header_timeout_ms: None,
+            body_timeout_ms: None,
+            max_connections: None,
             trusted_proxies: Vec::new(),
         }
     }
@@ -82,6 +92,15 @@ impl EdgeConfig {
         }
         if let Some(ms) = self.core_timeout_ms {
             let _ = writeln!(out, "core_timeout_ms = {ms}");
+        }
+        if let Some(ms) = self.header_timeout_ms {
+            let _ = writeln!(out, "header_timeout_ms = {ms}");
+        }
+        if let Some(ms) = self.body_timeout_ms {
+            let _ = writeln!(out, "body_timeout_ms = {ms}");
+        }
+        if let Some(max) = self.max_connections {
+            let _ = writeln!(out, "max_connections = {max}");
         }
         if !self.trusted_proxies.is_empty() {
             let list: Vec<String> = self

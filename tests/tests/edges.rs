@@ -3,11 +3,14 @@
 //! the Edge, an Edge killed without losing a request, and `/health`
 //! turning 503 when Core goes away.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
-use tidegate_proto::edge::v1 as edge;
+use anyhow::{Context as _, Result, ensure};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+use tidegate_proto::{edge::v1 as edge, listen::LINK_LIMITS, tls::HANDSHAKE_TIMEOUT};
 use tidegate_tests::scripted_core::ScriptedEdgeCore;
 use tidegate_tests::{EdgeConfig, EdgeDaemon, Netns, Nginx, Run, TestPki, require_root};
 
@@ -229,4 +232,164 @@ fn edges_behind_nginx_serve_clients_while_core_is_linked() -> Result<()> {
     );
     drop(nginx);
     Ok(())
+}
+
+/// Connections an Edge under attack holds open in the test below.
+const MAX_CONNECTIONS: usize = 8;
+/// Its deadlines for a request's head and body.
+const CLIENT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Connections strangers open to its link port.
+const LINK_STRANGERS: usize = 12;
+
+/// Slow, idle and half-open clients: a connection that sends nothing, half
+/// a head, or half a body, or sits idle after an answer, is cut off at the
+/// deadline; past the connection limit new connections are closed at once;
+/// and all the while Core links (its own listener, where strangers are
+/// limited per address and by the TLS handshake's deadline) and, once the
+/// stalled connections are cut, other clients are served.
+#[test]
+fn slow_idle_and_half_open_clients_are_cut_off_and_others_are_served() -> Result<()> {
+    require_root();
+    let run = Run::new()?;
+    let ns = Netns::create(&run.netns_name("slow"))?;
+    let pki = TestPki::new(run.dir(), "pki")?;
+    let core = pki.issue("core")?;
+    let http = addr("127.0.0.1:18091");
+    let link = addr("127.0.0.1:17451");
+    let mut config = EdgeConfig::new("edge-a", http, link, pki.issue("edge-a")?);
+    config.header_timeout_ms = Some(CLIENT_TIMEOUT.as_millis() as u64);
+    config.body_timeout_ms = Some(CLIENT_TIMEOUT.as_millis() as u64);
+    config.max_connections = Some(MAX_CONNECTIONS);
+    let mut edge = EdgeDaemon::start(&ns, config, run.dir())?;
+
+    ns.run(|| -> Result<()> {
+        // Strangers take the HTTP port: every place taken by connections that send
+        // nothing, half a head, or half a body.
+        let mut stalled = Vec::new();
+        for n in 0..MAX_CONNECTIONS {
+            let mut stream = TcpStream::connect(http)?;
+            match n % 3 {
+                0 => {}
+                1 => stream.write_all(b"POST /api/v1/device-config HTTP/1.1\r\nHost: e\r\n")?,
+                _ => stream.write_all(
+                    b"POST /api/v1/device-config HTTP/1.1\r\nHost: e\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"tok",
+                )?,
+            }
+            stalled.push((n, stream));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        // Past the limit: closed at once, nothing answered.
+        let mut extra = TcpStream::connect(http)?;
+        extra.write_all(b"GET /health HTTP/1.1\r\nHost: e\r\n\r\n")?;
+        let (read, took) = read_all(&mut extra, WAIT)?;
+        ensure!(read.is_empty(), "a connection past the limit was answered: {read:?}");
+        ensure!(took < CLIENT_TIMEOUT, "closed after {took:?}, not at once");
+
+        // Each stalled one is cut at its deadline: no head, an empty close;
+        // half a body, 408 with the API's error.
+        for (n, stream) in &mut stalled {
+            let (read, took) = read_all(stream, WAIT)?;
+            let text = String::from_utf8_lossy(&read);
+            ensure!(
+                took < CLIENT_TIMEOUT * 4,
+                "connection {n} was held {took:?}"
+            );
+            if *n % 3 == 2 {
+                ensure!(
+                    text.starts_with("HTTP/1.1 408") && text.contains("\"timeout\""),
+                    "half a body: {text:?}"
+                );
+            } else {
+                ensure!(!text.contains("200 OK"), "connection {n}: {text:?}");
+            }
+        }
+        // An answered keep-alive connection left idle is cut too.
+        let mut idle = TcpStream::connect(http)?;
+        idle.write_all(b"GET /health HTTP/1.1\r\nHost: e\r\n\r\n")?;
+        let (read, took) = read_all(&mut idle, WAIT)?;
+        ensure!(
+            String::from_utf8_lossy(&read).starts_with("HTTP/1.1 503"),
+            "no Core yet: {read:?}"
+        );
+        ensure!(
+            took >= CLIENT_TIMEOUT && took < CLIENT_TIMEOUT * 4,
+            "an idle connection was closed after {took:?}"
+        );
+        Ok(())
+    })??;
+
+    // Strangers hold the link port with connections that never start TLS,
+    // from one address, past its limit per peer; Core links from another
+    // and the Edge serves.
+    let connected = Instant::now();
+    let mut strangers: Vec<TcpStream> = ns.run(|| -> Result<Vec<TcpStream>> {
+        (0..LINK_STRANGERS)
+            .map(|_| connect_from("127.0.0.9", link))
+            .collect()
+    })??;
+    let _core = ScriptedEdgeCore::start(Some(&ns), link, &core, "edge-a", answer)?;
+    edge.wait_health(200, WAIT)?;
+    ensure!(
+        edge.health()?.status == 200,
+        "the Edge does not serve with Core linked"
+    );
+    // Past the limit per peer, closed at once; the rest at the TLS
+    // handshake's deadline.
+    let bound = HANDSHAKE_TIMEOUT + WAIT;
+    for (n, stream) in strangers.iter_mut().enumerate().rev() {
+        read_all(stream, bound)?;
+        let closed = connected.elapsed();
+        if n >= LINK_LIMITS.per_peer {
+            ensure!(
+                closed < WAIT,
+                "link connection {n} past the limit was held {closed:?}"
+            );
+        } else {
+            ensure!(
+                closed >= HANDSHAKE_TIMEOUT - Duration::from_secs(1),
+                "link connection {n} was closed after {closed:?}, before the handshake's deadline"
+            );
+        }
+    }
+    let log = edge.log_tail();
+    ensure!(
+        log.contains("connection limit reached"),
+        "the limits were not logged: {log}"
+    );
+    Ok(())
+}
+
+/// A TCP connection to `to` from `from` (any port).
+fn connect_from(from: &str, to: SocketAddr) -> Result<TcpStream> {
+    let (SocketAddr::V4(to), Ok(from)) = (to, format!("{from}:0").parse::<SocketAddrV4>()) else {
+        anyhow::bail!("IPv4 only: {from} to {to}");
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(from))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Everything `stream` sends until the server closes it, and how long
+/// that took; at most `bound`.
+fn read_all(stream: &mut TcpStream, bound: Duration) -> Result<(Vec<u8>, Duration)> {
+    stream.set_read_timeout(Some(bound))?;
+    let started = Instant::now();
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => return Err(error).context("the server held the connection"),
+        }
+        ensure!(started.elapsed() < bound, "the server held the connection");
+    }
+    Ok((read, started.elapsed()))
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use axum::http::HeaderName;
-use tidegate_edge::{http as edge_http, link as edge_link, relay};
+use tidegate_edge::{http as edge_http, link as edge_link, relay, serve as edge_serve};
 use tidegate_gateway::core_link::{self, CoreLinkConfig};
 use tidegate_proto::edge::v1 as edge;
 use tidegate_proto::gateway::v1 as gateway;
@@ -203,16 +203,20 @@ async fn edge_servers(files: &CertFiles, cancel: &CancellationToken) -> (SocketA
         relay,
         body_limit: 1024,
         core_timeout: Duration::from_millis(500),
+        body_timeout: Duration::from_secs(5),
         trusted_proxies: Arc::from(Vec::new()),
         real_ip_header: HeaderName::from_static("x-real-ip"),
     };
-    let app = edge_http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let shutdown = cancel.clone();
-    tokio::spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-    });
+    let limits = edge_serve::HttpLimits {
+        max_connections: 64,
+        header_timeout: Duration::from_secs(5),
+    };
+    tokio::spawn(edge_serve::serve(
+        http,
+        edge_http::router(state),
+        limits,
+        cancel.clone(),
+    ));
     (link_addr, http_addr)
 }
 

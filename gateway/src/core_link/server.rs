@@ -14,6 +14,7 @@ use tidegate_proto::{
         self as pb,
         gateway_server::{Gateway, GatewayServer},
     },
+    listen::{Acceptor, LINK_LIMITS},
     tls::{Pki, TlsError, check_own_identity, require_core},
 };
 use tokio::sync::mpsc;
@@ -154,7 +155,7 @@ pub async fn serve(
     Ok(async move {
         let served = router
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                Acceptor::new(listener, LINK_LIMITS).into_stream(),
                 cancel.cancelled_owned(),
             )
             .await
