@@ -12,5 +12,6 @@ pub mod fence;
 pub mod handover;
 pub mod maps;
 pub mod service;
+pub mod shield;
 pub mod stats;
 pub mod wireguard;

@@ -23,6 +23,19 @@ pub const FENCE: &str = ".bss.fence";
 /// section a one-entry array map of this name, whose one value is the table.
 pub const SERVICE_PORTS: &str = ".bss.ports";
 
+/// The shield's settings: the program's `SHIELD` global, a
+/// [`crate::shield::Shield`], alone in this section (a one-entry array map).
+pub const SHIELD: &str = ".bss.shield";
+
+/// Who may send to the HA advert port: an LPM trie from an IPv4 prefix
+/// (address bytes in network order) to `SOURCE_GATEWAY` or
+/// `SOURCE_SEGMENT` (see [`crate::shield`]).
+pub const ADVERT_SOURCES: &str = "ADVERT_SOURCES";
+
+/// Per CPU, the budget of datagrams from strangers on the segment: one
+/// [`crate::shield::StrangerBudget`].
+pub const STRANGER_BUDGET: &str = "STRANGER_BUDGET";
+
 /// IPv4 service addresses, indexed by slot.
 pub const SERVICE_V4: &str = "SERVICE_V4";
 /// IPv6 service addresses, indexed by slot.

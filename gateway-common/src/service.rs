@@ -37,8 +37,14 @@ pub struct PortEntry {
     pub v4_more: u32,
     /// Bit `i` set: `SERVICE_V6[i]` also serves this port.
     pub v6_more: u32,
-    pub _pad: u32,
+    /// [`PORT_ADVERTS`] or 0.
+    pub flags: u32,
 }
+
+/// [`PortEntry::flags`]: HA adverts and endpoint-sharing messages come to
+/// this port; the shield checks where they come from (see
+/// [`crate::shield`]).
+pub const PORT_ADVERTS: u32 = 1;
 
 const _: () = assert!(size_of::<PortEntry>() == 32);
 const _: () = assert!(core::mem::offset_of!(PortEntry, v6_first_be) == 0);
@@ -50,7 +56,7 @@ impl PortEntry {
         v4_first_be: 0,
         v4_more: 0,
         v6_more: 0,
-        _pad: 0,
+        flags: 0,
     };
 }
 

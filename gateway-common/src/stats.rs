@@ -41,7 +41,9 @@ pub enum Counter {
     /// Not UDP to a service address and port (ARP, TCP, other ports...).
     NotService = 0,
     /// An IP fragment: there is no whole UDP header to check, so the kernel
-    /// reassembles it and WireGuard authenticates the result.
+    /// reassembles it and WireGuard authenticates the result. (An IPv6
+    /// atomic fragment, offset 0 and no more to come, is the whole datagram
+    /// and is checked as one.)
     Fragment = 1,
     /// Headers cut short or malformed before the UDP destination could be
     /// read; the kernel's own checks drop such frames.
@@ -75,11 +77,28 @@ pub enum Counter {
     /// second-chance window of a planned handover: sent on to the other
     /// gateway (see `tidegate_common::handover`).
     HandedOver = 14,
+    /// IPv6 to a service address whose extension headers go on past those
+    /// the walk follows: what they carry cannot be checked.
+    DeepHeaders = 15,
+    /// An IP fragment to a service address while the shield drops them
+    /// (see `tidegate_common::shield::DROP_FRAGMENTS`).
+    FragmentDropped = 16,
+    /// To the HA advert port from a gateway of the location, or from a
+    /// stranger on the segment within its budget (see
+    /// `tidegate_common::shield`).
+    Advert = 17,
+    /// To the advert port with a TTL below 255: a router forwarded it.
+    AdvertTtl = 18,
+    /// To the advert port from neither a gateway of the location nor the
+    /// segment (with unicast adverts: from no configured peer).
+    AdvertStranger = 19,
+    /// To the advert port from a stranger on the segment, past the budget.
+    AdvertThrottled = 20,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 21] = [
         Self::NotService,
         Self::Fragment,
         Self::Unparsed,
@@ -95,6 +114,12 @@ impl Counter {
         Self::Fenced,
         Self::Steered,
         Self::HandedOver,
+        Self::DeepHeaders,
+        Self::FragmentDropped,
+        Self::Advert,
+        Self::AdvertTtl,
+        Self::AdvertStranger,
+        Self::AdvertThrottled,
     ];
 
     /// The verdict the program returns when it counts this outcome.
@@ -106,12 +131,18 @@ impl Counter {
             | Self::Initiation
             | Self::Response
             | Self::CookieReply
-            | Self::Transport => Verdict::Pass,
+            | Self::Transport
+            | Self::Advert => Verdict::Pass,
             Self::Truncated
             | Self::BadType
             | Self::BadLength
             | Self::BadReserved
-            | Self::Fenced => Verdict::Drop,
+            | Self::Fenced
+            | Self::DeepHeaders
+            | Self::FragmentDropped
+            | Self::AdvertTtl
+            | Self::AdvertStranger
+            | Self::AdvertThrottled => Verdict::Drop,
             Self::Aborted => Verdict::Aborted,
             Self::Steered | Self::HandedOver => Verdict::Tx,
         }
@@ -144,6 +175,12 @@ impl Counter {
             Self::Fenced => "fenced",
             Self::Steered => "wg-steered",
             Self::HandedOver => "handed-over",
+            Self::DeepHeaders => "deep-headers",
+            Self::FragmentDropped => "fragment-dropped",
+            Self::Advert => "advert",
+            Self::AdvertTtl => "advert-ttl",
+            Self::AdvertStranger => "advert-stranger",
+            Self::AdvertThrottled => "advert-throttled",
         }
     }
 }

@@ -79,17 +79,15 @@ fn ipv4<const STEER: bool>(frame: Holds<'_, V4_LEN>) -> Option<Counter> {
     let proto: u32 = frame.load(V4_PROTO_WORD);
     if proto & V4_PROTO_FRAGMENT_MASK != V4_UDP_UNFRAGMENTED {
         cold_path();
-        // Protocol first, as the full walk checks them.
-        return Some(if (proto >> 24) as u8 != IPPROTO_UDP {
-            Counter::NotService
-        } else {
-            Counter::Fragment
-        });
+        // Protocol first, as the full walk checks them; a fragment is the
+        // walk's, which looks up its destination.
+        return ((proto >> 24) as u8 != IPPROTO_UDP).then_some(Counter::NotService);
     }
     let dst_be: u32 = frame.load(V4_DADDR);
     let entry = SERVICE_PORTS.entry(udp_dest(frame, V4_UDP));
     if dst_be != entry.v4_first_be() {
-        if entry.v4_more() == 0 {
+        // The advert port's flag sends its datagrams to the walk too.
+        if entry.v4_more() | entry.flags() == 0 {
             return Some(Counter::NotService);
         }
         cold_path();

@@ -15,6 +15,7 @@
 #![no_std]
 #![no_main]
 
+mod advert;
 mod client;
 mod continuity_maps;
 mod director;

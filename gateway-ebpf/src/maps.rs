@@ -11,7 +11,7 @@ use core::{cell::UnsafeCell, ptr};
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use tidegate_common::{
     client::ClientKey,
@@ -23,6 +23,7 @@ use tidegate_common::{
     fence::{Fence, MAX_VIPS},
     maps,
     service::{PORTS, PortEntry, PortTable, ServiceAddrV6, port_index},
+    shield::{DROP_FRAGMENTS, MAX_ADVERT_SOURCES, Shield, StrangerBudget},
     stats::{COUNTER_ROWS as ROWS, CounterRow, CounterRows, Counters},
 };
 
@@ -36,6 +37,22 @@ pub static SERVICE_PORTS: Global<PortTable> = Global::new([PortEntry::EMPTY; POR
 /// by the renew program). The shield only reads it.
 #[unsafe(link_section = ".bss.fence")]
 pub static FENCE: Global<Fence> = Global::new(Fence::EMPTY);
+
+/// The shield's settings (fragments to a service address dropped or
+/// passed). User space writes it; the program only reads it.
+#[unsafe(link_section = ".bss.shield")]
+pub static SHIELD: Global<Shield> = Global::new(Shield::DEFAULT);
+
+/// Who may send to the HA advert port: IPv4 prefixes (address bytes in
+/// network order) to `SOURCE_GATEWAY` or `SOURCE_SEGMENT`. User space
+/// writes it; the program only reads it.
+#[map]
+pub static ADVERT_SOURCES: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_ADVERT_SOURCES, 0);
+
+/// Per CPU, the budget of datagrams to the advert port from strangers on
+/// the segment. Each CPU writes only its own.
+#[map]
+pub static STRANGER_BUDGET: PerCpuArray<StrangerBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// IPv4 service addresses by slot, as the word in the IPv4 header.
 #[map]
@@ -91,7 +108,8 @@ pub struct Global<T>(UnsafeCell<T>);
 // as it reads map values that user space updates; the renew program writes
 // `FENCE`'s lease fields, each with one store. Of `COUNTER_ROWS` the shield
 // writes only the row of the CPU it runs on, which nothing else writes. The
-// director only reads `DIRECTOR`, `BACKENDS` and `MAGLEV`.
+// director only reads `DIRECTOR`, `BACKENDS` and `MAGLEV`, and the shield
+// `SHIELD`.
 unsafe impl<T> Sync for Global<T> {}
 
 impl<T> Global<T> {
@@ -106,6 +124,23 @@ impl Global<PortTable> {
     pub fn entry(&self, port: u16) -> Entry {
         // SAFETY: `port_index` is below `PORTS` for every port; only the address is computed.
         Entry(unsafe { ptr::addr_of!((*self.0.get())[port_index(port)]) })
+    }
+}
+
+impl Global<Shield> {
+    /// Whether fragments to a service address are dropped.
+    #[inline(always)]
+    pub fn drops_fragments(&self) -> bool {
+        // SAFETY: a field of the global, read with one load.
+        let flags = unsafe { ptr::addr_of!((*self.0.get()).flags).read_volatile() };
+        flags & DROP_FRAGMENTS != 0
+    }
+
+    /// Datagrams from strangers on the segment admitted per second, per CPU.
+    #[inline(always)]
+    pub fn stranger_rate(&self) -> u32 {
+        // SAFETY: a field of the global, read with one load.
+        unsafe { ptr::addr_of!((*self.0.get()).stranger_rate).read_volatile() }
     }
 }
 
@@ -315,6 +350,13 @@ impl Entry {
     pub fn v4_more(self) -> u32 {
         // SAFETY: as in `v4_first_be`.
         unsafe { ptr::addr_of!((*self.0).v4_more).read_volatile() }
+    }
+
+    /// `PORT_ADVERTS` or 0.
+    #[inline(always)]
+    pub fn flags(self) -> u32 {
+        // SAFETY: as in `v4_first_be`.
+        unsafe { ptr::addr_of!((*self.0).flags).read_volatile() }
     }
 
     /// Slots of further IPv6 service addresses on the port.

@@ -22,8 +22,8 @@ pub const IPV6_DEST_OPTIONS: u8 = 60;
 
 /// VLAN tags looked through: one for 802.1Q, two for QinQ.
 const MAX_VLAN_TAGS: usize = 2;
-/// IPv6 extension headers looked through before UDP; deeper chains pass
-/// uninspected as `Unparsed`.
+/// IPv6 extension headers looked through before UDP; a deeper chain is
+/// `DeepHeaders`.
 const MAX_IPV6_EXT_HEADERS: usize = 4;
 
 /// Ethernet II header.
@@ -74,6 +74,19 @@ pub struct Ipv6ExtHdr {
     pub next_header: u8,
     pub len: u8,
 }
+
+/// IPv6 fragment header.
+#[repr(C)]
+pub struct Ipv6FragHdr {
+    pub next_header: u8,
+    pub reserved: u8,
+    /// Fragment offset (13 bits), two reserved bits, More-fragments flag.
+    pub offset_flags: [u8; 2],
+    pub id: [u8; 4],
+}
+
+/// [`Ipv6FragHdr::offset_flags`]: the offset and the More-fragments flag.
+const IPV6_FRAGMENT_OFFSET_MORE: u16 = 0xfff9;
 
 /// UDP header.
 #[repr(C)]
@@ -178,8 +191,9 @@ pub fn ipv4_udp(frame: &Frame, off: usize) -> Result<Udp<u32>, Counter> {
 }
 
 /// The UDP header of an unfragmented IPv6 datagram at `off`, through up to
-/// four hop-by-hop, routing or destination-options headers; the destination
-/// is a pointer to the address in the frame.
+/// four hop-by-hop, routing, destination-options or atomic-fragment
+/// headers; the destination is a pointer to the address in the frame. A
+/// chain that goes on past them is `DeepHeaders`.
 #[inline(always)]
 pub fn ipv6_udp(frame: &Frame, off: usize) -> Result<Udp<*const [u32; 4]>, Counter> {
     let ip: *const Ipv6Hdr = frame.ptr_at(off).ok_or(Counter::Unparsed)?;
@@ -194,7 +208,19 @@ pub fn ipv6_udp(frame: &Frame, off: usize) -> Result<Udp<*const [u32; 4]>, Count
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_UDP => return udp(frame, off, dst),
-            IPV6_FRAGMENT => return Err(Counter::Fragment),
+            IPV6_FRAGMENT => {
+                let frag: *const Ipv6FragHdr = frame.ptr_at(off).ok_or(Counter::Unparsed)?;
+                // SAFETY: checked by `ptr_at`.
+                let (frag_next, offset_flags) =
+                    unsafe { ((*frag).next_header, (*frag).offset_flags) };
+                // An atomic fragment (offset 0, no more to come: RFC 6946) is
+                // the whole datagram, which the kernel delivers as it is.
+                if u16::from_be_bytes(offset_flags) & IPV6_FRAGMENT_OFFSET_MORE != 0 {
+                    return Err(Counter::Fragment);
+                }
+                next = frag_next;
+                off += size_of::<Ipv6FragHdr>();
+            }
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
                 let ext: *const Ipv6ExtHdr = frame.ptr_at(off).ok_or(Counter::Unparsed)?;
                 // SAFETY: checked by `ptr_at`.
@@ -207,8 +233,29 @@ pub fn ipv6_udp(frame: &Frame, off: usize) -> Result<Udp<*const [u32; 4]>, Count
     }
     match next {
         IPPROTO_UDP => udp(frame, off, dst),
-        _ => Err(Counter::Unparsed),
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_FRAGMENT => {
+            Err(Counter::DeepHeaders)
+        }
+        _ => Err(Counter::NotService),
     }
+}
+
+/// The destination address of the IPv4 header at `off`, as it sits in the
+/// header.
+#[inline(always)]
+pub fn ipv4_dst(frame: &Frame, off: usize) -> Option<u32> {
+    let ip: *const Ipv4Hdr = frame.ptr_at(off)?;
+    // SAFETY: checked by `ptr_at`.
+    Some(u32::from_ne_bytes(unsafe { (*ip).daddr }))
+}
+
+/// The destination address of the IPv6 header at `off`, words in network
+/// order.
+#[inline(always)]
+pub fn ipv6_dst(frame: &Frame, off: usize) -> Option<[u32; 4]> {
+    let ip: *const Ipv6Hdr = frame.ptr_at(off)?;
+    // SAFETY: checked by `ptr_at`; the address is read unaligned.
+    Some(unsafe { (&raw const (*ip).daddr).cast::<[u32; 4]>().read_unaligned() })
 }
 
 #[inline(always)]

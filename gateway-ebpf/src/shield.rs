@@ -2,11 +2,14 @@
 //! (And, with VIPs configured, does the VIP fence stop it, and does the
 //! director steer it?)
 
-use tidegate_common::{service::MAX_SERVICE_ADDRS, stats::Counter};
+use tidegate_common::{
+    service::{MAX_SERVICE_ADDRS, PORT_ADVERTS},
+    stats::Counter,
+};
 
 use crate::{
-    client, director, fence,
-    maps::{SERVICE_PORTS, SERVICE_V4, SERVICE_V6},
+    advert, client, director, fence,
+    maps::{SERVICE_PORTS, SERVICE_V4, SERVICE_V6, SHIELD},
     parse::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame},
     wireguard,
 };
@@ -33,9 +36,15 @@ pub fn classify<const STEER: bool>(frame: &Frame) -> Counter {
                         }
                     },
                 ),
+                Some(false) if SERVICE_PORTS.entry(udp.port).flags() & PORT_ADVERTS != 0 => {
+                    advert::check_v4(frame, off)
+                }
                 Some(false) => Counter::NotService,
                 None => Counter::Aborted,
             },
+            Err(Counter::Fragment) => {
+                fragment(parse::ipv4_dst(frame, off).and_then(is_v4_service_addr))
+            }
             Err(counter) => counter,
         },
         ETH_P_IPV6 => match parse::ipv6_udp(frame, off) {
@@ -59,11 +68,65 @@ pub fn classify<const STEER: bool>(frame: &Frame) -> Counter {
                 None => Counter::Aborted,
             },
             Err(Counter::NotService) if fence::guards_v6() => fence::icmpv6(frame, off),
+            Err(Counter::Fragment) => {
+                fragment(parse::ipv6_dst(frame, off).and_then(is_v6_service_addr))
+            }
+            Err(Counter::DeepHeaders) => {
+                match parse::ipv6_dst(frame, off).and_then(is_v6_service_addr) {
+                    Some(true) => Counter::DeepHeaders,
+                    Some(false) => Counter::Unparsed,
+                    None => Counter::Aborted,
+                }
+            }
             Err(counter) => counter,
         },
         ETH_P_ARP if fence::guards_v4() => fence::arp(frame, off),
         _ => Counter::NotService,
     }
+}
+
+/// A fragment, to a service address or not (`None`: a lookup that cannot
+/// fail failed): dropped or passed as the settings say.
+#[inline(always)]
+fn fragment(to_service: Option<bool>) -> Counter {
+    match to_service {
+        Some(true) if SHIELD.drops_fragments() => Counter::FragmentDropped,
+        Some(_) => Counter::Fragment,
+        None => Counter::Aborted,
+    }
+}
+
+/// Whether `dst_be` is an IPv4 service address, on any port: every one has
+/// a slot. Only fragments ask, so the loop costs the common path nothing.
+#[inline(always)]
+fn is_v4_service_addr(dst_be: u32) -> Option<bool> {
+    if dst_be == 0 {
+        return Some(false);
+    }
+    let mut slot = 0;
+    while slot < MAX_SERVICE_ADDRS {
+        if *SERVICE_V4.get(slot)? == dst_be {
+            return Some(true);
+        }
+        slot += 1;
+    }
+    Some(false)
+}
+
+/// Whether `dst` is an IPv6 service address, on any port.
+#[inline(always)]
+fn is_v6_service_addr(dst: [u32; 4]) -> Option<bool> {
+    if (dst[0] | dst[1] | dst[2] | dst[3]) == 0 {
+        return Some(false);
+    }
+    let mut slot = 0;
+    while slot < MAX_SERVICE_ADDRS {
+        if same_v6(&dst, &SERVICE_V6.get(slot)?.addr_be) {
+            return Some(true);
+        }
+        slot += 1;
+    }
+    Some(false)
 }
 
 /// Whether (`dst_be`, `port`) is an IPv4 service. `None` if an array lookup

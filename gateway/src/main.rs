@@ -112,7 +112,17 @@ async fn run(args: Args) -> Result<()> {
         options.table_size = director.table_size;
     }
     let mut datapath = Datapath::load_with(options)?;
+    datapath.set_shield(config.shield)?;
     datapath.install_services(config.services.clone())?;
+    if let Some(ha) = &config.ha {
+        // Before the program is attached: no junk reaches the advert socket.
+        let gate = ha
+            .destination
+            .gate(ha.port, &ha.interface)
+            .context("gating the advert port")?;
+        info!(?gate, "advert port gated");
+        datapath.gate_adverts(gate)?;
+    }
     let control = ControlSocket::bind(&config.control_socket)?;
     datapath.attach(&config.interface, config.xdp_mode, &config.bpf_pin_dir)?;
     let wireguard = match &config.wireguard {

@@ -112,10 +112,10 @@ impl Reloader {
             (Some(handle), Some(config)) => handle.reload(config.clone()).await?,
             _ => ApplyReport::default(),
         };
-        if new.services != current.services {
+        if new.services != current.services || new.shield != current.shield {
             inner
                 .datapath
-                .install_services(new.services.clone())
+                .install_services(new.services.clone(), new.shield)
                 .await
                 .map_err(ReloadError::Datapath)?;
         }

@@ -12,7 +12,7 @@ use support::{
 };
 use tidegate_common::{maps, stats::Counter, wireguard::*};
 
-use tidegate_gateway::xdp::{Datapath, ServiceTable};
+use tidegate_gateway::xdp::{AdvertGate, Datapath, ServiceTable, ShieldSettings};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -389,8 +389,13 @@ fn fragments_and_malformed_ip_headers_pass_to_the_kernel() {
             Counter::Fragment,
         ),
         pass(
-            "IPv6 fragment header",
-            v6(payload.clone()).v6_fragment().build(),
+            "IPv6 first fragment",
+            v6(payload.clone()).v6_fragment(0x0001).build(),
+            Counter::Fragment,
+        ),
+        pass(
+            "IPv6 later fragment",
+            v6(payload.clone()).v6_fragment(0x00b8).build(),
             Counter::Fragment,
         ),
         pass("IPv4 version 5", bad_version, Counter::Unparsed),
@@ -401,6 +406,343 @@ fn fragments_and_malformed_ip_headers_pass_to_the_kernel() {
             Counter::Unparsed,
         ),
     ]);
+}
+
+/// An atomic fragment (offset 0, no more fragments: RFC 6946) is a whole
+/// datagram, which the kernel hands to UDP as it is: checked as one.
+#[test]
+fn an_ipv6_atomic_fragment_is_checked_as_the_datagram_it_is() {
+    let good = wg(MESSAGE_TRANSPORT, 64);
+    let bad = b"any payload behind eight bytes".to_vec();
+    run(vec![
+        pass(
+            "atomic fragment, WireGuard",
+            v6(good.clone()).v6_fragment(0x0000).build(),
+            Counter::Transport,
+        ),
+        drop(
+            "atomic fragment, not WireGuard",
+            v6(bad.clone()).v6_fragment(0x0000).build(),
+            Counter::BadType,
+        ),
+        drop(
+            "atomic fragment, reserved bits set, not WireGuard",
+            v6(bad.clone()).v6_fragment(0x0006).build(),
+            Counter::BadType,
+        ),
+        drop(
+            "hop-by-hop, then an atomic fragment, not WireGuard",
+            v6(bad.clone())
+                .ip_options(vec![1, 4, 0, 0, 0, 0])
+                .v6_fragment(0x0000)
+                .build(),
+            Counter::BadType,
+        ),
+        drop(
+            "atomic fragment to a second address, not WireGuard",
+            Udp::new(CLIENT6, SECOND6, PORT, bad)
+                .v6_fragment(0x0000)
+                .build(),
+            Counter::BadType,
+        ),
+    ]);
+}
+
+/// The walk follows four extension headers; a longer chain to a service
+/// address is dropped (the kernel would follow it to the port), and one to
+/// any other address passes.
+#[test]
+fn ipv6_extension_chains_longer_than_the_walk_are_dropped_to_service_addresses() {
+    let bad = b"any payload behind eight bytes".to_vec();
+    let good = wg(MESSAGE_TRANSPORT, 64);
+    let mut cases = Vec::new();
+    for headers in 1..=4 {
+        cases.push(drop(
+            format!("{headers} destination-options headers, not WireGuard"),
+            v6(bad.clone()).v6_dest_options(headers).build(),
+            Counter::BadType,
+        ));
+        cases.push(pass(
+            format!("{headers} destination-options headers, WireGuard"),
+            v6(good.clone()).v6_dest_options(headers).build(),
+            Counter::Transport,
+        ));
+    }
+    cases.extend([
+        drop(
+            "5 destination-options headers",
+            v6(good.clone()).v6_dest_options(5).build(),
+            Counter::DeepHeaders,
+        ),
+        drop(
+            "8 destination-options headers to a second address",
+            Udp::new(CLIENT6, SECOND6, PORT, bad.clone())
+                .v6_dest_options(8)
+                .build(),
+            Counter::DeepHeaders,
+        ),
+        drop(
+            "5 destination-options headers to the service address, another port",
+            Udp::new(CLIENT6, SERVICE6, 4000, bad.clone())
+                .v6_dest_options(5)
+                .build(),
+            Counter::DeepHeaders,
+        ),
+        drop(
+            "hop-by-hop and 4 destination-options headers",
+            v6(bad.clone())
+                .ip_options(vec![1, 4, 0, 0, 0, 0])
+                .v6_dest_options(4)
+                .build(),
+            Counter::DeepHeaders,
+        ),
+        drop(
+            "4 destination-options headers and an atomic fragment",
+            v6(bad.clone())
+                .v6_dest_options(4)
+                .v6_fragment(0x0000)
+                .build(),
+            Counter::DeepHeaders,
+        ),
+        pass(
+            "5 destination-options headers to another address",
+            Udp::new(CLIENT6, "2001:db8:2::5", PORT, bad.clone())
+                .v6_dest_options(5)
+                .build(),
+            Counter::Unparsed,
+        ),
+        pass(
+            "4 destination-options headers, then TCP",
+            v6(bad).v6_dest_options(4).protocol(IPPROTO_TCP).build(),
+            Counter::NotService,
+        ),
+    ]);
+    run(cases);
+}
+
+/// With `[shield] drop_fragments`, a fragment to any service address is
+/// dropped (a later one carries no port); fragments to other addresses
+/// pass, and an atomic fragment is no fragment.
+#[test]
+fn fragments_to_service_addresses_are_dropped_when_the_shield_says_so() {
+    let mut datapath = shield();
+    datapath
+        .set_shield(ShieldSettings {
+            drop_fragments: true,
+        })
+        .unwrap();
+    let payload = wg(MESSAGE_TRANSPORT, 64);
+    let other4 = "198.51.100.77";
+    let other6 = "2001:db8:2::5";
+    let cases = vec![
+        drop(
+            "IPv4 first fragment",
+            v4(payload.clone()).frag_field(0x2000).build(),
+            Counter::FragmentDropped,
+        ),
+        drop(
+            "IPv4 later fragment to a second address",
+            Udp::new(CLIENT4, SECOND4, PORT, payload.clone())
+                .frag_field(0x00b9)
+                .build(),
+            Counter::FragmentDropped,
+        ),
+        drop(
+            "IPv4 later fragment to the service address, another port",
+            Udp::new(CLIENT4, SERVICE4, 4000, payload.clone())
+                .frag_field(0x00b9)
+                .build(),
+            Counter::FragmentDropped,
+        ),
+        drop(
+            "IPv6 first fragment",
+            v6(payload.clone()).v6_fragment(0x0001).build(),
+            Counter::FragmentDropped,
+        ),
+        drop(
+            "IPv6 later fragment to a second address",
+            Udp::new(CLIENT6, SECOND6, PORT, payload.clone())
+                .v6_fragment(0x00b8)
+                .build(),
+            Counter::FragmentDropped,
+        ),
+        pass(
+            "IPv4 fragment to another address",
+            Udp::new(CLIENT4, other4, PORT, payload.clone())
+                .frag_field(0x2000)
+                .build(),
+            Counter::Fragment,
+        ),
+        pass(
+            "IPv6 fragment to another address",
+            Udp::new(CLIENT6, other6, PORT, payload.clone())
+                .v6_fragment(0x0001)
+                .build(),
+            Counter::Fragment,
+        ),
+        pass(
+            "IPv6 atomic fragment",
+            v6(payload.clone()).v6_fragment(0x0000).build(),
+            Counter::Transport,
+        ),
+        pass(
+            "IPv4 whole datagram",
+            v4(payload).build(),
+            Counter::Transport,
+        ),
+    ];
+    harness::run_shield(&datapath, &cases);
+    // Off again, fragments pass.
+    datapath.set_shield(ShieldSettings::default()).unwrap();
+    harness::run_shield(
+        &datapath,
+        &[pass(
+            "IPv4 first fragment, setting off",
+            v4(wg(MESSAGE_TRANSPORT, 64)).frag_field(0x2000).build(),
+            Counter::Fragment,
+        )],
+    );
+}
+
+/// The advert port takes datagrams sent with TTL 255 from the location's
+/// gateways, and from strangers on the segment within a budget per CPU;
+/// the shield drops the rest before any socket sees them.
+#[test]
+fn the_advert_port_takes_the_gateways_and_a_budget_of_strangers_on_the_segment() {
+    const ADVERTS: u16 = 51899;
+    const GATEWAY: &str = "198.51.100.2";
+    const STRANGER: &str = "198.51.100.50";
+    const RATE: u32 = 3;
+    // The budget is per CPU: stay on one.
+    pin_to_one_cpu();
+    let mut datapath = shield();
+    datapath
+        .gate_adverts(AdvertGate {
+            port: ADVERTS,
+            gateways: vec![GATEWAY.parse().unwrap()],
+            segment: vec!["198.51.100.0/24".parse().unwrap()],
+            stranger_rate: RATE,
+        })
+        .unwrap();
+    let advert = |from: &str, to: &str| {
+        Udp::new(from, to, ADVERTS, b"TGHA any advert".to_vec())
+            .ttl(255)
+            .build()
+    };
+    let group = "239.255.77.18";
+    let mut cases = vec![
+        pass(
+            "from a gateway to the group",
+            advert(GATEWAY, group),
+            Counter::Advert,
+        ),
+        pass(
+            "from a gateway to this gateway",
+            advert(GATEWAY, SERVICE4),
+            Counter::Advert,
+        ),
+        drop(
+            "from a gateway, TTL 254",
+            Udp::new(GATEWAY, group, ADVERTS, vec![0; 32])
+                .ttl(254)
+                .build(),
+            Counter::AdvertTtl,
+        ),
+        drop(
+            "from a gateway, TTL 64",
+            Udp::new(GATEWAY, group, ADVERTS, vec![0; 32]).build(),
+            Counter::AdvertTtl,
+        ),
+        drop(
+            "from off the segment",
+            advert(CLIENT4, group),
+            Counter::AdvertStranger,
+        ),
+        pass(
+            "from off the segment, another port",
+            Udp::new(CLIENT4, group, ADVERTS + 1, vec![0; 32])
+                .ttl(255)
+                .build(),
+            Counter::NotService,
+        ),
+        pass(
+            "IPv6 to the advert port (no socket listens)",
+            Udp::new(CLIENT6, SERVICE6, ADVERTS, vec![0; 32])
+                .ttl(255)
+                .build(),
+            Counter::NotService,
+        ),
+    ];
+    for n in 1..=RATE {
+        cases.push(pass(
+            format!("stranger on the segment #{n}, within the budget"),
+            advert(STRANGER, group),
+            Counter::Advert,
+        ));
+    }
+    cases.push(drop(
+        "stranger on the segment, past the budget",
+        advert(STRANGER, group),
+        Counter::AdvertThrottled,
+    ));
+    harness::run_shield(&datapath, &cases);
+
+    // Heard in an authenticated advert, the stranger is a gateway.
+    datapath
+        .admit_advert_source(STRANGER.parse().unwrap())
+        .unwrap();
+    let admitted: Vec<Case> = (1..=2 * RATE)
+        .map(|n| {
+            pass(
+                format!("admitted gateway #{n}"),
+                advert(STRANGER, group),
+                Counter::Advert,
+            )
+        })
+        .collect();
+    harness::run_shield(&datapath, &admitted);
+
+    // Unicast adverts: no segment, strangers are dropped.
+    let mut unicast = shield();
+    unicast
+        .gate_adverts(AdvertGate {
+            port: ADVERTS,
+            gateways: vec![GATEWAY.parse().unwrap()],
+            segment: Vec::new(),
+            stranger_rate: 0,
+        })
+        .unwrap();
+    harness::run_shield(
+        &unicast,
+        &[
+            pass(
+                "a configured peer",
+                advert(GATEWAY, SERVICE4),
+                Counter::Advert,
+            ),
+            drop(
+                "a stranger on the segment",
+                advert(STRANGER, SERVICE4),
+                Counter::AdvertStranger,
+            ),
+        ],
+    );
+}
+
+/// Keeps the calling thread on the CPU it runs on.
+fn pin_to_one_cpu() {
+    // SAFETY: plain syscalls on this thread's own affinity mask.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
 }
 
 /// Every prefix of a frame, from the Ethernet header on: cut inside the

@@ -23,10 +23,10 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
-use tidegate_gateway::ha::machine::Role as WireRole;
+use anyhow::{Result, ensure};
 use tidegate_tests::adverts::{
-    AdvertWatch, SeenAdvert, StatusPolls, longest_gap, numbered_peer, reload_peers,
+    AdvertWatch, CpuTimes, StatusPolls, longest_gap, numbered_peer, others_as_master, reload_peers,
+    unix_ms_at,
 };
 use tidegate_tests::continuity::{ClientOptions, TunnelLocation};
 use tidegate_tests::ha::{ECHO_PORT, Role, TUNNEL_ADDR, TunnelOptions};
@@ -190,18 +190,11 @@ fn watch(lab: &mut TunnelLocation, duration: Duration, loaded: bool) -> Result<W
         adverts: count,
         longest,
         false_failovers: took_over,
-        backup_as_master: others_as_master(&seen, started),
+        backup_as_master: others_as_master(&seen, MASTER, started),
         busy,
         reloads,
         status_answers,
     })
-}
-
-/// Adverts as MASTER from another gateway than the master, from `from` on.
-fn others_as_master(seen: &[SeenAdvert], from: Instant) -> usize {
-    seen.iter()
-        .filter(|a| a.at >= from && a.gateway_id != MASTER && a.role == WireRole::Master)
-        .count()
 }
 
 /// `tidegate-blast` in `netns`, through the client's tunnel to the
@@ -217,45 +210,4 @@ fn blast(netns: &tidegate_tests::Netns, duration: Duration) -> Result<Process> {
         .args(["--seconds", &duration.as_secs().to_string()])
         .args(["--sources", "2", "--len", "256"]);
     Process::spawn(BLAST_BIN, netns, command, &log)
-}
-
-/// Unix ms at the instant `at` (in the past).
-fn unix_ms_at(at: Instant) -> u64 {
-    let now = std::time::SystemTime::now() - at.elapsed();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The CPUs' busy and total time, from the first line of `/proc/stat`.
-struct CpuTimes {
-    busy: u64,
-    total: u64,
-}
-
-impl CpuTimes {
-    fn read() -> Result<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()
-            .context("an empty /proc/stat")?
-            .split_whitespace()
-            .skip(1)
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
-        // user nice system idle iowait irq softirq steal ...
-        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-        let total: u64 = fields.iter().take(8).sum();
-        Ok(Self {
-            busy: total - idle,
-            total,
-        })
-    }
-
-    /// The busy share of the CPUs' time since `self`.
-    fn busy_since(&self) -> Result<f64> {
-        let now = Self::read()?;
-        let total = now.total.saturating_sub(self.total).max(1);
-        Ok(now.busy.saturating_sub(self.busy) as f64 / total as f64)
-    }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context as _, Result, anyhow};
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use nix::sys::socket::{IpMembershipRequest, setsockopt, sockopt};
 use tidegate_gateway::ha::{
@@ -181,4 +181,53 @@ pub fn reload_peers(gateway: &mut HaGateway, peers: Vec<PeerEntry>) -> Result<()
     command.arg("--socket").arg(&socket).arg("reload");
     run_bounded(&mut command, RELOAD_TIMEOUT)?.into_success()?;
     Ok(())
+}
+
+/// Adverts as MASTER from another gateway than `master`, from `from` on.
+pub fn others_as_master(seen: &[SeenAdvert], master: u32, from: Instant) -> usize {
+    seen.iter()
+        .filter(|a| a.at >= from && a.gateway_id != master && a.role == Role::Master)
+        .count()
+}
+
+/// Unix ms at the instant `at` (in the past).
+pub fn unix_ms_at(at: Instant) -> u64 {
+    let now = std::time::SystemTime::now() - at.elapsed();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The CPUs' busy and total time, from the first line of `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    pub fn read() -> Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .context("an empty /proc/stat")?
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        // user nice system idle iowait irq softirq steal ...
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        let total: u64 = fields.iter().take(8).sum();
+        Ok(Self {
+            busy: total - idle,
+            total,
+        })
+    }
+
+    /// The busy share of the CPUs' time since `self`.
+    pub fn busy_since(&self) -> Result<f64> {
+        let now = Self::read()?;
+        let total = now.total.saturating_sub(self.total).max(1);
+        Ok(now.busy.saturating_sub(self.busy) as f64 / total as f64)
+    }
 }

@@ -628,8 +628,8 @@ pub fn detach_egress_guard(location: &HaLocation, id: u32) -> Result<()> {
     // SAFETY: `attr` is a zeroed bpf_attr of the size given whose pathname
     // points to a NUL-terminated string that outlives the call.
     let fd = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
+        libc::syscall(
+            libc::SYS_bpf,
             BPF_OBJ_GET,
             attr.as_mut_ptr(),
             size_of_val(&attr),
@@ -645,8 +645,8 @@ pub fn detach_egress_guard(location: &HaLocation, id: u32) -> Result<()> {
     attr[0] = fd as u64 & 0xffff_ffff;
     // SAFETY: a zeroed bpf_attr whose link_fd is the descriptor just opened.
     let detached = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
+        libc::syscall(
+            libc::SYS_bpf,
             BPF_LINK_DETACH,
             attr.as_mut_ptr(),
             size_of_val(&attr),
@@ -654,7 +654,7 @@ pub fn detach_egress_guard(location: &HaLocation, id: u32) -> Result<()> {
     };
     let error = std::io::Error::last_os_error();
     // SAFETY: `fd` was returned by BPF_OBJ_GET above and is closed once.
-    unsafe { nix::libc::close(fd as i32) };
+    unsafe { libc::close(fd as i32) };
     ensure!(detached == 0, "detaching {}: {error}", pin.display());
     Ok(())
 }

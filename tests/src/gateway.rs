@@ -33,7 +33,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TIDECTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-reason counters every `counters --json` answer must carry.
-pub const COUNTER_NAMES: [&str; 15] = [
+pub const COUNTER_NAMES: [&str; 21] = [
     "not-service",
     "fragment",
     "unparsed",
@@ -49,6 +49,12 @@ pub const COUNTER_NAMES: [&str; 15] = [
     "fenced",
     "wg-steered",
     "handed-over",
+    "deep-headers",
+    "fragment-dropped",
+    "advert",
+    "advert-ttl",
+    "advert-stranger",
+    "advert-throttled",
 ];
 
 /// Totals every `counters --json` answer must carry.

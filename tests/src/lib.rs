@@ -35,6 +35,7 @@ pub mod core_daemon;
 pub mod director;
 pub mod edge;
 pub mod failover;
+pub mod flood;
 pub mod gateway;
 pub mod ha;
 pub mod handshakes;

@@ -9,7 +9,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 /// Set by SIGTERM or SIGINT once [`install`] has run.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_stop(_: nix::libc::c_int) {
+extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 

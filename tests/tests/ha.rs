@@ -26,6 +26,8 @@ use tidegate_gateway::{
     wireguard::PeerEndpoint,
 };
 use tidegate_tests::adverts::{AdvertWatch, StatusPolls, longest_gap, numbered_peer, reload_peers};
+use tidegate_tests::flood::{Flood, advert_port_flood};
+use tidegate_tests::gateway::Counters;
 use tidegate_tests::ha::{
     ADVERT_GROUP, ADVERT_PORT, AdvertTransport, CLIENT_ADDR, HaGateway, KEY, LOCATION_ID, Role,
     TunnelOptions, VIP, VIP6, gateway_addr, status_of,
@@ -473,7 +475,8 @@ fn a_partition_makes_two_masters_and_healing_leaves_the_higher_one() -> Result<(
 }
 
 /// Sockets in the client namespace: one joined to the advert group (to
-/// capture real adverts), one to send from.
+/// capture real adverts), one to send from, with TTL 255 as a gateway's
+/// adverts (the shield drops the rest), a stranger on the segment.
 fn advert_sockets(location: &HaLocation) -> Result<(UdpSocket, UdpSocket)> {
     location
         .client()
@@ -486,6 +489,8 @@ fn advert_sockets(location: &HaLocation) -> Result<(UdpSocket, UdpSocket)> {
             )?;
             capture.set_read_timeout(Some(Duration::from_millis(50)))?;
             let sender = UdpSocket::bind((CLIENT_ADDR, 0))?;
+            setsockopt(&sender, sockopt::IpMulticastTtl, &255)?;
+            setsockopt(&sender, sockopt::Ipv4Ttl, &255)?;
             Ok((capture, sender))
         })?
 }
@@ -809,9 +814,7 @@ fn planned_failover_and_maintenance_lose_no_probe() -> Result<()> {
 /// Sends a well-formed advert of the location to gateway `to`'s address
 /// from the client, which is not on the unicast peer list.
 fn advert_from_a_stranger(location: &HaLocation, to: &HaGateway) -> Result<()> {
-    let sender = location
-        .client()
-        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)))??;
+    let (_, sender) = advert_sockets(location)?;
     let key = AdvertKey::new(KEY.as_bytes().to_vec());
     sender.send_to(
         &advert(9, WireRole::Master, 255, 1).encode(&key),
@@ -829,21 +832,35 @@ fn sigterm_on_the_master_hands_over_without_losing_a_probe() -> Result<()> {
         ..HaOptions::priorities(&[110, 120])
     })?;
 
-    // Unicast adverts are heard from the listed peers only.
+    // Unicast adverts are heard from the listed peers only: the shield
+    // drops the rest before the socket.
     for id in [1, 2] {
         advert_from_a_stranger(&location, location.gateway(id))?;
     }
-    location.wait_state(
-        "an unknown sender's advert dropped by each gateway",
-        SWITCH,
-        |statuses, _| {
-            statuses
-                .iter()
-                .all(|s| s.dropped == BTreeMap::from([("unknown-sender".to_owned(), 1)]))
-        },
-    )?;
-    location.wait_master(2, Duration::ZERO)?;
-    narrate("unicast: an advert from the client was dropped as unknown-sender");
+    for id in [1, 2] {
+        let gateway = location.gateway_mut(id);
+        poll_until(
+            &format!("gateway {id}'s shield to drop the stranger's advert"),
+            SWITCH,
+            Duration::from_millis(25),
+            || {
+                let dropped = gateway
+                    .daemon_mut()
+                    .counters()?
+                    .counter("advert-stranger")?;
+                Ok(match dropped.packets {
+                    1 => Probe::Ready(()),
+                    n => Probe::NotYet(format!("advert-stranger {n}")),
+                })
+            },
+        )?;
+    }
+    let statuses = location.wait_master(2, Duration::ZERO)?;
+    ensure!(
+        statuses.iter().all(|s| s.dropped.is_empty()),
+        "an agent saw the stranger's advert: {statuses:?}"
+    );
+    narrate("unicast: an advert from the client was dropped by the shield as advert-stranger");
 
     let prober = location.start_prober(PROBES)?;
     std::thread::sleep(SETTLE);
@@ -1293,5 +1310,97 @@ fn share_endpoints(location: &HaLocation, peers: &[PeerEntry]) -> Result<()> {
         // Paced: each gateway's queue for endpoint messages is bounded.
         std::thread::sleep(Duration::from_micros(500));
     }
+    Ok(())
+}
+
+/// How long the flood on the advert port lasts.
+const FLOOD: Duration = Duration::from_secs(10);
+/// Threads sending it.
+const FLOOD_THREADS: usize = 4;
+
+/// A host on the segment floods the advert port of the backup, of the
+/// master, of the VIP and of the advert group with junk, endpoint-shaped
+/// junk and adverts signed with the wrong key, half with TTL 255, as fast
+/// as this machine sends: the shield drops it before the sockets (all but
+/// a budget of strangers on the segment), real adverts keep flowing, and
+/// nothing changes role.
+#[test]
+fn a_flood_on_the_advert_port_moves_nothing() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let interval = Duration::from_millis(100);
+    let mut location = build(&HaOptions::priorities(&[150, 200]))?;
+    let before = location.wait_master(2, SWITCH)?;
+    let shield_before: Vec<Counters> = [1, 2]
+        .into_iter()
+        .map(|id| location.gateway_mut(id).daemon_mut().counters())
+        .collect::<Result<_>>()?;
+
+    let adverts = AdvertWatch::start(&location)?;
+    let started = Instant::now();
+    let spec = advert_port_flood(FLOOD_THREADS, FLOOD);
+    let flood = Flood::start(location.client(), CLIENT_ADDR, &spec)?;
+    let flooded = flood.finish()?;
+    let adverts = adverts.finish()?;
+
+    let after = location.wait_master(2, Duration::ZERO)?;
+    let (sent, longest) = longest_gap(&adverts, 2, started);
+    let others: Vec<u32> = adverts
+        .iter()
+        .filter(|a| a.gateway_id != 2 && a.role == WireRole::Master && a.at > started)
+        .map(|a| a.gateway_id)
+        .collect();
+    narrate(&format!(
+        "{} datagrams in {:.1} s ({:.0}/s) from {FLOOD_THREADS} threads; gateway 2 sent {sent} \
+         adverts as MASTER meanwhile, the longest gap {} ms (interval {} ms)",
+        flooded.sent,
+        flooded.elapsed.as_secs_f64(),
+        flooded.rate(),
+        longest.as_millis(),
+        interval.as_millis()
+    ));
+    for (id, before) in [1, 2].into_iter().zip(&shield_before) {
+        let now = location.gateway_mut(id).daemon_mut().counters()?;
+        let moved = |name: &str| -> Result<u64> {
+            Ok(now.counter(name)?.packets - before.counter(name)?.packets)
+        };
+        let status = status_of(&after, id)?;
+        narrate(&format!(
+            "gateway {id}: the shield passed {} and dropped {} (TTL), {} (not on the segment), {} \
+             (past the strangers' budget); the agent dropped {:?}",
+            moved("advert")?,
+            moved("advert-ttl")?,
+            moved("advert-stranger")?,
+            moved("advert-throttled")?,
+            status.dropped
+        ));
+        ensure!(
+            moved("advert-ttl")? > 0 && moved("advert-throttled")? > 0,
+            "gateway {id}'s shield did not see the flood"
+        );
+        ensure!(
+            status.dropped("socket-queue-full") == 0,
+            "gateway {id}'s advert socket overflowed: {:?}",
+            status.dropped
+        );
+    }
+    for (old, new) in before.iter().zip(&after) {
+        ensure!(
+            old.changes() == new.changes(),
+            "gateway {} changed role under the flood: {:?} -> {:?}",
+            new.gateway_id,
+            old.changes(),
+            new.changes()
+        );
+    }
+    ensure!(
+        others.is_empty(),
+        "other gateways advertised as MASTER: {others:?}"
+    );
+    ensure!(
+        sent > 0 && longest < interval * 3,
+        "gateway 2's adverts stalled under the flood: {sent} sent, longest gap {} ms",
+        longest.as_millis()
+    );
     Ok(())
 }

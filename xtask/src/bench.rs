@@ -36,6 +36,10 @@ pub enum Which {
     /// it, reloads of 10,000 peers and status requests for a minute, at
     /// 100 ms and 20 ms adverts; false failovers and the longest gap.
     Adverts,
+    /// A flood on the HA advert port from a host on the segment, at 100 ms
+    /// and 20 ms adverts: the flood's rate, what the shield dropped, the
+    /// master's longest advert gap and false failovers.
+    Flood,
     /// Core to gateways: latency from an admin call adding a peer to the
     /// peer being live on all three gateways (1,000 adds), and a full sync
     /// of 10,000 peers to three gateways, beside wireguard-go's own speed.
@@ -134,6 +138,19 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
             run::step("benchmarking the advert pace of a loaded master");
             run::cargo(ws, &ebpf)
                 .args(["bench", "--package", "tidegate-tests", "--bench", "adverts"])
+                .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
+                .status_ok()
+        }
+        Which::Flood => {
+            setup::require_root(
+                "`cargo xtask bench flood` (it builds network namespaces and attaches XDP programs)",
+            )?;
+            setup::packages()?;
+            let ebpf = ebpf::build(ws)?;
+            run::build_user_space(ws, &ebpf, true)?;
+            run::step("benchmarking a flood on the advert port");
+            run::cargo(ws, &ebpf)
+                .args(["bench", "--package", "tidegate-tests", "--bench", "flood"])
                 .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
                 .status_ok()
         }

@@ -13,8 +13,8 @@
 //! status requests read the agent's own snapshot.
 
 use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -140,6 +140,8 @@ pub struct HaHandle {
     /// and the lease going whatever the others are busy with.
     vips: Vips,
     tasks: Option<Tasks>,
+    /// The advert socket, for the datagrams its queue dropped.
+    transport: Arc<Transport>,
 }
 
 impl HaHandle {
@@ -168,12 +170,17 @@ impl HaHandle {
             ),
             None => (Vec::new(), None),
         };
+        let socket_dropped = self.transport.dropped().unwrap_or_else(|error| {
+            warn!(%error, "reading the advert socket's drops failed");
+            0
+        });
         Ok(view.status(
             now,
             Owned {
                 vips_held,
                 failovers,
                 endpoints,
+                socket_dropped,
             },
         ))
     }
@@ -220,6 +227,9 @@ pub struct Agent {
     vips: Vips,
     frames: FrameSocket,
     dropped: BTreeMap<String, u64>,
+    /// Gateways heard in authenticated adverts and admitted to the advert
+    /// port by the shield.
+    admitted: BTreeSet<Ipv4Addr>,
     /// Stops the announcements in flight when the VIPs are released.
     announcing: Option<CancellationToken>,
     /// Converts the machine's instants into wall-clock times.
@@ -305,6 +315,7 @@ impl Agent {
             vips,
             frames,
             dropped: BTreeMap::new(),
+            admitted: BTreeSet::new(),
             announcing: None,
             anchor,
             datapath,
@@ -516,7 +527,17 @@ impl Agent {
             return Vec::new();
         }
         match self.election.receive(bytes, Instant::now()) {
-            Ok((_, actions)) => actions,
+            Ok((_, actions)) => {
+                // A gateway of the location: the shield lets it through
+                // from now on, whatever strangers send.
+                if let IpAddr::V4(source) = from.ip()
+                    && !self.admitted.contains(&source)
+                    && self.datapath.admit_advert_source(source)
+                {
+                    self.admitted.insert(source);
+                }
+                actions
+            }
             Err(error) => {
                 debug!(%from, %error, "advert dropped");
                 self.drop_advert(error.name(), from);
@@ -851,6 +872,7 @@ pub fn spawn(
         view,
         vips: agent.vips.clone(),
         tasks: agent.tasks.clone(),
+        transport: agent.transport.clone(),
     };
     let published = Published {
         summary: summary_tx,

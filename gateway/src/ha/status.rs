@@ -65,7 +65,10 @@ pub struct HaStatus {
     pub vips_held: Vec<IpAddr>,
     pub peers: Vec<GatewayStatus>,
     pub transitions: Vec<TransitionStatus>,
-    /// Adverts dropped, by reason.
+    /// Adverts dropped, by reason: by the agent (`bad-mac`, `replay`...),
+    /// and by the kernel when the socket's queue was full
+    /// (`socket-queue-full`). The shield's drops are among its counters
+    /// (`advert-ttl`, `advert-stranger`, `advert-throttled`).
     pub dropped: BTreeMap<String, u64>,
     /// The VIP fence in the XDP program, as last renewed.
     pub fence: Option<FenceStatus>,
@@ -122,6 +125,8 @@ pub(super) struct Owned {
     pub(super) vips_held: Vec<IpAddr>,
     pub(super) failovers: Vec<FailoverReport>,
     pub(super) endpoints: Option<SharingStatus>,
+    /// Datagrams the advert socket's queue dropped.
+    pub(super) socket_dropped: u32,
 }
 
 impl AgentView {
@@ -174,7 +179,13 @@ impl AgentView {
                     reason: t.reason,
                 })
                 .collect(),
-            dropped: self.dropped,
+            dropped: {
+                let mut dropped = self.dropped;
+                if owned.socket_dropped > 0 {
+                    dropped.insert("socket-queue-full".into(), owned.socket_dropped.into());
+                }
+                dropped
+            },
             fence: self.renewed.map(|(at, lease, holds_vips)| FenceStatus {
                 holds_vips,
                 lease_left_ms: lease

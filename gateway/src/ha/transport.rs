@@ -9,8 +9,29 @@ use std::{
     os::fd::AsRawFd as _,
 };
 
-use nix::sys::socket::{setsockopt, sockopt};
+use ipnet::Ipv4Net;
+use nix::{
+    ifaddrs::getifaddrs,
+    sys::socket::{setsockopt, sockopt},
+};
 use tokio::net::UdpSocket;
+use tracing::warn;
+
+use crate::xdp::AdvertGate;
+
+/// Datagrams from strangers on the segment the shield admits to the advert
+/// port per second, per CPU, with multicast adverts: a new gateway's first
+/// adverts get through, a flood does not.
+pub const STRANGER_RATE: u32 = 1000;
+
+/// The advert socket's receive buffer: room for bursts of endpoint-sharing
+/// messages, and for adverts while the agent is briefly busy.
+const RECEIVE_BUFFER: usize = 4 << 20;
+
+/// `SO_MEMINFO` and its count of entries (`include/uapi/asm-generic/socket.h`,
+/// `linux/sock_diag.h`), which libc does not export for every target.
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_VARS: usize = 9;
 
 /// Where adverts are sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +40,65 @@ pub enum Destination {
     Multicast(Ipv4Addr),
     /// The other gateways' addresses.
     Unicast(Vec<IpAddr>),
+}
+
+impl Destination {
+    /// Who may send to the advert `port` on `interface`: with unicast
+    /// adverts, the configured gateways; with multicast, the gateways as
+    /// they are heard, and strangers on the interface's IPv4 segments within
+    /// [`STRANGER_RATE`].
+    pub fn gate(&self, port: u16, interface: &str) -> io::Result<AdvertGate> {
+        Ok(match self {
+            Self::Unicast(peers) => AdvertGate {
+                port,
+                gateways: peers
+                    .iter()
+                    .filter_map(|peer| match peer {
+                        IpAddr::V4(v4) => Some(*v4),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect(),
+                segment: Vec::new(),
+                stranger_rate: 0,
+            },
+            Self::Multicast(_) => {
+                let segment = segments(interface)?;
+                if segment.is_empty() {
+                    return Err(io::Error::other(format!(
+                        "{interface} has no IPv4 address: multicast adverts come from its segment"
+                    )));
+                }
+                AdvertGate {
+                    port,
+                    gateways: Vec::new(),
+                    segment,
+                    stranger_rate: STRANGER_RATE,
+                }
+            }
+        })
+    }
+}
+
+/// The IPv4 networks of `interface`'s addresses.
+fn segments(interface: &str) -> io::Result<Vec<Ipv4Net>> {
+    let mut networks = Vec::new();
+    for ifaddr in getifaddrs()? {
+        if ifaddr.interface_name != interface {
+            continue;
+        }
+        let address = ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in());
+        let netmask = ifaddr.netmask.as_ref().and_then(|a| a.as_sockaddr_in());
+        if let (Some(address), Some(netmask)) = (address, netmask) {
+            let prefix_len = u32::from(netmask.ip()).leading_ones() as u8;
+            let network = Ipv4Net::new(address.ip(), prefix_len)
+                .map_err(io::Error::other)?
+                .trunc();
+            if !networks.contains(&network) {
+                networks.push(network);
+            }
+        }
+    }
+    Ok(networks)
 }
 
 /// The advert socket.
@@ -43,6 +123,12 @@ impl Transport {
         let socket = std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
         setsockopt(&socket, sockopt::BindToDevice, &OsString::from(interface))?;
         setsockopt(&socket, sockopt::Ipv4Ttl, &255)?;
+        // Root may go past `net.core.rmem_max`; anyone else gets what it allows.
+        if setsockopt(&socket, sockopt::RcvBufForce, &RECEIVE_BUFFER).is_err()
+            && let Err(error) = setsockopt(&socket, sockopt::RcvBuf, &RECEIVE_BUFFER)
+        {
+            warn!(%error, "the advert socket keeps its default receive buffer");
+        }
         let (to, from) = match destination {
             Destination::Multicast(group) => {
                 join(&socket, *group, ifindex)?;
@@ -73,6 +159,28 @@ impl Transport {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Datagrams the kernel dropped because the socket's queue was full,
+    /// since it was opened: adverts lost before the agent could read them.
+    pub fn dropped(&self) -> io::Result<u32> {
+        let mut info = [0u32; SK_MEMINFO_VARS];
+        let mut len = size_of_val(&info) as libc::socklen_t;
+        // SAFETY: `info` is writable for `len` bytes, which the kernel
+        // updates to what it wrote.
+        let result = unsafe {
+            libc::getsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_MEMINFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(info[libc::SK_MEMINFO_DROPS as usize])
     }
 
     /// Receives one datagram: its length, its sender, and whether the

@@ -99,8 +99,8 @@ mod tests {
                 },
             )
         }));
-        assert_eq!(snapshot.totals.pass.packets, 7);
-        assert_eq!(snapshot.totals.drop.packets, 5);
+        assert_eq!(snapshot.totals.pass.packets, 8);
+        assert_eq!(snapshot.totals.drop.packets, 10);
         assert_eq!(snapshot.totals.aborted.packets, 1);
         assert_eq!(snapshot.totals.tx.packets, 2);
         assert_eq!(snapshot.totals.wireguard.packets, 6);

@@ -81,6 +81,11 @@ pub const REQUIRED: &[Requirement] = &[
         probe: Probe::Map(MapType::LruHash),
     },
     Requirement {
+        feature: "LPM trie BPF maps (the advert port's sources)",
+        since: "4.11",
+        probe: Probe::Map(MapType::LpmTrie),
+    },
+    Requirement {
         feature: "the bpf_map_lookup_elem helper",
         since: "3.19",
         probe: Probe::Helper(BpfHelper::BPF_FUNC_map_lookup_elem, BOTH),
@@ -94,6 +99,11 @@ pub const REQUIRED: &[Requirement] = &[
         feature: "the bpf_get_smp_processor_id helper",
         since: "4.1",
         probe: Probe::Helper(BpfHelper::BPF_FUNC_get_smp_processor_id, BOTH),
+    },
+    Requirement {
+        feature: "the bpf_ktime_get_ns helper (the strangers' budget at the advert port)",
+        since: "4.1",
+        probe: Probe::Helper(BpfHelper::BPF_FUNC_ktime_get_ns, BOTH),
     },
     Requirement {
         feature: "the bpf_skb_store_bytes helper",

@@ -13,14 +13,17 @@ pub mod services;
 
 use std::{
     fmt, io,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -37,6 +40,7 @@ use tidegate_common::{
     fence::{Fence, HOLDS_VIPS, MAX_VIPS, Renewal},
     maps,
     service::{PortTable, ServiceAddrV6},
+    shield::{SOURCE_GATEWAY, SOURCE_SEGMENT, Shield},
     stats::{CounterRows, Counters},
 };
 use tracing::{info, warn};
@@ -46,7 +50,7 @@ pub use self::{
     counters::{CounterSnapshot, PacketCount},
     director::{BackendStatus, DirectorStatus, SessionEntry},
     kernel::{EgressHook, Kernel, KernelError},
-    services::{ServiceError, ServiceTable},
+    services::{AdvertGate, ServiceError, ServiceTable, ShieldSettings},
 };
 use crate::director::maglev::MaglevError;
 
@@ -279,6 +283,13 @@ pub struct Datapath {
     service_ports: Array<MapData, PortTable>,
     service_v4: Array<MapData, u32>,
     service_v6: Array<MapData, ServiceAddrV6>,
+    /// The `SHIELD` global's section: one entry.
+    shield: Array<MapData, Shield>,
+    advert_sources: LpmTrie<MapData, [u8; 4], u32>,
+    /// The shield's settings and who may send to the advert port, as last
+    /// written.
+    shield_settings: ShieldSettings,
+    advert_gate: Option<AdvertGate>,
     /// The `COUNTER_ROWS` global's section: one entry, a row per CPU.
     counter_rows: Array<MapData, CounterRows>,
     counters: PerCpuArray<MapData, Counters>,
@@ -335,6 +346,10 @@ impl Datapath {
             service_ports: take_map(&mut ebpf, maps::SERVICE_PORTS)?,
             service_v4: take_map(&mut ebpf, maps::SERVICE_V4)?,
             service_v6: take_map(&mut ebpf, maps::SERVICE_V6)?,
+            shield: take_map(&mut ebpf, maps::SHIELD)?,
+            advert_sources: take_map(&mut ebpf, maps::ADVERT_SOURCES)?,
+            shield_settings: ShieldSettings::default(),
+            advert_gate: None,
             counter_rows: take_map(&mut ebpf, maps::COUNTER_ROWS)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             fence: take_map(&mut ebpf, maps::FENCE)?,
@@ -380,8 +395,9 @@ impl Datapath {
                 .set(slot, addr, 0)
                 .map_err(write(maps::SERVICE_V6))?;
         }
+        let advert_port = self.advert_gate.as_ref().map(|gate| gate.port);
         self.service_ports
-            .set(0, table.port_table(), 0)
+            .set(0, table.port_table(advert_port), 0)
             .map_err(write(maps::SERVICE_PORTS))?;
         let (v4_used, v6_used) = table.slot_counts();
         let (v4_old, v6_old) = self.services.slot_counts();
@@ -397,6 +413,57 @@ impl Datapath {
         }
         self.services = table;
         Ok(())
+    }
+
+    /// Sets what the shield does with frames to a service address that it
+    /// cannot check.
+    pub fn set_shield(&mut self, settings: ShieldSettings) -> Result<(), XdpError> {
+        let global = settings.global(self.advert_gate.as_ref());
+        self.shield
+            .set(0, global, 0)
+            .map_err(|source| XdpError::Map {
+                op: "writing",
+                name: maps::SHIELD,
+                source,
+            })?;
+        self.shield_settings = settings;
+        Ok(())
+    }
+
+    /// Gates the HA advert port: from now on only `gate`'s sources reach
+    /// it. Sources first, then the budget, then the port's flag, so that
+    /// nothing is gated before its sources are known.
+    pub fn gate_adverts(&mut self, gate: AdvertGate) -> Result<(), XdpError> {
+        for prefix in &gate.segment {
+            self.insert_advert_source(prefix.addr(), prefix.prefix_len(), SOURCE_SEGMENT)?;
+        }
+        for gateway in &gate.gateways {
+            self.insert_advert_source(*gateway, 32, SOURCE_GATEWAY)?;
+        }
+        self.advert_gate = Some(gate);
+        self.set_shield(self.shield_settings)?;
+        self.install_services(self.services.clone())
+    }
+
+    /// A gateway of the location heard in an authenticated advert: it may
+    /// send to the advert port without a budget.
+    pub fn admit_advert_source(&mut self, gateway: Ipv4Addr) -> Result<(), XdpError> {
+        self.insert_advert_source(gateway, 32, SOURCE_GATEWAY)
+    }
+
+    fn insert_advert_source(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+        kind: u32,
+    ) -> Result<(), XdpError> {
+        self.advert_sources
+            .insert(&Key::new(u32::from(prefix_len), addr.octets()), kind, 0)
+            .map_err(|source| XdpError::Map {
+                op: "writing",
+                name: maps::ADVERT_SOURCES,
+                source,
+            })
     }
 
     /// The services installed.

@@ -5,9 +5,59 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use tidegate_common::service::{
-    MAX_SERVICE_ADDRS, PORTS, PortEntry, PortTable, ServiceAddrV6, port_index, v4_addr_be,
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use tidegate_common::{
+    service::{
+        MAX_SERVICE_ADDRS, PORT_ADVERTS, PORTS, PortEntry, PortTable, ServiceAddrV6, port_index,
+        v4_addr_be,
+    },
+    shield::{DROP_FRAGMENTS, Shield},
 };
+
+/// What the shield does with frames to a service address that it cannot
+/// check (`[shield]` in the config file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShieldSettings {
+    /// Drop IP fragments to a service address rather than pass them to the
+    /// kernel to reassemble (WireGuard then authenticates the datagram).
+    /// WireGuard's own packets fit the path MTU and are never fragmented
+    /// by a client that has it right; off by default.
+    #[serde(default)]
+    pub drop_fragments: bool,
+}
+
+/// Who may send to the HA advert port (IPv4: the advert socket's family).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertGate {
+    pub port: u16,
+    /// The location's gateways known from the start (unicast adverts: the
+    /// configured peers). Gateways heard in authenticated adverts are
+    /// added as they are heard.
+    pub gateways: Vec<Ipv4Addr>,
+    /// The segment's prefixes: strangers there are admitted within the
+    /// budget (multicast adverts, where a new gateway is heard this way).
+    /// Empty: no stranger is.
+    pub segment: Vec<Ipv4Net>,
+    /// Datagrams from strangers on the segment admitted per second, per CPU.
+    pub stranger_rate: u32,
+}
+
+impl ShieldSettings {
+    /// The program's `SHIELD` global for these settings, with `gate`'s
+    /// budget for strangers.
+    pub fn global(self, gate: Option<&AdvertGate>) -> Shield {
+        Shield {
+            flags: if self.drop_fragments {
+                DROP_FRAGMENTS
+            } else {
+                0
+            },
+            stranger_rate: gate.map_or(0, |gate| gate.stranger_rate),
+        }
+    }
+}
 
 /// Why a list of services cannot be installed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -127,14 +177,18 @@ impl ServiceTable {
         self.ports.get(&port).copied().unwrap_or_default()
     }
 
-    /// The whole `SERVICE_PORTS` table: each port's entry at `port_index(port)`.
-    pub fn port_table(&self) -> Box<PortTable> {
+    /// The whole `SERVICE_PORTS` table: each port's entry at
+    /// `port_index(port)`, the advert port, if any, flagged.
+    pub fn port_table(&self, advert_port: Option<u16>) -> Box<PortTable> {
         let mut table: Box<PortTable> = vec![PortEntry::EMPTY; PORTS]
             .into_boxed_slice()
             .try_into()
             .expect("a vector of PORTS entries");
         for (&port, &entry) in &self.ports {
             table[port_index(port)] = entry;
+        }
+        if let Some(port) = advert_port {
+            table[port_index(port)].flags |= PORT_ADVERTS;
         }
         table
     }
@@ -191,11 +245,14 @@ mod tests {
         assert_eq!(table.ports().collect::<Vec<_>>(), [51820, 51821]);
         let v4: Vec<_> = table.v4_slots().collect();
         assert_eq!(v4, [(0, v4_addr_be([198, 51, 100, 1]))]);
-        let whole = table.port_table();
+        let whole = table.port_table(None);
         assert_eq!(whole[port_index(51820)], both);
         assert_eq!(whole[port_index(51821)], table.port_entry(51821));
         let used = whole.iter().filter(|e| **e != PortEntry::EMPTY).count();
         assert_eq!(used, 2);
+        let gated = table.port_table(Some(51899));
+        assert_eq!(gated[port_index(51899)].flags, PORT_ADVERTS);
+        assert_eq!(gated[port_index(51820)], both);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPV6_HOP_BY_HOP: u8 = 0;
 pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_DEST_OPTIONS: u8 = 60;
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x07];
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -40,10 +41,16 @@ pub struct Udp {
     pub ip_options: Vec<u8>,
     /// IPv4 flags and fragment offset field, host order.
     pub frag_field: u16,
-    /// IPv6: put a fragment header before UDP.
-    pub v6_fragment: bool,
+    /// IPv6: a fragment header before UDP, with this offset and flags
+    /// field (host order: offset in 8-byte units << 3, More-fragments 1).
+    pub v6_fragment: Option<u16>,
+    /// IPv6: this many destination-options headers (8 bytes, a PadN
+    /// option each) after any hop-by-hop header.
+    pub v6_dest_options: usize,
     /// Override of the UDP length field.
     pub udp_len: Option<u16>,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
     /// IP protocol / next header (UDP unless changed).
     pub protocol: u8,
     /// Bytes appended after the datagram, as Ethernet padding is.
@@ -64,8 +71,10 @@ impl Udp {
             vlans: Vec::new(),
             ip_options: Vec::new(),
             frag_field: 0,
-            v6_fragment: false,
+            v6_fragment: None,
+            v6_dest_options: 0,
             udp_len: None,
+            ttl: 64,
             protocol: IPPROTO_UDP,
             trailer: 0,
             checksums: false,
@@ -97,8 +106,18 @@ impl Udp {
         self
     }
 
-    pub fn v6_fragment(mut self) -> Self {
-        self.v6_fragment = true;
+    pub fn v6_fragment(mut self, field: u16) -> Self {
+        self.v6_fragment = Some(field);
+        self
+    }
+
+    pub fn v6_dest_options(mut self, headers: usize) -> Self {
+        self.v6_dest_options = headers;
+        self
+    }
+
+    pub fn ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
         self
     }
 
@@ -158,7 +177,7 @@ impl Udp {
                 ip.extend_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
                 ip.extend_from_slice(&[0x12, 0x34]);
                 ip.extend_from_slice(&self.frag_field.to_be_bytes());
-                ip.extend_from_slice(&[64, self.protocol, 0, 0]);
+                ip.extend_from_slice(&[self.ttl, self.protocol, 0, 0]);
                 ip.extend_from_slice(&src.octets());
                 ip.extend_from_slice(&dst.octets());
                 ip.extend_from_slice(&self.ip_options);
@@ -172,9 +191,16 @@ impl Udp {
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
                 let mut ext = Vec::new();
                 let mut next = self.protocol;
-                if self.v6_fragment {
-                    ext.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 1]);
+                if let Some(field) = self.v6_fragment {
+                    let [hi, lo] = field.to_be_bytes();
+                    ext.extend_from_slice(&[next, 0, hi, lo, 0, 0, 0, 1]);
                     next = IPV6_FRAGMENT;
+                }
+                for _ in 0..self.v6_dest_options {
+                    let mut header = vec![next, 0, 1, 4, 0, 0, 0, 0];
+                    header.extend_from_slice(&ext);
+                    ext = header;
+                    next = IPV6_DEST_OPTIONS;
                 }
                 if !self.ip_options.is_empty() {
                     assert_eq!(
@@ -190,7 +216,7 @@ impl Udp {
                 }
                 let mut ip = vec![0x60, 0, 0, 0];
                 ip.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
-                ip.extend_from_slice(&[next, 64]);
+                ip.extend_from_slice(&[next, self.ttl]);
                 ip.extend_from_slice(&src.octets());
                 ip.extend_from_slice(&dst.octets());
                 ip.extend_from_slice(&ext);
