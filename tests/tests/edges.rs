@@ -393,3 +393,94 @@ fn read_all(stream: &mut TcpStream, bound: Duration) -> Result<(Vec<u8>, Duratio
     }
     Ok((read, started.elapsed()))
 }
+
+/// Out of file descriptors, an Edge pauses accepting rather than spin, and
+/// serves again once descriptors are free: its limit is lowered, its HTTP
+/// and link ports are held open past it, and its CPU time is read meanwhile.
+#[test]
+fn an_edge_out_of_file_descriptors_does_not_spin_and_recovers() -> Result<()> {
+    require_root();
+    let run = Run::new()?;
+    let ns = Netns::create(&run.netns_name("emfile"))?;
+    let pki = TestPki::new(run.dir(), "pki")?;
+    let http = addr("127.0.0.1:18092");
+    let link = addr("127.0.0.1:17452");
+    let config = EdgeConfig::new("edge-a", http, link, pki.issue("edge-a")?);
+    let edge = EdgeDaemon::start(&ns, config, run.dir())?;
+    let pid = edge.process().pid();
+    let limit = libc::rlimit {
+        rlim_cur: FD_LIMIT,
+        rlim_max: FD_LIMIT,
+    };
+    // SAFETY: prlimit on a process this test started, with a valid struct.
+    let set = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    ensure!(set == 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    let held = ns.run(|| -> Result<Vec<TcpStream>> {
+        let mut held = Vec::new();
+        // Past the limit on both ports, from addresses of their own (the
+        // link's limit per address is not what stops them).
+        for n in 0..FD_LIMIT {
+            let from = format!("127.0.1.{}", n + 1);
+            held.push(connect_from(&from, http)?);
+            held.push(connect_from(&from, link)?);
+        }
+        Ok(held)
+    })??;
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(pid)?;
+    std::thread::sleep(EMFILE_WATCH);
+    let used = cpu_ticks(pid)? - before;
+    // Clock ticks are 1/100 s.
+    let busy = used as f64 / 100.0 / EMFILE_WATCH.as_secs_f64();
+    ensure!(
+        busy < 0.2,
+        "the Edge used {:.0}% of a CPU while out of file descriptors",
+        busy * 100.0
+    );
+    drop(held);
+    let health = poll_health(&edge)?;
+    ensure!(health == 503, "no Core linked: {health}");
+    let log = edge.log_tail();
+    ensure!(
+        log.contains("accepting a connection failed; pausing"),
+        "no accept error logged: {log}"
+    );
+    Ok(())
+}
+
+/// The file descriptor limit the test gives the Edge.
+const FD_LIMIT: u64 = 48;
+/// How long the Edge's CPU time is watched while it is out of descriptors.
+const EMFILE_WATCH: Duration = Duration::from_secs(2);
+
+/// User and system time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command's closing parenthesis; utime and stime
+    // are the 14th and 15th of the whole line.
+    let rest = stat.rsplit_once(')').context("a /proc stat line")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// `/health`'s status once the Edge answers again.
+fn poll_health(edge: &EdgeDaemon) -> Result<u16> {
+    let started = Instant::now();
+    loop {
+        if let Ok(answer) = edge.health() {
+            return Ok(answer.status);
+        }
+        ensure!(started.elapsed() < WAIT, "the Edge did not answer again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
