@@ -29,7 +29,7 @@ impl EbpfObjects {
 
 /// A cargo command on the nightly toolchain, free of the outer cargo's
 /// toolchain choice (this xtask itself runs on stable).
-fn nightly(program: &str) -> Cmd {
+pub fn nightly(program: &str) -> Cmd {
     Cmd::new("rustup")
         .args(["run", TOOLCHAIN, program])
         .env_remove("RUSTUP_TOOLCHAIN")

@@ -5,6 +5,7 @@
 
 mod bench;
 mod ebpf;
+mod fuzz;
 mod kernels;
 mod run;
 mod setup;
@@ -59,6 +60,16 @@ enum Command {
     /// Run the lab: a Tidegate location in network namespaces on real
     /// WireGuard, narrated step by step. Needs root.
     Lab,
+    /// Fuzz what Tidegate decodes and parses from others (adverts,
+    /// endpoint messages, config files, the Edge's JSON, control requests)
+    /// with cargo-fuzz, each target for a bounded time.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets; every one when none is given.
+        targets: Vec<String>,
+    },
     /// Benchmarks; figures go to docs/BENCHMARKS.md.
     Bench {
         #[command(subcommand)]
@@ -106,6 +117,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Guest { .. } => unreachable!("handled above"),
         Command::Lab => lab(&ws)?,
+        Command::Fuzz { seconds, targets } => fuzz::run(&ws, seconds, &targets)?,
         Command::Bench { which } => bench::run(&ws, which)?,
     }
     Ok(())
