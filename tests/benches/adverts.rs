@@ -29,7 +29,7 @@ use tidegate_tests::adverts::{
     unix_ms_at,
 };
 use tidegate_tests::continuity::{ClientOptions, TunnelLocation};
-use tidegate_tests::ha::{ECHO_PORT, Role, TUNNEL_ADDR, TunnelOptions};
+use tidegate_tests::ha::{ECHO_PORT, TUNNEL_ADDR, TunnelOptions};
 use tidegate_tests::process::Process;
 use tidegate_tests::steer_lab::BLAST_BIN;
 use tidegate_tests::{HaOptions, binary, require_root};
@@ -179,13 +179,10 @@ fn watch(lab: &mut TunnelLocation, duration: Duration, loaded: bool) -> Result<W
     let busy = cpu.busy_since()?;
     let seen = adverts.finish()?;
     let (count, longest) = longest_gap(&seen, MASTER, started);
-    let backup = lab.location_mut().status(BACKUP)?;
-    let took_over = backup
-        .transitions
-        .iter()
-        .filter(|t| t.to == Role::Master && t.from != Role::Master)
-        .filter(|t| t.at_ms >= unix_ms_at(started))
-        .count();
+    let took_over = lab
+        .location_mut()
+        .status(BACKUP)?
+        .became_master_since(unix_ms_at(started));
     Ok(Watch {
         adverts: count,
         longest,

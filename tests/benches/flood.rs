@@ -25,7 +25,7 @@ use anyhow::{Result, ensure};
 use tidegate_tests::adverts::{AdvertWatch, CpuTimes, longest_gap, others_as_master, unix_ms_at};
 use tidegate_tests::flood::{Flood, advert_port_flood};
 use tidegate_tests::gateway::Counters;
-use tidegate_tests::ha::{CLIENT_ADDR, Role};
+use tidegate_tests::ha::CLIENT_ADDR;
 use tidegate_tests::{HaLocation, HaOptions, require_root};
 
 /// Gateway priorities; gateway 2 is the master.
@@ -160,13 +160,9 @@ fn watch(location: &mut HaLocation, duration: Duration, flooded: bool) -> Result
         let socket = location.status(*id)?.dropped("socket-queue-full");
         dropped.push((*id, shield, socket));
     }
-    let backup = location.status(BACKUP)?;
-    let took_over = backup
-        .transitions
-        .iter()
-        .filter(|t| t.to == Role::Master && t.from != Role::Master)
-        .filter(|t| t.at_ms >= unix_ms_at(started))
-        .count();
+    let took_over = location
+        .status(BACKUP)?
+        .became_master_since(unix_ms_at(started));
     Ok(Watch {
         sent,
         rate,

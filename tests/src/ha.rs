@@ -245,6 +245,14 @@ impl HaStatus {
             .find(|t| t.to == role && t.from != role)
     }
 
+    /// How many times this gateway became MASTER from `unix_ms` on.
+    pub fn became_master_since(&self, unix_ms: u64) -> usize {
+        self.transitions
+            .iter()
+            .filter(|t| t.to == Role::Master && t.from != Role::Master && t.at_ms >= unix_ms)
+            .count()
+    }
+
     /// The role changes (notes left out), as "FROM->TO (reason)".
     pub fn changes(&self) -> Vec<String> {
         self.transitions
