@@ -1,18 +1,30 @@
 //! MFA logins in progress: the opaque session an MfaStart hands out, valid
 //! for a short time, a few wrong codes, and one successful MfaFinish.
 //!
-//! Held in memory only: after a Core restart a client starts its login
-//! again.
+//! A device has at most one login per client address: a new start from
+//! the same address replaces it, one from another address runs beside it
+//! (so a stranger cannot cancel the user's login), up to
+//! [`PER_DEVICE`]. Held in memory only: after a Core restart a client
+//! starts its login again.
 
 use std::collections::HashMap;
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+
+use crate::lockout::Source;
+
+/// Logins in progress of one device, from different addresses, at most.
+pub const PER_DEVICE: usize = 4;
+/// Logins in progress from one address (of any devices), at most.
+pub const PER_SOURCE: usize = 64;
 
 /// One login in progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Challenge {
     pub device_id: i64,
     pub location_id: u32,
+    /// Where the login was started from.
+    pub source: Source,
     pub expires_ms: i64,
     /// Wrong codes so far.
     pub attempts: u32,
@@ -31,6 +43,13 @@ pub enum Lookup {
 pub enum ChallengeError {
     #[error("too many logins in progress ({0}); try again shortly")]
     Full(usize),
+    /// The device has [`PER_DEVICE`] logins from other addresses; the
+    /// first of them expires then.
+    #[error("the device has {PER_DEVICE} logins in progress from other addresses")]
+    DeviceBusy { until_ms: i64 },
+    /// The address has [`PER_SOURCE`] logins in progress.
+    #[error("{PER_SOURCE} logins are in progress from this address")]
+    SourceBusy { until_ms: i64 },
 }
 
 /// The logins in progress, by session.
@@ -43,17 +62,38 @@ pub struct Challenges {
 pub const SESSION_LEN: usize = 43;
 
 impl Challenges {
-    /// Starts a login of `device_id`, replacing any other of the same
-    /// device, and returns its session.
+    /// Starts a login of `device_id` from `source`, replacing the
+    /// device's login from the same address, and returns its session.
     pub fn start(
         &mut self,
         device_id: i64,
         location_id: u32,
+        source: Source,
         now_ms: i64,
         ttl_ms: i64,
         max: usize,
     ) -> Result<String, ChallengeError> {
-        self.by_session.retain(|_, c| c.device_id != device_id);
+        self.by_session
+            .retain(|_, c| !(c.device_id == device_id && c.source == source));
+        let live = |c: &&Challenge| c.expires_ms > now_ms;
+        let first_expiry = |matching: &dyn Fn(&Challenge) -> bool| {
+            let found = self
+                .by_session
+                .values()
+                .filter(live)
+                .filter(|c| matching(c));
+            (found.clone().count(), found.map(|c| c.expires_ms).min())
+        };
+        if let (count, Some(until_ms)) = first_expiry(&|c| c.device_id == device_id)
+            && count >= PER_DEVICE
+        {
+            return Err(ChallengeError::DeviceBusy { until_ms });
+        }
+        if let (count, Some(until_ms)) = first_expiry(&|c| c.source == source)
+            && count >= PER_SOURCE
+        {
+            return Err(ChallengeError::SourceBusy { until_ms });
+        }
         if self.by_session.len() >= max {
             self.purge(now_ms, 0);
             if self.by_session.len() >= max {
@@ -66,6 +106,7 @@ impl Challenges {
             Challenge {
                 device_id,
                 location_id,
+                source,
                 expires_ms: now_ms + ttl_ms,
                 attempts: 0,
             },
@@ -121,10 +162,14 @@ impl Challenges {
 mod tests {
     use super::*;
 
+    fn src(n: u8) -> Source {
+        Source::parse(&format!("192.0.2.{n}"))
+    }
+
     #[test]
     fn a_session_expires_and_is_purged_after_the_grace() {
         let mut c = Challenges::default();
-        let s = c.start(1, 1, 1_000, 120_000, 10).unwrap();
+        let s = c.start(1, 1, src(1), 1_000, 120_000, 10).unwrap();
         assert_eq!(s.len(), SESSION_LEN);
         assert!(matches!(c.get(&s, 1_000), Lookup::Found(_)));
         assert_eq!(c.get(&s, 121_000), Lookup::Expired);
@@ -138,7 +183,7 @@ mod tests {
     #[test]
     fn wrong_codes_use_up_the_attempts() {
         let mut c = Challenges::default();
-        let s = c.start(1, 1, 0, 1_000, 10).unwrap();
+        let s = c.start(1, 1, src(1), 0, 1_000, 10).unwrap();
         assert_eq!(c.fail(&s, 3), 2);
         assert_eq!(c.fail(&s, 3), 1);
         assert_eq!(c.fail(&s, 3), 0);
@@ -148,19 +193,63 @@ mod tests {
     #[test]
     fn a_new_login_replaces_the_devices_previous_one_and_the_count_is_bounded() {
         let mut c = Challenges::default();
-        let first = c.start(1, 1, 0, 1_000, 2).unwrap();
-        let second = c.start(1, 1, 0, 1_000, 2).unwrap();
+        let first = c.start(1, 1, src(1), 0, 1_000, 2).unwrap();
+        let second = c.start(1, 1, src(1), 0, 1_000, 2).unwrap();
         assert_ne!(first, second);
         assert_eq!(c.get(&first, 0), Lookup::Unknown);
-        c.start(2, 1, 0, 1_000, 2).unwrap();
-        assert_eq!(c.start(3, 1, 0, 1_000, 2), Err(ChallengeError::Full(2)));
+        c.start(2, 1, src(1), 0, 1_000, 2).unwrap();
+        assert_eq!(
+            c.start(3, 1, src(1), 0, 1_000, 2),
+            Err(ChallengeError::Full(2))
+        );
         // Expired ones make room.
-        c.start(3, 1, 2_000, 1_000, 2).unwrap();
+        c.start(3, 1, src(1), 2_000, 1_000, 2).unwrap();
         assert_eq!(c.len(), 1);
         assert!(
             c.finish(&c.by_session.keys().next().unwrap().clone())
                 .is_some()
         );
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_start_from_another_address_leaves_the_login_in_progress() {
+        let mut c = Challenges::default();
+        let user = c.start(1, 1, src(1), 0, 1_000, 100).unwrap();
+        let mut others = Vec::new();
+        for n in 2..=PER_DEVICE as u8 {
+            others.push(
+                c.start(1, 1, src(n), 10 * i64::from(n), 1_000, 100)
+                    .unwrap(),
+            );
+            // Again from the same address: replaces only its own.
+            others.push(
+                c.start(1, 1, src(n), 10 * i64::from(n), 1_000, 100)
+                    .unwrap(),
+            );
+        }
+        assert!(matches!(c.get(&user, 100), Lookup::Found(_)));
+        assert_eq!(c.len(), PER_DEVICE);
+        assert_eq!(
+            c.start(1, 1, src(99), 100, 1_000, 100),
+            Err(ChallengeError::DeviceBusy { until_ms: 1_000 })
+        );
+        assert!(matches!(c.get(&user, 100), Lookup::Found(_)));
+        // Another device is not held up; the first expiry makes room.
+        c.start(2, 1, src(99), 100, 1_000, 100).unwrap();
+        c.start(1, 1, src(99), 1_000, 1_000, 100).unwrap();
+    }
+
+    #[test]
+    fn one_address_holds_a_bounded_share_of_logins() {
+        let mut c = Challenges::default();
+        for device in 0..PER_SOURCE as i64 {
+            c.start(device, 1, src(1), device, 1_000, 10_000).unwrap();
+        }
+        assert_eq!(
+            c.start(1_000, 1, src(1), 100, 1_000, 10_000),
+            Err(ChallengeError::SourceBusy { until_ms: 1_000 })
+        );
+        c.start(1_000, 1, src(2), 100, 1_000, 10_000).unwrap();
     }
 }

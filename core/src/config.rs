@@ -9,7 +9,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{pki::PkiDir, store::MfaSettings};
+use crate::{lockout::Policy, pki::PkiDir, store::MfaSettings};
 
 pub const DEFAULT_CONFIG: &str = "/etc/tidegate/core.toml";
 pub const DEFAULT_DATABASE: &str = "/var/lib/tidegate/core.db";
@@ -81,6 +81,9 @@ struct MfaFile {
     challenge_ttl_s: Option<u32>,
     totp_skew_steps: Option<u32>,
     max_attempts: Option<u32>,
+    device_lockout_after: Option<u32>,
+    source_lockout_after: Option<u32>,
+    lockout_s: Option<u32>,
 }
 
 /// TLS files.
@@ -231,6 +234,20 @@ impl Config {
                 .unwrap_or(mfa_defaults.totp_skew_steps),
             max_attempts: file.mfa.max_attempts.unwrap_or(mfa_defaults.max_attempts),
             max_challenges: mfa_defaults.max_challenges,
+            device: lockout(
+                mfa_defaults.device,
+                file.mfa.device_lockout_after,
+                file.mfa.lockout_s,
+                "mfa.device_lockout_after",
+            )
+            .map_err(|(field, message)| invalid(field, message))?,
+            source: lockout(
+                mfa_defaults.source,
+                file.mfa.source_lockout_after,
+                file.mfa.lockout_s,
+                "mfa.source_lockout_after",
+            )
+            .map_err(|(field, message)| invalid(field, message))?,
         };
         if !(10..=3600).contains(&mfa.challenge_ttl_s) {
             return Err(invalid(
@@ -269,6 +286,36 @@ impl Config {
             mfa,
         })
     }
+}
+
+/// A lockout policy with the file's count and duration over `default`'s,
+/// or the key that is wrong and why.
+fn lockout(
+    default: Policy,
+    after: Option<u32>,
+    lockout_s: Option<u32>,
+    after_key: &'static str,
+) -> Result<Policy, (&'static str, String)> {
+    let mut policy = default;
+    if let Some(after) = after {
+        if !(policy.free + 1..=10_000).contains(&after) {
+            return Err((
+                after_key,
+                format!("{after} is outside {}..=10000", policy.free + 1),
+            ));
+        }
+        policy.lockout_after = after;
+    }
+    if let Some(seconds) = lockout_s {
+        if !(60..=604_800).contains(&seconds) {
+            return Err((
+                "mfa.lockout_s",
+                format!("{seconds} is outside 60..=604800 (a minute to a week)"),
+            ));
+        }
+        policy.lockout_ms = i64::from(seconds) * 1000;
+    }
+    Ok(policy)
 }
 
 #[cfg(test)]

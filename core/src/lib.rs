@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod keys;
 pub mod links;
+pub mod lockout;
 pub mod pki;
 pub mod state;
 pub mod store;

@@ -43,6 +43,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// 429: seconds until the client may try again (`Retry-After`).
+    pub retry_after_s: Option<u32>,
 }
 
 impl ApiError {
@@ -51,6 +53,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_s: None,
         }
     }
 
@@ -201,6 +204,7 @@ pub fn status_of(code: Code) -> (StatusCode, &'static str) {
         Code::NotFound => (StatusCode::NOT_FOUND, "not-found"),
         Code::Expired => (StatusCode::GONE, "expired"),
         Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        Code::Limited => (StatusCode::TOO_MANY_REQUESTS, "limited"),
         Code::Internal | Code::Unspecified => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
@@ -245,7 +249,11 @@ pub fn answer(expect: Expect, reply: pb::Reply) -> Result<serde_json::Value, Api
             } else {
                 error.message
             };
-            Err(ApiError::new(status, name, message))
+            let mut refused = ApiError::new(status, name, message);
+            if code == Code::Limited {
+                refused.retry_after_s = Some(error.retry_after_s.max(1));
+            }
+            Err(refused)
         }
         (_, Some(ReplyResult::Config(_))) => Err(unexpected("a device config")),
         (_, Some(ReplyResult::Challenge(_))) => Err(unexpected("an MFA challenge")),
@@ -342,6 +350,7 @@ mod tests {
             result: Some(ReplyResult::Error(pb::Error {
                 code: code as i32,
                 message: "why".into(),
+                retry_after_s: 7,
             })),
         }
     }
@@ -354,6 +363,7 @@ mod tests {
             (Code::NotFound, 404),
             (Code::Expired, 410),
             (Code::Unavailable, 503),
+            (Code::Limited, 429),
             (Code::Internal, 500),
             (Code::Unspecified, 500),
         ];
@@ -361,12 +371,15 @@ mod tests {
             let error = answer(Expect::Config, error_reply(code)).unwrap_err();
             assert_eq!(error.status.as_u16(), status, "{code:?}");
             assert_eq!(error.message, "why");
+            // Only a limit says when to try again.
+            assert_eq!(error.retry_after_s, (status == 429).then_some(7), "{code:?}");
         }
         let unknown = pb::Reply {
             id: 1,
             result: Some(ReplyResult::Error(pb::Error {
                 code: 99,
                 message: String::new(),
+                retry_after_s: 0,
             })),
         };
         let error = answer(Expect::Config, unknown).unwrap_err();

@@ -15,8 +15,10 @@ pub const DEFAULT_CORE_IDENTITY: &str = "core";
 /// Largest request body accepted, by default.
 pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
 const MAX_BODY_LIMIT: usize = 1024 * 1024;
-/// How long a client waits for Core's answer, by default.
-const DEFAULT_CORE_TIMEOUT_MS: u64 = 10_000;
+/// How long a client waits for Core's answer, by default: longer than
+/// Core's wait for gateways to apply an MFA login (10 s by default), so
+/// that Core's answer, not a timeout, reaches the client.
+const DEFAULT_CORE_TIMEOUT_MS: u64 = 15_000;
 /// How long a connection may take to send a request's head (or stay idle
 /// before the next one), and a request its body, by default.
 const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
@@ -255,7 +257,7 @@ mod tests {
         let config = parse(GOOD).unwrap();
         assert_eq!(config.core_identity, "core");
         assert_eq!(config.body_limit, DEFAULT_BODY_LIMIT);
-        assert_eq!(config.core_timeout, Duration::from_secs(10));
+        assert_eq!(config.core_timeout, Duration::from_secs(15));
         assert_eq!(config.header_timeout, Duration::from_secs(10));
         assert_eq!(config.body_timeout, Duration::from_secs(10));
         assert_eq!(config.max_connections, 768);

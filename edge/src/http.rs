@@ -63,7 +63,13 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response {
 }
 
 fn error(error: &ApiError) -> Response {
-    json(error.status, &error.body())
+    let mut response = json(error.status, &error.body());
+    if let Some(seconds) = error.retry_after_s {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
 }
 
 fn unix_secs(time: SystemTime) -> u64 {
@@ -154,7 +160,9 @@ async fn relay<T: DeserializeOwned>(
     let expect = Expect::of(&kind);
     let waited = tokio::time::timeout(
         state.core_timeout,
-        state.relay.request(kind, client.to_string()),
+        state
+            .relay
+            .request(kind, client.to_string(), state.core_timeout),
     )
     .await;
     let outcome = match waited {

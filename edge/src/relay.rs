@@ -3,7 +3,10 @@
 //! and wait for the reply; link sessions hand it Core's replies. Health is
 //! published on a watch channel, so `/health` never waits on the task.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use tidegate_proto::edge::v1::{self as pb, edge_message, request::Kind};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -61,6 +64,7 @@ enum Command {
     Request {
         kind: Kind,
         client_addr: String,
+        wait_ms: u32,
         reply: oneshot::Sender<Result<pb::Reply, RelayError>>,
     },
 }
@@ -83,14 +87,20 @@ impl RelayHandle {
         self.state.clone()
     }
 
-    /// Relays a request to Core and waits for its reply (the caller bounds
-    /// the wait).
-    pub async fn request(&self, kind: Kind, client_addr: String) -> Result<pb::Reply, RelayError> {
+    /// Relays a request to Core and waits for its reply. The caller bounds
+    /// the wait to `wait`, which Core is told so that it answers within.
+    pub async fn request(
+        &self,
+        kind: Kind,
+        client_addr: String,
+        wait: Duration,
+    ) -> Result<pb::Reply, RelayError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Request {
                 kind,
                 client_addr,
+                wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
                 reply,
             })
             .await
@@ -219,8 +229,9 @@ impl Relay {
             Command::Request {
                 kind,
                 client_addr,
+                wait_ms,
                 reply,
-            } => self.request(kind, client_addr, reply),
+            } => self.request(kind, client_addr, wait_ms, reply),
         }
     }
 
@@ -228,6 +239,7 @@ impl Relay {
         &mut self,
         kind: Kind,
         client_addr: String,
+        wait_ms: u32,
         reply: oneshot::Sender<Result<pb::Reply, RelayError>>,
     ) {
         let Some(link) = &self.link else {
@@ -247,6 +259,7 @@ impl Relay {
                 id,
                 client_addr,
                 kind: Some(kind),
+                wait_ms,
             })),
         };
         match link.outbound.try_send(Ok(message)) {
@@ -322,7 +335,10 @@ mod tests {
         let (relay, task) = spawn(cancel.clone());
         let task = tokio::spawn(task);
         assert!(!relay.state().is_up());
-        let error = relay.request(download(), "x".into()).await.unwrap_err();
+        let error = relay
+            .request(download(), "x".into(), Duration::ZERO)
+            .await
+            .unwrap_err();
         assert!(
             matches!(error, RelayError::NoLink(ref r) if r.contains("not connected")),
             "{error}"
@@ -333,7 +349,11 @@ mod tests {
         relay.attach(1, "core".into(), out, session.clone()).await;
         let waiting = tokio::spawn({
             let relay = relay.clone();
-            async move { relay.request(download(), "198.51.100.7".into()).await }
+            async move {
+                relay
+                    .request(download(), "198.51.100.7".into(), Duration::ZERO)
+                    .await
+            }
         });
         let id = request_id(from_edge.recv().await.unwrap());
         assert!(relay.state().is_up());
@@ -343,7 +363,7 @@ mod tests {
         // A reply on another session is not taken for this one's.
         let waiting = tokio::spawn({
             let relay = relay.clone();
-            async move { relay.request(download(), "x".into()).await }
+            async move { relay.request(download(), "x".into(), Duration::ZERO).await }
         });
         let id = request_id(from_edge.recv().await.unwrap());
         relay.reply(7, pb::Reply { id, result: None }).await;
@@ -361,7 +381,10 @@ mod tests {
         relay.detach(2, "Core closed the stream".into()).await;
         let mut state = relay.subscribe();
         state.wait_for(|s| !s.is_up()).await.unwrap();
-        let error = relay.request(download(), "x".into()).await.unwrap_err();
+        let error = relay
+            .request(download(), "x".into(), Duration::ZERO)
+            .await
+            .unwrap_err();
         assert_eq!(error, RelayError::NoLink("Core closed the stream".into()));
         cancel.cancel();
         task.await.unwrap();

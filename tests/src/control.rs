@@ -99,6 +99,8 @@ pub struct ControlOptions {
     pub mfa_threshold_s: Option<u32>,
     /// Core's `[mfa] challenge_ttl_s`, if set.
     pub challenge_ttl_s: Option<u32>,
+    /// Core's `[mfa] device_lockout_after`, if set.
+    pub device_lockout_after: Option<u32>,
     /// How often gateways send their status.
     pub status_interval_ms: u64,
     /// Start Core and create the location, gateways and Edges in it.
@@ -114,6 +116,7 @@ impl Default for ControlOptions {
             edges: 2,
             mfa_threshold_s: None,
             challenge_ttl_s: None,
+            device_lockout_after: None,
             status_interval_ms: 300,
             start_core: true,
             tunnel_address: format!("{GATEWAY_TUNNEL}/24"),
@@ -375,6 +378,9 @@ impl ControlLab {
     pub fn start_core(&mut self, config: CoreConfig) -> Result<()> {
         let mut config = config;
         config.challenge_ttl_s = config.challenge_ttl_s.or(self.options.challenge_ttl_s);
+        config.device_lockout_after = config
+            .device_lockout_after
+            .or(self.options.device_lockout_after);
         // Reconnect fast in tests.
         config.reconnect_max_ms = config.reconnect_max_ms.or(Some(1000));
         self.core = Some(CoreDaemon::start(&self.intranet, config, &self.core_dir)?);
@@ -489,6 +495,27 @@ impl ControlLab {
         let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(<[u8]>::to_vec));
         self.client
             .run(move || http::request(addr, &method, &path, body.as_deref(), &[]))?
+    }
+
+    /// Gives the client another public address (of 198.51.100.0/24).
+    pub fn add_client_addr(&self, addr: Ipv4Addr) -> Result<()> {
+        self.client
+            .add_addr(&self.run.ifname("c"), &format!("{addr}/24"))
+    }
+
+    /// `POST path` with a JSON body through nginx, from the client's
+    /// address `from`.
+    pub fn post_from(
+        &self,
+        from: Ipv4Addr,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<HttpAnswer> {
+        let addr = SocketAddr::from((DMZ_PUBLIC, NGINX_PORT));
+        let (path, body) = (path.to_owned(), body.to_string());
+        self.client.run(move || {
+            http::request_from(from.into(), addr, "POST", &path, Some(body.as_bytes()))
+        })?
     }
 
     /// `POST path` with a JSON body through nginx, from the client.

@@ -94,6 +94,8 @@ pub struct CoreConfig {
     pub reconnect_max_ms: Option<u64>,
     /// `[mfa]` challenge_ttl_s, if set.
     pub challenge_ttl_s: Option<u32>,
+    /// `[mfa]` device_lockout_after, if set.
+    pub device_lockout_after: Option<u32>,
 }
 
 impl CoreConfig {
@@ -105,6 +107,7 @@ impl CoreConfig {
             tls,
             reconnect_max_ms: None,
             challenge_ttl_s: None,
+            device_lockout_after: None,
         }
     }
 
@@ -121,8 +124,14 @@ impl CoreConfig {
         if let Some(ms) = self.reconnect_max_ms {
             let _ = write!(out, "\n[links]\nreconnect_max_ms = {ms}\n");
         }
+        if self.challenge_ttl_s.is_some() || self.device_lockout_after.is_some() {
+            out.push_str("\n[mfa]\n");
+        }
         if let Some(secs) = self.challenge_ttl_s {
-            let _ = write!(out, "\n[mfa]\nchallenge_ttl_s = {secs}\n");
+            let _ = writeln!(out, "challenge_ttl_s = {secs}");
+        }
+        if let Some(count) = self.device_lockout_after {
+            let _ = writeln!(out, "device_lockout_after = {count}");
         }
         out
     }

@@ -3,8 +3,10 @@
 //! Run it inside a namespace with [`crate::Netns::run`].
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
 
 use anyhow::{Context, Result, bail};
 
@@ -50,8 +52,46 @@ pub fn request(
     body: Option<&[u8]>,
     headers: &[(&str, &str)],
 ) -> Result<HttpAnswer> {
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
+    let stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
         .with_context(|| format!("connecting to {addr}"))?;
+    exchange(stream, addr, method, path, body, headers)
+}
+
+/// [`request`] from the local address `from` (one of the namespace's).
+pub fn request_from(
+    from: IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<HttpAnswer> {
+    let family = match from {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .context("making a TCP socket")?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(SocketAddr::new(from, 0)),
+    )
+    .with_context(|| format!("binding to {from}"))?;
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )
+    .with_context(|| format!("connecting from {from} to {addr}"))?;
+    exchange(TcpStream::from(fd), addr, method, path, body, &[])
+}
+
+fn exchange(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Result<HttpAnswer> {
     stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
     stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");

@@ -8,17 +8,18 @@
 //! and stores nothing, and certificates from another CA, or naming someone
 //! else, are refused in both directions.
 
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::time::{Duration, SystemTime};
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use tidegate_core::totp;
 use tidegate_tests::control::{
-    CORE_ADDR, EDGE_BODY_LIMIT, GATEWAY_LINK_PORT, GATEWAY_TUNNEL, LOCATION, edge_link,
-    gateway_mgmt,
+    CORE_ADDR, DMZ_PUBLIC, EDGE_BODY_LIMIT, GATEWAY_LINK_PORT, GATEWAY_TUNNEL, LOCATION,
+    NGINX_PORT, edge_link, gateway_mgmt,
 };
-use tidegate_tests::http::HttpAnswer;
+use tidegate_tests::http::{self, HttpAnswer};
 use tidegate_tests::{
     ControlLab, ControlOptions, CoreConfig, Probe, TestPki, poll_until, require_root,
 };
@@ -576,5 +577,213 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
     lab.core_mut()?.wait_applied(LOCATION, WAIT)?;
     lab.core_mut()?.wait_edges(WAIT)?;
     lab.edge_mut(1).wait_health(200, WAIT)?;
+    Ok(())
+}
+
+/// Guesses the brute-force test makes.
+const GUESSES: usize = 10_000;
+/// Clients guessing at once.
+const GUESSERS: usize = 4;
+/// Wrong codes that lock a device out in that test.
+const LOCKOUT_AFTER: u32 = 8;
+
+/// What the guessing came to.
+#[derive(Debug, Default)]
+struct Guessing {
+    /// Codes Core checked and found wrong (401).
+    checked: usize,
+    /// Guesses held back by a limit (429, with Retry-After).
+    limited: usize,
+    /// Guesses in a login that another guesser's start replaced (404).
+    replaced: usize,
+    /// Logins the guessers started.
+    starts: usize,
+    /// Anything else, with its body.
+    other: Vec<String>,
+}
+
+/// `GUESSES` wrong codes for the device `key`, spread over `GUESSERS`
+/// threads in the client's namespace, all from `from`, starting a new
+/// login whenever one is over.
+fn guess(lab: &ControlLab, from: Ipv4Addr, key: &str, secret: &[u8]) -> Result<Guessing> {
+    let nginx = SocketAddr::from((DMZ_PUBLIC, NGINX_PORT));
+    let step = totp::step_at(now_s());
+    // Codes no step of the next hours has: a guess never hits by luck.
+    let valid: HashSet<String> = (step - 2..step + 1_000)
+        .map(|s| totp::code_at(secret, s))
+        .collect();
+    let codes: Vec<String> = (0..)
+        .map(|n| format!("{n:06}"))
+        .filter(|c| !valid.contains(c))
+        .take(GUESSES)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let post = |path: &str, body: serde_json::Value| {
+        http::request_from(
+            from.into(),
+            nginx,
+            "POST",
+            path,
+            Some(body.to_string().as_bytes()),
+        )
+    };
+    let outcomes = lab.client().run(|| {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = codes
+                .chunks(GUESSES / GUESSERS)
+                .map(|chunk| {
+                    scope.spawn(move || -> Result<Guessing> {
+                        let mut seen = Guessing::default();
+                        let mut session: Option<String> = None;
+                        for code in chunk {
+                            ensure!(
+                                Instant::now() < deadline,
+                                "guessing took too long: {seen:?}"
+                            );
+                            let current = match &session {
+                                Some(s) => s.clone(),
+                                None => {
+                                    let start = post(
+                                        "/api/v1/mfa/start",
+                                        json!({"location": LOCATION, "public_key": key}),
+                                    )?;
+                                    seen.starts += 1;
+                                    match start.status {
+                                        200 => {
+                                            let s = start.json()?["session"]
+                                                .as_str()
+                                                .unwrap_or_default()
+                                                .to_owned();
+                                            session = Some(s.clone());
+                                            s
+                                        }
+                                        // Locked out: no login to guess in.
+                                        429 if start.header("retry-after").is_some() => {
+                                            seen.limited += 1;
+                                            continue;
+                                        }
+                                        _ => {
+                                            seen.other
+                                                .push(format!("{} {}", start.status, start.body));
+                                            continue;
+                                        }
+                                    }
+                                }
+                            };
+                            let answer = post(
+                                "/api/v1/mfa/finish",
+                                json!({"session": current, "code": code}),
+                            )?;
+                            match answer.status {
+                                401 => {
+                                    seen.checked += 1;
+                                    if answer.body.contains("start the login again") {
+                                        session = None;
+                                    }
+                                }
+                                429 if answer.header("retry-after").is_some() => {
+                                    seen.limited += 1;
+                                }
+                                404 => {
+                                    seen.replaced += 1;
+                                    session = None;
+                                }
+                                _ => seen
+                                    .other
+                                    .push(format!("{} {}", answer.status, answer.body)),
+                            }
+                        }
+                        Ok(seen)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .map_err(|_| anyhow::anyhow!("a guesser panicked"))?
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+    })??;
+    let mut total = Guessing::default();
+    for seen in outcomes {
+        total.checked += seen.checked;
+        total.limited += seen.limited;
+        total.replaced += seen.replaced;
+        total.starts += seen.starts;
+        total.other.extend(seen.other);
+    }
+    Ok(total)
+}
+
+#[test]
+fn ten_thousand_guessed_codes_through_nginx_and_an_edge_are_held_to_the_limit() -> Result<()> {
+    require_root();
+    let mut lab = ControlLab::build(&ControlOptions {
+        gateways: 1,
+        edges: 1,
+        mfa_threshold_s: Some(300),
+        challenge_ttl_s: Some(900),
+        device_lockout_after: Some(LOCKOUT_AFTER),
+        ..ControlOptions::default()
+    })?;
+    let key = lab.create_client_wg()?;
+    let secret = enrol(&mut lab, &key)?;
+
+    // The user starts a login; a stranger elsewhere starts one for the
+    // same device, which leaves the user's in progress.
+    let user = start(&lab, &key)?;
+    let stranger = Ipv4Addr::new(198, 51, 100, 51);
+    lab.add_client_addr(stranger)?;
+    let theirs = lab.post_from(
+        stranger,
+        "/api/v1/mfa/start",
+        &json!({"location": LOCATION, "public_key": key}),
+    )?;
+    ensure!(theirs.status == 200, "{theirs:?}");
+
+    let seen = guess(&lab, stranger, &key, &secret)?;
+    ensure!(
+        seen.other.is_empty(),
+        "unexpected answers: {:?}",
+        &seen.other[..seen.other.len().min(5)]
+    );
+    ensure!(
+        seen.checked <= LOCKOUT_AFTER as usize
+            && seen.checked + seen.limited + seen.replaced == GUESSES
+            && seen.limited > GUESSES / 2,
+        "{GUESSES} guesses: {} codes checked (at most {LOCKOUT_AFTER} may be), {} held back, \
+         {} in a replaced login, {} logins started",
+        seen.checked,
+        seen.limited,
+        seen.replaced,
+        seen.starts
+    );
+    let kinds = event_kinds(&lab)?;
+    let failed = kinds.iter().filter(|k| *k == "mfa-failed").count();
+    ensure!(
+        failed == seen.checked && kinds.iter().any(|k| k == "mfa-locked"),
+        "events: {failed} mfa-failed for {} checked, {kinds:?}",
+        seen.checked
+    );
+    let device = lab.core()?.tidectl_json(&["device", "show", "laptop"])?;
+    ensure!(device["mfa_locked_out"] == true, "{device}");
+
+    // Locked out: the user's right code is not checked (nor used up).
+    let held = finish(&lab, &user, &code(&secret))?;
+    refused(&held, 429, "limited")?;
+    ensure!(
+        held.header("retry-after")
+            .and_then(|s| s.parse::<u32>().ok())
+            .is_some_and(|s| s > 60),
+        "{held:?}"
+    );
+    // The operator lifts it; the user's login, never cancelled, finishes.
+    lab.core()?
+        .tidectl_ok(&["device", "change", "laptop", "--mfa-unlock"])?;
+    let login = finish(&lab, &user, &code(&secret))?;
+    ensure!(login.status == 200, "{} {}", login.status, login.body);
+    ensure!(login.json()?["device"] == "laptop");
     Ok(())
 }

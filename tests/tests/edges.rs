@@ -27,6 +27,7 @@ fn answer(request: &edge::Request) -> edge::reply::Result {
         edge::reply::Result::Error(edge::Error {
             code: code as i32,
             message: message.into(),
+            ..Default::default()
         })
     };
     match &request.kind {

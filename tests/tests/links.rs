@@ -252,6 +252,7 @@ fn answer(request: &edge::Request) -> edge::reply::Result {
         _ => edge::reply::Result::Error(edge::Error {
             code: edge::error::Code::Unauthorized as i32,
             message: "bad token".into(),
+            ..Default::default()
         }),
     }
 }

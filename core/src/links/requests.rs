@@ -22,17 +22,25 @@ pub(crate) async fn handle(request: edge::Request, ctx: &LinkContext) -> edge::R
         None => Err(ClientError::Invalid(
             "the request names nothing to do".into(),
         )),
-        Some(kind) => dispatch(kind, &request.client_addr, ctx).await,
+        Some(kind) => {
+            let wait = Duration::from_millis(u64::from(request.wait_ms));
+            dispatch(kind, &request.client_addr, wait, ctx).await
+        }
     };
     let result = match result {
         Ok(result) => result,
         Err(error) => {
+            let retry_after_s = match &error {
+                ClientError::Limited { retry_after_s, .. } => *retry_after_s,
+                _ => 0,
+            };
             let code = match &error {
                 ClientError::Invalid(_) => edge::error::Code::Invalid,
                 ClientError::Unauthorized(_) => edge::error::Code::Unauthorized,
                 ClientError::NotFound(_) => edge::error::Code::NotFound,
                 ClientError::Expired(_) => edge::error::Code::Expired,
                 ClientError::Unavailable(_) => edge::error::Code::Unavailable,
+                ClientError::Limited { .. } => edge::error::Code::Limited,
                 ClientError::Internal(e) => {
                     warn!(error = %crate::error_chain(e), "a client request failed inside Core");
                     edge::error::Code::Internal
@@ -41,6 +49,7 @@ pub(crate) async fn handle(request: edge::Request, ctx: &LinkContext) -> edge::R
             reply::Result::Error(edge::Error {
                 code: code.into(),
                 message: error.to_string(),
+                retry_after_s,
             })
         }
     };
@@ -64,9 +73,26 @@ fn gone<T>(_: T) -> ClientError {
     ClientError::Unavailable("Core is shutting down".into())
 }
 
+/// Time kept back from the Edge's wait, for the reply to reach it.
+const REPLY_MARGIN: Duration = Duration::from_secs(1);
+/// The shortest wait for gateways an Edge must allow an MFA login.
+const MIN_APPLY_WAIT: Duration = Duration::from_secs(1);
+
+/// How long an MFA login waits for its peer to be applied: Core's own
+/// limit, cut to end a margin before the Edge stops waiting (`edge_wait`,
+/// zero when it does not say). `None` when the Edge allows too little.
+pub(crate) fn apply_wait(own: Duration, edge_wait: Duration) -> Option<Duration> {
+    if edge_wait.is_zero() {
+        return Some(own);
+    }
+    let wait = own.min(edge_wait.saturating_sub(REPLY_MARGIN));
+    (wait >= MIN_APPLY_WAIT).then_some(wait)
+}
+
 async fn dispatch(
     kind: request::Kind,
     client: &str,
+    edge_wait: Duration,
     ctx: &LinkContext,
 ) -> Result<reply::Result, ClientError> {
     match kind {
@@ -83,9 +109,10 @@ async fn dispatch(
         request::Kind::MfaStart(start) => {
             check_len("location", &start.location)?;
             check_len("public_key", &start.public_key)?;
+            let from = client.to_owned();
             let challenge = ctx
                 .state
-                .call(move |s| s.mfa_start(&start.location, &start.public_key, now_ms()))
+                .call(move |s| s.mfa_start(&start.location, &start.public_key, &from, now_ms()))
                 .await
                 .map_err(gone)??;
             Ok(reply::Result::Challenge(challenge))
@@ -93,6 +120,15 @@ async fn dispatch(
         request::Kind::MfaFinish(finish) => {
             check_len("session", &finish.session)?;
             check_len("code", &finish.code)?;
+            // Refused before the code is used when the Edge would give up
+            // before the gateways could apply the login.
+            let wait = apply_wait(ctx.settings.mfa_apply_timeout, edge_wait).ok_or_else(|| {
+                ClientError::Unavailable(format!(
+                    "the Edge waits {} ms for Core, too little for an MFA login; \
+                     raise its core_timeout_ms",
+                    edge_wait.as_millis()
+                ))
+            })?;
             let session = finish.session.clone();
             let location = ctx
                 .state
@@ -106,18 +142,13 @@ async fn dispatch(
                     "no gateway of the location is reachable; try again shortly".into(),
                 ));
             }
+            let from = client.to_owned();
             let login = ctx
                 .state
-                .call(move |s| s.mfa_finish(&finish.session, &finish.code, now_ms()))
+                .call(move |s| s.mfa_finish(&finish.session, &finish.code, &from, now_ms()))
                 .await
                 .map_err(gone)??;
-            wait_applied(
-                ctx,
-                login.location_id,
-                login.version,
-                ctx.settings.mfa_apply_timeout,
-            )
-            .await?;
+            wait_applied(ctx, login.location_id, login.version, wait).await?;
             info!(device = %login.config.device, client, "MFA login");
             Ok(reply::Result::Config(login.config))
         }
@@ -179,4 +210,26 @@ async fn wait_applied(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_mfa_login_waits_for_gateways_less_than_the_edge_waits_for_core() {
+        let s = Duration::from_secs;
+        for (own, edge, want) in [
+            (s(10), Duration::ZERO, Some(s(10))),
+            (s(10), s(15), Some(s(10))),
+            // Core would wait as long as the Edge: it answers a second
+            // before.
+            (s(10), s(10), Some(s(9))),
+            (s(10), s(3), Some(s(2))),
+            (s(10), Duration::from_millis(1_999), None),
+            (s(10), s(1), None),
+        ] {
+            assert_eq!(apply_wait(own, edge), want, "own {own:?}, edge {edge:?}");
+        }
+    }
 }

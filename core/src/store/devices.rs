@@ -8,17 +8,22 @@ use rusqlite::{Connection, OptionalExtension as _, Row, params};
 use tidegate_proto::admin::v1 as admin;
 
 use super::{Store, StoreError, Tx, begin, locations, render, sql, users, validate};
-use crate::keys::Key;
+use crate::{
+    keys::Key,
+    lockout::{Failures, Verdict},
+};
 
-const SELECT: &str = "SELECT d.name, u.name, l.name, d.public_key, d.enabled, s.started_ms, d.created_ms, d.id, d.location_id \
+const SELECT: &str = "SELECT d.name, u.name, l.name, d.public_key, d.enabled, s.started_ms, d.created_ms, d.id, d.location_id, \
+     d.mfa_failures, d.mfa_failed_ms \
      FROM devices d JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
      LEFT JOIN mfa_sessions s ON s.device_id = d.id";
 
-/// A device row: its view, id and location id.
+/// A device row: its view, id, location id and wrong MFA codes.
 pub(crate) struct DeviceRow {
     pub view: admin::Device,
     pub id: i64,
     pub location_id: u32,
+    pub failures: Failures,
 }
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
@@ -37,9 +42,14 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
             mfa_session: session.is_some(),
             mfa_session_since_unix_ms: session.unwrap_or(0),
             created_unix_ms: row.get(6)?,
+            ..Default::default()
         },
         id: row.get(7)?,
         location_id: row.get(8)?,
+        failures: Failures {
+            count: row.get(9)?,
+            last_ms: row.get(10)?,
+        },
     })
 }
 
@@ -244,13 +254,26 @@ impl Store {
         rows.into_iter()
             .map(|mut row| {
                 row.view.addresses = render::device_addresses(&self.conn, row.id)?;
-                Ok(row.view)
+                Ok(self.with_lockout(row))
             })
             .collect()
     }
 
     pub fn device(&self, name: &str) -> Result<admin::Device, StoreError> {
-        Ok(by_name(&self.conn, name)?.view)
+        Ok(self.with_lockout(by_name(&self.conn, name)?))
+    }
+
+    /// The device's view with its wrong MFA codes and any block they make.
+    fn with_lockout(&self, row: DeviceRow) -> admin::Device {
+        let now_ms = crate::now_ms();
+        let policy = self.mfa.device;
+        let verdict = policy.verdict(row.failures, now_ms);
+        admin::Device {
+            mfa_failures: policy.failures(row.failures, now_ms),
+            mfa_blocked_until_unix_ms: verdict.until_ms().unwrap_or(0),
+            mfa_locked_out: matches!(verdict, Verdict::LockedOut { .. }),
+            ..row.view
+        }
     }
 
     pub fn update_device(
@@ -297,6 +320,13 @@ impl Store {
             let addresses = pick_addresses(&tx, &location, old.id, &list.values)?;
             store_addresses(&tx, old.id, old.location_id, &addresses)?;
         }
+        if req.mfa_unlock {
+            tx.execute(
+                "UPDATE devices SET mfa_failures = 0, mfa_failed_ms = 0 WHERE id = ?1",
+                [old.id],
+            )
+            .map_err(sql("lifting an MFA lockout"))?;
+        }
         let enabled = req.enabled.unwrap_or(old.view.enabled);
         if !enabled {
             tx.execute("DELETE FROM mfa_sessions WHERE device_id = ?1", [old.id])
@@ -307,9 +337,9 @@ impl Store {
             params![old.id, name, user_id, public_key.as_bytes().as_slice(), enabled],
         )
         .map_err(sql("updating a device"))?;
-        let view = by_name(&tx, &name)?.view;
+        let row = by_name(&tx, &name)?;
         self.notices.extend(tx.commit()?);
-        Ok(view)
+        Ok(self.with_lockout(row))
     }
 
     /// Deletes a device: its peer leaves the gateways, its session and

@@ -16,6 +16,10 @@ pub enum EventKind {
     ApplyError,
     MfaLogin,
     MfaSessionEnd,
+    /// A wrong MFA code.
+    MfaFailed,
+    /// A device or address locked out by wrong codes.
+    MfaLocked,
     EdgeConnected,
     EdgeDisconnected,
 }
@@ -30,6 +34,8 @@ impl EventKind {
             Self::ApplyError => "apply-error",
             Self::MfaLogin => "mfa-login",
             Self::MfaSessionEnd => "mfa-session-end",
+            Self::MfaFailed => "mfa-failed",
+            Self::MfaLocked => "mfa-locked",
             Self::EdgeConnected => "edge-connected",
             Self::EdgeDisconnected => "edge-disconnected",
         }

@@ -6,10 +6,11 @@
 use rusqlite::{OptionalExtension as _, params};
 use tidegate_proto::edge::v1 as edge;
 
-use super::{EventKind, Store, StoreError, begin, locations, render, sql};
+use super::{EventKind, Notice, Store, StoreError, begin, locations, render, sql};
 use crate::{
     challenge::{ChallengeError, Lookup},
     keys::Key,
+    lockout::{Failures, Policy, Source, Sources, Verdict},
     totp,
 };
 
@@ -31,6 +32,9 @@ pub enum ClientError {
     /// The location's gateways could not be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// Too many wrong codes or logins from this device or address.
+    #[error("{message}")]
+    Limited { message: String, retry_after_s: u32 },
     #[error("internal error")]
     Internal(#[source] StoreError),
 }
@@ -52,6 +56,10 @@ pub struct MfaSettings {
     pub max_attempts: u32,
     /// Logins in progress at most.
     pub max_challenges: usize,
+    /// Wrong codes of one device, across logins.
+    pub device: Policy,
+    /// Wrong codes from one client address, across devices.
+    pub source: Policy,
 }
 
 impl Default for MfaSettings {
@@ -61,6 +69,8 @@ impl Default for MfaSettings {
             totp_skew_steps: 1,
             max_attempts: 5,
             max_challenges: 10_000,
+            device: Policy::DEVICE,
+            source: Policy::SOURCE,
         }
     }
 }
@@ -95,14 +105,36 @@ struct LoginRow {
     /// The device and its user are enabled.
     enabled: bool,
     location: String,
+    failures: Failures,
+}
+
+/// The refusal of an attempt a limit holds back.
+fn limited(verdict: Verdict, now_ms: i64, whose: &str) -> ClientError {
+    let until_ms = verdict.until_ms().unwrap_or(now_ms);
+    let retry_after_s = u32::try_from((until_ms - now_ms + 999) / 1000)
+        .unwrap_or(u32::MAX)
+        .max(1);
+    let message = match verdict {
+        Verdict::LockedOut { .. } => format!(
+            "too many wrong codes from {whose}: locked out for {retry_after_s} s \
+             (an administrator can lift it)"
+        ),
+        _ => format!("too many wrong codes from {whose}: try again in {retry_after_s} s"),
+    };
+    ClientError::Limited {
+        message,
+        retry_after_s,
+    }
 }
 
 impl Store {
-    /// Starts an MFA login of the device with `public_key` at `location`.
+    /// Starts an MFA login of the device with `public_key` at `location`,
+    /// for a client at `client_addr`.
     pub fn mfa_start(
         &mut self,
         location: &str,
         public_key: &str,
+        client_addr: &str,
         now_ms: i64,
     ) -> Result<edge::MfaChallenge, ClientError> {
         if location.is_empty() {
@@ -127,17 +159,24 @@ impl Store {
                 "location {location:?} does not use MFA: download the device config instead"
             )));
         }
-        let device: Option<(i64, bool, bool)> = self
+        let device: Option<(i64, bool, bool, Failures)> = self
             .conn
             .query_row(
-                "SELECT d.id, d.enabled, u.enabled FROM devices d JOIN users u ON u.id = d.user_id \
+                "SELECT d.id, d.enabled, u.enabled, d.mfa_failures, d.mfa_failed_ms \
+                 FROM devices d JOIN users u ON u.id = d.user_id \
                  WHERE d.location_id = ?1 AND d.public_key = ?2",
                 params![row.id, key.as_bytes().as_slice()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| {
+                    let failures = Failures {
+                        count: r.get(3)?,
+                        last_ms: r.get(4)?,
+                    };
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, failures))
+                },
             )
             .optional()
             .map_err(sql("looking up a device"))?;
-        let Some((device_id, device_on, user_on)) = device else {
+        let Some((device_id, device_on, user_on, failures)) = device else {
             return Err(ClientError::NotFound(format!(
                 "no device with this public key at location {location:?}"
             )));
@@ -147,18 +186,35 @@ impl Store {
                 "the device or its user is disabled".into(),
             ));
         }
+        // A locked-out device is told so at once; a backoff only holds
+        // back the code.
+        let verdict = self.mfa.device.verdict(failures, now_ms);
+        if let Verdict::LockedOut { .. } = verdict {
+            return Err(limited(verdict, now_ms, "this device"));
+        }
         let ttl_s = self.mfa.challenge_ttl_s;
+        let source = Source::parse(client_addr);
         let session = self
             .challenges
             .start(
                 device_id,
                 row.id,
+                source,
                 now_ms,
                 i64::from(ttl_s) * 1000,
                 self.mfa.max_challenges,
             )
-            .map_err(|ChallengeError::Full(_)| {
-                ClientError::Unavailable("too many logins in progress; try again shortly".into())
+            .map_err(|error| match error {
+                ChallengeError::Full(_) => ClientError::Unavailable(
+                    "too many logins in progress; try again shortly".into(),
+                ),
+                ChallengeError::DeviceBusy { until_ms }
+                | ChallengeError::SourceBusy { until_ms } => ClientError::Limited {
+                    message: format!("{error}; try again when one ends"),
+                    retry_after_s: u32::try_from((until_ms - now_ms + 999) / 1000)
+                        .unwrap_or(u32::MAX)
+                        .max(1),
+                },
             })?;
         Ok(edge::MfaChallenge {
             session,
@@ -182,13 +238,16 @@ impl Store {
         }
     }
 
-    /// Finishes a login with a TOTP code: a new session with a fresh
-    /// preshared key, stored with the code's time step so the code works
-    /// once.
+    /// Finishes a login with a TOTP code from a client at `client_addr`:
+    /// a new session with a fresh preshared key, stored with the code's
+    /// time step so the code works once. A code is checked only while
+    /// neither the device nor the address is held back by wrong codes;
+    /// each wrong one counts against both and is an event.
     pub fn mfa_finish(
         &mut self,
         session: &str,
         code: &str,
+        client_addr: &str,
         now_ms: i64,
     ) -> Result<FinishedLogin, ClientError> {
         self.mfa_location(session, now_ms)?;
@@ -198,8 +257,8 @@ impl Store {
         let mut tx = begin(&mut self.conn)?;
         let row = tx
             .query_row(
-                "SELECT d.name, u.id, u.name, u.totp_secret, u.totp_last_step, d.enabled AND u.enabled, l.name \
-                 FROM devices d JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
+                "SELECT d.name, u.id, u.name, u.totp_secret, u.totp_last_step, d.enabled AND u.enabled, l.name, \
+                 d.mfa_failures, d.mfa_failed_ms FROM devices d JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
                  WHERE d.id = ?1",
                 [challenge.device_id],
                 |r| {
@@ -211,6 +270,10 @@ impl Store {
                         last_step: r.get(4)?,
                         enabled: r.get(5)?,
                         location: r.get(6)?,
+                        failures: Failures {
+                            count: r.get(7)?,
+                            last_ms: r.get(8)?,
+                        },
                     })
                 },
             )
@@ -223,6 +286,19 @@ impl Store {
                 "the device or its user is disabled".into(),
             ));
         }
+        let source = Source::parse(client_addr);
+        let device_verdict = self.mfa.device.verdict(row.failures, now_ms);
+        let source_verdict = self.sources.verdict(source, now_ms);
+        if device_verdict != Verdict::Allowed {
+            return Err(limited(
+                device_verdict.max(source_verdict),
+                now_ms,
+                "this device",
+            ));
+        }
+        if source_verdict != Verdict::Allowed {
+            return Err(limited(source_verdict, now_ms, "this address"));
+        }
         let check = totp::check(
             &row.secret,
             code,
@@ -233,14 +309,28 @@ impl Store {
         .map_err(|e| ClientError::Invalid(format!("code: {e}")))?;
         let step = match check {
             totp::Check::Valid { step } => step,
-            totp::Check::Replayed | totp::Check::Wrong => {
+            totp::Check::Wrong => {
+                let notices = count_wrong_code(
+                    tx,
+                    &mut self.sources,
+                    &self.mfa,
+                    challenge.device_id,
+                    &row,
+                    source,
+                    now_ms,
+                )?;
+                self.notices.extend(notices);
+                let left = self.challenges.fail(session, self.mfa.max_attempts);
+                return Err(ClientError::Unauthorized(if left == 0 {
+                    "code: wrong; too many wrong codes, start the login again".into()
+                } else {
+                    format!("code: wrong ({left} attempts left)")
+                }));
+            }
+            totp::Check::Replayed => {
                 drop(tx);
                 let left = self.challenges.fail(session, self.mfa.max_attempts);
-                let what = if check == totp::Check::Replayed {
-                    "code: used already; wait for the next one"
-                } else {
-                    "code: wrong"
-                };
+                let what = "code: used already; wait for the next one";
                 return Err(ClientError::Unauthorized(if left == 0 {
                     format!("{what}; too many wrong codes, start the login again")
                 } else {
@@ -249,6 +339,11 @@ impl Store {
             }
         };
         tx.touch(challenge.device_id)?;
+        tx.execute(
+            "UPDATE devices SET mfa_failures = 0, mfa_failed_ms = 0 WHERE id = ?1",
+            [challenge.device_id],
+        )
+        .map_err(sql("clearing wrong codes"))?;
         let psk = Key::generate_preshared();
         let used = tx
             .execute(
@@ -346,6 +441,64 @@ impl Store {
     }
 }
 
+/// Counts a wrong code against the device (stored, with an event, in
+/// `tx`) and the address (in memory); a lockout is an event too.
+fn count_wrong_code(
+    tx: super::Tx<'_>,
+    sources: &mut Sources,
+    mfa: &MfaSettings,
+    device_id: i64,
+    row: &LoginRow,
+    source: Source,
+    now_ms: i64,
+) -> Result<Vec<Notice>, ClientError> {
+    let policy = mfa.device;
+    let (failures, device_locked) = policy.fail(row.failures, now_ms);
+    tx.execute(
+        "UPDATE devices SET mfa_failures = ?2, mfa_failed_ms = ?3 WHERE id = ?1",
+        params![device_id, failures.count, failures.last_ms],
+    )
+    .map_err(sql("counting a wrong code"))?;
+    let source_locked = sources.fail(source, now_ms);
+    let mut events = vec![(
+        EventKind::MfaFailed,
+        row.device.clone(),
+        format!(
+            "wrong code for user {} from {source} ({} in a row)",
+            row.user, failures.count
+        ),
+    )];
+    if device_locked {
+        events.push((
+            EventKind::MfaLocked,
+            row.device.clone(),
+            format!(
+                "locked out for {} s after {} wrong codes",
+                policy.lockout_ms / 1000,
+                failures.count
+            ),
+        ));
+    }
+    if source_locked {
+        events.push((
+            EventKind::MfaLocked,
+            source.to_string(),
+            format!(
+                "address locked out for {} s after too many wrong codes",
+                mfa.source.lockout_ms / 1000
+            ),
+        ));
+    }
+    for (kind, subject, message) in events {
+        tx.execute(
+            "INSERT INTO events (at_ms, kind, location, subject, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![now_ms, kind.as_str(), row.location, subject, message],
+        )
+        .map_err(sql("logging an event"))?;
+    }
+    Ok(tx.commit()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,11 +535,15 @@ mod tests {
     #[test]
     fn a_login_makes_a_session_with_a_fresh_key_pushed_as_a_peer() {
         let (_dir, mut store, key) = mfa_store();
-        let challenge = store.mfa_start("ams", &key.to_base64(), NOW).unwrap();
+        let challenge = store
+            .mfa_start("ams", &key.to_base64(), "192.0.2.1", NOW)
+            .unwrap();
         assert_eq!(challenge.expires_in_s, 120);
         assert_eq!(store.mfa_location(&challenge.session, NOW).unwrap(), 1);
         let code = code(&store, NOW);
-        let login = store.mfa_finish(&challenge.session, &code, NOW).unwrap();
+        let login = store
+            .mfa_finish(&challenge.session, &code, "192.0.2.1", NOW)
+            .unwrap();
         assert_eq!(login.location_id, 1);
         assert_eq!(login.version, 2);
         assert_eq!(login.config.device, "laptop");
@@ -405,11 +562,15 @@ mod tests {
         assert_eq!(events[0].kind, "mfa-login");
         // The session is used up; the code cannot serve another login.
         assert!(matches!(
-            store.mfa_finish(&challenge.session, &code, NOW),
+            store.mfa_finish(&challenge.session, &code, "192.0.2.1", NOW),
             Err(ClientError::NotFound(_))
         ));
-        let again = store.mfa_start("ams", &key.to_base64(), NOW).unwrap();
-        let err = store.mfa_finish(&again.session, &code, NOW).unwrap_err();
+        let again = store
+            .mfa_start("ams", &key.to_base64(), "192.0.2.1", NOW)
+            .unwrap();
+        let err = store
+            .mfa_finish(&again.session, &code, "192.0.2.1", NOW)
+            .unwrap_err();
         assert!(
             matches!(&err, ClientError::Unauthorized(m) if m.contains("used already")),
             "{err}"
@@ -417,7 +578,9 @@ mod tests {
         // The next step's code gives a new session with a new key.
         let later = NOW + 30_000;
         let next = self::code(&store, later);
-        let relogin = store.mfa_finish(&again.session, &next, later).unwrap();
+        let relogin = store
+            .mfa_finish(&again.session, &next, "192.0.2.1", later)
+            .unwrap();
         assert_ne!(relogin.config.preshared_key, login.config.preshared_key);
     }
 
@@ -432,16 +595,18 @@ mod tests {
             ("nowhere", k.as_str(), "NotFound"),
             ("ams", &Key::new([2; 32]).to_base64(), "NotFound"),
         ] {
-            let err = store.mfa_start(location, public_key, NOW).unwrap_err();
+            let err = store
+                .mfa_start(location, public_key, "192.0.2.1", NOW)
+                .unwrap_err();
             assert!(
                 format!("{err:?}").starts_with(want),
                 "{location} {public_key}: {err:?}"
             );
         }
-        let challenge = store.mfa_start("ams", &k, NOW).unwrap();
+        let challenge = store.mfa_start("ams", &k, "192.0.2.1", NOW).unwrap();
         let s = &challenge.session;
         assert!(matches!(
-            store.mfa_finish(s, "12345", NOW),
+            store.mfa_finish(s, "12345", "192.0.2.1", NOW),
             Err(ClientError::Invalid(_))
         ));
         let right = code(&store, NOW);
@@ -451,26 +616,26 @@ mod tests {
             "000000"
         };
         for left in (1..5).rev() {
-            let err = store.mfa_finish(s, wrong, NOW).unwrap_err();
+            let err = store.mfa_finish(s, wrong, "192.0.2.1", NOW).unwrap_err();
             assert!(
                 err.to_string().contains(&format!("{left} attempts left")),
                 "{err}"
             );
         }
-        let err = store.mfa_finish(s, wrong, NOW).unwrap_err();
+        let err = store.mfa_finish(s, wrong, "192.0.2.1", NOW).unwrap_err();
         assert!(err.to_string().contains("start the login again"), "{err}");
         assert!(matches!(
-            store.mfa_finish(s, &right, NOW),
+            store.mfa_finish(s, &right, "192.0.2.1", NOW),
             Err(ClientError::NotFound(_))
         ));
         // Expired.
-        let challenge = store.mfa_start("ams", &k, NOW).unwrap();
+        let challenge = store.mfa_start("ams", &k, "192.0.2.1", NOW).unwrap();
         assert!(matches!(
-            store.mfa_finish(&challenge.session, &right, NOW + 121_000),
+            store.mfa_finish(&challenge.session, &right, "192.0.2.1", NOW + 121_000),
             Err(ClientError::Expired(_))
         ));
         assert!(matches!(
-            store.mfa_finish("", &right, NOW),
+            store.mfa_finish("", &right, "192.0.2.1", NOW),
             Err(ClientError::Invalid(_))
         ));
         // Nothing was stored: no session, no code used, no version bump.
@@ -490,7 +655,7 @@ mod tests {
             })
             .unwrap();
         assert!(matches!(
-            store.mfa_start("ams", &k, NOW),
+            store.mfa_start("ams", &k, "192.0.2.1", NOW),
             Err(ClientError::Invalid(_))
         ));
     }
@@ -498,9 +663,11 @@ mod tests {
     #[test]
     fn a_removal_ends_the_session_unless_the_device_is_active_elsewhere() {
         let (_dir, mut store, key) = mfa_store();
-        let challenge = store.mfa_start("ams", &key.to_base64(), NOW).unwrap();
+        let challenge = store
+            .mfa_start("ams", &key.to_base64(), "192.0.2.1", NOW)
+            .unwrap();
         store
-            .mfa_finish(&challenge.session, &code(&store, NOW), NOW)
+            .mfa_finish(&challenge.session, &code(&store, NOW), "192.0.2.1", NOW)
             .unwrap();
         store.take_notices();
         // A removal from before the session began is stale.
@@ -548,5 +715,149 @@ mod tests {
                 .unwrap(),
             RemovalOutcome::Ignored
         );
+    }
+
+    fn wrong(store: &Store, now_ms: i64) -> &'static str {
+        let step = totp::step_at(now_ms / 1000);
+        ["000000", "111111", "222222", "333333"]
+            .into_iter()
+            .find(|c| (step - 2..=step + 2).all(|s| totp::code_at(&secret(store), s) != *c))
+            .unwrap()
+    }
+
+    fn kinds(store: &Store) -> Vec<String> {
+        store
+            .list_events("ams", 1000)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    #[test]
+    fn wrong_codes_count_across_logins_and_hold_the_device_back_then_lock_it_out() {
+        let (_dir, mut store, key) = mfa_store();
+        let k = key.to_base64();
+        let from = "192.0.2.1";
+        // The admin view reads the clock.
+        let mut now = crate::now_ms();
+        // A new login each time: the count goes on regardless.
+        for n in 1..=5 {
+            let login = store.mfa_start("ams", &k, from, now).unwrap();
+            let err = store
+                .mfa_finish(&login.session, wrong(&store, now), from, now)
+                .unwrap_err();
+            assert!(matches!(err, ClientError::Unauthorized(_)), "{n}: {err}");
+        }
+        assert_eq!(store.device("laptop").unwrap().mfa_failures, 5);
+        // Held back: even the right code is not checked, and not used up.
+        let held = store.mfa_start("ams", &k, from, now).unwrap();
+        let err = store
+            .mfa_finish(&held.session, &code(&store, now), from, now)
+            .unwrap_err();
+        let ClientError::Limited { retry_after_s, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(*retry_after_s, 1);
+        assert!(err.to_string().contains("this device"), "{err}");
+        // Backoff after backoff up to the lockout.
+        for n in 6..=Policy::DEVICE.lockout_after {
+            // Past the longest backoff of the device and the address.
+            now += 301_000;
+            let login = store.mfa_start("ams", &k, from, now).unwrap();
+            let err = store
+                .mfa_finish(&login.session, wrong(&store, now), from, now)
+                .unwrap_err();
+            assert!(matches!(err, ClientError::Unauthorized(_)), "{n}: {err}");
+        }
+        let device = store.device("laptop").unwrap();
+        assert!(device.mfa_locked_out, "{device:?}");
+        assert_eq!(device.mfa_blocked_until_unix_ms, now + 3_600_000);
+        // Locked out: told at the start, and the right code is refused.
+        let err = store.mfa_start("ams", &k, from, now + 1_000).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ClientError::Limited {
+                    retry_after_s: 3599,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("locked out"), "{err}");
+        let failed = kinds(&store).iter().filter(|k| *k == "mfa-failed").count();
+        assert_eq!(failed, Policy::DEVICE.lockout_after as usize);
+        assert!(kinds(&store).iter().any(|k| k == "mfa-locked"));
+        // An operator lifts it; the right code then logs in and clears it.
+        store
+            .update_device(tidegate_proto::admin::v1::UpdateDeviceRequest {
+                name: "laptop".into(),
+                mfa_unlock: true,
+                ..Default::default()
+            })
+            .unwrap();
+        // (From another address: this one is still held back on its own.)
+        let home = "192.0.2.2";
+        let login = store.mfa_start("ams", &k, home, now + 2_000).unwrap();
+        store
+            .mfa_finish(
+                &login.session,
+                &code(&store, now + 2_000),
+                home,
+                now + 2_000,
+            )
+            .unwrap();
+        assert_eq!(store.device("laptop").unwrap().mfa_failures, 0);
+    }
+
+    #[test]
+    fn one_address_guessing_at_many_devices_is_held_back() {
+        let (_dir, mut store, _key) = mfa_store();
+        let keys: Vec<Key> = (10..30).map(|n| Key::new([n; 32])).collect();
+        for (n, key) in keys.iter().enumerate() {
+            store
+                .create_device(device(&format!("d{n}"), *key), 0)
+                .unwrap();
+        }
+        let attacker = "198.51.100.9";
+        let mut limited = 0;
+        for key in &keys {
+            for _ in 0..2 {
+                let login = store
+                    .mfa_start("ams", &key.to_base64(), attacker, NOW)
+                    .unwrap();
+                match store.mfa_finish(&login.session, wrong(&store, NOW), attacker, NOW) {
+                    Err(ClientError::Unauthorized(_)) => {}
+                    Err(ClientError::Limited { message, .. }) => {
+                        assert!(message.contains("this address"), "{message}");
+                        limited += 1;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        // Ten wrong codes counted, then the address waits.
+        assert_eq!(limited, 40 - Policy::SOURCE.free);
+        // Another address is not held back.
+        let login = store
+            .mfa_start("ams", &keys[19].to_base64(), "203.0.113.5", NOW)
+            .unwrap();
+        assert!(matches!(
+            store.mfa_finish(&login.session, wrong(&store, NOW), "203.0.113.5", NOW),
+            Err(ClientError::Unauthorized(_))
+        ));
+    }
+
+    #[test]
+    fn a_start_from_another_address_does_not_cancel_the_users_login() {
+        let (_dir, mut store, key) = mfa_store();
+        let k = key.to_base64();
+        let user = store.mfa_start("ams", &k, "192.0.2.1", NOW).unwrap();
+        let stranger = store.mfa_start("ams", &k, "198.51.100.9", NOW).unwrap();
+        assert_ne!(user.session, stranger.session);
+        store
+            .mfa_finish(&user.session, &code(&store, NOW), "192.0.2.1", NOW)
+            .unwrap();
     }
 }

@@ -39,7 +39,7 @@ pub use self::{
     mfa::{ClientError, FinishedLogin, MfaSettings, RemovalOutcome},
     render::PeerSpec,
 };
-use crate::{challenge::Challenges, keys::Key};
+use crate::{challenge::Challenges, keys::Key, lockout::Sources};
 
 /// Why the store refused or failed a request.
 #[derive(Debug, thiserror::Error)]
@@ -160,12 +160,16 @@ pub struct Store {
     /// Held (flock) for as long as the store is open.
     _lock: fs::File,
     challenges: Challenges,
+    /// Wrong MFA codes by client address.
+    sources: Sources,
     mfa: MfaSettings,
     notices: Vec<Notice>,
 }
 
 /// Waits this long for a lock held by a reader before failing a write.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Client addresses whose wrong MFA codes are remembered, at most.
+const SOURCES_KEPT: usize = 100_000;
 /// Events kept in the log; older ones are pruned.
 pub const EVENTS_KEPT: i64 = 100_000;
 
@@ -212,6 +216,7 @@ impl Store {
             path: path.to_owned(),
             _lock: lock,
             challenges: Challenges::default(),
+            sources: Sources::new(mfa.source, SOURCES_KEPT),
             mfa,
             notices: Vec::new(),
         })

@@ -94,6 +94,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_location ON events(location, id);
     ",
+    // 2: wrong MFA codes of a device, counted across logins.
+    "
+    ALTER TABLE devices ADD COLUMN mfa_failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN mfa_failed_ms INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// The schema version this build writes.

@@ -316,6 +316,9 @@ pub enum DeviceCommand {
         /// A disabled device is no peer and cannot log in.
         #[arg(long, value_enum)]
         enabled: Option<OnOff>,
+        /// Forget its wrong MFA codes, lifting a backoff or lockout.
+        #[arg(long)]
+        mfa_unlock: bool,
     },
     /// Delete it.
     Delete {
@@ -783,6 +786,7 @@ async fn device(
             public_key,
             addresses,
             enabled,
+            mfa_unlock,
         } => answer(
             core.update_device(admin::UpdateDeviceRequest {
                 name,
@@ -791,6 +795,7 @@ async fn device(
                 public_key,
                 addresses: list(addresses),
                 enabled: on(enabled),
+                mfa_unlock,
             })
             .await,
         )?,
@@ -1103,11 +1108,24 @@ fn devices_table(devices: &[admin::Device], now: SystemTime) -> String {
         "NAME", "USER", "LOCATION", "PUBLIC KEY", "ADDRESSES", "ENABLED", "MFA SESSION"
     );
     for d in devices {
-        let session = if d.mfa_session {
+        let mut session = if d.mfa_session {
             format!("since {}", ago(d.mfa_session_since_unix_ms, now))
         } else {
             "-".into()
         };
+        if d.mfa_blocked_until_unix_ms > 0 {
+            let block = if d.mfa_locked_out {
+                "locked out"
+            } else {
+                "backing off"
+            };
+            let _ = write!(
+                session,
+                " ({block} after {} wrong codes, until {})",
+                d.mfa_failures,
+                ago(d.mfa_blocked_until_unix_ms, now)
+            );
+        }
         let _ = writeln!(
             out,
             "{:<20} {:<16} {:<12} {:<44}  {:<36} {:<7} {}",
