@@ -372,7 +372,11 @@ mod tests {
             assert_eq!(error.status.as_u16(), status, "{code:?}");
             assert_eq!(error.message, "why");
             // Only a limit says when to try again.
-            assert_eq!(error.retry_after_s, (status == 429).then_some(7), "{code:?}");
+            assert_eq!(
+                error.retry_after_s,
+                (status == 429).then_some(7),
+                "{code:?}"
+            );
         }
         let unknown = pb::Reply {
             id: 1,

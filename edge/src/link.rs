@@ -18,6 +18,7 @@ use tidegate_proto::{
         self as pb, core_message,
         edge_server::{Edge, EdgeServer},
     },
+    limits::MAX_EDGE_MESSAGE_BYTES,
     listen::{Acceptor, LINK_LIMITS},
     tls::{Pki, TlsError, check_own_identity, require_core},
 };
@@ -193,7 +194,11 @@ pub async fn serve(
         next_session: Arc::new(AtomicU64::new(0)),
     };
     info!(listen = %settings.listen, core = %settings.core_identity, "waiting for Core");
-    let router = server.add_service(EdgeServer::new(service));
+    let router = server.add_service(
+        EdgeServer::new(service)
+            .max_decoding_message_size(MAX_EDGE_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_EDGE_MESSAGE_BYTES),
+    );
     Ok(async move {
         let served = router
             .serve_with_incoming_shutdown(

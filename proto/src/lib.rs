@@ -6,6 +6,7 @@
 //! identity, and Core checks the server's certificate names the gateway or
 //! Edge it meant to reach.
 
+pub mod limits;
 pub mod listen;
 pub mod tls;
 

@@ -10,10 +10,11 @@
 //!   same run, alternating with them: one peer set straight into a
 //!   wireguard-go of the bench's own through its UAPI socket, to visible.
 //! * Full sync: the three gateways disabled in Core, the location
-//!   refilled with 10,000 devices, then the gateways enabled: from the
+//!   refilled with 100,000 devices (the most a link is sized for, added
+//!   10,000 to a call), then the gateways enabled: from the
 //!   enabling calls to every gateway having applied the location's version
 //!   (its Applied, sent once its reconcile returned; each device's peer
-//!   count is checked through UAPI afterwards). Baselines: the same 10,000
+//!   count is checked through UAPI afterwards). Baselines: the same 100,000
 //!   peers set into a fresh wireguard-go in one UAPI call, and into three
 //!   fresh ones at once (what the gateways' devices must do, on the same
 //!   cores).
@@ -35,7 +36,9 @@ use tonic::transport::Channel;
 /// Peer adds measured.
 const CHANGES: usize = 1000;
 /// Peers of the full sync.
-const SYNC_PEERS: usize = 10_000;
+const SYNC_PEERS: usize = tidegate_proto::limits::MAX_DEVICES;
+/// Devices added by one admin call in the refill.
+const BATCH: usize = 10_000;
 /// Gateways of the location.
 const GATEWAYS: usize = 3;
 /// How often the latency loop reads each device.
@@ -46,7 +49,8 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// Targets.
 const TARGET_P99_MS: f64 = 100.0;
-const TARGET_SYNC_S: f64 = 2.0;
+/// 2 s per 10,000 peers.
+const TARGET_SYNC_S: f64 = 2.0 * (SYNC_PEERS / 10_000) as f64;
 /// wireguard-go's UAPI sockets.
 const UAPI_DIR: &str = "/var/run/wireguard";
 
@@ -160,10 +164,10 @@ fn spread(samples: &[f64]) -> Spread {
     }
 }
 
-/// The i-th device's tunnel address in 10.77.0.0/16, past the gateways'.
+/// The i-th device's tunnel address in 10.76.0.0/15, past the gateways'.
 fn device_address(i: usize) -> String {
     let n = i + 2;
-    format!("10.77.{}.{}/32", n / 256, n % 256)
+    format!("10.{}.{}.{}/32", 76 + n / 65_536, n / 256 % 256, n % 256)
 }
 
 async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
@@ -216,7 +220,7 @@ fn run() -> Result<()> {
         gateways: GATEWAYS,
         edges: 0,
         status_interval_ms: 5000,
-        tunnel_address: "10.77.0.1/16".into(),
+        tunnel_address: "10.76.0.1/15".into(),
         ..ControlOptions::default()
     })?;
     let sockets: Vec<PathBuf> = (1..=GATEWAYS)
@@ -279,14 +283,29 @@ fn run() -> Result<()> {
             }))
             .map_err(|s| anyhow::anyhow!("deleting a device: {}", s.message()))?;
     }
-    let mut sync_keys = Vec::with_capacity(SYNC_PEERS);
-    for i in 0..SYNC_PEERS {
-        let key = Key::generate_private().public();
-        runtime.block_on(add_device(&mut api, format!("s{i}"), &key))?;
-        sync_keys.push(key);
-        if (i + 1) % 2000 == 0 {
-            eprintln!("  {} devices", i + 1);
-        }
+    let sync_keys: Vec<Key> = (0..SYNC_PEERS)
+        .map(|_| Key::generate_private().public())
+        .collect();
+    for (n, batch) in sync_keys.chunks(BATCH).enumerate() {
+        let devices = batch
+            .iter()
+            .enumerate()
+            .map(|(j, key)| {
+                let i = n * BATCH + j;
+                admin::CreateDeviceRequest {
+                    name: format!("s{i}"),
+                    user: "bench".into(),
+                    location: LOCATION.into(),
+                    public_key: key.to_base64(),
+                    addresses: vec![device_address(i)],
+                    ..Default::default()
+                }
+            })
+            .collect();
+        runtime
+            .block_on(api.create_devices(admin::CreateDevicesRequest { devices }))
+            .map_err(|s| anyhow::anyhow!("adding devices: {}", s.message()))?;
+        eprintln!("  {} devices", (n + 1) * BATCH);
     }
     let version = runtime
         .block_on(location_status(&mut api))?

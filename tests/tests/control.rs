@@ -787,3 +787,116 @@ fn ten_thousand_guessed_codes_through_nginx_and_an_edge_are_held_to_the_limit() 
     ensure!(login.json()?["device"] == "laptop");
     Ok(())
 }
+
+/// Devices of the location the delivery test fills.
+const BULK_DEVICES: usize = 50_000;
+
+/// The i-th bulk device's tunnel address in 10.77.0.0/16, past the
+/// gateway's.
+fn bulk_address(i: usize) -> String {
+    let n = i + 2;
+    format!("10.77.{}.{}/32", n / 256, n % 256)
+}
+
+/// The i-th bulk device's public key: distinct bytes (any 32 bytes are an
+/// X25519 public key; deriving real ones would take the test longer than
+/// the delivery).
+fn bulk_key(i: usize) -> tidegate_core::keys::Key {
+    let mut bytes = [0x5a; 32];
+    bytes[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    tidegate_core::keys::Key::new(bytes)
+}
+
+/// Adds `BULK_DEVICES` devices of user `bulk` through Core's admin socket
+/// (gRPC, as `tidectl core device import` speaks it), 10,000 at a time.
+fn add_bulk_devices(socket: &std::path::Path) -> Result<()> {
+    use tidegate_proto::admin::v1::{self as admin, admin_client::AdminClient};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))?
+                .connect()
+                .await
+                .context("connecting to Core's admin socket")?;
+        let mut api = AdminClient::new(channel);
+        api.create_user(admin::CreateUserRequest {
+            name: "bulk".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("creating the user: {}", s.message()))?;
+        let devices: Vec<_> = (0..BULK_DEVICES)
+            .map(|i| admin::CreateDeviceRequest {
+                name: format!("b{i}"),
+                user: "bulk".into(),
+                location: LOCATION.into(),
+                public_key: bulk_key(i).to_base64(),
+                addresses: vec![bulk_address(i)],
+                ..Default::default()
+            })
+            .collect();
+        for batch in devices.chunks(10_000) {
+            let created = api
+                .create_devices(admin::CreateDevicesRequest {
+                    devices: batch.to_vec(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("adding devices: {}", s.message()))?
+                .into_inner()
+                .created;
+            ensure!(
+                created as usize == batch.len(),
+                "{created} of {} added",
+                batch.len()
+            );
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn a_location_of_fifty_thousand_devices_is_delivered_whole() -> Result<()> {
+    require_root();
+    let mut lab = ControlLab::build(&ControlOptions {
+        gateways: 1,
+        edges: 0,
+        status_interval_ms: 5_000,
+        tunnel_address: "10.77.0.1/16".into(),
+        ..ControlOptions::default()
+    })?;
+    let core = lab.core()?;
+    // Off while the devices are added: the gateway then gets them in one
+    // config, as after an outage or on a new gateway.
+    core.tidectl_ok(&["gateway", "change", "gw1", "--enabled", "off"])?;
+    let started = Instant::now();
+    add_bulk_devices(&core.config().admin_socket)?;
+    let added = started.elapsed();
+    core.tidectl_ok(&["gateway", "change", "gw1", "--enabled", "on"])?;
+    let core = lab.core_mut()?;
+    core.wait_applied(LOCATION, Duration::from_secs(240))?;
+    let delivered = started.elapsed() - added;
+    // The gateway runs them: its status (read from its WireGuard) counts
+    // every peer.
+    let status = poll_until(
+        "the gateway's status to count every peer",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            let status = core.location_status(LOCATION)?;
+            Ok(
+                if status["gateways"][0]["peers"].as_u64() == Some(BULK_DEVICES as u64) {
+                    Probe::Ready(status)
+                } else {
+                    Probe::NotYet(status["gateways"][0].to_string())
+                },
+            )
+        },
+    )?;
+    eprintln!(
+        "{BULK_DEVICES} devices added in {added:.1?}, delivered and applied in {delivered:.1?}: {}",
+        status["gateways"][0]
+    );
+    Ok(())
+}

@@ -51,6 +51,10 @@ impl AdminService {
 /// The gRPC status of a store error.
 pub fn status(error: StoreError) -> Status {
     let message = crate::error_chain(&error);
+    let error = match error {
+        StoreError::Batch { source, .. } => *source,
+        other => other,
+    };
     match error {
         StoreError::Invalid { .. } => Status::invalid_argument(message),
         StoreError::NotFound { .. } => Status::not_found(message),
@@ -386,6 +390,21 @@ impl Admin for AdminService {
         let req = request.into_inner();
         info!(device = %req.name, user = %req.user, location = %req.location, "adding a device");
         self.store(move |s| s.create_device(req, now_ms())).await
+    }
+
+    async fn create_devices(
+        &self,
+        request: Request<admin::CreateDevicesRequest>,
+    ) -> Result<Response<admin::CreateDevicesResponse>, Status> {
+        let devices = request.into_inner().devices;
+        info!(count = devices.len(), "adding devices");
+        self.store(move |s| {
+            let created = s.create_devices(devices, now_ms())?;
+            Ok(admin::CreateDevicesResponse {
+                created: u32::try_from(created).unwrap_or(u32::MAX),
+            })
+        })
+        .await
     }
 
     async fn list_devices(

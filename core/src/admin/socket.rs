@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::AdminService;
-use crate::links::MAX_MESSAGE_BYTES;
+use tidegate_proto::limits::MAX_ADMIN_MESSAGE_BYTES;
 
 /// Why the admin socket could not be set up or served.
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +84,8 @@ impl AdminSocket {
         cancel: CancellationToken,
     ) -> Result<(), SocketError> {
         let server = AdminServer::new(service)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
         tonic::transport::Server::builder()
             .add_service(server)
             .serve_with_incoming_shutdown(accept_own_user(&self.listener), cancel.cancelled())

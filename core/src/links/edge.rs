@@ -7,15 +7,13 @@ use std::sync::Arc;
 use tidegate_proto::edge::v1::{
     CoreMessage, Welcome, core_message, edge_client::EdgeClient, edge_message,
 };
+use tidegate_proto::limits::MAX_EDGE_MESSAGE_BYTES;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{
-    LinkContext, LinkError, MAX_MESSAGE_BYTES, Reconnect, connect, ended, requests,
-    status::EdgeState,
-};
+use super::{LinkContext, LinkError, Reconnect, connect, ended, requests, status::EdgeState};
 use crate::{
     now_ms,
     store::{EdgeTarget, EventKind},
@@ -78,8 +76,8 @@ async fn session(
         channel = connect(&target.address, &target.identity, ctx) => channel?,
     };
     let mut client = EdgeClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_EDGE_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_EDGE_MESSAGE_BYTES);
     let (out, out_rx) = mpsc::channel::<CoreMessage>(CONCURRENT_REQUESTS);
     out.send(CoreMessage {
         msg: Some(core_message::Msg::Welcome(Welcome {

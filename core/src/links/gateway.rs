@@ -8,6 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 use tidegate_proto::gateway::v1::{
     self as gateway, CoreMessage, core_message, gateway_client::GatewayClient, gateway_message,
 };
+use tidegate_proto::limits;
 use tokio::{
     sync::{broadcast, mpsc, oneshot, watch},
     time::Instant,
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    GatewayCommand, LinkContext, LinkError, MAX_MESSAGE_BYTES, Reconnect,
+    GatewayCommand, LinkContext, LinkError, Reconnect,
     coalesce::{Coalescer, Next},
     connect, ended,
     status::{GatewayState, PeerSeen, fold_peers},
@@ -93,8 +94,8 @@ async fn session(
         channel = connect(&target.address, &target.identity, ctx) => channel?,
     };
     let mut client = GatewayClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(limits::MAX_STATUS_BYTES)
+        .max_encoding_message_size(limits::MAX_CONFIG_BYTES);
     let (out, out_rx) = mpsc::channel::<CoreMessage>(16);
     let timeout = ctx.settings.connect_timeout;
     let mut inbound = tokio::select! {
@@ -170,6 +171,15 @@ async fn session(
                         .call(move |s| s.location_config(location))
                         .await??
                         .ok_or(LinkError::LocationGone)?;
+                    let len = prost::Message::encoded_len(&config);
+                    if len > limits::MAX_CONFIG_BYTES {
+                        return Err(LinkError::Protocol(format!(
+                            "the location's config is {len} bytes, over the {} a link carries \
+                             (sized for {} devices)",
+                            limits::MAX_CONFIG_BYTES,
+                            limits::MAX_DEVICES
+                        )));
+                    }
                     coalescer.sent_full(config.version);
                     threshold_ms = i64::from(config.peer_disconnect_threshold_s) * 1000;
                     let version = config.version;

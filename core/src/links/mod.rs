@@ -28,9 +28,6 @@ use crate::{
     store::{EdgeTarget, GatewayTarget, Notice, StoreError},
 };
 
-/// Largest message either way: a whole config of tens of thousands of
-/// peers fits.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// HTTP/2 pings on an idle link, and how long a ping may go unanswered
 /// before the link counts as lost.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);

@@ -106,6 +106,25 @@ fn used_addresses(
     Ok(used)
 }
 
+/// The device holding `ip` at the location, if any (one index lookup,
+/// where [`used_addresses`] reads them all).
+fn address_holder(
+    conn: &Connection,
+    location_id: u32,
+    ip: IpAddr,
+) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached(
+        "SELECT device_id FROM device_addresses WHERE location_id = ?1 AND address = ?2",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(params![location_id, validate::host_cidr(ip)], |row| {
+            row.get(0)
+        })
+        .optional()
+    })
+    .map_err(sql("reading device addresses"))
+}
+
 /// Checks the addresses asked for, or picks the lowest free host of each of
 /// the location's networks.
 fn pick_addresses(
@@ -115,8 +134,8 @@ fn pick_addresses(
     asked: &[String],
 ) -> Result<Vec<String>, StoreError> {
     let nets = location.nets();
-    let used = used_addresses(conn, location.id, device_id)?;
     if asked.is_empty() {
+        let used = used_addresses(conn, location.id, device_id)?;
         let mut picked = Vec::new();
         for net in &nets {
             let free = net
@@ -135,7 +154,7 @@ fn pick_addresses(
     let mut picked: Vec<IpAddr> = Vec::new();
     for text in asked {
         let ip = validate::device_address(text, &nets)?;
-        if used.contains(&ip) {
+        if address_holder(conn, location.id, ip)?.is_some_and(|holder| holder != device_id) {
             return Err(StoreError::invalid(
                 "addresses",
                 format!("{ip} is another device's"),
@@ -173,54 +192,85 @@ fn store_addresses(
     Ok(())
 }
 
+/// Adds one device in `tx`; returns its name.
+fn insert_device(
+    tx: &mut Tx<'_>,
+    req: admin::CreateDeviceRequest,
+    now_ms: i64,
+) -> Result<String, StoreError> {
+    let name = validate::name("name", &req.name)?;
+    let public_key = validate::key("public_key", &req.public_key)?;
+    let (_, user_id) = users::by_name(&*tx, &req.user)?;
+    let location = locations::by_name(&*tx, &req.location)?;
+    if name_taken(&*tx, &name)? {
+        return Err(StoreError::Exists {
+            kind: "device",
+            name,
+        });
+    }
+    if let Some((_, holder)) = key_holder(&*tx, location.id, &public_key)? {
+        return Err(StoreError::invalid(
+            "public_key",
+            format!(
+                "device {holder:?} of location {:?} has this key",
+                location.name
+            ),
+        ));
+    }
+    let addresses = pick_addresses(&*tx, &location, -1, &req.addresses)?;
+    let psk = Key::generate_preshared();
+    tx.execute(
+        "INSERT INTO devices (name, user_id, location_id, public_key, preshared_key, enabled, created_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            name,
+            user_id,
+            location.id,
+            public_key.as_bytes().as_slice(),
+            psk.as_bytes().as_slice(),
+            req.enabled.unwrap_or(true),
+            now_ms
+        ],
+    )
+    .map_err(sql("storing a device"))?;
+    let id = tx.last_insert_rowid();
+    store_addresses(tx, id, location.id, &addresses)?;
+    tx.touch_new(id);
+    Ok(name)
+}
+
 impl Store {
     pub fn create_device(
         &mut self,
         req: admin::CreateDeviceRequest,
         now_ms: i64,
     ) -> Result<admin::Device, StoreError> {
-        let name = validate::name("name", &req.name)?;
-        let public_key = validate::key("public_key", &req.public_key)?;
         let mut tx = begin(&mut self.conn)?;
-        let (_, user_id) = users::by_name(&tx, &req.user)?;
-        let location = locations::by_name(&tx, &req.location)?;
-        if name_taken(&tx, &name)? {
-            return Err(StoreError::Exists {
-                kind: "device",
-                name,
-            });
-        }
-        if let Some((_, holder)) = key_holder(&tx, location.id, &public_key)? {
-            return Err(StoreError::invalid(
-                "public_key",
-                format!(
-                    "device {holder:?} of location {:?} has this key",
-                    location.name
-                ),
-            ));
-        }
-        let addresses = pick_addresses(&tx, &location, -1, &req.addresses)?;
-        let psk = Key::generate_preshared();
-        tx.execute(
-            "INSERT INTO devices (name, user_id, location_id, public_key, preshared_key, enabled, created_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                name,
-                user_id,
-                location.id,
-                public_key.as_bytes().as_slice(),
-                psk.as_bytes().as_slice(),
-                req.enabled.unwrap_or(true),
-                now_ms
-            ],
-        )
-        .map_err(sql("storing a device"))?;
-        let id = tx.last_insert_rowid();
-        store_addresses(&tx, id, location.id, &addresses)?;
-        tx.touch_new(id);
+        let name = insert_device(&mut tx, req, now_ms)?;
         let view = by_name(&tx, &name)?.view;
         self.notices.extend(tx.commit()?);
         Ok(view)
+    }
+
+    /// Adds many devices in one transaction: all, or none (the error
+    /// names the first refused and its place in the list).
+    pub fn create_devices(
+        &mut self,
+        reqs: Vec<admin::CreateDeviceRequest>,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let count = reqs.len();
+        let mut tx = begin(&mut self.conn)?;
+        for (index, req) in reqs.into_iter().enumerate() {
+            let name = req.name.clone();
+            insert_device(&mut tx, req, now_ms).map_err(|error| StoreError::Batch {
+                index,
+                name,
+                source: Box::new(error),
+            })?;
+        }
+        self.notices.extend(tx.commit()?);
+        Ok(count)
     }
 
     /// Devices, filtered by user and location names (empty: any), by name.
@@ -598,5 +648,58 @@ pub(crate) mod tests {
         let config = render::location_config(&store.conn, 1).unwrap().unwrap();
         assert_eq!(config.peers.len(), 1);
         assert_eq!(config.version, change.version);
+    }
+
+    #[test]
+    fn a_batch_of_devices_is_added_whole_or_not_at_all() {
+        let (_dir, mut store) = setup(false);
+        let batch = |names: &[&str], clash: Option<usize>| {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let n = u8::try_from(i).unwrap() + 1;
+                    let mut req = device(name, Key::new([n; 32]));
+                    if clash == Some(i) {
+                        req.public_key = Key::new([1; 32]).to_base64();
+                    }
+                    req.addresses = vec![format!("10.8.0.{}/32", 10 + n)];
+                    req
+                })
+                .collect::<Vec<_>>()
+        };
+        // The third repeats the first's key: nothing is stored.
+        let err = store
+            .create_devices(batch(&["a", "b", "c"], Some(2)), 0)
+            .unwrap_err();
+        assert!(
+            crate::error_chain(&err).contains("item 2 (\"c\")"),
+            "{}",
+            crate::error_chain(&err)
+        );
+        assert!(matches!(
+            crate::admin::status(err).code(),
+            tonic::Code::InvalidArgument
+        ));
+        assert!(store.list_devices("", "").unwrap().is_empty());
+        assert!(store.take_notices().is_empty());
+        // Whole: every device, one change of three peers.
+        assert_eq!(
+            store
+                .create_devices(batch(&["a", "b", "c"], None), 0)
+                .unwrap(),
+            3
+        );
+        assert_eq!(store.list_devices("", "").unwrap().len(), 3);
+        let change = one_change(&mut store);
+        let ChangeKind::Peers { upsert, .. } = &change.kind else {
+            panic!("{change:?}")
+        };
+        assert_eq!(upsert.len(), 3);
+        // An address another device holds is refused by one lookup.
+        let mut taken = device("d", Key::new([9; 32]));
+        taken.addresses = vec!["10.8.0.11/32".into()];
+        let err = store.create_device(taken, 0).unwrap_err();
+        assert!(err.to_string().contains("another device's"), "{err}");
     }
 }

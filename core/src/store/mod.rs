@@ -80,6 +80,14 @@ pub enum StoreError {
     Exists { kind: &'static str, name: String },
     #[error("{0}")]
     InUse(String),
+    /// One of a batch was refused; nothing of the batch was stored.
+    #[error("item {index} ({name:?}); nothing was added")]
+    Batch {
+        index: usize,
+        name: String,
+        #[source]
+        source: Box<StoreError>,
+    },
 }
 
 impl StoreError {

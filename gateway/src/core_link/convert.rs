@@ -284,6 +284,27 @@ pub fn unix_ms(time: SystemTime) -> i64 {
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Cuts a status down to `limit` bytes encoded, dropping the peers whose
+/// last handshake is oldest (the ones Core learns least from). Returns
+/// how many were dropped.
+pub fn fit_status(status: &mut pb::Status, limit: usize) -> usize {
+    use prost::Message as _;
+    let len = status.encoded_len();
+    if len <= limit || status.peers.is_empty() {
+        return 0;
+    }
+    // Peers are about the same size: drop a share, then trim one by one.
+    let each = (len / status.peers.len()).max(1);
+    let excess = (len - limit).div_ceil(each);
+    status
+        .peers
+        .sort_unstable_by_key(|p| std::cmp::Reverse(p.last_handshake_unix_ms));
+    let before = status.peers.len();
+    status.peers.truncate(before.saturating_sub(excess));
+    while status.encoded_len() > limit && status.peers.pop().is_some() {}
+    before - status.peers.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,5 +477,36 @@ mod tests {
         assert_eq!(out[0].at_unix_ms, 1_700_000_000_000);
         assert!(out[0].reason.contains("peer-disconnect threshold"));
         assert_eq!(out[0].public_key, vec![5; 32]);
+    }
+
+    #[test]
+    fn a_status_over_the_limit_keeps_the_peers_heard_from_last() {
+        use prost::Message as _;
+        let peer = |n: u8| pb::PeerStatus {
+            public_key: vec![n; 32],
+            endpoint: "198.51.100.7:51820".into(),
+            last_handshake_unix_ms: i64::from(n),
+            rx_bytes: 1,
+            tx_bytes: 1,
+        };
+        let mut status = pb::Status {
+            peers: (1..=100).map(peer).collect(),
+            at_unix_ms: 1,
+            ..Default::default()
+        };
+        let whole = status.encoded_len();
+        assert_eq!(fit_status(&mut status, whole), 0);
+        assert_eq!(status.peers.len(), 100);
+        let limit = whole * 3 / 10;
+        let dropped = fit_status(&mut status, limit);
+        assert!(status.encoded_len() <= limit);
+        assert_eq!(dropped + status.peers.len(), 100);
+        assert!(status.peers.len() >= 29, "{}", status.peers.len());
+        assert!(
+            status
+                .peers
+                .iter()
+                .all(|p| p.last_handshake_unix_ms > 100 - 30)
+        );
     }
 }

@@ -14,6 +14,7 @@ use tidegate_proto::{
         self as pb,
         gateway_server::{Gateway, GatewayServer},
     },
+    limits,
     listen::{Acceptor, LINK_LIMITS},
     tls::{Pki, TlsError, check_own_identity, require_core},
 };
@@ -151,7 +152,11 @@ pub async fn serve(
     };
     info!(listen = %config.listen, core = %config.core_identity, "waiting for Core");
     let mut server = server;
-    let router = server.add_service(GatewayServer::new(service));
+    let router = server.add_service(
+        GatewayServer::new(service)
+            .max_decoding_message_size(limits::MAX_CONFIG_BYTES)
+            .max_encoding_message_size(limits::MAX_STATUS_BYTES),
+    );
     Ok(async move {
         let served = router
             .serve_with_incoming_shutdown(

@@ -3,7 +3,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use tidegate_proto::gateway::v1::{self as pb, core_message::Msg, gateway_message};
+use tidegate_proto::{
+    gateway::v1::{self as pb, core_message::Msg, gateway_message},
+    limits,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
@@ -208,10 +211,19 @@ async fn status(parts: &Parts) -> Option<gateway_message::Msg> {
         }
         None => (Vec::new(), Vec::new()),
     };
-    Some(gateway_message::Msg::Status(pb::Status {
+    let mut status = pb::Status {
         ha,
         peers,
         removals,
         at_unix_ms: convert::unix_ms(SystemTime::now()),
-    }))
+    };
+    let dropped = convert::fit_status(&mut status, limits::MAX_STATUS_BYTES);
+    if dropped > 0 {
+        warn!(
+            dropped,
+            limit = limits::MAX_STATUS_BYTES,
+            "the status to Core is over its size limit; the peers heard from longest ago are left out"
+        );
+    }
+    Some(gateway_message::Msg::Status(status))
 }

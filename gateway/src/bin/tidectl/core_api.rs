@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tidegate_proto::admin::v1::{self as admin, admin_client::AdminClient};
+use tidegate_proto::{
+    admin::v1::{self as admin, admin_client::AdminClient},
+    limits::MAX_ADMIN_MESSAGE_BYTES,
+};
 use tonic::transport::{Channel, Endpoint};
 
 use super::OnOff;
@@ -277,6 +280,13 @@ pub enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add many devices at once, all or none: a file of one JSON object
+    /// per line, `{"name", "user", "location", "public_key"}` and
+    /// optionally `"addresses"` (a list) and `"enabled"`.
+    Import {
+        /// The file ('-' for standard input).
+        file: PathBuf,
+    },
     /// Add a device (its public key; the private key stays on the device).
     Create {
         /// Its name.
@@ -424,7 +434,9 @@ async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
                 socket.display()
             )
         })?;
-    Ok(AdminClient::new(channel))
+    Ok(AdminClient::new(channel)
+        .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES))
 }
 
 /// Core's answer, or its error message.
@@ -760,6 +772,16 @@ async fn device(
                 return print_json(&device);
             }
             device
+        }
+        DeviceCommand::Import { file } => {
+            let devices = read_import(&file)?;
+            let count = devices.len();
+            let created = answer(
+                core.create_devices(admin::CreateDevicesRequest { devices })
+                    .await,
+            )?;
+            println!("added {} of {count} devices", created.created);
+            return Ok(());
         }
         DeviceCommand::Create {
             name,
@@ -1102,6 +1124,48 @@ fn users_table(users: &[admin::User]) -> String {
     out
 }
 
+/// One line of a device import file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportedDevice {
+    name: String,
+    user: String,
+    location: String,
+    public_key: String,
+    #[serde(default)]
+    addresses: Vec<String>,
+    enabled: Option<bool>,
+}
+
+/// The devices of an import file, or the first bad line.
+fn read_import(path: &Path) -> Result<Vec<admin::CreateDeviceRequest>> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    parse_import(&text).with_context(|| format!("in {}", path.display()))
+}
+
+fn parse_import(text: &str) -> Result<Vec<admin::CreateDeviceRequest>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| {
+            let device: ImportedDevice =
+                serde_json::from_str(line).with_context(|| format!("line {}", n + 1))?;
+            Ok(admin::CreateDeviceRequest {
+                name: device.name,
+                user: device.user,
+                location: device.location,
+                public_key: device.public_key,
+                addresses: device.addresses,
+                enabled: device.enabled,
+            })
+        })
+        .collect()
+}
+
 fn devices_table(devices: &[admin::Device], now: SystemTime) -> String {
     let mut out = format!(
         "{:<20} {:<16} {:<12} {:<44}  {:<36} {:<7} {}\n",
@@ -1222,6 +1286,28 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_import_file_is_one_device_per_line_and_a_bad_line_is_named() {
+        let text = "{\"name\":\"a\",\"user\":\"u\",\"location\":\"l\",\"public_key\":\"k\"}\n\n\
+                    {\"name\":\"b\",\"user\":\"u\",\"location\":\"l\",\"public_key\":\"k2\",\
+                    \"addresses\":[\"10.8.0.9/32\"],\"enabled\":false}\n";
+        let devices = parse_import(text).unwrap();
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[1].addresses, ["10.8.0.9/32"]);
+        assert_eq!(devices[1].enabled, Some(false));
+        assert_eq!(devices[0].enabled, None);
+        for (bad, want) in [
+            ("{\"name\":\"a\"}", "line 1"),
+            (
+                "\n{\"name\":\"a\",\"user\":\"u\",\"location\":\"l\",\"public_key\":\"k\",\"x\":1}",
+                "line 2",
+            ),
+        ] {
+            let err = format!("{:#}", parse_import(bad).unwrap_err());
+            assert!(err.contains(want), "{err}");
+        }
+    }
 
     #[test]
     fn times_read_naturally() {
