@@ -396,5 +396,30 @@ fn an_mfa_removal_lost_with_the_link_is_sent_again_and_ends_the_session() -> Res
             .is_some_and(|list| list.iter().any(|e| e["kind"] == "mfa-session-end")),
         "{events}"
     );
+    // Core acknowledged it: the gateway's state file says so, and it is
+    // sent no more.
+    let gateway = lab.gateway(1);
+    let config = gateway.daemon.config();
+    let state_dir = config.state_dir.clone().context("no state_dir")?;
+    let interface = config
+        .wireguard
+        .as_ref()
+        .context("no [wireguard]")?
+        .interface
+        .clone();
+    poll_until(
+        "Core's acknowledgement in the gateway's state file",
+        WAIT,
+        Duration::from_millis(200),
+        || {
+            let state = state_file(&state_dir, &interface)?;
+            let last = state["removal_seq"].as_u64().unwrap_or_default();
+            Ok(if last > 0 && state["acked_seq"] == last {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(state.to_string())
+            })
+        },
+    )?;
     Ok(())
 }

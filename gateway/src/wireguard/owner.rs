@@ -951,15 +951,9 @@ impl Owner {
         let saved = match self.store.save(&state) {
             Ok(()) => true,
             Err(source) => {
-                let grants = || {
-                    desired_from(&self.config, &self.state)
-                        .map_or(true, |old| durability::grants(&old, desired))
-                };
-                let verdict = match origin {
-                    Origin::Core | Origin::File => durability::when_unsaved(origin, true),
-                    Origin::Operator | Origin::Expiry => durability::when_unsaved(origin, grants()),
-                };
-                if verdict == Verdict::Refuse {
+                let grants = desired_from(&self.config, &self.state)
+                    .map_or(true, |old| durability::grants(&old, desired));
+                if durability::when_unsaved(origin, grants) == Verdict::Refuse {
                     // Nothing changes: the file is as far behind as it was.
                     return Err(WireguardError::Unsaved { source });
                 }
