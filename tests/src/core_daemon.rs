@@ -304,6 +304,11 @@ impl CoreDaemon {
         self.process.kill()
     }
 
+    /// Sends `signal` (SIGSTOP freezes Core with its connections open).
+    pub fn signal(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+        self.process.signal(signal)
+    }
+
     /// SIGTERM (graceful), and reap.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         self.process.stop()

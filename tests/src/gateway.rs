@@ -570,6 +570,9 @@ pub struct PeersReply {
     pub polled_at: u64,
     /// The MFA threshold in seconds, if MFA is on.
     pub mfa_threshold_secs: Option<u64>,
+    /// Why the state file is behind the state in force, while it is.
+    #[serde(default)]
+    pub state_unsaved: Option<String>,
     /// The peers on the device.
     pub peers: Vec<PeerStatus>,
 }

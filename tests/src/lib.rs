@@ -55,6 +55,7 @@ pub mod scripted_core;
 pub mod shield;
 pub mod steer_lab;
 pub mod stop;
+pub mod tmpfs;
 pub mod wait;
 pub mod wireguard;
 pub mod xdp;

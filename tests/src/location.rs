@@ -29,6 +29,7 @@ use crate::gateway::{
 use crate::netns::{BackgroundPing, Netns, PingReport, bridge, veth};
 use crate::run::Run;
 use crate::shield::WG_PORT;
+use crate::tmpfs::TmpfsMount;
 use crate::wireguard::{DetachedWireguardGo, KeyPair, PeerStats, WgInterface, WgPeer};
 
 /// The gateway's address on the segment.
@@ -90,6 +91,9 @@ pub struct LocationOptions {
     /// which Core's location config brings (see
     /// [`Location::gateway_private_key`] and [`Client::peer_entry`]).
     pub core: Option<CoreSection>,
+    /// The gateway's state directory is a tmpfs of this many bytes, for
+    /// the run alone (see [`Location::state_mount`]).
+    pub state_tmpfs_bytes: Option<u64>,
 }
 
 impl Default for LocationOptions {
@@ -103,6 +107,7 @@ impl Default for LocationOptions {
             stats_interval_ms: Some(200),
             ip_forward: false,
             core: None,
+            state_tmpfs_bytes: None,
         }
     }
 }
@@ -213,6 +218,8 @@ pub struct Location {
     gateway: Netns,
     switch: Netns,
     gateway_keys: KeyPair,
+    /// After the daemon, before the run directory it is mounted in.
+    state_mount: Option<TmpfsMount>,
     // Last: the run directory goes after everything that writes into it.
     run: Run,
 }
@@ -301,7 +308,12 @@ impl Location {
             run.dir().join("gateway.sock"),
             vec![SocketAddr::from((GATEWAY_UNDERLAY, WG_PORT))],
         );
-        config.state_dir = Some(run.dir().join("state"));
+        let state_dir = run.dir().join("state");
+        let state_mount = match options.state_tmpfs_bytes {
+            Some(bytes) => Some(TmpfsMount::mount(&state_dir, bytes)?),
+            None => None,
+        };
+        config.state_dir = Some(state_dir);
         config.bpf_pin_dir = Some(run.bpffs()?);
         config.wireguard = Some(WireguardSection {
             interface: wg_interface,
@@ -324,8 +336,15 @@ impl Location {
             gateway,
             switch,
             gateway_keys,
+            state_mount,
             run,
         })
+    }
+
+    /// The tmpfs holding the gateway's state directory, if the options
+    /// asked for one.
+    pub fn state_mount(&self) -> Option<&TmpfsMount> {
+        self.state_mount.as_ref()
     }
 
     /// The gateway's WireGuard private key in base64 (the location's key,

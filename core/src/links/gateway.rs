@@ -228,7 +228,13 @@ async fn session(
                         }
                     }
                     Some(gateway_message::Msg::Status(report)) => {
-                        on_status(target, ctx, status, &mut seen, threshold_ms, report).await;
+                        let acked = on_status(target, ctx, status, &mut seen, threshold_ms, report).await;
+                        if let Some(through_seq) = acked {
+                            let acked = gateway::RemovalsAcked { through_seq };
+                            out.send(CoreMessage { msg: Some(core_message::Msg::RemovalsAcked(acked)) })
+                                .await
+                                .map_err(|_| LinkError::Closed)?;
+                        }
                     }
                     Some(gateway_message::Msg::Failover(result)) => {
                         if let Some(reply) = failovers.remove(&result.id) {
@@ -279,6 +285,8 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Takes in a status; returns the seq through which its MFA removals are
+/// applied and committed, to acknowledge (none when it numbers none).
 async fn on_status(
     target: &GatewayTarget,
     ctx: &LinkContext,
@@ -286,7 +294,7 @@ async fn on_status(
     seen: &mut HashMap<Key, PeerSeen>,
     threshold_ms: i64,
     report: gateway::Status,
-) {
+) -> Option<u64> {
     let (peers, recent) = fold_peers(seen, &report);
     let activity: HashMap<Key, i64> = seen.iter().map(|(k, p)| (*k, p.last_active_ms)).collect();
     let old_role = status.borrow().role().map(str::to_owned);
@@ -310,9 +318,12 @@ async fn on_status(
         )
         .await;
     }
+    let mut acked = None;
     for removal in report.removals {
+        let seq = removal.seq;
         let Ok(key) = Key::from_slice(&removal.public_key) else {
             warn!(gateway = %target.name, "an MFA removal with a malformed key");
+            acked = Some(seq).filter(|seq| *seq > 0);
             continue;
         };
         let active_elsewhere = {
@@ -347,8 +358,14 @@ async fn on_status(
                 debug!(gateway = %target.name, peer = %key, "MFA removal on one gateway; the device is active on another, its session goes on");
             }
             Ok(Ok(RemovalOutcome::Ignored)) => {}
-            Ok(Err(e)) => warn!(error = %crate::error_chain(&e), "recording an MFA removal"),
-            Err(_) => {}
+            Ok(Err(e)) => {
+                // Not acknowledged: the gateway sends it again.
+                warn!(error = %crate::error_chain(&e), "recording an MFA removal");
+                break;
+            }
+            Err(_) => break,
         }
+        acked = Some(seq).filter(|seq| *seq > 0);
     }
+    acked
 }

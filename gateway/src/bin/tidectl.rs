@@ -423,6 +423,12 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
         },
         if status.draining { ", draining" } else { "" },
     );
+    if let Some(error) = &status.state_unsaved {
+        let _ = writeln!(
+            out,
+            "state-unsaved: {error} (removals are applied; the file catches up once it can be written)"
+        );
+    }
     let _ = writeln!(
         out,
         "mode: {}",
@@ -613,6 +619,9 @@ fn peers_table(reply: &PeersReply, now: SystemTime) -> String {
         }
         None => out.push('\n'),
     }
+    if let Some(error) = &reply.state_unsaved {
+        let _ = writeln!(out, "state-unsaved: {error}");
+    }
     let _ = writeln!(
         out,
         "\n{:<44}  {:<12} {:<8} {:<24} {:<20} {:>10} {:>10} {:>12} {:>12}",
@@ -756,6 +765,7 @@ mod tests {
             listen_port: 51820,
             polled_at: 999_998,
             mfa_threshold_secs: Some(300),
+            state_unsaved: None,
             peers: vec![PeerStatus {
                 public_key: Key::new([1; 32]),
                 name: Some("alice".into()),
@@ -846,6 +856,7 @@ mod tests {
             dropped: BTreeMap::new(),
             fence: None,
             failovers: vec![report(false, Some(22), true), report(true, None, false)],
+            state_unsaved: Some("writing state file /s/wg.json: No space left on device".into()),
             endpoints: Some(SharingStatus {
                 entries: 20,
                 by_gateway: BTreeMap::from([(1, 5), (2, 15)]),
@@ -864,6 +875,7 @@ mod tests {
         };
         let text = status_text(&status, now);
         for expected in [
+            "state-unsaved: writing state file /s/wg.json: No space left on device",
             "endpoint table: 20 peers (5 from gateway 1, 15 from gateway 2)",
             "endpoint messages from: gateway 2 02:00:00:00:00:02 120 ms ago",
             "endpoint messages dropped: replay 1",

@@ -333,6 +333,7 @@ mod tests {
             fence: None,
             failovers: Vec::new(),
             endpoints: None,
+            state_unsaved: None,
         }
     }
 

@@ -220,7 +220,13 @@ async fn answer(request: Request, handles: &Handles) -> Response {
         .map(Reply::Applied),
         Request::Status => async { ha()?.status().await.map_err(|e| chain(&e)) }
             .await
-            .map(|status| Reply::Status(Box::new(status))),
+            .map(|mut status| {
+                status.state_unsaved = handles
+                    .wireguard
+                    .as_ref()
+                    .and_then(WireguardHandle::state_unsaved);
+                Reply::Status(Box::new(status))
+            }),
         Request::Failover => async { ha()?.failover().await.map_err(|e| chain(&e)) }
             .await
             .map(|to| Reply::HandingOver { to }),

@@ -258,6 +258,7 @@ pub fn removals(removals: &[Removal]) -> Vec<pb::MfaRemoval> {
         .map(|removal| pb::MfaRemoval {
             public_key: removal.public_key.as_bytes().to_vec(),
             at_unix_ms: secs_to_ms(removal.removed_at),
+            seq: removal.seq,
             reason: match removal.reason.as_str() {
                 "idle" => {
                     "no handshake or data for longer than the peer-disconnect threshold".to_owned()

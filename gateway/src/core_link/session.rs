@@ -1,5 +1,6 @@
 //! One Link stream with Core: Hello first, then each CoreMessage answered
 //! in order, and a status on connect, on every HA change and periodically.
+//! Each status carries the MFA removals Core has not acknowledged yet.
 
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +30,10 @@ pub struct Parts {
     pub gateway_id: u32,
     pub status_interval: Duration,
 }
+
+/// Most MFA removals one status carries; the rest follow once Core has
+/// acknowledged these.
+pub const REMOVALS_PER_STATUS: usize = 256;
 
 /// The stream half towards Core.
 pub type Outbound = mpsc::Sender<Result<pb::GatewayMessage, Status>>;
@@ -152,6 +157,14 @@ async fn handle(parts: &Parts, message: pb::CoreMessage) -> Option<gateway_messa
                 error,
             }))
         }
+        Some(Msg::RemovalsAcked(acked)) => {
+            if let Some(wireguard) = &parts.wireguard
+                && let Err(error) = wireguard.acknowledge_removals(acked.through_seq).await
+            {
+                warn!(error = %error_chain(&error), "recording Core's acknowledgement of MFA removals failed");
+            }
+            None
+        }
         None => {
             warn!("Core sent an empty message; ignored");
             None
@@ -185,7 +198,8 @@ async fn applied(
     gateway_message::Msg::Applied(pb::Applied { version, error })
 }
 
-/// A status snapshot: HA, peers, and the MFA removals Core has not seen.
+/// A status snapshot: HA, peers, and the MFA removals Core has not
+/// acknowledged.
 async fn status(parts: &Parts) -> Option<gateway_message::Msg> {
     let ha = parts
         .ha
@@ -200,7 +214,7 @@ async fn status(parts: &Parts) -> Option<gateway_message::Msg> {
                     Vec::new()
                 }
             };
-            let removals = match wireguard.take_unreported_removals().await {
+            let removals = match wireguard.unacked_removals(REMOVALS_PER_STATUS).await {
                 Ok(removals) => convert::removals(&removals),
                 Err(error) => {
                     warn!(error = %error_chain(&error), "reading MFA removals for Core failed");

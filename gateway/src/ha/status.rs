@@ -79,6 +79,10 @@ pub struct HaStatus {
     /// The location's endpoint table.
     #[serde(default)]
     pub endpoints: Option<SharingStatus>,
+    /// Why the WireGuard state file is behind the state in force (a
+    /// failing or full disk), while it is. Filled in by the control socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_unsaved: Option<String>,
 }
 
 /// The part of the agent's state Core follows; it changes only on events
@@ -194,6 +198,7 @@ impl AgentView {
             }),
             failovers: owned.failovers,
             endpoints: owned.endpoints,
+            state_unsaved: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod activity;
 pub mod backend;
+pub mod durability;
 pub mod kernel;
 pub mod key;
 pub mod kick;
@@ -123,6 +124,10 @@ pub struct PeersReply {
     pub polled_at: u64,
     /// The MFA peer-disconnect threshold in seconds, if MFA is on.
     pub mfa_threshold_secs: Option<u64>,
+    /// Why the state file is behind the state in force (a failing or full
+    /// disk), while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_unsaved: Option<String>,
     pub peers: Vec<PeerStatus>,
 }
 

@@ -13,6 +13,11 @@
 //!
 //! It never deletes the interface and never flushes peers: when the daemon
 //! stops, crashes or restarts, the device keeps serving its peers.
+//!
+//! A state file that cannot be written fails closed (see [`durability`]):
+//! removals are applied all the same and the file catches up later.
+//!
+//! [`durability`]: super::durability
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -32,6 +37,7 @@ use super::{
     PeersReply, WireguardConfig,
     activity::{Activity, ExpiryReason},
     backend::{Backend, BackendError},
+    durability::{self, Origin, Saved, Verdict},
     kernel::Kernel,
     key::Key,
     kick::{self, FailoverReport, FailoverRun, KickRequest},
@@ -70,6 +76,13 @@ pub enum WireguardError {
     Launch(#[from] LaunchError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(
+        "not applied: a peer added or changed with tidectl must be recorded, and the state file cannot be written"
+    )]
+    Unsaved {
+        #[source]
+        source: StateError,
+    },
     #[error(transparent)]
     Peer(#[from] PeerError),
     #[error(
@@ -140,7 +153,8 @@ enum Command {
         oneshot::Sender<Result<ApplyReport, WireguardError>>,
     ),
     Running(oneshot::Sender<Result<Option<Running>, WireguardError>>),
-    Unreported(oneshot::Sender<Result<Vec<Removal>, WireguardError>>),
+    Unacked(usize, oneshot::Sender<Result<Vec<Removal>, WireguardError>>),
+    Acked(u64, oneshot::Sender<Result<(), WireguardError>>),
 }
 
 /// The location config a gateway runs, as Core sees it.
@@ -165,6 +179,8 @@ pub struct WireguardHandle {
     sessions: mpsc::UnboundedSender<SessionCommand>,
     /// The records of the last failovers, as the task last published them.
     failovers: watch::Receiver<Vec<FailoverReport>>,
+    /// Why the state file is behind the state in force, if it is.
+    unsaved: watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -179,7 +195,8 @@ impl std::fmt::Debug for Command {
             Self::RemoteActivity(..) => "RemoteActivity",
             Self::Location(..) => "Location",
             Self::Running(_) => "Running",
-            Self::Unreported(_) => "Unreported",
+            Self::Unacked(..) => "Unacked",
+            Self::Acked(..) => "Acked",
         })
     }
 }
@@ -273,10 +290,22 @@ impl WireguardHandle {
         self.ask(Command::Running).await
     }
 
-    /// The MFA removals not reported to Core yet; they count as reported
-    /// from now on.
-    pub async fn take_unreported_removals(&self) -> Result<Vec<Removal>, WireguardError> {
-        self.ask(Command::Unreported).await
+    /// At most `limit` of the MFA removals Core has not acknowledged,
+    /// oldest first: they are sent with every status until it has.
+    pub async fn unacked_removals(&self, limit: usize) -> Result<Vec<Removal>, WireguardError> {
+        self.ask(|reply| Command::Unacked(limit, reply)).await
+    }
+
+    /// Core has applied the MFA removals up to `seq`: they are not sent
+    /// again.
+    pub async fn acknowledge_removals(&self, seq: u64) -> Result<(), WireguardError> {
+        self.ask(|reply| Command::Acked(seq, reply)).await
+    }
+
+    /// Why the state file is behind the state in force (a failing or full
+    /// disk), if it is, as the task last published it. Never waits.
+    pub fn state_unsaved(&self) -> Option<String> {
+        self.unsaved.borrow().clone()
     }
 }
 
@@ -349,6 +378,10 @@ pub struct Owner {
     kicked_handshakes: HashMap<Key, SystemTime>,
     /// When stats were last read and how long that took.
     polled: Option<(Instant, Duration)>,
+    /// Whether the state file holds `state`.
+    saved: Saved,
+    /// Publishes the error while it does not.
+    unsaved: watch::Sender<Option<String>>,
 }
 
 impl Owner {
@@ -379,12 +412,17 @@ impl Owner {
             failover_changes: 0,
             kicked_handshakes: HashMap::new(),
             polled: None,
+            saved: Saved::default(),
+            unsaved: watch::Sender::new(None),
         };
         let mut state = owner.state.clone();
         local_conflicts(&owner.config, &state)?;
         let desired = desired_from(&owner.config, &state)?;
         owner.track(&mut state, &desired, SystemTime::now());
-        owner.store.save(&state)?;
+        // A disk that cannot take the state does not keep the device from
+        // its config (MFA expiry must go on): unsaved until it can.
+        let saved = owner.store.save(&state);
+        owner.saved_as(saved);
         owner.state = state;
         owner.track_current(SystemTime::now());
         let report = owner.reconcile(&desired)?;
@@ -436,7 +474,13 @@ impl Owner {
                     }
                     None => break,
                 },
-                _ = poll.tick() => self.poll(),
+                _ = poll.tick() => {
+                    self.poll();
+                    if self.saved.retry_due(Instant::now()) {
+                        let saved = self.store.save(&self.state);
+                        self.saved_as(saved);
+                    }
+                }
                 () = exited(self.watch.as_ref()) => self.restart_backend(&cancel).await,
             }
             // The records change while a failover is followed: published
@@ -490,8 +534,12 @@ impl Owner {
                 });
                 let _ = reply.send(Ok(running));
             }
-            Command::Unreported(reply) => {
-                let _ = reply.send(self.take_unreported());
+            Command::Unacked(limit, reply) => {
+                let _ = reply.send(Ok(self.state.unacked(limit)));
+            }
+            Command::Acked(seq, reply) => {
+                self.acknowledge(seq);
+                let _ = reply.send(Ok(()));
             }
         }
     }
@@ -698,7 +746,7 @@ impl Owner {
         state.location = Some(next);
         local_conflicts(&self.config, &state)?;
         let desired = desired_from(&self.config, &state)?;
-        let report = self.commit(state, &desired)?;
+        let report = self.commit(state, &desired, Origin::Core)?;
         self.configure_link().await?;
         info!(
             version,
@@ -709,16 +757,44 @@ impl Owner {
         Ok(report)
     }
 
-    /// The removals Core has not heard of; marks them reported.
-    fn take_unreported(&mut self) -> Result<Vec<Removal>, WireguardError> {
-        let unreported = self.state.unreported();
-        if let Some(last) = unreported.last() {
-            let mut state = self.state.clone();
-            state.reported_seq = last.seq;
-            self.store.save(&state)?;
-            self.state = state;
+    /// Core has applied the removals up to `seq`: they are not sent again,
+    /// once the state file says so (until then, a restart sends them again,
+    /// which Core takes as it took them).
+    fn acknowledge(&mut self, seq: u64) {
+        if self.state.acknowledge(seq) {
+            debug!(seq, "Core acknowledged the MFA removals");
+            let saved = self.store.save(&self.state);
+            self.saved_as(saved);
         }
-        Ok(unreported)
+    }
+
+    /// Follows the outcome of a write of the state in force: logs and
+    /// publishes a failure, and the file catching up.
+    fn saved_as(&mut self, result: Result<(), StateError>) {
+        match result {
+            Ok(()) => {
+                if self.saved.succeeded() {
+                    info!(
+                        path = %self.store.path().display(),
+                        "state file written again: it holds the state in force"
+                    );
+                    self.unsaved.send_replace(None);
+                }
+            }
+            Err(error) => {
+                let error = error_chain(&error);
+                if self.saved.error() != Some(error.as_str()) {
+                    error!(
+                        path = %self.store.path().display(),
+                        %error,
+                        "the state file cannot be written: removals are applied all the same (failing closed), peers added with tidectl are refused, and the file is written again on the next change and every {:?}",
+                        durability::RETRY_AFTER
+                    );
+                }
+                self.saved.failed(error.clone(), Instant::now());
+                self.unsaved.send_replace(Some(error));
+            }
+        }
     }
 
     /// The device settings in force.
@@ -740,7 +816,7 @@ impl Owner {
         }
         self.check_against_others(&peer)?;
         let label = peer.label();
-        let report = self.change(|state| {
+        let report = self.change(Origin::Operator, |state| {
             state.expired.remove(&key);
             state.added_at.remove(&key);
             state.dynamic_peers.insert(key, peer);
@@ -754,7 +830,7 @@ impl Owner {
         self.require_dynamic(&key)?;
         self.check_against_others(&peer)?;
         let label = peer.label();
-        let report = self.change(|state| {
+        let report = self.change(Origin::Operator, |state| {
             state.dynamic_peers.insert(key, peer);
         })?;
         info!(peer = %label, ?report, "peer changed");
@@ -763,7 +839,7 @@ impl Owner {
 
     fn remove_peer(&mut self, key: Key) -> Result<ApplyReport, WireguardError> {
         let label = self.require_dynamic(&key)?;
-        let report = self.change(|state| {
+        let report = self.change(Origin::Operator, |state| {
             state.dynamic_peers.remove(&key);
         })?;
         info!(peer = %label, ?report, "peer removed");
@@ -832,7 +908,7 @@ impl Owner {
         local_conflicts(&config, &state)?;
         let desired = desired_from(&config, &state)?;
         let old = std::mem::replace(&mut self.config, config);
-        let result = self.commit(state, &desired);
+        let result = self.commit(state, &desired, Origin::File);
         let report = match result {
             Ok(report) => report,
             Err(error) => {
@@ -847,29 +923,60 @@ impl Owner {
 
     /// Applies a change to the remembered state: validate, save, reconcile;
     /// on failure the old state is put back, on disk too.
-    fn change(&mut self, edit: impl FnOnce(&mut State)) -> Result<ApplyReport, WireguardError> {
+    fn change(
+        &mut self,
+        origin: Origin,
+        edit: impl FnOnce(&mut State),
+    ) -> Result<ApplyReport, WireguardError> {
         let mut state = self.state.clone();
         edit(&mut state);
         let desired = desired_from(&self.config, &state)?;
-        self.commit(state, &desired)
+        self.commit(state, &desired, origin)
     }
 
+    /// Saves `state` and brings the device to `desired`. Saved first, so
+    /// that a crash in between comes back to the new state. When the file
+    /// cannot be written the change is still applied unless it grants
+    /// access that only the file would remember ([`durability`]); the state
+    /// is then unsaved until a later write succeeds.
+    ///
+    /// [`durability`]: super::durability
     fn commit(
         &mut self,
         mut state: State,
         desired: &Desired,
+        origin: Origin,
     ) -> Result<ApplyReport, WireguardError> {
         self.track(&mut state, desired, SystemTime::now());
-        self.store.save(&state)?;
+        let saved = match self.store.save(&state) {
+            Ok(()) => true,
+            Err(source) => {
+                let grants = desired_from(&self.config, &self.state)
+                    .map_or(true, |old| durability::grants(&old, desired));
+                if durability::when_unsaved(origin, grants) == Verdict::Refuse {
+                    // Nothing changes: the file is as far behind as it was.
+                    return Err(WireguardError::Unsaved { source });
+                }
+                self.saved_as(Err(source));
+                false
+            }
+        };
         match self.reconcile(desired) {
             Ok(report) => {
                 self.state = state;
                 self.track_current(SystemTime::now());
+                if saved {
+                    self.saved_as(Ok(()));
+                }
                 Ok(report)
             }
             Err(error) => {
-                if let Err(save) = self.store.save(&self.state) {
-                    error!(error = %error_chain(&save), "restoring the state file failed");
+                if saved {
+                    let restored = self.store.save(&self.state);
+                    if let Err(save) = &restored {
+                        error!(error = %error_chain(save), "restoring the state file failed");
+                    }
+                    self.saved_as(restored);
                 }
                 Err(error)
             }
@@ -1069,9 +1176,16 @@ impl Owner {
         if due.is_empty() {
             return;
         }
-        let result = self.change(|state| {
+        let result = self.change(Origin::Expiry, |state| {
             for (peer, reason) in &due {
-                state.record(Removal::new(peer, *reason, now));
+                if let Some(lost) = state.record(Removal::new(peer, *reason, now)) {
+                    warn!(
+                        seq = lost.seq,
+                        peer = %lost.public_key,
+                        kept = super::state::MAX_REMOVALS,
+                        "MFA: a removal record Core has not acknowledged was dropped to keep the record bounded; Core will not end that session from it"
+                    );
+                }
                 let key = peer.public_key;
                 let from_core = state
                     .location
@@ -1159,6 +1273,7 @@ impl Owner {
             listen_port: actual.listen_port,
             polled_at,
             mfa_threshold_secs: self.device().mfa_threshold.map(|t| t.as_secs()),
+            state_unsaved: self.saved.error().map(str::to_owned),
             peers,
         }
     }
@@ -1234,6 +1349,7 @@ pub fn spawn(
         tx,
         sessions,
         failovers,
+        unsaved: owner.unsaved.subscribe(),
     };
     (handle, owner.run(rx, sessions_rx, failovers_tx, cancel))
 }

@@ -1,7 +1,8 @@
 //! What the daemon must remember across restarts beyond the config file:
 //! peers added at run time by `tidectl`, the location config Core sent last,
 //! when each peer was added, the peers an MFA location has removed, and the
-//! removal records still to report. One JSON file, replaced atomically.
+//! removal records, with how far Core has acknowledged them. One JSON file,
+//! replaced atomically.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -16,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{activity::ExpiryReason, key::Key, location::Location, spec::PeerSpec};
 
-/// Removal records kept; the oldest go first beyond this.
+/// Removal records kept; the oldest go first beyond this, acknowledged by
+/// Core or not.
 pub const MAX_REMOVALS: usize = 10_000;
 
 /// The state file format version this daemon writes.
@@ -45,8 +47,8 @@ pub enum StateError {
 /// A peer an MFA location removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Removal {
-    /// Numbers removals in the order they happened (1, 2, ...), so that
-    /// each is reported to Core once.
+    /// Numbers removals in the order they happened (1, 2, ...): Core
+    /// acknowledges them by it.
     #[serde(default)]
     pub seq: u64,
     pub public_key: Key,
@@ -108,29 +110,49 @@ pub struct State {
     /// The `seq` of the last removal recorded.
     #[serde(default)]
     pub removal_seq: u64,
-    /// The `seq` of the last removal reported to Core.
-    #[serde(default)]
-    pub reported_seq: u64,
+    /// Core has applied the removals up to this `seq`; the later ones are
+    /// sent again with every status until it has. (Older files name it
+    /// `reported_seq`: what was sent once then counts as acknowledged.)
+    #[serde(default, alias = "reported_seq")]
+    pub acked_seq: u64,
 }
 
 impl State {
-    /// Records a removal, dropping the oldest beyond [`MAX_REMOVALS`].
-    pub fn record(&mut self, mut removal: Removal) {
-        if self.removals.len() == MAX_REMOVALS {
-            self.removals.pop_front();
-        }
+    /// Records a removal, dropping the oldest beyond [`MAX_REMOVALS`];
+    /// returns the dropped record when Core had not acknowledged it (Core
+    /// will not hear of it).
+    pub fn record(&mut self, mut removal: Removal) -> Option<Removal> {
+        let dropped = if self.removals.len() >= MAX_REMOVALS {
+            self.removals.pop_front()
+        } else {
+            None
+        };
         self.removal_seq += 1;
         removal.seq = self.removal_seq;
         self.removals.push_back(removal);
+        dropped.filter(|r| r.seq > self.acked_seq)
     }
 
-    /// The removals not yet reported to Core, oldest first.
-    pub fn unreported(&self) -> Vec<Removal> {
+    /// At most `limit` of the removals Core has not acknowledged, oldest
+    /// first.
+    pub fn unacked(&self, limit: usize) -> Vec<Removal> {
         self.removals
             .iter()
-            .filter(|r| r.seq > self.reported_seq)
+            .filter(|r| r.seq > self.acked_seq)
+            .take(limit)
             .cloned()
             .collect()
+    }
+
+    /// Core has applied the removals up to `seq`: true when that is news.
+    /// A `seq` beyond the last recorded counts up to the last.
+    pub fn acknowledge(&mut self, seq: u64) -> bool {
+        let seq = seq.min(self.removal_seq);
+        if seq <= self.acked_seq {
+            return false;
+        }
+        self.acked_seq = seq;
+        true
     }
 }
 
@@ -207,10 +229,17 @@ impl StateStore {
         let mut state = state.clone();
         state.version = VERSION;
         let json = serde_json::to_vec_pretty(&state).map_err(io::Error::other);
-        json.and_then(|json| file.write_all(&json))
+        let written = json
+            .and_then(|json| file.write_all(&json))
             .and_then(|()| file.sync_all())
-            .map_err(|e| self.io("writing", e))?;
-        fs::rename(&tmp, &self.path).map_err(|e| self.io("replacing", e))?;
+            .map_err(|e| self.io("writing", e))
+            .and_then(|()| fs::rename(&tmp, &self.path).map_err(|e| self.io("replacing", e)));
+        if let Err(error) = written {
+            // A full disk: give back what the partial copy took.
+            drop(file);
+            let _ = fs::remove_file(&tmp);
+            return Err(error);
+        }
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| self.io("syncing the directory of", e))
@@ -288,7 +317,7 @@ mod tests {
         state
             .expired_location_peers
             .insert(Key::new([4; 32]), Some(Key::new([5; 32])));
-        state.reported_seq = 1;
+        state.acked_seq = 1;
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
         let mode = fs::metadata(store.path()).unwrap().permissions();
@@ -326,20 +355,62 @@ mod tests {
     }
 
     #[test]
-    fn removals_are_reported_once() {
+    fn removals_are_sent_until_core_acknowledges_them() {
         let mut state = State::default();
         let peer = peer();
         let reason = ExpiryReason::NoHandshake {
             added_at: from_unix(0),
         };
-        state.record(Removal::new(&peer, reason, from_unix(1)));
-        state.record(Removal::new(&peer, reason, from_unix(2)));
-        let first = state.unreported();
-        assert_eq!(first.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
-        state.reported_seq = 2;
-        assert!(state.unreported().is_empty());
-        state.record(Removal::new(&peer, reason, from_unix(3)));
-        assert_eq!(state.unreported()[0].removed_at, 3);
+        let seqs = |removals: Vec<Removal>| removals.iter().map(|r| r.seq).collect::<Vec<_>>();
+        for at in 1..=3 {
+            assert_eq!(
+                state.record(Removal::new(&peer, reason, from_unix(at))),
+                None
+            );
+        }
+        // Sent, not acknowledged: sent again, within the limit.
+        assert_eq!(seqs(state.unacked(10)), [1, 2, 3]);
+        assert_eq!(seqs(state.unacked(10)), [1, 2, 3]);
+        assert_eq!(seqs(state.unacked(2)), [1, 2]);
+        assert!(state.acknowledge(2));
+        assert!(!state.acknowledge(2), "an old acknowledgement is no news");
+        assert!(!state.acknowledge(1));
+        assert_eq!(seqs(state.unacked(10)), [3]);
+        // An acknowledgement beyond the last record stops at it.
+        assert!(state.acknowledge(99));
+        assert_eq!(state.acked_seq, 3);
+        assert!(state.unacked(10).is_empty());
+        state.record(Removal::new(&peer, reason, from_unix(4)));
+        assert_eq!(state.unacked(10)[0].removed_at, 4);
+    }
+
+    #[test]
+    fn a_full_record_drops_the_oldest_and_says_when_core_never_heard_of_it() {
+        let mut state = State::default();
+        let peer = peer();
+        let reason = ExpiryReason::NoHandshake {
+            added_at: from_unix(0),
+        };
+        for n in 0..MAX_REMOVALS {
+            state.record(Removal::new(&peer, reason, from_unix(n as u64)));
+        }
+        state.acknowledge(1);
+        let dropped = state.record(Removal::new(&peer, reason, from_unix(0)));
+        assert_eq!(dropped, None, "seq 1 was acknowledged");
+        let dropped = state.record(Removal::new(&peer, reason, from_unix(0)));
+        assert_eq!(dropped.map(|r| r.seq), Some(2));
+    }
+
+    #[test]
+    fn an_older_file_counts_what_it_reported_as_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path(), "wg0");
+        fs::write(
+            store.path(),
+            r#"{"version":1,"removal_seq":4,"reported_seq":3}"#,
+        )
+        .unwrap();
+        assert_eq!(store.load().unwrap().acked_seq, 3);
     }
 
     #[test]
