@@ -15,9 +15,12 @@
 //! read, parsed or written stops the daemon, since an epoch that might
 //! repeat is a hole for replayed adverts.
 //!
-//! The file is one decimal number and a newline. An operator who lost the
-//! state directory may write one there (a value above what the peers heard,
-//! e.g. the highest `epoch` in their logs) instead of restarting them.
+//! The file is one decimal number and a newline. Without it (a first start,
+//! a lost state directory) the epoch is the wall clock, which the others
+//! accept if the clock is not behind this gateway's earlier starts; if it
+//! is, they refuse its adverts until they restart or the clock passes the
+//! old epoch, unless the operator writes the last epoch plus one (each
+//! start logs its epoch) into the file.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -46,8 +49,8 @@ pub enum EpochError {
     },
     #[error(
         "HA epoch file {path} is corrupt ({reason}): it must hold one decimal number and a \
-         newline; write a value above the epoch the other gateways last heard from this one, \
-         or remove the file and restart the other gateways too"
+         newline. Remove it if the wall clock is right (the epoch then comes from the clock), \
+         else write the epoch this gateway last used plus one (its log says \"HA epoch\")"
     )]
     Malformed { path: PathBuf, reason: &'static str },
     #[error("HA epoch file {path}: the last epoch {last} leaves no room to grow")]
