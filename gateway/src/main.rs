@@ -13,7 +13,7 @@ use tidegate_gateway::{
     control::server::{ControlSocket, Handles},
     core_link, datapath, error_chain,
     ha::{
-        agent, health,
+        agent, epoch, health,
         sharing::{self, SharingConfig},
         thread::AgentThread,
     },
@@ -88,6 +88,14 @@ async fn run(args: Args) -> Result<()> {
             "no [[service]] has the WireGuard listen port: the shield does not check its traffic"
         );
     }
+
+    // Before anything is touched: a start whose epoch cannot be kept does
+    // not take part in the election (the peers could refuse its adverts,
+    // or accept a replay of its old ones).
+    let epoch = match &config.ha {
+        Some(_) => Some(ha_epoch(&config.state_dir)?),
+        None => None,
+    };
 
     let kernel = Kernel::probe()?;
     if kernel.tcx {
@@ -183,10 +191,10 @@ async fn run(args: Args) -> Result<()> {
     // The HA agent stops first, handing over while the rest still serves.
     let ha_cancel = CancellationToken::new();
     let mut ha_task = None;
-    let mut ha = match (&config.ha, &agent_thread) {
-        (Some(ha), Some(thread)) => Some(
+    let mut ha = match (&config.ha, &agent_thread, epoch) {
+        (Some(ha), Some(thread), Some(epoch)) => Some(
             thread
-                .start_agent(ha.clone(), datapath_handle.clone())
+                .start_agent(ha.clone(), datapath_handle.clone(), epoch)
                 .await?,
         ),
         _ => None,
@@ -208,6 +216,7 @@ async fn run(args: Args) -> Result<()> {
             mac: agent.mac(),
             refresh: ha_config.continuity.endpoint_refresh,
             max_age: ha_config.continuity.endpoint_max_age,
+            epoch: agent.epoch(),
         };
         // Stops with the data path, after the agent (which reads its table
         // for the peers to kick while it hands over).
@@ -341,6 +350,31 @@ async fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// This start's HA epoch, chosen from the wall clock and the epoch file
+/// in `state_dir` and on disk before it is returned.
+fn ha_epoch(state_dir: &std::path::Path) -> Result<u64> {
+    let advanced = epoch::advance(state_dir, std::time::SystemTime::now())
+        .context("choosing this start's HA epoch")?;
+    let path = epoch::path_in(state_dir);
+    match advanced.last {
+        None => warn!(
+            epoch = advanced.epoch,
+            path = %path.display(),
+            "no HA epoch file (first start, or the state directory was lost): the epoch is \
+             the wall clock, and the other gateways refuse this gateway's adverts until it \
+             is above the epoch they last heard from it"
+        ),
+        Some(last) if advanced.epoch != advanced.clock_ms => warn!(
+            epoch = advanced.epoch,
+            last,
+            path = %path.display(),
+            "the wall clock is at or behind the last start's HA epoch: the epoch is the last one plus one"
+        ),
+        Some(last) => info!(epoch = advanced.epoch, last, path = %path.display(), "HA epoch"),
+    }
+    Ok(advanced.epoch)
 }
 
 /// Keeps the egress guard on the WireGuard listen port in force: a reload or

@@ -28,6 +28,7 @@
 pub mod adverts;
 pub mod bins;
 pub mod capture;
+pub mod clock;
 pub mod cmd;
 pub mod continuity;
 pub mod control;

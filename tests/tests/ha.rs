@@ -1404,3 +1404,83 @@ fn a_flood_on_the_advert_port_moves_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// How far the wall clock steps back before a restart: an hour, far below
+/// any epoch the gateway used before.
+const CLOCK_BACK_MS: i64 = 3_600_000;
+
+/// The epoch in gateway `id`'s epoch file, if it has one.
+fn epoch_file(location: &HaLocation, id: u32) -> Option<u64> {
+    let path = location.gateway(id).dir().join("state").join("ha-epoch");
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[test]
+#[ignore = "steps the wall clock: runs in the kernel suite's VMs (cargo xtask test-kernels clock)"]
+fn a_gateway_restarted_after_its_clock_stepped_back_is_heard_and_no_split_brain() -> Result<()> {
+    require_root();
+    // Before anything is built: on the host this stops here, clock untouched.
+    ensure!(
+        tidegate_tests::clock::steppable(),
+        "this test steps the wall clock; it runs in the kernel suite's VMs \
+         (cargo xtask test-kernels clock), where {} is 1",
+        tidegate_tests::clock::STEPPABLE_ENV
+    );
+    let _serial = serial();
+    let options = HaOptions::priorities(&[100, 110]);
+    let interval = Duration::from_millis(options.advert_interval_ms);
+    let mut location = build(&options)?;
+    location.wait_master(2, SWITCH)?;
+    let first = epoch_file(&location, 2);
+    narrate(&format!("gateway 2's epoch file: {first:?}"));
+
+    location.gateway_mut(2).daemon_mut().kill()?;
+    location.wait_master(1, SWITCH)?;
+    narrate("gateway 2's daemon killed (SIGKILL): gateway 1 took over");
+
+    let clock = tidegate_tests::clock::ClockStep::by(-CLOCK_BACK_MS)?;
+    narrate(&format!(
+        "wall clock stepped back {} s (NTP correcting a fast clock)",
+        CLOCK_BACK_MS / 1000
+    ));
+    let gateway = location.gateway_mut(2);
+    let netns = gateway.netns().clone();
+    gateway.daemon_mut().restart(&netns)?;
+    narrate("gateway 2's daemon restarted, outranking the master");
+
+    // Gateway 1 must hear the restarted gateway: it hands the VIP over to
+    // it (gateway 2 outranks it and preempts), and only one holds it.
+    let statuses = location.wait_master(2, SWITCH)?;
+    let one = status_of(&statuses, 1)?;
+    let heard = one
+        .peers
+        .iter()
+        .find(|p| p.gateway_id == 2)
+        .map(|p| p.last_seen_ms);
+    ensure!(
+        heard.is_some_and(|ms| ms < 3 * interval.as_millis() as u64),
+        "gateway 1 does not hear gateway 2 (last seen {heard:?} ms ago); it dropped {:?}",
+        one.dropped
+    );
+    ensure!(
+        one.dropped("replay") == 0,
+        "gateway 1 refused gateway 2's adverts as replays: {:?}",
+        one.dropped
+    );
+    // Long enough for a few polls where status requests are slow (TCG).
+    let mut polls = 0;
+    while polls < 5 {
+        polls += location.ensure_single_master_for(interval * 10)?;
+    }
+    narrate(&format!(
+        "gateway 1 hears gateway 2 and handed over; one MASTER throughout {polls} polls"
+    ));
+    let second = epoch_file(&location, 2);
+    narrate(&format!("gateway 2's epoch file: {second:?}"));
+    ensure!(
+        first.is_some() && second == first.map(|e| e + 1),
+        "gateway 2's epoch went from {first:?} to {second:?}, not to the last one plus one"
+    );
+    drop(clock);
+    Ok(())
+}

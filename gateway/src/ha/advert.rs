@@ -99,7 +99,8 @@ pub struct Advert {
     pub location_id: u32,
     pub gateway_id: u32,
     pub interval: Duration,
-    /// New at each daemon start, growing (start time in ms).
+    /// New at each daemon start, growing across restarts and clock steps
+    /// ([`super::epoch`]).
     pub epoch: u64,
     /// Grows with each advert within an epoch.
     pub sequence: u64,

@@ -264,8 +264,14 @@ struct Tasks {
 impl Agent {
     /// Opens the sockets and puts the VIPs on `lo`. A VIP a previous run
     /// left on the public interface is removed first, before anything else:
-    /// this gateway owns nothing until it wins an election.
-    pub async fn start(config: HaConfig, datapath: DatapathHandle) -> Result<Self, HaError> {
+    /// this gateway owns nothing until it wins an election. `epoch` opens
+    /// every advert's (epoch, sequence): this start's, already on disk
+    /// ([`super::epoch::advance`]).
+    pub async fn start(
+        config: HaConfig,
+        datapath: DatapathHandle,
+        epoch: u64,
+    ) -> Result<Self, HaError> {
         let io_err = |op| {
             let interface = config.interface.clone();
             move |source| HaError::Io {
@@ -294,12 +300,7 @@ impl Agent {
             )
             .map_err(io_err("opening the advert socket"))?,
         );
-        let now = SystemTime::now();
-        let epoch = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        let anchor = (Instant::now(), now);
+        let anchor = (Instant::now(), SystemTime::now());
         let controller = Controller::new(controller_config(&config, mac, false), anchor);
         let identity = Identity {
             location_id: config.location_id,
@@ -337,6 +338,11 @@ impl Agent {
     /// The public interface's MAC address.
     pub fn mac(&self) -> Mac {
         self.election.identity().mac
+    }
+
+    /// This start's epoch, which endpoint sharing's messages carry too.
+    pub fn epoch(&self) -> u64 {
+        self.election.identity().epoch
     }
 
     /// Connects failover continuity: endpoint messages go to `sharing`,

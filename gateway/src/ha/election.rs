@@ -30,8 +30,8 @@ pub struct Identity {
     /// Its Ethernet address on the public segment.
     pub mac: Mac,
     pub vips: Vec<IpAddr>,
-    /// New at each start: the wall clock at start in ms, so that it grows
-    /// across restarts.
+    /// New at each start and growing across restarts and clock steps
+    /// ([`super::epoch`]).
     pub epoch: u64,
 }
 

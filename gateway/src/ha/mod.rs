@@ -5,6 +5,7 @@ pub mod advert;
 pub mod agent;
 pub mod announce;
 pub mod election;
+pub mod epoch;
 pub mod health;
 pub mod machine;
 pub mod sharing;

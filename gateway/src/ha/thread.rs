@@ -55,9 +55,10 @@ impl AgentThread {
         &self,
         config: HaConfig,
         datapath: DatapathHandle,
+        epoch: u64,
     ) -> Result<Agent, HaError> {
         self.runtime
-            .spawn(Agent::start(config, datapath))
+            .spawn(Agent::start(config, datapath, epoch))
             .await
             .map_err(|_| HaError::Stopped)?
     }

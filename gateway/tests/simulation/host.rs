@@ -3,7 +3,8 @@
 //!
 //! A [`Node`] is the machine. Its [`Kernel`] outlives the daemon: the VIPs
 //! on the public interface, the fence's lease, the egress guard's mode and
-//! the director. While the daemon runs it has a [`Process`]: the real
+//! the director; so does its state directory's epoch file, from which each
+//! start chooses its epoch by the daemon's rule ([`epoch::next`]). While the daemon runs it has a [`Process`]: the real
 //! election [`Machine`] and continuity [`Controller`], the replay guard,
 //! the epoch and the sequence. The process steps as the agent's loop does:
 //! on each wake the pause check first (a gap since the last wake longer
@@ -15,6 +16,7 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -25,6 +27,7 @@ use tidegate_gateway::{
     ha::{
         advert::{AdvertError, AdvertKey},
         election::{Election, Identity, PeerExtra},
+        epoch,
         machine::{Action, Cause, Event, PeerView, Role, Settings},
         sharing::table::EndpointView,
     },
@@ -291,6 +294,8 @@ pub struct Node {
     inbox: VecDeque<(Instant, Input)>,
     /// The wall clock's offset from the simulation's (ms).
     pub wall_offset_ms: i64,
+    /// The epoch file in the state directory: the last start's epoch.
+    epoch_file: Option<u64>,
 }
 
 impl Node {
@@ -333,6 +338,7 @@ impl Node {
             frozen: false,
             inbox: VecDeque::new(),
             wall_offset_ms: 0,
+            epoch_file: None,
         }
     }
 
@@ -378,10 +384,14 @@ impl Node {
         out: &mut Outbox,
         trace: &mut Trace,
     ) {
-        let epoch = wall
+        // main: the epoch is chosen, and on disk, before the agent starts.
+        let clock_ms = wall
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
+        let epoch = epoch::next(Path::new(epoch::FILE_NAME), clock_ms, self.epoch_file)
+            .expect("an epoch below u64::MAX");
+        self.epoch_file = Some(epoch);
         let config = self.config.clone();
         // Agent::start: VIPs an earlier run left on the interface go first.
         self.kernel.vips_up = false;
@@ -411,7 +421,9 @@ impl Node {
             accepted: VecDeque::new(),
             config,
         };
-        trace.note(self.id, || format!("starts, epoch {epoch}"));
+        trace.note(self.id, || {
+            format!("starts at wall clock {clock_ms} ms, epoch {epoch}")
+        });
         process.controller.step(Step::Endpoints(endpoints), now);
         let effects = process.controller.step(Step::Start, now);
         let kernel = &mut self.kernel;

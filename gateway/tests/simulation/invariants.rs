@@ -47,6 +47,10 @@
 //! 5. **A stop ends.** A gateway asked to stop ends its election loop
 //!    within MDI + 2 i of running time (a handover's deadline is MDI), not
 //!    counting pauses.
+//! 6. **Epochs only grow.** Each start of a gateway's daemon has an epoch
+//!    above the one before, whatever its wall clock did in between (the
+//!    others refuse a lower (epoch, sequence) for as long as they run, so a
+//!    lower epoch would leave it unheard; invariant 2 then fails too).
 
 use std::{
     collections::BTreeMap,
@@ -105,6 +109,8 @@ pub struct Monitor {
     last_heard: BTreeMap<(u32, u32), (u64, u64)>,
     /// 1c: gateways that must take the VIPs before they hold anything.
     fenced_out: BTreeMap<u32, &'static str>,
+    /// 6: each gateway's epoch at its last start.
+    epochs: BTreeMap<u32, u64>,
     /// 5: gateways stopping, and since when they run.
     stopping: BTreeMap<u32, Instant>,
     /// When each gateway's daemon last started or resumed from a pause.
@@ -135,6 +141,7 @@ impl Monitor {
             last_sent: BTreeMap::new(),
             last_heard: BTreeMap::new(),
             fenced_out: BTreeMap::new(),
+            epochs: BTreeMap::new(),
             stopping: BTreeMap::new(),
             resumed: BTreeMap::new(),
             lease: scenario.lease(),
@@ -150,12 +157,22 @@ impl Monitor {
         })
     }
 
-    /// Gateway `id` (re)started: 1c until it takes the VIPs; its stop, if
-    /// any, is over.
-    pub fn started(&mut self, id: u32, now: Instant) {
+    /// Gateway `id` (re)started with `epoch`: 6, its epoch grew; 1c until
+    /// it takes the VIPs; its stop, if any, is over.
+    pub fn started(&mut self, id: u32, now: Instant, epoch: u64) -> Result<(), Failure> {
+        if let Some(last) = self.epochs.insert(id, epoch)
+            && epoch <= last
+        {
+            return self.fail(
+                now,
+                "6 epochs only grow",
+                format!("gateway {id} restarted with epoch {epoch}, not above its last {last}"),
+            );
+        }
         self.fenced_out.insert(id, "restarted");
         self.stopping.remove(&id);
         self.resumed.insert(id, now);
+        Ok(())
     }
 
     /// Gateway `id` died, or stopped.

@@ -26,7 +26,6 @@
 //! |---|---|
 //! | `TIDEGATE_SIM_SEED=n` | run seed `n` alone, and print its trace (`-- --nocapture`) |
 //! | `TIDEGATE_SIM_SEEDS=n` | seeds per mode (default [`DEFAULT_SEEDS`]) |
-//! | `TIDEGATE_SIM_DEFECTS=a,b` | let in what known defects break: `issue16` or `all` (see [`scenario::Options`]) |
 
 mod forge;
 mod host;
@@ -37,7 +36,7 @@ mod world;
 
 use std::{env, fmt::Write as _, time::Instant};
 
-use scenario::{Mode, Options, Scenario};
+use scenario::{Mode, Scenario};
 use world::{World, millis};
 
 use crate::invariants::Failure;
@@ -67,9 +66,6 @@ struct Run {
     seeds: Vec<u64>,
     /// One seed, replayed with its trace.
     replay: bool,
-    options: Options,
-    /// `TIDEGATE_SIM_DEFECTS` as given, for the replay command.
-    defects: Option<String>,
 }
 
 impl Run {
@@ -81,20 +77,6 @@ impl Run {
                     .unwrap_or_else(|_| panic!("{name}: not a number"))
             })
         };
-        let defects = env::var("TIDEGATE_SIM_DEFECTS").ok();
-        let mut options = Options::default();
-        for defect in defects.iter().flat_map(|d| d.split(',')) {
-            let all = defect == "all";
-            let switches = [("issue16", &mut options.clock_back_restarts)];
-            let mut known = all;
-            for (name, switch) in switches {
-                if all || name == defect {
-                    *switch = true;
-                    known = true;
-                }
-            }
-            assert!(known, "TIDEGATE_SIM_DEFECTS: unknown {defect:?}");
-        }
         let seed = number("TIDEGATE_SIM_SEED");
         Self {
             seeds: match seed {
@@ -102,20 +84,13 @@ impl Run {
                 None => (0..number("TIDEGATE_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect(),
             },
             replay: seed.is_some(),
-            options,
-            defects,
         }
     }
 
     /// The command that runs `seed` of `mode` alone.
     fn replay_command(&self, seed: u64, mode: Mode) -> String {
-        let defects = self
-            .defects
-            .as_ref()
-            .map(|d| format!("TIDEGATE_SIM_DEFECTS={d} "))
-            .unwrap_or_default();
         format!(
-            "{defects}TIDEGATE_SIM_SEED={seed} cargo test -p tidegate-gateway --test simulation -- {} --nocapture",
+            "TIDEGATE_SIM_SEED={seed} cargo test -p tidegate-gateway --test simulation -- {} --nocapture",
             mode.test_name()
         )
     }
@@ -129,7 +104,7 @@ fn simulate(mode: Mode) {
     let mut ran = 0;
     for &seed in &run.seeds {
         ran += 1;
-        let scenario = Scenario::generate(seed, mode, run.options);
+        let scenario = Scenario::generate(seed, mode);
         let (result, trace) = World::new(&scenario, run.replay).run();
         if run.replay {
             println!("{}", location_and_script(&scenario));

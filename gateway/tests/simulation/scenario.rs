@@ -91,18 +91,6 @@ pub enum Fault {
     Restore,
 }
 
-/// What the simulation leaves out by default: each switch lets in what a
-/// known defect breaks, so that a fix can be checked (`TIDEGATE_SIM_DEFECTS`
-/// names them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Options {
-    /// `issue16`: restart gateways after their wall clock stepped back
-    /// below their last start. The epoch is the wall clock at start and a
-    /// lower epoch is refused forever, so such a gateway is never heard
-    /// again (issue 16).
-    pub clock_back_restarts: bool,
-}
-
 /// A stretch in which nothing fails: the location must settle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quiet {
@@ -139,9 +127,6 @@ const CHAOS_INTERVALS: u32 = 24;
 const WATCH_INTERVALS: u32 = 6;
 /// Kicks per second (failover continuity).
 pub const KICK_RATE: u32 = 1000;
-/// A restart's wall clock is at least this far past the gateway's last
-/// start (ms), unless `clock_back_restarts`.
-const EPOCH_MARGIN_MS: i64 = 1;
 /// The wall clock at the start of every seed (Unix ms).
 pub const WALL_START_MS: i64 = 1_700_000_000_000;
 
@@ -166,7 +151,7 @@ const SIDES: [&[u32]; 14] = [
 
 impl Scenario {
     /// The scenario of `seed`.
-    pub fn generate(seed: u64, mode: Mode, options: Options) -> Self {
+    pub fn generate(seed: u64, mode: Mode) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
         let interval = Duration::from_millis(*pick(&mut rng, &[50, 100, 200]));
         let gateways = gateways(&mut rng, interval);
@@ -174,7 +159,6 @@ impl Scenario {
         let mut generator = Generator {
             rng,
             mode,
-            options,
             interval,
             ids: gateways.iter().map(|g| g.id).collect(),
             pauses: Vec::new(),
@@ -206,7 +190,6 @@ impl Scenario {
             at = until;
         }
         generator.script.sort_by_key(|&(at, _)| at);
-        generator.keep_epochs_growing();
         scenario.script = generator.script;
         scenario.quiet = quiet;
         scenario.end = at;
@@ -298,7 +281,6 @@ fn pick<'a, T>(rng: &mut fastrand::Rng, items: &'a [T]) -> &'a T {
 struct Generator {
     rng: fastrand::Rng,
     mode: Mode,
-    options: Options,
     interval: Duration,
     ids: Vec<u32>,
     /// (gateway, from, until): pauses never overlap.
@@ -469,7 +451,7 @@ impl Generator {
     }
 
     /// A wall-clock step: forward by up to an hour, or back by up to five
-    /// seconds (clamped later, see [`Self::keep_epochs_growing`]).
+    /// seconds (a restart after it keeps a growing epoch: the epoch file).
     fn clock_step(&mut self, at: Duration, id: u32) {
         let ms = if self.rng.bool() {
             self.rng.i64(1..=3_600_000)
@@ -486,43 +468,6 @@ impl Generator {
             let forgery = *pick(&mut self.rng, &Forgery::ALL);
             let id = self.id();
             self.push(at, Fault::Forge(forgery, id));
-        }
-    }
-
-    /// Unless `clock_back_restarts`: clamps each backward clock step so
-    /// that the wall clock stays past every gateway's last start (by
-    /// [`EPOCH_MARGIN_MS`]), so that a restart always has a higher epoch.
-    /// Known defect, issue 16: a restart with a lower epoch is never heard
-    /// again. The last start is over-estimated (every `Restart` counts as
-    /// one, and `Restore` restarts everyone), which only clamps more.
-    fn keep_epochs_growing(&mut self) {
-        if self.options.clock_back_restarts {
-            return;
-        }
-        let n = self.ids.len();
-        let mut offset = vec![0i64; n];
-        let mut started = vec![WALL_START_MS; n];
-        let index = |ids: &[u32], id: u32| ids.iter().position(|&i| i == id).expect("a gateway");
-        let wall = |at: Duration, offset: i64| WALL_START_MS + at.as_millis() as i64 + offset;
-        for (at, fault) in &mut self.script {
-            match fault {
-                Fault::Restart(id) => {
-                    let i = index(&self.ids, *id);
-                    started[i] = wall(*at, offset[i]);
-                }
-                Fault::Restore => {
-                    for i in 0..n {
-                        started[i] = wall(*at, offset[i]);
-                    }
-                }
-                Fault::ClockStep(id, ms) => {
-                    let i = index(&self.ids, *id);
-                    let room = wall(*at, offset[i]) - started[i] - EPOCH_MARGIN_MS;
-                    *ms = (*ms).max(-room.max(0));
-                    offset[i] += *ms;
-                }
-                _ => {}
-            }
         }
     }
 }

@@ -250,7 +250,11 @@ impl<'a> World<'a> {
         let mut out = Outbox::default();
         let now = self.instant();
         self.nodes[index].start(now, wall, endpoints, &mut out, &mut self.trace);
-        self.monitor.started(self.nodes[index].id, now);
+        let epoch = self.nodes[index]
+            .process
+            .as_ref()
+            .map_or(0, |process| process.election.identity().epoch);
+        self.monitor.started(self.nodes[index].id, now, epoch)?;
         self.publish(index, out)
     }
 

@@ -51,6 +51,9 @@ pub struct SharingConfig {
     pub refresh: Duration,
     /// Entries whose last handshake is older go.
     pub max_age: Duration,
+    /// This start's epoch, the adverts' ([`super::epoch`]): messages carry
+    /// it with their own sequence.
+    pub epoch: u64,
 }
 
 /// Another gateway, as its endpoint messages describe it.
@@ -176,7 +179,7 @@ pub fn spawn(
 ) -> (SharingHandle, impl Future<Output = ()>) {
     let (datagram_tx, datagrams) = mpsc::channel(QUEUE);
     let (publish, snapshot) = watch::channel(SharingSnapshot::default());
-    let epoch = wire::unix_ms(SystemTime::now());
+    let epoch = config.epoch;
     let syncer = Syncer {
         table: EndpointTable::new(config.max_age),
         config,
