@@ -57,6 +57,14 @@ impl Core {
         let (state, state_thread) = state::spawn(store);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let watched = pki.clone();
+        let expiry_cancel = cancel.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = expiry_cancel.cancelled() => {}
+                () = tidegate_proto::expiry::watch(watched, "Core's certificate") => {}
+            }
+        });
         let directory = Supervisor::spawn(
             state.clone(),
             pki,

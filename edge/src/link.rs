@@ -19,7 +19,7 @@ use tidegate_proto::{
         edge_server::{Edge, EdgeServer},
     },
     listen::{Acceptor, LINK_LIMITS},
-    tls::{Pki, TlsError, check_own_identity, require_core},
+    tls::{Pki, TlsError, require_core, tls_incoming},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -171,8 +171,13 @@ pub async fn serve(
     relay: RelayHandle,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), LinkError>>, LinkError> {
-    let pki = Pki::load(&settings.ca_file, &settings.cert_file, &settings.key_file)?;
-    check_own_identity(&settings.cert_file, &settings.identity)?;
+    let pki = Pki::load_as(
+        &settings.ca_file,
+        &settings.cert_file,
+        &settings.key_file,
+        Some(&settings.identity),
+    )?;
+    let acceptor = pki.server()?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| LinkError::Bind {
@@ -180,8 +185,6 @@ pub async fn serve(
             source,
         })?;
     let mut server = Server::builder()
-        .tls_config(pki.server())
-        .map_err(LinkError::Server)?
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE));
     let sessions = TaskTracker::new();
@@ -195,13 +198,16 @@ pub async fn serve(
     info!(listen = %settings.listen, core = %settings.core_identity, "waiting for Core");
     let router = server.add_service(EdgeServer::new(service));
     Ok(async move {
-        let served = router
-            .serve_with_incoming_shutdown(
-                Acceptor::new(listener, LINK_LIMITS).into_stream(),
-                cancel.cancelled_owned(),
-            )
-            .await
-            .map_err(LinkError::Server);
+        let serving = router.serve_with_incoming_shutdown(
+            tls_incoming(acceptor, Acceptor::new(listener, LINK_LIMITS).into_stream()),
+            cancel.cancelled_owned(),
+        );
+        // Warns at start and daily as the certificate nears its expiry.
+        let expiry = tidegate_proto::expiry::watch(pki, "this Edge's certificate");
+        let served = tokio::select! {
+            served = serving => served.map_err(LinkError::Server),
+            () = expiry => unreachable!("the expiry watch runs until dropped"),
+        };
         sessions.close();
         sessions.wait().await;
         served

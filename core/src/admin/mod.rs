@@ -54,7 +54,9 @@ pub fn status(error: StoreError) -> Status {
     match error {
         StoreError::Invalid { .. } => Status::invalid_argument(message),
         StoreError::NotFound { .. } => Status::not_found(message),
-        StoreError::Exists { .. } => Status::already_exists(message),
+        StoreError::Exists { .. } | StoreError::IdentityTaken { .. } => {
+            Status::already_exists(message)
+        }
         StoreError::InUse(_) => Status::failed_precondition(message),
         _ => Status::internal(message),
     }

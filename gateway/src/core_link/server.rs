@@ -15,7 +15,7 @@ use tidegate_proto::{
         gateway_server::{Gateway, GatewayServer},
     },
     listen::{Acceptor, LINK_LIMITS},
-    tls::{Pki, TlsError, check_own_identity, require_core},
+    tls::{Pki, TlsError, require_core, tls_incoming},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -115,21 +115,36 @@ impl Gateway for Service {
 
 /// Loads the TLS files and checks this gateway's certificate carries its
 /// identity, so that a mix-up shows at start, not when Core first dials.
-fn load_pki(config: &CoreLinkConfig) -> Result<Pki, CoreLinkError> {
-    let pki = Pki::load(&config.ca_file, &config.cert_file, &config.key_file)?;
-    check_own_identity(&config.cert_file, &config.identity)?;
-    Ok(pki)
+pub fn load_pki(config: &CoreLinkConfig) -> Result<Pki, CoreLinkError> {
+    Ok(Pki::load_as(
+        &config.ca_file,
+        &config.cert_file,
+        &config.key_file,
+        Some(&config.identity),
+    )?)
 }
 
 /// Binds `config.listen` and serves Core until `cancel` fires; sessions
 /// end then too. Binding and TLS errors come back before anything is
-/// served.
+/// served. Every handshake presents the certificate the files hold then
+/// (a renewed one without a restart).
 pub async fn serve(
     config: CoreLinkConfig,
     parts: session::Parts,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), CoreLinkError>>, CoreLinkError> {
     let pki = load_pki(&config)?;
+    serve_with(config, pki, parts, cancel).await
+}
+
+/// [`serve`] with the TLS files already loaded (by [`load_pki`]).
+pub async fn serve_with(
+    config: CoreLinkConfig,
+    pki: Pki,
+    parts: session::Parts,
+    cancel: CancellationToken,
+) -> Result<impl Future<Output = Result<(), CoreLinkError>>, CoreLinkError> {
+    let acceptor = pki.server()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| CoreLinkError::Bind {
@@ -137,8 +152,6 @@ pub async fn serve(
             source,
         })?;
     let server = Server::builder()
-        .tls_config(pki.server())
-        .map_err(CoreLinkError::Server)?
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE));
     let sessions = TaskTracker::new();
@@ -155,7 +168,7 @@ pub async fn serve(
     Ok(async move {
         let served = router
             .serve_with_incoming_shutdown(
-                Acceptor::new(listener, LINK_LIMITS).into_stream(),
+                tls_incoming(acceptor, Acceptor::new(listener, LINK_LIMITS).into_stream()),
                 cancel.cancelled_owned(),
             )
             .await
