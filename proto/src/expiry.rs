@@ -254,6 +254,26 @@ mod tests {
     }
 
     #[test]
+    fn status_lines_say_when_and_what_to_do() {
+        let info = CertInfo {
+            serial: "0a".into(),
+            not_before_unix: 0,
+            not_after_unix: 100 * DAY_S,
+        };
+        let path = std::path::Path::new("/pki/gw-a.pem");
+        let soon = CertStatus::new(path, &info, 80 * DAY_S);
+        assert_eq!(
+            soon.line(),
+            "expires in 20 days (expires-soon), serial 0a, /pki/gw-a.pem"
+        );
+        let gone = CertStatus::new(path, &info, 103 * DAY_S);
+        assert_eq!(gone.days_left, -3);
+        assert_eq!(gone.expiry, "expired");
+        assert!(gone.line().starts_with("expired 3 days ago"));
+        assert_eq!(CertStatus::new(path, &info, 0).expiry, "valid");
+    }
+
+    #[test]
     fn reads_serial_and_validity() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["gw-a".to_owned()]).unwrap();
