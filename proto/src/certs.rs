@@ -148,6 +148,12 @@ impl ReloadingCert {
                     not_after_unix = loaded.info.not_after_unix,
                     "loaded a new certificate; new connections present it"
                 );
+                crate::expiry::log_expiry(
+                    "the new certificate",
+                    &inner.cert,
+                    &loaded.info,
+                    crate::expiry::now_unix(),
+                );
                 state.current = Arc::new(loaded);
                 state.loaded = stamps;
                 state.refused = None;

@@ -67,9 +67,11 @@ pub const CORE_IDENTITY: &str = "core";
 /// that opens a connection and says nothing holds it no longer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Handshakes a link server runs at once; more connections wait to be
-/// accepted (the acceptor's limits bound them as well).
-const HANDSHAKE_QUEUE: usize = 16;
+/// Handshakes a link server runs at once: as many as the acceptor lets
+/// connections be open, so that only its limits (per peer address and in
+/// all) and [`HANDSHAKE_TIMEOUT`] hold strangers back, never a queue of
+/// its own in front of Core's handshake.
+const HANDSHAKE_QUEUE: usize = crate::listen::LINK_LIMITS.total;
 
 /// A CA certificate and this side's certificate and key, all PEM; this
 /// side's pair is reloaded when its files change (see [`ReloadingCert`]).

@@ -467,11 +467,13 @@ fn wait_refused(lab: &ControlLab, needles: &[&str]) -> Result<Vec<String>> {
     )
 }
 
-fn set_gateway_identity(lab: &ControlLab, identity: &str) -> Result<()> {
+/// Sets the identities Core requires of gw1 and edge1 (distinct: Core
+/// refuses one identity for two of them).
+fn set_identities(lab: &ControlLab, gateway: &str, edge: &str) -> Result<()> {
     lab.core()?
-        .tidectl_ok(&["gateway", "change", "gw1", "--identity", identity])?;
+        .tidectl_ok(&["gateway", "change", "gw1", "--identity", gateway])?;
     lab.core()?
-        .tidectl_ok(&["edge", "change", "edge1", "--identity", identity])?;
+        .tidectl_ok(&["edge", "change", "edge1", "--identity", edge])?;
     Ok(())
 }
 
@@ -545,8 +547,14 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
     // Our CA, but the peer's certificate names someone else: Core refuses.
     lab.core_mut()?.stop()?;
     lab.start_core(CoreConfig::new(&core_dir, ours.clone()))?;
-    set_gateway_identity(&lab, "gw9")?;
-    let errors = wait_refused(&lab, &["certificate not valid for name \"gw9\""])?;
+    set_identities(&lab, "gw9", "edge9")?;
+    let errors = wait_refused(
+        &lab,
+        &[
+            "certificate not valid for name \"gw9\"",
+            "certificate not valid for name \"edge9\"",
+        ],
+    )?;
     println!("certificates naming someone else: {errors:?}");
 
     // Core presenting a certificate of our CA that does not name Core (a
@@ -561,9 +569,7 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
             key: not_core.key,
         },
     ))?;
-    set_gateway_identity(&lab, "gw1")?;
-    lab.core()?
-        .tidectl_ok(&["edge", "change", "edge1", "--identity", "edge1"])?;
+    set_identities(&lab, "gw1", "edge1")?;
     let errors = wait_refused(
         &lab,
         &["(PermissionDenied): only Core (core) may open a Link"],
@@ -576,5 +582,22 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
     lab.core_mut()?.wait_applied(LOCATION, WAIT)?;
     lab.core_mut()?.wait_edges(WAIT)?;
     lab.edge_mut(1).wait_health(200, WAIT)?;
+
+    // Each side shows its certificate's and the CA's serial and expiry.
+    let core_certs = lab.core()?.tidectl_json(&["core-certificates"])?;
+    for which in ["certificate", "ca"] {
+        let cert = &core_certs[which];
+        ensure!(
+            cert["expiry"] == "valid"
+                && cert["serial"].as_str().is_some_and(|s| !s.is_empty())
+                && cert["days_left"].as_i64().is_some_and(|d| d > 800),
+            "Core's {which}: {core_certs}"
+        );
+    }
+    let text = lab.gateway_mut(1).daemon.tidectl_ok(&["certificates"])?;
+    ensure!(
+        text.starts_with("certificate: expires in 82") && text.contains("\nCA: expires in "),
+        "the gateway's certificates: {text:?}"
+    );
     Ok(())
 }

@@ -505,7 +505,7 @@ fn a_renewed_certificate_is_presented_without_a_restart() -> Result<()> {
 
     let (before, after, kept) = ns.run(|| -> Result<_> {
         let before = served_certificate(link, "edge-r", &core)?;
-        pki.renew("edge-r", 30)?;
+        pki.renew("edge-r", 20)?;
         let after = served_certificate(link, "edge-r", &core)?;
         // Not a certificate: refused, the renewed one stays.
         std::fs::write(&files.cert, "not a certificate")?;
@@ -519,7 +519,7 @@ fn a_renewed_certificate_is_presented_without_a_restart() -> Result<()> {
     );
     ensure!(
         after.not_after_unix < before.not_after_unix - 700 * 24 * 3600,
-        "renewed for 30 days, yet notAfter {} (was {})",
+        "renewed for 20 days, yet notAfter {} (was {})",
         after.not_after_unix,
         before.not_after_unix
     );
@@ -530,8 +530,17 @@ fn a_renewed_certificate_is_presented_without_a_restart() -> Result<()> {
     ensure!(edge.process().pid() == pid, "the Edge restarted");
     let log = edge.log_tail();
     ensure!(
-        log.contains("loaded a new certificate") && log.contains("cannot be used"),
-        "the reload and the refusal are not logged:\n{log}"
+        log.contains("this Edge's certificate is valid")
+            && log.contains("loaded a new certificate")
+            && log.contains("cannot be used"),
+        "the expiry at start, the reload and the refusal are not logged:\n{log}"
+    );
+    // Renewed for 20 days: inside the warning time.
+    ensure!(
+        log.lines().any(|line| line.contains("WARN")
+            && line.contains("the new certificate expires in")
+            && line.contains("renew it")),
+        "no warning that the renewed certificate expires within 30 days:\n{log}"
     );
     Ok(())
 }

@@ -119,6 +119,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Core: its own certificate and the CA's, serial and expiry (renew
+    /// with `tidegate-core issue --renew core`).
+    CoreCertificates {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Director mode: this gateway keeps the clients pinned to it and gets
     /// no new ones (it tells the others in its adverts).
     Drain,
@@ -241,6 +248,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Failover {
             location: Some(location),
         } => core(core_api::CoreCommand::Failover { location })?,
+        Command::CoreCertificates { json } => {
+            core(core_api::CoreCommand::Certificates { json })?;
+        }
         Command::Counters { json } => {
             let reply = gateway.counters()?;
             if json {
