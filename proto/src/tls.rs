@@ -7,6 +7,11 @@
 //! `core` for Core, the gateway's or Edge's name for them. The TLS handshake
 //! proves the chain; [`peer_has_identity`] then proves the name, since every
 //! certificate of the CA would pass the chain check.
+//!
+//! Core's identity is reserved ([`is_reserved`], ignoring case): no gateway
+//! or Edge is issued it. This side's certificate is read through
+//! [`ReloadingCert`], so a renewed file is presented on the next handshake
+//! (servers) or dial (Core) without a restart.
 
 use std::{fs, io, path::Path, path::PathBuf, sync::Arc, time::Duration};
 
