@@ -84,8 +84,9 @@ impl Edge for Service {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let relay = self.relay.clone();
         let cancel = self.shutdown.child_token();
+        let serial = tidegate_proto::tls::peer_serial(request.peer_certs());
         let inbound = request.into_inner();
-        debug!(session, ?remote, "Core opened a Link");
+        info!(session, ?remote, core_serial = %serial, "Core opened a Link");
         self.sessions
             .spawn(run(session, relay, inbound, tx, cancel));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

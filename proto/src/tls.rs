@@ -284,6 +284,18 @@ pub fn peer_has_identity(certs: Option<Arc<Vec<CertificateDer<'static>>>>, ident
         .is_ok()
 }
 
+/// The serial (hex) of the peer's leaf certificate, for logs: which of
+/// the certificates issued for an identity (renewed ones share it) the
+/// peer presented. Empty without one.
+pub fn peer_serial(certs: Option<Arc<Vec<CertificateDer<'static>>>>) -> String {
+    certs
+        .as_deref()
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| CertInfo::from_der(leaf).ok())
+        .map(|info| info.serial)
+        .unwrap_or_default()
+}
+
 /// Fails unless the first certificate in `path` (this side's own) is valid
 /// for `identity`: a start-up check, so that a wrong file is named before
 /// any peer refuses it.

@@ -88,6 +88,15 @@ impl CorePki {
     /// Runs `tidegate-core issue <name> --renew --days <days> --out
     /// <dir>/<name>`: a new certificate for the same key, in place.
     pub fn renew(&self, name: &str, days: u32) -> Result<()> {
+        self.renew_in(name, &self.dir.join(name), days)
+    }
+
+    /// Runs `tidegate-core issue core --renew` on Core's own files.
+    pub fn renew_core(&self, days: u32) -> Result<()> {
+        self.renew_in("core", &self.dir, days)
+    }
+
+    fn renew_in(&self, name: &str, out: &Path, days: u32) -> Result<()> {
         cmd::run_ok(
             Command::new(binary(CORE_BIN)?)
                 .arg("issue")
@@ -98,7 +107,7 @@ impl CorePki {
                 .arg("--dir")
                 .arg(&self.dir)
                 .arg("--out")
-                .arg(self.dir.join(name)),
+                .arg(out),
             COMMAND_TIMEOUT,
         )
         .with_context(|| format!("tidegate-core issue {name} --renew"))?;

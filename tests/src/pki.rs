@@ -122,6 +122,14 @@ pub fn served_certificate(
     Ok(tidegate_proto::expiry::CertInfo::from_der(leaf)?)
 }
 
+/// The serial and validity of the first certificate in a PEM file.
+pub fn certificate_info(path: &Path) -> Result<tidegate_proto::expiry::CertInfo> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let der = CertificateDer::from_pem_file(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(tidegate_proto::expiry::CertInfo::from_der(&der)?)
+}
+
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

@@ -599,5 +599,29 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
         text.starts_with("certificate: expires in 82") && text.contains("\nCA: expires in "),
         "the gateway's certificates: {text:?}"
     );
+
+    // Core's certificate renewed while it runs: its next dial presents the
+    // new one (the Edge restarts, so Core dials again), no restart of Core.
+    let old_serial = core_certs["certificate"]["serial"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    lab.pki().renew_core(90)?;
+    let new_serial = tidegate_tests::pki::certificate_info(&lab.pki().core_files().cert)?.serial;
+    ensure!(new_serial != old_serial, "renewal kept serial {new_serial}");
+    lab.edge_mut(1).stop()?;
+    lab.edge_mut(1).restart()?;
+    lab.edge_mut(1).wait_health(200, WAIT)?;
+    let log = lab.edge(1).log_tail();
+    ensure!(
+        log.contains(&format!("core_serial={new_serial}")),
+        "the Edge did not see Core's renewed certificate {new_serial}:\n{log}"
+    );
+    let core_certs = lab.core()?.tidectl_json(&["core-certificates"])?;
+    ensure!(
+        core_certs["certificate"]["serial"] == new_serial.as_str()
+            && core_certs["certificate"]["days_left"].as_i64() < Some(91),
+        "Core's status after renewal: {core_certs}"
+    );
     Ok(())
 }

@@ -85,6 +85,7 @@ impl Gateway for Service {
             );
             return Err(refused);
         }
+        let serial = tidegate_proto::tls::peer_serial(request.peer_certs());
         let cancel = self.shutdown.child_token();
         let (number, replaced) = {
             let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
@@ -93,10 +94,10 @@ impl Gateway for Service {
             (number, current.session.replace((number, cancel.clone())))
         };
         if let Some((_, old)) = replaced {
-            info!(?remote, "a new Link from Core replaces the previous one");
+            info!(?remote, core_serial = %serial, "a new Link from Core replaces the previous one");
             old.cancel();
         } else {
-            info!(?remote, "Core connected");
+            info!(?remote, core_serial = %serial, "Core connected");
         }
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let parts = self.parts.clone();
