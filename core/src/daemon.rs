@@ -57,6 +57,15 @@ impl Core {
         let (state, state_thread) = state::spawn(store);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let watched = pki.clone();
+        let admin_pki = pki.clone();
+        let expiry_cancel = cancel.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = expiry_cancel.cancelled() => {}
+                () = tidegate_proto::expiry::watch(watched, "Core's certificate") => {}
+            }
+        });
         let directory = Supervisor::spawn(
             state.clone(),
             pki,
@@ -65,7 +74,7 @@ impl Core {
             &tracker,
             cancel.clone(),
         );
-        let service = AdminService::new(state.clone(), directory.clone());
+        let service = AdminService::new(state.clone(), directory.clone(), admin_pki);
         let admin_cancel = cancel.clone();
         let admin = tokio::spawn(async move { socket.serve(service, admin_cancel).await });
         info!(

@@ -43,11 +43,23 @@ enum Command {
         dir: PathBuf,
     },
     /// Issue a certificate for a gateway or an Edge: NAME.pem, NAME.key and
-    /// ca.pem in the output directory.
+    /// ca.pem in the output directory. With --renew, re-sign the existing
+    /// certificate of NAME in place (Core's own too, as `core`): running
+    /// daemons present the new one on their next connection, no restart.
     Issue {
-        /// The identity: a DNS name, the gateway's or Edge's name in Core
-        /// (or the identity configured for it).
+        /// The identity: a lowercase DNS name, the gateway's or Edge's name
+        /// in Core (or the identity configured for it); never `core`, which
+        /// is Core's.
         name: String,
+        /// Renew: NAME.pem and NAME.key must exist in the output directory;
+        /// a new certificate for the same key replaces NAME.pem atomically.
+        #[arg(long)]
+        renew: bool,
+        /// With --renew: make a new private key too (NAME.key is replaced
+        /// first), e.g. after a suspected compromise. Without it the key
+        /// is kept.
+        #[arg(long, requires = "renew")]
+        new_key: bool,
         /// The CA's directory.
         #[arg(long, default_value = config::DEFAULT_PKI_DIR)]
         dir: PathBuf,
@@ -110,15 +122,33 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Issue {
             name,
+            renew,
+            new_key,
             dir,
             out,
             days,
         } => {
-            let issued = pki::issue(&PkiDir::new(dir), &name, &out, days)?;
+            let dir = PkiDir::new(dir);
+            let issued = if renew {
+                let key = if new_key {
+                    pki::RenewKey::New
+                } else {
+                    pki::RenewKey::Keep
+                };
+                pki::renew(&dir, &name, &out, days, key)?
+            } else {
+                pki::issue(&dir, &name, &out, days)?
+            };
             println!(
-                "{name}: {} (key {}), CA {}",
+                "{name}{}: {} (key {}{}), CA {}",
+                if renew { " renewed" } else { "" },
                 issued.cert.display(),
                 issued.key.display(),
+                match (renew, new_key) {
+                    (true, true) => ", new",
+                    (true, false) => ", kept",
+                    _ => "",
+                },
                 issued.ca.display()
             );
             Ok(())

@@ -17,8 +17,8 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 /// Core's identity: the DNS name in its certificate, which gateways and
-/// Edges require of their client.
-pub const CORE_IDENTITY: &str = "core";
+/// Edges require of their client. Reserved: `issue` refuses it.
+pub const CORE_IDENTITY: &str = tidegate_proto::tls::CORE_IDENTITY;
 /// Validity of the CA's certificate.
 pub const CA_DAYS: u32 = 3650;
 /// Default validity of an issued certificate.
@@ -49,6 +49,25 @@ pub enum PkiError {
     Name(#[source] tidegate_proto::tls::TlsError),
     #[error("validity must be 1 to {CA_DAYS} days, got {0}")]
     Days(u32),
+    #[error("{path} does not exist: nothing to renew (issue it without --renew)")]
+    NothingToRenew { path: PathBuf },
+    #[error("{path}: not a certificate for {name:?}, refusing to renew it as one")]
+    NotTheIdentity { path: PathBuf, name: String },
+    #[error("{path} is not a usable key")]
+    BadKey {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+/// What `renew` does with the private key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewKey {
+    /// Sign the existing key again: only the certificate file changes.
+    Keep,
+    /// Make a new key too (after a suspected compromise).
+    New,
 }
 
 /// The files of a PKI directory.
@@ -115,14 +134,19 @@ pub fn init(dir: &PkiDir) -> Result<Issued, PkiError> {
     let cert = params.self_signed(&key).map_err(PkiError::Generate)?;
     write_new(&dir.ca_key(), key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&dir.ca_cert(), cert.pem().as_bytes(), 0o644)?;
-    issue(dir, CORE_IDENTITY, dir.dir(), DEFAULT_DAYS)
+    issue_unchecked(dir, CORE_IDENTITY, dir.dir(), DEFAULT_DAYS)
 }
 
-/// Signs a certificate for `name` (a DNS name: the gateway's or Edge's
-/// identity) with the CA in `dir`, writing `name.pem`, `name.key` (0600) and
-/// a copy of `ca.pem` into `out`. Refuses to replace existing files.
+/// Signs a certificate for `name` (the gateway's or Edge's identity: a
+/// lowercase DNS name, never Core's) with the CA in `dir`, writing
+/// `name.pem`, `name.key` (0600) and a copy of `ca.pem` into `out`. Refuses
+/// to replace existing files.
 pub fn issue(dir: &PkiDir, name: &str, out: &Path, days: u32) -> Result<Issued, PkiError> {
-    tidegate_proto::tls::check_identity(name).map_err(PkiError::Name)?;
+    tidegate_proto::tls::check_issuable_identity(name).map_err(PkiError::Name)?;
+    issue_unchecked(dir, name, out, days)
+}
+
+fn issue_unchecked(dir: &PkiDir, name: &str, out: &Path, days: u32) -> Result<Issued, PkiError> {
     let out_dir = PkiDir::new(out);
     let issued = Issued {
         cert: out_dir.cert(name),
@@ -134,6 +158,76 @@ pub fn issue(dir: &PkiDir, name: &str, out: &Path, days: u32) -> Result<Issued, 
             return Err(PkiError::Exists { path: path.clone() });
         }
     }
+    let key = KeyPair::generate().map_err(PkiError::Generate)?;
+    let cert = sign(dir, name, &key, days)?;
+    make_dir(out)?;
+    write_new(&issued.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&issued.cert, cert.as_bytes(), 0o644)?;
+    copy_ca(dir, &issued.ca)?;
+    Ok(issued)
+}
+
+/// Signs a new certificate for `name` whose files `name.pem` and
+/// `name.key` are in `out` already (a gateway's, an Edge's, or Core's own),
+/// valid for `days` from now, and puts it in place atomically (a new file
+/// renamed over the old), so that a daemon reading it sees the old or the
+/// new one, never half. With [`RenewKey::Keep`] the key file is untouched;
+/// with [`RenewKey::New`] a new key replaces it first.
+pub fn renew(
+    dir: &PkiDir,
+    name: &str,
+    out: &Path,
+    days: u32,
+    key_choice: RenewKey,
+) -> Result<Issued, PkiError> {
+    if !tidegate_proto::tls::is_reserved(name) {
+        tidegate_proto::tls::check_issuable_identity(name).map_err(PkiError::Name)?;
+    }
+    let out_dir = PkiDir::new(out);
+    let issued = Issued {
+        cert: out_dir.cert(name),
+        key: out_dir.key(name),
+        ca: out_dir.ca_cert(),
+    };
+    for path in [&issued.cert, &issued.key] {
+        if !path.exists() {
+            return Err(PkiError::NothingToRenew { path: path.clone() });
+        }
+    }
+    // Renew only what is already this identity's certificate.
+    tidegate_proto::tls::check_own_identity(&issued.cert, name).map_err(|_| {
+        PkiError::NotTheIdentity {
+            path: issued.cert.clone(),
+            name: name.to_owned(),
+        }
+    })?;
+    let key = match key_choice {
+        RenewKey::Keep => {
+            KeyPair::from_pem(&read(&issued.key)?).map_err(|source| PkiError::BadKey {
+                path: issued.key.clone(),
+                source,
+            })?
+        }
+        RenewKey::New => KeyPair::generate().map_err(PkiError::Generate)?,
+    };
+    let cert = sign(dir, name, &key, days)?;
+    if key_choice == RenewKey::New {
+        write_replace(&issued.key, key.serialize_pem().as_bytes(), 0o600)?;
+    }
+    write_replace(&issued.cert, cert.as_bytes(), 0o644)?;
+    copy_ca(dir, &issued.ca)?;
+    Ok(issued)
+}
+
+fn copy_ca(dir: &PkiDir, to: &Path) -> Result<(), PkiError> {
+    if to != dir.ca_cert() {
+        write_replace(to, read(&dir.ca_cert())?.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+/// A certificate (PEM) for `name` and `key`, signed by the CA in `dir`.
+fn sign(dir: &PkiDir, name: &str, key: &KeyPair, days: u32) -> Result<String, PkiError> {
     let ca_pem = read(&dir.ca_cert())?;
     let ca_key_pem = read(&dir.ca_key())?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|source| PkiError::BadCa {
@@ -146,9 +240,18 @@ pub fn issue(dir: &PkiDir, name: &str, out: &Path, days: u32) -> Result<Issued, 
         what: "certificate",
         source,
     })?;
-    let key = KeyPair::generate().map_err(PkiError::Generate)?;
     let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(PkiError::Generate)?;
     params.distinguished_name.push(DnType::CommonName, name);
+    // A random serial: without one rcgen derives it from the key, and a
+    // renewal that keeps the key would repeat it.
+    let mut serial = [0u8; 16];
+    getrandom::getrandom(&mut serial).map_err(|e| PkiError::Io {
+        op: "drawing a serial number for",
+        path: dir.ca_cert(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(serial.to_vec().into());
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // Every side is both: gateways and Edges serve, Core dials, and each
@@ -158,16 +261,8 @@ pub fn issue(dir: &PkiDir, name: &str, out: &Path, days: u32) -> Result<Issued, 
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     validity(&mut params, days)?;
-    let cert = params
-        .signed_by(&key, &issuer)
-        .map_err(PkiError::Generate)?;
-    make_dir(out)?;
-    write_new(&issued.key, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&issued.cert, cert.pem().as_bytes(), 0o644)?;
-    if issued.ca != dir.ca_cert() {
-        write_replace(&issued.ca, ca_pem.as_bytes(), 0o644)?;
-    }
-    Ok(issued)
+    let cert = params.signed_by(key, &issuer).map_err(PkiError::Generate)?;
+    Ok(cert.pem())
 }
 
 fn validity(params: &mut CertificateParams, days: u32) -> Result<(), PkiError> {
@@ -227,7 +322,9 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
 }
 
 fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
-    let tmp = path.with_extension("pem.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
     write_new(&tmp, bytes, mode)?;
     fs::rename(&tmp, path).map_err(|source| PkiError::Io {
@@ -297,6 +394,68 @@ mod tests {
         let missing = PkiDir::new(tmp.path().join("none"));
         let err = issue(&missing, "gw-b", &out, 30).unwrap_err();
         assert!(crate::error_chain(&err).contains("none/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn cores_identity_and_names_not_in_lowercase_are_not_issued() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = PkiDir::new(tmp.path().join("pki"));
+        init(&dir).unwrap();
+        let out = tmp.path().join("out");
+        for name in ["core", "Core", "CORE", "core.", "GW-A", "gw_a"] {
+            let err = issue(&dir, name, &out, 30).unwrap_err();
+            assert!(matches!(err, PkiError::Name(_)), "{name}: {err}");
+        }
+        let err = issue(&dir, "Core", &out, 30).unwrap_err();
+        assert!(crate::error_chain(&err).contains("lowercase"), "{err}");
+        let err = issue(&dir, "core", &out, 30).unwrap_err();
+        assert!(
+            crate::error_chain(&err).contains("Core's identity"),
+            "{err}"
+        );
+        assert!(!out.join("core.pem").exists());
+    }
+
+    fn info(path: &Path) -> tidegate_proto::expiry::CertInfo {
+        let pem = fs::read_to_string(path).unwrap();
+        tidegate_proto::expiry::CertInfo::from_der(&pem_to_der(&pem)).unwrap()
+    }
+
+    #[test]
+    fn renewal_re_signs_in_place_keeping_or_replacing_the_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = PkiDir::new(tmp.path().join("pki"));
+        init(&dir).unwrap();
+        let out = tmp.path().join("gw-a");
+        assert!(matches!(
+            renew(&dir, "gw-a", &out, 30, RenewKey::Keep),
+            Err(PkiError::NothingToRenew { .. })
+        ));
+        let issued = issue(&dir, "gw-a", &out, 30).unwrap();
+        let before = info(&issued.cert);
+        let key_before = fs::read(&issued.key).unwrap();
+        let renewed = renew(&dir, "gw-a", &out, 90, RenewKey::Keep).unwrap();
+        assert_eq!(renewed, issued);
+        let after = info(&issued.cert);
+        assert_ne!(after.serial, before.serial);
+        assert!(after.not_after_unix > before.not_after_unix + 59 * 24 * 3600);
+        assert_eq!(fs::read(&issued.key).unwrap(), key_before);
+        tidegate_proto::tls::Pki::load_as(&issued.ca, &issued.cert, &issued.key, Some("gw-a"))
+            .unwrap();
+        renew(&dir, "gw-a", &out, 90, RenewKey::New).unwrap();
+        assert_ne!(fs::read(&issued.key).unwrap(), key_before);
+        assert_eq!(mode(&issued.key), 0o600);
+        tidegate_proto::tls::Pki::load_as(&issued.ca, &issued.cert, &issued.key, Some("gw-a"))
+            .unwrap();
+        // Core's own certificate is renewed in place too.
+        renew(&dir, "core", dir.dir(), 90, RenewKey::Keep).unwrap();
+        // A file that is another identity's is not renewed as this one.
+        fs::copy(&issued.cert, out.join("gw-b.pem")).unwrap();
+        fs::copy(&issued.key, out.join("gw-b.key")).unwrap();
+        assert!(matches!(
+            renew(&dir, "gw-b", &out, 90, RenewKey::Keep),
+            Err(PkiError::NotTheIdentity { .. })
+        ));
     }
 
     fn pem_to_der(pem: &str) -> tonic::transport::CertificateDer<'static> {

@@ -20,7 +20,7 @@ use tidegate_proto::{
     },
     limits::MAX_EDGE_MESSAGE_BYTES,
     listen::{Acceptor, LINK_LIMITS},
-    tls::{Pki, TlsError, check_own_identity, require_core},
+    tls::{Pki, TlsError, require_core, tls_incoming},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -85,8 +85,9 @@ impl Edge for Service {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let relay = self.relay.clone();
         let cancel = self.shutdown.child_token();
+        let serial = tidegate_proto::tls::peer_serial(request.peer_certs());
         let inbound = request.into_inner();
-        debug!(session, ?remote, "Core opened a Link");
+        info!(session, ?remote, core_serial = %serial, "Core opened a Link");
         self.sessions
             .spawn(run(session, relay, inbound, tx, cancel));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -172,8 +173,13 @@ pub async fn serve(
     relay: RelayHandle,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), LinkError>>, LinkError> {
-    let pki = Pki::load(&settings.ca_file, &settings.cert_file, &settings.key_file)?;
-    check_own_identity(&settings.cert_file, &settings.identity)?;
+    let pki = Pki::load_as(
+        &settings.ca_file,
+        &settings.cert_file,
+        &settings.key_file,
+        Some(&settings.identity),
+    )?;
+    let acceptor = pki.server()?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| LinkError::Bind {
@@ -181,8 +187,6 @@ pub async fn serve(
             source,
         })?;
     let mut server = Server::builder()
-        .tls_config(pki.server())
-        .map_err(LinkError::Server)?
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE));
     let sessions = TaskTracker::new();
@@ -200,13 +204,16 @@ pub async fn serve(
             .max_encoding_message_size(MAX_EDGE_MESSAGE_BYTES),
     );
     Ok(async move {
-        let served = router
-            .serve_with_incoming_shutdown(
-                Acceptor::new(listener, LINK_LIMITS).into_stream(),
-                cancel.cancelled_owned(),
-            )
-            .await
-            .map_err(LinkError::Server);
+        let serving = router.serve_with_incoming_shutdown(
+            tls_incoming(acceptor, Acceptor::new(listener, LINK_LIMITS).into_stream()),
+            cancel.cancelled_owned(),
+        );
+        // Warns at start and daily as the certificate nears its expiry.
+        let expiry = tidegate_proto::expiry::watch(pki, "this Edge's certificate");
+        let served = tokio::select! {
+            served = serving => served.map_err(LinkError::Server),
+            () = expiry => unreachable!("the expiry watch runs until dropped"),
+        };
         sessions.close();
         sessions.wait().await;
         served

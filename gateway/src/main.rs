@@ -261,14 +261,26 @@ async fn run(args: Args) -> Result<()> {
         });
         handle
     });
+    let mut pki = None;
     if let Some(core) = &config.core {
+        let loaded = core_link::server::load_pki(core)?;
+        let watched = loaded.clone();
+        let expiry_cancel = cancel.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = expiry_cancel.cancelled() => {}
+                () = tidegate_proto::expiry::watch(watched, "this gateway's certificate for Core's link") => {}
+            }
+            Ok(())
+        });
+        pki = Some(loaded.clone());
         let parts = core_link::Parts {
             wireguard: wireguard_handle.clone(),
             ha: ha_handle.clone(),
             gateway_id: core.gateway_id,
             status_interval: core.status_interval,
         };
-        let server = core_link::serve(core.clone(), parts, cancel.clone()).await?;
+        let server = core_link::serve_with(core.clone(), loaded, parts, cancel.clone()).await?;
         tasks.spawn(async move { server.await.context("the server for Core") });
     }
     let reloader = Reloader::new(
@@ -284,6 +296,7 @@ async fn run(args: Args) -> Result<()> {
         ha: ha_handle,
         director_mode: config.ha.as_ref().is_some_and(|ha| ha.director.is_some()),
         reloader: reloader.clone(),
+        pki,
     };
     let control_cancel = cancel.clone();
     tasks.spawn(async move {

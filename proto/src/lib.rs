@@ -6,9 +6,26 @@
 //! identity, and Core checks the server's certificate names the gateway or
 //! Edge it meant to reach.
 
+pub mod certs;
+pub mod expiry;
 pub mod limits;
 pub mod listen;
 pub mod tls;
+
+/// An error and its sources on one line, for logs.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
 
 /// Core to gateway: the location config, peer changes, status.
 pub mod gateway {

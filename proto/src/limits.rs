@@ -11,9 +11,13 @@ pub const MAX_DEVICES: usize = 100_000;
 pub const MAX_CONFIG_BYTES: usize = 32 * 1024 * 1024;
 
 /// Gateway to Core: a status. A peer's takes at most 120 bytes (key,
-/// an IPv6 endpoint, three counters); [`MAX_DEVICES`] of them and the MFA
-/// removals a gateway keeps fit with room.
+/// an IPv6 endpoint, three counters); [`MAX_DEVICES`] of them and
+/// [`MAX_REMOVALS_PER_STATUS`] MFA removals fit with room.
 pub const MAX_STATUS_BYTES: usize = 16 * 1024 * 1024;
+
+/// MFA removals in one status: a gateway sends at most this many, Core
+/// handles at most this many (and acknowledges those).
+pub const MAX_REMOVALS_PER_STATUS: usize = 256;
 
 /// Core and an Edge: one client request or its reply.
 pub const MAX_EDGE_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -82,6 +86,7 @@ mod tests {
             public_key: vec![0xff; 32],
             at_unix_ms: i64::MAX,
             reason: "inactive".into(),
+            seq: u64::MAX,
         };
         let status = pb::GatewayMessage {
             msg: Some(pb::gateway_message::Msg::Status(pb::Status {
@@ -91,7 +96,7 @@ mod tests {
                     ..Default::default()
                 }),
                 peers: vec![peer; MAX_DEVICES],
-                removals: vec![removal; 10_000],
+                removals: vec![removal; MAX_REMOVALS_PER_STATUS],
                 at_unix_ms: i64::MAX,
             })),
         };

@@ -84,6 +84,37 @@ impl CorePki {
     }
 }
 
+impl CorePki {
+    /// Runs `tidegate-core issue <name> --renew --days <days> --out
+    /// <dir>/<name>`: a new certificate for the same key, in place.
+    pub fn renew(&self, name: &str, days: u32) -> Result<()> {
+        self.renew_in(name, &self.dir.join(name), days)
+    }
+
+    /// Runs `tidegate-core issue core --renew` on Core's own files.
+    pub fn renew_core(&self, days: u32) -> Result<()> {
+        self.renew_in("core", &self.dir, days)
+    }
+
+    fn renew_in(&self, name: &str, out: &Path, days: u32) -> Result<()> {
+        cmd::run_ok(
+            Command::new(binary(CORE_BIN)?)
+                .arg("issue")
+                .arg(name)
+                .arg("--renew")
+                .arg("--days")
+                .arg(days.to_string())
+                .arg("--dir")
+                .arg(&self.dir)
+                .arg("--out")
+                .arg(out),
+            COMMAND_TIMEOUT,
+        )
+        .with_context(|| format!("tidegate-core issue {name} --renew"))?;
+        Ok(())
+    }
+}
+
 /// Core's config file.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {

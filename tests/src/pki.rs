@@ -80,6 +80,56 @@ impl TestPki {
     }
 }
 
+/// The certificate a TLS server at `address` presents to a client with
+/// `client`'s certificate, checked against `client.ca` for
+/// `server_identity`: its serial and validity.
+pub fn served_certificate(
+    address: std::net::SocketAddr,
+    server_identity: &str,
+    client: &CertFiles,
+) -> Result<tidegate_proto::expiry::CertInfo> {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&client.ca).context("reading the CA")?)?;
+    let chain = CertificateDer::pem_file_iter(&client.cert)
+        .context("reading the client certificate")?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&client.key).context("reading the client key")?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = ServerName::try_from(server_identity.to_owned())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let mut tcp = std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to {address}"))?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    tcp.set_write_timeout(Some(std::time::Duration::from_secs(5)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)
+            .with_context(|| format!("TLS handshake with {address}"))?;
+    }
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .context("the server presented no certificate")?;
+    Ok(tidegate_proto::expiry::CertInfo::from_der(leaf)?)
+}
+
+/// The serial and validity of the first certificate in a PEM file.
+pub fn certificate_info(path: &Path) -> Result<tidegate_proto::expiry::CertInfo> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let der = CertificateDer::from_pem_file(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(tidegate_proto::expiry::CertInfo::from_der(&der)?)
+}
+
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

@@ -468,11 +468,13 @@ fn wait_refused(lab: &ControlLab, needles: &[&str]) -> Result<Vec<String>> {
     )
 }
 
-fn set_gateway_identity(lab: &ControlLab, identity: &str) -> Result<()> {
+/// Sets the identities Core requires of gw1 and edge1 (distinct: Core
+/// refuses one identity for two of them).
+fn set_identities(lab: &ControlLab, gateway: &str, edge: &str) -> Result<()> {
     lab.core()?
-        .tidectl_ok(&["gateway", "change", "gw1", "--identity", identity])?;
+        .tidectl_ok(&["gateway", "change", "gw1", "--identity", gateway])?;
     lab.core()?
-        .tidectl_ok(&["edge", "change", "edge1", "--identity", identity])?;
+        .tidectl_ok(&["edge", "change", "edge1", "--identity", edge])?;
     Ok(())
 }
 
@@ -546,8 +548,14 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
     // Our CA, but the peer's certificate names someone else: Core refuses.
     lab.core_mut()?.stop()?;
     lab.start_core(CoreConfig::new(&core_dir, ours.clone()))?;
-    set_gateway_identity(&lab, "gw9")?;
-    let errors = wait_refused(&lab, &["certificate not valid for name \"gw9\""])?;
+    set_identities(&lab, "gw9", "edge9")?;
+    let errors = wait_refused(
+        &lab,
+        &[
+            "certificate not valid for name \"gw9\"",
+            "certificate not valid for name \"edge9\"",
+        ],
+    )?;
     println!("certificates naming someone else: {errors:?}");
 
     // Core presenting a certificate of our CA that does not name Core (a
@@ -562,9 +570,7 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
             key: not_core.key,
         },
     ))?;
-    set_gateway_identity(&lab, "gw1")?;
-    lab.core()?
-        .tidectl_ok(&["edge", "change", "edge1", "--identity", "edge1"])?;
+    set_identities(&lab, "gw1", "edge1")?;
     let errors = wait_refused(
         &lab,
         &["(PermissionDenied): only Core (core) may open a Link"],
@@ -577,6 +583,47 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
     lab.core_mut()?.wait_applied(LOCATION, WAIT)?;
     lab.core_mut()?.wait_edges(WAIT)?;
     lab.edge_mut(1).wait_health(200, WAIT)?;
+
+    // Each side shows its certificate's and the CA's serial and expiry.
+    let core_certs = lab.core()?.tidectl_json(&["core-certificates"])?;
+    for which in ["certificate", "ca"] {
+        let cert = &core_certs[which];
+        ensure!(
+            cert["expiry"] == "valid"
+                && cert["serial"].as_str().is_some_and(|s| !s.is_empty())
+                && cert["days_left"].as_i64().is_some_and(|d| d > 800),
+            "Core's {which}: {core_certs}"
+        );
+    }
+    let text = lab.gateway_mut(1).daemon.tidectl_ok(&["certificates"])?;
+    ensure!(
+        text.starts_with("certificate: expires in 82") && text.contains("\nCA: expires in "),
+        "the gateway's certificates: {text:?}"
+    );
+
+    // Core's certificate renewed while it runs: its next dial presents the
+    // new one (the Edge restarts, so Core dials again), no restart of Core.
+    let old_serial = core_certs["certificate"]["serial"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    lab.pki().renew_core(90)?;
+    let new_serial = tidegate_tests::pki::certificate_info(&lab.pki().core_files().cert)?.serial;
+    ensure!(new_serial != old_serial, "renewal kept serial {new_serial}");
+    lab.edge_mut(1).stop()?;
+    lab.edge_mut(1).restart()?;
+    lab.edge_mut(1).wait_health(200, WAIT)?;
+    let log = lab.edge(1).log_tail();
+    ensure!(
+        log.contains(&format!("core_serial={new_serial}")),
+        "the Edge did not see Core's renewed certificate {new_serial}:\n{log}"
+    );
+    let core_certs = lab.core()?.tidectl_json(&["core-certificates"])?;
+    ensure!(
+        core_certs["certificate"]["serial"] == new_serial.as_str()
+            && core_certs["certificate"]["days_left"].as_i64() < Some(91),
+        "Core's status after renewal: {core_certs}"
+    );
     Ok(())
 }
 

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
 use tidegate_proto::{edge::v1 as edge, listen::LINK_LIMITS, tls::HANDSHAKE_TIMEOUT};
+use tidegate_tests::pki::served_certificate;
 use tidegate_tests::scripted_core::ScriptedEdgeCore;
-use tidegate_tests::{EdgeConfig, EdgeDaemon, Netns, Nginx, Run, TestPki, require_root};
+use tidegate_tests::{CorePki, EdgeConfig, EdgeDaemon, Netns, Nginx, Run, TestPki, require_root};
 
 const NGINX: &str = "127.0.0.1:8080";
 const WAIT: Duration = Duration::from_secs(10);
@@ -484,4 +485,63 @@ fn poll_health(edge: &EdgeDaemon) -> Result<u16> {
         ensure!(started.elapsed() < WAIT, "the Edge did not answer again");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `tidegate-core issue --renew` while an Edge runs: the next connection to
+/// its link port gets the renewed certificate (another serial, another
+/// expiry) from the same process; a broken file put in its place is
+/// refused, logged, and the renewed certificate stays in use.
+#[test]
+fn a_renewed_certificate_is_presented_without_a_restart() -> Result<()> {
+    require_root();
+    let run = Run::new()?;
+    let ns = Netns::create(&run.netns_name("renew"))?;
+    let pki = CorePki::init(&run.dir().join("pki"))?;
+    let core = pki.core_files();
+    let files = pki.issue("edge-r")?;
+    let link = addr("127.0.0.1:17452");
+    let config = EdgeConfig::new("edge-r", addr("127.0.0.1:18092"), link, files.clone());
+    let edge = EdgeDaemon::start(&ns, config, run.dir())?;
+    let pid = edge.process().pid();
+
+    let (before, after, kept) = ns.run(|| -> Result<_> {
+        let before = served_certificate(link, "edge-r", &core)?;
+        pki.renew("edge-r", 20)?;
+        let after = served_certificate(link, "edge-r", &core)?;
+        // Not a certificate: refused, the renewed one stays.
+        std::fs::write(&files.cert, "not a certificate")?;
+        let kept = served_certificate(link, "edge-r", &core)?;
+        Ok((before, after, kept))
+    })??;
+    ensure!(
+        after.serial != before.serial,
+        "the same serial {} after renewal",
+        after.serial
+    );
+    ensure!(
+        after.not_after_unix < before.not_after_unix - 700 * 24 * 3600,
+        "renewed for 20 days, yet notAfter {} (was {})",
+        after.not_after_unix,
+        before.not_after_unix
+    );
+    ensure!(
+        kept == after,
+        "a broken file replaced the certificate: {kept:?}"
+    );
+    ensure!(edge.process().pid() == pid, "the Edge restarted");
+    let log = edge.log_tail();
+    ensure!(
+        log.contains("this Edge's certificate is valid")
+            && log.contains("loaded a new certificate")
+            && log.contains("cannot be used"),
+        "the expiry at start, the reload and the refusal are not logged:\n{log}"
+    );
+    // Renewed for 20 days: inside the warning time.
+    ensure!(
+        log.lines().any(|line| line.contains("WARN")
+            && line.contains("the new certificate expires in")
+            && line.contains("renew it")),
+        "no warning that the renewed certificate expires within 30 days:\n{log}"
+    );
+    Ok(())
 }

@@ -26,11 +26,21 @@ const FAILOVER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AdminService {
     state: StateHandle,
     directory: watch::Receiver<Arc<Directory>>,
+    /// Core's TLS files, for its certificates' status.
+    pki: tidegate_proto::tls::Pki,
 }
 
 impl AdminService {
-    pub fn new(state: StateHandle, directory: watch::Receiver<Arc<Directory>>) -> Self {
-        Self { state, directory }
+    pub fn new(
+        state: StateHandle,
+        directory: watch::Receiver<Arc<Directory>>,
+        pki: tidegate_proto::tls::Pki,
+    ) -> Self {
+        Self {
+            state,
+            directory,
+            pki,
+        }
     }
 
     /// Runs a store job, mapping its error to a gRPC status.
@@ -58,9 +68,21 @@ pub fn status(error: StoreError) -> Status {
     match error {
         StoreError::Invalid { .. } => Status::invalid_argument(message),
         StoreError::NotFound { .. } => Status::not_found(message),
-        StoreError::Exists { .. } => Status::already_exists(message),
+        StoreError::Exists { .. } | StoreError::IdentityTaken { .. } => {
+            Status::already_exists(message)
+        }
         StoreError::InUse(_) => Status::failed_precondition(message),
         _ => Status::internal(message),
+    }
+}
+
+fn certificate(status: tidegate_proto::expiry::CertStatus) -> admin::Certificate {
+    admin::Certificate {
+        path: status.path,
+        serial: status.serial,
+        not_after_unix: status.not_after_unix,
+        expiry: status.expiry,
+        days_left: status.days_left,
     }
 }
 
@@ -507,6 +529,17 @@ impl Admin for AdminService {
         info!(edge = %name, "deleting an Edge");
         self.store(move |s| s.delete_edge(&name).map(|()| deleted(name)))
             .await
+    }
+
+    async fn core_certificates(
+        &self,
+        _request: Request<admin::CoreCertificatesRequest>,
+    ) -> Result<Response<admin::CoreCertificatesResponse>, Status> {
+        let status = self.pki.status(tidegate_proto::expiry::now_unix());
+        Ok(Response::new(admin::CoreCertificatesResponse {
+            certificate: Some(certificate(status.own)),
+            ca: Some(certificate(status.ca)),
+        }))
     }
 
     async fn list_events(

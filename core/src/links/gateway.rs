@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     GatewayCommand, LinkContext, LinkError, Reconnect,
+    budget::{EventBudget, with_left_out},
     coalesce::{Coalescer, Next},
     connect, ended,
     status::{GatewayState, PeerSeen, fold_peers},
@@ -38,9 +39,10 @@ pub(super) async fn run(
     cancel: CancellationToken,
 ) {
     let mut reconnect = Reconnect::new(&ctx.settings);
+    let mut events = EventBudget::new(now_ms());
     loop {
         reconnect.attempt();
-        let result = session(&target, &ctx, &status, &mut commands, &cancel).await;
+        let result = session(&target, &ctx, &status, &mut commands, &mut events, &cancel).await;
         let was_up = status.borrow().connected;
         let why = ended(&result);
         status.send_modify(|s| {
@@ -52,7 +54,14 @@ pub(super) async fn run(
         });
         if was_up {
             warn!(gateway = %target.name, error = %why, "gateway link down");
-            log(&ctx, EventKind::GatewayDisconnected, &target, why).await;
+            log(
+                &ctx,
+                &mut events,
+                EventKind::GatewayDisconnected,
+                &target,
+                why,
+            )
+            .await;
         } else {
             debug!(gateway = %target.name, error = %why, "gateway not reached");
         }
@@ -62,7 +71,19 @@ pub(super) async fn run(
     }
 }
 
-async fn log(ctx: &LinkContext, kind: EventKind, target: &GatewayTarget, message: String) {
+/// Writes an event of the gateway, within its budget.
+async fn log(
+    ctx: &LinkContext,
+    budget: &mut EventBudget,
+    kind: EventKind,
+    target: &GatewayTarget,
+    message: String,
+) {
+    let Some(left_out) = budget.take(now_ms()) else {
+        debug!(gateway = %target.name, kind = kind.as_str(), %message, "over the event budget: not logged");
+        return;
+    };
+    let message = with_left_out(message, left_out);
     let (location, subject) = (target.location.clone(), target.name.clone());
     let result = ctx
         .state
@@ -87,6 +108,7 @@ async fn session(
     ctx: &LinkContext,
     status: &watch::Sender<GatewayState>,
     commands: &mut mpsc::Receiver<GatewayCommand>,
+    events: &mut EventBudget,
     cancel: &CancellationToken,
 ) -> Result<(), LinkError> {
     let channel = tokio::select! {
@@ -142,6 +164,7 @@ async fn session(
     });
     log(
         ctx,
+        events,
         EventKind::GatewayConnected,
         target,
         format!(
@@ -224,11 +247,11 @@ async fn session(
                             warn!(gateway = %target.name, version = applied.version, error = %applied.error, "the gateway refused the config");
                             coalescer.refused(applied.version, sent.full);
                             status.send_modify(|s| s.apply_error = Some((applied.version, applied.error.clone())));
-                            log(ctx, EventKind::ApplyError, target, format!("version {}: {}", applied.version, applied.error)).await;
+                            log(ctx, events, EventKind::ApplyError, target, format!("version {}: {}", applied.version, applied.error)).await;
                         }
                     }
                     Some(gateway_message::Msg::Status(report)) => {
-                        let acked = on_status(target, ctx, status, &mut seen, threshold_ms, report).await;
+                        let acked = on_status(target, ctx, status, &mut seen, events, threshold_ms, report).await;
                         if let Some(through_seq) = acked {
                             let acked = gateway::RemovalsAcked { through_seq };
                             out.send(CoreMessage { msg: Some(core_message::Msg::RemovalsAcked(acked)) })
@@ -243,7 +266,7 @@ async fn session(
                             } else {
                                 format!("handover refused: {}", result.error)
                             };
-                            log(ctx, EventKind::Failover, target, message).await;
+                            log(ctx, events, EventKind::Failover, target, message).await;
                             let _ = reply.send(if result.error.is_empty() { Ok(()) } else { Err(result.error) });
                         }
                     }
@@ -292,6 +315,7 @@ async fn on_status(
     ctx: &LinkContext,
     status: &watch::Sender<GatewayState>,
     seen: &mut HashMap<Key, PeerSeen>,
+    events: &mut EventBudget,
     threshold_ms: i64,
     report: gateway::Status,
 ) -> Option<u64> {
@@ -312,6 +336,7 @@ async fn on_status(
         info!(gateway = %target.name, from = %old, to = %new, "role change");
         log(
             ctx,
+            events,
             EventKind::RoleChange,
             target,
             format!("{old} -> {new}"),
@@ -319,7 +344,13 @@ async fn on_status(
         .await;
     }
     let mut acked = None;
-    for removal in report.removals {
+    // A bounded share per status: what is left is not acknowledged, and the
+    // gateway sends it again.
+    for removal in report
+        .removals
+        .into_iter()
+        .take(limits::MAX_REMOVALS_PER_STATUS)
+    {
         let seq = removal.seq;
         let Ok(key) = Key::from_slice(&removal.public_key) else {
             warn!(gateway = %target.name, "an MFA removal with a malformed key");

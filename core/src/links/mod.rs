@@ -7,6 +7,7 @@
 //! read) and is the only one talking to its peer.
 
 pub mod backoff;
+pub mod budget;
 pub mod coalesce;
 mod edge;
 mod gateway;

@@ -45,6 +45,7 @@ impl Store {
         if name_taken(&tx, &name)? {
             return Err(StoreError::Exists { kind: "Edge", name });
         }
+        super::identity_free(&tx, None, &name, &identity)?;
         tx.execute(
             "INSERT INTO edges (name, address, identity, enabled, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![name, address, identity, req.enabled.unwrap_or(true), now_ms],
@@ -96,6 +97,7 @@ impl Store {
         if let Some(enabled) = req.enabled {
             new.enabled = enabled;
         }
+        super::identity_free(&tx, Some(("Edge", id)), &new.name, &new.identity)?;
         tx.execute(
             "UPDATE edges SET name = ?2, address = ?3, identity = ?4, enabled = ?5 WHERE id = ?1",
             params![id, new.name, new.address, new.identity, new.enabled],

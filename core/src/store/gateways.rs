@@ -70,6 +70,7 @@ impl Store {
                 name,
             });
         }
+        super::identity_free(&tx, None, &name, &identity)?;
         tx.execute(
             "INSERT INTO gateways (name, location_id, address, identity, enabled, created_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -142,6 +143,7 @@ impl Store {
         if let Some(enabled) = req.enabled {
             new.enabled = enabled;
         }
+        super::identity_free(&tx, Some(("gateway", id)), &new.name, &new.identity)?;
         tx.execute(
             "UPDATE gateways SET name = ?2, location_id = ?3, address = ?4, identity = ?5, enabled = ?6 \
              WHERE id = ?1",
@@ -217,6 +219,122 @@ mod tests {
             address: "198.51.100.2:50051".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn gateways_and_edges_share_one_namespace_without_cores_identity() {
+        let (_dir, mut store) = testing::store();
+        store.create_location(request("ams"), 0).unwrap();
+        let edge = |name: &str, identity: &str| admin::CreateEdgeRequest {
+            name: name.into(),
+            identity: identity.into(),
+            address: "203.0.113.5:50052".into(),
+            ..Default::default()
+        };
+        let message = |e: StoreError| e.to_string();
+        // Core's identity, in any case, as a name or an identity.
+        for (name, identity) in [
+            ("core", ""),
+            ("Core", ""),
+            ("gw-x", "CORE"),
+            ("gw-y", "core."),
+        ] {
+            let err = store
+                .create_gateway(
+                    admin::CreateGatewayRequest {
+                        identity: identity.into(),
+                        ..gateway(name, "ams")
+                    },
+                    5,
+                )
+                .unwrap_err();
+            assert!(
+                message(err).contains("Core's identity"),
+                "{name} {identity}"
+            );
+            let err = store.create_edge(edge(name, identity), 5).unwrap_err();
+            assert!(
+                message(err).contains("Core's identity"),
+                "{name} {identity}"
+            );
+        }
+        store.create_gateway(gateway("gw-a", "ams"), 5).unwrap();
+        // An Edge with the gateway's name, in another case.
+        let err = store.create_edge(edge("GW-A", "edge-1"), 5).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::IdentityTaken {
+                    what: "name",
+                    kind: "gateway",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(message(err).contains("\"gw-a\""));
+        // An Edge claiming the gateway's identity under another name.
+        let err = store.create_edge(edge("edge-1", "Gw-A"), 5).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::IdentityTaken {
+                    what: "identity",
+                    kind: "gateway",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A second gateway whose identity is the first one's.
+        let err = store
+            .create_gateway(
+                admin::CreateGatewayRequest {
+                    identity: "gw-a".into(),
+                    ..gateway("gw-b", "ams")
+                },
+                5,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::IdentityTaken {
+                    what: "identity",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        store.create_edge(edge("edge-1", ""), 5).unwrap();
+        // Updates are held to the same rules; a row does not clash with itself.
+        let err = store
+            .update_gateway(admin::UpdateGatewayRequest {
+                name: "gw-a".into(),
+                identity: Some("EDGE-1".into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::IdentityTaken { kind: "Edge", .. }),
+            "{err}"
+        );
+        let err = store
+            .update_edge(admin::UpdateEdgeRequest {
+                name: "edge-1".into(),
+                identity: Some("core".into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(message(err).contains("Core's identity"));
+        store
+            .update_gateway(admin::UpdateGatewayRequest {
+                name: "gw-a".into(),
+                identity: Some("gw-a".into()),
+                enabled: Some(false),
+                ..Default::default()
+            })
+            .unwrap();
     }
 
     #[test]

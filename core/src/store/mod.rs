@@ -88,6 +88,15 @@ pub enum StoreError {
         #[source]
         source: Box<StoreError>,
     },
+    #[error(
+        "{what} {value:?} is taken by the {kind} {name:?}: gateways and Edges need distinct names and identities (compared ignoring case)"
+    )]
+    IdentityTaken {
+        what: &'static str,
+        value: String,
+        kind: &'static str,
+        name: String,
+    },
 }
 
 impl StoreError {
@@ -113,6 +122,49 @@ pub(crate) fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreErro
 
 /// Whether a row of `table` (one of the store's own tables, never input)
 /// already has `name`; `op` names the lookup in an error.
+/// Fails if a gateway or Edge other than `own` (its kind and row id) has
+/// `name` as its name or `identity` as its identity, ignoring case (and a
+/// trailing dot): certificates name gateways and Edges in one namespace,
+/// and DNS names compare ignoring case.
+pub(crate) fn identity_free(
+    conn: &Connection,
+    own: Option<(&'static str, i64)>,
+    name: &str,
+    identity: &str,
+) -> Result<(), StoreError> {
+    let norm = |text: &str| text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+    let (name, identity) = (norm(name), norm(identity));
+    for (kind, table) in [("gateway", "gateways"), ("Edge", "edges")] {
+        let skip = own.filter(|(k, _)| *k == kind).map(|(_, id)| id);
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT id, name, identity FROM {table} WHERE ?1 IS NULL OR id != ?1"
+            ))
+            .map_err(sql("checking identities"))?;
+        let rows = stmt
+            .query_map([skip], |row| {
+                Ok((row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+            })
+            .map_err(sql("checking identities"))?;
+        for row in rows {
+            let (other_name, other_identity) = row.map_err(sql("checking identities"))?;
+            let taken = |what, value: &str| StoreError::IdentityTaken {
+                what,
+                value: value.to_owned(),
+                kind,
+                name: other_name.clone(),
+            };
+            if norm(&other_name) == name {
+                return Err(taken("name", &name));
+            }
+            if norm(&other_identity) == identity {
+                return Err(taken("identity", &identity));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn name_taken(
     conn: &Connection,
     table: &'static str,

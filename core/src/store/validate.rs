@@ -72,10 +72,20 @@ fn name_with(
     Ok(text.to_owned())
 }
 
-/// A certificate identity: a DNS name.
+/// A certificate identity: a DNS name, and not Core's in any case (a
+/// gateway or Edge with Core's identity could open Links as Core).
 pub fn identity(field: &'static str, text: &str) -> Result<String, StoreError> {
     tidegate_proto::tls::check_identity(text)
         .map_err(|_| StoreError::invalid(field, format!("{text:?} is not a DNS name")))?;
+    if tidegate_proto::tls::is_reserved(text) {
+        return Err(StoreError::invalid(
+            field,
+            format!(
+                "{text:?} is Core's identity ({:?}, compared ignoring case): no gateway or Edge may have it",
+                tidegate_proto::tls::CORE_IDENTITY
+            ),
+        ));
+    }
     Ok(text.to_owned())
 }
 
@@ -413,6 +423,28 @@ mod tests {
             user_name("name", "alice@example.org").unwrap(),
             "alice@example.org"
         );
+    }
+
+    #[test]
+    fn identities_are_dns_names_other_than_cores() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("gw-a", None),
+            ("edge.example", None),
+            ("core-1", None),
+            ("core", Some("Core's identity")),
+            ("Core", Some("Core's identity")),
+            ("CORE.", Some("Core's identity")),
+            ("not a name", Some("not a DNS name")),
+        ];
+        for (text, expect) in cases {
+            match (identity("identity", text), expect) {
+                (Ok(_), None) => {}
+                (Err(e), Some(part)) => assert!(message(e).contains(part), "{text:?}"),
+                (got, _) => panic!("{text:?}: {got:?}"),
+            }
+        }
+        let err = identity_or_name("", "CoRe").unwrap_err();
+        assert!(message(err).starts_with("name: "));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tidegate_gateway::{
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{DirectorStatus, PacketCount, SessionEntry},
 };
+use tidegate_proto::expiry::PkiStatus;
 
 /// Operate a Tidegate gateway through its local control socket, and Core
 /// through its admin socket (both root only).
@@ -64,8 +65,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The HA election: role, priority, master, VIPs, recent transitions.
+    /// The HA election: role, priority, master, VIPs, recent transitions;
+    /// then the certificate of Core's link and the CA's, with their expiry.
     Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The certificate this gateway presents to Core and the CA's: serial,
+    /// expiry (a warning within 30 days, renew with `tidegate-core issue
+    /// --renew NAME`).
+    Certificates {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -106,6 +116,13 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Core: its own certificate and the CA's, serial and expiry (renew
+    /// with `tidegate-core issue --renew core`).
+    CoreCertificates {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -231,6 +248,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Failover {
             location: Some(location),
         } => core(core_api::CoreCommand::Failover { location })?,
+        Command::CoreCertificates { json } => {
+            core(core_api::CoreCommand::Certificates { json })?;
+        }
         Command::Counters { json } => {
             let reply = gateway.counters()?;
             if json {
@@ -270,6 +290,20 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status_text(&status, SystemTime::now()));
+                // A daemon without the request (older) has nothing to add.
+                if let Ok(Some(pki)) = gateway.certificates() {
+                    print!("{}", certificates_text(&pki));
+                }
+            }
+        }
+        Command::Certificates { json } => {
+            let pki = gateway.certificates()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&pki)?);
+            } else if let Some(pki) = pki {
+                print!("{}", certificates_text(&pki));
+            } else {
+                println!("no [core] section: no certificate in use");
             }
         }
         Command::Failover { location: None } => {
@@ -388,6 +422,10 @@ fn director_table(status: &DirectorStatus) -> String {
         status.unpinned.packets, status.unpinned.bytes
     );
     out
+}
+
+fn certificates_text(pki: &PkiStatus) -> String {
+    format!("certificate: {}\nCA: {}\n", pki.own.line(), pki.ca.line())
 }
 
 fn status_text(status: &HaStatus, now: SystemTime) -> String {

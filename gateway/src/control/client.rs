@@ -8,6 +8,8 @@ use std::{
     time::Duration,
 };
 
+use tidegate_proto::expiry::PkiStatus;
+
 use super::{DatapathCounters, Reply, Request, Response};
 use crate::{
     ha::status::HaStatus,
@@ -176,6 +178,16 @@ impl Client {
         }
     }
 
+    /// This gateway's certificate for Core's link and the CA's; `None`
+    /// without a `[core]` section.
+    pub fn certificates(&self) -> Result<Option<PkiStatus>, ClientError> {
+        let request = Request::Certificates;
+        match self.send(&request)? {
+            Reply::Certificates(status) => Ok(status),
+            other => Err(wrong_reply(&request, &other)),
+        }
+    }
+
     /// Sends a change to the WireGuard device (a peer or a reload) and
     /// returns what it did.
     fn apply(&self, request: &Request) -> Result<ApplyReport, ClientError> {
@@ -259,6 +271,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::Drain { on: false } => "draining off",
         Request::Sessions => "sessions",
         Request::Director => "the director",
+        Request::Certificates => "certificates",
     }
 }
 
@@ -277,6 +290,7 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::Draining { on: false } => "draining off",
         Reply::Sessions(_) => "sessions",
         Reply::Director(_) => "the director",
+        Reply::Certificates(_) => "certificates",
     }
 }
 

@@ -5,6 +5,7 @@ pub mod client;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
+use tidegate_proto::expiry::PkiStatus;
 
 pub use crate::datapath::DatapathCounters;
 use crate::{
@@ -46,6 +47,9 @@ pub enum Request {
     Sessions,
     /// The director: on or off, backends and their counters.
     Director,
+    /// The certificate Core's link presents (as its files hold it now) and
+    /// the CA's: serials, expiry.
+    Certificates,
 }
 
 /// The daemon's answer to one request.
@@ -80,6 +84,8 @@ pub enum Reply {
     },
     Sessions(Vec<SessionEntry>),
     Director(DirectorStatus),
+    /// `None` without a `[core]` section.
+    Certificates(Option<PkiStatus>),
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub struct Handles {
     /// The location runs in director mode (`[ha] mode = "director"`).
     pub director_mode: bool,
     pub reloader: Reloader,
+    /// The TLS files of Core's link; `None` without a `[core]` section.
+    pub pki: Option<tidegate_proto::tls::Pki>,
 }
 
 /// Why the control socket could not be set up.
@@ -218,6 +220,12 @@ async fn answer(request: Request, handles: &Handles) -> Response {
         }
         .await
         .map(Reply::Applied),
+        Request::Certificates => Ok(Reply::Certificates(
+            handles
+                .pki
+                .as_ref()
+                .map(|pki| pki.status(tidegate_proto::expiry::now_unix())),
+        )),
         Request::Status => async { ha()?.status().await.map_err(|e| chain(&e)) }
             .await
             .map(|mut status| {

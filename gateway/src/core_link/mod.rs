@@ -15,7 +15,7 @@ pub mod session;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-pub use server::{CoreLinkError, serve};
+pub use server::{CoreLinkError, serve, serve_with};
 pub use session::Parts;
 
 /// The `[core]` section, validated.

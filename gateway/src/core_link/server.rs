@@ -16,7 +16,7 @@ use tidegate_proto::{
     },
     limits,
     listen::{Acceptor, LINK_LIMITS},
-    tls::{Pki, TlsError, check_own_identity, require_core},
+    tls::{Pki, TlsError, require_core, tls_incoming},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -86,6 +86,7 @@ impl Gateway for Service {
             );
             return Err(refused);
         }
+        let serial = tidegate_proto::tls::peer_serial(request.peer_certs());
         let cancel = self.shutdown.child_token();
         let (number, replaced) = {
             let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
@@ -94,10 +95,10 @@ impl Gateway for Service {
             (number, current.session.replace((number, cancel.clone())))
         };
         if let Some((_, old)) = replaced {
-            info!(?remote, "a new Link from Core replaces the previous one");
+            info!(?remote, core_serial = %serial, "a new Link from Core replaces the previous one");
             old.cancel();
         } else {
-            info!(?remote, "Core connected");
+            info!(?remote, core_serial = %serial, "Core connected");
         }
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let parts = self.parts.clone();
@@ -116,21 +117,36 @@ impl Gateway for Service {
 
 /// Loads the TLS files and checks this gateway's certificate carries its
 /// identity, so that a mix-up shows at start, not when Core first dials.
-fn load_pki(config: &CoreLinkConfig) -> Result<Pki, CoreLinkError> {
-    let pki = Pki::load(&config.ca_file, &config.cert_file, &config.key_file)?;
-    check_own_identity(&config.cert_file, &config.identity)?;
-    Ok(pki)
+pub fn load_pki(config: &CoreLinkConfig) -> Result<Pki, CoreLinkError> {
+    Ok(Pki::load_as(
+        &config.ca_file,
+        &config.cert_file,
+        &config.key_file,
+        Some(&config.identity),
+    )?)
 }
 
 /// Binds `config.listen` and serves Core until `cancel` fires; sessions
 /// end then too. Binding and TLS errors come back before anything is
-/// served.
+/// served. Every handshake presents the certificate the files hold then
+/// (a renewed one without a restart).
 pub async fn serve(
     config: CoreLinkConfig,
     parts: session::Parts,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), CoreLinkError>>, CoreLinkError> {
     let pki = load_pki(&config)?;
+    serve_with(config, pki, parts, cancel).await
+}
+
+/// [`serve`] with the TLS files already loaded (by [`load_pki`]).
+pub async fn serve_with(
+    config: CoreLinkConfig,
+    pki: Pki,
+    parts: session::Parts,
+    cancel: CancellationToken,
+) -> Result<impl Future<Output = Result<(), CoreLinkError>>, CoreLinkError> {
+    let acceptor = pki.server()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| CoreLinkError::Bind {
@@ -138,8 +154,6 @@ pub async fn serve(
             source,
         })?;
     let server = Server::builder()
-        .tls_config(pki.server())
-        .map_err(CoreLinkError::Server)?
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE));
     let sessions = TaskTracker::new();
@@ -160,7 +174,7 @@ pub async fn serve(
     Ok(async move {
         let served = router
             .serve_with_incoming_shutdown(
-                Acceptor::new(listener, LINK_LIMITS).into_stream(),
+                tls_incoming(acceptor, Acceptor::new(listener, LINK_LIMITS).into_stream()),
                 cancel.cancelled_owned(),
             )
             .await

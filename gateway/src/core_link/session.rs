@@ -31,10 +31,6 @@ pub struct Parts {
     pub status_interval: Duration,
 }
 
-/// Most MFA removals one status carries; the rest follow once Core has
-/// acknowledged these.
-pub const REMOVALS_PER_STATUS: usize = 256;
-
 /// The stream half towards Core.
 pub type Outbound = mpsc::Sender<Result<pb::GatewayMessage, Status>>;
 
@@ -214,7 +210,10 @@ async fn status(parts: &Parts) -> Option<gateway_message::Msg> {
                     Vec::new()
                 }
             };
-            let removals = match wireguard.unacked_removals(REMOVALS_PER_STATUS).await {
+            let removals = match wireguard
+                .unacked_removals(limits::MAX_REMOVALS_PER_STATUS)
+                .await
+            {
                 Ok(removals) => convert::removals(&removals),
                 Err(error) => {
                     warn!(error = %error_chain(&error), "reading MFA removals for Core failed");

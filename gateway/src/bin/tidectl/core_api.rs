@@ -419,6 +419,34 @@ pub enum CoreCommand {
         /// The location whose master hands over.
         location: String,
     },
+    Certificates {
+        /// Print JSON instead of text.
+        json: bool,
+    },
+}
+
+fn core_certificates_text(reply: &admin::CoreCertificatesResponse) -> String {
+    let line = |cert: &Option<admin::Certificate>| {
+        cert.as_ref().map_or_else(
+            || "unknown".to_owned(),
+            |cert| {
+                let when = if cert.days_left >= 0 {
+                    format!("expires in {} days", cert.days_left)
+                } else {
+                    format!("expired {} days ago", -cert.days_left)
+                };
+                format!(
+                    "{when} ({}), serial {}, {}",
+                    cert.expiry, cert.serial, cert.path
+                )
+            },
+        )
+    };
+    format!(
+        "Core's certificate: {}\nCA: {}\n",
+        line(&reply.certificate),
+        line(&reply.ca)
+    )
 }
 
 /// Connects to Core's admin socket.
@@ -512,6 +540,18 @@ async fn dispatch(core: &mut AdminClient<Channel>, command: CoreCommand) -> Resu
             let reply = answer(core.failover(admin::FailoverRequest { location }).await)?;
             println!("{} is handing over to its best backup", reply.gateway);
             Ok(())
+        }
+        CoreCommand::Certificates { json } => {
+            let reply = answer(
+                core.core_certificates(admin::CoreCertificatesRequest {})
+                    .await,
+            )?;
+            if json {
+                print_json(&reply)
+            } else {
+                print!("{}", core_certificates_text(&reply));
+                Ok(())
+            }
         }
     }
 }
