@@ -18,7 +18,11 @@ use axum::{
 };
 use http_body_util::LengthLimitError;
 use serde::de::DeserializeOwned;
-use tidegate_proto::edge::v1::request::Kind;
+use tidegate_proto::{
+    certs::ReloadingCert,
+    edge::v1::request::Kind,
+    expiry::{self, CertStatus},
+};
 use tracing::{debug, info};
 
 use crate::{
@@ -36,6 +40,9 @@ pub struct AppState {
     pub body_timeout: Duration,
     pub trusted_proxies: Arc<[IpAddr]>,
     pub real_ip_header: HeaderName,
+    /// The link certificate, whose expiry `/health` shows (none in tests
+    /// of the API alone).
+    pub cert: Option<ReloadingCert>,
 }
 
 /// The API's routes.
@@ -78,20 +85,31 @@ fn unix_secs(time: SystemTime) -> u64 {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    match state.relay.state() {
-        LinkState::Up { core_id, since } => json(
+    let (status, mut body) = match state.relay.state() {
+        LinkState::Up { core_id, since } => (
             StatusCode::OK,
-            &serde_json::json!({"status": "ok", "core": core_id, "since": unix_secs(since)}),
+            serde_json::json!({"status": "ok", "core": core_id, "since": unix_secs(since)}),
         ),
-        LinkState::Down { reason, since } => json(
+        LinkState::Down { reason, since } => (
             StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({
+            serde_json::json!({
                 "status": "unavailable",
                 "error": format!("no link to Core: {reason}"),
                 "since": unix_secs(since),
             }),
         ),
+    };
+    if let Some(cert) = &state.cert {
+        let info = &cert.current().info;
+        let expiry = CertStatus::new(cert.cert_path(), info, expiry::now_unix());
+        // When, not where: the body may reach the public through nginx.
+        body["certificate"] = serde_json::json!({
+            "expiry": expiry.expiry,
+            "days_left": expiry.days_left,
+            "not_after": expiry.not_after_unix,
+        });
     }
+    json(status, &body)
 }
 
 async fn not_found() -> Response {
@@ -274,6 +292,7 @@ mod tests {
             body_timeout: Duration::from_secs(1),
             trusted_proxies: trusted.iter().map(|a| a.parse().unwrap()).collect(),
             real_ip_header: HeaderName::from_static("x-real-ip"),
+            cert: None,
         }
     }
 

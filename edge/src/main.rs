@@ -14,6 +14,7 @@ use tidegate_edge::{
     relay,
     serve::{self, HttpLimits},
 };
+use tidegate_proto::certs::ReloadingCert;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -88,7 +89,10 @@ async fn run(args: Args) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("http_listen {}: binding", config.http_listen))?;
+    let cert = ReloadingCert::load(&config.cert_file, &config.key_file, Some(&config.identity))
+        .context("cert_file and key_file")?;
     let state = AppState {
+        cert: Some(cert),
         relay,
         body_limit: config.body_limit,
         core_timeout: config.core_timeout,

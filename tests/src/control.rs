@@ -101,6 +101,8 @@ pub struct ControlOptions {
     pub challenge_ttl_s: Option<u32>,
     /// Core's `[mfa] device_lockout_after`, if set.
     pub device_lockout_after: Option<u32>,
+    /// The Edges' `core_timeout_ms`, if set.
+    pub edge_core_timeout_ms: Option<u64>,
     /// How often gateways send their status.
     pub status_interval_ms: u64,
     /// Start Core and create the location, gateways and Edges in it.
@@ -117,6 +119,7 @@ impl Default for ControlOptions {
             mfa_threshold_s: None,
             challenge_ttl_s: None,
             device_lockout_after: None,
+            edge_core_timeout_ms: None,
             status_interval_ms: 300,
             start_core: true,
             tunnel_address: format!("{GATEWAY_TUNNEL}/24"),
@@ -320,6 +323,7 @@ impl ControlLab {
             let mut config = EdgeConfig::new(&name, edge_http(j), edge_link(j), pki.issue(&name)?);
             config.trusted_proxies = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
             config.body_limit_bytes = Some(EDGE_BODY_LIMIT);
+            config.core_timeout_ms = options.edge_core_timeout_ms;
             edges.push(EdgeDaemon::start(&dmz, config, &dir)?);
         }
         let nginx = if options.edges > 0 {

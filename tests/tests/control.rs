@@ -13,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::Signal;
 use serde_json::json;
 use tidegate_core::totp;
 use tidegate_tests::control::{
@@ -838,11 +839,14 @@ fn ten_thousand_guessed_codes_through_nginx_and_an_edge_are_held_to_the_limit() 
 /// Devices of the location the delivery test fills.
 const BULK_DEVICES: usize = 50_000;
 
-/// The i-th bulk device's tunnel address in 10.77.0.0/16, past the
+/// Devices wireguard-go holds at most (its MaxPeers).
+const WIREGUARD_GO_MAX_PEERS: usize = 1 << 16;
+
+/// The i-th bulk device's tunnel address in 10.76.0.0/15, past the
 /// gateway's.
 fn bulk_address(i: usize) -> String {
     let n = i + 2;
-    format!("10.77.{}.{}/32", n / 256, n % 256)
+    format!("10.{}.{}.{}/32", 76 + n / 65_536, n / 256 % 256, n % 256)
 }
 
 /// The i-th bulk device's public key: distinct bytes (any 32 bytes are an
@@ -854,9 +858,10 @@ fn bulk_key(i: usize) -> tidegate_core::keys::Key {
     tidegate_core::keys::Key::new(bytes)
 }
 
-/// Adds `BULK_DEVICES` devices of user `bulk` through Core's admin socket
-/// (gRPC, as `tidectl core device import` speaks it), 10,000 at a time.
-fn add_bulk_devices(socket: &std::path::Path) -> Result<()> {
+/// Adds the bulk devices numbered `range` (of user `bulk`, made with the
+/// first) through Core's admin socket (gRPC, as `tidectl core device
+/// import` speaks it), 10,000 at a time.
+fn add_bulk_devices(socket: &std::path::Path, range: std::ops::Range<usize>) -> Result<()> {
     use tidegate_proto::admin::v1::{self as admin, admin_client::AdminClient};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -868,13 +873,15 @@ fn add_bulk_devices(socket: &std::path::Path) -> Result<()> {
                 .await
                 .context("connecting to Core's admin socket")?;
         let mut api = AdminClient::new(channel);
-        api.create_user(admin::CreateUserRequest {
-            name: "bulk".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("creating the user: {}", s.message()))?;
-        let devices: Vec<_> = (0..BULK_DEVICES)
+        if range.start == 0 {
+            api.create_user(admin::CreateUserRequest {
+                name: "bulk".into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("creating the user: {}", s.message()))?;
+        }
+        let devices: Vec<_> = range
             .map(|i| admin::CreateDeviceRequest {
                 name: format!("b{i}"),
                 user: "bulk".into(),
@@ -910,7 +917,7 @@ fn a_location_of_fifty_thousand_devices_is_delivered_whole() -> Result<()> {
         gateways: 1,
         edges: 0,
         status_interval_ms: 5_000,
-        tunnel_address: "10.77.0.1/16".into(),
+        tunnel_address: "10.76.0.1/15".into(),
         ..ControlOptions::default()
     })?;
     let core = lab.core()?;
@@ -918,7 +925,7 @@ fn a_location_of_fifty_thousand_devices_is_delivered_whole() -> Result<()> {
     // config, as after an outage or on a new gateway.
     core.tidectl_ok(&["gateway", "change", "gw1", "--enabled", "off"])?;
     let started = Instant::now();
-    add_bulk_devices(&core.config().admin_socket)?;
+    add_bulk_devices(&core.config().admin_socket, 0..BULK_DEVICES)?;
     let added = started.elapsed();
     core.tidectl_ok(&["gateway", "change", "gw1", "--enabled", "on"])?;
     let core = lab.core_mut()?;
@@ -944,6 +951,64 @@ fn a_location_of_fifty_thousand_devices_is_delivered_whole() -> Result<()> {
     eprintln!(
         "{BULK_DEVICES} devices added in {added:.1?}, delivered and applied in {delivered:.1?}: {}",
         status["gateways"][0]
+    );
+
+    // Past what wireguard-go holds: the change that crosses it is refused
+    // whole, and the gateway runs what it ran.
+    let admin_socket = core.config().admin_socket.clone();
+    add_bulk_devices(&admin_socket, BULK_DEVICES..WIREGUARD_GO_MAX_PEERS + 1)?;
+    let below = WIREGUARD_GO_MAX_PEERS / 10_000 * 10_000;
+    let refused = poll_until(
+        "the gateway to refuse the peers wireguard-go cannot hold",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let gateway = core.location_status(LOCATION)?["gateways"][0].clone();
+            let error = gateway["apply_error"].as_str().unwrap_or_default();
+            Ok(
+                if error.contains(&format!("holds at most {WIREGUARD_GO_MAX_PEERS}"))
+                    && gateway["peers"].as_u64() == Some(below as u64)
+                {
+                    Probe::Ready(gateway)
+                } else {
+                    Probe::NotYet(gateway.to_string())
+                },
+            )
+        },
+    )?;
+    eprintln!("refused past wireguard-go's limit: {refused}");
+    Ok(())
+}
+
+#[test]
+fn an_mfa_login_the_gateway_is_slow_to_apply_is_answered_by_core_before_the_edge_gives_up()
+-> Result<()> {
+    require_root();
+    let edge_wait = Duration::from_secs(3);
+    let mut lab = ControlLab::build(&ControlOptions {
+        gateways: 1,
+        edges: 1,
+        mfa_threshold_s: Some(300),
+        edge_core_timeout_ms: Some(edge_wait.as_millis() as u64),
+        ..ControlOptions::default()
+    })?;
+    let key = lab.create_client_wg()?;
+    let secret = enrol(&mut lab, &key)?;
+    let session = start(&lab, &key)?;
+    // The gateway freezes with its link open: Core commits the login and
+    // waits for an Applied that does not come (its own limit is 10 s).
+    lab.gateway_mut(1).daemon.signal(Signal::SIGSTOP)?;
+    let started = Instant::now();
+    let answer = finish(&lab, &session, &code(&secret));
+    lab.gateway_mut(1).daemon.signal(Signal::SIGCONT)?;
+    let answer = answer?;
+    // Core's answer, within the Edge's wait, rather than the Edge's 504.
+    refused(&answer, 503, "unavailable")?;
+    ensure!(
+        answer.body.contains("did not apply") && started.elapsed() < edge_wait,
+        "after {:?}: {}",
+        started.elapsed(),
+        answer.body
     );
     Ok(())
 }

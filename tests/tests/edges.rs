@@ -116,7 +116,14 @@ fn edges_behind_nginx_serve_clients_while_core_is_linked() -> Result<()> {
         )?);
         edge.wait_health(200, WAIT)?;
     }
-    ensure!(nginx.request("GET", "/health", None)?.status == 200);
+    let health = nginx.request("GET", "/health", None)?;
+    ensure!(health.status == 200, "{health:?}");
+    // The link certificate's expiry, for monitoring.
+    let cert = &health.json()?["certificate"];
+    ensure!(
+        cert["expiry"] == "valid" && cert["days_left"].as_i64().is_some_and(|d| d > 30),
+        "{health:?}"
+    );
 
     // The API end to end.
     let post = |path: &str, body: &str| nginx.request("POST", path, Some(body.as_bytes()));

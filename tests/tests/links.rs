@@ -206,6 +206,7 @@ async fn edge_servers(files: &CertFiles, cancel: &CancellationToken) -> (SocketA
         body_timeout: Duration::from_secs(5),
         trusted_proxies: Arc::from(Vec::new()),
         real_ip_header: HeaderName::from_static("x-real-ip"),
+        cert: None,
     };
     let limits = edge_serve::HttpLimits {
         max_connections: 64,

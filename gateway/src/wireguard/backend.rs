@@ -41,6 +41,18 @@ pub enum BackendKind {
     Userspace,
 }
 
+impl BackendKind {
+    /// Peers one device holds at most: the kernel's MAX_PEERS_PER_DEVICE
+    /// (2^20) and wireguard-go's MaxPeers (2^16), past which a device takes
+    /// part of a configuration and refuses the rest.
+    pub const fn max_peers(self) -> usize {
+        match self {
+            Self::Kernel => 1 << 20,
+            Self::Userspace => 1 << 16,
+        }
+    }
+}
+
 impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

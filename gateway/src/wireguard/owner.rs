@@ -85,6 +85,12 @@ pub enum WireguardError {
     },
     #[error(transparent)]
     Peer(#[from] PeerError),
+    #[error("not applied: {count} peers, and {backend} holds at most {max}")]
+    TooManyPeers {
+        count: usize,
+        max: usize,
+        backend: BackendKind,
+    },
     #[error(
         "interface {interface} exists but is not WireGuard (kind {kind}, and no wireguard-go answers on its socket)"
     )]
@@ -947,6 +953,16 @@ impl Owner {
         desired: &Desired,
         origin: Origin,
     ) -> Result<ApplyReport, WireguardError> {
+        // Checked first: a device that takes part of the peers and then
+        // refuses the rest would be left half-applied.
+        let backend = self.backend.kind();
+        if desired.peers.len() > backend.max_peers() {
+            return Err(WireguardError::TooManyPeers {
+                count: desired.peers.len(),
+                max: backend.max_peers(),
+                backend,
+            });
+        }
         self.track(&mut state, desired, SystemTime::now());
         let saved = match self.store.save(&state) {
             Ok(()) => true,
