@@ -14,8 +14,9 @@ use std::{
 
 use futures::Stream;
 use tidegate_proto::{
+    certs::ReloadingCert,
     edge::v1::{
-        self as pb, core_message,
+        self as pb, core_message, edge_message,
         edge_server::{Edge, EdgeServer},
     },
     limits::MAX_EDGE_MESSAGE_BYTES,
@@ -56,6 +57,8 @@ pub enum LinkError {
 #[derive(Debug, Clone)]
 struct Service {
     relay: RelayHandle,
+    /// The Edge's certificate, whose expiry each EdgeHello tells Core.
+    cert: ReloadingCert,
     core_identity: String,
     sessions: TaskTracker,
     shutdown: CancellationToken,
@@ -83,6 +86,14 @@ impl Edge for Service {
         }
         let session = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let hello = pb::EdgeHello {
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            cert_not_after_unix_s: self.cert.current().info.not_after_unix,
+        };
+        // The queue is new and empty: the first message always fits.
+        let _ = tx.try_send(Ok(pb::EdgeMessage {
+            msg: Some(edge_message::Msg::Hello(hello)),
+        }));
         let relay = self.relay.clone();
         let cancel = self.shutdown.child_token();
         let serial = tidegate_proto::tls::peer_serial(request.peer_certs());
@@ -192,6 +203,7 @@ pub async fn serve(
     let sessions = TaskTracker::new();
     let service = Service {
         relay,
+        cert: pki.own().clone(),
         core_identity: settings.core_identity.clone(),
         sessions: sessions.clone(),
         shutdown: cancel.clone(),

@@ -325,7 +325,7 @@ mod tests {
     fn request_id(message: Result<pb::EdgeMessage, Status>) -> u64 {
         match message.unwrap().msg {
             Some(edge_message::Msg::Request(request)) => request.id,
-            None => panic!("empty message"),
+            other => panic!("not a request: {other:?}"),
         }
     }
 

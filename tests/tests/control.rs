@@ -601,6 +601,20 @@ fn certificates_of_another_ca_or_another_name_are_refused_both_ways() -> Result<
         text.starts_with("certificate: expires in 82") && text.contains("\nCA: expires in "),
         "the gateway's certificates: {text:?}"
     );
+    // And Core shows when each linked gateway's and Edge's expires (from
+    // their Hellos), so one place warns of them all.
+    let in_800_days = now_s() + 800 * 86_400;
+    let status = lab.core()?.location_status(LOCATION)?;
+    let edges = lab.core()?.tidectl_json(&["edge", "list"])?;
+    for (what, expiry) in [
+        ("gateway", &status["gateways"][0]["cert_not_after_unix_s"]),
+        ("Edge", &edges["edges"][0]["cert_not_after_unix_s"]),
+    ] {
+        ensure!(
+            expiry.as_i64().is_some_and(|t| t > in_800_days),
+            "the {what}'s certificate expiry in Core's status: {expiry} ({status} {edges})"
+        );
+    }
 
     // Core's certificate renewed while it runs: its next dial presents the
     // new one (the Edge restarts, so Core dials again), no restart of Core.

@@ -113,6 +113,7 @@ fn gateway_status(gateway: admin::Gateway, state: Option<&GatewayState>) -> admi
     if let Some(hello) = &state.hello {
         out.gateway_id = hello.gateway_id;
         out.software_version = hello.software_version.clone();
+        out.cert_not_after_unix_s = hello.cert_not_after_unix_s;
     }
     out.applied_version = state.applied_version;
     out.apply_error = state
@@ -147,6 +148,7 @@ impl AdminService {
                 edge.since_unix_ms = state.since_ms;
                 edge.link_error = state.link_error.clone();
                 edge.requests = state.requests;
+                edge.cert_not_after_unix_s = state.cert_not_after_unix_s;
             }
             None if edge.enabled => edge.link_error = "not dialled yet".into(),
             None => edge.link_error = "disabled".into(),

@@ -60,6 +60,9 @@ pub struct EdgeState {
     pub since_ms: i64,
     pub link_error: String,
     pub requests: u64,
+    /// The Edge's link certificate's notAfter (its EdgeHello), Unix
+    /// seconds; 0: not known.
+    pub cert_not_after_unix_s: i64,
 }
 
 /// A peer's counters as last seen, for telling activity apart.

@@ -10,6 +10,7 @@ use std::{
 
 use futures::Stream;
 use tidegate_proto::{
+    certs::ReloadingCert,
     gateway::v1::{
         self as pb,
         gateway_server::{Gateway, GatewayServer},
@@ -52,6 +53,8 @@ pub enum CoreLinkError {
 #[derive(Debug, Clone)]
 struct Service {
     parts: session::Parts,
+    /// This gateway's certificate, whose expiry each Hello tells Core.
+    cert: ReloadingCert,
     core_identity: String,
     /// The running session (its number and token): a new Link cancels it.
     current: Arc<Mutex<Current>>,
@@ -104,8 +107,9 @@ impl Gateway for Service {
         let parts = self.parts.clone();
         let current = self.current.clone();
         let inbound = request.into_inner();
+        let cert_not_after = self.cert.current().info.not_after_unix;
         self.sessions.spawn(async move {
-            session::run(parts, inbound, tx, cancel).await;
+            session::run(parts, cert_not_after, inbound, tx, cancel).await;
             let mut current = current.lock().unwrap_or_else(PoisonError::into_inner);
             if current.session.as_ref().is_some_and(|(n, _)| *n == number) {
                 current.session = None;
@@ -159,6 +163,7 @@ pub async fn serve_with(
     let sessions = TaskTracker::new();
     let service = Service {
         parts,
+        cert: pki.own().clone(),
         core_identity: config.core_identity.clone(),
         current: Arc::new(Mutex::new(Current::default())),
         shutdown: cancel.clone(),

@@ -47,13 +47,14 @@ enum End {
 /// `cancel` fires (a newer Link replaced it, or the daemon stops).
 pub async fn run(
     parts: Parts,
+    cert_not_after_unix_s: i64,
     mut inbound: Streaming<pb::CoreMessage>,
     out: Outbound,
     cancel: CancellationToken,
 ) {
     let end = tokio::select! {
         () = cancel.cancelled() => End::Cancelled,
-        end = serve(&parts, &mut inbound, &out) => end,
+        end = serve(&parts, cert_not_after_unix_s, &mut inbound, &out) => end,
     };
     match end {
         End::CoreError(status) => warn!(%status, "the link with Core failed"),
@@ -61,7 +62,12 @@ pub async fn run(
     }
 }
 
-async fn serve(parts: &Parts, inbound: &mut Streaming<pb::CoreMessage>, out: &Outbound) -> End {
+async fn serve(
+    parts: &Parts,
+    cert_not_after_unix_s: i64,
+    inbound: &mut Streaming<pb::CoreMessage>,
+    out: &Outbound,
+) -> End {
     let running = match &parts.wireguard {
         Some(wireguard) => wireguard.running().await.ok().flatten(),
         None => None,
@@ -71,6 +77,7 @@ async fn serve(parts: &Parts, inbound: &mut Streaming<pb::CoreMessage>, out: &Ou
         location_id: running.map_or(0, |r| r.location_id),
         config_version: running.map_or(0, |r| r.version),
         software_version: env!("CARGO_PKG_VERSION").to_owned(),
+        cert_not_after_unix_s,
     };
     if send(out, gateway_message::Msg::Hello(hello)).await.is_err() {
         return End::OutboundClosed;

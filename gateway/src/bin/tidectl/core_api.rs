@@ -1116,6 +1116,9 @@ fn status_text(status: &admin::LocationStatusResponse, now: SystemTime) -> Strin
         if !g.faults.is_empty() {
             notes.push(format!("faults: {}", g.faults.join("; ")));
         }
+        if let Some(note) = cert_note(g.cert_not_after_unix_s, now) {
+            notes.push(note);
+        }
         if !g.apply_error.is_empty() {
             notes.push(format!("refused {}", g.apply_error));
         }
@@ -1245,6 +1248,25 @@ fn devices_table(devices: &[admin::Device], now: SystemTime) -> String {
     out
 }
 
+/// A note on a link certificate that expires within 30 days or has
+/// expired (none while it has longer, or when its expiry is not known).
+fn cert_note(not_after_unix_s: i64, now: SystemTime) -> Option<String> {
+    use tidegate_proto::expiry::{EXPIRY_WARNING, Expiry, classify};
+    if not_after_unix_s == 0 {
+        return None;
+    }
+    let now_s = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    match classify(not_after_unix_s, now_s, EXPIRY_WARNING) {
+        Expiry::Valid { .. } => None,
+        Expiry::ExpiresSoon { days_left } => {
+            Some(format!("certificate expires in {days_left} days: renew it"))
+        }
+        Expiry::Expired { days_ago } => Some(format!("certificate expired {days_ago} days ago")),
+    }
+}
+
 fn edges_table(edges: &[admin::Edge], now: SystemTime) -> String {
     let mut out = format!(
         "{:<16} {:<28} {:<24} {:<8} {:>12} {:>9}  {}\n",
@@ -1268,9 +1290,9 @@ fn edges_table(edges: &[admin::Edge], now: SystemTime) -> String {
             ago(e.since_unix_ms, now),
             e.requests,
             if e.connected {
-                ""
+                cert_note(e.cert_not_after_unix_s, now).unwrap_or_default()
             } else {
-                e.link_error.as_str()
+                e.link_error.clone()
             }
         );
     }
@@ -1359,6 +1381,26 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00.000");
         assert_eq!(utc(1_795_519_867_250), "2026-11-24 11:31:07.250");
         assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000");
+    }
+
+    #[test]
+    fn a_certificate_near_or_past_its_expiry_is_a_note() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let day = 86_400;
+        for (not_after, want) in [
+            (0, None),
+            (1_000_000_000 + 90 * day, None),
+            (
+                1_000_000_000 + 12 * day,
+                Some("certificate expires in 12 days: renew it"),
+            ),
+            (
+                1_000_000_000 - 3 * day,
+                Some("certificate expired 3 days ago"),
+            ),
+        ] {
+            assert_eq!(cert_note(not_after, now).as_deref(), want, "{not_after}");
+        }
     }
 
     #[test]
