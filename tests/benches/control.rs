@@ -198,6 +198,33 @@ async fn add_device(api: &mut AdminClient<Channel>, name: String, key: &Key) -> 
     Ok(())
 }
 
+/// Adds a device of user `bench` for each key, `s{first}` onwards, `BATCH`
+/// to a call.
+async fn add_devices(api: &mut AdminClient<Channel>, keys: &[Key], first: usize) -> Result<()> {
+    for (n, batch) in keys.chunks(BATCH).enumerate() {
+        let devices = batch
+            .iter()
+            .enumerate()
+            .map(|(j, key)| {
+                let i = first + n * BATCH + j;
+                admin::CreateDeviceRequest {
+                    name: format!("s{i}"),
+                    user: "bench".into(),
+                    location: LOCATION.into(),
+                    public_key: key.to_base64(),
+                    addresses: vec![device_address(i)],
+                    ..Default::default()
+                }
+            })
+            .collect();
+        api.create_devices(admin::CreateDevicesRequest { devices })
+            .await
+            .map_err(|s| anyhow::anyhow!("adding devices: {}", s.message()))?;
+        eprintln!("  {} devices", first + n * BATCH + batch.len());
+    }
+    Ok(())
+}
+
 async fn set_gateways(api: &mut AdminClient<Channel>, enabled: bool) -> Result<()> {
     for i in 1..=GATEWAYS {
         api.update_gateway(admin::UpdateGatewayRequest {
@@ -293,27 +320,7 @@ fn run() -> Result<()> {
     let sync_keys: Vec<Key> = (0..SYNC_PEERS)
         .map(|_| Key::generate_private().public())
         .collect();
-    for (n, batch) in sync_keys.chunks(BATCH).enumerate() {
-        let devices = batch
-            .iter()
-            .enumerate()
-            .map(|(j, key)| {
-                let i = n * BATCH + j;
-                admin::CreateDeviceRequest {
-                    name: format!("s{i}"),
-                    user: "bench".into(),
-                    location: LOCATION.into(),
-                    public_key: key.to_base64(),
-                    addresses: vec![device_address(i)],
-                    ..Default::default()
-                }
-            })
-            .collect();
-        runtime
-            .block_on(api.create_devices(admin::CreateDevicesRequest { devices }))
-            .map_err(|s| anyhow::anyhow!("adding devices: {}", s.message()))?;
-        eprintln!("  {} devices", (n + 1) * BATCH);
-    }
+    runtime.block_on(add_devices(&mut api, &sync_keys, 0))?;
     let version = runtime
         .block_on(location_status(&mut api))?
         .location
@@ -417,26 +424,7 @@ fn run() -> Result<()> {
     let more: Vec<Key> = (SYNC_PEERS..DELIVERY_DEVICES)
         .map(|_| Key::generate_private().public())
         .collect();
-    for (n, batch) in more.chunks(BATCH).enumerate() {
-        let devices = batch
-            .iter()
-            .enumerate()
-            .map(|(j, key)| {
-                let i = SYNC_PEERS + n * BATCH + j;
-                admin::CreateDeviceRequest {
-                    name: format!("s{i}"),
-                    user: "bench".into(),
-                    location: LOCATION.into(),
-                    public_key: key.to_base64(),
-                    addresses: vec![device_address(i)],
-                    ..Default::default()
-                }
-            })
-            .collect();
-        runtime
-            .block_on(api.create_devices(admin::CreateDevicesRequest { devices }))
-            .map_err(|s| anyhow::anyhow!("adding devices: {}", s.message()))?;
-    }
+    runtime.block_on(add_devices(&mut api, &more, SYNC_PEERS))?;
     let start = Instant::now();
     runtime.block_on(set_gateways(&mut api, true))?;
     let limit = format!("holds at most {}", 1 << 16);

@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::bins::binary;
 use crate::gateway::{
-    CoreSection, GATEWAY_BIN, GatewayConfig, GatewayDaemon, PeerEntry, TIDECTL_BIN,
+    CoreSection, GATEWAY_BIN, GatewayConfig, GatewayDaemon, PeerEntry, PeersReply, TIDECTL_BIN,
     WireguardSection, XdpMode,
 };
 use crate::netns::{BackgroundPing, Netns, PingReport, bridge, veth};
@@ -225,6 +225,24 @@ pub struct Location {
 }
 
 impl Location {
+    /// Polls `tidectl peers` (the figures of the last stats poll) until
+    /// `check` holds, for at most `timeout`.
+    pub fn wait_peers(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&PeersReply) -> bool,
+    ) -> Result<PeersReply> {
+        crate::wait::poll_until(what, timeout, Duration::from_millis(100), || {
+            let peers = self.daemon_mut().peers()?;
+            Ok(if check(&peers) {
+                crate::wait::Probe::Ready(peers)
+            } else {
+                crate::wait::Probe::NotYet(format!("{peers:?}"))
+            })
+        })
+    }
+
     /// Builds the segment and the clients, then starts the gateway daemon
     /// with `[wireguard]` and one `[[peer]]` per client (plus the extra
     /// ones), and waits until it answers. The clients are configured but

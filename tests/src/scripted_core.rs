@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use base64::{Engine as _, engine::general_purpose::STANDARD};
 use tidegate_proto::edge::v1 as edge;
 use tidegate_proto::gateway::v1 as gateway;
 use tidegate_proto::tls::Pki;
@@ -19,6 +20,19 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::netns::Netns;
 use crate::pki::CertFiles;
+
+/// A peer as Core sends it: a public key (base64) and one allowed IP.
+///
+/// # Panics
+/// When `public` is not base64 (a test's own constant).
+pub fn peer(public: &str, ip: &str) -> gateway::Peer {
+    gateway::Peer {
+        public_key: STANDARD.decode(public).expect("a base64 key"),
+        preshared_key: Vec::new(),
+        allowed_ips: vec![ip.to_owned()],
+        persistent_keepalive_s: 0,
+    }
+}
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -11,41 +11,16 @@ use anyhow::{Context, Result, ensure};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use tidegate_proto::gateway::v1 as pb;
 use tidegate_tests::location::{GATEWAY_TUNNEL, Location, LocationOptions};
-use tidegate_tests::scripted_core::{GatewayLink, channel};
+use tidegate_tests::scripted_core::{GatewayLink, channel, peer};
 use tidegate_tests::shield::WG_PORT;
-use tidegate_tests::{CoreSection, KeyPair, PeersReply, Probe, TestPki, poll_until, require_root};
+use tidegate_tests::{CoreSection, KeyPair, TestPki, require_root};
 
 const CORE_LISTEN: &str = "127.0.0.1:7443";
 const WAIT: Duration = Duration::from_secs(15);
 
+/// A base64 key's bytes.
 fn key(text: &str) -> Vec<u8> {
     STANDARD.decode(text).unwrap()
-}
-
-fn peer(public: &str, ip: &str) -> pb::Peer {
-    pb::Peer {
-        public_key: key(public),
-        preshared_key: Vec::new(),
-        allowed_ips: vec![ip.to_owned()],
-        persistent_keepalive_s: 0,
-    }
-}
-
-/// Polls `tidectl peers` (the figures of the last stats poll) until
-/// `check` holds.
-fn wait_peers(
-    location: &mut Location,
-    what: &str,
-    check: impl Fn(&PeersReply) -> bool,
-) -> Result<PeersReply> {
-    poll_until(what, WAIT, Duration::from_millis(100), || {
-        let peers = location.daemon_mut().peers()?;
-        Ok(if check(&peers) {
-            Probe::Ready(peers)
-        } else {
-            Probe::NotYet(format!("{peers:?}"))
-        })
-    })
 }
 
 /// Opens a Link from inside the gateway's namespace (the socket lives
@@ -112,9 +87,8 @@ fn core_manages_a_gateway_through_its_link() -> Result<()> {
     );
     let ping = location.client(0).ping(GATEWAY_TUNNEL, 3)?;
     ensure!(ping.received == 3, "{}", ping.summary);
-    let peers = wait_peers(&mut location, "the client's peer", |p| {
-        p.peer(&client_key).is_some()
-    })?;
+    let peers =
+        location.wait_peers("the client's peer", WAIT, |p| p.peer(&client_key).is_some())?;
     let on_gateway = peers
         .peer(&client_key)
         .context("the client's peer is missing")?;
@@ -177,7 +151,7 @@ fn core_manages_a_gateway_through_its_link() -> Result<()> {
         applied.version == 2 && applied.error.is_empty(),
         "{applied:?}"
     );
-    wait_peers(&mut location, "Core's second peer", |p| {
+    location.wait_peers("Core's second peer", WAIT, |p| {
         p.peer(&extra.public).is_some()
     })?;
 
@@ -214,7 +188,7 @@ fn core_manages_a_gateway_through_its_link() -> Result<()> {
     drop(link);
     location.daemon_mut().kill()?;
     location.restart_daemon()?;
-    wait_peers(&mut location, "both peers after the restart", |p| {
+    location.wait_peers("both peers after the restart", WAIT, |p| {
         p.peers.len() == 2 && p.listen_port == WG_PORT && p.peers.iter().all(|p| p.source == "core")
     })?;
     let ping = location.client(0).ping(GATEWAY_TUNNEL, 3)?;

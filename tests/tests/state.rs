@@ -18,45 +18,22 @@ use tidegate_core::totp;
 use tidegate_proto::gateway::v1 as pb;
 use tidegate_tests::control::{GATEWAY_TUNNEL as LAB_TUNNEL, LOCATION};
 use tidegate_tests::location::{GATEWAY_TUNNEL, Location, LocationOptions};
-use tidegate_tests::scripted_core::{GatewayLink, channel};
+use tidegate_tests::scripted_core::{GatewayLink, channel, peer};
 use tidegate_tests::shield::WG_PORT;
 use tidegate_tests::{
-    CertFiles, ControlLab, ControlOptions, CoreSection, KeyPair, PeersReply, Probe, TestPki,
-    poll_until, require_root,
+    CertFiles, ControlLab, ControlOptions, CoreSection, KeyPair, Probe, TestPki, poll_until,
+    require_root,
 };
 
 const CORE_LISTEN: &str = "127.0.0.1:7443";
 const WAIT: Duration = Duration::from_secs(20);
-/// Core's MFA peer-disconnect threshold in the full-disk test.
-const THRESHOLD_S: u32 = 4;
 
+/// A base64 key's bytes.
 fn key(text: &str) -> Vec<u8> {
     STANDARD.decode(text).unwrap()
 }
-
-fn peer(public: &str, ip: &str) -> pb::Peer {
-    pb::Peer {
-        public_key: key(public),
-        preshared_key: Vec::new(),
-        allowed_ips: vec![ip.to_owned()],
-        persistent_keepalive_s: 0,
-    }
-}
-
-fn wait_peers(
-    location: &mut Location,
-    what: &str,
-    check: impl Fn(&PeersReply) -> bool,
-) -> Result<PeersReply> {
-    poll_until(what, WAIT, Duration::from_millis(100), || {
-        let peers = location.daemon_mut().peers()?;
-        Ok(if check(&peers) {
-            Probe::Ready(peers)
-        } else {
-            Probe::NotYet(format!("{peers:?}"))
-        })
-    })
-}
+/// Core's MFA peer-disconnect threshold in the full-disk test.
+const THRESHOLD_S: u32 = 4;
 
 fn open(
     runtime: &tokio::runtime::Runtime,
@@ -157,9 +134,7 @@ fn a_full_disk_fails_closed_and_the_state_file_catches_up() -> Result<()> {
     let applied = runtime.block_on(link.applied(WAIT))?;
     ensure!(applied.error.is_empty(), "{applied:?}");
     ensure!(state_file(&state_dir, &interface)?["location"]["version"] == 1);
-    wait_peers(&mut location, "both peers on the device", |p| {
-        p.peers.len() == 2
-    })?;
+    location.wait_peers("both peers on the device", WAIT, |p| p.peers.len() == 2)?;
 
     // The disk fills up; Core disables the client's device.
     let filled = location.state_mount().context("no state tmpfs")?.fill()?;
@@ -176,9 +151,7 @@ fn a_full_disk_fails_closed_and_the_state_file_catches_up() -> Result<()> {
         "Core's removal must land on a full disk: {applied:?}"
     );
     // Then MFA expires the silent peer: both gone from the device.
-    let peers = wait_peers(&mut location, "both peers off the device", |p| {
-        p.peers.is_empty()
-    })?;
+    let peers = location.wait_peers("both peers off the device", WAIT, |p| p.peers.is_empty())?;
     let unsaved = peers
         .state_unsaved
         .context("tidectl peers does not say the state is unsaved")?;
@@ -249,7 +222,7 @@ fn a_full_disk_fails_closed_and_the_state_file_catches_up() -> Result<()> {
         caught_up["removals"][0]["public_key"] == silent.as_str(),
         "{caught_up}"
     );
-    wait_peers(&mut location, "the unsaved state to clear", |p| {
+    location.wait_peers("the unsaved state to clear", WAIT, |p| {
         p.state_unsaved.is_none()
     })?;
 
