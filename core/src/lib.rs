@@ -16,22 +16,7 @@ pub mod state;
 pub mod store;
 pub mod totp;
 
-/// An error and its sources on one line, for logs and command-line errors.
-/// A source whose text the line already holds (some wrappers repeat their
-/// source's message) is not repeated.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
-}
+pub use tidegate_proto::error_chain;
 
 /// Milliseconds since the Unix epoch, the unit of every time Core stores.
 pub fn now_ms() -> i64 {
@@ -49,22 +34,4 @@ pub fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0; N];
     getrandom::getrandom(&mut bytes).expect("the operating system's random source failed");
     bytes
-}
-
-#[cfg(test)]
-mod tests {
-    #[derive(Debug, thiserror::Error)]
-    #[error("{0}")]
-    struct Text(String, #[source] Option<Box<Text>>);
-
-    #[test]
-    fn error_chain_joins_sources_once() {
-        let inner = Text("refused".into(), None);
-        let middle = Text("transport error: refused".into(), Some(Box::new(inner)));
-        let outer = Text("connecting".into(), Some(Box::new(middle)));
-        assert_eq!(
-            super::error_chain(&outer),
-            "connecting: transport error: refused"
-        );
-    }
 }

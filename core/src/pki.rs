@@ -110,6 +110,18 @@ pub struct Issued {
     pub ca: PathBuf,
 }
 
+impl Issued {
+    /// The files of `name` in `out`: `name.pem`, `name.key`, `ca.pem`.
+    fn in_dir(out: &Path, name: &str) -> Self {
+        let out = PkiDir::new(out);
+        Self {
+            cert: out.cert(name),
+            key: out.key(name),
+            ca: out.ca_cert(),
+        }
+    }
+}
+
 /// Makes a new CA in `dir` (created 0700 if missing) and Core's
 /// certificate. Refuses to replace an existing CA.
 pub fn init(dir: &PkiDir) -> Result<Issued, PkiError> {
@@ -147,12 +159,7 @@ pub fn issue(dir: &PkiDir, name: &str, out: &Path, days: u32) -> Result<Issued, 
 }
 
 fn issue_unchecked(dir: &PkiDir, name: &str, out: &Path, days: u32) -> Result<Issued, PkiError> {
-    let out_dir = PkiDir::new(out);
-    let issued = Issued {
-        cert: out_dir.cert(name),
-        key: out_dir.key(name),
-        ca: out_dir.ca_cert(),
-    };
+    let issued = Issued::in_dir(out, name);
     for path in [&issued.cert, &issued.key] {
         if path.exists() {
             return Err(PkiError::Exists { path: path.clone() });
@@ -183,12 +190,7 @@ pub fn renew(
     if !tidegate_proto::tls::is_reserved(name) {
         tidegate_proto::tls::check_issuable_identity(name).map_err(PkiError::Name)?;
     }
-    let out_dir = PkiDir::new(out);
-    let issued = Issued {
-        cert: out_dir.cert(name),
-        key: out_dir.key(name),
-        ca: out_dir.ca_cert(),
-    };
+    let issued = Issued::in_dir(out, name);
     for path in [&issued.cert, &issued.key] {
         if !path.exists() {
             return Err(PkiError::NothingToRenew { path: path.clone() });

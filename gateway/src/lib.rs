@@ -13,14 +13,4 @@ pub mod reload;
 pub mod wireguard;
 pub mod xdp;
 
-/// An error and its sources on one line, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
+pub use tidegate_proto::error_chain;

@@ -12,8 +12,10 @@ pub mod limits;
 pub mod listen;
 pub mod tls;
 
-/// An error and its sources on one line, for logs.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error and its sources on one line, for logs, in every daemon. A
+/// source whose text the line already holds (some wrappers repeat their
+/// source's message) is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -63,5 +65,23 @@ pub mod edge {
     )]
     pub mod v1 {
         tonic::include_proto!("tidegate.edge.v1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Text(String, #[source] Option<Box<Text>>);
+
+    #[test]
+    fn error_chain_joins_sources_once() {
+        let inner = Text("refused".into(), None);
+        let middle = Text("transport error: refused".into(), Some(Box::new(inner)));
+        let outer = Text("connecting".into(), Some(Box::new(middle)));
+        assert_eq!(
+            super::error_chain(&outer),
+            "connecting: transport error: refused"
+        );
     }
 }

@@ -7,12 +7,11 @@ use std::sync::Arc;
 use tidegate_proto::edge::v1::{
     CoreMessage, Welcome, core_message, edge_client::EdgeClient, edge_message,
 };
-use tidegate_proto::expiry::{EXPIRY_WARNING, Expiry, classify, now_unix};
 use tidegate_proto::limits::MAX_EDGE_MESSAGE_BYTES;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::{LinkContext, LinkError, Reconnect, connect, ended, requests, status::EdgeState};
 use crate::{
@@ -113,7 +112,7 @@ async fn session(
                 let request = match message.msg {
                     Some(edge_message::Msg::Request(request)) => request,
                     Some(edge_message::Msg::Hello(hello)) => {
-                        certificate_expiry("Edge", &target.name, hello.cert_not_after_unix_s);
+                        super::certificate_expiry("Edge", &target.name, hello.cert_not_after_unix_s);
                         status.send_modify(|s| s.cert_not_after_unix_s = hello.cert_not_after_unix_s);
                         continue;
                     }
@@ -138,29 +137,5 @@ async fn session(
                 });
             }
         }
-    }
-}
-
-/// Logs a linked gateway's or Edge's certificate that expires within
-/// [`EXPIRY_WARNING`] (a warning) or has expired (an error): renewing it is
-/// the operator's, and every link it carries drops at its notAfter.
-pub(super) fn certificate_expiry(kind: &str, name: &str, not_after_unix_s: i64) {
-    if not_after_unix_s == 0 {
-        return;
-    }
-    match classify(not_after_unix_s, now_unix(), EXPIRY_WARNING) {
-        Expiry::Valid { .. } => {}
-        Expiry::ExpiresSoon { days_left } => warn!(
-            kind,
-            name,
-            days_left,
-            "the {kind}'s link certificate expires soon: renew it (tidegate-core issue {name} --renew)"
-        ),
-        Expiry::Expired { days_ago } => error!(
-            kind,
-            name,
-            days_ago,
-            "the {kind}'s link certificate has expired: renew it (tidegate-core issue {name} --renew)"
-        ),
     }
 }

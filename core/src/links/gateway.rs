@@ -147,7 +147,7 @@ async fn session(
             "the gateway runs another location's config; sending this location's"
         );
     }
-    super::edge::certificate_expiry("gateway", &target.name, hello.cert_not_after_unix_s);
+    super::certificate_expiry("gateway", &target.name, hello.cert_not_after_unix_s);
     let now = now_ms();
     info!(
         gateway = %target.name,

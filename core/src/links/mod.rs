@@ -16,11 +16,14 @@ pub mod status;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use tidegate_proto::tls::Pki;
+use tidegate_proto::{
+    expiry::{EXPIRY_WARNING, Expiry, classify, now_unix},
+    tls::Pki,
+};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Channel, Endpoint};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use self::status::{EdgeState, GatewayState};
 use crate::{
@@ -397,5 +400,29 @@ pub(crate) fn ended(result: &Result<(), LinkError>) -> String {
     match result {
         Ok(()) => "Core is shutting down".to_owned(),
         Err(e) => crate::error_chain(e),
+    }
+}
+
+/// Logs a linked gateway's or Edge's certificate that expires within
+/// [`EXPIRY_WARNING`] (a warning) or has expired (an error): renewing it is
+/// the operator's, and every link it carries drops at its notAfter.
+pub(super) fn certificate_expiry(kind: &str, name: &str, not_after_unix_s: i64) {
+    if not_after_unix_s == 0 {
+        return;
+    }
+    match classify(not_after_unix_s, now_unix(), EXPIRY_WARNING) {
+        Expiry::Valid { .. } => {}
+        Expiry::ExpiresSoon { days_left } => warn!(
+            kind,
+            name,
+            days_left,
+            "the {kind}'s link certificate expires soon: renew it (tidegate-core issue {name} --renew)"
+        ),
+        Expiry::Expired { days_ago } => error!(
+            kind,
+            name,
+            days_ago,
+            "the {kind}'s link certificate has expired: renew it (tidegate-core issue {name} --renew)"
+        ),
     }
 }
