@@ -601,4 +601,53 @@ mod tests {
         assert_eq!(json["at"], 1_700_000_010_000_u64);
         assert_eq!(json["cause"], "master 2 down");
     }
+
+    #[test]
+    fn a_kick_is_the_same_operations_on_the_kernel() {
+        use tidegate_wireguard::{
+            kernel::{allowed_addrs, requests},
+            spec::PeerSpec,
+        };
+        use wireguard_uapi::linux::set::WgPeerF;
+        let spec = PeerSpec {
+            name: None,
+            public_key: Key::new([4; 32]),
+            allowed_ips: ["10.77.0.4/32".parse().unwrap()].into(),
+            preshared_key: None,
+            persistent_keepalive: None,
+            endpoint: None,
+        };
+        let endpoint = "198.51.100.4:40004".parse().unwrap();
+        let (readd, restore) = plans(&[(&spec, endpoint, Method::Readd)]);
+        let allowed = allowed_addrs(&readd);
+        let kick = requests("wg0", &readd, &allowed);
+        let [remove, add] = &kick[0].peers[..] else {
+            panic!("two peer entries: {:?}", kick[0].peers);
+        };
+        // The same key twice in one message: removed (its sessions with
+        // it), then added with the endpoint and a keepalive that sends at
+        // once.
+        assert_eq!((remove.public_key, add.public_key), (&[4; 32], &[4; 32]));
+        assert_eq!(remove.flags, vec![WgPeerF::RemoveMe]);
+        assert_eq!(add.flags, vec![WgPeerF::ReplaceAllowedIps]);
+        assert_eq!(add.persistent_keepalive_interval, Some(1));
+        assert_eq!(
+            add.endpoint.map(ToString::to_string).as_deref(),
+            Some("198.51.100.4:40004")
+        );
+        let allowed = allowed_addrs(&restore);
+        let restore = requests("wg0", &restore, &allowed);
+        assert_eq!(restore[0].peers[0].flags, vec![WgPeerF::UpdateOnly]);
+        assert_eq!(restore[0].peers[0].persistent_keepalive_interval, Some(0));
+
+        let (toggle, _) = plans(&[(&spec, endpoint, Method::Keepalive)]);
+        let allowed = allowed_addrs(&toggle);
+        let toggle = requests("wg0", &toggle, &allowed);
+        let intervals: Vec<Option<u16>> = toggle[0]
+            .peers
+            .iter()
+            .map(|p| p.persistent_keepalive_interval)
+            .collect();
+        assert_eq!(intervals, [Some(0), Some(1)]);
+    }
 }

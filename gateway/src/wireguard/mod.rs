@@ -2,18 +2,13 @@
 //! one reconcile path every change goes through.
 
 pub mod activity;
-pub mod backend;
 pub mod durability;
-pub mod kernel;
-pub mod key;
 pub mod kick;
-pub mod link;
 pub mod location;
 pub mod owner;
-pub mod reconcile;
-pub mod spec;
 pub mod state;
-pub mod userspace;
+
+pub use tidegate_wireguard::{backend, kernel, key, link, reconcile, spec, userspace};
 
 use std::{
     net::SocketAddr,

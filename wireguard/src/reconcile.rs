@@ -91,6 +91,10 @@ pub struct Plan {
     /// [`replace_all`]).
     pub replace_peers: bool,
     pub peers: Vec<PeerOp>,
+    /// The mark on the device's own packets (`None`: left as it is), so
+    /// policy routing can send them around a tunnel that routes
+    /// everything.
+    pub fwmark: Option<u32>,
 }
 
 /// How many operations a plan holds, for logs and the benchmark.
@@ -153,6 +157,7 @@ pub fn plan(
             .filter(|&key| actual.private_key != Some(key)),
         replace_peers: false,
         peers: Vec::new(),
+        fwmark: None,
     };
     for (key, want) in &desired.peers {
         let op = match actual.peers.get(key) {

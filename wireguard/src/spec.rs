@@ -278,7 +278,7 @@ fn range(net: IpNet) -> (bool, u128, u128) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error_chain;
+    use tidegate_proto::error_chain;
 
     pub(crate) fn key(n: u8) -> String {
         Key::new([n; 32]).to_string()

@@ -285,7 +285,7 @@ fn listening_inode(table: &str, path: &Path) -> Option<u64> {
 }
 
 /// The UAPI transactions for `plan`.
-pub(crate) fn requests(plan: &Plan) -> Vec<set::Device> {
+pub fn requests(plan: &Plan) -> Vec<set::Device> {
     let mut out = Vec::new();
     if let Some(port) = plan.listen_port {
         out.push(set::Device {
@@ -293,9 +293,14 @@ pub(crate) fn requests(plan: &Plan) -> Vec<set::Device> {
             ..set::Device::default()
         });
     }
-    if plan.private_key.is_some() || plan.replace_peers || !plan.peers.is_empty() {
+    if plan.private_key.is_some()
+        || plan.replace_peers
+        || !plan.peers.is_empty()
+        || plan.fwmark.is_some()
+    {
         out.push(set::Device {
             private_key: plan.private_key.map(|k| *k.as_bytes()),
+            fwmark: plan.fwmark,
             replace_peers: plan.replace_peers.then_some(true),
             peers: plan.peers.iter().map(peer).collect(),
             ..set::Device::default()
@@ -383,7 +388,7 @@ impl ProcessWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wireguard::{
+    use crate::{
         key::Key,
         reconcile::{OpKind, PeerOp},
     };
@@ -402,6 +407,7 @@ mod tests {
     #[test]
     fn the_listen_port_goes_alone_and_first() {
         let plan = Plan {
+            fwmark: None,
             listen_port: Some(51820),
             private_key: Some(Key::new([9; 32])),
             replace_peers: false,

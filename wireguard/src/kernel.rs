@@ -80,7 +80,7 @@ fn errno(error: &SetDeviceError) -> Option<i32> {
 
 /// The addresses of each op's allowed IPs, kept alive for the borrowed
 /// netlink requests.
-fn allowed_addrs(plan: &Plan) -> Vec<Vec<IpAddr>> {
+pub fn allowed_addrs(plan: &Plan) -> Vec<Vec<IpAddr>> {
     plan.peers
         .iter()
         .map(|op| {
@@ -94,8 +94,8 @@ fn allowed_addrs(plan: &Plan) -> Vec<Vec<IpAddr>> {
 }
 
 /// The netlink requests for `plan`: the listen port alone first, then the
-/// private key and peers.
-fn requests<'a>(
+/// private key and peers. Pure: what a plan becomes on the kernel.
+pub fn requests<'a>(
     interface: &'a str,
     plan: &'a Plan,
     allowed: &'a [Vec<IpAddr>],
@@ -104,10 +104,17 @@ fn requests<'a>(
     if let Some(port) = plan.listen_port {
         out.push(set::Device::from_ifname(interface).listen_port(port));
     }
-    if plan.private_key.is_none() && plan.peers.is_empty() && !plan.replace_peers {
+    if plan.private_key.is_none()
+        && plan.peers.is_empty()
+        && !plan.replace_peers
+        && plan.fwmark.is_none()
+    {
         return out;
     }
     let mut device = set::Device::from_ifname(interface);
+    if let Some(mark) = plan.fwmark {
+        device = device.fwmark(mark);
+    }
     if plan.replace_peers {
         device = device.flags(vec![WgDeviceF::ReplacePeers]);
     }
@@ -157,7 +164,7 @@ fn requests<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wireguard::{key::Key, reconcile::PeerOp};
+    use crate::{key::Key, reconcile::PeerOp};
 
     fn op(kind: OpKind, n: u8) -> PeerOp {
         PeerOp {
@@ -176,6 +183,7 @@ mod tests {
     #[test]
     fn builds_the_same_operations_as_the_uapi_path() {
         let plan = Plan {
+            fwmark: None,
             listen_port: Some(51820),
             private_key: Some(Key::new([9; 32])),
             replace_peers: false,
@@ -241,54 +249,6 @@ mod tests {
         let built = requests("wg0", &none, &[]);
         assert_eq!(built.len(), 1, "an empty replacement removes every peer");
         assert!(built[0].peers.is_empty());
-    }
-
-    #[test]
-    fn a_kick_is_the_same_operations_on_the_kernel() {
-        use crate::wireguard::{
-            kick::{self, Method},
-            spec::PeerSpec,
-        };
-        let spec = PeerSpec {
-            name: None,
-            public_key: Key::new([4; 32]),
-            allowed_ips: ["10.77.0.4/32".parse().unwrap()].into(),
-            preshared_key: None,
-            persistent_keepalive: None,
-            endpoint: None,
-        };
-        let endpoint = "198.51.100.4:40004".parse().unwrap();
-        let (readd, restore) = kick::plans(&[(&spec, endpoint, Method::Readd)]);
-        let allowed = allowed_addrs(&readd);
-        let kick = requests("wg0", &readd, &allowed);
-        let [remove, add] = &kick[0].peers[..] else {
-            panic!("two peer entries: {:?}", kick[0].peers);
-        };
-        // The same key twice in one message: removed (its sessions with
-        // it), then added with the endpoint and a keepalive that sends at
-        // once.
-        assert_eq!((remove.public_key, add.public_key), (&[4; 32], &[4; 32]));
-        assert_eq!(remove.flags, vec![WgPeerF::RemoveMe]);
-        assert_eq!(add.flags, vec![WgPeerF::ReplaceAllowedIps]);
-        assert_eq!(add.persistent_keepalive_interval, Some(1));
-        assert_eq!(
-            add.endpoint.map(ToString::to_string).as_deref(),
-            Some("198.51.100.4:40004")
-        );
-        let allowed = allowed_addrs(&restore);
-        let restore = requests("wg0", &restore, &allowed);
-        assert_eq!(restore[0].peers[0].flags, vec![WgPeerF::UpdateOnly]);
-        assert_eq!(restore[0].peers[0].persistent_keepalive_interval, Some(0));
-
-        let (toggle, _) = kick::plans(&[(&spec, endpoint, Method::Keepalive)]);
-        let allowed = allowed_addrs(&toggle);
-        let toggle = requests("wg0", &toggle, &allowed);
-        let intervals: Vec<Option<u16>> = toggle[0]
-            .peers
-            .iter()
-            .map(|p| p.persistent_keepalive_interval)
-            .collect();
-        assert_eq!(intervals, [Some(0), Some(1)]);
     }
 
     #[test]

@@ -12,6 +12,14 @@ pub enum KeyError {
     NotBase64(#[source] base64::DecodeError),
     #[error("decodes to {0} bytes, a WireGuard key is 32")]
     WrongLength(usize),
+    #[error("the operating system's random source failed: {0}")]
+    Random(getrandom::Error),
+}
+
+fn random() -> Result<[u8; 32], KeyError> {
+    let mut bytes = [0; 32];
+    getrandom::getrandom(&mut bytes).map_err(KeyError::Random)?;
+    Ok(bytes)
 }
 
 /// A public, private or preshared key.
@@ -53,6 +61,23 @@ impl Key {
         bytes[31] &= 127;
         bytes[31] |= 64;
         Self(bytes)
+    }
+
+    /// A new private key from the operating system's random source,
+    /// clamped as `wg genkey` makes them.
+    pub fn generate_private() -> Result<Self, KeyError> {
+        Ok(Self(random()?).clamped())
+    }
+
+    /// A new preshared key (`wg genpsk`).
+    pub fn generate_preshared() -> Result<Self, KeyError> {
+        random().map(Self)
+    }
+
+    /// The public key of this private key.
+    pub fn public(&self) -> Self {
+        let secret = x25519_dalek::StaticSecret::from(self.0);
+        Self(x25519_dalek::PublicKey::from(&secret).to_bytes())
     }
 
     /// The key as base64.
@@ -121,6 +146,22 @@ mod tests {
         assert_eq!(key.as_bytes()[1..31], [0xff; 30]);
         assert_eq!(Key::new([0; 32]).clamped().as_bytes()[31], 0x40);
         assert_eq!(key.clamped(), key);
+    }
+
+    #[test]
+    fn the_public_key_is_x25519s() {
+        // RFC 7748, section 6.1: Alice's key pair.
+        let hex = |s: &str| -> [u8; 32] {
+            std::array::from_fn(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        };
+        let private = Key::new(hex(
+            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+        ));
+        let public = hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
+        assert_eq!(private.public().as_bytes(), &public);
+        let made = Key::generate_private().unwrap();
+        assert_eq!(made.clamped(), made);
+        assert_ne!(made, Key::generate_private().unwrap());
     }
 
     #[test]
