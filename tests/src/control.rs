@@ -33,7 +33,8 @@ use crate::gateway::{
 };
 use crate::http::{self, HttpAnswer};
 use crate::netns::{Netns, bridge, veth};
-use crate::nginx::Nginx;
+use crate::nginx::{Nginx, NginxTls};
+use crate::pki::TestPki;
 use crate::run::Run;
 use crate::wait::{Probe, poll_until};
 use crate::wireguard::{DetachedWireguardGo, WgInterface};
@@ -54,6 +55,8 @@ pub const DMZ_MGMT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
 pub const DMZ_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 60);
 /// nginx's public port.
 pub const NGINX_PORT: u16 = 8080;
+/// nginx's HTTPS port, where users' clients go.
+pub const NGINX_TLS_PORT: u16 = 8443;
 /// The client's public address.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 50);
 /// The gateways' link port on the management segment.
@@ -67,6 +70,15 @@ pub const EDGE_BODY_LIMIT: usize = 2048;
 /// Most gateways and Edges a lab holds.
 pub const MAX_GATEWAYS: usize = 3;
 pub const MAX_EDGES: usize = 2;
+
+/// The public address of client namespace `k` (1-based): [`CLIENT_ADDR`]
+/// for the first, 198.51.100.(150 + k) for the others.
+pub fn client_addr(k: usize) -> Ipv4Addr {
+    match k {
+        0 | 1 => CLIENT_ADDR,
+        k => Ipv4Addr::new(198, 51, 100, 150 + k as u8),
+    }
+}
 
 /// The management address of gateway `i` (1-based).
 pub fn gateway_mgmt(i: usize) -> Ipv4Addr {
@@ -97,6 +109,10 @@ pub struct ControlOptions {
     pub edges: usize,
     /// The location uses MFA, with this peer-disconnect threshold.
     pub mfa_threshold_s: Option<u32>,
+    /// The location's MFA sessions end after this many seconds.
+    pub mfa_session_s: Option<u32>,
+    /// The location's allowed IPs (empty: its address networks).
+    pub allowed_ips: Vec<String>,
     /// Core's `[mfa] challenge_ttl_s`, if set.
     pub challenge_ttl_s: Option<u32>,
     /// Core's `[mfa] device_lockout_after`, if set.
@@ -109,6 +125,9 @@ pub struct ControlOptions {
     pub start_core: bool,
     /// The gateways' tunnel address (its network holds the devices).
     pub tunnel_address: String,
+    /// Client namespaces on the public segment (1 or more): the first is
+    /// [`ControlLab::client`], the others [`ControlLab::other_client`].
+    pub clients: usize,
 }
 
 impl Default for ControlOptions {
@@ -117,12 +136,15 @@ impl Default for ControlOptions {
             gateways: 2,
             edges: 2,
             mfa_threshold_s: None,
+            mfa_session_s: None,
+            allowed_ips: Vec::new(),
             challenge_ttl_s: None,
             device_lockout_after: None,
             edge_core_timeout_ms: None,
             status_interval_ms: 300,
             start_core: true,
             tunnel_address: format!("{GATEWAY_TUNNEL}/24"),
+            clients: 1,
         }
     }
 }
@@ -156,10 +178,13 @@ pub struct ControlLab {
     edges: Vec<EdgeDaemon>,
     client_wg: Option<WgInterface>,
     client: Netns,
+    other_clients: Vec<Netns>,
     dmz: Netns,
     intranet: Netns,
     switch: Netns,
     pki: CorePki,
+    /// The CA of nginx's HTTPS certificate.
+    web_ca: PathBuf,
     core_dir: PathBuf,
     options: ControlOptions,
     run: Run,
@@ -215,6 +240,17 @@ impl ControlLab {
         client.add_addr(&client_if, &format!("{CLIENT_ADDR}/24"))?;
         client.set_up(&client_if)?;
         public_ports.push(client_port);
+        let mut other_clients = Vec::new();
+        for k in 2..=options.clients.max(1) {
+            let netns = Netns::create(&run.netns_name(&format!("client{k}")))?;
+            let ifname = run.ifname(&format!("c{k}"));
+            let port = run.ifname(&format!("pc{k}"));
+            veth(&netns, &ifname, &switch, &port)?;
+            netns.add_addr(&ifname, &format!("{}/24", client_addr(k)))?;
+            netns.set_up(&ifname)?;
+            public_ports.push(port);
+            other_clients.push(netns);
+        }
 
         let mut gateway_links = Vec::new();
         for i in 1..=options.gateways {
@@ -326,6 +362,9 @@ impl ControlLab {
             config.core_timeout_ms = options.edge_core_timeout_ms;
             edges.push(EdgeDaemon::start(&dmz, config, &dir)?);
         }
+        // The public web server's certificate, of a CA of its own (a
+        // public CA's, in a real deployment), for the address clients use.
+        let web = TestPki::new(run.dir(), "web")?.issue(&DMZ_PUBLIC.to_string())?;
         let nginx = if options.edges > 0 {
             let upstreams: Vec<SocketAddr> = (1..=options.edges).map(edge_http).collect();
             Some(Nginx::start(
@@ -333,6 +372,11 @@ impl ControlLab {
                 &run.dir().join("nginx"),
                 SocketAddr::from((DMZ_PUBLIC, NGINX_PORT)),
                 &upstreams,
+                Some(&NginxTls {
+                    listen: SocketAddr::from((DMZ_PUBLIC, NGINX_TLS_PORT)),
+                    cert: web.cert.clone(),
+                    key: web.key.clone(),
+                }),
             )?)
         } else {
             None
@@ -345,10 +389,12 @@ impl ControlLab {
             edges,
             client_wg: None,
             client,
+            other_clients,
             dmz,
             intranet,
             switch,
             pki,
+            web_ca: web.ca,
             core_dir,
             options: options.clone(),
             run,
@@ -409,6 +455,12 @@ impl ControlLab {
         ];
         if let Some(threshold) = options.mfa_threshold_s {
             args.extend(["--mfa".into(), "--threshold".into(), threshold.to_string()]);
+        }
+        if let Some(session_s) = options.mfa_session_s {
+            args.extend(["--mfa-session-s".into(), session_s.to_string()]);
+        }
+        for net in &options.allowed_ips {
+            args.extend(["--allowed-ip".into(), net.clone()]);
         }
         core.tidectl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
         for i in 1..=options.gateways {
@@ -488,6 +540,11 @@ impl ControlLab {
         &self.client
     }
 
+    /// Client namespace `k` (2-based, up to `clients`).
+    pub fn other_client(&self, k: usize) -> &Netns {
+        &self.other_clients[k - 2]
+    }
+
     pub fn switch(&self) -> &Netns {
         &self.switch
     }
@@ -499,6 +556,16 @@ impl ControlLab {
         let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(<[u8]>::to_vec));
         self.client
             .run(move || http::request(addr, &method, &path, body.as_deref(), &[]))?
+    }
+
+    /// The URL users' clients reach the Edges at: nginx over HTTPS.
+    pub fn edge_url(&self) -> String {
+        format!("https://{DMZ_PUBLIC}:{NGINX_TLS_PORT}")
+    }
+
+    /// The CA file of nginx's HTTPS certificate.
+    pub fn web_ca(&self) -> &Path {
+        &self.web_ca
     }
 
     /// Gives the client another public address (of 198.51.100.0/24).

@@ -57,6 +57,7 @@ pub mod shield;
 pub mod steer_lab;
 pub mod stop;
 pub mod tmpfs;
+pub mod user_client;
 pub mod wait;
 pub mod wireguard;
 pub mod xdp;

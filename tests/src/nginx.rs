@@ -31,9 +31,22 @@ pub struct Nginx {
     dir: PathBuf,
 }
 
+/// An HTTPS listener beside the plain one: its address, certificate and key.
+#[derive(Debug, Clone)]
+pub struct NginxTls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// nginx's config: one upstream of `edges`, retried on connection errors
-/// and time-outs, the client's address in X-Real-IP.
-pub fn config(dir: &Path, listen: SocketAddr, edges: &[SocketAddr]) -> String {
+/// and time-outs, the client's address in X-Real-IP; HTTPS too with `tls`.
+pub fn config(
+    dir: &Path,
+    listen: SocketAddr,
+    edges: &[SocketAddr],
+    tls: Option<&NginxTls>,
+) -> String {
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
     let mut upstreams = String::new();
     for edge in edges {
@@ -62,6 +75,7 @@ pub fn config(dir: &Path, listen: SocketAddr, edges: &[SocketAddr]) -> String {
          \x20   upstream edges {{\n{upstreams}    }}\n\
          \x20   server {{\n\
          \x20       listen {listen};\n\
+         {tls}\
          \x20       location / {{\n\
          \x20           proxy_pass http://edges;\n\
          \x20           proxy_set_header Host $host;\n\
@@ -77,22 +91,30 @@ pub fn config(dir: &Path, listen: SocketAddr, edges: &[SocketAddr]) -> String {
         error_log = path("error.log"),
         access_log = path("access.log"),
         tmp = path("tmp"),
+        tls = tls.map_or(String::new(), |tls| format!(
+            "        listen {} ssl;\n        ssl_certificate {};\n        ssl_certificate_key {};\n",
+            tls.listen,
+            tls.cert.display(),
+            tls.key.display()
+        )),
     )
 }
 
 impl Nginx {
     /// Writes the config to `dir` (created), starts nginx in `netns` on
-    /// `listen` in front of `edges`, and waits until it answers.
+    /// `listen` (and HTTPS with `tls`) in front of `edges`, and waits until
+    /// it answers.
     pub fn start(
         netns: &Netns,
         dir: &Path,
         listen: SocketAddr,
         edges: &[SocketAddr],
+        tls: Option<&NginxTls>,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir.join("tmp"))
             .with_context(|| format!("creating {}", dir.display()))?;
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, config(dir, listen, edges))
+        std::fs::write(&conf, config(dir, listen, edges, tls))
             .with_context(|| format!("writing {}", conf.display()))?;
         let mut command = netns.command(NGINX_BIN);
         command
@@ -177,6 +199,7 @@ mod tests {
                 "127.0.0.1:8081".parse().unwrap(),
                 "127.0.0.1:8082".parse().unwrap(),
             ],
+            None,
         );
         assert!(text.contains("server 127.0.0.1:8081 max_fails=1"), "{text}");
         assert!(text.contains("server 127.0.0.1:8082 max_fails=1"), "{text}");
@@ -187,5 +210,23 @@ mod tests {
         assert!(text.contains("pid /run/x/nginx.pid;"), "{text}");
         assert!(text.contains("listen 127.0.0.1:8080;"), "{text}");
         assert!(text.contains("daemon off;"), "{text}");
+        assert!(!text.contains("ssl"), "{text}");
+        let tls = NginxTls {
+            listen: "198.51.100.60:8443".parse().unwrap(),
+            cert: "/run/x/web.pem".into(),
+            key: "/run/x/web.key".into(),
+        };
+        let text = config(
+            Path::new("/run/x"),
+            "127.0.0.1:8080".parse().unwrap(),
+            &[],
+            Some(&tls),
+        );
+        assert!(text.contains("listen 198.51.100.60:8443 ssl;"), "{text}");
+        assert!(text.contains("ssl_certificate /run/x/web.pem;"), "{text}");
+        assert!(
+            text.contains("ssl_certificate_key /run/x/web.key;"),
+            "{text}"
+        );
     }
 }

@@ -91,6 +91,7 @@ fn edges_behind_nginx_serve_clients_while_core_is_linked() -> Result<()> {
             .iter()
             .map(|e| e.config().http_listen)
             .collect::<Vec<_>>(),
+        None,
     )?;
 
     // No Core yet: unhealthy, and requests get 503 with a reason.

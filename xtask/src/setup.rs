@@ -7,7 +7,10 @@ use crate::run::{Cmd, step};
 /// Debian packages the tests and the lab run: `ip`, `ping`, `wg`,
 /// userspace WireGuard for kernels without the module, `ethtool` (the
 /// failover and director tests turn checksum offload off on the clients'
-/// veths), and nginx in front of the Edges.
+/// veths), nginx in front of the Edges, oathtool, which computes the
+/// users' TOTP codes as an authenticator app does for the client's tests,
+/// and nftables, which wg-quick's full tunnel uses in the tests of the
+/// configs `tidectl device config --wg-quick` writes for stock apps.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -15,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "wireguard-go",
     "ethtool",
     "nginx",
+    "oathtool",
+    "nftables",
 ];
 
 pub fn is_root() -> bool {

@@ -88,6 +88,14 @@ pub const SUITE: &[Entry] = &[
         target: "director",
         tests: Cow::Borrowed(&["the_director_spreads_clients_survives_its_crash_and_drains"]),
     },
+    // The users' client on kernel WireGuard, and stock wg-quick beside it.
+    Entry {
+        package: "tidegate-tests",
+        target: "client",
+        tests: Cow::Borrowed(&[
+            "without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel",
+        ]),
+    },
     // Steps the wall clock, which only a VM may do: ignored on the host.
     Entry {
         package: "tidegate-tests",
