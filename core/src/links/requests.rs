@@ -1,5 +1,6 @@
 //! Client requests relayed by an Edge: config download with a one-time
-//! token, MFA start and finish. Each answer is a DeviceConfig, an
+//! token, enrolment (a token and the key the client made), MFA start and
+//! finish. Each answer is a DeviceConfig, an
 //! MfaChallenge or an Error with a code the Edge maps to an HTTP status.
 
 use std::time::Duration;
@@ -39,6 +40,7 @@ pub(crate) async fn handle(request: edge::Request, ctx: &LinkContext) -> edge::R
                 ClientError::Unauthorized(_) => edge::error::Code::Unauthorized,
                 ClientError::NotFound(_) => edge::error::Code::NotFound,
                 ClientError::Expired(_) => edge::error::Code::Expired,
+                ClientError::Conflict(_) => edge::error::Code::Conflict,
                 ClientError::Unavailable(_) => edge::error::Code::Unavailable,
                 ClientError::Limited { .. } => edge::error::Code::Limited,
                 ClientError::Internal(e) => {
@@ -105,6 +107,32 @@ async fn dispatch(
                 .map_err(gone)??;
             info!(device = %config.device, client, "device config downloaded");
             Ok(reply::Result::Config(config))
+        }
+        request::Kind::Enrol(enrol) => {
+            check_len("token", &enrol.token)?;
+            check_len("public_key", &enrol.public_key)?;
+            let enrolled = ctx
+                .state
+                .call(move |s| s.enrol(&enrol.token, &enrol.public_key, now_ms()))
+                .await
+                .map_err(gone)??;
+            if let Some(version) = enrolled.peer_version {
+                // The client's first handshake works once the gateways have
+                // the peer; without them (none linked, too slow) the config
+                // is answered still: the peer reaches them when they link.
+                let location = enrolled.location_id;
+                let linked = ctx.directory.borrow().any_connected(location);
+                match apply_wait(ctx.settings.mfa_apply_timeout, edge_wait) {
+                    Some(wait) if linked => {
+                        if let Err(error) = wait_applied(ctx, location, version, wait).await {
+                            warn!(device = %enrolled.config.device, %error, "enrolled; the gateways have not applied the peer yet");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            info!(device = %enrolled.config.device, client, "device enrolled");
+            Ok(reply::Result::Config(enrolled.config))
         }
         request::Kind::MfaStart(start) => {
             check_len("location", &start.location)?;
