@@ -91,6 +91,16 @@ pub(crate) fn apply_wait(own: Duration, edge_wait: Duration) -> Option<Duration>
     (wait >= MIN_APPLY_WAIT).then_some(wait)
 }
 
+/// How long an enrolment that made a peer waits for the gateways to apply
+/// it: as a login, when a gateway of the location is `linked`; `None`:
+/// answer at once (no gateway to wait for, or the Edge allows too little).
+pub(crate) fn enrol_wait(linked: bool, own: Duration, edge_wait: Duration) -> Option<Duration> {
+    if !linked {
+        return None;
+    }
+    apply_wait(own, edge_wait)
+}
+
 async fn dispatch(
     kind: request::Kind,
     client: &str,
@@ -116,20 +126,20 @@ async fn dispatch(
                 .call(move |s| s.enrol(&enrol.token, &enrol.public_key, now_ms()))
                 .await
                 .map_err(gone)??;
-            if let Some(version) = enrolled.peer_version {
-                // The client's first handshake works once the gateways have
-                // the peer; without them (none linked, too slow) the config
-                // is answered still: the peer reaches them when they link.
-                let location = enrolled.location_id;
-                let linked = ctx.directory.borrow().any_connected(location);
-                match apply_wait(ctx.settings.mfa_apply_timeout, edge_wait) {
-                    Some(wait) if linked => {
-                        if let Err(error) = wait_applied(ctx, location, version, wait).await {
-                            warn!(device = %enrolled.config.device, %error, "enrolled; the gateways have not applied the peer yet");
-                        }
-                    }
-                    _ => {}
-                }
+            // The client's first handshake works once the gateways have
+            // the peer; without them (none linked, too slow) the config is
+            // answered still: the peer reaches them when they link.
+            let location = enrolled.location_id;
+            let linked = ctx.directory.borrow().any_connected(location);
+            if let Some(version) = enrolled.peer_version
+                && let Some(wait) = enrol_wait(linked, ctx.settings.mfa_apply_timeout, edge_wait)
+                && let Err(error) = wait_applied(ctx, location, version, wait).await
+            {
+                warn!(
+                    device = %enrolled.config.device,
+                    %error,
+                    "enrolled; the gateways have not applied the peer yet"
+                );
             }
             info!(device = %enrolled.config.device, client, "device enrolled");
             Ok(reply::Result::Config(enrolled.config))
@@ -258,6 +268,25 @@ mod tests {
             (s(10), s(1), None),
         ] {
             assert_eq!(apply_wait(own, edge), want, "own {own:?}, edge {edge:?}");
+        }
+    }
+
+    #[test]
+    fn an_enrolment_waits_for_linked_gateways_only_and_never_fails_for_them() {
+        let s = Duration::from_secs;
+        for (linked, edge, want) in [
+            (true, Duration::ZERO, Some(s(10))),
+            (true, s(5), Some(s(4))),
+            // The Edge allows too little: answer at once, not refuse.
+            (true, s(1), None),
+            (false, Duration::ZERO, None),
+            (false, s(30), None),
+        ] {
+            assert_eq!(
+                enrol_wait(linked, s(10), edge),
+                want,
+                "linked {linked}, edge {edge:?}"
+            );
         }
     }
 }

@@ -289,8 +289,9 @@ pub enum DeviceCommand {
         json: bool,
     },
     /// Add many devices at once, all or none: a file of one JSON object
-    /// per line, `{"name", "user", "location", "public_key"}` and
-    /// optionally `"addresses"` (a list) and `"enabled"`.
+    /// per line, `{"name", "user", "location"}` and optionally
+    /// `"public_key"` (absent: the device awaits enrolment), `"addresses"`
+    /// (a list) and `"enabled"`.
     Import {
         /// The file ('-' for standard input).
         file: PathBuf,
@@ -1005,22 +1006,7 @@ async fn device_config(
                 .with_context(|| format!("reading {}", path.display()))?;
             let pair = wg_quick::KeyPair::parse_private(&text)
                 .with_context(|| format!("the private key in {}", path.display()))?;
-            if device.public_key.is_empty() {
-                anyhow::bail!(
-                    "device {name} has no key yet: give it this one with \
-                     `tidectl device change {name} --public-key {}`, or use --new-key",
-                    pair.public
-                );
-            }
-            if pair.public != device.public_key {
-                anyhow::bail!(
-                    "the private key in {} is not device {name}'s: its public key is {}, \
-                     the device's is {}",
-                    path.display(),
-                    pair.public,
-                    device.public_key
-                );
-            }
+            pair.check_is(name, &device.public_key, &path)?;
             pair
         }
     };
@@ -1324,6 +1310,8 @@ struct ImportedDevice {
     name: String,
     user: String,
     location: String,
+    /// Absent or empty: the device awaits enrolment.
+    #[serde(default)]
     public_key: String,
     #[serde(default)]
     addresses: Vec<String>,

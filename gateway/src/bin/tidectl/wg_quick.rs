@@ -3,6 +3,8 @@
 //! device's key pair, made here or read from a file (Core never has the
 //! private key). Pure: no I/O.
 
+use std::path::{Path, PathBuf};
+
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use qrcode::{QrCode, render::unicode::Dense1x2};
 use tidegate_proto::admin::v1 as admin;
@@ -18,6 +20,21 @@ pub enum WgQuickError {
     Random(#[source] getrandom::Error),
     #[error("the config does not fit in a QR code")]
     Qr(#[source] qrcode::types::QrError),
+    #[error(
+        "device {device} has no key yet: give it this one with \
+         `tidectl device change {device} --public-key {public}`, or use --new-key"
+    )]
+    NoKeyYet { device: String, public: String },
+    #[error(
+        "the private key in {path} is not device {device}'s: its public key is {public}, \
+         the device's is {held}"
+    )]
+    NotTheDevices {
+        path: PathBuf,
+        device: String,
+        public: String,
+        held: String,
+    },
 }
 
 /// A WireGuard key pair, base64 (the private key clamped as `wg genkey`
@@ -57,6 +74,27 @@ impl KeyPair {
             .try_into()
             .map_err(|_| WgQuickError::WrongLength(bytes.len()))?;
         Ok(Self::from_private(bytes))
+    }
+
+    /// Checks that this is the key pair of `device`, whose public key Core
+    /// holds as `held` (empty: none yet); `path` is where the private key
+    /// was read.
+    pub fn check_is(&self, device: &str, held: &str, path: &Path) -> Result<(), WgQuickError> {
+        if held.is_empty() {
+            return Err(WgQuickError::NoKeyYet {
+                device: device.to_owned(),
+                public: self.public.clone(),
+            });
+        }
+        if self.public != held {
+            return Err(WgQuickError::NotTheDevices {
+                path: path.to_owned(),
+                device: device.to_owned(),
+                public: self.public.clone(),
+                held: held.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn from_private(bytes: [u8; 32]) -> Self {
@@ -201,6 +239,26 @@ mod tests {
             KeyPair::parse_private(&STANDARD.encode([1u8; 16])),
             Err(WgQuickError::WrongLength(16))
         ));
+    }
+
+    #[test]
+    fn a_key_file_must_hold_the_devices_key() {
+        let pair = KeyPair::parse_private("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=").unwrap();
+        let path = Path::new("/etc/wireguard/laptop.key");
+        pair.check_is("laptop", &pair.public, path).unwrap();
+        let other = KeyPair::generate().unwrap();
+        let err = pair.check_is("laptop", &other.public, path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the private key in /etc/wireguard/laptop.key is not device laptop's: \
+                 its public key is {}, the device's is {}",
+                pair.public, other.public
+            )
+        );
+        let err = pair.check_is("laptop", "", path).unwrap_err();
+        assert!(matches!(err, WgQuickError::NoKeyYet { .. }), "{err}");
+        assert!(err.to_string().contains("has no key yet"), "{err}");
     }
 
     #[test]
