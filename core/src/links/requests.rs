@@ -141,7 +141,11 @@ async fn dispatch(
                     "enrolled; the gateways have not applied the peer yet"
                 );
             }
-            info!(device = %enrolled.config.device, client, "device enrolled");
+            if enrolled.new_key {
+                info!(device = %enrolled.config.device, client, "device enrolled");
+            } else {
+                info!(device = %enrolled.config.device, client, "device config downloaded (enrolled with this key already)");
+            }
             Ok(reply::Result::Config(enrolled.config))
         }
         request::Kind::MfaStart(start) => {

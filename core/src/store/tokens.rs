@@ -41,6 +41,8 @@ struct TokenRow {
 pub struct Enrolled {
     pub config: edge::DeviceConfig,
     pub location_id: u32,
+    /// The device got its key now (false: it had this key already).
+    pub new_key: bool,
     /// The location's config version that made the device a peer, when it
     /// became one (a location without MFA); the caller waits for the
     /// gateways to apply it.
@@ -205,6 +207,7 @@ impl Store {
                 return Ok(Enrolled {
                     config,
                     location_id,
+                    new_key: false,
                     peer_version: None,
                 });
             }
@@ -248,6 +251,7 @@ impl Store {
         Ok(Enrolled {
             config,
             location_id,
+            new_key: true,
             peer_version,
         })
     }
@@ -529,6 +533,7 @@ mod tests {
                     assert_eq!(laptop.public_key, new.to_base64(), "{name}");
                     assert!(laptop.enrolled, "{name}");
                     assert_eq!(used_tokens(&store), used_before + 1, "{name}: token used");
+                    assert_eq!(enrolled.new_key, case.held.is_none(), "{name}");
                     let notices = store.take_notices();
                     if *new_peer {
                         assert_eq!(enrolled.peer_version, Some(version + 1), "{name}");

@@ -12,9 +12,9 @@ use tidegate_proto::admin::v1 as admin;
 /// Why a key or a QR code could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum WgQuickError {
-    #[error("the private key is not valid base64 (as `wg genkey` prints it)")]
+    #[error("not valid base64 (a private key as `wg genkey` prints it)")]
     NotBase64(#[source] base64::DecodeError),
-    #[error("the private key decodes to {0} bytes; a WireGuard key is 32")]
+    #[error("decodes to {0} bytes; a WireGuard key is 32")]
     WrongLength(usize),
     #[error("no randomness for a new key")]
     Random(#[source] getrandom::Error),
