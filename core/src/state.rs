@@ -2,7 +2,9 @@
 //! connection and the MFA logins in progress) and runs the jobs other tasks
 //! send it, one at a time. After each job it broadcasts the notices of
 //! what was committed, in commit order, so that a gateway link sees its
-//! location's versions in sequence.
+//! location's versions in sequence. Between jobs it sleeps until the next
+//! timed duty: housekeeping, or the end of an MFA session by its age (the
+//! store keeps that one deadline; nothing is polled).
 
 use std::{
     sync::mpsc,
@@ -11,7 +13,7 @@ use std::{
 };
 
 use tokio::sync::{broadcast, oneshot};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::store::{Notice, Store};
 
@@ -19,6 +21,8 @@ use crate::store::{Notice, Store};
 pub const NOTICE_BUFFER: usize = 8192;
 /// How often expired tokens, logins and old events are dropped.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
+/// How soon a failed read of the next session end is tried again.
+const RETRY: Duration = Duration::from_secs(5);
 
 type Job = Box<dyn FnOnce(&mut Store, &broadcast::Sender<Notice>) + Send>;
 
@@ -69,6 +73,21 @@ fn publish(store: &mut Store, notices: &broadcast::Sender<Notice>) {
     }
 }
 
+/// When the next MFA session ends by its age, as an instant; a failed read
+/// is retried after [`RETRY`].
+fn next_session_end(store: &mut Store) -> Option<Instant> {
+    match store.next_session_end() {
+        Ok(at_ms) => at_ms.map(|at_ms| {
+            let left_ms = u64::try_from(at_ms - crate::now_ms()).unwrap_or(0);
+            Instant::now() + Duration::from_millis(left_ms)
+        }),
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "reading the next MFA session end failed");
+            Some(Instant::now() + RETRY)
+        }
+    }
+}
+
 /// Starts the state thread. It stops once every handle is dropped.
 pub fn spawn(mut store: Store) -> (StateHandle, thread::JoinHandle<()>) {
     let (jobs, rx) = mpsc::channel::<Job>();
@@ -79,14 +98,28 @@ pub fn spawn(mut store: Store) -> (StateHandle, thread::JoinHandle<()>) {
         .spawn(move || {
             let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
             loop {
-                let wait = next_housekeeping.saturating_duration_since(Instant::now());
+                let session_end = next_session_end(&mut store);
+                let due = session_end.map_or(next_housekeeping, |at| at.min(next_housekeeping));
+                let wait = due.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(wait) {
                     Ok(job) => job(&mut store, &sender),
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if let Err(e) = store.housekeeping(crate::now_ms()) {
-                            warn!(error = %crate::error_chain(&e), "housekeeping failed");
+                        if session_end.is_some_and(|at| at <= Instant::now()) {
+                            match store.end_old_sessions(crate::now_ms()) {
+                                Ok(0) => {}
+                                Ok(ended) => info!(ended, "MFA sessions ended by their age"),
+                                Err(e) => {
+                                    warn!(error = %crate::error_chain(&e), "ending old MFA sessions failed");
+                                }
+                            }
+                            publish(&mut store, &sender);
                         }
-                        next_housekeeping = Instant::now() + HOUSEKEEPING;
+                        if next_housekeeping <= Instant::now() {
+                            if let Err(e) = store.housekeeping(crate::now_ms()) {
+                                warn!(error = %crate::error_chain(&e), "housekeeping failed");
+                            }
+                            next_housekeeping = Instant::now() + HOUSEKEEPING;
+                        }
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
@@ -143,6 +176,78 @@ mod tests {
             .unwrap();
         assert!(matches!(notices.try_recv(), Ok(Notice::Links)));
         assert!(notices.try_recv().is_err());
+        drop(state);
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_state_thread_ends_an_old_session_on_time_without_a_job() {
+        use crate::{keys::Key, store::testing};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("core.db"), MfaSettings::default()).unwrap();
+        store
+            .create_location(
+                admin::CreateLocationRequest {
+                    name: "ams".into(),
+                    addresses: vec!["10.8.0.1/24".into()],
+                    vips: vec!["198.51.100.100".into()],
+                    mfa: true,
+                    mfa_session_s: 60,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        store
+            .create_user(
+                admin::CreateUserRequest {
+                    name: "alice".into(),
+                    enabled: None,
+                },
+                0,
+            )
+            .unwrap();
+        let key = Key::new([1; 32]);
+        store
+            .create_device(
+                admin::CreateDeviceRequest {
+                    name: "laptop".into(),
+                    user: "alice".into(),
+                    location: "ams".into(),
+                    public_key: key.to_base64(),
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        // A login 59.3 s ago: the session's end is 0.7 s away.
+        let login_ms = crate::now_ms() - 59_300;
+        testing::login(&mut store, "ams", key, login_ms);
+        store.take_notices();
+        let (state, thread) = spawn(store);
+        let mut notices = state.subscribe();
+        let started = Instant::now();
+        let notice = tokio::time::timeout(Duration::from_secs(3), notices.recv())
+            .await
+            .expect("the session did not end within 3 s")
+            .unwrap();
+        let took = started.elapsed();
+        let Notice::Location(change) = notice else {
+            panic!("{notice:?}")
+        };
+        assert_eq!(
+            change.kind,
+            crate::store::ChangeKind::Peers {
+                upsert: vec![],
+                remove: vec![key]
+            }
+        );
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_millis(1_700),
+            "ended after {took:?}, due after 0.7 s"
+        );
+        let device = state.call(|s| s.device("laptop")).await.unwrap().unwrap();
+        assert!(!device.mfa_session);
         drop(state);
         thread.join().unwrap();
     }

@@ -263,3 +263,118 @@ async fn status_shows_unreachable_gateways_and_failover_needs_a_master() {
     assert_eq!(err.code(), Code::NotFound);
     core.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_device_config_for_stock_apps_holds_what_core_has_and_not_on_mfa() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let core = Core::start(config.clone()).await.unwrap();
+    let mut api = client(&config).await;
+    let loc = api
+        .create_location(admin::CreateLocationRequest {
+            dns: vec!["10.77.0.1".into()],
+            mtu: 1380,
+            ..location("ams")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    api.create_location(admin::CreateLocationRequest {
+        mfa: true,
+        mfa_session_s: 3600,
+        ..location("fra")
+    })
+    .await
+    .unwrap();
+    api.create_user(admin::CreateUserRequest {
+        name: "alice".into(),
+        enabled: None,
+    })
+    .await
+    .unwrap();
+    let device = |name: &str, location: &str, key: Option<Key>| admin::CreateDeviceRequest {
+        name: name.into(),
+        user: "alice".into(),
+        location: location.into(),
+        public_key: key.map(|k| k.to_base64()).unwrap_or_default(),
+        ..Default::default()
+    };
+    let key = Key::generate_private().public();
+    api.create_device(device("laptop", "ams", Some(key)))
+        .await
+        .unwrap();
+    let got = api
+        .get_device_config(admin::GetDeviceConfigRequest {
+            name: "laptop".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.device, "laptop");
+    assert_eq!(got.location, "ams");
+    assert_eq!(got.addresses, ["10.77.0.2/32"]);
+    assert_eq!(got.dns, ["10.77.0.1"]);
+    assert_eq!(got.mtu, 1380);
+    assert_eq!(got.server_public_key, loc.public_key);
+    assert_eq!(Key::parse(&got.preshared_key).unwrap().as_bytes().len(), 32);
+    assert_eq!(got.endpoint, "198.51.100.100:51820");
+    assert_eq!(got.allowed_ips, ["10.77.0.0/24"]);
+    assert_eq!(got.persistent_keepalive_s, 25);
+
+    // A device awaiting enrolment shows so, and has no config yet.
+    let waiting = api
+        .create_device(device("phone", "ams", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!waiting.enrolled && waiting.public_key.is_empty());
+    let err = api
+        .get_device_config(admin::GetDeviceConfigRequest {
+            name: "phone".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("has no key yet"), "{err}");
+    // An MFA location's devices cannot use a stock app.
+    api.create_device(device(
+        "tablet",
+        "fra",
+        Some(Key::generate_private().public()),
+    ))
+    .await
+    .unwrap();
+    let err = api
+        .get_device_config(admin::GetDeviceConfigRequest {
+            name: "tablet".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("uses MFA"), "{err}");
+    let err = api
+        .get_device_config(admin::GetDeviceConfigRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // The session lifetime is shown, and refused out of range.
+    let fra = api
+        .get_location(admin::GetLocationRequest { name: "fra".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fra.mfa_session_s, 3600);
+    let err = api
+        .update_location(admin::UpdateLocationRequest {
+            name: "fra".into(),
+            mfa_session_s: Some(10),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("mfa_session_s: "), "{err}");
+    core.stop().await.unwrap();
+}

@@ -27,6 +27,16 @@ pub struct MfaStartRequest {
     pub public_key: String,
 }
 
+/// `POST /api/v1/enrol`: a device awaiting its key brings the one its
+/// client made, with the operator's one-time token.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolRequest {
+    pub token: String,
+    /// The device's WireGuard public key, base64.
+    pub public_key: String,
+}
+
 /// `POST /api/v1/mfa/finish`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,24 +123,39 @@ impl ConfigRequest {
     }
 }
 
+/// A WireGuard public key, in canonical base64.
+fn public_key(text: &str) -> Result<String, ApiError> {
+    let key = STANDARD.decode(text.trim()).map_err(|_| {
+        ApiError::invalid(
+            "public_key: not valid base64 (a WireGuard public key, as `wg pubkey` prints it)",
+        )
+    })?;
+    if key.len() != 32 {
+        return Err(ApiError::invalid(format!(
+            "public_key: decodes to {} bytes; a WireGuard key is 32",
+            key.len()
+        )));
+    }
+    Ok(STANDARD.encode(key))
+}
+
 impl MfaStartRequest {
     /// The request for Core, with the key in canonical base64.
     pub fn into_kind(self) -> Result<Kind, ApiError> {
         let location = text("location", &self.location)?;
-        let key = STANDARD.decode(self.public_key.trim()).map_err(|_| {
-            ApiError::invalid(
-                "public_key: not valid base64 (a WireGuard public key, as `wg pubkey` prints it)",
-            )
-        })?;
-        if key.len() != 32 {
-            return Err(ApiError::invalid(format!(
-                "public_key: decodes to {} bytes; a WireGuard key is 32",
-                key.len()
-            )));
-        }
         Ok(Kind::MfaStart(pb::MfaStart {
             location,
-            public_key: STANDARD.encode(key),
+            public_key: public_key(&self.public_key)?,
+        }))
+    }
+}
+
+impl EnrolRequest {
+    /// The request for Core, with the key in canonical base64.
+    pub fn into_kind(self) -> Result<Kind, ApiError> {
+        Ok(Kind::Enrol(pb::Enrol {
+            token: text("token", &self.token)?,
+            public_key: public_key(&self.public_key)?,
         }))
     }
 }
@@ -160,11 +185,11 @@ pub enum Expect {
 }
 
 impl Expect {
-    /// What `kind` expects: a config for a download and an MFA finish, a
-    /// challenge for an MFA start.
+    /// What `kind` expects: a config for a download, an enrolment and an
+    /// MFA finish, a challenge for an MFA start.
     pub fn of(kind: &Kind) -> Self {
         match kind {
-            Kind::Config(_) | Kind::MfaFinish(_) => Self::Config,
+            Kind::Config(_) | Kind::Enrol(_) | Kind::MfaFinish(_) => Self::Config,
             Kind::MfaStart(_) => Self::Challenge,
         }
     }
@@ -187,6 +212,13 @@ pub struct DeviceConfig {
     pub endpoint: String,
     pub allowed_ips: Vec<String>,
     pub persistent_keepalive: u32,
+    /// The location needs an MFA login (mfa/start, mfa/finish) for the
+    /// preshared key.
+    pub mfa: bool,
+    /// On an MFA finish: seconds until Core ends the session by its age.
+    /// Absent: no such end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_expires_in_s: Option<u32>,
 }
 
 /// An MFA challenge as the client gets it.
@@ -205,6 +237,7 @@ pub fn status_of(code: Code) -> (StatusCode, &'static str) {
         Code::Expired => (StatusCode::GONE, "expired"),
         Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         Code::Limited => (StatusCode::TOO_MANY_REQUESTS, "limited"),
+        Code::Conflict => (StatusCode::CONFLICT, "conflict"),
         Code::Internal | Code::Unspecified => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
@@ -231,6 +264,8 @@ pub fn answer(expect: Expect, reply: pb::Reply) -> Result<serde_json::Value, Api
                 endpoint: config.endpoint,
                 allowed_ips: config.allowed_ips,
                 persistent_keepalive: config.persistent_keepalive_s,
+                mfa: config.mfa,
+                session_expires_in_s: Some(config.session_expires_in_s).filter(|&s| s != 0),
             })
             .unwrap_or_default())
         }
@@ -344,6 +379,64 @@ mod tests {
         assert_eq!(error.message, "token: empty");
     }
 
+    #[test]
+    fn an_enrolment_is_checked_like_a_start_and_expects_a_config() {
+        let enrol: EnrolRequest =
+            parse(format!(r#"{{"token":" t ","public_key":" {} "}}"#, key()).as_bytes()).unwrap();
+        let kind = enrol.into_kind().unwrap();
+        assert_eq!(Expect::of(&kind), Expect::Config);
+        let Kind::Enrol(ok) = kind else {
+            panic!("not an enrolment");
+        };
+        assert_eq!((ok.token.as_str(), ok.public_key), ("t", key()));
+        for (body, expected) in [
+            (r#"{"token":"t"}"#.to_owned(), "missing field `public_key`"),
+            (
+                format!(r#"{{"public_key":"{}"}}"#, key()),
+                "missing field `token`",
+            ),
+            (
+                format!(r#"{{"token":"t","public_key":"{}","x":1}}"#, key()),
+                "unknown field `x`",
+            ),
+        ] {
+            let error = parse::<EnrolRequest>(body.as_bytes()).unwrap_err();
+            assert!(
+                error.message.contains(expected),
+                "{expected}: {}",
+                error.message
+            );
+        }
+        for (token, public_key, expected) in [
+            ("", key(), "token: empty"),
+            (
+                "t",
+                "not base64!".to_owned(),
+                "public_key: not valid base64",
+            ),
+            (
+                "t",
+                STANDARD.encode([1u8; 31]),
+                "public_key: decodes to 31 bytes",
+            ),
+            ("t", String::new(), "public_key: decodes to 0 bytes"),
+        ] {
+            let error = EnrolRequest {
+                token: token.into(),
+                public_key,
+            }
+            .into_kind()
+            .unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST);
+            assert_eq!(error.code, "invalid");
+            assert!(
+                error.message.starts_with(expected),
+                "{expected}: {}",
+                error.message
+            );
+        }
+    }
+
     fn error_reply(code: Code) -> pb::Reply {
         pb::Reply {
             id: 1,
@@ -364,6 +457,7 @@ mod tests {
             (Code::Expired, 410),
             (Code::Unavailable, 503),
             (Code::Limited, 429),
+            (Code::Conflict, 409),
             (Code::Internal, 500),
             (Code::Unspecified, 500),
         ];
@@ -406,12 +500,24 @@ mod tests {
                 endpoint: "198.51.100.100:51820".into(),
                 allowed_ips: vec!["10.8.0.0/24".into()],
                 persistent_keepalive_s: 25,
+                mfa: false,
+                session_expires_in_s: 0,
             })),
         };
         let json = answer(Expect::Config, config.clone()).unwrap();
         assert_eq!(json["device"], "laptop");
         assert_eq!(json["persistent_keepalive"], 25);
+        assert_eq!(json["mfa"], false);
         assert!(json.get("mtu").is_none() && json.get("preshared_key").is_none());
+        assert!(json.get("session_expires_in_s").is_none());
+        let mut login = config.clone();
+        if let Some(ReplyResult::Config(c)) = &mut login.result {
+            c.mfa = true;
+            c.session_expires_in_s = 3600;
+        }
+        let json = answer(Expect::Config, login).unwrap();
+        assert_eq!(json["mfa"], true);
+        assert_eq!(json["session_expires_in_s"], 3600);
         let error = answer(Expect::Challenge, config).unwrap_err();
         assert_eq!(error.status, StatusCode::BAD_GATEWAY);
         let challenge = pb::Reply {

@@ -26,7 +26,7 @@ use tidegate_proto::{
 use tracing::{debug, info};
 
 use crate::{
-    api::{self, ApiError, ConfigRequest, Expect, MfaFinishRequest, MfaStartRequest},
+    api::{self, ApiError, ConfigRequest, EnrolRequest, Expect, MfaFinishRequest, MfaStartRequest},
     relay::{LinkState, RelayError, RelayHandle},
 };
 
@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/api/v1/device-config", post(device_config))
+        .route("/api/v1/enrol", post(enrol))
         .route("/api/v1/mfa/start", post(mfa_start))
         .route("/api/v1/mfa/finish", post(mfa_finish))
         .fallback(not_found)
@@ -116,7 +117,7 @@ async fn not_found() -> Response {
     error(&ApiError::new(
         StatusCode::NOT_FOUND,
         "not-found",
-        "no such endpoint; see /health, /api/v1/device-config, /api/v1/mfa/start, /api/v1/mfa/finish",
+        "no such endpoint; see /health, /api/v1/device-config, /api/v1/enrol, /api/v1/mfa/start, /api/v1/mfa/finish",
     ))
 }
 
@@ -135,6 +136,15 @@ async fn device_config(
     body: Body,
 ) -> Response {
     relay(&state, peer, &headers, body, ConfigRequest::into_kind).await
+}
+
+async fn enrol(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    relay(&state, peer, &headers, body, EnrolRequest::into_kind).await
 }
 
 async fn mfa_start(

@@ -198,6 +198,16 @@ fn bad_client_input_is_refused_and_nothing_is_stored() -> Result<()> {
         401,
         "unauthorized",
     )?;
+    // An enrolment with another key than the device's is a conflict.
+    let token = lab.core()?.tidectl_json(&["device", "token", "laptop"])?;
+    refused(
+        &lab.post(
+            "/api/v1/enrol",
+            &json!({"token": token["token"], "public_key": stranger}),
+        )?,
+        409,
+        "conflict",
+    )?;
     let short = lab
         .core()?
         .tidectl_json(&["device", "token", "laptop", "--ttl", "1"])?;

@@ -61,6 +61,10 @@ fn answer(request: &edge::Request) -> edge::reply::Result {
         Some(edge::request::Kind::MfaFinish(_)) => {
             error(edge::error::Code::Unauthorized, "wrong code")
         }
+        Some(edge::request::Kind::Enrol(_)) => error(
+            edge::error::Code::Conflict,
+            "device \"laptop\" already has a key",
+        ),
         None => error(edge::error::Code::Invalid, "empty request"),
     }
 }
@@ -169,7 +173,19 @@ fn edges_behind_nginx_serve_clients_while_core_is_linked() -> Result<()> {
             410,
             "expired",
         ),
+        (
+            "/api/v1/enrol",
+            format!(r#"{{"token":"t","public_key":"{key}"}}"#),
+            409,
+            "conflict",
+        ),
         // Refused at the Edge, never relayed.
+        (
+            "/api/v1/enrol",
+            r#"{"token":"t","public_key":"short"}"#.to_owned(),
+            400,
+            "invalid",
+        ),
         (
             "/api/v1/device-config",
             "{\"token\":".to_owned(),

@@ -481,6 +481,14 @@ impl Admin for AdminService {
             .await
     }
 
+    async fn get_device_config(
+        &self,
+        request: Request<admin::GetDeviceConfigRequest>,
+    ) -> Result<Response<admin::DeviceConfig>, Status> {
+        let name = request.into_inner().name;
+        self.store(move |s| s.device_config(&name)).await
+    }
+
     async fn create_edge(
         &self,
         request: Request<admin::CreateEdgeRequest>,

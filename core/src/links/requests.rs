@@ -1,5 +1,6 @@
 //! Client requests relayed by an Edge: config download with a one-time
-//! token, MFA start and finish. Each answer is a DeviceConfig, an
+//! token, enrolment (a token and the key the client made), MFA start and
+//! finish. Each answer is a DeviceConfig, an
 //! MfaChallenge or an Error with a code the Edge maps to an HTTP status.
 
 use std::time::Duration;
@@ -39,6 +40,7 @@ pub(crate) async fn handle(request: edge::Request, ctx: &LinkContext) -> edge::R
                 ClientError::Unauthorized(_) => edge::error::Code::Unauthorized,
                 ClientError::NotFound(_) => edge::error::Code::NotFound,
                 ClientError::Expired(_) => edge::error::Code::Expired,
+                ClientError::Conflict(_) => edge::error::Code::Conflict,
                 ClientError::Unavailable(_) => edge::error::Code::Unavailable,
                 ClientError::Limited { .. } => edge::error::Code::Limited,
                 ClientError::Internal(e) => {
@@ -89,6 +91,16 @@ pub(crate) fn apply_wait(own: Duration, edge_wait: Duration) -> Option<Duration>
     (wait >= MIN_APPLY_WAIT).then_some(wait)
 }
 
+/// How long an enrolment that made a peer waits for the gateways to apply
+/// it: as a login, when a gateway of the location is `linked`; `None`:
+/// answer at once (no gateway to wait for, or the Edge allows too little).
+pub(crate) fn enrol_wait(linked: bool, own: Duration, edge_wait: Duration) -> Option<Duration> {
+    if !linked {
+        return None;
+    }
+    apply_wait(own, edge_wait)
+}
+
 async fn dispatch(
     kind: request::Kind,
     client: &str,
@@ -105,6 +117,36 @@ async fn dispatch(
                 .map_err(gone)??;
             info!(device = %config.device, client, "device config downloaded");
             Ok(reply::Result::Config(config))
+        }
+        request::Kind::Enrol(enrol) => {
+            check_len("token", &enrol.token)?;
+            check_len("public_key", &enrol.public_key)?;
+            let enrolled = ctx
+                .state
+                .call(move |s| s.enrol(&enrol.token, &enrol.public_key, now_ms()))
+                .await
+                .map_err(gone)??;
+            // The client's first handshake works once the gateways have
+            // the peer; without them (none linked, too slow) the config is
+            // answered still: the peer reaches them when they link.
+            let location = enrolled.location_id;
+            let linked = ctx.directory.borrow().any_connected(location);
+            if let Some(version) = enrolled.peer_version
+                && let Some(wait) = enrol_wait(linked, ctx.settings.mfa_apply_timeout, edge_wait)
+                && let Err(error) = wait_applied(ctx, location, version, wait).await
+            {
+                warn!(
+                    device = %enrolled.config.device,
+                    %error,
+                    "enrolled; the gateways have not applied the peer yet"
+                );
+            }
+            if enrolled.new_key {
+                info!(device = %enrolled.config.device, client, "device enrolled");
+            } else {
+                info!(device = %enrolled.config.device, client, "device config downloaded (enrolled with this key already)");
+            }
+            Ok(reply::Result::Config(enrolled.config))
         }
         request::Kind::MfaStart(start) => {
             check_len("location", &start.location)?;
@@ -230,6 +272,25 @@ mod tests {
             (s(10), s(1), None),
         ] {
             assert_eq!(apply_wait(own, edge), want, "own {own:?}, edge {edge:?}");
+        }
+    }
+
+    #[test]
+    fn an_enrolment_waits_for_linked_gateways_only_and_never_fails_for_them() {
+        let s = Duration::from_secs;
+        for (linked, edge, want) in [
+            (true, Duration::ZERO, Some(s(10))),
+            (true, s(5), Some(s(4))),
+            // The Edge allows too little: answer at once, not refuse.
+            (true, s(1), None),
+            (false, Duration::ZERO, None),
+            (false, s(30), None),
+        ] {
+            assert_eq!(
+                enrol_wait(linked, s(10), edge),
+                want,
+                "linked {linked}, edge {edge:?}"
+            );
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Devices: a user's WireGuard client at one location, with its public key
-//! and tunnel addresses.
+//! and tunnel addresses. A device created without a key awaits enrolment:
+//! no peer until the client brings its key with a token (see `enrol`).
 
 use std::{collections::HashSet, net::IpAddr};
 
@@ -27,16 +28,16 @@ pub(crate) struct DeviceRow {
 }
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
-    let key: Vec<u8> = row.get(3)?;
+    let key: Option<Vec<u8>> = row.get(3)?;
+    let key = key.and_then(|k| Key::from_slice(&k).ok());
     let session: Option<i64> = row.get(5)?;
     Ok(DeviceRow {
         view: admin::Device {
             name: row.get(0)?,
             user: row.get(1)?,
             location: row.get(2)?,
-            public_key: Key::from_slice(&key)
-                .map(|k| k.to_base64())
-                .unwrap_or_default(),
+            public_key: key.map(|k| k.to_base64()).unwrap_or_default(),
+            enrolled: key.is_some(),
             addresses: Vec::new(),
             enabled: row.get(4)?,
             mfa_session: session.is_some(),
@@ -68,7 +69,7 @@ fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
 }
 
 /// The name of the device of this location holding `key`, if any.
-fn key_holder(
+pub(crate) fn key_holder(
     conn: &Connection,
     location_id: u32,
     key: &Key,
@@ -199,7 +200,12 @@ fn insert_device(
     now_ms: i64,
 ) -> Result<String, StoreError> {
     let name = validate::name("name", &req.name)?;
-    let public_key = validate::key("public_key", &req.public_key)?;
+    // No key: the device awaits enrolment.
+    let public_key = if req.public_key.trim().is_empty() {
+        None
+    } else {
+        Some(validate::key("public_key", &req.public_key)?)
+    };
     let (_, user_id) = users::by_name(&*tx, &req.user)?;
     let location = locations::by_name(&*tx, &req.location)?;
     if name_taken(&*tx, &name)? {
@@ -208,7 +214,9 @@ fn insert_device(
             name,
         });
     }
-    if let Some((_, holder)) = key_holder(&*tx, location.id, &public_key)? {
+    if let Some(key) = &public_key
+        && let Some((_, holder)) = key_holder(&*tx, location.id, key)?
+    {
         return Err(StoreError::invalid(
             "public_key",
             format!(
@@ -226,7 +234,7 @@ fn insert_device(
             name,
             user_id,
             location.id,
-            public_key.as_bytes().as_slice(),
+            public_key.as_ref().map(|k| k.as_bytes().as_slice()),
             psk.as_bytes().as_slice(),
             req.enabled.unwrap_or(true),
             now_ms
@@ -347,11 +355,18 @@ impl Store {
             Some(user) => users::by_name(&tx, user)?.1,
             None => users::by_name(&tx, &old.view.user)?.1,
         };
-        let mut public_key = Key::parse(&old.view.public_key)
-            .map_err(|e| StoreError::InUse(format!("stored key: {e}")))?;
+        // None: the device awaits enrolment.
+        let mut public_key = if old.view.public_key.is_empty() {
+            None
+        } else {
+            Some(
+                Key::parse(&old.view.public_key)
+                    .map_err(|e| StoreError::InUse(format!("stored key: {e}")))?,
+            )
+        };
         if let Some(key) = &req.public_key {
             let key = validate::key("public_key", key)?;
-            if key != public_key {
+            if Some(key) != public_key {
                 if let Some((_, holder)) = key_holder(&tx, old.location_id, &key)? {
                     return Err(StoreError::invalid(
                         "public_key",
@@ -361,7 +376,7 @@ impl Store {
                 // A session belongs to the key that logged in.
                 tx.execute("DELETE FROM mfa_sessions WHERE device_id = ?1", [old.id])
                     .map_err(sql("ending an MFA session"))?;
-                public_key = key;
+                public_key = Some(key);
             }
         }
         if let Some(list) = &req.addresses {
@@ -384,12 +399,62 @@ impl Store {
         }
         tx.execute(
             "UPDATE devices SET name = ?2, user_id = ?3, public_key = ?4, enabled = ?5 WHERE id = ?1",
-            params![old.id, name, user_id, public_key.as_bytes().as_slice(), enabled],
+            params![
+                old.id,
+                name,
+                user_id,
+                public_key.as_ref().map(|k| k.as_bytes().as_slice()),
+                enabled
+            ],
         )
         .map_err(sql("updating a device"))?;
         let row = by_name(&tx, &name)?;
         self.notices.extend(tx.commit()?);
         Ok(self.with_lockout(row))
+    }
+
+    /// What the device's config holds, for the operator to hand to a stock
+    /// WireGuard app (`tidectl device config`): refused on an MFA location
+    /// (such apps cannot log in) and for a device awaiting its key.
+    pub fn device_config(&self, name: &str) -> Result<admin::DeviceConfig, StoreError> {
+        let row = by_name(&self.conn, name)?;
+        let location = locations::by_id(&self.conn, row.location_id)?
+            .ok_or_else(|| StoreError::not_found("location", &row.view.location))?;
+        if location.mfa {
+            return Err(StoreError::InUse(format!(
+                "location {:?} uses MFA: a stock WireGuard app cannot log in; use tidegate-client",
+                location.name
+            )));
+        }
+        if !row.view.enrolled {
+            return Err(StoreError::InUse(format!(
+                "device {name:?} has no key yet: enrol it with tidegate-client, or give it one \
+                 (tidectl device config --new-key)"
+            )));
+        }
+        let psk: Vec<u8> = self
+            .conn
+            .query_row(
+                "SELECT preshared_key FROM devices WHERE id = ?1",
+                [row.id],
+                |r| r.get(0),
+            )
+            .map_err(sql("reading a device"))?;
+        let psk = Key::from_slice(&psk)
+            .map_err(|e| StoreError::InUse(format!("stored preshared key: {e}")))?;
+        let config = render::device_config(&self.conn, row.id, Some(psk))?;
+        Ok(admin::DeviceConfig {
+            device: config.device,
+            location: config.location,
+            addresses: config.addresses,
+            dns: config.dns,
+            mtu: config.mtu,
+            server_public_key: config.server_public_key,
+            preshared_key: config.preshared_key,
+            endpoint: config.endpoint,
+            allowed_ips: config.allowed_ips,
+            persistent_keepalive_s: config.persistent_keepalive_s,
+        })
     }
 
     /// Deletes a device: its peer leaves the gateways, its session and

@@ -22,6 +22,10 @@ pub enum EventKind {
     MfaLocked,
     EdgeConnected,
     EdgeDisconnected,
+    /// A device awaiting its key got one from its client, with a token.
+    DeviceEnrolled,
+    /// An MFA session ended by its age (the location's `mfa_session_s`).
+    MfaSessionEnded,
 }
 
 impl EventKind {
@@ -38,6 +42,8 @@ impl EventKind {
             Self::MfaLocked => "mfa-locked",
             Self::EdgeConnected => "edge-connected",
             Self::EdgeDisconnected => "edge-disconnected",
+            Self::DeviceEnrolled => "device-enrolled",
+            Self::MfaSessionEnded => "mfa-session-ended",
         }
     }
 }

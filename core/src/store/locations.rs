@@ -30,13 +30,16 @@ pub(crate) struct LocationRow {
     pub mfa: bool,
     pub threshold_s: u32,
     pub keepalive_s: u32,
+    /// MFA sessions end this long after their login; 0: only when idle.
+    pub mfa_session_s: u32,
     pub private_key: Key,
     pub version: u64,
     pub created_ms: i64,
 }
 
 const COLUMNS: &str = "id, name, addresses, listen_port, vips, endpoint, allowed_ips, dns, mtu, \
-    mfa, peer_disconnect_threshold_s, persistent_keepalive_s, private_key, version, created_ms";
+    mfa, peer_disconnect_threshold_s, persistent_keepalive_s, private_key, version, created_ms, \
+    mfa_session_s";
 
 impl LocationRow {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -59,6 +62,7 @@ impl LocationRow {
             })?,
             version: row.get::<_, i64>(13)? as u64,
             created_ms: row.get(14)?,
+            mfa_session_s: row.get(15)?,
         })
     }
 
@@ -88,6 +92,7 @@ impl LocationRow {
         validate::mtu(self.mtu, &nets)?;
         validate::threshold(self.threshold_s)?;
         validate::keepalive(self.keepalive_s)?;
+        validate::mfa_session(self.mfa_session_s)?;
         Ok(())
     }
 
@@ -155,6 +160,7 @@ fn view(conn: &Connection, row: &LocationRow) -> Result<admin::Location, StoreEr
         gateways: count("gateways")?,
         devices: count("devices")?,
         created_unix_ms: row.created_ms,
+        mfa_session_s: row.mfa_session_s,
     })
 }
 
@@ -195,6 +201,7 @@ impl Store {
                 .peer_disconnect_threshold_s
                 .unwrap_or(DEFAULT_THRESHOLD_S),
             keepalive_s: req.persistent_keepalive_s.unwrap_or(DEFAULT_KEEPALIVE_S),
+            mfa_session_s: req.mfa_session_s,
             private_key,
             version: 1,
             created_ms: now_ms,
@@ -213,7 +220,8 @@ impl Store {
         tx.execute(
             "INSERT INTO locations (name, addresses, listen_port, vips, endpoint, allowed_ips, dns, \
              mtu, mfa, peer_disconnect_threshold_s, persistent_keepalive_s, private_key, version, \
-             created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             created_ms, mfa_session_s) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 row.name,
                 to_json(&row.addresses),
@@ -229,6 +237,7 @@ impl Store {
                 row.private_key.as_bytes().as_slice(),
                 row.version as i64,
                 row.created_ms,
+                row.mfa_session_s,
             ],
         )
         .map_err(sql("storing a location"))?;
@@ -302,6 +311,9 @@ impl Store {
         if let Some(secs) = req.persistent_keepalive_s {
             row.keepalive_s = secs;
         }
+        if let Some(secs) = req.mfa_session_s {
+            row.mfa_session_s = secs;
+        }
         match (req.private_key, req.rotate_key) {
             (Some(_), true) => {
                 return Err(StoreError::invalid(
@@ -362,7 +374,7 @@ impl Store {
         tx.execute(
             "UPDATE locations SET name = ?2, addresses = ?3, listen_port = ?4, vips = ?5, endpoint = ?6, \
              allowed_ips = ?7, dns = ?8, mtu = ?9, mfa = ?10, peer_disconnect_threshold_s = ?11, \
-             persistent_keepalive_s = ?12, private_key = ?13 WHERE id = ?1",
+             persistent_keepalive_s = ?12, private_key = ?13, mfa_session_s = ?14 WHERE id = ?1",
             params![
                 row.id,
                 row.name,
@@ -377,6 +389,7 @@ impl Store {
                 row.threshold_s,
                 row.keepalive_s,
                 row.private_key.as_bytes().as_slice(),
+                row.mfa_session_s,
             ],
         )
         .map_err(sql("updating a location"))?;
@@ -384,6 +397,9 @@ impl Store {
             tx.full(row.id);
         }
         self.notices.extend(tx.commit()?);
+        if row.mfa_session_s != old.mfa_session_s {
+            self.session_ends_known = None;
+        }
         self.location(&row.name)
     }
 

@@ -1,7 +1,10 @@
 //! MFA logins: a device starts one at a location, finishes it with a TOTP
 //! code, and gets a session with a fresh preshared key; the session's peer
 //! goes to every gateway of the location. A gateway's MFA removal ends the
-//! session unless another gateway still sees the device active.
+//! session unless another gateway still sees the device active. On a
+//! location with `mfa_session_s`, Core ends a session that old itself (the
+//! state thread sleeps until [`Store::next_session_end`]); a new login
+//! before then renews it.
 
 use rusqlite::{OptionalExtension as _, params};
 use tidegate_proto::edge::v1 as edge;
@@ -29,6 +32,9 @@ pub enum ClientError {
     /// Expired token or session.
     #[error("{0}")]
     Expired(String),
+    /// The device already has another key (an enrolment).
+    #[error("{0}")]
+    Conflict(String),
     /// The location's gateways could not be reached.
     #[error("{0}")]
     Unavailable(String),
@@ -374,8 +380,13 @@ impl Store {
             ],
         )
         .map_err(sql("logging an event"))?;
-        let config = render::device_config(&tx, challenge.device_id, Some(psk))?;
+        let mut config = render::device_config(&tx, challenge.device_id, Some(psk))?;
+        config.session_expires_in_s = locations::by_id(&tx, challenge.location_id)?
+            .map(|l| l.mfa_session_s)
+            .unwrap_or_default();
         self.notices.extend(tx.commit()?);
+        // A new session may end before the one the state thread waits for.
+        self.session_ends_known = None;
         self.challenges.finish(session);
         let version = locations::by_id(&self.conn, challenge.location_id)?
             .map(|l| l.version)
@@ -438,6 +449,76 @@ impl Store {
         .map_err(sql("logging an event"))?;
         self.notices.extend(tx.commit()?);
         Ok(RemovalOutcome::Ended)
+    }
+}
+
+/// When sessions end by their age: the earliest end, in Unix milliseconds,
+/// of the sessions of locations with an `mfa_session_s`.
+fn earliest_session_end(conn: &rusqlite::Connection) -> Result<Option<i64>, StoreError> {
+    conn.query_row(
+        "SELECT min(s.started_ms + l.mfa_session_s * 1000) FROM mfa_sessions s \
+         JOIN devices d ON d.id = s.device_id JOIN locations l ON l.id = d.location_id \
+         WHERE l.mfa AND l.mfa_session_s > 0",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(sql("finding the next MFA session end"))
+}
+
+impl Store {
+    /// When the next MFA session ends by its age (Unix ms), if any. Read
+    /// from the database only after a change that may bring it nearer (a
+    /// login, a location's lifetime): otherwise the last answer stands (an
+    /// early wake-up just finds nothing to end).
+    pub fn next_session_end(&mut self) -> Result<Option<i64>, StoreError> {
+        if let Some(known) = self.session_ends_known {
+            return Ok(known);
+        }
+        let next = earliest_session_end(&self.conn)?;
+        self.session_ends_known = Some(next);
+        Ok(next)
+    }
+
+    /// Ends every MFA session that has lasted its location's
+    /// `mfa_session_s` at `now_ms`: its peer leaves the gateways (a version
+    /// bump) and an `mfa-session-ended` event names it. Returns how many.
+    pub fn end_old_sessions(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+        let mut tx = begin(&mut self.conn)?;
+        let ended: Vec<(i64, String, String, i64)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT d.id, d.name, l.name, s.started_ms FROM mfa_sessions s \
+                     JOIN devices d ON d.id = s.device_id JOIN locations l ON l.id = d.location_id \
+                     WHERE l.mfa AND l.mfa_session_s > 0 \
+                     AND s.started_ms + l.mfa_session_s * 1000 <= ?1",
+                )
+                .map_err(sql("finding old MFA sessions"))?;
+            stmt.query_map([now_ms], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(sql("finding old MFA sessions"))?
+            .collect::<Result<_, _>>()
+            .map_err(sql("finding old MFA sessions"))?
+        };
+        for (device_id, device, location, started_ms) in &ended {
+            tx.touch(*device_id)?;
+            tx.execute("DELETE FROM mfa_sessions WHERE device_id = ?1", [device_id])
+                .map_err(sql("ending an MFA session"))?;
+            tx.execute(
+                "INSERT INTO events (at_ms, kind, location, subject, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    now_ms,
+                    EventKind::MfaSessionEnded.as_str(),
+                    location,
+                    device,
+                    format!("lasted {} s", (now_ms - started_ms) / 1000)
+                ],
+            )
+            .map_err(sql("logging an event"))?;
+        }
+        self.notices.extend(tx.commit()?);
+        self.session_ends_known = None;
+        Ok(ended.len())
     }
 }
 
@@ -859,5 +940,162 @@ mod tests {
         store
             .mfa_finish(&user.session, &code(&store, NOW), "192.0.2.1", NOW)
             .unwrap();
+    }
+
+    fn session_limit(store: &mut Store, secs: u32) {
+        store
+            .update_location(tidegate_proto::admin::v1::UpdateLocationRequest {
+                name: "ams".into(),
+                mfa_session_s: Some(secs),
+                ..Default::default()
+            })
+            .unwrap();
+        store.take_notices();
+    }
+
+    fn ended_events(store: &Store) -> Vec<String> {
+        store
+            .list_events("ams", 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "mfa-session-ended")
+            .map(|e| format!("{}: {}", e.subject, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_session_ends_on_time_by_its_age() {
+        let (_dir, mut store, key) = mfa_store();
+        session_limit(&mut store, 3600);
+        let login = crate::store::testing::login(&mut store, "ams", key, NOW);
+        assert_eq!(login.config.session_expires_in_s, 3600);
+        assert!(login.config.mfa);
+        store.take_notices();
+        assert_eq!(store.next_session_end().unwrap(), Some(NOW + 3_600_000));
+        // A millisecond early: nothing ends.
+        assert_eq!(store.end_old_sessions(NOW + 3_599_999).unwrap(), 0);
+        assert!(store.take_notices().is_empty());
+        assert!(store.device("laptop").unwrap().mfa_session);
+        // On time: the session and its peer go.
+        assert_eq!(store.end_old_sessions(NOW + 3_600_000).unwrap(), 1);
+        let notices = store.take_notices();
+        let [Notice::Location(change)] = notices.as_slice() else {
+            panic!("{notices:?}")
+        };
+        assert_eq!(
+            change.kind,
+            ChangeKind::Peers {
+                upsert: vec![],
+                remove: vec![key]
+            }
+        );
+        assert!(!store.device("laptop").unwrap().mfa_session);
+        assert_eq!(ended_events(&store), ["laptop: lasted 3600 s"]);
+        assert_eq!(store.next_session_end().unwrap(), None);
+    }
+
+    #[test]
+    fn a_new_login_renews_the_session_as_a_peer_update() {
+        let (_dir, mut store, key) = mfa_store();
+        session_limit(&mut store, 3600);
+        let first = crate::store::testing::login(&mut store, "ams", key, NOW);
+        store.take_notices();
+        assert_eq!(store.next_session_end().unwrap(), Some(NOW + 3_600_000));
+        let half = NOW + 1_800_000;
+        let renewed = crate::store::testing::login(&mut store, "ams", key, half);
+        assert_eq!(renewed.config.session_expires_in_s, 3600);
+        assert_ne!(renewed.config.preshared_key, first.config.preshared_key);
+        // The gateways update the peer's preshared key in place: no removal
+        // (the tunnel's WireGuard session survives).
+        let notices = store.take_notices();
+        let [Notice::Location(change)] = notices.as_slice() else {
+            panic!("{notices:?}")
+        };
+        let ChangeKind::Peers { upsert, remove } = &change.kind else {
+            panic!("{change:?}")
+        };
+        assert!(remove.is_empty(), "{remove:?}");
+        assert_eq!(upsert.len(), 1);
+        assert_eq!(
+            upsert[0].preshared_key,
+            Some(Key::parse(&renewed.config.preshared_key).unwrap())
+        );
+        // The end moves out with the new start.
+        assert_eq!(store.next_session_end().unwrap(), Some(half + 3_600_000));
+        assert_eq!(store.end_old_sessions(NOW + 3_600_000).unwrap(), 0);
+        assert!(store.device("laptop").unwrap().mfa_session);
+        assert_eq!(store.end_old_sessions(half + 3_600_000).unwrap(), 1);
+        assert_eq!(ended_events(&store), ["laptop: lasted 3600 s"]);
+    }
+
+    #[test]
+    fn without_a_limit_a_session_never_ends_by_age_until_one_is_set() {
+        let (_dir, mut store, key) = mfa_store();
+        let login = crate::store::testing::login(&mut store, "ams", key, NOW);
+        assert_eq!(login.config.session_expires_in_s, 0);
+        let years = NOW + 10 * 365 * 24 * 3_600_000;
+        assert_eq!(store.end_old_sessions(years).unwrap(), 0);
+        assert!(store.device("laptop").unwrap().mfa_session);
+        assert_eq!(store.next_session_end().unwrap(), None);
+        // A limit set later counts from the login.
+        session_limit(&mut store, 600);
+        assert_eq!(store.next_session_end().unwrap(), Some(NOW + 600_000));
+        assert_eq!(store.end_old_sessions(NOW + 600_000).unwrap(), 1);
+        assert_eq!(ended_events(&store), ["laptop: lasted 600 s"]);
+    }
+
+    #[test]
+    fn a_session_lifetime_out_of_range_is_refused_naming_the_field() {
+        let (_dir, mut store, _key) = mfa_store();
+        for secs in [1, 59, 2_592_001] {
+            let err = store
+                .update_location(tidegate_proto::admin::v1::UpdateLocationRequest {
+                    name: "ams".into(),
+                    mfa_session_s: Some(secs),
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::Invalid {
+                        field: "mfa_session_s",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            let err = store
+                .create_location(
+                    tidegate_proto::admin::v1::CreateLocationRequest {
+                        mfa_session_s: secs,
+                        ..locations::tests::request("fra")
+                    },
+                    0,
+                )
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::Invalid {
+                        field: "mfa_session_s",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        assert_eq!(store.location("ams").unwrap().mfa_session_s, 0);
+        let fra = store
+            .create_location(
+                tidegate_proto::admin::v1::CreateLocationRequest {
+                    mfa: true,
+                    mfa_session_s: 60,
+                    ..locations::tests::request("fra")
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(fra.mfa_session_s, 60);
     }
 }

@@ -38,6 +38,7 @@ pub use self::{
     gateways::{EdgeTarget, GatewayTarget},
     mfa::{ClientError, FinishedLogin, MfaSettings, RemovalOutcome},
     render::PeerSpec,
+    tokens::Enrolled,
 };
 use crate::{challenge::Challenges, keys::Key, lockout::Sources};
 
@@ -63,6 +64,8 @@ pub enum StoreError {
         "the database is at schema version {found}, newer than this tidegate-core knows ({known})"
     )]
     TooNew { found: i64, known: i64 },
+    #[error("migrating the schema to version {version}: {problem}")]
+    Migration { version: i64, problem: String },
     #[error("database: {op}")]
     Sql {
         op: &'static str,
@@ -224,6 +227,9 @@ pub struct Store {
     sources: Sources,
     mfa: MfaSettings,
     notices: Vec<Notice>,
+    /// The next end of an MFA session by its age, once read (see
+    /// [`Store::next_session_end`]); `None`: to be read again.
+    session_ends_known: Option<Option<i64>>,
 }
 
 /// Waits this long for a lock held by a reader before failing a write.
@@ -279,6 +285,7 @@ impl Store {
             sources: Sources::new(mfa.source, SOURCES_KEPT),
             mfa,
             notices: Vec::new(),
+            session_ends_known: None,
         })
     }
 
@@ -515,6 +522,27 @@ pub(crate) mod testing {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("core.db"), MfaSettings::default()).unwrap();
         (dir, store)
+    }
+
+    /// An MFA login of the device with `key` at `location`, by its user,
+    /// at `at_ms` (with that time's right code).
+    pub(crate) fn login(store: &mut Store, location: &str, key: Key, at_ms: i64) -> FinishedLogin {
+        let challenge = store
+            .mfa_start(location, &key.to_base64(), "192.0.2.1", at_ms)
+            .unwrap();
+        let secret: Vec<u8> = store
+            .conn
+            .query_row(
+                "SELECT u.totp_secret FROM users u JOIN devices d ON d.user_id = u.id \
+                 WHERE d.public_key = ?1",
+                [key.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let code = crate::totp::code_at(&secret, crate::totp::step_at(at_ms / 1000));
+        store
+            .mfa_finish(&challenge.session, &code, "192.0.2.1", at_ms)
+            .unwrap()
     }
 }
 

@@ -4,7 +4,7 @@
 //! A device is a peer of its location's gateways when it and its user are
 //! enabled and, on an MFA location, while it has an MFA session (with that
 //! session's preshared key); without MFA, with the device's own preshared
-//! key.
+//! key. A device awaiting enrolment (no public key yet) is never a peer.
 
 use std::collections::BTreeMap;
 
@@ -71,7 +71,7 @@ pub(crate) fn device_peer(
             "SELECT d.location_id, d.public_key, d.preshared_key, l.mfa, s.preshared_key \
              FROM devices d JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
              LEFT JOIN mfa_sessions s ON s.device_id = d.id \
-             WHERE d.id = ?1 AND d.enabled AND u.enabled",
+             WHERE d.id = ?1 AND d.enabled AND u.enabled AND d.public_key IS NOT NULL",
         )
         .map_err(sql("reading a device's peer"))?
         .query_row([device_id], |row| {
@@ -130,7 +130,8 @@ pub(crate) fn location_peers(
             "SELECT d.id, d.public_key, CASE WHEN l.mfa THEN s.preshared_key ELSE d.preshared_key END \
              FROM devices d JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
              LEFT JOIN mfa_sessions s ON s.device_id = d.id \
-             WHERE d.location_id = ?1 AND d.enabled AND u.enabled AND (NOT l.mfa OR s.device_id IS NOT NULL) \
+             WHERE d.location_id = ?1 AND d.enabled AND u.enabled AND d.public_key IS NOT NULL \
+             AND (NOT l.mfa OR s.device_id IS NOT NULL) \
              ORDER BY d.public_key",
         )
         .map_err(sql("reading peers"))?;
@@ -223,6 +224,8 @@ pub(crate) fn device_config(
         endpoint,
         allowed_ips,
         persistent_keepalive_s: location.keepalive_s,
+        mfa: location.mfa,
+        session_expires_in_s: 0,
     })
 }
 

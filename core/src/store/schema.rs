@@ -1,7 +1,7 @@
 //! The schema, as numbered migrations. `PRAGMA user_version` records how
 //! many have run; each runs in its own transaction.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension as _};
 
 use super::{StoreError, sql};
 
@@ -99,12 +99,45 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE devices ADD COLUMN mfa_failures INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE devices ADD COLUMN mfa_failed_ms INTEGER NOT NULL DEFAULT 0;
     ",
+    // 3: a device may await its key (enrolment): public_key NULL. SQLite
+    // cannot drop a NOT NULL: the table is rebuilt, rows, ids and index
+    // kept (foreign keys are off while it runs; see `migrate`).
+    "
+    CREATE TABLE devices_new (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        location_id INTEGER NOT NULL REFERENCES locations(id),
+        public_key BLOB CHECK (public_key IS NULL OR length(public_key) = 32),
+        preshared_key BLOB NOT NULL CHECK (length(preshared_key) = 32),
+        enabled INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        mfa_failures INTEGER NOT NULL DEFAULT 0,
+        mfa_failed_ms INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (location_id, public_key)
+    );
+    INSERT INTO devices_new (id, name, user_id, location_id, public_key, preshared_key, enabled,
+        created_ms, mfa_failures, mfa_failed_ms)
+        SELECT id, name, user_id, location_id, public_key, preshared_key, enabled, created_ms,
+        mfa_failures, mfa_failed_ms FROM devices;
+    DROP TABLE devices;
+    ALTER TABLE devices_new RENAME TO devices;
+    CREATE INDEX devices_user ON devices(user_id);
+    ",
+    // 4: MFA sessions that end by their age (0: only when idle).
+    "
+    ALTER TABLE locations ADD COLUMN mfa_session_s INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Runs the migrations the database has not had yet.
+///
+/// Foreign keys are off while they run (a table rebuild drops a table
+/// others refer to, which would otherwise cascade) and each migration is
+/// checked with `PRAGMA foreign_key_check` before it commits.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
@@ -115,11 +148,41 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             known: SCHEMA_VERSION,
         });
     }
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let foreign_keys: bool = conn
+        .pragma_query_value(None, "foreign_keys", |row| row.get(0))
+        .map_err(sql("reading the foreign keys setting"))?;
+    conn.pragma_update(None, "foreign_keys", false)
+        .map_err(sql("turning foreign keys off for a migration"))?;
+    let result = run_migrations(conn, found);
+    conn.pragma_update(None, "foreign_keys", foreign_keys)
+        .map_err(sql("turning foreign keys back on"))?;
+    result
+}
+
+fn run_migrations(conn: &mut Connection, found: i64) -> Result<(), StoreError> {
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = index as i64 + 1;
         let tx = conn.transaction().map_err(sql("starting a migration"))?;
         tx.execute_batch(migration)
             .map_err(sql("migrating the schema"))?;
-        tx.pragma_update(None, "user_version", index as i64 + 1)
+        let broken: Option<String> = tx
+            .query_row("PRAGMA foreign_key_check", [], |row| {
+                Ok(format!(
+                    "row {} of {} refers to a missing {}",
+                    row.get::<_, Option<i64>>(1)?.unwrap_or_default(),
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(2)?
+                ))
+            })
+            .optional()
+            .map_err(sql("checking foreign keys"))?;
+        if let Some(problem) = broken {
+            return Err(StoreError::Migration { version, problem });
+        }
+        tx.pragma_update(None, "user_version", version)
             .map_err(sql("recording the schema version"))?;
         tx.commit().map_err(sql("committing a migration"))?;
     }
@@ -144,5 +207,98 @@ mod tests {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         assert!(matches!(migrate(&mut conn), Err(StoreError::TooNew { .. })));
+    }
+
+    #[test]
+    fn version_2_devices_keep_their_rows_sessions_addresses_and_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("core.db")).unwrap();
+        conn.pragma_update(None, "foreign_keys", true).unwrap();
+        for migration in &MIGRATIONS[..2] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO locations VALUES (1, 'ams', '[]', 51820, '[]', 'vpn.example.org', '[]', \
+                 '[]', 0, 1, 300, 25, zeroblob(32), 7, 0);
+             INSERT INTO users (id, name, totp_secret, enabled, created_ms) VALUES (1, 'alice', x'00', 1, 0);
+             INSERT INTO devices (id, name, user_id, location_id, public_key, preshared_key, enabled, \
+                 created_ms, mfa_failures, mfa_failed_ms) \
+                 VALUES (5, 'laptop', 1, 1, randomblob(32), randomblob(32), 1, 3, 2, 4), \
+                        (9, 'phone', 1, 1, randomblob(32), randomblob(32), 0, 6, 0, 0);
+             INSERT INTO device_addresses VALUES (5, 1, '10.8.0.2/32'), (9, 1, '10.8.0.3/32');
+             INSERT INTO mfa_sessions VALUES (5, randomblob(32), 11);
+             INSERT INTO download_tokens VALUES (x'01', 9, 0, 100, NULL);",
+        )
+        .unwrap();
+        let devices_before: Vec<(i64, String, Vec<u8>, i64)> = {
+            let mut stmt = conn
+                .prepare("SELECT id, name, public_key, mfa_failures FROM devices ORDER BY id")
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        migrate(&mut conn).unwrap();
+        let count = |table: &str| -> i64 {
+            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count("device_addresses"), 2);
+        assert_eq!(count("mfa_sessions"), 1);
+        assert_eq!(count("download_tokens"), 1);
+        let devices_after: Vec<(i64, String, Vec<u8>, i64)> = {
+            let mut stmt = conn
+                .prepare("SELECT id, name, public_key, mfa_failures FROM devices ORDER BY id")
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(devices_after, devices_before);
+        // Foreign keys are back on, still point at devices and hold.
+        let on: bool = conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .unwrap();
+        assert!(on);
+        let broken: Option<String> = conn
+            .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+            .optional()
+            .unwrap();
+        assert_eq!(broken, None);
+        let index: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'devices_user'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 1);
+        // A key may now be absent, twice at one location; a duplicate key
+        // is still refused.
+        conn.execute_batch(
+            "INSERT INTO devices (name, user_id, location_id, public_key, preshared_key, enabled, created_ms) \
+                 VALUES ('a', 1, 1, NULL, randomblob(32), 1, 0), ('b', 1, 1, NULL, randomblob(32), 1, 0)",
+        )
+        .unwrap();
+        assert!(
+            conn.execute(
+                "INSERT INTO devices (name, user_id, location_id, public_key, preshared_key, enabled, created_ms) \
+                 SELECT 'c', 1, 1, public_key, randomblob(32), 1, 0 FROM devices WHERE id = 5",
+                [],
+            )
+            .is_err()
+        );
+        // Deleting a device still takes its session and addresses along.
+        conn.execute("DELETE FROM devices WHERE id = 5", [])
+            .unwrap();
+        assert_eq!(count("mfa_sessions"), 0);
+        assert_eq!(count("device_addresses"), 1);
+        let mfa_session_s: i64 = conn
+            .query_row("SELECT mfa_session_s FROM locations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mfa_session_s, 0);
     }
 }

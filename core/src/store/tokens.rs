@@ -2,11 +2,11 @@
 //! an Edge. Only a hash of each token is stored.
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use rusqlite::{OptionalExtension as _, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use sha2::{Digest as _, Sha256};
 use tidegate_proto::{admin::v1 as admin, edge::v1 as edge};
 
-use super::{ClientError, Store, StoreError, begin, devices, render, sql};
+use super::{ClientError, EventKind, Notice, Store, StoreError, begin, devices, render, sql};
 use crate::keys::Key;
 
 /// Lifetime of a token when none is asked for: a day.
@@ -23,12 +23,109 @@ fn hash(token: &str) -> [u8; 32] {
 /// A token with what redeeming it needs.
 struct TokenRow {
     device_id: i64,
+    device: String,
+    location_id: u32,
+    location: String,
+    /// None: the device awaits enrolment.
+    public_key: Option<Vec<u8>>,
     expires_ms: i64,
     used_ms: Option<i64>,
     /// The device and its user are enabled.
     enabled: bool,
     mfa: bool,
     psk: Vec<u8>,
+}
+
+/// What an enrolment did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enrolled {
+    pub config: edge::DeviceConfig,
+    pub location_id: u32,
+    /// The device got its key now (false: it had this key already).
+    pub new_key: bool,
+    /// The location's config version that made the device a peer, when it
+    /// became one (a location without MFA); the caller waits for the
+    /// gateways to apply it.
+    pub peer_version: Option<u64>,
+}
+
+/// Checks a token's form and finds it: usable, for an enabled device.
+fn find_token(tx: &Connection, token: &str, now_ms: i64) -> Result<TokenRow, ClientError> {
+    if token.is_empty() {
+        return Err(ClientError::Invalid("token: missing".into()));
+    }
+    if token.len() != TOKEN_LEN || URL_SAFE_NO_PAD.decode(token).is_err() {
+        return Err(ClientError::Invalid(format!(
+            "token: not a download token (expected {TOKEN_LEN} base64url characters)"
+        )));
+    }
+    let row = tx
+        .query_row(
+            "SELECT t.device_id, d.name, d.location_id, l.name, d.public_key, t.expires_ms, t.used_ms, \
+             d.enabled AND u.enabled, l.mfa, d.preshared_key \
+             FROM download_tokens t JOIN devices d ON d.id = t.device_id \
+             JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
+             WHERE t.hash = ?1",
+            [hash(token).as_slice()],
+            |r| {
+                Ok(TokenRow {
+                    device_id: r.get(0)?,
+                    device: r.get(1)?,
+                    location_id: r.get(2)?,
+                    location: r.get(3)?,
+                    public_key: r.get(4)?,
+                    expires_ms: r.get(5)?,
+                    used_ms: r.get(6)?,
+                    enabled: r.get(7)?,
+                    mfa: r.get(8)?,
+                    psk: r.get(9)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(sql("reading a token"))?;
+    let Some(row) = row else {
+        return Err(ClientError::Unauthorized("token: not valid".into()));
+    };
+    if row.used_ms.is_some() {
+        return Err(ClientError::Unauthorized(
+            "token: used already; ask for a new one".into(),
+        ));
+    }
+    if row.expires_ms <= now_ms {
+        return Err(ClientError::Expired(
+            "token: expired; ask for a new one".into(),
+        ));
+    }
+    if !row.enabled {
+        return Err(ClientError::Unauthorized(
+            "the device or its user is disabled".into(),
+        ));
+    }
+    Ok(row)
+}
+
+/// Marks a token used and renders the device's config: its own preshared
+/// key, none on an MFA location (each login brings one).
+fn use_token(
+    tx: &Connection,
+    token: &str,
+    row: &TokenRow,
+    now_ms: i64,
+) -> Result<edge::DeviceConfig, ClientError> {
+    let psk = if row.mfa {
+        None
+    } else {
+        Some(Key::from_slice(&row.psk).map_err(|e| {
+            ClientError::Internal(StoreError::InUse(format!("stored preshared key: {e}")))
+        })?)
+    };
+    tx.execute(
+        "UPDATE download_tokens SET used_ms = ?2 WHERE hash = ?1",
+        params![hash(token).as_slice(), now_ms],
+    )
+    .map_err(sql("using a token"))?;
+    Ok(render::device_config(tx, row.device_id, psk)?)
 }
 
 impl Store {
@@ -62,91 +159,111 @@ impl Store {
         })
     }
 
-    /// Uses a token: the device's config, once.
+    /// Uses a token: the device's config, once. A device awaiting its key
+    /// is refused (and the token kept): it enrols instead.
     pub fn redeem_token(
         &mut self,
         token: &str,
         now_ms: i64,
     ) -> Result<edge::DeviceConfig, ClientError> {
         let token = token.trim();
-        if token.is_empty() {
-            return Err(ClientError::Invalid("token: missing".into()));
-        }
-        if token.len() != TOKEN_LEN || URL_SAFE_NO_PAD.decode(token).is_err() {
-            return Err(ClientError::Invalid(format!(
-                "token: not a download token (expected {TOKEN_LEN} base64url characters)"
-            )));
-        }
         let tx = begin(&mut self.conn)?;
-        let row = tx
-            .query_row(
-                "SELECT t.device_id, t.expires_ms, t.used_ms, d.enabled AND u.enabled, l.mfa, d.preshared_key \
-                 FROM download_tokens t JOIN devices d ON d.id = t.device_id \
-                 JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
-                 WHERE t.hash = ?1",
-                [hash(token).as_slice()],
-                |r| {
-                    Ok(TokenRow {
-                        device_id: r.get(0)?,
-                        expires_ms: r.get(1)?,
-                        used_ms: r.get(2)?,
-                        enabled: r.get(3)?,
-                        mfa: r.get(4)?,
-                        psk: r.get(5)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(sql("reading a token"))?;
-        let Some(TokenRow {
-            device_id,
-            expires_ms,
-            used_ms,
-            enabled,
-            mfa,
-            psk,
-        }) = row
-        else {
-            return Err(ClientError::Unauthorized("token: not valid".into()));
-        };
-        if used_ms.is_some() {
-            return Err(ClientError::Unauthorized(
-                "token: used already; ask for a new one".into(),
+        let row = find_token(&tx, token, now_ms)?;
+        if row.public_key.is_none() {
+            return Err(ClientError::Invalid(
+                "the device has no key yet: enrol it with tidegate-client enrol".into(),
             ));
         }
-        if expires_ms <= now_ms {
-            return Err(ClientError::Expired(
-                "token: expired; ask for a new one".into(),
-            ));
-        }
-        if !enabled {
-            return Err(ClientError::Unauthorized(
-                "the device or its user is disabled".into(),
-            ));
-        }
-        let psk = if mfa {
-            // The key comes with each MFA login.
-            None
-        } else {
-            Some(Key::from_slice(&psk).map_err(|e| {
-                ClientError::Internal(StoreError::InUse(format!("stored preshared key: {e}")))
-            })?)
-        };
-        tx.execute(
-            "UPDATE download_tokens SET used_ms = ?2 WHERE hash = ?1",
-            params![hash(token).as_slice(), now_ms],
-        )
-        .map_err(sql("using a token"))?;
-        let config = render::device_config(&tx, device_id, psk)?;
+        let config = use_token(&tx, token, &row, now_ms)?;
         self.notices.extend(tx.commit()?);
         Ok(config)
+    }
+
+    /// Enrols a device with a token and the public key its client made, in
+    /// one transaction: a device awaiting its key gets this one (and, on a
+    /// location without MFA, becomes a peer); a device that has this key
+    /// already just gets its config; another key is a conflict. The token
+    /// is used only when the device's config is answered.
+    pub fn enrol(
+        &mut self,
+        token: &str,
+        public_key: &str,
+        now_ms: i64,
+    ) -> Result<Enrolled, ClientError> {
+        let token = token.trim();
+        if public_key.trim().is_empty() {
+            return Err(ClientError::Invalid("public_key: missing".into()));
+        }
+        let key =
+            Key::parse(public_key).map_err(|e| ClientError::Invalid(format!("public_key: {e}")))?;
+        let mut tx = begin(&mut self.conn)?;
+        let row = find_token(&tx, token, now_ms)?;
+        let location_id = row.location_id;
+        let held = row.public_key.as_deref().map(Key::from_slice);
+        match held {
+            Some(Ok(held)) if held == key => {
+                let config = use_token(&tx, token, &row, now_ms)?;
+                self.notices.extend(tx.commit()?);
+                return Ok(Enrolled {
+                    config,
+                    location_id,
+                    new_key: false,
+                    peer_version: None,
+                });
+            }
+            Some(_) => {
+                return Err(ClientError::Conflict(format!(
+                    "device {:?} already has a key; ask the operator for a new device or a key change",
+                    row.device
+                )));
+            }
+            None => {}
+        }
+        if let Some((_, holder)) = devices::key_holder(&tx, location_id, &key)? {
+            return Err(ClientError::Invalid(format!(
+                "public_key: device {holder:?} has this key"
+            )));
+        }
+        tx.touch(row.device_id)?;
+        tx.execute(
+            "UPDATE devices SET public_key = ?2 WHERE id = ?1",
+            params![row.device_id, key.as_bytes().as_slice()],
+        )
+        .map_err(sql("storing the device's key"))?;
+        tx.execute(
+            "INSERT INTO events (at_ms, kind, location, subject, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                now_ms,
+                EventKind::DeviceEnrolled.as_str(),
+                row.location,
+                row.device,
+                format!("key {key} brought with a token")
+            ],
+        )
+        .map_err(sql("logging an event"))?;
+        let config = use_token(&tx, token, &row, now_ms)?;
+        let notices = tx.commit()?;
+        let peer_version = notices.iter().find_map(|notice| match notice {
+            Notice::Location(change) if change.location_id == location_id => Some(change.version),
+            _ => None,
+        });
+        self.notices.extend(notices);
+        Ok(Enrolled {
+            config,
+            location_id,
+            new_key: true,
+            peer_version,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::devices::tests::{device, setup};
+    use crate::store::{
+        ChangeKind,
+        devices::tests::{device, setup},
+    };
 
     fn token(store: &mut Store, ttl_s: Option<u32>, now_ms: i64) -> String {
         store
@@ -225,5 +342,309 @@ mod tests {
                 )
                 .is_err()
         );
+    }
+
+    /// How the enrolment's token is.
+    #[derive(Debug, Clone, Copy)]
+    enum Token {
+        Good,
+        Expired,
+        Used,
+        Unknown,
+        /// Good, for a disabled device.
+        Disabled,
+    }
+
+    /// What an enrolment should give.
+    #[derive(Debug)]
+    enum Want {
+        /// The config; whether the device became a peer now.
+        Config { new_peer: bool },
+        /// Refused with this error kind and words.
+        Refused(fn(&ClientError) -> bool, &'static str),
+    }
+
+    struct Case {
+        name: &'static str,
+        mfa: bool,
+        /// The key "laptop" has before; `None`: awaiting enrolment.
+        held: Option<Key>,
+        token: Token,
+        key: String,
+        want: Want,
+    }
+
+    fn used_tokens(store: &Store) -> i64 {
+        store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM download_tokens WHERE used_ms IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn an_enrolment_gives_a_keyless_device_its_key_once_and_refuses_the_rest() {
+        let new = Key::new([7; 32]);
+        let phones = Key::new([2; 32]);
+        let is_invalid: fn(&ClientError) -> bool = |e| matches!(e, ClientError::Invalid(_));
+        let is_unauthorized: fn(&ClientError) -> bool =
+            |e| matches!(e, ClientError::Unauthorized(_));
+        let is_expired: fn(&ClientError) -> bool = |e| matches!(e, ClientError::Expired(_));
+        let is_conflict: fn(&ClientError) -> bool = |e| matches!(e, ClientError::Conflict(_));
+        let case = |name, held, token, key: Key, want| Case {
+            name,
+            mfa: false,
+            held,
+            token,
+            key: key.to_base64(),
+            want,
+        };
+        let cases = [
+            case(
+                "a keyless device gets the key and becomes a peer",
+                None,
+                Token::Good,
+                new,
+                Want::Config { new_peer: true },
+            ),
+            Case {
+                mfa: true,
+                ..case(
+                    "on an MFA location the key waits for a login",
+                    None,
+                    Token::Good,
+                    new,
+                    Want::Config { new_peer: false },
+                )
+            },
+            case(
+                "the same key again is a download",
+                Some(new),
+                Token::Good,
+                new,
+                Want::Config { new_peer: false },
+            ),
+            case(
+                "another key is a conflict",
+                Some(Key::new([9; 32])),
+                Token::Good,
+                new,
+                Want::Refused(
+                    is_conflict,
+                    "device \"laptop\" already has a key; ask the operator",
+                ),
+            ),
+            case(
+                "a key another device holds",
+                None,
+                Token::Good,
+                phones,
+                Want::Refused(is_invalid, "public_key: device \"phone\" has this key"),
+            ),
+            Case {
+                key: "not a key".into(),
+                ..case(
+                    "a malformed key",
+                    None,
+                    Token::Good,
+                    new,
+                    Want::Refused(is_invalid, "public_key: "),
+                )
+            },
+            case(
+                "an expired token",
+                None,
+                Token::Expired,
+                new,
+                Want::Refused(is_expired, "token: expired"),
+            ),
+            case(
+                "a used token",
+                None,
+                Token::Used,
+                new,
+                Want::Refused(is_unauthorized, "token: used already"),
+            ),
+            case(
+                "an unknown token",
+                None,
+                Token::Unknown,
+                new,
+                Want::Refused(is_unauthorized, "token: not valid"),
+            ),
+            case(
+                "a disabled device",
+                None,
+                Token::Disabled,
+                new,
+                Want::Refused(is_unauthorized, "disabled"),
+            ),
+        ];
+        for case in cases {
+            let name = case.name;
+            let (_dir, mut store) = setup(case.mfa);
+            store.create_device(device("phone", phones), 0).unwrap();
+            store
+                .create_device(
+                    admin::CreateDeviceRequest {
+                        public_key: case.held.map(|k| k.to_base64()).unwrap_or_default(),
+                        ..device("laptop", new)
+                    },
+                    0,
+                )
+                .unwrap();
+            let ttl = match case.token {
+                Token::Expired => Some(1),
+                _ => None,
+            };
+            let mut t = token(&mut store, ttl, 0);
+            match case.token {
+                Token::Used => {
+                    store
+                        .conn
+                        .execute("UPDATE download_tokens SET used_ms = 1", [])
+                        .unwrap();
+                }
+                Token::Unknown => t = URL_SAFE_NO_PAD.encode([0u8; 32]),
+                Token::Disabled => {
+                    store
+                        .update_device(admin::UpdateDeviceRequest {
+                            name: "laptop".into(),
+                            enabled: Some(false),
+                            ..Default::default()
+                        })
+                        .unwrap();
+                }
+                Token::Good | Token::Expired => {}
+            }
+            store.take_notices();
+            let used_before = used_tokens(&store);
+            let version = store.location("ams").unwrap().version;
+            let result = store.enrol(&t, &case.key, 5_000);
+            let laptop = store.device("laptop").unwrap();
+            match (&case.want, result) {
+                (Want::Config { new_peer }, Ok(enrolled)) => {
+                    assert_eq!(enrolled.config.device, "laptop", "{name}");
+                    assert_eq!(enrolled.config.mfa, case.mfa, "{name}");
+                    assert_eq!(enrolled.config.preshared_key.is_empty(), case.mfa, "{name}");
+                    assert_eq!(laptop.public_key, new.to_base64(), "{name}");
+                    assert!(laptop.enrolled, "{name}");
+                    assert_eq!(used_tokens(&store), used_before + 1, "{name}: token used");
+                    assert_eq!(enrolled.new_key, case.held.is_none(), "{name}");
+                    let notices = store.take_notices();
+                    if *new_peer {
+                        assert_eq!(enrolled.peer_version, Some(version + 1), "{name}");
+                        let [Notice::Location(change)] = notices.as_slice() else {
+                            panic!("{name}: {notices:?}")
+                        };
+                        assert_eq!(
+                            change.kind,
+                            ChangeKind::Peers {
+                                upsert: vec![enrolled_peer(&store, new)],
+                                remove: vec![]
+                            },
+                            "{name}"
+                        );
+                    } else {
+                        assert_eq!(enrolled.peer_version, None, "{name}");
+                        assert!(notices.is_empty(), "{name}: {notices:?}");
+                        assert_eq!(store.location("ams").unwrap().version, version, "{name}");
+                    }
+                    let enrolled_events = store
+                        .list_events("ams", 100)
+                        .unwrap()
+                        .into_iter()
+                        .filter(|e| e.kind == "device-enrolled")
+                        .count();
+                    assert_eq!(enrolled_events, usize::from(case.held.is_none()), "{name}");
+                }
+                (Want::Refused(kind, says), Err(error)) => {
+                    assert!(kind(&error), "{name}: {error:?}");
+                    assert!(error.to_string().contains(says), "{name}: {error}");
+                    assert_eq!(used_tokens(&store), used_before, "{name}: token kept");
+                    assert_eq!(
+                        laptop.public_key,
+                        case.held.map(|k| k.to_base64()).unwrap_or_default(),
+                        "{name}: key unchanged"
+                    );
+                    assert!(store.take_notices().is_empty(), "{name}");
+                    assert_eq!(store.location("ams").unwrap().version, version, "{name}");
+                }
+                (want, got) => panic!("{name}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    /// The peer the gateways get for the enrolled "laptop".
+    fn enrolled_peer(store: &Store, key: Key) -> crate::store::PeerSpec {
+        let id: i64 = store
+            .conn
+            .query_row("SELECT id FROM devices WHERE name = 'laptop'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let (_, peer) = render::device_peer(&store.conn, id).unwrap().unwrap();
+        assert_eq!(peer.public_key, key);
+        peer
+    }
+
+    #[test]
+    fn a_keyless_device_is_no_peer_and_its_download_waits_for_the_enrolment() {
+        let (_dir, mut store) = setup(false);
+        let dev = store
+            .create_device(
+                admin::CreateDeviceRequest {
+                    public_key: String::new(),
+                    ..device("laptop", Key::new([1; 32]))
+                },
+                0,
+            )
+            .unwrap();
+        assert!(!dev.enrolled && dev.public_key.is_empty());
+        assert_eq!(dev.addresses.len(), 2);
+        // Not a peer: no change for the gateways, none in their config.
+        assert!(store.take_notices().is_empty());
+        let config = render::location_config(&store.conn, 1).unwrap().unwrap();
+        assert!(config.peers.is_empty());
+        let t = token(&mut store, None, 0);
+        let err = store.redeem_token(&t, 1).unwrap_err();
+        assert!(matches!(err, ClientError::Invalid(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "the device has no key yet: enrol it with tidegate-client enrol"
+        );
+        assert_eq!(used_tokens(&store), 0);
+        // The same token then enrols it.
+        let key = Key::new([4; 32]);
+        store.enrol(&t, &key.to_base64(), 2).unwrap();
+        let config = render::location_config(&store.conn, 1).unwrap().unwrap();
+        assert_eq!(config.peers.len(), 1);
+        // Two keyless devices at one location are fine.
+        for name in ["a", "b"] {
+            store
+                .create_device(
+                    admin::CreateDeviceRequest {
+                        public_key: String::new(),
+                        ..device(name, key)
+                    },
+                    0,
+                )
+                .unwrap();
+        }
+        assert_eq!(store.list_devices("", "ams").unwrap().len(), 3);
+        // An operator's key enrols it too, as a key change does.
+        store
+            .update_device(admin::UpdateDeviceRequest {
+                name: "a".into(),
+                public_key: Some(Key::new([5; 32]).to_base64()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(store.device("a").unwrap().enrolled);
+        let config = render::location_config(&store.conn, 1).unwrap().unwrap();
+        assert_eq!(config.peers.len(), 2);
     }
 }

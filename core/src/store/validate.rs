@@ -17,6 +17,9 @@ pub const MTU_MIN_V6: u32 = 1280;
 pub const MTU_MAX: u32 = 9000;
 /// Longest MFA peer-disconnect threshold: a week.
 pub const THRESHOLD_MAX_S: u32 = 7 * 24 * 3600;
+/// Shortest and longest MFA session lifetime (0 is none): a minute, 30 days.
+pub const MFA_SESSION_MIN_S: u32 = 60;
+pub const MFA_SESSION_MAX_S: u32 = 30 * 24 * 3600;
 /// Longest list of VIPs, DNS servers or allowed IPs.
 pub const LIST_MAX: usize = 64;
 
@@ -332,6 +335,20 @@ pub fn threshold(secs: u32) -> Result<u32, StoreError> {
     Ok(secs)
 }
 
+/// The lifetime of an MFA session: 0 (until the device is idle) or
+/// 60..=2592000 seconds.
+pub fn mfa_session(secs: u32) -> Result<u32, StoreError> {
+    if secs != 0 && !(MFA_SESSION_MIN_S..=MFA_SESSION_MAX_S).contains(&secs) {
+        return Err(StoreError::invalid(
+            "mfa_session_s",
+            format!(
+                "{secs} is outside {MFA_SESSION_MIN_S}..={MFA_SESSION_MAX_S} seconds (0: no limit)"
+            ),
+        ));
+    }
+    Ok(secs)
+}
+
 /// A persistent keepalive interval (WireGuard takes 16 bits; 0 is off).
 pub fn keepalive(secs: u32) -> Result<u32, StoreError> {
     if secs > u32::from(u16::MAX) {
@@ -523,6 +540,20 @@ mod tests {
         assert!(mtu(9001, &v4).is_err());
         assert!(threshold(0).is_err());
         assert!(keepalive(70000).is_err());
+        for (secs, ok) in [
+            (0, true),
+            (1, false),
+            (59, false),
+            (60, true),
+            (2_592_000, true),
+            (2_592_001, false),
+        ] {
+            let result = mfa_session(secs);
+            assert_eq!(result.is_ok(), ok, "{secs}");
+            if let Err(e) = result {
+                assert!(e.to_string().starts_with("mfa_session_s: "), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 #[path = "tidectl/core_api.rs"]
 mod core_api;
+#[path = "tidectl/wg_quick.rs"]
+mod wg_quick;
 
 use std::{
     io::Read as _,

@@ -17,7 +17,7 @@ use tidegate_proto::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use super::OnOff;
+use super::{OnOff, wg_quick};
 
 /// Core's admin socket when none is given.
 pub const DEFAULT_CORE_SOCKET: &str = "/run/tidegate/core.sock";
@@ -93,6 +93,10 @@ pub struct LocationCreate {
     /// Keepalive seconds in device configs, 0 for none [default: 25].
     #[arg(long)]
     keepalive: Option<u32>,
+    /// MFA: a session ends this many seconds after its login (60 to
+    /// 2592000); 0: only when the device is idle.
+    #[arg(long, default_value_t = 0)]
+    mfa_session_s: u32,
     /// File with the location's WireGuard private key (base64) [default:
     /// Core makes one].
     #[arg(long)]
@@ -136,6 +140,10 @@ pub struct LocationChange {
     /// Keepalive seconds in device configs, 0 for none.
     #[arg(long)]
     keepalive: Option<u32>,
+    /// MFA: a session ends this many seconds after its login (60 to
+    /// 2592000); 0: only when the device is idle.
+    #[arg(long)]
+    mfa_session_s: Option<u32>,
     /// Use the private key in this file (every device then needs its config
     /// again).
     #[arg(long, conflicts_with = "rotate_key")]
@@ -281,13 +289,16 @@ pub enum DeviceCommand {
         json: bool,
     },
     /// Add many devices at once, all or none: a file of one JSON object
-    /// per line, `{"name", "user", "location", "public_key"}` and
-    /// optionally `"addresses"` (a list) and `"enabled"`.
+    /// per line, `{"name", "user", "location"}` and optionally
+    /// `"public_key"` (absent: the device awaits enrolment), `"addresses"`
+    /// (a list) and `"enabled"`.
     Import {
         /// The file ('-' for standard input).
         file: PathBuf,
     },
-    /// Add a device (its public key; the private key stays on the device).
+    /// Add a device: with its public key (the private key stays on the
+    /// device), or without one, awaiting enrolment (`tidectl device token`,
+    /// then `tidegate-client enrol` on the device brings its key).
     Create {
         /// Its name.
         name: String,
@@ -297,9 +308,10 @@ pub enum DeviceCommand {
         /// The location it belongs to.
         #[arg(long)]
         location: String,
-        /// Its WireGuard public key (base64).
+        /// Its WireGuard public key (base64) [default: none, the device
+        /// awaits enrolment].
         #[arg(long)]
-        public_key: String,
+        public_key: Option<String>,
         /// Tunnel addresses [default: the next free of each network].
         #[arg(long = "address", value_delimiter = ',')]
         addresses: Vec<String>,
@@ -335,7 +347,31 @@ pub enum DeviceCommand {
         /// Its name.
         name: String,
     },
-    /// A one-time token to download the device's config through an Edge.
+    /// The device's config for a stock WireGuard app (locations without
+    /// MFA), as a wg-quick file or a QR code, with its private key: made
+    /// now (--new-key, which replaces the device's key) or read from a file.
+    #[command(group(clap::ArgGroup::new("key").required(true).args(["new_key", "private_key_file"])))]
+    Config {
+        /// Its name.
+        name: String,
+        /// Print a wg-quick `.conf` (the default).
+        #[arg(long, conflicts_with = "qr")]
+        wg_quick: bool,
+        /// Print the config as a QR code for a phone's WireGuard app.
+        #[arg(long)]
+        qr: bool,
+        /// Make a new key pair, set its public key as the device's (the old
+        /// key, if any, stops working) and print the private key in the
+        /// config, once.
+        #[arg(long)]
+        new_key: bool,
+        /// The device's existing private key (base64, as `wg genkey` writes
+        /// it).
+        #[arg(long)]
+        private_key_file: Option<PathBuf>,
+    },
+    /// A one-time token to download the device's config through an Edge,
+    /// or to enrol a device awaiting its key.
     Token {
         /// Its name.
         name: String,
@@ -605,6 +641,7 @@ async fn location(
                     peer_disconnect_threshold_s: args.threshold,
                     persistent_keepalive_s: args.keepalive,
                     private_key,
+                    mfa_session_s: args.mfa_session_s,
                 })
                 .await,
             )?;
@@ -628,6 +665,7 @@ async fn location(
                     persistent_keepalive_s: args.keepalive,
                     private_key,
                     rotate_key: args.rotate_key,
+                    mfa_session_s: args.mfa_session_s,
                 })
                 .await,
             )?;
@@ -835,7 +873,7 @@ async fn device(
                 name,
                 user,
                 location,
-                public_key,
+                public_key: public_key.unwrap_or_default(),
                 addresses,
                 enabled: Some(!disabled),
             })
@@ -869,6 +907,26 @@ async fn device(
             println!("deleted device {}", deleted.name);
             return Ok(());
         }
+        DeviceCommand::Config {
+            name,
+            wg_quick: _,
+            qr,
+            new_key,
+            private_key_file,
+        } => {
+            let key = match private_key_file {
+                Some(path) => KeySource::File(path),
+                None if new_key => KeySource::New,
+                None => anyhow::bail!("give --new-key or --private-key-file"),
+            };
+            let conf = device_config(core, &name, key).await?;
+            if qr {
+                print!("{}", wg_quick::qr(&conf)?);
+            } else {
+                print!("{conf}");
+            }
+            return Ok(());
+        }
         DeviceCommand::Token { name, ttl, json } => {
             let token = answer(
                 core.create_download_token(admin::CreateDownloadTokenRequest {
@@ -891,6 +949,74 @@ async fn device(
     };
     print!("{}", devices_table(std::slice::from_ref(&device), now));
     Ok(())
+}
+
+/// Where `tidectl device config` gets the device's private key.
+enum KeySource {
+    /// A new pair, whose public key becomes the device's.
+    New,
+    /// The device's existing private key, in this file.
+    File(PathBuf),
+}
+
+/// The device's wg-quick config with its private key.
+async fn device_config(
+    core: &mut AdminClient<Channel>,
+    name: &str,
+    key: KeySource,
+) -> Result<String> {
+    let device = answer(
+        core.get_device(admin::GetDeviceRequest {
+            name: name.to_owned(),
+        })
+        .await,
+    )?;
+    let location = answer(
+        core.get_location(admin::GetLocationRequest {
+            name: device.location.clone(),
+        })
+        .await,
+    )?;
+    if location.mfa {
+        anyhow::bail!(
+            "location {:?} uses MFA: a stock WireGuard app cannot log in; \
+             use tidegate-client (tidectl device token {name}, then tidegate-client enrol)",
+            location.name
+        );
+    }
+    let pair = match key {
+        KeySource::New => {
+            let pair = wg_quick::KeyPair::generate()?;
+            answer(
+                core.update_device(admin::UpdateDeviceRequest {
+                    name: name.to_owned(),
+                    public_key: Some(pair.public.clone()),
+                    ..Default::default()
+                })
+                .await,
+            )?;
+            eprintln!(
+                "device {name} now has a new key; its private key is in this config only \
+                 (the old key, if any, no longer works)"
+            );
+            pair
+        }
+        KeySource::File(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let pair = wg_quick::KeyPair::parse_private(&text)
+                .with_context(|| format!("the private key in {}", path.display()))?;
+            pair.check_is(name, &device.public_key, &path)?;
+            pair
+        }
+    };
+    let config = answer(
+        core.get_device_config(admin::GetDeviceConfigRequest {
+            name: name.to_owned(),
+        })
+        .await,
+    )?;
+    Ok(wg_quick::render(&config, &pair.private))
 }
 
 async fn edge(
@@ -1047,6 +1173,16 @@ fn location_text(l: &admin::Location) -> String {
             "off".into()
         },
     );
+    if l.mfa {
+        line(
+            "MFA session",
+            if l.mfa_session_s == 0 {
+                "until the device is idle".into()
+            } else {
+                format!("ends {}s after its login", l.mfa_session_s)
+            },
+        );
+    }
     line(
         "keepalive (devices)",
         format!("{}s", l.persistent_keepalive_s),
@@ -1174,6 +1310,8 @@ struct ImportedDevice {
     name: String,
     user: String,
     location: String,
+    /// Absent or empty: the device awaits enrolment.
+    #[serde(default)]
     public_key: String,
     #[serde(default)]
     addresses: Vec<String>,
@@ -1239,7 +1377,11 @@ fn devices_table(devices: &[admin::Device], now: SystemTime) -> String {
             d.name,
             d.user,
             d.location,
-            d.public_key,
+            if d.enrolled {
+                d.public_key.as_str()
+            } else {
+                "(awaiting enrolment)"
+            },
             joined(&d.addresses),
             yes(d.enabled),
             session
