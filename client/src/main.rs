@@ -52,7 +52,8 @@ enum Command {
     Enrol {
         /// The Edge's address, as the operator gave it (https://...).
         url: String,
-        /// The one-time token the operator gave.
+        /// The one-time token the operator gave (it may begin with '-').
+        #[arg(allow_hyphen_values = true)]
         token: String,
         /// The profile's and the interface's name (default: the location's).
         #[arg(long)]
@@ -695,5 +696,55 @@ fn print_status(v: &serde_json::Value) {
         if let Some(error) = session["last_error"].as_str() {
             println!("  last login failed: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_may_begin_with_a_hyphen() {
+        let cli = Cli::try_parse_from([
+            "tidegate-client",
+            "enrol",
+            "https://vpn.example.com",
+            "-YnJA4hWK_f6ueCrxICBoIEijmxAXum4erR20NfHGsk",
+            "--name",
+            "lab",
+        ])
+        .unwrap();
+        let Command::Enrol { token, name, .. } = cli.command else {
+            panic!("not enrol");
+        };
+        assert_eq!(token, "-YnJA4hWK_f6ueCrxICBoIEijmxAXum4erR20NfHGsk");
+        assert_eq!(name.as_deref(), Some("lab"));
+    }
+
+    #[test]
+    fn every_refusal_has_its_exit_code() {
+        let refused = |code: &str| {
+            anyhow::Error::new(ApiError::Refused(api::Refusal {
+                status: 400,
+                code: code.into(),
+                message: "m".into(),
+                retry_after_s: None,
+            }))
+            .context("finishing the MFA login")
+        };
+        for (code, exit) in [
+            ("unauthorized", Exit::Unauthorized),
+            ("limited", Exit::Limited),
+            ("expired", Exit::Expired),
+            ("unavailable", Exit::Unavailable),
+            ("timeout", Exit::Unavailable),
+            ("not-found", Exit::NotFound),
+            ("conflict", Exit::Conflict),
+            ("invalid", Exit::Invalid),
+            ("internal", Exit::Failure),
+        ] {
+            assert_eq!(Exit::of(&refused(code)), exit, "{code}");
+        }
+        assert_eq!(Exit::of(&anyhow!("no root")), Exit::Failure);
     }
 }

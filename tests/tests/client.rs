@@ -88,11 +88,14 @@ fn a_user_enrols_logs_in_and_keeps_the_tunnel_through_refusals_and_a_gateway_cra
     );
     let mut client = UserClient::new(lab.client(), &lab.dir().join("user-client"))?;
     let url = lab.edge_url();
+    // Interface names, and wireguard-go's sockets, are the host's: one per run.
+    let name = lab.run().ifname("u");
+    let name = name.as_str();
 
     // Enrolment: the key is made here, Core gets its public half.
-    let out = client.enrol(&url, &token, lab.web_ca(), "lab")?;
+    let out = client.enrol(&url, &token, lab.web_ca(), name)?;
     ensure!(out.contains("enrolled device laptop"), "{out}");
-    let profile_path = client.profiles().join("lab.json");
+    let profile_path = client.profiles().join(format!("{name}.json"));
     ensure!(
         std::fs::metadata(&profile_path)?.mode() & 0o777 == 0o600,
         "the profile is readable by others"
@@ -124,29 +127,29 @@ fn a_user_enrols_logs_in_and_keeps_the_tunnel_through_refusals_and_a_gateway_cra
     ensure!(again.stderr.contains("used already"), "{}", again.stderr);
 
     // A wrong code: exit 3, nothing configured.
-    let wrong = client.run(&["up", "lab", "--code", "000000"])?;
+    let wrong = client.run(&["up", name, "--code", "000000"])?;
     ensure!(wrong.status.code() == Some(3), "a wrong code: {wrong:?}");
     ensure!(wrong.stderr.contains("MFA login"), "{}", wrong.stderr);
-    nothing_configured(&lab, &client, "lab")?;
+    nothing_configured(&lab, &client, name)?;
 
     // Core away during `up`: exit 6, a clear message, nothing configured.
     lab.core_mut()?.kill()?;
     for j in 1..=2 {
         lab.edge_mut(j).wait_health(503, WAIT)?;
     }
-    let away = client.run(&["up", "lab", "--code-command", &oathtool(&secret)])?;
+    let away = client.run(&["up", name, "--code-command", &oathtool(&secret)])?;
     ensure!(away.status.code() == Some(6), "Core away: {away:?}");
     ensure!(away.stderr.contains("Core"), "{}", away.stderr);
-    nothing_configured(&lab, &client, "lab")?;
+    nothing_configured(&lab, &client, name)?;
     lab.core_mut()?.restart()?;
     lab.core_mut()?.wait_applied(LOCATION, WAIT)?;
     lab.core_mut()?.wait_edges(WAIT)?;
 
     // The login and the tunnel.
-    client.up("lab", &["--code-command", &oathtool(&secret)])?;
+    client.up(name, &["--code-command", &oathtool(&secret)])?;
     let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
     ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
-    let status = client.status("lab")?;
+    let status = client.status(name)?;
     ensure!(
         status["session"]["state"] == "open" && status["last_handshake_age_s"].is_u64(),
         "{status}"
@@ -179,19 +182,19 @@ fn a_user_enrols_logs_in_and_keeps_the_tunnel_through_refusals_and_a_gateway_cra
         "a new login: session since {since}, now {after}"
     );
     ensure!(
-        client.status("lab")?["session"]["logged_in_unix_ms"]
+        client.status(name)?["session"]["logged_in_unix_ms"]
             == status["session"]["logged_in_unix_ms"],
         "the client logged in again"
     );
 
     // Down: the interface and the record go, the keeper exits.
-    let out = client.down("lab")?;
-    ensure!(out.contains("lab is down"), "{out}");
-    nothing_configured(&lab, &client, "lab")?;
+    let out = client.down(name)?;
+    ensure!(out.contains(&format!("{name} is down")), "{out}");
+    nothing_configured(&lab, &client, name)?;
     ensure!(
-        client.up_log("lab").contains("lab is down"),
+        client.up_log(name).contains(&format!("{name} is down")),
         "{}",
-        client.up_log("lab")
+        client.up_log(name)
     );
     Ok(())
 }
@@ -213,12 +216,14 @@ fn a_session_core_ends_by_its_age_is_renewed_in_time_and_lost_without_renewal() 
     let mut renewing = UserClient::new(lab.client(), &lab.dir().join("renewing"))?;
     let mut lapsing = UserClient::new(lab.other_client(2), &lab.dir().join("lapsing"))?;
     let url = lab.edge_url();
-    renewing.enrol(&url, &token, lab.web_ca(), "lab")?;
-    lapsing.enrol(&url, &other_token, lab.web_ca(), "lab")?;
+    let (name, other) = (lab.run().ifname("u"), lab.run().ifname("u2"));
+    let (name, other) = (name.as_str(), other.as_str());
+    renewing.enrol(&url, &token, lab.web_ca(), name)?;
+    lapsing.enrol(&url, &other_token, lab.web_ca(), other)?;
 
     // One renews with a code command; the other had one code only.
-    renewing.up("lab", &["--code-command", &oathtool(&secret)])?;
-    let first = renewing.status("lab")?;
+    renewing.up(name, &["--code-command", &oathtool(&secret)])?;
+    let first = renewing.status(name)?;
     ensure!(
         first["session"]["state"] == "active"
             && first["session"]["expires_in_s"]
@@ -229,11 +234,11 @@ fn a_session_core_ends_by_its_age_is_renewed_in_time_and_lost_without_renewal() 
     let code = lab
         .other_client(2)
         .exec_ok("sh", &["-c", &oathtool(&other_secret)])?;
-    lapsing.up("lab", &["--code", code.trim()])?;
+    lapsing.up(other, &["--code", code.trim()])?;
     ensure!(
-        lapsing.up_log("lab").contains("cannot be renewed"),
+        lapsing.up_log(other).contains("cannot be renewed"),
         "{}",
-        lapsing.up_log("lab")
+        lapsing.up_log(other)
     );
 
     // Past the session's end: the renewing tunnel never stops; the other
@@ -249,16 +254,16 @@ fn a_session_core_ends_by_its_age_is_renewed_in_time_and_lost_without_renewal() 
         "the renewing tunnel lost pings: {}",
         report.summary
     );
-    let renewed = renewing.status("lab")?;
+    let renewed = renewing.status(name)?;
     ensure!(
         renewed["session"]["logged_in_unix_ms"].as_u64()
             > first["session"]["logged_in_unix_ms"].as_u64(),
         "no renewal: {renewed}"
     );
     ensure!(
-        renewing.up_log("lab").contains("renewed the MFA session"),
+        renewing.up_log(name).contains("renewed the MFA session"),
         "{}",
-        renewing.up_log("lab")
+        renewing.up_log(name)
     );
     let cut = lab.other_client(2).ping_paced(
         IpAddr::V4(GATEWAY_TUNNEL),
@@ -276,7 +281,7 @@ fn a_session_core_ends_by_its_age_is_renewed_in_time_and_lost_without_renewal() 
         phone["mfa_session"] != true,
         "the lapsed session is on: {phone}"
     );
-    let lapsed = lapsing.status("lab")?;
+    let lapsed = lapsing.status(other)?;
     ensure!(lapsed["session"]["state"] == "expired", "{lapsed}");
     let events = lab.core()?.tidectl_json(&["events", "--limit", "1000"])?;
     let ended: Vec<&serde_json::Value> = events["events"]
@@ -306,12 +311,14 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
     })?;
     let (_, token) = new_device(&lab, "carol", "laptop")?;
     let mut client = UserClient::new(lab.client(), &lab.dir().join("user-client"))?;
-    client.enrol(&lab.edge_url(), &token, lab.web_ca(), "lab")?;
+    let name = lab.run().ifname("u");
+    let name = name.as_str();
+    client.enrol(&lab.edge_url(), &token, lab.web_ca(), name)?;
 
     // No login on a location without MFA; everything goes through the
     // tunnel but the tunnel's own packets, which the mark sends around it.
-    client.up("lab", &[])?;
-    ensure!(client.status("lab")?["session"].is_null());
+    client.up(name, &[])?;
+    ensure!(client.status(name)?["session"].is_null());
     let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
     ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
     let rules = lab.client().ip(&["-4", "rule", "show"])?;
@@ -321,7 +328,10 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
         "{rules}"
     );
     let route = lab.client().ip(&["-4", "route", "get", "203.0.113.9"])?;
-    ensure!(route.contains("dev lab table 51820"), "{route}");
+    ensure!(
+        route.contains(&format!("dev {name} table 51820")),
+        "{route}"
+    );
     let around = lab
         .client()
         .ip(&["-4", "route", "get", "198.51.100.100", "mark", "51820"])?;
@@ -331,12 +341,15 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
     );
     // A keeper killed outright leaves the tunnel; `down` undoes it from
     // the record.
-    client.keeper("lab").context("no keeper")?.kill()?;
-    ensure!(has_link(lab.client(), "lab")?, "the interface went with the keeper");
-    client.down("lab")?;
+    client.keeper(name).context("no keeper")?.kill()?;
+    ensure!(
+        has_link(lab.client(), name)?,
+        "the interface went with the keeper"
+    );
+    client.down(name)?;
     let rules = lab.client().ip(&["-4", "rule", "show"])?;
     ensure!(!rules.contains("51820"), "rules left behind: {rules}");
-    ensure!(!has_link(lab.client(), "lab")?, "the interface is left");
+    ensure!(!has_link(lab.client(), name)?, "the interface is left");
 
     // A stock app's config, its key made by tidectl and shown once.
     let core = lab.core()?;
@@ -363,7 +376,8 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
     );
     // The QR code's key replaced the first: this config is the one in force.
     let conf = core.tidectl_ok(&["device", "config", "tablet", "--wg-quick", "--new-key"])?;
-    let path = lab.dir().join("tgq.conf");
+    // wg-quick names the interface after the file.
+    let path = lab.dir().join(format!("{}.conf", lab.run().ifname("q")));
     std::fs::write(&path, &conf)?;
     let path = path.to_string_lossy().into_owned();
     let tablet = lab.other_client(2);
