@@ -3,10 +3,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tidegate_edge::api::{self, ConfigRequest, MfaFinishRequest, MfaStartRequest};
+use tidegate_edge::api::{self, ConfigRequest, EnrolRequest, MfaFinishRequest, MfaStartRequest};
 
 fuzz_target!(|body: &[u8]| {
     if let Ok(request) = api::parse::<ConfigRequest>(body) {
+        let _ = request.into_kind();
+    }
+    if let Ok(request) = api::parse::<EnrolRequest>(body) {
         let _ = request.into_kind();
     }
     if let Ok(request) = api::parse::<MfaStartRequest>(body) {

@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -318,7 +319,14 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
     // No login on a location without MFA; everything goes through the
     // tunnel but the tunnel's own packets, which the mark sends around it.
     client.up(name, &[])?;
-    ensure!(client.status(name)?["session"].is_null());
+    let status = client.status(name)?;
+    ensure!(status["session"].is_null(), "{status}");
+    // Kernel WireGuard where the kernel has it (the kernel suite's VMs).
+    let kernel = Path::new("/sys/module/wireguard").exists();
+    ensure!(
+        status["backend"] == if kernel { "kernel" } else { "wireguard-go" },
+        "{status}"
+    );
     let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
     ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
     let rules = lab.client().ip(&["-4", "rule", "show"])?;

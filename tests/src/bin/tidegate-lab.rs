@@ -1,18 +1,29 @@
 //! `tidegate-lab`: one gateway with its XDP shield and one WireGuard client
-//! in network namespaces, narrated step by step. `cargo xtask lab` runs it.
+//! in network namespaces, then a location run by Core whose users enrol and
+//! log in with `tidegate-client`, narrated step by step. `cargo xtask lab`
+//! runs it.
 //!
 //! It builds the topology, pings through the tunnel, fires malformed
 //! datagrams at the WireGuard port, shows the gateway's counters before and
 //! after, checks every drop was counted under its reason, and tears
-//! everything down. Exit status 0 means every check held.
+//! everything down. Then Core, two HA gateways, two Edges behind nginx and
+//! three users: each device is created without a key, enrolled with a
+//! one-time token, logged in with a TOTP code, and pings through its
+//! tunnel. Exit status 0 means every check held.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::net::IpAddr;
+use std::time::Instant;
+
 use anyhow::{Context, Result, bail, ensure};
+use tidegate_tests::control::{GATEWAY_TUNNEL, LOCATION};
 use tidegate_tests::gateway::WIREGUARD_COUNTERS;
 use tidegate_tests::shield::{GATEWAY_UNDERLAY, WG_PORT};
+use tidegate_tests::user_client::UserClient;
+use tidegate_tests::{ControlLab, ControlOptions};
 use tidegate_tests::{Counters, Netns, Shield, ShieldOptions, WgBackend, XdpMode};
 
 /// Malformed datagrams per kind.
@@ -50,7 +61,7 @@ fn main() -> ExitCode {
     match run(&options) {
         Ok(()) => {
             println!(
-                "\nlab passed: WireGuard through the shield, every malformed datagram dropped and counted, clean teardown"
+                "\nlab passed: WireGuard through the shield, every malformed datagram dropped and counted; users enrolled and logged in with tidegate-client; clean teardown"
             );
             ExitCode::SUCCESS
         }
@@ -274,6 +285,141 @@ fn run(options: &ShieldOptions) -> Result<()> {
             ", wireguard-go stopped"
         }
     ));
+    users()
+}
+
+/// The users of the lab's MFA location, one client namespace each.
+const USERS: [&str; 3] = ["alice", "bob", "carol"];
+
+/// A location run by Core, with Edges behind nginx, and users whose
+/// `tidegate-client` enrols with a token and logs in with a TOTP code.
+fn users() -> Result<()> {
+    step(
+        9,
+        "a location with Core: 2 HA gateways, 2 Edges behind nginx (HTTPS), Core in its own namespace",
+    );
+    let started = Instant::now();
+    let lab = ControlLab::build(&ControlOptions {
+        mfa_threshold_s: Some(300),
+        clients: USERS.len(),
+        ..ControlOptions::default()
+    })?;
+    let listening = lab.intranet().exec_ok("ss", &["-Htln"])?;
+    ensure!(listening.trim().is_empty(), "Core listens: {listening}");
+    say(&format!(
+        "built in {} ms; Core listens on no port and dials the gateways and Edges; users reach {}",
+        started.elapsed().as_millis(),
+        lab.edge_url()
+    ));
+    let names: Vec<String> = [lab.intranet(), lab.dmz(), lab.client()]
+        .iter()
+        .map(|ns| ns.name().to_owned())
+        .collect();
+
+    step(
+        10,
+        "users enrol: a device without a key, a one-time token, the key made by the client",
+    );
+    let mut clients = Vec::new();
+    for (k, user) in USERS.iter().enumerate() {
+        let netns = if k == 0 {
+            lab.client()
+        } else {
+            lab.other_client(k + 1)
+        };
+        let core = lab.core()?;
+        let created = core.tidectl_json(&["user", "create", user])?;
+        let secret = created["totp_secret"]
+            .as_str()
+            .context("no TOTP secret printed")?
+            .to_owned();
+        let device = format!("{user}-laptop");
+        core.tidectl_ok(&[
+            "device",
+            "create",
+            &device,
+            "--user",
+            user,
+            "--location",
+            LOCATION,
+        ])?;
+        let token = core.tidectl_json(&["device", "token", &device])?;
+        let token = token["token"].as_str().context("no token")?.to_owned();
+        let client = UserClient::new(netns, &lab.dir().join(format!("client-{user}")))?;
+        let name = lab.run().ifname(&format!("u{k}"));
+        let at = Instant::now();
+        client.enrol(&lab.edge_url(), &token, lab.web_ca(), &name)?;
+        let key = core.tidectl_json(&["device", "show", &device])?["public_key"].clone();
+        say(&format!(
+            "{user}: tidegate-client enrol {} <token>: {} ms; Core holds its public key {}",
+            lab.edge_url(),
+            at.elapsed().as_millis(),
+            key.as_str().unwrap_or("?")
+        ));
+        clients.push((user, netns, client, name, secret));
+    }
+
+    step(
+        11,
+        "MFA logins (codes from oathtool, as an authenticator app) and tunnels",
+    );
+    for (user, netns, client, name, secret) in &mut clients {
+        let at = Instant::now();
+        client.up(
+            name,
+            &["--code-command", &format!("oathtool --totp -b {secret}")],
+        )?;
+        let up_ms = at.elapsed().as_millis();
+        let ping = netns.ping(IpAddr::V4(GATEWAY_TUNNEL), PINGS)?;
+        ensure!(
+            ping.received == PINGS,
+            "{user}'s tunnel: {}",
+            first_line(&ping.summary)
+        );
+        let status = client.status(name)?;
+        say(&format!(
+            "{user}: logged in and up in {up_ms} ms ({}); session {}; ping {}",
+            status["backend"].as_str().unwrap_or("?"),
+            status["session"]["state"].as_str().unwrap_or("?"),
+            first_line(&ping.summary)
+        ));
+    }
+
+    step(12, "Core's view (tidectl location status)");
+    let status = lab.core()?.location_status(LOCATION)?;
+    ensure!(
+        status["mfa_sessions"] == USERS.len(),
+        "MFA sessions: {status}"
+    );
+    say(&format!("MFA sessions: {}", status["mfa_sessions"]));
+    for gateway in status["gateways"].as_array().into_iter().flatten() {
+        say(&format!(
+            "{}: link {}, {}, {} peers",
+            gateway["name"].as_str().unwrap_or("?"),
+            if gateway["connected"] == true {
+                "up"
+            } else {
+                "down"
+            },
+            gateway["role"].as_str().unwrap_or("?"),
+            gateway["peers"]
+        ));
+    }
+
+    step(13, "teardown");
+    for (user, _, client, name, _) in &mut clients {
+        client.down(name)?;
+        say(&format!("{user}: tidegate-client down"));
+    }
+    drop(clients);
+    drop(lab);
+    let listed = Netns::list()?;
+    let survivors: Vec<&String> = names.iter().filter(|n| listed.contains(n)).collect();
+    ensure!(
+        survivors.is_empty(),
+        "namespaces survived teardown: {survivors:?}"
+    );
+    say("every namespace and process of the location removed");
     Ok(())
 }
 
