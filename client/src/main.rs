@@ -379,6 +379,9 @@ async fn up(
     backend: BackendSetting,
     mut codes: Codes,
 ) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("up needs root: it creates an interface, routes and policy rules");
+    }
     let mut profile = Profile::find(dir, name)?;
     let name = profile.name.clone();
     if let Some(running) = Running::load(run_dir, &name)?

@@ -113,6 +113,8 @@ pub struct ControlOptions {
     pub mfa_session_s: Option<u32>,
     /// The location's allowed IPs (empty: its address networks).
     pub allowed_ips: Vec<String>,
+    /// The location's DNS servers.
+    pub dns: Vec<String>,
     /// Core's `[mfa] challenge_ttl_s`, if set.
     pub challenge_ttl_s: Option<u32>,
     /// Core's `[mfa] device_lockout_after`, if set.
@@ -138,6 +140,7 @@ impl Default for ControlOptions {
             mfa_threshold_s: None,
             mfa_session_s: None,
             allowed_ips: Vec::new(),
+            dns: Vec::new(),
             challenge_ttl_s: None,
             device_lockout_after: None,
             edge_core_timeout_ms: None,
@@ -461,6 +464,9 @@ impl ControlLab {
         }
         for net in &options.allowed_ips {
             args.extend(["--allowed-ip".into(), net.clone()]);
+        }
+        for server in &options.dns {
+            args.extend(["--dns".into(), server.clone()]);
         }
         core.tidectl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
         for i in 1..=options.gateways {

@@ -51,6 +51,7 @@ pub mod packets;
 pub mod pki;
 pub mod probe;
 pub mod process;
+pub mod resolvconf;
 pub mod run;
 pub mod scripted_core;
 pub mod shield;

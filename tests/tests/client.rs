@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tidegate_tests::control::{GATEWAY_TUNNEL, LOCATION};
+use tidegate_tests::resolvconf;
 use tidegate_tests::user_client::UserClient;
 use tidegate_tests::{ControlLab, ControlOptions, Probe, poll_until, require_root};
 
@@ -395,5 +396,45 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
     let ping = ping?;
     down?;
     ensure!(ping.received == 3, "stock wg-quick: {}", ping.summary);
+    Ok(())
+}
+
+#[test]
+#[ignore = "installs Debian's resolvconf into /etc and /usr: runs in the kernel suite's VMs"]
+fn the_locations_dns_servers_go_to_resolvconf_while_the_tunnel_is_up() -> Result<()> {
+    require_root();
+    let server = GATEWAY_TUNNEL.to_string();
+    let lab = ControlLab::build(&ControlOptions {
+        gateways: 1,
+        edges: 1,
+        dns: vec![server.clone()],
+        ..ControlOptions::default()
+    })?;
+    resolvconf::install(lab.dir())?;
+    let (_, token) = new_device(&lab, "dave", "laptop")?;
+    let mut client = UserClient::new(lab.client(), &lab.dir().join("user-client"))?;
+    let name = lab.run().ifname("u");
+    let name = name.as_str();
+    client.enrol(&lab.edge_url(), &token, lab.web_ca(), name)?;
+    let record = resolvconf::record(&format!("tun.{name}"));
+    let line = format!("nameserver {server}");
+
+    client.up(name, &[])?;
+    let conf = resolvconf::read()?;
+    ensure!(
+        conf.contains(&line),
+        "{} without {line}:\n{conf}",
+        resolvconf::RESOLV_CONF
+    );
+    ensure!(record.exists(), "no record {}", record.display());
+
+    client.down(name)?;
+    let conf = resolvconf::read()?;
+    ensure!(
+        !conf.contains(&line),
+        "{line} left in {}:\n{conf}",
+        resolvconf::RESOLV_CONF
+    );
+    ensure!(!record.exists(), "record {} left", record.display());
     Ok(())
 }

@@ -86,6 +86,42 @@ pub fn prepare(series: &[Series]) -> Result<Vec<Kernel>> {
     series.iter().map(|s| prepare_one(*s, &vng)).collect()
 }
 
+/// Debian's `resolvconf` package as a .deb, downloaded once into the tools
+/// cache: the client's DNS test installs it into a VM's own /etc and /usr
+/// (never on this host).
+pub fn resolvconf_deb() -> Result<PathBuf> {
+    let dir = tools_dir()?.join("debs");
+    let deb = dir.join("resolvconf.deb");
+    if deb.exists() {
+        return Ok(deb);
+    }
+    step(&format!(
+        "downloading Debian's resolvconf package into {} (for the client's DNS test in the VMs; not installed here)",
+        dir.display()
+    ));
+    let download = dir.join("download");
+    let fetched = apt_download("resolvconf", &download)?;
+    fs::rename(&fetched, &deb)?;
+    fs::remove_dir_all(&download)?;
+    Ok(deb)
+}
+
+/// Downloads the .deb of `package` (`name` or `name=version`) into `dir`,
+/// created; its path.
+fn apt_download(package: &str, dir: &std::path::Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    // apt drops to its own user to download unless told otherwise; this
+    // directory is root's.
+    Cmd::new("apt-get")
+        .args(["download", "-q", "-o", "APT::Sandbox::User=root", package])
+        .current_dir(dir)
+        .status_ok()?;
+    fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))
+}
+
 /// `vng`, installed from PyPI if it is nowhere to be found.
 fn ensure_virtme_ng() -> Result<PathBuf> {
     if let Some(vng) = find_vng() {
@@ -181,18 +217,7 @@ const READY: &str = ".ready";
 
 fn download_and_unpack(kernel: &Kernel) -> Result<()> {
     let download = kernel.dir.join("download");
-    fs::create_dir_all(&download)?;
-    // apt drops to its own user to download unless told otherwise; this
-    // directory is root's.
-    Cmd::new("apt-get")
-        .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
-        .arg(format!("{}={}", kernel.package, kernel.version))
-        .current_dir(&download)
-        .status_ok()?;
-    let deb = fs::read_dir(&download)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download left no .deb in {}", download.display()))?;
+    let deb = apt_download(&format!("{}={}", kernel.package, kernel.version), &download)?;
     step(&format!("unpacking {}", deb.display()));
     Cmd::new("dpkg-deb")
         .arg("-x")

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{
     ebpf::EbpfObjects,
-    kernels::Kernel,
+    kernels::{self, Kernel},
     run::{self, Workspace, step},
 };
 
@@ -94,6 +94,8 @@ pub const SUITE: &[Entry] = &[
         target: "client",
         tests: Cow::Borrowed(&[
             "without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel",
+            // Installs Debian's resolvconf: only a VM's /etc may take it.
+            "the_locations_dns_servers_go_to_resolvconf_while_the_tunnel_is_up",
         ]),
     },
     // Steps the wall clock, which only a VM may do: ignored on the host.
@@ -109,6 +111,14 @@ pub const SUITE: &[Entry] = &[
 /// Set in the guest: the machine is the VM's own, so a test may step its
 /// wall clock (`tidegate_tests::clock::STEPPABLE_ENV`).
 const CLOCK_STEPPABLE_ENV: &str = "TIDEGATE_TEST_CLOCK_STEPPABLE";
+/// Set in the guest: its /etc and /usr are overlays of its own, so a test
+/// may install a package's files there (`tidegate_tests::resolvconf`).
+const OWN_ROOT_ENV: &str = "TIDEGATE_TEST_OWN_ROOT";
+/// Set in the guest: Debian's resolvconf package, for that test.
+const RESOLVCONF_DEB_ENV: &str = "TIDEGATE_RESOLVCONF_DEB";
+/// What the guest may change without touching this host: overlays of
+/// the host's directories, written in the guest's memory.
+const GUEST_OVERLAYS: &[&str] = &["/etc", "/usr/sbin", "/usr/lib"];
 
 /// Guest memory: each namespace test runs up to about 30 kernel WireGuard
 /// interfaces and a few daemons.
@@ -283,14 +293,15 @@ pub fn run_in_vms(
     planned: &[GuestRun],
 ) -> Result<Vec<(String, Totals)>> {
     let bin_dir = ws.profile_dir(false);
+    let resolvconf = kernels::resolvconf_deb()?;
     let outcomes: Vec<(&Kernel, PathBuf, Result<Totals>)> = std::thread::scope(|scope| {
         let runs: Vec<_> = kernels
             .iter()
             .map(|kernel| {
-                let bin_dir = &bin_dir;
+                let (bin_dir, resolvconf) = (&bin_dir, &resolvconf);
                 scope.spawn(move || -> Result<(PathBuf, Result<Totals>)> {
                     let out = guest_dir(ws, kernel)?;
-                    let totals = run_one(kernel, planned, bin_dir, &out);
+                    let totals = run_one(kernel, planned, bin_dir, resolvconf, &out);
                     Ok((out, totals))
                 })
             })
@@ -348,9 +359,16 @@ fn guest_dir(ws: &Workspace, kernel: &Kernel) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn run_one(kernel: &Kernel, planned: &[GuestRun], bin_dir: &Path, out: &Path) -> Result<Totals> {
+fn run_one(
+    kernel: &Kernel,
+    planned: &[GuestRun],
+    bin_dir: &Path,
+    resolvconf: &Path,
+    out: &Path,
+) -> Result<Totals> {
     let plan = json!({
         "bin_dir": bin_dir,
+        "resolvconf_deb": resolvconf,
         "runs": planned.iter().map(|p| json!({
             "target": p.label,
             "binary": p.binary,
@@ -383,6 +401,11 @@ fn run_one(kernel: &Kernel, planned: &[GuestRun], bin_dir: &Path, out: &Path) ->
         .arg("--verbose")
         .arg("--rwdir")
         .arg(out)
+        .args(
+            GUEST_OVERLAYS
+                .iter()
+                .flat_map(|dir| ["--overlay-rwdir", dir]),
+        )
         .args(["--exec", &exec])
         .stdin(Stdio::null())
         .stdout(vng_log.try_clone()?)
@@ -505,6 +528,9 @@ pub fn guest(plan: &Path, out: &Path) -> Result<()> {
     );
     say("guest: WireGuard module loaded");
     let bin_dir = plan["bin_dir"].as_str().context("no bin_dir in the plan")?;
+    let resolvconf = plan["resolvconf_deb"]
+        .as_str()
+        .context("no resolvconf_deb in the plan")?;
     let mut runs = Vec::new();
     for run in plan["runs"].as_array().context("no runs in the plan")? {
         let target = run["target"].as_str().unwrap_or_default().to_owned();
@@ -521,6 +547,8 @@ pub fn guest(plan: &Path, out: &Path) -> Result<()> {
             .env("TIDEGATE_BIN_DIR", bin_dir)
             .env("TIDEGATE_TEST_SLOWDOWN", SLOWDOWN)
             .env(CLOCK_STEPPABLE_ENV, "1")
+            .env(OWN_ROOT_ENV, "1")
+            .env(RESOLVCONF_DEB_ENV, resolvconf)
             .env_remove("RUST_LOG");
         let outcome = run_bounded(command, &out.join(LOG), BINARY_TIMEOUT);
         let (passed, failed) = totals_in(

@@ -5,19 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
 use qrcode::{QrCode, render::unicode::Dense1x2};
 use tidegate_proto::admin::v1 as admin;
+use tidegate_wireguard::{Key, KeyError};
 
 /// Why a key or a QR code could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum WgQuickError {
-    #[error("not valid base64 (a private key as `wg genkey` prints it)")]
-    NotBase64(#[source] base64::DecodeError),
-    #[error("decodes to {0} bytes; a WireGuard key is 32")]
-    WrongLength(usize),
-    #[error("no randomness for a new key")]
-    Random(#[source] getrandom::Error),
+    #[error("not a private key as `wg genkey` prints it")]
+    Key(#[source] KeyError),
     #[error("the config does not fit in a QR code")]
     Qr(#[source] qrcode::types::QrError),
     #[error(
@@ -56,24 +52,14 @@ impl std::fmt::Debug for KeyPair {
 impl KeyPair {
     /// A new key pair.
     pub fn generate() -> Result<Self, WgQuickError> {
-        let mut bytes = [0u8; 32];
-        getrandom::getrandom(&mut bytes).map_err(WgQuickError::Random)?;
-        bytes[0] &= 248;
-        bytes[31] &= 127;
-        bytes[31] |= 64;
-        Ok(Self::from_private(bytes))
+        Key::generate_private()
+            .map(Self::of)
+            .map_err(WgQuickError::Key)
     }
 
     /// The pair of a private key in base64 (white space around ignored).
     pub fn parse_private(text: &str) -> Result<Self, WgQuickError> {
-        let bytes = STANDARD
-            .decode(text.trim())
-            .map_err(WgQuickError::NotBase64)?;
-        let bytes: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| WgQuickError::WrongLength(bytes.len()))?;
-        Ok(Self::from_private(bytes))
+        text.parse::<Key>().map(Self::of).map_err(WgQuickError::Key)
     }
 
     /// Checks that this is the key pair of `device`, whose public key Core
@@ -97,12 +83,10 @@ impl KeyPair {
         Ok(())
     }
 
-    fn from_private(bytes: [u8; 32]) -> Self {
-        let secret = x25519_dalek::StaticSecret::from(bytes);
-        let public = x25519_dalek::PublicKey::from(&secret);
+    fn of(private: Key) -> Self {
         Self {
-            private: STANDARD.encode(bytes),
-            public: STANDARD.encode(public.as_bytes()),
+            private: private.to_base64(),
+            public: private.public().to_base64(),
         }
     }
 }
@@ -233,11 +217,11 @@ mod tests {
         assert!(!format!("{new:?}").contains(&new.private));
         assert!(matches!(
             KeyPair::parse_private("nope!"),
-            Err(WgQuickError::NotBase64(_))
+            Err(WgQuickError::Key(KeyError::NotBase64(_)))
         ));
         assert!(matches!(
-            KeyPair::parse_private(&STANDARD.encode([1u8; 16])),
-            Err(WgQuickError::WrongLength(16))
+            KeyPair::parse_private("AQEBAQEBAQEBAQEBAQEBAQ=="),
+            Err(WgQuickError::Key(KeyError::WrongLength(16)))
         ));
     }
 
