@@ -404,10 +404,13 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
 fn the_locations_dns_servers_go_to_resolvconf_while_the_tunnel_is_up() -> Result<()> {
     require_root();
     let server = GATEWAY_TUNNEL.to_string();
+    // A full tunnel too: in the VMs this test is the client's on kernel
+    // WireGuard, its routing and its DNS at once.
     let lab = ControlLab::build(&ControlOptions {
         gateways: 1,
         edges: 1,
         dns: vec![server.clone()],
+        allowed_ips: vec!["0.0.0.0/0".into()],
         ..ControlOptions::default()
     })?;
     resolvconf::install(lab.dir())?;
@@ -420,6 +423,19 @@ fn the_locations_dns_servers_go_to_resolvconf_while_the_tunnel_is_up() -> Result
     let line = format!("nameserver {server}");
 
     client.up(name, &[])?;
+    let status = client.status(name)?;
+    let kernel = Path::new("/sys/module/wireguard").exists();
+    ensure!(
+        status["backend"] == if kernel { "kernel" } else { "wireguard-go" },
+        "{status}"
+    );
+    let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
+    ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
+    let rules = lab.client().ip(&["-4", "rule", "show"])?;
+    ensure!(
+        rules.contains("not from all fwmark 0xca6c lookup 51820"),
+        "{rules}"
+    );
     let conf = resolvconf::read()?;
     ensure!(
         conf.contains(&line),
@@ -436,5 +452,7 @@ fn the_locations_dns_servers_go_to_resolvconf_while_the_tunnel_is_up() -> Result
         resolvconf::RESOLV_CONF
     );
     ensure!(!record.exists(), "record {} left", record.display());
+    let rules = lab.client().ip(&["-4", "rule", "show"])?;
+    ensure!(!rules.contains("51820"), "rules left behind: {rules}");
     Ok(())
 }

@@ -88,13 +88,12 @@ pub const SUITE: &[Entry] = &[
         target: "director",
         tests: Cow::Borrowed(&["the_director_spreads_clients_survives_its_crash_and_drains"]),
     },
-    // The users' client on kernel WireGuard, and stock wg-quick beside it.
+    // The users' client on kernel WireGuard: a full tunnel and its DNS
+    // through Debian's resolvconf, which only a VM's /etc may take.
     Entry {
         package: "tidegate-tests",
         target: "client",
         tests: Cow::Borrowed(&[
-            "without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel",
-            // Installs Debian's resolvconf: only a VM's /etc may take it.
             "the_locations_dns_servers_go_to_resolvconf_while_the_tunnel_is_up",
         ]),
     },
