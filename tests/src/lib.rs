@@ -24,6 +24,8 @@
 //! links for tests of gateways and Edges on their own. The real Core
 //! ([`core_daemon`]) runs with a PKI of its own making; [`control`] puts it
 //! in an intranet namespace with gateways, Edges behind nginx and a client.
+//! The users' `tidegate-client` runs through [`user_client`]; in the
+//! kernel suite's VMs [`resolvconf`] gives it Debian's resolvconf.
 
 pub mod adverts;
 pub mod bins;
