@@ -18,6 +18,7 @@ use tidegate_client::{
     session::{Input, Session},
     tunnel::{self, TunnelSpec},
 };
+use tidegate_proto::error_chain;
 use tidegate_wireguard::{BackendSetting, Key};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -162,22 +163,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("tidegate-client: {}", tidegate_chain(&error));
+            eprintln!("tidegate-client: {}", error_chain(error.as_ref()));
             ExitCode::from(Exit::of(&error) as u8)
         }
     }
-}
-
-/// An error and its causes on one line, each cause once.
-fn tidegate_chain(error: &anyhow::Error) -> String {
-    let mut out: Vec<String> = Vec::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if !out.iter().any(|seen| seen.contains(&text)) {
-            out.push(text);
-        }
-    }
-    out.join(": ")
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -540,7 +529,7 @@ async fn keep_up(
                         Some(ApiError::Refused(r)) => r.retry_after_s,
                         _ => None,
                     });
-                    let text = tidegate_chain(&error);
+                    let text = error_chain(error.as_ref());
                     warn!(error = %text, "renewing the MFA session failed");
                     eprintln!("tidegate-client: renewing the MFA session: {text}");
                     session.step(

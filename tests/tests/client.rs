@@ -68,6 +68,26 @@ fn nothing_configured(lab: &ControlLab, client: &UserClient, name: &str) -> Resu
     Ok(())
 }
 
+/// `up` on a location without MFA: the tunnel on kernel WireGuard where
+/// the kernel has it (the kernel suite's VMs), else wireguard-go, and
+/// pings through it. The client's status.
+fn up_without_login(
+    lab: &ControlLab,
+    client: &mut UserClient,
+    name: &str,
+) -> Result<serde_json::Value> {
+    client.up(name, &[])?;
+    let status = client.status(name)?;
+    let kernel = Path::new("/sys/module/wireguard").exists();
+    ensure!(
+        status["backend"] == if kernel { "kernel" } else { "wireguard-go" },
+        "{status}"
+    );
+    let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
+    ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
+    Ok(status)
+}
+
 fn device_json(lab: &ControlLab, device: &str) -> Result<serde_json::Value> {
     lab.core()?.tidectl_json(&["device", "show", device])
 }
@@ -319,17 +339,8 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
 
     // No login on a location without MFA; everything goes through the
     // tunnel but the tunnel's own packets, which the mark sends around it.
-    client.up(name, &[])?;
-    let status = client.status(name)?;
+    let status = up_without_login(&lab, &mut client, name)?;
     ensure!(status["session"].is_null(), "{status}");
-    // Kernel WireGuard where the kernel has it (the kernel suite's VMs).
-    let kernel = Path::new("/sys/module/wireguard").exists();
-    ensure!(
-        status["backend"] == if kernel { "kernel" } else { "wireguard-go" },
-        "{status}"
-    );
-    let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
-    ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
     let rules = lab.client().ip(&["-4", "rule", "show"])?;
     ensure!(
         rules.contains("not from all fwmark 0xca6c lookup 51820")
@@ -422,15 +433,7 @@ fn the_locations_dns_servers_go_to_resolvconf_while_the_tunnel_is_up() -> Result
     let record = resolvconf::record(&format!("tun.{name}"));
     let line = format!("nameserver {server}");
 
-    client.up(name, &[])?;
-    let status = client.status(name)?;
-    let kernel = Path::new("/sys/module/wireguard").exists();
-    ensure!(
-        status["backend"] == if kernel { "kernel" } else { "wireguard-go" },
-        "{status}"
-    );
-    let ping = lab.client().ping(IpAddr::V4(GATEWAY_TUNNEL), 3)?;
-    ensure!(ping.received == 3, "through the tunnel: {}", ping.summary);
+    up_without_login(&lab, &mut client, name)?;
     let rules = lab.client().ip(&["-4", "rule", "show"])?;
     ensure!(
         rules.contains("not from all fwmark 0xca6c lookup 51820"),

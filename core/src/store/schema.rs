@@ -231,7 +231,7 @@ mod tests {
              INSERT INTO download_tokens VALUES (x'01', 9, 0, 100, NULL);",
         )
         .unwrap();
-        let devices_before: Vec<(i64, String, Vec<u8>, i64)> = {
+        let devices = |conn: &Connection| -> Vec<(i64, String, Vec<u8>, i64)> {
             let mut stmt = conn
                 .prepare("SELECT id, name, public_key, mfa_failures FROM devices ORDER BY id")
                 .unwrap();
@@ -240,6 +240,7 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap()
         };
+        let devices_before = devices(&conn);
         migrate(&mut conn).unwrap();
         let count = |table: &str| -> i64 {
             conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
@@ -248,15 +249,7 @@ mod tests {
         assert_eq!(count("device_addresses"), 2);
         assert_eq!(count("mfa_sessions"), 1);
         assert_eq!(count("download_tokens"), 1);
-        let devices_after: Vec<(i64, String, Vec<u8>, i64)> = {
-            let mut stmt = conn
-                .prepare("SELECT id, name, public_key, mfa_failures FROM devices ORDER BY id")
-                .unwrap();
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap()
-        };
+        let devices_after = devices(&conn);
         assert_eq!(devices_after, devices_before);
         // Foreign keys are back on, still point at devices and hold.
         let on: bool = conn
