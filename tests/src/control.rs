@@ -115,6 +115,8 @@ pub struct ControlOptions {
     pub allowed_ips: Vec<String>,
     /// The location's DNS servers.
     pub dns: Vec<String>,
+    /// The location's MTU (`None`: the gateways').
+    pub mtu: Option<u32>,
     /// Core's `[mfa] challenge_ttl_s`, if set.
     pub challenge_ttl_s: Option<u32>,
     /// Core's `[mfa] device_lockout_after`, if set.
@@ -141,6 +143,7 @@ impl Default for ControlOptions {
             mfa_session_s: None,
             allowed_ips: Vec::new(),
             dns: Vec::new(),
+            mtu: None,
             challenge_ttl_s: None,
             device_lockout_after: None,
             edge_core_timeout_ms: None,
@@ -467,6 +470,9 @@ impl ControlLab {
         }
         for server in &options.dns {
             args.extend(["--dns".into(), server.clone()]);
+        }
+        if let Some(mtu) = options.mtu {
+            args.extend(["--mtu".into(), mtu.to_string()]);
         }
         core.tidectl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
         for i in 1..=options.gateways {

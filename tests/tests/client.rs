@@ -329,6 +329,7 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
         edges: 1,
         clients: 2,
         allowed_ips: vec!["0.0.0.0/0".into()],
+        mtu: Some(1380),
         ..ControlOptions::default()
     })?;
     let (_, token) = new_device(&lab, "carol", "laptop")?;
@@ -341,6 +342,8 @@ fn without_mfa_the_client_and_stock_wg_quick_route_everything_through_the_tunnel
     // tunnel but the tunnel's own packets, which the mark sends around it.
     let status = up_without_login(&lab, &mut client, name)?;
     ensure!(status["session"].is_null(), "{status}");
+    let link = lab.client().ip(&["link", "show", name])?;
+    ensure!(link.contains("mtu 1380"), "not the location's MTU: {link}");
     let rules = lab.client().ip(&["-4", "rule", "show"])?;
     ensure!(
         rules.contains("not from all fwmark 0xca6c lookup 51820")
