@@ -31,13 +31,16 @@ use crate::gateway::{
     CoreSection, GATEWAY_BIN, GatewayConfig, GatewayDaemon, HaSection, TIDECTL_BIN,
     WireguardSection, XdpMode,
 };
+use crate::ha::HaStatus;
 use crate::http::{self, HttpAnswer};
 use crate::netns::{Netns, bridge, veth};
 use crate::nginx::{Nginx, NginxTls};
 use crate::pki::TestPki;
+use crate::process::Process;
 use crate::run::Run;
 use crate::wait::{Probe, poll_until};
 use crate::wireguard::{DetachedWireguardGo, WgInterface};
+use aya::Ebpf;
 
 /// The location's name in Core.
 pub const LOCATION: &str = "lab";
@@ -70,9 +73,17 @@ pub const EDGE_BODY_LIMIT: usize = 2048;
 /// Most gateways and Edges a lab holds.
 pub const MAX_GATEWAYS: usize = 3;
 pub const MAX_EDGES: usize = 2;
+/// The second location's name in Core (see [`SecondLocation`]).
+pub const SECOND_LOCATION: &str = "lab-mfa";
+/// The second location's floating address.
+pub const SECOND_VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 101);
+/// The second location's gateways' tunnel address.
+pub const SECOND_TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+/// The port of each gateway's `tidegate-echo` on its tunnel address.
+pub const ECHO_PORT: u16 = 7;
 
 /// The public address of client namespace `k` (1-based): [`CLIENT_ADDR`]
-/// for the first, 198.51.100.(150 + k) for the others.
+/// for the first, 198.51.100.(150 + k) for the others (k up to 100).
 pub fn client_addr(k: usize) -> Ipv4Addr {
     match k {
         0 | 1 => CLIENT_ADDR,
@@ -98,6 +109,22 @@ pub fn edge_link(j: usize) -> SocketAddr {
 /// The HTTP address of Edge `j` (1-based), inside the DMZ.
 pub fn edge_http(j: usize) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, 8080 + j as u16))
+}
+
+/// The location (1 or 2) gateway `i` (1-based) serves: the first
+/// location's gateways come first.
+fn location_of(options: &ControlOptions, i: usize) -> usize {
+    if i <= options.gateways { 1 } else { 2 }
+}
+
+/// The gateways (1-based indices) of `location`.
+fn gateways_of(options: &ControlOptions, location: usize) -> std::ops::RangeInclusive<usize> {
+    let second = options.second.as_ref().map_or(0, |s| s.gateways);
+    if location == 1 {
+        1..=options.gateways
+    } else {
+        options.gateways + 1..=options.gateways + second
+    }
 }
 
 /// What a lab is made of.
@@ -132,6 +159,27 @@ pub struct ControlOptions {
     /// Client namespaces on the public segment (1 or more): the first is
     /// [`ControlLab::client`], the others [`ControlLab::other_client`].
     pub clients: usize,
+    /// The gateways run `[ha] mode = "director"`: the switch's ports
+    /// toward them carry an `XDP_PASS` program (a veth drops frames sent
+    /// with `XDP_TX` unless its peer runs XDP too) and the clients compute
+    /// their UDP checksums in software, as frames from a real network
+    /// arrive (`XDP_TX` passes on a veth's unfinished offload checksum).
+    pub director: bool,
+    /// A second location, with gateways of its own.
+    pub second: Option<SecondLocation>,
+    /// How the gateways attach their XDP programs.
+    pub xdp_mode: XdpMode,
+}
+
+/// A second location on the same segments: [`SECOND_LOCATION`], with MFA,
+/// its VIP [`SECOND_VIP`] and tunnel network 10.78.0.0/24, served by
+/// gateways numbered after the first location's.
+#[derive(Debug, Clone)]
+pub struct SecondLocation {
+    /// 1 or more gateways (active/standby).
+    pub gateways: usize,
+    /// The MFA peer-disconnect threshold.
+    pub mfa_threshold_s: u32,
 }
 
 impl Default for ControlOptions {
@@ -151,19 +199,30 @@ impl Default for ControlOptions {
             start_core: true,
             tunnel_address: format!("{GATEWAY_TUNNEL}/24"),
             clients: 1,
+            director: false,
+            second: None,
+            xdp_mode: XdpMode::Auto,
         }
     }
 }
 
-/// One gateway of the lab.
+/// One gateway of the lab. Fields drop in the order they are declared.
 #[derive(Debug)]
 pub struct LabGateway {
     pub name: String,
+    /// Its `tidegate-echo` on the tunnel address, once started.
+    pub echo: Option<Process>,
     pub daemon: GatewayDaemon,
     /// The wireguard-go the daemon started (stopped after the daemon).
     pub wg: DetachedWireguardGo,
     pub netns: Netns,
     pub dir: PathBuf,
+    /// Its interface on the public segment.
+    pub public: String,
+    /// 1 for the first location, 2 for the second.
+    pub location: usize,
+    /// Its number in the lab (`gw<index>`), what its echo answers.
+    pub index: usize,
 }
 
 impl LabGateway {
@@ -173,6 +232,69 @@ impl LabGateway {
         let status: serde_json::Value = serde_json::from_str(&out)?;
         Ok(status["role"].as_str().unwrap_or_default().to_owned())
     }
+
+    /// `tidectl status --json`.
+    pub fn status(&mut self) -> Result<HaStatus> {
+        HaStatus::parse(&self.daemon.tidectl_ok(&["status", "--json"])?)
+    }
+
+    /// The gateway's id in its location's election.
+    pub fn id(&self) -> u32 {
+        self.daemon
+            .config()
+            .ha
+            .as_ref()
+            .map_or(0, |ha| ha.gateway_id)
+    }
+
+    /// Kills the daemon (SIGKILL) and its echo, and takes its public link
+    /// down: a host that died. Its wireguard-go stays, cut off.
+    pub fn crash(&mut self) -> Result<()> {
+        self.daemon.kill()?;
+        if let Some(echo) = self.echo.as_mut() {
+            echo.kill()?;
+        }
+        self.netns
+            .ip(&["link", "set", "dev", &self.public, "down"])?;
+        Ok(())
+    }
+
+    /// Brings a crashed gateway back: its link up, its daemon restarted,
+    /// its echo started again.
+    pub fn recover(&mut self) -> Result<()> {
+        self.netns.set_up(&self.public)?;
+        self.daemon.restart(&self.netns)?;
+        self.start_echo()
+    }
+
+    /// The daemon is alive.
+    pub fn running(&mut self) -> bool {
+        self.daemon.ensure_running().is_ok()
+    }
+
+    /// The tunnel address its location's gateways hold.
+    pub fn tunnel(&self) -> Ipv4Addr {
+        if self.location == 1 {
+            GATEWAY_TUNNEL
+        } else {
+            SECOND_TUNNEL
+        }
+    }
+
+    /// Starts its `tidegate-echo` on the tunnel address, answering with
+    /// its number in the lab, and waits until it listens.
+    pub fn start_echo(&mut self) -> Result<()> {
+        self.echo = None;
+        let log = self.dir.join("echo.log");
+        let bind = SocketAddr::from((self.tunnel(), ECHO_PORT));
+        self.echo = Some(crate::ha::start_echo_listening(
+            &self.netns,
+            self.index as u32,
+            bind,
+            &log,
+        )?);
+        Ok(())
+    }
 }
 
 /// The lab. Fields drop in the order they are declared.
@@ -180,6 +302,9 @@ impl LabGateway {
 pub struct ControlLab {
     core: Option<CoreDaemon>,
     gateways: Vec<LabGateway>,
+    /// The `XDP_PASS` programs on the switch's ports toward the gateways
+    /// (director mode).
+    _passes: Option<Ebpf>,
     nginx: Option<Nginx>,
     edges: Vec<EdgeDaemon>,
     client_wg: Option<WgInterface>,
@@ -205,9 +330,17 @@ impl ControlLab {
         for name in [CORE_BIN, GATEWAY_BIN, TIDECTL_BIN, EDGE_BIN] {
             binary(name)?;
         }
+        let second = options.second.as_ref().map_or(0, |s| s.gateways);
         ensure!(
-            (1..=MAX_GATEWAYS).contains(&options.gateways) && options.edges <= MAX_EDGES,
-            "1 to {MAX_GATEWAYS} gateways and at most {MAX_EDGES} Edges"
+            (1..=MAX_GATEWAYS).contains(&options.gateways)
+                && second <= MAX_GATEWAYS
+                && options.edges <= MAX_EDGES,
+            "1 to {MAX_GATEWAYS} gateways a location and at most {MAX_EDGES} Edges"
+        );
+        ensure!(
+            (1..=100).contains(&options.clients),
+            "1 to 100 client namespaces, not {}",
+            options.clients
         );
         let run = Run::new()?;
         let switch = Netns::create(&run.netns_name("switch"))?;
@@ -239,34 +372,42 @@ impl ControlLab {
         dmz.set_up(&dmz_public)?;
         public_ports.push(dmz_public_port);
 
-        // The client: public only.
+        // The clients: public only.
+        let client_link = |netns: &Netns, ifname: &str, addr: Ipv4Addr| -> Result<()> {
+            netns.add_addr(ifname, &format!("{addr}/24"))?;
+            netns.set_up(ifname)?;
+            if options.director {
+                netns.exec_ok("ethtool", &["-K", ifname, "tx", "off"])?;
+            }
+            Ok(())
+        };
         let client_if = run.ifname("c");
         let client_port = run.ifname("pc");
         veth(&client, &client_if, &switch, &client_port)?;
-        client.add_addr(&client_if, &format!("{CLIENT_ADDR}/24"))?;
-        client.set_up(&client_if)?;
+        client_link(&client, &client_if, CLIENT_ADDR)?;
         public_ports.push(client_port);
         let mut other_clients = Vec::new();
-        for k in 2..=options.clients.max(1) {
+        for k in 2..=options.clients {
             let netns = Netns::create(&run.netns_name(&format!("client{k}")))?;
             let ifname = run.ifname(&format!("c{k}"));
             let port = run.ifname(&format!("pc{k}"));
             veth(&netns, &ifname, &switch, &port)?;
-            netns.add_addr(&ifname, &format!("{}/24", client_addr(k)))?;
-            netns.set_up(&ifname)?;
+            client_link(&netns, &ifname, client_addr(k))?;
             public_ports.push(port);
             other_clients.push(netns);
         }
 
         let mut gateway_links = Vec::new();
-        for i in 1..=options.gateways {
+        let mut gateway_ports = Vec::new();
+        for i in 1..=options.gateways + second {
             let netns = Netns::create(&run.netns_name(&format!("gw{i}")))?;
             let public = run.ifname(&format!("g{i}"));
             let public_port = run.ifname(&format!("pg{i}"));
             veth(&netns, &public, &switch, &public_port)?;
             netns.add_addr(&public, &format!("{}/24", gateway_public(i)))?;
             netns.set_up(&public)?;
-            public_ports.push(public_port);
+            public_ports.push(public_port.clone());
+            gateway_ports.push(public_port);
             let mgmt = run.ifname(&format!("m{i}"));
             let mgmt_port = run.ifname(&format!("mp{i}"));
             veth(&netns, &mgmt, &switch, &mgmt_port)?;
@@ -280,6 +421,11 @@ impl ControlLab {
         }
         bridge(&switch, &run.ifname("bm"), &refs(&mgmt_ports))?;
         bridge(&switch, &run.ifname("bp"), &refs(&public_ports))?;
+        let passes = if options.director {
+            Some(crate::director::attach_passes(&switch, &gateway_ports)?)
+        } else {
+            None
+        };
 
         let pki = CorePki::init(&run.dir().join("pki"))?;
         let core_dir = run.dir().join("core");
@@ -287,19 +433,21 @@ impl ControlLab {
             .with_context(|| format!("creating {}", core_dir.display()))?;
 
         // Gateways: every daemon first, then wait for each.
-        let ids: Vec<usize> = (1..=options.gateways).collect();
         let mut spawned = Vec::new();
         for (i, netns, public) in gateway_links {
             let name = format!("gw{i}");
+            let location = location_of(options, i);
+            let members = gateways_of(options, location);
             let dir = run.dir().join(&name);
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let wg_name = run.ifname(&format!("w{i}"));
             let wg = DetachedWireguardGo::new(&netns, &wg_name);
+            let vip = if location == 1 { VIP } else { SECOND_VIP };
             let mut config = GatewayConfig::shield(
                 &public,
-                XdpMode::Auto,
+                options.xdp_mode,
                 dir.join("gateway.sock"),
-                vec![SocketAddr::from((VIP, WG_PORT))],
+                vec![SocketAddr::from((vip, WG_PORT))],
             );
             config.state_dir = Some(dir.join("state"));
             config.bpf_pin_dir = Some(run.bpffs()?);
@@ -314,26 +462,26 @@ impl ControlLab {
                 mfa: false,
                 peer_disconnect_threshold_secs: None,
             });
+            let first = *members.start();
             config.ha = Some(HaSection {
-                location_id: 1,
-                gateway_id: i as u32,
-                priority: Some([200, 100, 50][i - 1]),
+                location_id: location as u32,
+                gateway_id: (i - first + 1) as u32,
+                priority: Some([200, 100, 50][i - first]),
                 advert_interval_ms: Some(100),
                 preempt: Some(false),
                 preempt_delay_ms: None,
                 key: HA_KEY.to_owned(),
-                vips: vec![IpAddr::V4(VIP)],
+                vips: vec![IpAddr::V4(vip)],
                 port: None,
                 multicast_group: None,
-                peers: ids
-                    .iter()
-                    .filter(|&&other| other != i)
-                    .map(|&other| IpAddr::V4(gateway_public(other)))
+                peers: members
+                    .filter(|&other| other != i)
+                    .map(|other| IpAddr::V4(gateway_public(other)))
                     .collect(),
                 track: Vec::new(),
                 kick_rate: None,
                 handover_window_ms: None,
-                mode: None,
+                mode: (options.director && location == 1).then(|| "director".to_owned()),
             });
             let mut section = CoreSection::new(
                 SocketAddr::from((gateway_mgmt(i), GATEWAY_LINK_PORT)),
@@ -343,18 +491,22 @@ impl ControlLab {
             section.status_interval_ms = Some(options.status_interval_ms);
             config.core = Some(section);
             let daemon = GatewayDaemon::spawn(&netns, config, &dir)?;
-            spawned.push((name, daemon, wg, netns, dir));
-        }
-        let mut gateways = Vec::new();
-        for (name, mut daemon, wg, netns, dir) in spawned {
-            daemon.wait_ready()?;
-            gateways.push(LabGateway {
+            spawned.push(LabGateway {
                 name,
+                echo: None,
                 daemon,
                 wg,
                 netns,
                 dir,
+                public,
+                location,
+                index: i,
             });
+        }
+        let mut gateways = Vec::new();
+        for mut gateway in spawned {
+            gateway.daemon.wait_ready()?;
+            gateways.push(gateway);
         }
 
         let mut edges = Vec::new();
@@ -391,6 +543,7 @@ impl ControlLab {
         let mut lab = Self {
             core: None,
             gateways,
+            _passes: passes,
             nginx,
             edges,
             client_wg: None,
@@ -406,6 +559,9 @@ impl ControlLab {
             run,
         };
         lab.wait_master(Duration::from_secs(10))?;
+        if second > 0 {
+            lab.wait_master_of(2, Duration::from_secs(10))?;
+        }
         if options.start_core {
             lab.start_core(CoreConfig::new(&lab.core_dir, lab.pki.core_files()))?;
             lab.create_location()?;
@@ -413,13 +569,21 @@ impl ControlLab {
         Ok(lab)
     }
 
-    /// Waits until exactly one gateway is MASTER (by its own `tidectl
-    /// status`) and returns its index.
+    /// Waits until exactly one gateway of the first location is MASTER (by
+    /// its own `tidectl status`) and returns its index.
     pub fn wait_master(&mut self, timeout: Duration) -> Result<usize> {
-        poll_until("one master", timeout, Duration::from_millis(100), || {
+        self.wait_master_of(1, timeout)
+    }
+
+    /// Waits until exactly one running gateway of `location` (1 or 2) is
+    /// MASTER and returns its index. Gateways whose daemon is down (a
+    /// crash) are not asked.
+    pub fn wait_master_of(&mut self, location: usize, timeout: Duration) -> Result<usize> {
+        poll_until("one master", timeout, Duration::from_millis(50), || {
             let mut masters = Vec::new();
             for (index, gateway) in self.gateways.iter_mut().enumerate() {
-                if gateway.role()? == "master" {
+                if gateway.location == location && gateway.running() && gateway.role()? == "master"
+                {
                     masters.push(index + 1);
                 }
             }
@@ -475,14 +639,35 @@ impl ControlLab {
             args.extend(["--mtu".into(), mtu.to_string()]);
         }
         core.tidectl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
-        for i in 1..=options.gateways {
+        if let Some(second) = &options.second {
+            core.tidectl_ok(&[
+                "location",
+                "create",
+                SECOND_LOCATION,
+                "--address",
+                &format!("{SECOND_TUNNEL}/24"),
+                "--vip",
+                &SECOND_VIP.to_string(),
+                "--port",
+                &WG_PORT.to_string(),
+                "--mfa",
+                "--threshold",
+                &second.mfa_threshold_s.to_string(),
+            ])?;
+        }
+        let second = options.second.as_ref().map_or(0, |s| s.gateways);
+        for i in 1..=options.gateways + second {
             let address = SocketAddr::from((gateway_mgmt(i), GATEWAY_LINK_PORT)).to_string();
+            let location = match location_of(&options, i) {
+                1 => LOCATION,
+                _ => SECOND_LOCATION,
+            };
             core.tidectl_ok(&[
                 "gateway",
                 "create",
                 &format!("gw{i}"),
                 "--location",
-                LOCATION,
+                location,
                 "--address",
                 &address,
             ])?;
@@ -497,6 +682,9 @@ impl ControlLab {
             ])?;
         }
         core.wait_applied(LOCATION, Duration::from_secs(30))?;
+        if second > 0 {
+            core.wait_applied(SECOND_LOCATION, Duration::from_secs(30))?;
+        }
         if options.edges > 0 {
             core.wait_edges(Duration::from_secs(30))?;
         }
@@ -521,6 +709,22 @@ impl ControlLab {
 
     pub fn gateway(&self, i: usize) -> &LabGateway {
         &self.gateways[i - 1]
+    }
+
+    /// Every gateway, of both locations, in order (`gw1` first).
+    pub fn gateways_mut(&mut self) -> &mut [LabGateway] {
+        &mut self.gateways
+    }
+
+    /// Starts every gateway's `tidegate-echo` on its tunnel address (the
+    /// gateways must run Core's config, which makes the address).
+    pub fn start_echoes(&mut self) -> Result<()> {
+        for gateway in &mut self.gateways {
+            gateway
+                .start_echo()
+                .with_context(|| format!("starting {}'s echo", gateway.name))?;
+        }
+        Ok(())
     }
 
     pub fn gateway_mut(&mut self, i: usize) -> &mut LabGateway {

@@ -536,7 +536,8 @@ impl DirectorLocation {
 }
 
 /// Attaches the empty `XDP_PASS` program to each of `ports` in `switch`.
-fn attach_passes(switch: &Netns, ports: &[String]) -> Result<Ebpf> {
+/// Loads the `XDP_PASS` program and attaches it to the switch's `ports`.
+pub fn attach_passes(switch: &Netns, ports: &[String]) -> Result<Ebpf> {
     let mut ebpf = Ebpf::load(xdp::BASELINE_OBJECT).context("loading the XDP_PASS program")?;
     let program: &mut Xdp = ebpf
         .program_mut("tidegate_baseline")

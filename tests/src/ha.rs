@@ -556,6 +556,16 @@ impl Prober {
         self.summary()
     }
 
+    /// The latest summary written while probing (`--snapshot-ms`), if any
+    /// yet: the probes whose answer is no longer due.
+    pub fn snapshot(&self) -> Result<Option<ProbeSummary>> {
+        match std::fs::read_to_string(&self.out) {
+            Ok(json) => ProbeSummary::parse(&json).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.out.display())),
+        }
+    }
+
     fn summary(&self) -> Result<ProbeSummary> {
         let json = std::fs::read_to_string(&self.out)
             .with_context(|| format!("reading {}: {}", self.out.display(), self.process.log()))?;
@@ -1111,6 +1121,19 @@ fn wait_echo(echo: &Process) -> Result<()> {
     )
 }
 
+/// Starts gateway `id`'s echo service on `bind` (log in `log`) and waits
+/// until it listens.
+pub fn start_echo_listening(
+    netns: &Netns,
+    id: u32,
+    bind: SocketAddr,
+    log: &Path,
+) -> Result<Process> {
+    let echo = start_echo_at(netns, id, bind, log)?;
+    wait_echo(&echo)?;
+    Ok(echo)
+}
+
 /// Starts `tidegate-echo` for gateway `id` on the VIP in `netns` (log in
 /// `dir`) and waits until it listens: for labs that put another election
 /// on this segment (the keepalived comparison of the failover benchmark).
@@ -1137,15 +1160,37 @@ pub fn start_prober_to(
     name: &str,
     count: u64,
 ) -> Result<Prober> {
+    start_prober_paced(client, target, dir, name, count, probe_interval(), None)
+}
+
+/// Starts a prober as [`start_prober_to`] does, one probe every `interval`;
+/// with `snapshot`, it rewrites its summary that often while it probes
+/// (read with [`Prober::snapshot`]).
+pub fn start_prober_paced(
+    client: &Netns,
+    target: SocketAddr,
+    dir: &Path,
+    name: &str,
+    count: u64,
+    interval: Duration,
+    snapshot: Option<Duration>,
+) -> Result<Prober> {
     let out = dir.join(format!("{name}.json"));
     let log = dir.join(format!("{name}.log"));
     let mut command = client.command(binary(PROBE_BIN)?);
     command
         .args(["--target", &target.to_string()])
         .args(["--count", &count.to_string()])
-        .args(probe_pace())
+        .args(["--interval-ms", &interval.as_millis().to_string()])
+        .args([
+            "--reply-wait-ms",
+            &probe_reply_wait().as_millis().to_string(),
+        ])
         .arg("--out")
         .arg(&out);
+    if let Some(every) = snapshot {
+        command.args(["--snapshot-ms", &every.as_millis().max(1).to_string()]);
+    }
     let mut process = Process::spawn(PROBE_BIN, client, command, &log)?;
     process.set_grace(PROBER_GRACE);
     let mut prober = Prober { process, out };

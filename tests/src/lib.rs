@@ -44,6 +44,7 @@ pub mod ha;
 pub mod handshakes;
 pub mod http;
 pub mod keepalived;
+pub mod lab_report;
 pub mod location;
 pub mod netns;
 pub mod nginx;

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Settings;
 use crate::{
@@ -64,10 +64,12 @@ pub enum Input {
     /// The election took the VIPs from this gateway, for `cause`.
     Demoted { cause: Cause },
     /// The location as the adverts describe it now (director mode): its
-    /// gateways, this one among them, and whether this one steers.
+    /// gateways, this one among them, whether this one steers, and the
+    /// master this gateway hears (itself when it is the master).
     Location {
         steering: bool,
         members: Vec<Member>,
+        master: Option<u32>,
     },
     /// The endpoint-sharing task published its table.
     Endpoints(Arc<EndpointView>),
@@ -121,6 +123,18 @@ pub struct Controller {
     /// The backends of the last location seen (director mode): a gateway
     /// that drops out leaves its clients to the others.
     backends: Vec<u32>,
+    /// Gateways that left whose clients are not inherited yet: a client
+    /// answers a kicked handshake at the VIPs, so the kicks wait until a
+    /// master that is still there holds them.
+    orphans: Vec<u32>,
+    /// The master this gateway last heard (itself when MASTER).
+    master_heard: Option<u32>,
+    /// This gateway is MASTER and its VIPs have moved here.
+    vips_here: bool,
+    /// Director mode, after handing over: until then this gateway keeps
+    /// steering, for the clients whose frames still come here until the
+    /// new master's announcement reaches them.
+    steer_until: Option<Instant>,
     /// Gateway ids already warned about (too large to be backends).
     warned_ids: BTreeSet<u32>,
     endpoints: Arc<EndpointView>,
@@ -140,6 +154,10 @@ impl Controller {
             to_kick: Vec::new(),
             director_sent: None,
             backends: Vec::new(),
+            orphans: Vec::new(),
+            master_heard: None,
+            vips_here: false,
+            steer_until: None,
             warned_ids: BTreeSet::new(),
             endpoints: Arc::default(),
         }
@@ -155,9 +173,14 @@ impl Controller {
                 became,
                 vip_move,
                 reason,
-            } => self.vips_moved(became, vip_move, reason, &mut effects),
+            } => self.vips_moved(became, vip_move, reason, now, &mut effects),
             Input::Demoted { cause } => self.demoted(cause, now, &mut effects),
-            Input::Location { steering, members } => {
+            Input::Location {
+                steering,
+                members,
+                master,
+            } => {
+                self.master_heard = master;
                 self.location(steering, members, now, &mut effects);
             }
             Input::Endpoints(view) => self.endpoints = view,
@@ -169,7 +192,11 @@ impl Controller {
 
     /// The next time [`Input::Tick`] is due, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.grace_until.into_iter().chain(self.window_until).min()
+        self.grace_until
+            .into_iter()
+            .chain(self.window_until)
+            .chain(self.steer_until)
+            .min()
     }
 
     /// Until when this gateway answers for the sessions it handed over.
@@ -198,6 +225,8 @@ impl Controller {
     /// first one the announcement brings.
     fn promoted(&mut self, cause: Cause, now: Instant, effects: &mut Vec<Effect>) {
         self.master = true;
+        self.vips_here = false;
+        self.steer_until = None;
         self.promoted_by = cause;
         self.grace_until = None;
         self.window_until = None;
@@ -227,8 +256,17 @@ impl Controller {
         became: Instant,
         vip_move: Duration,
         reason: String,
+        now: Instant,
         effects: &mut Vec<Effect>,
     ) {
+        self.vips_here = self.master;
+        if self.config.director.is_some() && self.master {
+            self.master_heard = Some(self.config.gateway_id);
+            if let Some(desired) = self.director_sent.clone() {
+                self.inherit_when_served(&desired, now, effects);
+            }
+            return;
+        }
         if !self.config.wireguard || self.config.director.is_some() || !self.master {
             return;
         }
@@ -264,18 +302,26 @@ impl Controller {
     /// backend still and keeps serving the clients pinned to it.
     fn demoted(&mut self, cause: Cause, now: Instant, effects: &mut Vec<Effect>) {
         self.master = false;
+        self.vips_here = false;
         self.window_until = None;
         self.grace_until = None;
         self.to_kick.clear();
         if !self.config.wireguard {
             return;
         }
+        let handover_window = self.config.settings.handover_window;
         if self.config.director.is_some() {
             effects.push(Effect::SetOwnership(Ownership::Table));
             effects.push(Effect::CloseWindow);
+            if matches!(cause, Cause::HandedOverTo(_)) && !handover_window.is_zero() {
+                self.steer_until = Some(now + handover_window);
+                info!(
+                    window_ms = handover_window.as_millis() as u64,
+                    "handed over: steering the clients that still arrive here until the window closes"
+                );
+            }
             return;
         }
-        let handover_window = self.config.settings.handover_window;
         match cause {
             Cause::HandedOverTo(to) if !handover_window.is_zero() => {
                 let window = self.window_for(self.recent(now).len());
@@ -298,6 +344,18 @@ impl Controller {
 
     /// Ends the grace after a handover and closes the window, when due.
     fn tick(&mut self, now: Instant, effects: &mut Vec<Effect>) {
+        if self.steer_until.is_some_and(|until| now >= until) {
+            self.steer_until = None;
+            if let Some(mut desired) = self.director_sent.clone()
+                && desired.on
+                && !self.master
+            {
+                desired.on = false;
+                self.director_sent = Some(desired.clone());
+                effects.push(Effect::SetDirector(desired));
+                info!("handover window closed: steering ends");
+            }
+        }
         if self.grace_until.is_some_and(|until| now >= until) {
             self.grace_until = None;
             self.window_until = None;
@@ -323,9 +381,10 @@ impl Controller {
         now: Instant,
         effects: &mut Vec<Effect>,
     ) {
-        let Some(director) = self.config.director else {
+        if self.config.director.is_none() {
             return;
-        };
+        }
+        let steering = steering || self.steer_until.is_some_and(|until| now < until);
         let (desired, unusable) = DirectorState::new(steering, self.config.mac, members);
         for id in unusable {
             if self.warned_ids.insert(id) {
@@ -342,14 +401,55 @@ impl Controller {
             .copied()
             .filter(|id| !backends.contains(id))
             .collect();
-        self.backends = backends;
-        if !left.is_empty() && self.config.wireguard {
-            self.inherit(&left, &desired, director, now, effects);
+        if self.config.wireguard {
+            for id in left {
+                if !self.orphans.contains(&id) {
+                    self.orphans.push(id);
+                }
+            }
         }
+        // A gateway back before its clients were inherited keeps them.
+        self.orphans.retain(|id| !backends.contains(id));
+        self.backends = backends;
+        self.inherit_when_served(&desired, now, effects);
         if self.director_sent.as_ref() != Some(&desired) {
             self.director_sent = Some(desired.clone());
             effects.push(Effect::SetDirector(desired));
         }
+    }
+
+    /// Inherits the clients of the gateways that left once a master that
+    /// is still there holds the VIPs: this gateway, after its VIPs moved,
+    /// or another that it hears as master (a master advertises only after
+    /// taking the VIPs). A kick sent while the VIPs are on no live gateway
+    /// is answered into the void, and WireGuard tries again only after
+    /// five seconds.
+    fn inherit_when_served(
+        &mut self,
+        desired: &DirectorState,
+        now: Instant,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(director) = self.config.director else {
+            return;
+        };
+        if self.orphans.is_empty() {
+            return;
+        }
+        let served = match self.master_heard {
+            Some(id) if id == self.config.gateway_id => self.vips_here,
+            Some(id) => !self.orphans.contains(&id),
+            None => false,
+        };
+        if !served {
+            debug!(
+                from = ?self.orphans,
+                "clients of gateways that left: waiting for a master to hold the VIPs before kicking"
+            );
+            return;
+        }
+        let left = std::mem::take(&mut self.orphans);
+        self.inherit(&left, desired, director, now, effects);
     }
 
     /// Gateways `left` dropped out of the backends: this gateway owns and
@@ -564,10 +664,16 @@ mod tests {
         }
     }
 
+    /// The location with this gateway (1) as the master.
     fn location(healthy: &[(u8, bool)]) -> Input {
+        location_led_by(healthy, Some(1))
+    }
+
+    fn location_led_by(healthy: &[(u8, bool)], master: Option<u32>) -> Input {
         Input::Location {
-            steering: true,
+            steering: master == Some(1),
             members: healthy.iter().map(|&(id, up)| member(id, up)).collect(),
+            master,
         }
     }
 
@@ -803,6 +909,44 @@ mod tests {
                 ],
             },
             Case {
+                name: "after handing over in director mode the old master steers until the window closes",
+                director: true,
+                wireguard: true,
+                steps: vec![
+                    (
+                        0,
+                        Input::Promoted {
+                            cause: takeover(300, at(0)),
+                        },
+                        vec!["own Table"],
+                    ),
+                    (
+                        0,
+                        location(&[(1, true), (2, true)]),
+                        vec!["director on [1, 2]"],
+                    ),
+                    (
+                        10,
+                        Input::Demoted {
+                            cause: Cause::HandedOverTo(2),
+                        },
+                        vec!["own Table", "close window"],
+                    ),
+                    (
+                        10,
+                        location_led_by(&[(1, true), (2, true)], Some(2)),
+                        vec![],
+                    ),
+                    (1009, Input::Tick, vec![]),
+                    (1010, Input::Tick, vec!["director off [1, 2]"]),
+                    (
+                        1011,
+                        location_led_by(&[(1, true), (2, true)], Some(2)),
+                        vec![],
+                    ),
+                ],
+            },
+            Case {
                 name: "the director is written when the location changes, and again after a failed write",
                 director: true,
                 wireguard: true,
@@ -851,9 +995,11 @@ mod tests {
         clients.push((3, 1000));
         let mut controller = Controller::new(config(true, true), (start, wall));
         controller.step(Input::Endpoints(endpoints(&clients, &[2, 3], wall)), start);
-        let all = location(&[(1, true), (2, true), (3, true)]);
+        // Gateway 2 is the master.
+        let all = location_led_by(&[(1, true), (2, true), (3, true)], Some(2));
         assert_eq!(controller.step(all, start).len(), 1);
-        let effects = controller.step(location(&[(1, true), (2, true), (3, false)]), start);
+        let without_3 = [(1, true), (2, true), (3, false)];
+        let effects = controller.step(location_led_by(&without_3, Some(2)), start);
         let [
             Effect::Own(owned),
             Effect::Kick(kick),
@@ -880,9 +1026,74 @@ mod tests {
         // Nothing more is inherited while the location stays as it is.
         assert!(
             controller
-                .step(location(&[(1, true), (2, true), (3, false)]), start)
+                .step(location_led_by(&without_3, Some(2)), start)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn the_clients_of_a_gone_master_are_kicked_once_a_live_master_holds_the_vips() {
+        let (start, wall) = anchor();
+        let all = [(1, true), (2, true), (3, true)];
+        let without_3 = [(1, true), (2, true), (3, false)];
+        let kicked = |effects: &[Effect]| -> Vec<String> {
+            effects
+                .iter()
+                .filter(|e| matches!(e, Effect::Kick(_)))
+                .map(show)
+                .collect()
+        };
+        // (what gateway 1 is told, after gateway 3, the master, died;
+        // whether it kicks then)
+        type Steps = Vec<(Input, bool)>;
+        let cases: Vec<(&str, Steps)> = vec![
+            (
+                "a backup waits for the new master's advert",
+                vec![
+                    (location_led_by(&without_3, Some(3)), false),
+                    (location_led_by(&without_3, None), false),
+                    (location_led_by(&without_3, Some(2)), true),
+                    (location_led_by(&without_3, Some(2)), false),
+                ],
+            ),
+            (
+                "the new master waits for its VIPs to move",
+                vec![
+                    (
+                        Input::Promoted {
+                            cause: takeover(300, start),
+                        },
+                        false,
+                    ),
+                    (location_led_by(&without_3, Some(1)), false),
+                    (moved(start), true),
+                ],
+            ),
+            (
+                "a gateway back before a master is heard keeps its clients",
+                vec![
+                    (location_led_by(&without_3, Some(3)), false),
+                    (location_led_by(&all, Some(3)), false),
+                    (location_led_by(&all, Some(2)), false),
+                ],
+            ),
+        ];
+        for (name, steps) in cases {
+            let mut controller = Controller::new(config(true, true), (start, wall));
+            controller.step(
+                Input::Endpoints(endpoints(&vec![(3, 10); 200], &[2, 3], wall)),
+                start,
+            );
+            controller.step(location_led_by(&all, Some(3)), start);
+            for (i, (input, kicks)) in steps.into_iter().enumerate() {
+                let effects = controller.step(input, start);
+                assert_eq!(
+                    kicked(&effects).len(),
+                    usize::from(kicks),
+                    "{name}: step {i}: {effects:?}"
+                );
+            }
+        }
     }
 
     #[test]

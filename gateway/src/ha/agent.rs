@@ -737,9 +737,8 @@ impl Agent {
         if self.config.director.is_none() {
             return;
         }
-        let effects = self
-            .controller
-            .step(self.election.location(), Instant::now());
+        let now = Instant::now();
+        let effects = self.controller.step(self.election.location(now), now);
         self.apply(effects).await;
     }
 

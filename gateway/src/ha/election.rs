@@ -192,16 +192,22 @@ impl Election {
             .unwrap_or_default()
     }
 
-    /// The location as the adverts describe it, for the director: whether
-    /// this gateway steers, and every gateway, this one among them.
-    pub fn location(&self) -> Input {
+    /// The location as the adverts describe it at `now`, for the
+    /// director: whether this gateway steers, every gateway, this one
+    /// among them, and the master.
+    pub fn location(&self, now: Instant) -> Input {
         Input::Location {
             steering: self.machine.role() == Role::Master,
-            members: self.members(),
+            members: self.members(now),
+            master: self.machine.master(),
         }
     }
 
-    fn members(&self) -> Vec<Member> {
+    /// Every gateway of the location. One silent for three of its
+    /// intervals is not healthy: a backup takes over from a master that
+    /// silent, and its director must not send clients to the gateway it
+    /// took over from while that one waits out the peer table's four.
+    fn members(&self, now: Instant) -> Vec<Member> {
         let role = self.machine.role();
         let own = self.machine.advert();
         let mut members = vec![Member {
@@ -221,13 +227,19 @@ impl Election {
                 local: false,
                 healthy: peer.healthy
                     && peer.priority > 0
-                    && matches!(peer.role, Role::Backup | Role::Master),
+                    && matches!(peer.role, Role::Backup | Role::Master)
+                    && now.saturating_duration_since(peer.last_seen)
+                        < SILENT_INTERVALS * peer.interval,
                 draining: extra.draining,
             });
         }
         members
     }
 }
+
+/// Intervals of silence after which a gateway gets no new clients: the
+/// master-down interval's (without its skew).
+const SILENT_INTERVALS: u32 = 3;
 
 #[cfg(test)]
 mod tests {
@@ -289,6 +301,26 @@ mod tests {
         }
         assert!(!b.machine().peers().contains_key(&3));
         assert_eq!(b.receive(&second, t0).unwrap().0.sequence, 2);
+    }
+
+    #[test]
+    fn a_gateway_silent_for_three_intervals_is_no_healthy_member() {
+        let t0 = Instant::now();
+        let at = |n: u64| t0 + Duration::from_millis(n);
+        let mut a = election(1, 7, b"k", 1);
+        let mut b = election(2, 7, b"k", 1);
+        a.on_event(Event::Start, t0);
+        b.on_event(Event::Start, t0);
+        b.receive(&a.encode(a.machine().advert()), t0).unwrap();
+        // (ms after gateway 1's last advert, gateway 1 healthy in the
+        // location gateway 2 sees)
+        for (ms, healthy) in [(0, true), (299, true), (300, false), (399, false)] {
+            let Input::Location { members, .. } = b.location(at(ms)) else {
+                panic!("not a location");
+            };
+            let one = members.iter().find(|m| m.gateway_id == 1).unwrap();
+            assert_eq!(one.healthy, healthy, "{ms} ms");
+        }
     }
 
     #[test]

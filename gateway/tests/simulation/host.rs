@@ -799,7 +799,7 @@ impl Process {
         if self.config.controller.director.is_none() {
             return;
         }
-        let effects = self.controller.step(self.election.location(), now);
+        let effects = self.controller.step(self.election.location(now), now);
         self.apply(effects, kernel, trace);
     }
 

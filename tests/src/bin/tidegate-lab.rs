@@ -1,50 +1,112 @@
-//! `tidegate-lab`: one gateway with its XDP shield and one WireGuard client
-//! in network namespaces, then a location run by Core whose users enrol and
-//! log in with `tidegate-client`, narrated step by step. `cargo xtask lab`
+//! `tidegate-lab`: a whole Tidegate location in network namespaces, walked
+//! through step by step with the figures it measured. `cargo xtask lab`
 //! runs it.
 //!
-//! It builds the topology, pings through the tunnel, fires malformed
-//! datagrams at the WireGuard port, shows the gateway's counters before and
-//! after, checks every drop was counted under its reason, and tears
-//! everything down. Then Core, two HA gateways, two Edges behind nginx and
-//! three users: each device is created without a key, enrolled with a
-//! one-time token, logged in with a TOTP code, and pings through its
-//! tunnel. Exit status 0 means every check held.
+//! Core (no inbound port) dials three gateways in director mode with
+//! failover continuity, a fourth gateway serving an MFA location, and two
+//! Edges behind nginx (HTTPS). The operator creates users and devices with
+//! `tidectl`; each client enrols with `tidegate-client` and a one-time
+//! token, logs in with a TOTP code on the MFA location, and probes the
+//! gateways through its tunnel for the whole run. Then: the director's
+//! spread, the master's crash, a planned handover, a drain, an Edge killed
+//! while devices enrol, Core stopped and back. A table of the figures and
+//! an SVG picture of every client's probes end the run. Exit status 0
+//! means every step held; everything is torn down, also on failure.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
-
-use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use tidegate_tests::control::{GATEWAY_TUNNEL, LOCATION};
-use tidegate_tests::gateway::WIREGUARD_COUNTERS;
-use tidegate_tests::shield::{GATEWAY_UNDERLAY, WG_PORT};
+use tidegate_tests::continuity::{
+    ClientOptions, KeepalivedTunnel, finish_probers, wait_fresh_handshakes, wait_tunnels_answer,
+};
+use tidegate_tests::control::{
+    ECHO_PORT, GATEWAY_TUNNEL, LOCATION, SECOND_LOCATION, SECOND_TUNNEL, SecondLocation, VIP,
+};
+use tidegate_tests::failover::{Spread, unix_ms_now};
+use tidegate_tests::ha::{HaOptions, Prober, start_prober_paced};
+use tidegate_tests::lab_report::{self, Figure, Lane, Mark, Window};
+use tidegate_tests::packets::{malformed_kinds, send_paced};
+use tidegate_tests::probe::ProbeSummary;
 use tidegate_tests::user_client::UserClient;
-use tidegate_tests::{ControlLab, ControlOptions};
-use tidegate_tests::{Counters, Netns, Shield, ShieldOptions, WgBackend, XdpMode};
+use tidegate_tests::wait::{Probe, poll_until};
+use tidegate_tests::{ControlLab, ControlOptions, Netns, XdpMode};
 
-/// Malformed datagrams per kind.
-const PER_KIND: u32 = 100;
-/// Echo requests per ping.
-const PINGS: u32 = 5;
-/// A UDP port on the gateway that the shield does not protect.
-const OTHER_PORT: u16 = 9;
-/// Datagrams sent to [`OTHER_PORT`].
-const OTHER_DATAGRAMS: u32 = 20;
-/// How long counters must stay put after reaching their target.
-const SETTLE: Duration = Duration::from_millis(300);
+/// Clients when `--clients` is not given.
+const DEFAULT_CLIENTS: usize = 20;
+/// Clients of the MFA location; the others are the director's.
+const MFA_CLIENTS: usize = 4;
+/// The fewest clients: three for the director, the MFA location's.
+const MIN_CLIENTS: usize = MFA_CLIENTS + 3;
+/// The most (the lab's public addresses).
+const MAX_CLIENTS: usize = 100;
+/// Devices enrolled while an Edge is killed.
+const EDGE_KILL_DEVICES: usize = 8;
+/// The MFA location's peer-disconnect threshold: short, so that the lab
+/// sees a peer expire.
+const MFA_THRESHOLD_S: u32 = 6;
+/// Probes are bounded: at most this many per client (10 minutes at the
+/// host's pace).
+const MAX_PROBES: u64 = 30_000;
+/// How often a prober rewrites its summary while it probes.
+const SNAPSHOT: Duration = Duration::from_millis(200);
+/// Quiet time around a step, so its window holds probes before and after.
+const QUIET: Duration = Duration::from_millis(1500);
+/// The longest a step may take to settle.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Malformed datagrams of each kind sent at the VIP.
+const MALFORMED_PER_KIND: u32 = 20;
+/// Where `--keep` records the lab's process id, for `--stop`.
+const PID_FILE: &str = "/run/tidegate-lab.pid";
+/// Users' names (more clients get numbered names).
+const NAMES: [&str; 20] = [
+    "ana", "ben", "cai", "dan", "eva", "fay", "gus", "hal", "ida", "jon", "kim", "lea", "max",
+    "ned", "oli", "pam", "quin", "ray", "sam", "tia",
+];
 
-const USAGE: &str = "usage: tidegate-lab [--xdp-mode auto|driver|generic]
+const USAGE: &str = "usage: tidegate-lab [--clients N] [--compare] [--keep] [--report DIR]
+                    [--xdp-mode auto|driver|generic]
+       tidegate-lab --stop
 
-Builds a client, a switch and a gateway in network namespaces, a WireGuard
-tunnel between client and gateway, and starts tidegate-gateway with its XDP
-shield on the gateway's interface; then pings through the tunnel, sends
-malformed WireGuard datagrams and shows the counters. Needs root.
-The binaries are taken from $TIDEGATE_BIN_DIR (set by `cargo xtask lab`),
-else from the directory of this executable.";
+Builds a whole Tidegate location in network namespaces: Core, two Edges
+behind nginx, three gateways in director mode with failover continuity, a
+gateway of an MFA location, and N WireGuard clients (default 20; the last 4
+on the MFA location) enrolled with tidegate-client. Then walks through the
+director's spread, the master's crash, a planned handover, a drain, an Edge
+killed while devices enrol, and Core stopped and back, narrating what it
+measured; ends with a table and an SVG picture of every client's probes,
+written to DIR (default: the current directory).
+  --compare  also runs keepalived + WireGuard through the same crash
+  --keep     leaves the location running until Ctrl-C or `tidegate-lab --stop`
+  --stop     tears down a location left running by --keep
+Needs root. The binaries are taken from $TIDEGATE_BIN_DIR (set by `cargo
+xtask lab`), else from the directory of this executable.";
+
+#[derive(Debug, Clone, PartialEq)]
+struct Options {
+    clients: usize,
+    compare: bool,
+    keep: bool,
+    stop: bool,
+    report: PathBuf,
+    xdp_mode: XdpMode,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            clients: DEFAULT_CLIENTS,
+            compare: false,
+            keep: false,
+            stop: false,
+            report: PathBuf::from("."),
+            xdp_mode: XdpMode::Auto,
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let options = match parse_args(std::env::args().skip(1)) {
@@ -58,13 +120,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&options) {
-        Ok(()) => {
-            println!(
-                "\nlab passed: WireGuard through the shield, every malformed datagram dropped and counted; users enrolled and logged in with tidegate-client; clean teardown"
-            );
-            ExitCode::SUCCESS
-        }
+    let result = if options.stop {
+        stop_kept()
+    } else {
+        run(&options)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("\nlab failed: {err:#}");
             ExitCode::FAILURE
@@ -73,21 +135,46 @@ fn main() -> ExitCode {
 }
 
 /// Parses the command line; `None` means help was asked for.
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<ShieldOptions>> {
-    let mut options = ShieldOptions::default();
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>> {
+    let mut options = Options::default();
     while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--xdp-mode" => {
-                let value = args.next().context("--xdp-mode needs a value")?;
-                options.xdp_mode = value.parse::<XdpMode>()?;
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
             }
-            other => match other.strip_prefix("--xdp-mode=") {
-                Some(value) => options.xdp_mode = value.parse::<XdpMode>()?,
-                None => bail!("unknown argument {other:?}"),
-            },
+            _ => (arg.clone(), None),
+        };
+        let mut value = || -> Result<String> {
+            match &inline {
+                Some(value) => Ok(value.clone()),
+                None => args.next().with_context(|| format!("{flag} needs a value")),
+            }
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--clients" => {
+                let n: usize = value()?.parse().context("--clients")?;
+                ensure!(
+                    (MIN_CLIENTS..=MAX_CLIENTS).contains(&n),
+                    "--clients {n} is outside {MIN_CLIENTS}..={MAX_CLIENTS}"
+                );
+                options.clients = n;
+            }
+            "--report" => options.report = PathBuf::from(value()?),
+            "--xdp-mode" => options.xdp_mode = value()?.parse::<XdpMode>()?,
+            "--compare" | "--keep" | "--stop" if inline.is_some() => {
+                bail!("{flag} takes no value")
+            }
+            "--compare" => options.compare = true,
+            "--keep" => options.keep = true,
+            "--stop" => options.stop = true,
+            other => bail!("unknown argument {other:?}"),
         }
     }
+    ensure!(
+        !(options.stop && (options.keep || options.compare)),
+        "--stop stands alone"
+    );
     Ok(Some(options))
 }
 
@@ -101,315 +188,188 @@ fn say(line: &str) {
     println!("    {line}");
 }
 
-/// Prints a multi-line block (a table) indented under a step.
+/// Prints a block (a table) indented under a step.
 fn block(text: &str) {
     for line in text.lines() {
-        if line.trim().is_empty() {
-            println!();
+        println!("      {line}");
+    }
+}
+
+/// One user's client: its namespace, its `tidegate-client`, its prober.
+struct LabClient {
+    user: String,
+    device: String,
+    /// 1: the director's location; 2: the MFA location.
+    location: usize,
+    /// The client namespace's number in the lab (1-based).
+    k: usize,
+    /// The profile's (and the interface's) name.
+    profile: String,
+    client: UserClient,
+    /// The TOTP secret (MFA location).
+    secret: Option<String>,
+    prober: Option<Prober>,
+    /// Its last summary (after the prober ended).
+    summary: Option<ProbeSummary>,
+    /// Its tunnel is up.
+    up: bool,
+}
+
+impl LabClient {
+    /// What it probes: its location's gateways' echo, through the tunnel.
+    fn target(&self) -> SocketAddr {
+        let tunnel = if self.location == 1 {
+            GATEWAY_TUNNEL
         } else {
-            println!("      {line}");
+            SECOND_TUNNEL
+        };
+        SocketAddr::from((tunnel, ECHO_PORT))
+    }
+
+    /// Its latest summary: the prober's snapshot while it runs.
+    fn latest(&self) -> Result<Option<ProbeSummary>> {
+        match &self.prober {
+            Some(prober) => prober.snapshot(),
+            None => Ok(self.summary.clone()),
         }
     }
 }
 
-/// The first line of a ping summary.
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or_default()
+/// The namespace of client `k` (1-based).
+fn client_netns(lab: &ControlLab, k: usize) -> &Netns {
+    if k == 1 {
+        lab.client()
+    } else {
+        lab.other_client(k)
+    }
 }
 
-fn run(options: &ShieldOptions) -> Result<()> {
+/// A user's name.
+fn user_name(k: usize) -> String {
+    NAMES
+        .get(k - 1)
+        .map_or_else(|| format!("user{k}"), |name| (*name).to_owned())
+}
+
+/// Everything the steps record for the report.
+struct Record {
+    figures: Vec<Figure>,
+    marks: Vec<Mark>,
+}
+
+impl Record {
+    fn figure(&mut self, step: &str, what: &str, value: impl Into<String>) {
+        self.figures.push(Figure::new(step, what, value));
+    }
+
+    fn mark(&mut self, at_unix_ms: u64, label: impl Into<String>) {
+        self.marks.push(Mark {
+            at_unix_ms,
+            label: label.into(),
+        });
+    }
+}
+
+fn now_ms() -> u64 {
+    unix_ms_now() as u64
+}
+
+fn run(options: &Options) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the lab needs root (namespaces, XDP): run `cargo xtask lab` as root");
     }
-
-    step(
-        1,
-        "topology: client, switch and gateway namespaces on one segment",
-    );
-    let mut shield = Shield::build(options, &mut say)?;
-    let names: Vec<String> = [
-        shield.underlay().client(),
-        shield.underlay().switch(),
-        shield.underlay().gateway(),
-    ]
-    .iter()
-    .map(|ns| ns.name().to_owned())
-    .collect();
-    let wg_pids: Vec<u32> = [shield.tunnel().client(), shield.tunnel().gateway()]
-        .iter()
-        .filter_map(|wg| wg.daemon().map(|p| p.pid()))
-        .collect();
-
-    step(2, "WireGuard and XDP");
-    let backend = shield.wg_backend();
-    say(&format!("WireGuard path: {backend}"));
-    if backend == WgBackend::WireguardGo {
-        say(&format!(
-            "wireguard-go pids {wg_pids:?} (no WireGuard kernel module here)"
-        ));
+    std::fs::create_dir_all(&options.report)
+        .with_context(|| format!("creating {}", options.report.display()))?;
+    let started = Instant::now();
+    let mut record = Record {
+        figures: Vec::new(),
+        marks: Vec::new(),
+    };
+    let worst_gap = location(options, &mut record)?;
+    if options.compare {
+        compare(options, worst_gap, &mut record)?;
     }
-    let start = shield.counters()?;
-    let xdp = shield
-        .gateway_xdp()?
-        .context("the kernel shows no XDP program on the gateway's interface")?;
-    say(&format!(
-        "XDP shield attached to {} in {} mode (requested {}; kernel reports {} mode, program id {})",
-        start.interface,
-        start.xdp_mode,
-        options.xdp_mode,
-        xdp.mode,
-        xdp.prog_id.map_or_else(|| "?".into(), |id| id.to_string())
-    ));
-    ensure!(
-        start.xdp_mode == xdp.mode.as_str(),
-        "the gateway reports {} mode but the kernel shows {}",
-        start.xdp_mode,
-        xdp.mode
+    println!("\nfigures:");
+    block(&lab_report::table(&record.figures));
+    println!(
+        "\nlab passed in {:.0} s: every step held; every namespace and process removed",
+        started.elapsed().as_secs_f64()
     );
-    say("counters before any traffic (tidectl counters):");
-    block(&shield.counters_table()?);
-
-    step(3, "ping through the tunnel");
-    let before = shield.counters()?;
-    let ping = shield.ping_tunnel(PINGS)?;
-    say(&format!(
-        "client -> 10.77.0.1: {}",
-        first_line(&ping.summary)
-    ));
-    let after_ping = shield.counters()?;
-    report_wireguard(&before, &after_ping)?;
-    ensure!(
-        after_ping.counter_growth(&before, "wg-transport")? >= u64::from(PINGS),
-        "the shield counted fewer transport messages than echo requests"
-    );
-    ensure!(
-        after_ping.total_growth(&before, "drop")? == 0,
-        "the shield dropped packets of a clean ping"
-    );
-
-    step(4, "traffic that is not for the service passes untouched");
-    shield.send_udp(OTHER_PORT, b"not for the shield", OTHER_DATAGRAMS)?;
-    let underlay = shield.ping_underlay(3)?;
-    say(&format!(
-        "{OTHER_DATAGRAMS} UDP datagrams to {GATEWAY_UNDERLAY}:{OTHER_PORT}; ping {GATEWAY_UNDERLAY}: {}",
-        first_line(&underlay.summary)
-    ));
-    let targets = BTreeMap::from([("not-service", u64::from(OTHER_DATAGRAMS))]);
-    let after_other = shield.wait_for_growth(&after_ping, &targets)?;
-    say(&format!(
-        "not-service +{}, pass +{}, drop +{}",
-        after_other.counter_growth(&after_ping, "not-service")?,
-        after_other.total_growth(&after_ping, "pass")?,
-        after_other.total_growth(&after_ping, "drop")?
-    ));
-    ensure!(
-        after_other.total_growth(&after_ping, "drop")? == 0,
-        "the shield dropped traffic that is not for the service"
-    );
-
-    step(
-        5,
-        &format!("malformed datagrams to {GATEWAY_UNDERLAY}:{WG_PORT}"),
-    );
-    let sent = shield.send_malformed(PER_KIND, &mut say)?;
-    shield.wait_for_growth(&after_other, &sent)?;
-    std::thread::sleep(SETTLE);
-    let after_burst = shield.counters()?;
-    let mut mismatches = Vec::new();
-    for (counter, n) in &sent {
-        let got = after_burst.counter_growth(&after_other, counter)?;
-        say(&format!("{counter:<13} sent {n:>4}  counted +{got}"));
-        if got != *n {
-            mismatches.push(format!("{counter}: sent {n}, counted {got}"));
-        }
-    }
-    let total_sent: u64 = sent.values().sum();
-    let dropped = after_burst.total_growth(&after_other, "drop")?;
-    say(&format!(
-        "{:<13} sent {total_sent:>4}  counted +{dropped}",
-        "drop (total)"
-    ));
-    ensure!(
-        mismatches.is_empty(),
-        "drop counters off: {}",
-        mismatches.join("; ")
-    );
-    ensure!(
-        dropped == total_sent,
-        "drop total +{dropped}, sent {total_sent}"
-    );
-
-    step(6, "ping through the tunnel again");
-    let ping = shield.ping_tunnel(PINGS)?;
-    say(&format!(
-        "client -> 10.77.0.1: {}",
-        first_line(&ping.summary)
-    ));
-    let after_second = shield.counters()?;
-    report_wireguard(&after_burst, &after_second)?;
-
-    step(7, "counters after (tidectl counters)");
-    block(&shield.counters_table()?);
-
-    step(8, "teardown");
-    let status = shield.stop_gateway()?;
-    say(&format!("tidegate-gateway stopped with SIGTERM: {status}"));
-    ensure!(status.success(), "tidegate-gateway exited with {status}");
-    let left = shield.gateway_xdp()?;
-    ensure!(
-        left.is_none(),
-        "XDP program still attached after exit: {left:?}"
-    );
-    say("XDP program detached");
-    drop(shield);
-    let listed = Netns::list()?;
-    let survivors: Vec<&String> = names.iter().filter(|n| listed.contains(n)).collect();
-    ensure!(
-        survivors.is_empty(),
-        "namespaces survived teardown: {survivors:?}"
-    );
-    let running: Vec<&u32> = wg_pids
-        .iter()
-        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-        .collect();
-    ensure!(
-        running.is_empty(),
-        "wireguard-go still running: pids {running:?}"
-    );
-    say(&format!(
-        "namespaces {} removed{}",
-        names.join(", "),
-        if wg_pids.is_empty() {
-            ""
-        } else {
-            ", wireguard-go stopped"
-        }
-    ));
-    users()
+    Ok(())
 }
 
-/// The users of the lab's MFA location, one client namespace each.
-const USERS: [&str; 3] = ["alice", "bob", "carol"];
-
-/// A location run by Core, with Edges behind nginx, and users whose
-/// `tidegate-client` enrols with a token and logs in with a TOTP code.
-fn users() -> Result<()> {
+/// The location and its steps; returns the worst probe gap of the crash.
+fn location(options: &Options, record: &mut Record) -> Result<f64> {
     step(
-        9,
-        "a location with Core: 2 HA gateways, 2 Edges behind nginx (HTTPS), Core in its own namespace",
+        1,
+        "the location: Core, 2 Edges behind nginx, 3 director gateways, an MFA location's gateway",
     );
-    let started = Instant::now();
-    let lab = ControlLab::build(&ControlOptions {
-        mfa_threshold_s: Some(300),
-        clients: USERS.len(),
+    let built = Instant::now();
+    let mut lab = ControlLab::build(&ControlOptions {
+        gateways: 3,
+        edges: 2,
+        director: true,
+        second: Some(SecondLocation {
+            gateways: 1,
+            mfa_threshold_s: MFA_THRESHOLD_S,
+        }),
+        clients: options.clients,
+        xdp_mode: options.xdp_mode,
         ..ControlOptions::default()
     })?;
+    lab.start_echoes()?;
     let listening = lab.intranet().exec_ok("ss", &["-Htln"])?;
     ensure!(listening.trim().is_empty(), "Core listens: {listening}");
+    let names: Vec<String> = Netns::list()?
+        .into_iter()
+        .filter(|n| n.contains(&lab.run().netns_name("")))
+        .collect();
     say(&format!(
-        "built in {} ms; Core listens on no port and dials the gateways and Edges; users reach {}",
-        started.elapsed().as_millis(),
+        "built in {:.1} s: {} namespaces; Core listens on no port and dials 4 gateways and 2 Edges",
+        built.elapsed().as_secs_f64(),
+        names.len()
+    ));
+    say(&format!(
+        "location {LOCATION:?}: VIP {VIP}, gw1-gw3 in director mode; location {SECOND_LOCATION:?} (MFA): gw4; users reach {}",
         lab.edge_url()
     ));
-    let names: Vec<String> = [lab.intranet(), lab.dmz(), lab.client()]
-        .iter()
-        .map(|ns| ns.name().to_owned())
-        .collect();
-
-    step(
-        10,
-        "users enrol: a device without a key, a one-time token, the key made by the client",
+    let backend = lab
+        .gateway(1)
+        .wg
+        .pid()?
+        .map_or("kernel WireGuard", |_| "wireguard-go");
+    say(&format!("WireGuard: {backend}"));
+    record.figure(
+        "location",
+        "built",
+        format!("{:.1} s", built.elapsed().as_secs_f64()),
     );
-    let mut clients = Vec::new();
-    for (k, user) in USERS.iter().enumerate() {
-        let netns = if k == 0 {
-            lab.client()
-        } else {
-            lab.other_client(k + 1)
-        };
-        let core = lab.core()?;
-        let created = core.tidectl_json(&["user", "create", user])?;
-        let secret = created["totp_secret"]
-            .as_str()
-            .context("no TOTP secret printed")?
-            .to_owned();
-        let device = format!("{user}-laptop");
-        core.tidectl_ok(&[
-            "device",
-            "create",
-            &device,
-            "--user",
-            user,
-            "--location",
-            LOCATION,
-        ])?;
-        let token = core.tidectl_json(&["device", "token", &device])?;
-        let token = token["token"].as_str().context("no token")?.to_owned();
-        let client = UserClient::new(netns, &lab.dir().join(format!("client-{user}")))?;
-        let name = lab.run().ifname(&format!("u{k}"));
-        let at = Instant::now();
-        client.enrol(&lab.edge_url(), &token, lab.web_ca(), &name)?;
-        let key = core.tidectl_json(&["device", "show", &device])?["public_key"].clone();
-        say(&format!(
-            "{user}: tidegate-client enrol {} <token>: {} ms; Core holds its public key {}",
-            lab.edge_url(),
-            at.elapsed().as_millis(),
-            key.as_str().unwrap_or("?")
-        ));
-        clients.push((user, netns, client, name, secret));
+
+    let clients = enrol(&mut lab, options, record)?;
+    let mut clients = connect(&lab, clients, record)?;
+    let result = steps(&mut lab, &mut clients, options, record);
+    // Probers end first: their summaries make the picture.
+    for client in &mut clients {
+        if let Some(prober) = client.prober.take() {
+            client.summary = Some(prober.finish()?);
+        }
+    }
+    let picture = picture(&lab, &clients, record, options)?;
+    let worst_gap = match result {
+        Ok(gap) => gap,
+        Err(err) => {
+            println!("\nthe run's picture: {}", picture.display());
+            return Err(err);
+        }
+    };
+    println!("\nthe run's picture: {}", picture.display());
+    if options.keep {
+        keep(&lab, &clients)?;
     }
 
-    step(
-        11,
-        "MFA logins (codes from oathtool, as an authenticator app) and tunnels",
-    );
-    for (user, netns, client, name, secret) in &mut clients {
-        let at = Instant::now();
-        client.up(
-            name,
-            &["--code-command", &format!("oathtool --totp -b {secret}")],
-        )?;
-        let up_ms = at.elapsed().as_millis();
-        let ping = netns.ping(IpAddr::V4(GATEWAY_TUNNEL), PINGS)?;
-        ensure!(
-            ping.received == PINGS,
-            "{user}'s tunnel: {}",
-            first_line(&ping.summary)
-        );
-        let status = client.status(name)?;
-        say(&format!(
-            "{user}: logged in and up in {up_ms} ms ({}); session {}; ping {}",
-            status["backend"].as_str().unwrap_or("?"),
-            status["session"]["state"].as_str().unwrap_or("?"),
-            first_line(&ping.summary)
-        ));
-    }
-
-    step(12, "Core's view (tidectl location status)");
-    let status = lab.core()?.location_status(LOCATION)?;
-    ensure!(
-        status["mfa_sessions"] == USERS.len(),
-        "MFA sessions: {status}"
-    );
-    say(&format!("MFA sessions: {}", status["mfa_sessions"]));
-    for gateway in status["gateways"].as_array().into_iter().flatten() {
-        say(&format!(
-            "{}: link {}, {}, {} peers",
-            gateway["name"].as_str().unwrap_or("?"),
-            if gateway["connected"] == true {
-                "up"
-            } else {
-                "down"
-            },
-            gateway["role"].as_str().unwrap_or("?"),
-            gateway["peers"]
-        ));
-    }
-
-    step(13, "teardown");
-    for (user, _, client, name, _) in &mut clients {
-        client.down(name)?;
-        say(&format!("{user}: tidegate-client down"));
+    step(11, "teardown");
+    for client in clients.iter_mut().filter(|c| c.up) {
+        client.client.down(&client.profile)?;
     }
     drop(clients);
     drop(lab);
@@ -419,21 +379,1002 @@ fn users() -> Result<()> {
         survivors.is_empty(),
         "namespaces survived teardown: {survivors:?}"
     );
-    say("every namespace and process of the location removed");
+    say("every client down; every namespace, daemon and XDP program removed");
+    Ok(worst_gap)
+}
+
+/// Step 2: users and devices by `tidectl`, enrolled by `tidegate-client`.
+fn enrol(lab: &mut ControlLab, options: &Options, record: &mut Record) -> Result<Vec<LabClient>> {
+    step(
+        2,
+        "users enrol: tidectl makes users and devices, each client enrols with a one-time token",
+    );
+    let at = Instant::now();
+    let mut clients = Vec::new();
+    for k in 1..=options.clients {
+        let location = if k > options.clients - MFA_CLIENTS {
+            2
+        } else {
+            1
+        };
+        let user = user_name(k);
+        let device = format!("{user}-laptop");
+        let core = lab.core()?;
+        let created = core.tidectl_json(&["user", "create", &user])?;
+        let secret = created["totp_secret"].as_str().map(str::to_owned);
+        let location_name = if location == 1 {
+            LOCATION
+        } else {
+            SECOND_LOCATION
+        };
+        core.tidectl_ok(&[
+            "device",
+            "create",
+            &device,
+            "--user",
+            &user,
+            "--location",
+            location_name,
+        ])?;
+        clients.push(LabClient {
+            client: UserClient::new(
+                client_netns(lab, k),
+                &lab.dir().join(format!("client-{user}")),
+            )?,
+            profile: lab.run().ifname(&format!("u{k}")),
+            secret: (location == 2).then_some(secret).flatten(),
+            user,
+            device,
+            location,
+            k,
+            prober: None,
+            summary: None,
+            up: false,
+        });
+    }
+    let url = lab.edge_url();
+    let ca = lab.web_ca().to_owned();
+    let tokens = clients
+        .iter()
+        .map(|c| token(lab, &c.device))
+        .collect::<Result<Vec<_>>>()?;
+    let timings = in_parallel(&mut clients, |client, i| {
+        let at = Instant::now();
+        client
+            .client
+            .enrol(&url, &tokens[i], &ca, &client.profile)?;
+        Ok(at.elapsed().as_secs_f64() * 1000.0)
+    })?;
+    for client in &clients {
+        let key = lab
+            .core()?
+            .tidectl_json(&["device", "show", &client.device])?;
+        ensure!(
+            key["public_key"].as_str().is_some_and(|k| !k.is_empty()),
+            "Core holds no key for {}: {key}",
+            client.device
+        );
+    }
+    let spread = Spread::of(&timings)?;
+    say(&format!(
+        "{} devices enrolled through nginx and an Edge in {:.1} s (each {} ms); Core holds every public key, no private key left a client",
+        clients.len(),
+        at.elapsed().as_secs_f64(),
+        spread.show(0)
+    ));
+    record.figure("enrol", "devices", clients.len().to_string());
+    record.figure(
+        "enrol",
+        "time per device (min/median/max)",
+        format!("{} ms", spread.show(0)),
+    );
+    Ok(clients)
+}
+
+/// A one-time download token for `device`.
+fn token(lab: &ControlLab, device: &str) -> Result<String> {
+    let token = lab.core()?.tidectl_json(&["device", "token", device])?;
+    Ok(token["token"]
+        .as_str()
+        .context("no token printed")?
+        .to_owned())
+}
+
+/// Runs `work` on every client, a few at a time, and returns its results in
+/// order.
+fn in_parallel<T: Send>(
+    clients: &mut [LabClient],
+    work: impl Fn(&mut LabClient, usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    const AT_ONCE: usize = 8;
+    let mut results = Vec::with_capacity(clients.len());
+    for (chunk_index, chunk) in clients.chunks_mut(AT_ONCE).enumerate() {
+        let chunk_results: Vec<Result<T>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter_mut()
+                .enumerate()
+                .map(|(j, client)| {
+                    let work = &work;
+                    scope.spawn(move || work(client, chunk_index * AT_ONCE + j))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))
+                })
+                .collect()
+        });
+        for result in chunk_results {
+            results.push(result?);
+        }
+    }
+    Ok(results)
+}
+
+/// Step 3: tunnels up (MFA logins with TOTP codes), probers started.
+fn connect(
+    lab: &ControlLab,
+    mut clients: Vec<LabClient>,
+    record: &mut Record,
+) -> Result<Vec<LabClient>> {
+    step(
+        3,
+        "tunnels up: tidegate-client up (MFA users log in with a TOTP code from oathtool), probes through every tunnel",
+    );
+    let at = Instant::now();
+    let timings = in_parallel(&mut clients, |client, _| {
+        let at = Instant::now();
+        let args: Vec<String> = match &client.secret {
+            Some(secret) => vec![
+                "--code-command".into(),
+                format!("oathtool --totp -b {secret}"),
+            ],
+            None => Vec::new(),
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        client.client.up(&client.profile, &args)?;
+        client.up = true;
+        Ok(at.elapsed().as_secs_f64() * 1000.0)
+    })?;
+    let spread = Spread::of(&timings)?;
+    let probe_dir = lab.dir().join("probes");
+    std::fs::create_dir_all(&probe_dir)?;
+    for client in &mut clients {
+        client.prober = Some(start_prober_paced(
+            client_netns(lab, client.k),
+            client.target(),
+            &probe_dir,
+            &client.user,
+            MAX_PROBES,
+            probe_interval(),
+            Some(SNAPSHOT),
+        )?);
+    }
+    let mfa = clients.iter().filter(|c| c.location == 2).count();
+    say(&format!(
+        "{} tunnels up in {:.1} s (each {} ms), {mfa} of them after an MFA login; every client probes its gateways' echo every {} ms",
+        clients.len(),
+        at.elapsed().as_secs_f64(),
+        spread.show(0),
+        probe_interval().as_millis()
+    ));
+    let now = now_ms();
+    wait_answering(&clients, now, STEP_TIMEOUT)?;
+    record.figure(
+        "tunnels",
+        "up (min/median/max)",
+        format!("{} ms", spread.show(0)),
+    );
+    record.mark(now, "probing");
+    Ok(clients)
+}
+
+/// How often clients probe: every 20 ms on the host, 50 ms where the CPUs
+/// are emulated.
+fn probe_interval() -> Duration {
+    Duration::from_millis(tidegate_tests::pace::load(20, 50))
+}
+
+/// Waits until every probing client's snapshot reaches a second past
+/// `since_unix_ms` and ends in answered probes.
+fn wait_answering(clients: &[LabClient], since_unix_ms: u64, timeout: Duration) -> Result<()> {
+    poll_until(
+        "every client's probes answered",
+        timeout,
+        Duration::from_millis(100),
+        || {
+            let mut waiting = Vec::new();
+            for client in clients.iter().filter(|c| c.prober.is_some()) {
+                let answered = client.latest()?.is_some_and(|s| {
+                    let end = s.started_unix_ms as f64 + s.sent as f64 * s.interval_ms;
+                    end >= since_unix_ms as f64 + 1000.0
+                        && s.runs.last().is_some_and(|r| r.gateway.is_some())
+                });
+                if !answered {
+                    waiting.push(client.user.as_str());
+                }
+            }
+            Ok(if waiting.is_empty() {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("waiting for {waiting:?}"))
+            })
+        },
+    )
+}
+
+/// Waits until every running prober's snapshot covers `until_unix_ms`,
+/// then returns each client's window from `from_unix_ms`.
+fn windows(
+    clients: &[LabClient],
+    from_unix_ms: u64,
+    until_unix_ms: u64,
+) -> Result<Vec<(usize, Window)>> {
+    let summaries = poll_until(
+        "the probers' snapshots",
+        STEP_TIMEOUT,
+        Duration::from_millis(50),
+        || {
+            let mut out = Vec::new();
+            for (i, client) in clients
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.prober.is_some())
+            {
+                match client.latest()? {
+                    Some(s)
+                        if s.started_unix_ms as f64 + s.sent as f64 * s.interval_ms
+                            >= until_unix_ms as f64 =>
+                    {
+                        out.push((i, s));
+                    }
+                    _ => return Ok(Probe::NotYet(format!("{}'s snapshot", client.user))),
+                }
+            }
+            Ok(Probe::Ready(out))
+        },
+    )?;
+    Ok(summaries
+        .into_iter()
+        .map(|(i, s)| (i, Window::of(&s, from_unix_ms, until_unix_ms)))
+        .collect())
+}
+
+/// Steps 4 to 9; returns the worst probe gap of the crash.
+fn steps(
+    lab: &mut ControlLab,
+    clients: &mut [LabClient],
+    options: &Options,
+    record: &mut Record,
+) -> Result<f64> {
+    spread(lab, clients, record)?;
+    shield(lab, record)?;
+    let worst_gap = crash(lab, clients, record)?;
+    handover(lab, clients, record)?;
+    drain(lab, clients, record)?;
+    edge_kill(lab, clients, options, record)?;
+    core_away(lab, clients, record)?;
+    Ok(worst_gap)
+}
+
+/// The director's gateways (1 to 3), by lab number.
+const DIRECTOR_GATEWAYS: [usize; 3] = [1, 2, 3];
+
+/// Clients pinned per gateway, from the master's `tidectl sessions`.
+fn pins(lab: &mut ControlLab, master: usize) -> Result<BTreeMap<u32, usize>> {
+    let json = lab
+        .gateway_mut(master)
+        .daemon
+        .tidectl_ok(&["sessions", "--json"])?;
+    let sessions: Vec<tidegate_gateway::xdp::SessionEntry> =
+        serde_json::from_str(&json).with_context(|| format!("parsing sessions {json}"))?;
+    let mut per = BTreeMap::new();
+    for session in sessions {
+        *per.entry(session.gateway_id).or_insert(0) += 1;
+    }
+    Ok(per)
+}
+
+/// Step 4: the election and the director's spread.
+fn spread(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<()> {
+    step(4, "election and the director's spread");
+    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let of_director = clients.iter().filter(|c| c.location == 1).count();
+    let per = poll_until(
+        "every director client pinned",
+        STEP_TIMEOUT,
+        Duration::from_millis(100),
+        || {
+            let per = pins(lab, master)?;
+            let pinned: usize = per.values().sum();
+            Ok(if pinned >= of_director {
+                Probe::Ready(per)
+            } else {
+                Probe::NotYet(format!("{pinned} of {of_director} pinned: {per:?}"))
+            })
+        },
+    )?;
+    let shares: Vec<String> = per.iter().map(|(g, n)| format!("gw{g} {n}")).collect();
+    say(&format!(
+        "gw{master} is master and directs; clients per gateway: {}",
+        shares.join(", ")
+    ));
+    ensure!(
+        per.len() >= 2,
+        "the director sent every client to one gateway: {per:?}"
+    );
+    let mfa_master = lab.wait_master_of(2, STEP_TIMEOUT)?;
+    say(&format!(
+        "the MFA location's gw{mfa_master} serves its {} clients",
+        clients.len() - of_director
+    ));
+    record.figure("spread", "clients per gateway", shares.join(", "));
     Ok(())
 }
 
-/// Prints how the WireGuard counters grew between two readings.
-fn report_wireguard(before: &Counters, after: &Counters) -> Result<()> {
+/// Step 5: malformed WireGuard at the VIP, dropped and counted by reason.
+fn shield(lab: &mut ControlLab, record: &mut Record) -> Result<()> {
+    step(5, "the shield: malformed WireGuard datagrams at the VIP");
+    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let before = lab.gateway_mut(master).daemon.counters()?;
+    let mut sent: BTreeMap<&str, u64> = BTreeMap::new();
+    let from = lab.client();
+    for kind in malformed_kinds() {
+        let payload = kind.payload.clone();
+        let n = from.run(move || -> Result<u32> {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            send_paced(
+                &socket,
+                SocketAddr::from((VIP, 51820)),
+                &payload,
+                MALFORMED_PER_KIND,
+            )
+        })??;
+        *sent.entry(kind.counter).or_default() += u64::from(n);
+    }
+    let total: u64 = sent.values().sum();
+    let after = poll_until(
+        "the drops counted",
+        STEP_TIMEOUT,
+        Duration::from_millis(50),
+        || {
+            let now = lab.gateway_mut(master).daemon.counters()?;
+            Ok(if now.total_growth(&before, "drop")? >= total {
+                Probe::Ready(now)
+            } else {
+                Probe::NotYet("counting".into())
+            })
+        },
+    )?;
     let mut parts = Vec::new();
-    for name in WIREGUARD_COUNTERS {
-        parts.push(format!("{name} +{}", after.counter_growth(before, name)?));
+    for (counter, n) in &sent {
+        let got = after.counter_growth(&before, counter)?;
+        ensure!(got == *n, "{counter}: sent {n}, counted {got}");
+        parts.push(format!("{counter} {got}"));
     }
     say(&format!(
-        "passed WireGuard +{} ({})",
-        after.total_growth(before, "wireguard")?,
+        "{total} datagrams to {VIP}:51820, every one dropped by gw{master}'s XDP program and counted: {}",
         parts.join(", ")
     ));
+    record.figure(
+        "shield",
+        "malformed datagrams dropped",
+        format!("{total} of {total}"),
+    );
+    Ok(())
+}
+
+/// The lab number of the gateway that `failovers` reports name.
+fn failover_reports(
+    lab: &mut ControlLab,
+    gateway: usize,
+    since_unix_ms: u64,
+) -> Result<Vec<tidegate_gateway::wireguard::kick::FailoverReport>> {
+    let status = lab.gateway_mut(gateway).status()?;
+    Ok(status
+        .failovers
+        .into_iter()
+        .filter(|r| {
+            r.meta
+                .at
+                .duration_since(std::time::UNIX_EPOCH)
+                .is_ok_and(|d| d.as_millis() as u64 >= since_unix_ms)
+        })
+        .collect())
+}
+
+/// Step 6: the master crashes.
+fn crash(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<f64> {
+    step(6, "the master crashes (SIGKILL, link down)");
+    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let pinned = pins(lab, master)?;
+    std::thread::sleep(QUIET);
+    let t0 = now_ms();
+    lab.gateway_mut(master).crash()?;
+    record.mark(t0, format!("gw{master} crashed"));
+    let new = lab.wait_master(STEP_TIMEOUT)?;
+    wait_answering(clients, t0, STEP_TIMEOUT)?;
+    let status = lab.gateway_mut(new).status()?;
+    let became = status
+        .last_change_to(tidegate_tests::ha::Role::Master)
+        .map_or(0, |t| t.at_ms);
+    let report = failover_reports(lab, new, t0)?;
+    let takeover = report.iter().find(|r| !r.meta.cause.contains("inherited"));
+    let mut kicked = 0;
+    let mut completed = 0;
+    let survivors: Vec<usize> = DIRECTOR_GATEWAYS
+        .into_iter()
+        .filter(|&g| g != master)
+        .collect();
+    // Every kicked handshake completes.
+    poll_until(
+        "the kicked handshakes to complete",
+        STEP_TIMEOUT,
+        Duration::from_millis(100),
+        || {
+            kicked = 0;
+            completed = 0;
+            for &g in &survivors {
+                for r in failover_reports(lab, g, t0)? {
+                    kicked += r.kicked;
+                    completed += r.completed;
+                }
+            }
+            Ok(if completed >= kicked {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("{completed} of {kicked}"))
+            })
+        },
+    )?;
+    std::thread::sleep(QUIET);
+    let until = now_ms();
+    let windows = windows(clients, t0, until)?;
+    let gaps: Vec<f64> = windows
+        .iter()
+        .filter(|(i, _)| clients[*i].location == 1)
+        .map(|(_, w)| w.longest_gap_ms)
+        .collect();
+    let gap = Spread::of(&gaps)?;
+    let moved = pinned.get(&(master as u32)).copied().unwrap_or(0);
+    let worst = windows
+        .iter()
+        .filter(|(i, _)| clients[*i].location == 1)
+        .max_by(|a, b| a.1.longest_gap_ms.total_cmp(&b.1.longest_gap_ms))
+        .map(|(i, w)| {
+            format!(
+                "{} ({:.0} ms, answered by {:?})",
+                clients[*i].user, w.longest_gap_ms, w.answered_by
+            )
+        })
+        .unwrap_or_default();
+    let mfa_lost: u64 = windows
+        .iter()
+        .filter(|(i, _)| clients[*i].location == 2)
+        .map(|(_, w)| w.lost)
+        .sum();
+    say(&format!(
+        "gw{new} took over {} ms after the crash{}",
+        became.saturating_sub(t0),
+        takeover.map_or(String::new(), |r| format!(
+            " (detection {} ms, VIP move {} ms)",
+            r.meta.detection_ms.map_or("?".into(), |d| d.to_string()),
+            r.meta.vip_move_ms
+        ))
+    ));
+    say(&format!(
+        "gw{master}'s {moved} clients were inherited: {kicked} handshakes kicked, {completed} completed"
+    ));
+    say(&format!(
+        "every client answers again; longest probe gap per client: {} ms (the longest: {worst})",
+        gap.show(0)
+    ));
+    say(&format!(
+        "the MFA location lost {mfa_lost} probes meanwhile"
+    ));
+    record.figure(
+        "crash",
+        "new master after",
+        format!("{} ms", became.saturating_sub(t0)),
+    );
+    if let Some(r) = takeover {
+        if let Some(d) = r.meta.detection_ms {
+            record.figure("crash", "detection", format!("{d} ms"));
+        }
+        record.figure("crash", "VIP move", format!("{} ms", r.meta.vip_move_ms));
+    }
+    record.figure(
+        "crash",
+        "handshakes kicked / completed",
+        format!("{kicked} / {completed}"),
+    );
+    record.figure(
+        "crash",
+        "probe gap per client (min/median/max)",
+        format!("{} ms", gap.show(0)),
+    );
+    ensure!(
+        completed >= kicked,
+        "kicked {kicked}, completed {completed}"
+    );
+    Ok(gap.max)
+}
+
+/// Step 7: a planned handover loses no probe.
+fn handover(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<()> {
+    step(7, "a planned handover (tidectl failover on the master)");
+    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let t0 = now_ms();
+    lab.gateway_mut(master).daemon.tidectl_ok(&["failover"])?;
+    record.mark(t0, format!("gw{master} hands over"));
+    let new = poll_until(
+        "another master",
+        STEP_TIMEOUT,
+        Duration::from_millis(50),
+        || {
+            let m = lab.wait_master(STEP_TIMEOUT)?;
+            Ok(if m == master {
+                Probe::NotYet(format!("gw{m} still master"))
+            } else {
+                Probe::Ready(m)
+            })
+        },
+    )?;
+    std::thread::sleep(QUIET);
+    let lost: u64 = windows(clients, t0, now_ms())?
+        .iter()
+        .map(|(_, w)| w.lost)
+        .sum();
+    say(&format!(
+        "gw{master} handed the VIP to gw{new}; probes lost: {lost}"
+    ));
+    record.figure("handover", "probes lost", lost.to_string());
+    ensure!(lost == 0, "a planned handover lost {lost} probes");
+    Ok(())
+}
+
+/// Step 8: a gateway drains: its clients stay, no new one comes.
+fn drain(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<()> {
+    step(8, "a drain (tidectl drain on a backup)");
+    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let drained = DIRECTOR_GATEWAYS
+        .into_iter()
+        .find(|&g| g != master && lab.gateway_mut(g).running())
+        .context("no backup to drain")?;
+    let before = pins(lab, master)?;
+    let t0 = now_ms();
+    lab.gateway_mut(drained).daemon.tidectl_ok(&["drain"])?;
+    record.mark(t0, format!("gw{drained} drains"));
+    let entries = poll_until(
+        "the master to leave the drained gateway out of its table",
+        STEP_TIMEOUT,
+        Duration::from_millis(100),
+        || {
+            let json = lab
+                .gateway_mut(master)
+                .daemon
+                .tidectl_ok(&["director", "--json"])?;
+            let status: tidegate_gateway::xdp::DirectorStatus = serde_json::from_str(&json)?;
+            let backend = status
+                .backends
+                .iter()
+                .find(|b| b.gateway_id == drained as u32);
+            Ok(match backend {
+                Some(b) if b.draining && b.table_entries == 0 => Probe::Ready(status.table_size),
+                other => Probe::NotYet(format!("{other:?}")),
+            })
+        },
+    )?;
+    std::thread::sleep(QUIET);
+    let windows = windows(clients, t0, now_ms())?;
+    let lost: u64 = windows.iter().map(|(_, w)| w.lost).sum();
+    let staying = windows
+        .iter()
+        .filter(|(_, w)| w.answered_by == [drained as u32])
+        .count();
+    let had = before.get(&(drained as u32)).copied().unwrap_or(0);
+    say(&format!(
+        "gw{drained} holds 0 of {entries} table entries: no new client; its {staying} pinned clients stay (it had {had}); probes lost: {lost}"
+    ));
+    lab.gateway_mut(drained).daemon.tidectl_ok(&["undrain"])?;
+    record.figure(
+        "drain",
+        "clients kept by the drained gateway",
+        format!("{staying} of {had}"),
+    );
+    record.figure("drain", "probes lost", lost.to_string());
+    ensure!(lost == 0, "the drain lost {lost} probes");
+    ensure!(
+        staying == had,
+        "{had} clients were pinned to gw{drained}, {staying} stayed"
+    );
+    Ok(())
+}
+
+/// Step 9a: an Edge killed while devices enrol.
+fn edge_kill(
+    lab: &mut ControlLab,
+    clients: &[LabClient],
+    options: &Options,
+    record: &mut Record,
+) -> Result<()> {
+    step(9, "an Edge killed (SIGKILL) while devices enrol");
+    let n = EDGE_KILL_DEVICES.min(options.clients);
+    let mut jobs = Vec::new();
+    for client in clients.iter().take(n) {
+        let device = format!("{}-phone", client.user);
+        lab.core()?.tidectl_ok(&[
+            "device",
+            "create",
+            &device,
+            "--user",
+            &client.user,
+            "--location",
+            LOCATION,
+        ])?;
+        let phone = UserClient::new(
+            client_netns(lab, client.k),
+            &lab.dir().join(format!("phone-{}", client.user)),
+        )?;
+        jobs.push((
+            device.clone(),
+            token(lab, &device)?,
+            phone,
+            lab.run().ifname(&format!("p{}", client.k)),
+        ));
+    }
+    let url = lab.edge_url();
+    let ca = lab.web_ca().to_owned();
+    let t0 = now_ms();
+    let outcomes: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(_, token, phone, name)| {
+                let (url, ca) = (&url, &ca);
+                scope.spawn(move || phone.enrol(url, token, ca, name).map(|_| ()))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let killed = lab.edge_mut(1).kill();
+        let mut outcomes: Vec<Result<()>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))
+            })
+            .collect();
+        if let Err(err) = killed {
+            outcomes.push(Err(err.context("killing edge1")));
+        }
+        outcomes
+    });
+    record.mark(t0, "edge1 killed");
+    let failed: Vec<String> = outcomes
+        .iter()
+        .zip(&jobs)
+        .filter_map(|(outcome, (device, ..))| {
+            outcome.as_ref().err().map(|e| format!("{device}: {e:#}"))
+        })
+        .collect();
+    say(&format!(
+        "{n} devices enrolled while edge1 died: {} lost; nginx sent the rest to edge2",
+        failed.len()
+    ));
+    record.figure(
+        "Edge killed",
+        "enrolments lost",
+        format!("{} of {n}", failed.len()),
+    );
+    ensure!(failed.is_empty(), "enrolments lost: {}", failed.join("; "));
+    lab.edge_mut(1).restart()?;
+    lab.core_mut()?.wait_edges(STEP_TIMEOUT)?;
+    say("edge1 restarted; Core dialled it again");
+    Ok(())
+}
+
+/// Step 9b: Core stopped and back.
+fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Record) -> Result<()> {
+    step(10, "Core stopped, then back");
+    let of_director = clients.iter().filter(|c| c.location == 1).count();
+    let leaving = clients
+        .iter()
+        .rposition(|c| c.location == 2)
+        .context("no MFA client")?;
+    let key = lab
+        .core()?
+        .tidectl_json(&["device", "show", &clients[leaving].device])?["public_key"]
+        .as_str()
+        .context("no public key")?
+        .to_owned();
+    let mut peers_before = BTreeMap::new();
+    for g in DIRECTOR_GATEWAYS {
+        if lab.gateway_mut(g).running() {
+            peers_before.insert(g, lab.gateway_mut(g).daemon.peers()?.peers.len());
+        }
+    }
+    let t0 = now_ms();
+    lab.core_mut()?.stop()?;
+    record.mark(t0, "Core stopped");
+    // The leaving user's tunnel goes down while Core is away.
+    let client = &mut clients[leaving];
+    if let Some(prober) = client.prober.take() {
+        client.summary = Some(prober.finish()?);
+    }
+    client.client.down(&client.profile)?;
+    client.up = false;
+    let down_at = Instant::now();
+    let user = client.user.clone();
+    let expired = poll_until(
+        "the MFA gateway to drop the idle peer",
+        Duration::from_secs(u64::from(MFA_THRESHOLD_S) + 20),
+        Duration::from_millis(200),
+        || {
+            let peers = lab.gateway_mut(4).daemon.peers()?;
+            Ok(if peers.peer(&key).is_none() {
+                Probe::Ready(down_at.elapsed())
+            } else {
+                Probe::NotYet("still a peer".into())
+            })
+        },
+    )?;
+    record.mark(now_ms(), format!("{user}'s MFA peer expired"));
+    let mut kept = Vec::new();
+    for (&g, &before) in &peers_before {
+        let now = lab.gateway_mut(g).daemon.peers()?.peers.len();
+        ensure!(
+            now == before && now >= of_director,
+            "gw{g} has {now} peers while Core is away, {before} before"
+        );
+        kept.push(format!("gw{g} {now}"));
+    }
+    let mfa_left = lab.gateway_mut(4).daemon.peers()?.peers.len();
+    say(&format!(
+        "with Core away the gateways keep every peer ({}); {user} went offline and gw4 dropped that MFA peer after {:.1} s (threshold {MFA_THRESHOLD_S} s); {mfa_left} MFA peers stay",
+        kept.join(", "),
+        expired.as_secs_f64()
+    ));
+    let t1 = now_ms();
+    lab.core_mut()?.restart()?;
+    record.mark(t1, "Core back");
+    wait_applied_by_live(lab, LOCATION)?;
+    wait_applied_by_live(lab, SECOND_LOCATION)?;
+    let sessions = poll_until(
+        "Core to learn of the expiry",
+        STEP_TIMEOUT,
+        Duration::from_millis(200),
+        || {
+            let status = lab.core()?.location_status(SECOND_LOCATION)?;
+            let sessions = status["mfa_sessions"].as_u64().unwrap_or(u64::MAX);
+            Ok(if sessions == mfa_left as u64 {
+                Probe::Ready(sessions)
+            } else {
+                Probe::NotYet(format!("{sessions} MFA sessions"))
+            })
+        },
+    )?;
+    std::thread::sleep(QUIET);
+    let lost: u64 = windows(clients, t0, now_ms())?
+        .iter()
+        .map(|(_, w)| w.lost)
+        .sum();
+    say(&format!(
+        "Core back after {:.1} s: links up, every gateway on its config, {sessions} MFA sessions (the expired one ended); probes lost while Core was away: {lost}",
+        (t1 - t0) as f64 / 1000.0
+    ));
+    record.figure("Core away", "probes lost", lost.to_string());
+    record.figure(
+        "Core away",
+        "MFA peer expired after",
+        format!("{:.1} s", expired.as_secs_f64()),
+    );
+    ensure!(lost == 0, "{lost} probes lost while Core was away");
+    Ok(())
+}
+
+/// Waits until Core is linked to every running gateway of `location` and
+/// each runs the location's config version.
+fn wait_applied_by_live(lab: &mut ControlLab, location: &str) -> Result<()> {
+    let running: Vec<String> = lab
+        .gateways_mut()
+        .iter_mut()
+        .filter_map(|g| g.running().then(|| g.name.clone()))
+        .collect();
+    poll_until(
+        &format!("the gateways of {location} to run Core's config"),
+        STEP_TIMEOUT,
+        Duration::from_millis(100),
+        || {
+            let status = lab.core()?.location_status(location)?;
+            let version = status["location"]["version"].as_u64();
+            let behind: Vec<String> = status["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|g| {
+                    g["name"]
+                        .as_str()
+                        .is_some_and(|n| running.iter().any(|r| r == n))
+                })
+                .filter(|g| g["connected"] != true || g["applied_version"].as_u64() != version)
+                .map(|g| g["name"].as_str().unwrap_or("?").to_owned())
+                .collect();
+            Ok(if behind.is_empty() {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("behind: {behind:?}"))
+            })
+        },
+    )
+}
+
+/// Writes the SVG picture of the run and returns its path.
+fn picture(
+    lab: &ControlLab,
+    clients: &[LabClient],
+    record: &Record,
+    options: &Options,
+) -> Result<PathBuf> {
+    let lanes: Vec<Lane> = clients
+        .iter()
+        .filter_map(|c| {
+            c.summary.clone().map(|summary| Lane {
+                label: format!(
+                    "{} ({})",
+                    c.user,
+                    if c.location == 1 {
+                        LOCATION
+                    } else {
+                        SECOND_LOCATION
+                    }
+                ),
+                summary,
+            })
+        })
+        .collect();
+    let names: BTreeMap<u32, String> = (1..=4).map(|g| (g, format!("gw{g}"))).collect();
+    let svg = lab_report::svg(
+        &format!(
+            "tidegate-lab: every client's probes through its tunnel, coloured by the gateway answering ({})",
+            lab.run().netns_name("").trim_end_matches('-')
+        ),
+        &lanes,
+        &record.marks,
+        &names,
+    );
+    let path = options.report.join("tidegate-lab.svg");
+    std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+    Ok(std::fs::canonicalize(&path).unwrap_or(path))
+}
+
+/// `--keep`: prints how to explore the location and waits for Ctrl-C or
+/// `tidegate-lab --stop`.
+fn keep(lab: &ControlLab, clients: &[LabClient]) -> Result<()> {
+    tidegate_tests::stop::install()?;
+    std::fs::write(PID_FILE, std::process::id().to_string())
+        .with_context(|| format!("writing {PID_FILE}"))?;
+    let tidectl = std::env::current_exe()?
+        .with_file_name("tidectl")
+        .to_string_lossy()
+        .into_owned();
+    println!("\nthe location is left running; explore it:");
+    for g in 1..=4 {
+        let gateway = lab.gateway(g);
+        if gateway.daemon.process().log().is_empty() {
+            continue;
+        }
+        println!(
+            "  {tidectl} --socket {} status      # gw{g} ({})",
+            gateway.daemon.config().control_socket.display(),
+            gateway.netns.name()
+        );
+    }
+    if let Ok(core) = lab.core() {
+        println!(
+            "  {tidectl} --core-socket {} location status {LOCATION}",
+            core.config().admin_socket.display()
+        );
+    }
+    if let Some(client) = clients.first() {
+        println!(
+            "  ip netns exec {} ping {GATEWAY_TUNNEL}      # {}'s tunnel",
+            client_netns(lab, client.k).name(),
+            client.user
+        );
+    }
+    println!("Ctrl-C here, or `cargo xtask lab -- --stop` elsewhere, tears it down.");
+    while !tidegate_tests::stop::requested() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_file(PID_FILE);
+    Ok(())
+}
+
+/// `--stop`: ends a lab left running by `--keep` and waits for its teardown.
+fn stop_kept() -> Result<()> {
+    let text = std::fs::read_to_string(PID_FILE)
+        .with_context(|| format!("no lab left running ({PID_FILE} is missing)"))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{PID_FILE}: {text:?}"))?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    ensure!(
+        comm.trim() == "tidegate-lab",
+        "process {pid} of {PID_FILE} is not a running tidegate-lab"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .with_context(|| format!("signalling the lab (pid {pid})"))?;
+    poll_until(
+        "the lab to tear down",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || {
+            Ok(if Path::new(&format!("/proc/{pid}")).exists() {
+                Probe::NotYet("tearing down".into())
+            } else {
+                Probe::Ready(())
+            })
+        },
+    )?;
+    println!("the lab (pid {pid}) tore its location down");
+    Ok(())
+}
+
+/// `--compare`: keepalived + WireGuard through the same crash.
+fn compare(options: &Options, tidegate_gap: f64, record: &mut Record) -> Result<()> {
+    step(12, "the same crash with keepalived + WireGuard (--compare)");
+    let count = options.clients - MFA_CLIENTS;
+    let mut location = KeepalivedTunnel::build(
+        &HaOptions::priorities(&[200, 100]),
+        &ClientOptions {
+            count,
+            keepalive: None,
+        },
+    )?;
+    location.location_mut().wait_master(1, STEP_TIMEOUT)?;
+    let before: Vec<u64> = location
+        .clients()
+        .iter()
+        .map(|c| c.latest_handshake())
+        .collect::<Result<_>>()?;
+    let probers = location.start_probers(MAX_PROBES)?;
+    std::thread::sleep(QUIET);
+    let at = Instant::now();
+    location.crash(1)?;
+    location.location_mut().wait_master(2, STEP_TIMEOUT)?;
+    let recovery = Duration::from_secs(60);
+    wait_fresh_handshakes(location.clients(), &before, recovery)?;
+    wait_tunnels_answer(location.clients(), recovery)?;
+    let back = at.elapsed();
+    std::thread::sleep(QUIET);
+    let summaries = finish_probers(probers)?;
+    let gaps: Vec<f64> = summaries.iter().map(|s| s.longest_gap_ms).collect();
+    let gap = Spread::of(&gaps)?;
+    say(&format!(
+        "{count} clients: every tunnel back after {:.1} s; longest probe gap per client {} ms",
+        back.as_secs_f64(),
+        gap.show(0)
+    ));
+    say(&format!(
+        "worst gap: keepalived + WireGuard {:.0} ms, Tidegate {tidegate_gap:.0} ms ({:.0}x shorter)",
+        gap.max,
+        gap.max / tidegate_gap.max(1.0)
+    ));
+    record.figure(
+        "keepalived",
+        "probe gap per client (min/median/max)",
+        format!("{} ms", gap.show(0)),
+    );
+    record.figure(
+        "keepalived",
+        "worst gap vs Tidegate's",
+        format!("{:.0}x", gap.max / tidegate_gap.max(1.0)),
+    );
     Ok(())
 }
 
@@ -441,28 +1382,59 @@ fn report_wireguard(before: &Counters, after: &Counters) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Option<ShieldOptions>> {
+    fn parse(args: &[&str]) -> Result<Option<Options>> {
         parse_args(args.iter().map(|s| (*s).to_owned()))
     }
 
     #[test]
-    fn parses_xdp_mode() {
-        assert_eq!(parse(&[]).unwrap().unwrap().xdp_mode, XdpMode::Auto);
+    fn parses_every_option() {
+        assert_eq!(parse(&[]).unwrap().unwrap(), Options::default());
+        let all = parse(&[
+            "--clients",
+            "12",
+            "--compare",
+            "--keep",
+            "--report=/tmp/r",
+            "--xdp-mode",
+            "generic",
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!(
-            parse(&["--xdp-mode", "generic"]).unwrap().unwrap().xdp_mode,
-            XdpMode::Generic
+            all,
+            Options {
+                clients: 12,
+                compare: true,
+                keep: true,
+                stop: false,
+                report: PathBuf::from("/tmp/r"),
+                xdp_mode: XdpMode::Generic,
+            }
         );
-        assert_eq!(
-            parse(&["--xdp-mode=driver"]).unwrap().unwrap().xdp_mode,
-            XdpMode::Driver
-        );
+        assert!(parse(&["--stop"]).unwrap().unwrap().stop);
         assert!(parse(&["--help"]).unwrap().is_none());
     }
 
     #[test]
     fn rejects_bad_arguments() {
-        assert!(parse(&["--xdp-mode"]).is_err());
-        assert!(parse(&["--xdp-mode", "native"]).is_err());
-        assert!(parse(&["--verbose"]).is_err());
+        for args in [
+            &["--xdp-mode"][..],
+            &["--xdp-mode", "native"],
+            &["--clients", "6"],
+            &["--clients", "101"],
+            &["--clients", "many"],
+            &["--keep=yes"],
+            &["--stop", "--keep"],
+            &["--verbose"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} accepted");
+        }
+    }
+
+    #[test]
+    fn users_have_names_then_numbers() {
+        assert_eq!(user_name(1), "ana");
+        assert_eq!(user_name(20), "tia");
+        assert_eq!(user_name(21), "user21");
     }
 }

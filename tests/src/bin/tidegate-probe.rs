@@ -1,7 +1,9 @@
 //! `tidegate-probe`: sends a probe to the VIP every interval, a bounded
 //! number of times, records which gateway answered each and when, and on
 //! the last probe or SIGTERM waits a little for late answers, then prints
-//! a JSON [`ProbeSummary`] (and writes it to `--out`).
+//! a JSON [`ProbeSummary`] (and writes it to `--out`). With `--snapshot-ms`
+//! it also rewrites `--out` while it probes, with the probes whose answer
+//! is no longer due, so a watcher reads the figures as they come.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -17,12 +19,13 @@ const MAX_COUNT: u64 = 100_000;
 const MIN_INTERVAL: Duration = Duration::from_millis(1);
 
 const USAGE: &str = "usage: tidegate-probe --target ADDR:PORT --count N [--interval-ms 10]
-                      [--reply-wait-ms 500] [--out FILE]
+                      [--reply-wait-ms 500] [--out FILE [--snapshot-ms MS]]
 
 Sends N probes to ADDR:PORT, one every interval, and records the answers of
 tidegate-echo. Stops after N probes or on SIGTERM/SIGINT, waits up to the
 reply wait for answers still due, then prints a JSON summary on one line
-(also written to FILE).";
+(also written to FILE). With --snapshot-ms, FILE is also rewritten every MS
+while probing, with the probes sent more than the reply wait ago.";
 
 #[derive(Debug)]
 struct Options {
@@ -31,6 +34,7 @@ struct Options {
     interval: Duration,
     reply_wait: Duration,
     out: Option<PathBuf>,
+    snapshot: Option<Duration>,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options> {
     let mut interval = Duration::from_millis(10);
     let mut reply_wait = Duration::from_millis(500);
     let mut out = None;
+    let mut snapshot = None;
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
@@ -68,6 +73,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options> {
                 reply_wait = Duration::from_millis(value()?.parse().context("--reply-wait-ms")?);
             }
             "--out" => out = Some(PathBuf::from(value()?)),
+            "--snapshot-ms" => {
+                let ms: u64 = value()?.parse().context("--snapshot-ms")?;
+                if ms == 0 {
+                    bail!("--snapshot-ms must be at least 1");
+                }
+                snapshot = Some(Duration::from_millis(ms));
+            }
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -81,12 +93,16 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options> {
             MIN_INTERVAL.as_millis()
         );
     }
+    if snapshot.is_some() && out.is_none() {
+        bail!("--snapshot-ms needs --out");
+    }
     Ok(Options {
         target: target.context("--target is required")?,
         count,
         interval,
         reply_wait,
         out,
+        snapshot,
     })
 }
 
@@ -111,10 +127,24 @@ fn run(options: &Options) -> Result<()> {
     let mut buf = [0u8; 64];
     let mut next = start;
     let mut send_errors = 0_u64;
+    let mut next_snapshot = options.snapshot.map(|every| start + every);
 
     // Sending, answers received in between.
     while (records.len() as u64) < options.count && !tidegate_tests::stop::requested() {
         let now = Instant::now();
+        if let (Some(at), Some(every), Some(out)) = (next_snapshot, options.snapshot, &options.out)
+            && now >= at
+        {
+            // Only the probes whose answer is no longer due.
+            let settled = records
+                .iter()
+                .take_while(|r| r.sent + options.reply_wait <= now - start)
+                .count();
+            let summary =
+                ProbeSummary::compute(&records[..settled], options.interval, started_unix_ms);
+            write_atomically(out, &serde_json::to_string(&summary)?)?;
+            next_snapshot = Some(now + every);
+        }
         if now >= next {
             let seq = records.len() as u64;
             if socket.send_to(&probe(seq), options.target).is_err() {
@@ -162,16 +192,20 @@ fn run(options: &Options) -> Result<()> {
     let summary = ProbeSummary::compute(&records, options.interval, started_unix_ms);
     let json = serde_json::to_string(&summary)?;
     if let Some(out) = &options.out {
-        let partial = out.with_extension("partial");
-        std::fs::write(&partial, &json)
-            .with_context(|| format!("writing {}", partial.display()))?;
-        std::fs::rename(&partial, out).with_context(|| format!("writing {}", out.display()))?;
+        write_atomically(out, &json)?;
     }
     println!("{json}");
     if send_errors > 0 {
         eprintln!("tidegate-probe: {send_errors} probes could not be sent");
     }
     Ok(())
+}
+
+/// Replaces `path` with `text` at once (a reader never sees half of it).
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Waits up to `wait` for one datagram and records it if it is an answer
