@@ -6,6 +6,8 @@ use std::{fmt, path::Path, time::Duration};
 use reqwest::{StatusCode, Url, header::RETRY_AFTER};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::retry::{self, Failure};
+
 /// How long one request may take, the Edge's own wait for Core included
 /// (its default is 15 s).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,6 +100,49 @@ pub enum ApiError {
     },
 }
 
+impl ApiError {
+    /// What this failure means for another try (see [`retry::next`]).
+    pub fn failure(&self) -> Failure {
+        match self {
+            Self::Unreachable { source, .. } if source.is_builder() || is_tls(source) => {
+                Failure::Final
+            }
+            Self::Unreachable { .. } => Failure::Transport,
+            Self::Refused(refusal) => Failure::Status {
+                status: refusal.status,
+                retry_after_s: refusal.retry_after_s,
+            },
+            Self::Url(_)
+            | Self::CaFile { .. }
+            | Self::NoCertificate(_)
+            | Self::Tls(_)
+            | Self::TlsVersions(_)
+            | Self::Malformed { .. } => Failure::Final,
+        }
+    }
+}
+
+/// The error, or one of its causes, is TLS's (an untrusted or wrong
+/// certificate): trying again would meet it again.
+fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        // io::Error's source skips the error it wraps: look inside.
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// One Edge (or nginx in front of several).
 #[derive(Debug, Clone)]
 pub struct Edge {
@@ -143,10 +188,38 @@ impl Edge {
     }
 
     /// Registers `public_key` for the device the token stands for, and
-    /// downloads its config.
-    pub async fn enrol(&self, token: &str, public_key: &str) -> Result<DeviceConfig, ApiError> {
+    /// downloads its config. A transient failure (the connection, a 502,
+    /// 503 or 504) is tried again on [`retry::next`]'s schedule, with the
+    /// same key: Core answers a retried enrolment again (its answer may
+    /// have been lost with an Edge). `on_retry` hears of each retry (the
+    /// try that failed, the wait, the failure); the error is the last
+    /// try's.
+    pub async fn enrol(
+        &self,
+        token: &str,
+        public_key: &str,
+        mut on_retry: impl FnMut(&Retrying<'_>),
+    ) -> Result<DeviceConfig, ApiError> {
         let body = serde_json::json!({"token": token, "public_key": public_key});
-        self.post("api/v1/enrol", &body, "a device config").await
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            let error = match self.post("api/v1/enrol", &body, "a device config").await {
+                Ok(config) => return Ok(config),
+                Err(error) => error,
+            };
+            let failure = error.failure();
+            let retry::Next::Retry(wait) = retry::next(tried, failure) else {
+                return Err(error);
+            };
+            on_retry(&Retrying {
+                tried,
+                wait,
+                reason: failure.transient_reason().unwrap_or("a transient failure"),
+                error: &error,
+            });
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Starts an MFA login of the device with `public_key`.
@@ -193,6 +266,32 @@ impl Edge {
             .and_then(|v| v.trim().parse().ok());
         let bytes = answer.bytes().await.map_err(unreachable)?;
         read_answer(status, retry_after_s, &bytes, what)
+    }
+}
+
+/// A failed try about to be made again.
+#[derive(Debug)]
+pub struct Retrying<'a> {
+    /// The try that failed (1-based).
+    pub tried: u32,
+    /// The wait before the next.
+    pub wait: Duration,
+    /// Why another may work.
+    pub reason: &'static str,
+    pub error: &'a ApiError,
+}
+
+impl fmt::Display for Retrying<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "try {} of {} failed ({}): {}; trying again in {:.1} s",
+            self.tried,
+            retry::TRIES,
+            self.reason,
+            tidegate_proto::error_chain(self.error),
+            self.wait.as_secs_f64()
+        )
     }
 }
 
@@ -279,6 +378,167 @@ fn read_answer<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A server on the loopback that answers each connection's request
+    /// with the next of `answers` (status, body), and hands back the
+    /// requests' bodies once it answered them all.
+    async fn scripted(
+        answers: Vec<(u16, &'static str)>,
+    ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut bodies = Vec::new();
+            for (status, body) in answers {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                let body_start = loop {
+                    let n = conn.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the request ended early");
+                    request.extend_from_slice(&buf[..n]);
+                    if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&request[..body_start]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while request.len() < body_start + length {
+                    let n = conn.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the body ended early");
+                    request.extend_from_slice(&buf[..n]);
+                }
+                bodies.push(String::from_utf8_lossy(&request[body_start..]).into_owned());
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(answer.as_bytes()).await.unwrap();
+                conn.shutdown().await.unwrap();
+            }
+            bodies
+        });
+        (url, server)
+    }
+
+    const CONFIG: &str = r#"{"device":"laptop","location":"lab","addresses":["10.8.0.2/32"],
+        "server_public_key":"k","endpoint":"198.51.100.100:51820","allowed_ips":["10.8.0.0/24"],
+        "persistent_keepalive":25}"#;
+
+    #[tokio::test]
+    async fn an_enrolment_is_tried_again_with_the_same_key_after_transient_failures() {
+        let (url, server) = scripted(vec![
+            (502, "<html>Bad Gateway</html>"),
+            (
+                503,
+                r#"{"error":{"code":"unavailable","message":"no Core"}}"#,
+            ),
+            (200, CONFIG),
+        ])
+        .await;
+        let edge = Edge::new(&url, None).unwrap();
+        let mut heard = Vec::new();
+        let config = edge
+            .enrol("token", "key", |r| heard.push((r.tried, r.wait, r.reason)))
+            .await
+            .unwrap();
+        assert_eq!(config.device, "laptop");
+        assert_eq!(
+            heard,
+            [
+                (1, Duration::from_millis(500), "bad gateway (502)"),
+                (2, Duration::from_millis(1000), "unavailable (503)"),
+            ]
+        );
+        let bodies = server.await.unwrap();
+        let first: serde_json::Value = serde_json::from_str(&bodies[0]).unwrap();
+        assert_eq!(first["public_key"], "key");
+        assert!(bodies.iter().all(|b| *b == bodies[0]), "{bodies:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_enrolment_is_not_tried_again() {
+        let (url, server) = scripted(vec![(
+            401,
+            r#"{"error":{"code":"unauthorized","message":"token: used already"}}"#,
+        )])
+        .await;
+        let edge = Edge::new(&url, None).unwrap();
+        let mut retries = 0;
+        let error = edge
+            .enrol("token", "key", |_| retries += 1)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ApiError::Refused(r) if r.code == "unauthorized"),
+            "{error:?}"
+        );
+        assert_eq!(retries, 0);
+        assert_eq!(server.await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn what_a_failure_means_for_another_try() {
+        // A port nothing listens on: the connection is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let refused = Edge::new(&url, None)
+            .unwrap()
+            .post::<DeviceConfig>("api/v1/enrol", &serde_json::json!({}), "x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, ApiError::Unreachable { .. }),
+            "{refused:?}"
+        );
+        let refusal = |status, retry_after_s| {
+            ApiError::Refused(Refusal {
+                status,
+                code: "x".into(),
+                message: "x".into(),
+                retry_after_s,
+            })
+        };
+        let cases = [
+            ("a refused connection", refused, Failure::Transport),
+            (
+                "an answer",
+                refusal(503, Some(2)),
+                Failure::Status {
+                    status: 503,
+                    retry_after_s: Some(2),
+                },
+            ),
+            (
+                "a malformed answer",
+                ApiError::Malformed {
+                    status: 200,
+                    what: "x",
+                    body: String::new(),
+                },
+                Failure::Final,
+            ),
+            ("a bad URL", ApiError::Url("x".into()), Failure::Final),
+        ];
+        for (name, error, want) in cases {
+            assert_eq!(error.failure(), want, "{name}");
+        }
+        // An untrusted certificate, however deep in the causes.
+        #[derive(Debug, thiserror::Error)]
+        #[error("connecting")]
+        struct Wrapper(#[source] std::io::Error);
+        let bad_cert = Wrapper(std::io::Error::other(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        )));
+        assert!(is_tls(&bad_cert));
+        assert!(!is_tls(&Wrapper(std::io::Error::other("reset"))));
+    }
 
     #[test]
     fn urls_join_under_the_base() {

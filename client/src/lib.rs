@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod profile;
+pub mod retry;
 pub mod running;
 pub mod session;
 pub mod tunnel;

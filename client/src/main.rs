@@ -227,10 +227,21 @@ async fn enrol(
     let ca_pem = ca_file.map(api::read_ca).transpose()?;
     let edge = Edge::new(url, ca_pem.as_deref())?;
     let private_key = Key::generate_private()?;
+    let mut retried = 0;
     let config = edge
-        .enrol(token.trim(), &private_key.public().to_string())
+        .enrol(
+            token.trim(),
+            &private_key.public().to_string(),
+            |retrying| {
+                retried += 1;
+                eprintln!("tidegate-client: enrolling: {retrying}");
+            },
+        )
         .await
-        .context("enrolling")?;
+        .with_context(|| match retried {
+            0 => "enrolling".to_owned(),
+            n => format!("enrolling ({} tries)", n + 1),
+        })?;
     let name = match name {
         Some(name) => name,
         None => free_name(dir, &config.location)?,

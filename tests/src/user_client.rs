@@ -79,6 +79,16 @@ impl UserClient {
         self.run_ok(&["enrol", url, token, "--ca-file", &ca, "--name", name])
     }
 
+    /// Starts `enrol URL TOKEN --ca-file CA --name NAME` and returns at
+    /// once: a process of the test, its output in `enrol-NAME.log` under
+    /// the client's directory.
+    pub fn spawn_enrol(&self, url: &str, token: &str, ca: &Path, name: &str) -> Result<Process> {
+        let ca = ca.to_string_lossy();
+        let command = self.command(&["enrol", url, token, "--ca-file", &ca, "--name", name])?;
+        let log = self.dir.join(format!("enrol-{name}.log"));
+        Process::spawn(CLIENT_BIN, &self.netns, command, &log)
+    }
+
     /// Starts `up NAME args` and waits until its tunnel is up; it keeps
     /// running (renewing the session) until `down` or drop.
     pub fn up(&mut self, name: &str, args: &[&str]) -> Result<()> {

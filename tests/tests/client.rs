@@ -6,7 +6,8 @@
 //! through its tunnel. Refusals (a used token, a wrong code, Core away)
 //! leave nothing configured; a session Core ends by its age is renewed
 //! before the end without a gap, while a client that cannot renew loses
-//! it; a gateway crash does not ask for a new login.
+//! it; a gateway crash does not ask for a new login. Enrolments in flight
+//! when an Edge is killed are tried again and none is lost.
 
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt as _;
@@ -14,6 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use nix::sys::signal::Signal;
 use tidegate_tests::control::{GATEWAY_TUNNEL, LOCATION};
 use tidegate_tests::resolvconf;
 use tidegate_tests::user_client::UserClient;
@@ -460,5 +462,145 @@ fn the_locations_dns_servers_go_to_resolvconf_while_the_tunnel_is_up() -> Result
     ensure!(!record.exists(), "record {} left", record.display());
     let rules = lab.client().ip(&["-4", "rule", "show"])?;
     ensure!(!rules.contains("51820"), "rules left behind: {rules}");
+    Ok(())
+}
+
+#[test]
+fn enrolments_in_flight_survive_an_edge_killed_under_them() -> Result<()> {
+    require_root();
+    const DEVICES: usize = 8;
+    let mut lab = ControlLab::build(&ControlOptions {
+        gateways: 1,
+        clients: DEVICES,
+        ..ControlOptions::default()
+    })?;
+    let core = lab.core()?;
+    core.tidectl_json(&["user", "create", "dave"])?;
+    let mut tokens = Vec::new();
+    for k in 1..=DEVICES {
+        let device = format!("dev{k}");
+        core.tidectl_ok(&[
+            "device",
+            "create",
+            &device,
+            "--user",
+            "dave",
+            "--location",
+            LOCATION,
+        ])?;
+        let token = core.tidectl_json(&["device", "token", &device])?;
+        tokens.push(token["token"].as_str().context("no token")?.to_owned());
+    }
+    let clients = (1..=DEVICES)
+        .map(|k| {
+            let netns = if k == 1 {
+                lab.client()
+            } else {
+                lab.other_client(k)
+            };
+            UserClient::new(netns, &lab.dir().join(format!("client{k}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // Core uses a token and stores the key, then holds the answer until
+    // the location's gateways have the peer: with the gateway frozen, every
+    // answer waits in Core, its token used, until the Edge is killed.
+    lab.gateway_mut(1).daemon.signal(Signal::SIGSTOP)?;
+    let url = lab.edge_url();
+    let mut enrols = Vec::new();
+    for (k, (client, token)) in clients.iter().zip(&tokens).enumerate() {
+        enrols.push(client.spawn_enrol(&url, token, lab.web_ca(), &format!("dev{}", k + 1))?);
+    }
+    let keys = |lab: &ControlLab| -> Result<Vec<String>> {
+        let list = lab.core()?.tidectl_json(&["device", "list"])?;
+        let devices = list["devices"].as_array().context("no devices")?;
+        Ok(devices
+            .iter()
+            .filter_map(|d| d["public_key"].as_str())
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect())
+    };
+    let stored = poll_until(
+        "Core to store every key",
+        Duration::from_secs(8),
+        Duration::from_millis(100),
+        || {
+            let keys = keys(&lab)?;
+            Ok(if keys.len() == DEVICES {
+                Probe::Ready(keys)
+            } else {
+                Probe::NotYet(format!("{} keys", keys.len()))
+            })
+        },
+    );
+    // Whatever happened, the gateway runs again before the test goes on.
+    let killed = stored.and_then(|_| lab.edge_mut(1).kill());
+    lab.gateway_mut(1).daemon.signal(Signal::SIGCONT)?;
+    killed?;
+
+    // Every enrolment ends well: those whose answer went down with Edge 1
+    // got a 502 from nginx, tried again through Edge 2, and Core answered
+    // them again as the key their token enrolled.
+    let ended = poll_until(
+        "every enrolment to end",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            let mut running = 0;
+            for enrol in &mut enrols {
+                if enrol.try_status()?.is_none() {
+                    running += 1;
+                }
+            }
+            Ok(if running == 0 {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("{running} running"))
+            })
+        },
+    );
+    let logs: Vec<String> = enrols.iter().map(|e| e.log()).collect();
+    ended.with_context(|| logs.join("\n---\n"))?;
+    let mut retried = 0;
+    for (k, (enrol, client)) in enrols.iter_mut().zip(&clients).enumerate() {
+        let device = format!("dev{}", k + 1);
+        let log = enrol.log();
+        let status = enrol.try_status()?.context("still running")?;
+        ensure!(
+            status.success(),
+            "{device}'s enrolment failed ({status}):\n{log}"
+        );
+        ensure!(log.contains(&format!("enrolled device {device}")), "{log}");
+        if log.contains("trying again") {
+            ensure!(log.contains("bad gateway (502)"), "{log}");
+            retried += 1;
+        }
+        let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(
+            client.profiles().join(format!("{device}.json")),
+        )?)?;
+        let private: tidegate_wireguard::Key = profile["private_key"]
+            .as_str()
+            .context("no private key in the profile")?
+            .parse()?;
+        let held = device_json(&lab, &device)?;
+        ensure!(
+            held["public_key"] == private.public().to_string(),
+            "Core holds {} for {device}, not the client's key",
+            held["public_key"]
+        );
+    }
+    // nginx spreads the eight over both Edges: Edge 1 had some in flight.
+    ensure!(retried > 0, "no enrolment was in flight on Edge 1");
+    println!("{retried} of {DEVICES} enrolments went down with Edge 1 and were tried again");
+    let answered_again = lab
+        .core()?
+        .log()
+        .matches("device config answered again")
+        .count();
+    ensure!(
+        answered_again == retried,
+        "Core answered {answered_again} retried enrolments, the clients retried {retried}"
+    );
     Ok(())
 }

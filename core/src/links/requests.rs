@@ -143,6 +143,8 @@ async fn dispatch(
             }
             if enrolled.new_key {
                 info!(device = %enrolled.config.device, client, "device enrolled");
+            } else if enrolled.retry {
+                info!(device = %enrolled.config.device, client, "device config answered again (an enrolment retried with its key)");
             } else {
                 info!(device = %enrolled.config.device, client, "device config downloaded (enrolled with this key already)");
             }

@@ -128,6 +128,11 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE locations ADD COLUMN mfa_session_s INTEGER NOT NULL DEFAULT 0;
     ",
+    // 5: the key an enrolment used a token for (NULL: unused, or used by
+    // a download); a retry of that enrolment is answered again.
+    "
+    ALTER TABLE download_tokens ADD COLUMN used_key BLOB CHECK (used_key IS NULL OR length(used_key) = 32);
+    ",
 ];
 
 /// The schema version this build writes.

@@ -1,5 +1,7 @@
 //! One-time tokens with which a device's owner downloads its config through
-//! an Edge. Only a hash of each token is stored.
+//! an Edge. Only a hash of each token is stored. An enrolment whose answer
+//! was lost (an Edge died after Core used the token) may be retried with
+//! the same key for a short while and gets the same answer.
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -15,6 +17,9 @@ pub const DEFAULT_TTL_S: u32 = 24 * 3600;
 pub const MAX_TTL_S: u32 = 30 * 24 * 3600;
 /// Length of a token (32 random bytes, base64url).
 pub const TOKEN_LEN: usize = 43;
+/// How long after its use a token still answers an enrolment retried with
+/// the key it enrolled (never past the token's expiry): 10 minutes.
+pub const ENROL_RETRY_GRACE_MS: i64 = 10 * 60 * 1000;
 
 fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -29,7 +34,9 @@ struct TokenRow {
     /// None: the device awaits enrolment.
     public_key: Option<Vec<u8>>,
     expires_ms: i64,
-    used_ms: Option<i64>,
+    /// The token was used already and this is a retry of the enrolment
+    /// that used it, within the grace: answered again, not used again.
+    retry: bool,
     /// The device and its user are enabled.
     enabled: bool,
     mfa: bool,
@@ -47,10 +54,31 @@ pub struct Enrolled {
     /// became one (a location without MFA); the caller waits for the
     /// gateways to apply it.
     pub peer_version: Option<u64>,
+    /// A retry of an enrolment already answered: the same answer again.
+    pub retry: bool,
 }
 
-/// Checks a token's form and finds it: usable, for an enabled device.
-fn find_token(tx: &Connection, token: &str, now_ms: i64) -> Result<TokenRow, ClientError> {
+/// The location's config version.
+fn location_version(tx: &Connection, location_id: u32) -> Result<u64, ClientError> {
+    let version: i64 = tx
+        .query_row(
+            "SELECT version FROM locations WHERE id = ?1",
+            [location_id],
+            |r| r.get(0),
+        )
+        .map_err(sql("reading the location's version"))?;
+    Ok(version as u64)
+}
+
+/// Checks a token's form and finds it: usable, for an enabled device. A
+/// used token is usable only by `enrolling` the key it enrolled, within
+/// [`ENROL_RETRY_GRACE_MS`] of its use (the row then says `retry`).
+fn find_token(
+    tx: &Connection,
+    token: &str,
+    enrolling: Option<&Key>,
+    now_ms: i64,
+) -> Result<TokenRow, ClientError> {
     if token.is_empty() {
         return Err(ClientError::Invalid("token: missing".into()));
     }
@@ -62,35 +90,47 @@ fn find_token(tx: &Connection, token: &str, now_ms: i64) -> Result<TokenRow, Cli
     let row = tx
         .query_row(
             "SELECT t.device_id, d.name, d.location_id, l.name, d.public_key, t.expires_ms, t.used_ms, \
-             d.enabled AND u.enabled, l.mfa, d.preshared_key \
+             d.enabled AND u.enabled, l.mfa, d.preshared_key, t.used_key \
              FROM download_tokens t JOIN devices d ON d.id = t.device_id \
              JOIN users u ON u.id = d.user_id JOIN locations l ON l.id = d.location_id \
              WHERE t.hash = ?1",
             [hash(token).as_slice()],
             |r| {
-                Ok(TokenRow {
-                    device_id: r.get(0)?,
-                    device: r.get(1)?,
-                    location_id: r.get(2)?,
-                    location: r.get(3)?,
-                    public_key: r.get(4)?,
-                    expires_ms: r.get(5)?,
-                    used_ms: r.get(6)?,
-                    enabled: r.get(7)?,
-                    mfa: r.get(8)?,
-                    psk: r.get(9)?,
-                })
+                let used_ms: Option<i64> = r.get(6)?;
+                let used_key: Option<Vec<u8>> = r.get(10)?;
+                Ok((
+                    TokenRow {
+                        device_id: r.get(0)?,
+                        device: r.get(1)?,
+                        location_id: r.get(2)?,
+                        location: r.get(3)?,
+                        public_key: r.get(4)?,
+                        expires_ms: r.get(5)?,
+                        retry: false,
+                        enabled: r.get(7)?,
+                        mfa: r.get(8)?,
+                        psk: r.get(9)?,
+                    },
+                    used_ms,
+                    used_key,
+                ))
             },
         )
         .optional()
         .map_err(sql("reading a token"))?;
-    let Some(row) = row else {
+    let Some((mut row, used_ms, used_key)) = row else {
         return Err(ClientError::Unauthorized("token: not valid".into()));
     };
-    if row.used_ms.is_some() {
-        return Err(ClientError::Unauthorized(
-            "token: used already; ask for a new one".into(),
-        ));
+    if let Some(used_ms) = used_ms {
+        let same_key = enrolling
+            .zip(used_key.as_deref())
+            .is_some_and(|(key, used)| key.as_bytes().as_slice() == used);
+        if !same_key || now_ms >= used_ms.saturating_add(ENROL_RETRY_GRACE_MS) {
+            return Err(ClientError::Unauthorized(
+                "token: used already; ask for a new one".into(),
+            ));
+        }
+        row.retry = true;
     }
     if row.expires_ms <= now_ms {
         return Err(ClientError::Expired(
@@ -105,12 +145,14 @@ fn find_token(tx: &Connection, token: &str, now_ms: i64) -> Result<TokenRow, Cli
     Ok(row)
 }
 
-/// Marks a token used and renders the device's config: its own preshared
-/// key, none on an MFA location (each login brings one).
+/// Marks a token used (by an enrolment of `key`, kept for its retries) and
+/// renders the device's config: its own preshared key, none on an MFA
+/// location (each login brings one). A retry leaves the token as it is.
 fn use_token(
     tx: &Connection,
     token: &str,
     row: &TokenRow,
+    key: Option<&Key>,
     now_ms: i64,
 ) -> Result<edge::DeviceConfig, ClientError> {
     let psk = if row.mfa {
@@ -120,11 +162,17 @@ fn use_token(
             ClientError::Internal(StoreError::InUse(format!("stored preshared key: {e}")))
         })?)
     };
-    tx.execute(
-        "UPDATE download_tokens SET used_ms = ?2 WHERE hash = ?1",
-        params![hash(token).as_slice(), now_ms],
-    )
-    .map_err(sql("using a token"))?;
+    if !row.retry {
+        tx.execute(
+            "UPDATE download_tokens SET used_ms = ?2, used_key = ?3 WHERE hash = ?1",
+            params![
+                hash(token).as_slice(),
+                now_ms,
+                key.map(|k| k.as_bytes().to_vec())
+            ],
+        )
+        .map_err(sql("using a token"))?;
+    }
     Ok(render::device_config(tx, row.device_id, psk)?)
 }
 
@@ -168,13 +216,13 @@ impl Store {
     ) -> Result<edge::DeviceConfig, ClientError> {
         let token = token.trim();
         let tx = begin(&mut self.conn)?;
-        let row = find_token(&tx, token, now_ms)?;
+        let row = find_token(&tx, token, None, now_ms)?;
         if row.public_key.is_none() {
             return Err(ClientError::Invalid(
                 "the device has no key yet: enrol it with tidegate-client enrol".into(),
             ));
         }
-        let config = use_token(&tx, token, &row, now_ms)?;
+        let config = use_token(&tx, token, &row, None, now_ms)?;
         self.notices.extend(tx.commit()?);
         Ok(config)
     }
@@ -184,6 +232,11 @@ impl Store {
     /// location without MFA, becomes a peer); a device that has this key
     /// already just gets its config; another key is a conflict. The token
     /// is used only when the device's config is answered.
+    ///
+    /// The same enrolment again (this token, the key it enrolled, within
+    /// [`ENROL_RETRY_GRACE_MS`] of its use and before its expiry) gets the
+    /// same config, `new_key: false`, and waits for the gateways as the
+    /// first did: its answer may have been lost on the way (an Edge died).
     pub fn enrol(
         &mut self,
         token: &str,
@@ -197,19 +250,33 @@ impl Store {
         let key =
             Key::parse(public_key).map_err(|e| ClientError::Invalid(format!("public_key: {e}")))?;
         let mut tx = begin(&mut self.conn)?;
-        let row = find_token(&tx, token, now_ms)?;
+        let row = find_token(&tx, token, Some(&key), now_ms)?;
         let location_id = row.location_id;
         let held = row.public_key.as_deref().map(Key::from_slice);
         match held {
             Some(Ok(held)) if held == key => {
-                let config = use_token(&tx, token, &row, now_ms)?;
+                let config = use_token(&tx, token, &row, Some(&key), now_ms)?;
+                // A retry waits for the location's config as it is now (a
+                // peer on a location without MFA), as the first try did.
+                let peer_version = if row.retry && !row.mfa {
+                    Some(location_version(&tx, location_id)?)
+                } else {
+                    None
+                };
                 self.notices.extend(tx.commit()?);
                 return Ok(Enrolled {
                     config,
                     location_id,
                     new_key: false,
-                    peer_version: None,
+                    peer_version,
+                    retry: row.retry,
                 });
+            }
+            // The key the token enrolled has been changed since.
+            _ if row.retry => {
+                return Err(ClientError::Unauthorized(
+                    "token: used already; ask for a new one".into(),
+                ));
             }
             Some(_) => {
                 return Err(ClientError::Conflict(format!(
@@ -241,7 +308,7 @@ impl Store {
             ],
         )
         .map_err(sql("logging an event"))?;
-        let config = use_token(&tx, token, &row, now_ms)?;
+        let config = use_token(&tx, token, &row, Some(&key), now_ms)?;
         let notices = tx.commit()?;
         let peer_version = notices.iter().find_map(|notice| match notice {
             Notice::Location(change) if change.location_id == location_id => Some(change.version),
@@ -253,6 +320,7 @@ impl Store {
             location_id,
             new_key: true,
             peer_version,
+            retry: false,
         })
     }
 }
@@ -576,6 +644,203 @@ mod tests {
                 (want, got) => panic!("{name}: want {want:?}, got {got:?}"),
             }
         }
+    }
+
+    /// What happens between an enrolment and its retry.
+    #[derive(Debug, Clone, Copy)]
+    enum Between {
+        Nothing,
+        /// The operator disables the device.
+        Disabled,
+        /// The operator gives the device another key.
+        KeyChanged,
+    }
+
+    /// A refusal: its kind and words.
+    type Refused = (fn(&ClientError) -> bool, &'static str);
+
+    struct RetryCase {
+        name: &'static str,
+        mfa: bool,
+        /// The token's lifetime.
+        ttl_s: u32,
+        between: Between,
+        /// The retry's key is the enrolled one (else another).
+        same_key: bool,
+        /// Milliseconds after the enrolment.
+        after_ms: i64,
+        /// `None`: the same config again; else refused with these words.
+        refused: Option<Refused>,
+    }
+
+    #[test]
+    fn an_enrolment_retried_with_its_key_within_the_grace_gets_the_same_answer() {
+        let is_unauthorized: fn(&ClientError) -> bool =
+            |e| matches!(e, ClientError::Unauthorized(_));
+        let is_expired: fn(&ClientError) -> bool = |e| matches!(e, ClientError::Expired(_));
+        let used = Some((is_unauthorized, "token: used already"));
+        let case = |name, same_key, after_ms, refused| RetryCase {
+            name,
+            mfa: false,
+            ttl_s: DEFAULT_TTL_S,
+            between: Between::Nothing,
+            same_key,
+            after_ms,
+            refused,
+        };
+        let cases = [
+            case("the same key at once", true, 0, None),
+            case("the same key a minute on", true, 60_000, None),
+            case(
+                "the same key at the grace's last moment",
+                true,
+                ENROL_RETRY_GRACE_MS - 1,
+                None,
+            ),
+            case(
+                "the same key after the grace",
+                true,
+                ENROL_RETRY_GRACE_MS,
+                used,
+            ),
+            case("another key within the grace", false, 1_000, used),
+            RetryCase {
+                mfa: true,
+                ..case(
+                    "on an MFA location, without a preshared key",
+                    true,
+                    1_000,
+                    None,
+                )
+            },
+            RetryCase {
+                ttl_s: 60,
+                ..case(
+                    "the same key once the token expired",
+                    true,
+                    60_000,
+                    Some((is_expired, "token: expired")),
+                )
+            },
+            RetryCase {
+                between: Between::Disabled,
+                ..case(
+                    "the device disabled since",
+                    true,
+                    1_000,
+                    Some((is_unauthorized, "disabled")),
+                )
+            },
+            RetryCase {
+                between: Between::KeyChanged,
+                ..case("the enrolled key changed since", true, 1_000, used)
+            },
+            RetryCase {
+                between: Between::KeyChanged,
+                ..case("the device's new key", false, 1_000, used)
+            },
+        ];
+        let enrolled_at = 5_000;
+        for case in cases {
+            let name = case.name;
+            let (_dir, mut store) = setup(case.mfa);
+            store
+                .create_device(
+                    admin::CreateDeviceRequest {
+                        public_key: String::new(),
+                        ..device("laptop", Key::new([1; 32]))
+                    },
+                    0,
+                )
+                .unwrap();
+            let t = token(&mut store, Some(case.ttl_s), enrolled_at - 1);
+            let key = Key::new([7; 32]);
+            let other = Key::new([8; 32]);
+            let first = store.enrol(&t, &key.to_base64(), enrolled_at).unwrap();
+            assert!(first.new_key && !first.retry, "{name}");
+            match case.between {
+                Between::Nothing => {}
+                Between::Disabled => {
+                    store
+                        .update_device(admin::UpdateDeviceRequest {
+                            name: "laptop".into(),
+                            enabled: Some(false),
+                            ..Default::default()
+                        })
+                        .unwrap();
+                }
+                Between::KeyChanged => {
+                    store
+                        .update_device(admin::UpdateDeviceRequest {
+                            name: "laptop".into(),
+                            public_key: Some(other.to_base64()),
+                            ..Default::default()
+                        })
+                        .unwrap();
+                }
+            }
+            store.take_notices();
+            let held = store.device("laptop").unwrap().public_key;
+            let version = store.location("ams").unwrap().version;
+            let retry_key = if case.same_key { key } else { other };
+            let result = store.enrol(&t, &retry_key.to_base64(), enrolled_at + case.after_ms);
+            match (case.refused, result) {
+                (None, Ok(again)) => {
+                    assert_eq!(again.config, first.config, "{name}: the same config");
+                    assert!(!again.new_key && again.retry, "{name}");
+                    assert_eq!(again.config.preshared_key.is_empty(), case.mfa, "{name}");
+                    // It waits for the gateways as the first try did.
+                    let waits = (!case.mfa).then_some(version);
+                    assert_eq!(again.peer_version, waits, "{name}");
+                    assert_eq!(first.peer_version.is_some(), !case.mfa, "{name}");
+                }
+                (Some((kind, says)), Err(error)) => {
+                    assert!(kind(&error), "{name}: {error:?}");
+                    assert!(error.to_string().contains(says), "{name}: {error}");
+                }
+                (want, got) => panic!("{name}: want {:?}, got {got:?}", want.map(|w| w.1)),
+            }
+            // Nothing changes: the key, the location, the events, the
+            // token's use (its grace runs from the first use).
+            assert_eq!(store.device("laptop").unwrap().public_key, held, "{name}");
+            assert!(store.take_notices().is_empty(), "{name}");
+            assert_eq!(store.location("ams").unwrap().version, version, "{name}");
+            let used_at: Option<i64> = store
+                .conn
+                .query_row("SELECT used_ms FROM download_tokens", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(used_at, Some(enrolled_at), "{name}");
+            let enrolled_events = store
+                .list_events("ams", 100)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.kind == "device-enrolled")
+                .count();
+            assert_eq!(enrolled_events, 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_download_stays_one_time_and_is_no_enrolment_to_retry() {
+        let key = Key::new([1; 32]);
+        // A token used by a download does not answer an enrolment with
+        // the device's key.
+        let (_dir, mut store) = setup(false);
+        store.create_device(device("laptop", key), 0).unwrap();
+        let t = token(&mut store, None, 0);
+        store.redeem_token(&t, 1).unwrap();
+        let err = store.enrol(&t, &key.to_base64(), 2).unwrap_err();
+        assert!(matches!(err, ClientError::Unauthorized(_)), "{err:?}");
+        // A token used by an enrolment is no second download.
+        let t = token(&mut store, None, 0);
+        let again = store.enrol(&t, &key.to_base64(), 3).unwrap();
+        assert!(!again.new_key && !again.retry);
+        let err = store.redeem_token(&t, 4).unwrap_err();
+        assert!(matches!(err, ClientError::Unauthorized(_)), "{err:?}");
+        // That enrolment (a device with this key already) retries too.
+        let retried = store.enrol(&t, &key.to_base64(), 5).unwrap();
+        assert!(retried.retry);
+        assert_eq!(retried.config, again.config);
     }
 
     /// The peer the gateways get for the enrolled "laptop".
