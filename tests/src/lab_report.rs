@@ -148,7 +148,7 @@ const LABEL_WIDTH: f64 = 120.0;
 const PLOT_WIDTH: f64 = 960.0;
 const LANE_HEIGHT: f64 = 14.0;
 const LANE_GAP: f64 = 3.0;
-const TOP: f64 = 48.0;
+const TOP: f64 = 60.0;
 
 fn colour(gateway: u32) -> &'static str {
     COLOURS[gateway.saturating_sub(1) as usize % COLOURS.len()]
@@ -254,15 +254,20 @@ pub fn svg(title: &str, lanes: &[Lane], marks: &[Mark], names: &BTreeMap<u32, St
         );
         tick += step_s;
     }
-    // The events, their labels staggered over two rows.
+    // The events, their labels staggered over three rows.
     for (i, mark) in marks.iter().enumerate() {
         let mx = x(mark.at_unix_ms as f64);
-        let ty = if i % 2 == 0 { TOP - 16.0 } else { TOP - 4.0 };
+        let ty = TOP - 28.0 + (i % 3) as f64 * 12.0;
+        // Labels near the right edge end at their line.
+        let (tx, anchor) = if mx > LABEL_WIDTH + 0.8 * PLOT_WIDTH {
+            (mx - 2.0, "end")
+        } else {
+            (mx + 2.0, "start")
+        };
         let _ = writeln!(
             out,
-            r##"<line x1="{mx:.1}" y1="{:.1}" x2="{mx:.1}" y2="{axis_y:.1}" stroke="#222" stroke-dasharray="4 3"/><text x="{:.1}" y="{ty:.1}">{}</text>"##,
+            r##"<line x1="{mx:.1}" y1="{:.1}" x2="{mx:.1}" y2="{axis_y:.1}" stroke="#222" stroke-dasharray="4 3"/><text x="{tx:.1}" y="{ty:.1}" text-anchor="{anchor}">{}</text>"##,
             ty + 2.0,
-            mx + 2.0,
             escape(&mark.label)
         );
     }

@@ -344,10 +344,13 @@ fn location(options: &Options, record: &mut Record) -> Result<()> {
     let clients = enrol(&mut lab, options, record)?;
     let mut clients = connect(&lab, clients, record)?;
     let result = steps(&mut lab, &mut clients, options, record);
-    // Probers end first: their summaries make the picture.
+    // Probers end first, together: their summaries make the picture.
+    for prober in clients.iter_mut().filter_map(|c| c.prober.as_mut()) {
+        prober.request_stop()?;
+    }
     for client in &mut clients {
         if let Some(prober) = client.prober.take() {
-            client.summary = Some(prober.finish()?);
+            client.summary = Some(prober.wait(STEP_TIMEOUT)?);
         }
     }
     let picture = picture(&lab, &clients, record, options)?;
@@ -365,7 +368,7 @@ fn location(options: &Options, record: &mut Record) -> Result<()> {
     println!("\nfigures:");
     block(&lab_report::table(&record.figures));
     if options.keep {
-        keep(&lab, &clients)?;
+        keep(&mut lab, &clients)?;
     }
 
     step(12, "teardown");
@@ -1255,23 +1258,20 @@ fn picture(
 
 /// `--keep`: prints how to explore the location and waits for Ctrl-C or
 /// `tidegate-lab --stop`.
-fn keep(lab: &ControlLab, clients: &[LabClient]) -> Result<()> {
+fn keep(lab: &mut ControlLab, clients: &[LabClient]) -> Result<()> {
     tidegate_tests::stop::install()?;
     std::fs::write(PID_FILE, std::process::id().to_string())
         .with_context(|| format!("writing {PID_FILE}"))?;
-    let tidectl = std::env::current_exe()?
-        .with_file_name("tidectl")
+    let tidectl = tidegate_tests::bins::binary("tidectl")?
         .to_string_lossy()
         .into_owned();
     println!("\nthe location is left running; explore it:");
-    for g in 1..=4 {
-        let gateway = lab.gateway(g);
-        if gateway.daemon.process().log().is_empty() {
-            continue;
-        }
+    for gateway in lab.gateways_mut() {
+        let state = if gateway.running() { "" } else { ", crashed" };
         println!(
-            "  {tidectl} --socket {} status      # gw{g} ({})",
+            "  {tidectl} --socket {} status      # {} ({}{state})",
             gateway.daemon.config().control_socket.display(),
+            gateway.name,
             gateway.netns.name()
         );
     }
