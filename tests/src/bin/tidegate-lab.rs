@@ -373,7 +373,10 @@ fn location(options: &Options, record: &mut Record) -> Result<()> {
 
     step(12, "teardown");
     for client in clients.iter_mut().filter(|c| c.up) {
-        client.client.down(&client.profile)?;
+        // A Ctrl-C reaches the clients too: theirs may be down already.
+        if client.client.status(&client.profile)?["up"] == true {
+            client.client.down(&client.profile)?;
+        }
     }
     drop(clients);
     drop(lab);
