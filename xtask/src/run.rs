@@ -62,6 +62,16 @@ impl Cmd {
         line
     }
 
+    /// Runs to completion with inherited output; its exit status, whatever
+    /// it is.
+    pub fn status(mut self) -> Result<std::process::ExitStatus> {
+        let line = self.describe();
+        eprintln!("  $ {line}");
+        self.0
+            .status()
+            .with_context(|| format!("could not start `{line}`"))
+    }
+
     /// Runs to completion with inherited output; an error unless it exits 0.
     pub fn status_ok(mut self) -> Result<()> {
         let line = self.describe();
