@@ -5,6 +5,7 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -23,6 +24,11 @@ pub const DEFAULT_KERNEL: &str = "6.12";
 /// Where the lab writes its report unless told, under the target directory
 /// (which a VM shares with this host).
 const REPORT_DIR: &str = "lab";
+
+/// The longest the lab may run inside a VM: the dev build under emulated
+/// CPUs (the lab of one gateway, a location and three users took about
+/// 13 minutes on 6.12), and more clients to come.
+const VM_LAB_TIMEOUT: Duration = Duration::from_secs(90 * 60);
 
 /// The lab's flag naming its report directory.
 const REPORT_FLAG: &str = "--report";
@@ -136,6 +142,9 @@ pub fn run(ws: &Workspace, lab: &LabArgs) -> Result<ExitCode> {
     run::build_user_space(ws, &ebpf, false)?;
     let bin_dir = ws.profile_dir(false);
     let binary = bin_dir.join("tidegate-lab");
+    // A Ctrl-C reaches the lab here (which tears itself down) and stops a
+    // VM there; either way this xtask reports how it ended.
+    run::catch_interrupts();
     let code = match kernel {
         None => {
             step("running the lab");
@@ -157,6 +166,7 @@ pub fn run(ws: &Workspace, lab: &LabArgs) -> Result<ExitCode> {
                 binary,
                 args: plan.args.clone(),
                 tests: Some(0),
+                timeout: VM_LAB_TIMEOUT,
             };
             let rwdirs: Vec<PathBuf> = plan.report.iter().cloned().collect();
             vm::run_program(ws, &kernel, &program, &rwdirs)?

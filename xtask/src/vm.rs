@@ -129,10 +129,13 @@ const MEMORY: &str = "3G";
 /// VM, and the kernels' VMs side by side, keep this machine's two cores
 /// busy instead.
 const CPUS: &str = "1";
-/// The longest one VM may run before it is stopped.
+/// The longest one VM may run before it is stopped, unless one of its
+/// programs may run longer (then that, plus [`BOOT_MARGIN`]).
 const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// The longest one test binary may run inside the guest.
-const BINARY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub const BINARY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Time for the VM to boot and shut down around its longest program.
+const BOOT_MARGIN: Duration = Duration::from_secs(5 * 60);
 
 /// How many times slower than the host the guest runs under TCG, about:
 /// the tests stretch their waits by it (`tidegate_tests::pace`).
@@ -154,6 +157,8 @@ pub struct GuestRun {
     /// For a test binary, how many tests must pass (`None`: at least one);
     /// a benchmark (`Some(0)`) must only exit 0.
     pub tests: Option<usize>,
+    /// The longest it may run inside the guest before it is stopped.
+    pub timeout: Duration,
 }
 
 impl GuestRun {
@@ -175,6 +180,7 @@ impl GuestRun {
             binary,
             args,
             tests: (!entry.tests.is_empty()).then_some(entry.tests.len()),
+            timeout: BINARY_TIMEOUT,
         }
     }
 }
@@ -293,6 +299,8 @@ pub fn run_in_vms(
 ) -> Result<Vec<(String, Totals)>> {
     let bin_dir = ws.profile_dir(false);
     let resolvconf = kernels::resolvconf_deb()?;
+    // A Ctrl-C stops the VMs rather than leaving them to their timeout.
+    run::catch_interrupts();
     let outcomes: Vec<(&Kernel, PathBuf, Result<Totals>)> = std::thread::scope(|scope| {
         let runs: Vec<_> = kernels
             .iter()
@@ -442,7 +450,8 @@ struct Vm<'a> {
 
 impl Vm<'_> {
     /// Boots the VM to run `planned` with `xtask guest`, printing the
-    /// guest's log as it grows, stopping it after [`VM_TIMEOUT`]; the
+    /// guest's log as it grows, stopping it after [`vm_timeout`] or when
+    /// this xtask is interrupted; the
     /// result the guest wrote.
     fn run(
         &self,
@@ -458,6 +467,7 @@ impl Vm<'_> {
                 "target": p.label,
                 "binary": p.binary,
                 "args": p.args,
+                "timeout_secs": p.timeout.as_secs(),
             })).collect::<Vec<_>>(),
         });
         fs::write(out.join(PLAN), serde_json::to_vec_pretty(&plan)?)?;
@@ -513,18 +523,28 @@ impl Vm<'_> {
         let log_path = out.join(LOG);
         let mut offset = 0;
         let prefix = self.prefix;
+        let timeout = vm_timeout(planned);
         let status = loop {
             offset = print_new(&log_path, offset, prefix)?;
             if let Some(status) = child.try_wait()? {
                 break status;
             }
-            if started.elapsed() > VM_TIMEOUT {
+            let stop = if run::interrupted() {
+                Some("this xtask was interrupted: the VM was stopped".to_owned())
+            } else if started.elapsed() > timeout {
+                Some(format!(
+                    "the VM ran longer than {timeout:?} and was stopped"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = stop {
                 // SAFETY: kill(2) on the process group this xtask created for
                 // the VM; no memory is involved.
                 unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.wait();
                 print_new(&log_path, offset, prefix)?;
-                bail!("the VM ran longer than {VM_TIMEOUT:?} and was stopped");
+                bail!("{why}");
             }
             std::thread::sleep(Duration::from_millis(500));
         };
@@ -537,6 +557,13 @@ impl Vm<'_> {
         })?;
         Ok(serde_json::from_str(&result)?)
     }
+}
+
+/// How long a VM running `planned` may run: [`VM_TIMEOUT`], or longer
+/// when one program may take longer than that.
+fn vm_timeout(planned: &[GuestRun]) -> Duration {
+    let longest = planned.iter().map(|p| p.timeout).max().unwrap_or_default();
+    VM_TIMEOUT.max(longest + BOOT_MARGIN)
 }
 
 /// Prints what was appended to `path` since `offset`; the new offset.
@@ -643,7 +670,10 @@ pub fn guest(plan: &Path, out: &Path) -> Result<()> {
         if let Some(resolvconf) = resolvconf {
             command.env(RESOLVCONF_DEB_ENV, resolvconf);
         }
-        let outcome = run_bounded(command, &out.join(LOG), BINARY_TIMEOUT);
+        let timeout = run["timeout_secs"]
+            .as_u64()
+            .map_or(BINARY_TIMEOUT, Duration::from_secs);
+        let outcome = run_bounded(command, &out.join(LOG), timeout);
         let (passed, failed) = totals_in(
             &fs::read_to_string(out.join(LOG)).unwrap_or_default(),
             &target,
@@ -750,6 +780,22 @@ mod tests {
                    guest: running a/y\ntest result: FAILED. 1 passed; 2 failed; 0 ignored\n";
         assert_eq!(totals_in(log, "a/x"), (3, 0));
         assert_eq!(totals_in(log, "a/y"), (1, 2));
+    }
+
+    #[test]
+    fn a_vm_outlives_its_longest_program() {
+        let run = |minutes: u64| GuestRun {
+            label: "p".into(),
+            binary: PathBuf::from("/p"),
+            args: Vec::new(),
+            tests: Some(0),
+            timeout: Duration::from_secs(minutes * 60),
+        };
+        assert_eq!(vm_timeout(&[run(15), run(15), run(15)]), VM_TIMEOUT);
+        assert_eq!(
+            vm_timeout(&[run(15), run(90)]),
+            Duration::from_secs(95 * 60)
+        );
     }
 
     #[test]
