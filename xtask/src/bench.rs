@@ -91,6 +91,7 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
                 binary,
                 args: vec!["--backend".into(), "kernel".into(), "--counts-only".into()],
                 tests: Some(0),
+                timeout: vm::BINARY_TIMEOUT,
             }];
             vm::run_in_vms(ws, &kernels, &runs).map(drop)
         }

@@ -7,6 +7,7 @@ mod bench;
 mod ebpf;
 mod fuzz;
 mod kernels;
+mod lab;
 mod run;
 mod setup;
 mod vm;
@@ -58,8 +59,9 @@ enum Command {
         out: std::path::PathBuf,
     },
     /// Run the lab: a Tidegate location in network namespaces on real
-    /// WireGuard, narrated step by step. Needs root.
-    Lab,
+    /// WireGuard, narrated step by step; here (wireguard-go when the kernel
+    /// has no WireGuard) or in a VM on Debian's kernel. Needs root.
+    Lab(lab::LabArgs),
     /// Fuzz what Tidegate decodes and parses from others (adverts,
     /// endpoint messages, config files, the Edge's JSON, control requests)
     /// with cargo-fuzz, each target for a bounded time.
@@ -79,7 +81,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     match dispatch(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("xtask: error: {error:#}");
             std::process::ExitCode::FAILURE
@@ -87,10 +89,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn dispatch(cli: Cli) -> Result<()> {
+/// Runs the command; the exit code of the program it ran for the user (the
+/// lab's), else success.
+fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
     if let Command::Guest { plan, out } = &cli.command {
         // Inside the VM there is no cargo to ask for the workspace.
-        return vm::guest(plan, out);
+        vm::guest(plan, out)?;
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     let ws = run::Workspace::locate()?;
     match cli.command {
@@ -116,11 +121,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             print_kernel_totals(&totals);
         }
         Command::Guest { .. } => unreachable!("handled above"),
-        Command::Lab => lab(&ws)?,
+        Command::Lab(args) => return lab::run(&ws, &args),
         Command::Fuzz { seconds, targets } => fuzz::run(&ws, seconds, &targets)?,
         Command::Bench { which } => bench::run(&ws, which)?,
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn print_kernel_totals(totals: &[(String, vm::Totals)]) {
@@ -198,19 +203,6 @@ pub fn test_totals(output: &str) -> (u64, u64) {
         .fold((0, 0), |(p, f), line| {
             (p + count(line, "passed"), f + count(line, "failed"))
         })
-}
-
-fn lab(ws: &run::Workspace) -> Result<()> {
-    setup::require_root(
-        "`cargo xtask lab` (it builds network namespaces and attaches XDP programs)",
-    )?;
-    setup::packages()?;
-    let ebpf = ebpf::build(ws)?;
-    run::build_user_space(ws, &ebpf, true)?;
-    run::step("running the lab");
-    run::Cmd::new(ws.profile_dir(true).join("tidegate-lab"))
-        .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
-        .status_ok()
 }
 
 #[cfg(test)]

@@ -4,11 +4,37 @@ use std::{
     ffi::OsStr,
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::ebpf::EbpfObjects;
+
+/// Set when this xtask was sent SIGINT or SIGTERM after [`catch_interrupts`].
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// From now on SIGINT and SIGTERM only set a flag ([`interrupted`]), so
+/// this xtask outlives a Ctrl-C: a program it started in the terminal's
+/// process group gets the signal too and ends in its own way (programs
+/// started later have the default handlers again), and a VM in its own
+/// process group is stopped by the loop watching it.
+pub fn catch_interrupts() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe { libc::signal(signal, on_interrupt as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`catch_interrupts`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// Prints one step of a task, so a reader of the log sees what happens.
 pub fn step(what: &str) {
@@ -60,6 +86,16 @@ impl Cmd {
             line.push_str(&arg.to_string_lossy());
         }
         line
+    }
+
+    /// Runs to completion with inherited output; its exit status, whatever
+    /// it is.
+    pub fn status(mut self) -> Result<std::process::ExitStatus> {
+        let line = self.describe();
+        eprintln!("  $ {line}");
+        self.0
+            .status()
+            .with_context(|| format!("could not start `{line}`"))
     }
 
     /// Runs to completion with inherited output; an error unless it exits 0.

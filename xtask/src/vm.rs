@@ -129,10 +129,13 @@ const MEMORY: &str = "3G";
 /// VM, and the kernels' VMs side by side, keep this machine's two cores
 /// busy instead.
 const CPUS: &str = "1";
-/// The longest one VM may run before it is stopped.
+/// The longest one VM may run before it is stopped, unless one of its
+/// programs may run longer (then that, plus [`BOOT_MARGIN`]).
 const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// The longest one test binary may run inside the guest.
-const BINARY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub const BINARY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Time for the VM to boot and shut down around its longest program.
+const BOOT_MARGIN: Duration = Duration::from_secs(5 * 60);
 
 /// How many times slower than the host the guest runs under TCG, about:
 /// the tests stretch their waits by it (`tidegate_tests::pace`).
@@ -154,6 +157,8 @@ pub struct GuestRun {
     /// For a test binary, how many tests must pass (`None`: at least one);
     /// a benchmark (`Some(0)`) must only exit 0.
     pub tests: Option<usize>,
+    /// The longest it may run inside the guest before it is stopped.
+    pub timeout: Duration,
 }
 
 impl GuestRun {
@@ -175,6 +180,7 @@ impl GuestRun {
             binary,
             args,
             tests: (!entry.tests.is_empty()).then_some(entry.tests.len()),
+            timeout: BINARY_TIMEOUT,
         }
     }
 }
@@ -293,6 +299,8 @@ pub fn run_in_vms(
 ) -> Result<Vec<(String, Totals)>> {
     let bin_dir = ws.profile_dir(false);
     let resolvconf = kernels::resolvconf_deb()?;
+    // A Ctrl-C stops the VMs rather than leaving them to their timeout.
+    run::catch_interrupts();
     let outcomes: Vec<(&Kernel, PathBuf, Result<Totals>)> = std::thread::scope(|scope| {
         let runs: Vec<_> = kernels
             .iter()
@@ -365,85 +373,197 @@ fn run_one(
     resolvconf: &Path,
     out: &Path,
 ) -> Result<Totals> {
-    let plan = json!({
-        "bin_dir": bin_dir,
-        "resolvconf_deb": resolvconf,
-        "runs": planned.iter().map(|p| json!({
-            "target": p.label,
-            "binary": p.binary,
-            "args": p.args,
-        })).collect::<Vec<_>>(),
-    });
-    fs::write(out.join(PLAN), serde_json::to_vec_pretty(&plan)?)?;
-    // The workspace's own build of this tool (the running one may have been
-    // replaced on disk by that build).
-    let xtask = bin_dir.join("xtask");
-    let exec = format!(
-        "{} guest --plan {} --out {}",
-        xtask.display(),
-        out.join(PLAN).display(),
-        out.display()
-    );
-    step(&format!(
-        "booting Debian's {} kernel ({}) under qemu (TCG) to run {} programs",
-        kernel.series.name,
-        kernel.release,
-        planned.len()
-    ));
-    let vng_log = fs::File::create(out.join("vng.log"))?;
-    let mut command = Command::new(&kernel.vng);
-    command
-        .arg("-r")
-        .arg(kernel.image())
-        .args(["--disable-kvm", "--cpus", CPUS, "--memory", MEMORY])
-        // The guest's console (kernel messages) goes to vng.log.
-        .arg("--verbose")
-        .arg("--rwdir")
-        .arg(out)
-        .args(
-            GUEST_OVERLAYS
-                .iter()
-                .flat_map(|dir| ["--overlay-rwdir", dir]),
-        )
-        .args(["--exec", &exec])
-        .stdin(Stdio::null())
-        .stdout(vng_log.try_clone()?)
-        .stderr(vng_log)
-        // Its own process group: on a timeout the VM and whatever vng
-        // started go together, and nothing else.
-        .process_group(0);
-    eprintln!(
-        "  $ vng -r {} ... --exec '{exec}'",
-        kernel.image().display()
-    );
-    let mut child = command.spawn().context("starting vng")?;
-    let started = Instant::now();
-    let log_path = out.join(LOG);
-    let mut offset = 0;
-    let prefix = format!("[{}] ", kernel.series.name);
-    let status = loop {
-        offset = print_new(&log_path, offset, &prefix)?;
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > VM_TIMEOUT {
-            // SAFETY: kill(2) on the process group this xtask created for
-            // the VM; no memory is involved.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            print_new(&log_path, offset, &prefix)?;
-            bail!("the VM ran longer than {VM_TIMEOUT:?} and was stopped");
-        }
-        std::thread::sleep(Duration::from_millis(500));
+    let vm = Vm {
+        kernel,
+        out,
+        rwdirs: &[],
+        prefix: &format!("[{}] ", kernel.series.name),
     };
-    print_new(&log_path, offset, &prefix)?;
-    let result = fs::read_to_string(out.join(RESULT)).with_context(|| {
-        format!(
-            "the guest wrote no result (vng {status}); its console is in {}",
-            out.join("vng.log").display()
-        )
-    })?;
-    check_result(&serde_json::from_str(&result)?, planned)
+    let result = vm.run(planned, bin_dir, Some(resolvconf))?;
+    check_result(&result, planned)
+}
+
+/// Runs one program (the lab) in a VM of `kernel`, its output printed as
+/// it comes without a prefix; its exit code. `rwdirs` are directories of
+/// this host the guest may write besides its own (created first). The
+/// guest's files are removed when the program exited 0, kept otherwise.
+pub fn run_program(
+    ws: &Workspace,
+    kernel: &Kernel,
+    program: &GuestRun,
+    rwdirs: &[PathBuf],
+) -> Result<i32> {
+    for dir in rwdirs {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let out = guest_dir(ws, kernel)?;
+    let vm = Vm {
+        kernel,
+        out: &out,
+        rwdirs,
+        prefix: "",
+    };
+    let result = vm.run(std::slice::from_ref(program), &ws.profile_dir(false), None);
+    let code = result.and_then(|result| exit_code(&result, &program.label));
+    match code {
+        Ok(0) => {
+            fs::remove_dir_all(&out).ok();
+            Ok(0)
+        }
+        Ok(code) => {
+            step(&format!(
+                "the guest's files (its log, the VM's console) are in {}",
+                out.display()
+            ));
+            Ok(code)
+        }
+        Err(error) => Err(error.context(format!(
+            "on {} ({}); the guest's files are in {}",
+            kernel.series.name,
+            kernel.release,
+            out.display()
+        ))),
+    }
+}
+
+/// The exit code of `target` in a guest's result.
+fn exit_code(result: &Value, target: &str) -> Result<i32> {
+    let runs = result["runs"].as_array().context("no runs in the result")?;
+    let run = runs
+        .iter()
+        .find(|r| r["target"] == target)
+        .with_context(|| format!("{target} did not run"))?;
+    run["code"]
+        .as_i64()
+        .and_then(|c| i32::try_from(c).ok())
+        .with_context(|| format!("{target} ended without an exit code: {}", run["outcome"]))
+}
+
+/// One VM: the kernel it boots, the directory it reports into, what else
+/// of this host it may write, and the prefix of its log lines here.
+struct Vm<'a> {
+    kernel: &'a Kernel,
+    out: &'a Path,
+    rwdirs: &'a [PathBuf],
+    prefix: &'a str,
+}
+
+impl Vm<'_> {
+    /// Boots the VM to run `planned` with `xtask guest`, printing the
+    /// guest's log as it grows, stopping it after [`vm_timeout`] or when
+    /// this xtask is interrupted; the
+    /// result the guest wrote.
+    fn run(
+        &self,
+        planned: &[GuestRun],
+        bin_dir: &Path,
+        resolvconf: Option<&Path>,
+    ) -> Result<Value> {
+        let (kernel, out) = (self.kernel, self.out);
+        let plan = json!({
+            "bin_dir": bin_dir,
+            "resolvconf_deb": resolvconf,
+            "runs": planned.iter().map(|p| json!({
+                "target": p.label,
+                "binary": p.binary,
+                "args": p.args,
+                "timeout_secs": p.timeout.as_secs(),
+            })).collect::<Vec<_>>(),
+        });
+        fs::write(out.join(PLAN), serde_json::to_vec_pretty(&plan)?)?;
+        // The workspace's own build of this tool (the running one may have been
+        // replaced on disk by that build).
+        let xtask = bin_dir.join("xtask");
+        let exec = format!(
+            "{} guest --plan {} --out {}",
+            xtask.display(),
+            out.join(PLAN).display(),
+            out.display()
+        );
+        step(&format!(
+            "booting Debian's {} kernel ({}) under qemu (TCG) to run {} program{}",
+            kernel.series.name,
+            kernel.release,
+            planned.len(),
+            if planned.len() == 1 { "" } else { "s" }
+        ));
+        let vng_log = fs::File::create(out.join("vng.log"))?;
+        let mut command = Command::new(&kernel.vng);
+        command
+            .arg("-r")
+            .arg(kernel.image())
+            .args(["--disable-kvm", "--cpus", CPUS, "--memory", MEMORY])
+            // The guest's console (kernel messages) goes to vng.log.
+            .arg("--verbose")
+            .arg("--rwdir")
+            .arg(out)
+            .args(
+                self.rwdirs
+                    .iter()
+                    .flat_map(|dir| ["--rwdir".as_ref(), dir.as_os_str()]),
+            )
+            .args(
+                GUEST_OVERLAYS
+                    .iter()
+                    .flat_map(|dir| ["--overlay-rwdir", dir]),
+            )
+            .args(["--exec", &exec])
+            .stdin(Stdio::null())
+            .stdout(vng_log.try_clone()?)
+            .stderr(vng_log)
+            // Its own process group: on a timeout the VM and whatever vng
+            // started go together, and nothing else.
+            .process_group(0);
+        eprintln!(
+            "  $ vng -r {} ... --exec '{exec}'",
+            kernel.image().display()
+        );
+        let mut child = command.spawn().context("starting vng")?;
+        let started = Instant::now();
+        let log_path = out.join(LOG);
+        let mut offset = 0;
+        let prefix = self.prefix;
+        let timeout = vm_timeout(planned);
+        let status = loop {
+            offset = print_new(&log_path, offset, prefix)?;
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            let stop = if run::interrupted() {
+                Some("this xtask was interrupted: the VM was stopped".to_owned())
+            } else if started.elapsed() > timeout {
+                Some(format!(
+                    "the VM ran longer than {timeout:?} and was stopped"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = stop {
+                // SAFETY: kill(2) on the process group this xtask created for
+                // the VM; no memory is involved.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                print_new(&log_path, offset, prefix)?;
+                bail!("{why}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        print_new(&log_path, offset, prefix)?;
+        let result = fs::read_to_string(out.join(RESULT)).with_context(|| {
+            format!(
+                "the guest wrote no result (vng {status}); its console is in {}",
+                out.join("vng.log").display()
+            )
+        })?;
+        Ok(serde_json::from_str(&result)?)
+    }
+}
+
+/// How long a VM running `planned` may run: [`VM_TIMEOUT`], or longer
+/// when one program may take longer than that.
+fn vm_timeout(planned: &[GuestRun]) -> Duration {
+    let longest = planned.iter().map(|p| p.timeout).max().unwrap_or_default();
+    VM_TIMEOUT.max(longest + BOOT_MARGIN)
 }
 
 /// Prints what was appended to `path` since `offset`; the new offset.
@@ -527,9 +647,8 @@ pub fn guest(plan: &Path, out: &Path) -> Result<()> {
     );
     say("guest: WireGuard module loaded");
     let bin_dir = plan["bin_dir"].as_str().context("no bin_dir in the plan")?;
-    let resolvconf = plan["resolvconf_deb"]
-        .as_str()
-        .context("no resolvconf_deb in the plan")?;
+    // Only the suite's client test needs it; the lab runs without.
+    let resolvconf = plan["resolvconf_deb"].as_str();
     let mut runs = Vec::new();
     for run in plan["runs"].as_array().context("no runs in the plan")? {
         let target = run["target"].as_str().unwrap_or_default().to_owned();
@@ -547,16 +666,21 @@ pub fn guest(plan: &Path, out: &Path) -> Result<()> {
             .env("TIDEGATE_TEST_SLOWDOWN", SLOWDOWN)
             .env(CLOCK_STEPPABLE_ENV, "1")
             .env(OWN_ROOT_ENV, "1")
-            .env(RESOLVCONF_DEB_ENV, resolvconf)
             .env_remove("RUST_LOG");
-        let outcome = run_bounded(command, &out.join(LOG), BINARY_TIMEOUT);
+        if let Some(resolvconf) = resolvconf {
+            command.env(RESOLVCONF_DEB_ENV, resolvconf);
+        }
+        let timeout = run["timeout_secs"]
+            .as_u64()
+            .map_or(BINARY_TIMEOUT, Duration::from_secs);
+        let outcome = run_bounded(command, &out.join(LOG), timeout);
         let (passed, failed) = totals_in(
             &fs::read_to_string(out.join(LOG)).unwrap_or_default(),
             &target,
         );
-        let (success, outcome) = match outcome {
-            Ok(status) => (status.success(), status.to_string()),
-            Err(error) => (false, format!("{error:#}")),
+        let (success, code, outcome) = match outcome {
+            Ok(status) => (status.success(), status.code(), status.to_string()),
+            Err(error) => (false, None, format!("{error:#}")),
         };
         say(&format!(
             "guest: {target}: {outcome} in {:.0?} ({passed} passed, {failed} failed)",
@@ -565,6 +689,7 @@ pub fn guest(plan: &Path, out: &Path) -> Result<()> {
         runs.push(json!({
             "target": target,
             "success": success,
+            "code": code,
             "outcome": outcome,
             "passed": passed,
             "failed": failed,
@@ -591,7 +716,7 @@ fn run_bounded(
         .stderr(file)
         .process_group(0)
         .spawn()
-        .context("starting the test binary")?;
+        .context("starting the program")?;
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -655,6 +780,35 @@ mod tests {
                    guest: running a/y\ntest result: FAILED. 1 passed; 2 failed; 0 ignored\n";
         assert_eq!(totals_in(log, "a/x"), (3, 0));
         assert_eq!(totals_in(log, "a/y"), (1, 2));
+    }
+
+    #[test]
+    fn a_vm_outlives_its_longest_program() {
+        let run = |minutes: u64| GuestRun {
+            label: "p".into(),
+            binary: PathBuf::from("/p"),
+            args: Vec::new(),
+            tests: Some(0),
+            timeout: Duration::from_secs(minutes * 60),
+        };
+        assert_eq!(vm_timeout(&[run(15), run(15), run(15)]), VM_TIMEOUT);
+        assert_eq!(
+            vm_timeout(&[run(15), run(90)]),
+            Duration::from_secs(95 * 60)
+        );
+    }
+
+    #[test]
+    fn a_programs_exit_code_is_read_from_the_result() {
+        let result = json!({"runs": [
+            {"target": "lab", "success": false, "code": 3, "outcome": "exit status: 3"},
+            {"target": "killed", "success": false, "code": null, "outcome": "stopped after 900s"},
+        ]});
+        assert_eq!(exit_code(&result, "lab").unwrap(), 3);
+        let killed = format!("{:#}", exit_code(&result, "killed").unwrap_err());
+        assert!(killed.contains("stopped after 900s"), "{killed}");
+        assert!(exit_code(&result, "other").is_err());
+        assert!(exit_code(&json!({}), "lab").is_err());
     }
 
     #[test]
