@@ -33,6 +33,9 @@ const VM_LAB_TIMEOUT: Duration = Duration::from_secs(90 * 60);
 /// The lab's flag naming its report directory.
 const REPORT_FLAG: &str = "--report";
 
+/// The lab's flag that runs keepalived + WireGuard through the same crash.
+const COMPARE_FLAG: &str = "--compare";
+
 /// Lab flags that only mean something on this host: a VM ends with the lab,
 /// so there is nothing left to keep or stop.
 const HOST_ONLY_FLAGS: &[&str] = &["--keep", "--stop"];
@@ -134,6 +137,10 @@ pub fn run(ws: &Workspace, lab: &LabArgs) -> Result<ExitCode> {
         "`cargo xtask lab` (it builds network namespaces and attaches XDP programs)",
     )?;
     setup::packages()?;
+    if plan.args.iter().any(|a| a == COMPARE_FLAG) {
+        // The comparison's baseline.
+        setup::install_missing(setup::BENCH_PACKAGES)?;
+    }
     let kernel = match plan.kernel {
         Some(series) => Some(kernels::prepare(&[series])?.remove(0)),
         None => None,

@@ -35,8 +35,9 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Debian packages only the benchmarks run: keepalived, the baseline of
-/// `cargo xtask bench failover`. `cargo xtask test` does not install them.
+/// Debian packages only the benchmarks and `cargo xtask lab -- --compare`
+/// run: keepalived, the baseline of `cargo xtask bench failover` and of the
+/// lab's comparison. `cargo xtask test` does not install them.
 pub const BENCH_PACKAGES: &[&str] = &["keepalived"];
 
 /// Debian packages `cargo xtask bench steer` runs besides the tests' own:

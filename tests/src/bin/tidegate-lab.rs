@@ -55,7 +55,8 @@ const MAX_PROBES: u64 = 30_000;
 const SNAPSHOT: Duration = Duration::from_millis(200);
 /// Quiet time around a step, so its window holds probes before and after.
 const QUIET: Duration = Duration::from_millis(1500);
-/// The longest a step may take to settle.
+/// The longest a step may take to settle, on the host (stretched where
+/// the CPUs are emulated).
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Malformed datagrams of each kind sent at the VIP.
 const MALFORMED_PER_KIND: u32 = 20;
@@ -350,7 +351,7 @@ fn location(options: &Options, record: &mut Record) -> Result<()> {
     }
     for client in &mut clients {
         if let Some(prober) = client.prober.take() {
-            client.summary = Some(prober.wait(STEP_TIMEOUT)?);
+            client.summary = Some(prober.wait(step_timeout())?);
         }
     }
     let picture = picture(&lab, &clients, record, options)?;
@@ -568,7 +569,7 @@ fn connect(
         probe_interval().as_millis()
     ));
     let now = now_ms();
-    wait_answering(&clients, now, STEP_TIMEOUT)?;
+    wait_answering(&clients, now, step_timeout())?;
     record.figure(
         "tunnels",
         "up (min/median/max)",
@@ -576,6 +577,11 @@ fn connect(
     );
     record.mark(now, "probing");
     Ok(clients)
+}
+
+/// How long a step may take to settle on this machine.
+fn step_timeout() -> Duration {
+    tidegate_tests::pace::stretch(STEP_TIMEOUT)
 }
 
 /// How often clients probe: every 20 ms on the host, 50 ms where the CPUs
@@ -621,7 +627,7 @@ fn windows(
 ) -> Result<Vec<(usize, Window)>> {
     let summaries = poll_until(
         "the probers' snapshots",
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(50),
         || {
             let mut out = Vec::new();
@@ -687,11 +693,11 @@ fn pins(lab: &mut ControlLab, master: usize) -> Result<BTreeMap<u32, usize>> {
 /// Step 4: the election and the director's spread.
 fn election(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<()> {
     step(4, "election and the director's spread");
-    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let master = lab.wait_master(step_timeout())?;
     let of_director = clients.iter().filter(|c| c.location == 1).count();
     let per = poll_until(
         "every director client pinned",
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(100),
         || {
             let per = pins(lab, master)?;
@@ -712,7 +718,7 @@ fn election(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) ->
         per.len() >= 2,
         "the director sent every client to one gateway: {per:?}"
     );
-    let mfa_master = lab.wait_master_of(2, STEP_TIMEOUT)?;
+    let mfa_master = lab.wait_master_of(2, step_timeout())?;
     say(&format!(
         "the MFA location's gw{mfa_master} serves its {} clients",
         clients.len() - of_director
@@ -724,7 +730,7 @@ fn election(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) ->
 /// Step 5: malformed WireGuard at the VIP, dropped and counted by reason.
 fn shield(lab: &mut ControlLab, record: &mut Record) -> Result<()> {
     step(5, "the shield: malformed WireGuard datagrams at the VIP");
-    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let master = lab.wait_master(step_timeout())?;
     let before = lab.gateway_mut(master).daemon.counters()?;
     let mut sent: BTreeMap<&str, u64> = BTreeMap::new();
     let from = lab.client();
@@ -744,7 +750,7 @@ fn shield(lab: &mut ControlLab, record: &mut Record) -> Result<()> {
     let total: u64 = sent.values().sum();
     let after = poll_until(
         "the drops counted",
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(50),
         || {
             let now = lab.gateway_mut(master).daemon.counters()?;
@@ -796,7 +802,7 @@ fn failover_reports(
 /// Step 6: the master crashes.
 fn crash(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<f64> {
     step(6, "the master crashes (SIGKILL, link down)");
-    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let master = lab.wait_master(step_timeout())?;
     let pinned = pins(lab, master)?;
     // The VIP's arrival on each backup's interface, as `ip monitor` sees it.
     let mut monitors = BTreeMap::new();
@@ -809,8 +815,8 @@ fn crash(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Re
     let t0 = now_ms();
     lab.gateway_mut(master).crash()?;
     record.mark(t0, format!("gw{master} crashed"));
-    let new = lab.wait_master(STEP_TIMEOUT)?;
-    wait_answering(clients, t0, STEP_TIMEOUT)?;
+    let new = lab.wait_master(step_timeout())?;
+    wait_answering(clients, t0, step_timeout())?;
     let became = lab
         .gateway_mut(new)
         .status()?
@@ -822,7 +828,7 @@ fn crash(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Re
         .context("no monitor on the new master")?;
     let vip_at = poll_until(
         "the VIP on the new master's interface",
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(50),
         || {
             Ok(match monitor.first_add_after(&public, VIP, t0 as f64)? {
@@ -841,7 +847,7 @@ fn crash(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Re
     // Every kicked handshake completes.
     let (kicked, completed) = poll_until(
         "the kicked handshakes to complete",
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(100),
         || {
             let (mut kicked, mut completed) = (0, 0);
@@ -916,16 +922,16 @@ fn crash(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Re
 /// Step 7: a planned handover loses no probe.
 fn handover(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<()> {
     step(7, "a planned handover (tidectl failover on the master)");
-    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let master = lab.wait_master(step_timeout())?;
     let t0 = now_ms();
     lab.gateway_mut(master).daemon.tidectl_ok(&["failover"])?;
     record.mark(t0, format!("gw{master} hands over"));
     let new = poll_until(
         "another master",
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(50),
         || {
-            let m = lab.wait_master(STEP_TIMEOUT)?;
+            let m = lab.wait_master(step_timeout())?;
             Ok(if m == master {
                 Probe::NotYet(format!("gw{m} still master"))
             } else {
@@ -949,7 +955,7 @@ fn handover(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) ->
 /// Step 8: a gateway drains: its clients stay, no new one comes.
 fn drain(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<()> {
     step(8, "a drain (tidectl drain on a backup)");
-    let master = lab.wait_master(STEP_TIMEOUT)?;
+    let master = lab.wait_master(step_timeout())?;
     let drained = DIRECTOR_GATEWAYS
         .into_iter()
         .find(|&g| g != master && lab.gateway_mut(g).running())
@@ -960,7 +966,7 @@ fn drain(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Re
     record.mark(t0, format!("gw{drained} drains"));
     let entries = poll_until(
         "the master to leave the drained gateway out of its table",
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(100),
         || {
             let json = lab
@@ -1080,7 +1086,7 @@ fn edge_kill(
     );
     ensure!(failed.is_empty(), "enrolments lost: {}", failed.join("; "));
     lab.edge_mut(1).restart()?;
-    lab.core_mut()?.wait_edges(STEP_TIMEOUT)?;
+    lab.core_mut()?.wait_edges(step_timeout())?;
     say("edge1 restarted; Core dialled it again");
     Ok(())
 }
@@ -1153,7 +1159,7 @@ fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Recor
     wait_applied_by_live(lab, SECOND_LOCATION)?;
     let sessions = poll_until(
         "Core to learn of the expiry",
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(200),
         || {
             let status = lab.core()?.location_status(SECOND_LOCATION)?;
@@ -1194,7 +1200,7 @@ fn wait_applied_by_live(lab: &mut ControlLab, location: &str) -> Result<()> {
         .collect();
     poll_until(
         &format!("the gateways of {location} to run Core's config"),
-        STEP_TIMEOUT,
+        step_timeout(),
         Duration::from_millis(100),
         || {
             let status = lab.core()?.location_status(location)?;
@@ -1344,7 +1350,7 @@ fn compare(options: &Options, tidegate_gap: f64, record: &mut Record) -> Result<
             keepalive: None,
         },
     )?;
-    location.location_mut().wait_master(1, STEP_TIMEOUT)?;
+    location.location_mut().wait_master(1, step_timeout())?;
     let before: Vec<u64> = location
         .clients()
         .iter()
@@ -1354,7 +1360,7 @@ fn compare(options: &Options, tidegate_gap: f64, record: &mut Record) -> Result<
     std::thread::sleep(QUIET);
     let at = Instant::now();
     location.crash(1)?;
-    location.location_mut().wait_master(2, STEP_TIMEOUT)?;
+    location.location_mut().wait_master(2, step_timeout())?;
     let recovery = Duration::from_secs(60);
     wait_fresh_handshakes(location.clients(), &before, recovery)?;
     wait_tunnels_answer(location.clients(), recovery)?;
