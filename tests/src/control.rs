@@ -238,15 +238,6 @@ impl LabGateway {
         HaStatus::parse(&self.daemon.tidectl_ok(&["status", "--json"])?)
     }
 
-    /// The gateway's id in its location's election.
-    pub fn id(&self) -> u32 {
-        self.daemon
-            .config()
-            .ha
-            .as_ref()
-            .map_or(0, |ha| ha.gateway_id)
-    }
-
     /// Kills the daemon (SIGKILL) and its echo, and takes its public link
     /// down: a host that died. Its wireguard-go stays, cut off.
     pub fn crash(&mut self) -> Result<()> {
@@ -257,14 +248,6 @@ impl LabGateway {
         self.netns
             .ip(&["link", "set", "dev", &self.public, "down"])?;
         Ok(())
-    }
-
-    /// Brings a crashed gateway back: its link up, its daemon restarted,
-    /// its echo started again.
-    pub fn recover(&mut self) -> Result<()> {
-        self.netns.set_up(&self.public)?;
-        self.daemon.restart(&self.netns)?;
-        self.start_echo()
     }
 
     /// The daemon is alive.
