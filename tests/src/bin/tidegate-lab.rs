@@ -25,6 +25,7 @@ use tidegate_tests::continuity::{
 };
 use tidegate_tests::control::{
     ECHO_PORT, GATEWAY_TUNNEL, LOCATION, SECOND_LOCATION, SECOND_TUNNEL, SecondLocation, VIP,
+    WG_PORT,
 };
 use tidegate_tests::failover::{AddrMonitor, Spread, unix_ms_now};
 use tidegate_tests::ha::{HaOptions, Prober, start_prober_paced};
@@ -655,6 +656,14 @@ fn windows(
         .collect())
 }
 
+/// Probes every client lost from `from_unix_ms` until now.
+fn lost_since(clients: &[LabClient], from_unix_ms: u64) -> Result<u64> {
+    Ok(windows(clients, from_unix_ms, now_ms())?
+        .iter()
+        .map(|(_, w)| w.lost)
+        .sum())
+}
+
 /// Steps 4 to 9; returns the worst probe gap of the crash.
 fn steps(
     lab: &mut ControlLab,
@@ -740,7 +749,7 @@ fn shield(lab: &mut ControlLab, record: &mut Record) -> Result<()> {
             let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
             send_paced(
                 &socket,
-                SocketAddr::from((VIP, 51820)),
+                SocketAddr::from((VIP, WG_PORT)),
                 &payload,
                 MALFORMED_PER_KIND,
             )
@@ -768,7 +777,7 @@ fn shield(lab: &mut ControlLab, record: &mut Record) -> Result<()> {
         parts.push(format!("{counter} {got}"));
     }
     say(&format!(
-        "{total} datagrams to {VIP}:51820, every one dropped by gw{master}'s XDP program and counted: {}",
+        "{total} datagrams to {VIP}:{WG_PORT}, every one dropped by gw{master}'s XDP program and counted: {}",
         parts.join(", ")
     ));
     record.figure(
@@ -940,10 +949,7 @@ fn handover(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) ->
         },
     )?;
     std::thread::sleep(QUIET);
-    let lost: u64 = windows(clients, t0, now_ms())?
-        .iter()
-        .map(|(_, w)| w.lost)
-        .sum();
+    let lost: u64 = lost_since(clients, t0)?;
     say(&format!(
         "gw{master} handed the VIP to gw{new}; probes lost: {lost}"
     ));
@@ -1172,10 +1178,7 @@ fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Recor
         },
     )?;
     std::thread::sleep(QUIET);
-    let lost: u64 = windows(clients, t0, now_ms())?
-        .iter()
-        .map(|(_, w)| w.lost)
-        .sum();
+    let lost: u64 = lost_since(clients, t0)?;
     say(&format!(
         "Core back after {:.1} s: links up, every gateway on its config, {sessions} MFA sessions (the expired one ended); probes lost while Core was away: {lost}",
         (t1 - t0) as f64 / 1000.0
