@@ -22,6 +22,7 @@ use crate::{
         machine::Settings,
         transport::Destination,
     },
+    hooks::{Hook, HookEntry, HookError},
     wireguard::{
         BackendSetting, PeerEntry, WireguardConfig,
         key::{Key, KeyError},
@@ -148,6 +149,13 @@ pub enum ConfigError {
         #[source]
         source: PeerError,
     },
+    #[error("config {path}: [[hooks]] #{index}")]
+    Hook {
+        path: PathBuf,
+        index: usize,
+        #[source]
+        source: HookError,
+    },
     #[error("config {path}: [core] {field}: {reason}")]
     Core {
         path: PathBuf,
@@ -176,6 +184,8 @@ struct File {
     core: Option<CoreSection>,
     #[serde(default, rename = "peer")]
     peers: Vec<PeerEntry>,
+    #[serde(default)]
+    hooks: Vec<HookEntry>,
 }
 
 /// `[core]`: the gRPC server Core dials.
@@ -292,6 +302,8 @@ pub struct Config {
     pub ha: Option<HaConfig>,
     /// The server Core dials, if Core manages this gateway.
     pub core: Option<CoreLinkConfig>,
+    /// Programs run on role changes and completed failovers (with `[ha]`).
+    pub hooks: Vec<Hook>,
 }
 
 impl Config {
@@ -359,6 +371,28 @@ impl Config {
             Some(section) => Some(core(path, section, ha.as_ref())?),
             None => None,
         };
+        if ha.is_none() && !file.hooks.is_empty() {
+            return Err(ConfigError::Hook {
+                path: path.to_owned(),
+                index: 0,
+                source: HookError {
+                    field: "on",
+                    reason: "hooks run on HA role changes: they need an [ha] section".into(),
+                },
+            });
+        }
+        let hooks = file
+            .hooks
+            .into_iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                Hook::from_entry(entry).map_err(|source| ConfigError::Hook {
+                    path: path.to_owned(),
+                    index,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             interface,
             xdp_mode: overrides.xdp_mode.unwrap_or(file.xdp_mode),
@@ -375,6 +409,7 @@ impl Config {
             wireguard,
             ha,
             core,
+            hooks,
         })
     }
 }
@@ -1095,6 +1130,71 @@ mod tests {
                 "{expected}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn hooks_are_checked_and_named_by_index() {
+        let hooks = |entries: &str| parse(&format!("{}\n{entries}", with_ha(HA)));
+        let config = hooks(
+            "[[hooks]]\non = [\"master\", \"failover-complete\"]\ncommand = [\"/bin/true\", \"--flag\"]\n\
+             [[hooks]]\nname = \"page\"\non = [\"fault\"]\ncommand = [\"/bin/false\"]\ntimeout_ms = 500\n",
+        )
+        .unwrap();
+        let names: Vec<(&str, usize, u128)> = config
+            .hooks
+            .iter()
+            .map(|h| (h.name.as_str(), h.on.len(), h.timeout.as_millis()))
+            .collect();
+        assert_eq!(names, [("true", 2, 30_000), ("page", 1, 500)]);
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let plain = plain.display();
+        let not_executable = format!("on = [\"master\"]\ncommand = [\"{plain}\"]");
+        let plain_reason = format!("{plain}: not executable");
+        let cases = [
+            ("on = []\ncommand = [\"/bin/true\"]", "#0: on: no events"),
+            (
+                "on = [\"promoted\"]\ncommand = [\"/bin/true\"]",
+                "unknown variant `promoted`",
+            ),
+            ("on = [\"master\"]\ncommand = []", "#0: command: empty"),
+            (
+                "on = [\"master\"]\ncommand = [\"true\"]",
+                "not an absolute path",
+            ),
+            (
+                "on = [\"master\"]\ncommand = [\"/nonexistent/hook\"]",
+                "/nonexistent/hook: No such file",
+            ),
+            (not_executable.as_str(), plain_reason.as_str()),
+            (
+                "on = [\"master\"]\ncommand = [\"/etc\"]",
+                "/etc: not a regular file",
+            ),
+            (
+                "on = [\"master\"]\ncommand = [\"/bin/true\"]\ntimeout_ms = 10",
+                "timeout_ms: 10 is outside",
+            ),
+            (
+                "on = [\"master\"]\ncommand = [\"/bin/true\"]\nretries = 2",
+                "unknown field `retries`",
+            ),
+        ];
+        for (entry, expected) in cases {
+            let error = message(hooks(&format!("[[hooks]]\n{entry}\n")).unwrap_err());
+            assert!(
+                error.contains(expected) && error.contains("gw.toml"),
+                "{entry:?}: {error}"
+            );
+        }
+        let error = message(
+            parse(&format!(
+                "{GOOD}\n[[hooks]]\non = [\"master\"]\ncommand = [\"/bin/true\"]\n"
+            ))
+            .unwrap_err(),
+        );
+        assert!(error.contains("need an [ha] section"), "{error}");
     }
 
     fn with_ha(section: &str) -> String {

@@ -17,6 +17,7 @@ use tidegate_gateway::{
         sharing::{self, SharingConfig},
         thread::AgentThread,
     },
+    hooks,
     reload::Reloader,
     wireguard::{
         LocalPeers,
@@ -259,6 +260,15 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .context("health watch")
         });
+        if !config.hooks.is_empty() {
+            let hooks = config.hooks.clone();
+            let ha = handle.clone();
+            let hooks_cancel = cancel.clone();
+            tasks.spawn(async move {
+                hooks::run(hooks, ha, hooks_cancel).await;
+                Ok(())
+            });
+        }
         handle
     });
     let mut pki = None;

@@ -103,6 +103,13 @@ impl Reloader {
                 to: "new ones".into(),
             });
         }
+        if new.hooks != current.hooks {
+            return Err(ReloadError::NeedsRestart {
+                what: "[[hooks]]",
+                from: format!("{} hooks", current.hooks.len()),
+                to: format!("{} changed", new.hooks.len()),
+            });
+        }
         let wireguard = |c: &Config| c.wireguard.as_ref().map(|w| w.interface.clone());
         if wireguard(&new).is_none() != wireguard(current).is_none() {
             return restart("[wireguard]", &wireguard(current), &wireguard(&new));

@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, anyhow};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use tidegate_gateway::ha::{
-    advert::{Advert, AdvertKey, HEALTH_OK},
+    advert::{Advert, AdvertKey, HEALTH_OK, VERSION},
     machine::Role,
 };
 
@@ -48,6 +48,7 @@ pub struct FloodSpec {
 pub fn advert_port_flood(threads: usize, duration: Duration) -> FloodSpec {
     let wrong_key = AdvertKey::new(b"not the location's key at all".to_vec());
     let forged = Advert {
+        version: VERSION,
         role: Role::Master,
         priority: 255,
         maintenance: false,

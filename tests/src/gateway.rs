@@ -137,6 +137,8 @@ pub struct GatewayConfig {
     pub bpf_pin_dir: Option<PathBuf>,
     /// The server Core dials (`[core]`), if Core manages the gateway.
     pub core: Option<CoreSection>,
+    /// Programs run on role changes (`[[hooks]]`).
+    pub hooks: Vec<HookSection>,
 }
 
 impl GatewayConfig {
@@ -158,6 +160,7 @@ impl GatewayConfig {
             ha: None,
             bpf_pin_dir: None,
             core: None,
+            hooks: Vec::new(),
         }
     }
 }
@@ -446,8 +449,28 @@ impl GatewayConfig {
         if let Some(core) = &self.core {
             core.write_toml(&mut out);
         }
+        for hook in &self.hooks {
+            let on: Vec<String> = hook.on.iter().map(|e| (*e).to_owned()).collect();
+            let _ = write!(
+                out,
+                "\n[[hooks]]\non = {}\ncommand = {}\ntimeout_ms = {}\n",
+                toml_array(&on),
+                toml_array(&hook.command),
+                hook.timeout_ms
+            );
+        }
         out
     }
+}
+
+/// A `[[hooks]]` entry of the gateway's config.
+#[derive(Debug, Clone)]
+pub struct HookSection {
+    /// The events: `master`, `backup`, `fault`, `failover-complete`.
+    pub on: Vec<&'static str>,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    pub timeout_ms: u64,
 }
 
 /// `items` as a TOML array of basic strings.

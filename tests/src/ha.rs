@@ -33,7 +33,8 @@ use crate::bins::binary;
 use crate::capture::Capture;
 use crate::cmd::CmdOutput;
 use crate::gateway::{
-    GATEWAY_BIN, GatewayConfig, GatewayDaemon, HaSection, TIDECTL_BIN, WireguardSection, XdpMode,
+    GATEWAY_BIN, GatewayConfig, GatewayDaemon, HaSection, HookSection, TIDECTL_BIN,
+    WireguardSection, XdpMode,
 };
 use crate::netns::{Netns, bridge, veth};
 use crate::probe::ProbeSummary;
@@ -116,6 +117,8 @@ pub struct HaOptions {
     /// key on each; kernel WireGuard where the kernel has it, else wireguard-go started by the daemon), and an echo on
     /// [`TUNNEL_ADDR`] in each gateway.
     pub wireguard: Option<TunnelOptions>,
+    /// `[[hooks]]` on every gateway.
+    pub hooks: Vec<HookSection>,
 }
 
 /// The location's WireGuard, for [`HaOptions::wireguard`].
@@ -142,6 +145,7 @@ impl HaOptions {
             tracked_uplink: None,
             ipv6: false,
             wireguard: None,
+            hooks: Vec::new(),
         }
     }
 
@@ -188,6 +192,8 @@ pub struct HaPeer {
     #[serde(default)]
     pub draining: bool,
     pub last_seen_ms: u64,
+    /// The newest advert format it writes.
+    pub advert_version: u8,
 }
 
 /// One role change (or a note, when `from == to`).
@@ -208,6 +214,8 @@ pub struct HaStatus {
     pub role: Role,
     pub priority: u8,
     pub advert_interval_ms: u64,
+    /// The oldest advert format a gateway of the location reads.
+    pub advert_version: u8,
     pub master: Option<u32>,
     pub maintenance: bool,
     /// This gateway takes no new clients (director mode).
@@ -1075,6 +1083,7 @@ fn gateway_config(
         handover_window_ms: None,
         mode: None,
     });
+    config.hooks.clone_from(&options.hooks);
     config
 }
 

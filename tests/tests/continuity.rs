@@ -17,8 +17,10 @@ use tidegate_tests::continuity::{
     ClientOptions, TunnelLocation, detach_egress_guard, ensure_gateway_initiated, finish_probers,
     force_rekey,
 };
+use tidegate_tests::gateway::HookSection;
 use tidegate_tests::ha::{Role, SERVICE_PORT, TunnelOptions, gateway_addr, status_of};
 use tidegate_tests::handshakes::HandshakeWatch;
+use tidegate_tests::wait::{Probe, poll_until};
 use tidegate_tests::{HaOptions, ProbeSummary, require_root};
 
 /// How long a role change may take after its cause.
@@ -213,7 +215,7 @@ fn hand_over(location: &mut TunnelLocation, from: u32, to: u32) -> Result<()> {
     // retried and race its kicks when it is master again.
     let gateway = location.location().gateway(from);
     let interface = gateway.wireguard_interface().context("no WireGuard")?;
-    let holding = tidegate_tests::poll_until(
+    let holding = poll_until(
         &format!("gateway {from} to drop its WireGuard sessions"),
         Duration::from_secs(5),
         Duration::from_millis(100),
@@ -226,9 +228,9 @@ fn hand_over(location: &mut TunnelLocation, from: u32, to: u32) -> Result<()> {
                 .filter(|p| p.latest_handshake != 0)
                 .count();
             Ok(if holding == 0 {
-                tidegate_tests::Probe::Ready(holding)
+                Probe::Ready(holding)
             } else {
-                tidegate_tests::Probe::NotYet(format!("{holding} peers with a session"))
+                Probe::NotYet(format!("{holding} peers with a session"))
             })
         },
     )?;
@@ -558,5 +560,244 @@ fn a_killed_daemon_on_a_live_master_is_fenced_and_its_clients_resume_on_the_back
         );
     }
     narrate("gateway 2's restarted daemon adopted its WireGuard and serves every client again");
+    Ok(())
+}
+
+/// Writes the `TIDEGATE_*` environment of each run to
+/// `DIR/GATEWAY-EVENT-NANOS.env` (DIR is the first argument).
+const RECORD_HOOK: &str = "#!/bin/sh\n\
+out=\"$1/$TIDEGATE_GATEWAY_ID-$TIDEGATE_EVENT-$(date +%s%N)\"\n\
+env | grep '^TIDEGATE_' | sort > \"$out.tmp\" && mv \"$out.tmp\" \"$out.env\"\n";
+/// Records its pid, then waits until DIR/release exists.
+const GATE_HOOK: &str = "#!/bin/sh\n\
+echo $$ > \"$1/gate-$TIDEGATE_GATEWAY_ID.pid\"\n\
+while [ ! -e \"$1/release\" ]; do sleep 0.05; done\n";
+/// Records its pid and sleeps far past its timeout.
+const STUCK_HOOK: &str = "#!/bin/sh\n\
+echo $$ > \"$1/stuck-$TIDEGATE_GATEWAY_ID.pid\"\n\
+exec sleep 60\n";
+
+/// The records of `event` on gateway `id`, oldest first, each as its
+/// `NAME=value` lines.
+fn hook_records(dir: &std::path::Path, id: u32, event: &str) -> Result<Vec<String>> {
+    let prefix = format!("{id}-{event}-");
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(&prefix) && name.ends_with(".env"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|name| std::fs::read_to_string(dir.join(name)).map_err(Into::into))
+        .collect()
+}
+
+/// The value of `name` in a record.
+fn record_value<'a>(record: &'a str, name: &str) -> Option<&'a str> {
+    record
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// Whether process `pid` still runs (not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// The pid a hook recorded in `file`, once it exists.
+fn hook_pid(file: &std::path::Path, timeout: Duration) -> Result<i32> {
+    poll_until(
+        &format!("{} to be written", file.display()),
+        timeout,
+        Duration::from_millis(20),
+        || {
+            Ok(match std::fs::read_to_string(file) {
+                Ok(text) if text.ends_with('\n') => Probe::Ready(text.trim().parse()?),
+                _ => Probe::NotYet(String::new()),
+            })
+        },
+    )
+}
+
+/// Ends the hook processes this test's gateways started that still run
+/// (a crashed daemon leaves its hooks behind), by the pids they recorded.
+struct HookCleanup(std::path::PathBuf);
+
+impl Drop for HookCleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("release"), "");
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".pid")
+                && let Ok(text) = std::fs::read_to_string(entry.path())
+                && let Ok(pid) = text.trim().parse::<i32>()
+                && alive(pid)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hooks_run_beside_the_election_with_the_role_vips_cause_and_timings() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let scripts = tempfile::tempdir()?;
+    let records = scripts.path().join("records");
+    std::fs::create_dir(&records)?;
+    let _cleanup = HookCleanup(records.clone());
+    let script = |name: &str, text: &str| -> Result<String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = scripts.path().join(name);
+        std::fs::write(&path, text)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(path.display().to_string())
+    };
+    let dir = records.display().to_string();
+    let hook = |on: &[&'static str], program: String, timeout_ms| HookSection {
+        on: on.to_vec(),
+        command: vec![program, dir.clone()],
+        timeout_ms,
+    };
+    let options = HaOptions {
+        hooks: vec![
+            hook(
+                &["master", "backup", "fault", "failover-complete"],
+                script("record", RECORD_HOOK)?,
+                5_000,
+            ),
+            hook(&["backup"], script("gate", GATE_HOOK)?, 120_000),
+            hook(&["failover-complete"], script("stuck", STUCK_HOOK)?, 1_000),
+        ],
+        ..HaOptions::priorities(&[100, 120])
+    };
+    let clients = 2;
+    let mut location = TunnelLocation::build(
+        &options,
+        tunnel(),
+        &ClientOptions {
+            count: clients,
+            keepalive: None,
+        },
+    )?;
+    location.wait_shared(1, SHARED)?;
+    // Gateway 1 ran its BACKUP hooks at start; the gate holds its queue.
+    let started = hook_records(&records, 1, "backup")?;
+    ensure!(
+        started.len() == 1 && record_value(&started[0], "TIDEGATE_CAUSE") == Some("started"),
+        "gateway 1's backup records: {started:?}"
+    );
+    let gate = hook_pid(&records.join("gate-1.pid"), SWITCH)?;
+    ensure!(alive(gate), "gateway 1's gate hook ended early");
+
+    // The election does not wait for hooks: with gateway 1's gate hook
+    // still running, it takes over from the crashed master in the usual
+    // time, and its MASTER hooks wait their turn.
+    let crashed_at = Instant::now();
+    location.location_mut().gateway_mut(2).crash_all()?;
+    location.location_mut().wait_master(1, SWITCH)?;
+    let took_over = crashed_at.elapsed();
+    narrate(&format!(
+        "gateway 1 MASTER {} ms after the crash, its gate hook still running",
+        took_over.as_millis()
+    ));
+    ensure!(alive(gate), "the gate hook ended before it was released");
+    ensure!(
+        hook_records(&records, 1, "master")?.is_empty(),
+        "a MASTER hook ran before the gate hook ahead of it ended"
+    );
+
+    std::fs::write(records.join("release"), "")?;
+    let master = poll_until(
+        "gateway 1's MASTER record",
+        SWITCH,
+        Duration::from_millis(20),
+        || {
+            let found = hook_records(&records, 1, "master")?;
+            let crash = |r: &String| record_value(r, "TIDEGATE_CAUSE") == Some("master 2 down");
+            Ok(match found.into_iter().find(crash) {
+                Some(record) => Probe::Ready(record),
+                None => Probe::NotYet(String::new()),
+            })
+        },
+    )?;
+    for (name, want) in [
+        ("TIDEGATE_EVENT", "master"),
+        ("TIDEGATE_ROLE", "MASTER"),
+        ("TIDEGATE_PREVIOUS_ROLE", "BACKUP"),
+        ("TIDEGATE_CAUSE", "master 2 down"),
+        ("TIDEGATE_VIPS", "198.51.100.100"),
+        ("TIDEGATE_GATEWAY_ID", "1"),
+        ("TIDEGATE_MASTER", "1"),
+    ] {
+        ensure!(
+            record_value(&master, name) == Some(want),
+            "{name} is not {want:?} in\n{master}"
+        );
+    }
+
+    // When the clients are back, the failover-complete hooks run with the
+    // failover's timings.
+    location.wait_followed(1, Duration::from_secs(40))?;
+    let complete = poll_until(
+        "gateway 1's failover-complete record",
+        SWITCH,
+        Duration::from_millis(20),
+        || {
+            let found = hook_records(&records, 1, "failover-complete")?;
+            let crash = |r: &String| record_value(r, "TIDEGATE_CAUSE") == Some("master 2 down");
+            Ok(match found.into_iter().find(crash) {
+                Some(record) => Probe::Ready(record),
+                None => Probe::NotYet(String::new()),
+            })
+        },
+    )?;
+    let number = |name: &str| -> Result<u64> {
+        record_value(&complete, name)
+            .with_context(|| format!("{name} missing in\n{complete}"))?
+            .parse()
+            .with_context(|| format!("{name} in\n{complete}"))
+    };
+    ensure!(record_value(&complete, "TIDEGATE_CAUSE") == Some("master 2 down"));
+    ensure!(record_value(&complete, "TIDEGATE_PLANNED") == Some("0"));
+    let detection = number("TIDEGATE_DETECTION_MS")?;
+    ensure!(
+        detection > 0 && u128::from(detection) <= took_over.as_millis(),
+        "detection {detection} ms, master {} ms after the crash",
+        took_over.as_millis()
+    );
+    number("TIDEGATE_VIP_MOVE_MS")?;
+    ensure!(
+        number("TIDEGATE_RECENTLY_ACTIVE")? == clients as u64,
+        "{complete}"
+    );
+    ensure!(number("TIDEGATE_KICKED")? == clients as u64, "{complete}");
+
+    // A hook past its timeout is killed, with what it started.
+    let stuck = hook_pid(&records.join("stuck-1.pid"), SWITCH)?;
+    poll_until(
+        "the stuck hook to be killed at its 1 s timeout",
+        SWITCH,
+        Duration::from_millis(50),
+        || {
+            Ok(if alive(stuck) {
+                Probe::NotYet(String::new())
+            } else {
+                Probe::Ready(())
+            })
+        },
+    )?;
+    let log = location.location().gateway(1).log_tail();
+    ensure!(log.contains("hook timed out"), "gateway 1's log:\n{log}");
     Ok(())
 }

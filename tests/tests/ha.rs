@@ -10,7 +10,7 @@
 //! program: the host stops answering ARP for the VIP, the backup takes
 //! over, and a thawed master steps down before it may win again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,7 +19,7 @@ use anyhow::{Context, Result, ensure};
 use nix::sys::socket::{IpMembershipRequest, setsockopt, sockopt};
 use tidegate_gateway::{
     ha::{
-        advert::{Advert, AdvertKey, HEALTH_OK},
+        advert::{Advert, AdvertKey, HEALTH_OK, VERSION},
         machine::Role as WireRole,
         sharing::wire::{self, Kind, Message},
     },
@@ -30,7 +30,7 @@ use tidegate_tests::flood::{Flood, advert_port_flood};
 use tidegate_tests::gateway::Counters;
 use tidegate_tests::ha::{
     ADVERT_GROUP, ADVERT_PORT, AdvertTransport, CLIENT_ADDR, HaGateway, KEY, LOCATION_ID, Role,
-    TunnelOptions, VIP, VIP6, gateway_addr, status_of,
+    TunnelOptions, VIP, VIP6, advert_interval_ms, gateway_addr, status_of,
 };
 use tidegate_tests::{
     HaLocation, HaOptions, HaStatus, KeyPair, PeerEntry, Probe, ProbeSummary, poll_until,
@@ -474,6 +474,114 @@ fn a_partition_makes_two_masters_and_healing_leaves_the_higher_one() -> Result<(
     Ok(())
 }
 
+/// The advert versions gateways 1 and 2 write within `within` (what
+/// `capture` queued before is dropped), each advert decoded with the
+/// location's key.
+/// Long enough for two adverts of each gateway in each version.
+fn window() -> Duration {
+    Duration::from_millis(advert_interval_ms() * 5 / 2)
+}
+
+/// The interval gateway 9 of the previous release advertises: it stays in
+/// the peer tables four of them after its last advert.
+const OLD_INTERVAL: Duration = Duration::from_secs(1);
+
+fn captured_versions(
+    capture: &UdpSocket,
+    key: &AdvertKey,
+    within: Duration,
+) -> Result<[BTreeSet<u8>; 2]> {
+    capture.set_nonblocking(true)?;
+    let mut buf = [0u8; 2048];
+    while capture.recv_from(&mut buf).is_ok() {}
+    capture.set_nonblocking(false)?;
+    let mut versions = [BTreeSet::new(), BTreeSet::new()];
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        let Ok((len, from)) = capture.recv_from(&mut buf) else {
+            continue;
+        };
+        for (id, seen) in (1..).zip(&mut versions) {
+            if from.ip() == IpAddr::V4(gateway_addr(id)) {
+                seen.insert(Advert::decode(&buf[..len], key)?.version);
+            }
+        }
+    }
+    Ok(versions)
+}
+
+#[test]
+fn a_gateway_of_the_previous_release_is_heard_and_answered_in_its_format() -> Result<()> {
+    require_root();
+    let _serial = serial();
+    let mut location = build(&HaOptions::priorities(&[110, 120]))?;
+    let before = location.wait_master(2, SWITCH)?;
+    let (capture, sender) = advert_sockets(&location)?;
+    let key = AdvertKey::new(KEY.as_bytes().to_vec());
+    let newest = || BTreeSet::from([VERSION]);
+    let versions = captured_versions(&capture, &key, window())?;
+    ensure!(versions == [newest(), newest()], "{versions:?}");
+
+    // Gateway 9 of the previous release joins as BACKUP: its adverts are
+    // version 1, 15 of them 100 ms apart (and the capture's window).
+    let group = SocketAddr::from((ADVERT_GROUP, ADVERT_PORT));
+    let epoch = unix_ms();
+    let old = |sequence| Advert {
+        version: 1,
+        interval: OLD_INTERVAL,
+        epoch,
+        ..advert(9, WireRole::Backup, 50, sequence)
+    };
+    let mut answered = None;
+    for sequence in 1..=15 {
+        let bytes = old(sequence).encode(&key);
+        ensure!(bytes[4] == 1 && bytes.len() == 44 + 17 + 32, "{bytes:?}");
+        sender.send_to(&bytes, group)?;
+        if sequence == 5 {
+            // Two intervals, each gateway's adverts in each version.
+            answered = Some(captured_versions(&capture, &key, window())?);
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let both = BTreeSet::from([1, VERSION]);
+    ensure!(
+        answered == Some([both.clone(), both]),
+        "while gateway 9 is heard the gateways write version 1 too: {answered:?}"
+    );
+    let during = location.statuses()?;
+    for status in &during {
+        let nine = status.peers.iter().find(|p| p.gateway_id == 9);
+        ensure!(
+            status.advert_version == 1 && nine.is_some_and(|p| p.advert_version == 1),
+            "gateway {}: version {}, peers {:?}",
+            status.gateway_id,
+            status.advert_version,
+            status.peers
+        );
+    }
+    narrate("gateway 9 (version 1) heard: both gateways advertise in versions 2 and 1");
+
+    // Gone for four of its intervals, it leaves the peer tables, and the
+    // location writes the newest version alone again; nobody changed role.
+    std::thread::sleep(4 * OLD_INTERVAL + 2 * Duration::from_millis(advert_interval_ms()));
+    let versions = captured_versions(&capture, &key, window())?;
+    ensure!(versions == [newest(), newest()], "{versions:?}");
+    let after = location.wait_master(2, Duration::ZERO)?;
+    for (old, new) in before.iter().zip(&after) {
+        ensure!(
+            old.changes() == new.changes() && new.advert_version == VERSION,
+            "gateway {}: {:?} -> {:?}, version {}",
+            new.gateway_id,
+            old.changes(),
+            new.changes(),
+            new.advert_version
+        );
+    }
+    narrate("gateway 9 gone: version 2 again, no role changed");
+    Ok(())
+}
+
 /// Sockets in the client namespace: one joined to the advert group (to
 /// capture real adverts), one to send from, with TTL 255 as a gateway's
 /// adverts (the shield drops the rest), a stranger on the segment.
@@ -511,6 +619,7 @@ fn capture_from(capture: &UdpSocket, id: u32) -> Result<Vec<u8>> {
 /// An advert as a gateway would send it, from gateway `from`.
 fn advert(from: u32, role: WireRole, priority: u8, sequence: u64) -> Advert {
     Advert {
+        version: VERSION,
         role,
         priority,
         maintenance: false,
@@ -561,7 +670,7 @@ fn forged_adverts_change_nothing_and_are_counted_by_reason() -> Result<()> {
     let mut bad_magic = master_advert.clone();
     bad_magic[..4].copy_from_slice(b"VRRP");
     let mut bad_version = master_advert.clone();
-    bad_version[4] = 1;
+    bad_version[4] = VERSION + 1;
     let mut too_long = master_advert.clone();
     too_long.push(0);
     // A gateway never hears its own adverts, so the first replay of its
@@ -629,7 +738,7 @@ fn forged_adverts_change_nothing_and_are_counted_by_reason() -> Result<()> {
             ),
             ("bad magic", bad_magic.clone(), "bad-magic", vec![1, 2]),
             (
-                "version 1 (the previous format)",
+                "a version newer than this release's",
                 bad_version.clone(),
                 "bad-version",
                 vec![1, 2],

@@ -19,7 +19,7 @@ use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
     control::{DatapathCounters, client::Client},
     error_chain,
-    ha::{agent::HaMode, status::HaStatus},
+    ha::{advert, agent::HaMode, status::HaStatus},
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{DirectorStatus, PacketCount, SessionEntry},
 };
@@ -490,15 +490,29 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
         ips(&status.vips),
         ips(&status.vips_held)
     );
-    let _ = writeln!(out, "adverts every {} ms", status.advert_interval_ms);
+    let _ = writeln!(
+        out,
+        "adverts every {} ms, version {}{}",
+        status.advert_interval_ms,
+        advert::VERSION,
+        if status.advert_version < advert::VERSION {
+            format!(
+                " and {} (a gateway of the previous release is heard: nobody preempts \
+                 until all run this one)",
+                status.advert_version
+            )
+        } else {
+            String::new()
+        }
+    );
     if !status.peers.is_empty() {
         out.push_str(
-            "\nPEER  ROLE     PRIORITY  HEALTHY  MAINTENANCE  DRAINING  MAC                LAST ADVERT\n",
+            "\nPEER  ROLE     PRIORITY  HEALTHY  MAINTENANCE  DRAINING  MAC                VERSION  LAST ADVERT\n",
         );
         for peer in &status.peers {
             let _ = writeln!(
                 out,
-                "{:<5} {:<8} {:>8}  {:<7}  {:<11}  {:<8}  {:<17}  {} ms ago",
+                "{:<5} {:<8} {:>8}  {:<7}  {:<11}  {:<8}  {:<17}  {:<7}  {} ms ago",
                 peer.gateway_id,
                 peer.role.to_string(),
                 peer.priority,
@@ -506,6 +520,7 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
                 if peer.maintenance { "yes" } else { "no" },
                 if peer.draining { "yes" } else { "no" },
                 peer.mac,
+                peer.advert_version,
                 peer.last_seen_ms
             );
         }
@@ -885,6 +900,7 @@ mod tests {
             role: Role::Master,
             priority: 100,
             advert_interval_ms: 100,
+            advert_version: 1,
             master: Some(1),
             maintenance: false,
             mode: HaMode::ActiveStandby,
@@ -919,6 +935,7 @@ mod tests {
             "endpoint table: 20 peers (5 from gateway 1, 15 from gateway 2)",
             "endpoint messages from: gateway 2 02:00:00:00:00:02 120 ms ago",
             "endpoint messages dropped: replay 1",
+            "adverts every 100 ms, version 2 and 1 (a gateway of the previous release is heard",
             "FAILOVERS TO THIS GATEWAY",
             "    master 2 down",
             "    handover from gateway 2",

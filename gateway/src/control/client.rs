@@ -335,6 +335,7 @@ mod tests {
             role: Role::Master,
             priority: 100,
             advert_interval_ms: 100,
+            advert_version: 2,
             master: Some(1),
             maintenance: false,
             mode: HaMode::ActiveStandby,

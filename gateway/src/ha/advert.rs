@@ -15,12 +15,15 @@
 //! 16  interval ms (u16)
 //! 18  VIP count (u8), 19 reserved (0)
 //! ```
-//! All integers are big-endian. Version 2 added the draining flag and the
-//! Ethernet address, which the director needs; version 1 adverts are
-//! refused (every gateway of a location runs the same version). The preempt
-//! flag came later within version 2: a gateway without it drops a flagged
-//! advert as malformed, and the backup that asks then takes over when its
-//! wait for a handover runs out, as a preemption did before.
+//! All integers are big-endian.
+//!
+//! Version 2 added the draining and preempt flags and the Ethernet address,
+//! which the director needs. Version 1, the previous release's, is the same
+//! header up to byte 44 with the VIPs right after it and the maintenance
+//! flag alone. This code reads both and writes either: a gateway writes the
+//! oldest version it hears from the gateways of its location
+//! ([`Machine::version`](super::machine::Machine::version)), so a location
+//! upgraded one gateway at a time understands itself throughout.
 
 use std::{
     collections::HashMap,
@@ -35,10 +38,17 @@ use super::machine::Role;
 
 /// The first bytes of every advert.
 pub const MAGIC: [u8; 4] = *b"TGHA";
-/// The format this code reads and writes.
+/// The newest format, which this code writes unless a gateway of the
+/// location speaks an older one.
 pub const VERSION: u8 = 2;
+/// The oldest format this code reads and writes: the previous release's.
+pub const OLDEST_VERSION: u8 = 1;
+/// The first version with the preempt flag: a backup asks a master for the
+/// VIPs only when the whole location speaks it.
+pub const PREEMPT_VERSION: u8 = 2;
 /// Most VIPs one advert carries.
 pub const MAX_VIPS: usize = 16;
+/// The header's length in version 2; version 1's ends at [`MAC_AT`].
 const HEADER_LEN: usize = 52;
 const VIP_LEN: usize = 17;
 const MAC_LEN: usize = 32;
@@ -60,7 +70,7 @@ pub enum AdvertError {
     Truncated(usize),
     #[error("not a Tidegate advert (bad magic)")]
     Magic,
-    #[error("version {0}, expected {VERSION}")]
+    #[error("version {0}, which this release does not read")]
     Version(u8),
     #[error("length {len} does not match {vips} VIPs")]
     Length { len: usize, vips: usize },
@@ -93,6 +103,8 @@ impl AdvertError {
 /// One advert.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Advert {
+    /// The wire format, [`OLDEST_VERSION`] to [`VERSION`].
+    pub version: u8,
     pub role: Role,
     pub priority: u8,
     pub maintenance: bool,
@@ -111,7 +123,8 @@ pub struct Advert {
     /// A backup that outranks the master asks it to hand over.
     pub preempt: bool,
     /// The sender's Ethernet address on the public segment, where a
-    /// director sends the frames of the clients pinned to it.
+    /// director sends the frames of the clients pinned to it (all zero in
+    /// version 1, which does not carry it).
     pub mac: [u8; 6],
     pub vips: Vec<IpAddr>,
 }
@@ -144,15 +157,18 @@ impl AdvertKey {
 }
 
 impl Advert {
-    /// The advert on the wire, authenticated with `key`.
+    /// The advert on the wire in its `version`, authenticated with `key`.
+    /// Flags and the address a version does not carry are left out.
     ///
     /// # Panics
-    /// With more than [`MAX_VIPS`] VIPs, which config validation prevents.
+    /// With more than [`MAX_VIPS`] VIPs, which config validation prevents,
+    /// or a version outside [`OLDEST_VERSION`]..=[`VERSION`].
     pub fn encode(&self, key: &AdvertKey) -> Vec<u8> {
         assert!(self.vips.len() <= MAX_VIPS, "too many VIPs for an advert");
-        let mut out = Vec::with_capacity(HEADER_LEN + self.vips.len() * VIP_LEN + MAC_LEN);
+        let format = Format::of(self.version).expect("a version this code writes");
+        let mut out = Vec::with_capacity(format.header_len + self.vips.len() * VIP_LEN + MAC_LEN);
         out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
+        out.push(self.version);
         out.push(self.role.code());
         out.push(self.priority);
         let mut flags = 0;
@@ -165,7 +181,7 @@ impl Advert {
         if self.preempt {
             flags |= FLAG_PREEMPT;
         }
-        out.push(flags);
+        out.push(flags & format.flags);
         out.extend_from_slice(&self.location_id.to_be_bytes());
         out.extend_from_slice(&self.gateway_id.to_be_bytes());
         let interval_ms = u16::try_from(self.interval.as_millis()).unwrap_or(u16::MAX);
@@ -176,8 +192,10 @@ impl Advert {
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(&self.health.to_be_bytes());
         out.extend_from_slice(&self.handover_to.unwrap_or(0).to_be_bytes());
-        out.extend_from_slice(&self.mac);
-        out.extend_from_slice(&[0, 0]);
+        if format.carries_mac {
+            out.extend_from_slice(&self.mac);
+            out.extend_from_slice(&[0, 0]);
+        }
         for vip in &self.vips {
             let mut addr = [0u8; 16];
             match vip {
@@ -201,17 +219,21 @@ impl Advert {
     /// Parses and authenticates `bytes`. Nothing is read from an advert
     /// whose HMAC does not match.
     pub fn decode(bytes: &[u8], key: &AdvertKey) -> Result<Self, AdvertError> {
-        if bytes.len() < HEADER_LEN + MAC_LEN {
+        // The shortest header of any version, then the one of this version.
+        if bytes.len() < MAC_AT + MAC_LEN {
             return Err(AdvertError::Truncated(bytes.len()));
         }
         if bytes[..4] != MAGIC {
             return Err(AdvertError::Magic);
         }
-        if bytes[4] != VERSION {
-            return Err(AdvertError::Version(bytes[4]));
+        let version = bytes[4];
+        let format = Format::of(version).ok_or(AdvertError::Version(version))?;
+        let header_len = format.header_len;
+        if bytes.len() < header_len + MAC_LEN {
+            return Err(AdvertError::Truncated(bytes.len()));
         }
         let vips = usize::from(bytes[18]);
-        if bytes.len() != HEADER_LEN + vips * VIP_LEN + MAC_LEN {
+        if bytes.len() != header_len + vips * VIP_LEN + MAC_LEN {
             return Err(AdvertError::Length {
                 len: bytes.len(),
                 vips,
@@ -226,10 +248,9 @@ impl Advert {
         let u32_at = |at: usize| u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes"));
         let role = Role::from_code(body[5]).ok_or(AdvertError::Malformed("unknown role"))?;
-        if body[7] & !(FLAG_MAINTENANCE | FLAG_DRAINING | FLAG_PREEMPT) != 0
-            || body[19] != 0
-            || body[MAC_AT + 6..HEADER_LEN] != [0, 0]
-        {
+        // Version 2's two bytes after the address are reserved too.
+        let reserved = body.get(MAC_AT + 6..header_len).unwrap_or_default();
+        if body[7] & !format.flags != 0 || body[19] != 0 || reserved.iter().any(|&b| b != 0) {
             return Err(AdvertError::Malformed("reserved bits set"));
         }
         if vips > MAX_VIPS {
@@ -243,7 +264,7 @@ impl Advert {
         if gateway_id == 0 {
             return Err(AdvertError::Malformed("gateway id 0"));
         }
-        let vips = body[HEADER_LEN..]
+        let vips = body[header_len..]
             .chunks_exact(VIP_LEN)
             .map(|vip| {
                 let addr: [u8; 16] = vip[1..].try_into().expect("16 bytes");
@@ -256,7 +277,12 @@ impl Advert {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut mac = [0; 6];
+        if format.carries_mac {
+            mac.copy_from_slice(&body[MAC_AT..MAC_AT + 6]);
+        }
         Ok(Self {
+            version,
             role,
             priority: body[6],
             maintenance: body[7] & FLAG_MAINTENANCE != 0,
@@ -269,9 +295,44 @@ impl Advert {
             handover_to: Some(u32_at(40)).filter(|&id| id != 0),
             draining: body[7] & FLAG_DRAINING != 0,
             preempt: body[7] & FLAG_PREEMPT != 0,
-            mac: body[MAC_AT..MAC_AT + 6].try_into().expect("6 bytes"),
+            mac,
             vips,
         })
+    }
+}
+
+/// Whether adverts of `version` carry the sender's Ethernet address (a
+/// director steers clients only to gateways whose address it knows).
+pub fn carries_mac(version: u8) -> bool {
+    Format::of(version).is_some_and(|format| format.carries_mac)
+}
+
+/// What one version of the format holds.
+#[derive(Debug, Clone, Copy)]
+struct Format {
+    header_len: usize,
+    /// The flag bits it defines; the others are reserved (zero).
+    flags: u8,
+    /// Whether the header carries the sender's Ethernet address (and two
+    /// reserved bytes after it).
+    carries_mac: bool,
+}
+
+impl Format {
+    fn of(version: u8) -> Option<Self> {
+        match version {
+            1 => Some(Self {
+                header_len: MAC_AT,
+                flags: FLAG_MAINTENANCE,
+                carries_mac: false,
+            }),
+            2 => Some(Self {
+                header_len: HEADER_LEN,
+                flags: FLAG_MAINTENANCE | FLAG_DRAINING | FLAG_PREEMPT,
+                carries_mac: true,
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -307,6 +368,7 @@ mod tests {
 
     fn sample() -> Advert {
         Advert {
+            version: VERSION,
             role: Role::Master,
             priority: 150,
             maintenance: true,
@@ -373,13 +435,87 @@ mod tests {
         let mut bad = bytes.clone();
         bad[0] = b'X';
         assert_eq!(Advert::decode(&bad, &key()), Err(AdvertError::Magic));
-        let mut bad = bytes.clone();
-        bad[4] = 9;
-        assert_eq!(Advert::decode(&bad, &key()), Err(AdvertError::Version(9)));
-        // The previous format, without the draining flag and the address.
-        let mut old = bytes;
-        old[4] = 1;
-        assert_eq!(Advert::decode(&old, &key()), Err(AdvertError::Version(1)));
+        for version in [0, 3, 9] {
+            let mut bad = bytes.clone();
+            bad[4] = version;
+            assert_eq!(
+                Advert::decode(&bad, &key()),
+                Err(AdvertError::Version(version))
+            );
+        }
+        // Version 2's bytes labelled version 1 are 8 bytes too long for it.
+        let mut relabelled = bytes.clone();
+        relabelled[4] = 1;
+        assert_eq!(
+            Advert::decode(&relabelled, &key()),
+            Err(AdvertError::Length {
+                len: bytes.len(),
+                vips: 2
+            })
+        );
+        let mut old = sample();
+        old.version = 1;
+        let old = old.encode(&key());
+        assert_eq!(
+            Advert::decode(&old[..MAC_AT + MAC_LEN - 1], &key()),
+            Err(AdvertError::Truncated(MAC_AT + MAC_LEN - 1))
+        );
+    }
+
+    /// A version 1 advert as the previous release sends it, byte by byte:
+    /// the header ends at the handover target, the VIPs follow.
+    fn previous_release_advert() -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(b"TGHA");
+        body.extend_from_slice(&[1, 2, 150, 1]); // version, MASTER, priority, maintenance
+        body.extend_from_slice(&7u32.to_be_bytes()); // location
+        body.extend_from_slice(&2u32.to_be_bytes()); // gateway
+        body.extend_from_slice(&100u16.to_be_bytes()); // interval ms
+        body.extend_from_slice(&[2, 0]); // VIP count, reserved
+        body.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+        body.extend_from_slice(&42u64.to_be_bytes());
+        body.extend_from_slice(&HEALTH_OK.to_be_bytes());
+        body.extend_from_slice(&3u32.to_be_bytes()); // handover target
+        body.push(4);
+        body.extend_from_slice(&[198, 51, 100, 100]);
+        body.extend_from_slice(&[0; 12]);
+        body.push(6);
+        body.extend_from_slice(&"2001:db8::100".parse::<Ipv6Addr>().unwrap().octets());
+        let mut mac = key().mac();
+        mac.update(&body);
+        body.extend_from_slice(&mac.finalize().into_bytes());
+        body
+    }
+
+    #[test]
+    fn the_previous_release_s_adverts_are_read_and_written() {
+        let bytes = previous_release_advert();
+        let expected = Advert {
+            version: 1,
+            draining: false,
+            preempt: false,
+            mac: [0; 6],
+            ..sample()
+        };
+        assert_eq!(Advert::decode(&bytes, &key()).unwrap(), expected);
+        // Written in version 1, the flags and the address version 1 lacks
+        // are left out: the previous release reads exactly its own format.
+        let mut advert = sample();
+        advert.version = 1;
+        assert_eq!(advert.encode(&key()), bytes);
+        // Its reserved flag bits include version 2's.
+        for flag in [FLAG_DRAINING, FLAG_PREEMPT] {
+            let mut body = bytes[..bytes.len() - MAC_LEN].to_vec();
+            body[7] |= flag;
+            let mut mac = key().mac();
+            mac.update(&body);
+            body.extend_from_slice(&mac.finalize().into_bytes());
+            assert_eq!(
+                Advert::decode(&body, &key()),
+                Err(AdvertError::Malformed("reserved bits set")),
+                "flag {flag}"
+            );
+        }
     }
 
     #[test]

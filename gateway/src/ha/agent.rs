@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    advert::AdvertKey,
+    advert::{self, AdvertKey},
     announce::{self, FrameSocket, Mac},
     election::{Election, Identity},
     health::HealthEvent,
@@ -40,7 +40,7 @@ use crate::{
     datapath::DatapathHandle,
     director::DirectorConfig,
     error_chain,
-    wireguard::WireguardHandle,
+    wireguard::{WireguardHandle, kick::FailoverReport},
 };
 
 /// Times each announcement (gratuitous ARP, unsolicited NA) is sent.
@@ -151,6 +151,14 @@ impl HaHandle {
         self.summary.clone()
     }
 
+    /// The records of the last failovers to this gateway, with failover
+    /// continuity (`[wireguard]`); `changed()` wakes on each update.
+    pub fn subscribe_failovers(&self) -> Option<watch::Receiver<Vec<FailoverReport>>> {
+        self.tasks
+            .as_ref()
+            .map(|tasks| tasks.wireguard.subscribe_failovers())
+    }
+
     /// The election state.
     pub async fn status(&self) -> Result<HaStatus, HaError> {
         if self.tx.is_closed() {
@@ -238,6 +246,8 @@ pub struct Agent {
     datapath: DatapathHandle,
     /// The lease as last renewed: when, for how long, holding the VIPs.
     renewed: Option<(Instant, Duration, bool)>,
+    /// The advert format of the last advert sent.
+    advert_version: u8,
     /// When the agent last ran: a longer gap than the lease means it was
     /// frozen.
     last_wake: Instant,
@@ -321,6 +331,7 @@ impl Agent {
             anchor,
             datapath,
             renewed: None,
+            advert_version: advert::VERSION,
             last_wake: Instant::now(),
             tasks: None,
             endpoints: None,
@@ -600,9 +611,25 @@ impl Agent {
         for action in actions {
             match action {
                 Action::Advertise(fields) => {
-                    let advert = self.election.encode(fields);
-                    if let Err(error) = self.transport.send(&advert).await {
-                        warn!(%error, "sending an advert failed");
+                    let oldest = fields.oldest_version;
+                    if oldest != self.advert_version {
+                        self.advert_version = oldest;
+                        if oldest < advert::VERSION {
+                            warn!(
+                                version = oldest,
+                                "a gateway of the previous release is heard: adverts in its \
+                                 version too, and no preemption, until every gateway runs this one"
+                            );
+                        } else {
+                            info!(
+                                "every gateway heard runs this release: adverts in its version only"
+                            );
+                        }
+                    }
+                    for advert in self.election.encode(fields) {
+                        if let Err(error) = self.transport.send(&advert).await {
+                            warn!(%error, "sending an advert failed");
+                        }
                     }
                     // Every advert renews the lease: the agent is alive.
                     self.renew(self.election.machine().role() == Role::Master);
@@ -827,6 +854,7 @@ impl Agent {
             role: self.election.machine().role(),
             priority: self.election.machine().priority(),
             interval: self.config.election.interval,
+            advert_version: self.election.machine().oldest_version(),
             master: self.election.machine().master(),
             maintenance: self.election.machine().maintenance(),
             mode: if self.config.director.is_some() {

@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::{
-    advert::{Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
+    advert::{self, Advert, AdvertError, AdvertKey, HEALTH_OK, ReplayGuard},
     announce::Mac,
     machine::{Action, AdvertFields, Event, Heard, Machine, Role, Settings},
 };
@@ -68,6 +68,13 @@ impl Election {
         }
     }
 
+    /// An election that reads and writes advert formats up to `version`
+    /// only ([`Machine::speaking_at_most`]).
+    pub fn speaking_at_most(mut self, version: u8) -> Self {
+        self.machine = self.machine.speaking_at_most(version);
+        self
+    }
+
     /// The state machine.
     pub fn machine(&self) -> &Machine {
         &self.machine
@@ -111,17 +118,24 @@ impl Election {
         now: Instant,
     ) -> Result<(Advert, Vec<Action>), AdvertError> {
         let advert = Advert::decode(bytes, &self.identity.key)?;
+        if advert.version > self.machine.newest() {
+            return Err(AdvertError::Version(advert.version));
+        }
         if advert.location_id != self.identity.location_id {
             return Err(AdvertError::Location(advert.location_id));
         }
         self.guard.check(&advert)?;
-        self.extras.insert(
-            advert.gateway_id,
-            PeerExtra {
-                mac: advert.mac,
-                draining: advert.draining,
-            },
-        );
+        // A gateway of this release writes the previous format beside its
+        // own while the location needs it: that copy says nothing of these.
+        if advert::carries_mac(advert.version) {
+            self.extras.insert(
+                advert.gateway_id,
+                PeerExtra {
+                    mac: advert.mac,
+                    draining: advert.draining,
+                },
+            );
+        }
         let heard = Heard {
             from: advert.gateway_id,
             role: advert.role,
@@ -131,17 +145,28 @@ impl Election {
             maintenance: advert.maintenance,
             healthy: advert.health & HEALTH_OK != 0,
             preempt: advert.preempt,
+            version: advert.version,
         };
         let actions = self.machine.on_event(Event::Heard(heard), now);
         Ok((advert, actions))
     }
 
-    /// The next advert, with `fields` from the machine: numbered and
-    /// signed.
-    pub fn encode(&mut self, fields: AdvertFields) -> Vec<u8> {
+    /// The next adverts, with `fields` from the machine, each numbered and
+    /// signed: one in each format from this gateway's newest down to the
+    /// oldest a gateway of the location reads, newest first (one alone
+    /// unless a rolling upgrade is under way).
+    pub fn encode(&mut self, fields: AdvertFields) -> Vec<Vec<u8>> {
+        (fields.oldest_version..=self.machine.newest())
+            .rev()
+            .map(|version| self.encode_version(fields, version))
+            .collect()
+    }
+
+    fn encode_version(&mut self, fields: AdvertFields, version: u8) -> Vec<u8> {
         self.sequence += 1;
         let settings = self.machine.settings();
         let advert = Advert {
+            version,
             role: fields.role,
             priority: fields.priority,
             maintenance: fields.maintenance,
@@ -206,7 +231,9 @@ impl Election {
     /// Every gateway of the location. One silent for three of its
     /// intervals is not healthy: a backup takes over from a master that
     /// silent, and its director must not send clients to the gateway it
-    /// took over from while that one waits out the peer table's four.
+    /// took over from while that one waits out the peer table's four. One
+    /// whose adverts carry no Ethernet address (the previous release's
+    /// format) is left out: nothing can be steered to it.
     fn members(&self, now: Instant) -> Vec<Member> {
         let role = self.machine.role();
         let own = self.machine.advert();
@@ -221,6 +248,9 @@ impl Election {
             let Some(extra) = self.extras.get(&id) else {
                 continue;
             };
+            if !advert::carries_mac(peer.version) {
+                continue;
+            }
             members.push(Member {
                 gateway_id: id,
                 mac: extra.mac,
@@ -274,8 +304,8 @@ mod tests {
             e.on_event(Event::Start, t0);
         }
         a.set_draining(true);
-        let first = a.encode(a.machine().advert());
-        let second = a.encode(a.machine().advert());
+        let first = a.encode(a.machine().advert()).remove(0);
+        let second = a.encode(a.machine().advert()).remove(0);
         assert_eq!(a.sequence(), 2);
 
         let (advert, _) = b.receive(&first, t0).unwrap();
@@ -288,8 +318,12 @@ mod tests {
         assert_eq!(b.machine().peers()[&1].role, Role::Backup);
 
         // Every fault is an error naming it, and the machine hears nothing.
-        let other_location = election(3, 8, b"location key", 1).encode(a.machine().advert());
-        let other_key = election(3, 7, b"another key", 1).encode(a.machine().advert());
+        let other_location = election(3, 8, b"location key", 1)
+            .encode(a.machine().advert())
+            .remove(0);
+        let other_key = election(3, 7, b"another key", 1)
+            .encode(a.machine().advert())
+            .remove(0);
         let cases: [(&[u8], AdvertError); 4] = [
             (&first, AdvertError::Replay),
             (&other_location, AdvertError::Location(8)),
@@ -311,7 +345,8 @@ mod tests {
         let mut b = election(2, 7, b"k", 1);
         a.on_event(Event::Start, t0);
         b.on_event(Event::Start, t0);
-        b.receive(&a.encode(a.machine().advert()), t0).unwrap();
+        b.receive(&a.encode(a.machine().advert()).remove(0), t0)
+            .unwrap();
         // (ms after gateway 1's last advert, gateway 1 healthy in the
         // location gateway 2 sees)
         for (ms, healthy) in [(0, true), (299, true), (300, false), (399, false)] {

@@ -19,6 +19,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::advert::{PREEMPT_VERSION, VERSION};
+
 /// Transitions kept for `tidectl status`.
 pub const MAX_TRANSITIONS: usize = 32;
 
@@ -110,6 +112,8 @@ pub struct Heard {
     pub healthy: bool,
     /// A backup that outranks the master asks it to hand over.
     pub preempt: bool,
+    /// The advert format the sender wrote.
+    pub version: u8,
 }
 
 /// Something that happened.
@@ -202,6 +206,10 @@ pub struct AdvertFields {
     /// BACKUP: this gateway outranks the master it follows and asks it to
     /// hand over.
     pub preempt: bool,
+    /// The oldest advert format a gateway of the location reads
+    /// ([`Machine::oldest_version`]): the adverts go out in each format
+    /// from the newest down to it.
+    pub oldest_version: u8,
 }
 
 /// A role change, for `tidectl status` and the log.
@@ -240,6 +248,13 @@ pub struct PeerView {
     pub healthy: bool,
     pub interval: Duration,
     pub last_seen: Instant,
+    /// The newest advert format heard from it lately: a gateway of this
+    /// release writes the previous release's format too while the location
+    /// needs it, and this is its newest.
+    pub version: u8,
+    /// When it last wrote `version`: an older format alone for the peer
+    /// table's timeout means it runs the older release now.
+    pub version_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,6 +301,8 @@ pub struct Machine {
     transitions: VecDeque<Transition>,
     /// Why the VIPs last moved.
     cause: Cause,
+    /// The newest advert format this gateway writes.
+    newest: u8,
 }
 
 impl Machine {
@@ -308,7 +325,40 @@ impl Machine {
             shutting_down: false,
             transitions: VecDeque::new(),
             cause: Cause::Other,
+            newest: VERSION,
         }
+    }
+
+    /// A machine that writes advert formats up to `version` only, as a
+    /// gateway of the release that introduced it does (the HA simulation's
+    /// gateways of the previous release).
+    pub fn speaking_at_most(mut self, version: u8) -> Self {
+        self.newest = version.min(VERSION);
+        self
+    }
+
+    /// The newest advert format this gateway reads and writes.
+    pub fn newest(&self) -> u8 {
+        self.newest
+    }
+
+    /// The oldest advert format a gateway in the peer table reads (the
+    /// newest each writes), this gateway's newest when they all read it.
+    /// During a rolling upgrade a gateway writes every format from its
+    /// newest down to this one, so every gateway understands every other.
+    pub fn oldest_version(&self) -> u8 {
+        self.peers
+            .values()
+            .map(|peer| peer.version)
+            .fold(self.newest, u8::min)
+    }
+
+    /// Whether this gateway may ask a master for the VIPs: only when every
+    /// gateway it hears reads the preempt flag. Otherwise it stays BACKUP
+    /// (an older master would not answer, and taking over from a live one
+    /// would make two masters).
+    fn may_ask(&self) -> bool {
+        self.oldest_version() >= PREEMPT_VERSION
     }
 
     /// Why the VIPs last moved to or from this gateway: read it when
@@ -370,7 +420,11 @@ impl Machine {
             handover_to: self.handover.map(|h| h.to),
             maintenance: self.maintenance,
             healthy: self.healthy,
-            preempt: self.role == Role::Backup && self.preemption.is_some() && self.eligible(),
+            preempt: self.role == Role::Backup
+                && self.preemption.is_some()
+                && self.eligible()
+                && self.may_ask(),
+            oldest_version: self.oldest_version(),
         }
     }
 
@@ -535,7 +589,7 @@ impl Machine {
             && now >= preemption.deadline
         {
             self.preemption = None;
-            if self.eligible() {
+            if self.eligible() && self.may_ask() {
                 let last_heard = self.peers.get(&preemption.master).map(|p| p.last_seen);
                 self.cause = Cause::Takeover {
                     master: Some(preemption.master),
@@ -580,10 +634,21 @@ impl Machine {
             return;
         }
         // Silent for 3 intervals: it may have become master meanwhile.
-        let back_from_silence = self
-            .peers
-            .get(&heard.from)
+        let known = self.peers.get(&heard.from);
+        let back_from_silence = known
             .is_none_or(|peer| now.saturating_duration_since(peer.last_seen) >= 3 * peer.interval);
+        // Its newest format stands until it has written only older ones for
+        // the peer table's timeout.
+        let (version, version_at) = match known {
+            Some(peer)
+                if peer.version > heard.version
+                    && now.saturating_duration_since(peer.version_at)
+                        <= PEER_TIMEOUT_INTERVALS * peer.interval =>
+            {
+                (peer.version, peer.version_at)
+            }
+            _ => (heard.version, now),
+        };
         self.peers.insert(
             heard.from,
             PeerView {
@@ -593,6 +658,8 @@ impl Machine {
                 healthy: heard.healthy,
                 interval: heard.interval,
                 last_seen: now,
+                version,
+                version_at,
             },
         );
         if heard.role != Role::Master && back_from_silence && self.role == Role::Master {
@@ -651,6 +718,7 @@ impl Machine {
         let preempt = self.settings.preempt
             && !in_delay
             && self.eligible()
+            && self.may_ask()
             && self.yielded_to != Some(heard.from)
             && !outranks(
                 heard.priority,
@@ -800,6 +868,10 @@ impl Machine {
             (false, Role::Master) => {
                 self.handover = None;
                 self.resign(reason, now, actions);
+                // Stopping: the handover is moot, and the stop completes.
+                if self.shutting_down {
+                    actions.push(Action::Exit);
+                }
             }
             (false, Role::Backup) => {
                 self.master_down_at = None;
@@ -1000,6 +1072,7 @@ mod tests {
             maintenance: false,
             healthy: true,
             preempt: false,
+            version: VERSION,
         })
     }
 
@@ -1257,6 +1330,83 @@ mod tests {
         // after it, and taken over from (this master never hands over)
         // twice the master-down interval (2 x 321.875 ms) later.
         assert_eq!(took_over, Some(1644));
+    }
+
+    /// A master of the previous release: it writes version 1 adverts.
+    fn old_master(from: u32, priority: u8) -> Event {
+        Event::Heard(Heard {
+            version: 1,
+            ..heard(master(from, priority))
+        })
+    }
+
+    #[test]
+    fn during_a_rolling_upgrade_adverts_include_the_oldest_version_and_nobody_preempts() {
+        let t0 = Instant::now();
+        let mut new = started(1, 200, t0);
+        assert_eq!(new.advert().oldest_version, VERSION, "alone: the newest");
+        // An upgraded gateway outranking a previous-release master follows
+        // it, writes its version too, and never asks or takes over: that
+        // master would not answer, and two masters would hold the VIPs.
+        for n in 0..3000 {
+            if n % 100 == 0 {
+                new.on_event(old_master(2, 100), ms(t0, n));
+            }
+            new.on_event(Event::Tick, ms(t0, n));
+            assert_eq!(new.role(), Role::Backup, "{n} ms");
+            let advert = new.advert();
+            assert_eq!(
+                (advert.oldest_version, advert.preempt),
+                (1, false),
+                "{n} ms"
+            );
+        }
+        // The master is upgraded: version 2 from its first advert, and this
+        // gateway asks for the VIPs at once.
+        let asked = new.on_event(master(2, 100), ms(t0, 3000));
+        let ask = advert(&asked).unwrap();
+        assert_eq!((ask.oldest_version, ask.preempt), (VERSION, true));
+        // While the location needs version 1 an upgraded gateway writes it
+        // beside version 2: its newest is what counts, whichever copy
+        // arrives last.
+        let mut m = new.clone();
+        m.on_event(old_master(2, 100), ms(t0, 3001));
+        assert_eq!(m.advert().oldest_version, VERSION);
+
+        // A previous-release backup keeps version 1 in while it is in the
+        // peer table (4 of its intervals after its last advert), and a
+        // pending ask is dropped, not turned into a takeover.
+        let mut m = new.clone();
+        m.on_event(
+            Event::Heard(Heard {
+                version: 1,
+                ..heard(backup(3, 50))
+            }),
+            ms(t0, 3010),
+        );
+        assert_eq!((m.advert().oldest_version, m.advert().preempt), (1, false));
+        for n in 3011..3400 {
+            if n % 100 == 0 {
+                m.on_event(master(2, 100), ms(t0, n));
+            }
+            m.on_event(Event::Tick, ms(t0, n));
+            assert_eq!(m.role(), Role::Backup, "{n} ms");
+        }
+        m.on_event(Event::Tick, ms(t0, 3411));
+        assert_eq!(m.advert().oldest_version, VERSION, "the old backup left");
+
+        // Rolled back to the previous release, a gateway writes version 1
+        // alone: a peer table's timeout later, that is its newest.
+        let mut m = new.clone();
+        for n in (3100..=3600).step_by(100) {
+            m.on_event(old_master(2, 100), ms(t0, n));
+            m.on_event(Event::Tick, ms(t0, n));
+        }
+        assert_eq!(m.advert().oldest_version, 1);
+
+        // A gateway of the previous release writes version 1 even alone.
+        let old = Machine::new(settings(3, 100)).speaking_at_most(1);
+        assert_eq!(old.advert().oldest_version, 1);
     }
 
     #[test]
@@ -1572,6 +1722,21 @@ mod tests {
         let actions = a.on_event(Event::Stalled { paused }, ms(t0, 2400));
         assert_eq!(a.role(), Role::Backup);
         assert_eq!(actions.first(), Some(&Action::ReleaseVips));
+        assert_eq!(actions.last(), Some(&Action::Exit));
+    }
+
+    #[test]
+    fn a_stopping_master_whose_health_fails_while_handing_over_exits() {
+        let t0 = Instant::now();
+        let (mut a, ..) = trio(t0);
+        a.on_event(Event::Shutdown, ms(t0, 400));
+        let health = Event::Health {
+            healthy: false,
+            reason: "link down".into(),
+        };
+        let actions = a.on_event(health, ms(t0, 450));
+        assert_eq!(a.role(), Role::Fault);
+        assert!(actions.contains(&Action::ReleaseVips), "{actions:?}");
         assert_eq!(actions.last(), Some(&Action::Exit));
     }
 

@@ -44,6 +44,9 @@ pub struct GatewayStatus {
     pub mac: String,
     /// Milliseconds since its last advert.
     pub last_seen_ms: u64,
+    /// The newest advert format it writes.
+    #[serde(default)]
+    pub advert_version: u8,
 }
 
 /// What `tidectl status` shows.
@@ -54,6 +57,11 @@ pub struct HaStatus {
     pub role: Role,
     pub priority: u8,
     pub advert_interval_ms: u64,
+    /// The oldest advert format a gateway of the location reads: this
+    /// gateway's adverts go out in every format from its newest down to it
+    /// (below the newest during a rolling upgrade).
+    #[serde(default)]
+    pub advert_version: u8,
     pub master: Option<u32>,
     pub maintenance: bool,
     /// `active-standby` or `director`.
@@ -110,6 +118,7 @@ pub(super) struct AgentView {
     pub(super) role: Role,
     pub(super) priority: u8,
     pub(super) interval: Duration,
+    pub(super) advert_version: u8,
     pub(super) master: Option<u32>,
     pub(super) maintenance: bool,
     pub(super) mode: HaMode,
@@ -153,6 +162,7 @@ impl AgentView {
             role: self.role,
             priority: self.priority,
             advert_interval_ms: self.interval.as_millis() as u64,
+            advert_version: self.advert_version,
             master: self.master,
             maintenance: self.maintenance,
             mode: self.mode,
@@ -171,6 +181,7 @@ impl AgentView {
                     draining: extra.is_some_and(|e| e.draining),
                     mac: extra.map(|e| format_mac(&e.mac)).unwrap_or_default(),
                     last_seen_ms: now.saturating_duration_since(peer.last_seen).as_millis() as u64,
+                    advert_version: peer.version,
                 })
                 .collect(),
             transitions: self

@@ -283,6 +283,12 @@ impl WireguardHandle {
         self.failovers.borrow().clone()
     }
 
+    /// The records of the last failovers; `changed()` wakes when the task
+    /// publishes them anew.
+    pub fn subscribe_failovers(&self) -> watch::Receiver<Vec<FailoverReport>> {
+        self.failovers.clone()
+    }
+
     /// Applies Core's location config or peer changes, whole or not at all.
     pub async fn apply_location(
         &self,

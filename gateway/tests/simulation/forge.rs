@@ -9,7 +9,7 @@
 //! | `OtherLocation` | the same, with the location's key but another location id | `Location` |
 //! | `Tampered` | an advert seen on the segment, one bit flipped after the version | `Mac`, `Length` |
 //! | `BadMagic` | an advert seen on the segment, its magic altered | `Magic` |
-//! | `OldVersion` | an advert seen on the segment, version 1 | `Version` |
+//! | `NewerVersion` | an advert seen on the segment, labelled a version this release does not read | `Version` |
 //! | `Truncated` | an advert seen on the segment, cut short | `Truncated`, `Length` |
 //! | `Replayed` | an advert the target already accepted | `Replay` |
 //!
@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use tidegate_gateway::ha::{
-    advert::{Advert, AdvertKey, HEALTH_OK},
+    advert::{Advert, AdvertKey, HEALTH_OK, VERSION},
     machine::Role,
 };
 
@@ -33,7 +33,7 @@ pub enum Forgery {
     OtherLocation,
     Tampered,
     BadMagic,
-    OldVersion,
+    NewerVersion,
     Truncated,
     Replayed,
 }
@@ -45,7 +45,7 @@ impl Forgery {
         Self::OtherLocation,
         Self::Tampered,
         Self::BadMagic,
-        Self::OldVersion,
+        Self::NewerVersion,
         Self::Truncated,
         Self::Replayed,
     ];
@@ -63,6 +63,7 @@ impl Forgery {
         accepted: Option<&[u8]>,
     ) -> Option<Vec<u8>> {
         let invented = |location_id| Advert {
+            version: VERSION,
             role: Role::Master,
             priority: 255,
             maintenance: false,
@@ -93,7 +94,7 @@ impl Forgery {
                 bytes[at] ^= 1 << rng.u8(0..8);
             }
             Self::BadMagic => bytes[rng.usize(0..4)] ^= 0x20,
-            Self::OldVersion => bytes[4] = 1,
+            Self::NewerVersion => bytes[4] = VERSION + 1,
             Self::Truncated => bytes.truncate(rng.usize(0..bytes.len())),
             Self::WrongKey | Self::OtherLocation | Self::Replayed => {}
         }

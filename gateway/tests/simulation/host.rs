@@ -25,7 +25,7 @@ use tidegate_gateway::{
     continuity::{self, Controller, ControllerConfig, Effect, Input as Step},
     director::{DirectorConfig, DirectorState, Mac},
     ha::{
-        advert::{AdvertError, AdvertKey},
+        advert::{AdvertError, AdvertKey, VERSION},
         election::{Election, Identity, PeerExtra},
         epoch,
         machine::{Action, Cause, Event, PeerView, Role, Settings},
@@ -296,6 +296,8 @@ pub struct Node {
     pub wall_offset_ms: i64,
     /// The epoch file in the state directory: the last start's epoch.
     epoch_file: Option<u64>,
+    /// The newest advert version the installed release reads and writes.
+    release: u8,
 }
 
 impl Node {
@@ -339,6 +341,7 @@ impl Node {
             inbox: VecDeque::new(),
             wall_offset_ms: 0,
             epoch_file: None,
+            release: gateway.release,
         }
     }
 
@@ -410,7 +413,7 @@ impl Node {
             epoch,
         };
         let mut process = Process {
-            election: Election::new(config.election, identity),
+            election: Election::new(config.election, identity).speaking_at_most(self.release),
             controller: Controller::new(config.controller, (now, wall)),
             last_wake: now,
             timer: now,
@@ -432,6 +435,12 @@ impl Node {
         process.execute(actions, now, kernel, out, trace);
         process.end_wake(now);
         self.process = Some(process);
+    }
+
+    /// This release replaces the installed one; a running daemon goes on
+    /// with the old until it is started again.
+    pub fn upgrade(&mut self) {
+        self.release = VERSION;
     }
 
     /// SIGKILL: the daemon is gone; the kernel keeps what it had.
@@ -685,21 +694,26 @@ impl Process {
         for action in actions {
             match action {
                 Action::Advertise(fields) => {
-                    let advert = self.election.encode(fields);
+                    let adverts = self.election.encode(fields);
                     trace.note(id, || {
                         let to = fields
                             .handover_to
                             .map(|to| format!(" handing over to {to}"));
                         let asking = if fields.preempt { " asking" } else { "" };
+                        let versions = if adverts.len() > 1 {
+                            format!(" (also in version {})", fields.oldest_version)
+                        } else {
+                            String::new()
+                        };
                         format!(
-                            "advertises {} p{} #{}{}{asking}",
+                            "advertises {} p{} #{}{}{asking}{versions}",
                             fields.role,
                             fields.priority,
                             self.election.sequence(),
                             to.unwrap_or_default()
                         )
                     });
-                    out.sent.push(advert);
+                    out.sent.extend(adverts);
                     // Every advert renews the lease: the agent is alive.
                     self.renew(self.election.machine().role() == Role::Master, now, kernel);
                 }

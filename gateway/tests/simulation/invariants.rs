@@ -469,7 +469,7 @@ impl Monitor {
             }
         }
         match self.mode {
-            Mode::ActiveStandby => {
+            Mode::ActiveStandby | Mode::RollingUpgrade => {
                 for node in nodes {
                     let owns = if node.id == master.id {
                         Ownership::All

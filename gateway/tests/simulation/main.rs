@@ -4,7 +4,9 @@
 //! ([`Controller`](tidegate_gateway::continuity::Controller)) on a virtual
 //! clock, over a segment that loses, delays and partitions their adverts,
 //! while their daemons crash and restart, pause and resume, stop, have
-//! their wall clocks stepped and receive forged adverts. Adverts go
+//! their wall clocks stepped and receive forged adverts, and (the
+//! `rolling_upgrade` mode) are upgraded one at a time from the previous
+//! release's advert format. Adverts go
 //! through the real wire format, HMAC and replay guard. After every step
 //! the invariants of [`invariants`] are checked.
 //!
@@ -58,6 +60,13 @@ fn active_standby() {
 #[test]
 fn director() {
     simulate(Mode::Director);
+}
+
+/// The seeds of a location upgraded from the previous release, one gateway
+/// at a time.
+#[test]
+fn rolling_upgrade() {
+    simulate(Mode::RollingUpgrade);
 }
 
 /// What the environment asks for.

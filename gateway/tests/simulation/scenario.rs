@@ -18,15 +18,24 @@
 //! | `Maintenance(id, true)` | `tidectl maintenance on` | `Maintenance(id, false)` |
 //! | `Penalty(id, points)` | a tracked interface goes down | `Penalty(id, 0)` |
 //! | `Drain(id, true)` | `tidectl drain` (director mode) | `Drain(id, false)` |
+//! | `Upgrade(id)` | the daemon's binary is replaced by this release's, then it is stopped (rolling upgrades) | `Restart(id)` |
 //!
 //! `Restore` heals, calms, thaws, restarts (a daemon still stopping is
 //! killed first, as systemd does at its stop timeout) and undoes every
 //! operator request. Forged adverts arrive in quiet stretches too: they
 //! must not disturb a settled location either.
+//!
+//! A rolling upgrade starts every gateway on the previous release (it reads
+//! and writes advert version 1 only) and upgrades them one at a time, some
+//! in the first round and the rest in the second: the first quiet stretch
+//! settles a location of both releases, the second one of this release.
 
 use std::time::Duration;
 
-use tidegate_gateway::ha::machine::Machine;
+use tidegate_gateway::ha::{
+    advert::{OLDEST_VERSION, VERSION},
+    machine::Machine,
+};
 
 use crate::forge::Forgery;
 
@@ -35,6 +44,9 @@ use crate::forge::Forgery;
 pub enum Mode {
     ActiveStandby,
     Director,
+    /// Active/standby, its gateways upgraded from the previous release
+    /// one at a time.
+    RollingUpgrade,
 }
 
 impl Mode {
@@ -43,6 +55,7 @@ impl Mode {
         match self {
             Self::ActiveStandby => "active_standby",
             Self::Director => "director",
+            Self::RollingUpgrade => "rolling_upgrade",
         }
     }
 }
@@ -54,6 +67,8 @@ pub struct Gateway {
     pub priority: u8,
     pub preempt: bool,
     pub preempt_delay: Duration,
+    /// The newest advert version its release reads and writes.
+    pub release: u8,
 }
 
 /// How the segment treats adverts.
@@ -88,6 +103,9 @@ pub enum Fault {
     Maintenance(u32, bool),
     Penalty(u32, u8),
     Drain(u32, bool),
+    /// The daemon's binary is replaced by this release's: it runs from
+    /// its next start.
+    Upgrade(u32),
     Restore,
 }
 
@@ -154,7 +172,12 @@ impl Scenario {
     pub fn generate(seed: u64, mode: Mode) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
         let interval = Duration::from_millis(*pick(&mut rng, &[50, 100, 200]));
-        let gateways = gateways(&mut rng, interval);
+        let mut gateways = gateways(&mut rng, interval);
+        if mode == Mode::RollingUpgrade {
+            for gateway in &mut gateways {
+                gateway.release = OLDEST_VERSION;
+            }
+        }
         let handover_window = interval * *pick(&mut rng, &[0, 2, 8]);
         let mut generator = Generator {
             rng,
@@ -179,9 +202,13 @@ impl Scenario {
             end: Duration::ZERO,
         };
         let settle = scenario.settle_time();
-        for _ in 0..ROUNDS {
+        let upgrades = generator.upgrade_order();
+        for round in 0..ROUNDS {
             let chaos = interval * CHAOS_INTERVALS;
             generator.chaos(at, chaos);
+            if let Some(ids) = upgrades.get(round) {
+                generator.upgrades(at, chaos, ids);
+            }
             at += chaos;
             generator.push(at, Fault::Restore);
             let until = at + settle + interval * WATCH_INTERVALS;
@@ -269,6 +296,7 @@ fn gateways(rng: &mut fastrand::Rng, interval: Duration) -> Vec<Gateway> {
             priority: if tied { 100 } else { rng.u8(1..=255) },
             preempt: rng.u8(0..4) != 0,
             preempt_delay: interval * *pick(rng, &[0, 2, 6]),
+            release: VERSION,
         })
         .collect()
 }
@@ -412,7 +440,7 @@ impl Generator {
                         end,
                     );
                 }
-                Mode::ActiveStandby => self.push(at, Fault::Failover),
+                Mode::ActiveStandby | Mode::RollingUpgrade => self.push(at, Fault::Failover),
             },
         }
     }
@@ -459,6 +487,35 @@ impl Generator {
             -self.rng.i64(1..=5_000)
         };
         self.push(at, Fault::ClockStep(id, ms));
+    }
+
+    /// Rolling upgrades: the gateways in a random order, split into the
+    /// rounds' upgrades (at least one in each). Other modes: none.
+    fn upgrade_order(&mut self) -> Vec<Vec<u32>> {
+        if self.mode != Mode::RollingUpgrade {
+            return Vec::new();
+        }
+        let mut ids = self.ids.clone();
+        self.rng.shuffle(&mut ids);
+        let later = ids.split_off(self.rng.usize(1..ids.len()));
+        vec![ids, later]
+    }
+
+    /// Upgrades `ids` one at a time within a stretch of chaos: each is
+    /// stopped (SIGTERM: a master hands over) and started again on this
+    /// release a few intervals later, the next one after that.
+    fn upgrades(&mut self, start: Duration, length: Duration, ids: &[u32]) {
+        let end = start + length;
+        let slot = length / ids.len() as u32;
+        for (n, &id) in ids.iter().enumerate() {
+            let at = start + slot * n as u32 + self.intervals(0, 2);
+            self.push(at, Fault::Upgrade(id));
+            self.push(at, Fault::Stop(id));
+            let after = self.intervals(4, 8);
+            if at + after < end {
+                self.push(at + after, Fault::Restart(id));
+            }
+        }
     }
 
     /// Forged adverts in a quiet stretch.

@@ -371,6 +371,10 @@ impl<'a> World<'a> {
             Fault::Maintenance(id, on) => self.command(self.index(id), Command::Maintenance(on)),
             Fault::Penalty(id, points) => self.command(self.index(id), Command::Penalty(points)),
             Fault::Drain(id, on) => self.command(self.index(id), Command::Drain(on)),
+            Fault::Upgrade(id) => {
+                let index = self.index(id);
+                self.nodes[index].upgrade();
+            }
             Fault::Restore => self.restore()?,
         }
         Ok(())
