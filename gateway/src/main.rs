@@ -294,6 +294,7 @@ async fn run(args: Args) -> Result<()> {
     });
     let mut pki = None;
     let mut status_interval = None;
+    let mut core_tls = None;
     if let (Some(core), Some(loaded)) = (&config.core, checked.pki) {
         let watched = loaded.clone();
         let expiry_cancel = cancel.clone();
@@ -313,7 +314,14 @@ async fn run(args: Args) -> Result<()> {
             gateway_id: core.gateway_id,
             status_interval: interval,
         };
-        let server = core_link::serve_with(core.clone(), loaded, parts, cancel.clone()).await?;
+        let (tls_tx, tls) = tokio::sync::watch::channel(
+            loaded
+                .server()
+                .context("[core] TLS files: the server config")?,
+        );
+        core_tls = Some(reload::CoreTls(tls_tx));
+        let server =
+            core_link::serve_with(core.clone(), loaded, tls, parts, cancel.clone()).await?;
         tasks.spawn(async move { server.await.context("the server for Core") });
     }
     let reloader = Reloader::new(
@@ -324,6 +332,7 @@ async fn run(args: Args) -> Result<()> {
             datapath: datapath_handle.clone(),
             wireguard: wireguard_handle.clone(),
             status_interval,
+            core_tls,
         },
     );
     let handles = Handles {

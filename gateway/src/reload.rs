@@ -2,7 +2,9 @@
 //! what changed: the WireGuard settings and peers, the shield's services
 //! and `[core] status_interval_ms`. [`plan`] (pure) compares the running
 //! config with the file's and names every key that needs a restart; one
-//! such key refuses the whole reload, and then nothing is applied.
+//! such key refuses the whole reload, and then nothing is applied. With
+//! `[core]`, the TLS files are read again too: Core's next handshake uses
+//! them (a new CA), the link that is up keeps going.
 //! `tidectl reload --check` shows the plan without applying it.
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -10,8 +12,11 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, sync::Arc,
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
+use tidegate_proto::tls::TlsAcceptor;
+
 use crate::{
     config::{Config, ConfigError, Overrides},
+    core_link::{CoreLinkError, server::load_pki},
     datapath::{DatapathError, DatapathHandle},
     ha::{agent::HaConfig, transport::Destination},
     wireguard::{ApplyReport, WireguardConfig, WireguardError, WireguardHandle},
@@ -28,6 +33,8 @@ pub enum ReloadError {
     Wireguard(#[from] WireguardError),
     #[error("installing the services")]
     Datapath(#[source] DatapathError),
+    #[error(transparent)]
+    CoreTls(#[from] CoreLinkError),
 }
 
 fn list(changes: &[Change]) -> String {
@@ -361,6 +368,16 @@ struct Inner {
     datapath: DatapathHandle,
     wireguard: Option<WireguardHandle>,
     status_interval: Option<watch::Sender<Duration>>,
+    core_tls: Option<CoreTls>,
+}
+
+/// Where Core's link server takes its TLS acceptor from.
+pub struct CoreTls(pub watch::Sender<TlsAcceptor>);
+
+impl fmt::Debug for CoreTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreTls").finish_non_exhaustive()
+    }
 }
 
 /// The parts of the daemon a reload changes.
@@ -370,6 +387,9 @@ pub struct Targets {
     pub wireguard: Option<WireguardHandle>,
     /// The status interval Core's link sessions follow (with `[core]`).
     pub status_interval: Option<watch::Sender<Duration>>,
+    /// The TLS acceptor of Core's link (with `[core]`): a reload re-reads
+    /// the files, so a new CA takes effect on Core's next handshake.
+    pub core_tls: Option<CoreTls>,
 }
 
 impl Reloader {
@@ -383,6 +403,7 @@ impl Reloader {
                 datapath: targets.datapath,
                 wireguard: targets.wireguard,
                 status_interval: targets.status_interval,
+                core_tls: targets.core_tls,
             })),
         }
     }
@@ -391,13 +412,13 @@ impl Reloader {
     /// nothing.
     pub async fn check(&self) -> Result<ReloadPlan, ReloadError> {
         let inner = self.inner.lock().await;
-        inner.read().map(|(_, plan)| plan)
+        inner.read().map(|(_, plan, _)| plan)
     }
 
     /// Re-reads the file and applies it.
     pub async fn reload(&self) -> Result<ApplyReport, ReloadError> {
         let mut inner = self.inner.lock().await;
-        let (new, plan) = inner.read()?;
+        let (new, plan, acceptor) = inner.read()?;
         // WireGuard first: it is the part that can fail (a port in use).
         let report = match (&inner.wireguard, &new.wireguard) {
             (Some(handle), Some(config)) => handle.reload(config.clone()).await?,
@@ -417,6 +438,9 @@ impl Reloader {
                 changed
             });
         }
+        if let (Some(tx), Some(acceptor)) = (&inner.core_tls, acceptor) {
+            tx.0.send_replace(acceptor);
+        }
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
@@ -426,12 +450,18 @@ impl Reloader {
 }
 
 impl Inner {
-    fn read(&self) -> Result<(Config, ReloadPlan), ReloadError> {
+    /// The file, what it would change, and Core's link's TLS files as
+    /// they are now (with `[core]`), all loaded before anything applies.
+    fn read(&self) -> Result<(Config, ReloadPlan, Option<TlsAcceptor>), ReloadError> {
         let (new, warnings) =
             Config::load_checked(&self.path, self.overrides.clone()).map_err(Box::new)?;
         let mut plan = plan(&self.current, &new)?;
         plan.warnings = warnings.iter().map(ToString::to_string).collect();
-        Ok((new, plan))
+        let acceptor = match &new.core {
+            Some(core) => Some(load_pki(core)?.server().map_err(CoreLinkError::from)?),
+            None => None,
+        };
+        Ok((new, plan, acceptor))
     }
 }
 
