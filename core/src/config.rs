@@ -288,6 +288,141 @@ impl Config {
     }
 }
 
+/// One key whose value differs between the running config and the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The key as the file spells it: `links.connect_timeout_ms`.
+    pub key: &'static str,
+    pub from: String,
+    pub to: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} changed from {} to {}", self.key, self.from, self.to)
+    }
+}
+
+/// What reloading a running Core from `current` to `new` changes: the
+/// keys applied live (`[links]`) and the ones that need a restart (the
+/// database, the admin socket, `core_id`, the TLS file paths, `[mfa]`,
+/// which the store holds). The TLS files' contents are re-read on every
+/// reload whatever their paths.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub live: Vec<Change>,
+    pub restart: Vec<Change>,
+}
+
+/// Compares two configs key by key.
+pub fn changes(current: &Config, new: &Config) -> Changes {
+    fn key<T: PartialEq + std::fmt::Debug>(
+        into: &mut Vec<Change>,
+        key: &'static str,
+        from: &T,
+        to: &T,
+    ) {
+        if from != to {
+            into.push(Change {
+                key,
+                from: format!("{from:?}"),
+                to: format!("{to:?}"),
+            });
+        }
+    }
+    let mut changes = Changes::default();
+    let restart = &mut changes.restart;
+    key(restart, "database", &current.database, &new.database);
+    key(
+        restart,
+        "admin_socket",
+        &current.admin_socket,
+        &new.admin_socket,
+    );
+    key(restart, "core_id", &current.core_id, &new.core_id);
+    key(restart, "tls.ca", &current.tls.ca, &new.tls.ca);
+    key(restart, "tls.cert", &current.tls.cert, &new.tls.cert);
+    key(restart, "tls.key", &current.tls.key, &new.tls.key);
+    let (a, b) = (&current.mfa, &new.mfa);
+    key(
+        restart,
+        "mfa.challenge_ttl_s",
+        &a.challenge_ttl_s,
+        &b.challenge_ttl_s,
+    );
+    key(
+        restart,
+        "mfa.totp_skew_steps",
+        &a.totp_skew_steps,
+        &b.totp_skew_steps,
+    );
+    key(
+        restart,
+        "mfa.max_attempts",
+        &a.max_attempts,
+        &b.max_attempts,
+    );
+    key(
+        restart,
+        "mfa.device_lockout_after",
+        &a.device.lockout_after,
+        &b.device.lockout_after,
+    );
+    key(
+        restart,
+        "mfa.source_lockout_after",
+        &a.source.lockout_after,
+        &b.source.lockout_after,
+    );
+    key(
+        restart,
+        "mfa.lockout_s",
+        &a.device.lockout_ms,
+        &b.device.lockout_ms,
+    );
+    if a != b && changes.restart.iter().all(|c| !c.key.starts_with("mfa.")) {
+        changes.restart.push(Change {
+            key: "[mfa]",
+            from: "the running settings".into(),
+            to: "others".into(),
+        });
+    }
+    let ms = |d: Duration| d.as_millis();
+    let (a, b) = (&current.links, &new.links);
+    let live = &mut changes.live;
+    key(
+        live,
+        "links.reconnect_min_ms",
+        &ms(a.reconnect_min),
+        &ms(b.reconnect_min),
+    );
+    key(
+        live,
+        "links.reconnect_max_ms",
+        &ms(a.reconnect_max),
+        &ms(b.reconnect_max),
+    );
+    key(
+        live,
+        "links.connect_timeout_ms",
+        &ms(a.connect_timeout),
+        &ms(b.connect_timeout),
+    );
+    key(
+        live,
+        "links.applied_timeout_ms",
+        &ms(a.applied_timeout),
+        &ms(b.applied_timeout),
+    );
+    key(
+        live,
+        "links.mfa_apply_timeout_ms",
+        &ms(a.mfa_apply_timeout),
+        &ms(b.mfa_apply_timeout),
+    );
+    changes
+}
+
 /// A lockout policy with the file's count and duration over `default`'s,
 /// or the key that is wrong and why.
 fn lockout(
@@ -352,6 +487,40 @@ mod tests {
         assert_eq!(config.tls.cert, Path::new("/pki/core.pem"));
         assert_eq!(config.links.reconnect_min, Duration::from_millis(50));
         assert_eq!(config.mfa.challenge_ttl_s, 60);
+    }
+
+    #[test]
+    fn a_reload_names_every_changed_key() {
+        let base = parse("[links]\nconnect_timeout_ms = 1000\n").unwrap();
+        let cases: [(&str, &[&str], &[&str]); 5] = [
+            ("[links]\nconnect_timeout_ms = 1000\n", &[], &[]),
+            (
+                "[links]\nconnect_timeout_ms = 2000\napplied_timeout_ms = 5000\n",
+                &["links.connect_timeout_ms", "links.applied_timeout_ms"],
+                &[],
+            ),
+            (
+                "database = \"/other.db\"\ncore_id = \"c2\"\n[links]\nconnect_timeout_ms = 1000\n",
+                &[],
+                &["database", "core_id"],
+            ),
+            (
+                "[tls]\ndir = \"/elsewhere\"\n[links]\nconnect_timeout_ms = 1000\n",
+                &[],
+                &["tls.ca", "tls.cert", "tls.key"],
+            ),
+            (
+                "[mfa]\nmax_attempts = 3\n",
+                &["links.connect_timeout_ms"],
+                &["mfa.max_attempts"],
+            ),
+        ];
+        for (text, live, restart) in cases {
+            let changes = changes(&base, &parse(text).unwrap());
+            let keys = |list: &[Change]| list.iter().map(|c| c.key).collect::<Vec<_>>();
+            assert_eq!(keys(&changes.live), live, "{text}");
+            assert_eq!(keys(&changes.restart), restart, "{text}");
+        }
     }
 
     #[test]

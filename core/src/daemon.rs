@@ -1,10 +1,11 @@
 //! The daemon: the state thread, the admin socket and the link supervisor,
-//! started in order and stopped together.
+//! started in order and stopped together; SIGHUP reloads the config file
+//! and the TLS files under running links.
 
-use std::{sync::Arc, thread};
+use std::{path::Path, sync::Arc, thread};
 
 use anyhow::{Context as _, Result};
-use tidegate_proto::tls::Pki;
+use tidegate_proto::tls::{Pki, TlsError};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -18,8 +19,8 @@ use crate::{
         AdminService,
         socket::{AdminSocket, SocketError},
     },
-    config::Config,
-    links::{Directory, Supervisor},
+    config::{self, Change, Config, ConfigError, Overrides},
+    links::{Directory, Live, Supervisor},
     state::{self, StateHandle},
     store::Store,
 };
@@ -33,13 +34,53 @@ pub struct Core {
     state: StateHandle,
     state_thread: thread::JoinHandle<()>,
     directory: watch::Receiver<Arc<Directory>>,
+    /// The config in force.
+    config: Config,
+    /// What a reload changes under running links.
+    live: watch::Sender<Live>,
+}
+
+/// Why a reload was refused; the running config stays whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{}: restart Core to apply {}", list(.0), if .0.len() == 1 { "it" } else { "them" })]
+    NeedsRestart(Vec<Change>),
+    #[error("the TLS files (tls.ca, tls.cert, tls.key)")]
+    Tls(#[from] TlsError),
+}
+
+fn list(changes: &[Change]) -> String {
+    changes
+        .iter()
+        .map(Change::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The TLS files of `config`, each unreadable one named by its key, then
+/// loaded: what the start, `tidegate-core check` and a reload share.
+pub fn load_pki(config: &Config) -> Result<Pki> {
+    let unreadable = tidegate_proto::tls::unreadable(&[
+        ("tls.ca", &config.tls.ca),
+        ("tls.cert", &config.tls.cert),
+        ("tls.key", &config.tls.key),
+    ]);
+    if !unreadable.is_empty() {
+        anyhow::bail!(
+            "{} (make them with `tidegate-core init`)",
+            unreadable.join("; ")
+        );
+    }
+    Pki::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
+        .context("loading Core's certificate (make one with `tidegate-core init`)")
 }
 
 impl Core {
     /// Opens the store, binds the admin socket and starts dialling.
     pub async fn start(config: Config) -> Result<Self> {
-        let pki = Pki::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
-            .context("loading Core's certificate (make one with `tidegate-core init`)")?;
+        let pki = load_pki(&config)?;
         if let Some(dir) = config
             .database
             .parent()
@@ -58,7 +99,10 @@ impl Core {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let watched = pki.clone();
-        let admin_pki = pki.clone();
+        let (live_tx, live) = watch::channel(Live {
+            pki,
+            settings: config.links,
+        });
         let expiry_cancel = cancel.clone();
         tracker.spawn(async move {
             tokio::select! {
@@ -68,13 +112,12 @@ impl Core {
         });
         let directory = Supervisor::spawn(
             state.clone(),
-            pki,
-            config.links,
+            live.clone(),
             config.core_id.clone(),
             &tracker,
             cancel.clone(),
         );
-        let service = AdminService::new(state.clone(), directory.clone(), admin_pki);
+        let service = AdminService::new(state.clone(), directory.clone(), live);
         let admin_cancel = cancel.clone();
         let admin = tokio::spawn(async move { socket.serve(service, admin_cancel).await });
         info!(
@@ -89,7 +132,27 @@ impl Core {
             state,
             state_thread,
             directory,
+            config,
+            live: live_tx,
         })
+    }
+
+    /// Applies `new` (read from the file again): the `[links]` timings and
+    /// the TLS files' contents (a renewed certificate or CA) are used from
+    /// the next dial on; links that are up keep their sessions. A key that
+    /// needs a restart refuses the whole reload, and nothing changes.
+    pub fn reload(&mut self, new: Config) -> Result<Vec<Change>, ReloadError> {
+        let changes = config::changes(&self.config, &new);
+        if !changes.restart.is_empty() {
+            return Err(ReloadError::NeedsRestart(changes.restart));
+        }
+        let pki = Pki::load(&new.tls.ca, &new.tls.cert, &new.tls.key)?;
+        self.live.send_replace(Live {
+            pki,
+            settings: new.links,
+        });
+        self.config = new;
+        Ok(changes.live)
     }
 
     /// The state thread's handle.
@@ -134,15 +197,37 @@ impl Core {
     }
 }
 
-/// Runs Core until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<()> {
+/// Runs Core until SIGTERM or SIGINT; SIGHUP re-reads `path` (with
+/// `overrides`) and the TLS files.
+pub async fn run(config: Config, path: &Path, overrides: Overrides) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut core = Core::start(config).await?;
-    let failure = tokio::select! {
-        _ = sigterm.recv() => { info!("SIGTERM: shutting down"); None }
-        _ = sigint.recv() => { info!("SIGINT: shutting down"); None }
-        error = core.failed() => Some(error),
+    let failure = loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break None }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break None }
+            _ = sighup.recv() => {
+                info!(config = %path.display(), "SIGHUP: reloading");
+                let reloaded = Config::load(path, overrides.clone())
+                    .map_err(ReloadError::from)
+                    .and_then(|new| core.reload(new));
+                match reloaded {
+                    Ok(changes) => {
+                        for change in &changes {
+                            info!(key = change.key, "{change}");
+                        }
+                        info!(changed = changes.len(), "reload applied: new dials use the TLS files as they are now");
+                    }
+                    Err(e) => error!(
+                        error = %crate::error_chain(&e),
+                        "reload refused; the running config is unchanged"
+                    ),
+                }
+            }
+            error = core.failed() => break Some(error),
+        }
     };
     core.stop().await?;
     match failure {

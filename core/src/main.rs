@@ -1,6 +1,6 @@
-//! `tidegate-core`: the control plane daemon (`run`), and the commands that
-//! make its certificate authority (`init`) and issue certificates for
-//! gateways and Edges (`issue`).
+//! `tidegate-core`: the control plane daemon (`run`), the check of its
+//! config (`check`), and the commands that make its certificate authority
+//! (`init`) and issue certificates for gateways and Edges (`issue`).
 
 use std::path::PathBuf;
 
@@ -25,6 +25,20 @@ struct Cli {
 enum Command {
     /// Run Core: serve the admin API and keep links to every gateway and Edge.
     Run {
+        /// Configuration file (TOML); missing at the default path means defaults.
+        #[arg(long, env = "TIDEGATE_CORE_CONFIG", default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The SQLite database (overrides the file).
+        #[arg(long)]
+        database: Option<PathBuf>,
+        /// The admin socket (overrides the file).
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Check the config and the TLS files it names, print what would run,
+    /// and exit (0: `run` would start) without opening the database or
+    /// binding the admin socket.
+    Check {
         /// Configuration file (TOML); missing at the default path means defaults.
         #[arg(long, env = "TIDEGATE_CORE_CONFIG", default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
@@ -80,10 +94,60 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match dispatch(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Command::Check {
+        config,
+        database,
+        admin_socket,
+    } = cli.command
+    {
+        return check(
+            &config,
+            Overrides {
+                database,
+                admin_socket,
+            },
+        );
+    }
+    match dispatch(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             error!("{}", error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tidegate-core check`: the start's own validation, and nothing else.
+fn check(path: &std::path::Path, overrides: Overrides) -> std::process::ExitCode {
+    let file = path.display();
+    let checked = Config::load(path, overrides)
+        .map_err(|e| error_chain(&e))
+        .and_then(|config| {
+            tidegate_core::daemon::load_pki(&config)
+                .map(|pki| (config, pki))
+                .map_err(|e| format!("{file}: {}", error_chain(e.as_ref())))
+        });
+    match checked {
+        Ok((config, pki)) => {
+            let own = pki.own().current();
+            println!(
+                "{file}: ok (database {}, admin socket {}, core id {}, certificate {} serial {}, \
+                 CA {}, links: connect timeout {:?}, reconnect {:?}..{:?})",
+                config.database.display(),
+                config.admin_socket.display(),
+                config.core_id,
+                config.tls.cert.display(),
+                own.info.serial,
+                config.tls.ca.display(),
+                config.links.connect_timeout,
+                config.links.reconnect_min,
+                config.links.reconnect_max,
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(problem) => {
+            eprintln!("{problem}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -96,19 +160,19 @@ fn dispatch(cli: Cli) -> Result<()> {
             database,
             admin_socket,
         } => {
-            let config = Config::load(
-                &config,
-                Overrides {
-                    database,
-                    admin_socket,
-                },
-            )?;
+            let overrides = Overrides {
+                database,
+                admin_socket,
+            };
+            let path = config;
+            let config = Config::load(&path, overrides.clone())?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?
-                .block_on(tidegate_core::daemon::run(config))
+                .block_on(tidegate_core::daemon::run(config, &path, overrides))
         }
+        Command::Check { .. } => unreachable!("handled in main"),
         Command::Init { dir } => {
             let dir = PkiDir::new(dir);
             let core = pki::init(&dir)?;

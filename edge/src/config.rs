@@ -235,6 +235,95 @@ impl Config {
     }
 }
 
+/// One key whose value differs between the running config and the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The key as the file spells it.
+    pub key: &'static str,
+    pub from: String,
+    pub to: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} changed from {} to {}", self.key, self.from, self.to)
+    }
+}
+
+/// What reloading a running Edge from `current` to `new` changes: the
+/// request settings apply live, to the requests that arrive after; the
+/// listening addresses, the identities, the TLS file paths and the
+/// connection limits need a restart. The TLS files' contents are re-read
+/// on every reload whatever their paths.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub live: Vec<Change>,
+    pub restart: Vec<Change>,
+}
+
+/// Compares two configs key by key.
+pub fn changes(current: &Config, new: &Config) -> Changes {
+    fn key<T: PartialEq + std::fmt::Debug>(
+        into: &mut Vec<Change>,
+        key: &'static str,
+        from: &T,
+        to: &T,
+    ) {
+        if from != to {
+            into.push(Change {
+                key,
+                from: format!("{from:?}"),
+                to: format!("{to:?}"),
+            });
+        }
+    }
+    let ms = |d: Duration| d.as_millis();
+    let (a, b) = (current, new);
+    let mut changes = Changes::default();
+    let restart = &mut changes.restart;
+    key(restart, "http_listen", &a.http_listen, &b.http_listen);
+    key(restart, "link_listen", &a.link_listen, &b.link_listen);
+    key(restart, "identity", &a.identity, &b.identity);
+    key(restart, "core_identity", &a.core_identity, &b.core_identity);
+    key(restart, "ca_file", &a.ca_file, &b.ca_file);
+    key(restart, "cert_file", &a.cert_file, &b.cert_file);
+    key(restart, "key_file", &a.key_file, &b.key_file);
+    key(
+        restart,
+        "header_timeout_ms",
+        &ms(a.header_timeout),
+        &ms(b.header_timeout),
+    );
+    key(
+        restart,
+        "max_connections",
+        &a.max_connections,
+        &b.max_connections,
+    );
+    let live = &mut changes.live;
+    key(live, "body_limit_bytes", &a.body_limit, &b.body_limit);
+    key(
+        live,
+        "core_timeout_ms",
+        &ms(a.core_timeout),
+        &ms(b.core_timeout),
+    );
+    key(
+        live,
+        "body_timeout_ms",
+        &ms(a.body_timeout),
+        &ms(b.body_timeout),
+    );
+    key(
+        live,
+        "trusted_proxies",
+        &a.trusted_proxies,
+        &b.trusted_proxies,
+    );
+    key(live, "real_ip_header", &a.real_ip_header, &b.real_ip_header);
+    changes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +369,36 @@ mod tests {
             ["127.0.0.1".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(config.real_ip_header, "x-forwarded-client");
+    }
+
+    #[test]
+    fn a_reload_names_every_changed_key() {
+        let base = parse(GOOD).unwrap();
+        let cases: [(String, &[&str], &[&str]); 4] = [
+            (GOOD.to_owned(), &[], &[]),
+            (
+                format!("{GOOD}core_timeout_ms = 2000\ntrusted_proxies = [\"192.0.2.1\"]\n"),
+                &["core_timeout_ms", "trusted_proxies"],
+                &[],
+            ),
+            (
+                GOOD.replace("7444", "7445")
+                    .replace("edge-a.pem", "other.pem"),
+                &[],
+                &["link_listen", "cert_file"],
+            ),
+            (
+                format!("{GOOD}max_connections = 10\nbody_limit_bytes = 4096\n"),
+                &["body_limit_bytes"],
+                &["max_connections"],
+            ),
+        ];
+        for (text, live, restart) in cases {
+            let changes = changes(&base, &parse(&text).unwrap());
+            let keys = |list: &[Change]| list.iter().map(|c| c.key).collect::<Vec<_>>();
+            assert_eq!(keys(&changes.live), live, "{text}");
+            assert_eq!(keys(&changes.restart), restart, "{text}");
+        }
     }
 
     #[test]

@@ -30,16 +30,37 @@ use crate::{
     relay::{LinkState, RelayError, RelayHandle},
 };
 
-/// What every handler needs.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    pub relay: RelayHandle,
+/// The settings each request reads as they are when it arrives: a reload
+/// (SIGHUP) changes them for the requests to come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestSettings {
     pub body_limit: usize,
     pub core_timeout: Duration,
     /// How long a request has to send its body before 408.
     pub body_timeout: Duration,
     pub trusted_proxies: Arc<[IpAddr]>,
     pub real_ip_header: HeaderName,
+}
+
+impl RequestSettings {
+    /// The settings of a validated config.
+    pub fn of(config: &crate::config::Config) -> Result<Self, header::InvalidHeaderName> {
+        Ok(Self {
+            body_limit: config.body_limit,
+            core_timeout: config.core_timeout,
+            body_timeout: config.body_timeout,
+            trusted_proxies: Arc::from(config.trusted_proxies.clone()),
+            real_ip_header: HeaderName::from_bytes(config.real_ip_header.as_bytes())?,
+        })
+    }
+}
+
+/// What every handler needs.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub relay: RelayHandle,
+    /// The request settings in force.
+    pub settings: tokio::sync::watch::Receiver<Arc<RequestSettings>>,
     /// The link certificate, whose expiry `/health` shows (none in tests
     /// of the API alone).
     pub cert: Option<ReloadingCert>,
@@ -173,8 +194,9 @@ async fn relay<T: DeserializeOwned>(
     body: Body,
     into_kind: fn(T) -> Result<Kind, ApiError>,
 ) -> Response {
-    let client = client_addr(state, peer.ip(), headers);
-    let kind = match read_body(state.body_limit, state.body_timeout, headers, body)
+    let settings = Arc::clone(&state.settings.borrow());
+    let client = client_addr(&settings, peer.ip(), headers);
+    let kind = match read_body(settings.body_limit, settings.body_timeout, headers, body)
         .await
         .and_then(|bytes| api::parse::<T>(&bytes))
         .and_then(into_kind)
@@ -187,10 +209,10 @@ async fn relay<T: DeserializeOwned>(
     };
     let expect = Expect::of(&kind);
     let waited = tokio::time::timeout(
-        state.core_timeout,
+        settings.core_timeout,
         state
             .relay
-            .request(kind, client.to_string(), state.core_timeout),
+            .request(kind, client.to_string(), settings.core_timeout),
     )
     .await;
     let outcome = match waited {
@@ -199,7 +221,7 @@ async fn relay<T: DeserializeOwned>(
             "timeout",
             format!(
                 "Core did not answer within {} ms",
-                state.core_timeout.as_millis()
+                settings.core_timeout.as_millis()
             ),
         )),
         Ok(Err(relay_error)) => Err(unavailable(&relay_error)),
@@ -274,13 +296,13 @@ async fn read_body(
 
 /// The client's address: the peer's, or, when the peer is a trusted proxy
 /// that names the client in the real-IP header, that one.
-pub fn client_addr(state: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+pub fn client_addr(settings: &RequestSettings, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     let peer = peer.to_canonical();
-    if !state.trusted_proxies.contains(&peer) {
+    if !settings.trusted_proxies.contains(&peer) {
         return peer;
     }
     headers
-        .get(&state.real_ip_header)
+        .get(&settings.real_ip_header)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<IpAddr>().ok())
         .unwrap_or(peer)
@@ -295,20 +317,23 @@ mod tests {
 
     fn state(trusted: &[&str]) -> AppState {
         let (relay, _task) = relay::spawn(CancellationToken::new());
-        AppState {
-            relay,
+        let settings = RequestSettings {
             body_limit: 1024,
             core_timeout: Duration::from_secs(1),
             body_timeout: Duration::from_secs(1),
             trusted_proxies: trusted.iter().map(|a| a.parse().unwrap()).collect(),
             real_ip_header: HeaderName::from_static("x-real-ip"),
+        };
+        AppState {
+            relay,
+            settings: tokio::sync::watch::channel(Arc::new(settings)).1,
             cert: None,
         }
     }
 
     #[tokio::test]
     async fn the_real_ip_header_counts_only_from_a_trusted_proxy() {
-        let state = state(&["127.0.0.1"]);
+        let state = Arc::clone(&state(&["127.0.0.1"]).settings.borrow());
         let mut headers = HeaderMap::new();
         headers.insert("x-real-ip", HeaderValue::from_static("198.51.100.7"));
         let proxy: IpAddr = "127.0.0.1".parse().unwrap();

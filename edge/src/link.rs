@@ -21,9 +21,9 @@ use tidegate_proto::{
     },
     limits::MAX_EDGE_MESSAGE_BYTES,
     listen::{Acceptor, LINK_LIMITS},
-    tls::{Pki, TlsError, require_core, tls_incoming},
+    tls::{Pki, TlsAcceptor, TlsError, require_core, tls_incoming_live},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, transport::Server};
@@ -184,6 +184,17 @@ pub async fn serve(
     relay: RelayHandle,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), LinkError>>, LinkError> {
+    serve_reloadable(settings, relay, cancel)
+        .await
+        .map(|(server, _)| server)
+}
+
+/// The TLS acceptor of the link server: [`reload_tls`] replaces it.
+pub type TlsSender = watch::Sender<TlsAcceptor>;
+
+/// Loads the link's TLS files (the CA, this Edge's certificate for its
+/// identity) into an acceptor.
+pub fn load_tls(settings: &LinkSettings) -> Result<(Pki, TlsAcceptor), LinkError> {
     let pki = Pki::load_as(
         &settings.ca_file,
         &settings.cert_file,
@@ -191,6 +202,27 @@ pub async fn serve(
         Some(&settings.identity),
     )?;
     let acceptor = pki.server()?;
+    Ok((pki, acceptor))
+}
+
+/// Re-reads the TLS files (a renewed CA or certificate) for the handshakes
+/// to come; sessions that are up keep going. On an error the acceptor in
+/// force stays.
+pub fn reload_tls(settings: &LinkSettings, tls: &TlsSender) -> Result<(), LinkError> {
+    let (_, acceptor) = load_tls(settings)?;
+    tls.send_replace(acceptor);
+    Ok(())
+}
+
+/// [`serve`], and the sender through which [`reload_tls`] gives the server
+/// new TLS files.
+pub async fn serve_reloadable(
+    settings: LinkSettings,
+    relay: RelayHandle,
+    cancel: CancellationToken,
+) -> Result<(impl Future<Output = Result<(), LinkError>>, TlsSender), LinkError> {
+    let (pki, acceptor) = load_tls(&settings)?;
+    let (tls, acceptor) = watch::channel(acceptor);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| LinkError::Bind {
@@ -215,9 +247,9 @@ pub async fn serve(
             .max_decoding_message_size(MAX_EDGE_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_EDGE_MESSAGE_BYTES),
     );
-    Ok(async move {
+    let server = async move {
         let serving = router.serve_with_incoming_shutdown(
-            tls_incoming(acceptor, Acceptor::new(listener, LINK_LIMITS).into_stream()),
+            tls_incoming_live(acceptor, Acceptor::new(listener, LINK_LIMITS).into_stream()),
             cancel.cancelled_owned(),
         );
         // Warns at start and daily as the certificate nears its expiry.
@@ -229,5 +261,6 @@ pub async fn serve(
         sessions.close();
         sessions.wait().await;
         served
-    })
+    };
+    Ok((server, tls))
 }

@@ -1,21 +1,28 @@
 //! `tidegate-edge`: the public HTTP API for clients, relaying to Core over
-//! the link Core dials.
+//! the link Core dials. `--check` validates the config and its files;
+//! SIGHUP reloads them without dropping the link.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result};
-use axum::http::HeaderName;
 use clap::Parser;
 use tidegate_edge::{
     config::{self, Config, Overrides},
     error_chain,
-    http::{self, AppState},
+    http::{self, AppState, RequestSettings},
     link::{self, LinkSettings},
     relay,
     serve::{self, HttpLimits},
 };
-use tidegate_proto::certs::ReloadingCert;
-use tokio::signal::unix::{SignalKind, signal};
+use tidegate_proto::{certs::ReloadingCert, tls::Pki};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -32,6 +39,72 @@ struct Args {
     /// Address Core dials (overrides the file).
     #[arg(long)]
     link_listen: Option<SocketAddr>,
+    /// Check the config and the TLS files it names, print what would run,
+    /// and exit (0: it would start) without binding anything.
+    #[arg(long)]
+    check: bool,
+}
+
+fn overrides(args: &Args) -> Overrides {
+    Overrides {
+        http_listen: args.http_listen,
+        link_listen: args.link_listen,
+    }
+}
+
+fn link_settings(config: &Config) -> LinkSettings {
+    LinkSettings {
+        listen: config.link_listen,
+        ca_file: config.ca_file.clone(),
+        cert_file: config.cert_file.clone(),
+        key_file: config.key_file.clone(),
+        identity: config.identity.clone(),
+        core_identity: config.core_identity.clone(),
+    }
+}
+
+/// The config and the files it names, loaded: what the start and
+/// `--check` share. Every problem is named with the file and the field.
+fn preflight(path: &Path, overrides: Overrides) -> Result<(Config, RequestSettings, Pki)> {
+    let config = Config::load(path, overrides)?;
+    let file = path.display();
+    let unreadable = tidegate_proto::tls::unreadable(&[
+        ("ca_file", &config.ca_file),
+        ("cert_file", &config.cert_file),
+        ("key_file", &config.key_file),
+    ]);
+    if !unreadable.is_empty() {
+        anyhow::bail!("config {file}: {}", unreadable.join("; "));
+    }
+    let (pki, _) = link::load_tls(&link_settings(&config))
+        .with_context(|| format!("config {file}: ca_file, cert_file, key_file"))?;
+    let settings =
+        RequestSettings::of(&config).with_context(|| format!("config {file}: real_ip_header"))?;
+    Ok((config, settings, pki))
+}
+
+/// `--check`: the start's own validation, and nothing else.
+fn check(args: &Args) -> std::process::ExitCode {
+    let file = args.config.display();
+    match preflight(&args.config, overrides(args)) {
+        Ok((config, _, pki)) => {
+            println!(
+                "{file}: ok (http on {}, link for Core on {} as {}, Core as {}, certificate serial {}, \
+                 {} trusted proxies)",
+                config.http_listen,
+                config.link_listen,
+                config.identity,
+                config.core_identity,
+                pki.own().current().info.serial,
+                config.trusted_proxies.len(),
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{}", error_chain(error.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +116,9 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if args.check {
+        return check(&args);
+    }
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,11 +134,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let overrides = Overrides {
-        http_listen: args.http_listen,
-        link_listen: args.link_listen,
-    };
-    let config = Config::load(&args.config, overrides)?;
+    let overrides = overrides(&args);
+    let (config, request_settings, _) = preflight(&args.config, overrides.clone())?;
     info!(config = %args.config.display(), identity = %config.identity, "starting");
 
     // HTTP stops first (in-flight requests still get Core's answers), then
@@ -71,19 +144,8 @@ async fn run(args: Args) -> Result<()> {
     let link_cancel = CancellationToken::new();
     let (relay, relay_task) = relay::spawn(link_cancel.clone());
     let relay_task = tokio::spawn(relay_task);
-    let link = link::serve(
-        LinkSettings {
-            listen: config.link_listen,
-            ca_file: config.ca_file.clone(),
-            cert_file: config.cert_file.clone(),
-            key_file: config.key_file.clone(),
-            identity: config.identity.clone(),
-            core_identity: config.core_identity.clone(),
-        },
-        relay.clone(),
-        link_cancel.clone(),
-    )
-    .await?;
+    let (link, tls) =
+        link::serve_reloadable(link_settings(&config), relay.clone(), link_cancel.clone()).await?;
     let mut link_task = tokio::spawn(link);
 
     let listener = tokio::net::TcpListener::bind(config.http_listen)
@@ -91,15 +153,11 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("http_listen {}: binding", config.http_listen))?;
     let cert = ReloadingCert::load(&config.cert_file, &config.key_file, Some(&config.identity))
         .context("cert_file and key_file")?;
+    let (settings_tx, settings) = watch::channel(Arc::new(request_settings));
     let state = AppState {
         cert: Some(cert),
         relay,
-        body_limit: config.body_limit,
-        core_timeout: config.core_timeout,
-        body_timeout: config.body_timeout,
-        trusted_proxies: Arc::from(config.trusted_proxies.clone()),
-        real_ip_header: HeaderName::from_bytes(config.real_ip_header.as_bytes())
-            .context("real_ip_header")?,
+        settings,
     };
     let limits = HttpLimits {
         max_connections: config.max_connections,
@@ -115,11 +173,25 @@ async fn run(args: Args) -> Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let failure = tokio::select! {
-        _ = sigterm.recv() => { info!("SIGTERM: shutting down"); None }
-        _ = sigint.recv() => { info!("SIGINT: shutting down"); None }
-        joined = &mut http_task => Some(format!("the HTTP server stopped: {joined:?}")),
-        joined = &mut link_task => Some(format!("the link server stopped: {joined:?}")),
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut running = config;
+    let failure = loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break None }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break None }
+            _ = sighup.recv() => {
+                info!(config = %args.config.display(), "SIGHUP: reloading");
+                match reload(&args.config, &overrides, &running, &tls, &settings_tx) {
+                    Ok(new) => running = new,
+                    Err(e) => error!(
+                        error = %error_chain(e.as_ref()),
+                        "reload refused; the running config is unchanged"
+                    ),
+                }
+            }
+            joined = &mut http_task => break Some(format!("the HTTP server stopped: {joined:?}")),
+            joined = &mut link_task => break Some(format!("the link server stopped: {joined:?}")),
+        }
     };
     http_cancel.cancel();
     if (!http_task.is_finished() || failure.is_none())
@@ -143,6 +215,35 @@ async fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Re-reads the config and the TLS files: the request settings apply to
+/// the requests that arrive after, the TLS files (a renewed certificate or
+/// CA) to the link's next handshakes; the link that is up keeps going. A
+/// key that needs a restart refuses the whole reload, naming the key.
+fn reload(
+    path: &Path,
+    overrides: &Overrides,
+    running: &Config,
+    tls: &link::TlsSender,
+    settings: &watch::Sender<Arc<RequestSettings>>,
+) -> Result<Config> {
+    let (new, request_settings, _) = preflight(path, overrides.clone())?;
+    let changes = config::changes(running, &new);
+    if !changes.restart.is_empty() {
+        let keys: Vec<_> = changes.restart.iter().map(ToString::to_string).collect();
+        anyhow::bail!("{}: restart the Edge to apply", keys.join("; "));
+    }
+    link::reload_tls(&link_settings(&new), tls).context("the link's TLS files")?;
+    settings.send_replace(Arc::new(request_settings));
+    for change in &changes.live {
+        info!(key = change.key, "{change}");
+    }
+    info!(
+        changed = changes.live.len(),
+        "reload applied: the link's next handshakes use the TLS files as they are now"
+    );
+    Ok(new)
 }
 
 #[cfg(test)]

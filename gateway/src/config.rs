@@ -1,4 +1,7 @@
 //! The gateway's configuration: one TOML file, then command-line overrides.
+//! Each section is validated alone, then [`rules`] checks them together.
+
+pub mod rules;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -12,6 +15,7 @@ use tidegate_common::director::{
     DEFAULT_MAX_SESSIONS, DEFAULT_TABLE_SIZE, MAX_BACKEND_ID, MAX_TABLE_SIZE,
 };
 
+pub use self::rules::{Finding, Severity};
 use crate::{
     continuity,
     core_link::CoreLinkConfig,
@@ -162,6 +166,45 @@ pub enum ConfigError {
         field: &'static str,
         reason: String,
     },
+    #[error("config {path}: {finding}")]
+    Rule { path: PathBuf, finding: Finding },
+    #[error("config {path}: {} problems:{}", problems.len(), list(problems))]
+    Problems {
+        path: PathBuf,
+        problems: Vec<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    /// Ok without problems, the problem itself when there is one, all of
+    /// them together otherwise.
+    fn all(path: &Path, mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(ConfigError::Problems {
+                path: path.to_owned(),
+                problems,
+            }),
+        }
+    }
+
+    /// Each problem on its own line, with its causes.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Self::Problems { problems, .. } => {
+                problems.iter().map(|p| crate::error_chain(p)).collect()
+            }
+            other => vec![crate::error_chain(other)],
+        }
+    }
+}
+
+fn list(problems: &[ConfigError]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("\n  {}", crate::error_chain(p)))
+        .collect()
 }
 
 /// The file as written.
@@ -316,17 +359,63 @@ impl Config {
         Self::parse(path, &text, overrides)
     }
 
+    /// Reads `path` and validates it as [`Config::parse_checked`] does.
+    pub fn load_checked(
+        path: &Path,
+        overrides: Overrides,
+    ) -> Result<(Self, Vec<Finding>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_checked(path, &text, overrides)
+    }
+
     /// Parses `text` (read from `path`, named in errors).
     pub fn parse(path: &Path, text: &str, overrides: Overrides) -> Result<Self, ConfigError> {
+        Self::parse_checked(path, text, overrides).map(|(config, _)| config)
+    }
+
+    /// Parses `text` and checks the rules between its sections
+    /// ([`rules::check`]): a broken rule of [`Severity::Error`] fails it,
+    /// the warnings come back with the config.
+    pub fn parse_checked(
+        path: &Path,
+        text: &str,
+        overrides: Overrides,
+    ) -> Result<(Self, Vec<Finding>), ConfigError> {
+        let config = Self::parse_sections(path, text, overrides)?;
+        let (errors, warnings): (Vec<_>, Vec<_>) = rules::check(&config)
+            .into_iter()
+            .partition(|f| f.severity == Severity::Error);
+        let errors = errors
+            .into_iter()
+            .map(|finding| ConfigError::Rule {
+                path: path.to_owned(),
+                finding,
+            })
+            .collect();
+        ConfigError::all(path, errors)?;
+        Ok((config, warnings))
+    }
+
+    /// Parses `text` and validates each section alone; every section's
+    /// first problem is reported, not only the first section's.
+    pub fn parse_sections(
+        path: &Path,
+        text: &str,
+        overrides: Overrides,
+    ) -> Result<Self, ConfigError> {
         let file: File = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source,
         })?;
+        let mut problems = Vec::new();
         let interface = overrides.interface.unwrap_or(file.interface);
         if let Some(reason) = bad_interface_name(&interface) {
-            return Err(ConfigError::Interface {
+            problems.push(ConfigError::Interface {
                 path: path.to_owned(),
-                name: interface,
+                name: interface.clone(),
                 reason,
             });
         }
@@ -338,61 +427,72 @@ impl Config {
         .map_err(|source| ConfigError::Services {
             path: path.to_owned(),
             source,
-        })?;
+        });
         let state_dir = file
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         let managed = file.core.is_some();
+        let has_wireguard = file.wireguard.is_some();
+        let has_ha = file.ha.is_some();
         let wireguard = match file.wireguard {
-            Some(section) => Some(wireguard(path, section, &file.peers, &state_dir, managed)?),
-            None if file.peers.is_empty() => None,
-            None => {
-                return Err(ConfigError::Wireguard {
-                    path: path.to_owned(),
-                    field: "section",
-                    reason: "[[peer]] entries need a [wireguard] section".into(),
-                });
-            }
+            Some(section) => wireguard(path, section, &file.peers, &state_dir, managed).map(Some),
+            None if file.peers.is_empty() => Ok(None),
+            None => Err(ConfigError::Wireguard {
+                path: path.to_owned(),
+                field: "section",
+                reason: "[[peer]] entries need a [wireguard] section".into(),
+            }),
         };
         let ha = file
             .ha
             .map(|section| ha(path, section, &interface))
-            .transpose()?;
+            .transpose();
         let core = match file.core {
-            Some(_) if wireguard.is_none() => {
-                return Err(ConfigError::Core {
-                    path: path.to_owned(),
-                    field: "section",
-                    reason: "[core] needs a [wireguard] section naming the interface \
-                             Core's location config is applied to"
-                        .into(),
-                });
+            Some(_) if !has_wireguard => Err(ConfigError::Core {
+                path: path.to_owned(),
+                field: "section",
+                reason: "[core] needs a [wireguard] section naming the interface \
+                         Core's location config is applied to"
+                    .into(),
+            }),
+            Some(section) => {
+                core(path, section, ha.as_ref().ok().and_then(Option::as_ref)).map(Some)
             }
-            Some(section) => Some(core(path, section, ha.as_ref())?),
-            None => None,
+            None => Ok(None),
         };
-        if ha.is_none() && !file.hooks.is_empty() {
-            return Err(ConfigError::Hook {
+        let hooks = if !file.hooks.is_empty() && !has_ha {
+            Err(ConfigError::Hook {
                 path: path.to_owned(),
                 index: 0,
                 source: HookError {
                     field: "on",
                     reason: "hooks run on HA role changes: they need an [ha] section".into(),
                 },
-            });
-        }
-        let hooks = file
-            .hooks
-            .into_iter()
-            .enumerate()
-            .map(|(index, entry)| {
-                Hook::from_entry(entry).map_err(|source| ConfigError::Hook {
-                    path: path.to_owned(),
-                    index,
-                    source,
-                })
             })
-            .collect::<Result<Vec<_>, _>>()?;
+        } else {
+            file.hooks
+                .into_iter()
+                .enumerate()
+                .map(|(index, entry)| {
+                    Hook::from_entry(entry).map_err(|source| ConfigError::Hook {
+                        path: path.to_owned(),
+                        index,
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let services = keep(&mut problems, services);
+        let wireguard = keep(&mut problems, wireguard);
+        let ha = keep(&mut problems, ha);
+        let core = keep(&mut problems, core);
+        let hooks = keep(&mut problems, hooks);
+        let (Some(services), Some(wireguard), Some(ha), Some(core), Some(hooks)) =
+            (services, wireguard, ha, core, hooks)
+        else {
+            return Err(ConfigError::all(path, problems).expect_err("a section failed"));
+        };
+        ConfigError::all(path, problems)?;
         Ok(Self {
             interface,
             xdp_mode: overrides.xdp_mode.unwrap_or(file.xdp_mode),
@@ -411,6 +511,17 @@ impl Config {
             core,
             hooks,
         })
+    }
+}
+
+/// The value, or `None` with the problem added to `problems`.
+fn keep<T>(problems: &mut Vec<ConfigError>, result: Result<T, ConfigError>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(e) => {
+            problems.push(e);
+            None
+        }
     }
 }
 

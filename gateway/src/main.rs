@@ -9,7 +9,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use tidegate_gateway::{
-    config::{self, Config, Overrides},
+    config::{self, Overrides},
     control::server::{ControlSocket, Handles},
     core_link, datapath, error_chain,
     ha::{
@@ -18,7 +18,8 @@ use tidegate_gateway::{
         thread::AgentThread,
     },
     hooks,
-    reload::Reloader,
+    preflight::{self, PreflightError},
+    reload::{self, Reloader},
     wireguard::{
         LocalPeers,
         owner::{self, Owner},
@@ -48,6 +49,10 @@ struct Args {
     /// Control socket path (overrides the file).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Check the config and the files it names, print what would run, and
+    /// exit (0: it would start) without touching anything.
+    #[arg(long)]
+    check: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +64,9 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if args.check {
+        return check(&args);
+    }
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,21 +81,44 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
-    let overrides = Overrides {
-        interface: args.interface,
+fn overrides(args: &Args) -> Overrides {
+    Overrides {
+        interface: args.interface.clone(),
         xdp_mode: args.xdp_mode,
-        control_socket: args.control_socket,
+        control_socket: args.control_socket.clone(),
+    }
+}
+
+/// `--check`: the start's own validation, and nothing else.
+fn check(args: &Args) -> std::process::ExitCode {
+    let file = args.config.display();
+    match preflight::check(&args.config, overrides(args)) {
+        Ok(checked) => {
+            for warning in &checked.warnings {
+                println!("{file}: warning: {warning}");
+            }
+            println!("{file}: ok ({})", preflight::summary(&checked.config));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for line in PreflightError::lines(&errors) {
+                eprintln!("{line}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let overrides = overrides(&args);
+    let checked = match preflight::check(&args.config, overrides.clone()) {
+        Ok(checked) => checked,
+        Err(errors) => anyhow::bail!(PreflightError::lines(&errors).join("; ")),
     };
-    let config = Config::load(&args.config, overrides.clone())?;
+    let config = checked.config;
     info!(config = %args.config.display(), services = ?config.services.services(), "starting");
-    if let Some(port) = config.wireguard.as_ref().and_then(|w| w.listen_port)
-        && !config.services.services().iter().any(|s| s.port() == port)
-    {
-        warn!(
-            listen_port = port,
-            "no [[service]] has the WireGuard listen port: the shield does not check its traffic"
-        );
+    for warning in &checked.warnings {
+        warn!(rule = warning.rule, "{warning}");
     }
 
     // Before anything is touched: a start whose epoch cannot be kept does
@@ -272,8 +303,9 @@ async fn run(args: Args) -> Result<()> {
         handle
     });
     let mut pki = None;
-    if let Some(core) = &config.core {
-        let loaded = core_link::server::load_pki(core)?;
+    let mut status_interval = None;
+    let mut core_tls = None;
+    if let (Some(core), Some(loaded)) = (&config.core, checked.pki) {
         let watched = loaded.clone();
         let expiry_cancel = cancel.clone();
         tasks.spawn(async move {
@@ -284,21 +316,34 @@ async fn run(args: Args) -> Result<()> {
             Ok(())
         });
         pki = Some(loaded.clone());
+        let (interval_tx, interval) = tokio::sync::watch::channel(core.status_interval);
+        status_interval = Some(interval_tx);
         let parts = core_link::Parts {
             wireguard: wireguard_handle.clone(),
             ha: ha_handle.clone(),
             gateway_id: core.gateway_id,
-            status_interval: core.status_interval,
+            status_interval: interval,
         };
-        let server = core_link::serve_with(core.clone(), loaded, parts, cancel.clone()).await?;
+        let (tls_tx, tls) = tokio::sync::watch::channel(
+            loaded
+                .server()
+                .context("[core] TLS files: the server config")?,
+        );
+        core_tls = Some(reload::CoreTls(tls_tx));
+        let server =
+            core_link::serve_with(core.clone(), loaded, tls, parts, cancel.clone()).await?;
         tasks.spawn(async move { server.await.context("the server for Core") });
     }
     let reloader = Reloader::new(
         args.config.clone(),
         overrides,
         config.clone(),
-        datapath_handle.clone(),
-        wireguard_handle.clone(),
+        reload::Targets {
+            datapath: datapath_handle.clone(),
+            wireguard: wireguard_handle.clone(),
+            status_interval,
+            core_tls,
+        },
     );
     let handles = Handles {
         datapath: datapath_handle,

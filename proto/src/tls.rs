@@ -18,7 +18,9 @@ use std::{fs, io, path::Path, path::PathBuf, sync::Arc, time::Duration};
 use futures::{Stream, StreamExt as _};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::{TlsAcceptor, rustls, server::TlsStream};
+/// The acceptor a link server runs its handshakes with.
+pub use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{rustls, server::TlsStream};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::{
@@ -94,6 +96,20 @@ impl std::fmt::Debug for Pki {
         // The identity holds the private key: never print it.
         f.debug_struct("Pki").finish_non_exhaustive()
     }
+}
+
+/// Each of `files` (the field that names it, its path) that cannot be
+/// opened for reading, as `field path: reason`: what a config check
+/// reports before it reads their contents.
+pub fn unreadable(files: &[(&str, &Path)]) -> Vec<String> {
+    files
+        .iter()
+        .filter_map(|(field, path)| {
+            fs::File::open(path)
+                .err()
+                .map(|e| format!("{field} {}: {e}", path.display()))
+        })
+        .collect()
 }
 
 fn read_pem(path: &Path, what: &'static str, marker: &str) -> Result<Vec<u8>, TlsError> {
@@ -212,10 +228,24 @@ where
     S: Stream<Item = io::Result<IO>> + Send + 'static,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    tls_incoming_live(tokio::sync::watch::channel(acceptor).1, connections)
+}
+
+/// [`tls_incoming`] with the acceptor in force when each connection
+/// arrives: a reload that sends a new one (a new CA) changes the
+/// handshakes to come, never the sessions already up.
+pub fn tls_incoming_live<S, IO>(
+    acceptor: tokio::sync::watch::Receiver<TlsAcceptor>,
+    connections: S,
+) -> impl Stream<Item = io::Result<TlsStream<IO>>> + Send + 'static
+where
+    S: Stream<Item = io::Result<IO>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     connections
         .filter_map(|connection| async move { connection.ok() })
         .map(move |io| {
-            let acceptor = acceptor.clone();
+            let acceptor = acceptor.borrow().clone();
             async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                     Ok(Ok(tls)) => Some(Ok(tls)),

@@ -326,6 +326,13 @@ impl CoreDaemon {
         self.process.log()
     }
 
+    /// Writes `text` over Core's config file (for a reload); Core is not
+    /// told.
+    pub fn write_config_text(&self, text: &str) -> Result<()> {
+        std::fs::write(&self.config_path, text)
+            .with_context(|| format!("writing {}", self.config_path.display()))
+    }
+
     pub fn log_tail(&self) -> String {
         self.process.log_tail(LOG_TAIL_LINES)
     }

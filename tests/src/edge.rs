@@ -211,6 +211,25 @@ impl EdgeDaemon {
         self.process.log_tail(LOG_TAIL_LINES)
     }
 
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// Writes `config` over the file the Edge was started with (for a
+    /// reload); the Edge is not told.
+    pub fn write_config(&mut self, config: EdgeConfig) -> Result<()> {
+        std::fs::write(&self.config_path, config.to_toml())
+            .with_context(|| format!("writing {}", self.config_path.display()))?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Sends `signal` to the Edge (SIGHUP: reload).
+    pub fn signal(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+        self.process.signal(signal)
+    }
+
     /// Kills the Edge with SIGKILL and reaps it.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         self.process.kill()

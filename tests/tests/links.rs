@@ -58,7 +58,7 @@ async fn gateway_server(files: &CertFiles, cancel: &CancellationToken) -> Socket
         wireguard: None,
         ha: None,
         gateway_id: 3,
-        status_interval: Duration::from_millis(200),
+        status_interval: tokio::sync::watch::channel(Duration::from_millis(200)).1,
     };
     let server = core_link::serve(config, parts, cancel.clone())
         .await
@@ -199,13 +199,16 @@ async fn edge_servers(files: &CertFiles, cancel: &CancellationToken) -> (SocketA
     );
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http_addr = http.local_addr().unwrap();
-    let state = edge_http::AppState {
-        relay,
+    let settings = edge_http::RequestSettings {
         body_limit: 1024,
         core_timeout: Duration::from_millis(500),
         body_timeout: Duration::from_secs(5),
         trusted_proxies: Arc::from(Vec::new()),
         real_ip_header: HeaderName::from_static("x-real-ip"),
+    };
+    let state = edge_http::AppState {
+        relay,
+        settings: tokio::sync::watch::channel(Arc::new(settings)).1,
         cert: None,
     };
     let limits = edge_serve::HttpLimits {

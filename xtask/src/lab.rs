@@ -128,8 +128,10 @@ impl LabArgs {
     }
 }
 
-/// Builds user space (dev profile, the build `cargo xtask test` uses) and
-/// runs `tidegate-lab` here or in a VM; the lab's exit code.
+/// Builds user space and runs `tidegate-lab` here (the dev profile, the
+/// build `cargo xtask test` uses) or in a VM (the release profile: under
+/// emulation every start of a debug binary and its unoptimised crypto
+/// cost seconds); the lab's exit code.
 pub fn run(ws: &Workspace, lab: &LabArgs) -> Result<ExitCode> {
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let plan = lab.plan(&ws.target, &cwd)?;
@@ -146,8 +148,9 @@ pub fn run(ws: &Workspace, lab: &LabArgs) -> Result<ExitCode> {
         None => None,
     };
     let ebpf = ebpf::build(ws)?;
-    run::build_user_space(ws, &ebpf, false)?;
-    let bin_dir = ws.profile_dir(false);
+    let release = kernel.is_some();
+    run::build_user_space(ws, &ebpf, release)?;
+    let bin_dir = ws.profile_dir(release);
     let binary = bin_dir.join("tidegate-lab");
     // A Ctrl-C reaches the lab here (which tears itself down) and stops a
     // VM there; either way this xtask reports how it ended.
@@ -176,7 +179,7 @@ pub fn run(ws: &Workspace, lab: &LabArgs) -> Result<ExitCode> {
                 timeout: VM_LAB_TIMEOUT,
             };
             let rwdirs: Vec<PathBuf> = plan.report.iter().cloned().collect();
-            vm::run_program(ws, &kernel, &program, &rwdirs)?
+            vm::run_program(ws, &kernel, &program, &bin_dir, &rwdirs)?
         }
     };
     if code != 0 {

@@ -384,13 +384,15 @@ fn run_one(
 }
 
 /// Runs one program (the lab) in a VM of `kernel`, its output printed as
-/// it comes without a prefix; its exit code. `rwdirs` are directories of
-/// this host the guest may write besides its own (created first). The
-/// guest's files are removed when the program exited 0, kept otherwise.
+/// it comes without a prefix; its exit code. `bin_dir` holds the build it
+/// runs with (this tool's among it). `rwdirs` are directories of this host
+/// the guest may write besides its own (created first). The guest's files
+/// are removed when the program exited 0, kept otherwise.
 pub fn run_program(
     ws: &Workspace,
     kernel: &Kernel,
     program: &GuestRun,
+    bin_dir: &Path,
     rwdirs: &[PathBuf],
 ) -> Result<i32> {
     for dir in rwdirs {
@@ -403,7 +405,7 @@ pub fn run_program(
         rwdirs,
         prefix: "",
     };
-    let result = vm.run(std::slice::from_ref(program), &ws.profile_dir(false), None);
+    let result = vm.run(std::slice::from_ref(program), bin_dir, None);
     let code = result.and_then(|result| exit_code(&result, &program.label));
     match code {
         Ok(0) => {

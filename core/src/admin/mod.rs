@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
-    links::{Directory, GatewayCommand, GatewayState},
+    links::{Directory, GatewayCommand, GatewayState, Live},
     now_ms,
     state::StateHandle,
     store::{Store, StoreError},
@@ -27,14 +27,14 @@ pub struct AdminService {
     state: StateHandle,
     directory: watch::Receiver<Arc<Directory>>,
     /// Core's TLS files, for its certificates' status.
-    pki: tidegate_proto::tls::Pki,
+    pki: watch::Receiver<Live>,
 }
 
 impl AdminService {
     pub fn new(
         state: StateHandle,
         directory: watch::Receiver<Arc<Directory>>,
-        pki: tidegate_proto::tls::Pki,
+        pki: watch::Receiver<Live>,
     ) -> Self {
         Self {
             state,
@@ -545,7 +545,11 @@ impl Admin for AdminService {
         &self,
         _request: Request<admin::CoreCertificatesRequest>,
     ) -> Result<Response<admin::CoreCertificatesResponse>, Status> {
-        let status = self.pki.status(tidegate_proto::expiry::now_unix());
+        let status = self
+            .pki
+            .borrow()
+            .pki
+            .status(tidegate_proto::expiry::now_unix());
         Ok(Response::new(admin::CoreCertificatesResponse {
             certificate: Some(certificate(status.own)),
             ca: Some(certificate(status.ca)),

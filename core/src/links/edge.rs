@@ -29,7 +29,7 @@ pub(super) async fn run(
     status: watch::Sender<EdgeState>,
     cancel: CancellationToken,
 ) {
-    let mut reconnect = Reconnect::new(&ctx.settings);
+    let mut reconnect = Reconnect::new(&ctx.settings());
     loop {
         reconnect.attempt();
         let result = session(&target, &ctx, &status, &cancel).await;
@@ -86,7 +86,7 @@ async fn session(
     })
     .await
     .map_err(|_| LinkError::Closed)?;
-    let timeout = ctx.settings.connect_timeout;
+    let timeout = ctx.settings().connect_timeout;
     let mut inbound = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         response = tokio::time::timeout(timeout, client.link(ReceiverStream::new(out_rx))) => response

@@ -38,7 +38,7 @@ pub(super) async fn run(
     mut commands: mpsc::Receiver<GatewayCommand>,
     cancel: CancellationToken,
 ) {
-    let mut reconnect = Reconnect::new(&ctx.settings);
+    let mut reconnect = Reconnect::new(&ctx.settings());
     let mut events = EventBudget::new(now_ms());
     loop {
         reconnect.attempt();
@@ -119,7 +119,7 @@ async fn session(
         .max_decoding_message_size(limits::MAX_STATUS_BYTES)
         .max_encoding_message_size(limits::MAX_CONFIG_BYTES);
     let (out, out_rx) = mpsc::channel::<CoreMessage>(16);
-    let timeout = ctx.settings.connect_timeout;
+    let timeout = ctx.settings().connect_timeout;
     let mut inbound = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         response = tokio::time::timeout(timeout, client.link(ReceiverStream::new(out_rx))) => response
@@ -182,7 +182,7 @@ async fn session(
     let mut next_failover_id = 1u64;
     let mut seen: HashMap<Key, PeerSeen> = HashMap::new();
     let mut threshold_ms = 0i64;
-    let applied_timeout = ctx.settings.applied_timeout;
+    let applied_timeout = ctx.settings().applied_timeout;
     loop {
         if in_flight.is_none()
             && let Some(next) = coalescer.take()

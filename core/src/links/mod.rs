@@ -141,15 +141,35 @@ impl Directory {
     }
 }
 
+/// What a reload (SIGHUP) may change under running links: the TLS files
+/// (a new CA or certificate) and the link timings. Each dial reads it
+/// afresh; a link that is up keeps the session it has.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub pki: Pki,
+    pub settings: LinkSettings,
+}
+
 /// What every link task shares.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkContext {
     pub state: StateHandle,
-    pub pki: Pki,
-    pub settings: LinkSettings,
+    pub live: watch::Receiver<Live>,
     pub core_id: String,
     pub directory: watch::Receiver<Arc<Directory>>,
     pub tracker: TaskTracker,
+}
+
+impl LinkContext {
+    /// The link timings in force now.
+    pub fn settings(&self) -> LinkSettings {
+        self.live.borrow().settings
+    }
+
+    /// The TLS files in force now.
+    pub fn pki(&self) -> Pki {
+        self.live.borrow().pki.clone()
+    }
 }
 
 /// Dials `address` (host:port) over mutual TLS, requiring `identity` in
@@ -165,14 +185,14 @@ pub(crate) async fn connect(
     };
     let endpoint = Endpoint::from_shared(format!("https://{address}"))
         .map_err(endpoint_err)?
-        .tls_config(ctx.pki.client(identity))
+        .tls_config(ctx.pki().client(identity))
         .map_err(endpoint_err)?
-        .connect_timeout(ctx.settings.connect_timeout)
+        .connect_timeout(ctx.settings().connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-    match tokio::time::timeout(ctx.settings.connect_timeout * 2, endpoint.connect()).await {
+    match tokio::time::timeout(ctx.settings().connect_timeout * 2, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(source)) => Err(LinkError::Connect {
             address: address.to_owned(),
@@ -180,7 +200,7 @@ pub(crate) async fn connect(
         }),
         Err(_) => Err(LinkError::Timeout(format!(
             "connecting to {address}: no TLS session within {:?}",
-            ctx.settings.connect_timeout * 2
+            ctx.settings().connect_timeout * 2
         ))),
     }
 }
@@ -200,8 +220,7 @@ impl Supervisor {
     /// receiver. It stops (with every link) when `cancel` fires.
     pub fn spawn(
         state: StateHandle,
-        pki: Pki,
-        settings: LinkSettings,
+        live: watch::Receiver<Live>,
         core_id: String,
         tracker: &TaskTracker,
         cancel: CancellationToken,
@@ -209,8 +228,7 @@ impl Supervisor {
         let (directory_tx, directory) = watch::channel(Arc::new(Directory::default()));
         let ctx = LinkContext {
             state,
-            pki,
-            settings,
+            live,
             core_id,
             directory: directory.clone(),
             tracker: tracker.clone(),

@@ -132,7 +132,7 @@ async fn dispatch(
             let location = enrolled.location_id;
             let linked = ctx.directory.borrow().any_connected(location);
             if let Some(version) = enrolled.peer_version
-                && let Some(wait) = enrol_wait(linked, ctx.settings.mfa_apply_timeout, edge_wait)
+                && let Some(wait) = enrol_wait(linked, ctx.settings().mfa_apply_timeout, edge_wait)
                 && let Err(error) = wait_applied(ctx, location, version, wait).await
             {
                 warn!(
@@ -166,13 +166,14 @@ async fn dispatch(
             check_len("code", &finish.code)?;
             // Refused before the code is used when the Edge would give up
             // before the gateways could apply the login.
-            let wait = apply_wait(ctx.settings.mfa_apply_timeout, edge_wait).ok_or_else(|| {
-                ClientError::Unavailable(format!(
-                    "the Edge waits {} ms for Core, too little for an MFA login; \
+            let wait =
+                apply_wait(ctx.settings().mfa_apply_timeout, edge_wait).ok_or_else(|| {
+                    ClientError::Unavailable(format!(
+                        "the Edge waits {} ms for Core, too little for an MFA login; \
                      raise its core_timeout_ms",
-                    edge_wait.as_millis()
-                ))
-            })?;
+                        edge_wait.as_millis()
+                    ))
+                })?;
             let session = finish.session.clone();
             let location = ctx
                 .state

@@ -20,6 +20,7 @@ use tidegate_gateway::{
     control::{DatapathCounters, client::Client},
     error_chain,
     ha::{advert, agent::HaMode, status::HaStatus},
+    reload::ReloadPlan,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{DirectorStatus, PacketCount, SessionEntry},
 };
@@ -60,7 +61,12 @@ enum Command {
     Peer(PeerCommand),
     /// Re-read the config file and apply what changed (like SIGHUP, but
     /// with the outcome printed).
-    Reload,
+    Reload {
+        /// Only say what a reload would change (or which keys it refuses),
+        /// applying nothing.
+        #[arg(long)]
+        check: bool,
+    },
     /// Peers an MFA location removed for inactivity, oldest first.
     Removals {
         /// Print JSON instead of a table.
@@ -277,7 +283,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             applied(report);
         }
-        Command::Reload => applied(gateway.reload()?),
+        Command::Reload { check: false } => applied(gateway.reload()?),
+        Command::Reload { check: true } => print!("{}", plan_text(&gateway.reload_check()?)),
         Command::Removals { json } => {
             let removals = gateway.removals()?;
             if json {
@@ -631,6 +638,42 @@ fn applied(report: ApplyReport) {
     println!(
         "applied: {added} added, {updated} changed, {removed} removed, {device} device settings ({requests} WireGuard requests)"
     );
+}
+
+/// What `tidectl reload --check` prints: one line per difference.
+fn plan_text(plan: &ReloadPlan) -> String {
+    let mut out = String::new();
+    if plan.is_empty() {
+        out += "no change: the running config is the file's\n";
+    }
+    let mut lines = |what: &str, items: Vec<String>| {
+        for item in items {
+            out += &format!("{what} {item}\n");
+        }
+    };
+    lines(
+        "service added",
+        plan.services_added
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    );
+    lines(
+        "service removed",
+        plan.services_removed
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    );
+    lines("peer added", plan.peers_added.clone());
+    lines("peer changed", plan.peers_changed.clone());
+    lines("peer removed", plan.peers_removed.clone());
+    lines(
+        "setting",
+        plan.settings.iter().map(ToString::to_string).collect(),
+    );
+    lines("warning", plan.warnings.clone());
+    out
 }
 
 /// "12s ago", "never".

@@ -13,6 +13,7 @@ use tidegate_proto::expiry::PkiStatus;
 use super::{DatapathCounters, Reply, Request, Response};
 use crate::{
     ha::status::HaStatus,
+    reload::ReloadPlan,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{DirectorStatus, SessionEntry},
 };
@@ -113,6 +114,16 @@ impl Client {
     /// Has the daemon re-read its config file and apply what changed.
     pub fn reload(&self) -> Result<ApplyReport, ClientError> {
         self.apply(&Request::Reload)
+    }
+
+    /// Has the daemon re-read its config file and say what a reload would
+    /// change, applying nothing.
+    pub fn reload_check(&self) -> Result<ReloadPlan, ClientError> {
+        let request = Request::ReloadCheck;
+        match self.send(&request)? {
+            Reply::ReloadPlan(plan) => Ok(plan),
+            other => Err(wrong_reply(&request, &other)),
+        }
     }
 
     /// The peers an MFA location removed, oldest first.
@@ -262,6 +273,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::PeerChange { .. } => "a peer change",
         Request::PeerRemove { .. } => "a peer removal",
         Request::Reload => "a reload",
+        Request::ReloadCheck => "a reload check",
         Request::Removals => "removals",
         Request::Status => "a status",
         Request::Failover => "a failover",
@@ -281,6 +293,7 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::Counters(_) => "counters",
         Reply::Peers(_) => "peers",
         Reply::Applied(_) => "a change report",
+        Reply::ReloadPlan(_) => "a reload plan",
         Reply::Removals(_) => "removals",
         Reply::Status(_) => "a status",
         Reply::HandingOver { .. } => "a handover",

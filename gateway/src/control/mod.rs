@@ -10,6 +10,7 @@ use tidegate_proto::expiry::PkiStatus;
 pub use crate::datapath::DatapathCounters;
 use crate::{
     ha::status::HaStatus,
+    reload::ReloadPlan,
     wireguard::{ApplyReport, PeerEntry, PeersReply, state::Removal},
     xdp::{DirectorStatus, SessionEntry},
 };
@@ -33,6 +34,9 @@ pub enum Request {
     PeerRemove { public_key: String },
     /// Re-reads the config file and applies what changed.
     Reload,
+    /// Re-reads the config file and says what a reload would change,
+    /// applying nothing.
+    ReloadCheck,
     /// The peers an MFA location removed.
     Removals,
     /// The HA agent's state.
@@ -68,6 +72,8 @@ pub enum Reply {
     Peers(PeersReply),
     /// What a change did to the WireGuard device.
     Applied(ApplyReport),
+    /// What a reload would change.
+    ReloadPlan(ReloadPlan),
     Removals(Vec<Removal>),
     Status(Box<HaStatus>),
     /// A handover has started to this gateway.

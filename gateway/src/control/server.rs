@@ -190,6 +190,9 @@ async fn answer(request: Request, handles: &Handles) -> Response {
         Request::Reload => (handles.reloader.reload().await)
             .map(Reply::Applied)
             .map_err(|e| chain(&e)),
+        Request::ReloadCheck => (handles.reloader.check().await)
+            .map(Reply::ReloadPlan)
+            .map_err(|e| chain(&e)),
         Request::Peers => async { wireguard()?.peers().await.map_err(|e| chain(&e)) }
             .await
             .map(Reply::Peers),

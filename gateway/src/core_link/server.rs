@@ -17,9 +17,9 @@ use tidegate_proto::{
     },
     limits,
     listen::{Acceptor, LINK_LIMITS},
-    tls::{Pki, TlsError, require_core, tls_incoming},
+    tls::{Pki, TlsAcceptor, TlsError, require_core, tls_incoming_live},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, transport::Server};
@@ -140,17 +140,20 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), CoreLinkError>>, CoreLinkError> {
     let pki = load_pki(&config)?;
-    serve_with(config, pki, parts, cancel).await
+    let (_, tls) = watch::channel(pki.server()?);
+    serve_with(config, pki, tls, parts, cancel).await
 }
 
-/// [`serve`] with the TLS files already loaded (by [`load_pki`]).
+/// [`serve`] with the TLS files already loaded (by [`load_pki`]); each
+/// handshake runs with the acceptor `tls` holds then (a reload sends one
+/// made from the files as they are then: a new CA).
 pub async fn serve_with(
     config: CoreLinkConfig,
     pki: Pki,
+    tls: watch::Receiver<TlsAcceptor>,
     parts: session::Parts,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), CoreLinkError>>, CoreLinkError> {
-    let acceptor = pki.server()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| CoreLinkError::Bind {
@@ -179,7 +182,7 @@ pub async fn serve_with(
     Ok(async move {
         let served = router
             .serve_with_incoming_shutdown(
-                tls_incoming(acceptor, Acceptor::new(listener, LINK_LIMITS).into_stream()),
+                tls_incoming_live(tls, Acceptor::new(listener, LINK_LIMITS).into_stream()),
                 cancel.cancelled_owned(),
             )
             .await

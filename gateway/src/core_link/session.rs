@@ -28,7 +28,8 @@ pub struct Parts {
     /// `None` without an `[ha]` section.
     pub ha: Option<HaHandle>,
     pub gateway_id: u32,
-    pub status_interval: Duration,
+    /// How often a status goes to Core; a reload may change it.
+    pub status_interval: watch::Receiver<Duration>,
 }
 
 /// The stream half towards Core.
@@ -83,11 +84,25 @@ async fn serve(
         return End::OutboundClosed;
     }
     let mut ha = parts.ha.as_ref().map(HaHandle::subscribe);
-    let mut tick = tokio::time::interval(parts.status_interval);
+    let mut interval = Some(parts.status_interval.clone());
+    let period = *parts.status_interval.borrow();
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is at once: the status on connect.
     loop {
         let result = tokio::select! {
+            changed = interval_changed(interval.as_mut()) => {
+                match changed {
+                    Some(period) => {
+                        info!(?period, "the status interval follows the reloaded config");
+                        tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    // Nobody changes it any more.
+                    None => interval = None,
+                }
+                continue;
+            },
             message = inbound.message() => match message {
                 Ok(Some(message)) => handle(parts, message).await,
                 Ok(None) => return End::CoreClosed,
@@ -115,6 +130,18 @@ async fn send(out: &Outbound, message: gateway_message::Msg) -> Result<(), ()> {
     out.send(Ok(pb::GatewayMessage { msg: Some(message) }))
         .await
         .map_err(|_| ())
+}
+
+/// The new status interval when a reload changes it; `None` when nothing
+/// can change it any more; never without a watch.
+async fn interval_changed(interval: Option<&mut watch::Receiver<Duration>>) -> Option<Duration> {
+    match interval {
+        Some(interval) => match interval.changed().await {
+            Ok(()) => Some(*interval.borrow_and_update()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when the HA summary changes (true) or the agent is gone
