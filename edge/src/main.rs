@@ -11,10 +11,11 @@ use tidegate_edge::{
     error_chain,
     http::{self, AppState},
     link::{self, LinkSettings},
+    metrics::{self, EdgeMetrics, Scraper},
     relay,
     serve::{self, HttpLimits},
 };
-use tidegate_proto::certs::ReloadingCert;
+use tidegate_proto::{certs::ReloadingCert, metrics::MetricsServer};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -86,11 +87,29 @@ async fn run(args: Args) -> Result<()> {
     .await?;
     let mut link_task = tokio::spawn(link);
 
+    let metrics_server = match config.metrics_listen {
+        Some(address) => Some(MetricsServer::bind(address, "metrics_listen").await?),
+        None => None,
+    };
+    let edge_metrics = Arc::new(EdgeMetrics::new());
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("http_listen {}: binding", config.http_listen))?;
     let cert = ReloadingCert::load(&config.cert_file, &config.key_file, Some(&config.identity))
         .context("cert_file and key_file")?;
+    let metrics_task = metrics_server.map(|server| {
+        let scraper = Scraper {
+            metrics: edge_metrics.clone(),
+            relay: relay.clone(),
+        };
+        let cancel = link_cancel.clone();
+        tokio::spawn(async move {
+            let shutdown = async move { cancel.cancelled().await };
+            if let Err(error) = server.serve(scraper, shutdown).await {
+                error!(%error, "the metrics endpoint failed");
+            }
+        })
+    });
     let state = AppState {
         cert: Some(cert),
         relay,
@@ -107,7 +126,10 @@ async fn run(args: Args) -> Result<()> {
     };
     let mut http_task = tokio::spawn(serve::serve(
         listener,
-        http::router(state),
+        http::router(state).layer(axum::middleware::from_fn_with_state(
+            edge_metrics,
+            metrics::count,
+        )),
         limits,
         http_cancel.clone(),
     ));
@@ -134,6 +156,9 @@ async fn run(args: Args) -> Result<()> {
             Ok(Err(error)) => error!(error = %error_chain(&error), "the link server failed"),
             Err(error) => error!(%error, "the link server task panicked"),
         }
+    }
+    if let Some(task) = metrics_task {
+        task.await.context("the metrics endpoint panicked")?;
     }
     relay_task.await.context("the relay task panicked")?;
     match failure {

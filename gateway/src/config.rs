@@ -148,6 +148,12 @@ pub enum ConfigError {
         #[source]
         source: PeerError,
     },
+    #[error("config {path}: [metrics] {field}: {reason}")]
+    Metrics {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
+    },
     #[error("config {path}: [core] {field}: {reason}")]
     Core {
         path: PathBuf,
@@ -174,8 +180,17 @@ struct File {
     wireguard: Option<WireguardSection>,
     ha: Option<HaSection>,
     core: Option<CoreSection>,
+    metrics: Option<MetricsSection>,
     #[serde(default, rename = "peer")]
     peers: Vec<PeerEntry>,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    /// Address and port `/metrics` is served on.
+    listen: String,
 }
 
 /// `[core]`: the gRPC server Core dials.
@@ -292,6 +307,8 @@ pub struct Config {
     pub ha: Option<HaConfig>,
     /// The server Core dials, if Core manages this gateway.
     pub core: Option<CoreLinkConfig>,
+    /// Where `/metrics` is served (`[metrics] listen`); `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -359,6 +376,18 @@ impl Config {
             Some(section) => Some(core(path, section, ha.as_ref())?),
             None => None,
         };
+        let metrics = file
+            .metrics
+            .map(|section| {
+                tidegate_proto::metrics::parse_listen(&section.listen).map_err(|reason| {
+                    ConfigError::Metrics {
+                        path: path.to_owned(),
+                        field: "listen",
+                        reason,
+                    }
+                })
+            })
+            .transpose()?;
         Ok(Self {
             interface,
             xdp_mode: overrides.xdp_mode.unwrap_or(file.xdp_mode),
@@ -375,6 +404,7 @@ impl Config {
             wireguard,
             ha,
             core,
+            metrics,
         })
     }
 }
@@ -1056,6 +1086,44 @@ mod tests {
         // The gateway id comes from [ha] unless given.
         let text = format!("{}\n{CORE}\n[ha]\n{HA}", with_wireguard(section, ""));
         assert_eq!(parse(&text).unwrap().core.unwrap().gateway_id, 2);
+    }
+
+    #[test]
+    fn metrics_are_off_unless_listen_is_set() {
+        assert_eq!(parse(GOOD).unwrap().metrics, None);
+        let cases: &[(&str, Result<&str, &str>)] = &[
+            ("listen = \"127.0.0.1:9771\"", Ok("127.0.0.1:9771")),
+            ("listen = \"[::]:9771\"", Ok("[::]:9771")),
+            (
+                "listen = \"127.0.0.1:0\"",
+                Err("[metrics] listen: \"127.0.0.1:0\": port 0"),
+            ),
+            (
+                "listen = \"localhost:9771\"",
+                Err("[metrics] listen: \"localhost:9771\" is not an address"),
+            ),
+            (
+                "listen = \"9771\"",
+                Err("[metrics] listen: \"9771\" is not an address"),
+            ),
+            ("port = 9771", Err("unknown field `port`")),
+        ];
+        for (section, want) in cases {
+            let text = format!("{GOOD}\n[metrics]\n{section}\n");
+            match (parse(&text), want) {
+                (Ok(config), Ok(want)) => {
+                    assert_eq!(config.metrics.unwrap().to_string(), *want, "{section}");
+                }
+                (Err(error), Err(want)) => {
+                    let error = message(error);
+                    assert!(
+                        error.contains(want) && error.contains("gw.toml"),
+                        "{section}: {error}"
+                    );
+                }
+                (got, want) => panic!("{section}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod core_link;
 pub mod datapath;
 pub mod director;
 pub mod ha;
+pub mod metrics;
 pub mod reload;
 pub mod wireguard;
 pub mod xdp;

@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 pub use self::status::{EdgeState, GatewayState};
 use crate::{
     config::LinkSettings,
+    metrics::CoreMetrics,
     state::{StateGone, StateHandle},
     store::{EdgeTarget, GatewayTarget, Notice, StoreError},
 };
@@ -150,6 +151,7 @@ pub(crate) struct LinkContext {
     pub core_id: String,
     pub directory: watch::Receiver<Arc<Directory>>,
     pub tracker: TaskTracker,
+    pub metrics: Arc<CoreMetrics>,
 }
 
 /// Dials `address` (host:port) over mutual TLS, requiring `identity` in
@@ -203,6 +205,7 @@ impl Supervisor {
         pki: Pki,
         settings: LinkSettings,
         core_id: String,
+        metrics: Arc<CoreMetrics>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> watch::Receiver<Arc<Directory>> {
@@ -214,6 +217,7 @@ impl Supervisor {
             core_id,
             directory: directory.clone(),
             tracker: tracker.clone(),
+            metrics,
         };
         tracker.spawn(supervise(ctx, directory_tx, cancel));
         directory
