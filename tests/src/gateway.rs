@@ -137,6 +137,8 @@ pub struct GatewayConfig {
     pub bpf_pin_dir: Option<PathBuf>,
     /// The server Core dials (`[core]`), if Core manages the gateway.
     pub core: Option<CoreSection>,
+    /// Where the daemon serves `/metrics` (`[metrics] listen`), if set.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl GatewayConfig {
@@ -158,6 +160,7 @@ impl GatewayConfig {
             ha: None,
             bpf_pin_dir: None,
             core: None,
+            metrics: None,
         }
     }
 }
@@ -445,6 +448,13 @@ impl GatewayConfig {
         }
         if let Some(core) = &self.core {
             core.write_toml(&mut out);
+        }
+        if let Some(listen) = self.metrics {
+            let _ = write!(
+                out,
+                "\n[metrics]\nlisten = {}\n",
+                toml_string(&listen.to_string())
+            );
         }
         out
     }
