@@ -53,7 +53,8 @@ pub const GATEWAY_TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// Core's management address.
 pub const CORE_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 /// The port a gateway serves `/metrics` on (on its management address);
-/// Core serves it on the next port, the Edges on [`edge_metrics`].
+/// Core serves it on the next port of its namespace's loopback, the Edges
+/// on [`edge_metrics`].
 pub const METRICS_PORT: u16 = 9771;
 /// The DMZ's management address (the Edges' link servers).
 pub const DMZ_MGMT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
@@ -566,7 +567,8 @@ impl ControlLab {
         if options.start_core {
             let mut config = CoreConfig::new(&lab.core_dir, lab.pki.core_files());
             if options.metrics {
-                config.metrics = Some(SocketAddr::from((CORE_ADDR, METRICS_PORT + 1)));
+                // On loopback: nothing outside Core's namespace reaches it.
+                config.metrics = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT + 1)));
             }
             lab.start_core(config)?;
             lab.create_location()?;
@@ -581,9 +583,10 @@ impl ControlLab {
         crate::metrics::scrape(&self.gateway(i).netns, address)
     }
 
-    /// A scrape of Core's `/metrics`, from its namespace.
+    /// A scrape of Core's `/metrics`, from its namespace (it listens on
+    /// loopback only).
     pub fn metrics_of_core(&self) -> Result<String> {
-        let address = SocketAddr::from((CORE_ADDR, METRICS_PORT + 1));
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT + 1));
         crate::metrics::scrape(&self.intranet, address)
     }
 
