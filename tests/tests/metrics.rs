@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use tidegate_tests::control::{ControlLab, ControlOptions};
+use tidegate_tests::control::{ControlLab, ControlOptions, LOCATION};
 use tidegate_tests::metrics::{promtool_check, sample, value};
 use tidegate_tests::wait::{Probe, poll_until};
 
@@ -42,17 +42,28 @@ fn every_daemon_serves_metrics_that_promtool_accepts() -> Result<()> {
             "gw{i}: no XDP counters:\n{scrape}"
         );
         ensure!(value(&scrape, "tidegate_wireguard_peers")? == 0.0);
-        ensure!(
-            value(
-                &scrape,
-                "tidegate_wireguard_peers_by_handshake_age{age=\"never\"}"
-            )? == 0.0
-        );
     }
 
-    // Core: both gateway links and the Edge's up, one master.
+    // A device with its key: a peer for the location, which Core pushes
+    // to both gateways and times until each acknowledges it.
+    let core = lab.core()?;
+    core.tidectl_json(&["user", "create", "alice"])?;
+    core.tidectl_ok(&[
+        "device",
+        "create",
+        "laptop",
+        "--user",
+        "alice",
+        "--location",
+        LOCATION,
+        "--public-key",
+        "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+    ])?;
+
+    // Core: both gateway links and the Edge's up, one master, the push
+    // acknowledged by both gateways.
     let core = poll_until(
-        "Core's links up in its metrics",
+        "Core's links up and the push acknowledged in its metrics",
         Duration::from_secs(10),
         Duration::from_millis(100),
         || {
@@ -63,9 +74,12 @@ fn every_daemon_serves_metrics_that_promtool_accepts() -> Result<()> {
             );
             let edges = sample(&scrape, "tidegate_core_links{kind=\"edge\",state=\"up\"}");
             let masters = sample(&scrape, "tidegate_core_gateways{role=\"master\"}");
-            Ok(match (up, edges, masters) {
-                (Some(2.0), Some(1.0), Some(1.0)) => Probe::Ready(scrape),
-                other => Probe::NotYet(format!("gateways up, edges up, masters: {other:?}")),
+            let pushes = sample(&scrape, "tidegate_core_config_push_seconds_count");
+            Ok(match (up, edges, masters, pushes) {
+                (Some(2.0), Some(1.0), Some(1.0), Some(2.0)) => Probe::Ready(scrape),
+                other => Probe::NotYet(format!(
+                    "gateways up, edges up, masters, pushes acknowledged: {other:?}"
+                )),
             })
         },
     )?;
@@ -78,7 +92,22 @@ fn every_daemon_serves_metrics_that_promtool_accepts() -> Result<()> {
             "tidegate_core_mfa_login_failures_total{reason=\"unauthorized\"}"
         )? == 0.0
     );
-    ensure!(value(&core, "tidegate_core_config_push_seconds_count").is_ok());
+    let push = value(&core, "tidegate_core_config_push_seconds_sum")?;
+    ensure!(
+        (0.0..5.0).contains(&push),
+        "two pushes took {push} s in all"
+    );
+
+    // The gateways run the new peer, which never made a handshake.
+    for i in 1..=2 {
+        let scrape = lab.metrics_of_gateway(i)?;
+        ensure!(
+            value(&scrape, "tidegate_wireguard_peers")? == 1.0,
+            "gw{i}: peers"
+        );
+        let never = "tidegate_wireguard_peers_by_handshake_age{age=\"never\"}";
+        ensure!(value(&scrape, never)? == 1.0, "gw{i}: {never}");
+    }
 
     // The Edge: linked, and the request counted by route and status.
     let edge = lab.metrics_of_edge(1)?;
