@@ -53,6 +53,14 @@ struct File {
     links: LinksFile,
     #[serde(default)]
     mfa: MfaFile,
+    metrics: Option<MetricsFile>,
+}
+
+/// `[metrics]`: the Prometheus endpoint, off unless `listen` is set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    listen: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +138,8 @@ pub struct Config {
     pub tls: TlsPaths,
     pub links: LinkSettings,
     pub mfa: MfaSettings,
+    /// Where `/metrics` is served (`[metrics] listen`); `None`: nowhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Command-line overrides.
@@ -271,6 +281,11 @@ impl Config {
         if core_id.is_empty() || core_id.len() > 128 {
             return Err(invalid("core_id", "must be 1 to 128 characters".into()));
         }
+        let metrics = file
+            .metrics
+            .map(|m| tidegate_proto::metrics::parse_listen(&m.listen))
+            .transpose()
+            .map_err(|message| invalid("metrics.listen", message))?;
         Ok(Self {
             database: overrides
                 .database
@@ -284,6 +299,7 @@ impl Config {
             tls,
             links,
             mfa,
+            metrics,
         })
     }
 }
@@ -469,6 +485,9 @@ mod tests {
         assert_eq!(config.tls.key, Path::new("/etc/tidegate/pki/core.key"));
         assert_eq!(config.links, LinkSettings::default());
         assert_eq!(config.mfa, MfaSettings::default());
+        assert_eq!(config.metrics, None);
+        let config = parse("[metrics]\nlisten = \"127.0.0.1:9772\"").unwrap();
+        assert_eq!(config.metrics, Some("127.0.0.1:9772".parse().unwrap()));
     }
 
     #[test]
@@ -534,6 +553,11 @@ mod tests {
             ),
             ("[mfa]\nchallenge_ttl_s = 1", "mfa.challenge_ttl_s"),
             ("[mfa]\nmax_attempts = 0", "mfa.max_attempts"),
+            (
+                "[metrics]\nlisten = \"localhost:9772\"",
+                "metrics.listen: \"localhost:9772\" is not an address",
+            ),
+            ("[metrics]\nlisten = \"127.0.0.1:0\"", "metrics.listen:"),
         ] {
             let err = crate::error_chain(&parse(text).unwrap_err());
             assert!(

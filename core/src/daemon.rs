@@ -5,7 +5,10 @@
 use std::{path::Path, sync::Arc, thread};
 
 use anyhow::{Context as _, Result};
-use tidegate_proto::tls::{Pki, TlsError};
+use tidegate_proto::{
+    metrics::MetricsServer,
+    tls::{Pki, TlsError},
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -21,6 +24,7 @@ use crate::{
     },
     config::{self, Change, Config, ConfigError, Overrides},
     links::{Directory, Live, Supervisor},
+    metrics::{CoreMetrics, Scraper},
     state::{self, StateHandle},
     store::Store,
 };
@@ -95,6 +99,11 @@ impl Core {
         }
         let store = Store::open(&config.database, config.mfa)?;
         let socket = AdminSocket::bind(&config.admin_socket)?;
+        let metrics_server = match config.metrics {
+            Some(address) => Some(MetricsServer::bind(address, "[metrics] listen").await?),
+            None => None,
+        };
+        let metrics = Arc::new(CoreMetrics::new());
         let (state, state_thread) = state::spawn(store);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -114,9 +123,24 @@ impl Core {
             state.clone(),
             live.clone(),
             config.core_id.clone(),
+            metrics.clone(),
             &tracker,
             cancel.clone(),
         );
+        if let Some(server) = metrics_server {
+            let scraper = Scraper {
+                metrics,
+                directory: directory.clone(),
+                state: state.clone(),
+            };
+            let metrics_cancel = cancel.clone();
+            tracker.spawn(async move {
+                let shutdown = async move { metrics_cancel.cancelled().await };
+                if let Err(e) = server.serve(scraper, shutdown).await {
+                    error!(error = %e, "the metrics endpoint failed");
+                }
+            });
+        }
         let service = AdminService::new(state.clone(), directory.clone(), live);
         let admin_cancel = cancel.clone();
         let admin = tokio::spawn(async move { socket.serve(service, admin_cancel).await });

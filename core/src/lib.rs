@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod keys;
 pub mod links;
 pub mod lockout;
+pub mod metrics;
 pub mod pki;
 pub mod state;
 pub mod store;

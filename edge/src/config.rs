@@ -76,6 +76,8 @@ struct File {
     #[serde(default)]
     trusted_proxies: Vec<IpAddr>,
     real_ip_header: Option<String>,
+    /// Where `/metrics` is served; off when unset.
+    metrics_listen: Option<String>,
 }
 
 /// Values given on the command line, which win over the file.
@@ -114,6 +116,8 @@ pub struct Config {
     pub trusted_proxies: Vec<IpAddr>,
     /// Lower case.
     pub real_ip_header: String,
+    /// Where `/metrics` is served (`metrics_listen`); `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -216,6 +220,19 @@ impl Config {
                 format!("{real_ip_header:?} is not an HTTP header name"),
             ));
         }
+        let metrics_listen = file
+            .metrics_listen
+            .map(|text| tidegate_proto::metrics::parse_listen(&text))
+            .transpose()
+            .map_err(|reason| bad("metrics_listen", reason))?;
+        if let Some(metrics) = metrics_listen
+            && (metrics == http_listen || metrics == link_listen)
+        {
+            return Err(bad(
+                "metrics_listen",
+                format!("{metrics} is also http_listen or link_listen"),
+            ));
+        }
         Ok(Self {
             http_listen,
             link_listen,
@@ -231,6 +248,7 @@ impl Config {
             max_connections,
             trusted_proxies: file.trusted_proxies,
             real_ip_header,
+            metrics_listen,
         })
     }
 }
@@ -352,6 +370,12 @@ mod tests {
         assert_eq!(config.max_connections, 768);
         assert_eq!(config.real_ip_header, "x-real-ip");
         assert!(config.trusted_proxies.is_empty());
+        assert_eq!(config.metrics_listen, None);
+        let config = parse(&format!("{GOOD}metrics_listen = \"127.0.0.1:9773\"\n")).unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9773".parse().unwrap())
+        );
         let config = Config::parse(
             Path::new("edge.toml"),
             &format!(
@@ -430,6 +454,14 @@ mod tests {
                 "real_ip_header:",
             ),
             (format!("{GOOD}listen = 1\n"), "unknown field `listen`"),
+            (
+                format!("{GOOD}metrics_listen = \"edge:9773\"\n"),
+                "metrics_listen: \"edge:9773\" is not an address",
+            ),
+            (
+                format!("{GOOD}metrics_listen = \"192.0.2.10:8080\"\n"),
+                "metrics_listen: 192.0.2.10:8080 is also",
+            ),
             (GOOD.replace("edge-a\"", "edge a\""), "identity:"),
             (
                 GOOD.replace("7444", "8080"),

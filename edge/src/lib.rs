@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod http;
 pub mod link;
+pub mod metrics;
 pub mod relay;
 pub mod serve;
 

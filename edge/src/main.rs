@@ -15,10 +15,11 @@ use tidegate_edge::{
     error_chain,
     http::{self, AppState, RequestSettings},
     link::{self, LinkSettings},
+    metrics::{self, EdgeMetrics, Scraper},
     relay,
     serve::{self, HttpLimits},
 };
-use tidegate_proto::{certs::ReloadingCert, tls::Pki};
+use tidegate_proto::{certs::ReloadingCert, metrics::MetricsServer, tls::Pki};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -148,12 +149,30 @@ async fn run(args: Args) -> Result<()> {
         link::serve_reloadable(link_settings(&config), relay.clone(), link_cancel.clone()).await?;
     let mut link_task = tokio::spawn(link);
 
+    let metrics_server = match config.metrics_listen {
+        Some(address) => Some(MetricsServer::bind(address, "metrics_listen").await?),
+        None => None,
+    };
+    let edge_metrics = Arc::new(EdgeMetrics::new());
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("http_listen {}: binding", config.http_listen))?;
     let cert = ReloadingCert::load(&config.cert_file, &config.key_file, Some(&config.identity))
         .context("cert_file and key_file")?;
     let (settings_tx, settings) = watch::channel(Arc::new(request_settings));
+    let metrics_task = metrics_server.map(|server| {
+        let scraper = Scraper {
+            metrics: edge_metrics.clone(),
+            relay: relay.clone(),
+        };
+        let cancel = link_cancel.clone();
+        tokio::spawn(async move {
+            let shutdown = async move { cancel.cancelled().await };
+            if let Err(error) = server.serve(scraper, shutdown).await {
+                error!(%error, "the metrics endpoint failed");
+            }
+        })
+    });
     let state = AppState {
         cert: Some(cert),
         relay,
@@ -165,7 +184,10 @@ async fn run(args: Args) -> Result<()> {
     };
     let mut http_task = tokio::spawn(serve::serve(
         listener,
-        http::router(state),
+        http::router(state).layer(axum::middleware::from_fn_with_state(
+            edge_metrics,
+            metrics::count,
+        )),
         limits,
         http_cancel.clone(),
     ));
@@ -206,6 +228,9 @@ async fn run(args: Args) -> Result<()> {
             Ok(Err(error)) => error!(error = %error_chain(&error), "the link server failed"),
             Err(error) => error!(%error, "the link server task panicked"),
         }
+    }
+    if let Some(task) = metrics_task {
+        task.await.context("the metrics endpoint panicked")?;
     }
     relay_task.await.context("the relay task panicked")?;
     match failure {

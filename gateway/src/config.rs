@@ -160,6 +160,12 @@ pub enum ConfigError {
         #[source]
         source: HookError,
     },
+    #[error("config {path}: [metrics] {field}: {reason}")]
+    Metrics {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
+    },
     #[error("config {path}: [core] {field}: {reason}")]
     Core {
         path: PathBuf,
@@ -225,10 +231,19 @@ struct File {
     wireguard: Option<WireguardSection>,
     ha: Option<HaSection>,
     core: Option<CoreSection>,
+    metrics: Option<MetricsSection>,
     #[serde(default, rename = "peer")]
     peers: Vec<PeerEntry>,
     #[serde(default)]
     hooks: Vec<HookEntry>,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    /// Address and port `/metrics` is served on.
+    listen: String,
 }
 
 /// `[core]`: the gRPC server Core dials.
@@ -347,6 +362,8 @@ pub struct Config {
     pub core: Option<CoreLinkConfig>,
     /// Programs run on role changes and completed failovers (with `[ha]`).
     pub hooks: Vec<Hook>,
+    /// Where `/metrics` is served (`[metrics] listen`); `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -482,13 +499,26 @@ impl Config {
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
+        let metrics = file
+            .metrics
+            .map(|section| {
+                tidegate_proto::metrics::parse_listen(&section.listen).map_err(|reason| {
+                    ConfigError::Metrics {
+                        path: path.to_owned(),
+                        field: "listen",
+                        reason,
+                    }
+                })
+            })
+            .transpose();
         let services = keep(&mut problems, services);
         let wireguard = keep(&mut problems, wireguard);
         let ha = keep(&mut problems, ha);
         let core = keep(&mut problems, core);
         let hooks = keep(&mut problems, hooks);
-        let (Some(services), Some(wireguard), Some(ha), Some(core), Some(hooks)) =
-            (services, wireguard, ha, core, hooks)
+        let metrics = keep(&mut problems, metrics);
+        let (Some(services), Some(wireguard), Some(ha), Some(core), Some(hooks), Some(metrics)) =
+            (services, wireguard, ha, core, hooks, metrics)
         else {
             return Err(ConfigError::all(path, problems).expect_err("a section failed"));
         };
@@ -510,6 +540,7 @@ impl Config {
             ha,
             core,
             hooks,
+            metrics,
         })
     }
 }
@@ -1202,6 +1233,44 @@ mod tests {
         // The gateway id comes from [ha] unless given.
         let text = format!("{}\n{CORE}\n[ha]\n{HA}", with_wireguard(section, ""));
         assert_eq!(parse(&text).unwrap().core.unwrap().gateway_id, 2);
+    }
+
+    #[test]
+    fn metrics_are_off_unless_listen_is_set() {
+        assert_eq!(parse(GOOD).unwrap().metrics, None);
+        let cases: &[(&str, Result<&str, &str>)] = &[
+            ("listen = \"127.0.0.1:9771\"", Ok("127.0.0.1:9771")),
+            ("listen = \"[::]:9771\"", Ok("[::]:9771")),
+            (
+                "listen = \"127.0.0.1:0\"",
+                Err("[metrics] listen: \"127.0.0.1:0\": port 0"),
+            ),
+            (
+                "listen = \"localhost:9771\"",
+                Err("[metrics] listen: \"localhost:9771\" is not an address"),
+            ),
+            (
+                "listen = \"9771\"",
+                Err("[metrics] listen: \"9771\" is not an address"),
+            ),
+            ("port = 9771", Err("unknown field `port`")),
+        ];
+        for (section, want) in cases {
+            let text = format!("{GOOD}\n[metrics]\n{section}\n");
+            match (parse(&text), want) {
+                (Ok(config), Ok(want)) => {
+                    assert_eq!(config.metrics.unwrap().to_string(), *want, "{section}");
+                }
+                (Err(error), Err(want)) => {
+                    let error = message(error);
+                    assert!(
+                        error.contains(want) && error.contains("gw.toml"),
+                        "{section}: {error}"
+                    );
+                }
+                (got, want) => panic!("{section}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

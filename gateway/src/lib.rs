@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod director;
 pub mod ha;
 pub mod hooks;
+pub mod metrics;
 pub mod preflight;
 pub mod reload;
 pub mod wireguard;

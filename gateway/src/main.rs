@@ -4,7 +4,7 @@
 //! `tidectl` on its control socket, and, with a `[core]` section, serves the
 //! link Core dials.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
@@ -18,6 +18,7 @@ use tidegate_gateway::{
         thread::AgentThread,
     },
     hooks,
+    metrics::{GatewayMetrics, Scraper},
     preflight::{self, PreflightError},
     reload::{self, Reloader},
     wireguard::{
@@ -26,6 +27,7 @@ use tidegate_gateway::{
     },
     xdp::{Datapath, DatapathOptions, Kernel, XdpModeSetting, kernel::TCX_SINCE},
 };
+use tidegate_proto::metrics::MetricsServer;
 use tokio::{
     signal::unix::{SignalKind, signal},
     task::JoinSet,
@@ -164,11 +166,19 @@ async fn run(args: Args) -> Result<()> {
         datapath.gate_adverts(gate)?;
     }
     let control = ControlSocket::bind(&config.control_socket)?;
+    let metrics_server = match config.metrics {
+        Some(address) => Some(MetricsServer::bind(address, "[metrics] listen").await?),
+        None => None,
+    };
+    let metrics = Arc::new(GatewayMetrics::new());
     datapath.attach(&config.interface, config.xdp_mode, &config.bpf_pin_dir)?;
-    let wireguard = match &config.wireguard {
+    let mut wireguard = match &config.wireguard {
         Some(wireguard) => Some(Owner::start(wireguard.clone()).await?),
         None => None,
     };
+    if let Some(wireguard) = wireguard.as_mut() {
+        wireguard.set_metrics(metrics.clone());
+    }
     let local_peers = wireguard.as_ref().map(Owner::local_peers);
     // Failover continuity needs both: the election and the WireGuard it
     // keeps on the VIP and to the clients this gateway owns. The guard
@@ -231,9 +241,15 @@ async fn run(args: Args) -> Result<()> {
         ),
         _ => None,
     };
-    if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) =
-        (ha.as_mut(), &config.ha, &wireguard_handle, local_peers)
-    {
+    if let Some(agent) = ha.as_mut() {
+        agent.set_metrics(metrics.clone());
+    }
+    if let (Some(agent), Some(ha_config), Some(wireguard), Some(local)) = (
+        ha.as_mut(),
+        &config.ha,
+        &wireguard_handle,
+        local_peers.clone(),
+    ) {
         let datapath = datapath_handle.clone();
         let follow = local.clone();
         let follow_cancel = cancel.clone();
@@ -333,6 +349,22 @@ async fn run(args: Args) -> Result<()> {
         let server =
             core_link::serve_with(core.clone(), loaded, tls, parts, cancel.clone()).await?;
         tasks.spawn(async move { server.await.context("the server for Core") });
+    }
+    if let Some(server) = metrics_server {
+        let scraper = Scraper {
+            metrics,
+            datapath: datapath_handle.clone(),
+            ha: ha_handle.clone(),
+            peers: local_peers,
+            director: config.ha.as_ref().is_some_and(|ha| ha.director.is_some()),
+        };
+        let metrics_cancel = cancel.clone();
+        tasks.spawn(async move {
+            server
+                .serve(scraper, async move { metrics_cancel.cancelled().await })
+                .await
+                .context("the metrics endpoint")
+        });
     }
     let reloader = Reloader::new(
         args.config.clone(),

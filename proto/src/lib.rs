@@ -10,6 +10,7 @@ pub mod certs;
 pub mod expiry;
 pub mod limits;
 pub mod listen;
+pub mod metrics;
 pub mod tls;
 
 /// An error and its sources on one line, for logs, in every daemon. A

@@ -52,6 +52,10 @@ pub const WG_PORT: u16 = 51820;
 pub const GATEWAY_TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// Core's management address.
 pub const CORE_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The port a gateway serves `/metrics` on (on its management address);
+/// Core serves it on the next port of its namespace's loopback, the Edges
+/// on [`edge_metrics`].
+pub const METRICS_PORT: u16 = 9771;
 /// The DMZ's management address (the Edges' link servers).
 pub const DMZ_MGMT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
 /// The DMZ's public address (nginx).
@@ -104,6 +108,11 @@ pub fn gateway_public(i: usize) -> Ipv4Addr {
 /// The link address of Edge `j` (1-based).
 pub fn edge_link(j: usize) -> SocketAddr {
     SocketAddr::from((DMZ_MGMT, 7443 + j as u16))
+}
+
+/// Where Edge `j` (1-based) serves `/metrics`, in the DMZ.
+pub fn edge_metrics(j: usize) -> SocketAddr {
+    SocketAddr::from((DMZ_MGMT, METRICS_PORT + 1 + j as u16))
 }
 
 /// The HTTP address of Edge `j` (1-based), inside the DMZ.
@@ -169,6 +178,9 @@ pub struct ControlOptions {
     pub second: Option<SecondLocation>,
     /// How the gateways attach their XDP programs.
     pub xdp_mode: XdpMode,
+    /// Every daemon serves `/metrics`: see [`ControlLab::metrics_of_gateway`],
+    /// [`ControlLab::metrics_of_core`], [`ControlLab::metrics_of_edge`].
+    pub metrics: bool,
 }
 
 /// A second location on the same segments: [`SECOND_LOCATION`], with MFA,
@@ -202,6 +214,7 @@ impl Default for ControlOptions {
             director: false,
             second: None,
             xdp_mode: XdpMode::Auto,
+            metrics: false,
         }
     }
 }
@@ -473,6 +486,9 @@ impl ControlLab {
             );
             section.status_interval_ms = Some(options.status_interval_ms);
             config.core = Some(section);
+            if options.metrics {
+                config.metrics = Some(SocketAddr::from((gateway_mgmt(i), METRICS_PORT)));
+            }
             let daemon = GatewayDaemon::spawn(&netns, config, &dir)?;
             spawned.push(LabGateway {
                 name,
@@ -501,6 +517,9 @@ impl ControlLab {
             config.trusted_proxies = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
             config.body_limit_bytes = Some(EDGE_BODY_LIMIT);
             config.core_timeout_ms = options.edge_core_timeout_ms;
+            if options.metrics {
+                config.metrics_listen = Some(edge_metrics(j));
+            }
             edges.push(EdgeDaemon::start(&dmz, config, &dir)?);
         }
         // The public web server's certificate, of a CA of its own (a
@@ -546,10 +565,34 @@ impl ControlLab {
             lab.wait_master_of(2, Duration::from_secs(10))?;
         }
         if options.start_core {
-            lab.start_core(CoreConfig::new(&lab.core_dir, lab.pki.core_files()))?;
+            let mut config = CoreConfig::new(&lab.core_dir, lab.pki.core_files());
+            if options.metrics {
+                // On loopback: nothing outside Core's namespace reaches it.
+                config.metrics = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT + 1)));
+            }
+            lab.start_core(config)?;
             lab.create_location()?;
         }
         Ok(lab)
+    }
+
+    /// A scrape of gateway `i`'s (1-based) `/metrics`, from its namespace,
+    /// in Prometheus' text format (options.metrics).
+    pub fn metrics_of_gateway(&self, i: usize) -> Result<String> {
+        let address = SocketAddr::from((gateway_mgmt(i), METRICS_PORT));
+        crate::metrics::scrape(&self.gateway(i).netns, address)
+    }
+
+    /// A scrape of Core's `/metrics`, from its namespace (it listens on
+    /// loopback only).
+    pub fn metrics_of_core(&self) -> Result<String> {
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT + 1));
+        crate::metrics::scrape(&self.intranet, address)
+    }
+
+    /// A scrape of Edge `j`'s (1-based) `/metrics`, from the DMZ.
+    pub fn metrics_of_edge(&self, j: usize) -> Result<String> {
+        crate::metrics::scrape(&self.dmz, edge_metrics(j))
     }
 
     /// Waits until exactly one gateway of the first location is MASTER (by

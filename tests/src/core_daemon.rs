@@ -127,6 +127,8 @@ pub struct CoreConfig {
     pub challenge_ttl_s: Option<u32>,
     /// `[mfa]` device_lockout_after, if set.
     pub device_lockout_after: Option<u32>,
+    /// `[metrics]` listen, if set.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl CoreConfig {
@@ -139,6 +141,7 @@ impl CoreConfig {
             reconnect_max_ms: None,
             challenge_ttl_s: None,
             device_lockout_after: None,
+            metrics: None,
         }
     }
 
@@ -163,6 +166,9 @@ impl CoreConfig {
         }
         if let Some(count) = self.device_lockout_after {
             let _ = writeln!(out, "device_lockout_after = {count}");
+        }
+        if let Some(listen) = self.metrics {
+            let _ = write!(out, "\n[metrics]\nlisten = \"{listen}\"\n");
         }
         out
     }

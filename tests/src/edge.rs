@@ -48,6 +48,8 @@ pub struct EdgeConfig {
     pub max_connections: Option<usize>,
     /// Proxies whose X-Real-IP header is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// Where the Edge serves `/metrics` (`metrics_listen`), if set.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl EdgeConfig {
@@ -70,6 +72,7 @@ impl EdgeConfig {
             body_timeout_ms: None,
             max_connections: None,
             trusted_proxies: Vec::new(),
+            metrics_listen: None,
         }
     }
 
@@ -109,6 +112,9 @@ impl EdgeConfig {
                 .map(|a| q(&a.to_string()))
                 .collect();
             let _ = writeln!(out, "trusted_proxies = [{}]", list.join(", "));
+        }
+        if let Some(listen) = self.metrics_listen {
+            let _ = writeln!(out, "metrics_listen = {}", q(&listen.to_string()));
         }
         out
     }

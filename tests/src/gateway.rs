@@ -139,6 +139,8 @@ pub struct GatewayConfig {
     pub core: Option<CoreSection>,
     /// Programs run on role changes (`[[hooks]]`).
     pub hooks: Vec<HookSection>,
+    /// Where the daemon serves `/metrics` (`[metrics] listen`), if set.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl GatewayConfig {
@@ -161,6 +163,7 @@ impl GatewayConfig {
             bpf_pin_dir: None,
             core: None,
             hooks: Vec::new(),
+            metrics: None,
         }
     }
 }
@@ -448,6 +451,13 @@ impl GatewayConfig {
         }
         if let Some(core) = &self.core {
             core.write_toml(&mut out);
+        }
+        if let Some(listen) = self.metrics {
+            let _ = write!(
+                out,
+                "\n[metrics]\nlisten = {}\n",
+                toml_string(&listen.to_string())
+            );
         }
         for hook in &self.hooks {
             let on: Vec<String> = hook.on.iter().map(|e| (*e).to_owned()).collect();

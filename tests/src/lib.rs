@@ -46,6 +46,7 @@ pub mod http;
 pub mod keepalived;
 pub mod lab_report;
 pub mod location;
+pub mod metrics;
 pub mod netns;
 pub mod nginx;
 pub mod nginx_stream;

@@ -9,8 +9,11 @@ use crate::run::{Cmd, step};
 /// failover and director tests turn checksum offload off on the clients'
 /// veths), nginx in front of the Edges, oathtool, which computes the
 /// users' TOTP codes as an authenticator app does for the client's tests,
-/// and nftables, which wg-quick's full tunnel uses in the tests of the
-/// configs `tidectl device config --wg-quick` writes for stock apps.
+/// nftables, which wg-quick's full tunnel uses in the tests of the
+/// configs `tidectl device config --wg-quick` writes for stock apps, and
+/// prometheus for `promtool check metrics`, which lints every daemon's
+/// `/metrics` in the metrics tests (the package's server is not started
+/// by them).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -20,6 +23,7 @@ const PACKAGES: &[&str] = &[
     "nginx",
     "oathtool",
     "nftables",
+    "prometheus",
 ];
 
 pub fn is_root() -> bool {

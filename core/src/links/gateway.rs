@@ -3,7 +3,7 @@
 //! message in flight at a time), and takes in Hello, Applied, Status and
 //! failover results.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tidegate_proto::gateway::v1::{
     self as gateway, CoreMessage, core_message, gateway_client::GatewayClient, gateway_message,
@@ -182,6 +182,9 @@ async fn session(
     let mut next_failover_id = 1u64;
     let mut seen: HashMap<Key, PeerSeen> = HashMap::new();
     let mut threshold_ms = 0i64;
+    // When this link heard of each version not yet applied, for the push
+    // latency: an acknowledgement covers every version up to its own.
+    let mut heard = PushTimes::default();
     let applied_timeout = ctx.settings().applied_timeout;
     loop {
         if in_flight.is_none()
@@ -243,6 +246,9 @@ async fn session(
                             )));
                         }
                         if applied.error.is_empty() {
+                            if let Some(latency) = heard.applied(applied.version, Instant::now()) {
+                                ctx.metrics.pushed(latency);
+                            }
                             status.send_modify(|s| s.applied_version = s.applied_version.max(applied.version));
                         } else {
                             warn!(gateway = %target.name, version = applied.version, error = %applied.error, "the gateway refused the config");
@@ -278,7 +284,10 @@ async fn session(
                 }
             }
             notice = notices.recv() => match notice {
-                Ok(Notice::Location(change)) if change.location_id == target.location_id => coalescer.push(&change),
+                Ok(Notice::Location(change)) if change.location_id == target.location_id => {
+                    heard.heard(change.version, Instant::now());
+                    coalescer.push(&change);
+                }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => coalescer.lagged(),
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
@@ -400,4 +409,84 @@ async fn on_status(
         acked = Some(seq).filter(|seq| *seq > 0);
     }
     acked
+}
+/// Changes heard and not yet applied: version -> when this link heard of
+/// it. Bounded: past [`PushTimes::MAX`] the oldest are forgotten.
+#[derive(Debug, Default)]
+struct PushTimes {
+    heard: std::collections::BTreeMap<u64, Instant>,
+}
+
+impl PushTimes {
+    /// Versions remembered at most (a gateway that acknowledges nothing
+    /// for this long is dropped by the applied timeout anyway).
+    const MAX: usize = 4096;
+
+    fn heard(&mut self, version: u64, at: Instant) {
+        self.heard.entry(version).or_insert(at);
+        while self.heard.len() > Self::MAX {
+            self.heard.pop_first();
+        }
+    }
+
+    /// `version` is applied at `now`: the time since the oldest change it
+    /// covers was heard, if one was; those changes are forgotten.
+    fn applied(&mut self, version: u64, now: Instant) -> Option<Duration> {
+        let later = self.heard.split_off(&(version + 1));
+        let covered = std::mem::replace(&mut self.heard, later);
+        covered
+            .values()
+            .min()
+            .map(|oldest| now.saturating_duration_since(*oldest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_latency_runs_from_the_oldest_change_an_ack_covers() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // (heard: version at ms), then (applied version at ms, latency ms)
+        type Heard = &'static [(u64, u64)];
+        type Acks = &'static [(u64, u64, Option<u64>)];
+        let cases: &[(&str, Heard, Acks)] = &[
+            ("one change", &[(5, 0)], &[(5, 40, Some(40))]),
+            (
+                "coalesced changes: the oldest counts",
+                &[(5, 0), (6, 10), (7, 20)],
+                &[(7, 50, Some(50))],
+            ),
+            (
+                "acks in steps",
+                &[(5, 0), (6, 10), (7, 20)],
+                &[(5, 30, Some(30)), (7, 60, Some(50))],
+            ),
+            ("an ack of a version never heard", &[], &[(3, 10, None)]),
+            (
+                "a version heard twice keeps its first time",
+                &[(5, 0), (5, 30)],
+                &[(5, 40, Some(40))],
+            ),
+            (
+                "an ack covers no later version",
+                &[(5, 0), (9, 10)],
+                &[(5, 20, Some(20)), (9, 100, Some(90))],
+            ),
+        ];
+        for (name, heard, acks) in cases {
+            let mut times = PushTimes::default();
+            for (version, ms) in *heard {
+                times.heard(*version, at(*ms));
+            }
+            for (version, ms, want) in *acks {
+                let got = times
+                    .applied(*version, at(*ms))
+                    .map(|d| d.as_millis() as u64);
+                assert_eq!(got, *want, "{name}: ack of {version}");
+            }
+        }
+    }
 }

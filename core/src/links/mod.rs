@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 pub use self::status::{EdgeState, GatewayState};
 use crate::{
     config::LinkSettings,
+    metrics::CoreMetrics,
     state::{StateGone, StateHandle},
     store::{EdgeTarget, GatewayTarget, Notice, StoreError},
 };
@@ -158,6 +159,7 @@ pub(crate) struct LinkContext {
     pub core_id: String,
     pub directory: watch::Receiver<Arc<Directory>>,
     pub tracker: TaskTracker,
+    pub metrics: Arc<CoreMetrics>,
 }
 
 impl LinkContext {
@@ -222,6 +224,7 @@ impl Supervisor {
         state: StateHandle,
         live: watch::Receiver<Live>,
         core_id: String,
+        metrics: Arc<CoreMetrics>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> watch::Receiver<Arc<Directory>> {
@@ -232,6 +235,7 @@ impl Supervisor {
             core_id,
             directory: directory.clone(),
             tracker: tracker.clone(),
+            metrics,
         };
         tracker.spawn(supervise(ctx, directory_tx, cancel));
         directory

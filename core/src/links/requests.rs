@@ -25,7 +25,17 @@ pub(crate) async fn handle(request: edge::Request, ctx: &LinkContext) -> edge::R
         )),
         Some(kind) => {
             let wait = Duration::from_millis(u64::from(request.wait_ms));
-            dispatch(kind, &request.client_addr, wait, ctx).await
+            let login = matches!(kind, request::Kind::MfaFinish(_));
+            let result = dispatch(kind, &request.client_addr, wait, ctx).await;
+            if login {
+                match &result {
+                    Ok(_) => {
+                        ctx.metrics.mfa_logins.inc();
+                    }
+                    Err(error) => ctx.metrics.mfa_failed(error),
+                }
+            }
+            result
         }
     };
     let result = match result {

@@ -29,9 +29,9 @@ use super::{
     announce::{self, FrameSocket, Mac},
     election::{Election, Identity},
     health::HealthEvent,
-    machine::{Action, Event, HandoverError, Role, Settings, answer},
+    machine::{Action, Cause, Event, HandoverError, Role, Settings, answer},
     sharing::{SharingHandle, SharingSnapshot, wire},
-    status::{AgentView, HaStatus, HaSummary, Owned},
+    status::{AgentView, HaMetricsView, HaStatus, HaSummary, Owned},
     transport::{Destination, Transport},
     vip::{VipError, Vips, set_arp_sysctls},
 };
@@ -40,6 +40,7 @@ use crate::{
     datapath::DatapathHandle,
     director::DirectorConfig,
     error_chain,
+    metrics::GatewayMetrics,
     wireguard::{WireguardHandle, kick::FailoverReport},
 };
 
@@ -193,6 +194,16 @@ impl HaHandle {
         ))
     }
 
+    /// What a metrics scrape reads: the agent's published view and the
+    /// advert socket's drops, never the agent's loop.
+    pub fn metrics_view(&self) -> HaMetricsView {
+        let socket_dropped = self.transport.dropped().unwrap_or_else(|error| {
+            warn!(%error, "reading the advert socket's drops failed");
+            0
+        });
+        self.view.borrow().metrics(Instant::now(), socket_dropped)
+    }
+
     /// Starts a planned handover; returns the gateway taking over.
     pub async fn failover(&self) -> Result<u32, HaError> {
         let (reply, rx) = oneshot::channel();
@@ -262,6 +273,12 @@ pub struct Agent {
     endpoints: Option<watch::Receiver<SharingSnapshot>>,
     /// Failover continuity and the director.
     controller: Controller,
+    /// Role changes since the start, by (from, to), and how many of the
+    /// machine's records they count.
+    transition_counts: BTreeMap<(Role, Role), u64>,
+    counted: u64,
+    /// The failover histograms this agent observes.
+    metrics: Option<Arc<GatewayMetrics>>,
 }
 
 /// The tasks failover continuity talks to.
@@ -338,6 +355,9 @@ impl Agent {
             controller,
             fault: None,
             penalty: None,
+            transition_counts: BTreeMap::new(),
+            counted: 0,
+            metrics: None,
         })
     }
 
@@ -354,6 +374,11 @@ impl Agent {
     /// This start's epoch, which endpoint sharing's messages carry too.
     pub fn epoch(&self) -> u64 {
         self.election.identity().epoch
+    }
+
+    /// Observes each failover to this gateway in `metrics`.
+    pub fn set_metrics(&mut self, metrics: Arc<GatewayMetrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// Connects failover continuity: endpoint messages go to `sharing`,
@@ -498,7 +523,8 @@ impl Agent {
     /// What Core follows of the state.
     /// Publishes the summary (waking its subscribers only when it
     /// changed) and the view status requests read.
-    fn publish(&self, published: &Published) {
+    fn publish(&mut self, published: &Published) {
+        self.count_transitions();
         let summary = self.summary();
         published.summary.send_if_modified(|current| {
             let changed = *current != summary;
@@ -506,6 +532,23 @@ impl Agent {
             changed
         });
         published.view.send_replace(self.view());
+    }
+
+    /// Counts the role changes the machine recorded since the last call
+    /// (notes, which change no role, are not counted).
+    fn count_transitions(&mut self) {
+        let machine = self.election.machine();
+        let new = machine.recorded().saturating_sub(self.counted);
+        self.counted = machine.recorded();
+        let kept: Vec<(Role, Role)> = machine.transitions().map(|t| (t.from, t.to)).collect();
+        let start = kept
+            .len()
+            .saturating_sub(usize::try_from(new).unwrap_or(usize::MAX));
+        for &(from, to) in &kept[start..] {
+            if from != to {
+                *self.transition_counts.entry((from, to)).or_default() += 1;
+            }
+        }
     }
 
     fn summary(&self) -> HaSummary {
@@ -652,9 +695,23 @@ impl Agent {
                         error!(error = %error_chain(&error), "adding the VIPs failed");
                     }
                     self.announce();
+                    let vip_move = became.elapsed();
+                    if let Some(metrics) = &self.metrics {
+                        if let Cause::Takeover {
+                            last_heard: Some(heard),
+                            ..
+                        } = cause
+                        {
+                            GatewayMetrics::observe(
+                                &metrics.failover_detection,
+                                became.saturating_duration_since(heard),
+                            );
+                        }
+                        GatewayMetrics::observe(&metrics.failover_vip_move, vip_move);
+                    }
                     let moved = Input::VipsMoved {
                         became,
-                        vip_move: became.elapsed(),
+                        vip_move,
                         reason: self.election.last_reason(),
                     };
                     let effects = self.controller.step(moved, Instant::now());
@@ -873,6 +930,7 @@ impl Agent {
                 .collect(),
             transitions: self.election.machine().transitions().cloned().collect(),
             dropped: self.dropped.clone(),
+            transition_counts: self.transition_counts.clone(),
             renewed: self.renewed,
             anchor: self.anchor,
         }

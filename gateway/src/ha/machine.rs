@@ -29,7 +29,7 @@ pub const MAX_TRANSITIONS: usize = 32;
 const PEER_TIMEOUT_INTERVALS: u32 = 4;
 
 /// A gateway's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     Init,
@@ -299,6 +299,9 @@ pub struct Machine {
     preemption: Option<Preemption>,
     shutting_down: bool,
     transitions: VecDeque<Transition>,
+    /// Transitions and notes recorded since the start (the history keeps
+    /// the last few).
+    recorded: u64,
     /// Why the VIPs last moved.
     cause: Cause,
     /// The newest advert format this gateway writes.
@@ -324,6 +327,7 @@ impl Machine {
             preemption: None,
             shutting_down: false,
             transitions: VecDeque::new(),
+            recorded: 0,
             cause: Cause::Other,
             newest: VERSION,
         }
@@ -404,6 +408,13 @@ impl Machine {
     /// The other gateways heard recently.
     pub fn peers(&self) -> &BTreeMap<u32, PeerView> {
         &self.peers
+    }
+
+    /// How many transitions and notes were recorded since the start:
+    /// the newest `recorded() - n` of [`transitions`](Self::transitions)
+    /// came after the first `n`.
+    pub fn recorded(&self) -> u64 {
+        self.recorded
     }
 
     /// Role changes, oldest first.
@@ -1024,6 +1035,7 @@ impl Machine {
     }
 
     fn record(&mut self, from: Role, to: Role, reason: String, at: Instant) {
+        self.recorded += 1;
         if self.transitions.len() == MAX_TRANSITIONS {
             self.transitions.pop_front();
         }

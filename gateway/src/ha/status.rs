@@ -110,6 +110,22 @@ pub struct HaSummary {
     pub maintenance: bool,
 }
 
+/// What a metrics scrape reads of the agent's published view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaMetricsView {
+    pub role: Role,
+    /// The priority advertised.
+    pub priority: u8,
+    /// Other gateways heard recently.
+    pub gateways_heard: usize,
+    /// Role changes since the start, by (from, to).
+    pub transitions: BTreeMap<(Role, Role), u64>,
+    /// Adverts dropped since the start, by reason (with the socket's).
+    pub dropped: BTreeMap<String, u64>,
+    /// The fence's lease as last renewed.
+    pub fence: Option<FenceStatus>,
+}
+
 /// What the agent knows, published after each of its steps.
 #[derive(Debug, Clone)]
 pub(super) struct AgentView {
@@ -127,6 +143,8 @@ pub(super) struct AgentView {
     pub(super) peers: Vec<(u32, PeerView, Option<PeerExtra>)>,
     pub(super) transitions: Vec<Transition>,
     pub(super) dropped: BTreeMap<String, u64>,
+    /// Role changes since the start, by (from, to).
+    pub(super) transition_counts: BTreeMap<(Role, Role), u64>,
     /// The lease as last renewed: when, for how long, holding the VIPs.
     pub(super) renewed: Option<(Instant, Duration, bool)>,
     /// An instant and the wall-clock time at that instant.
@@ -143,6 +161,28 @@ pub(super) struct Owned {
 }
 
 impl AgentView {
+    /// What a metrics scrape reads, at `now`; `socket_dropped` from the
+    /// advert socket.
+    pub(super) fn metrics(&self, now: Instant, socket_dropped: u32) -> HaMetricsView {
+        let mut dropped = self.dropped.clone();
+        if socket_dropped > 0 {
+            dropped.insert("socket-queue-full".into(), socket_dropped.into());
+        }
+        HaMetricsView {
+            role: self.role,
+            priority: self.priority,
+            gateways_heard: self.peers.len(),
+            transitions: self.transition_counts.clone(),
+            dropped,
+            fence: self.renewed.map(|(at, lease, holds_vips)| FenceStatus {
+                holds_vips,
+                lease_left_ms: lease
+                    .saturating_sub(now.saturating_duration_since(at))
+                    .as_millis() as u64,
+            }),
+        }
+    }
+
     /// The whole status at `now`, with what the other tasks own.
     pub(super) fn status(self, now: Instant, owned: Owned) -> HaStatus {
         let (anchor, wall) = self.anchor;

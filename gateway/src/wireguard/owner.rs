@@ -23,6 +23,7 @@ use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -48,7 +49,7 @@ use super::{
     state::{Removal, State, StateError, StateStore, from_unix, unix},
     userspace::{LaunchError, ProcessWatch, Userspace},
 };
-use crate::error_chain;
+use crate::{error_chain, metrics::GatewayMetrics};
 
 /// How often a failover's kicks go out, in batches of the rate's share.
 const KICK_TICK: Duration = Duration::from_millis(20);
@@ -394,6 +395,8 @@ pub struct Owner {
     saved: Saved,
     /// Publishes the error while it does not.
     unsaved: watch::Sender<Option<String>>,
+    /// Kicks and the clients' return after failovers, counted here.
+    metrics: Option<Arc<GatewayMetrics>>,
 }
 
 impl Owner {
@@ -426,6 +429,7 @@ impl Owner {
             polled: None,
             saved: Saved::default(),
             unsaved: watch::Sender::new(None),
+            metrics: None,
         };
         let mut state = owner.state.clone();
         local_conflicts(&owner.config, &state)?;
@@ -648,7 +652,12 @@ impl Owner {
         };
         run.not_kicked(batch.len() - kicks.len());
         match result {
-            Ok(()) => run.kicked(keys, now),
+            Ok(()) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.kicks.inc_by(keys.len() as u64);
+                }
+                run.kicked(keys, now)
+            }
             Err(error) => {
                 warn!(error = %error_chain(&error), peers = keys.len(), "kicking handshakes failed");
                 run.not_kicked(keys.len());
@@ -730,6 +739,9 @@ impl Owner {
             interrupted = report.interrupted,
             "failover: clients back"
         );
+        if let (Some(metrics), Some(ms)) = (&self.metrics, report.fresh_95_ms) {
+            GatewayMetrics::observe(&metrics.failover_clients_back, Duration::from_millis(ms));
+        }
         kick::keep(&mut self.reports, report);
     }
 
@@ -1057,6 +1069,11 @@ impl Owner {
     /// The listen port in force (from the file, or Core's location config).
     pub fn listen_port(&self) -> Option<u16> {
         self.device().listen_port
+    }
+
+    /// Counts kicks and the clients' return after failovers in `metrics`.
+    pub fn set_metrics(&mut self, metrics: Arc<GatewayMetrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// What the endpoint-sharing task reads of this device.

@@ -30,6 +30,7 @@ use tidegate_tests::control::{
 use tidegate_tests::failover::{AddrMonitor, Spread, unix_ms_now};
 use tidegate_tests::ha::{HaOptions, Prober, start_prober_paced};
 use tidegate_tests::lab_report::{self, Figure, Lane, Mark, Window};
+use tidegate_tests::metrics;
 use tidegate_tests::packets::{malformed_kinds, send_paced};
 use tidegate_tests::probe::ProbeSummary;
 use tidegate_tests::user_client::UserClient;
@@ -313,17 +314,23 @@ fn location(options: &Options, record: &mut Record) -> Result<()> {
         }),
         clients: options.clients,
         xdp_mode: options.xdp_mode,
+        metrics: true,
         ..ControlOptions::default()
     })?;
     lab.start_echoes()?;
+    // Nothing but its metrics endpoint on its own loopback.
     let listening = lab.intranet().exec_ok("ss", &["-Htln"])?;
-    ensure!(listening.trim().is_empty(), "Core listens: {listening}");
+    let reachable: Vec<&str> = listening
+        .lines()
+        .filter(|line| !line.contains("127.0.0.1:"))
+        .collect();
+    ensure!(reachable.is_empty(), "Core listens: {listening}");
     let names: Vec<String> = Netns::list()?
         .into_iter()
         .filter(|n| n.contains(&lab.run().netns_name("")))
         .collect();
     say(&format!(
-        "built in {:.1} s: {} namespaces; Core listens on no port and dials 4 gateways and 2 Edges",
+        "built in {:.1} s: {} namespaces; Core listens on no port outside its namespace and dials 4 gateways and 2 Edges",
         built.elapsed().as_secs_f64(),
         names.len()
     ));
@@ -925,7 +932,38 @@ fn crash(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Re
         completed >= kicked,
         "kicked {kicked}, completed {completed}"
     );
+    crash_metrics(lab, new, record)?;
     Ok(gap.max)
+}
+
+/// The new master's `/metrics` after the crash: its failover histograms
+/// hold the takeover, and its peers are counted.
+fn crash_metrics(lab: &ControlLab, new: usize, record: &mut Record) -> Result<()> {
+    let scrape = lab
+        .metrics_of_gateway(new)
+        .with_context(|| format!("scraping gw{new}'s /metrics"))?;
+    let read = |series: &str| metrics::value(&scrape, series);
+    let takeovers = read("tidegate_failover_detection_seconds_count")?;
+    let detection = read("tidegate_failover_detection_seconds_sum")?;
+    let vip_moves = read("tidegate_failover_vip_move_seconds_count")?;
+    let vip_move = read("tidegate_failover_vip_move_seconds_sum")?;
+    let peers = read("tidegate_wireguard_peers")?;
+    let live = read("tidegate_wireguard_peers_by_handshake_age{age=\"under-2m\"}")?;
+    say(&format!(
+        "gw{new}'s /metrics: {takeovers} takeover(s) detected in {:.0} ms in all, {vip_moves} VIP move(s) in {:.1} ms in all; {peers} peers, {live} with a handshake under 2 minutes",
+        detection * 1000.0,
+        vip_move * 1000.0,
+    ));
+    record.figure(
+        "crash",
+        "new master's /metrics: takeovers, detection",
+        format!("{takeovers}, {:.0} ms", detection * 1000.0),
+    );
+    ensure!(
+        takeovers >= 1.0 && vip_moves >= 1.0,
+        "gw{new}'s failover histograms hold no takeover"
+    );
+    Ok(())
 }
 
 /// Step 7: a planned handover loses no probe.
