@@ -134,16 +134,24 @@ impl Core {
     }
 }
 
-/// Runs Core until SIGTERM or SIGINT.
+/// Runs Core until SIGTERM or SIGINT, telling systemd once it is ready
+/// (the admin socket bound, the links started) and when it stops.
 pub async fn run(config: Config) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let serving = format!(
+        "serving the admin socket {}, database {}",
+        config.admin_socket.display(),
+        config.database.display()
+    );
     let mut core = Core::start(config).await?;
+    tidegate_proto::service::ready(&serving);
     let failure = tokio::select! {
         _ = sigterm.recv() => { info!("SIGTERM: shutting down"); None }
         _ = sigint.recv() => { info!("SIGINT: shutting down"); None }
         error = core.failed() => Some(error),
     };
+    tidegate_proto::service::stopping("closing the links and the admin socket");
     core.stop().await?;
     match failure {
         Some(e) => Err(e),

@@ -147,6 +147,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write tidectl's manual pages and shell completions under DIR (what
+    /// `cargo xtask package` ships).
+    #[command(hide = true)]
+    GenerateManual { dir: PathBuf },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -230,6 +234,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Command::GenerateManual { dir } = &cli.command {
+        use clap::CommandFactory as _;
+        tidegate_proto::manual::write(Cli::command(), dir)
+            .with_context(|| format!("writing the manual to {}", dir.display()))?;
+        return Ok(());
+    }
     let gateway = Client::new(cli.socket);
     let core = |command| core_api::run(&cli.core_socket, command);
     match cli.command {
@@ -334,6 +344,7 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", director_table(&status));
             }
         }
+        Command::GenerateManual { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
