@@ -28,7 +28,7 @@ use tidegate_proto::expiry::PkiStatus;
 /// Operate a Tidegate gateway through its local control socket, and Core
 /// through its admin socket (both root only).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "tidectl", version, about)]
 struct Cli {
     /// The gateway daemon's control socket.
     #[arg(long, env = "TIDEGATE_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
