@@ -221,13 +221,20 @@ impl Core {
     }
 }
 
-/// Runs Core until SIGTERM or SIGINT; SIGHUP re-reads `path` (with
-/// `overrides`) and the TLS files.
+/// Runs Core until SIGTERM or SIGINT, telling systemd once it is ready
+/// (the admin socket bound, the links started) and when it stops; SIGHUP
+/// re-reads `path` (with `overrides`) and the TLS files.
 pub async fn run(config: Config, path: &Path, overrides: Overrides) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let serving = format!(
+        "serving the admin socket {}, database {}",
+        config.admin_socket.display(),
+        config.database.display()
+    );
     let mut core = Core::start(config).await?;
+    tidegate_proto::service::ready(&serving);
     let failure = loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break None }
@@ -253,6 +260,7 @@ pub async fn run(config: Config, path: &Path, overrides: Overrides) -> Result<()
             error = core.failed() => break Some(error),
         }
     };
+    tidegate_proto::service::stopping("closing the links and the admin socket");
     core.stop().await?;
     match failure {
         Some(e) => Err(e),

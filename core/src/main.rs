@@ -11,12 +11,15 @@ use tidegate_core::{
     error_chain,
     pki::{self, PkiDir},
 };
+use tidegate_proto::logs::{self, LogArgs};
 use tracing::error;
 
 /// Tidegate Core: the control plane of Tidegate locations.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,17 +87,15 @@ enum Command {
         #[arg(long, default_value_t = pki::DEFAULT_DAYS)]
         days: u32,
     },
+    /// Write tidegate-core's manual pages and shell completions under DIR
+    /// (what `cargo xtask package` ships).
+    #[command(hide = true)]
+    GenerateManual { dir: PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    logs::init(cli.log.log_format);
     if let Command::Check {
         config,
         database,
@@ -182,6 +183,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                 dir.ca_key().display()
             );
             println!("Core: {} (key {})", core.cert.display(), core.key.display());
+            Ok(())
+        }
+        Command::GenerateManual { dir } => {
+            use clap::CommandFactory as _;
+            tidegate_proto::manual::write(Cli::command(), &dir)
+                .with_context(|| format!("writing the manual to {}", dir.display()))?;
             Ok(())
         }
         Command::Issue {

@@ -19,7 +19,13 @@ use tidegate_edge::{
     relay,
     serve::{self, HttpLimits},
 };
-use tidegate_proto::{certs::ReloadingCert, metrics::MetricsServer, tls::Pki};
+use tidegate_proto::{
+    certs::ReloadingCert,
+    logs::{self, LogArgs},
+    metrics::MetricsServer,
+    service,
+    tls::Pki,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -40,6 +46,12 @@ struct Args {
     /// Address Core dials (overrides the file).
     #[arg(long)]
     link_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    log: LogArgs,
+    /// Write the manual page and shell completions under DIR (what `cargo
+    /// xtask package` ships), and exit.
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_manual: Option<PathBuf>,
     /// Check the config and the TLS files it names, print what would run,
     /// and exit (0: it would start) without binding anything.
     #[arg(long)]
@@ -109,14 +121,18 @@ fn check(args: &Args) -> std::process::ExitCode {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
+    logs::init(args.log.log_format);
+    if let Some(dir) = &args.generate_manual {
+        use clap::CommandFactory as _;
+        return match tidegate_proto::manual::write(Args::command(), dir) {
+            Ok(_) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                error!(%error, dir = %dir.display(), "writing the manual");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if args.check {
         return check(&args);
     }
@@ -192,6 +208,10 @@ async fn run(args: Args) -> Result<()> {
         http_cancel.clone(),
     ));
     info!(http = %config.http_listen, link = %config.link_listen, "ready");
+    service::ready(&format!(
+        "serving HTTP on {}, Core's link on {}",
+        config.http_listen, config.link_listen
+    ));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -215,6 +235,7 @@ async fn run(args: Args) -> Result<()> {
             joined = &mut link_task => break Some(format!("the link server stopped: {joined:?}")),
         }
     };
+    service::stopping("finishing the requests in flight, then closing the link");
     http_cancel.cancel();
     if (!http_task.is_finished() || failure.is_none())
         && let Err(error) = http_task.await

@@ -9,12 +9,14 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use tidegate_gateway::{
-    config::{self, Overrides},
+    config::{self, Config, Overrides},
     control::server::{ControlSocket, Handles},
     core_link, datapath, error_chain,
     ha::{
         agent, epoch, health,
+        machine::Role,
         sharing::{self, SharingConfig},
+        status::HaSummary,
         thread::AgentThread,
     },
     hooks,
@@ -27,7 +29,11 @@ use tidegate_gateway::{
     },
     xdp::{Datapath, DatapathOptions, Kernel, XdpModeSetting, kernel::TCX_SINCE},
 };
-use tidegate_proto::metrics::MetricsServer;
+use tidegate_proto::{
+    logs::{self, LogArgs},
+    metrics::MetricsServer,
+    service,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     task::JoinSet,
@@ -55,17 +61,27 @@ struct Args {
     /// exit (0: it would start) without touching anything.
     #[arg(long)]
     check: bool,
+    #[command(flatten)]
+    log: LogArgs,
+    /// Write the manual page and shell completions under DIR (what `cargo
+    /// xtask package` ships), and exit.
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_manual: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
+    logs::init(args.log.log_format);
+    if let Some(dir) = &args.generate_manual {
+        use clap::CommandFactory as _;
+        return match tidegate_proto::manual::write(Args::command(), dir) {
+            Ok(_) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                error!(%error, dir = %dir.display(), "writing the manual");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if args.check {
         return check(&args);
     }
@@ -380,7 +396,7 @@ async fn run(args: Args) -> Result<()> {
     let handles = Handles {
         datapath: datapath_handle,
         wireguard: wireguard_handle,
-        ha: ha_handle,
+        ha: ha_handle.clone(),
         director_mode: config.ha.as_ref().is_some_and(|ha| ha.director.is_some()),
         reloader: reloader.clone(),
         pki,
@@ -390,7 +406,27 @@ async fn run(args: Args) -> Result<()> {
         control.serve(handles, control_cancel).await;
         Ok(())
     });
+    // Ready for systemd once the program is attached, the WireGuard
+    // interface reconciled (Owner::start) and the election has taken its
+    // first step.
+    if let Some(ha) = &ha_handle {
+        ha.first_step()
+            .await
+            .context("the HA agent stopped before its first step")?;
+    }
     info!(socket = %config.control_socket.display(), "ready");
+    let role = ha_handle.as_ref().map(|ha| ha.subscribe().borrow().role);
+    service::ready(&status_line(&config, role));
+    if let Some(ha) = &ha_handle {
+        // systemctl status shows the role as it changes.
+        let summary = ha.subscribe();
+        let config = config.clone();
+        let status_cancel = cancel.clone();
+        tasks.spawn(async move {
+            follow_role(summary, &config, status_cancel).await;
+            Ok(())
+        });
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -422,6 +458,11 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     }
+    service::stopping(if ha_task.is_some() {
+        "handing over or resigning, then stopping"
+    } else {
+        "stopping; the XDP program and WireGuard stay"
+    });
     ha_cancel.cancel();
     if let Some(ha_task) = ha_task {
         while let Some(joined) = tasks.join_next_with_id().await {
@@ -448,6 +489,42 @@ async fn run(args: Args) -> Result<()> {
         None => {
             info!("stopped");
             Ok(())
+        }
+    }
+}
+
+/// The status line systemd shows: the interfaces served and the HA role.
+fn status_line(config: &Config, role: Option<Role>) -> String {
+    let mut line = format!("shield on {}", config.interface);
+    if let Some(wireguard) = &config.wireguard {
+        line.push_str(&format!(", WireGuard {}", wireguard.interface));
+    }
+    if let Some(role) = role {
+        line.push_str(&format!(", HA {role}"));
+    }
+    line
+}
+
+/// Keeps systemd's status line on the HA role in force.
+async fn follow_role(
+    mut summary: tokio::sync::watch::Receiver<HaSummary>,
+    config: &Config,
+    cancel: CancellationToken,
+) {
+    let mut shown = summary.borrow_and_update().role;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = summary.changed() => if changed.is_err() {
+                // The agent is gone: the daemon is stopping.
+                cancel.cancelled().await;
+                return;
+            },
+        }
+        let role = summary.borrow_and_update().role;
+        if role != shown {
+            service::status(&status_line(config, Some(role)));
+            shown = role;
         }
     }
 }

@@ -1,5 +1,8 @@
 //! The protocols between Core, gateways and Edges, compiled from `proto/` at
-//! build time, and the mutual-TLS set-up every link uses.
+//! build time, and the mutual-TLS set-up every link uses; also what every
+//! daemon shares besides: its logging ([`logs`]), what it tells systemd
+//! ([`service`]) and the manual pages and completions made from its
+//! command line ([`manual`]).
 //!
 //! Every link is dialled by Core: gateways and Edges are gRPC servers that
 //! accept only a client certificate issued by the location's CA for Core's
@@ -10,7 +13,10 @@ pub mod certs;
 pub mod expiry;
 pub mod limits;
 pub mod listen;
+pub mod logs;
+pub mod manual;
 pub mod metrics;
+pub mod service;
 pub mod tls;
 
 /// An error and its sources on one line, for logs, in every daemon. A

@@ -1268,10 +1268,10 @@ mod tests {
     #[test]
     fn parses_a_status() {
         let json = r#"{"location_id":7,"gateway_id":2,"role":"backup","priority":110,
-            "advert_interval_ms":100,"master":3,"maintenance":false,
+            "advert_interval_ms":100,"advert_version":2,"master":3,"maintenance":false,
             "vips":["198.51.100.100"],"vips_held":[],
             "peers":[{"gateway_id":3,"role":"master","priority":120,"healthy":true,
-                      "maintenance":false,"last_seen_ms":12}],
+                      "maintenance":false,"last_seen_ms":12,"advert_version":2}],
             "transitions":[{"at_ms":1000,"from":"init","to":"backup","reason":"started"},
                            {"at_ms":1400,"from":"backup","to":"master","reason":"no master heard"},
                            {"at_ms":1500,"from":"master","to":"backup","reason":"gateway 3 outranks this one"},

@@ -8,6 +8,7 @@ mod ebpf;
 mod fuzz;
 mod kernels;
 mod lab;
+mod package;
 mod run;
 mod setup;
 mod vm;
@@ -58,6 +59,14 @@ enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Build the Debian packages (tidectl, tidegate-gateway, tidegate-core,
+    /// tidegate-edge) with cargo-deb from release binaries, into
+    /// target/debian/, and print their paths.
+    Package,
+    /// Build the Debian packages, install them with dpkg on a fresh Debian
+    /// 12 root (debootstrap, cached under the target directory) and check
+    /// their files, binaries and systemd units there. Needs root.
+    TestPackages,
     /// Run the lab: a Tidegate location in network namespaces on real
     /// WireGuard, narrated step by step; here (wireguard-go when the kernel
     /// has no WireGuard) or in a VM on Debian's kernel. Needs root.
@@ -108,6 +117,10 @@ fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
             run::build_user_space(&ws, &ebpf, release)?;
         }
         Command::Test { host_only } => test(&ws, host_only)?,
+        Command::Package => {
+            package::build(&ws, true)?;
+        }
+        Command::TestPackages => package::test(&ws)?,
         Command::TestKernels { kernels, filters } => {
             setup::require_root(
                 "`cargo xtask test-kernels` (it boots VMs that load XDP programs)",
@@ -177,6 +190,8 @@ fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
         anyhow::bail!("cargo test ran no test");
     }
     println!("xtask: host kernel: {passed} passed, {failed} failed");
+    run::step("the Debian packages on a fresh Debian 12 root");
+    package::test(ws)?;
     if !host_only {
         run::step("the kernel suite: Debian's kernels in VMs, with kernel WireGuard");
         let kernels = kernels::prepare(kernels::SERIES)?;

@@ -29,7 +29,7 @@ use tidegate_proto::expiry::PkiStatus;
 /// Operate a Tidegate gateway through its local control socket, and Core
 /// through its admin socket (both root only).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "tidectl", version, about)]
 struct Cli {
     /// The gateway daemon's control socket.
     #[arg(long, env = "TIDEGATE_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
@@ -153,6 +153,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write tidectl's manual pages and shell completions under DIR (what
+    /// `cargo xtask package` ships).
+    #[command(hide = true)]
+    GenerateManual { dir: PathBuf },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -236,6 +240,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Command::GenerateManual { dir } = &cli.command {
+        use clap::CommandFactory as _;
+        tidegate_proto::manual::write(Cli::command(), dir)
+            .with_context(|| format!("writing the manual to {}", dir.display()))?;
+        return Ok(());
+    }
     let gateway = Client::new(cli.socket);
     let core = |command| core_api::run(&cli.core_socket, command);
     match cli.command {
@@ -341,6 +351,7 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", director_table(&status));
             }
         }
+        Command::GenerateManual { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

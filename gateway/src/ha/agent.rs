@@ -160,6 +160,16 @@ impl HaHandle {
             .map(|tasks| tasks.wireguard.subscribe_failovers())
     }
 
+    /// Waits until the agent has taken its first step of the election
+    /// (started, and sent its first advert or taken the VIPs), so that the
+    /// daemon can say it is ready; or until the agent is gone.
+    pub async fn first_step(&self) -> Result<(), HaError> {
+        // The view is published after every step, the first one included;
+        // this receiver has seen none of them.
+        let mut view = self.view.clone();
+        view.changed().await.map_err(|_| HaError::Stopped)
+    }
+
     /// The election state.
     pub async fn status(&self) -> Result<HaStatus, HaError> {
         if self.tx.is_closed() {
