@@ -171,31 +171,36 @@ impl Etc {
     }
 }
 
-/// The gateway's start-up validation of `file`: `Config::load`, then the
-/// link certificate that `[core]` names (checked for its identity, as the
-/// daemon does before serving Core). The daemon warns, and this refuses,
-/// when no `[[service]]` has the WireGuard listen port.
+/// What `tidegate-gateway --check` and the start run on `file`
+/// ([`preflight::check`]: every section, the rules between them, the link
+/// certificates `[core]` names); the start's warnings fail it too.
 fn check_gateway(file: &Path) -> Result<()> {
-    use tidegate_gateway::config::{Config, Overrides};
-    let config = Config::load(file, Overrides::default())?;
-    if let Some(core) = &config.core {
-        tidegate_gateway::core_link::server::load_pki(core)?;
-    }
-    if let Some(port) = config.wireguard.as_ref().and_then(|w| w.listen_port) {
-        ensure!(
-            config.services.services().iter().any(|s| s.port() == port),
-            "no [[service]] has the WireGuard listen port {port}"
-        );
-    }
+    use tidegate_gateway::{
+        config::Overrides,
+        preflight::{self, PreflightError},
+    };
+    let checked = preflight::check(file, Overrides::default())
+        .map_err(|errors| anyhow::anyhow!(PreflightError::lines(&errors).join("; ")))?;
+    // A deployment guide's configs draw no warning either.
+    ensure!(
+        checked.warnings.is_empty(),
+        "warnings: {}",
+        checked
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     Ok(())
 }
 
-/// Core's start-up validation of `file`: `Config::load`, then its CA,
-/// certificate and key, as `tidegate-core run` loads them.
+/// What `tidegate-core check` and the start run on `file`: `Config::load`,
+/// then its CA, certificate and key ([`tidegate_core::daemon::load_pki`]).
 fn check_core(file: &Path) -> Result<()> {
     use tidegate_core::config::{Config, Overrides};
     let config = Config::load(file, Overrides::default())?;
-    tidegate_proto::tls::Pki::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    tidegate_core::daemon::load_pki(&config)?;
     Ok(())
 }
 
