@@ -302,13 +302,14 @@ impl Scraper {
             let transitions = counter_family(
                 &mut registry,
                 "ha_transitions",
-                "Changes of HA role, by the role left and the role taken",
+                "Changes of HA role, by the role left, the role taken and why",
             );
-            for ((from, to), count) in &view.transitions {
+            for ((from, to, kind), count) in &view.transitions {
                 transitions
                     .get_or_create(&vec![
                         ("from", role_label(*from).to_owned()),
                         ("to", role_label(*to).to_owned()),
+                        ("reason", kind.name().to_owned()),
                     ])
                     .inc_by(*count);
             }

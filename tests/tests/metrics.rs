@@ -199,12 +199,12 @@ fn a_crash_moves_the_new_masters_failover_histograms_by_one() -> Result<()> {
     let transitions = moved(
         &before,
         &after,
-        "tidegate_ha_transitions_total{from=\"backup\",to=\"master\"}",
+        "tidegate_ha_transitions_total{from=\"backup\",to=\"master\",reason=\"master-down\"}",
     )
     .or_else(|_| {
         value(
             &after,
-            "tidegate_ha_transitions_total{from=\"backup\",to=\"master\"}",
+            "tidegate_ha_transitions_total{from=\"backup\",to=\"master\",reason=\"master-down\"}",
         )
     })?;
     ensure!(

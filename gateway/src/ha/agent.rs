@@ -29,7 +29,7 @@ use super::{
     announce::{self, FrameSocket, Mac},
     election::{Election, Identity},
     health::HealthEvent,
-    machine::{Action, Cause, Event, HandoverError, Role, Settings, answer},
+    machine::{Action, Cause, Event, HandoverError, Role, Settings, TransitionKind, answer},
     sharing::{SharingHandle, SharingSnapshot, wire},
     status::{AgentView, HaMetricsView, HaStatus, HaSummary, Owned},
     transport::{Destination, Transport},
@@ -283,9 +283,9 @@ pub struct Agent {
     endpoints: Option<watch::Receiver<SharingSnapshot>>,
     /// Failover continuity and the director.
     controller: Controller,
-    /// Role changes since the start, by (from, to), and how many of the
+    /// Role changes since the start, by (from, to, why), and how many of the
     /// machine's records they count.
-    transition_counts: BTreeMap<(Role, Role), u64>,
+    transition_counts: BTreeMap<(Role, Role, TransitionKind), u64>,
     counted: u64,
     /// The failover histograms this agent observes.
     metrics: Option<Arc<GatewayMetrics>>,
@@ -550,13 +550,16 @@ impl Agent {
         let machine = self.election.machine();
         let new = machine.recorded().saturating_sub(self.counted);
         self.counted = machine.recorded();
-        let kept: Vec<(Role, Role)> = machine.transitions().map(|t| (t.from, t.to)).collect();
+        let kept: Vec<(Role, Role, TransitionKind)> = machine
+            .transitions()
+            .map(|t| (t.from, t.to, t.kind))
+            .collect();
         let start = kept
             .len()
             .saturating_sub(usize::try_from(new).unwrap_or(usize::MAX));
-        for &(from, to) in &kept[start..] {
+        for &(from, to, kind) in &kept[start..] {
             if from != to {
-                *self.transition_counts.entry((from, to)).or_default() += 1;
+                *self.transition_counts.entry((from, to, kind)).or_default() += 1;
             }
         }
     }

@@ -218,7 +218,55 @@ pub struct Transition {
     pub at: Instant,
     pub from: Role,
     pub to: Role,
+    /// Why, in a few words of a bounded set (a metric's label).
+    pub kind: TransitionKind,
+    /// Why, in words, with the gateways and figures involved.
     pub reason: String,
+}
+
+/// Why the role changed (or, for a note, what happened), from a bounded
+/// set: what `tidegate_ha_transitions_total` counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TransitionKind {
+    /// The agent started.
+    Started,
+    /// No master was heard for a master-down interval, or the master
+    /// resigned: this gateway took the VIPs.
+    MasterDown,
+    /// A master asked to hand over did not: this higher priority took over.
+    PreemptionUnanswered,
+    /// The master handed the VIPs to this gateway.
+    HandoverFrom,
+    /// This master handed the VIPs to another gateway.
+    HandedOver,
+    /// A higher-priority master was heard.
+    Outranked,
+    /// The gateway's own health checks failed, or pass again.
+    Health,
+    /// The agent was paused past its lease.
+    Stalled,
+    /// Stopping with no backup, or a handover that timed out: resigned.
+    Resigned,
+    /// No role changed: a note in the history.
+    Note,
+}
+
+impl TransitionKind {
+    /// The name in metrics and `tidectl status --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::MasterDown => "master-down",
+            Self::PreemptionUnanswered => "preemption-unanswered",
+            Self::HandoverFrom => "handover-from",
+            Self::HandedOver => "handed-over",
+            Self::Outranked => "outranked",
+            Self::Health => "health",
+            Self::Stalled => "stalled",
+            Self::Resigned => "resigned",
+            Self::Note => "note",
+        }
+    }
 }
 
 /// Why the VIPs last moved to or from this gateway, for failover
@@ -558,7 +606,7 @@ impl Machine {
         } else {
             Role::Fault
         };
-        self.transition(role, "started", now);
+        self.transition(role, TransitionKind::Started, "started", now);
         if role == Role::Backup {
             self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
         }
@@ -580,6 +628,7 @@ impl Machine {
             self.handover = None;
             if self.shutting_down {
                 self.resign(
+                    TransitionKind::Resigned,
                     format!("handover to gateway {} timed out; resigning", handover.to),
                     now,
                     actions,
@@ -608,6 +657,7 @@ impl Machine {
                 };
                 self.master = None;
                 self.become_master(
+                    TransitionKind::PreemptionUnanswered,
                     format!(
                         "master {} did not hand over to this higher priority; taking over",
                         preemption.master
@@ -632,7 +682,7 @@ impl Machine {
                     .map(|peer| peer.last_seen)
                     .max();
                 self.cause = Cause::Takeover { master, last_heard };
-                self.become_master(reason, now, actions);
+                self.become_master(TransitionKind::MasterDown, reason, now, actions);
             }
         }
         if self.next_advert.is_some_and(|at| now >= at) {
@@ -711,6 +761,7 @@ impl Machine {
             self.master = None;
             self.cause = Cause::HandoverFrom(heard.from);
             self.become_master(
+                TransitionKind::HandoverFrom,
                 format!("handover from gateway {}", heard.from),
                 now,
                 actions,
@@ -837,6 +888,7 @@ impl Machine {
             self.cause = Cause::HandedOverTo(heard.from);
             self.become_backup(
                 heard,
+                TransitionKind::HandedOver,
                 format!("handed over to gateway {}", heard.from),
                 now,
                 actions,
@@ -854,6 +906,7 @@ impl Machine {
         ) {
             self.become_backup(
                 heard,
+                TransitionKind::Outranked,
                 format!("gateway {} outranks this one", heard.from),
                 now,
                 actions,
@@ -878,7 +931,7 @@ impl Machine {
         match (healthy, self.role) {
             (false, Role::Master) => {
                 self.handover = None;
-                self.resign(reason, now, actions);
+                self.resign(TransitionKind::Health, reason, now, actions);
                 // Stopping: the handover is moot, and the stop completes.
                 if self.shutting_down {
                     actions.push(Action::Exit);
@@ -886,11 +939,11 @@ impl Machine {
             }
             (false, Role::Backup) => {
                 self.master_down_at = None;
-                self.transition(Role::Fault, reason, now);
+                self.transition(Role::Fault, TransitionKind::Health, reason, now);
                 self.advertise_now(now, actions);
             }
             (true, Role::Fault) => {
-                self.transition(Role::Backup, reason, now);
+                self.transition(Role::Backup, TransitionKind::Health, reason, now);
                 self.master_down_at = Some(now + self.master_down_interval(self.settings.interval));
                 self.advertise_now(now, actions);
             }
@@ -909,6 +962,7 @@ impl Machine {
                 self.cause = Cause::Other;
                 self.transition(
                     Role::Backup,
+                    TransitionKind::Stalled,
                     format!(
                         "paused for {} ms, past the lease: stepping down",
                         paused.as_millis()
@@ -939,7 +993,12 @@ impl Machine {
                 // Exit once the backup has taken over, or at the deadline.
                 return;
             }
-            self.resign("shutting down with no backup".into(), now, actions);
+            self.resign(
+                TransitionKind::Resigned,
+                "shutting down with no backup".into(),
+                now,
+                actions,
+            );
         } else {
             self.advertise_now(now, actions);
         }
@@ -948,7 +1007,13 @@ impl Machine {
 
     /// MASTER → FAULT, or BACKUP on shutdown: one last advert as master
     /// with priority 0, so the backups take over after their skew only.
-    fn resign(&mut self, reason: String, now: Instant, actions: &mut Vec<Action>) {
+    fn resign(
+        &mut self,
+        kind: TransitionKind,
+        reason: String,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
         let last = AdvertFields {
             role: Role::Master,
             priority: 0,
@@ -964,12 +1029,18 @@ impl Machine {
             Role::Fault
         };
         self.cause = Cause::Other;
-        self.transition(to, reason, now);
+        self.transition(to, kind, reason, now);
         actions.push(Action::ReleaseVips);
     }
 
-    fn become_master(&mut self, reason: String, now: Instant, actions: &mut Vec<Action>) {
-        self.transition(Role::Master, reason, now);
+    fn become_master(
+        &mut self,
+        kind: TransitionKind,
+        reason: String,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        self.transition(Role::Master, kind, reason, now);
         self.master_down_at = None;
         self.yielded_to = None;
         actions.push(Action::TakeVips);
@@ -979,6 +1050,7 @@ impl Machine {
     fn become_backup(
         &mut self,
         heard: Heard,
+        kind: TransitionKind,
         reason: String,
         now: Instant,
         actions: &mut Vec<Action>,
@@ -986,7 +1058,7 @@ impl Machine {
         if !matches!(self.cause, Cause::HandedOverTo(id) if id == heard.from) {
             self.cause = Cause::Other;
         }
-        self.transition(Role::Backup, reason, now);
+        self.transition(Role::Backup, kind, reason, now);
         self.master = Some(heard.from);
         self.master_down_at = Some(now + self.master_down_interval(heard.interval));
         actions.push(Action::ReleaseVips);
@@ -1022,19 +1094,25 @@ impl Machine {
             .map(|(id, _)| *id)
     }
 
-    fn transition(&mut self, to: Role, reason: impl Into<String>, now: Instant) {
+    fn transition(
+        &mut self,
+        to: Role,
+        kind: TransitionKind,
+        reason: impl Into<String>,
+        now: Instant,
+    ) {
         let from = self.role;
         self.role = to;
         self.preemption = None;
-        self.record(from, to, reason.into(), now);
+        self.record(from, to, kind, reason.into(), now);
     }
 
     /// Records an event that changes no role (shown in the history).
     fn note(&mut self, reason: String, now: Instant) {
-        self.record(self.role, self.role, reason, now);
+        self.record(self.role, self.role, TransitionKind::Note, reason, now);
     }
 
-    fn record(&mut self, from: Role, to: Role, reason: String, at: Instant) {
+    fn record(&mut self, from: Role, to: Role, kind: TransitionKind, reason: String, at: Instant) {
         self.recorded += 1;
         if self.transitions.len() == MAX_TRANSITIONS {
             self.transitions.pop_front();
@@ -1043,6 +1121,7 @@ impl Machine {
             at,
             from,
             to,
+            kind,
             reason,
         });
     }
@@ -1419,6 +1498,143 @@ mod tests {
         // A gateway of the previous release writes version 1 even alone.
         let old = Machine::new(settings(3, 100)).speaking_at_most(1);
         assert_eq!(old.advert().oldest_version, 1);
+    }
+
+    /// Role changes: the role taken and why.
+    type Changes = Vec<(Role, TransitionKind)>;
+
+    /// The kinds of the role changes a machine recorded, oldest first.
+    fn kinds(m: &Machine) -> Changes {
+        m.transitions()
+            .filter(|t| t.from != t.to)
+            .map(|t| (t.to, t.kind))
+            .collect()
+    }
+
+    #[test]
+    fn each_role_change_says_why_from_a_bounded_set() {
+        use TransitionKind::*;
+        let t0 = Instant::now();
+        let health = |healthy| Event::Health {
+            healthy,
+            reason: "wg0 down".into(),
+        };
+        // (what happened, the machine's role changes)
+        let mut cases: Vec<(&str, Machine, Changes)> = Vec::new();
+        let (a, mut b, _) = trio(t0);
+        cases.push((
+            "alone past the master-down interval",
+            a.clone(),
+            vec![(Role::Backup, Started), (Role::Master, MasterDown)],
+        ));
+        let mut handing = a.clone();
+        handing.on_event(Event::Failover, ms(t0, 400));
+        handing.on_event(master(2, 150), ms(t0, 401));
+        cases.push((
+            "a planned handover, on the old master",
+            handing,
+            vec![
+                (Role::Backup, Started),
+                (Role::Master, MasterDown),
+                (Role::Backup, HandedOver),
+            ],
+        ));
+        b.on_event(
+            Event::Heard(Heard {
+                handover_to: Some(2),
+                ..heard(master(1, 200))
+            }),
+            ms(t0, 400),
+        );
+        cases.push((
+            "a planned handover, on the new master",
+            b,
+            vec![(Role::Backup, Started), (Role::Master, HandoverFrom)],
+        ));
+        let mut outranked = a.clone();
+        outranked.on_event(master(9, 250), ms(t0, 400));
+        cases.push((
+            "a higher master heard",
+            outranked,
+            vec![
+                (Role::Backup, Started),
+                (Role::Master, MasterDown),
+                (Role::Backup, Outranked),
+            ],
+        ));
+        let mut sick = a.clone();
+        sick.on_event(health(false), ms(t0, 400));
+        sick.on_event(health(true), ms(t0, 500));
+        cases.push((
+            "health fails, then passes",
+            sick,
+            vec![
+                (Role::Backup, Started),
+                (Role::Master, MasterDown),
+                (Role::Fault, Health),
+                (Role::Backup, Health),
+            ],
+        ));
+        let mut paused = a.clone();
+        let stall = Event::Stalled {
+            paused: Duration::from_secs(2),
+        };
+        paused.on_event(stall, ms(t0, 2400));
+        cases.push((
+            "paused past the lease",
+            paused,
+            vec![
+                (Role::Backup, Started),
+                (Role::Master, MasterDown),
+                (Role::Backup, Stalled),
+            ],
+        ));
+        let mut alone = started(1, 100, t0);
+        alone.on_event(Event::Tick, ms(t0, 400));
+        alone.on_event(Event::Shutdown, ms(t0, 500));
+        cases.push((
+            "stopping with no backup",
+            alone,
+            vec![
+                (Role::Backup, Started),
+                (Role::Master, MasterDown),
+                (Role::Backup, Resigned),
+            ],
+        ));
+        let (mut high, ..) = failback(t0);
+        for n in 1331..2000 {
+            if n % 100 == 30 {
+                high.on_event(master(2, 100), ms(t0, n));
+            }
+            high.on_event(Event::Tick, ms(t0, n));
+        }
+        cases.push((
+            "a preemption the master ignores",
+            high,
+            vec![
+                (Role::Backup, Started),
+                (Role::Master, PreemptionUnanswered),
+            ],
+        ));
+        for (what, machine, expected) in cases {
+            assert_eq!(kinds(&machine), expected, "{what}");
+        }
+        let names: std::collections::BTreeSet<&str> = [
+            Started,
+            MasterDown,
+            PreemptionUnanswered,
+            HandoverFrom,
+            HandedOver,
+            Outranked,
+            Health,
+            Stalled,
+            Resigned,
+            Note,
+        ]
+        .iter()
+        .map(|k| k.name())
+        .collect();
+        assert_eq!(names.len(), 10, "each kind has its own name");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     agent::HaMode,
     election::PeerExtra,
-    machine::{PeerView, Role, Transition},
+    machine::{PeerView, Role, Transition, TransitionKind},
     sharing::SharingStatus,
 };
 use crate::{
@@ -118,8 +118,8 @@ pub struct HaMetricsView {
     pub priority: u8,
     /// Other gateways heard recently.
     pub gateways_heard: usize,
-    /// Role changes since the start, by (from, to).
-    pub transitions: BTreeMap<(Role, Role), u64>,
+    /// Role changes since the start, by (from, to, why).
+    pub transitions: BTreeMap<(Role, Role, TransitionKind), u64>,
     /// Adverts dropped since the start, by reason (with the socket's).
     pub dropped: BTreeMap<String, u64>,
     /// The fence's lease as last renewed.
@@ -144,7 +144,7 @@ pub(super) struct AgentView {
     pub(super) transitions: Vec<Transition>,
     pub(super) dropped: BTreeMap<String, u64>,
     /// Role changes since the start, by (from, to).
-    pub(super) transition_counts: BTreeMap<(Role, Role), u64>,
+    pub(super) transition_counts: BTreeMap<(Role, Role, TransitionKind), u64>,
     /// The lease as last renewed: when, for how long, holding the VIPs.
     pub(super) renewed: Option<(Instant, Duration, bool)>,
     /// An instant and the wall-clock time at that instant.
