@@ -208,14 +208,16 @@ async fn run(args: Args) -> Result<()> {
         http_cancel.clone(),
     ));
     info!(http = %config.http_listen, link = %config.link_listen, "ready");
+    // The handlers are in before READY=1: systemd may stop the daemon at
+    // once, and a SIGTERM before them would end it without its shutdown.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     service::ready(&format!(
         "serving HTTP on {}, Core's link on {}",
         config.http_listen, config.link_listen
     ));
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut running = config;
     let failure = loop {
         tokio::select! {

@@ -406,6 +406,11 @@ async fn run(args: Args) -> Result<()> {
         control.serve(handles, control_cancel).await;
         Ok(())
     });
+    // The handlers are in before READY=1: systemd may stop the daemon at
+    // once, and a SIGTERM before them would end it without its shutdown.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Ready for systemd once the program is attached, the WireGuard
     // interface reconciled (Owner::start) and the election has taken its
     // first step.
@@ -428,9 +433,6 @@ async fn run(args: Args) -> Result<()> {
         });
     }
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut failure = None;
     loop {
         tokio::select! {

@@ -35,7 +35,7 @@ fn next(socket: &UnixDatagram, awaited: &str, gateway: &Process) -> Result<Strin
     let len = socket.recv(&mut buf).with_context(|| {
         format!(
             "no notification while awaiting {awaited}; the gateway's log ends with:\n{}",
-            gateway.log_tail(20)
+            gateway.log_tail(60)
         )
     })?;
     Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
@@ -49,7 +49,11 @@ fn gateway_is_ready_with_the_units_capabilities() -> Result<()> {
     let ns = Netns::create(&run.netns_name("unit"))?;
     let peer = Netns::create(&run.netns_name("peer"))?;
     let public = run.ifname("pub");
-    veth(&ns, &public, &peer, &run.ifname("seg"))?;
+    let segment = run.ifname("seg");
+    veth(&ns, &public, &peer, &segment)?;
+    // Both ends up: a veth whose peer is down has no carrier, and the
+    // gateway's health check takes a public link without one for FAULT.
+    peer.set_up(&segment)?;
     ns.set_up(&public)?;
     ns.add_addr(&public, "198.51.100.2/24")?;
 
