@@ -17,7 +17,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -216,16 +216,28 @@ impl TunnelLocation {
         })
     }
 
-    /// Waits until gateway `id` has finished following its last failover,
-    /// and returns its status.
-    pub fn wait_followed(&mut self, id: u32, timeout: Duration) -> Result<HaStatus> {
-        let what = format!("gateway {id} to finish following its failover");
+    /// Waits until gateway `id` has finished following a failover it took
+    /// at or after `since` (the event that caused it), and returns its
+    /// status. An earlier failover, such as the one a gateway records when
+    /// it starts alone, never counts, even when it is the last one listed.
+    pub fn wait_followed(
+        &mut self,
+        id: u32,
+        since: SystemTime,
+        timeout: Duration,
+    ) -> Result<HaStatus> {
+        // Failover times are recorded in whole milliseconds.
+        let since = since
+            .duration_since(UNIX_EPOCH)
+            .map(|t| UNIX_EPOCH + Duration::from_millis(t.as_millis() as u64))
+            .unwrap_or(since);
+        let what = format!("gateway {id} to finish following a failover since the event");
         poll_until(&what, timeout, Duration::from_millis(100), || {
             let status = self.location.status(id)?;
             Ok(match status.failovers.last() {
-                Some(last) if last.finished => Probe::Ready(status),
-                Some(last) => Probe::NotYet(format!("{last:?}")),
-                None => Probe::NotYet("no failover yet".into()),
+                Some(last) if last.meta.at >= since && last.finished => Probe::Ready(status),
+                Some(last) if last.meta.at >= since => Probe::NotYet(format!("{last:?}")),
+                _ => Probe::NotYet("no failover since the event yet".into()),
             })
         })
         .with_context(|| {

@@ -10,7 +10,7 @@
 //! re-handshaking its clients from its host address.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use tidegate_tests::continuity::{
@@ -116,10 +116,11 @@ fn a_crashed_master_is_replaced_and_every_tunnel_resumes() -> Result<()> {
     std::thread::sleep(SETTLE);
 
     let crashed_at = Instant::now();
+    let since = SystemTime::now();
     location.location_mut().gateway_mut(2).crash_all()?;
     narrate("gateway 2 crashed: daemon, WireGuard and echoes gone, link down");
     location.location_mut().wait_master(1, SWITCH)?;
-    let status = location.wait_followed(1, Duration::from_secs(40))?;
+    let status = location.wait_followed(1, since, Duration::from_secs(40))?;
     std::thread::sleep(SETTLE);
     let summaries = finish_probers(probers)?;
     let report = status.failovers.last().context("no failover report")?;
@@ -190,6 +191,7 @@ fn ensure_lossless(summaries: &[ProbeSummary], sequence: &[u32]) -> Result<()> {
 /// Runs `tidectl failover` on gateway `from`, waits for `to` to be master
 /// and done with its kicks, and for the handover window to close.
 fn hand_over(location: &mut TunnelLocation, from: u32, to: u32) -> Result<()> {
+    let since = SystemTime::now();
     let out = location.location().gateway(from).tidectl(&["failover"])?;
     ensure!(
         out.status.success()
@@ -199,7 +201,7 @@ fn hand_over(location: &mut TunnelLocation, from: u32, to: u32) -> Result<()> {
         "tidectl failover on gateway {from}: {out:?}"
     );
     location.location_mut().wait_master(to, SWITCH)?;
-    let status = location.wait_followed(to, Duration::from_secs(40))?;
+    let status = location.wait_followed(to, since, Duration::from_secs(40))?;
     let report = status.failovers.last().context("no failover report")?;
     narrate(&format!(
         "gateway {from} handed over to {to}: {} kicked, {} back, 95% back after {:?} ms",
@@ -256,10 +258,11 @@ fn planned_failovers_back_and_forth_and_sigterm_lose_no_probe() -> Result<()> {
 
     // SIGTERM on the master hands over too, and the daemon keeps answering
     // for its sessions until the window closes before it exits.
+    let since = SystemTime::now();
     let status = location.location_mut().gateway_mut(2).daemon_mut().stop()?;
     ensure!(status.success(), "gateway 2's daemon exited {status}");
     location.location_mut().wait_master(1, SWITCH)?;
-    location.wait_followed(1, Duration::from_secs(40))?;
+    location.wait_followed(1, since, Duration::from_secs(40))?;
     std::thread::sleep(SETTLE);
 
     let summaries = finish_probers(probers)?;
@@ -291,10 +294,11 @@ fn a_restarted_higher_priority_gateway_fails_back_by_a_handover_losing_no_probe(
     // delay long enough to start the probers once it runs: they measure
     // the failback, not the daemon's start, which on an emulated CPU
     // starves the whole machine for seconds.
+    let since = SystemTime::now();
     let status = location.location_mut().gateway_mut(2).daemon_mut().stop()?;
     ensure!(status.success(), "gateway 2's daemon exited {status}");
     location.location_mut().wait_master(1, SWITCH)?;
-    location.wait_followed(1, Duration::from_secs(40))?;
+    location.wait_followed(1, since, Duration::from_secs(40))?;
     let daemon = location.location_mut().gateway_mut(2).daemon_mut();
     let mut config = daemon.config().clone();
     let delay = tidegate_tests::pace::stretch(Duration::from_secs(3));
@@ -303,6 +307,7 @@ fn a_restarted_higher_priority_gateway_fails_back_by_a_handover_losing_no_probe(
     }
     daemon.write_config(config)?;
     let netns = location.location().gateway(2).netns().clone();
+    let since = SystemTime::now();
     location
         .location_mut()
         .gateway_mut(2)
@@ -326,7 +331,7 @@ fn a_restarted_higher_priority_gateway_fails_back_by_a_handover_losing_no_probe(
         "gateway 2 failed back because {:?}",
         change.reason
     );
-    let status = location.wait_followed(2, Duration::from_secs(40))?;
+    let status = location.wait_followed(2, since, Duration::from_secs(40))?;
     let report = status.failovers.last().context("no failover report")?;
     narrate(&format!(
         "gateway 2 restarted and failed back by a handover: {} kicked, {} back",
@@ -352,10 +357,11 @@ fn clients_that_only_send_keepalives_resume_too() -> Result<()> {
     location.wait_shared(1, SHARED)?;
     // Nothing but keepalives from here on.
     std::thread::sleep(Duration::from_secs(2));
+    let since = SystemTime::now();
     location.location_mut().gateway_mut(2).crash_all()?;
     narrate("gateway 2 crashed; the clients send keepalives only, every second");
     location.location_mut().wait_master(1, SWITCH)?;
-    let status = location.wait_followed(1, Duration::from_secs(40))?;
+    let status = location.wait_followed(1, since, Duration::from_secs(40))?;
     let report = status.failovers.last().context("no failover report")?;
     narrate(&format!("failover: {report:?}"));
     ensure!(
@@ -421,13 +427,14 @@ fn the_egress_guard_stops_an_old_master_stealing_its_clients_back() -> Result<()
     // maintenance), then its WireGuard tries again and again.
     let mut location = build(clients, None, tunnel())?;
     location.wait_shared(1, SHARED)?;
+    let since = SystemTime::now();
     let out = location
         .location()
         .gateway(2)
         .tidectl(&["maintenance", "on"])?;
     ensure!(out.status.success(), "maintenance on: {out:?}");
     location.location_mut().wait_master(1, SWITCH)?;
-    let followed = location.wait_followed(1, Duration::from_secs(40))?;
+    let followed = location.wait_followed(1, since, Duration::from_secs(40))?;
     let report = followed.failovers.last().context("no failover report")?;
     narrate(&format!("gateway 1's failover: {report:?}"));
     // Peers written to the config just before the handover are kicked too.
@@ -511,10 +518,11 @@ fn a_killed_daemon_on_a_live_master_is_fenced_and_its_clients_resume_on_the_back
     // session) and its tunnel echo stay. The pinned XDP program's lease
     // lapses and fences the VIP; the egress guard lets nothing out.
     let killed_at = Instant::now();
+    let since = SystemTime::now();
     location.location_mut().gateway_mut(2).daemon_mut().kill()?;
     narrate("gateway 2's daemon killed (SIGKILL); host, link, WireGuard and echo up");
     location.location_mut().wait_master(1, SWITCH)?;
-    let status = location.wait_followed(1, Duration::from_secs(40))?;
+    let status = location.wait_followed(1, since, Duration::from_secs(40))?;
     let report = status.failovers.last().context("no failover report")?;
     narrate(&format!("gateway 1's failover: {report:?}"));
     ensure!(
@@ -530,13 +538,14 @@ fn a_killed_daemon_on_a_live_master_is_fenced_and_its_clients_resume_on_the_back
     // takes over its pinned programs and wins the VIP back by priority;
     // every client is then served by it again.
     let netns = location.location().gateway(2).netns().clone();
+    let since = SystemTime::now();
     let offset = location
         .location_mut()
         .gateway_mut(2)
         .daemon_mut()
         .restart(&netns)?;
     location.location_mut().wait_master(2, SWITCH)?;
-    location.wait_followed(2, Duration::from_secs(40))?;
+    location.wait_followed(2, since, Duration::from_secs(40))?;
     let log = location.location().gateway(2).daemon().log_since(offset);
     for expected in [
         "XDP shield replaced in the pinned link",
@@ -704,6 +713,7 @@ fn hooks_run_beside_the_election_with_the_role_vips_cause_and_timings() -> Resul
     // still running, it takes over from the crashed master in the usual
     // time, and its MASTER hooks wait their turn.
     let crashed_at = Instant::now();
+    let since = SystemTime::now();
     location.location_mut().gateway_mut(2).crash_all()?;
     location.location_mut().wait_master(1, SWITCH)?;
     let took_over = crashed_at.elapsed();
@@ -748,7 +758,7 @@ fn hooks_run_beside_the_election_with_the_role_vips_cause_and_timings() -> Resul
 
     // When the clients are back, the failover-complete hooks run with the
     // failover's timings: those of its record in `tidectl status`.
-    let followed = location.wait_followed(1, Duration::from_secs(40))?;
+    let followed = location.wait_followed(1, since, Duration::from_secs(40))?;
     let record = followed
         .failovers
         .last()

@@ -26,7 +26,7 @@
 //! off (`handover_window_ms = 0`), shows what kicks alone lose.
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use std::net::SocketAddr;
@@ -225,7 +225,7 @@ fn measure(scenario: Scenario) -> Result<Sample> {
 /// Waits [`SETTLE`] and then a random part of an advert interval (see the
 /// VIP benchmark's `settle_then_jitter`).
 fn settle_then_jitter(advert_ms: u64) {
-    let nanos = std::time::SystemTime::now()
+    let nanos = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let jitter_us = u64::from(nanos / 1000) % (advert_ms * 1000);
@@ -243,6 +243,7 @@ fn tidegate(scenario: Scenario, options: &HaOptions, clients: &ClientOptions) ->
     location.wait_shared(BACKUP, SWITCH)?;
     let probers = location.start_probers(PROBES)?;
     settle_then_jitter(scenario.advert_ms);
+    let since = SystemTime::now();
     match scenario.event {
         Event::Crash => location.location_mut().gateway_mut(MASTER).crash_all()?,
         Event::Planned | Event::PlannedNoWindow => {
@@ -251,7 +252,7 @@ fn tidegate(scenario: Scenario, options: &HaOptions, clients: &ClientOptions) ->
         }
     }
     location.location_mut().wait_master(BACKUP, SWITCH)?;
-    let status = location.wait_followed(BACKUP, RECOVERY)?;
+    let status = location.wait_followed(BACKUP, since, RECOVERY)?;
     std::thread::sleep(SETTLE);
     let summaries = finish_probers(probers)?;
     served_by_both(&summaries, true)?;
