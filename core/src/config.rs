@@ -9,7 +9,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{lockout::Policy, pki::PkiDir, store::MfaSettings};
+use crate::{
+    lockout::Policy,
+    pki::PkiDir,
+    store::{Database, MfaSettings},
+};
 
 pub const DEFAULT_CONFIG: &str = "/etc/tidegate/core.toml";
 pub const DEFAULT_DATABASE: &str = "/var/lib/tidegate/core.db";
@@ -44,7 +48,7 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    database: Option<PathBuf>,
+    database: Option<String>,
     admin_socket: Option<PathBuf>,
     core_id: Option<String>,
     #[serde(default)]
@@ -132,7 +136,8 @@ impl Default for LinkSettings {
 /// Core's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    pub database: PathBuf,
+    /// An SQLite file or a `postgres://` URL.
+    pub database: Database,
     pub admin_socket: PathBuf,
     pub core_id: String,
     pub tls: TlsPaths,
@@ -145,7 +150,7 @@ pub struct Config {
 /// Command-line overrides.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    pub database: Option<PathBuf>,
+    pub database: Option<String>,
     pub admin_socket: Option<PathBuf>,
 }
 
@@ -286,11 +291,14 @@ impl Config {
             .map(|m| tidegate_proto::metrics::parse_listen(&m.listen))
             .transpose()
             .map_err(|message| invalid("metrics.listen", message))?;
+        let database = overrides
+            .database
+            .or(file.database)
+            .unwrap_or_else(|| DEFAULT_DATABASE.into())
+            .parse::<Database>()
+            .map_err(|e| invalid("database", e.to_string()))?;
         Ok(Self {
-            database: overrides
-                .database
-                .or(file.database)
-                .unwrap_or_else(|| DEFAULT_DATABASE.into()),
+            database,
             admin_socket: overrides
                 .admin_socket
                 .or(file.admin_socket)
@@ -480,7 +488,7 @@ mod tests {
     #[test]
     fn an_empty_file_means_the_defaults() {
         let config = parse("").unwrap();
-        assert_eq!(config.database, Path::new(DEFAULT_DATABASE));
+        assert_eq!(config.database, Database::Sqlite(DEFAULT_DATABASE.into()));
         assert_eq!(config.tls.ca, Path::new("/etc/tidegate/pki/ca.pem"));
         assert_eq!(config.tls.key, Path::new("/etc/tidegate/pki/core.key"));
         assert_eq!(config.links, LinkSettings::default());
@@ -501,7 +509,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(config.database, Path::new("/b.db"));
+        assert_eq!(config.database, Database::Sqlite("/b.db".into()));
         assert_eq!(config.admin_socket, Path::new("/a.sock"));
         assert_eq!(config.tls.cert, Path::new("/pki/core.pem"));
         assert_eq!(config.links.reconnect_min, Duration::from_millis(50));

@@ -26,7 +26,7 @@ use crate::{
     links::{Directory, Live, Supervisor},
     metrics::{CoreMetrics, Scraper},
     state::{self, StateHandle},
-    store::Store,
+    store::{Database, Store},
 };
 
 /// A running Core.
@@ -85,11 +85,10 @@ impl Core {
     /// Opens the store, binds the admin socket and starts dialling.
     pub async fn start(config: Config) -> Result<Self> {
         let pki = load_pki(&config)?;
-        if let Some(dir) = config
-            .database
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
+        if let Some(dir) = match &config.database {
+            Database::Sqlite(path) => path.parent().filter(|d| !d.as_os_str().is_empty()),
+            Database::Postgres(_) => None,
+        } {
             use std::os::unix::fs::DirBuilderExt as _;
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -97,7 +96,12 @@ impl Core {
                 .create(dir)
                 .with_context(|| format!("creating {}", dir.display()))?;
         }
-        let store = Store::open(&config.database, config.mfa)?;
+        // The PostgreSQL client blocks (it runs its own runtime): not on a
+        // runtime thread.
+        let (database, mfa) = (config.database.clone(), config.mfa);
+        let store = tokio::task::spawn_blocking(move || Store::open(&database, mfa))
+            .await
+            .context("opening the store")??;
         let socket = AdminSocket::bind(&config.admin_socket)?;
         let metrics_server = match config.metrics {
             Some(address) => Some(MetricsServer::bind(address, "[metrics] listen").await?),
@@ -145,7 +149,7 @@ impl Core {
         let admin_cancel = cancel.clone();
         let admin = tokio::spawn(async move { socket.serve(service, admin_cancel).await });
         info!(
-            database = %config.database.display(),
+            database = %config.database,
             admin_socket = %config.admin_socket.display(),
             "ready"
         );
@@ -231,7 +235,7 @@ pub async fn run(config: Config, path: &Path, overrides: Overrides) -> Result<()
     let serving = format!(
         "serving the admin socket {}, database {}",
         config.admin_socket.display(),
-        config.database.display()
+        config.database
     );
     let mut core = Core::start(config).await?;
     tidegate_proto::service::ready(&serving);

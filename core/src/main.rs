@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tidegate_core::{
     config::{self, Config, Overrides},
+    store::Database,
     error_chain,
     pki::{self, PkiDir},
 };
@@ -31,9 +32,9 @@ enum Command {
         /// Configuration file (TOML); missing at the default path means defaults.
         #[arg(long, env = "TIDEGATE_CORE_CONFIG", default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
-        /// The SQLite database (overrides the file).
+        /// The database: an SQLite file or a postgres:// URL (overrides the file).
         #[arg(long)]
-        database: Option<PathBuf>,
+        database: Option<String>,
         /// The admin socket (overrides the file).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
@@ -45,9 +46,9 @@ enum Command {
         /// Configuration file (TOML); missing at the default path means defaults.
         #[arg(long, env = "TIDEGATE_CORE_CONFIG", default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
-        /// The SQLite database (overrides the file).
+        /// The database: an SQLite file or a postgres:// URL (overrides the file).
         #[arg(long)]
-        database: Option<PathBuf>,
+        database: Option<String>,
         /// The admin socket (overrides the file).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
@@ -86,6 +87,20 @@ enum Command {
         /// Validity in days.
         #[arg(long, default_value_t = pki::DEFAULT_DAYS)]
         days: u32,
+    },
+    /// Copy an SQLite store whole into an empty PostgreSQL database (ids,
+    /// keys, sessions and the event log kept), in one transaction. Core
+    /// must be stopped; the SQLite file is left as it was.
+    Migrate {
+        /// Configuration file (TOML): its `database` is the SQLite file to copy.
+        #[arg(long, env = "TIDEGATE_CORE_CONFIG", default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The SQLite file to copy (overrides the config's `database`).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// The PostgreSQL database: a postgres:// URL. It must hold no table.
+        #[arg(long)]
+        to: String,
     },
     /// Write tidegate-core's manual pages and shell completions under DIR
     /// (what `cargo xtask package` ships).
@@ -135,7 +150,7 @@ fn check(path: &std::path::Path, overrides: Overrides) -> std::process::ExitCode
             println!(
                 "{file}: ok (database {}, admin socket {}, core id {}, certificate {} serial {}, \
                  CA {}, links: connect timeout {:?}, reconnect {:?}..{:?})",
-                config.database.display(),
+                config.database,
                 config.admin_socket.display(),
                 config.core_id,
                 config.tls.cert.display(),
@@ -174,6 +189,20 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .block_on(tidegate_core::daemon::run(config, &path, overrides))
         }
         Command::Check { .. } => unreachable!("handled in main"),
+        Command::Migrate { config, from, to } => {
+            let from = match from {
+                Some(path) => Database::Sqlite(path),
+                None => Config::load(&config, Overrides::default())?.database,
+            };
+            let to: Database = to.parse()?;
+            let copied = tidegate_core::store::copy_to_postgres(&from, &to)
+                .with_context(|| format!("copying {from} into {to}"))?;
+            for (table, rows) in &copied.tables {
+                println!("{table}: {rows} rows");
+            }
+            println!("{from} copied into {to}; set `database` in core.toml to the URL");
+            Ok(())
+        }
         Command::Init { dir } => {
             let dir = PkiDir::new(dir);
             let core = pki::init(&dir)?;

@@ -176,7 +176,10 @@ async fn the_socket_is_private_and_the_store_outlives_core() {
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&config.admin_socket), 0o600);
     assert_eq!(mode(config.admin_socket.parent().unwrap()), 0o700);
-    assert_eq!(mode(&config.database), 0o600);
+    let tidegate_core::store::Database::Sqlite(database) = &config.database else {
+        panic!("the test's config is on SQLite");
+    };
+    assert_eq!(mode(database), 0o600);
     // A second Core on the same files is refused.
     let err = Core::start(config.clone()).await.unwrap_err();
     assert!(

@@ -125,7 +125,7 @@ async fn acknowledged_changes_survive_sigkill_whole() {
 
     // The file as the killed Core left it.
     {
-        let store = Store::open(&database, MfaSettings::default()).unwrap();
+        let store = Store::open(&database.clone().into(), MfaSettings::default()).unwrap();
         store.integrity_check().unwrap();
     }
     let mut core = start(dir.path());

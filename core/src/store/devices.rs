@@ -5,10 +5,10 @@
 use std::{collections::HashSet, net::IpAddr};
 
 use ipnet::IpNet;
-use rusqlite::{Connection, OptionalExtension as _, Row, params};
+use super::db::{Db, OptionalExtension as _, Row, params};
 use tidegate_proto::admin::v1 as admin;
 
-use super::{Store, StoreError, Tx, begin, locations, render, sql, users, validate};
+use super::{db, Store, StoreError, Tx, begin, locations, render, sql, users, validate};
 use crate::{
     keys::Key,
     lockout::{Failures, Verdict},
@@ -27,7 +27,7 @@ pub(crate) struct DeviceRow {
     pub failures: Failures,
 }
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
+fn from_row(row: &Row) -> db::Result<DeviceRow> {
     let key: Option<Vec<u8>> = row.get(3)?;
     let key = key.and_then(|k| Key::from_slice(&k).ok());
     let session: Option<i64> = row.get(5)?;
@@ -54,7 +54,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
     })
 }
 
-pub(crate) fn by_name(conn: &Connection, name: &str) -> Result<DeviceRow, StoreError> {
+pub(crate) fn by_name(conn: &Db, name: &str) -> Result<DeviceRow, StoreError> {
     let mut row = conn
         .query_row(&format!("{SELECT} WHERE d.name = ?1"), [name], from_row)
         .optional()
@@ -64,13 +64,13 @@ pub(crate) fn by_name(conn: &Connection, name: &str) -> Result<DeviceRow, StoreE
     Ok(row)
 }
 
-fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+fn name_taken(conn: &Db, name: &str) -> Result<bool, StoreError> {
     super::name_taken(conn, "devices", "looking up a device", name)
 }
 
 /// The name of the device of this location holding `key`, if any.
 pub(crate) fn key_holder(
-    conn: &Connection,
+    conn: &Db,
     location_id: u32,
     key: &Key,
 ) -> Result<Option<(i64, String)>, StoreError> {
@@ -85,7 +85,7 @@ pub(crate) fn key_holder(
 
 /// Addresses used by the location's devices, other than `except`'s.
 fn used_addresses(
-    conn: &Connection,
+    conn: &Db,
     location_id: u32,
     except: i64,
 ) -> Result<HashSet<IpAddr>, StoreError> {
@@ -110,7 +110,7 @@ fn used_addresses(
 /// The device holding `ip` at the location, if any (one index lookup,
 /// where [`used_addresses`] reads them all).
 fn address_holder(
-    conn: &Connection,
+    conn: &Db,
     location_id: u32,
     ip: IpAddr,
 ) -> Result<Option<i64>, StoreError> {
@@ -129,7 +129,7 @@ fn address_holder(
 /// Checks the addresses asked for, or picks the lowest free host of each of
 /// the location's networks.
 fn pick_addresses(
-    conn: &Connection,
+    conn: &Db,
     location: &locations::LocationRow,
     device_id: i64,
     asked: &[String],
@@ -227,9 +227,10 @@ fn insert_device(
     }
     let addresses = pick_addresses(&*tx, &location, -1, &req.addresses)?;
     let psk = Key::generate_preshared();
-    tx.execute(
+    let id: i64 = tx
+        .query_row(
         "INSERT INTO devices (name, user_id, location_id, public_key, preshared_key, enabled, created_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
         params![
             name,
             user_id,
@@ -239,9 +240,9 @@ fn insert_device(
             req.enabled.unwrap_or(true),
             now_ms
         ],
+        |row| row.get(0),
     )
     .map_err(sql("storing a device"))?;
-    let id = tx.last_insert_rowid();
     store_addresses(tx, id, location.id, &addresses)?;
     tx.touch_new(id);
     Ok(name)

@@ -1,13 +1,13 @@
 //! Edges Core dials: where, and the identity their certificate must carry.
 
-use rusqlite::{Connection, OptionalExtension as _, Row, params};
+use super::db::{Db, OptionalExtension as _, Row, params};
 use tidegate_proto::admin::v1 as admin;
 
-use super::{Store, StoreError, begin, sql, validate};
+use super::{db, Store, StoreError, begin, sql, validate};
 
 const SELECT: &str = "SELECT name, address, identity, enabled, created_ms, id FROM edges";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<(admin::Edge, i64)> {
+fn from_row(row: &Row) -> db::Result<(admin::Edge, i64)> {
     Ok((
         admin::Edge {
             name: row.get(0)?,
@@ -21,14 +21,14 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<(admin::Edge, i64)> {
     ))
 }
 
-fn by_name(conn: &Connection, name: &str) -> Result<(admin::Edge, i64), StoreError> {
+fn by_name(conn: &Db, name: &str) -> Result<(admin::Edge, i64), StoreError> {
     conn.query_row(&format!("{SELECT} WHERE name = ?1"), [name], from_row)
         .optional()
         .map_err(sql("reading an Edge"))?
         .ok_or_else(|| StoreError::not_found("Edge", name))
 }
 
-fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+fn name_taken(conn: &Db, name: &str) -> Result<bool, StoreError> {
     super::name_taken(conn, "edges", "looking up an Edge", name)
 }
 

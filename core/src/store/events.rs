@@ -1,7 +1,7 @@
 //! The event log: gateway and Edge links, role changes, failovers, MFA
 //! logins and session ends, refused configs.
 
-use rusqlite::params;
+use super::db::params;
 use tidegate_proto::admin::v1 as admin;
 
 use super::{EVENTS_KEPT, Store, StoreError, locations, sql};

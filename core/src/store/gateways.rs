@@ -1,10 +1,10 @@
 //! Gateways (per location: where Core dials them and the identity their
 //! certificate must carry) and what the link supervisor dials.
 
-use rusqlite::{Connection, OptionalExtension as _, Row, params};
+use super::db::{Db, OptionalExtension as _, Row, params};
 use tidegate_proto::admin::v1 as admin;
 
-use super::{Store, StoreError, begin, locations, sql, validate};
+use super::{db, Store, StoreError, begin, locations, sql, validate};
 
 /// A gateway Core keeps a link to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,7 +27,7 @@ pub struct EdgeTarget {
 const SELECT: &str = "SELECT g.name, l.name, g.address, g.identity, g.enabled, g.created_ms, g.id, g.location_id \
      FROM gateways g JOIN locations l ON l.id = g.location_id";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<(admin::Gateway, i64, u32)> {
+fn from_row(row: &Row) -> db::Result<(admin::Gateway, i64, u32)> {
     Ok((
         admin::Gateway {
             name: row.get(0)?,
@@ -42,14 +42,14 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<(admin::Gateway, i64, u32)> {
     ))
 }
 
-fn by_name(conn: &Connection, name: &str) -> Result<(admin::Gateway, i64, u32), StoreError> {
+fn by_name(conn: &Db, name: &str) -> Result<(admin::Gateway, i64, u32), StoreError> {
     conn.query_row(&format!("{SELECT} WHERE g.name = ?1"), [name], from_row)
         .optional()
         .map_err(sql("reading a gateway"))?
         .ok_or_else(|| StoreError::not_found("gateway", name))
 }
 
-fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+fn name_taken(conn: &Db, name: &str) -> Result<bool, StoreError> {
     super::name_taken(conn, "gateways", "looking up a gateway", name)
 }
 

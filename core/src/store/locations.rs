@@ -2,10 +2,10 @@
 //! what devices get in their config, and the MFA settings.
 
 use ipnet::IpNet;
-use rusqlite::{Connection, OptionalExtension as _, Row, params};
+use super::db::{Db, OptionalExtension as _, Row, params};
 use tidegate_proto::admin::v1 as admin;
 
-use super::{Store, StoreError, begin, from_json, sql, to_json, validate};
+use super::{db, Store, StoreError, begin, from_json, sql, to_json, validate};
 use crate::keys::Key;
 
 /// The default WireGuard listen port.
@@ -42,7 +42,7 @@ const COLUMNS: &str = "id, name, addresses, listen_port, vips, endpoint, allowed
     mfa_session_s";
 
 impl LocationRow {
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+    fn from_row(row: &Row) -> db::Result<Self> {
         let key: Vec<u8> = row.get(12)?;
         Ok(Self {
             id: row.get(0)?,
@@ -57,9 +57,7 @@ impl LocationRow {
             mfa: row.get(9)?,
             threshold_s: row.get(10)?,
             keepalive_s: row.get(11)?,
-            private_key: Key::from_slice(&key).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(12, rusqlite::types::Type::Blob, e.into())
-            })?,
+            private_key: Key::from_slice(&key).map_err(|e| db::DbError::column(12, e))?,
             version: row.get::<_, i64>(13)? as u64,
             created_ms: row.get(14)?,
             mfa_session_s: row.get(15)?,
@@ -111,7 +109,7 @@ impl LocationRow {
 }
 
 /// Reads a location by name.
-pub(crate) fn by_name(conn: &Connection, name: &str) -> Result<LocationRow, StoreError> {
+pub(crate) fn by_name(conn: &Db, name: &str) -> Result<LocationRow, StoreError> {
     conn.query_row(
         &format!("SELECT {COLUMNS} FROM locations WHERE name = ?1"),
         [name],
@@ -123,7 +121,7 @@ pub(crate) fn by_name(conn: &Connection, name: &str) -> Result<LocationRow, Stor
 }
 
 /// Reads a location by id.
-pub(crate) fn by_id(conn: &Connection, id: u32) -> Result<Option<LocationRow>, StoreError> {
+pub(crate) fn by_id(conn: &Db, id: u32) -> Result<Option<LocationRow>, StoreError> {
     conn.query_row(
         &format!("SELECT {COLUMNS} FROM locations WHERE id = ?1"),
         [id],
@@ -133,7 +131,7 @@ pub(crate) fn by_id(conn: &Connection, id: u32) -> Result<Option<LocationRow>, S
     .map_err(sql("reading a location"))
 }
 
-fn view(conn: &Connection, row: &LocationRow) -> Result<admin::Location, StoreError> {
+fn view(conn: &Db, row: &LocationRow) -> Result<admin::Location, StoreError> {
     let count = |table: &str| -> Result<u32, StoreError> {
         conn.query_row(
             &format!("SELECT count(*) FROM {table} WHERE location_id = ?1"),
@@ -164,7 +162,7 @@ fn view(conn: &Connection, row: &LocationRow) -> Result<admin::Location, StoreEr
     })
 }
 
-fn exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+fn exists(conn: &Db, name: &str) -> Result<bool, StoreError> {
     conn.query_row(
         "SELECT 1 FROM locations WHERE name = ?1",
         [name],
@@ -217,11 +215,11 @@ impl Store {
                 name: row.name,
             });
         }
-        tx.execute(
+        let id: i64 = tx.query_row(
             "INSERT INTO locations (name, addresses, listen_port, vips, endpoint, allowed_ips, dns, \
              mtu, mfa, peer_disconnect_threshold_s, persistent_keepalive_s, private_key, version, \
              created_ms, mfa_session_s) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) RETURNING id",
             params![
                 row.name,
                 to_json(&row.addresses),
@@ -239,9 +237,9 @@ impl Store {
                 row.created_ms,
                 row.mfa_session_s,
             ],
+            |r| r.get(0),
         )
         .map_err(sql("storing a location"))?;
-        let id = tx.last_insert_rowid();
         row.id = u32::try_from(id)
             .map_err(|_| StoreError::InUse("location ids are exhausted".into()))?;
         let view = view(&tx, &row)?;

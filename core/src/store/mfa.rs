@@ -6,7 +6,7 @@
 //! state thread sleeps until [`Store::next_session_end`]); a new login
 //! before then renews it.
 
-use rusqlite::{OptionalExtension as _, params};
+use super::db::{Db, OptionalExtension as _, params};
 use tidegate_proto::edge::v1 as edge;
 
 use super::{EventKind, Notice, Store, StoreError, begin, locations, render, sql};
@@ -454,7 +454,7 @@ impl Store {
 
 /// When sessions end by their age: the earliest end, in Unix milliseconds,
 /// of the sessions of locations with an `mfa_session_s`.
-fn earliest_session_end(conn: &rusqlite::Connection) -> Result<Option<i64>, StoreError> {
+fn earliest_session_end(conn: &Db) -> Result<Option<i64>, StoreError> {
     conn.query_row(
         "SELECT min(s.started_ms + l.mfa_session_s * 1000) FROM mfa_sessions s \
          JOIN devices d ON d.id = s.device_id JOIN locations l ON l.id = d.location_id \

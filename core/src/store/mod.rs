@@ -1,6 +1,7 @@
-//! Core's store: one SQLite file (WAL, foreign keys, migrations by
-//! `user_version`) holding locations, gateways, users, devices, MFA
-//! sessions, download tokens, Edges and the event log.
+//! Core's store: locations, gateways, users, devices, MFA sessions,
+//! download tokens, Edges and the event log, in one SQLite file (WAL,
+//! foreign keys; a single Core) or one PostgreSQL database (several Cores;
+//! see [`db`]).
 //!
 //! Every change is checked whole and made in one transaction: a refused
 //! request stores nothing. A change to what a location's gateways run bumps
@@ -10,12 +11,14 @@
 //! The store speaks the operator API's messages (`tidegate.admin.v1`):
 //! requests in, views out. It is owned by one thread (see [`crate::state`]).
 
+pub mod db;
 mod devices;
 mod edges;
 mod events;
 mod gateways;
 mod locations;
 mod mfa;
+mod migrate;
 mod render;
 mod schema;
 mod tokens;
@@ -24,19 +27,21 @@ pub mod validate;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
+    fmt, fs,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
+    str::FromStr,
     sync::Arc,
     time::Duration,
 };
 
-use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
+use self::db::{Backend, Db, DbError, OptionalExtension as _, params};
 
 pub use self::{
     events::EventKind,
     gateways::{EdgeTarget, GatewayTarget},
     mfa::{ClientError, FinishedLogin, MfaSettings, RemovalOutcome},
+    migrate::{Copied, copy_to_postgres},
     render::PeerSpec,
     tokens::Enrolled,
 };
@@ -45,11 +50,11 @@ use crate::{challenge::Challenges, keys::Key, lockout::Sources};
 /// Why the store refused or failed a request.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("opening the database {path}")]
+    #[error("opening the database {database}")]
     Open {
-        path: PathBuf,
+        database: Database,
         #[source]
-        source: rusqlite::Error,
+        source: DbError,
     },
     #[error("{op} {path}")]
     Io {
@@ -70,7 +75,7 @@ pub enum StoreError {
     Sql {
         op: &'static str,
         #[source]
-        source: rusqlite::Error,
+        source: DbError,
     },
     #[error("{field}: {message}")]
     Invalid {
@@ -118,8 +123,8 @@ impl StoreError {
     }
 }
 
-/// Wraps a rusqlite error with what was being done.
-pub(crate) fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+/// Wraps a database error with what was being done.
+pub(crate) fn sql(op: &'static str) -> impl FnOnce(DbError) -> StoreError {
     move |source| StoreError::Sql { op, source }
 }
 
@@ -130,7 +135,7 @@ pub(crate) fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreErro
 /// trailing dot): certificates name gateways and Edges in one namespace,
 /// and DNS names compare ignoring case.
 pub(crate) fn identity_free(
-    conn: &Connection,
+    conn: &Db,
     own: Option<(&'static str, i64)>,
     name: &str,
     identity: &str,
@@ -169,7 +174,7 @@ pub(crate) fn identity_free(
 }
 
 pub(crate) fn name_taken(
-    conn: &Connection,
+    conn: &Db,
     table: &'static str,
     op: &'static str,
     name: &str,
@@ -215,13 +220,103 @@ pub enum ChangeKind {
     Config,
 }
 
+/// Where the store is: an SQLite file, for a single Core, or a PostgreSQL
+/// database (`postgres://` or `postgresql://`), which several Cores share.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// A `database` setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("database {shown}: {problem}")]
+pub struct DatabaseError {
+    shown: String,
+    problem: String,
+}
+
+impl FromStr for Database {
+    type Err = DatabaseError;
+
+    fn from_str(text: &str) -> Result<Self, DatabaseError> {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            postgres::Config::from_str(text).map_err(|e| DatabaseError {
+                shown: redact(text),
+                problem: e.to_string(),
+            })?;
+            return Ok(Self::Postgres(text.to_owned()));
+        }
+        if text.contains("://") {
+            return Err(DatabaseError {
+                shown: redact(text),
+                problem: "not a file path, and the only URLs taken are postgres:// and \
+                          postgresql://"
+                    .into(),
+            });
+        }
+        if text.is_empty() {
+            return Err(DatabaseError {
+                shown: "\"\"".into(),
+                problem: "empty: a file path or a postgres:// URL".into(),
+            });
+        }
+        Ok(Self::Sqlite(PathBuf::from(text)))
+    }
+}
+
+impl From<PathBuf> for Database {
+    fn from(path: PathBuf) -> Self {
+        Self::Sqlite(path)
+    }
+}
+
+impl From<&Path> for Database {
+    fn from(path: &Path) -> Self {
+        Self::Sqlite(path.to_owned())
+    }
+}
+
+/// A URL with its password, if any, replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl fmt::Display for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "{}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact(url)),
+        }
+    }
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Self::Postgres(url) => f.debug_tuple("Postgres").field(&redact(url)).finish(),
+        }
+    }
+}
+
 /// The store: the database and the MFA logins in progress.
 #[derive(Debug)]
 pub struct Store {
-    conn: Connection,
-    path: PathBuf,
-    /// Held (flock) for as long as the store is open.
-    _lock: fs::File,
+    conn: Db,
+    database: Database,
+    /// SQLite: held (flock) for as long as the store is open.
+    _lock: Option<fs::File>,
     challenges: Challenges,
     /// Wrong MFA codes by client address.
     sources: Sources,
@@ -234,52 +329,31 @@ pub struct Store {
 
 /// Waits this long for a lock held by a reader before failing a write.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Waits this long for PostgreSQL to accept a connection, unless the URL
+/// says otherwise (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Client addresses whose wrong MFA codes are remembered, at most.
 const SOURCES_KEPT: usize = 100_000;
 /// Events kept in the log; older ones are pruned.
 pub const EVENTS_KEPT: i64 = 100_000;
+/// The PostgreSQL advisory lock every write transaction takes first, so
+/// that writes from any Core are serialized as SQLite's are.
+const WRITE_LOCK: i64 = 0x7469_6465_6761_7465; // "tidegate"
 
 impl Store {
-    /// Opens (creating if missing) the database at `path` and brings its
-    /// schema up to date. A second Core on the same file is refused.
-    pub fn open(path: &Path, mfa: MfaSettings) -> Result<Self, StoreError> {
-        let lock_path = path.with_extension("lock");
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Io {
-                op: "opening the lock file",
-                path: lock_path.clone(),
-                source,
-            })?;
-        // SAFETY: flock on a file descriptor we own and keep open.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(StoreError::Locked {
-                path: path.to_owned(),
-            });
-        }
-        let open_err = |source| StoreError::Open {
-            path: path.to_owned(),
-            source,
+    /// Opens (creating if missing) the database and brings its schema up
+    /// to date. A second Core on the same SQLite file is refused.
+    pub fn open(database: &Database, mfa: MfaSettings) -> Result<Self, StoreError> {
+        let (conn, lock) = match database {
+            Database::Sqlite(path) => {
+                let (conn, lock) = open_sqlite(path)?;
+                (conn, Some(lock))
+            }
+            Database::Postgres(url) => (open_postgres(database, url)?, None),
         };
-        let mut conn = Connection::open(path).map_err(open_err)?;
-        // The database holds keys and TOTP secrets: root only.
-        set_private(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        // FULL: a committed change survives a power cut, not only a crash.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(open_err)?;
-        schema::migrate(&mut conn)?;
         Ok(Self {
             conn,
-            path: path.to_owned(),
+            database: database.clone(),
             _lock: lock,
             challenges: Challenges::default(),
             sources: Sources::new(mfa.source, SOURCES_KEPT),
@@ -290,8 +364,13 @@ impl Store {
     }
 
     /// Where the database is.
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    /// Which kind of database the store is on.
+    pub fn backend(&self) -> Backend {
+        self.conn.backend()
     }
 
     /// Takes the notices of the changes committed since the last call.
@@ -308,12 +387,19 @@ impl Store {
         render::location_config(&self.conn, location_id)
     }
 
-    /// Checks the database file's integrity (`PRAGMA integrity_check`).
+    /// Checks the database's integrity: SQLite's `PRAGMA integrity_check`;
+    /// PostgreSQL checks its own pages, so there a round trip is asked.
     pub fn integrity_check(&self) -> Result<(), StoreError> {
-        let result: String = self
-            .conn
-            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
-            .map_err(sql("checking integrity"))?;
+        let result: String = match self.conn.backend() {
+            Backend::Sqlite => self
+                .conn
+                .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+                .map_err(sql("checking integrity"))?,
+            Backend::Postgres => self
+                .conn
+                .query_row("SELECT 'ok'::text", [], |row| row.get(0))
+                .map_err(sql("reaching the database"))?,
+        };
         if result == "ok" {
             Ok(())
         } else {
@@ -324,11 +410,71 @@ impl Store {
     }
 }
 
-/// Starts a tracked transaction.
-pub(crate) fn begin(conn: &mut Connection) -> Result<Tx<'_>, StoreError> {
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(sql("starting a transaction"))?;
+/// Opens the SQLite file, holding its lock file.
+fn open_sqlite(path: &Path) -> Result<(Db, fs::File), StoreError> {
+    let lock_path = path.with_extension("lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|source| StoreError::Io {
+            op: "opening the lock file",
+            path: lock_path.clone(),
+            source,
+        })?;
+    // SAFETY: flock on a file descriptor we own and keep open.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(StoreError::Locked {
+            path: path.to_owned(),
+        });
+    }
+    let open_err = |source: rusqlite::Error| StoreError::Open {
+        database: Database::Sqlite(path.to_owned()),
+        source: source.into(),
+    };
+    let mut conn = rusqlite::Connection::open(path).map_err(open_err)?;
+    // The database holds keys and TOTP secrets: root only.
+    set_private(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(open_err)?;
+    // FULL: a committed change survives a power cut, not only a crash.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
+    schema::migrate(&mut conn)?;
+    Ok((Db::Sqlite(conn), lock))
+}
+
+/// Connects to PostgreSQL and brings the schema up to date.
+fn open_postgres(database: &Database, url: &str) -> Result<Db, StoreError> {
+    let db = connect_postgres(database, url)?;
+    schema::migrate_postgres(&db)?;
+    Ok(db)
+}
+
+/// Connects to PostgreSQL.
+fn connect_postgres(database: &Database, url: &str) -> Result<Db, StoreError> {
+    let open_err = |source: postgres::Error| StoreError::Open {
+        database: database.clone(),
+        source: source.into(),
+    };
+    let mut config = postgres::Config::from_str(url).map_err(open_err)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config.application_name("tidegate-core");
+    let client = config.connect(postgres::NoTls).map_err(open_err)?;
+    Ok(Db::Postgres(db::Pg::new(client)))
+}
+
+/// Starts a tracked transaction; on PostgreSQL it first takes the write
+/// lock, so that it sees every change committed before it.
+pub(crate) fn begin(conn: &mut Db) -> Result<Tx<'_>, StoreError> {
+    let tx = db::Transaction::begin(conn, WRITE_LOCK).map_err(sql("starting a transaction"))?;
     Ok(Tx {
         tx,
         before: BTreeMap::new(),
@@ -353,7 +499,7 @@ fn set_private(path: &Path) -> Result<(), StoreError> {
 /// device's peer before and after, bumps the version of every location
 /// whose peers or settings changed, and returns the notices.
 pub(crate) struct Tx<'c> {
-    pub(crate) tx: Transaction<'c>,
+    pub(crate) tx: db::Transaction<'c>,
     /// Device id -> its peer (and location) before the change.
     before: BTreeMap<i64, Option<(u32, PeerSpec)>>,
     /// Locations whose whole config changed.
@@ -363,9 +509,9 @@ pub(crate) struct Tx<'c> {
 }
 
 impl std::ops::Deref for Tx<'_> {
-    type Target = Connection;
+    type Target = Db;
 
-    fn deref(&self) -> &Connection {
+    fn deref(&self) -> &Db {
         &self.tx
     }
 }
@@ -491,11 +637,7 @@ impl Tx<'_> {
 }
 
 /// The ids a one-parameter query returns.
-fn ids(
-    conn: &Connection,
-    query: &str,
-    param: impl rusqlite::ToSql,
-) -> Result<Vec<i64>, StoreError> {
+fn ids(conn: &Db, query: &str, param: impl db::ToValue) -> Result<Vec<i64>, StoreError> {
     let mut stmt = conn.prepare_cached(query).map_err(sql("listing ids"))?;
     let rows = stmt
         .query_map(params![param], |row| row.get(0))
@@ -517,11 +659,42 @@ pub(crate) fn from_json(text: &str) -> Vec<String> {
 pub(crate) mod testing {
     use super::*;
 
-    /// A store in a fresh temporary directory.
+    /// A fresh store: an SQLite file in a temporary directory or, with
+    /// `TIDEGATE_TEST_STORE=postgres`, a new database on the PostgreSQL
+    /// server `TIDEGATE_TEST_POSTGRES` names (`cargo xtask test` runs the
+    /// store's tests both ways, on a throwaway cluster).
     pub(crate) fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("core.db"), MfaSettings::default()).unwrap();
+        let database = match std::env::var("TIDEGATE_TEST_STORE").as_deref() {
+            Err(_) | Ok("sqlite") => Database::Sqlite(dir.path().join("core.db")),
+            Ok("postgres") => Database::Postgres(postgres_database()),
+            Ok(other) => panic!("TIDEGATE_TEST_STORE={other}: sqlite or postgres"),
+        };
+        let store = Store::open(&database, MfaSettings::default()).unwrap();
         (dir, store)
+    }
+
+    /// A new, empty database on the test server, as a URL.
+    pub(crate) fn postgres_database() -> String {
+        let server = std::env::var("TIDEGATE_TEST_POSTGRES").expect(
+            "TIDEGATE_TEST_POSTGRES names no PostgreSQL server: `cargo xtask test` starts one",
+        );
+        let mut client = postgres::Client::connect(&server, postgres::NoTls).unwrap();
+        let mut name = [0u8; 8];
+        getrandom::getrandom(&mut name).unwrap();
+        let name = format!("store_{}", data_encoding::HEXLOWER.encode(&name));
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        with_dbname(&server, &name)
+    }
+
+    /// `url` with its database replaced by `name`.
+    fn with_dbname(url: &str, name: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let start = rest.find('/').unwrap_or(rest.len());
+        let end = rest.find('?').unwrap_or(rest.len()).max(start);
+        format!("{scheme}://{}/{name}{}", &rest[..start], &rest[end..])
     }
 
     /// An MFA login of the device with `key` at `location`, by its user,
@@ -552,23 +725,51 @@ mod tests {
 
     #[test]
     fn a_second_core_on_the_same_file_is_refused() {
-        let (dir, store) = testing::store();
-        let err = Store::open(store.path(), MfaSettings::default()).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let database = Database::Sqlite(dir.path().join("core.db"));
+        let store = Store::open(&database, MfaSettings::default()).unwrap();
+        let err = Store::open(store.database(), MfaSettings::default()).unwrap_err();
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         drop(store);
-        Store::open(&dir.path().join("core.db"), MfaSettings::default()).unwrap();
+        Store::open(&database, MfaSettings::default()).unwrap();
+    }
+
+    #[test]
+    fn database_settings_are_a_path_or_a_postgres_url_and_passwords_are_never_shown() {
+        assert_eq!(
+            "/var/lib/tidegate/core.db".parse::<Database>().unwrap(),
+            Database::Sqlite("/var/lib/tidegate/core.db".into())
+        );
+        let url = "postgres://core:s3cret@db.example.org:5432/tidegate?connect_timeout=2";
+        let database: Database = url.parse().unwrap();
+        assert_eq!(database, Database::Postgres(url.into()));
+        for shown in [database.to_string(), format!("{database:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("core:***@db.example.org:5432/tidegate"), "{shown}");
+        }
+        for (bad, says) in [
+            ("", "empty"),
+            ("mysql://db/tidegate", "the only URLs taken are postgres://"),
+            ("postgres://core:s3cret@db/x?sslmode=bogus", "sslmode"),
+        ] {
+            let err = bad.parse::<Database>().unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
     }
 
     #[test]
     fn database_is_wal_and_private() {
         use std::os::unix::fs::PermissionsExt as _;
-        let (_dir, store) = testing::store();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core.db");
+        let store = Store::open(&path.clone().into(), MfaSettings::default()).unwrap();
         let mode: String = store
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
-        let perms = fs::metadata(store.path()).unwrap().permissions().mode();
+        let perms = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(perms & 0o777, 0o600);
         store.integrity_check().unwrap();
     }

@@ -8,10 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Connection, OptionalExtension as _, params};
+use super::db::{Db, OptionalExtension as _, params};
 use tidegate_proto::{edge::v1 as edge, gateway::v1 as gateway};
 
-use super::{StoreError, locations, sql};
+use super::{db, StoreError, locations, sql};
 use crate::keys::Key;
 
 /// One peer as the gateways get it.
@@ -37,15 +37,13 @@ impl PeerSpec {
     }
 }
 
-fn key_column(bytes: Vec<u8>, column: usize) -> rusqlite::Result<Key> {
-    Key::from_slice(&bytes).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Blob, e.into())
-    })
+fn key_column(bytes: Vec<u8>, column: usize) -> db::Result<Key> {
+    Key::from_slice(&bytes).map_err(|e| db::DbError::column(column, e))
 }
 
 /// The device's addresses, sorted.
 pub(crate) fn device_addresses(
-    conn: &Connection,
+    conn: &Db,
     device_id: i64,
 ) -> Result<Vec<String>, StoreError> {
     let mut stmt = conn
@@ -63,7 +61,7 @@ pub(crate) fn device_addresses(
 /// The device's peer and its location's id, or `None` when it is not a
 /// peer now (or does not exist).
 pub(crate) fn device_peer(
-    conn: &Connection,
+    conn: &Db,
     device_id: i64,
 ) -> Result<Option<(u32, PeerSpec)>, StoreError> {
     let row = conn
@@ -105,7 +103,7 @@ pub(crate) fn device_peer(
 
 /// Every peer of a location, by public key.
 pub(crate) fn location_peers(
-    conn: &Connection,
+    conn: &Db,
     location_id: u32,
 ) -> Result<Vec<PeerSpec>, StoreError> {
     let mut addresses: BTreeMap<i64, Vec<String>> = BTreeMap::new();
@@ -159,7 +157,7 @@ pub(crate) fn location_peers(
 /// The whole config of a location, at its current version; `None` when the
 /// location is gone.
 pub(crate) fn location_config(
-    conn: &Connection,
+    conn: &Db,
     location_id: u32,
 ) -> Result<Option<gateway::LocationConfig>, StoreError> {
     let Some(location) = locations::by_id(conn, location_id)? else {
@@ -185,7 +183,7 @@ pub(crate) fn location_config(
 /// A device's config for its owner, with `preshared_key` (the device's own,
 /// or an MFA session's; `None` on an MFA location before a login).
 pub(crate) fn device_config(
-    conn: &Connection,
+    conn: &Db,
     device_id: i64,
     preshared_key: Option<Key>,
 ) -> Result<edge::DeviceConfig, StoreError> {

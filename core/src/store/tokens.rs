@@ -4,7 +4,7 @@
 //! the same key for a short while and gets the same answer.
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use rusqlite::{Connection, OptionalExtension as _, params};
+use super::db::{Db, OptionalExtension as _, params};
 use sha2::{Digest as _, Sha256};
 use tidegate_proto::{admin::v1 as admin, edge::v1 as edge};
 
@@ -59,7 +59,7 @@ pub struct Enrolled {
 }
 
 /// The location's config version.
-fn location_version(tx: &Connection, location_id: u32) -> Result<u64, ClientError> {
+fn location_version(tx: &Db, location_id: u32) -> Result<u64, ClientError> {
     let version: i64 = tx
         .query_row(
             "SELECT version FROM locations WHERE id = ?1",
@@ -74,7 +74,7 @@ fn location_version(tx: &Connection, location_id: u32) -> Result<u64, ClientErro
 /// used token is usable only by `enrolling` the key it enrolled, within
 /// [`ENROL_RETRY_GRACE_MS`] of its use (the row then says `retry`).
 fn find_token(
-    tx: &Connection,
+    tx: &Db,
     token: &str,
     enrolling: Option<&Key>,
     now_ms: i64,
@@ -149,7 +149,7 @@ fn find_token(
 /// renders the device's config: its own preshared key, none on an MFA
 /// location (each login brings one). A retry leaves the token as it is.
 fn use_token(
-    tx: &Connection,
+    tx: &Db,
     token: &str,
     row: &TokenRow,
     key: Option<&Key>,

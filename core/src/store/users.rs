@@ -1,9 +1,9 @@
 //! Users: who owns devices, and the TOTP secret of their MFA logins.
 
-use rusqlite::{Connection, OptionalExtension as _, Row, params};
+use super::db::{Db, OptionalExtension as _, Row, params};
 use tidegate_proto::admin::v1 as admin;
 
-use super::{Store, StoreError, begin, sql, validate};
+use super::{db, Store, StoreError, begin, sql, validate};
 use crate::totp;
 
 /// The issuer authenticator apps show beside the account.
@@ -12,7 +12,7 @@ pub const TOTP_ISSUER: &str = "Tidegate";
 const SELECT: &str = "SELECT u.name, u.enabled, u.created_ms, u.id, \
      (SELECT count(*) FROM devices d WHERE d.user_id = u.id) FROM users u";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<(admin::User, i64)> {
+fn from_row(row: &Row) -> db::Result<(admin::User, i64)> {
     Ok((
         admin::User {
             name: row.get(0)?,
@@ -24,14 +24,14 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<(admin::User, i64)> {
     ))
 }
 
-pub(crate) fn by_name(conn: &Connection, name: &str) -> Result<(admin::User, i64), StoreError> {
+pub(crate) fn by_name(conn: &Db, name: &str) -> Result<(admin::User, i64), StoreError> {
     conn.query_row(&format!("{SELECT} WHERE u.name = ?1"), [name], from_row)
         .optional()
         .map_err(sql("reading a user"))?
         .ok_or_else(|| StoreError::not_found("user", name))
 }
 
-fn name_taken(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+fn name_taken(conn: &Db, name: &str) -> Result<bool, StoreError> {
     super::name_taken(conn, "users", "looking up a user", name)
 }
 
