@@ -13,7 +13,7 @@ mod run;
 mod setup;
 mod vm;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -150,6 +150,10 @@ fn print_kernel_totals(totals: &[(String, vm::Totals)]) {
     }
 }
 
+/// The environment variable `cargo xtask test` passes to the tests: a
+/// conninfo URL for the `postgres` database of a throwaway cluster.
+const TEST_POSTGRES_ENV: &str = "TIDEGATE_TEST_POSTGRES";
+
 fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
     setup::require_root(
         "`cargo xtask test` (the BPF packet tests load XDP programs and the integration tests build network namespaces)",
@@ -173,6 +177,12 @@ fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
 
     run::build_user_space(ws, &ebpf, false)?;
 
+    run::step(
+        "starting a throwaway PostgreSQL cluster for the store's tests (a Unix socket in a \
+         directory under /tmp, run as the postgres user; TIDEGATE_TEST_POSTGRES names it)",
+    );
+    let postgres = tidegate_pgcluster::Cluster::start(tidegate_pgcluster::Options::default())
+        .context("starting the tests' PostgreSQL cluster")?;
     run::step("unit tests, BPF packet tests and namespace integration tests (cargo test)");
     let output = run::cargo(ws, &ebpf)
         .args([
@@ -184,7 +194,11 @@ fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
             run::PRIVILEGED,
         ])
         .env("TIDEGATE_BIN_DIR", ws.profile_dir(false))
-        .status_ok_tee()?;
+        .env(TEST_POSTGRES_ENV, postgres.url("postgres"))
+        .status_ok_tee();
+    // Stopped and removed whether the tests passed or not.
+    drop(postgres);
+    let output = output?;
     let (mut passed, failed) = test_totals(&output);
     if passed == 0 {
         anyhow::bail!("cargo test ran no test");

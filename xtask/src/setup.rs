@@ -13,7 +13,9 @@ use crate::run::{Cmd, step};
 /// configs `tidectl device config --wg-quick` writes for stock apps, and
 /// prometheus for `promtool check metrics`, which lints every daemon's
 /// `/metrics` in the metrics tests (the package's server is not started
-/// by them).
+/// by them), and postgresql for Core's PostgreSQL store, whose tests start
+/// throwaway clusters of their own (`tidegate-pgcluster`; the system's own
+/// cluster is not used).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -24,6 +26,7 @@ const PACKAGES: &[&str] = &[
     "oathtool",
     "nftables",
     "prometheus",
+    "postgresql",
 ];
 
 pub fn is_root() -> bool {
