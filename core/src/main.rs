@@ -8,9 +8,9 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tidegate_core::{
     config::{self, Config, Overrides},
-    store::Database,
     error_chain,
     pki::{self, PkiDir},
+    store::Database,
 };
 use tidegate_proto::logs::{self, LogArgs};
 use tracing::error;

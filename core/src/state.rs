@@ -142,7 +142,8 @@ mod tests {
     #[tokio::test]
     async fn jobs_run_in_order_and_notices_follow_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("core.db").into(), MfaSettings::default()).unwrap();
+        let store =
+            Store::open(&dir.path().join("core.db").into(), MfaSettings::default()).unwrap();
         let (state, thread) = spawn(store);
         let mut notices = state.subscribe();
         let created = state
@@ -184,7 +185,8 @@ mod tests {
     async fn the_state_thread_ends_an_old_session_on_time_without_a_job() {
         use crate::{keys::Key, store::testing};
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("core.db").into(), MfaSettings::default()).unwrap();
+        let mut store =
+            Store::open(&dir.path().join("core.db").into(), MfaSettings::default()).unwrap();
         store
             .create_location(
                 admin::CreateLocationRequest {

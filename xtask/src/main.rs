@@ -195,15 +195,36 @@ fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
         ])
         .env("TIDEGATE_BIN_DIR", ws.profile_dir(false))
         .env(TEST_POSTGRES_ENV, postgres.url("postgres"))
-        .status_ok_tee();
+        .status_ok_tee()
+        .and_then(|output| {
+            run::step(
+                "the store's tests again, on PostgreSQL (TIDEGATE_TEST_STORE=postgres): \
+                 each test on a new database of the cluster",
+            );
+            let on_postgres = run::cargo(ws, &ebpf)
+                .args(["test", "-p", "tidegate-core", "--lib", "store::"])
+                // The tests that need PostgreSQL are ignored by a plain
+                // `cargo test`; here they run.
+                .args(["--", "--include-ignored"])
+                .env(TEST_POSTGRES_ENV, postgres.url("postgres"))
+                .env("TIDEGATE_TEST_STORE", "postgres")
+                .status_ok_tee()?;
+            Ok((output, on_postgres))
+        });
     // Stopped and removed whether the tests passed or not.
     drop(postgres);
-    let output = output?;
+    let (output, on_postgres) = output?;
     let (mut passed, failed) = test_totals(&output);
     if passed == 0 {
         anyhow::bail!("cargo test ran no test");
     }
     println!("xtask: host kernel: {passed} passed, {failed} failed");
+    let (store_passed, _) = test_totals(&on_postgres);
+    if store_passed == 0 {
+        anyhow::bail!("the store's tests on PostgreSQL ran no test");
+    }
+    println!("xtask: the store on PostgreSQL: {store_passed} passed");
+    passed += store_passed;
     run::step("the Debian packages on a fresh Debian 12 root");
     package::test(ws)?;
     if !host_only {

@@ -11,12 +11,7 @@
 //! One thread owns the store (see [`crate::state`]), so one connection
 //! serves it: its jobs run one at a time.
 
-use std::{
-    cell::RefCell,
-    collections::HashMap,
-    error::Error as StdError,
-    fmt,
-};
+use std::{cell::RefCell, collections::HashMap, error::Error as StdError, fmt};
 
 use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql as PgToSql, Type};
@@ -41,18 +36,6 @@ impl DbError {
         Self::Column {
             column,
             message: message.to_string(),
-        }
-    }
-
-    /// Whether a unique or primary key constraint refused the statement.
-    pub fn is_unique_violation(&self) -> bool {
-        match self {
-            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
-                e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-                    || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
-            }
-            Self::Postgres(e) => e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
-            _ => false,
         }
     }
 }
@@ -298,7 +281,7 @@ pub enum Backend {
 /// A connection to either database.
 pub enum Db {
     Sqlite(rusqlite::Connection),
-    Postgres(Pg),
+    Postgres(Box<Pg>),
 }
 
 impl fmt::Debug for Db {
@@ -363,11 +346,6 @@ impl Pg {
     pub fn batch(&self, sql: &str) -> Result<()> {
         self.client.borrow_mut().batch_execute(sql)?;
         Ok(())
-    }
-
-    /// Whether the connection to the server is gone.
-    pub fn is_closed(&self) -> bool {
-        self.client.borrow().is_closed()
     }
 }
 
@@ -660,9 +638,15 @@ mod tests {
     #[test]
     fn question_marks_become_dollars_outside_quotes() {
         for (sql, want) in [
-            ("SELECT 1 WHERE a = ?1 AND b = ?12", "SELECT 1 WHERE a = $1 AND b = $12"),
+            (
+                "SELECT 1 WHERE a = ?1 AND b = ?12",
+                "SELECT 1 WHERE a = $1 AND b = $12",
+            ),
             ("VALUES (?, ?, ?)", "VALUES ($1, $2, $3)"),
-            ("SELECT '?1', \"a?\" WHERE x = ?2", "SELECT '?1', \"a?\" WHERE x = $2"),
+            (
+                "SELECT '?1', \"a?\" WHERE x = ?2",
+                "SELECT '?1', \"a?\" WHERE x = $2",
+            ),
             ("SELECT 'it''s ?' , ?3", "SELECT 'it''s ?' , $3"),
             ("no parameters", "no parameters"),
         ] {

@@ -4,11 +4,11 @@
 
 use std::{collections::HashSet, net::IpAddr};
 
-use ipnet::IpNet;
 use super::db::{Db, OptionalExtension as _, Row, params};
+use ipnet::IpNet;
 use tidegate_proto::admin::v1 as admin;
 
-use super::{db, Store, StoreError, Tx, begin, locations, render, sql, users, validate};
+use super::{Store, StoreError, Tx, begin, db, locations, render, sql, users, validate};
 use crate::{
     keys::Key,
     lockout::{Failures, Verdict},
@@ -84,11 +84,7 @@ pub(crate) fn key_holder(
 }
 
 /// Addresses used by the location's devices, other than `except`'s.
-fn used_addresses(
-    conn: &Db,
-    location_id: u32,
-    except: i64,
-) -> Result<HashSet<IpAddr>, StoreError> {
+fn used_addresses(conn: &Db, location_id: u32, except: i64) -> Result<HashSet<IpAddr>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT address FROM device_addresses WHERE location_id = ?1 AND device_id != ?2",
@@ -109,11 +105,7 @@ fn used_addresses(
 
 /// The device holding `ip` at the location, if any (one index lookup,
 /// where [`used_addresses`] reads them all).
-fn address_holder(
-    conn: &Db,
-    location_id: u32,
-    ip: IpAddr,
-) -> Result<Option<i64>, StoreError> {
+fn address_holder(conn: &Db, location_id: u32, ip: IpAddr) -> Result<Option<i64>, StoreError> {
     conn.prepare_cached(
         "SELECT device_id FROM device_addresses WHERE location_id = ?1 AND address = ?2",
     )
@@ -301,7 +293,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "{SELECT} WHERE (?1 IS NULL OR d.user_id = ?1) AND (?2 IS NULL OR d.location_id = ?2) \
+                "{SELECT} WHERE (CAST(?1 AS BIGINT) IS NULL OR d.user_id = ?1) \
+                 AND (CAST(?2 AS BIGINT) IS NULL OR d.location_id = ?2) \
                  ORDER BY d.name"
             ))
             .map_err(sql("listing devices"))?;
@@ -477,7 +470,14 @@ pub(crate) mod tests {
     use crate::store::{ChangeKind, Notice, locations::tests::request, testing};
 
     pub(crate) fn setup(mfa: bool) -> (tempfile::TempDir, Store) {
-        let (dir, mut store) = testing::store();
+        setup_on(testing::store(), mfa)
+    }
+
+    /// [`setup`] on a given store.
+    pub(crate) fn setup_on(
+        (dir, mut store): (tempfile::TempDir, Store),
+        mfa: bool,
+    ) -> (tempfile::TempDir, Store) {
         store
             .create_location(
                 admin::CreateLocationRequest {

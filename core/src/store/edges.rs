@@ -3,7 +3,7 @@
 use super::db::{Db, OptionalExtension as _, Row, params};
 use tidegate_proto::admin::v1 as admin;
 
-use super::{db, Store, StoreError, begin, sql, validate};
+use super::{Store, StoreError, begin, db, sql, validate};
 
 const SELECT: &str = "SELECT name, address, identity, enabled, created_ms, id FROM edges";
 

@@ -4,7 +4,7 @@
 use super::db::{Db, OptionalExtension as _, Row, params};
 use tidegate_proto::admin::v1 as admin;
 
-use super::{db, Store, StoreError, begin, locations, sql, validate};
+use super::{Store, StoreError, begin, db, locations, sql, validate};
 
 /// A gateway Core keeps a link to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,7 +100,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "{SELECT} WHERE ?1 IS NULL OR g.location_id = ?1 ORDER BY g.name"
+                "{SELECT} WHERE CAST(?1 AS BIGINT) IS NULL OR g.location_id = ?1 ORDER BY g.name"
             ))
             .map_err(sql("listing gateways"))?;
         let rows = stmt

@@ -1,11 +1,11 @@
 //! Locations: the WireGuard interface every gateway of the location runs,
 //! what devices get in their config, and the MFA settings.
 
-use ipnet::IpNet;
 use super::db::{Db, OptionalExtension as _, Row, params};
+use ipnet::IpNet;
 use tidegate_proto::admin::v1 as admin;
 
-use super::{db, Store, StoreError, begin, from_json, sql, to_json, validate};
+use super::{Store, StoreError, begin, db, from_json, sql, to_json, validate};
 use crate::keys::Key;
 
 /// The default WireGuard listen port.

@@ -40,9 +40,7 @@ pub fn copy_to_postgres(from: &Database, to: &Database) -> Result<Copied, StoreE
         .map_err(sql("starting the copy"))?;
     let result = copy(&source.conn, &target);
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    target
-        .execute_batch(end)
-        .map_err(sql("ending the copy"))?;
+    target.execute_batch(end).map_err(sql("ending the copy"))?;
     result
 }
 
@@ -71,7 +69,9 @@ fn copy(source: &Db, target: &Db) -> Result<Copied, StoreError> {
     let mut copied = Vec::new();
     for &table in TABLES {
         let columns: Vec<String> = source
-            .prepare(&format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"))
+            .prepare(&format!(
+                "SELECT name FROM pragma_table_info('{table}') ORDER BY cid"
+            ))
             .and_then(|mut s| s.query_map([], |row| row.get(0)))
             .map_err(sql("reading the source's columns"))?
             .collect::<Result<_, _>>()
@@ -114,4 +114,120 @@ fn copy(source: &Db, target: &Db) -> Result<Copied, StoreError> {
         copied.push((table, rows.len() as u64));
     }
     Ok(Copied { tables: copied })
+}
+
+#[cfg(test)]
+mod tests {
+    use tidegate_proto::admin::v1 as admin;
+
+    use super::*;
+    use crate::{
+        keys::Key,
+        store::{
+            EventKind, MfaSettings,
+            devices::tests::{device, setup_on},
+            testing,
+        },
+    };
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    /// Everything an operator can see of a store, and each location's
+    /// config as its gateways get it.
+    fn everything(store: &Store) -> String {
+        let mut seen = format!(
+            "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n",
+            store.list_locations().unwrap(),
+            store.list_devices("", "").unwrap(),
+            store.list_gateways("").unwrap(),
+            store.list_edges().unwrap(),
+            store.list_events("", 100).unwrap(),
+        );
+        for location in store.list_locations().unwrap() {
+            let id = store.location_id(&location.name).unwrap();
+            seen.push_str(&format!("{:?}\n", store.location_config(id).unwrap()));
+        }
+        seen
+    }
+
+    #[test]
+    #[ignore = "needs PostgreSQL: `cargo xtask test` runs it on its cluster"]
+    fn a_sqlite_store_is_copied_whole_into_an_empty_database_and_never_into_another() {
+        let (dir, mut source) = setup_on(testing::sqlite_store(), true);
+        let key = Key::new([1; 32]);
+        source.create_device(device("laptop", key), 0).unwrap();
+        source
+            .create_device(device("phone", Key::new([2; 32])), 0)
+            .unwrap();
+        testing::login(&mut source, "ams", key, NOW);
+        source
+            .create_gateway(
+                admin::CreateGatewayRequest {
+                    name: "gw-1".into(),
+                    location: "ams".into(),
+                    address: "198.51.100.2:50051".into(),
+                    ..Default::default()
+                },
+                1,
+            )
+            .unwrap();
+        source
+            .create_edge(
+                admin::CreateEdgeRequest {
+                    name: "edge-1".into(),
+                    address: "203.0.113.5:50052".into(),
+                    ..Default::default()
+                },
+                2,
+            )
+            .unwrap();
+        source
+            .create_download_token(
+                admin::CreateDownloadTokenRequest {
+                    device: "phone".into(),
+                    ttl_s: None,
+                },
+                NOW,
+            )
+            .unwrap();
+        source
+            .log_event(EventKind::Failover, "ams", "gw-1", "took over", 3)
+            .unwrap();
+        source.delete_device("phone").unwrap();
+        let before = everything(&source);
+        let from = source.database().clone();
+        drop(source);
+
+        let to = Database::Postgres(testing::postgres_database());
+        let copied = copy_to_postgres(&from, &to).unwrap();
+        let rows: Vec<u64> = copied.tables.iter().map(|(_, n)| *n).collect();
+        // locations, gateways, users, devices, addresses, sessions, tokens
+        // (the phone's went with it), edges, events (the login's and the
+        // failover's).
+        assert_eq!(rows, [1, 1, 1, 1, 2, 1, 0, 1, 2], "{copied:?}");
+
+        let mut target = Store::open(&to, MfaSettings::default()).unwrap();
+        // The laptop's MFA session came along: it is still a peer in its
+        // location's config.
+        assert_eq!(everything(&target), before);
+        assert!(before.contains("public_key"), "{before}");
+        // New rows take ids after the copied ones.
+        target
+            .create_device(device("tablet", Key::new([3; 32])), 4)
+            .unwrap();
+        target
+            .log_event(EventKind::Failover, "ams", "gw-1", "again", 5)
+            .unwrap();
+        drop(target);
+
+        // A database that holds anything is refused, and left as it was.
+        let err = copy_to_postgres(&from, &to).unwrap_err().to_string();
+        assert!(
+            err.contains("is not empty (it has the tables device_addresses, devices,"),
+            "{err}"
+        );
+        let target = Store::open(&to, MfaSettings::default()).unwrap();
+        assert_eq!(target.list_devices("", "").unwrap().len(), 2);
+        drop(dir);
+    }
 }

@@ -146,7 +146,7 @@ pub(crate) fn identity_free(
         let skip = own.filter(|(k, _)| *k == kind).map(|(_, id)| id);
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT id, name, identity FROM {table} WHERE ?1 IS NULL OR id != ?1"
+                "SELECT id, name, identity FROM {table} WHERE CAST(?1 AS BIGINT) IS NULL OR id != ?1"
             ))
             .map_err(sql("checking identities"))?;
         let rows = stmt
@@ -468,7 +468,7 @@ fn connect_postgres(database: &Database, url: &str) -> Result<Db, StoreError> {
     }
     config.application_name("tidegate-core");
     let client = config.connect(postgres::NoTls).map_err(open_err)?;
-    Ok(Db::Postgres(db::Pg::new(client)))
+    Ok(Db::Postgres(Box::new(db::Pg::new(client))))
 }
 
 /// Starts a tracked transaction; on PostgreSQL it first takes the write
@@ -664,12 +664,21 @@ pub(crate) mod testing {
     /// server `TIDEGATE_TEST_POSTGRES` names (`cargo xtask test` runs the
     /// store's tests both ways, on a throwaway cluster).
     pub(crate) fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let database = match std::env::var("TIDEGATE_TEST_STORE").as_deref() {
-            Err(_) | Ok("sqlite") => Database::Sqlite(dir.path().join("core.db")),
-            Ok("postgres") => Database::Postgres(postgres_database()),
+        match std::env::var("TIDEGATE_TEST_STORE").as_deref() {
+            Err(_) | Ok("sqlite") => sqlite_store(),
+            Ok("postgres") => {
+                let database = Database::Postgres(postgres_database());
+                let store = Store::open(&database, MfaSettings::default()).unwrap();
+                (tempfile::tempdir().unwrap(), store)
+            }
             Ok(other) => panic!("TIDEGATE_TEST_STORE={other}: sqlite or postgres"),
-        };
+        }
+    }
+
+    /// A store in a new SQLite file, whatever `TIDEGATE_TEST_STORE` says.
+    pub(crate) fn sqlite_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let database = Database::Sqlite(dir.path().join("core.db"));
         let store = Store::open(&database, MfaSettings::default()).unwrap();
         (dir, store)
     }
@@ -745,7 +754,10 @@ mod tests {
         assert_eq!(database, Database::Postgres(url.into()));
         for shown in [database.to_string(), format!("{database:?}")] {
             assert!(!shown.contains("s3cret"), "{shown}");
-            assert!(shown.contains("core:***@db.example.org:5432/tidegate"), "{shown}");
+            assert!(
+                shown.contains("core:***@db.example.org:5432/tidegate"),
+                "{shown}"
+            );
         }
         for (bad, says) in [
             ("", "empty"),

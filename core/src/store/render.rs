@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use super::db::{Db, OptionalExtension as _, params};
 use tidegate_proto::{edge::v1 as edge, gateway::v1 as gateway};
 
-use super::{db, StoreError, locations, sql};
+use super::{StoreError, db, locations, sql};
 use crate::keys::Key;
 
 /// One peer as the gateways get it.
@@ -42,10 +42,7 @@ fn key_column(bytes: Vec<u8>, column: usize) -> db::Result<Key> {
 }
 
 /// The device's addresses, sorted.
-pub(crate) fn device_addresses(
-    conn: &Db,
-    device_id: i64,
-) -> Result<Vec<String>, StoreError> {
+pub(crate) fn device_addresses(conn: &Db, device_id: i64) -> Result<Vec<String>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT address FROM device_addresses WHERE device_id = ?1 ORDER BY address",
@@ -102,10 +99,7 @@ pub(crate) fn device_peer(
 }
 
 /// Every peer of a location, by public key.
-pub(crate) fn location_peers(
-    conn: &Db,
-    location_id: u32,
-) -> Result<Vec<PeerSpec>, StoreError> {
+pub(crate) fn location_peers(conn: &Db, location_id: u32) -> Result<Vec<PeerSpec>, StoreError> {
     let mut addresses: BTreeMap<i64, Vec<String>> = BTreeMap::new();
     {
         let mut stmt = conn

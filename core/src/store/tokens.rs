@@ -3,8 +3,8 @@
 //! was lost (an Edge died after Core used the token) may be retried with
 //! the same key for a short while and gets the same answer.
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use super::db::{Db, OptionalExtension as _, params};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest as _, Sha256};
 use tidegate_proto::{admin::v1 as admin, edge::v1 as edge};
 
