@@ -72,6 +72,7 @@ pub fn status(error: StoreError) -> Status {
             Status::already_exists(message)
         }
         StoreError::InUse(_) => Status::failed_precondition(message),
+        StoreError::NotLeader(_) => Status::unavailable(message),
         _ => Status::internal(message),
     }
 }

@@ -88,6 +88,9 @@ pub enum StoreError {
     Exists { kind: &'static str, name: String },
     #[error("{0}")]
     InUse(String),
+    /// A write asked of a Core that does not lead (several Cores).
+    #[error("{0}")]
+    NotLeader(String),
     /// One of a batch was refused; nothing of the batch was stored.
     #[error("item {index} ({name:?}); nothing was added")]
     Batch {
@@ -368,6 +371,28 @@ impl Store {
         &self.database
     }
 
+    /// From now on, every write needs this Core to hold the lease (on
+    /// PostgreSQL; a Core alone on SQLite always writes).
+    pub fn fence(&mut self, fence: db::Fence) {
+        if let Db::Postgres(pg) = &mut self.conn {
+            pg.fence(fence);
+        }
+    }
+
+    /// Whether this Core may write now: it leads, or it is alone.
+    pub fn may_write(&self) -> bool {
+        match &self.conn {
+            Db::Sqlite(_) => true,
+            Db::Postgres(pg) => pg.may_write(),
+        }
+    }
+
+    /// Forgets what it read of the database that other Cores may have
+    /// changed meanwhile (a Core that starts to lead).
+    pub fn forget_cached(&mut self) {
+        self.session_ends_known = None;
+    }
+
     /// Which kind of database the store is on.
     pub fn backend(&self) -> Backend {
         self.conn.backend()
@@ -474,7 +499,10 @@ fn connect_postgres(database: &Database, url: &str) -> Result<Db, StoreError> {
 /// Starts a tracked transaction; on PostgreSQL it first takes the write
 /// lock, so that it sees every change committed before it.
 pub(crate) fn begin(conn: &mut Db) -> Result<Tx<'_>, StoreError> {
-    let tx = db::Transaction::begin(conn, WRITE_LOCK).map_err(sql("starting a transaction"))?;
+    let tx = db::Transaction::begin(conn, WRITE_LOCK).map_err(|e| match e {
+        DbError::Fenced(message) => StoreError::NotLeader(message),
+        other => sql("starting a transaction")(other),
+    })?;
     Ok(Tx {
         tx,
         before: BTreeMap::new(),

@@ -154,7 +154,9 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// types. Integers are `BIGINT` (the store reads them as i64), flags
 /// `BOOLEAN`, blobs `BYTEA`; names sort bytewise (`COLLATE "C"`) as on
 /// SQLite. Ids are identities that also take a given value, so that
-/// `tidegate-core migrate` keeps them.
+/// `tidegate-core migrate` keeps them. One table is PostgreSQL's only:
+/// `core_leader`, the lease of the Cores sharing the database (see
+/// [`crate::leader`]).
 const POSTGRES_SCHEMA: &str = r#"
     CREATE TABLE tidegate_schema (version BIGINT NOT NULL);
     CREATE TABLE locations (
@@ -244,6 +246,13 @@ const POSTGRES_SCHEMA: &str = r#"
         message TEXT NOT NULL
     );
     CREATE INDEX events_location ON events(location, id);
+    CREATE TABLE core_leader (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        term BIGINT NOT NULL,
+        holder TEXT NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    INSERT INTO core_leader (id, term, holder, expires_at) VALUES (1, 0, '', '-infinity');
 "#;
 
 /// The store's tables in the order their rows can be copied (a table
