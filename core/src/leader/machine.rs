@@ -359,8 +359,13 @@ mod tests {
             |s| {
                 vec![
                     (0, tick(), vec![ask()]),
-                    // Sent at 0, answered at 700: the lease ended at 600.
-                    (700, answered(Answer::Held { term: 2 }, 0, s), vec![ask()]),
+                    // Sent at 0, answered at 700: the lease ended at 600. The
+                    // term is heard; this Core asks again at once.
+                    (
+                        700,
+                        answered(Answer::Held { term: 2 }, 0, s),
+                        vec![ask(), standby(2, None, "")],
+                    ),
                 ]
             },
         );
