@@ -290,7 +290,7 @@ async fn session(
                         }
                     }
                     Some(gateway_message::Msg::Status(report)) => {
-                        let acked = on_status(target, ctx, status, &mut seen, events, threshold_ms, report, lead.leading).await;
+                        let acked = on_status(target, ctx, status, &mut seen, events, threshold_ms, report).await;
                         if let Some(through_seq) = acked {
                             let acked = gateway::RemovalsAcked { through_seq };
                             out.send(at_term(&lead, core_message::Msg::RemovalsAcked(acked)))
@@ -374,7 +374,6 @@ async fn on_status(
     events: &mut EventBudget,
     threshold_ms: i64,
     report: gateway::Status,
-    leading: bool,
 ) -> Option<u64> {
     let (peers, recent) = fold_peers(seen, &report);
     let activity: HashMap<Key, i64> = seen.iter().map(|(k, p)| (*k, p.last_active_ms)).collect();
@@ -401,7 +400,7 @@ async fn on_status(
         .await;
     }
     let mut acked = None;
-    if !leading {
+    if !ctx.leadership.borrow().leading {
         // The leader records and acknowledges removals.
         return acked;
     }
