@@ -23,7 +23,7 @@ use crate::{
         socket::{AdminSocket, SocketError},
     },
     config::{self, Change, Config, ConfigError, Overrides},
-    leader::{Leadership, lease},
+    leader::{Leadership, lease, roster},
     links::{Directory, Live, Supervisor},
     metrics::{CoreMetrics, Scraper},
     state::{self, StateHandle},
@@ -170,7 +170,23 @@ impl Core {
                 }
             });
         }
-        let service = AdminService::new(state.clone(), directory.clone(), live);
+        if let Database::Postgres(url) = &config.database {
+            roster::spawn(
+                url.clone(),
+                config.core_id.clone(),
+                leadership.clone(),
+                directory.clone(),
+                &tracker,
+                cancel.clone(),
+            );
+        }
+        let service = AdminService::new(
+            state.clone(),
+            directory.clone(),
+            live,
+            config.core_id.clone(),
+            leadership,
+        );
         let admin_cancel = cancel.clone();
         let admin = tokio::spawn(async move { socket.serve(service, admin_cancel).await });
         info!(

@@ -8,6 +8,7 @@
 
 pub mod lease;
 pub mod machine;
+pub mod roster;
 
 /// The term of a Core that is alone on its database (SQLite).
 pub const SOLE_TERM: u64 = 1;

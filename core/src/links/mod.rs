@@ -136,6 +136,27 @@ impl Directory {
             .filter(move |g| g.target.location_id == location_id)
     }
 
+    /// Links up and links dialled: (gateways up, gateways, Edges up, Edges).
+    pub fn counts(&self) -> (u32, u32, u32, u32) {
+        let up_gateways = self
+            .gateways
+            .values()
+            .filter(|g| g.state.borrow().connected)
+            .count();
+        let up_edges = self
+            .edges
+            .values()
+            .filter(|e| e.state.borrow().connected)
+            .count();
+        let n = |count: usize| u32::try_from(count).unwrap_or(u32::MAX);
+        (
+            n(up_gateways),
+            n(self.gateways.len()),
+            n(up_edges),
+            n(self.edges.len()),
+        )
+    }
+
     /// Whether any gateway of the location has its link up.
     pub fn any_connected(&self, location_id: u32) -> bool {
         self.location(location_id)

@@ -393,6 +393,41 @@ impl Store {
         self.session_ends_known = None;
     }
 
+    /// Every Core sharing the database, as each last wrote its roster line
+    /// (see [`crate::leader::roster`]), by name; none on SQLite.
+    pub fn roster(&self) -> Result<Vec<tidegate_proto::admin::v1::CoreNode>, StoreError> {
+        if self.conn.backend() == Backend::Sqlite {
+            return Ok(Vec::new());
+        }
+        let stale_ms = crate::leader::roster::STALE.as_millis() as i64;
+        let count = |row: &db::Row, i: usize| row.get::<_, i64>(i).map(|v| v as u32);
+        self.conn
+            .prepare(
+                "SELECT core_id, leading, term, \
+                 CAST(extract(epoch FROM seen_at) * 1000 AS BIGINT), \
+                 gateways_connected, gateways, edges_connected, edges FROM core_roster \
+                 WHERE seen_at > clock_timestamp() - ?1 * interval '1 millisecond' \
+                 ORDER BY core_id",
+            )
+            .and_then(|mut s| {
+                s.query_map([stale_ms], |row| {
+                    Ok(tidegate_proto::admin::v1::CoreNode {
+                        core_id: row.get(0)?,
+                        leading: row.get(1)?,
+                        term: row.get::<_, i64>(2)? as u64,
+                        seen_unix_ms: row.get(3)?,
+                        gateways_connected: count(row, 4)?,
+                        gateways: count(row, 5)?,
+                        edges_connected: count(row, 6)?,
+                        edges: count(row, 7)?,
+                    })
+                })
+            })
+            .map_err(sql("reading the roster"))?
+            .collect::<Result<_, _>>()
+            .map_err(sql("reading the roster"))
+    }
+
     /// Which kind of database the store is on.
     pub fn backend(&self) -> Backend {
         self.conn.backend()
