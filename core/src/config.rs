@@ -10,6 +10,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    leader::machine::Timing,
     lockout::Policy,
     pki::PkiDir,
     store::{Database, MfaSettings},
@@ -57,7 +58,18 @@ struct File {
     links: LinksFile,
     #[serde(default)]
     mfa: MfaFile,
+    #[serde(default)]
+    lease: LeaseFile,
     metrics: Option<MetricsFile>,
+}
+
+/// `[lease]`: the leader lease of Cores sharing a PostgreSQL database.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseFile {
+    duration_ms: Option<u64>,
+    renew_ms: Option<u64>,
+    poll_ms: Option<u64>,
 }
 
 /// `[metrics]`: the Prometheus endpoint, off unless `listen` is set.
@@ -143,6 +155,8 @@ pub struct Config {
     pub tls: TlsPaths,
     pub links: LinkSettings,
     pub mfa: MfaSettings,
+    /// The leader lease (used on PostgreSQL only).
+    pub lease: Timing,
     /// Where `/metrics` is served (`[metrics] listen`); `None`: nowhere.
     pub metrics: Option<std::net::SocketAddr>,
 }
@@ -282,6 +296,8 @@ impl Config {
                 format!("{} is outside 1..=20", mfa.max_attempts),
             ));
         }
+        let lease =
+            lease_timing(&file.lease).map_err(|(field, message)| invalid(field, message))?;
         let core_id = file.core_id.unwrap_or_else(|| DEFAULT_CORE_ID.into());
         if core_id.is_empty() || core_id.len() > 128 {
             return Err(invalid("core_id", "must be 1 to 128 characters".into()));
@@ -306,6 +322,7 @@ impl Config {
             core_id,
             tls,
             links,
+            lease,
             mfa,
             metrics,
         })
@@ -325,6 +342,45 @@ impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} changed from {} to {}", self.key, self.from, self.to)
     }
+}
+
+/// `[lease]` checked: the renewals fit the lease several times over, so
+/// that one slow answer does not end it.
+fn lease_timing(file: &LeaseFile) -> Result<Timing, (&'static str, String)> {
+    let defaults = Timing::default();
+    let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+    let timing = Timing {
+        lease: ms(file.duration_ms, defaults.lease),
+        renew: ms(file.renew_ms, defaults.renew),
+        poll: ms(file.poll_ms, defaults.poll),
+    };
+    if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&timing.lease) {
+        return Err((
+            "lease.duration_ms",
+            format!("{} is outside 100..=60000", timing.lease.as_millis()),
+        ));
+    }
+    if timing.renew.is_zero() || timing.renew * 3 > timing.lease {
+        return Err((
+            "lease.renew_ms",
+            format!(
+                "{} must be above 0 and at most a third of lease.duration_ms ({})",
+                timing.renew.as_millis(),
+                timing.lease.as_millis()
+            ),
+        ));
+    }
+    if timing.poll.is_zero() || timing.poll > timing.lease {
+        return Err((
+            "lease.poll_ms",
+            format!(
+                "{} must be above 0 and at most lease.duration_ms ({})",
+                timing.poll.as_millis(),
+                timing.lease.as_millis()
+            ),
+        ));
+    }
+    Ok(timing)
 }
 
 /// What reloading a running Core from `current` to `new` changes: the
@@ -367,6 +423,7 @@ pub fn changes(current: &Config, new: &Config) -> Changes {
     key(restart, "tls.ca", &current.tls.ca, &new.tls.ca);
     key(restart, "tls.cert", &current.tls.cert, &new.tls.cert);
     key(restart, "tls.key", &current.tls.key, &new.tls.key);
+    key(restart, "[lease]", &current.lease, &new.lease);
     let (a, b) = (&current.mfa, &new.mfa);
     key(
         restart,
@@ -560,6 +617,13 @@ mod tests {
                 "links.reconnect_max_ms",
             ),
             ("[mfa]\nchallenge_ttl_s = 1", "mfa.challenge_ttl_s"),
+            ("[lease]\nduration_ms = 50", "lease.duration_ms"),
+            (
+                "[lease]\nduration_ms = 600\nrenew_ms = 300",
+                "lease.renew_ms",
+            ),
+            ("[lease]\npoll_ms = 0", "lease.poll_ms"),
+            ("database = \"mysql://db/x\"", "database"),
             ("[mfa]\nmax_attempts = 0", "mfa.max_attempts"),
             (
                 "[metrics]\nlisten = \"localhost:9772\"",

@@ -23,10 +23,11 @@ use crate::{
         socket::{AdminSocket, SocketError},
     },
     config::{self, Change, Config, ConfigError, Overrides},
+    leader::{Leadership, lease, roster},
     links::{Directory, Live, Supervisor},
     metrics::{CoreMetrics, Scraper},
     state::{self, StateHandle},
-    store::{Database, Store},
+    store::{Database, Store, db::Fence},
 };
 
 /// A running Core.
@@ -42,6 +43,9 @@ pub struct Core {
     config: Config,
     /// What a reload changes under running links.
     live: watch::Sender<Live>,
+    /// A Core alone on SQLite leads for as long as it runs: the sender
+    /// of its one leadership.
+    _sole: Option<watch::Sender<Leadership>>,
 }
 
 /// Why a reload was refused; the running config stays whole.
@@ -99,9 +103,31 @@ impl Core {
         // The PostgreSQL client blocks (it runs its own runtime): not on a
         // runtime thread.
         let (database, mfa) = (config.database.clone(), config.mfa);
-        let store = tokio::task::spawn_blocking(move || Store::open(&database, mfa))
+        let mut store = tokio::task::spawn_blocking(move || Store::open(&database, mfa))
             .await
             .context("opening the store")??;
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (leadership, sole) = match &config.database {
+            Database::Sqlite(_) => {
+                let (tx, rx) = watch::channel(Leadership::sole(&config.core_id));
+                (rx, Some(tx))
+            }
+            Database::Postgres(url) => {
+                let leadership = lease::spawn(
+                    url.clone(),
+                    config.core_id.clone(),
+                    config.lease,
+                    &tracker,
+                    cancel.clone(),
+                );
+                (leadership, None)
+            }
+        };
+        store.fence(Fence {
+            core_id: config.core_id.clone(),
+            leadership: leadership.clone(),
+        });
         let socket = AdminSocket::bind(&config.admin_socket)?;
         let metrics_server = match config.metrics {
             Some(address) => Some(MetricsServer::bind(address, "[metrics] listen").await?),
@@ -109,8 +135,6 @@ impl Core {
         };
         let metrics = Arc::new(CoreMetrics::new());
         let (state, state_thread) = state::spawn(store);
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let watched = pki.clone();
         let (live_tx, live) = watch::channel(Live {
             pki,
@@ -127,6 +151,7 @@ impl Core {
             state.clone(),
             live.clone(),
             config.core_id.clone(),
+            leadership.clone(),
             metrics.clone(),
             &tracker,
             cancel.clone(),
@@ -145,7 +170,23 @@ impl Core {
                 }
             });
         }
-        let service = AdminService::new(state.clone(), directory.clone(), live);
+        if let Database::Postgres(url) = &config.database {
+            roster::spawn(
+                url.clone(),
+                config.core_id.clone(),
+                leadership.clone(),
+                directory.clone(),
+                &tracker,
+                cancel.clone(),
+            );
+        }
+        let service = AdminService::new(
+            state.clone(),
+            directory.clone(),
+            live,
+            config.core_id.clone(),
+            leadership,
+        );
         let admin_cancel = cancel.clone();
         let admin = tokio::spawn(async move { socket.serve(service, admin_cancel).await });
         info!(
@@ -162,6 +203,7 @@ impl Core {
             directory,
             config,
             live: live_tx,
+            _sole: sole,
         })
     }
 

@@ -9,6 +9,7 @@ pub mod challenge;
 pub mod config;
 pub mod daemon;
 pub mod keys;
+pub mod leader;
 pub mod links;
 pub mod lockout;
 pub mod metrics;

@@ -23,6 +23,9 @@ pub const NOTICE_BUFFER: usize = 8192;
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 /// How soon a failed read of the next session end is tried again.
 const RETRY: Duration = Duration::from_secs(5);
+/// How often a standby looks whether it leads now (its timed duties wait
+/// for that).
+const STANDBY_CHECK: Duration = Duration::from_secs(1);
 
 type Job = Box<dyn FnOnce(&mut Store, &broadcast::Sender<Notice>) + Send>;
 
@@ -97,13 +100,27 @@ pub fn spawn(mut store: Store) -> (StateHandle, thread::JoinHandle<()>) {
         .name("core-state".into())
         .spawn(move || {
             let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+            let mut leading = store.may_write();
             loop {
-                let session_end = next_session_end(&mut store);
-                let due = session_end.map_or(next_housekeeping, |at| at.min(next_housekeeping));
+                // The timed duties write: only the leader does them, with
+                // what it reads afresh once it leads.
+                let now_leading = store.may_write();
+                if now_leading && !leading {
+                    store.forget_cached();
+                }
+                leading = now_leading;
+                let due = if leading {
+                    let session_end = next_session_end(&mut store);
+                    session_end.map_or(next_housekeeping, |at| at.min(next_housekeeping))
+                } else {
+                    Instant::now() + STANDBY_CHECK
+                };
                 let wait = due.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(wait) {
                     Ok(job) => job(&mut store, &sender),
+                    Err(mpsc::RecvTimeoutError::Timeout) if !leading => {}
                     Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let session_end = next_session_end(&mut store);
                         if session_end.is_some_and(|at| at <= Instant::now()) {
                             match store.end_old_sessions(crate::now_ms()) {
                                 Ok(0) => {}

@@ -50,6 +50,8 @@ mod tests {
     #[test]
     fn a_config_of_the_most_devices_fits() {
         let config = pb::CoreMessage {
+            // The largest term: every byte of the varint.
+            term: u64::MAX,
             msg: Some(pb::core_message::Msg::Config(pb::LocationConfig {
                 version: u64::MAX,
                 location_id: u32::MAX,

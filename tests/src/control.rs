@@ -13,7 +13,10 @@
 //! ```
 //!
 //! Core dials the gateways' and Edges' link servers on the management
-//! segment; clients reach only nginx and the VIP. The PKI is made by
+//! segment; clients reach only nginx and the VIP. With several Cores
+//! (`cores`), they share a PostgreSQL database in a namespace of its own
+//! on the management segment, 192.0.2.5:5432; Core k (`core-k`) is at
+//! 192.0.2.k, the first in the intranet namespace, the others in `core<k>`. The PKI is made by
 //! `tidegate-core init` and `issue`. Everything is torn down on drop, in
 //! order: Core, the gateways (daemon, then its wireguard-go), nginx, the
 //! Edges, the client, the namespaces, the run directory.
@@ -85,6 +88,21 @@ pub const SECOND_VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 101);
 pub const SECOND_TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 /// The port of each gateway's `tidegate-echo` on its tunnel address.
 pub const ECHO_PORT: u16 = 7;
+/// The PostgreSQL server's address, with several Cores.
+pub const DB_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 5)), 5432);
+/// Most Cores a lab holds.
+pub const MAX_CORES: usize = 3;
+
+/// The management address of Core `k` (1-based): [`CORE_ADDR`] for the
+/// first.
+pub fn core_addr(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, k as u8)
+}
+
+/// The `core_id` of Core `k`.
+pub fn core_id(k: usize) -> String {
+    format!("core-{k}")
+}
 
 /// The public address of client namespace `k` (1-based): [`CLIENT_ADDR`]
 /// for the first, 198.51.100.(150 + k) for the others (k up to 100).
@@ -181,6 +199,10 @@ pub struct ControlOptions {
     /// Every daemon serves `/metrics`: see [`ControlLab::metrics_of_gateway`],
     /// [`ControlLab::metrics_of_core`], [`ControlLab::metrics_of_edge`].
     pub metrics: bool,
+    /// 1 to 3 Cores; more than one share a PostgreSQL database.
+    pub cores: usize,
+    /// Core's `[lease]` (duration, renew, poll in ms), if set.
+    pub lease_ms: Option<(u64, u64, u64)>,
 }
 
 /// A second location on the same segments: [`SECOND_LOCATION`], with MFA,
@@ -215,6 +237,8 @@ impl Default for ControlOptions {
             second: None,
             xdp_mode: XdpMode::Auto,
             metrics: false,
+            cores: 1,
+            lease_ms: None,
         }
     }
 }
@@ -297,6 +321,11 @@ impl LabGateway {
 #[derive(Debug)]
 pub struct ControlLab {
     core: Option<CoreDaemon>,
+    /// Cores 2 and 3, each in its namespace (several Cores).
+    more_cores: Vec<(CoreDaemon, Netns)>,
+    /// The Cores' PostgreSQL, its namespace and the database's name
+    /// (several Cores).
+    postgres: Option<(tidegate_pgcluster::Cluster, Netns, String)>,
     gateways: Vec<LabGateway>,
     /// The `XDP_PASS` programs on the switch's ports toward the gateways
     /// (director mode).
@@ -338,6 +367,11 @@ impl ControlLab {
             "1 to 100 client namespaces, not {}",
             options.clients
         );
+        ensure!(
+            (1..=MAX_CORES).contains(&options.cores),
+            "1 to {MAX_CORES} Cores, not {}",
+            options.cores
+        );
         let run = Run::new()?;
         let switch = Netns::create(&run.netns_name("switch"))?;
         let intranet = Netns::create(&run.netns_name("intranet"))?;
@@ -353,6 +387,31 @@ impl ControlLab {
         intranet.add_addr(&core_if, &format!("{CORE_ADDR}/24"))?;
         intranet.set_up(&core_if)?;
         mgmt_ports.push(core_port);
+
+        // More Cores, and their database: on the management segment too.
+        let mut core_netns = Vec::new();
+        for k in 2..=options.cores {
+            let netns = Netns::create(&run.netns_name(&format!("core{k}")))?;
+            let ifname = run.ifname(&format!("mc{k}"));
+            let port = run.ifname(&format!("mpc{k}"));
+            veth(&netns, &ifname, &switch, &port)?;
+            netns.add_addr(&ifname, &format!("{}/24", core_addr(k)))?;
+            netns.set_up(&ifname)?;
+            mgmt_ports.push(port);
+            core_netns.push(netns);
+        }
+        let db_netns = if options.cores > 1 {
+            let netns = Netns::create(&run.netns_name("db"))?;
+            let ifname = run.ifname("mdb");
+            let port = run.ifname("mpdb");
+            veth(&netns, &ifname, &switch, &port)?;
+            netns.add_addr(&ifname, &format!("{}/24", DB_ADDR.ip()))?;
+            netns.set_up(&ifname)?;
+            mgmt_ports.push(port);
+            Some(netns)
+        } else {
+            None
+        };
 
         // The DMZ: management (Edge links) and public (nginx).
         let dmz_mgmt = run.ifname("md");
@@ -542,8 +601,25 @@ impl ControlLab {
             None
         };
 
+        let postgres = match db_netns {
+            Some(netns) => {
+                netns.set_up("lo")?;
+                let cluster = tidegate_pgcluster::Cluster::start(tidegate_pgcluster::Options {
+                    listen: Some(DB_ADDR),
+                    netns: Some(netns.name().to_owned()),
+                    // Durable: a change Core acknowledged is on disk.
+                    fast: false,
+                })
+                .context("starting the Cores' PostgreSQL")?;
+                let database = cluster.create_database("tidegate")?;
+                Some((cluster, netns, database))
+            }
+            None => None,
+        };
         let mut lab = Self {
             core: None,
+            more_cores: Vec::new(),
+            postgres,
             gateways,
             _passes: passes,
             nginx,
@@ -572,8 +648,88 @@ impl ControlLab {
             }
             lab.start_core(config)?;
             lab.create_location()?;
+            for (netns, k) in core_netns.into_iter().zip(2..) {
+                lab.start_more_core(netns, k)?;
+            }
         }
         Ok(lab)
+    }
+
+    /// Starts Core `k` (2 or 3) in `netns`, on the Cores' database, and
+    /// waits until it answers as a standby.
+    fn start_more_core(&mut self, netns: Netns, k: usize) -> Result<()> {
+        let dir = self.run.dir().join(format!("core{k}"));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut config = CoreConfig::new(&dir, self.pki.core_files());
+        config.database = self.database_url()?;
+        config.core_id = Some(core_id(k));
+        config.lease_ms = self.options.lease_ms;
+        config.challenge_ttl_s = self.options.challenge_ttl_s;
+        config.device_lockout_after = self.options.device_lockout_after;
+        config.reconnect_max_ms = Some(1000);
+        let core = CoreDaemon::start(&netns, config, &dir)?;
+        self.more_cores.push((core, netns));
+        Ok(())
+    }
+
+    /// The Cores' database, as a URL (several Cores).
+    pub fn database_url(&self) -> Result<String> {
+        let (cluster, _, database) = self.postgres.as_ref().context("one Core: no PostgreSQL")?;
+        Ok(cluster.url(database))
+    }
+
+    /// The Cores' PostgreSQL (several Cores).
+    pub fn postgres_mut(&mut self) -> Result<&mut tidegate_pgcluster::Cluster> {
+        Ok(&mut self
+            .postgres
+            .as_mut()
+            .context("one Core: no PostgreSQL")?
+            .0)
+    }
+
+    /// Core `k` (1-based).
+    pub fn core_k(&self, k: usize) -> Result<&CoreDaemon> {
+        match k {
+            1 => self.core(),
+            k => self
+                .more_cores
+                .get(k - 2)
+                .map(|(core, _)| core)
+                .with_context(|| format!("no Core {k}")),
+        }
+    }
+
+    /// Core `k` (1-based), to stop or signal.
+    pub fn core_k_mut(&mut self, k: usize) -> Result<&mut CoreDaemon> {
+        match k {
+            1 => self.core_mut(),
+            k => self
+                .more_cores
+                .get_mut(k - 2)
+                .map(|(core, _)| core)
+                .with_context(|| format!("no Core {k}")),
+        }
+    }
+
+    /// Waits until one of the Cores `among` (1-based) says it leads, and
+    /// returns it and its term.
+    pub fn wait_leader(&self, among: &[usize], timeout: Duration) -> Result<(usize, u64)> {
+        poll_until("a Core to lead", timeout, Duration::from_millis(20), || {
+            let mut seen = Vec::new();
+            for &k in among {
+                match self.core_k(k)?.lease() {
+                    Ok(lease) if lease.leading => return Ok(Probe::Ready((k, lease.term))),
+                    Ok(lease) => seen.push(format!("core-{k}: {lease:?}")),
+                    Err(e) => seen.push(format!("core-{k}: {e:#}")),
+                }
+            }
+            Ok(Probe::NotYet(seen.join("; ")))
+        })
+    }
+
+    /// How many Cores the lab runs.
+    pub fn cores(&self) -> usize {
+        self.options.cores
     }
 
     /// A scrape of gateway `i`'s (1-based) `/metrics`, from its namespace,
@@ -629,6 +785,11 @@ impl ControlLab {
             .or(self.options.device_lockout_after);
         // Reconnect fast in tests.
         config.reconnect_max_ms = config.reconnect_max_ms.or(Some(1000));
+        if self.options.cores > 1 {
+            config.database = self.database_url()?;
+            config.core_id = Some(core_id(1));
+            config.lease_ms = self.options.lease_ms;
+        }
         self.core = Some(CoreDaemon::start(&self.intranet, config, &self.core_dir)?);
         Ok(())
     }

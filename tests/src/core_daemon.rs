@@ -118,7 +118,10 @@ impl CorePki {
 /// Core's config file.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    pub database: PathBuf,
+    /// An SQLite file or a `postgresql://` URL.
+    pub database: String,
+    /// `core_id`, if set.
+    pub core_id: Option<String>,
     pub admin_socket: PathBuf,
     pub tls: CertFiles,
     /// `[links]` reconnect_max_ms, if set.
@@ -129,28 +132,39 @@ pub struct CoreConfig {
     pub device_lockout_after: Option<u32>,
     /// `[metrics]` listen, if set.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `[lease]` duration, renew and poll in ms, if set.
+    pub lease_ms: Option<(u64, u64, u64)>,
 }
 
 impl CoreConfig {
     /// Database and socket in `dir`, TLS from `tls`.
     pub fn new(dir: &Path, tls: CertFiles) -> Self {
         Self {
-            database: dir.join("core.db"),
+            database: dir.join("core.db").to_string_lossy().into_owned(),
+            core_id: None,
             admin_socket: dir.join("core.sock"),
             tls,
             reconnect_max_ms: None,
             challenge_ttl_s: None,
             device_lockout_after: None,
             metrics: None,
+            lease_ms: None,
         }
     }
 
     pub fn to_toml(&self) -> String {
         let path = |p: &Path| format!("{:?}", p.to_string_lossy());
         let mut out = format!(
-            "database = {}\nadmin_socket = {}\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n",
-            path(&self.database),
+            "database = {:?}\nadmin_socket = {}\n",
+            self.database,
             path(&self.admin_socket),
+        );
+        if let Some(core_id) = &self.core_id {
+            let _ = writeln!(out, "core_id = {core_id:?}");
+        }
+        let _ = write!(
+            out,
+            "\n[tls]\nca = {}\ncert = {}\nkey = {}\n",
             path(&self.tls.ca),
             path(&self.tls.cert),
             path(&self.tls.key),
@@ -170,8 +184,27 @@ impl CoreConfig {
         if let Some(listen) = self.metrics {
             let _ = write!(out, "\n[metrics]\nlisten = \"{listen}\"\n");
         }
+        if let Some((duration, renew, poll)) = self.lease_ms {
+            let _ = write!(
+                out,
+                "\n[lease]\nduration_ms = {duration}\nrenew_ms = {renew}\npoll_ms = {poll}\n"
+            );
+        }
         out
     }
+}
+
+/// A Core's lease, as `tidectl core-status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreLease {
+    pub core_id: String,
+    pub term: u64,
+    pub leading: bool,
+    /// Empty: none known.
+    pub leader: String,
+    pub problem: String,
+    /// Cores in the roster (this one included).
+    pub cores: usize,
 }
 
 /// A running `tidegate-core run`.
@@ -262,6 +295,19 @@ impl CoreDaemon {
         let out = self.tidectl_ok(&args)?;
         serde_json::from_str(&out)
             .with_context(|| format!("tidectl {} printed {out:?}", args.join(" ")))
+    }
+
+    /// `tidectl core-status --json`: this Core's lease as it says it.
+    pub fn lease(&self) -> Result<CoreLease> {
+        let status = self.tidectl_json(&["core-status"])?;
+        Ok(CoreLease {
+            core_id: status["core_id"].as_str().unwrap_or_default().to_owned(),
+            term: status["term"].as_u64().unwrap_or(0),
+            leading: status["leading"].as_bool().unwrap_or(false),
+            leader: status["leader"].as_str().unwrap_or_default().to_owned(),
+            problem: status["problem"].as_str().unwrap_or_default().to_owned(),
+            cores: status["cores"].as_array().map_or(0, Vec::len),
+        })
     }
 
     /// `tidectl location status <name> --json`.

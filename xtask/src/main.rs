@@ -198,11 +198,11 @@ fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
         .status_ok_tee()
         .and_then(|output| {
             run::step(
-                "the store's tests again, on PostgreSQL (TIDEGATE_TEST_STORE=postgres): \
-                 each test on a new database of the cluster",
+                "Core's tests again, on PostgreSQL (TIDEGATE_TEST_STORE=postgres): the store's \
+                 tests, each on a new database of the cluster, the migration and the leader lease",
             );
             let on_postgres = run::cargo(ws, &ebpf)
-                .args(["test", "-p", "tidegate-core", "--lib", "store::"])
+                .args(["test", "-p", "tidegate-core", "--lib", "--test", "leader"])
                 // The tests that need PostgreSQL are ignored by a plain
                 // `cargo test`; here they run.
                 .args(["--", "--include-ignored"])
@@ -221,9 +221,9 @@ fn test(ws: &run::Workspace, host_only: bool) -> Result<()> {
     println!("xtask: host kernel: {passed} passed, {failed} failed");
     let (store_passed, _) = test_totals(&on_postgres);
     if store_passed == 0 {
-        anyhow::bail!("the store's tests on PostgreSQL ran no test");
+        anyhow::bail!("Core's tests on PostgreSQL ran no test");
     }
-    println!("xtask: the store on PostgreSQL: {store_passed} passed");
+    println!("xtask: Core on PostgreSQL: {store_passed} passed");
     passed += store_passed;
     run::step("the Debian packages on a fresh Debian 12 root");
     package::test(ws)?;

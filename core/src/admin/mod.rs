@@ -12,10 +12,11 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
+    leader::Leadership,
     links::{Directory, GatewayCommand, GatewayState, Live},
     now_ms,
     state::StateHandle,
-    store::{Store, StoreError},
+    store::{Store, StoreError, db::Backend},
 };
 
 /// How long `Failover` waits for the master's answer.
@@ -28,6 +29,8 @@ pub struct AdminService {
     directory: watch::Receiver<Arc<Directory>>,
     /// Core's TLS files, for its certificates' status.
     pki: watch::Receiver<Live>,
+    core_id: String,
+    leadership: watch::Receiver<Leadership>,
 }
 
 impl AdminService {
@@ -35,11 +38,15 @@ impl AdminService {
         state: StateHandle,
         directory: watch::Receiver<Arc<Directory>>,
         pki: watch::Receiver<Live>,
+        core_id: String,
+        leadership: watch::Receiver<Leadership>,
     ) -> Self {
         Self {
             state,
             directory,
             pki,
+            core_id,
+            leadership,
         }
     }
 
@@ -72,6 +79,7 @@ pub fn status(error: StoreError) -> Status {
             Status::already_exists(message)
         }
         StoreError::InUse(_) => Status::failed_precondition(message),
+        StoreError::NotLeader(_) => Status::unavailable(message),
         _ => Status::internal(message),
     }
 }
@@ -553,6 +561,58 @@ impl Admin for AdminService {
         Ok(Response::new(admin::CoreCertificatesResponse {
             certificate: Some(certificate(status.own)),
             ca: Some(certificate(status.ca)),
+        }))
+    }
+
+    async fn core_status(
+        &self,
+        _request: Request<admin::CoreStatusRequest>,
+    ) -> Result<Response<admin::CoreStatusResponse>, Status> {
+        let lead = self.leadership.borrow().clone();
+        let (gateways_connected, gateways, edges_connected, edges) =
+            self.directory.borrow().counts();
+        let this = admin::CoreNode {
+            core_id: self.core_id.clone(),
+            leading: lead.leading,
+            term: lead.term,
+            seen_unix_ms: now_ms(),
+            gateways_connected,
+            gateways,
+            edges_connected,
+            edges,
+        };
+        let (backend, database, roster) = self
+            .state
+            .call(|s| {
+                let backend = match s.backend() {
+                    Backend::Sqlite => "sqlite",
+                    Backend::Postgres => "postgres",
+                };
+                (backend, s.database().to_string(), s.roster())
+            })
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        // The roster read may fail (the database is away): this Core's own
+        // line is known all the same, and the failure is said.
+        let mut problem = lead.problem;
+        let mut cores = roster.unwrap_or_else(|e| {
+            if problem.is_empty() {
+                problem = format!("reading the other Cores: {}", crate::error_chain(&e));
+            }
+            Vec::new()
+        });
+        cores.retain(|c| c.core_id != self.core_id);
+        cores.push(this);
+        cores.sort_by(|a, b| a.core_id.cmp(&b.core_id));
+        Ok(Response::new(admin::CoreStatusResponse {
+            core_id: self.core_id.clone(),
+            backend: backend.into(),
+            database,
+            term: lead.term,
+            leading: lead.leading,
+            leader: lead.leader.unwrap_or_default(),
+            problem,
+            cores,
         }))
     }
 

@@ -15,9 +15,21 @@ use tracing::{debug, info, warn};
 
 use super::{LinkContext, LinkError, Reconnect, connect, ended, requests, status::EdgeState};
 use crate::{
+    leader::Leadership,
     now_ms,
     store::{EdgeTarget, EventKind},
 };
+
+/// The Welcome that says what this Core is, at its term.
+fn welcome(ctx: &LinkContext, lead: &Leadership) -> CoreMessage {
+    CoreMessage {
+        term: lead.term,
+        msg: Some(core_message::Msg::Welcome(Welcome {
+            core_id: ctx.core_id.clone(),
+            leading: lead.leading,
+        })),
+    }
+}
 
 /// Requests of one Edge handled at once; more wait their turn.
 const CONCURRENT_REQUESTS: usize = 256;
@@ -55,6 +67,11 @@ pub(super) async fn run(
 }
 
 async fn log(ctx: &LinkContext, kind: EventKind, target: &EdgeTarget, message: String) {
+    if !ctx.leadership.borrow().leading {
+        // A standby writes nothing to the shared database.
+        debug!(edge = %target.name, kind = kind.as_str(), %message, "a standby's event: not logged");
+        return;
+    }
     let subject = target.name.clone();
     if let Ok(Err(e)) = ctx
         .state
@@ -79,13 +96,11 @@ async fn session(
         .max_decoding_message_size(MAX_EDGE_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_EDGE_MESSAGE_BYTES);
     let (out, out_rx) = mpsc::channel::<CoreMessage>(CONCURRENT_REQUESTS);
-    out.send(CoreMessage {
-        msg: Some(core_message::Msg::Welcome(Welcome {
-            core_id: ctx.core_id.clone(),
-        })),
-    })
-    .await
-    .map_err(|_| LinkError::Closed)?;
+    let mut leadership = ctx.leadership.clone();
+    let mut lead = leadership.borrow_and_update().clone();
+    out.send(welcome(ctx, &lead))
+        .await
+        .map_err(|_| LinkError::Closed)?;
     let timeout = ctx.settings().connect_timeout;
     let mut inbound = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
@@ -107,6 +122,10 @@ async fn session(
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
+            Ok(()) = leadership.changed() => {
+                lead = leadership.borrow_and_update().clone();
+                out.send(welcome(ctx, &lead)).await.map_err(|_| LinkError::Closed)?;
+            }
             message = inbound.message() => {
                 let message = message.map_err(LinkError::from)?.ok_or(LinkError::Closed)?;
                 let request = match message.msg {
@@ -122,7 +141,7 @@ async fn session(
                     () = cancel.cancelled() => return Ok(()),
                     permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 };
-                let (out, ctx, status) = (out.clone(), ctx.clone(), status.clone());
+                let (out, ctx, status, term) = (out.clone(), ctx.clone(), status.clone(), lead.term);
                 ctx.tracker.clone().spawn(async move {
                     let reply = requests::handle(request, &ctx).await;
                     status.send_modify(|s| s.requests += 1);
@@ -130,6 +149,7 @@ async fn session(
                     // Edge answers its client with an error.
                     let _ = out
                         .send(CoreMessage {
+                            term,
                             msg: Some(core_message::Msg::Reply(reply)),
                         })
                         .await;

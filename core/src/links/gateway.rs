@@ -26,9 +26,29 @@ use super::{
 };
 use crate::{
     keys::Key,
+    leader::Leadership,
     now_ms,
     store::{EventKind, GatewayTarget, Notice, RemovalOutcome},
 };
+
+/// A message at this Core's term.
+fn at_term(leadership: &Leadership, msg: core_message::Msg) -> CoreMessage {
+    CoreMessage {
+        term: leadership.term,
+        msg: Some(msg),
+    }
+}
+
+/// The CoreHello that says what this Core is.
+fn core_hello(ctx: &LinkContext, leadership: &Leadership) -> CoreMessage {
+    at_term(
+        leadership,
+        core_message::Msg::Hello(gateway::CoreHello {
+            core_id: ctx.core_id.clone(),
+            leading: leadership.leading,
+        }),
+    )
+}
 
 /// The link task of one gateway, until `cancel`.
 pub(super) async fn run(
@@ -79,6 +99,11 @@ async fn log(
     target: &GatewayTarget,
     message: String,
 ) {
+    if !ctx.leadership.borrow().leading {
+        // A standby writes nothing to the shared database.
+        debug!(gateway = %target.name, kind = kind.as_str(), %message, "a standby's event: not logged");
+        return;
+    }
     let Some(left_out) = budget.take(now_ms()) else {
         debug!(gateway = %target.name, kind = kind.as_str(), %message, "over the event budget: not logged");
         return;
@@ -119,6 +144,11 @@ async fn session(
         .max_decoding_message_size(limits::MAX_STATUS_BYTES)
         .max_encoding_message_size(limits::MAX_CONFIG_BYTES);
     let (out, out_rx) = mpsc::channel::<CoreMessage>(16);
+    let mut leadership = ctx.leadership.clone();
+    let mut lead = leadership.borrow_and_update().clone();
+    out.send(core_hello(ctx, &lead))
+        .await
+        .map_err(|_| LinkError::Closed)?;
     let timeout = ctx.settings().connect_timeout;
     let mut inbound = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
@@ -187,7 +217,9 @@ async fn session(
     let mut heard = PushTimes::default();
     let applied_timeout = ctx.settings().applied_timeout;
     loop {
-        if in_flight.is_none()
+        // A standby only listens: the leader sends what changes.
+        if lead.leading
+            && in_flight.is_none()
             && let Some(next) = coalescer.take()
         {
             let (message, version, full) = match next {
@@ -217,7 +249,7 @@ async fn session(
                     (core_message::Msg::Changes(changes), version, false)
                 }
             };
-            out.send(CoreMessage { msg: Some(message) })
+            out.send(at_term(&lead, message))
                 .await
                 .map_err(|_| LinkError::Closed)?;
             status.send_modify(|s| s.sent_version = version);
@@ -261,7 +293,7 @@ async fn session(
                         let acked = on_status(target, ctx, status, &mut seen, events, threshold_ms, report).await;
                         if let Some(through_seq) = acked {
                             let acked = gateway::RemovalsAcked { through_seq };
-                            out.send(CoreMessage { msg: Some(core_message::Msg::RemovalsAcked(acked)) })
+                            out.send(at_term(&lead, core_message::Msg::RemovalsAcked(acked)))
                                 .await
                                 .map_err(|_| LinkError::Closed)?;
                         }
@@ -292,11 +324,25 @@ async fn session(
                 Err(broadcast::error::RecvError::Lagged(_)) => coalescer.lagged(),
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             },
+            Ok(()) = leadership.changed() => {
+                let now = leadership.borrow_and_update().clone();
+                if now.leading && !lead.leading {
+                    // Whatever an earlier leader sent, the gateway gets the
+                    // whole config at this term.
+                    coalescer = Coalescer::new();
+                    info!(gateway = %target.name, term = now.term, "leading: sending the whole config");
+                }
+                lead = now;
+                out.send(core_hello(ctx, &lead)).await.map_err(|_| LinkError::Closed)?;
+            }
             Some(command) = commands.recv() => match command {
+                GatewayCommand::Failover { reply } if !lead.leading => {
+                    let _ = reply.send(Err(super::standby_refusal(ctx, &lead)));
+                }
                 GatewayCommand::Failover { reply } => {
                     let id = next_failover_id;
                     next_failover_id += 1;
-                    out.send(CoreMessage { msg: Some(core_message::Msg::Failover(gateway::FailoverRequest { id })) })
+                    out.send(at_term(&lead, core_message::Msg::Failover(gateway::FailoverRequest { id })))
                         .await
                         .map_err(|_| LinkError::Closed)?;
                     failovers.insert(id, reply);
@@ -354,6 +400,10 @@ async fn on_status(
         .await;
     }
     let mut acked = None;
+    if !ctx.leadership.borrow().leading {
+        // The leader records and acknowledges removals.
+        return acked;
+    }
     // A bounded share per status: what is left is not acknowledged, and the
     // gateway sends it again.
     for removal in report

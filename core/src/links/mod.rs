@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 pub use self::status::{EdgeState, GatewayState};
 use crate::{
     config::LinkSettings,
+    leader::Leadership,
     metrics::CoreMetrics,
     state::{StateGone, StateHandle},
     store::{EdgeTarget, GatewayTarget, Notice, StoreError},
@@ -135,6 +136,27 @@ impl Directory {
             .filter(move |g| g.target.location_id == location_id)
     }
 
+    /// Links up and links dialled: (gateways up, gateways, Edges up, Edges).
+    pub fn counts(&self) -> (u32, u32, u32, u32) {
+        let up_gateways = self
+            .gateways
+            .values()
+            .filter(|g| g.state.borrow().connected)
+            .count();
+        let up_edges = self
+            .edges
+            .values()
+            .filter(|e| e.state.borrow().connected)
+            .count();
+        let n = |count: usize| u32::try_from(count).unwrap_or(u32::MAX);
+        (
+            n(up_gateways),
+            n(self.gateways.len()),
+            n(up_edges),
+            n(self.edges.len()),
+        )
+    }
+
     /// Whether any gateway of the location has its link up.
     pub fn any_connected(&self, location_id: u32) -> bool {
         self.location(location_id)
@@ -157,9 +179,31 @@ pub(crate) struct LinkContext {
     pub state: StateHandle,
     pub live: watch::Receiver<Live>,
     pub core_id: String,
+    /// This Core's leadership: every message carries its term, and only
+    /// the leader sends what changes.
+    pub leadership: watch::Receiver<Leadership>,
     pub directory: watch::Receiver<Arc<Directory>>,
     pub tracker: TaskTracker,
     pub metrics: Arc<CoreMetrics>,
+}
+
+/// What a standby answers a request only the leader may carry out.
+pub(crate) fn standby_refusal(ctx: &LinkContext, lead: &Leadership) -> String {
+    match &lead.leader {
+        Some(leader) => format!(
+            "this Core ({}) is a standby: {leader} leads at term {}",
+            ctx.core_id, lead.term
+        ),
+        None => format!(
+            "this Core ({}) is a standby and no Core leads now{}",
+            ctx.core_id,
+            if lead.problem.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", lead.problem)
+            }
+        ),
+    }
 }
 
 impl LinkContext {
@@ -224,6 +268,7 @@ impl Supervisor {
         state: StateHandle,
         live: watch::Receiver<Live>,
         core_id: String,
+        leadership: watch::Receiver<Leadership>,
         metrics: Arc<CoreMetrics>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
@@ -233,6 +278,7 @@ impl Supervisor {
             state,
             live,
             core_id,
+            leadership,
             directory: directory.clone(),
             tracker: tracker.clone(),
             metrics,

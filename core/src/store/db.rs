@@ -15,6 +15,9 @@ use std::{cell::RefCell, collections::HashMap, error::Error as StdError, fmt};
 
 use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql as PgToSql, Type};
+use tokio::sync::watch;
+
+use crate::leader::Leadership;
 
 /// A failed statement, or a column that did not hold what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,9 @@ pub enum DbError {
     NoRow,
     #[error("column {column}: {message}")]
     Column { column: usize, message: String },
+    /// A write on PostgreSQL by a Core that does not hold the lease.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl DbError {
@@ -297,6 +303,48 @@ impl fmt::Debug for Db {
 pub struct Pg {
     client: RefCell<postgres::Client>,
     statements: RefCell<HashMap<String, postgres::Statement>>,
+    /// Once set, every write transaction first checks that this Core
+    /// holds the lease at the term it leads at.
+    fence: Option<Fence>,
+}
+
+/// Which Core writes, and its leadership as the lease task publishes it.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub core_id: String,
+    pub leadership: watch::Receiver<Leadership>,
+}
+
+impl Fence {
+    /// Fails unless this Core leads and the lease row, locked against a
+    /// takeover until the transaction ends, says so too.
+    fn check(&self, db: &Db) -> Result<()> {
+        let lead = self.leadership.borrow().clone();
+        if !lead.leading {
+            let leader = lead
+                .leader
+                .map_or_else(|| "no Core leads now".to_owned(), |l| format!("{l} leads"));
+            return Err(DbError::Fenced(format!(
+                "this Core ({}) is a standby: {leader} (term {}); send changes to the leader",
+                self.core_id, lead.term
+            )));
+        }
+        let held = db
+            .query_row(
+                "SELECT term FROM core_leader WHERE id = 1 AND holder = ?1 AND term = ?2 \
+                 AND expires_at > clock_timestamp() FOR SHARE",
+                params![self.core_id, lead.term as i64],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?;
+        match held {
+            Some(_) => Ok(()),
+            None => Err(DbError::Fenced(format!(
+                "this Core ({}) no longer holds the lease at term {}: another Core leads",
+                self.core_id, lead.term
+            ))),
+        }
+    }
 }
 
 impl fmt::Debug for Pg {
@@ -312,7 +360,21 @@ impl Pg {
         Self {
             client: RefCell::new(client),
             statements: RefCell::default(),
+            fence: None,
         }
+    }
+
+    /// Whether writes may be tried: no fence, or the lease task says this
+    /// Core leads.
+    pub fn may_write(&self) -> bool {
+        self.fence
+            .as_ref()
+            .is_none_or(|f| f.leadership.borrow().leading)
+    }
+
+    /// From now on, writes need the lease (see [`Fence`]).
+    pub fn fence(&mut self, fence: Fence) {
+        self.fence = Some(fence);
     }
 
     fn statement(&self, sql: &str) -> Result<postgres::Statement> {
@@ -438,6 +500,9 @@ impl<'d> Transaction<'d> {
             Db::Postgres(pg) => {
                 pg.batch("BEGIN")?;
                 tx.db.execute("SELECT pg_advisory_xact_lock(?1)", [lock])?;
+                if let Some(fence) = &pg.fence {
+                    fence.check(tx.db)?;
+                }
             }
         }
         Ok(tx)

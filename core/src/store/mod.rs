@@ -88,6 +88,9 @@ pub enum StoreError {
     Exists { kind: &'static str, name: String },
     #[error("{0}")]
     InUse(String),
+    /// A write asked of a Core that does not lead (several Cores).
+    #[error("{0}")]
+    NotLeader(String),
     /// One of a batch was refused; nothing of the batch was stored.
     #[error("item {index} ({name:?}); nothing was added")]
     Batch {
@@ -368,6 +371,63 @@ impl Store {
         &self.database
     }
 
+    /// From now on, every write needs this Core to hold the lease (on
+    /// PostgreSQL; a Core alone on SQLite always writes).
+    pub fn fence(&mut self, fence: db::Fence) {
+        if let Db::Postgres(pg) = &mut self.conn {
+            pg.fence(fence);
+        }
+    }
+
+    /// Whether this Core may write now: it leads, or it is alone.
+    pub fn may_write(&self) -> bool {
+        match &self.conn {
+            Db::Sqlite(_) => true,
+            Db::Postgres(pg) => pg.may_write(),
+        }
+    }
+
+    /// Forgets what it read of the database that other Cores may have
+    /// changed meanwhile (a Core that starts to lead).
+    pub fn forget_cached(&mut self) {
+        self.session_ends_known = None;
+    }
+
+    /// Every Core sharing the database, as each last wrote its roster line
+    /// (see [`crate::leader::roster`]), by name; none on SQLite.
+    pub fn roster(&self) -> Result<Vec<tidegate_proto::admin::v1::CoreNode>, StoreError> {
+        if self.conn.backend() == Backend::Sqlite {
+            return Ok(Vec::new());
+        }
+        let stale_ms = crate::leader::roster::STALE.as_millis() as i64;
+        let count = |row: &db::Row, i: usize| row.get::<_, i64>(i).map(|v| v as u32);
+        self.conn
+            .prepare(
+                "SELECT core_id, leading, term, \
+                 CAST(extract(epoch FROM seen_at) * 1000 AS BIGINT), \
+                 gateways_connected, gateways, edges_connected, edges FROM core_roster \
+                 WHERE seen_at > clock_timestamp() - ?1 * interval '1 millisecond' \
+                 ORDER BY core_id",
+            )
+            .and_then(|mut s| {
+                s.query_map([stale_ms], |row| {
+                    Ok(tidegate_proto::admin::v1::CoreNode {
+                        core_id: row.get(0)?,
+                        leading: row.get(1)?,
+                        term: row.get::<_, i64>(2)? as u64,
+                        seen_unix_ms: row.get(3)?,
+                        gateways_connected: count(row, 4)?,
+                        gateways: count(row, 5)?,
+                        edges_connected: count(row, 6)?,
+                        edges: count(row, 7)?,
+                    })
+                })
+            })
+            .map_err(sql("reading the roster"))?
+            .collect::<Result<_, _>>()
+            .map_err(sql("reading the roster"))
+    }
+
     /// Which kind of database the store is on.
     pub fn backend(&self) -> Backend {
         self.conn.backend()
@@ -474,7 +534,10 @@ fn connect_postgres(database: &Database, url: &str) -> Result<Db, StoreError> {
 /// Starts a tracked transaction; on PostgreSQL it first takes the write
 /// lock, so that it sees every change committed before it.
 pub(crate) fn begin(conn: &mut Db) -> Result<Tx<'_>, StoreError> {
-    let tx = db::Transaction::begin(conn, WRITE_LOCK).map_err(sql("starting a transaction"))?;
+    let tx = db::Transaction::begin(conn, WRITE_LOCK).map_err(|e| match e {
+        DbError::Fenced(message) => StoreError::NotLeader(message),
+        other => sql("starting a transaction")(other),
+    })?;
     Ok(Tx {
         tx,
         before: BTreeMap::new(),

@@ -154,7 +154,10 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// types. Integers are `BIGINT` (the store reads them as i64), flags
 /// `BOOLEAN`, blobs `BYTEA`; names sort bytewise (`COLLATE "C"`) as on
 /// SQLite. Ids are identities that also take a given value, so that
-/// `tidegate-core migrate` keeps them.
+/// `tidegate-core migrate` keeps them. Two tables are PostgreSQL's only:
+/// `core_leader`, the lease of the Cores sharing the database, and
+/// `core_roster`, where each of them says how it is (see
+/// [`crate::leader`]).
 const POSTGRES_SCHEMA: &str = r#"
     CREATE TABLE tidegate_schema (version BIGINT NOT NULL);
     CREATE TABLE locations (
@@ -244,6 +247,23 @@ const POSTGRES_SCHEMA: &str = r#"
         message TEXT NOT NULL
     );
     CREATE INDEX events_location ON events(location, id);
+    CREATE TABLE core_leader (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        term BIGINT NOT NULL,
+        holder TEXT NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    INSERT INTO core_leader (id, term, holder, expires_at) VALUES (1, 0, '', '-infinity');
+    CREATE TABLE core_roster (
+        core_id TEXT COLLATE "C" PRIMARY KEY,
+        seen_at TIMESTAMPTZ NOT NULL,
+        term BIGINT NOT NULL,
+        leading BOOLEAN NOT NULL,
+        gateways_connected BIGINT NOT NULL,
+        gateways BIGINT NOT NULL,
+        edges_connected BIGINT NOT NULL,
+        edges BIGINT NOT NULL
+    );
 "#;
 
 /// The store's tables in the order their rows can be copied (a table

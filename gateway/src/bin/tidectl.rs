@@ -135,6 +135,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Core: whether it leads and at which term, who leads, its database,
+    /// and every Core sharing the database with its links up.
+    CoreStatus {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Director mode: this gateway keeps the clients pinned to it and gets
     /// no new ones (it tells the others in its adverts).
     Drain,
@@ -269,6 +276,9 @@ fn run(cli: Cli) -> Result<()> {
         } => core(core_api::CoreCommand::Failover { location })?,
         Command::CoreCertificates { json } => {
             core(core_api::CoreCommand::Certificates { json })?;
+        }
+        Command::CoreStatus { json } => {
+            core(core_api::CoreCommand::Status { json })?;
         }
         Command::Counters { json } => {
             let reply = gateway.counters()?;

@@ -459,6 +459,46 @@ pub enum CoreCommand {
         /// Print JSON instead of text.
         json: bool,
     },
+    Status {
+        /// Print JSON instead of text.
+        json: bool,
+    },
+}
+
+/// `tidectl core-status` as text: this Core, its lease, and every Core
+/// sharing the database.
+fn core_status_text(reply: &admin::CoreStatusResponse) -> String {
+    let mut out = format!(
+        "core {}: {} at term {}{}\ndatabase: {} ({})\n",
+        reply.core_id,
+        if reply.leading { "leading" } else { "standby" },
+        reply.term,
+        match (reply.leading, reply.leader.as_str()) {
+            (true, _) => String::new(),
+            (false, "") => ", no leader known".into(),
+            (false, leader) => format!(", {leader} leads"),
+        },
+        reply.database,
+        reply.backend,
+    );
+    if !reply.problem.is_empty() {
+        out.push_str(&format!("problem: {}\n", reply.problem));
+    }
+    out.push_str(&format!(
+        "{:<20} {:<8} {:>6} {:>10} {:>8}\n",
+        "CORE", "ROLE", "TERM", "GATEWAYS", "EDGES"
+    ));
+    for core in &reply.cores {
+        out.push_str(&format!(
+            "{:<20} {:<8} {:>6} {:>10} {:>8}\n",
+            core.core_id,
+            if core.leading { "leader" } else { "standby" },
+            core.term,
+            format!("{}/{}", core.gateways_connected, core.gateways),
+            format!("{}/{}", core.edges_connected, core.edges),
+        ));
+    }
+    out
 }
 
 fn core_certificates_text(reply: &admin::CoreCertificatesResponse) -> String {
@@ -586,6 +626,15 @@ async fn dispatch(core: &mut AdminClient<Channel>, command: CoreCommand) -> Resu
                 print_json(&reply)
             } else {
                 print!("{}", core_certificates_text(&reply));
+                Ok(())
+            }
+        }
+        CoreCommand::Status { json } => {
+            let reply = answer(core.core_status(admin::CoreStatusRequest {}).await)?;
+            if json {
+                print_json(&reply)
+            } else {
+                print!("{}", core_status_text(&reply));
                 Ok(())
             }
         }
