@@ -108,9 +108,20 @@ fn unix_secs(time: SystemTime) -> u64 {
 
 async fn health(State(state): State<AppState>) -> Response {
     let (status, mut body) = match state.relay.state() {
-        LinkState::Up { core_id, since } => (
+        LinkState::Up {
+            core_id,
+            since,
+            leader,
+            term,
+        } => (
             StatusCode::OK,
-            serde_json::json!({"status": "ok", "core": core_id, "since": unix_secs(since)}),
+            serde_json::json!({
+                "status": "ok",
+                "core": core_id,
+                "since": unix_secs(since),
+                "leader": leader,
+                "term": term,
+            }),
         ),
         LinkState::Down { reason, since } => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -239,12 +250,22 @@ async fn relay<T: DeserializeOwned>(
     }
 }
 
+/// A request Core did not answer: 503, and with no Core leading (a
+/// takeover under way) a code of its own and `Retry-After: 1`.
 fn unavailable(relay_error: &RelayError) -> ApiError {
-    ApiError::new(
+    let code = match relay_error {
+        RelayError::NoLeader => "no-leader",
+        _ => "unavailable",
+    };
+    let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        code,
         relay_error.to_string(),
-    )
+    );
+    if *relay_error == RelayError::NoLeader {
+        error.retry_after_s = Some(1);
+    }
+    error
 }
 
 /// The body, at most `limit` bytes (413 beyond), within `timeout` (408
@@ -354,6 +375,26 @@ mod tests {
     }
 
     const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn no_leader_is_a_clear_503_to_retry() {
+        let error = unavailable(&RelayError::NoLeader);
+        assert_eq!(
+            (error.status, error.code, error.retry_after_s),
+            (StatusCode::SERVICE_UNAVAILABLE, "no-leader", Some(1))
+        );
+        assert_eq!(
+            error.body()["error"]["message"],
+            "No Core leads right now (a takeover is under way); try again in a second."
+        );
+        let response = super::error(&error);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let lost = unavailable(&RelayError::LinkLost);
+        assert_eq!(
+            (lost.status, lost.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
+    }
 
     #[tokio::test]
     async fn a_body_that_does_not_come_is_408() {

@@ -1,6 +1,8 @@
 //! The gRPC server Core dials: mutual TLS with the installation's CA, only
-//! Core's certificate accepted. A Link counts once Core has sent Welcome on
-//! it; then the relay sends requests down it and takes the replies.
+//! Core's certificate accepted. Every Core sharing the database opens a
+//! Link; one counts once its Core has sent Welcome on it, and a later
+//! Welcome says the Core's role changed. The relay sends requests down the
+//! leader's Link only and takes the replies ([`crate::leader`]).
 
 use std::{
     path::PathBuf,
@@ -27,9 +29,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, transport::Server};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::relay::{OUTBOUND_QUEUE, RelayHandle};
+use crate::{
+    leader::Said,
+    relay::{OUTBOUND_QUEUE, RelayHandle},
+};
 
 /// How long Core has to send Welcome on a new Link.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,10 +122,15 @@ async fn run(
         () = cancel.cancelled() => return,
         first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()) => first,
     };
-    let core_id = match first {
+    let said = match first {
         Ok(Ok(Some(pb::CoreMessage {
+            term,
             msg: Some(core_message::Msg::Welcome(welcome)),
-        }))) => welcome.core_id,
+        }))) => Said {
+            core_id: welcome.core_id,
+            term,
+            leading: welcome.leading,
+        },
         Ok(Ok(Some(_))) => {
             warn!(
                 session,
@@ -139,23 +149,30 @@ async fn run(
         }
     };
     // The relay owns the stream towards Core from here on: when it lets go
-    // (a newer Link), the response stream ends.
-    relay
-        .attach(session, core_id, outbound, cancel.clone())
-        .await;
+    // (a newer Link of the same Core), the response stream ends.
+    relay.attach(session, said, outbound, cancel.clone()).await;
     let reason = loop {
         let message = tokio::select! {
-            () = cancel.cancelled() => break "replaced by a newer Link, or the Edge is stopping".to_owned(),
+            () = cancel.cancelled() => break "replaced by a newer Link of the same Core, or the Edge is stopping".to_owned(),
             message = inbound.message() => message,
         };
         match message {
             Ok(Some(pb::CoreMessage {
+                term,
                 msg: Some(core_message::Msg::Reply(reply)),
-            })) => relay.reply(session, reply).await,
+            })) => relay.reply(session, term, reply).await,
             Ok(Some(pb::CoreMessage {
-                msg: Some(core_message::Msg::Welcome(_)),
-            })) => debug!(session, "a second Welcome; ignored"),
-            Ok(Some(pb::CoreMessage { msg: None })) => {
+                term,
+                msg: Some(core_message::Msg::Welcome(welcome)),
+            })) => {
+                let said = Said {
+                    core_id: welcome.core_id,
+                    term,
+                    leading: welcome.leading,
+                };
+                relay.welcome(session, said).await;
+            }
+            Ok(Some(pb::CoreMessage { msg: None, .. })) => {
                 warn!(session, "Core sent an empty message; ignored");
             }
             Ok(None) => break "Core closed the Link".to_owned(),

@@ -1,6 +1,7 @@
 //! The Edge's Prometheus metrics: requests by route and status and their
-//! latency, counted by a layer around the API's router, and the state of
-//! the link to Core, read from the relay's published state at each scrape.
+//! latency, counted by a layer around the API's router, the state of the
+//! link to Core, read from the relay's published state at each scrape, and
+//! the requests refused because no Core led, which the relay counts.
 
 use std::{sync::Arc, time::Instant};
 
@@ -132,6 +133,11 @@ impl tidegate_proto::metrics::Render for Scraper {
         let up = Gauge::<i64>::default();
         up.set(i64::from(self.relay.state().is_up()));
         registry.register("core_link_up", "1 while Core's link to this Edge is up", up);
+        registry.register(
+            "no_leader",
+            "Requests answered 503 because no linked Core led at the highest term (a takeover under way)",
+            self.relay.no_leader(),
+        );
         tidegate_proto::metrics::encode(&[&self.metrics.registry, &registry])
     }
 }

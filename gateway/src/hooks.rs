@@ -466,6 +466,7 @@ mod tests {
             failovers,
             endpoints: None,
             state_unsaved: None,
+            core_links: None,
         }
     }
 

@@ -337,6 +337,7 @@ async fn run(args: Args) -> Result<()> {
     let mut pki = None;
     let mut status_interval = None;
     let mut core_tls = None;
+    let mut core_links = None;
     if let (Some(core), Some(loaded)) = (&config.core, checked.pki) {
         let watched = loaded.clone();
         let expiry_cancel = cancel.clone();
@@ -355,7 +356,9 @@ async fn run(args: Args) -> Result<()> {
             ha: ha_handle.clone(),
             gateway_id: core.gateway_id,
             status_interval: interval,
+            links: core_link::CoreLinks::default(),
         };
+        core_links = Some(parts.links.clone());
         let (tls_tx, tls) = tokio::sync::watch::channel(
             loaded
                 .server()
@@ -400,6 +403,7 @@ async fn run(args: Args) -> Result<()> {
         director_mode: config.ha.as_ref().is_some_and(|ha| ha.director.is_some()),
         reloader: reloader.clone(),
         pki,
+        core_links,
     };
     let control_cancel = cancel.clone();
     tasks.spawn(async move {

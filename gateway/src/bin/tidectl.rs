@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use tidegate_common::stats::Counter;
+use tidegate_gateway::core_link::CoreLinksStatus;
 use tidegate_gateway::{
     config::DEFAULT_CONTROL_SOCKET,
     control::{DatapathCounters, client::Client},
@@ -458,6 +459,50 @@ fn certificates_text(pki: &PkiStatus) -> String {
     format!("certificate: {}\nCA: {}\n", pki.own.line(), pki.ca.line())
 }
 
+/// Core's Links: the fence's highest term and leader, then one line per
+/// Link.
+fn core_links_text(core: &CoreLinksStatus, now_s: u64) -> String {
+    use std::fmt::Write as _;
+
+    let mut out = format!(
+        "Core links: highest term {}, {}\n",
+        core.highest_term,
+        core.leader.as_deref().map_or_else(
+            || "no Core leads at it".to_owned(),
+            |leader| if leader.is_empty() {
+                "led by a Core from before terms".to_owned()
+            } else {
+                format!("led by {leader}")
+            }
+        )
+    );
+    if core.links.is_empty() {
+        out.push_str("    none open\n");
+    }
+    let width = core
+        .links
+        .iter()
+        .map(|l| l.core_id.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    for link in &core.links {
+        let name = if link.core_id.is_empty() {
+            "(unnamed)"
+        } else {
+            &link.core_id
+        };
+        let _ = writeln!(
+            out,
+            "    {name:<width$}  term {:<2} {:<9} since {} s",
+            link.term,
+            if link.leading { "LEADING" } else { "standby" },
+            now_s.saturating_sub(link.since_unix_s),
+        );
+    }
+    out
+}
+
 fn status_text(status: &HaStatus, now: SystemTime) -> String {
     use std::fmt::Write as _;
 
@@ -533,6 +578,9 @@ fn status_text(status: &HaStatus, now: SystemTime) -> String {
             String::new()
         }
     );
+    if let Some(core) = &status.core_links {
+        out.push_str(&core_links_text(core, now_ms / 1000));
+    }
     if !status.peers.is_empty() {
         out.push_str(
             "\nPEER  ROLE     PRIORITY  HEALTHY  MAINTENANCE  DRAINING  MAC                VERSION  LAST ADVERT\n",
@@ -977,6 +1025,24 @@ mod tests {
             fence: None,
             failovers: vec![report(false, Some(22), true), report(true, None, false)],
             state_unsaved: Some("writing state file /s/wg.json: No space left on device".into()),
+            core_links: Some(CoreLinksStatus {
+                highest_term: 5,
+                leader: Some("core-b".into()),
+                links: vec![
+                    tidegate_gateway::core_link::CoreLinkStatus {
+                        core_id: "core-a".into(),
+                        term: 4,
+                        leading: false,
+                        since_unix_s: 999_900,
+                    },
+                    tidegate_gateway::core_link::CoreLinkStatus {
+                        core_id: "core-b".into(),
+                        term: 5,
+                        leading: true,
+                        since_unix_s: 999_990,
+                    },
+                ],
+            }),
             endpoints: Some(SharingStatus {
                 entries: 20,
                 by_gateway: BTreeMap::from([(1, 5), (2, 15)]),
@@ -996,6 +1062,9 @@ mod tests {
         let text = status_text(&status, now);
         for expected in [
             "state-unsaved: writing state file /s/wg.json: No space left on device",
+            "Core links: highest term 5, led by core-b",
+            "    core-a  term 4  standby   since 100 s",
+            "    core-b  term 5  LEADING   since 10 s",
             "endpoint table: 20 peers (5 from gateway 1, 15 from gateway 2)",
             "endpoint messages from: gateway 2 02:00:00:00:00:02 120 ms ago",
             "endpoint messages dropped: replay 1",

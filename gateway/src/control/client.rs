@@ -362,6 +362,7 @@ mod tests {
             failovers: Vec::new(),
             endpoints: None,
             state_unsaved: None,
+            core_links: None,
         }
     }
 

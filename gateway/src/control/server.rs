@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::{MAX_REQUEST_BYTES, Reply, Request, Response};
 use crate::{
+    core_link::CoreLinks,
     datapath::DatapathHandle,
     error_chain,
     ha::agent::HaHandle,
@@ -35,6 +36,8 @@ pub struct Handles {
     pub reloader: Reloader,
     /// The TLS files of Core's link; `None` without a `[core]` section.
     pub pki: Option<tidegate_proto::tls::Pki>,
+    /// Core's Links and their term fence; `None` without a `[core]` section.
+    pub core_links: Option<CoreLinks>,
 }
 
 /// Why the control socket could not be set up.
@@ -236,6 +239,7 @@ async fn answer(request: Request, handles: &Handles) -> Response {
                     .wireguard
                     .as_ref()
                     .and_then(WireguardHandle::state_unsaved);
+                status.core_links = handles.core_links.as_ref().map(CoreLinks::status);
                 Reply::Status(Box::new(status))
             }),
         Request::Failover => async { ha()?.failover().await.map_err(|e| chain(&e)) }

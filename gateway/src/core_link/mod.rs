@@ -1,20 +1,25 @@
 //! The gateway's side of the link with Core: a gRPC server (mutual TLS)
-//! that accepts only Core's certificate. Core opens one Link stream; the
-//! gateway greets it, applies the location config and peer changes Core
-//! sends through the WireGuard task, answers each in order, streams its
-//! status back and turns a failover request into the HA agent's planned
-//! handover.
+//! that accepts only Core's certificate. Every Core sharing the database
+//! opens one Link stream; the gateway greets each, streams its status to
+//! each, and acts only on the leader at the highest term ([`fence`]): it
+//! applies the location config and peer changes the leader sends through
+//! the WireGuard task, answers each message in order (a refusal names the
+//! term that fenced it) and turns a failover request into the HA agent's
+//! planned handover.
 //!
 //! Losing Core changes nothing on the gateway: it keeps running the last
 //! config it applied (kept in the state directory, so a restart without
 //! Core comes up on it too), and an MFA location keeps removing idle peers.
 
 pub mod convert;
+pub mod fence;
+pub mod links;
 pub mod server;
 pub mod session;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use links::{CoreLinkStatus, CoreLinks, CoreLinksStatus};
 pub use server::{CoreLinkError, serve, serve_with};
 pub use session::Parts;
 

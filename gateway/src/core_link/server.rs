@@ -1,12 +1,9 @@
 //! The gRPC server Core dials: mutual TLS with the location's CA, Core's
-//! identity checked on every Link, and one session at a time (a new Link
-//! replaces the one before).
+//! identity checked on every Link, and one session per Core at a time (a
+//! new Link of the same Core replaces its previous one; see
+//! [`super::links`]).
 
-use std::{
-    pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
 use tidegate_proto::{
@@ -56,18 +53,9 @@ struct Service {
     /// This gateway's certificate, whose expiry each Hello tells Core.
     cert: ReloadingCert,
     core_identity: String,
-    /// The running session (its number and token): a new Link cancels it.
-    current: Arc<Mutex<Current>>,
     /// Sessions end with the server.
     shutdown: CancellationToken,
     sessions: TaskTracker,
-}
-
-/// The running session, if any, and the number the last one got.
-#[derive(Debug, Default)]
-struct Current {
-    session: Option<(u64, CancellationToken)>,
-    next: u64,
 }
 
 type LinkStream = Pin<Box<dyn Stream<Item = Result<pb::GatewayMessage, Status>> + Send>>;
@@ -91,29 +79,16 @@ impl Gateway for Service {
         }
         let serial = tidegate_proto::tls::peer_serial(request.peer_certs());
         let cancel = self.shutdown.child_token();
-        let (number, replaced) = {
-            let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-            current.next += 1;
-            let number = current.next;
-            (number, current.session.replace((number, cancel.clone())))
-        };
-        if let Some((_, old)) = replaced {
-            info!(?remote, core_serial = %serial, "a new Link from Core replaces the previous one");
-            old.cancel();
-        } else {
-            info!(?remote, core_serial = %serial, "Core connected");
-        }
+        let links = self.parts.links.clone();
+        let number = links.open(cancel.clone());
+        info!(session = number, ?remote, core_serial = %serial, "Core opened a Link");
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let parts = self.parts.clone();
-        let current = self.current.clone();
         let inbound = request.into_inner();
         let cert_not_after = self.cert.current().info.not_after_unix;
         self.sessions.spawn(async move {
-            session::run(parts, cert_not_after, inbound, tx, cancel).await;
-            let mut current = current.lock().unwrap_or_else(PoisonError::into_inner);
-            if current.session.as_ref().is_some_and(|(n, _)| *n == number) {
-                current.session = None;
-            }
+            session::run(parts, number, cert_not_after, inbound, tx, cancel).await;
+            links.close(number);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -168,7 +143,6 @@ pub async fn serve_with(
         parts,
         cert: pki.own().clone(),
         core_identity: config.core_identity.clone(),
-        current: Arc::new(Mutex::new(Current::default())),
         shutdown: cancel.clone(),
         sessions: sessions.clone(),
     };

@@ -1,6 +1,8 @@
 //! One Link stream with Core: Hello first, then each CoreMessage answered
 //! in order, and a status on connect, on every HA change and periodically.
 //! Each status carries the MFA removals Core has not acknowledged yet.
+//! Every Core gets the Hello and the statuses, leader or standby; what
+//! changes the gateway passes the term fence first ([`super::links`]).
 
 use std::time::{Duration, SystemTime};
 
@@ -13,7 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::convert::{self, FieldError};
+use super::{
+    convert::{self, FieldError},
+    fence::Kind,
+    links::CoreLinks,
+};
 use crate::{
     error_chain,
     ha::{agent::HaHandle, status::HaSummary},
@@ -30,6 +36,8 @@ pub struct Parts {
     pub gateway_id: u32,
     /// How often a status goes to Core; a reload may change it.
     pub status_interval: watch::Receiver<Duration>,
+    /// Every Core's Link sessions and the term fence they share.
+    pub links: CoreLinks,
 }
 
 /// The stream half towards Core.
@@ -44,10 +52,12 @@ enum End {
     OutboundClosed,
 }
 
-/// Runs one session until Core closes the stream, the stream fails, or
-/// `cancel` fires (a newer Link replaced it, or the daemon stops).
+/// Runs session `number` (registered in `parts.links`) until Core closes
+/// the stream, the stream fails, or `cancel` fires (a newer Link of the
+/// same Core replaced it, or the daemon stops).
 pub async fn run(
     parts: Parts,
+    number: u64,
     cert_not_after_unix_s: i64,
     mut inbound: Streaming<pb::CoreMessage>,
     out: Outbound,
@@ -55,16 +65,17 @@ pub async fn run(
 ) {
     let end = tokio::select! {
         () = cancel.cancelled() => End::Cancelled,
-        end = serve(&parts, cert_not_after_unix_s, &mut inbound, &out) => end,
+        end = serve(&parts, number, cert_not_after_unix_s, &mut inbound, &out) => end,
     };
     match end {
-        End::CoreError(status) => warn!(%status, "the link with Core failed"),
-        other => info!(end = ?other, "the link with Core ended"),
+        End::CoreError(status) => warn!(session = number, %status, "the link with Core failed"),
+        other => info!(session = number, end = ?other, "the link with Core ended"),
     }
 }
 
 async fn serve(
     parts: &Parts,
+    number: u64,
     cert_not_after_unix_s: i64,
     inbound: &mut Streaming<pb::CoreMessage>,
     out: &Outbound,
@@ -104,7 +115,7 @@ async fn serve(
                 continue;
             },
             message = inbound.message() => match message {
-                Ok(Some(message)) => handle(parts, message).await,
+                Ok(Some(message)) => handle(parts, number, message).await,
                 Ok(None) => return End::CoreClosed,
                 Err(status) => return End::CoreError(status),
             },
@@ -154,21 +165,62 @@ async fn ha_changed(ha: Option<&mut watch::Receiver<HaSummary>>) -> bool {
 }
 
 /// The answer to one message from Core, if it needs one.
-async fn handle(parts: &Parts, message: pb::CoreMessage) -> Option<gateway_message::Msg> {
+async fn handle(
+    parts: &Parts,
+    number: u64,
+    message: pb::CoreMessage,
+) -> Option<gateway_message::Msg> {
+    let term = message.term;
     match message.msg {
+        Some(Msg::Hello(hello)) => {
+            let kind = Kind::Hello {
+                leading: hello.leading,
+            };
+            match parts
+                .links
+                .decide(number, term, kind, Some(&hello.core_id), || ())
+            {
+                Ok(()) => info!(
+                    session = number,
+                    core_id = %hello.core_id,
+                    term,
+                    leading = hello.leading,
+                    "Core said who it is"
+                ),
+                Err(refusal) => warn!(session = number, %refusal, "a CoreHello refused"),
+            }
+            None
+        }
         Some(Msg::Config(config)) => {
             let update = convert::location(&config);
-            Some(applied(parts, config.version, update).await)
+            Some(applied(parts, number, term, Kind::Config, config.version, update).await)
         }
         Some(Msg::Changes(changes)) => {
             let update = convert::changes(&changes);
-            Some(applied(parts, changes.version, update).await)
+            Some(applied(parts, number, term, Kind::Changes, changes.version, update).await)
         }
         Some(Msg::Failover(request)) => {
-            let error = match &parts.ha {
-                None => "this gateway takes part in no election (its config has no [ha] section)"
-                    .to_owned(),
-                Some(ha) => match ha.failover().await {
+            let slot = match &parts.ha {
+                Some(ha) => Some(ha.reserve().await),
+                None => None,
+            };
+            let decided =
+                parts
+                    .links
+                    .decide(number, term, Kind::Failover, None, move || {
+                        match slot {
+                    None => Err(
+                        "this gateway takes part in no election (its config has no [ha] section)"
+                            .to_owned(),
+                    ),
+                    Some(Err(error)) => Err(error_chain(&error)),
+                    Some(Ok(slot)) => Ok(slot.failover()),
+                }
+                    });
+            let error = match decided {
+                Err(refusal) => refusal.to_string(),
+                Ok(Err(error)) => error,
+                Ok(Ok(handover)) => match handover.await {
                     Ok(to) => {
                         info!(
                             id = request.id,
@@ -188,32 +240,66 @@ async fn handle(parts: &Parts, message: pb::CoreMessage) -> Option<gateway_messa
             }))
         }
         Some(Msg::RemovalsAcked(acked)) => {
-            if let Some(wireguard) = &parts.wireguard
-                && let Err(error) = wireguard.acknowledge_removals(acked.through_seq).await
-            {
+            let slot = match &parts.wireguard {
+                Some(wireguard) => Some(wireguard.reserve().await),
+                None => None,
+            };
+            let decided = parts
+                .links
+                .decide(number, term, Kind::RemovalsAcked, None, move || {
+                    slot.map(|slot| slot.map(|slot| slot.acknowledge_removals(acked.through_seq)))
+                });
+            let result = match decided {
+                Err(refusal) => {
+                    debug!(session = number, %refusal, "Core's acknowledgement of MFA removals ignored");
+                    return None;
+                }
+                Ok(None) => return None,
+                Ok(Some(Err(error))) => Err(error),
+                Ok(Some(Ok(acknowledged))) => acknowledged.await,
+            };
+            if let Err(error) = result {
                 warn!(error = %error_chain(&error), "recording Core's acknowledgement of MFA removals failed");
             }
             None
         }
         None => {
+            let _ = parts.links.decide(number, term, Kind::Empty, None, || ());
             warn!("Core sent an empty message; ignored");
             None
         }
     }
 }
 
+/// Passes a config or changes through the fence and, if it is accepted,
+/// applies them; the Applied answer either way.
 async fn applied(
     parts: &Parts,
+    number: u64,
+    term: u64,
+    kind: Kind,
     version: u64,
     update: Result<LocationUpdate, FieldError>,
 ) -> gateway_message::Msg {
-    let result = match (update, &parts.wireguard) {
-        (Err(error), _) => Err(error.to_string()),
-        (Ok(_), None) => {
-            Err("this gateway runs no WireGuard interface (no [wireguard] section)".to_owned())
-        }
-        (Ok(update), Some(wireguard)) => wireguard
-            .apply_location(update)
+    // The queue place first, outside the fence's lock (this may wait).
+    let slot = match (&update, &parts.wireguard) {
+        (Ok(_), Some(wireguard)) => Some(wireguard.reserve().await),
+        _ => None,
+    };
+    let decided = parts
+        .links
+        .decide(number, term, kind, None, move || match (update, slot) {
+            (Err(error), _) => Err(error.to_string()),
+            (Ok(update), Some(Ok(slot))) => Ok(slot.apply_location(update)),
+            (Ok(_), Some(Err(error))) => Err(error_chain(&error)),
+            (Ok(_), None) => {
+                Err("this gateway runs no WireGuard interface (no [wireguard] section)".to_owned())
+            }
+        });
+    let result = match decided {
+        Err(refusal) => Err(refusal.to_string()),
+        Ok(Err(error)) => Err(error),
+        Ok(Ok(applying)) => applying
             .await
             .map(|report| debug!(version, ?report, "applied"))
             .map_err(|error| error_chain(&error)),
@@ -221,7 +307,7 @@ async fn applied(
     let error = match result {
         Ok(()) => String::new(),
         Err(error) => {
-            warn!(version, %error, "Core's update refused; nothing applied");
+            warn!(session = number, version, term, %error, "Core's update refused; nothing applied");
             error
         }
     };

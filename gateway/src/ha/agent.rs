@@ -129,6 +129,22 @@ impl std::fmt::Debug for Command {
     }
 }
 
+/// A reserved place in the agent's queue ([`HaHandle::reserve`]). Filling
+/// it never waits; dropped unfilled, the place is given back.
+#[derive(Debug)]
+pub struct HaSlot<'a> {
+    permit: mpsc::Permit<'a, Command>,
+}
+
+impl HaSlot<'_> {
+    /// [`HaHandle::failover`], queued now.
+    pub fn failover(self) -> impl Future<Output = Result<u32, HaError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        self.permit.send(Command::Failover(reply));
+        async move { Ok(rx.await.map_err(|_| HaError::Stopped)??) }
+    }
+}
+
 /// A cheap, cloneable way to ask the agent.
 #[derive(Debug, Clone)]
 pub struct HaHandle {
@@ -222,6 +238,17 @@ impl HaHandle {
             .await
             .map_err(|_| HaError::Stopped)?;
         Ok(rx.await.map_err(|_| HaError::Stopped)??)
+    }
+
+    /// A place in the agent's queue, waited for here: a failover put into
+    /// it later goes in without waiting, so Core's term fence can decide
+    /// and enqueue under a lock never held across an await.
+    pub async fn reserve(&self) -> Result<HaSlot<'_>, HaError> {
+        self.tx
+            .reserve()
+            .await
+            .map(|permit| HaSlot { permit })
+            .map_err(|_| HaError::Stopped)
     }
 
     /// Turns maintenance mode on or off.

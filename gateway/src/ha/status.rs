@@ -91,6 +91,10 @@ pub struct HaStatus {
     /// failing or full disk), while it is. Filled in by the control socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_unsaved: Option<String>,
+    /// Core's Links and the term fence (none without a `[core]`
+    /// section). Filled in by the control socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_links: Option<crate::core_link::CoreLinksStatus>,
 }
 
 /// The part of the agent's state Core follows; it changes only on events
@@ -250,6 +254,7 @@ impl AgentView {
             failovers: owned.failovers,
             endpoints: owned.endpoints,
             state_unsaved: None,
+            core_links: None,
         }
     }
 }

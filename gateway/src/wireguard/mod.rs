@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use backend::{BackendKind, BackendSetting};
 pub use key::Key;
-pub use owner::{WireguardError, WireguardHandle};
+pub use owner::{WireguardError, WireguardHandle, WireguardSlot};
 pub use reconcile::PlanSummary;
 pub use spec::{PeerEntry, PeerSpec};
 

@@ -320,6 +320,48 @@ impl WireguardHandle {
     pub fn state_unsaved(&self) -> Option<String> {
         self.unsaved.borrow().clone()
     }
+
+    /// A place in the task's queue, waited for here: what goes into it
+    /// later goes in without waiting, so a caller can decide and enqueue
+    /// under a lock that is never held across an await (Core's term fence:
+    /// the task applies in the order the fence decided).
+    pub async fn reserve(&self) -> Result<WireguardSlot<'_>, WireguardError> {
+        self.tx
+            .reserve()
+            .await
+            .map(|permit| WireguardSlot { permit })
+            .map_err(|_| WireguardError::Stopped)
+    }
+}
+
+/// A reserved place in the WireGuard task's queue ([`WireguardHandle::reserve`]).
+/// Filling it never waits; the returned future waits for the task's answer.
+/// Dropped unfilled, the place is given back.
+#[derive(Debug)]
+pub struct WireguardSlot<'a> {
+    permit: mpsc::Permit<'a, Command>,
+}
+
+impl WireguardSlot<'_> {
+    /// [`WireguardHandle::apply_location`], queued now.
+    pub fn apply_location(
+        self,
+        update: LocationUpdate,
+    ) -> impl Future<Output = Result<ApplyReport, WireguardError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        self.permit.send(Command::Location(update, reply));
+        async move { rx.await.map_err(|_| WireguardError::Stopped)? }
+    }
+
+    /// [`WireguardHandle::acknowledge_removals`], queued now.
+    pub fn acknowledge_removals(
+        self,
+        seq: u64,
+    ) -> impl Future<Output = Result<(), WireguardError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        self.permit.send(Command::Acked(seq, reply));
+        async move { rx.await.map_err(|_| WireguardError::Stopped)? }
+    }
 }
 
 /// The device settings in force: Core's where it has sent a location
