@@ -88,12 +88,13 @@ fn two_cores_and_only_the_leader_at_the_highest_term_changes_the_gateway() -> Re
 
     let client = location.client(0);
     let client_key = client.public_key().to_owned();
+    let private_key = key(location.gateway_private_key());
     let config = |version, peers| pb::LocationConfig {
         version,
         location_id: 7,
         location_name: "lab".into(),
         interface: Some(pb::WireguardInterface {
-            private_key: key(location.gateway_private_key()),
+            private_key: private_key.clone(),
             listen_port: u32::from(WG_PORT),
             addresses: vec![format!("{GATEWAY_TUNNEL}/24")],
             mtu: 0,
