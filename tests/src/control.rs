@@ -680,11 +680,7 @@ impl ControlLab {
 
     /// The Cores' PostgreSQL (several Cores).
     pub fn postgres_mut(&mut self) -> Result<&mut tidegate_pgcluster::Cluster> {
-        Ok(&mut self
-            .postgres
-            .as_mut()
-            .context("one Core: no PostgreSQL")?
-            .0)
+        Ok(&mut self.postgres.as_mut().context("one Core: no PostgreSQL")?.0)
     }
 
     /// Core `k` (1-based).

@@ -1,7 +1,9 @@
 //! Core's side of the gateway and Edge links, scripted by a test: a gRPC
 //! client with a certificate of the test CA that opens the Link stream and
 //! sends what the test says. It tests gateways and Edges on their own; the
-//! real Core speaks the same protocol.
+//! real Core speaks the same protocol. A Link sends at the term the test
+//! gives it (0 and no CoreHello: a Core from before terms), so one test can
+//! play several Cores that share a database, leader and standbys.
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -60,6 +62,8 @@ pub async fn channel(
 pub struct GatewayLink {
     pub to_gateway: mpsc::Sender<gateway::CoreMessage>,
     pub from_gateway: Streaming<gateway::GatewayMessage>,
+    /// The term every message goes out with (0: a Core from before terms).
+    pub term: u64,
 }
 
 impl GatewayLink {
@@ -72,13 +76,47 @@ impl GatewayLink {
         Ok(Self {
             to_gateway,
             from_gateway,
+            term: 0,
         })
     }
 
-    /// Sends one message.
+    /// Opens a Link on `channel` as Core `core_id` and says, at `term`,
+    /// whether it leads (a CoreHello).
+    pub async fn open_as(
+        channel: Channel,
+        core_id: &str,
+        term: u64,
+        leading: bool,
+    ) -> std::result::Result<Self, tonic::Status> {
+        let mut link = Self::open(channel).await?;
+        link.hello(core_id, term, leading)
+            .await
+            .map_err(|error| tonic::Status::internal(format!("{error:#}")))?;
+        Ok(link)
+    }
+
+    /// Sends a CoreHello at `term`, which every later message carries too.
+    pub async fn hello(&mut self, core_id: &str, term: u64, leading: bool) -> Result<()> {
+        self.term = term;
+        self.send(gateway::core_message::Msg::Hello(gateway::CoreHello {
+            core_id: core_id.to_owned(),
+            leading,
+        }))
+        .await
+    }
+
+    /// Sends one message at the Link's term.
     pub async fn send(&self, msg: gateway::core_message::Msg) -> Result<()> {
+        self.send_at(self.term, msg).await
+    }
+
+    /// Sends one message at `term` (a deposed leader's late message, say).
+    pub async fn send_at(&self, term: u64, msg: gateway::core_message::Msg) -> Result<()> {
         self.to_gateway
-            .send(gateway::CoreMessage { msg: Some(msg) })
+            .send(gateway::CoreMessage {
+                term,
+                msg: Some(msg),
+            })
             .await
             .map_err(|_| anyhow!("the Link is closed"))
     }
@@ -129,24 +167,48 @@ impl GatewayLink {
 pub struct EdgeLink {
     pub to_edge: mpsc::Sender<edge::CoreMessage>,
     pub from_edge: Streaming<edge::EdgeMessage>,
+    /// The term replies go out with.
+    pub term: u64,
+}
+
+/// A Welcome from Core `core_id` at `term`.
+pub fn edge_welcome(core_id: &str, term: u64, leading: bool) -> edge::CoreMessage {
+    edge::CoreMessage {
+        term,
+        msg: Some(edge::core_message::Msg::Welcome(edge::Welcome {
+            core_id: core_id.to_owned(),
+            leading,
+        })),
+    }
 }
 
 impl EdgeLink {
-    /// Opens a Link on `channel` and sends Welcome as `core_id`.
+    /// Opens a Link on `channel` and sends Welcome as `core_id`, as a Core
+    /// from before terms (term 0, taken as leading).
     pub async fn open(channel: Channel, core_id: &str) -> std::result::Result<Self, tonic::Status> {
+        Self::open_at(channel, core_id, 0, false).await
+    }
+
+    /// Opens a Link on `channel` as Core `core_id` at `term`, leading or a
+    /// standby.
+    pub async fn open_at(
+        channel: Channel,
+        core_id: &str,
+        term: u64,
+        leading: bool,
+    ) -> std::result::Result<Self, tonic::Status> {
         let (to_edge, rx) = mpsc::channel(64);
-        let welcome = edge::CoreMessage {
-            msg: Some(edge::core_message::Msg::Welcome(edge::Welcome {
-                core_id: core_id.to_owned(),
-            })),
-        };
         to_edge
-            .send(welcome)
+            .send(edge_welcome(core_id, term, leading))
             .await
             .map_err(|_| tonic::Status::internal("queue closed"))?;
         let mut client = edge::edge_client::EdgeClient::new(channel);
         let from_edge = client.link(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(Self { to_edge, from_edge })
+        Ok(Self {
+            to_edge,
+            from_edge,
+            term,
+        })
     }
 
     /// Answers every request with `answer` until the Edge closes the Link
@@ -173,6 +235,7 @@ impl EdgeLink {
             };
             self.to_edge
                 .send(edge::CoreMessage {
+                    term: self.term,
                     msg: Some(edge::core_message::Msg::Reply(reply)),
                 })
                 .await

@@ -2,7 +2,8 @@
 //! location config brings the key, the port and the client's peer, and the
 //! client's tunnel works; peer changes apply in order and bad ones change
 //! nothing; status flows back; a gateway restarted without Core comes up
-//! on the config it last applied.
+//! on the config it last applied. Two Cores at once: only the leader at
+//! the highest term changes the gateway, and a deposed one is refused.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -37,6 +38,127 @@ fn open(
     runtime
         .block_on(GatewayLink::open(channel))
         .map_err(|status| anyhow::anyhow!("opening the Link: {status}"))
+}
+
+/// Opens a Link as Core `core_id` saying, at `term`, whether it leads,
+/// and reads the gateway's Hello.
+fn open_as(
+    runtime: &tokio::runtime::Runtime,
+    location: &Location,
+    core: &tidegate_tests::CertFiles,
+    core_id: &str,
+    term: u64,
+    leading: bool,
+) -> Result<GatewayLink> {
+    let addr: SocketAddr = CORE_LISTEN.parse()?;
+    let channel = location
+        .gateway()
+        .run(|| runtime.block_on(channel(addr, core, "gw-a")))??;
+    let mut link = runtime
+        .block_on(GatewayLink::open_as(channel, core_id, term, leading))
+        .map_err(|status| anyhow::anyhow!("opening the Link: {status}"))?;
+    let pb::gateway_message::Msg::Hello(_) = runtime.block_on(link.next(false, WAIT))? else {
+        anyhow::bail!("the first message is not Hello");
+    };
+    Ok(link)
+}
+
+#[test]
+fn two_cores_and_only_the_leader_at_the_highest_term_changes_the_gateway() -> Result<()> {
+    require_root();
+    let pki_dir = tempfile::tempdir()?;
+    let pki = TestPki::new(pki_dir.path(), "pki")?;
+    let core = pki.issue("core")?;
+    let mut section = CoreSection::new(CORE_LISTEN.parse()?, "gw-a", pki.issue("gw-a")?);
+    section.status_interval_ms = Some(300);
+    let mut location = Location::build(&LocationOptions {
+        clients: 1,
+        core: Some(section),
+        ..LocationOptions::default()
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut a = open_as(&runtime, &location, &core, "core-a", 4, true)?;
+    let mut b = open_as(&runtime, &location, &core, "core-b", 4, false)?;
+    // Both get statuses, the standby too.
+    runtime.block_on(a.status(WAIT))?;
+    runtime.block_on(b.status(WAIT))?;
+
+    let client = location.client(0);
+    let client_key = client.public_key().to_owned();
+    let private_key = key(location.gateway_private_key());
+    let config = |version, peers| pb::LocationConfig {
+        version,
+        location_id: 7,
+        location_name: "lab".into(),
+        interface: Some(pb::WireguardInterface {
+            private_key: private_key.clone(),
+            listen_port: u32::from(WG_PORT),
+            addresses: vec![format!("{GATEWAY_TUNNEL}/24")],
+            mtu: 0,
+        }),
+        mfa: false,
+        peer_disconnect_threshold_s: 0,
+        peers,
+    };
+    let client_peer = peer(&client_key, &format!("{}/32", client.tunnel()));
+
+    // The standby's config is refused with the reason; nothing applied.
+    runtime.block_on(b.send(pb::core_message::Msg::Config(config(
+        1,
+        vec![client_peer.clone()],
+    ))))?;
+    let applied = runtime.block_on(b.applied(WAIT))?;
+    ensure!(
+        applied.error
+            == "Core core-b does not lead at term 4 (led by core-a); the gateway takes changes only from the leader",
+        "{applied:?}"
+    );
+    ensure!(
+        location.daemon_mut().peers()?.peers.is_empty(),
+        "the standby's config was applied"
+    );
+    // The leader's applies.
+    runtime.block_on(a.send(pb::core_message::Msg::Config(config(1, vec![client_peer]))))?;
+    let applied = runtime.block_on(a.applied(WAIT))?;
+    ensure!(
+        applied.version == 1 && applied.error.is_empty(),
+        "{applied:?}"
+    );
+    let ping = location.client(0).ping(GATEWAY_TUNNEL, 3)?;
+    ensure!(ping.received == 3, "{}", ping.summary);
+
+    // core-b takes over at term 5 and adds a peer.
+    let extra = KeyPair::generate()?;
+    runtime.block_on(b.hello("core-b", 5, true))?;
+    runtime.block_on(b.send(pb::core_message::Msg::Changes(pb::PeerChanges {
+        base_version: 1,
+        version: 2,
+        upsert: vec![peer(&extra.public, "10.77.0.9/32")],
+        remove: Vec::new(),
+    })))?;
+    let applied = runtime.block_on(b.applied(WAIT))?;
+    ensure!(
+        applied.version == 2 && applied.error.is_empty(),
+        "{applied:?}"
+    );
+    // The deposed leader's later config (dropping every peer) is refused.
+    runtime.block_on(a.send(pb::core_message::Msg::Config(config(9, Vec::new()))))?;
+    let applied = runtime.block_on(a.applied(WAIT))?;
+    ensure!(
+        applied.error == "Core core-a's term 4 is older than term 5 (led by core-b)",
+        "{applied:?}"
+    );
+    location.wait_peers("both peers under core-b", WAIT, |p| p.peers.len() == 2)?;
+    let ping = location.client(0).ping(GATEWAY_TUNNEL, 3)?;
+    ensure!(ping.received == 3, "{}", ping.summary);
+    // core-a, deposed, still hears the gateway's status.
+    runtime.block_on(a.status(WAIT))?;
+    drop((a, b));
+    drop(runtime);
+    Ok(())
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The servers Core dials, over real mutual TLS on loopback: the gateway's
 //! and the Edge's accept only a client certificate of their CA that names
-//! Core, and a refused client changes nothing.
+//! Core, and a refused client changes nothing. Several Cores at once: each
+//! keeps its Link, and only the leader at the highest term is acted on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tidegate_gateway::core_link::{self, CoreLinkConfig};
 use tidegate_proto::edge::v1 as edge;
 use tidegate_proto::gateway::v1 as gateway;
 use tidegate_tests::pki::{CertFiles, TestPki};
-use tidegate_tests::scripted_core::{EdgeLink, GatewayLink, channel};
+use tidegate_tests::scripted_core::{EdgeLink, GatewayLink, channel, edge_welcome};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -59,6 +60,7 @@ async fn gateway_server(files: &CertFiles, cancel: &CancellationToken) -> Socket
         ha: None,
         gateway_id: 3,
         status_interval: tokio::sync::watch::channel(Duration::from_millis(200)).1,
+        links: core_link::CoreLinks::default(),
     };
     let server = core_link::serve(config, parts, cancel.clone())
         .await
@@ -159,12 +161,19 @@ async fn the_gateway_accepts_only_cores_certificate() -> Result<()> {
     assert_eq!(result.id, 9);
     assert!(result.error.contains("no [ha] section"), "{}", result.error);
 
-    // A second Link replaces the first: the first stream ends.
+    // A second Link of the same Core replaces the first once it sends its
+    // first message (a Core from before terms names itself by none): the
+    // first stream ends.
     let mut second = GatewayLink::open(channel(addr, &core, "gw-a").await?).await?;
     assert!(matches!(
         second.next(false, WAIT).await?,
         gateway::gateway_message::Msg::Hello(_)
     ));
+    second
+        .send(gateway::core_message::Msg::RemovalsAcked(
+            gateway::RemovalsAcked { through_seq: 0 },
+        ))
+        .await?;
     let ended = tokio::time::timeout(WAIT, async {
         loop {
             match link.from_gateway.message().await {
@@ -175,6 +184,104 @@ async fn the_gateway_accepts_only_cores_certificate() -> Result<()> {
     })
     .await;
     assert!(ended.is_ok(), "the replaced Link is still open");
+    cancel.cancel();
+    Ok(())
+}
+
+/// The next Applied's error on `link` (statuses skipped).
+async fn applied_error(link: &mut GatewayLink, config: &gateway::LocationConfig) -> String {
+    link.send(gateway::core_message::Msg::Config(config.clone()))
+        .await
+        .unwrap();
+    let applied = link.applied(WAIT).await.unwrap();
+    assert_eq!(applied.version, config.version);
+    applied.error
+}
+
+/// What a gateway without WireGuard answers a config that passed the fence.
+const PASSED: &str = "runs no WireGuard interface";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_acts_only_on_the_leader_at_the_highest_term() -> Result<()> {
+    let pkis = pkis();
+    let cancel = CancellationToken::new();
+    let addr = gateway_server(&pkis.ours.issue("gw-a")?, &cancel).await;
+    let core = pkis.ours.issue("core")?;
+    let config = gateway::LocationConfig {
+        version: 3,
+        interface: Some(gateway::WireguardInterface {
+            private_key: vec![1; 32],
+            listen_port: 51820,
+            addresses: vec![],
+            mtu: 0,
+        }),
+        ..Default::default()
+    };
+
+    // core-a leads at term 4, core-b is a standby: both get Hello and
+    // statuses; only core-a's config gets past the fence.
+    let mut a =
+        GatewayLink::open_as(channel(addr, &core, "gw-a").await?, "core-a", 4, true).await?;
+    let mut b =
+        GatewayLink::open_as(channel(addr, &core, "gw-a").await?, "core-b", 4, false).await?;
+    for link in [&mut a, &mut b] {
+        assert!(matches!(
+            link.next(false, WAIT).await?,
+            gateway::gateway_message::Msg::Hello(_)
+        ));
+        link.status(WAIT).await?;
+    }
+    let error = applied_error(&mut a, &config).await;
+    assert!(error.contains(PASSED), "{error}");
+    let error = applied_error(&mut b, &config).await;
+    assert_eq!(
+        error,
+        "Core core-b does not lead at term 4 (led by core-a); the gateway takes changes only from the leader"
+    );
+    b.send(gateway::core_message::Msg::Failover(
+        gateway::FailoverRequest { id: 5 },
+    ))
+    .await?;
+    let gateway::gateway_message::Msg::Failover(result) = b.next(false, WAIT).await? else {
+        panic!("no failover result");
+    };
+    assert!(
+        result.error.contains("does not lead at term 4"),
+        "{}",
+        result.error
+    );
+
+    // core-b takes over at term 5: core-a's later config is refused with
+    // the reason, core-b's passes; core-a still gets statuses.
+    b.hello("core-b", 5, true).await?;
+    let error = applied_error(&mut b, &config).await;
+    assert!(error.contains(PASSED), "{error}");
+    let error = applied_error(&mut a, &config).await;
+    assert_eq!(
+        error,
+        "Core core-a's term 4 is older than term 5 (led by core-b)"
+    );
+    a.status(WAIT).await?;
+
+    // A new Link of core-a replaces its old one, not core-b's.
+    let mut a2 =
+        GatewayLink::open_as(channel(addr, &core, "gw-a").await?, "core-a", 5, false).await?;
+    assert!(matches!(
+        a2.next(false, WAIT).await?,
+        gateway::gateway_message::Msg::Hello(_)
+    ));
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match a.from_gateway.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "core-a's replaced Link is still open");
+    let error = applied_error(&mut b, &config).await;
+    assert!(error.contains(PASSED), "{error}");
     cancel.cancel();
     Ok(())
 }
@@ -367,6 +474,101 @@ async fn the_edge_accepts_only_cores_certificate_and_is_healthy_only_while_linke
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(down, "the Edge stayed healthy after Core closed the Link");
+    cancel.cancel();
+    Ok(())
+}
+
+/// Waits until `/health` says `want` of the leader.
+async fn wait_leader(http_addr: SocketAddr, want: Option<&str>) {
+    for _ in 0..100 {
+        let (status, body) = http_status(http_addr, "GET", "/health", None).await;
+        if status == 200 && body["leader"].as_str() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the Edge's leader never became {want:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_relays_only_to_the_leader_and_answers_503_during_a_takeover() -> Result<()> {
+    let pkis = pkis();
+    let cancel = CancellationToken::new();
+    let (link_addr, http_addr) = edge_servers(&pkis.ours.issue("edge-a")?, &cancel).await;
+    let core = pkis.ours.issue("core")?;
+    let good = Some(r#"{"token":"good"}"#);
+
+    // Only a standby: healthy, but requests get 503 no-leader at once.
+    let b = EdgeLink::open_at(
+        channel(link_addr, &core, "edge-a").await?,
+        "core-b",
+        4,
+        false,
+    )
+    .await?;
+    let to_b = b.to_edge.clone();
+    let stop_b = CancellationToken::new();
+    let serving_b = tokio::spawn(b.serve(answer, stop_b.clone()));
+    wait_leader(http_addr, None).await;
+    let (status, body) = http_status(http_addr, "POST", "/api/v1/device-config", good).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("no-leader")),
+        "{body}"
+    );
+
+    // core-a leads at term 4: requests are answered.
+    let a = EdgeLink::open_at(
+        channel(link_addr, &core, "edge-a").await?,
+        "core-a",
+        4,
+        true,
+    )
+    .await?;
+    let to_a = a.to_edge.clone();
+    let stop_a = CancellationToken::new();
+    let serving_a = tokio::spawn(a.serve(answer, stop_a.clone()));
+    wait_leader(http_addr, Some("core-a")).await;
+    let (status, body) = http_status(http_addr, "POST", "/api/v1/device-config", good).await;
+    assert_eq!(status, 200, "{body}");
+
+    // A takeover under way: core-a has seen term 5 and stepped down, core-b
+    // has not said it leads yet. 503 no-leader; then core-b leads.
+    to_a.send(edge_welcome("core-a", 5, false)).await?;
+    wait_leader(http_addr, None).await;
+    let (status, body) = http_status(http_addr, "POST", "/api/v1/device-config", good).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("no-leader")),
+        "{body}"
+    );
+    to_b.send(edge_welcome("core-b", 5, true)).await?;
+    wait_leader(http_addr, Some("core-b")).await;
+    // core-b's replies go out at term 4 (its Link's term): dropped, 503.
+    let (status, body) = http_status(http_addr, "POST", "/api/v1/device-config", good).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("no-leader")),
+        "{body}"
+    );
+    stop_b.cancel();
+    serving_b.await??;
+    let b = EdgeLink::open_at(
+        channel(link_addr, &core, "edge-a").await?,
+        "core-b",
+        5,
+        true,
+    )
+    .await?;
+    let stop_b = CancellationToken::new();
+    let serving_b = tokio::spawn(b.serve(answer, stop_b.clone()));
+    wait_leader(http_addr, Some("core-b")).await;
+    let (status, body) = http_status(http_addr, "POST", "/api/v1/device-config", good).await;
+    assert_eq!(status, 200, "{body}");
+    stop_a.cancel();
+    stop_b.cancel();
+    serving_a.await??;
+    serving_b.await??;
     cancel.cancel();
     Ok(())
 }
