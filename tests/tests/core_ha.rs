@@ -40,8 +40,11 @@ fn lab(cores: usize) -> Result<ControlLab> {
         ..ControlOptions::default()
     })?;
     let (leader, term) = lab.wait_leader(&[1], TAKEOVER)?;
-    narrate(&format!("{cores} Cores on PostgreSQL; core-{leader} leads at term {term}"));
-    lab.core_k(leader)?.tidectl_ok(&["user", "create", "alice"])?;
+    narrate(&format!(
+        "{cores} Cores on PostgreSQL; core-{leader} leads at term {term}"
+    ));
+    lab.core_k(leader)?
+        .tidectl_ok(&["user", "create", "alice"])?;
     Ok(lab)
 }
 
@@ -82,7 +85,7 @@ fn wait_on_every_gateway(lab: &mut ControlLab, keys: &BTreeSet<String>) -> Resul
                     .peers()?
                     .peers
                     .iter()
-                    .map(|p| p.public_key.to_base64())
+                    .map(|p| p.public_key.clone())
                     .collect();
                 let missing: Vec<&String> = keys.difference(&peers).collect();
                 Ok(if missing.is_empty() {
@@ -139,7 +142,9 @@ fn the_leader_killed_while_changes_stream_another_leads_and_every_acknowledged_c
     ensure!(killed_at > started, "core-1 died before the stream began");
     narrate(&format!(
         "core-1 SIGKILLed mid-stream; core-2 took its first change {} ms later; {} changes acknowledged",
-        first_on_new.saturating_duration_since(killed_at).as_millis(),
+        first_on_new
+            .saturating_duration_since(killed_at)
+            .as_millis(),
         acked.len()
     ));
     ensure!(acked.len() == 60, "{} of 60 acknowledged", acked.len());
@@ -165,7 +170,10 @@ fn a_leader_paused_past_its_lease_is_replaced_and_once_resumed_changes_nothing_a
         "core-1 SIGSTOPped; core-2 leads at term {term} after {} ms",
         paused.elapsed().as_millis()
     ));
-    ensure!(leader == 2 && term > old_term, "term {term} after {old_term}");
+    ensure!(
+        leader == 2 && term > old_term,
+        "term {term} after {old_term}"
+    );
     ensure!(create_device(&lab, 2, 2)?, "core-2 took no change");
     let keys: BTreeSet<String> = [key(1), key(2)].into();
     wait_on_every_gateway(&mut lab, &keys)?;
@@ -189,7 +197,14 @@ fn a_leader_paused_past_its_lease_is_replaced_and_once_resumed_changes_nothing_a
     // It refuses changes, naming the leader; the gateways run core-2's
     // config still, the device made through it included.
     let out = lab.core_k(1)?.tidectl(&[
-        "device", "create", "dev-3", "--user", "alice", "--location", LOCATION, "--public-key",
+        "device",
+        "create",
+        "dev-3",
+        "--user",
+        "alice",
+        "--location",
+        LOCATION,
+        "--public-key",
         &key(3),
     ])?;
     ensure!(
@@ -198,7 +213,10 @@ fn a_leader_paused_past_its_lease_is_replaced_and_once_resumed_changes_nothing_a
     );
     std::thread::sleep(Duration::from_secs(1));
     wait_on_every_gateway(&mut lab, &keys)?;
-    ensure!(create_device(&lab, 2, 4)?, "core-2 took no change after core-1 resumed");
+    ensure!(
+        create_device(&lab, 2, 4)?,
+        "core-2 took no change after core-1 resumed"
+    );
     wait_on_every_gateway(&mut lab, &[key(1), key(2), key(4)].into())?;
     Ok(())
 }
@@ -221,7 +239,10 @@ fn a_leader_cut_off_from_the_database_steps_down_and_another_leads() -> Result<(
     ));
     ensure!(leader == 2 && term > old_term);
     let lease = lab.core_k(1)?.lease()?;
-    ensure!(!lease.leading && !lease.problem.is_empty(), "core-1 says {lease:?}");
+    ensure!(
+        !lease.leading && !lease.problem.is_empty(),
+        "core-1 says {lease:?}"
+    );
     narrate(&format!("core-1 says: {}", lease.problem));
     ensure!(create_device(&lab, 2, 1)?, "core-2 took no change");
     wait_on_every_gateway(&mut lab, &[key(1)].into())?;
@@ -233,11 +254,13 @@ fn a_leader_cut_off_from_the_database_steps_down_and_another_leads() -> Result<(
         Duration::from_millis(100),
         || {
             let lease = lab.core_k(1)?.lease()?;
-            Ok(if lease.leader == "core-2" && !lease.leading && lease.problem.is_empty() {
-                Probe::Ready(())
-            } else {
-                Probe::NotYet(format!("{lease:?}"))
-            })
+            Ok(
+                if lease.leader == "core-2" && !lease.leading && lease.problem.is_empty() {
+                    Probe::Ready(())
+                } else {
+                    Probe::NotYet(format!("{lease:?}"))
+                },
+            )
         },
     )?;
     Ok(())
@@ -276,7 +299,14 @@ fn with_the_database_stopped_the_gateways_run_on_and_the_cores_recover_when_it_r
     let lease = lab.core_k(1)?.lease()?;
     narrate(&format!("core-1 says: {}", lease.problem));
     let out = lab.core_k(1)?.tidectl(&[
-        "device", "create", "dev-2", "--user", "alice", "--location", LOCATION, "--public-key",
+        "device",
+        "create",
+        "dev-2",
+        "--user",
+        "alice",
+        "--location",
+        LOCATION,
+        "--public-key",
         &key(2),
     ])?;
     ensure!(!out.status.success(), "a change with no database: {out:?}");
@@ -292,7 +322,10 @@ fn with_the_database_stopped_the_gateways_run_on_and_the_cores_recover_when_it_r
         "PostgreSQL back; core-{leader} leads at term {term} after {} ms",
         back.elapsed().as_millis()
     ));
-    ensure!(create_device(&lab, leader, 3)?, "core-{leader} took no change");
+    ensure!(
+        create_device(&lab, leader, 3)?,
+        "core-{leader} took no change"
+    );
     wait_on_every_gateway(&mut lab, &[key(1), key(3)].into())?;
     if lab.core_k(leader)?.lease()?.cores != 2 {
         bail!("the roster does not list both Cores");
@@ -365,9 +398,7 @@ fn mfa_logins_through_the_edges_go_on_across_a_takeover_but_for_its_window() -> 
         let core = lab.core_k(1)?;
         let user = core.tidectl_json(&["user", "create", &format!("user-{n}")])?;
         let secret = user["totp_secret"].as_str().context("no TOTP secret")?;
-        secrets.push(
-            tidegate_core::totp::secret_from_base32(secret).context("a TOTP secret")?,
-        );
+        secrets.push(tidegate_core::totp::secret_from_base32(secret).context("a TOTP secret")?);
         core.tidectl_ok(&[
             "device",
             "create",
@@ -380,7 +411,10 @@ fn mfa_logins_through_the_edges_go_on_across_a_takeover_but_for_its_window() -> 
             &key(n),
         ])?;
     }
-    ensure!(login(&lab, 1, &secrets[0])?.is_none(), "the first login was refused");
+    ensure!(
+        login(&lab, 1, &secrets[0])?.is_none(),
+        "the first login was refused"
+    );
 
     let pid = lab.core_k(1)?.process().pid();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL)?;

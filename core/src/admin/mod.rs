@@ -19,6 +19,8 @@ use crate::{
     store::{Store, StoreError, db::Backend},
 };
 
+/// How long `CoreStatus` waits for the store (the roster).
+const STATUS_STORE_WAIT: Duration = Duration::from_secs(2);
 /// How long `Failover` waits for the master's answer.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -581,17 +583,26 @@ impl Admin for AdminService {
             edges_connected,
             edges,
         };
-        let (backend, database, roster) = self
-            .state
-            .call(|s| {
-                let backend = match s.backend() {
-                    Backend::Sqlite => "sqlite",
-                    Backend::Postgres => "postgres",
-                };
-                (backend, s.database().to_string(), s.roster())
-            })
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let asked = self.state.call(|s| {
+            let backend = match s.backend() {
+                Backend::Sqlite => "sqlite",
+                Backend::Postgres => "postgres",
+            };
+            (backend, s.database().to_string(), s.roster())
+        });
+        // A store held up by a database that does not answer must not hold
+        // up this answer: this Core's own line is known without it.
+        let (backend, database, roster) = match tokio::time::timeout(STATUS_STORE_WAIT, asked).await
+        {
+            Ok(answer) => answer.map_err(|e| Status::unavailable(e.to_string()))?,
+            Err(_) => (
+                "",
+                String::new(),
+                Err(StoreError::InUse(format!(
+                    "the store did not answer within {STATUS_STORE_WAIT:?} (the database is slow or away)"
+                ))),
+            ),
+        };
         // The roster read may fail (the database is away): this Core's own
         // line is known all the same, and the failure is said.
         let mut problem = lead.problem;

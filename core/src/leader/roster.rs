@@ -20,11 +20,11 @@ pub const EVERY: Duration = Duration::from_secs(1);
 pub const STALE: Duration = Duration::from_secs(10);
 
 const UPSERT: &str = "
-    INSERT INTO core_roster (core_id, seen_at, term, leading, gateways_connected, gateways,
+    INSERT INTO core_roster (core_id, seen_at, term, leads, gateways_connected, gateways,
         edges_connected, edges)
     VALUES ($1, clock_timestamp(), $2, $3, $4, $5, $6, $7)
     ON CONFLICT (core_id) DO UPDATE SET seen_at = excluded.seen_at, term = excluded.term,
-        leading = excluded.leading, gateways_connected = excluded.gateways_connected,
+        leads = excluded.leads, gateways_connected = excluded.gateways_connected,
         gateways = excluded.gateways, edges_connected = excluded.edges_connected,
         edges = excluded.edges";
 

@@ -11,7 +11,12 @@
 //! One thread owns the store (see [`crate::state`]), so one connection
 //! serves it: its jobs run one at a time.
 
-use std::{cell::RefCell, collections::HashMap, error::Error as StdError, fmt};
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    error::Error as StdError,
+    fmt,
+};
 
 use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql as PgToSql, Type};
@@ -299,9 +304,16 @@ impl fmt::Debug for Db {
     }
 }
 
-/// A PostgreSQL connection and its prepared statements.
+/// A PostgreSQL connection and its prepared statements. A connection
+/// found closed (the server restarted, the network failed) is made again
+/// for the next statement outside a transaction, which is then tried once
+/// more; inside a transaction the statement fails, and with it the
+/// transaction.
 pub struct Pg {
+    config: postgres::Config,
     client: RefCell<postgres::Client>,
+    /// Between BEGIN and COMMIT or ROLLBACK.
+    in_transaction: Cell<bool>,
     statements: RefCell<HashMap<String, postgres::Statement>>,
     /// Once set, every write transaction first checks that this Core
     /// holds the lease at the term it leads at.
@@ -356,11 +368,29 @@ impl fmt::Debug for Pg {
 }
 
 impl Pg {
-    pub fn new(client: postgres::Client) -> Self {
-        Self {
+    /// Connects as `config` says.
+    pub fn connect(config: postgres::Config) -> Result<Self, postgres::Error> {
+        let client = config.connect(postgres::NoTls)?;
+        Ok(Self {
+            config,
             client: RefCell::new(client),
+            in_transaction: Cell::new(false),
             statements: RefCell::default(),
             fence: None,
+        })
+    }
+
+    /// Runs `op`; on a closed connection outside a transaction, connects
+    /// again and runs it once more.
+    fn retrying<T>(&self, op: impl Fn() -> Result<T, postgres::Error>) -> Result<T> {
+        match op() {
+            Err(e) if e.is_closed() && !self.in_transaction.get() => {
+                let client = self.config.connect(postgres::NoTls)?;
+                *self.client.borrow_mut() = client;
+                self.statements.borrow_mut().clear();
+                Ok(op()?)
+            }
+            other => Ok(other?),
         }
     }
 
@@ -377,7 +407,7 @@ impl Pg {
         self.fence = Some(fence);
     }
 
-    fn statement(&self, sql: &str) -> Result<postgres::Statement> {
+    fn statement(&self, sql: &str) -> Result<postgres::Statement, postgres::Error> {
         if let Some(statement) = self.statements.borrow().get(sql) {
             return Ok(statement.clone());
         }
@@ -389,25 +419,34 @@ impl Pg {
     }
 
     fn query(&self, sql: &str, values: &[Value]) -> Result<Vec<Row>> {
-        let statement = self.statement(sql)?;
         let params: Vec<&(dyn PgToSql + Sync)> =
             values.iter().map(|v| v as &(dyn PgToSql + Sync)).collect();
-        let rows = self.client.borrow_mut().query(&statement, &params)?;
+        let rows = self.retrying(|| {
+            let statement = self.statement(sql)?;
+            self.client.borrow_mut().query(&statement, &params)
+        })?;
         rows.iter().map(pg_row).collect()
     }
 
     fn execute(&self, sql: &str, values: &[Value]) -> Result<usize> {
-        let statement = self.statement(sql)?;
         let params: Vec<&(dyn PgToSql + Sync)> =
             values.iter().map(|v| v as &(dyn PgToSql + Sync)).collect();
-        let count = self.client.borrow_mut().execute(&statement, &params)?;
+        let count = self.retrying(|| {
+            let statement = self.statement(sql)?;
+            self.client.borrow_mut().execute(&statement, &params)
+        })?;
         Ok(count as usize)
     }
 
     /// Runs statements without parameters (a schema, BEGIN, COMMIT).
     pub fn batch(&self, sql: &str) -> Result<()> {
-        self.client.borrow_mut().batch_execute(sql)?;
-        Ok(())
+        let result = self.retrying(|| self.client.borrow_mut().batch_execute(sql));
+        match sql {
+            "BEGIN" => self.in_transaction.set(result.is_ok()),
+            "COMMIT" | "ROLLBACK" => self.in_transaction.set(false),
+            _ => {}
+        }
+        result
     }
 }
 

@@ -223,7 +223,9 @@ mod tests {
         // A database that holds anything is refused, and left as it was.
         let err = copy_to_postgres(&from, &to).unwrap_err().to_string();
         assert!(
-            err.contains("is not empty (it has the tables device_addresses, devices,"),
+            err.contains(
+                "is not empty (it has the tables core_leader, core_roster, device_addresses,"
+            ),
             "{err}"
         );
         let target = Store::open(&to, MfaSettings::default()).unwrap();

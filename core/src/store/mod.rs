@@ -335,6 +335,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Waits this long for PostgreSQL to accept a connection, unless the URL
 /// says otherwise (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection to PostgreSQL whose data goes unacknowledged this long is
+/// given up (TCP_USER_TIMEOUT), unless the URL says otherwise: a network
+/// cut fails the store's statement instead of holding every job behind it
+/// for the kernel's whole retransmission time.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Client addresses whose wrong MFA codes are remembered, at most.
 const SOURCES_KEPT: usize = 100_000;
 /// Events kept in the log; older ones are pruned.
@@ -403,10 +408,10 @@ impl Store {
         let count = |row: &db::Row, i: usize| row.get::<_, i64>(i).map(|v| v as u32);
         self.conn
             .prepare(
-                "SELECT core_id, leading, term, \
+                "SELECT core_id, leads, term, \
                  CAST(extract(epoch FROM seen_at) * 1000 AS BIGINT), \
                  gateways_connected, gateways, edges_connected, edges FROM core_roster \
-                 WHERE seen_at > clock_timestamp() - ?1 * interval '1 millisecond' \
+                 WHERE seen_at > clock_timestamp() - CAST(?1 AS BIGINT) * interval '1 millisecond' \
                  ORDER BY core_id",
             )
             .and_then(|mut s| {
@@ -526,9 +531,12 @@ fn connect_postgres(database: &Database, url: &str) -> Result<Db, StoreError> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
     config.application_name("tidegate-core");
-    let client = config.connect(postgres::NoTls).map_err(open_err)?;
-    Ok(Db::Postgres(Box::new(db::Pg::new(client))))
+    let pg = db::Pg::connect(config).map_err(open_err)?;
+    Ok(Db::Postgres(Box::new(pg)))
 }
 
 /// Starts a tracked transaction; on PostgreSQL it first takes the write

@@ -258,7 +258,7 @@ const POSTGRES_SCHEMA: &str = r#"
         core_id TEXT COLLATE "C" PRIMARY KEY,
         seen_at TIMESTAMPTZ NOT NULL,
         term BIGINT NOT NULL,
-        leading BOOLEAN NOT NULL,
+        leads BOOLEAN NOT NULL,
         gateways_connected BIGINT NOT NULL,
         gateways BIGINT NOT NULL,
         edges_connected BIGINT NOT NULL,
