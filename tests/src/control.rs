@@ -723,6 +723,13 @@ impl ControlLab {
         })
     }
 
+    /// The Core that leads now (waiting up to 10 s for one to).
+    pub fn leader(&self) -> Result<&CoreDaemon> {
+        let all: Vec<usize> = (1..=self.options.cores).collect();
+        let (k, _) = self.wait_leader(&all, Duration::from_secs(10))?;
+        self.core_k(k)
+    }
+
     /// How many Cores the lab runs.
     pub fn cores(&self) -> usize {
         self.options.cores

@@ -613,6 +613,11 @@ impl Admin for AdminService {
             Vec::new()
         });
         cores.retain(|c| c.core_id != self.core_id);
+        for core in &mut cores {
+            // A line from before the last takeover (a Core that died
+            // leading) does not lead at the term this Core knows.
+            core.leading &= core.term >= lead.term;
+        }
         cores.push(this);
         cores.sort_by(|a, b| a.core_id.cmp(&b.core_id));
         Ok(Response::new(admin::CoreStatusResponse {

@@ -50,6 +50,10 @@ pub fn spawn(
                 _ = every.tick() => {}
             }
             let lead = leadership.borrow().clone();
+            if lead.term == 0 {
+                // Nothing to say before the lease has been read.
+                continue;
+            }
             let (gw_up, gw, edge_up, edge) = directory.borrow().counts();
             let line = async {
                 if client.as_ref().is_none_or(Client::is_closed) {

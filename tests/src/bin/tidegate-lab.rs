@@ -2,14 +2,15 @@
 //! through step by step with the figures it measured. `cargo xtask lab`
 //! runs it.
 //!
-//! Core (no inbound port) dials three gateways in director mode with
-//! failover continuity, a fourth gateway serving an MFA location, and two
-//! Edges behind nginx (HTTPS). The operator creates users and devices with
+//! Two Cores on PostgreSQL, one leading (no inbound port), dial three
+//! gateways in director mode with failover continuity, a fourth gateway
+//! serving an MFA location, and two Edges behind nginx (HTTPS). The operator creates users and devices with
 //! `tidectl`; each client enrols with `tidegate-client` and a one-time
 //! token, logs in with a TOTP code on the MFA location, and probes the
 //! gateways through its tunnel for the whole run. Then: the director's
 //! spread, the master's crash, a planned handover, a drain, an Edge killed
-//! while devices enrol, Core stopped and back. A table of the figures and
+//! while devices enrol, every Core stopped and back, the leading Core
+//! killed while the other takes over. A table of the figures and
 //! an SVG picture of every client's probes end the run. Exit status 0
 //! means every step held; everything is torn down, also on failure.
 
@@ -301,7 +302,7 @@ fn run(options: &Options) -> Result<()> {
 fn location(options: &Options, record: &mut Record) -> Result<()> {
     step(
         1,
-        "the location: Core, 2 Edges behind nginx, 3 director gateways, an MFA location's gateway",
+        "the location: 2 Cores on PostgreSQL, 2 Edges behind nginx, 3 director gateways, an MFA location's gateway",
     );
     let built = Instant::now();
     let mut lab = ControlLab::build(&ControlOptions {
@@ -315,6 +316,7 @@ fn location(options: &Options, record: &mut Record) -> Result<()> {
         clients: options.clients,
         xdp_mode: options.xdp_mode,
         metrics: true,
+        cores: 2,
         ..ControlOptions::default()
     })?;
     lab.start_echoes()?;
@@ -325,12 +327,17 @@ fn location(options: &Options, record: &mut Record) -> Result<()> {
         .filter(|line| !line.contains("127.0.0.1:"))
         .collect();
     ensure!(reachable.is_empty(), "Core listens: {listening}");
+    let listening = lab.core_k(2)?.netns().exec_ok("ss", &["-Htln"])?;
+    ensure!(
+        listening.trim().is_empty(),
+        "the second Core listens: {listening}"
+    );
     let names: Vec<String> = Netns::list()?
         .into_iter()
         .filter(|n| n.contains(&lab.run().netns_name("")))
         .collect();
     say(&format!(
-        "built in {:.1} s: {} namespaces; Core listens on no port outside its namespace and dials 4 gateways and 2 Edges",
+        "built in {:.1} s: {} namespaces; the Cores listen on no port outside their namespaces; each dials 4 gateways and 2 Edges, core-1 leads",
         built.elapsed().as_secs_f64(),
         names.len()
     ));
@@ -380,7 +387,7 @@ fn location(options: &Options, record: &mut Record) -> Result<()> {
         keep(&mut lab, &clients)?;
     }
 
-    step(12, "teardown");
+    step(13, "teardown");
     for client in clients.iter_mut().filter(|c| c.up) {
         // A Ctrl-C reaches the clients too: theirs may be down already.
         if client.client.status(&client.profile)?["up"] == true {
@@ -671,7 +678,7 @@ fn lost_since(clients: &[LabClient], from_unix_ms: u64) -> Result<u64> {
         .sum())
 }
 
-/// Steps 4 to 9; returns the worst probe gap of the crash.
+/// Steps 4 to 11; returns the worst probe gap of the crash.
 fn steps(
     lab: &mut ControlLab,
     clients: &mut [LabClient],
@@ -685,6 +692,7 @@ fn steps(
     drain(lab, clients, record)?;
     edge_kill(lab, clients, options, record)?;
     core_away(lab, clients, record)?;
+    core_takeover(lab, clients, record)?;
     Ok(worst_gap)
 }
 
@@ -1135,9 +1143,9 @@ fn edge_kill(
     Ok(())
 }
 
-/// Step 9b: Core stopped and back.
+/// Step 10: every Core stopped and back.
 fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Record) -> Result<()> {
-    step(10, "Core stopped, then back");
+    step(10, "every Core stopped, then back");
     let of_director = clients.iter().filter(|c| c.location == 1).count();
     let leaving = clients
         .iter()
@@ -1156,8 +1164,10 @@ fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Recor
         }
     }
     let t0 = now_ms();
-    lab.core_mut()?.stop()?;
-    record.mark(t0, "Core stopped");
+    for k in 1..=lab.cores() {
+        lab.core_k_mut(k)?.stop()?;
+    }
+    record.mark(t0, "Cores stopped");
     // The leaving user's tunnel goes down while Core is away.
     let client = &mut clients[leaving];
     if let Some(prober) = client.prober.take() {
@@ -1197,8 +1207,10 @@ fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Recor
         expired.as_secs_f64()
     ));
     let t1 = now_ms();
-    lab.core_mut()?.restart()?;
-    record.mark(t1, "Core back");
+    for k in 1..=lab.cores() {
+        lab.core_k_mut(k)?.restart()?;
+    }
+    record.mark(t1, "Cores back");
     wait_applied_by_live(lab, LOCATION)?;
     wait_applied_by_live(lab, SECOND_LOCATION)?;
     let sessions = poll_until(
@@ -1206,7 +1218,7 @@ fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Recor
         step_timeout(),
         Duration::from_millis(200),
         || {
-            let status = lab.core()?.location_status(SECOND_LOCATION)?;
+            let status = lab.leader()?.location_status(SECOND_LOCATION)?;
             let sessions = status["mfa_sessions"].as_u64().unwrap_or(u64::MAX);
             Ok(if sessions == mfa_left as u64 {
                 Probe::Ready(sessions)
@@ -1218,7 +1230,7 @@ fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Recor
     std::thread::sleep(QUIET);
     let lost: u64 = lost_since(clients, t0)?;
     say(&format!(
-        "Core back after {:.1} s: links up, every gateway on its config, {sessions} MFA sessions (the expired one ended); probes lost while Core was away: {lost}",
+        "the Cores back after {:.1} s: one leads, links up, every gateway on its config, {sessions} MFA sessions (the expired one ended); probes lost while Core was away: {lost}",
         (t1 - t0) as f64 / 1000.0
     ));
     record.figure("Core away", "probes lost", lost.to_string());
@@ -1228,6 +1240,133 @@ fn core_away(lab: &mut ControlLab, clients: &mut [LabClient], record: &mut Recor
         format!("{:.1} s", expired.as_secs_f64()),
     );
     ensure!(lost == 0, "{lost} probes lost while Core was away");
+    Ok(())
+}
+
+/// Step 11: the leading Core killed; the other leads.
+fn core_takeover(lab: &mut ControlLab, clients: &[LabClient], record: &mut Record) -> Result<()> {
+    step(11, "the leading Core killed (SIGKILL): the other leads");
+    let all: Vec<usize> = (1..=lab.cores()).collect();
+    let (old, term) = lab.wait_leader(&all, step_timeout())?;
+    let other: Vec<usize> = all.iter().copied().filter(|&k| k != old).collect();
+    std::thread::sleep(QUIET);
+    let t0 = now_ms();
+    let killed = Instant::now();
+    lab.core_k_mut(old)?.kill()?;
+    record.mark(t0, format!("core-{old} killed"));
+    let (new, new_term) = lab.wait_leader(&other, step_timeout())?;
+    let took = killed.elapsed();
+    record.mark(now_ms(), format!("core-{new} leads"));
+    // A change through the new leader reaches every gateway it runs on.
+    let device = format!("takeover-{new_term}");
+    let key = tidegate_core::keys::Key::new([0x7a; 32]).to_base64();
+    let user = clients.first().context("no client")?.user.clone();
+    let changed = Instant::now();
+    lab.core_k(new)?.tidectl_ok(&[
+        "device",
+        "create",
+        &device,
+        "--user",
+        &user,
+        "--location",
+        LOCATION,
+        "--public-key",
+        &key,
+    ])?;
+    let applied = poll_until(
+        "the new leader's change on every director gateway",
+        step_timeout(),
+        Duration::from_millis(20),
+        || {
+            let mut missing = Vec::new();
+            for g in DIRECTOR_GATEWAYS {
+                let gateway = lab.gateway_mut(g);
+                if gateway.running() && gateway.daemon.peers()?.peer(&key).is_none() {
+                    missing.push(format!("gw{g}"));
+                }
+            }
+            Ok(if missing.is_empty() {
+                Probe::Ready(changed.elapsed())
+            } else {
+                Probe::NotYet(format!("missing on {}", missing.join(", ")))
+            })
+        },
+    )?;
+    std::thread::sleep(QUIET);
+    let lost = lost_since(clients, t0)?;
+    say(&format!(
+        "core-{old} (term {term}) killed; core-{new} leads at term {new_term} after {} ms; \
+         its first change ran on every gateway {} ms after tidectl sent it; probes lost: {lost}",
+        took.as_millis(),
+        applied.as_millis()
+    ));
+    lab.core_k_mut(old)?.restart()?;
+    let lease = poll_until(
+        &format!("core-{old} back as a standby"),
+        step_timeout(),
+        Duration::from_millis(50),
+        || {
+            let lease = lab.core_k(old)?.lease()?;
+            Ok(if !lease.leading && lease.leader == format!("core-{new}") {
+                Probe::Ready(lease)
+            } else {
+                Probe::NotYet(format!("{lease:?}"))
+            })
+        },
+    )?;
+    // Its links are up as the leader's are: a standby's are warm.
+    let warm = poll_until(
+        &format!("core-{old}'s links to be up as core-{new}'s are"),
+        step_timeout(),
+        Duration::from_millis(100),
+        || {
+            let status = lab.core_k(new)?.tidectl_json(&["core-status"])?;
+            let line = |k: usize| {
+                status["cores"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["core_id"] == format!("core-{k}"))
+                    .map(|c| {
+                        (
+                            c["gateways_connected"].as_u64(),
+                            c["edges_connected"].as_u64(),
+                            c["term"].as_u64(),
+                        )
+                    })
+            };
+            Ok(match (line(old), line(new)) {
+                // The restarted Core's own line (at the new term, not the
+                // one it left when it died), with the leader's links.
+                (Some(standby), Some(leader)) if standby == leader => Probe::Ready(leader),
+                (standby, leader) => {
+                    Probe::NotYet(format!("core-{old} {standby:?}, core-{new} {leader:?}"))
+                }
+            })
+        },
+    )?;
+    say(&format!(
+        "core-{old} restarted: a standby at term {}, its links up as the leader's are ({} gateways, {} Edges)",
+        lease.term,
+        warm.0.unwrap_or(0),
+        warm.1.unwrap_or(0)
+    ));
+    block(&lab.core_k(new)?.tidectl_ok(&["core-status"])?);
+    record.figure(
+        "Core takeover",
+        "new leader after",
+        format!("{} ms", took.as_millis()),
+    );
+    record.figure(
+        "Core takeover",
+        "first change on every gateway",
+        format!("{} ms", applied.as_millis()),
+    );
+    record.figure("Core takeover", "probes lost", lost.to_string());
+    ensure!(
+        lost == 0,
+        "{lost} probes lost while the Cores changed leaders"
+    );
     Ok(())
 }
 
@@ -1244,7 +1383,7 @@ fn wait_applied_by_live(lab: &mut ControlLab, location: &str) -> Result<()> {
         step_timeout(),
         Duration::from_millis(100),
         || {
-            let status = lab.core()?.location_status(location)?;
+            let status = lab.leader()?.location_status(location)?;
             let version = status["location"]["version"].as_u64();
             let behind: Vec<String> = status["gateways"]
                 .as_array()
@@ -1325,7 +1464,7 @@ fn keep(lab: &mut ControlLab, clients: &[LabClient]) -> Result<()> {
             gateway.netns.name()
         );
     }
-    if let Ok(core) = lab.core() {
+    if let Ok(core) = lab.leader() {
         println!(
             "  {tidectl} --core-socket {} location status {LOCATION}",
             core.config().admin_socket.display()
@@ -1382,7 +1521,7 @@ fn stop_kept() -> Result<()> {
 
 /// `--compare`: keepalived + WireGuard through the same crash.
 fn compare(options: &Options, tidegate_gap: f64, record: &mut Record) -> Result<()> {
-    step(11, "the same crash with keepalived + WireGuard (--compare)");
+    step(12, "the same crash with keepalived + WireGuard (--compare)");
     let count = options.clients - MFA_CLIENTS;
     let mut location = KeepalivedTunnel::build(
         &HaOptions::priorities(&[200, 100]),
