@@ -327,9 +327,20 @@ fn with_the_database_stopped_the_gateways_run_on_and_the_cores_recover_when_it_r
         "core-{leader} took no change"
     );
     wait_on_every_gateway(&mut lab, &[key(1), key(3)].into())?;
-    if lab.core_k(leader)?.lease()?.cores != 2 {
-        bail!("the roster does not list both Cores");
-    }
+    // Each Core writes its line again: the roster lists both.
+    poll_until(
+        "the roster to list both Cores",
+        TAKEOVER,
+        Duration::from_millis(200),
+        || {
+            let lease = lab.core_k(leader)?.lease()?;
+            Ok(if lease.cores == 2 {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("{lease:?}"))
+            })
+        },
+    )?;
     Ok(())
 }
 
