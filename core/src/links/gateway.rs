@@ -144,16 +144,9 @@ async fn session(
         .max_decoding_message_size(limits::MAX_STATUS_BYTES)
         .max_encoding_message_size(limits::MAX_CONFIG_BYTES);
     let (out, out_rx) = mpsc::channel::<CoreMessage>(16);
-    let mut leadership = ctx.leadership.clone();
-    // A Core that has not heard its lease yet has no term to speak at (a
-    // peer takes term 0 for a Core from before terms, which leads).
-    tokio::select! {
-        () = cancel.cancelled() => return Ok(()),
-        known = leadership.wait_for(|l| l.term > 0) => if known.is_err() {
-            return Ok(());
-        },
-    }
-    let mut lead = leadership.borrow_and_update().clone();
+    let Some((mut leadership, mut lead)) = super::with_a_term(ctx, cancel).await else {
+        return Ok(());
+    };
     out.send(core_hello(ctx, &lead))
         .await
         .map_err(|_| LinkError::Closed)?;

@@ -187,6 +187,23 @@ pub(crate) struct LinkContext {
     pub metrics: Arc<CoreMetrics>,
 }
 
+/// This Core's leadership once the lease has given it a term, and its
+/// receiver; `None` when cancelled first (or Core stops). A Core that has
+/// not heard its lease yet has no term to speak at: a peer takes term 0
+/// for a Core from before terms, which leads.
+pub(crate) async fn with_a_term(
+    ctx: &LinkContext,
+    cancel: &CancellationToken,
+) -> Option<(watch::Receiver<Leadership>, Leadership)> {
+    let mut leadership = ctx.leadership.clone();
+    tokio::select! {
+        () = cancel.cancelled() => return None,
+        known = leadership.wait_for(|l| l.term > 0) => known.ok()?,
+    };
+    let lead = leadership.borrow_and_update().clone();
+    Some((leadership, lead))
+}
+
 /// What a standby answers a request only the leader may carry out.
 pub(crate) fn standby_refusal(ctx: &LinkContext, lead: &Leadership) -> String {
     match &lead.leader {
