@@ -44,6 +44,16 @@ pub enum Which {
     /// peer being live on all three gateways (1,000 adds), and a full sync
     /// of 10,000 peers to three gateways, beside wireguard-go's own speed.
     Control,
+    /// Two Cores on PostgreSQL: from the leader SIGKILLed or SIGSTOPped
+    /// to a device create live on every gateway and to an MFA login served
+    /// through nginx (min / median / max, targets median < 1 s, max < 2 s);
+    /// then admin writes/s and MFA login latency on SQLite beside
+    /// PostgreSQL.
+    CoreFailover {
+        /// Runs of each signal.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+    },
     /// The director: ns/packet of a pinned hit and of a miss with insert
     /// under BPF_PROG_TEST_RUN beside the shield and an empty program; then
     /// packets/s and CPU/packet steered through the director, a bare
@@ -165,6 +175,28 @@ pub fn run(ws: &run::Workspace, which: Which) -> Result<()> {
             run::step("benchmarking Core's changes to the gateways");
             run::cargo(ws, &ebpf)
                 .args(["bench", "--package", "tidegate-tests", "--bench", "control"])
+                .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
+                .status_ok()
+        }
+        Which::CoreFailover { runs } => {
+            setup::require_root(
+                "`cargo xtask bench core-failover` (it builds network namespaces and attaches XDP programs)",
+            )?;
+            setup::packages()?;
+            let ebpf = ebpf::build(ws)?;
+            run::build_user_space(ws, &ebpf, true)?;
+            run::step("benchmarking a takeover between two Cores, and SQLite beside PostgreSQL");
+            run::cargo(ws, &ebpf)
+                .args([
+                    "bench",
+                    "--package",
+                    "tidegate-tests",
+                    "--bench",
+                    "core_failover",
+                    "--",
+                    "--runs",
+                    &runs.to_string(),
+                ])
                 .env("TIDEGATE_BIN_DIR", ws.profile_dir(true))
                 .status_ok()
         }
